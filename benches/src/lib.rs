@@ -1,0 +1,1 @@
+//! Benchmarks live in `benches/` (criterion) and `compare.sh` (vimg against qemu-img).

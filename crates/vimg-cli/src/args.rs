@@ -1,0 +1,133 @@
+//! Command-line definitions, spelled as qemu-img spells them, so scripts written for
+//! `qemu-img` run with `vimg` substituted.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Read, write and convert virtual disk images (raw, qcow2, vmdk, vhd/vpc, vhdx, vdi).
+/// A drop-in for qemu-img's command line that is safe on untrusted images.
+#[derive(Parser, Debug)]
+#[command(name = "vimg", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert an image to another format (qemu-img convert).
+    Convert(ConvertArgs),
+    /// Show information about an image (qemu-img info).
+    Info(InfoArgs),
+    /// Create a new empty image (qemu-img create).
+    Create(CreateArgs),
+}
+
+/// Output format of a report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+/// Flags shared by every command that opens images.
+#[derive(Args, Debug, Clone)]
+pub struct SafetyArgs {
+    /// Let images name files anywhere (absolute paths, `..`): only for trusted images. By
+    /// default an image may only name files inside its own folder.
+    #[arg(long = "allow-external")]
+    pub allow_external: bool,
+    /// Accepted for qemu-img compatibility (images are always opened read-only and shared).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Source format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub src_format: Option<String>,
+    /// Output format.
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    pub out_format: String,
+    /// Output options, key=value[,key=value...] (`-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Compress the output (qcow2, streamOptimized vmdk).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Zero runs shorter than this are written as data; 0 writes everything. Default 4k.
+    #[arg(short = 'S', value_name = "SPARSE_SIZE")]
+    pub sparse_size: Option<String>,
+    /// Parallel workers (default: available cores).
+    #[arg(short = 'm', value_name = "NUM")]
+    pub workers: Option<usize>,
+    /// Allow out-of-order writes (vimg always does where the format allows).
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Write into an existing target instead of creating one (in place: not atomic).
+    #[arg(short = 'n')]
+    pub no_create: bool,
+    /// Cache mode of the target (accepted and ignored).
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    /// Cache mode of the source (accepted and ignored).
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    pub src_cache: Option<String>,
+    /// Assume the target reads as zeros already.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// Source image(s) and the output file name.
+    #[arg(value_name = "FILENAME", num_args = 1..)]
+    pub files: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Image format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
+    pub output: OutputFormat,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The image.
+    pub filename: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Image format.
+    #[arg(short = 'f', value_name = "FMT", default_value = "raw")]
+    pub format: String,
+    /// Options, key=value[,key=value...] (`-o help` lists them).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Backing file of the new image.
+    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    pub backing: Option<String>,
+    /// Format of the backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
+    /// Do not open the backing file to check it (accepted; vimg does not open it).
+    #[arg(short = 'u')]
+    pub unsafe_backing: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// The new image.
+    pub filename: String,
+    /// Virtual size, with optional k, M, G, T suffix.
+    pub size: Option<String>,
+}

@@ -1,0 +1,180 @@
+//! `vimg convert`: qemu-img convert's command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use vimg::output::OutputMode;
+use vimg::{ConvertOptions, CopyOptions, Format, Image, Progress};
+
+use super::{open_options, parse_create_options, parse_format, parse_format_opt};
+use crate::args::ConvertArgs;
+use crate::{CmdResult, Failure};
+
+/// Checked convert options.
+struct Plan {
+    src: String,
+    dst: PathBuf,
+    src_format: Option<Format>,
+    out_format: Format,
+    create: vimg::CreateOptions,
+    sparse_size: u64,
+    workers: usize,
+    progress: bool,
+    mode: OutputMode,
+    target_is_zero: bool,
+}
+
+const MAX_SPARSE: u64 = 16 << 20;
+
+fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
+    let out_format = parse_format(&a.out_format)?;
+    let src_format = parse_format_opt(a.src_format.as_deref())?;
+    let mut create = parse_create_options(&a.options)?;
+    create.compress = a.compress;
+    vimg::convert::check_create_options(out_format, &create).map_err(Failure::from)?;
+    if a.files.len() < 2 {
+        return Err(Failure::new("Must specify image file name", 1));
+    }
+    if a.files.len() > 2 {
+        return Err(Failure::new(
+            "converting several source images into one is not supported",
+            1,
+        ));
+    }
+    let sparse_size = match &a.sparse_size {
+        None => 4096,
+        Some(s) => {
+            let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
+            if n % 512 != 0 || n > MAX_SPARSE {
+                return Err(Failure::new(
+                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+                    1,
+                ));
+            }
+            n
+        }
+    };
+    let workers =
+        match a.workers {
+            Some(0) => return Err(Failure::new(
+                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
+                1,
+            )),
+            Some(n) => n.min(64),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        };
+    Ok(Plan {
+        src: a.files[0].clone(),
+        dst: PathBuf::from(&a.files[1]),
+        src_format,
+        out_format,
+        create,
+        sparse_size,
+        workers,
+        progress: a.progress && !a.quiet,
+        mode: if a.no_create {
+            OutputMode::InPlace
+        } else {
+            OutputMode::Atomic
+        },
+        target_is_zero: a.target_is_zero,
+    })
+}
+
+pub fn run(a: ConvertArgs) -> CmdResult {
+    if super::wants_help(&a.options) {
+        super::print_option_help(parse_format(&a.out_format)?)?;
+        return Ok(0);
+    }
+    let p = plan(&a)?;
+    let src = Image::open(&p.src, &open_options(p.src_format, &a.safety))
+        .map_err(|e| Failure::open(&p.src, &e))?;
+    for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
+        eprintln!("vimg: warning: {w}");
+    }
+    let cancel = crate::signals::install_cancel_flag();
+    let printer = ProgressPrinter::new(p.progress);
+    let progress_fn = |pr: Progress| printer.update(pr);
+    let mut opts = ConvertOptions::new(p.out_format);
+    opts.create = p.create;
+    opts.output_mode = p.mode;
+    opts.copy = CopyOptions {
+        sparse_size: p.sparse_size,
+        workers: p.workers,
+        target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
+        progress: p
+            .progress
+            .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
+        cancel: Some(&cancel),
+        ..CopyOptions::default()
+    };
+    let result = vimg::convert(&src, &p.dst, &opts);
+    printer.finish(result.is_ok());
+    if cancel.load(Ordering::SeqCst) {
+        return Err(Failure::new("interrupted; no output was written", 130));
+    }
+    result.map_err(|e| match e.path() {
+        Some(path) if path != p.dst => {
+            Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
+        }
+        _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
+    })?;
+    Ok(0)
+}
+
+/// qemu-img's progress lines, `    (12.34/100%)\r`, printed when the whole percent changes.
+struct ProgressPrinter {
+    enabled: bool,
+    tty: bool,
+    last: std::sync::Mutex<i64>,
+}
+
+impl ProgressPrinter {
+    fn new(enabled: bool) -> ProgressPrinter {
+        ProgressPrinter {
+            enabled,
+            tty: std::io::stdout().is_terminal(),
+            last: std::sync::Mutex::new(-1),
+        }
+    }
+
+    fn update(&self, p: Progress) {
+        if !self.enabled {
+            return;
+        }
+        let pct = if p.total == 0 {
+            100.0
+        } else {
+            p.done as f64 * 100.0 / p.total as f64
+        };
+        let key = (pct * 100.0) as i64;
+        if let Ok(mut last) = self.last.lock() {
+            // Print at most every whole percent (every 1% as qemu does).
+            if *last >= 0 && key / 100 == *last / 100 && key != 10000 {
+                return;
+            }
+            if *last == key {
+                return;
+            }
+            *last = key;
+        }
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "    ({pct:3.2}/100%)\r");
+        let _ = out.flush();
+        let _ = self.tty;
+    }
+
+    fn finish(&self, ok: bool) {
+        if self.enabled {
+            if ok {
+                self.update(Progress { done: 1, total: 1 });
+            }
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out);
+            let _ = out.flush();
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `vimg info`: qemu-img info's output, human and JSON.
+
+use serde_json::{json, Map, Value};
+use vimg::{Image, ImageInfo};
+
+use super::{open_options, parse_format_opt};
+use crate::args::{InfoArgs, OutputFormat};
+use crate::human::{dump_value, qemu_json, size_to_str};
+use crate::{CmdResult, Failure};
+
+pub fn run(a: InfoArgs) -> CmdResult {
+    let format = parse_format_opt(a.format.as_deref())?;
+    let mut opts = open_options(format, &a.safety);
+    opts.open_backing = a.backing_chain;
+    let image = Image::open(&a.filename, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+    let layers: Vec<&Image> = if a.backing_chain {
+        image.chain()
+    } else {
+        vec![&image]
+    };
+    let text = match a.output {
+        OutputFormat::Json => {
+            let values: Vec<Value> = layers.iter().map(|l| info_json(l)).collect();
+            if a.backing_chain {
+                qemu_json(&Value::Array(values))
+            } else {
+                qemu_json(&values[0])
+            }
+        }
+        OutputFormat::Human => layers
+            .iter()
+            .map(|l| info_human(l))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    crate::print_out(&text)?;
+    Ok(0)
+}
+
+/// The `file` child node qemu-img reports under `children`.
+fn file_child(image: &Image) -> Value {
+    let s = image.storage();
+    json!({
+        "name": "file",
+        "info": {
+            "children": [],
+            "virtual-size": s.len(),
+            "filename": image.filename(),
+            "format": "file",
+            "actual-size": s.disk_usage().unwrap_or(0),
+            "format-specific": {"type": "file", "data": {}},
+            "dirty-flag": false,
+        }
+    })
+}
+
+/// One image's JSON, keys in qemu-img's order.
+pub fn info_json(image: &Image) -> Value {
+    let info = ImageInfo::of(image);
+    let mut m = Map::new();
+    m.insert("children".into(), Value::Array(vec![file_child(image)]));
+    if let Ok(Value::Object(rest)) = serde_json::to_value(&info) {
+        for (k, v) in rest {
+            m.insert(k, v);
+        }
+    }
+    Value::Object(m)
+}
+
+fn info_human(image: &Image) -> String {
+    let info = ImageInfo::of(image);
+    let mut s = String::new();
+    s.push_str(&format!("image: {}\n", info.filename));
+    s.push_str(&format!("file format: {}\n", info.format));
+    s.push_str(&format!(
+        "virtual size: {} ({} bytes)\n",
+        size_to_str(info.virtual_size),
+        info.virtual_size
+    ));
+    s.push_str(&format!(
+        "disk size: {}\n",
+        info.actual_size
+            .map(size_to_str)
+            .unwrap_or_else(|| "unavailable".into())
+    ));
+    if let Some(c) = info.cluster_size {
+        s.push_str(&format!("cluster_size: {c}\n"));
+    }
+    if let Some(b) = &info.backing_filename {
+        s.push_str(&format!("backing file: {b}"));
+        match &info.full_backing_filename {
+            Some(full) if full != b => s.push_str(&format!(" (actual path: {full})\n")),
+            _ => s.push('\n'),
+        }
+        if let Some(f) = &info.backing_filename_format {
+            s.push_str(&format!("backing file format: {f}\n"));
+        }
+    }
+    if info.dirty_flag {
+        s.push_str("cleanly shut down: no\n");
+    }
+    if !info.snapshots.is_empty() {
+        s.push_str("Snapshot list:\n");
+        s.push_str(&format!(
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        ));
+        for sn in &info.snapshots {
+            let secs = sn.vm_clock_sec;
+            let clock = format!(
+                "{:04}:{:02}:{:02}.{:03}",
+                secs / 3600,
+                (secs / 60) % 60,
+                secs % 60,
+                sn.vm_clock_nsec / 1_000_000
+            );
+            s.push_str(&format!(
+                "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+                sn.id,
+                sn.name,
+                size_to_str(sn.vm_state_size),
+                fmt_date(sn.date_sec),
+                clock,
+                sn.icount
+            ));
+        }
+    }
+    if let Some(fs) = &info.format_specific {
+        s.push_str("Format specific information:\n");
+        dump_value(&Value::Object(fs.data.clone()), 1, &mut s);
+    }
+    if !info.external_references.is_empty() {
+        s.push_str("External references:\n");
+        for r in &info.external_references {
+            s.push_str(&format!("    {}: {}\n", r.field, r.name));
+        }
+    }
+    let st = image.storage();
+    s.push_str("Child node '/file':\n");
+    s.push_str(&format!("    filename: {}\n", image.filename()));
+    s.push_str("    protocol type: file\n");
+    s.push_str(&format!(
+        "    file length: {} ({} bytes)\n",
+        size_to_str(st.len()),
+        st.len()
+    ));
+    s.push_str(&format!(
+        "    disk size: {}\n",
+        size_to_str(st.disk_usage().unwrap_or(0))
+    ));
+    s
+}
+
+/// Local date and time as qemu prints snapshot dates (`2026-11-25 20:18:21`).
+fn fmt_date(secs: u64) -> String {
+    let t = secs as libc::time_t;
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r writes only into `tm`.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return secs.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}

@@ -1,0 +1,55 @@
+//! One module per subcommand. Each turns its clap arguments into checked library options,
+//! calls the library and prints what qemu-img prints.
+
+pub mod convert;
+pub mod create;
+pub mod info;
+
+use vimg::{ExternalPolicy, Format, OpenOptions};
+
+use crate::args::SafetyArgs;
+use crate::Failure;
+
+/// Parses a `-f`/`-O`/`-F` format name (qemu-img's names; `vhd` means `vpc`).
+pub fn parse_format(name: &str) -> Result<Format, Failure> {
+    Format::from_name(name).ok_or_else(|| Failure::new(format!("Unknown file format '{name}'"), 1))
+}
+
+/// Parses an optional format name.
+pub fn parse_format_opt(name: Option<&str>) -> Result<Option<Format>, Failure> {
+    name.map(parse_format).transpose()
+}
+
+/// Open options from `-f` and the safety flags.
+pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions {
+    OpenOptions {
+        format,
+        policy: if safety.allow_external {
+            ExternalPolicy::Allow
+        } else {
+            ExternalPolicy::SameFolder
+        },
+        ..OpenOptions::default()
+    }
+}
+
+/// Merges repeated `-o` arguments (qemu-img accepts several).
+pub fn parse_create_options(list: &[String]) -> Result<vimg::CreateOptions, Failure> {
+    let mut o = vimg::CreateOptions::new();
+    for s in list {
+        o.parse_into(s).map_err(Failure::from)?;
+    }
+    Ok(o)
+}
+
+/// True when `-o help` (or `-o ?`) was asked for.
+pub fn wants_help(list: &[String]) -> bool {
+    list.iter()
+        .any(|s| s.split(',').any(|k| k == "help" || k == "?"))
+}
+
+/// Prints a format's `-o help`.
+pub fn print_option_help(format: Format) -> Result<(), Failure> {
+    let specs = vimg::formats::all_options(format);
+    crate::print_out(&vimg::options::help_text(format.name(), &specs))
+}

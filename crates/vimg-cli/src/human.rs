@@ -1,0 +1,156 @@
+//! Human-readable output in qemu-img's layout: sizes as "1 GiB (1073741824 bytes)", JSON
+//! pretty-printed with qemu's four-space indent, and format-specific blocks as indented
+//! "key: value" lines.
+
+use serde_json::Value;
+
+/// qemu's `%0.3g`: three significant digits, trailing zeros dropped. Rust's float
+/// formatting rounds the exact binary value half-to-even, as glibc's printf does.
+fn fmt_g3(x: f64) -> String {
+    if x == 0.0 {
+        return "0".to_string();
+    }
+    let sci = format!("{x:.2e}");
+    let (mant, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..3).contains(&exp) {
+        let m = trim_zeros(mant.to_string());
+        return format!("{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    trim_zeros(format!("{x:.decimals$}"))
+}
+
+fn trim_zeros(s: String) -> String {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// qemu's `size_to_str`: "196 KiB", "1.26 MiB", "1 GiB".
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // The unit switches up once the integer part would reach 1000.
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    let mut i = 0usize;
+    if scaled >= 1.0 {
+        let e = scaled.log2().floor() as i64 + 1; // frexp exponent
+        i = (((e - 1) / 10).max(0) as usize).min(SUFFIXES.len() - 1);
+    }
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// JSON in qemu-img's layout (four-space indent, `[\n    ]` for empty arrays).
+pub fn qemu_json(v: &Value) -> String {
+    let mut out = String::new();
+    write_json(v, 0, &mut out);
+    out.push('\n');
+    out
+}
+
+fn write_json(v: &Value, indent: usize, out: &mut String) {
+    let pad = |n: usize| " ".repeat(n * 4);
+    match v {
+        Value::Array(a) => {
+            out.push_str("[\n");
+            for (i, x) in a.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                write_json(x, indent + 1, out);
+                if i + 1 < a.len() {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push(']');
+        }
+        Value::Object(m) => {
+            out.push_str("{\n");
+            let n = m.len();
+            for (i, (k, x)) in m.iter().enumerate() {
+                out.push_str(&pad(indent + 1));
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_json(x, indent + 1, out);
+                if i + 1 < n {
+                    out.push(',');
+                }
+                out.push('\n');
+            }
+            out.push_str(&pad(indent));
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// qemu's human dump of a QAPI object: `key: value` lines, `-` in keys shown as spaces,
+/// nested objects and lists indented by four, list items as `[N]:`.
+pub fn dump_value(v: &Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent * 4);
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m {
+                let key = k.replace('-', " ");
+                match x {
+                    Value::Object(_) | Value::Array(_) => {
+                        out.push_str(&format!("{pad}{key}:\n"));
+                        dump_value(x, indent + 1, out);
+                    }
+                    _ => out.push_str(&format!("{pad}{key}: {}\n", scalar(x))),
+                }
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                match x {
+                    Value::Object(_) | Value::Array(_) => {
+                        out.push_str(&format!("{pad}[{i}]:\n"));
+                        dump_value(x, indent + 1, out);
+                    }
+                    _ => out.push_str(&format!("{pad}[{i}]: {}\n", scalar(x))),
+                }
+            }
+        }
+        x => out.push_str(&format!("{pad}{}\n", scalar(x))),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        x => x.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(200704), "196 KiB");
+        assert_eq!(size_to_str(1323008), "1.26 MiB");
+        assert_eq!(size_to_str(1442304), "1.38 MiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(197120), "192 KiB");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(10485760), "10 MiB");
+    }
+
+    #[test]
+    fn json_layout() {
+        let v: Value = serde_json::json!({"a": [], "b": {"c": 1}});
+        assert_eq!(
+            qemu_json(&v),
+            "{\n    \"a\": [\n    ],\n    \"b\": {\n        \"c\": 1\n    }\n}\n"
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Shared helpers for the integration tests: qemu-img as the oracle, the vimg binary, and
+//! the shared corpus.
+//!
+//! Tests that need qemu-img run when it is on PATH; when it is missing they skip with a
+//! visible message, except with `CI` set, where they fail.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// True when `tool` is on PATH.
+pub fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// True when qemu-img and qemu-io can be used. Without them: fail under CI, else skip
+/// (returns false after saying so).
+pub fn qemu_available(test: &str) -> bool {
+    if have("qemu-img") && have("qemu-io") {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: qemu-img/qemu-io are required when CI is set");
+    }
+    eprintln!("SKIPPED {test}: qemu-img/qemu-io not on PATH");
+    false
+}
+
+/// Like [`qemu_available`] for another tool (vmdkinfo, vhdiinfo...).
+pub fn tool_available(test: &str, tool: &str) -> bool {
+    if have(tool) {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{test}: {tool} is required when CI is set");
+    }
+    eprintln!("SKIPPED {test}: {tool} not on PATH");
+    false
+}
+
+/// The vimg binary under test.
+pub fn vimg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vimg"))
+}
+
+/// Runs a command, returns its output (no status check).
+pub fn run_cmd(prog: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
+    Command::new(prog.as_ref())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", prog.as_ref()))
+}
+
+/// Runs a command and panics with its stderr when it fails.
+pub fn run_ok(prog: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> String {
+    let out = run_cmd(prog.as_ref(), args);
+    assert!(
+        out.status.success(),
+        "{:?} {:?} failed ({}):\n{}\n{}",
+        prog.as_ref(),
+        args,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `vimg ARGS`, which must succeed; returns stdout.
+pub fn vimg(args: &[&str]) -> String {
+    run_ok(vimg_bin(), args)
+}
+
+/// `vimg ARGS`, whatever happens.
+pub fn vimg_raw(args: &[&str]) -> Output {
+    run_cmd(vimg_bin(), args)
+}
+
+/// `qemu-img ARGS`, which must succeed; returns stdout.
+pub fn qemu_img(args: &[&str]) -> String {
+    run_ok("qemu-img", args)
+}
+
+/// `qemu-io -f FMT -c CMD IMAGE` for each command, which must succeed.
+pub fn qemu_io(format: &str, image: &Path, cmds: &[&str]) {
+    let mut args: Vec<String> = vec!["-f".into(), format.into()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push((*c).into());
+    }
+    args.push(image.display().to_string());
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("qemu-io", &refs);
+}
+
+/// A path as &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// sha256 of a file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Asserts two files have identical bytes (and says where they first differ).
+pub fn assert_same_file(a: &Path, b: &Path) {
+    let x = fs::read(a).unwrap();
+    let y = fs::read(b).unwrap();
+    if x != y {
+        let first = x.iter().zip(&y).position(|(p, q)| p != q);
+        panic!(
+            "{} ({} bytes) and {} ({} bytes) differ, first at {:?}",
+            a.display(),
+            x.len(),
+            b.display(),
+            y.len(),
+            first
+        );
+    }
+}
+
+/// Converts `img` to raw with qemu-img and with vimg (with and without `-f`) and asserts
+/// the three outputs are byte-identical.
+pub fn assert_reads_like_qemu(img: &Path, fmt: &str, dir: &Path) {
+    let q = dir.join("qemu.raw");
+    let v = dir.join("vimg.raw");
+    let vf = dir.join("vimg-f.raw");
+    qemu_img(&["convert", "-f", fmt, "-O", "raw", s(img), s(&q)]);
+    vimg(&["convert", "-O", "raw", s(img), s(&v)]);
+    vimg(&["convert", "-f", fmt, "-O", "raw", s(img), s(&vf)]);
+    assert_same_file(&q, &v);
+    assert_same_file(&q, &vf);
+    for p in [&q, &v, &vf] {
+        let _ = fs::remove_file(p);
+    }
+}
+
+/// Asserts qemu-img sees `img` (format `fmt`) with the same content as `reference`
+/// (`qemu-img compare`), and, for formats qemu-img can check, no errors or leaks.
+pub fn assert_qemu_accepts(img: &Path, fmt: &str, reference: &Path, ref_fmt: &str) {
+    let info = qemu_img(&["info", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        v["format"],
+        fmt,
+        "qemu-img probes {} as {}",
+        img.display(),
+        v["format"]
+    );
+    qemu_img(&["compare", "-f", fmt, "-F", ref_fmt, s(img), s(reference)]);
+    if matches!(fmt, "qcow2" | "vmdk" | "vhdx" | "vdi") {
+        let out = run_cmd("qemu-img", &["check", "-f", fmt, s(img)]);
+        assert!(
+            out.status.success(),
+            "qemu-img check {} failed:\n{}{}",
+            img.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A deterministic pseudo-random byte pattern (xorshift), for test data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Writes a sparse raw file of `size` bytes with the given `(offset, bytes)` pieces.
+pub fn write_sparse_raw(path: &Path, size: u64, pieces: &[(u64, &[u8])]) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for (off, data) in pieces {
+        f.write_all_at(data, *off).unwrap();
+    }
+}
+
+/// A raw test image with a mix of random data, text-like data, written zeros and holes;
+/// `size` should be at least 8 MiB.
+pub fn mixed_raw(path: &Path, size: u64) {
+    let rnd = pattern(1 << 20, 7);
+    let text: Vec<u8> = b"The quick brown fox jumps over the lazy dog. 0123456789\n"
+        .iter()
+        .cycle()
+        .take(1 << 20)
+        .copied()
+        .collect();
+    let zeros = vec![0u8; 1 << 20];
+    let small = pattern(3000, 9);
+    let pieces: Vec<(u64, &[u8])> = vec![
+        (0, &rnd[..]),
+        (size / 4, &text[..]),
+        (size / 4 + (1 << 20), &zeros[..]),
+        (size / 2 + 12345, &small[..]),
+        (size - (1 << 20), &text[..]),
+    ];
+    write_sparse_raw(path, size, &pieces);
+}
+
+/// The shared corpus folder, if present (`../shared/corpus` from the workspace root).
+pub fn corpus_dir() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let d = root.join("../shared/corpus");
+    if d.join("MANIFEST.tsv").is_file() {
+        Some(d)
+    } else {
+        eprintln!("SKIPPED corpus tests: {} not present", d.display());
+        None
+    }
+}

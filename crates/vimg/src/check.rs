@@ -1,0 +1,55 @@
+//! The result of a metadata consistency check (`vimg check`), with qemu-img's JSON keys.
+
+use serde::Serialize;
+
+/// What a check found. Counts follow `qemu-img check`: `corruptions` are errors that make the
+/// image unsafe to use, `leaks` are clusters allocated but unused (harmless wasted space).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckReport {
+    /// First byte past the image's last used cluster, when the format tracks it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_end_offset: Option<u64>,
+    /// Clusters the virtual disk spans.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_clusters: Option<u64>,
+    /// Errors that kept the check from completing.
+    pub check_errors: u64,
+    /// Allocated guest clusters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocated_clusters: Option<u64>,
+    /// Guest clusters not stored right after the previous one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragmented_clusters: Option<u64>,
+    /// Compressed guest clusters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compressed_clusters: Option<u64>,
+    /// Corruptions found.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions: u64,
+    /// Leaked clusters found.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks: u64,
+    /// One line per problem, in the order found (human output).
+    #[serde(skip)]
+    pub messages: Vec<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl CheckReport {
+    /// Records a corruption with its description, worded as qemu-img words it
+    /// (`ERROR cluster 5 refcount=0 reference=1`).
+    pub fn corruption(&mut self, msg: impl Into<String>) {
+        self.corruptions += 1;
+        self.messages.push(msg.into());
+    }
+
+    /// Records a leak with its description (`Leaked cluster 5 refcount=1 reference=0`).
+    pub fn leak(&mut self, msg: impl Into<String>) {
+        self.leaks += 1;
+        self.messages.push(msg.into());
+    }
+}

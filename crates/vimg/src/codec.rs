@@ -1,0 +1,288 @@
+//! Compression codecs in one place: raw deflate with a 4 KiB window (qcow2 zlib clusters),
+//! zlib streams (VMDK grains) and zstd (qcow2 zstd clusters).
+//!
+//! Decoding is strict: a unit must decode to exactly its size, no more and no less.
+//! Encoders keep one context per thread and reset it per unit.
+
+use std::cell::RefCell;
+
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::mapping::Codec;
+
+/// Why a compressed unit could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// The stream is malformed.
+    #[error("{codec:?} data is corrupt: {detail}")]
+    Corrupt {
+        /// The codec in use.
+        codec: Codec,
+        /// What the decoder said.
+        detail: String,
+    },
+    /// The stream decoded to fewer bytes than one unit.
+    #[error("{codec:?} data decodes to {got} bytes, expected {expected}")]
+    Short {
+        /// The codec in use.
+        codec: Codec,
+        /// Bytes produced.
+        got: usize,
+        /// Bytes expected (one unit).
+        expected: usize,
+    },
+    /// The stream decodes to more than one unit.
+    #[error("{codec:?} data decodes to more than {expected} bytes")]
+    Long {
+        /// The codec in use.
+        codec: Codec,
+        /// Bytes expected (one unit).
+        expected: usize,
+    },
+}
+
+thread_local! {
+    static INFLATE_RAW: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    static INFLATE_ZLIB: RefCell<Decompress> = RefCell::new(Decompress::new(true));
+    static ZSTD_DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+}
+
+/// Decodes one unit: `input` (which may carry trailing padding) must decode to exactly
+/// `out.len()` bytes.
+pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    match codec {
+        Codec::Deflate => INFLATE_RAW.with(|d| inflate(&mut d.borrow_mut(), codec, input, out)),
+        Codec::Zlib => INFLATE_ZLIB.with(|d| inflate(&mut d.borrow_mut(), codec, input, out)),
+        Codec::Zstd => ZSTD_DCTX.with(|d| {
+            let mut d = d.borrow_mut();
+            let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+            unzstd(dctx, input, out)
+        }),
+    }
+}
+
+fn inflate(
+    d: &mut Decompress,
+    codec: Codec,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    d.reset(codec == Codec::Zlib);
+    let corrupt = |e: flate2::DecompressError| CodecError::Corrupt {
+        codec,
+        detail: e.to_string(),
+    };
+    let status = d
+        .decompress(input, out, FlushDecompress::Finish)
+        .map_err(corrupt)?;
+    let got = d.total_out() as usize;
+    if got < out.len() {
+        // Either the stream ended early or the input ran out.
+        return Err(CodecError::Short {
+            codec,
+            got,
+            expected: out.len(),
+        });
+    }
+    if status != Status::StreamEnd {
+        // The output is full; the stream must end here, not produce more.
+        let used = d.total_in() as usize;
+        let mut extra = [0u8; 1];
+        d.decompress(
+            &input[used.min(input.len())..],
+            &mut extra,
+            FlushDecompress::Finish,
+        )
+        .map_err(corrupt)?;
+        if d.total_out() as usize > out.len() {
+            return Err(CodecError::Long {
+                codec,
+                expected: out.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn unzstd(
+    dctx: &mut zstd::zstd_safe::DCtx<'static>,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), CodecError> {
+    use zstd::zstd_safe::{InBuffer, OutBuffer, ResetDirective};
+    let codec = Codec::Zstd;
+    let corrupt = |code: usize| CodecError::Corrupt {
+        codec,
+        detail: zstd::zstd_safe::get_error_name(code).to_string(),
+    };
+    dctx.reset(ResetDirective::SessionOnly).map_err(corrupt)?;
+    let expected = out.len();
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    // qcow2 pads compressed clusters to a sector, so stop as soon as one unit is out.
+    while outb.pos() < expected {
+        let before = (inb.pos, outb.pos());
+        dctx.decompress_stream(&mut outb, &mut inb)
+            .map_err(corrupt)?;
+        if (inb.pos, outb.pos()) == before {
+            break;
+        }
+    }
+    let got = outb.pos();
+    if got < expected {
+        return Err(CodecError::Short {
+            codec,
+            got,
+            expected,
+        });
+    }
+    // One more byte of output would mean the frame holds more than one unit. Trailing
+    // padding that is not a frame is tolerated, as qemu does.
+    let mut extra = [0u8; 1];
+    let mut eb = OutBuffer::around(&mut extra[..]);
+    if dctx.decompress_stream(&mut eb, &mut inb).is_ok() && eb.pos() > 0 {
+        return Err(CodecError::Long { codec, expected });
+    }
+    Ok(())
+}
+
+thread_local! {
+    static DEFLATE: RefCell<Option<(u32, u8, bool, Compress)>> = const { RefCell::new(None) };
+}
+
+/// Compresses `input` as raw deflate (`zlib_header == false`) or zlib stream with a window of
+/// `2^window_bits` bytes at `level` (0..=9). Returns `None` when the result would not be
+/// smaller than `max_out` bytes.
+pub fn deflate(
+    input: &[u8],
+    level: u32,
+    window_bits: u8,
+    zlib_header: bool,
+    max_out: usize,
+) -> Option<Vec<u8>> {
+    DEFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let reuse = matches!(&*cell, Some((l, w, z, _)) if *l == level && *w == window_bits && *z == zlib_header);
+        if !reuse {
+            *cell = Some((
+                level,
+                window_bits,
+                zlib_header,
+                Compress::new_with_window_bits(Compression::new(level), zlib_header, window_bits),
+            ));
+        }
+        let (_, _, _, c) = cell.as_mut()?;
+        c.reset();
+        let mut out = Vec::with_capacity(max_out);
+        match c.compress_vec(input, &mut out, FlushCompress::Finish) {
+            Ok(Status::StreamEnd) if out.len() < max_out => Some(out),
+            _ => None,
+        }
+    })
+}
+
+thread_local! {
+    static ZSTD_CCTX: RefCell<Option<(i32, zstd::zstd_safe::CCtx<'static>)>> = const { RefCell::new(None) };
+}
+
+/// Compresses `input` as one zstd frame at `level`. Returns `None` when the result would
+/// not be smaller than `max_out` bytes.
+pub fn zstd_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>> {
+    ZSTD_CCTX.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if !matches!(&*cell, Some((l, _)) if *l == level) {
+            let mut cctx = zstd::zstd_safe::CCtx::create();
+            cctx.set_parameter(zstd::zstd_safe::CParameter::CompressionLevel(level))
+                .ok()?;
+            *cell = Some((level, cctx));
+        }
+        let (_, cctx) = cell.as_mut()?;
+        let mut out: Vec<u8> = Vec::with_capacity(zstd::zstd_safe::compress_bound(input.len()));
+        cctx.reset(zstd::zstd_safe::ResetDirective::SessionOnly)
+            .ok()?;
+        cctx.compress2(&mut out, input).ok()?;
+        (out.len() < max_out).then_some(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8 ^ (i / 4096) as u8).collect()
+    }
+
+    #[test]
+    fn deflate_round_trip_with_small_window() {
+        let data = sample(65536);
+        let c = deflate(&data, 6, 12, false, data.len()).unwrap();
+        let mut out = vec![0u8; data.len()];
+        // Trailing padding after the stream is allowed.
+        let mut padded = c.clone();
+        padded.extend_from_slice(&[0u8; 100]);
+        decompress(Codec::Deflate, &padded, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn zlib_and_zstd_round_trip() {
+        let data = sample(65536);
+        let c = deflate(&data, 6, 15, true, data.len()).unwrap();
+        let mut out = vec![0u8; data.len()];
+        decompress(Codec::Zlib, &c, &mut out).unwrap();
+        assert_eq!(out, data);
+        let z = zstd_compress(&data, 3, data.len()).unwrap();
+        let mut padded = z.clone();
+        padded.extend_from_slice(&[0u8; 300]);
+        let mut out = vec![0u8; data.len()];
+        decompress(Codec::Zstd, &padded, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let data = sample(8192);
+        for codec in [Codec::Deflate, Codec::Zlib, Codec::Zstd] {
+            let c = match codec {
+                Codec::Deflate => deflate(&data, 6, 12, false, data.len()).unwrap(),
+                Codec::Zlib => deflate(&data, 6, 15, true, data.len()).unwrap(),
+                Codec::Zstd => zstd_compress(&data, 3, data.len()).unwrap(),
+            };
+            let mut small = vec![0u8; 4096];
+            assert!(
+                matches!(
+                    decompress(codec, &c, &mut small),
+                    Err(CodecError::Long { .. })
+                ),
+                "{codec:?} long"
+            );
+            let mut big = vec![0u8; 16384];
+            assert!(
+                matches!(
+                    decompress(codec, &c, &mut big),
+                    Err(CodecError::Short { .. })
+                ),
+                "{codec:?} short"
+            );
+            let mut out = vec![0u8; 8192];
+            assert!(decompress(codec, &c[..c.len() / 2], &mut out).is_err());
+            assert!(decompress(codec, &[0xffu8; 64], &mut out).is_err());
+        }
+    }
+
+    #[test]
+    fn incompressible_is_none() {
+        let mut x = 0x12345678u32;
+        let data: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect();
+        assert!(deflate(&data, 6, 12, false, data.len()).is_none());
+        assert!(zstd_compress(&data, 3, data.len()).is_none());
+    }
+}

@@ -1,0 +1,136 @@
+//! `convert` and `create` as library calls: open the target through an [`Output`], create the
+//! writer, run the copy engine, finish, commit. The all-or-nothing rule lives in [`Output`];
+//! this module adds the checks that must happen before anything is written.
+
+use std::path::Path;
+
+use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
+use crate::error::{Error, Result};
+use crate::formats::{self, Format};
+use crate::image::Image;
+use crate::options::CreateOptions;
+use crate::output::{Output, OutputMode};
+use crate::writer::ImageWriter;
+
+/// Settings for [`convert`].
+pub struct ConvertOptions<'a> {
+    /// The target format.
+    pub format: Format,
+    /// `-o` options (and `-c`).
+    pub create: CreateOptions,
+    /// Engine settings.
+    pub copy: CopyOptions<'a>,
+    /// Atomic (default), in place (`-n`) or stdout.
+    pub output_mode: OutputMode,
+}
+
+impl ConvertOptions<'_> {
+    /// Defaults for converting to `format`.
+    pub fn new(format: Format) -> Self {
+        ConvertOptions {
+            format,
+            create: CreateOptions::new(),
+            copy: CopyOptions::default(),
+            output_mode: OutputMode::Atomic,
+        }
+    }
+}
+
+/// Checks `opts` against `format`'s option list, and that no option asks for what the
+/// format cannot do.
+pub fn check_create_options(format: Format, opts: &CreateOptions) -> Result<()> {
+    opts.check(&formats::all_options(format))
+}
+
+/// Creates a writer for a new image at `out`'s main path.
+pub fn create_writer(
+    out: &Output,
+    format: Format,
+    size: u64,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    check_create_options(format, opts)?;
+    format.driver().create(out, size, opts)
+}
+
+/// Creates an empty image (`vimg create`). The size comes from `size`, or from `-o size=`.
+pub fn create(
+    path: impl AsRef<Path>,
+    format: Format,
+    size: Option<u64>,
+    opts: &CreateOptions,
+) -> Result<()> {
+    let path = path.as_ref();
+    check_create_options(format, opts)?;
+    let size = match (size, opts.get_size("size")?) {
+        (Some(s), _) | (None, Some(s)) => s,
+        (None, None) => {
+            return Err(Error::invalid_argument(
+                "Image creation needs a size parameter",
+            ))
+        }
+    };
+    let out = Output::new(path);
+    let w = format.driver().create(&out, size, opts)?;
+    w.finish()?;
+    out.commit()
+}
+
+/// Refuses a destination that is one of the source's files (same device and inode, through
+/// symlinks and hard links), before anything is written.
+pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dst) else {
+        return Ok(());
+    };
+    let id = (meta.dev(), meta.ino());
+    for layer in src.chain() {
+        for f in layer.reader().files() {
+            if f.identity() == Some(id) {
+                return Err(Error::invalid_argument(format!(
+                    "Destination '{}' is the same file as '{}', which the source reads",
+                    dst.display(),
+                    f.path()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| layer.filename().to_string())
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Converts `src` into a new image at `dst`. On any error nothing is left at `dst` (or an
+/// existing `dst` is unchanged), except with [`OutputMode::InPlace`].
+pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) -> Result<CopyStats> {
+    let dst = dst.as_ref();
+    check_create_options(opts.format, &opts.create)?;
+    if opts.output_mode != OutputMode::Stdout {
+        check_not_source(src, dst)?;
+    }
+    let size = match opts.create.get_size("size")? {
+        Some(s) => s,
+        None => src.virtual_size(),
+    };
+    let out = Output::with_mode(dst, opts.output_mode);
+    let writer = opts.format.driver().create(&out, size, &opts.create)?;
+    let mut copy = CopyOptions {
+        progress: opts.copy.progress,
+        cancel: opts.copy.cancel,
+        ..CopyOptions::default()
+    };
+    copy.sparse_size = opts.copy.sparse_size;
+    copy.workers = opts.copy.workers;
+    copy.chunk_size = opts.copy.chunk_size;
+    copy.mode = opts.copy.mode;
+    copy.target_is_zero = opts.output_mode != OutputMode::InPlace && opts.copy.target_is_zero;
+    if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
+        return Err(Error::invalid_argument(
+            "copying only the top image needs a backing file for the target",
+        ));
+    }
+    let stats = engine::copy(src, &*writer, &copy)?;
+    writer.finish()?;
+    out.commit()?;
+    Ok(stats)
+}

@@ -1,0 +1,588 @@
+//! The copy engine: walks a source image's mapping and drives any writer. It knows no format.
+//!
+//! - Zero and unallocated ranges are never read and never written (a new target reads as
+//!   zeros already).
+//! - Data ranges are grown to the writer's unit, cut into chunks, read by worker threads,
+//!   scanned for zero runs of at least `sparse_size` bytes (qemu-img's `-S`), encoded
+//!   (compressed) in the workers when the writer encodes, and written.
+//! - Memory is bounded: a fixed pool of chunk buffers is the only data memory, and a chunk
+//!   waits for a free buffer before it is planned.
+//! - Writers that need ascending order get it from one sink thread that puts finished chunks
+//!   back in order.
+
+pub mod zero;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Mutex;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::Image;
+use crate::mapping::{Extent, MapKind};
+use crate::writer::{EncodedUnit, ImageWriter};
+
+use zero::{split_runs, Run};
+
+/// Which ranges of the source the engine copies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CopyMode {
+    /// Flatten the backing chain (`qemu-img convert` without `-B`).
+    #[default]
+    Flatten,
+    /// Copy only what the top image stores; its unallocated ranges stay unallocated in the
+    /// target, and its zero ranges are written as zeros so the target's backing file does
+    /// not show through (`convert -B`).
+    TopOnly,
+}
+
+/// Progress of a copy, in bytes of allocated data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Progress {
+    /// Data bytes done.
+    pub done: u64,
+    /// Data bytes in all.
+    pub total: u64,
+}
+
+/// Settings for [`copy`].
+pub struct CopyOptions<'a> {
+    /// Zero runs shorter than this are written as data; 0 writes everything, zeros included
+    /// (a fully allocated target). Default 4 KiB.
+    pub sparse_size: u64,
+    /// Worker threads. Default: available cores.
+    pub workers: usize,
+    /// Bytes per chunk (rounded up to the writer's unit). Default 2 MiB.
+    pub chunk_size: u64,
+    /// True when the target reads as zeros before the copy (a new image); false for
+    /// `convert -n`, where zero ranges must be written explicitly.
+    pub target_is_zero: bool,
+    /// Which ranges to copy.
+    pub mode: CopyMode,
+    /// Called from the planning thread as chunks complete.
+    pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Checked between chunks; when set, the copy stops with [`ErrorKind::Cancelled`].
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Default for CopyOptions<'_> {
+    fn default() -> Self {
+        CopyOptions {
+            sparse_size: 4096,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            chunk_size: 2 << 20,
+            target_is_zero: true,
+            mode: CopyMode::Flatten,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+/// What a copy did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Guest bytes read from the source (data ranges only).
+    pub bytes_read: u64,
+    /// Guest bytes handed to the writer as data.
+    pub bytes_written: u64,
+    /// Guest bytes found to be zero inside data ranges and skipped (or written as zeros).
+    pub zero_bytes: u64,
+}
+
+/// A piece of work in guest order.
+#[derive(Clone, Copy, Debug)]
+enum Job {
+    /// Read, scan and write `[start, start + len)`.
+    Data { seq: u64, start: u64, len: u64 },
+    /// Make `[start, start + len)` zero in the target.
+    Zeroes { seq: u64, start: u64, len: u64 },
+}
+
+impl Job {
+    fn seq(&self) -> u64 {
+        match *self {
+            Job::Data { seq, .. } | Job::Zeroes { seq, .. } => seq,
+        }
+    }
+}
+
+/// A finished job on its way to the ordered sink.
+struct Done {
+    job: Job,
+    buf: Vec<u8>,
+    runs: Vec<Run>,
+    encoded: Vec<Vec<EncodedUnit>>,
+}
+
+struct Shared<'a> {
+    src: &'a Image,
+    dst: &'a dyn ImageWriter,
+    unit: u64,
+    sparse: usize,
+    zero_writes: bool,
+    error: Mutex<Option<Error>>,
+    failed: AtomicBool,
+    done_bytes: AtomicU64,
+    stats_read: AtomicU64,
+    stats_written: AtomicU64,
+    stats_zero: AtomicU64,
+}
+
+impl Shared<'_> {
+    fn fail(&self, e: Error) {
+        if let Ok(mut slot) = self.error.lock() {
+            if slot.is_none() {
+                *slot = Some(e);
+            }
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Copies `src` (through its chain, per `opts.mode`) into `dst`. Does not call
+/// `dst.finish()`.
+pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Result<CopyStats> {
+    let caps = dst.caps();
+    if !caps.unit.is_power_of_two() || caps.unit < 512 {
+        return Err(Error::invalid_argument(format!(
+            "writer unit {} is not a power of two >= 512",
+            caps.unit
+        )));
+    }
+    let unit = caps.unit;
+    let chunk = opts.chunk_size.max(unit).div_ceil(unit) * unit;
+    let workers = opts.workers.clamp(1, 64);
+    let size = src.virtual_size();
+    let sparse = if opts.sparse_size == 0 {
+        0
+    } else {
+        // qemu-img rounds -S to sectors; at least one unit is needed to skip anything.
+        opts.sparse_size.max(512) as usize
+    };
+    let shared = Shared {
+        src,
+        dst,
+        unit,
+        sparse,
+        zero_writes: !opts.target_is_zero || opts.mode == CopyMode::TopOnly,
+        error: Mutex::new(None),
+        failed: AtomicBool::new(false),
+        done_bytes: AtomicU64::new(0),
+        stats_read: AtomicU64::new(0),
+        stats_written: AtomicU64::new(0),
+        stats_zero: AtomicU64::new(0),
+    };
+    let total = if opts.progress.is_some() {
+        let mut planner = Planner::new(&shared, opts, size, chunk);
+        let mut total = 0;
+        planner.run(|job| {
+            if let Job::Data { len, .. } = job {
+                total += len;
+            }
+            Ok(())
+        })?;
+        total
+    } else {
+        0
+    };
+    if let Some(p) = opts.progress {
+        p(Progress { done: 0, total });
+    }
+
+    // The buffer pool: its size bounds memory and the number of jobs in flight.
+    let pool_size = workers * 2 + 1;
+    let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(pool_size);
+    for _ in 0..pool_size {
+        let _ = free_tx.send(Vec::new());
+    }
+    let (job_tx, job_rx) = mpsc::sync_channel::<(Job, Vec<u8>)>(pool_size);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Done>(pool_size);
+
+    let plan_result = std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let shared = &shared;
+            let job_rx = &job_rx;
+            let free_tx = free_tx.clone();
+            let done_tx = caps.ordered.then(|| done_tx.clone());
+            scope.spawn(move || worker(shared, job_rx, free_tx, done_tx));
+        }
+        drop(done_tx);
+        if caps.ordered {
+            let shared = &shared;
+            let free_tx = free_tx.clone();
+            scope.spawn(move || sink(shared, done_rx, free_tx));
+        } else {
+            drop(done_rx);
+        }
+        drop(free_tx);
+
+        let mut planner = Planner::new(&shared, opts, size, chunk);
+        let mut last_report = 0u64;
+        let result = planner.run(|job| {
+            let buf = free_rx
+                .recv()
+                .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))?;
+            if shared.failed.load(Ordering::SeqCst) {
+                return Err(Error::msg(ErrorKind::Io, "copy failed"));
+            }
+            if let Some(p) = opts.progress {
+                let done = shared.done_bytes.load(Ordering::Relaxed);
+                if done != last_report {
+                    last_report = done;
+                    p(Progress { done, total });
+                }
+            }
+            job_tx
+                .send((job, buf))
+                .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))
+        });
+        drop(job_tx);
+        result
+    });
+
+    if let Some(e) = shared.error.lock().ok().and_then(|mut s| s.take()) {
+        return Err(e);
+    }
+    plan_result?;
+    if let Some(p) = opts.progress {
+        p(Progress { done: total, total });
+    }
+    Ok(CopyStats {
+        bytes_read: shared.stats_read.load(Ordering::Relaxed),
+        bytes_written: shared.stats_written.load(Ordering::Relaxed),
+        zero_bytes: shared.stats_zero.load(Ordering::Relaxed),
+    })
+}
+
+/// Walks the source mapping and turns it into jobs.
+struct Planner<'s, 'a> {
+    shared: &'s Shared<'a>,
+    mode: CopyMode,
+    write_everything: bool,
+    size: u64,
+    chunk: u64,
+    unit: u64,
+    cancel: Option<&'s AtomicBool>,
+    seq: u64,
+}
+
+impl<'s, 'a> Planner<'s, 'a> {
+    fn new(shared: &'s Shared<'a>, opts: &'s CopyOptions<'_>, size: u64, chunk: u64) -> Self {
+        Planner {
+            shared,
+            mode: opts.mode,
+            write_everything: opts.sparse_size == 0,
+            size,
+            chunk,
+            unit: shared.unit,
+            cancel: opts.cancel,
+            seq: 0,
+        }
+    }
+
+    fn map(&self, pos: u64) -> Result<Extent> {
+        let src = self.shared.src;
+        let max = self.size - pos;
+        match self.mode {
+            CopyMode::Flatten => Ok(src.map_flat(pos, max)?.0),
+            CopyMode::TopOnly => {
+                let e = src.reader().map(crate::mapping::GuestOffset(pos), max)?;
+                if e.start.get() != pos || e.len == 0 || e.len > max {
+                    return Err(Error::corrupt(format!(
+                        "{} mapping at {pos:#x} returned an invalid extent",
+                        src.format().name()
+                    )));
+                }
+                Ok(e)
+            }
+        }
+    }
+
+    fn run(&mut self, mut emit: impl FnMut(Job) -> Result<()>) -> Result<()> {
+        self.seq = 0;
+        let unit = self.unit;
+        let size = self.size;
+        // The data region being assembled, already grown to unit boundaries.
+        let mut pending: Option<(u64, u64)> = None;
+        let mut pos = 0u64;
+        while pos < size {
+            if let Some(c) = self.cancel {
+                if c.load(Ordering::Relaxed) {
+                    return Err(Error::msg(ErrorKind::Cancelled, "interrupted"));
+                }
+            }
+            if self.shared.failed.load(Ordering::Relaxed) {
+                return Err(Error::msg(ErrorKind::Io, "copy failed"));
+            }
+            let e = self.map(pos)?;
+            pos = e.end();
+            let wanted = self.write_everything || e.kind.has_data();
+            if wanted {
+                let s = e.start.get() / unit * unit;
+                let t = e.end().div_ceil(unit).saturating_mul(unit).min(size);
+                pending = match pending {
+                    Some((ps, pe)) if s <= pe => Some((ps, pe.max(t))),
+                    Some(p) => {
+                        self.flush_data(p, &mut emit)?;
+                        Some((s, t))
+                    }
+                    None => Some((s, t)),
+                };
+                // Emit whole chunks eagerly so the pending region stays small.
+                while let Some((ps, pe)) = pending {
+                    if pe - ps > self.chunk {
+                        self.emit_data(ps, self.chunk, &mut emit)?;
+                        pending = Some((ps + self.chunk, pe));
+                    } else {
+                        break;
+                    }
+                }
+                continue;
+            }
+            // A zero or unallocated run: the part not swallowed by the pending region.
+            let mut zs = e.start.get();
+            if let Some((ps, pe)) = pending {
+                if zs < pe {
+                    zs = pe.min(e.end());
+                }
+                if e.end() > pe {
+                    self.flush_data((ps, pe), &mut emit)?;
+                    pending = None;
+                }
+            }
+            let needs_zeroes = match e.kind {
+                MapKind::Zero => self.shared.zero_writes,
+                // Unallocated stays unallocated in top-only mode (the target's backing file
+                // provides it), and reads as zero otherwise.
+                _ => self.shared.zero_writes && self.mode == CopyMode::Flatten,
+            };
+            if needs_zeroes && zs < e.end() {
+                let seq = self.next_seq();
+                emit(Job::Zeroes {
+                    seq,
+                    start: zs,
+                    len: e.end() - zs,
+                })?;
+            }
+        }
+        if let Some(p) = pending {
+            self.flush_data(p, &mut emit)?;
+        }
+        Ok(())
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq - 1
+    }
+
+    fn emit_data(
+        &mut self,
+        start: u64,
+        len: u64,
+        emit: &mut impl FnMut(Job) -> Result<()>,
+    ) -> Result<()> {
+        let seq = self.next_seq();
+        emit(Job::Data { seq, start, len })
+    }
+
+    fn flush_data(
+        &mut self,
+        (s, e): (u64, u64),
+        emit: &mut impl FnMut(Job) -> Result<()>,
+    ) -> Result<()> {
+        let mut p = s;
+        while p < e {
+            let n = (e - p).min(self.chunk);
+            self.emit_data(p, n, emit)?;
+            p += n;
+        }
+        Ok(())
+    }
+}
+
+fn worker(
+    shared: &Shared<'_>,
+    jobs: &Mutex<Receiver<(Job, Vec<u8>)>>,
+    free: SyncSender<Vec<u8>>,
+    ordered: Option<SyncSender<Done>>,
+) {
+    let mut runs = Vec::new();
+    loop {
+        let next = match jobs.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok((job, mut buf)) = next else { return };
+        if shared.failed.load(Ordering::Relaxed) {
+            let _ = free.send(buf);
+            continue;
+        }
+        let mut encoded = Vec::new();
+        let r = process(shared, job, &mut buf, &mut runs, &mut encoded);
+        if let Err(e) = r {
+            shared.fail(e);
+            let _ = free.send(buf);
+            continue;
+        }
+        match &ordered {
+            Some(tx) => {
+                let done = Done {
+                    job,
+                    buf,
+                    runs: std::mem::take(&mut runs),
+                    encoded,
+                };
+                if let Err(mpsc::SendError(d)) = tx.send(done) {
+                    let _ = free.send(d.buf);
+                }
+            }
+            None => {
+                let r = write_out(shared, job, &buf, &runs, &encoded);
+                if let Err(e) = r {
+                    shared.fail(e);
+                }
+                let _ = free.send(buf);
+            }
+        }
+    }
+}
+
+/// Reads and scans a data job (and encodes it for writers that encode).
+fn process(
+    shared: &Shared<'_>,
+    job: Job,
+    buf: &mut Vec<u8>,
+    runs: &mut Vec<Run>,
+    encoded: &mut Vec<Vec<EncodedUnit>>,
+) -> Result<()> {
+    let Job::Data { start, len, .. } = job else {
+        runs.clear();
+        return Ok(());
+    };
+    let len = len as usize;
+    if buf.capacity() < len {
+        // One allocation per pool buffer, reused for the whole copy.
+        buf.reserve_exact(len - buf.len());
+    }
+    // SAFETY-free resize: zero-filling costs a memset, much cheaper than the read itself.
+    buf.resize(len, 0);
+    shared.src.read_at(&mut buf[..len], start)?;
+    shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
+    split_runs(&buf[..len], shared.unit as usize, shared.sparse, runs);
+    if shared.dst.caps().encodes {
+        encoded.clear();
+        for r in runs.iter().filter(|r| !r.zero) {
+            encoded.push(
+                shared
+                    .dst
+                    .encode(start + r.start as u64, &buf[r.start..r.end])?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Hands one processed job to the writer.
+fn write_out(
+    shared: &Shared<'_>,
+    job: Job,
+    buf: &[u8],
+    runs: &[Run],
+    encoded: &[Vec<EncodedUnit>],
+) -> Result<()> {
+    match job {
+        Job::Zeroes { start, len, .. } => shared.dst.write_zeroes(start, len),
+        Job::Data { start, len, .. } => {
+            let mut enc = encoded.iter();
+            for r in runs {
+                let off = start + r.start as u64;
+                let n = (r.end - r.start) as u64;
+                if r.zero {
+                    shared.stats_zero.fetch_add(n, Ordering::Relaxed);
+                    if shared.zero_writes {
+                        shared.dst.write_zeroes(off, n)?;
+                    }
+                } else {
+                    let e = enc.next().map(Vec::as_slice).unwrap_or(&[]);
+                    shared.dst.write(off, &buf[r.start..r.end], e)?;
+                    shared.stats_written.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+            shared.done_bytes.fetch_add(len, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
+/// The ordered sink: writes finished jobs in sequence order.
+fn sink(shared: &Shared<'_>, done: Receiver<Done>, free: SyncSender<Vec<u8>>) {
+    let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
+    let mut next = 0u64;
+    for d in done {
+        waiting.insert(d.job.seq(), d);
+        while let Some(d) = waiting.remove(&next) {
+            if !shared.failed.load(Ordering::Relaxed) {
+                if let Err(e) = write_out(shared, d.job, &d.buf, &d.runs, &d.encoded) {
+                    shared.fail(e);
+                }
+            }
+            let _ = free.send(d.buf);
+            next += 1;
+        }
+    }
+    // Jobs that never completed (a worker failed) free their buffers here.
+    for (_, d) in waiting {
+        let _ = free.send(d.buf);
+    }
+}
+
+/// The flattened data of an image, for `measure`: counts units that hold data by walking
+/// the mapping (no data is read).
+pub struct ImageData<'a> {
+    image: &'a Image,
+}
+
+impl<'a> ImageData<'a> {
+    /// Describes `image` (through its backing chain).
+    pub fn new(image: &'a Image) -> Self {
+        ImageData { image }
+    }
+}
+
+impl crate::formats::DataSummary for ImageData<'_> {
+    fn data_units(&self, unit: u64) -> Result<u64> {
+        let unit = unit.max(1);
+        let size = self.image.virtual_size();
+        let mut count = 0u64;
+        // The last unit already counted (units are counted once even when several extents
+        // with data fall into them).
+        let mut last: Option<u64> = None;
+        let mut pos = 0;
+        while pos < size {
+            let (e, _, _) = self.image.map_flat(pos, size - pos)?;
+            if e.kind.has_data() {
+                let first = e.start.get() / unit;
+                let end = (e.end() - 1) / unit;
+                let first = match last {
+                    Some(l) if l >= first => l + 1,
+                    _ => first,
+                };
+                if end >= first {
+                    count += end - first + 1;
+                }
+                last = Some(end.max(last.unwrap_or(0)));
+            }
+            pos = e.end();
+        }
+        Ok(count)
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.image.virtual_size()
+    }
+}

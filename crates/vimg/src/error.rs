@@ -1,0 +1,293 @@
+//! The crate-level error: a small [`ErrorKind`] that callers (the CLI) map to messages and exit
+//! codes, the file it concerns, and the detailed cause (usually a per-format error enum that
+//! names the structure, the offset and the bad value).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// What went wrong, coarsely. The CLI maps these to exit codes; details live in the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The caller asked for something impossible (bad option, size, combination).
+    InvalidArgument,
+    /// The image is malformed: a header field out of range, a bad magic, a bad checksum.
+    Invalid,
+    /// The image parses but its tables contradict themselves or the file (entry past EOF,
+    /// overlapping clusters, decompression that does not yield one cluster).
+    Corrupt,
+    /// A valid feature vimg does not implement (encryption, an unknown incompatible bit).
+    Unsupported,
+    /// The image names a file outside what the external-file policy allows.
+    UnsafeReference,
+    /// The operation was interrupted (signal, cancel flag).
+    Cancelled,
+    /// An operating-system I/O error.
+    Io,
+}
+
+impl ErrorKind {
+    /// A short lower-case name, used in JSON output and test expectations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid-argument",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::UnsafeReference => "unsafe-reference",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Io => "io",
+        }
+    }
+}
+
+/// The error type of every fallible vimg operation.
+pub struct Error {
+    kind: ErrorKind,
+    path: Option<PathBuf>,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A plain message used as an error source.
+#[derive(Debug)]
+struct Message(String);
+
+impl fmt::Display for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Message {}
+
+impl Error {
+    /// An error of `kind` wrapping any cause.
+    pub fn new<E>(kind: ErrorKind, source: E) -> Self
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    {
+        Error {
+            kind,
+            path: None,
+            source: source.into(),
+        }
+    }
+
+    /// An error of `kind` with a plain message.
+    pub fn msg(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error::new(kind, Message(message.into()))
+    }
+
+    /// Shorthand for [`ErrorKind::InvalidArgument`] with a message.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Error::msg(ErrorKind::InvalidArgument, message)
+    }
+
+    /// Shorthand for [`ErrorKind::Unsupported`] with a message.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Error::msg(ErrorKind::Unsupported, message)
+    }
+
+    /// Shorthand for [`ErrorKind::Invalid`] with a message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::msg(ErrorKind::Invalid, message)
+    }
+
+    /// Shorthand for [`ErrorKind::Corrupt`] with a message.
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Error::msg(ErrorKind::Corrupt, message)
+    }
+
+    /// An I/O error with what was being done ("read L2 table at 0x30000").
+    pub fn io(what: impl fmt::Display, err: io::Error) -> Self {
+        let kind = if err.kind() == io::ErrorKind::UnexpectedEof {
+            // A short read of metadata means the file is shorter than its tables claim.
+            ErrorKind::Corrupt
+        } else {
+            ErrorKind::Io
+        };
+        Error::new(
+            kind,
+            IoContext {
+                what: what.to_string(),
+                err,
+            },
+        )
+    }
+
+    /// The coarse kind.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The file this error concerns, when known.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Records the file this error concerns, unless an inner layer already did.
+    pub fn with_path(mut self, path: impl AsRef<Path>) -> Self {
+        if self.path.is_none() {
+            self.path = Some(path.as_ref().to_path_buf());
+        }
+        self
+    }
+
+    /// Wraps this error with a leading explanation, keeping kind and path.
+    pub fn context(self, what: impl Into<String>) -> Self {
+        let kind = self.kind;
+        let path = self.path.clone();
+        Error {
+            kind,
+            path,
+            source: Box::new(Context {
+                what: what.into(),
+                inner: self,
+            }),
+        }
+    }
+
+    /// The underlying I/O error kind, if this is (or wraps) an I/O error.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(e) = cur {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                return Some(io.kind());
+            }
+            if let Some(io) = e.downcast_ref::<IoContext>() {
+                return Some(io.err.kind());
+            }
+            if let Some(inner) = e.downcast_ref::<Context>() {
+                cur = Some(&inner.inner as &(dyn std::error::Error + 'static));
+                continue;
+            }
+            if let Some(inner) = e.downcast_ref::<Error>() {
+                cur = Some(&*inner.source);
+                continue;
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("message", &self.source.to_string())
+            .finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.source()
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Error::new(ErrorKind::Io, err)
+    }
+}
+
+/// "while doing X: <io error>"
+#[derive(Debug)]
+struct IoContext {
+    what: String,
+    err: io::Error,
+}
+
+impl fmt::Display for IoContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.err.kind() == io::ErrorKind::UnexpectedEof {
+            write!(f, "{}: file is too short", self.what)
+        } else {
+            write!(f, "{}: {}", self.what, self.err)
+        }
+    }
+}
+
+impl std::error::Error for IoContext {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.err)
+    }
+}
+
+#[derive(Debug)]
+struct Context {
+    what: String,
+    inner: Error,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.what, self.inner)
+    }
+}
+
+impl std::error::Error for Context {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.inner)
+    }
+}
+
+/// Implemented by each per-format error enum so it rolls into [`Error`] with the right kind.
+pub trait FormatError: std::error::Error + Send + Sync + 'static {
+    /// The coarse kind of this error.
+    fn kind(&self) -> ErrorKind;
+}
+
+/// Implements `From<$ty> for Error` for a per-format error enum that implements
+/// [`FormatError`].
+#[macro_export]
+#[doc(hidden)]
+macro_rules! impl_from_format_error {
+    ($ty:ty) => {
+        impl From<$ty> for $crate::Error {
+            fn from(e: $ty) -> Self {
+                let kind = $crate::error::FormatError::kind(&e);
+                $crate::Error::new(kind, e)
+            }
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_keeps_kind_and_path() {
+        let e = Error::corrupt("L2 entry 3 past end of file").with_path("a.qcow2");
+        let e = e.context("Could not open backing file");
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(e.path(), Some(Path::new("a.qcow2")));
+        assert_eq!(
+            e.to_string(),
+            "Could not open backing file: L2 entry 3 past end of file"
+        );
+    }
+
+    #[test]
+    fn short_read_is_corrupt() {
+        let e = Error::io(
+            "read L1 table at 0x30000",
+            io::Error::from(io::ErrorKind::UnexpectedEof),
+        );
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::UnexpectedEof));
+        assert!(e.to_string().contains("file is too short"));
+    }
+}

@@ -1,0 +1,56 @@
+//! raw: the guest's bytes, one for one. Reads ask the filesystem for holes
+//! (`SEEK_DATA`/`SEEK_HOLE`) so sparse files map as unallocated without being read; writes
+//! leave holes for zero ranges and set the file length to the virtual size.
+
+mod read;
+mod write;
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::formats::{Format, OpenContext};
+use crate::mapping::ImageReader;
+use crate::options::{CreateOptions, OptionSpec, OptionType};
+use crate::output::Output;
+use crate::storage::Storage;
+use crate::writer::ImageWriter;
+
+pub use read::RawReader;
+pub use write::RawWriter;
+
+/// The raw driver.
+pub struct Driver;
+
+const OPTIONS: &[OptionSpec] = &[OptionSpec {
+    name: "preallocation",
+    ty: OptionType::Str,
+    help: "Preallocation mode (allowed values: off, falloc, full)",
+}];
+
+impl crate::formats::Driver for Driver {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn probe(&self, _head: &[u8], _storage: &dyn Storage) -> bool {
+        // Raw is what remains when nothing else matches.
+        false
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        Ok(Box::new(RawReader::new(storage)))
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn create(
+        &self,
+        out: &Output,
+        size: u64,
+        opts: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        Ok(Box::new(RawWriter::create(out, size, opts)?))
+    }
+}

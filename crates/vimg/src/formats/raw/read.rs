@@ -1,0 +1,84 @@
+//! The raw reader: data where the filesystem has data, unallocated in holes.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::formats::Format;
+use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
+use crate::storage::Storage;
+
+/// Reads a raw image.
+pub struct RawReader {
+    storage: Arc<dyn Storage>,
+}
+
+impl RawReader {
+    /// A reader over `storage`; the virtual size is the file length.
+    pub fn new(storage: Arc<dyn Storage>) -> RawReader {
+        RawReader { storage }
+    }
+}
+
+impl ImageReader for RawReader {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.storage.len()
+    }
+
+    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
+        let pos = offset.get();
+        let end = pos.saturating_add(max_len).min(self.storage.len());
+        let next = self
+            .storage
+            .next_data(pos)
+            .map_err(|e| Error::io(format_args!("look for data at {pos:#x}"), e))?;
+        let (kind, run_end) = match next {
+            Some((s, e)) if s <= pos => (
+                MapKind::Data {
+                    file: FileId(0),
+                    offset: HostOffset(pos),
+                },
+                e,
+            ),
+            Some((s, _)) => (MapKind::Unallocated, s),
+            None => (MapKind::Unallocated, end),
+        };
+        let run_end = run_end.min(end).max(pos + 1).min(end);
+        Ok(Extent {
+            start: offset,
+            len: run_end - pos,
+            kind,
+        })
+    }
+
+    fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {
+        (id.0 == 0).then_some(&self.storage)
+    }
+
+    fn files(&self) -> Vec<Arc<dyn Storage>> {
+        vec![self.storage.clone()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn memory_is_all_data() {
+        let r = RawReader::new(Arc::new(MemStorage::new(vec![1u8; 1000])));
+        let e = r.map(GuestOffset(100), 10_000).unwrap();
+        assert_eq!(e.len, 900);
+        assert_eq!(
+            e.kind,
+            MapKind::Data {
+                file: FileId(0),
+                offset: HostOffset(100)
+            }
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! An opened image: a format reader plus its backing chain, with positional reads through
+//! the mapping. This is the one generic read layer every format goes through.
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::codec;
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{self, Format, OpenContext};
+use crate::gate::ExternalPolicy;
+use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind};
+use crate::storage::{FileStorage, Storage};
+
+/// Backing chains longer than this are refused (a loop, or a hostile chain).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// The format; `None` probes the content.
+    pub format: Option<Format>,
+    /// The policy for files the image names.
+    pub policy: ExternalPolicy,
+    /// Open the backing chain (`info` does not need it; reading does).
+    pub open_backing: bool,
+    /// Format of the backing image, overriding what the image says (`-F`).
+    pub backing_format: Option<Format>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            policy: ExternalPolicy::SameFolder,
+            open_backing: true,
+            backing_format: None,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// Default options with `format` set.
+    pub fn with_format(format: Option<Format>) -> OpenOptions {
+        OpenOptions {
+            format,
+            ..OpenOptions::default()
+        }
+    }
+}
+
+/// An opened image and its backing chain.
+pub struct Image {
+    reader: Box<dyn ImageReader>,
+    backing: Option<Box<Image>>,
+    filename: String,
+    path: Option<PathBuf>,
+    storage: Arc<dyn Storage>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("filename", &self.filename)
+            .field("format", &self.format())
+            .field("virtual_size", &self.virtual_size())
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+/// Bytes read to probe a format.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Probes `storage`: the one format that matches, raw when none does, an error when several
+/// do (a polyglot file is refused rather than guessed).
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let n = storage.len().min(PROBE_BYTES as u64) as usize;
+    let mut head = vec![0u8; n];
+    storage
+        .read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io("read the image header", e))?;
+    let found = formats::probe_all(&head, storage);
+    match found.as_slice() {
+        [] => Ok(Format::Raw),
+        [one] => Ok(*one),
+        many => Err(Error::invalid(format!(
+            "Image is ambiguous: it parses as {}; specify the format with -f",
+            many.iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
+impl Image {
+    /// Opens the image at `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let storage =
+            FileStorage::open(path).map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
+        Image::open_storage(Arc::new(storage), Some(path), opts)
+    }
+
+    /// Opens an image held in `storage`; `path` locates the files it names.
+    pub fn open_storage(
+        storage: Arc<dyn Storage>,
+        path: Option<&Path>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        Image::open_chain(storage, path, opts, opts.format, &mut Vec::new())
+    }
+
+    fn open_chain(
+        storage: Arc<dyn Storage>,
+        path: Option<&Path>,
+        opts: &OpenOptions,
+        format: Option<Format>,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<Image> {
+        let with_path = |e: Error| match path {
+            Some(p) => e.with_path(p),
+            None => e,
+        };
+        if let Some(id) = storage.identity() {
+            if seen.contains(&id) {
+                return Err(with_path(Error::invalid(
+                    "Backing chain loops back to an image already in the chain",
+                )));
+            }
+            seen.push(id);
+        }
+        if seen.len() > MAX_CHAIN_DEPTH {
+            return Err(with_path(Error::invalid(format!(
+                "Backing chain is longer than {MAX_CHAIN_DEPTH} images"
+            ))));
+        }
+        let format = match format {
+            Some(f) => f,
+            None => probe(&*storage).map_err(with_path)?,
+        };
+        let ctx = OpenContext::new(path, opts.policy);
+        let reader = format
+            .driver()
+            .open(storage.clone(), &ctx)
+            .map_err(with_path)?;
+        let mut image = Image {
+            reader,
+            backing: None,
+            filename: path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".to_string()),
+            path: path.map(Path::to_path_buf),
+            storage,
+        };
+        if opts.open_backing {
+            if let Some(b) = image.reader.backing().cloned() {
+                let names = std::iter::once(&b.name).chain(b.alternatives.iter());
+                let mut last_err = None;
+                let mut opened = None;
+                for name in names {
+                    match ctx.resolve(&b.field, name) {
+                        Ok(bpath) => {
+                            let bfmt = opts.backing_format.filter(|_| seen.len() == 1).or(b.format);
+                            let bstorage = FileStorage::open(&bpath).map_err(|e| {
+                                Error::io(
+                                    format_args!("open backing file '{}'", bpath.display()),
+                                    e,
+                                )
+                            })?;
+                            let sub = Image::open_chain(
+                                Arc::new(bstorage),
+                                Some(&bpath),
+                                opts,
+                                bfmt,
+                                seen,
+                            )
+                            .map_err(|e| {
+                                e.context(format!(
+                                    "Could not open backing file '{}'",
+                                    bpath.display()
+                                ))
+                            })?;
+                            opened = Some(sub);
+                            break;
+                        }
+                        Err(e) => last_err = Some(e),
+                    }
+                }
+                match opened {
+                    Some(sub) => image.backing = Some(Box::new(sub)),
+                    None => {
+                        let e = last_err.unwrap_or_else(|| Error::invalid("no backing file name"));
+                        return Err(with_path(
+                            e.context(format!("Could not open backing file '{}'", b.name)),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(image)
+    }
+
+    /// The format reader.
+    pub fn reader(&self) -> &dyn ImageReader {
+        &*self.reader
+    }
+
+    /// The backing image, if one was opened.
+    pub fn backing(&self) -> Option<&Image> {
+        self.backing.as_deref()
+    }
+
+    /// The file name as given when opening (or `-`).
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    /// The path, when opened from a file.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The storage the image was opened from.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        self.reader.format()
+    }
+
+    /// Guest-visible size.
+    pub fn virtual_size(&self) -> u64 {
+        self.reader.virtual_size()
+    }
+
+    /// Every layer of the chain, top first.
+    pub fn chain(&self) -> Vec<&Image> {
+        let mut v = vec![self];
+        let mut cur = self;
+        while let Some(b) = cur.backing() {
+            v.push(b);
+            cur = b;
+        }
+        v
+    }
+
+    /// Maps `[offset, offset + max_len)` through the chain: the longest run whose content
+    /// comes from one layer in one way. Returns the extent (whose file ids belong to the
+    /// returned layer) and the depth of that layer (0 = this image). `Unallocated` is
+    /// returned only when no layer has the range; past a shorter backing image's end the
+    /// range reads as `Zero`.
+    pub fn map_flat(&self, offset: u64, max_len: u64) -> Result<(Extent, &Image, usize)> {
+        let mut layer = self;
+        let mut depth = 0;
+        let mut len = max_len;
+        loop {
+            let e = checked_map(layer, offset, len)?;
+            if e.kind != MapKind::Unallocated {
+                return Ok((e, layer, depth));
+            }
+            let Some(b) = layer.backing() else {
+                return Ok((e, layer, depth));
+            };
+            let bsize = b.virtual_size();
+            if offset >= bsize {
+                let z = Extent {
+                    kind: MapKind::Zero,
+                    ..e
+                };
+                return Ok((z, layer, depth));
+            }
+            len = e.len.min(bsize - offset);
+            layer = b;
+            depth += 1;
+        }
+    }
+
+    /// Reads `buf.len()` guest bytes at `offset` through the whole chain. The range must lie
+    /// inside the virtual size.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|e| *e <= self.virtual_size())
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "read of {} bytes at {offset:#x} is outside the virtual disk ({} bytes)",
+                    buf.len(),
+                    self.virtual_size()
+                ))
+            })?;
+        let mut pos = offset;
+        while pos < end {
+            let (e, layer, _) = self.map_flat(pos, end - pos)?;
+            let start = (pos - offset) as usize;
+            let dst = &mut buf[start..start + e.len as usize];
+            layer.read_extent(&e, dst)?;
+            pos = e.end();
+        }
+        Ok(())
+    }
+
+    /// Reads the bytes of one extent this image's reader returned into `dst`
+    /// (`dst.len() == e.len`).
+    pub fn read_extent(&self, e: &Extent, dst: &mut [u8]) -> Result<()> {
+        debug_assert_eq!(dst.len() as u64, e.len);
+        match e.kind {
+            MapKind::Zero | MapKind::Unallocated => {
+                dst.fill(0);
+                Ok(())
+            }
+            MapKind::Data { file, offset } => {
+                let f = self.file_of(file)?;
+                f.read_exact_at(dst, offset.get()).map_err(|err| {
+                    Error::io(
+                        format_args!(
+                            "read guest {} from host {} of '{}'",
+                            e.start,
+                            offset,
+                            f.path()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_default()
+                        ),
+                        err,
+                    )
+                    .with_path(self.filename.as_str())
+                })
+            }
+            MapKind::Compressed {
+                file,
+                offset,
+                len,
+                codec,
+                unit_start,
+                unit_len,
+            } => {
+                let f = self.file_of(file)?;
+                let skip =
+                    e.start.get().checked_sub(unit_start.get()).ok_or_else(|| {
+                        Error::corrupt("compressed extent starts before its unit")
+                    })?;
+                if skip.checked_add(e.len).is_none_or(|x| x > unit_len) || unit_len > MAX_UNIT {
+                    return Err(Error::corrupt(format!(
+                        "compressed unit at guest {unit_start} has an invalid size {unit_len:#x}"
+                    )));
+                }
+                let in_len = usize::try_from(len.min(MAX_UNIT * 2)).unwrap_or(0);
+                SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let (input, output) = &mut *s;
+                    input.resize(in_len, 0);
+                    // The encoded bytes may run past the end of the file (qcow2 rounds the
+                    // length up to sectors); read what is there.
+                    let mut got = 0;
+                    while got < in_len {
+                        match f.read_at(&mut input[got..], offset.get() + got as u64) {
+                            Ok(0) => break,
+                            Ok(n) => got += n,
+                            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(err) => {
+                                return Err(Error::io(
+                                    format_args!("read compressed data at host {offset}"),
+                                    err,
+                                ))
+                            }
+                        }
+                    }
+                    let whole = skip == 0 && e.len == unit_len;
+                    let out: &mut [u8] = if whole {
+                        &mut *dst
+                    } else {
+                        output.resize(unit_len as usize, 0);
+                        &mut output[..]
+                    };
+                    codec::decompress(codec, &input[..got], out).map_err(|err| {
+                        Error::new(ErrorKind::Corrupt, err).context(format!(
+                            "compressed unit for guest {unit_start} at host {offset}"
+                        ))
+                    })?;
+                    if !whole {
+                        dst.copy_from_slice(&output[skip as usize..(skip + e.len) as usize]);
+                    }
+                    Ok(())
+                })
+            }
+        }
+    }
+
+    fn file_of(&self, id: crate::mapping::FileId) -> Result<&Arc<dyn Storage>> {
+        self.reader.file(id).ok_or_else(|| {
+            Error::corrupt(format!(
+                "{} reader referred to an unknown file #{}",
+                self.format().name(),
+                id.0
+            ))
+        })
+    }
+}
+
+/// Largest decoded unit the read layer accepts (qcow2's 2 MiB clusters are the biggest).
+const MAX_UNIT: u64 = 64 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Calls the layer's reader and checks the answer against the trait's contract, so a buggy or
+/// hostile mapping can never make the caller loop or read out of range.
+fn checked_map(layer: &Image, offset: u64, len: u64) -> Result<Extent> {
+    let e = layer.reader.map(GuestOffset(offset), len)?;
+    if e.start.get() != offset || e.len == 0 || e.len > len {
+        return Err(Error::corrupt(format!(
+            "{} mapping at {offset:#x} returned an invalid extent ({:#x}+{:#x})",
+            layer.format().name(),
+            e.start.get(),
+            e.len
+        )));
+    }
+    Ok(e)
+}

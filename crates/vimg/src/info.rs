@@ -1,0 +1,146 @@
+//! What `info` reports about an image, serialised with qemu-img's JSON keys so scripts
+//! written for `qemu-img info --output=json` parse it unchanged.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::image::Image;
+use crate::mapping::{ExternalRef, FormatSpecific, SnapshotInfo};
+
+/// One snapshot in qemu-img's JSON shape.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotJson {
+    /// Instruction count (0 when not recorded, as qemu prints it).
+    pub icount: u64,
+    /// Nanoseconds part of the guest clock.
+    pub vm_clock_nsec: u64,
+    /// Tag.
+    pub name: String,
+    /// Creation time, seconds.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u64,
+    /// Whole seconds of the guest clock.
+    pub vm_clock_sec: u64,
+    /// ID string.
+    pub id: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+}
+
+impl From<&SnapshotInfo> for SnapshotJson {
+    fn from(s: &SnapshotInfo) -> Self {
+        SnapshotJson {
+            icount: s.icount.unwrap_or(0),
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            name: s.name.clone(),
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            id: s.id.clone(),
+            vm_state_size: s.vm_state_size,
+        }
+    }
+}
+
+/// `info` for one image (one layer of a chain).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    /// Format of the backing file, when the image names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// The file name as given.
+    pub filename: String,
+    /// Allocation unit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// Format name.
+    pub format: String,
+    /// Bytes the image's files occupy on disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actual_size: Option<u64>,
+    /// The backing file name joined to the image's folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    /// The backing file name as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// Internal snapshots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotJson>,
+    /// Format-specific facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+    /// The image was not closed cleanly.
+    pub dirty_flag: bool,
+    /// vimg addition: every file the image names, so a pipeline can judge it before
+    /// converting.
+    #[serde(rename = "vimg-external-references")]
+    pub external_references: Vec<ExternalRef>,
+}
+
+impl ImageInfo {
+    /// Collects `info` for the top layer of `image`.
+    pub fn of(image: &Image) -> ImageInfo {
+        let r = image.reader();
+        let backing = r.backing();
+        let actual_size = r
+            .files()
+            .iter()
+            .map(|f| f.disk_usage())
+            .try_fold(0u64, |acc, u| u.map(|u| acc + u));
+        ImageInfo {
+            backing_filename_format: backing.and_then(|b| b.format).map(|f| f.name().to_string()),
+            virtual_size: r.virtual_size(),
+            filename: image.filename().to_string(),
+            cluster_size: r.cluster_size(),
+            format: r.format().name().to_string(),
+            actual_size,
+            full_backing_filename: backing.map(|b| full_backing_name(image.path(), &b.name)),
+            backing_filename: backing.map(|b| b.name.clone()),
+            snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
+            format_specific: r.format_specific(),
+            dirty_flag: r.dirty(),
+            external_references: r.external_refs(),
+        }
+    }
+}
+
+/// qemu-img's `full-backing-filename`: the stored name joined to the image's folder (no
+/// symlink resolution), or the name itself when absolute or when the image has no path.
+pub fn full_backing_name(image_path: Option<&Path>, name: &str) -> String {
+    let named = Path::new(name);
+    if named.is_absolute() || crate::gate::is_protocol_path(name) {
+        return name.to_string();
+    }
+    match image_path.and_then(Path::parent) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(named).display().to_string(),
+        _ => name.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_backing_names() {
+        assert_eq!(
+            full_backing_name(Some(Path::new("tmp/ov.qcow2")), "x.qcow2"),
+            "tmp/x.qcow2"
+        );
+        assert_eq!(
+            full_backing_name(Some(Path::new("ov.qcow2")), "x.qcow2"),
+            "x.qcow2"
+        );
+        assert_eq!(
+            full_backing_name(Some(Path::new("a/ov")), "/abs/x"),
+            "/abs/x"
+        );
+    }
+}

@@ -1,0 +1,310 @@
+//! The read side of every format: the block-mapping trait.
+//!
+//! A format reader answers one question, "what is at guest offset X, and for how long?", with
+//! an [`Extent`]: data at a host location, a compressed unit that must be decoded, explicit
+//! zeros, or unallocated space (zero unless a backing image supplies data). Readers do no data
+//! I/O of their own; [`crate::Image`] does the reads for all formats, through `&self`, so many
+//! threads can read one image.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::formats::Format;
+use crate::storage::Storage;
+use crate::Result;
+
+/// An offset in the guest's view of the disk (what the virtual machine sees).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct GuestOffset(pub u64);
+
+/// An offset inside a host file (where the bytes are stored).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostOffset(pub u64);
+
+macro_rules! offset_ops {
+    ($t:ident) => {
+        impl $t {
+            /// The raw byte offset.
+            #[inline]
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// `self + n`, or `None` on overflow.
+            #[inline]
+            pub fn checked_add(self, n: u64) -> Option<$t> {
+                self.0.checked_add(n).map($t)
+            }
+        }
+
+        /// `self + n`; callers bound `n` so that this cannot overflow.
+        impl std::ops::Add<u64> for $t {
+            type Output = $t;
+
+            #[inline]
+            fn add(self, n: u64) -> $t {
+                $t(self.0 + n)
+            }
+        }
+
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+    };
+}
+offset_ops!(GuestOffset);
+offset_ops!(HostOffset);
+
+/// Which of a reader's files an extent lives in (index into [`ImageReader::file`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileId(pub u16);
+
+/// How a compressed unit is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Raw deflate (RFC 1951), as qcow2 stores zlib-type compressed clusters.
+    Deflate,
+    /// zlib stream (RFC 1950), as VMDK stores compressed grains.
+    Zlib,
+    /// A zstd frame (or several), as qcow2 stores zstd-type compressed clusters.
+    Zstd,
+}
+
+/// What a guest range holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// Plain bytes: guest `start + i` is at host `offset + i` in `file`.
+    Data {
+        /// The file holding the bytes.
+        file: FileId,
+        /// Host offset of the extent's first byte.
+        offset: HostOffset,
+    },
+    /// Part of a compressed unit: `len` encoded bytes at `offset` decode to `unit_len` bytes
+    /// that hold guest `[unit_start, unit_start + unit_len)`.
+    Compressed {
+        /// The file holding the encoded bytes.
+        file: FileId,
+        /// Host offset of the encoded bytes.
+        offset: HostOffset,
+        /// Encoded length (may extend past the end of the file; the tail is then absent).
+        len: u64,
+        /// The encoding.
+        codec: Codec,
+        /// Guest offset of the unit's first byte.
+        unit_start: GuestOffset,
+        /// Decoded length of the unit.
+        unit_len: u64,
+    },
+    /// Explicitly zero; never read from a backing image.
+    Zero,
+    /// Not stored here: zero, unless a backing image supplies data.
+    Unallocated,
+}
+
+impl MapKind {
+    /// True for the two kinds that carry bytes.
+    pub fn has_data(&self) -> bool {
+        matches!(self, MapKind::Data { .. } | MapKind::Compressed { .. })
+    }
+}
+
+/// A run of guest bytes that are all of one [`MapKind`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First guest byte of the run.
+    pub start: GuestOffset,
+    /// Length in bytes (> 0).
+    pub len: u64,
+    /// What the run holds.
+    pub kind: MapKind,
+}
+
+impl Extent {
+    /// One past the last guest byte.
+    pub fn end(&self) -> u64 {
+        self.start.0 + self.len
+    }
+
+    /// The same extent with its first `skip` bytes removed (host offsets move with it).
+    pub fn advance(&self, skip: u64) -> Extent {
+        debug_assert!(skip <= self.len);
+        let kind = match self.kind {
+            MapKind::Data { file, offset } => MapKind::Data {
+                file,
+                offset: offset + skip,
+            },
+            k => k,
+        };
+        Extent {
+            start: self.start + skip,
+            len: self.len - skip,
+            kind,
+        }
+    }
+
+    /// The extent cut to at most `len` bytes.
+    pub fn truncate(mut self, len: u64) -> Extent {
+        self.len = self.len.min(len);
+        self
+    }
+}
+
+/// A file named inside an image: a backing file, an external data file, an extent, a parent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ExternalRef {
+    /// The header field or descriptor line that names it (e.g. `backing_file`,
+    /// `extent 1`, `parent locator W2ru`).
+    pub field: String,
+    /// The name exactly as the image stores it.
+    pub name: String,
+    /// What the name refers to.
+    pub role: RefRole,
+}
+
+/// The role of an [`ExternalRef`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RefRole {
+    /// A backing (parent) image whose data shows through unallocated areas.
+    Backing,
+    /// A file that holds this image's own data (qcow2 data file, VMDK extent).
+    Data,
+}
+
+/// The backing image an image names, before the gate has judged it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingRef {
+    /// The field that names it, for error messages (`backing_file`, `parentFileNameHint`).
+    pub field: String,
+    /// The name as stored in the image.
+    pub name: String,
+    /// The format the image says the backing file has, if it says.
+    pub format: Option<Format>,
+    /// Alternative names to try in order after `name` (VHD parent locators).
+    pub alternatives: Vec<String>,
+}
+
+/// An internal snapshot (qcow2), as `info` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Snapshot ID string.
+    pub id: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Size of the saved VM state.
+    pub vm_state_size: u64,
+    /// Creation time, seconds.
+    pub date_sec: u64,
+    /// Creation time, nanoseconds part.
+    pub date_nsec: u64,
+    /// Guest clock, nanoseconds in all.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    pub icount: Option<u64>,
+}
+
+/// Format-specific facts for `info`, in qemu-img's shape: `{"type": ..., "data": {...}}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FormatSpecific {
+    /// The format name as qemu-img spells it in this block (`qcow2`, `vmdk`, ...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The facts, with qemu-img's key names, in qemu-img's order.
+    pub data: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The read side of a format: a mapping query plus what `info` prints.
+///
+/// Implementations keep all mutable state (table caches) behind interior locks so that
+/// `map` works through `&self` from any thread.
+pub trait ImageReader: Send + Sync {
+    /// The format this reader parses.
+    fn format(&self) -> Format;
+
+    /// Guest-visible size in bytes.
+    fn virtual_size(&self) -> u64;
+
+    /// Allocation unit (cluster, grain, block), when the format has one.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
+    /// The longest run of one kind that starts at `offset` and is at most `max_len` long.
+    /// Callers guarantee `offset < virtual_size()` and `max_len > 0`; the returned extent
+    /// starts at `offset`, is non-empty and does not pass `offset + max_len`.
+    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent>;
+
+    /// The file behind a [`FileId`] that this reader returned.
+    fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>>;
+
+    /// Every file this image consists of (its own file first), for disk usage and for
+    /// recognising a destination that would overwrite the source.
+    fn files(&self) -> Vec<Arc<dyn Storage>>;
+
+    /// The backing image this image names, if any.
+    fn backing(&self) -> Option<&BackingRef> {
+        None
+    }
+
+    /// Every file the image names (backing, data file, extents), for `info` and the gate.
+    fn external_refs(&self) -> Vec<ExternalRef> {
+        Vec::new()
+    }
+
+    /// qemu-img's `dirty-flag`.
+    fn dirty(&self) -> bool {
+        false
+    }
+
+    /// Internal snapshots.
+    fn snapshots(&self) -> Vec<SnapshotInfo> {
+        Vec::new()
+    }
+
+    /// The `format-specific` block of `info`.
+    fn format_specific(&self) -> Option<FormatSpecific> {
+        None
+    }
+
+    /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// A consistency check of the image's metadata (`vimg check`).
+    fn check(&self) -> Result<crate::check::CheckReport> {
+        Err(crate::Error::unsupported(format!(
+            "This image format ({}) does not support checks",
+            self.format().name()
+        )))
+    }
+}
+
+/// Helper for readers: walks `map` from `offset` to `end`, calling `f` per extent.
+pub fn for_each_extent(
+    reader: &dyn ImageReader,
+    offset: u64,
+    end: u64,
+    mut f: impl FnMut(&Extent) -> Result<()>,
+) -> Result<()> {
+    let mut pos = offset;
+    while pos < end {
+        let e = reader.map(GuestOffset(pos), end - pos)?;
+        debug_assert_eq!(e.start.0, pos);
+        if e.len == 0 || e.end() > end {
+            return Err(crate::Error::corrupt(format!(
+                "{} reader returned an invalid extent at {:#x}",
+                reader.format().name(),
+                pos
+            )));
+        }
+        f(&e)?;
+        pos = e.end();
+    }
+    Ok(())
+}

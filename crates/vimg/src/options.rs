@@ -1,0 +1,303 @@
+//! Creation options (`-o key=value,...`), checked against each format's list of options
+//! before anything is created, and size strings with qemu-img's suffixes.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+
+/// The type of an option value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionType {
+    /// A byte size with an optional K/M/G/T/P/E suffix.
+    Size,
+    /// on/off (also true/false, yes/no).
+    Bool,
+    /// A non-negative integer.
+    Number,
+    /// Free text (or one of a fixed set, checked by the format).
+    Str,
+}
+
+impl OptionType {
+    fn help_name(self) -> &'static str {
+        match self {
+            OptionType::Size => "<size>",
+            OptionType::Bool => "<bool (on/off)>",
+            OptionType::Number => "<num>",
+            OptionType::Str => "<str>",
+        }
+    }
+}
+
+/// One option a format accepts.
+#[derive(Clone, Copy, Debug)]
+pub struct OptionSpec {
+    /// The key, as qemu-img spells it.
+    pub name: &'static str,
+    /// The value's type.
+    pub ty: OptionType,
+    /// One line of help, as `-o help` prints it.
+    pub help: &'static str,
+}
+
+/// Options every format accepts.
+pub const SIZE_OPTION: OptionSpec = OptionSpec {
+    name: "size",
+    ty: OptionType::Size,
+    help: "Virtual disk size",
+};
+
+/// Formats `-o help` output for `format` with `specs`, in qemu-img's layout.
+pub fn help_text(format: &str, specs: &[OptionSpec]) -> String {
+    let mut specs: Vec<&OptionSpec> = specs.iter().collect();
+    specs.sort_by_key(|s| s.name);
+    let mut out = format!("Supported {format} options:\n");
+    for s in specs {
+        let left = format!("{}={}", s.name, s.ty.help_name());
+        out.push_str(&format!("  {left:<22} - {}\n", s.help));
+    }
+    out
+}
+
+/// Parsed and checked `-o` options for one format, plus `-c`.
+#[derive(Clone, Debug, Default)]
+pub struct CreateOptions {
+    values: BTreeMap<String, String>,
+    /// `-c`: compress data (formats that cannot compress refuse it).
+    pub compress: bool,
+}
+
+impl CreateOptions {
+    /// No options.
+    pub fn new() -> CreateOptions {
+        CreateOptions::default()
+    }
+
+    /// Parses `key=value,key2=value2` (qemu's syntax: `,,` is a literal comma) and appends
+    /// to these options. Later keys win.
+    pub fn parse_into(&mut self, spec: &str) -> Result<()> {
+        for item in split_commas(spec) {
+            if item.is_empty() {
+                continue;
+            }
+            let (k, v) = match item.split_once('=') {
+                Some((k, v)) => (k.trim().to_string(), v.to_string()),
+                // A bare key means "on" for booleans, as in qemu.
+                None => (item.trim().to_string(), "on".to_string()),
+            };
+            self.values.insert(k, v);
+        }
+        Ok(())
+    }
+
+    /// Sets one option.
+    pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.values.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Builder form of [`CreateOptions::set`].
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.set(key, value);
+        self
+    }
+
+    /// True if `key` was given.
+    pub fn has(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+
+    /// The keys given, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.values.keys().map(String::as_str)
+    }
+
+    /// Fails with qemu-img's message on a key `specs` does not list or a value of the wrong
+    /// type.
+    pub fn check(&self, specs: &[OptionSpec]) -> Result<()> {
+        for (k, v) in &self.values {
+            let Some(spec) = specs.iter().find(|s| s.name == k) else {
+                return Err(Error::invalid_argument(format!("Invalid parameter '{k}'")));
+            };
+            match spec.ty {
+                OptionType::Size => {
+                    parse_size(v).map_err(|_| {
+                        Error::invalid_argument(format!(
+                            "Parameter '{k}' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively."
+                        ))
+                    })?;
+                }
+                OptionType::Bool => {
+                    parse_bool(v).ok_or_else(|| {
+                        Error::invalid_argument(format!("Parameter '{k}' expects 'on' or 'off'"))
+                    })?;
+                }
+                OptionType::Number => {
+                    v.trim().parse::<u64>().map_err(|_| {
+                        Error::invalid_argument(format!("Parameter '{k}' expects a number"))
+                    })?;
+                }
+                OptionType::Str => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A string option.
+    pub fn get_str(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// A boolean option (`default` when absent).
+    pub fn get_bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.values.get(key) {
+            None => Ok(default),
+            Some(v) => parse_bool(v).ok_or_else(|| {
+                Error::invalid_argument(format!("Parameter '{key}' expects 'on' or 'off'"))
+            }),
+        }
+    }
+
+    /// A size option.
+    pub fn get_size(&self, key: &str) -> Result<Option<u64>> {
+        self.values
+            .get(key)
+            .map(|v| {
+                parse_size(v).map_err(|_| {
+                    Error::invalid_argument(format!("Parameter '{key}' expects a size, got '{v}'"))
+                })
+            })
+            .transpose()
+    }
+
+    /// A number option.
+    pub fn get_number(&self, key: &str) -> Result<Option<u64>> {
+        self.values
+            .get(key)
+            .map(|v| {
+                v.trim().parse::<u64>().map_err(|_| {
+                    Error::invalid_argument(format!(
+                        "Parameter '{key}' expects a number, got '{v}'"
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
+fn split_commas(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                out.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// on/off, true/false, yes/no (qemu accepts the first two pairs).
+pub fn parse_bool(s: &str) -> Option<bool> {
+    match s.trim() {
+        "on" | "true" | "yes" => Some(true),
+        "off" | "false" | "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses a size: a number with an optional fraction and a suffix `b`, `k`/`K`, `M`, `G`,
+/// `T`, `P`, `E` (powers of 1024). A bare number is bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    if num.is_empty() {
+        return Err(format!("invalid size '{s}'"));
+    }
+    let shift = match suffix.trim() {
+        "" | "b" | "B" => 0,
+        "k" | "K" | "KiB" | "kB" => 10,
+        "m" | "M" | "MiB" | "MB" => 20,
+        "g" | "G" | "GiB" | "GB" => 30,
+        "t" | "T" | "TiB" | "TB" => 40,
+        "p" | "P" | "PiB" | "PB" => 50,
+        "e" | "E" | "EiB" | "EB" => 60,
+        _ => return Err(format!("invalid size suffix in '{s}'")),
+    };
+    if let Some((int, frac)) = num.split_once('.') {
+        let int: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| format!("invalid size '{s}'"))?
+        };
+        let frac_val: f64 = format!("0.{frac}")
+            .parse()
+            .map_err(|_| format!("invalid size '{s}'"))?;
+        let whole = int
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("size '{s}' is too large"))?;
+        let part = (frac_val * (1u64 << shift) as f64) as u64;
+        whole
+            .checked_add(part)
+            .ok_or_else(|| format!("size '{s}' is too large"))
+    } else {
+        let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+        n.checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("size '{s}' is too large"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("16T").unwrap(), 16 << 40);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999E").is_err());
+    }
+
+    #[test]
+    fn options_parse_and_check() {
+        let mut o = CreateOptions::new();
+        o.parse_into("cluster_size=2M,lazy_refcounts=on,backing_file=a,,b")
+            .unwrap();
+        assert_eq!(o.get_size("cluster_size").unwrap(), Some(2 << 20));
+        assert!(o.get_bool("lazy_refcounts", false).unwrap());
+        assert_eq!(o.get_str("backing_file"), Some("a,b"));
+        let specs = [
+            OptionSpec {
+                name: "cluster_size",
+                ty: OptionType::Size,
+                help: "",
+            },
+            OptionSpec {
+                name: "lazy_refcounts",
+                ty: OptionType::Bool,
+                help: "",
+            },
+        ];
+        let e = o.check(&specs).unwrap_err();
+        assert_eq!(e.to_string(), "Invalid parameter 'backing_file'");
+        let mut o = CreateOptions::new();
+        o.parse_into("lazy_refcounts=maybe").unwrap();
+        assert!(o.check(&specs).is_err());
+    }
+}

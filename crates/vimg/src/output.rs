@@ -1,0 +1,530 @@
+//! Where writers put their bytes, and the all-or-nothing rule for them.
+//!
+//! An [`Output`] owns every file a conversion creates. In the default atomic mode each file
+//! is written as a hidden temporary in the destination's folder; [`Output::commit`] fsyncs
+//! them, renames them over their final names and fsyncs the folder. Dropping an uncommitted
+//! `Output` (an error, a cancel) removes the temporaries, so the destination is either
+//! absent, unchanged, or complete. A destination that is a symlink is replaced by the rename;
+//! the file it pointed to is never written.
+//!
+//! [`OutFile`] is one output file with positional writes. It can also be a one-pass stream
+//! (stdout): writes must then come in ascending order, gaps are filled with zeros, and a
+//! write behind the current position is an error that says the format needs seeking.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Temporaries of every live [`Output`], so a signal handler can remove them.
+static LIVE_TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes every temporary file of every uncommitted [`Output`] in this process. For signal
+/// handlers: call it, then exit.
+pub fn remove_all_temporaries() {
+    if let Ok(list) = LIVE_TEMPS.lock() {
+        for p in list.iter() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn register_temp(p: &Path) {
+    if let Ok(mut l) = LIVE_TEMPS.lock() {
+        l.push(p.to_path_buf());
+    }
+}
+
+fn unregister_temp(p: &Path) {
+    if let Ok(mut l) = LIVE_TEMPS.lock() {
+        l.retain(|x| x != p);
+    }
+}
+
+enum Sink {
+    File(File),
+    Stream(Mutex<StreamState>),
+}
+
+struct StreamState {
+    w: Box<dyn Write + Send>,
+    pos: u64,
+    /// Length the stream must reach at `finish`, from `set_len`.
+    len: u64,
+}
+
+/// One output file: positional writes through `&self`, shareable between threads.
+#[derive(Clone)]
+pub struct OutFile {
+    sink: Arc<Sink>,
+    name: Arc<str>,
+}
+
+impl std::fmt::Debug for OutFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutFile").field("name", &self.name).finish()
+    }
+}
+
+static ZEROS: [u8; 65536] = [0u8; 65536];
+
+impl OutFile {
+    /// A regular file.
+    pub fn from_file(file: File, name: &str) -> OutFile {
+        OutFile {
+            sink: Arc::new(Sink::File(file)),
+            name: name.into(),
+        }
+    }
+
+    /// A one-pass stream (e.g. stdout).
+    pub fn stream(w: Box<dyn Write + Send>, name: &str) -> OutFile {
+        OutFile {
+            sink: Arc::new(Sink::Stream(Mutex::new(StreamState { w, pos: 0, len: 0 }))),
+            name: name.into(),
+        }
+    }
+
+    /// True for a one-pass stream.
+    pub fn is_stream(&self) -> bool {
+        matches!(*self.sink, Sink::Stream(_))
+    }
+
+    /// The final name of this file (for messages).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The underlying file, when this is one.
+    pub fn file(&self) -> Option<&File> {
+        match &*self.sink {
+            Sink::File(f) => Some(f),
+            Sink::Stream(_) => None,
+        }
+    }
+
+    fn err(&self, what: &str, off: u64, e: io::Error) -> Error {
+        Error::io(format_args!("{what} '{}' at {off:#x}", self.name), e)
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match &*self.sink {
+            Sink::File(f) => f
+                .write_all_at(buf, offset)
+                .map_err(|e| self.err("write", offset, e)),
+            Sink::Stream(s) => {
+                let mut s = s
+                    .lock()
+                    .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?;
+                if offset < s.pos {
+                    return Err(Error::unsupported(format!(
+                        "this output format needs to seek back (to {offset:#x}) and cannot be written to a stream"
+                    )));
+                }
+                while s.pos < offset {
+                    let n = (offset - s.pos).min(ZEROS.len() as u64) as usize;
+                    let pos = s.pos;
+                    s.w.write_all(&ZEROS[..n])
+                        .map_err(|e| self.err("write", pos, e))?;
+                    s.pos += n as u64;
+                }
+                s.w.write_all(buf)
+                    .map_err(|e| self.err("write", offset, e))?;
+                s.pos += buf.len() as u64;
+                Ok(())
+            }
+        }
+    }
+
+    /// Sets the file length (extends with a hole or truncates). On a stream, records the
+    /// length to pad to at [`OutFile::sync`].
+    pub fn set_len(&self, len: u64) -> Result<()> {
+        match &*self.sink {
+            Sink::File(f) => f.set_len(len).map_err(|e| self.err("resize", len, e)),
+            Sink::Stream(s) => {
+                let mut s = s
+                    .lock()
+                    .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?;
+                if len < s.pos {
+                    return Err(Error::unsupported(
+                        "this output format needs to truncate and cannot be written to a stream",
+                    ));
+                }
+                s.len = len;
+                Ok(())
+            }
+        }
+    }
+
+    /// Current length (for a stream: bytes written so far).
+    pub fn len(&self) -> Result<u64> {
+        match &*self.sink {
+            Sink::File(f) => f
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| self.err("stat", 0, e)),
+            Sink::Stream(s) => Ok(s
+                .lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?
+                .pos),
+        }
+    }
+
+    /// True when the output holds no bytes.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Reserves blocks for `[offset, offset + len)` (`fallocate`), extending the file.
+    pub fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let Sink::File(f) = &*self.sink else {
+            return Ok(());
+        };
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) };
+        if r != 0 {
+            return Err(self.err("allocate", offset, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros, freeing blocks where the filesystem can
+    /// (hole punch), else writing zeros.
+    pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        if let Sink::File(f) = &*self.sink {
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as i64,
+                    len as i64,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(ZEROS.len() as u64) as usize;
+            self.write_all_at(&ZEROS[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Flushes data to stable storage (files) or pads and flushes a stream.
+    pub fn sync(&self) -> Result<()> {
+        match &*self.sink {
+            Sink::File(f) => f.sync_all().map_err(|e| self.err("fsync", 0, e)),
+            Sink::Stream(s) => {
+                let mut s = s
+                    .lock()
+                    .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?;
+                while s.pos < s.len {
+                    let n = (s.len - s.pos).min(ZEROS.len() as u64) as usize;
+                    let pos = s.pos;
+                    s.w.write_all(&ZEROS[..n])
+                        .map_err(|e| self.err("write", pos, e))?;
+                    s.pos += n as u64;
+                }
+                s.w.flush().map_err(|e| self.err("flush", 0, e))
+            }
+        }
+    }
+}
+
+/// How an [`Output`] treats existing files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Write temporaries, rename over the destination at commit (the default).
+    Atomic,
+    /// Write into the existing destination in place (`convert -n`).
+    InPlace,
+    /// Write the main file to stdout; no other files may be created.
+    Stdout,
+}
+
+struct Entry {
+    final_path: PathBuf,
+    temp_path: Option<PathBuf>,
+    file: OutFile,
+}
+
+/// The set of files one conversion writes. See the module docs for the guarantees.
+pub struct Output {
+    main: PathBuf,
+    mode: OutputMode,
+    entries: Mutex<Vec<Entry>>,
+    committed: bool,
+}
+
+impl Output {
+    /// An atomic output whose main file will be `dst`.
+    pub fn new(dst: impl AsRef<Path>) -> Output {
+        Output::with_mode(dst, OutputMode::Atomic)
+    }
+
+    /// An output with an explicit mode.
+    pub fn with_mode(dst: impl AsRef<Path>, mode: OutputMode) -> Output {
+        Output {
+            main: dst.as_ref().to_path_buf(),
+            mode,
+            entries: Mutex::new(Vec::new()),
+            committed: false,
+        }
+    }
+
+    /// The main file's final path.
+    pub fn main_path(&self) -> &Path {
+        &self.main
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> OutputMode {
+        self.mode
+    }
+
+    /// The folder the output files go into.
+    pub fn folder(&self) -> PathBuf {
+        match self.main.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Creates (or, in place, opens) the main file.
+    pub fn create_main(&self) -> Result<OutFile> {
+        let main = self.main.clone();
+        self.create_path(main)
+    }
+
+    /// Creates a further file next to the main file, named `file_name` (no folders).
+    pub fn create_sibling(&self, file_name: &str) -> Result<OutFile> {
+        if file_name.contains('/') || file_name.is_empty() || file_name == "." || file_name == ".."
+        {
+            return Err(Error::invalid_argument(format!(
+                "invalid output file name '{file_name}'"
+            )));
+        }
+        if self.mode == OutputMode::Stdout {
+            return Err(Error::unsupported(
+                "this output format writes several files and cannot be written to stdout",
+            ));
+        }
+        let p = self.folder().join(file_name);
+        self.create_path(p)
+    }
+
+    fn create_path(&self, final_path: PathBuf) -> Result<OutFile> {
+        let name = final_path.display().to_string();
+        let mut entries = self
+            .entries
+            .lock()
+            .map_err(|_| Error::msg(ErrorKind::Io, "output lock poisoned"))?;
+        if entries.iter().any(|e| e.final_path == final_path) {
+            return Err(Error::invalid_argument(format!(
+                "output file '{name}' created twice"
+            )));
+        }
+        let (file, temp_path) = match self.mode {
+            OutputMode::Stdout => {
+                let out = OutFile::stream(Box::new(io::stdout()), "-");
+                entries.push(Entry {
+                    final_path,
+                    temp_path: None,
+                    file: out.clone(),
+                });
+                return Ok(out);
+            }
+            OutputMode::InPlace => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .read(true)
+                    .open(&final_path)
+                    .map_err(|e| Error::io(format_args!("open '{name}' for writing"), e))?;
+                (f, None)
+            }
+            OutputMode::Atomic => {
+                let folder = final_path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let base = final_path
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let mut attempt = 0u32;
+                loop {
+                    let tmp =
+                        folder.join(format!(".{base}.vimg-{}-{attempt}.tmp", std::process::id()));
+                    match OpenOptions::new()
+                        .write(true)
+                        .read(true)
+                        .create_new(true)
+                        .mode(0o644)
+                        .open(&tmp)
+                    {
+                        Ok(f) => {
+                            register_temp(&tmp);
+                            break (f, Some(tmp));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                            attempt += 1;
+                        }
+                        Err(e) => {
+                            return Err(Error::io(
+                                format_args!("create a temporary file for '{name}'"),
+                                e,
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        let out = OutFile::from_file(file, &name);
+        entries.push(Entry {
+            final_path,
+            temp_path,
+            file: out.clone(),
+        });
+        Ok(out)
+    }
+
+    /// Makes every file durable and visible under its final name.
+    pub fn commit(mut self) -> Result<()> {
+        let entries = std::mem::take(
+            &mut *self
+                .entries
+                .lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "output lock poisoned"))?,
+        );
+        let result = (|| {
+            for e in &entries {
+                e.file.sync()?;
+            }
+            for e in &entries {
+                if let Some(tmp) = &e.temp_path {
+                    fs::rename(tmp, &e.final_path).map_err(|err| {
+                        Error::io(
+                            format_args!(
+                                "rename output into place as '{}'",
+                                e.final_path.display()
+                            ),
+                            err,
+                        )
+                    })?;
+                    unregister_temp(tmp);
+                }
+            }
+            if self.mode != OutputMode::Stdout {
+                // Make the renames themselves durable.
+                if let Ok(dir) = File::open(self.folder()) {
+                    let _ = dir.sync_all();
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for e in &entries {
+                if let Some(tmp) = &e.temp_path {
+                    let _ = fs::remove_file(tmp);
+                    unregister_temp(tmp);
+                }
+            }
+        }
+        self.committed = true;
+        result
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        if let Ok(entries) = self.entries.lock() {
+            for e in entries.iter() {
+                if let Some(tmp) = &e.temp_path {
+                    let _ = fs::remove_file(tmp);
+                    unregister_temp(tmp);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_renames_and_drop_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out.img");
+        fs::write(&dst, b"old").unwrap();
+        {
+            let out = Output::new(&dst);
+            let f = out.create_main().unwrap();
+            f.write_all_at(b"new", 0).unwrap();
+            // Dropped without commit: the old file stays, no temporaries remain.
+        }
+        assert_eq!(fs::read(&dst).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let out = Output::new(&dst);
+        let f = out.create_main().unwrap();
+        let g = out.create_sibling("out-s001.img").unwrap();
+        f.write_all_at(b"new", 0).unwrap();
+        g.write_all_at(b"ext", 0).unwrap();
+        out.commit().unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), b"new");
+        assert_eq!(fs::read(dir.path().join("out-s001.img")).unwrap(), b"ext");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn symlink_destination_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("victim");
+        fs::write(&target, b"keep").unwrap();
+        let dst = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&target, &dst).unwrap();
+        let out = Output::new(&dst);
+        out.create_main().unwrap().write_all_at(b"data", 0).unwrap();
+        out.commit().unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+        assert!(!fs::symlink_metadata(&dst).unwrap().file_type().is_symlink());
+        assert_eq!(fs::read(&dst).unwrap(), b"data");
+    }
+
+    #[test]
+    fn stream_fills_gaps_and_refuses_seeking_back() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let s = OutFile::stream(Box::new(buf.clone()), "-");
+        s.write_all_at(b"ab", 0).unwrap();
+        s.write_all_at(b"cd", 4).unwrap();
+        assert_eq!(
+            s.write_all_at(b"x", 1).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+        s.set_len(8).unwrap();
+        s.sync().unwrap();
+        assert_eq!(&*buf.0.lock().unwrap(), b"ab\0\0cd\0\0");
+    }
+}

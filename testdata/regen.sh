@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Regenerates the small committed fixtures in testdata/ with qemu-img (10.x).
+# Content is deterministic; the container bytes depend on the qemu-img version.
+# Big images are never committed: tests generate them in temporary folders.
+set -euo pipefail
+cd "$(dirname "$0")"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# A 64 MiB disk: 1 MiB of text-like data at 0, a 0xab-filled MiB at 16 MiB, a partial
+# sector run at 40 MiB + 1234, and text again in the last MiB. The rest is unallocated.
+python3 - "$tmp/small.raw" <<'PY'
+import sys
+size = 64 << 20
+words = b"vimg converts disk images: raw qcow2 vmdk vhd vhdx vdi. "
+text = (words * ((1 << 20) // len(words) + 1))[: 1 << 20]
+with open(sys.argv[1], "wb") as f:
+    f.truncate(size)
+    f.seek(0); f.write(text)
+    f.seek(16 << 20); f.write(b"\xab" * (1 << 20))
+    f.seek((40 << 20) + 1234); f.write(bytes(range(256)) * 7)
+    f.seek(size - (1 << 20)); f.write(text)
+PY
+sha256sum "$tmp/small.raw" | cut -d' ' -f1 > small.raw.sha256
+
+# qcow2 v3, compressed clusters (zlib).
+qemu-img convert -q -f raw -O qcow2 -c "$tmp/small.raw" small.qcow2
