@@ -20,12 +20,38 @@ pub enum Command {
     Info(InfoArgs),
     /// Create a new empty image (qemu-img create).
     Create(CreateArgs),
+    /// Check an image's metadata for consistency (qemu-img check).
+    Check(CheckArgs),
+    /// Compare the content of two images (qemu-img compare).
+    Compare(CompareArgs),
+    /// Compute the size a new image needs (qemu-img measure).
+    Measure(MeasureArgs),
+    /// Show the allocation of an image (qemu-img map).
+    Map(MapArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completion(CompletionArgs),
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 /// Output format of a report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Human,
+    Json,
+}
+
+/// How `convert` reports progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProgressMode {
+    /// A bar on a terminal, qemu-img's `(12.34/100%)` lines otherwise (what `-p` does).
+    Auto,
+    /// A bar with rate and ETA.
+    Bar,
+    /// qemu-img's `    (12.34/100%)` lines.
+    Plain,
+    /// One JSON object per update on stderr: {"done": bytes, "total": bytes, "percent": x,
+    /// "rate": bytes per second}.
     Json,
 }
 
@@ -55,12 +81,27 @@ pub struct ConvertArgs {
     /// Compress the output (qcow2, streamOptimized vmdk).
     #[arg(short = 'c')]
     pub compress: bool,
-    /// Show progress.
+    /// Show progress (a bar on a terminal, qemu-img's percentage lines otherwise).
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Show progress in the given form (implies -p).
+    #[arg(
+        long = "progress",
+        value_enum,
+        value_name = "MODE",
+        require_equals = true
+    )]
+    pub progress_mode: Option<ProgressMode>,
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Backing file of the output: only what the source's top image stores is copied, and
+    /// its unallocated areas stay unallocated.
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    pub backing: Option<String>,
+    /// Format of the output's backing file.
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    pub backing_format: Option<String>,
     /// Zero runs shorter than this are written as data; 0 writes everything. Default 4k.
     #[arg(short = 'S', value_name = "SPARSE_SIZE")]
     pub sparse_size: Option<String>,
@@ -85,7 +126,7 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub safety: SafetyArgs,
     /// Source image(s) and the output file name.
-    #[arg(value_name = "FILENAME", num_args = 1..)]
+    #[arg(value_name = "FILENAME", num_args = 0..)]
     pub files: Vec<String>,
 }
 
@@ -127,7 +168,102 @@ pub struct CreateArgs {
     #[arg(short = 'q')]
     pub quiet: bool,
     /// The new image.
-    pub filename: String,
+    pub filename: Option<String>,
     /// Virtual size, with optional k, M, G, T suffix.
     pub size: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Image format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
+    pub output: OutputFormat,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Repair (not supported: vimg never writes to an image it checks).
+    #[arg(short = 'r', value_name = "leaks|all")]
+    pub repair: Option<String>,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The image.
+    pub filename: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format_a: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F', value_name = "FMT")]
+    pub format_b: Option<String>,
+    /// Strict: images of different sizes differ.
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Show progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// First image.
+    pub a: String,
+    /// Second image.
+    pub b: String,
+}
+
+#[derive(Args, Debug)]
+pub struct MeasureArgs {
+    /// Output format of the report.
+    #[arg(long = "output", value_enum, default_value = "human")]
+    pub output: OutputFormat,
+    /// Format of the image to create.
+    #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
+    pub out_format: String,
+    /// Options of the image to create.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Measure an empty image of this size instead of an existing image's content.
+    #[arg(long = "size", value_name = "SIZE")]
+    pub size: Option<String>,
+    /// Format of the input image.
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The input image.
+    pub filename: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MapArgs {
+    /// Image format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Output format.
+    #[arg(long = "output", value_enum, default_value = "human")]
+    pub output: OutputFormat,
+    /// First guest byte to map.
+    #[arg(long = "start-offset", value_name = "OFFSET")]
+    pub start_offset: Option<String>,
+    /// Bytes to map.
+    #[arg(long = "max-length", value_name = "LEN")]
+    pub max_length: Option<String>,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The image.
+    pub filename: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
 }

@@ -5,6 +5,7 @@
 mod args;
 mod cmd;
 mod human;
+mod progress;
 mod signals;
 
 use std::io::Write;
@@ -53,6 +54,12 @@ fn main() -> ExitCode {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Create(a) => cmd::create::run(a),
+        Command::Check(a) => cmd::check::run(a),
+        Command::Compare(a) => cmd::compare::run(a),
+        Command::Measure(a) => cmd::measure::run(a),
+        Command::Map(a) => cmd::map::run(a),
+        Command::Completion(a) => cmd::extras::completion(a),
+        Command::Man => cmd::extras::man(),
     };
     match result {
         Ok(code) => ExitCode::from(code),

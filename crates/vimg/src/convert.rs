@@ -114,15 +114,7 @@ pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) ->
     };
     let out = Output::with_mode(dst, opts.output_mode);
     let writer = opts.format.driver().create(&out, size, &opts.create)?;
-    let mut copy = CopyOptions {
-        progress: opts.copy.progress,
-        cancel: opts.copy.cancel,
-        ..CopyOptions::default()
-    };
-    copy.sparse_size = opts.copy.sparse_size;
-    copy.workers = opts.copy.workers;
-    copy.chunk_size = opts.copy.chunk_size;
-    copy.mode = opts.copy.mode;
+    let mut copy: CopyOptions<'_> = opts.copy;
     copy.target_is_zero = opts.output_mode != OutputMode::InPlace && opts.copy.target_is_zero;
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(

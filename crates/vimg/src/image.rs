@@ -250,9 +250,9 @@ impl Image {
 
     /// Maps `[offset, offset + max_len)` through the chain: the longest run whose content
     /// comes from one layer in one way. Returns the extent (whose file ids belong to the
-    /// returned layer) and the depth of that layer (0 = this image). `Unallocated` is
-    /// returned only when no layer has the range; past a shorter backing image's end the
-    /// range reads as `Zero`.
+    /// returned layer) and the depth of that layer (0 = this image). `Unallocated` (which
+    /// reads as zeros) is returned only when no layer has the range: at the deepest layer, or
+    /// at the layer whose backing image is shorter than the range's offset.
     pub fn map_flat(&self, offset: u64, max_len: u64) -> Result<(Extent, &Image, usize)> {
         let mut layer = self;
         let mut depth = 0;
@@ -267,11 +267,8 @@ impl Image {
             };
             let bsize = b.virtual_size();
             if offset >= bsize {
-                let z = Extent {
-                    kind: MapKind::Zero,
-                    ..e
-                };
-                return Ok((z, layer, depth));
+                // Past the end of a shorter backing image: zero, and nothing deeper has it.
+                return Ok((e, layer, depth));
             }
             len = e.len.min(bsize - offset);
             layer = b;

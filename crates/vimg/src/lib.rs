@@ -23,6 +23,7 @@
 
 pub mod check;
 pub mod codec;
+pub mod compare;
 pub mod convert;
 pub mod engine;
 pub mod error;
@@ -32,7 +33,9 @@ pub mod gate;
 pub mod image;
 pub mod info;
 pub mod limits;
+pub mod map;
 pub mod mapping;
+pub mod measure;
 pub mod options;
 pub mod output;
 pub mod storage;

@@ -271,6 +271,13 @@ pub trait ImageReader: Send + Sync {
         None
     }
 
+    /// For a [`MapKind::Zero`] extent this reader returned: the storage that still backs it,
+    /// if any (a hole in a raw file, a preallocated zero cluster). Only `map` output uses it.
+    fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
+        let _ = e;
+        None
+    }
+
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()
@@ -278,10 +285,9 @@ pub trait ImageReader: Send + Sync {
 
     /// A consistency check of the image's metadata (`vimg check`).
     fn check(&self) -> Result<crate::check::CheckReport> {
-        Err(crate::Error::unsupported(format!(
-            "This image format ({}) does not support checks",
-            self.format().name()
-        )))
+        Err(crate::Error::unsupported(
+            "This image format does not support checks",
+        ))
     }
 }
 

@@ -1,11 +1,10 @@
 //! `vimg convert`: qemu-img convert's command line.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use vimg::output::OutputMode;
-use vimg::{ConvertOptions, CopyOptions, Format, Image, Progress};
+use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, Image, Progress};
 
 use super::{open_options, parse_create_options, parse_format, parse_format_opt};
 use crate::args::ConvertArgs;
@@ -20,8 +19,9 @@ struct Plan {
     create: vimg::CreateOptions,
     sparse_size: u64,
     workers: usize,
-    progress: bool,
+    progress: Option<crate::args::ProgressMode>,
     mode: OutputMode,
+    top_only: bool,
     target_is_zero: bool,
 }
 
@@ -32,6 +32,24 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     let src_format = parse_format_opt(a.src_format.as_deref())?;
     let mut create = parse_create_options(&a.options)?;
     create.compress = a.compress;
+    if let Some(b) = &a.backing {
+        let specs = vimg::formats::all_options(out_format);
+        if !specs.iter().any(|s| s.name == "backing_file") {
+            return Err(Failure::new(
+                format!(
+                    "Backing file not supported for file format '{}'",
+                    out_format.name()
+                ),
+                1,
+            ));
+        }
+        create.set("backing_file", b.clone());
+        if let Some(f) = parse_format_opt(a.backing_format.as_deref())? {
+            create.set("backing_fmt", f.name());
+        }
+    } else if a.backing_format.is_some() {
+        return Err(Failure::new("-F requires -B", 1));
+    }
     vimg::convert::check_create_options(out_format, &create).map_err(Failure::from)?;
     if a.files.len() < 2 {
         return Err(Failure::new("Must specify image file name", 1));
@@ -74,7 +92,13 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         create,
         sparse_size,
         workers,
-        progress: a.progress && !a.quiet,
+        progress: if a.quiet {
+            None
+        } else {
+            a.progress_mode
+                .or(a.progress.then_some(crate::args::ProgressMode::Auto))
+        },
+        top_only: a.backing.is_some(),
         mode: if a.no_create {
             OutputMode::InPlace
         } else {
@@ -96,7 +120,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: warning: {w}");
     }
     let cancel = crate::signals::install_cancel_flag();
-    let printer = ProgressPrinter::new(p.progress);
+    let printer = crate::progress::Reporter::new(p.progress, p.dst.as_os_str() == "-");
     let progress_fn = |pr: Progress| printer.update(pr);
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
@@ -105,9 +129,14 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         sparse_size: p.sparse_size,
         workers: p.workers,
         target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
-        progress: p
-            .progress
+        progress: printer
+            .enabled()
             .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
+        mode: if p.top_only {
+            CopyMode::TopOnly
+        } else {
+            CopyMode::Flatten
+        },
         cancel: Some(&cancel),
         ..CopyOptions::default()
     };
@@ -123,58 +152,4 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
     })?;
     Ok(0)
-}
-
-/// qemu-img's progress lines, `    (12.34/100%)\r`, printed when the whole percent changes.
-struct ProgressPrinter {
-    enabled: bool,
-    tty: bool,
-    last: std::sync::Mutex<i64>,
-}
-
-impl ProgressPrinter {
-    fn new(enabled: bool) -> ProgressPrinter {
-        ProgressPrinter {
-            enabled,
-            tty: std::io::stdout().is_terminal(),
-            last: std::sync::Mutex::new(-1),
-        }
-    }
-
-    fn update(&self, p: Progress) {
-        if !self.enabled {
-            return;
-        }
-        let pct = if p.total == 0 {
-            100.0
-        } else {
-            p.done as f64 * 100.0 / p.total as f64
-        };
-        let key = (pct * 100.0) as i64;
-        if let Ok(mut last) = self.last.lock() {
-            // Print at most every whole percent (every 1% as qemu does).
-            if *last >= 0 && key / 100 == *last / 100 && key != 10000 {
-                return;
-            }
-            if *last == key {
-                return;
-            }
-            *last = key;
-        }
-        let mut out = std::io::stdout().lock();
-        let _ = write!(out, "    ({pct:3.2}/100%)\r");
-        let _ = out.flush();
-        let _ = self.tty;
-    }
-
-    fn finish(&self, ok: bool) {
-        if self.enabled {
-            if ok {
-                self.update(Progress { done: 1, total: 1 });
-            }
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out);
-            let _ = out.flush();
-        }
-    }
 }

@@ -10,6 +10,9 @@ pub fn run(a: CreateArgs) -> CmdResult {
         super::print_option_help(format)?;
         return Ok(0);
     }
+    let Some(filename) = a.filename.clone() else {
+        return Err(Failure::new("Expecting image file name", 1));
+    };
     let mut opts = parse_create_options(&a.options)?;
     if let Some(b) = &a.backing {
         opts.set("backing_file", b.clone());
@@ -32,7 +35,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
         (Some(s), _, _) | (None, Some(s), _) => Some(s),
         (None, None, Some(b)) => {
             // The size of the backing image, which the user named directly.
-            let path = std::path::Path::new(&a.filename)
+            let path = std::path::Path::new(&filename)
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .map(|p| p.join(b))
@@ -52,7 +55,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
         (None, None, None) => None,
     };
     if !a.quiet {
-        let mut line = format!("Formatting '{}', fmt={}", a.filename, format.name());
+        let mut line = format!("Formatting '{filename}', fmt={}", format.name());
         for k in opts.keys() {
             if k != "size" {
                 line.push_str(&format!(" {k}={}", opts.get_str(k).unwrap_or("")));
@@ -63,7 +66,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
         }
         crate::print_out(&format!("{line}\n"))?;
     }
-    vimg::create(&a.filename, format, size, &opts)
-        .map_err(|e| Failure::new(format!("{}: {e}", a.filename), 1))?;
+    vimg::create(&filename, format, size, &opts)
+        .map_err(|e| Failure::new(format!("{filename}: {e}"), 1))?;
     Ok(0)
 }

@@ -1,9 +1,14 @@
 //! One module per subcommand. Each turns its clap arguments into checked library options,
 //! calls the library and prints what qemu-img prints.
 
+pub mod check;
+pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod extras;
 pub mod info;
+pub mod map;
+pub mod measure;
 
 use vimg::{ExternalPolicy, Format, OpenOptions};
 

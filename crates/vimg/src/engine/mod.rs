@@ -46,6 +46,7 @@ pub struct Progress {
 }
 
 /// Settings for [`copy`].
+#[derive(Clone, Copy)]
 pub struct CopyOptions<'a> {
     /// Zero runs shorter than this are written as data; 0 writes everything, zeros included
     /// (a fully allocated target). Default 4 KiB.

@@ -1,5 +1,5 @@
 //! raw: the guest's bytes, one for one. Reads ask the filesystem for holes
-//! (`SEEK_DATA`/`SEEK_HOLE`) so sparse files map as unallocated without being read; writes
+//! (`SEEK_DATA`/`SEEK_HOLE`) so holes map as zero without being read; writes
 //! leave holes for zero ranges and set the file length to the virtual size.
 
 mod read;
@@ -52,5 +52,20 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
         Ok(Box::new(RawWriter::create(out, size, opts)?))
+    }
+
+    /// A raw image needs its virtual size in bytes, allocated or not (qemu-img's answer; a
+    /// sparse file may use less on disk).
+    fn measure(
+        &self,
+        size: u64,
+        _opts: &CreateOptions,
+        _data: Option<&dyn crate::formats::DataSummary>,
+    ) -> Result<crate::formats::Measure> {
+        Ok(crate::formats::Measure {
+            required: size,
+            fully_allocated: size,
+            bitmaps: None,
+        })
     }
 }

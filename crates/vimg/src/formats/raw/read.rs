@@ -1,4 +1,4 @@
-//! The raw reader: data where the filesystem has data, unallocated in holes.
+//! The raw reader: data where the filesystem has data, zero in holes.
 
 use std::sync::Arc;
 
@@ -43,8 +43,10 @@ impl ImageReader for RawReader {
                 },
                 e,
             ),
-            Some((s, _)) => (MapKind::Unallocated, s),
-            None => (MapKind::Unallocated, end),
+            // A hole in a raw file is part of the image and reads as zero; it never lets a
+            // backing image show through (raw has none), as qemu reports it.
+            Some((s, _)) => (MapKind::Zero, s),
+            None => (MapKind::Zero, end),
         };
         let run_end = run_end.min(end).max(pos + 1).min(end);
         Ok(Extent {
@@ -60,6 +62,10 @@ impl ImageReader for RawReader {
 
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         vec![self.storage.clone()]
+    }
+
+    fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
+        Some((FileId(0), HostOffset(e.start.get())))
     }
 }
 

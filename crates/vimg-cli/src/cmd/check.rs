@@ -1,0 +1,114 @@
+//! `vimg check`: metadata consistency, with qemu-img check's output and exit codes
+//! (0 clean, 1 check not completed, 2 corruptions, 3 leaks only, 63 unsupported).
+
+use serde_json::{Map, Value};
+use vimg::{ErrorKind, Image};
+
+use super::{open_options, parse_format_opt};
+use crate::args::{CheckArgs, OutputFormat};
+use crate::human::qemu_json;
+use crate::{CmdResult, Failure};
+
+pub fn run(a: CheckArgs) -> CmdResult {
+    if a.repair.is_some() {
+        return Err(Failure::new(
+            "repair (-r) is not supported: vimg never writes to an image it checks",
+            1,
+        ));
+    }
+    let format = parse_format_opt(a.format.as_deref())?;
+    let mut opts = open_options(format, &a.safety);
+    opts.open_backing = false;
+    let image = match Image::open(&a.filename, &opts) {
+        Ok(i) => i,
+        // An image too broken to open: qemu-img reports it and exits 1.
+        Err(e) => return Err(Failure::open(&a.filename, &e)),
+    };
+    let report = match image.reader().check() {
+        Ok(r) => r,
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            return Err(Failure::new(e.to_string(), 63));
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                format!("Check of '{}' failed: {e}", a.filename),
+                1,
+            ))
+        }
+    };
+    for m in &report.messages {
+        if !a.quiet {
+            eprintln!("{m}");
+        }
+    }
+    match a.output {
+        OutputFormat::Json => {
+            let mut m = Map::new();
+            if let Ok(Value::Object(fields)) = serde_json::to_value(&report) {
+                for (k, v) in fields {
+                    m.insert(k, v);
+                }
+            }
+            m.insert("filename".into(), Value::String(a.filename.clone()));
+            m.insert("format".into(), Value::String(image.format().name().into()));
+            crate::print_out(&qemu_json(&Value::Object(m)))?;
+        }
+        OutputFormat::Human => {
+            if !a.quiet {
+                crate::print_out(&human(&report))?;
+            }
+        }
+    }
+    Ok(if report.check_errors > 0 {
+        1
+    } else if report.corruptions > 0 {
+        2
+    } else if report.leaks > 0 {
+        3
+    } else {
+        0
+    })
+}
+
+/// qemu-img check's human summary.
+fn human(r: &vimg::check::CheckReport) -> String {
+    let mut s = String::new();
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        s.push_str("No errors were found on the image.\n");
+    } else {
+        if r.corruptions > 0 {
+            s.push_str(&format!(
+                "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n",
+                r.corruptions
+            ));
+        }
+        if r.leaks > 0 {
+            s.push_str(&format!(
+                "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n",
+                r.leaks
+            ));
+        }
+        if r.check_errors > 0 {
+            s.push_str(&format!(
+                "\n{} internal errors have occurred during the check.\n",
+                r.check_errors
+            ));
+        }
+    }
+    if let (Some(total), Some(alloc)) = (r.total_clusters, r.allocated_clusters) {
+        if total != 0 && alloc != 0 {
+            let frag = r.fragmented_clusters.unwrap_or(0);
+            let comp = r.compressed_clusters.unwrap_or(0);
+            s.push_str(&format!(
+                "{alloc}/{total} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters\n",
+                alloc as f64 * 100.0 / total as f64,
+                frag as f64 * 100.0 / alloc as f64,
+                comp as f64 * 100.0 / alloc as f64
+            ));
+        }
+    }
+    if let Some(end) = r.image_end_offset.filter(|e| *e != 0) {
+        s.push_str(&format!("Image end offset: {end}\n"));
+    }
+    s
+}

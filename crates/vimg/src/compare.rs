@@ -1,0 +1,126 @@
+//! Content comparison of two images through their mappings (`vimg compare`): ranges that
+//! are zero or unallocated on both sides are never read; a zero range on one side is checked
+//! against the data on the other without reading the zeros.
+
+use crate::engine::zero::is_zero;
+use crate::error::Result;
+use crate::image::Image;
+
+/// qemu-img compares in 512-byte sectors and reports the first differing sector.
+const SECTOR: u64 = 512;
+/// Bytes read per step.
+const STEP: u64 = 1 << 20;
+
+/// The outcome of [`compare`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Comparison {
+    /// Same content (over the common length; a longer image's tail is zero unless strict).
+    Identical,
+    /// The sizes differ and strict mode was asked for.
+    SizeMismatch,
+    /// The first sector (512-aligned guest offset) whose content differs.
+    Mismatch(u64),
+}
+
+/// What [`compare`] reports besides the outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompareReport {
+    /// The outcome.
+    pub result: Comparison,
+    /// True when the virtual sizes differ (qemu-img prints a warning).
+    pub size_differs: bool,
+}
+
+/// Compares `a` and `b` (each flattened through its backing chain). With `strict`, different
+/// sizes are a mismatch; otherwise the longer image's tail must read as zeros. `progress`
+/// gets (bytes done, bytes total) of guest space walked.
+pub fn compare(
+    a: &Image,
+    b: &Image,
+    strict: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<CompareReport> {
+    let (sa, sb) = (a.virtual_size(), b.virtual_size());
+    let size_differs = sa != sb;
+    if size_differs && strict {
+        return Ok(CompareReport {
+            result: Comparison::SizeMismatch,
+            size_differs,
+        });
+    }
+    let common = sa.min(sb);
+    let total = sa.max(sb);
+    let mut bufa = Vec::new();
+    let mut bufb = Vec::new();
+    let mut pos = 0;
+    while pos < common {
+        let (ea, _, _) = a.map_flat(pos, common - pos)?;
+        let (eb, _, _) = b.map_flat(pos, common - pos)?;
+        let len = ea.len.min(eb.len).min(STEP);
+        let (da, db) = (ea.kind.has_data(), eb.kind.has_data());
+        let found = match (da, db) {
+            (false, false) => None,
+            (true, false) => first_nonzero(a, pos, len, &mut bufa)?,
+            (false, true) => first_nonzero(b, pos, len, &mut bufb)?,
+            (true, true) => first_difference(a, b, pos, len, &mut bufa, &mut bufb)?,
+        };
+        if let Some(off) = found {
+            return Ok(CompareReport {
+                result: Comparison::Mismatch(off / SECTOR * SECTOR),
+                size_differs,
+            });
+        }
+        pos += len;
+        progress(pos, total);
+    }
+    let longer = if sa > sb { a } else { b };
+    while pos < total {
+        let (e, _, _) = longer.map_flat(pos, total - pos)?;
+        let len = e.len.min(STEP);
+        if e.kind.has_data() {
+            if let Some(off) = first_nonzero(longer, pos, len, &mut bufa)? {
+                return Ok(CompareReport {
+                    result: Comparison::Mismatch(off / SECTOR * SECTOR),
+                    size_differs,
+                });
+            }
+        }
+        pos += len;
+        progress(pos, total);
+    }
+    Ok(CompareReport {
+        result: Comparison::Identical,
+        size_differs,
+    })
+}
+
+fn first_nonzero(img: &Image, pos: u64, len: u64, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+    buf.resize(len as usize, 0);
+    img.read_at(buf, pos)?;
+    if is_zero(buf) {
+        return Ok(None);
+    }
+    Ok(buf.iter().position(|&x| x != 0).map(|i| pos + i as u64))
+}
+
+fn first_difference(
+    a: &Image,
+    b: &Image,
+    pos: u64,
+    len: u64,
+    ba: &mut Vec<u8>,
+    bb: &mut Vec<u8>,
+) -> Result<Option<u64>> {
+    ba.resize(len as usize, 0);
+    bb.resize(len as usize, 0);
+    a.read_at(ba, pos)?;
+    b.read_at(bb, pos)?;
+    if ba == bb {
+        return Ok(None);
+    }
+    Ok(ba
+        .iter()
+        .zip(bb.iter())
+        .position(|(x, y)| x != y)
+        .map(|i| pos + i as u64))
+}

@@ -1,0 +1,33 @@
+//! `vimg measure`: the bytes a new image needs, for an empty image of a given size or for
+//! the content of an existing image. Each format computes its own figures
+//! ([`crate::formats::Driver::measure`]); this module only gathers the inputs.
+
+use crate::convert::check_create_options;
+use crate::engine::ImageData;
+use crate::error::{Error, Result};
+use crate::formats::{Format, Measure};
+use crate::image::Image;
+use crate::options::CreateOptions;
+
+/// Measures a new `format` image with `opts`, either for `size` bytes of nothing or for the
+/// content of `source` (flattened).
+pub fn measure(
+    format: Format,
+    opts: &CreateOptions,
+    size: Option<u64>,
+    source: Option<&Image>,
+) -> Result<Measure> {
+    check_create_options(format, opts)?;
+    let driver = format.driver();
+    match (size, source) {
+        (Some(size), None) => driver.measure(size, opts, None),
+        (None, Some(img)) => {
+            let data = ImageData::new(img);
+            let size = opts.get_size("size")?.unwrap_or(img.virtual_size());
+            driver.measure(size, opts, Some(&data))
+        }
+        _ => Err(Error::invalid_argument(
+            "Either --size N or one filename must be specified.",
+        )),
+    }
+}
