@@ -109,7 +109,7 @@ impl Image {
         path: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        Image::open_chain(storage, path, opts, opts.format, &mut Vec::new())
+        Image::open_chain(storage, path, opts, opts.format, 0, &mut Vec::new())
     }
 
     fn open_chain(
@@ -117,6 +117,7 @@ impl Image {
         path: Option<&Path>,
         opts: &OpenOptions,
         format: Option<Format>,
+        depth: usize,
         seen: &mut Vec<(u64, u64)>,
     ) -> Result<Image> {
         let with_path = |e: Error| match path {
@@ -131,7 +132,7 @@ impl Image {
             }
             seen.push(id);
         }
-        if seen.len() > MAX_CHAIN_DEPTH {
+        if depth > MAX_CHAIN_DEPTH {
             return Err(with_path(Error::invalid(format!(
                 "Backing chain is longer than {MAX_CHAIN_DEPTH} images"
             ))));
@@ -162,7 +163,8 @@ impl Image {
                 for name in names {
                     match ctx.resolve(&b.field, name) {
                         Ok(bpath) => {
-                            let bfmt = opts.backing_format.filter(|_| seen.len() == 1).or(b.format);
+                            // `-F` names the format of the top image's backing file only.
+                            let bfmt = opts.backing_format.filter(|_| depth == 0).or(b.format);
                             let bstorage = FileStorage::open(&bpath).map_err(|e| {
                                 Error::io(
                                     format_args!("open backing file '{}'", bpath.display()),
@@ -174,6 +176,7 @@ impl Image {
                                 Some(&bpath),
                                 opts,
                                 bfmt,
+                                depth + 1,
                                 seen,
                             )
                             .map_err(|e| {
