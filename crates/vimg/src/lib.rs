@@ -22,7 +22,9 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod checksum;
 pub mod codec;
+pub mod container;
 pub mod convert;
 pub mod engine;
 pub mod error;
@@ -35,10 +37,13 @@ pub mod limits;
 pub mod mapping;
 pub mod options;
 pub mod output;
+pub mod ova;
+pub mod source;
 pub mod storage;
 pub mod writer;
 
-pub use convert::{convert, create, ConvertOptions};
+pub use checksum::{Checksum, HashAlg};
+pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
 pub use engine::{CopyMode, CopyOptions, CopyStats, Progress};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::Format;
@@ -48,4 +53,5 @@ pub use info::ImageInfo;
 pub use mapping::{Extent, GuestOffset, HostOffset, ImageReader, MapKind};
 pub use options::CreateOptions;
 pub use output::{Output, OutputMode};
+pub use source::{Origin, Source, SourceOptions};
 pub use writer::{ImageWriter, WriterCaps};
