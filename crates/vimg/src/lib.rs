@@ -31,6 +31,7 @@ pub mod error;
 pub mod formats;
 pub mod fuzzing;
 pub mod gate;
+pub mod glance;
 pub mod image;
 pub mod info;
 pub mod limits;

@@ -5,9 +5,12 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use vimg::output::OutputMode;
-use vimg::{ConvertOptions, CopyOptions, Format, Image, Progress};
+use vimg::{ConvertOptions, CopyOptions, Format, HashAlg, Image, Progress, Source};
 
-use super::{open_options, parse_create_options, parse_format, parse_format_opt};
+use super::{
+    apply_source_args, open_options, parse_checksum, parse_create_options, parse_format,
+    parse_format_opt,
+};
 use crate::args::ConvertArgs;
 use crate::{CmdResult, Failure};
 
@@ -23,6 +26,8 @@ struct Plan {
     progress: bool,
     mode: OutputMode,
     target_is_zero: bool,
+    checksum: Option<HashAlg>,
+    quiet: bool,
 }
 
 const MAX_SPARSE: u64 = 16 << 20;
@@ -75,12 +80,20 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         sparse_size,
         workers,
         progress: a.progress && !a.quiet,
-        mode: if a.no_create {
-            OutputMode::InPlace
-        } else {
-            OutputMode::Atomic
+        mode: match (a.no_create, a.files[1] == "-") {
+            (true, true) => {
+                return Err(Failure::new(
+                    "-n writes into an existing image and cannot be combined with '-' (stdout)",
+                    1,
+                ))
+            }
+            (true, false) => OutputMode::InPlace,
+            (false, true) => OutputMode::Stdout,
+            (false, false) => OutputMode::Atomic,
         },
         target_is_zero: a.target_is_zero,
+        checksum: parse_checksum(a.checksum.as_deref())?,
+        quiet: a.quiet,
     })
 }
 
@@ -90,17 +103,32 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         return Ok(0);
     }
     let p = plan(&a)?;
-    let src = Image::open(&p.src, &open_options(p.src_format, &a.safety))
+    let mut open = open_options(p.src_format, &a.safety);
+    apply_source_args(&mut open, &a.source)?;
+    let src = Image::open_source(&Source::from_arg(&p.src), &open)
         .map_err(|e| Failure::open(&p.src, &e))?;
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
     }
+    if let (Some(c), false) = (&src.origin().container, p.quiet) {
+        if c.access == vimg::container::Access::TemporaryFile {
+            eprintln!(
+                "vimg: note: '{}' ({} inside {}) is decoded into a sparse temporary file in {}",
+                p.src,
+                src.format(),
+                c.compression,
+                std::env::temp_dir().display()
+            );
+        }
+    }
+    let to_stdout = p.mode == OutputMode::Stdout;
     let cancel = crate::signals::install_cancel_flag();
-    let printer = ProgressPrinter::new(p.progress);
+    let printer = ProgressPrinter::new(p.progress, to_stdout);
     let progress_fn = |pr: Progress| printer.update(pr);
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
     opts.output_mode = p.mode;
+    opts.checksum = p.checksum;
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
@@ -111,17 +139,26 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         cancel: Some(&cancel),
         ..CopyOptions::default()
     };
-    let result = vimg::convert(&src, &p.dst, &opts);
+    let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::new("interrupted; no output was written", 130));
     }
-    result.map_err(|e| match e.path() {
+    let report = result.map_err(|e| match e.path() {
         Some(path) if path != p.dst => {
             Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
         }
         _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
     })?;
+    if let Some(c) = report.checksum {
+        // sha256sum's layout, so `sha256sum -c` and image-service scripts take it as is.
+        let line = format!("{c}  {}\n", p.dst.display());
+        if to_stdout {
+            eprint!("{line}");
+        } else {
+            crate::print_out(&line)?;
+        }
+    }
     Ok(0)
 }
 
@@ -129,15 +166,26 @@ pub fn run(a: ConvertArgs) -> CmdResult {
 struct ProgressPrinter {
     enabled: bool,
     tty: bool,
+    /// Stdout carries the image: progress goes to stderr.
+    stderr: bool,
     last: std::sync::Mutex<i64>,
 }
 
 impl ProgressPrinter {
-    fn new(enabled: bool) -> ProgressPrinter {
+    fn new(enabled: bool, stderr: bool) -> ProgressPrinter {
         ProgressPrinter {
             enabled,
             tty: std::io::stdout().is_terminal(),
+            stderr,
             last: std::sync::Mutex::new(-1),
+        }
+    }
+
+    fn out(&self) -> Box<dyn Write + '_> {
+        if self.stderr {
+            Box::new(std::io::stderr().lock())
+        } else {
+            Box::new(std::io::stdout().lock())
         }
     }
 
@@ -161,7 +209,7 @@ impl ProgressPrinter {
             }
             *last = key;
         }
-        let mut out = std::io::stdout().lock();
+        let mut out = self.out();
         let _ = write!(out, "    ({pct:3.2}/100%)\r");
         let _ = out.flush();
         let _ = self.tty;
@@ -172,7 +220,7 @@ impl ProgressPrinter {
             if ok {
                 self.update(Progress { done: 1, total: 1 });
             }
-            let mut out = std::io::stdout().lock();
+            let mut out = self.out();
             let _ = writeln!(out);
             let _ = out.flush();
         }
