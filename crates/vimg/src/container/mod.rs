@@ -402,7 +402,7 @@ impl Read for XzReader {
             };
             let at = self.consumed.load(Ordering::Relaxed);
             let avail_empty = r.fill_buf()?.is_empty();
-            if zeros % 4 != 0 || (!next_is_stream && !avail_empty) {
+            if zeros & 3 != 0 || (!next_is_stream && !avail_empty) {
                 return Err(ContainerError::Trailing {
                     compression: Compression::Xz,
                     name: self.name.clone(),

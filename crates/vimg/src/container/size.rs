@@ -106,7 +106,7 @@ pub fn xz_decoded_size(s: &dyn Storage, name: &str) -> Result<u64> {
                 name,
                 "stream footer",
                 foot_at,
-                format!("magic is {:02x?}, expected \"YZ\"", &foot[10..12]),
+                format!("magic is {:02x?}, expected \"YZ\" (is the file truncated, or followed by other data?)", &foot[10..12]),
             ));
         }
         let crc = u32::from_le_bytes([foot[0], foot[1], foot[2], foot[3]]);
@@ -396,7 +396,7 @@ pub fn zstd_decoded_size(s: &dyn Storage, name: &str) -> Result<Option<u64>> {
                     name,
                     "block header",
                     p,
-                    "block extends past the end of the file".into(),
+                    "block extends past the end of the file (is the file truncated?)".into(),
                 ));
             }
             if last {
