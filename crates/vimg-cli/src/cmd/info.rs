@@ -155,6 +155,15 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
     if svc.disk_format == "iso" {
         s.push_str("content: ISO 9660 file system (converted as raw)\n");
     }
+    // A plain, self-contained image prints exactly what qemu-img prints.
+    let plain = origin.container.is_none()
+        && origin.ova.is_none()
+        && svc.disk_format != "iso"
+        && svc.safe
+        && checksum.is_none();
+    if plain {
+        return;
+    }
     s.push_str(&format!(
         "image service: disk_format={} container_format={} min_disk={} safe={}\n",
         svc.disk_format,
