@@ -122,9 +122,9 @@ impl Image {
         )
         .map_err(with_src)?;
         image.origin = opened.origin;
-        if let Source::Stdin = src {
-            image.filename = "-".to_string();
-        }
+        // The name the user gave, also where names inside are not resolved (stdin, a disk
+        // inside an OVA).
+        image.filename = src.name();
         Ok(image)
     }
 

@@ -114,6 +114,8 @@ pub struct OvaOrigin {
     pub disks: Vec<OvaDisk>,
     /// The index (into `disks`) of the opened disk.
     pub selected: usize,
+    /// Every regular file in the archive.
+    pub members: Vec<ova::Member>,
 }
 
 /// A source opened down to the image's bytes.
@@ -239,11 +241,14 @@ fn open_seekable(
                 path.clone().unwrap_or_else(|| PathBuf::from("-")),
             )
             .map_err(|e| Error::io(format_args!("open disk {index} of OVA '{name}'"), e))?;
-            let mut opened = open_seekable(Arc::new(slice), path, opts, false)?;
+            // A disk inside an OVA has no folder of its own: any file it names is refused by
+            // the gate rather than looked up next to the archive.
+            let mut opened = open_seekable(Arc::new(slice), None, opts, false)?;
             opened.origin.ova = Some(OvaOrigin {
                 ovf: archive.ovf_name.clone(),
                 disks: archive.disks.clone(),
                 selected: index,
+                members: archive.members.clone(),
             });
             return Ok(opened);
         }
