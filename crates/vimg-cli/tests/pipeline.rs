@@ -203,6 +203,19 @@ fn streams_through_real_pipes() {
         );
         assert_eq!(sha256_file(&out), want, "{kind} to a file");
     }
+    // Larger than the stream window, read by many workers: reads arrive out of order, and
+    // the engine keeps them within the window.
+    let big = dir.path().join("big.raw");
+    mixed_raw(&big, 80 << 20);
+    let bigz = dir.path().join("big.raw.zst");
+    compress("zst", &big, &bigz);
+    let o = pipe_through(
+        vimg_bin(),
+        &["convert", "-m", "16", "-O", "raw", "-", "-"],
+        fs::read(&bigz).unwrap(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(sha256_bytes(&o.stdout), sha256_file(&big));
     // A wrong --source-size is caught.
     let o = pipe_through(
         vimg_bin(),
