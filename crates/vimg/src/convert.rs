@@ -147,6 +147,7 @@ pub fn convert_report(
             opts.format.name()
         )));
     }
+    out.release_stream()?;
     let mut copy = CopyOptions {
         progress: opts.copy.progress,
         cancel: opts.copy.cancel,

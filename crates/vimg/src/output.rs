@@ -308,6 +308,62 @@ impl OutFile {
     }
 }
 
+/// A stream that holds back what is written until [`Held::release`]: bytes a writer puts
+/// out while it is being set up (a header) reach stdout only once the conversion is known
+/// to be possible, so a refusal leaves stdout untouched.
+struct HoldWriter {
+    state: Arc<Mutex<Held>>,
+}
+
+/// The shared state of a [`HoldWriter`].
+struct Held {
+    inner: Box<dyn Write + Send>,
+    /// `Some` while holding back.
+    buf: Option<Vec<u8>>,
+}
+
+/// Bytes a held stream may buffer before it must have been released.
+const MAX_HELD: usize = 16 << 20;
+
+impl Held {
+    fn release(&mut self) -> io::Result<()> {
+        if let Some(b) = self.buf.take() {
+            self.inner.write_all(&b)?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for HoldWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("stream lock poisoned"))?;
+        match &mut st.buf {
+            Some(b) if b.len() + data.len() <= MAX_HELD => {
+                b.extend_from_slice(data);
+                Ok(data.len())
+            }
+            Some(_) => Err(io::Error::other(
+                "the output stream was not released before the writer sent data",
+            )),
+            None => st.inner.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("stream lock poisoned"))?;
+        if st.buf.is_some() {
+            return Ok(());
+        }
+        st.inner.flush()
+    }
+}
+
 /// How an [`Output`] treats existing files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputMode {
@@ -333,6 +389,8 @@ pub struct Output {
     committed: bool,
     checksum: Option<HashAlg>,
     stdout: Option<Mutex<Option<Box<dyn Write + Send>>>>,
+    /// The held stdout stream, once created.
+    held: Mutex<Option<Arc<Mutex<Held>>>>,
 }
 
 impl Output {
@@ -350,7 +408,27 @@ impl Output {
             committed: false,
             checksum: None,
             stdout: None,
+            held: Mutex::new(None),
         }
+    }
+
+    /// In [`OutputMode::Stdout`], lets the bytes written so far (and from now on) through to
+    /// the stream. Until then they are held back, so that a conversion refused after the
+    /// writer was created (a format that needs to seek) writes nothing. [`Output::commit`]
+    /// releases too.
+    pub fn release_stream(&self) -> Result<()> {
+        let held = self
+            .held
+            .lock()
+            .map_err(|_| Error::msg(ErrorKind::Io, "output lock poisoned"))?
+            .clone();
+        if let Some(h) = held {
+            h.lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?
+                .release()
+                .map_err(|e| Error::io("write to stdout", e))?;
+        }
+        Ok(())
     }
 
     /// Asks for a checksum of the main file, which [`Output::commit_and_hash`] returns: hashed
@@ -434,7 +512,14 @@ impl Output {
                         .ok_or_else(|| Error::invalid_argument("output stream already taken"))?,
                     None => Box::new(io::stdout()),
                 };
-                let mut out = OutFile::stream(w, "-");
+                let state = Arc::new(Mutex::new(Held {
+                    inner: w,
+                    buf: Some(Vec::new()),
+                }));
+                if let Ok(mut h) = self.held.lock() {
+                    *h = Some(state.clone());
+                }
+                let mut out = OutFile::stream(Box::new(HoldWriter { state }), "-");
                 if let Some(alg) = self.checksum {
                     out = out.hashed(alg);
                 }
@@ -522,6 +607,7 @@ impl Output {
         let checksum_alg = self.checksum;
         let main = self.main.clone();
         let result = (|| {
+            self.release_stream()?;
             for e in &entries {
                 e.file.sync()?;
             }
@@ -639,6 +725,46 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"keep");
         assert!(!fs::symlink_metadata(&dst).unwrap().file_type().is_symlink());
         assert_eq!(fs::read(&dst).unwrap(), b"data");
+    }
+
+    #[test]
+    fn stdout_holds_bytes_until_released() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        // Refused after the writer wrote its header: nothing reaches the stream.
+        let buf = Buf::default();
+        {
+            let out = Output::with_mode("-", OutputMode::Stdout).with_stream(Box::new(buf.clone()));
+            let f = out.create_main().unwrap();
+            f.write_all_at(b"header", 0).unwrap();
+            f.sync().unwrap();
+        }
+        assert!(buf.0.lock().unwrap().is_empty());
+        let out = Output::with_mode("-", OutputMode::Stdout)
+            .with_stream(Box::new(buf.clone()))
+            .with_checksum(Some(HashAlg::Md5));
+        let f = out.create_main().unwrap();
+        f.write_all_at(b"header", 0).unwrap();
+        out.release_stream().unwrap();
+        f.write_all_at(b"data", 8).unwrap();
+        f.set_len(16).unwrap();
+        let sum = out.commit_and_hash().unwrap().unwrap();
+        assert_eq!(&*buf.0.lock().unwrap(), b"header\0\0data\0\0\0\0");
+        let want = crate::checksum::hash_storage(
+            &crate::storage::MemStorage::new(b"header\0\0data\0\0\0\0".to_vec()),
+            HashAlg::Md5,
+        )
+        .unwrap();
+        assert_eq!(sum, want);
     }
 
     #[test]
