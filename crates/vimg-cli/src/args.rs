@@ -55,6 +55,21 @@ pub enum ProgressMode {
     Json,
 }
 
+/// vimg's pipeline flags for the image a command reads: which disk of an OVA, and the size
+/// of a streamed source.
+#[derive(Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// OVA source: the disk to open, numbered from 0 in the OVF's order (as `info` lists
+    /// them). Default: the first.
+    #[arg(long = "disk", value_name = "N")]
+    pub disk: Option<usize>,
+    /// The decoded size of a source read from a pipe (`-`), when known: a raw stream then
+    /// goes through without a temporary file. Without it, a stream whose container does not
+    /// record its size is first decoded into a sparse temporary file in $TMPDIR.
+    #[arg(long = "source-size", value_name = "SIZE")]
+    pub source_size: Option<String>,
+}
+
 /// Flags shared by every command that opens images.
 #[derive(Args, Debug, Clone)]
 pub struct SafetyArgs {
@@ -123,6 +138,12 @@ pub struct ConvertArgs {
     /// Assume the target reads as zeros already.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
+    /// Print a checksum of the output file's bytes (sha256, sha512 or md5), as
+    /// `sha256sum` prints it: `<hex>  <file>` (on stderr when the output goes to stdout).
+    #[arg(long = "checksum", value_name = "ALG")]
+    pub checksum: Option<String>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     #[command(flatten)]
     pub safety: SafetyArgs,
     /// Source image(s) and the output file name.
@@ -141,6 +162,12 @@ pub struct InfoArgs {
     /// Show every image of the backing chain.
     #[arg(long = "backing-chain")]
     pub backing_chain: bool,
+    /// Also hash the file as it is stored (sha256, sha512 or md5); JSON reports it under
+    /// `vimg-checksum` and, for a bare image, as the image service's `os_hash_value`.
+    #[arg(long = "checksum", value_name = "ALG")]
+    pub checksum: Option<String>,
+    #[command(flatten)]
+    pub source: SourceArgs,
     #[command(flatten)]
     pub safety: SafetyArgs,
     /// The image.

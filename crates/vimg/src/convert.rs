@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
 use crate::error::{Error, Result};
 use crate::formats::{self, Format};
@@ -22,6 +23,20 @@ pub struct ConvertOptions<'a> {
     pub copy: CopyOptions<'a>,
     /// Atomic (default), in place (`-n`) or stdout.
     pub output_mode: OutputMode,
+    /// A checksum of the output file's bytes to compute (see [`ConvertReport::checksum`]).
+    pub checksum: Option<HashAlg>,
+}
+
+/// What [`convert_report`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConvertReport {
+    /// The copy engine's counts.
+    pub stats: CopyStats,
+    /// The checksum of the output file's bytes, when [`ConvertOptions::checksum`] asked for
+    /// one: computed while writing when the writer wrote the file in order (streams,
+    /// compressed raw), else by one read of the finished file before it is renamed into
+    /// place.
+    pub checksum: Option<Checksum>,
 }
 
 impl ConvertOptions<'_> {
@@ -32,6 +47,7 @@ impl ConvertOptions<'_> {
             create: CreateOptions::new(),
             copy: CopyOptions::default(),
             output_mode: OutputMode::Atomic,
+            checksum: None,
         }
     }
 }
@@ -103,6 +119,15 @@ pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
 /// Converts `src` into a new image at `dst`. On any error nothing is left at `dst` (or an
 /// existing `dst` is unchanged), except with [`OutputMode::InPlace`].
 pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) -> Result<CopyStats> {
+    convert_report(src, dst, opts).map(|r| r.stats)
+}
+
+/// [`convert`], also returning the output's checksum when one was asked for.
+pub fn convert_report(
+    src: &Image,
+    dst: impl AsRef<Path>,
+    opts: &ConvertOptions<'_>,
+) -> Result<ConvertReport> {
     let dst = dst.as_ref();
     check_create_options(opts.format, &opts.create)?;
     if opts.output_mode != OutputMode::Stdout {
@@ -112,8 +137,17 @@ pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) ->
         Some(s) => s,
         None => src.virtual_size(),
     };
-    let out = Output::with_mode(dst, opts.output_mode);
+    let out = Output::with_mode(dst, opts.output_mode).with_checksum(opts.checksum);
     let writer = opts.format.driver().create(&out, size, &opts.create)?;
+    if opts.output_mode == OutputMode::Stdout && !writer.caps().ordered {
+        // Writers refuse a stream at create when they need to seek; this catches one that
+        // did not say so before any data is sent.
+        return Err(Error::unsupported(format!(
+            "{} images cannot be written to a stream: the format needs to seek",
+            opts.format.name()
+        )));
+    }
+    out.release_stream()?;
     let mut copy: CopyOptions<'_> = opts.copy;
     copy.target_is_zero = opts.output_mode != OutputMode::InPlace && opts.copy.target_is_zero;
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
@@ -123,6 +157,6 @@ pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) ->
     }
     let stats = engine::copy(src, &*writer, &copy)?;
     writer.finish()?;
-    out.commit()?;
-    Ok(stats)
+    let checksum = out.commit_and_hash()?;
+    Ok(ConvertReport { stats, checksum })
 }

@@ -211,7 +211,8 @@ struct IoContext {
 
 impl fmt::Display for IoContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.err.kind() == io::ErrorKind::UnexpectedEof {
+        // A bare end-of-file means a short file; one with its own message says more.
+        if self.err.kind() == io::ErrorKind::UnexpectedEof && self.err.get_ref().is_none() {
             write!(f, "{}: file is too short", self.what)
         } else {
             write!(f, "{}: {}", self.what, self.err)

@@ -10,6 +10,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{self, Format, OpenContext};
 use crate::gate::ExternalPolicy;
 use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind};
+use crate::source::{self, Origin, Source, SourceOptions};
 use crate::storage::{FileStorage, Storage};
 
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
@@ -26,6 +27,8 @@ pub struct OpenOptions {
     pub open_backing: bool,
     /// Format of the backing image, overriding what the image says (`-F`).
     pub backing_format: Option<Format>,
+    /// How the top image's source is unpacked (compressed containers, OVAs, streams).
+    pub source: SourceOptions,
 }
 
 impl Default for OpenOptions {
@@ -35,6 +38,7 @@ impl Default for OpenOptions {
             policy: ExternalPolicy::SameFolder,
             open_backing: true,
             backing_format: None,
+            source: SourceOptions::default(),
         }
     }
 }
@@ -56,6 +60,7 @@ pub struct Image {
     filename: String,
     path: Option<PathBuf>,
     storage: Arc<dyn Storage>,
+    origin: Origin,
 }
 
 impl std::fmt::Debug for Image {
@@ -95,12 +100,33 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
 }
 
 impl Image {
-    /// Opens the image at `path`.
+    /// Opens the image at `path`. A compressed container (xz, gzip, zstd) or an OVA is
+    /// looked into unless `opts.source.unpack` is off; see [`crate::source`].
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
-        let path = path.as_ref();
-        let storage =
-            FileStorage::open(path).map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
-        Image::open_storage(Arc::new(storage), Some(path), opts)
+        Image::open_source(&Source::Path(path.as_ref().to_path_buf()), opts)
+    }
+
+    /// Opens a file or stdin, looking into compressed containers and OVAs.
+    pub fn open_source(src: &Source, opts: &OpenOptions) -> Result<Image> {
+        let with_src = |e: Error| match src {
+            Source::Path(p) => e.with_path(p),
+            Source::Stdin => e.with_path("-"),
+        };
+        let opened = source::open_top(src, opts).map_err(with_src)?;
+        let mut image = Image::open_chain(
+            opened.storage,
+            opened.path.as_deref(),
+            opts,
+            opened.format,
+            0,
+            &mut Vec::new(),
+        )
+        .map_err(with_src)?;
+        image.origin = opened.origin;
+        // The name the user gave, also where names inside are not resolved (stdin, a disk
+        // inside an OVA).
+        image.filename = src.name();
+        Ok(image)
     }
 
     /// Opens an image held in `storage`; `path` locates the files it names.
@@ -154,6 +180,7 @@ impl Image {
                 .unwrap_or_else(|| "-".to_string()),
             path: path.map(Path::to_path_buf),
             storage,
+            origin: Origin::default(),
         };
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
@@ -203,6 +230,11 @@ impl Image {
             }
         }
         Ok(image)
+    }
+
+    /// How the image was reached: the compressed container or OVA around it, if any.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
     }
 
     /// The format reader.

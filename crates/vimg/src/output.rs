@@ -18,7 +18,9 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::checksum::{hash_storage, Checksum, HashAlg, InOrderHasher};
 use crate::error::{Error, ErrorKind, Result};
+use crate::storage::FileStorage;
 
 /// Temporaries of every live [`Output`], so a signal handler can remove them.
 static LIVE_TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -62,6 +64,9 @@ struct StreamState {
 pub struct OutFile {
     sink: Arc<Sink>,
     name: Arc<str>,
+    /// Hashes the bytes while they are written in order (the main file, when a checksum
+    /// was asked for).
+    hash: Option<Arc<Mutex<InOrderHasher>>>,
 }
 
 impl std::fmt::Debug for OutFile {
@@ -78,6 +83,7 @@ impl OutFile {
         OutFile {
             sink: Arc::new(Sink::File(file)),
             name: name.into(),
+            hash: None,
         }
     }
 
@@ -86,6 +92,7 @@ impl OutFile {
         OutFile {
             sink: Arc::new(Sink::Stream(Mutex::new(StreamState { w, pos: 0, len: 0 }))),
             name: name.into(),
+            hash: None,
         }
     }
 
@@ -107,6 +114,57 @@ impl OutFile {
         }
     }
 
+    /// The same file, with its bytes hashed as they are written in order.
+    pub fn hashed(mut self, alg: HashAlg) -> OutFile {
+        self.hash = Some(Arc::new(Mutex::new(InOrderHasher::new(alg))));
+        self
+    }
+
+    fn hash_with(&self, f: impl FnOnce(&mut InOrderHasher)) {
+        if let Some(h) = &self.hash {
+            if let Ok(mut h) = h.lock() {
+                f(&mut h);
+            }
+        }
+    }
+
+    /// The checksum of the finished file (call after [`OutFile::sync`]): from the in-order
+    /// hash when every write came in order, else by reading the file once. `None` when no
+    /// checksum was asked for.
+    pub fn checksum(&self) -> Result<Option<Checksum>> {
+        let Some(h) = &self.hash else {
+            return Ok(None);
+        };
+        let len = self.len()?;
+        let (alg, inline) = {
+            let mut g = h
+                .lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "hash lock poisoned"))?;
+            let alg = g.alg();
+            (
+                alg,
+                std::mem::replace(&mut *g, InOrderHasher::new(alg)).finish(len),
+            )
+        };
+        if let Some(c) = inline {
+            return Ok(Some(c));
+        }
+        match &*self.sink {
+            Sink::File(f) => {
+                let copy = f
+                    .try_clone()
+                    .map_err(|e| self.err("reopen for the checksum", 0, e))?;
+                let s = FileStorage::from_file(copy, &*self.name)
+                    .map_err(|e| self.err("stat for the checksum", 0, e))?;
+                hash_storage(&s, alg).map(Some)
+            }
+            Sink::Stream(_) => Err(Error::msg(
+                ErrorKind::Io,
+                "the stream was not written in order, so its checksum is unknown",
+            )),
+        }
+    }
+
     fn err(&self, what: &str, off: u64, e: io::Error) -> Error {
         Error::io(format_args!("{what} '{}' at {off:#x}", self.name), e)
     }
@@ -114,9 +172,12 @@ impl OutFile {
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         match &*self.sink {
-            Sink::File(f) => f
-                .write_all_at(buf, offset)
-                .map_err(|e| self.err("write", offset, e)),
+            Sink::File(f) => {
+                f.write_all_at(buf, offset)
+                    .map_err(|e| self.err("write", offset, e))?;
+                self.hash_with(|h| h.write(offset, buf));
+                Ok(())
+            }
             Sink::Stream(s) => {
                 let mut s = s
                     .lock()
@@ -131,10 +192,12 @@ impl OutFile {
                     let pos = s.pos;
                     s.w.write_all(&ZEROS[..n])
                         .map_err(|e| self.err("write", pos, e))?;
+                    self.hash_with(|h| h.write(pos, &ZEROS[..n]));
                     s.pos += n as u64;
                 }
                 s.w.write_all(buf)
                     .map_err(|e| self.err("write", offset, e))?;
+                self.hash_with(|h| h.write(offset, buf));
                 s.pos += buf.len() as u64;
                 Ok(())
             }
@@ -145,7 +208,11 @@ impl OutFile {
     /// length to pad to at [`OutFile::sync`].
     pub fn set_len(&self, len: u64) -> Result<()> {
         match &*self.sink {
-            Sink::File(f) => f.set_len(len).map_err(|e| self.err("resize", len, e)),
+            Sink::File(f) => {
+                f.set_len(len).map_err(|e| self.err("resize", len, e))?;
+                self.hash_with(|h| h.set_len(len));
+                Ok(())
+            }
             Sink::Stream(s) => {
                 let mut s = s
                     .lock()
@@ -205,6 +272,7 @@ impl OutFile {
                 )
             };
             if r == 0 {
+                self.hash_with(|h| h.zeroed(offset, len));
                 return Ok(());
             }
         }
@@ -231,11 +299,68 @@ impl OutFile {
                     let pos = s.pos;
                     s.w.write_all(&ZEROS[..n])
                         .map_err(|e| self.err("write", pos, e))?;
+                    self.hash_with(|h| h.write(pos, &ZEROS[..n]));
                     s.pos += n as u64;
                 }
                 s.w.flush().map_err(|e| self.err("flush", 0, e))
             }
         }
+    }
+}
+
+/// A stream that holds back what is written until [`Held::release`]: bytes a writer puts
+/// out while it is being set up (a header) reach stdout only once the conversion is known
+/// to be possible, so a refusal leaves stdout untouched.
+struct HoldWriter {
+    state: Arc<Mutex<Held>>,
+}
+
+/// The shared state of a [`HoldWriter`].
+struct Held {
+    inner: Box<dyn Write + Send>,
+    /// `Some` while holding back.
+    buf: Option<Vec<u8>>,
+}
+
+/// Bytes a held stream may buffer before it must have been released.
+const MAX_HELD: usize = 16 << 20;
+
+impl Held {
+    fn release(&mut self) -> io::Result<()> {
+        if let Some(b) = self.buf.take() {
+            self.inner.write_all(&b)?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for HoldWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("stream lock poisoned"))?;
+        match &mut st.buf {
+            Some(b) if b.len() + data.len() <= MAX_HELD => {
+                b.extend_from_slice(data);
+                Ok(data.len())
+            }
+            Some(_) => Err(io::Error::other(
+                "the output stream was not released before the writer sent data",
+            )),
+            None => st.inner.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| io::Error::other("stream lock poisoned"))?;
+        if st.buf.is_some() {
+            return Ok(());
+        }
+        st.inner.flush()
     }
 }
 
@@ -262,6 +387,10 @@ pub struct Output {
     mode: OutputMode,
     entries: Mutex<Vec<Entry>>,
     committed: bool,
+    checksum: Option<HashAlg>,
+    stdout: Option<Mutex<Option<Box<dyn Write + Send>>>>,
+    /// The held stdout stream, once created.
+    held: Mutex<Option<Arc<Mutex<Held>>>>,
 }
 
 impl Output {
@@ -277,7 +406,43 @@ impl Output {
             mode,
             entries: Mutex::new(Vec::new()),
             committed: false,
+            checksum: None,
+            stdout: None,
+            held: Mutex::new(None),
         }
+    }
+
+    /// In [`OutputMode::Stdout`], lets the bytes written so far (and from now on) through to
+    /// the stream. Until then they are held back, so that a conversion refused after the
+    /// writer was created (a format that needs to seek) writes nothing. [`Output::commit`]
+    /// releases too.
+    pub fn release_stream(&self) -> Result<()> {
+        let held = self
+            .held
+            .lock()
+            .map_err(|_| Error::msg(ErrorKind::Io, "output lock poisoned"))?
+            .clone();
+        if let Some(h) = held {
+            h.lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "stream lock poisoned"))?
+                .release()
+                .map_err(|e| Error::io("write to stdout", e))?;
+        }
+        Ok(())
+    }
+
+    /// Asks for a checksum of the main file, which [`Output::commit_and_hash`] returns: hashed
+    /// while writing when the writes come in file order, else by one read at commit.
+    pub fn with_checksum(mut self, alg: Option<HashAlg>) -> Output {
+        self.checksum = alg;
+        self
+    }
+
+    /// In [`OutputMode::Stdout`], writes the main file to `w` instead of the process's
+    /// stdout (for library callers and tests that stream into a pipe or a buffer).
+    pub fn with_stream(mut self, w: Box<dyn Write + Send>) -> Output {
+        self.stdout = Some(Mutex::new(Some(w)));
+        self
     }
 
     /// The main file's final path.
@@ -334,7 +499,30 @@ impl Output {
         }
         let (file, temp_path) = match self.mode {
             OutputMode::Stdout => {
-                let out = OutFile::stream(Box::new(io::stdout()), "-");
+                if final_path != self.main {
+                    return Err(Error::unsupported(
+                        "this output format writes several files and cannot be written to stdout",
+                    ));
+                }
+                let w: Box<dyn Write + Send> = match &self.stdout {
+                    Some(slot) => slot
+                        .lock()
+                        .ok()
+                        .and_then(|mut g| g.take())
+                        .ok_or_else(|| Error::invalid_argument("output stream already taken"))?,
+                    None => Box::new(io::stdout()),
+                };
+                let state = Arc::new(Mutex::new(Held {
+                    inner: w,
+                    buf: Some(Vec::new()),
+                }));
+                if let Ok(mut h) = self.held.lock() {
+                    *h = Some(state.clone());
+                }
+                let mut out = OutFile::stream(Box::new(HoldWriter { state }), "-");
+                if let Some(alg) = self.checksum {
+                    out = out.hashed(alg);
+                }
                 entries.push(Entry {
                     final_path,
                     temp_path: None,
@@ -387,7 +575,13 @@ impl Output {
                 }
             }
         };
-        let out = OutFile::from_file(file, &name);
+        let mut out = OutFile::from_file(file, &name);
+        if let (Some(alg), true) = (self.checksum, final_path == self.main) {
+            // In place the file does not start empty: only a read of the result is right.
+            if self.mode != OutputMode::InPlace {
+                out = out.hashed(alg);
+            }
+        }
         entries.push(Entry {
             final_path,
             temp_path,
@@ -397,16 +591,47 @@ impl Output {
     }
 
     /// Makes every file durable and visible under its final name.
-    pub fn commit(mut self) -> Result<()> {
+    pub fn commit(self) -> Result<()> {
+        self.commit_and_hash().map(|_| ())
+    }
+
+    /// [`Output::commit`], returning the main file's checksum when one was asked for with
+    /// [`Output::with_checksum`].
+    pub fn commit_and_hash(mut self) -> Result<Option<Checksum>> {
         let entries = std::mem::take(
             &mut *self
                 .entries
                 .lock()
                 .map_err(|_| Error::msg(ErrorKind::Io, "output lock poisoned"))?,
         );
+        let checksum_alg = self.checksum;
+        let main = self.main.clone();
         let result = (|| {
+            self.release_stream()?;
             for e in &entries {
                 e.file.sync()?;
+            }
+            let mut checksum = None;
+            if let Some(alg) = checksum_alg {
+                if let Some(e) = entries.iter().find(|e| e.final_path == main) {
+                    checksum = match e.file.checksum()? {
+                        Some(c) => Some(c),
+                        // In place: hash what the file holds now.
+                        None => e
+                            .file
+                            .file()
+                            .map(|f| -> Result<Checksum> {
+                                let copy = f.try_clone().map_err(|err| {
+                                    Error::io("reopen the output for the checksum", err)
+                                })?;
+                                let s = FileStorage::from_file(copy, &main).map_err(|err| {
+                                    Error::io("stat the output for the checksum", err)
+                                })?;
+                                hash_storage(&s, alg)
+                            })
+                            .transpose()?,
+                    };
+                }
             }
             for e in &entries {
                 if let Some(tmp) = &e.temp_path {
@@ -428,7 +653,7 @@ impl Output {
                     let _ = dir.sync_all();
                 }
             }
-            Ok(())
+            Ok(checksum)
         })();
         if result.is_err() {
             for e in &entries {
@@ -500,6 +725,46 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), b"keep");
         assert!(!fs::symlink_metadata(&dst).unwrap().file_type().is_symlink());
         assert_eq!(fs::read(&dst).unwrap(), b"data");
+    }
+
+    #[test]
+    fn stdout_holds_bytes_until_released() {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl Write for Buf {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        // Refused after the writer wrote its header: nothing reaches the stream.
+        let buf = Buf::default();
+        {
+            let out = Output::with_mode("-", OutputMode::Stdout).with_stream(Box::new(buf.clone()));
+            let f = out.create_main().unwrap();
+            f.write_all_at(b"header", 0).unwrap();
+            f.sync().unwrap();
+        }
+        assert!(buf.0.lock().unwrap().is_empty());
+        let out = Output::with_mode("-", OutputMode::Stdout)
+            .with_stream(Box::new(buf.clone()))
+            .with_checksum(Some(HashAlg::Md5));
+        let f = out.create_main().unwrap();
+        f.write_all_at(b"header", 0).unwrap();
+        out.release_stream().unwrap();
+        f.write_all_at(b"data", 8).unwrap();
+        f.set_len(16).unwrap();
+        let sum = out.commit_and_hash().unwrap().unwrap();
+        assert_eq!(&*buf.0.lock().unwrap(), b"header\0\0data\0\0\0\0");
+        let want = crate::checksum::hash_storage(
+            &crate::storage::MemStorage::new(b"header\0\0data\0\0\0\0".to_vec()),
+            HashAlg::Md5,
+        )
+        .unwrap();
+        assert_eq!(sum, want);
     }
 
     #[test]

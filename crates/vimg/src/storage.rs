@@ -71,6 +71,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    /// `Some(window)` for a source read as a stream (a decompressed container, a pipe):
+    /// reads must come in ascending order, except that bytes up to `window` behind the
+    /// furthest read are still served. The copy engine sizes its read-ahead to fit.
+    fn sequential_window(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads exactly `buf.len()` bytes, with an error that says what was being read.
@@ -304,6 +311,18 @@ impl Storage for SliceStorage {
 
     fn path(&self) -> Option<&Path> {
         Some(&self.name)
+    }
+
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.inner.identity()
+    }
+
+    fn disk_usage(&self) -> Option<u64> {
+        self.inner.disk_usage().map(|u| u.min(self.len))
+    }
+
+    fn sequential_window(&self) -> Option<u64> {
+        self.inner.sequential_window()
     }
 }
 

@@ -4,9 +4,12 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use vimg::output::OutputMode;
-use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, Image, Progress};
+use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, HashAlg, Image, Progress, Source};
 
-use super::{open_options, parse_create_options, parse_format, parse_format_opt};
+use super::{
+    apply_source_args, open_options, parse_checksum, parse_create_options, parse_format,
+    parse_format_opt,
+};
 use crate::args::ConvertArgs;
 use crate::{CmdResult, Failure};
 
@@ -23,6 +26,8 @@ struct Plan {
     mode: OutputMode,
     top_only: bool,
     target_is_zero: bool,
+    checksum: Option<HashAlg>,
+    quiet: bool,
 }
 
 const MAX_SPARSE: u64 = 16 << 20;
@@ -99,12 +104,20 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
                 .or(a.progress.then_some(crate::args::ProgressMode::Auto))
         },
         top_only: a.backing.is_some(),
-        mode: if a.no_create {
-            OutputMode::InPlace
-        } else {
-            OutputMode::Atomic
+        mode: match (a.no_create, a.files[1] == "-") {
+            (true, true) => {
+                return Err(Failure::new(
+                    "-n writes into an existing image and cannot be combined with '-' (stdout)",
+                    1,
+                ))
+            }
+            (true, false) => OutputMode::InPlace,
+            (false, true) => OutputMode::Stdout,
+            (false, false) => OutputMode::Atomic,
         },
         target_is_zero: a.target_is_zero,
+        checksum: parse_checksum(a.checksum.as_deref())?,
+        quiet: a.quiet,
     })
 }
 
@@ -114,17 +127,32 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         return Ok(0);
     }
     let p = plan(&a)?;
-    let src = Image::open(&p.src, &open_options(p.src_format, &a.safety))
+    let mut open = open_options(p.src_format, &a.safety);
+    apply_source_args(&mut open, &a.source)?;
+    let src = Image::open_source(&Source::from_arg(&p.src), &open)
         .map_err(|e| Failure::open(&p.src, &e))?;
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
     }
+    if let (Some(c), false) = (&src.origin().container, p.quiet) {
+        if c.access == vimg::container::Access::TemporaryFile {
+            eprintln!(
+                "vimg: note: '{}' ({} inside {}) is decoded into a sparse temporary file in {}",
+                p.src,
+                src.format(),
+                c.compression,
+                std::env::temp_dir().display()
+            );
+        }
+    }
+    let to_stdout = p.mode == OutputMode::Stdout;
     let cancel = crate::signals::install_cancel_flag();
-    let printer = crate::progress::Reporter::new(p.progress, p.dst.as_os_str() == "-");
+    let printer = crate::progress::Reporter::new(p.progress, to_stdout);
     let progress_fn = |pr: Progress| printer.update(pr);
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
     opts.output_mode = p.mode;
+    opts.checksum = p.checksum;
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
@@ -140,16 +168,25 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         cancel: Some(&cancel),
         ..CopyOptions::default()
     };
-    let result = vimg::convert(&src, &p.dst, &opts);
+    let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if cancel.load(Ordering::SeqCst) {
         return Err(Failure::new("interrupted; no output was written", 130));
     }
-    result.map_err(|e| match e.path() {
+    let report = result.map_err(|e| match e.path() {
         Some(path) if path != p.dst => {
             Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
         }
         _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
     })?;
+    if let Some(c) = report.checksum {
+        // sha256sum's layout, so `sha256sum -c` and image-service scripts take it as is.
+        let line = format!("{c}  {}\n", p.dst.display());
+        if to_stdout {
+            eprint!("{line}");
+        } else {
+            crate::print_out(&line)?;
+        }
+    }
     Ok(0)
 }

@@ -1,9 +1,10 @@
 //! `vimg info`: qemu-img info's output, human and JSON.
 
 use serde_json::{json, Map, Value};
-use vimg::{Image, ImageInfo};
+use vimg::glance::ImageServiceInfo;
+use vimg::{Checksum, Image, ImageInfo, Source};
 
-use super::{open_options, parse_format_opt};
+use super::{apply_source_args, open_options, parse_checksum, parse_format_opt};
 use crate::args::{InfoArgs, OutputFormat};
 use crate::human::{dump_value, qemu_json, size_to_str};
 use crate::{CmdResult, Failure};
@@ -12,7 +13,23 @@ pub fn run(a: InfoArgs) -> CmdResult {
     let format = parse_format_opt(a.format.as_deref())?;
     let mut opts = open_options(format, &a.safety);
     opts.open_backing = a.backing_chain;
-    let image = Image::open(&a.filename, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+    apply_source_args(&mut opts, &a.source)?;
+    let alg = parse_checksum(a.checksum.as_deref())?;
+    let src = Source::from_arg(&a.filename);
+    if alg.is_some() && src == Source::Stdin {
+        return Err(Failure::new(
+            "--checksum hashes a file as stored; stdin cannot be read twice",
+            1,
+        ));
+    }
+    let image = Image::open_source(&src, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+    let checksum = match alg {
+        Some(alg) => Some(
+            vimg::checksum::hash_file(&a.filename, alg)
+                .map_err(|e| Failure::open(&a.filename, &e))?,
+        ),
+        None => None,
+    };
     let layers: Vec<&Image> = if a.backing_chain {
         image.chain()
     } else {
@@ -20,7 +37,15 @@ pub fn run(a: InfoArgs) -> CmdResult {
     };
     let text = match a.output {
         OutputFormat::Json => {
-            let values: Vec<Value> = layers.iter().map(|l| info_json(l)).collect();
+            let values: Vec<Value> = layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    let mut v = info_json(l);
+                    add_vimg_json(&mut v, l, if i == 0 { checksum.as_ref() } else { None });
+                    v
+                })
+                .collect();
             if a.backing_chain {
                 qemu_json(&Value::Array(values))
             } else {
@@ -29,7 +54,12 @@ pub fn run(a: InfoArgs) -> CmdResult {
         }
         OutputFormat::Human => layers
             .iter()
-            .map(|l| info_human(l))
+            .enumerate()
+            .map(|(i, l)| {
+                let mut t = info_human(l);
+                add_vimg_human(&mut t, l, if i == 0 { checksum.as_ref() } else { None });
+                t
+            })
             .collect::<Vec<_>>()
             .join("\n"),
     };
@@ -65,6 +95,88 @@ pub fn info_json(image: &Image) -> Value {
         }
     }
     Value::Object(m)
+}
+
+/// vimg's additions to the JSON: the container and OVA the image came from, its checksum,
+/// and what an image service needs (`image-service`).
+fn add_vimg_json(v: &mut Value, image: &Image, checksum: Option<&Checksum>) {
+    let Value::Object(m) = v else { return };
+    let origin = image.origin();
+    if let Some(c) = &origin.container {
+        m.insert(
+            "vimg-container".into(),
+            serde_json::to_value(c).unwrap_or(Value::Null),
+        );
+    }
+    if let Some(o) = &origin.ova {
+        m.insert(
+            "vimg-ova".into(),
+            serde_json::to_value(o).unwrap_or(Value::Null),
+        );
+    }
+    if let Some(c) = checksum {
+        m.insert(
+            "vimg-checksum".into(),
+            json!({"algorithm": c.alg.name(), "value": c.hex}),
+        );
+    }
+    m.insert(
+        "image-service".into(),
+        serde_json::to_value(ImageServiceInfo::of(image, checksum)).unwrap_or(Value::Null),
+    );
+}
+
+fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
+    let origin = image.origin();
+    if let Some(c) = &origin.container {
+        let access = match c.access {
+            vimg::container::Access::Stream => "read as a stream",
+            vimg::container::Access::TemporaryFile => "decoded into a temporary file",
+        };
+        s.push_str(&format!(
+            "container: {}, {} compressed bytes, {access}\n",
+            c.compression,
+            c.compressed_size
+                .map(|n| n.to_string())
+                .unwrap_or_else(|| "?".into())
+        ));
+    }
+    if let Some(o) = &origin.ova {
+        s.push_str(&format!("OVA: descriptor {}, disks:\n", o.ovf));
+        for (i, d) in o.disks.iter().enumerate() {
+            let mark = if i == o.selected { " (opened)" } else { "" };
+            s.push_str(&format!(
+                "    [{i}] {} in '{}' ({} bytes){mark}\n",
+                d.disk_id, d.file, d.member_size
+            ));
+        }
+    }
+    let svc = ImageServiceInfo::of(image, checksum);
+    if svc.disk_format == "iso" {
+        s.push_str("content: ISO 9660 file system (converted as raw)\n");
+    }
+    // A plain, self-contained image prints exactly what qemu-img prints.
+    let plain = origin.container.is_none()
+        && origin.ova.is_none()
+        && svc.disk_format != "iso"
+        && svc.safe
+        && checksum.is_none();
+    if plain {
+        return;
+    }
+    s.push_str(&format!(
+        "image service: disk_format={} container_format={} min_disk={} safe={}\n",
+        svc.disk_format,
+        svc.container_format,
+        svc.min_disk,
+        if svc.safe { "yes" } else { "no" }
+    ));
+    for r in &svc.unsafe_reasons {
+        s.push_str(&format!("    unsafe: {r}\n"));
+    }
+    if let Some(c) = checksum {
+        s.push_str(&format!("{}: {}\n", c.alg, c.hex));
+    }
 }
 
 fn info_human(image: &Image) -> String {

@@ -12,7 +12,7 @@ pub mod measure;
 
 use vimg::{ExternalPolicy, Format, OpenOptions};
 
-use crate::args::SafetyArgs;
+use crate::args::{SafetyArgs, SourceArgs};
 use crate::Failure;
 
 /// Parses a `-f`/`-O`/`-F` format name (qemu-img's names; `vhd` means `vpc`).
@@ -36,6 +36,23 @@ pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions 
         },
         ..OpenOptions::default()
     }
+}
+
+/// Applies `--disk` and `--source-size` to `opts`.
+pub fn apply_source_args(opts: &mut OpenOptions, a: &SourceArgs) -> Result<(), Failure> {
+    opts.source.ova_disk = a.disk;
+    if let Some(s) = &a.source_size {
+        let n = vimg::options::parse_size(s)
+            .map_err(|e| Failure::new(format!("--source-size: {e}"), 1))?;
+        opts.source.stream_size = Some(n);
+    }
+    Ok(())
+}
+
+/// Parses `--checksum ALG`.
+pub fn parse_checksum(alg: Option<&str>) -> Result<Option<vimg::HashAlg>, Failure> {
+    alg.map(|a| a.parse::<vimg::HashAlg>().map_err(Failure::from))
+        .transpose()
 }
 
 /// Merges repeated `-o` arguments (qemu-img accepts several).

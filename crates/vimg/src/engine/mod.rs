@@ -155,7 +155,18 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     }
     let unit = caps.unit;
     let chunk = opts.chunk_size.max(unit).div_ceil(unit) * unit;
-    let workers = opts.workers.clamp(1, 64);
+    let mut workers = opts.workers.clamp(1, 64);
+    // A source read as a stream serves reads only within a window behind the furthest
+    // read; the jobs in flight (one pool buffer each) must fit in it.
+    if let Some(window) = src
+        .chain()
+        .iter()
+        .filter_map(|l| l.storage().sequential_window())
+        .min()
+    {
+        let fit = ((window / chunk).saturating_sub(1) / 2).max(1) as usize;
+        workers = workers.min(fit);
+    }
     let size = src.virtual_size();
     let sparse = if opts.sparse_size == 0 {
         0

@@ -1,6 +1,10 @@
 //! raw: the guest's bytes, one for one. Reads ask the filesystem for holes
 //! (`SEEK_DATA`/`SEEK_HOLE`) so holes map as zero without being read; writes
 //! leave holes for zero ranges and set the file length to the virtual size.
+//!
+//! vimg addition: `compress=xz|gz|zst` writes the image as one compressed stream
+//! (`disk.raw.xz`), in order, on several threads where the codec allows
+//! ([`crate::container::CompressedSink`]).
 
 mod read;
 mod write;
@@ -21,11 +25,23 @@ pub use write::RawWriter;
 /// The raw driver.
 pub struct Driver;
 
-const OPTIONS: &[OptionSpec] = &[OptionSpec {
-    name: "preallocation",
-    ty: OptionType::Str,
-    help: "Preallocation mode (allowed values: off, falloc, full)",
-}];
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "preallocation",
+        ty: OptionType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+    OptionSpec {
+        name: "compress",
+        ty: OptionType::Str,
+        help: "vimg: write the raw image as one compressed stream (allowed values: xz, gz, zst), e.g. disk.raw.xz",
+    },
+    OptionSpec {
+        name: "compression_level",
+        ty: OptionType::Number,
+        help: "vimg: level for compress= (xz 0-9, gz 1-9, zst 1-19; default 6, 6, 3)",
+    },
+];
 
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {

@@ -1,6 +1,7 @@
 //! The raw writer: data written in place, zero ranges left as holes, the file length set to
 //! the virtual size. `preallocation=falloc` reserves every block, `full` writes zeros.
 
+use crate::container::{CompressedSink, OutputCompression};
 use crate::error::{Error, Result};
 use crate::options::CreateOptions;
 use crate::output::{OutFile, Output, OutputMode};
@@ -10,6 +11,8 @@ use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 pub struct RawWriter {
     file: OutFile,
     size: u64,
+    /// `compress=`: the image goes through this encoder, in order.
+    compressed: Option<CompressedSink>,
 }
 
 /// Preallocation modes of raw images.
@@ -36,6 +39,34 @@ impl RawWriter {
         if opts.compress {
             return Err(Error::invalid_argument(
                 "Compression not supported for this file format",
+            ));
+        }
+        if let Some(name) = opts.get_str("compress") {
+            let c = OutputCompression::parse(name, opts.get_number("compression_level")?)?;
+            if prealloc != Prealloc::Off {
+                return Err(Error::invalid_argument(
+                    "preallocation cannot be combined with compress",
+                ));
+            }
+            if out.mode() == OutputMode::InPlace {
+                return Err(Error::unsupported(
+                    "a compressed raw image cannot be written in place (-n)",
+                ));
+            }
+            let file = out.create_main()?;
+            let threads = std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1);
+            let sink = CompressedSink::new(file.clone(), c, size, threads)?;
+            return Ok(RawWriter {
+                file,
+                size,
+                compressed: Some(sink),
+            });
+        }
+        if opts.has("compression_level") {
+            return Err(Error::invalid_argument(
+                "compression_level needs compress=xz|gz|zst",
             ));
         }
         let file = out.create_main()?;
@@ -67,7 +98,11 @@ impl RawWriter {
                 }
             }
         }
-        Ok(RawWriter { file, size })
+        Ok(RawWriter {
+            file,
+            size,
+            compressed: None,
+        })
     }
 }
 
@@ -75,7 +110,7 @@ impl ImageWriter for RawWriter {
     fn caps(&self) -> WriterCaps {
         WriterCaps {
             unit: 512,
-            ordered: self.file.is_stream(),
+            ordered: self.file.is_stream() || self.compressed.is_some(),
             encodes: false,
         }
     }
@@ -86,11 +121,14 @@ impl ImageWriter for RawWriter {
             .filter(|e| *e <= self.size)
             .ok_or_else(|| Error::invalid_argument("write past the end of the raw image"))?;
         let _ = end;
+        if let Some(c) = &self.compressed {
+            return c.write_at(offset, data);
+        }
         self.file.write_all_at(data, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        if self.file.is_stream() {
+        if self.file.is_stream() || self.compressed.is_some() {
             // A stream reads as zero where nothing was written.
             return Ok(());
         }
@@ -98,6 +136,9 @@ impl ImageWriter for RawWriter {
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
+        if let Some(c) = &self.compressed {
+            c.finish(self.size)?;
+        }
         Ok(())
     }
 }

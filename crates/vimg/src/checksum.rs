@@ -1,0 +1,316 @@
+//! Checksums of output files, in the algorithms image services record (OpenStack Glance's
+//! `os_hash_algo` is `sha512` by default; `md5` is its legacy `checksum` field).
+//!
+//! A digest is of the file's bytes exactly as a reader of the finished file sees them: holes
+//! and gaps count as zeros. [`InOrderHasher`] hashes while a file is written, as long as every
+//! write lands exactly where the previous one ended; anything else (a writer that seeks back
+//! to fill in a header) marks it broken and the caller hashes the finished file with
+//! [`hash_storage`] instead, in one pass that skips the reads of holes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use md5::Md5;
+use sha2::{Digest, Sha256, Sha512};
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// A checksum algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HashAlg {
+    /// SHA-256 (`sha256sum`).
+    Sha256,
+    /// SHA-512 (`sha512sum`); Glance's default `os_hash_algo`.
+    Sha512,
+    /// MD5 (`md5sum`); Glance's legacy `checksum` field.
+    Md5,
+}
+
+impl HashAlg {
+    /// The name as `sha256sum`-style tools and Glance's `os_hash_algo` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashAlg::Sha256 => "sha256",
+            HashAlg::Sha512 => "sha512",
+            HashAlg::Md5 => "md5",
+        }
+    }
+
+    /// A fresh hasher.
+    pub fn hasher(self) -> Hasher {
+        Hasher(match self {
+            HashAlg::Sha256 => Inner::Sha256(Sha256::new()),
+            HashAlg::Sha512 => Inner::Sha512(Box::new(Sha512::new())),
+            HashAlg::Md5 => Inner::Md5(Md5::new()),
+        })
+    }
+}
+
+impl fmt::Display for HashAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for HashAlg {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<HashAlg> {
+        match s.to_ascii_lowercase().as_str() {
+            "sha256" => Ok(HashAlg::Sha256),
+            "sha512" => Ok(HashAlg::Sha512),
+            "md5" => Ok(HashAlg::Md5),
+            _ => Err(Error::invalid_argument(format!(
+                "Unknown checksum algorithm '{s}' (sha256, sha512 or md5)"
+            ))),
+        }
+    }
+}
+
+/// A finished digest.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Checksum {
+    /// The algorithm.
+    #[serde(serialize_with = "ser_alg")]
+    pub alg: HashAlg,
+    /// Lower-case hex, as `sha256sum` prints it.
+    pub hex: String,
+}
+
+fn ser_alg<S: serde::Serializer>(a: &HashAlg, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(a.name())
+}
+
+impl fmt::Display for Checksum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex)
+    }
+}
+
+enum Inner {
+    Sha256(Sha256),
+    // Boxed: the SHA-512 state is twice the others' size.
+    Sha512(Box<Sha512>),
+    Md5(Md5),
+}
+
+/// An incremental hasher of one of the [`HashAlg`]s.
+pub struct Hasher(Inner);
+
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hasher")
+    }
+}
+
+static ZEROS: [u8; 65536] = [0u8; 65536];
+
+impl Hasher {
+    /// The algorithm.
+    pub fn alg(&self) -> HashAlg {
+        match self.0 {
+            Inner::Sha256(_) => HashAlg::Sha256,
+            Inner::Sha512(_) => HashAlg::Sha512,
+            Inner::Md5(_) => HashAlg::Md5,
+        }
+    }
+
+    /// Feeds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        match &mut self.0 {
+            Inner::Sha256(h) => h.update(data),
+            Inner::Sha512(h) => h.update(data),
+            Inner::Md5(h) => h.update(data),
+        }
+    }
+
+    /// Feeds `n` zero bytes (a hole or a gap).
+    pub fn update_zeros(&mut self, mut n: u64) {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            self.update(&ZEROS[..k]);
+            n -= k as u64;
+        }
+    }
+
+    /// The digest.
+    pub fn finish(self) -> Checksum {
+        let alg = self.alg();
+        let bytes: Vec<u8> = match self.0 {
+            Inner::Sha256(h) => h.finalize().to_vec(),
+            Inner::Sha512(h) => h.finalize().to_vec(),
+            Inner::Md5(h) => h.finalize().to_vec(),
+        };
+        Checksum {
+            alg,
+            hex: bytes.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
+/// Hashes the bytes of a file written front to back. Writes that start exactly where the
+/// previous one ended are hashed as they come; a write anywhere else breaks it, and
+/// [`InOrderHasher::finish`] then returns `None` so the caller reads the finished file.
+#[derive(Debug)]
+pub struct InOrderHasher {
+    alg: HashAlg,
+    hasher: Option<Hasher>,
+    pos: u64,
+}
+
+impl InOrderHasher {
+    /// A hasher for a file that starts empty.
+    pub fn new(alg: HashAlg) -> InOrderHasher {
+        InOrderHasher {
+            alg,
+            hasher: Some(alg.hasher()),
+            pos: 0,
+        }
+    }
+
+    /// The algorithm.
+    pub fn alg(&self) -> HashAlg {
+        self.alg
+    }
+
+    /// Bytes hashed so far (the file's length as far as the hash knows it).
+    pub fn pos(&self) -> u64 {
+        self.pos
+    }
+
+    /// Records a write of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset != self.pos {
+            self.hasher = None;
+            return;
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+            self.pos += data.len() as u64;
+        }
+    }
+
+    /// Records that `[offset, offset + len)` now reads as zeros (a hole punched or a range
+    /// zeroed). Harmless beyond the hashed prefix, where the file reads as zeros already;
+    /// inside it the hash no longer matches the file.
+    pub fn zeroed(&mut self, offset: u64, len: u64) {
+        if len > 0 && offset < self.pos {
+            self.hasher = None;
+        }
+    }
+
+    /// Records a change of the file's length. Shrinking into the hashed prefix breaks the
+    /// hash; growing is handled by [`InOrderHasher::finish`].
+    pub fn set_len(&mut self, len: u64) {
+        if len < self.pos {
+            self.hasher = None;
+        }
+    }
+
+    /// The digest of a file of `final_len` bytes (the tail past the last write reads as
+    /// zeros), or `None` when the writes did not come in order.
+    pub fn finish(self, final_len: u64) -> Option<Checksum> {
+        let mut h = self.hasher?;
+        if final_len < self.pos {
+            return None;
+        }
+        h.update_zeros(final_len - self.pos);
+        Some(h.finish())
+    }
+}
+
+/// Hashes every byte of `storage` in one pass. Holes the source reports are hashed as zeros
+/// without being read.
+pub fn hash_storage(storage: &dyn Storage, alg: HashAlg) -> Result<Checksum> {
+    let mut h = alg.hasher();
+    let len = storage.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < len {
+        let next = storage
+            .next_data(pos)
+            .map_err(|e| Error::io(format_args!("look for data at {pos:#x}"), e))?;
+        let Some((start, end)) = next else {
+            h.update_zeros(len - pos);
+            break;
+        };
+        let start = start.clamp(pos, len);
+        // A source that answers with an empty range would stall the walk: read the rest.
+        let end = if end.min(len) > start {
+            end.min(len)
+        } else {
+            len
+        };
+        h.update_zeros(start - pos);
+        let mut p = start;
+        while p < end {
+            let n = (end - p).min(buf.len() as u64) as usize;
+            storage
+                .read_exact_at(&mut buf[..n], p)
+                .map_err(|e| Error::io(format_args!("read for the checksum at {p:#x}"), e))?;
+            h.update(&buf[..n]);
+            p += n as u64;
+        }
+        pos = end;
+    }
+    Ok(h.finish())
+}
+
+/// Hashes the file at `path` (its bytes as stored, compressed or not).
+pub fn hash_file(path: impl AsRef<std::path::Path>, alg: HashAlg) -> Result<Checksum> {
+    let path = path.as_ref();
+    let s = crate::storage::FileStorage::open(path)
+        .map_err(|e| Error::io(format_args!("open '{}'", path.display()), e))?;
+    hash_storage(&s, alg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn known_digests() {
+        let m = MemStorage::new(b"abc".to_vec());
+        assert_eq!(
+            hash_storage(&m, HashAlg::Sha256).unwrap().hex,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            hash_storage(&m, HashAlg::Md5).unwrap().hex,
+            "900150983cd24fb0d6963f7d28e17f72"
+        );
+        assert!(hash_storage(&m, HashAlg::Sha512)
+            .unwrap()
+            .hex
+            .starts_with("ddaf35a193617aba"));
+        assert_eq!(
+            "SHA512".parse::<HashAlg>().unwrap(),
+            HashAlg::Sha512,
+            "names are case-insensitive"
+        );
+        assert!("crc32".parse::<HashAlg>().is_err());
+    }
+
+    #[test]
+    fn in_order_equals_whole_file_and_breaks_on_seek() {
+        let mut data = vec![0u8; 10000];
+        data[..5].copy_from_slice(b"hello");
+        data[6000..6003].copy_from_slice(b"end");
+        let want = hash_storage(&MemStorage::new(data.clone()), HashAlg::Sha256).unwrap();
+        let mut h = InOrderHasher::new(HashAlg::Sha256);
+        h.write(0, &data[..6000]);
+        h.write(6000, &data[6000..6003]);
+        h.zeroed(7000, 100);
+        assert_eq!(h.finish(10000), Some(want));
+        let mut h = InOrderHasher::new(HashAlg::Sha256);
+        h.write(0, b"hello");
+        h.write(0, b"HELLO");
+        assert_eq!(h.finish(10000), None);
+        let mut h = InOrderHasher::new(HashAlg::Sha256);
+        h.write(0, b"hello");
+        h.write(100, b"gap");
+        assert_eq!(h.finish(10000), None);
+    }
+}
