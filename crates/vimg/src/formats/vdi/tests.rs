@@ -114,6 +114,9 @@ fn static_writer_and_stream() {
     // Static blocks sit one after the other: one extent for the whole disk.
     let e = r.map(GuestOffset(0), u64::MAX).unwrap();
     assert_eq!(e.len, 3 * MIB + 512);
+    // Sizes are rounded up to sectors, as qemu does.
+    let odd = write_image(&CreateOptions::new(), 1000, &[]);
+    assert_eq!(open(&odd).unwrap().header().disk_size, 1024);
     assert!(matches!(e.kind, MapKind::Data { offset, .. } if offset.get() == 0x400));
     let m = Driver.measure(3 * MIB + 512, &opts, None).unwrap();
     assert_eq!(

@@ -78,6 +78,10 @@ impl VdiWriter {
     /// A VDI of `size` bytes into `file`; `fixed` for a static image.
     pub fn new(file: OutFile, size: u64, fixed: bool) -> Result<VdiWriter> {
         let bs = u64::from(BLOCK_SIZE);
+        // qemu rounds the disk size up to whole sectors.
+        let size = size
+            .checked_next_multiple_of(u64::from(SECTOR_SIZE))
+            .ok_or_else(|| VdiError::Option(format!("size {size} is too large")))?;
         let blocks = u32::try_from(size.div_ceil(bs))
             .ok()
             .filter(|b| *b <= super::read::MAX_BLOCKS)

@@ -115,26 +115,30 @@ pub fn create_geometry(requested: u64, force_size: bool) -> Option<(Chs, u64)> {
     (sectors <= MAX_SECTORS).then_some((chs, sectors * SECTOR))
 }
 
-/// Creator applications whose images are sized by `current_size` (the rest by CHS), as
-/// qemu's vpc driver lists them: Hyper-V ("win "), qemu with `force_size` ("qem2"),
-/// Disk2VHD ("d2v "), XenConverter ("CTXS") and XenServer ("tap\0"). The comparison is on
-/// all four bytes, so Disk2VHD's usual "d2v\0" is not in the list.
-pub const CURRENT_SIZE_CREATORS: [[u8; 4]; 5] = [*b"win ", *b"qem2", *b"d2v ", *b"CTXS", *b"tap\0"];
+/// Creator applications whose images are sized by their CHS geometry: Virtual PC ("vpc ")
+/// and qemu before `force_size` existed ("qemu"). qemu-img 10 compares all four bytes.
+/// Every other creator (Hyper-V "win ", Azure "wa\0\0", Disk2VHD "d2v\0", qemu's own
+/// `force_size` "qem2", XenServer "tap\0", XenConverter "CTXS", VirtualBox "vbox", ...)
+/// writes a reliable `current_size`.
+pub const CHS_CREATORS: [[u8; 4]; 2] = [*b"vpc ", *b"qemu"];
 
-/// The guest-visible size in sectors, by qemu-img's rule:
+/// The guest-visible size in sectors, by qemu-img's rule (qemu 10, block/vpc.c):
 ///
-/// 1. start from the CHS geometry (what Virtual PC, and qemu's own "qemu" images, use);
-/// 2. use `current_size` instead when the creator application is one of
-///    [`CURRENT_SIZE_CREATORS`], or when the geometry is the largest one (65535/16/255),
-///    which marks images too big for CHS and qemu's `force_size` images;
+/// 1. images made by Virtual PC or by qemu without `force_size` ([`CHS_CREATORS`]) are
+///    sized by their CHS geometry, which is what a Virtual PC guest sees;
+/// 2. all others, and any image whose geometry is the largest one (65535/16/255, which
+///    marks disks too big for CHS and qemu's `force_size` images), by `current_size`;
 /// 3. `current_size` counts in whole sectors (a partial last sector is dropped).
+///
+/// qemu before 10.0 listed the `current_size` creators instead ("win ", "qem2", "d2v ",
+/// "CTXS", "tap\0") and sized every unknown creator by CHS; an Azure export ("wa\0\0")
+/// showed that unknown creators are better trusted.
 pub fn virtual_sectors(footer: &Footer) -> u64 {
     let chs = footer.chs_sectors();
-    let use_current = CURRENT_SIZE_CREATORS.contains(&footer.creator_app) || chs == MAX_GEOMETRY;
-    if use_current {
-        footer.current_size / SECTOR
-    } else {
+    if CHS_CREATORS.contains(&footer.creator_app) && chs != MAX_GEOMETRY {
         chs
+    } else {
+        footer.current_size / SECTOR
     }
 }
 
@@ -212,13 +216,14 @@ mod tests {
             (*b"win ", 20480),
             (*b"qem2", 20480),
             (*b"d2v ", 20480),
+            (*b"d2v\0", 20480),
             (*b"CTXS", 20480),
             (*b"tap\0", 20480),
+            (*b"wa\0\0", 20480),
+            (*b"vs  ", 20480),
             (*b"vpc ", 20468),
             (*b"qemu", 20468),
-            (*b"d2v\0", 20468),
-            (*b"vs  ", 20468),
-            (*b"vimg", 20468),
+            (*b"vpc\0", 20480),
         ] {
             f.creator_app = app;
             assert_eq!(virtual_sectors(&f), sectors, "{app:?}");

@@ -19,18 +19,17 @@
 //!   error naming both checksums: qemu refuses such files too (corpus `dfvfs/image.vhd`),
 //!   while libvhdi reads them; vimg follows the specification ("the file should be assumed
 //!   to be corrupt"). The dynamic header's checksum is verified as well (qemu does not).
-//! - **Virtual size** (see [`geometry::virtual_sectors`]): exactly qemu-img's rule. The size
-//!   is the CHS geometry (cylinders × heads × sectors per track × 512) unless the creator
-//!   application is one of "win " (Hyper-V), "qem2" (qemu with `force_size`), "d2v "
-//!   (Disk2VHD), "CTXS" (XenConverter) or "tap\0" (XenServer), or the geometry is the
-//!   largest one (65535/16/255, which marks disks too big for CHS); then it is
-//!   `current_size` rounded down to sectors. Virtual PC ("vpc ") and older qemu ("qemu")
-//!   images are sized by CHS, which is what a Virtual PC guest sees. Corpus
+//! - **Virtual size** (see [`geometry::virtual_sectors`]): exactly qemu-img 10's rule.
+//!   Images whose creator application is "vpc " (Virtual PC) or "qemu" (qemu without
+//!   `force_size`) are sized by their CHS geometry (cylinders × heads × sectors per track ×
+//!   512), which is what a Virtual PC guest sees; every other creator ("win " Hyper-V,
+//!   "wa\0\0" Azure, "d2v\0" Disk2VHD, "qem2" qemu with `force_size`, "tap\0", "CTXS",
+//!   unknown ones), and any image with the largest geometry (65535/16/255, which marks disks
+//!   too big for CHS), by `current_size` rounded down to sectors. Corpus
 //!   `qemu-iotests/virtualpc-dynamic.vhd` therefore reads as 136363130880 bytes, as qemu
-//!   reads it; libvhdi, which always takes `current_size`, says 136365211648. The
-//!   difference (2080768 bytes past the CHS size) is space the Virtual PC guest never saw.
-//!   Disk2VHD writes "d2v\0", which is not in qemu's list; its images carry the largest
-//!   geometry, so they are sized by `current_size` anyway.
+//!   reads it; libvhdi, which always takes `current_size`, says 136365211648. The extra
+//!   2080768 bytes are space the Virtual PC guest never saw (and that holds no data in
+//!   that image), so vimg keeps qemu's answer.
 //! - **Sector bitmaps** are honoured, most significant bit first: a clear bit means the
 //!   sector is not in this file (zero in a dynamic disk, the parent's in a differencing
 //!   disk). qemu ignores the bitmaps of dynamic disks and reads the block's bytes, which the

@@ -50,7 +50,8 @@ fn overlaps(a0: u64, a1: u64, b0: u64, b1: u64) -> bool {
 
 /// The dynamic part of an open image.
 struct Dynamic {
-    header_offset: u64,
+    /// First byte past the header and the BAT (sector-rounded).
+    metadata_end: u64,
     header: DynHeader,
     bat: Vec<u32>,
     block_size: u64,
@@ -449,7 +450,7 @@ impl VhdReader {
         validate_bat(&bat, block_size + bmp, len, &meta)?;
 
         self.dynamic = Some(Dynamic {
-            header_offset: hoff,
+            metadata_end: (hoff + DYN_HEADER_SIZE as u64).max(toff.saturating_add(bat_region)),
             header,
             bat,
             block_size,
@@ -563,6 +564,12 @@ impl VhdReader {
     /// The footer in use.
     pub fn footer(&self) -> &Footer {
         &self.footer
+    }
+
+    /// Where the footer in use was read (the end of the file, or 0 when only the copy at
+    /// the start was valid).
+    pub fn footer_offset(&self) -> u64 {
+        self.footer_offset
     }
 
     /// Fixed, dynamic or differencing.
@@ -791,9 +798,7 @@ impl ImageReader for VhdReader {
         let mut allocated = 0u64;
         let mut fragmented = 0u64;
         let mut prev: Option<u64> = None;
-        let mut end = self
-            .footer_offset
-            .max(d.header_offset + DYN_HEADER_SIZE as u64);
+        let mut end = d.metadata_end;
         for &v in d.bat.iter().take(blocks as usize) {
             if v == BAT_UNUSED {
                 continue;
@@ -810,13 +815,8 @@ impl ImageReader for VhdReader {
         r.allocated_clusters = Some(allocated);
         r.fragmented_clusters = Some(fragmented);
         r.compressed_clusters = Some(0);
-        r.image_end_offset = Some(
-            end + if self.footer_offset > 0 {
-                FOOTER_SIZE as u64
-            } else {
-                0
-            },
-        );
+        // The footer follows the last block.
+        r.image_end_offset = Some(end + FOOTER_SIZE as u64);
         Ok(r)
     }
 }
