@@ -669,12 +669,38 @@ impl VhdReader {
                 break;
             }
         }
-        Ok(Extent {
+        let e = Extent {
             start: GuestOffset(pos),
             len: cur - pos,
             kind: first.unwrap_or(MapKind::Unallocated),
-        })
+        };
+        holes_as_zero(&*self.storage, e)
     }
+}
+
+/// Splits a data extent at the host file's holes: a stored block whose bytes sit in a hole
+/// reads as zeros (the block is the disk's, so not its parent's), and need not be read.
+/// Like qemu, which asks the file for holes under the format's data; costs one
+/// `SEEK_DATA`/`SEEK_HOLE` pair per data extent.
+fn holes_as_zero(storage: &dyn Storage, e: Extent) -> Result<Extent> {
+    let MapKind::Data { offset, .. } = e.kind else {
+        return Ok(e);
+    };
+    let h = offset.get();
+    let next = storage
+        .next_data(h)
+        .map_err(|err| crate::Error::io(format_args!("look for data at host {h:#x}"), err))?;
+    Ok(match next {
+        Some((s, end)) if s <= h => e.truncate((end - h).max(1)),
+        Some((s, _)) => Extent {
+            kind: MapKind::Zero,
+            ..e.truncate(s - h)
+        },
+        None => Extent {
+            kind: MapKind::Zero,
+            ..e
+        },
+    })
 }
 
 /// Checks every allocated BAT entry: its block (bitmap plus data) lies inside the file, does
