@@ -37,7 +37,8 @@
 //!   conforming image.
 //! - **Parent locators** of differencing disks are decoded — `W2ru` (relative, UTF-16LE),
 //!   `W2ku` (absolute, UTF-16LE), `MacX` (a `file://` URL) and, last, the header's parent
-//!   name (UTF-16BE) — and returned as one [`crate::mapping::BackingRef`]: the relative
+//!   name (UTF-16BE); "Mac " alias blobs and the deprecated code-page "Wi2r"/"Wi2k" are
+//!   skipped — and returned as one [`crate::mapping::BackingRef`]: the relative
 //!   name first, the others as alternatives. [`crate::Image`] opens the parent only through
 //!   the gate, so by default only a parent inside the image's folder is read. A
 //!   differencing disk whose parent cannot be opened fails (qemu silently reads it as if it
@@ -49,7 +50,13 @@
 //!   cover the virtual size; the BAT must lie inside the file and within
 //!   [`crate::limits::MAX_TABLE_BYTES`]), the BAT not overlapping other metadata, and every
 //!   BAT entry: its block inside the file (qemu checks this too), not over the footers, the
-//!   header, the BAT or a parent locator, and not over another entry's block.
+//!   header, the BAT or a parent locator, and not over another entry's block (entries are
+//!   sector numbers, so always sector-aligned). The check is linear in the entries plus a
+//!   sort of the allocated ones, whose number the file length bounds.
+//! - A stored block whose bytes sit in a hole of the host file maps as zero (qemu asks the
+//!   file the same question), so sparse copies of dynamic disks convert quickly.
+//! - Not supported: split VHDs (`.v01`...) and pre-2004 511-byte footers (neither does
+//!   qemu).
 //!
 //! # Probing
 //! A file is `vpc` when it starts with "conectix" (the footer copy of dynamic disks, as
