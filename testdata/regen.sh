@@ -25,3 +25,14 @@ sha256sum "$tmp/small.raw" | cut -d' ' -f1 > small.raw.sha256
 
 # qcow2 v3, compressed clusters (zlib).
 qemu-img convert -q -f raw -O qcow2 -c "$tmp/small.raw" small.qcow2
+
+# VHD (vpc) and VDI of the same disk: dynamic and fixed VHD (force_size=on keeps the 64 MiB
+# exactly, so the raw content still has small.raw.sha256), dynamic and static VDI. Stored
+# xz-compressed: the fixed and static images are 64 MiB uncompressed.
+qemu-img convert -q -f raw -O vpc -o force_size=on "$tmp/small.raw" "$tmp/small.vhd"
+qemu-img convert -q -f raw -O vpc -o subformat=fixed,force_size=on "$tmp/small.raw" "$tmp/small-fixed.vhd"
+qemu-img convert -q -f raw -O vdi "$tmp/small.raw" "$tmp/small.vdi"
+qemu-img convert -q -f raw -O vdi -o static=on "$tmp/small.raw" "$tmp/small-static.vdi"
+for f in small.vhd small-fixed.vhd small.vdi small-static.vdi; do
+  xz -9 -c "$tmp/$f" > "$f.xz"
+done

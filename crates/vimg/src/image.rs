@@ -185,7 +185,9 @@ impl Image {
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
                 let names = std::iter::once(&b.name).chain(b.alternatives.iter());
-                let mut last_err = None;
+                // The first name is the one the image prefers (a VHD's relative parent
+                // locator); its error is the one worth reporting.
+                let mut first_err = None;
                 let mut opened = None;
                 for name in names {
                     match ctx.resolve(&b.field, name) {
@@ -215,16 +217,24 @@ impl Image {
                             opened = Some(sub);
                             break;
                         }
-                        Err(e) => last_err = Some(e),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
                     }
                 }
                 match opened {
                     Some(sub) => image.backing = Some(Box::new(sub)),
                     None => {
-                        let e = last_err.unwrap_or_else(|| Error::invalid("no backing file name"));
-                        return Err(with_path(
-                            e.context(format!("Could not open backing file '{}'", b.name)),
-                        ));
+                        let e = first_err.unwrap_or_else(|| Error::invalid("no backing file name"));
+                        let also = if b.alternatives.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (nor its alternatives '{}')", b.alternatives.join("', '"))
+                        };
+                        return Err(with_path(e.context(format!(
+                            "Could not open backing file '{}'{also}",
+                            b.name
+                        ))));
                     }
                 }
             }
