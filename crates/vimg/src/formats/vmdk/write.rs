@@ -757,6 +757,8 @@ impl ImageWriter for StreamWriter {
                     owned.as_slice()
                 }
             };
+            // Entering a new grain table writes the previous one first, which moves `pos`.
+            self.set(&mut st, g, 0)?;
             let here = u32::try_from(st.pos)
                 .map_err(|_| VmdkError::Argument("stream exceeds 2 TiB".into()))?;
             self.set(&mut st, g, here)?;
