@@ -512,7 +512,7 @@ mod tests {
         0x00, // clean
         0x0a, 0x20, 0x0d, 0x0a, // newline check
         0x00, 0x00, // no compression
-        0x00, 0x00, // padding
+        0x00, // first padding byte
     ];
 
     #[test]
