@@ -25,3 +25,9 @@ sha256sum "$tmp/small.raw" | cut -d' ' -f1 > small.raw.sha256
 
 # qcow2 v3, compressed clusters (zlib).
 qemu-img convert -q -f raw -O qcow2 -c "$tmp/small.raw" small.qcow2
+
+# vmdk streamOptimized, as qemu-img writes it (tables ahead of the grains) and as vimg
+# writes it (VMware's stream layout: tables after the grains, footer, end-of-stream marker).
+qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-stream.vmdk
+vimg=${VIMG:-../target/debug/vimg}
+"$vimg" convert -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-vimg-stream.vmdk

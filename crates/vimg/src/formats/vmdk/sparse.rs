@@ -245,6 +245,15 @@ impl SparseExtent {
                         "grain is past the end of the file",
                     ));
                 };
+                if let Flavor::Hosted {
+                    compressed: true,
+                    markers: true,
+                    ..
+                } = self.p.flavor
+                {
+                    self.check_grain_marker(sector, g, guest)
+                        .map_err(|why| entry_err(table(), e, raw, why))?;
+                }
                 let sectors = need.div_ceil(SECTOR);
                 if self.in_metadata(sector, sectors)
                     || in_tables(&gt_starts, self.gt_sectors, sector, sectors)
@@ -291,6 +300,34 @@ impl SparseExtent {
         }
         stats.end_sector = end_sector;
         self.stats = stats;
+        Ok(())
+    }
+
+    /// Reads the grain marker at `sector` and checks it names grain `g` and that its
+    /// compressed bytes lie inside the file.
+    fn check_grain_marker(
+        &self,
+        sector: u64,
+        g: u64,
+        guest: u64,
+    ) -> std::result::Result<(), &'static str> {
+        let mut m = [0u8; GRAIN_MARKER_LEN];
+        let at = sector * SECTOR;
+        if self.p.storage.read_exact_at(&mut m, at).is_err() {
+            return Err("grain marker cannot be read");
+        }
+        let gm = GrainMarker::parse(&m);
+        let size = u64::from(gm.size);
+        if size == 0 || size > 2 * self.grain + 1024 {
+            return Err("grain marker has an invalid size");
+        }
+        if at + GRAIN_MARKER_LEN as u64 + size > self.p.storage.len() {
+            return Err("compressed grain extends past the end of the file");
+        }
+        if gm.lba != guest / SECTOR {
+            let _ = g;
+            return Err("grain marker names another grain");
+        }
         Ok(())
     }
 
