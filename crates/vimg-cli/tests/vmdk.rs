@@ -525,7 +525,8 @@ fn hostile_tables_are_refused() {
     // qemu's layout for 64 MiB: rgd 21, gd 21+1+8 = 30, GT 0 at 31, grains from 128.
     let gd = 30 * 512;
     let gt0 = 31 * 512;
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, ErrorKind)> = vec![
+    type Patch = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Patch, ErrorKind)> = vec![
         (
             "grain table past EOF",
             Box::new(move |p| patch_u32(p, gd, 0x7fff_0000)),

@@ -76,27 +76,11 @@ pub struct SparseParams {
     pub metadata: Vec<(u64, u64)>,
 }
 
-/// Facts about one opened sparse extent, for `check` and `info`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SparseStats {
-    /// Allocated grains (data or compressed).
-    pub allocated: u64,
-    /// Grains marked zero.
-    pub zero: u64,
-    /// Grains stored compressed.
-    pub compressed: u64,
-    /// Allocated grains not stored right after the previous one.
-    pub fragmented: u64,
-    /// First sector past the last grain or table.
-    pub end_sector: u64,
-}
-
 /// One opened sparse extent.
 pub struct SparseExtent {
     p: SparseParams,
     grain: u64,
     gt_sectors: u64,
-    stats: SparseStats,
     cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     cache_cap: usize,
 }
@@ -129,7 +113,6 @@ impl SparseExtent {
         let mut s = SparseExtent {
             grain,
             gt_sectors,
-            stats: SparseStats::default(),
             cache: Mutex::new(HashMap::new()),
             cache_cap,
             p,
@@ -183,16 +166,10 @@ impl SparseExtent {
             }
         }
         let gt_starts: Vec<u32> = gts.iter().map(|g| g.0).collect();
-        let mut end_sector = gts
-            .last()
-            .map(|g| u64::from(g.0) + self.gt_sectors)
-            .unwrap_or(0);
 
         let mut seen: Vec<u64> = Vec::new();
         let mut track = true;
         let mut buf = vec![0u8; (self.p.gtes_per_gt * self.p.entry_size) as usize];
-        let mut last_host: Option<u64> = None;
-        let mut stats = SparseStats::default();
         for (gt_index, &gt) in self.p.gd.iter().enumerate() {
             if gt == 0 {
                 continue;
@@ -214,10 +191,7 @@ impl SparseExtent {
                     .map_err(|why| entry_err(table(), e, raw, why))?;
                 let sector = match gte {
                     Gte::Unallocated => continue,
-                    Gte::Zero => {
-                        stats.zero += 1;
-                        continue;
-                    }
+                    Gte::Zero => continue,
                     Gte::At(s) => s,
                 };
                 if guest >= self.p.len {
@@ -234,10 +208,11 @@ impl SparseExtent {
                 } else {
                     self.grain.min(self.p.len - guest)
                 };
-                let start = sector
+                let inside = sector
                     .checked_mul(SECTOR)
-                    .filter(|s| s.checked_add(need).is_some_and(|e| e <= file_len));
-                let Some(start) = start else {
+                    .and_then(|s| s.checked_add(need))
+                    .is_some_and(|e| e <= file_len);
+                if !inside {
                     return Err(entry_err(
                         table(),
                         e,
@@ -260,17 +235,6 @@ impl SparseExtent {
                 {
                     return Err(entry_err(table(), e, raw, "grain points into metadata"));
                 }
-                stats.allocated += 1;
-                if self.compressed() {
-                    stats.compressed += 1;
-                }
-                if let Some(prev) = last_host {
-                    if sector != prev {
-                        stats.fragmented += 1;
-                    }
-                }
-                last_host = Some(sector + self.grain.div_ceil(SECTOR));
-                end_sector = end_sector.max((start + need).div_ceil(SECTOR));
                 if track {
                     if seen.len() >= MAX_TRACKED_GRAINS {
                         track = false;
@@ -298,8 +262,6 @@ impl SparseExtent {
                 .into());
             }
         }
-        stats.end_sector = end_sector;
-        self.stats = stats;
         Ok(())
     }
 
@@ -561,11 +523,6 @@ impl SparseExtent {
     /// Grain size in bytes.
     pub fn grain_bytes(&self) -> u64 {
         self.grain
-    }
-
-    /// What the open-time walk counted.
-    pub fn stats(&self) -> SparseStats {
-        self.stats
     }
 
     /// True when grains are compressed.
