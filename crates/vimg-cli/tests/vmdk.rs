@@ -397,6 +397,46 @@ fn delta_link_reads_as_a_backing_chain() {
     assert_eq!(v["backing-filename-format"], "vmdk");
     let refs = v["vimg-external-references"].as_array().unwrap();
     assert!(refs.iter().any(|r| r["field"] == "parentFileNameHint"));
+    // vimg writes delta links too: the same writes on a vimg-made and a qemu-made overlay
+    // give the same disk, and qemu-img checks it clean.
+    let vtop = dir.path().join("vtop.vmdk");
+    vimg(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        s(&vtop),
+    ]);
+    qemu_io("vmdk", &vtop, &["write -P 0x22 1M 64k"]);
+    qemu_img(&["compare", s(&vtop), s(&top)]);
+    qemu_img(&["check", s(&vtop)]);
+    let q = json(&qemu_img(&["info", "--output=json", s(&vtop)]));
+    assert_eq!(q["backing-filename"], "base.vmdk");
+    let base_cid = json(&qemu_img(&["info", "--output=json", s(&base)]))["format-specific"]["data"]
+        ["cid"]
+        .clone();
+    assert_eq!(q["format-specific"]["data"]["parent-cid"], base_cid);
+    assert_reads_like_qemu(&vtop, "vmdk", dir.path());
+    // A flat image cannot have one, as in qemu-img.
+    let out = vimg_raw(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        s(&dir.path().join("f.vmdk")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Flat image can't have backing file"));
 }
 
 /// Replaces the first occurrence of `from` with `to` (same length) in a file.

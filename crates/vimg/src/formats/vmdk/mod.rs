@@ -120,11 +120,6 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
             return Err(arg("backing_file must be a vmdk image".into()));
         }
     }
-    if opts.get_str("backing_file").is_some() {
-        return Err(Error::unsupported(
-            "vmdk output with a backing file (delta link) is not supported",
-        ));
-    }
     let subformat = match opts.get_str("subformat") {
         None => Subformat::MonolithicSparse,
         Some(s) => {
@@ -147,6 +142,9 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     if subformat.flat() && zeroed_grain {
         return Err(arg("Flat image can't enable zeroed grain".into()));
     }
+    if subformat.flat() && opts.get_str("backing_file").is_some() {
+        return Err(arg("Flat image can't have backing file".into()));
+    }
     if opts.compress && subformat.flat() {
         // qemu-img convert -c refuses flat targets with this message.
         return Err(arg("invalid cluster size".into()));
@@ -164,7 +162,41 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
             .to_string(),
         zeroed_grain,
         size,
+        parent: None,
     })
+}
+
+/// Reads the CID of the parent named by `backing_file`, relative to the new image's folder
+/// (the user named it on the command line, so no gate applies; it must be a vmdk).
+fn parent_cid(out: &Output, name: &str) -> Result<u32> {
+    let path = if std::path::Path::new(name).is_absolute() {
+        std::path::PathBuf::from(name)
+    } else {
+        out.folder().join(name)
+    };
+    let opts = crate::image::OpenOptions {
+        format: None,
+        open_backing: false,
+        ..Default::default()
+    };
+    let img = crate::image::Image::open(&path, &opts)
+        .map_err(|e| e.context(format!("Could not open backing file '{}'", path.display())))?;
+    if img.format() != Format::Vmdk {
+        return Err(VmdkError::Argument(format!(
+            "Invalid backing file format: {}. Must be vmdk",
+            img.format().name()
+        ))
+        .into());
+    }
+    let fs = img
+        .reader()
+        .format_specific()
+        .ok_or_else(|| Error::invalid("Failed to read parent CID"))?;
+    fs.data
+        .get("cid")
+        .and_then(|v| v.as_u64())
+        .and_then(|c| u32::try_from(c).ok())
+        .ok_or_else(|| Error::invalid("Failed to read parent CID"))
 }
 
 /// Bytes of a descriptor file naming `extents` extents (an upper bound).
@@ -195,7 +227,10 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        let s = settings(size, opts)?;
+        let mut s = settings(size, opts)?;
+        if let Some(b) = opts.get_str("backing_file") {
+            s.parent = Some((b.to_string(), parent_cid(out, b)?));
+        }
         Ok(match s.subformat {
             Subformat::MonolithicSparse | Subformat::TwoGbSparse => {
                 Box::new(write::SparseWriter::create(out, &s)?)

@@ -106,6 +106,8 @@ pub struct Settings {
     pub zeroed_grain: bool,
     /// Virtual size, rounded up to a sector.
     pub size: u64,
+    /// Delta link: the parent's name as given and its CID.
+    pub parent: Option<(String, u32)>,
 }
 
 /// The layout of one hosted sparse extent as qemu-img lays it out.
@@ -154,8 +156,13 @@ impl SparseLayout {
 pub fn descriptor_text(s: &Settings, cid: u32, extent_lines: &str) -> String {
     let heads: u64 = if s.adapter == "ide" { 16 } else { 255 };
     let cylinders = s.size / (63 * heads * SECTOR);
+    // As qemu-img: the parent line, when there is one, takes the blank line's place.
+    let (parent_cid, parent_line) = match &s.parent {
+        Some((name, pcid)) => (*pcid, format!("parentFileNameHint=\"{name}\"")),
+        None => (0xffff_ffff, String::new()),
+    };
     format!(
-        "# Disk DescriptorFile\nversion=1\nCID={cid:08x}\nparentCID=ffffffff\ncreateType=\"{}\"\n\n\
+        "# Disk DescriptorFile\nversion=1\nCID={cid:x}\nparentCID={parent_cid:x}\ncreateType=\"{}\"\n{parent_line}\n\
          # Extent description\n{extent_lines}\n# The Disk Data Base\n#DDB\n\n\
          ddb.virtualHWVersion = \"{}\"\nddb.geometry.cylinders = \"{cylinders}\"\n\
          ddb.geometry.heads = \"{heads}\"\nddb.geometry.sectors = \"63\"\n\
@@ -900,6 +907,7 @@ mod tests {
             toolsversion: "2147483647".into(),
             zeroed_grain: false,
             size,
+            parent: None,
         };
         let w: Box<dyn ImageWriter> =
             Box::new(StreamWriter::with_file(file.clone(), "s.vmdk", &s).unwrap());
