@@ -892,14 +892,34 @@ impl ImageReader for VmdkReader {
                 len: max,
                 kind: MapKind::Zero,
             }),
-            Kind::Flat { file, offset: base } => Ok(Extent {
-                start: offset,
-                len: max,
-                kind: MapKind::Data {
-                    file: *file,
-                    offset: HostOffset(base + rel),
-                },
-            }),
+            Kind::Flat { file, offset: base } => {
+                // Holes in a flat file read as zeros; asking the filesystem saves reading
+                // them (a fresh 2 GiB twoGbMaxExtentFlat piece is one hole).
+                let host = base + rel;
+                let f = self
+                    .files
+                    .get(file.0 as usize)
+                    .ok_or_else(|| Error::corrupt("flat extent names an unknown file"))?;
+                let next = f
+                    .next_data(host)
+                    .map_err(|err| Error::io(format_args!("look for data at {host:#x}"), err))?;
+                let (kind, n) = match next {
+                    Some((s, e)) if s <= host => (
+                        MapKind::Data {
+                            file: *file,
+                            offset: HostOffset(host),
+                        },
+                        e - host,
+                    ),
+                    Some((s, _)) => (MapKind::Zero, s - host),
+                    None => (MapKind::Zero, max),
+                };
+                Ok(Extent {
+                    start: offset,
+                    len: n.clamp(1, max),
+                    kind,
+                })
+            }
             Kind::Sparse(s) => s.map(e.start, rel, max),
         }
     }
@@ -1250,5 +1270,54 @@ mod tests {
             d("createType=\"custom\"\nRW 10 ZERO\nNOACCESS 6 FLAT \"never-opened\" 0\n").unwrap();
         assert_eq!(r.virtual_size(), 16 * 512);
         assert_eq!(r.map(GuestOffset(0), 8192).unwrap().kind, MapKind::Zero);
+    }
+}
+
+#[cfg(test)]
+mod cowd_tests {
+    use super::*;
+    use crate::gate::ExternalPolicy;
+    use crate::storage::MemStorage;
+
+    /// A hand-laid COWD (vmfsSparse) file: header, a one-entry grain directory at sector 4,
+    /// its 4096-entry grain table at sectors 5..37, one 512-byte grain at sector 37.
+    #[test]
+    fn cowd_extent_reads() {
+        let mut img = vec![0u8; 38 * 512];
+        CowdHeader {
+            version: 1,
+            flags: 3,
+            capacity: 4096, // 2 MiB
+            grain_size: 1,  // 512-byte grains
+            gd_offset: 4,
+            num_gd_entries: 1,
+            free_sector: 38,
+        }
+        .write_to(&mut img);
+        img[4 * 512..4 * 512 + 4].copy_from_slice(&5u32.to_le_bytes());
+        img[5 * 512 + 12..5 * 512 + 16].copy_from_slice(&37u32.to_le_bytes()); // grain 3
+        img[37 * 512..].fill(0x42);
+        let ctx = OpenContext::new(None, ExternalPolicy::SameFolder);
+        let r = VmdkReader::open(Arc::new(MemStorage::new(img.clone())), &ctx).unwrap();
+        assert_eq!(r.virtual_size(), 2 << 20);
+        let e = r.map(GuestOffset(3 * 512), 4096).unwrap();
+        assert_eq!(e.len, 512);
+        assert!(matches!(
+            e.kind,
+            MapKind::Data {
+                offset: HostOffset(0x4a00),
+                ..
+            }
+        ));
+        assert_eq!(
+            r.format_specific().unwrap().data["create-type"],
+            "vmfsSparse"
+        );
+        // Too few directory entries for the capacity.
+        img[0x0c..0x10].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        let e = VmdkReader::open(Arc::new(MemStorage::new(img)), &ctx)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::ErrorKind::Invalid);
     }
 }
