@@ -290,6 +290,36 @@ fn stream_round_trip_keeps_content() {
     assert_same_file(&src, &back2);
     if qemu_available("stream_round_trip_keeps_content") {
         qemu_img(&["compare", "-f", "vmdk", "-F", "raw", s(&so), s(&src)]);
+        // A source that ends mid-sector: every subformat rounds the disk up to a sector.
+        let odd = dir.path().join("odd.raw");
+        let tail = pattern(70_000, 4);
+        write_sparse_raw(
+            &odd,
+            (1 << 20) + 1000,
+            &[((1 << 20) + 1000 - 70_000, &tail)],
+        );
+        for sub in SUBFORMATS {
+            let v = dir.path().join(format!("odd-{sub}.vmdk"));
+            vimg(&[
+                "convert",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                s(&odd),
+                s(&v),
+            ]);
+            qemu_img(&["compare", "-f", "vmdk", "-F", "raw", s(&v), s(&odd)]);
+            let back = dir.path().join(format!("odd-{sub}.raw"));
+            vimg(&["convert", "-O", "raw", s(&v), s(&back)]);
+            let b = fs::read(&back).unwrap();
+            assert_eq!(b.len(), (1 << 20) + 1024, "{sub}");
+            assert_eq!(
+                &b[..(1 << 20) + 1000],
+                &fs::read(&odd).unwrap()[..],
+                "{sub}"
+            );
+        }
     }
 }
 

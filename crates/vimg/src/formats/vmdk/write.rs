@@ -719,6 +719,17 @@ impl StreamWriter {
     }
 
     fn encode_grain(g: u64, data: &[u8]) -> Result<Vec<u8>> {
+        // The disk is a whole number of sectors: a source that ends mid-sector is padded,
+        // so the last grain decodes to what readers expect.
+        let padded;
+        let data = if data.len() % SECTOR as usize != 0 {
+            let mut v = data.to_vec();
+            v.resize(data.len().next_multiple_of(SECTOR as usize), 0);
+            padded = v;
+            &padded[..]
+        } else {
+            data
+        };
         let z = codec::deflate(data, DEFLATE_LEVEL, 15, true, data.len() * 2 + 1024)
             .ok_or_else(|| Error::invalid_argument("zlib compression of a grain failed"))?;
         let total = (GRAIN_MARKER_LEN + z.len()).div_ceil(SECTOR as usize) * SECTOR as usize;
