@@ -730,7 +730,15 @@ impl StreamWriter {
         } else {
             data
         };
-        let z = codec::deflate(data, DEFLATE_LEVEL, 15, true, data.len() * 2 + 1024)
+        // Random-looking data does not compress: zlib at any level ends up storing it, so
+        // a cheap look at the first 4 KiB decides, and such grains are stored (level 0)
+        // at memcpy speed, the same size qemu-img's level 6 gives them.
+        let probe = &data[..data.len().min(4096)];
+        let level = match codec::deflate(probe, 1, 15, true, probe.len() * 2 + 64) {
+            Some(p) if p.len() * 100 >= probe.len() * 97 => 0,
+            _ => DEFLATE_LEVEL,
+        };
+        let z = codec::deflate(data, level, 15, true, data.len() * 2 + 1024)
             .ok_or_else(|| Error::invalid_argument("zlib compression of a grain failed"))?;
         let total = (GRAIN_MARKER_LEN + z.len()).div_ceil(SECTOR as usize) * SECTOR as usize;
         let mut out = vec![0u8; total];
