@@ -722,7 +722,7 @@ impl StreamWriter {
         // The disk is a whole number of sectors: a source that ends mid-sector is padded,
         // so the last grain decodes to what readers expect.
         let padded;
-        let data = if data.len() % SECTOR as usize != 0 {
+        let data = if !data.len().is_multiple_of(SECTOR as usize) {
             let mut v = data.to_vec();
             v.resize(data.len().next_multiple_of(SECTOR as usize), 0);
             padded = v;
