@@ -611,6 +611,27 @@ fn hostile_extent_names_are_refused() {
             );
         }
     }
+    // One sparse file named by many extent lines (cost amplification) is refused.
+    let split = d.join("img/split.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        s(&split),
+        "1M",
+    ]);
+    let text = fs::read_to_string(&split).unwrap();
+    let line = "RW 2048 SPARSE \"split-s001.vmdk\"\n";
+    assert!(text.contains(line), "{text}");
+    fs::write(&split, text.replace(line, &line.repeat(1000))).unwrap();
+    assert_refused(
+        &split,
+        ErrorKind::Invalid,
+        "one sparse file as 1000 extents",
+    );
     // The parent hint of a delta link is judged by the same gate.
     let base = d.join("base.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "1M"]);

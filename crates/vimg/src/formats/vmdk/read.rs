@@ -688,6 +688,7 @@ impl VmdkReader {
         let mut extents = Vec::with_capacity(d.extents.len());
         let mut refs = Vec::new();
         let mut pos = 0u64;
+        let mut sparse_ids = Vec::new();
         for (i, x) in d.extents.iter().enumerate() {
             let label = format!("extent {}", i + 1);
             let len = x
@@ -745,6 +746,7 @@ impl VmdkReader {
                     ExtentType::Sparse | ExtentType::VmfsSparse => {
                         let id = open(&mut files)?;
                         let f = files[id.0 as usize].clone();
+                        unique_sparse(&mut sparse_ids, &*f, &label)?;
                         let mut m = [0u8; 4];
                         read_exact(&*f, &mut m, 0, format_args!("{label} magic"))?;
                         let (ext, cap) = match u32::from_le_bytes(m) {
@@ -773,6 +775,7 @@ impl VmdkReader {
                     ExtentType::SeSparse => {
                         let id = open(&mut files)?;
                         let f = files[id.0 as usize].clone();
+                        unique_sparse(&mut sparse_ids, &*f, &label)?;
                         let (ext, cap) = open_sesparse(&label, id, f, len)?;
                         if cap < x.sectors {
                             return Err(Error::invalid(format!(
@@ -804,6 +807,23 @@ impl VmdkReader {
             });
             pos = end;
         }
+        let mut meta = 0u64;
+        let sparse = extents
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::Sparse(_)))
+            .count();
+        for e in extents.iter_mut() {
+            if let Kind::Sparse(s) = &mut e.kind {
+                s.share_cache(sparse);
+                meta += s.metadata_bytes();
+            }
+        }
+        if meta > limits::MAX_METADATA_BYTES {
+            return Err(Error::unsupported(format!(
+                "the extents' grain directories need {meta} bytes, more than vimg's limit of {}",
+                limits::MAX_METADATA_BYTES
+            )));
+        }
         if let Some(b) = &backing {
             refs.push(ExternalRef {
                 field: b.field.clone(),
@@ -828,6 +848,21 @@ impl VmdkReader {
         let i = self.extents.partition_point(|e| e.start + e.len <= off);
         self.extents.get(i)
     }
+}
+
+/// One sparse file named by two extent lines would be walked (and its tables held) twice:
+/// a descriptor could multiply one file's cost by thousands. Real images never share a
+/// sparse extent file (flat extents may share one, at no cost).
+fn unique_sparse(seen: &mut Vec<(u64, u64)>, f: &dyn Storage, label: &str) -> Result<()> {
+    if let Some(id) = f.identity() {
+        if seen.contains(&id) {
+            return Err(Error::invalid(format!(
+                "{label}: its sparse file is already used by another extent"
+            )));
+        }
+        seen.push(id);
+    }
+    Ok(())
 }
 
 fn cids(d: &Descriptor) -> Result<(u32, u32)> {

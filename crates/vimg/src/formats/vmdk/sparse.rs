@@ -520,6 +520,17 @@ impl SparseExtent {
         }
     }
 
+    /// Bytes of directories this extent keeps in memory.
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.p.gd.len() + self.p.rgd.as_ref().map_or(0, Vec::len)) as u64 * 4
+    }
+
+    /// Shares the table cache budget with `n - 1` other extents of the same image, so the
+    /// image's cache stays within [`limits::TABLE_CACHE_BYTES`].
+    pub fn share_cache(&mut self, n: usize) {
+        self.cache_cap = (self.cache_cap / n.max(1)).max(4);
+    }
+
     /// Grain size in bytes.
     pub fn grain_bytes(&self) -> u64 {
         self.grain
