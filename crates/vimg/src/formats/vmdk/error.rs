@@ -6,11 +6,11 @@ use crate::error::{ErrorKind, FormatError};
 #[derive(Debug, thiserror::Error)]
 pub enum VmdkError {
     /// A header field is out of the range the format (or vimg's limits) allows.
-    #[error("{structure} at {offset:#x}: {field} = {value:#x} is invalid: {why}")]
+    #[error("{structure}: {field} = {value:#x} (at byte {offset:#x}) is invalid: {why}")]
     BadField {
         /// The structure (e.g. "sparse extent header").
         structure: &'static str,
-        /// Byte offset of the structure in its file.
+        /// Byte offset of the field (or of its structure) in its file.
         offset: u64,
         /// The field name.
         field: &'static str,

@@ -471,7 +471,11 @@ fn open_sesparse(
             }
         }
     }
-    let len = if len == 0 { h.capacity * SECTOR } else { len };
+    let len = if len == 0 {
+        h.capacity.saturating_mul(SECTOR)
+    } else {
+        len
+    };
     let vol_end = h
         .volatile_header_offset
         .saturating_add(h.volatile_header_size.max(1));

@@ -185,7 +185,7 @@ impl SparseExtent {
                 let raw = self.raw_entry(&buf, e);
                 let table = || format!("{} grain table {gt_index}", self.p.label);
                 let g = gt_index * self.p.gtes_per_gt + e;
-                let guest = g * self.grain;
+                let guest = g.saturating_mul(self.grain);
                 let gte = self
                     .decode(raw)
                     .map_err(|why| entry_err(table(), e, raw, why))?;
@@ -438,7 +438,10 @@ impl SparseExtent {
             Gte::At(sector) if self.compressed() => {
                 let unit_start = g * self.grain;
                 let unit_len = grain_end - unit_start;
-                let host = sector * SECTOR;
+                // Checked again: the table was re-read since it was validated.
+                let host = sector.checked_mul(SECTOR).ok_or_else(|| {
+                    entry_err(label(), first as u64, raw, "grain offset overflows")
+                })?;
                 let (offset, len) = match self.p.flavor {
                     Flavor::Hosted { markers: true, .. } => {
                         let mut m = [0u8; GRAIN_MARKER_LEN];
@@ -495,7 +498,12 @@ impl SparseExtent {
             }
             Gte::At(sector) => {
                 let in_grain = off - g * self.grain;
-                let host = sector * SECTOR + in_grain;
+                let host = sector
+                    .checked_mul(SECTOR)
+                    .and_then(|h| h.checked_add(in_grain))
+                    .ok_or_else(|| {
+                        entry_err(label(), first as u64, raw, "grain offset overflows")
+                    })?;
                 let mut end = grain_end.min(limit);
                 let mut i = first + 1;
                 let mut next_sector = sector + self.p.grain_sectors;
