@@ -83,6 +83,8 @@ pub struct SparseExtent {
     gt_sectors: u64,
     cache: Mutex<HashMap<u64, Arc<Vec<u64>>>>,
     cache_cap: usize,
+    /// Grain tables found all zero at open: `map` answers for them without reading.
+    empty: Vec<bool>,
 }
 
 /// Most allocated grains whose host positions are kept to detect two entries at one grain
@@ -115,6 +117,7 @@ impl SparseExtent {
             gt_sectors,
             cache: Mutex::new(HashMap::new()),
             cache_cap,
+            empty: Vec::new(),
             p,
         };
         s.validate(file_len)?;
@@ -170,17 +173,44 @@ impl SparseExtent {
         let mut seen: Vec<u64> = Vec::new();
         let mut track = true;
         let mut buf = vec![0u8; (self.p.gtes_per_gt * self.p.entry_size) as usize];
+        let mut empty = vec![false; self.p.gd.len()];
+        // Where the file's next data starts, from SEEK_DATA: tables inside a hole are all
+        // zero and need no read (qemu-img preallocates every table of a 2 TiB disk as holes).
+        let mut hole = (0u64, 0u64);
+        let mut data = (0u64, 0u64);
         for (gt_index, &gt) in self.p.gd.iter().enumerate() {
             if gt == 0 {
+                continue;
+            }
+            let start = u64::from(gt) * SECTOR;
+            let end = start + self.gt_sectors * SECTOR;
+            let known = (start >= hole.0 && end <= hole.1) || (start >= data.0 && start < data.1);
+            if !known {
+                match self.p.storage.next_data(start) {
+                    Ok(Some((s, e))) if s > start => {
+                        hole = (start, s);
+                        data = (s, e);
+                    }
+                    Ok(Some(d)) => data = d,
+                    Ok(None) => hole = (start, u64::MAX),
+                    Err(_) => {}
+                }
+            }
+            if start >= hole.0 && end <= hole.1 {
+                empty[gt_index] = true;
                 continue;
             }
             let gt_index = gt_index as u64;
             read_exact(
                 &*self.p.storage,
                 &mut buf,
-                u64::from(gt) * SECTOR,
+                start,
                 format_args!("{} grain table {gt_index}", self.p.label),
             )?;
+            if buf.iter().all(|&b| b == 0) {
+                empty[gt_index as usize] = true;
+                continue;
+            }
             for e in 0..self.p.gtes_per_gt {
                 let raw = self.raw_entry(&buf, e);
                 let table = || format!("{} grain table {gt_index}", self.p.label);
@@ -245,6 +275,7 @@ impl SparseExtent {
                 }
             }
         }
+        self.empty = empty;
         if track {
             seen.sort_unstable();
             let min_gap = if self.compressed() {
@@ -348,6 +379,9 @@ impl SparseExtent {
     }
 
     fn table(&self, gt_index: u64) -> Result<Option<Arc<Vec<u64>>>> {
+        if self.empty.get(gt_index as usize) == Some(&true) {
+            return Ok(None);
+        }
         let gt = match self.p.gd.get(gt_index as usize) {
             Some(&0) => return Ok(None),
             Some(&gt) => gt,
