@@ -1360,3 +1360,107 @@ mod cowd_tests {
         assert_eq!(e.kind(), crate::ErrorKind::Invalid);
     }
 }
+
+#[cfg(test)]
+mod sesparse_tests {
+    use super::*;
+    use crate::gate::ExternalPolicy;
+    use crate::storage::MemStorage;
+
+    /// A hand-laid seSparse extent (sectors): const header 0, volatile header 1, grain
+    /// directory 2 (one entry: table 0), grain tables from 3 (64 sectors each), grains from
+    /// 67 (8 sectors = 4 KiB each). Grain 0 is allocated at cluster 0 and holds 'a'; grain
+    /// 1 is a zero grain.
+    fn extent() -> Vec<u8> {
+        let mut img = vec![0u8; 75 * 512];
+        SeSparseConstHeader {
+            magic: SESPARSE_CONST_MAGIC,
+            version: SESPARSE_VERSION,
+            capacity: 2048,
+            grain_size: 8,
+            grain_table_size: 64,
+            volatile_header_offset: 1,
+            volatile_header_size: 1,
+            grain_dir_offset: 2,
+            grain_dir_size: 1,
+            grain_tables_offset: 3,
+            grain_tables_size: 64,
+            grains_offset: 67,
+            grains_size: 8,
+            ..Default::default()
+        }
+        .write_to(&mut img);
+        img[512..520].copy_from_slice(&SESPARSE_VOLATILE_MAGIC.to_le_bytes());
+        img[1024..1032].copy_from_slice(&0x1000_0000_0000_0000u64.to_le_bytes());
+        img[1536..1544].copy_from_slice(&0x3000_0000_0000_0000u64.to_le_bytes());
+        img[1544..1552].copy_from_slice(&0x2000_0000_0000_0000u64.to_le_bytes());
+        img[67 * 512..].fill(b'a');
+        img
+    }
+
+    fn open_with(ext: &[u8]) -> Result<VmdkReader> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("e.vmdk"), ext).unwrap();
+        let desc = "createType=\"seSparse\"\nCID=fffffffe\nparentCID=ffffffff\nRW 2048 SESPARSE \"e.vmdk\"\n";
+        let ctx = OpenContext::new(Some(&dir.path().join("d.vmdk")), ExternalPolicy::SameFolder);
+        VmdkReader::open(Arc::new(MemStorage::new(desc.as_bytes().to_vec())), &ctx)
+    }
+
+    #[test]
+    fn sesparse_maps() {
+        let r = open_with(&extent()).unwrap();
+        assert_eq!(r.virtual_size(), 1 << 20);
+        let e = r.map(GuestOffset(0), 1 << 20).unwrap();
+        assert_eq!(e.len, 4096);
+        assert!(matches!(
+            e.kind,
+            MapKind::Data {
+                offset: HostOffset(0x8600),
+                ..
+            }
+        ));
+        assert_eq!(
+            r.map(GuestOffset(4096), 1 << 20).unwrap().kind,
+            MapKind::Zero
+        );
+        assert_eq!(
+            r.map(GuestOffset(8192), 1 << 20).unwrap().kind,
+            MapKind::Unallocated
+        );
+        assert_eq!(r.cluster_size(), Some(4096));
+    }
+
+    #[test]
+    fn sesparse_rules() {
+        let kind = |patch: &dyn Fn(&mut Vec<u8>)| {
+            let mut x = extent();
+            patch(&mut x);
+            open_with(&x).err().map(|e| e.kind())
+        };
+        use crate::ErrorKind::*;
+        assert_eq!(kind(&|x| x[8] = 2), Some(Unsupported), "version");
+        assert_eq!(kind(&|x| x[0x18] = 16), Some(Invalid), "grain size");
+        assert_eq!(kind(&|x| x[512] = 0), Some(Invalid), "volatile magic");
+        assert_eq!(
+            kind(&|x| x[512 + 24] = 1),
+            Some(Unsupported),
+            "dirty journal"
+        );
+        assert_eq!(
+            kind(&|x| x[1024 + 7] = 0x20),
+            Some(Corrupt),
+            "directory entry type"
+        );
+        assert_eq!(
+            kind(&|x| x[1536 + 7] = 0x50),
+            Some(Corrupt),
+            "grain entry type"
+        );
+        assert_eq!(kind(&|x| x[1536] = 0x40), Some(Corrupt), "grain past eof");
+        assert_eq!(
+            kind(&|x| x[0x10 + 3] = 0x10),
+            Some(Invalid),
+            "capacity past the directory"
+        );
+    }
+}
