@@ -952,3 +952,82 @@ fn libvmdk_reads_what_vimg_writes() {
         assert_eq!(got.trim(), want, "{o}");
     }
 }
+
+/// A conversion that fails half-way leaves none of the files of a multi-file vmdk, and a
+/// destination that is one of the source's extent files is refused before anything is
+/// written.
+#[test]
+fn multi_file_output_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    write_sparse_raw(
+        &src,
+        8 << 20,
+        &[(0, &pattern(1 << 20, 9)), (6 << 20, &[7u8; 65536])],
+    );
+    let so = dir.path().join("so.vmdk");
+    vimg(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&src),
+        s(&so),
+    ]);
+    // Garble the compressed bytes of the grain at 6 MiB: the image opens (its tables are
+    // sound) and the copy fails when that grain is decoded.
+    let mut b = fs::read(&so).unwrap();
+    let marker = b
+        .chunks(512)
+        .position(|c| c[..8] == (12288u64).to_le_bytes() && c[8..12] != [0, 0, 0, 0])
+        .expect("grain marker of the grain at 6 MiB");
+    let at = marker * 512 + 12;
+    b[at + 2..at + 40].fill(0xff);
+    fs::write(&so, &b).unwrap();
+    let out = dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    for sub in [
+        "twoGbMaxExtentFlat",
+        "twoGbMaxExtentSparse",
+        "monolithicFlat",
+    ] {
+        let r = vimg_raw(&[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            s(&so),
+            s(&out.join("d.vmdk")),
+        ]);
+        assert_eq!(r.status.code(), Some(1), "{sub}");
+        assert_eq!(
+            fs::read_dir(&out).unwrap().count(),
+            0,
+            "{sub}: files left behind"
+        );
+    }
+    // The destination is the source's own flat extent.
+    let flat = dir.path().join("f.vmdk");
+    vimg(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&src),
+        s(&flat),
+    ]);
+    let before = fs::read(dir.path().join("f-flat.vmdk")).unwrap();
+    let r = vimg_raw(&[
+        "convert",
+        "-O",
+        "raw",
+        s(&flat),
+        s(&dir.path().join("f-flat.vmdk")),
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("same file"));
+    assert_eq!(fs::read(dir.path().join("f-flat.vmdk")).unwrap(), before);
+}

@@ -357,6 +357,13 @@ impl SparseWriter {
         let cid = random_cid();
         if s.subformat == Subformat::MonolithicSparse {
             let main = out.create_main()?;
+            if main.is_stream() {
+                // Its tables are written last, ahead of the grains: refuse now rather than
+                // after streaming the data.
+                return Err(Error::unsupported(
+                    "monolithicSparse vmdk cannot be written to a stream; use subformat=streamOptimized",
+                ));
+            }
             let line = format!("RW {} SPARSE \"{base}\"\n", s.size / SECTOR);
             let desc = descriptor_text(s, cid, &line);
             let f = SparseFile::create(main, s.size, s.zeroed_grain, Some(&desc))?;
