@@ -31,7 +31,8 @@ pub const SESPARSE_VERSION: u64 = 0x0000_0002_0000_0001;
 pub const FLAG_NL_DETECT: u32 = 1 << 0;
 /// Flag: the redundant grain directory is in use.
 pub const FLAG_RGD: u32 = 1 << 1;
-/// Flag: grain table entry 1 means "zeroed grain".
+/// Flag: grain table entry 1 means "zeroed grain" (Virtual Disk Format 5.0; header
+/// version 2).
 pub const FLAG_ZERO_GRAIN: u32 = 1 << 2;
 /// Flag: grains are compressed.
 pub const FLAG_COMPRESSED: u32 = 1 << 16;
