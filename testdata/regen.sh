@@ -36,3 +36,9 @@ qemu-img convert -q -f raw -O vdi -o static=on "$tmp/small.raw" "$tmp/small-stat
 for f in small.vhd small-fixed.vhd small.vdi small-static.vdi; do
   xz -9 -c "$tmp/$f" > "$f.xz"
 done
+
+# vmdk streamOptimized, as qemu-img writes it (tables ahead of the grains) and as vimg
+# writes it (VMware's stream layout: tables after the grains, footer, end-of-stream marker).
+qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-stream.vmdk
+vimg=${VIMG:-../target/debug/vimg}
+"$vimg" convert -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-vimg-stream.vmdk

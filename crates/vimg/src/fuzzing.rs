@@ -17,12 +17,18 @@ const EXTENT_BUDGET: usize = 100_000;
 /// Opens `data` as `format` (or probes), collects `info`, walks the mapping and reads every
 /// mapped byte up to a budget. Errors are fine; panics are the bug.
 pub fn open_and_read_all(data: &[u8], format: Option<Format>) {
+    open_at_and_read_all(data, None, format);
+}
+
+/// [`open_and_read_all`] for bytes that claim to live at `path`, so the files the image
+/// names (extents, backing files) are looked up next to it, through the gate.
+pub fn open_at_and_read_all(data: &[u8], path: Option<&std::path::Path>, format: Option<Format>) {
     let storage = Arc::new(MemStorage::new(data.to_vec()));
     let opts = OpenOptions {
         format,
         ..OpenOptions::default()
     };
-    let Ok(image) = Image::open_storage(storage, None, &opts) else {
+    let Ok(image) = Image::open_storage(storage, path, &opts) else {
         return;
     };
     let _ = serde_json::to_string(&ImageInfo::of(&image));
