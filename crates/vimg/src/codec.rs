@@ -176,7 +176,14 @@ pub fn deflate(
         let mut out = Vec::with_capacity(max_out);
         match c.compress_vec(input, &mut out, FlushCompress::Finish) {
             Ok(Status::StreamEnd) if out.len() < max_out => Some(out),
-            _ => None,
+            Ok(Status::StreamEnd) => None,
+            _ => {
+                // The stream stopped with output still pending. zlib-rs 0.6 does not clear
+                // that state on reset() and panics in the next stored block, so start over
+                // with a fresh compressor next time.
+                *cell = None;
+                None
+            }
         }
     })
 }
@@ -269,6 +276,34 @@ mod tests {
             assert!(decompress(codec, &c[..c.len() / 2], &mut out).is_err());
             assert!(decompress(codec, &[0xffu8; 64], &mut out).is_err());
         }
+    }
+
+    #[test]
+    fn compressor_survives_streams_that_did_not_fit() {
+        // Incompressible 4 KiB units with a 4 KiB window: reusing the compressor after an
+        // unfinished stream made zlib-rs 0.6 panic after about 16 units.
+        let mut x = 0x9e3779b9u32;
+        for _ in 0..64 {
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            assert!(deflate(&noise, 6, 12, false, noise.len()).is_none());
+        }
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog 0123456789 "
+            .iter()
+            .cycle()
+            .take(4096)
+            .copied()
+            .collect();
+        let c = deflate(&text, 6, 12, false, text.len()).unwrap();
+        let mut out = vec![0u8; text.len()];
+        decompress(Codec::Deflate, &c, &mut out).unwrap();
+        assert_eq!(out, text);
     }
 
     #[test]
