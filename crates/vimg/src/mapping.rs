@@ -271,6 +271,13 @@ pub trait ImageReader: Send + Sync {
         None
     }
 
+    /// Persistent dirty bitmaps as `(name, granularity in bytes)`, for `measure`; `None`
+    /// when the image cannot hold persistent bitmaps at all (qemu-img then prints no
+    /// `bitmaps` figure).
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+        None
+    }
+
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()
