@@ -737,8 +737,9 @@ fn looks_incompressible(data: &[u8]) -> bool {
     }
     let nf = n as f64;
     let mut h = 0.0f64;
-    for i in 0..256 {
-        let c = counts[0][i] + counts[1][i] + counts[2][i] + counts[3][i];
+    let [a, b, c, d] = &counts;
+    for (((x, y), z), w) in a.iter().zip(b).zip(c).zip(d) {
+        let c = x + y + z + w;
         if c > 0 {
             let p = f64::from(c) / nf;
             h -= p * p.log2();
