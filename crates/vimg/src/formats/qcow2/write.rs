@@ -166,6 +166,11 @@ impl WriteOptions {
         };
         let backing_file = opts.get_str("backing_file").map(str::to_string);
         let backing_fmt = opts.get_str("backing_fmt").map(str::to_string);
+        if backing_file.is_some() && backing_fmt.is_none() {
+            // As qemu-img: probing the backing file on every open is how format confusion
+            // attacks start.
+            return Err(bad("Backing file specified without backing format"));
+        }
         if backing_fmt.is_some() && backing_file.is_none() {
             return Err(bad("Backing format cannot be used without backing file"));
         }
@@ -1110,18 +1115,18 @@ impl ImageWriter for Qcow2Writer {
         let buf = self.header_cluster(&mut h)?;
         file.write_all_at(&buf, 0)?;
 
-        // Every allocated cluster starts inside the file; compressed data may end the file
-        // mid-cluster, on a sector boundary, as QEMU leaves it.
-        let end = max_end
+        // Every allocated cluster starts inside the file. As with qemu-img, the file ends
+        // where the last write ended (mid-cluster after a short L1 table), and after
+        // compressed data it is rounded up to a sector.
+        let mut end = max_end
             .load(Ordering::Relaxed)
-            .max(((alloc.next - 1) << cb) + 1)
-            .div_ceil(512)
-            * 512;
-        let end = if self.o.prealloc != Prealloc::Off {
-            end.max(alloc.next << cb)
-        } else {
-            end
-        };
+            .max(((alloc.next - 1) << cb) + 1);
+        if self.o.compress.is_some() {
+            end = end.div_ceil(512) * 512;
+        }
+        if self.o.prealloc != Prealloc::Off {
+            end = end.max(alloc.next << cb);
+        }
         file.set_len(end)?;
         Ok(())
     }
@@ -1147,7 +1152,9 @@ impl Qcow2Writer {
         }
         let features = qemu_feature_table();
         let ft_len = features.len() * FEATURE_NAME_LEN;
-        let with_features = h.version >= 3 && need + ext_len(ft_len) <= cs;
+        // QEMU 10 leaves the table out for clusters of 4 KiB and less, where it would take
+        // most of the header cluster.
+        let with_features = h.version >= 3 && cs > 4096 && need + ext_len(ft_len) <= cs;
         let mut off = h.len();
         if let Some(f) = fmt {
             off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
