@@ -1145,4 +1145,341 @@ mod tests {
         .contains("too long"));
         assert!(parse_err(|r| r.truncate(50)).contains("truncated"));
     }
+
+    fn g64() -> Geometry {
+        Geometry::new(16, false, 4)
+    }
+
+    #[test]
+    fn geometry() {
+        let g = g64();
+        assert_eq!((g.l2_entries(), g.l2_span()), (8192, 512 << 20));
+        assert_eq!((g.csize_shift, g.csize_mask), (54, 255));
+        assert_eq!(g.refblock_entries(), 32768);
+        assert_eq!(g.l1_entries_for(1 << 30), 2);
+        assert_eq!(g.l1_entries_for((1 << 30) + 1), 3);
+        assert_eq!(g.refcount_max(), 65535);
+        let x = Geometry::new(14, true, 6);
+        assert_eq!((x.l2_entries(), x.subcluster_size), (1024, 512));
+        assert_eq!(x.refcount_max(), u64::MAX);
+        assert_eq!(Geometry::new(9, false, 0).refcount_max(), 1);
+    }
+
+    #[test]
+    fn extensions_parse_and_round_trip() {
+        // Header of 112 bytes, then: backing format "qcow2", data file "d.bin", one
+        // feature name, an unknown extension, the end marker.
+        let mut buf = vec![0u8; 4096];
+        let mut off = 112;
+        off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, b"qcow2");
+        off = write_extension(&mut buf, off, EXT_DATA_FILE, b"d.bin");
+        let mut f = [0u8; FEATURE_NAME_LEN];
+        FeatureName {
+            kind: 0,
+            bit: 20,
+            name: "flux capacitor".into(),
+        }
+        .write_to(&mut f);
+        off = write_extension(&mut buf, off, EXT_FEATURE_TABLE, &f);
+        off = write_extension(&mut buf, off, 0x1234_5678, &[1, 2, 3]);
+        assert_eq!(off, 112 + 16 + 16 + 56 + 16);
+        let e = parse_extensions(&buf, 112, 4096, 65536).unwrap();
+        assert_eq!(e.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(e.data_file.as_deref(), Some("d.bin"));
+        assert_eq!(e.feature_names[0].name, "flux capacitor");
+        assert_eq!(e.feature_names[0].bit, 20);
+        assert_eq!(e.unknown, vec![0x1234_5678]);
+        assert!(e.bitmaps.is_none());
+    }
+
+    fn ext_err(magic: u32, data: &[u8], end: usize) -> String {
+        let mut buf = vec![0u8; 4096];
+        write_extension(&mut buf, 112, magic, data);
+        parse_extensions(&buf, 112, end, 65536)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn extension_rules() {
+        // Runs past the extension area.
+        assert!(ext_err(EXT_DATA_FILE, &[b'x'; 100], 150).contains("runs past"));
+        // Header does not fit.
+        assert!(ext_err(EXT_DATA_FILE, b"x", 116).contains("does not fit"));
+        // Backing format name too long (QEMU's buffer is 16 bytes).
+        assert!(ext_err(EXT_BACKING_FORMAT, &[b'a'; 16], 4096).contains("backing format"));
+        // Crypto header pointer of the wrong size.
+        assert!(ext_err(EXT_CRYPTO, &[0; 8], 4096).contains("not 16"));
+        // Twice the same extension.
+        let mut buf = vec![0u8; 4096];
+        let off = write_extension(&mut buf, 112, EXT_DATA_FILE, b"a");
+        write_extension(&mut buf, off, EXT_DATA_FILE, b"b");
+        let e = parse_extensions(&buf, 112, 4096, 65536).unwrap_err();
+        assert!(e.to_string().contains("twice"));
+    }
+
+    #[test]
+    fn feature_name_round_trip() {
+        let raw: Vec<u8> = [0u8, 4]
+            .iter()
+            .copied()
+            .chain(b"extended L2 entries".iter().copied())
+            .chain(std::iter::repeat_n(0, 27))
+            .collect();
+        let f = FeatureName::parse(&raw).unwrap();
+        assert_eq!(
+            (f.kind, f.bit, f.name.as_str()),
+            (0, 4, "extended L2 entries")
+        );
+        let mut out = [0xffu8; FEATURE_NAME_LEN];
+        f.write_to(&mut out);
+        assert_eq!(&out[..], &raw[..]);
+        assert!(FeatureName::parse(&raw[..47]).is_err());
+        // A full-length name has no terminating zero.
+        let long = [b'n'; FEATURE_NAME_LEN];
+        assert_eq!(FeatureName::parse(&long).unwrap().name.len(), 46);
+    }
+
+    #[test]
+    fn bitmaps_extension_rules() {
+        let ok = BitmapsExt {
+            nb_bitmaps: 2,
+            directory_size: 64,
+            directory_offset: 0x50000,
+        };
+        let mut raw = [0u8; 24];
+        ok.write_to(&mut raw);
+        // nb_bitmaps 2, reserved 0, directory size 64, directory offset 0x50000.
+        assert_eq!(&raw[..8], &[0, 0, 0, 2, 0, 0, 0, 0]);
+        assert_eq!(BitmapsExt::parse(&raw, 65536).unwrap(), ok);
+        let bad = |patch: &dyn Fn(&mut [u8; 24])| {
+            let mut r = raw;
+            patch(&mut r);
+            BitmapsExt::parse(&r, 65536).unwrap_err()
+        };
+        assert!(bad(&|r| r[7] = 1).contains("reserved"));
+        assert!(bad(&|r| r[3] = 0).contains("bitmaps"));
+        assert!(bad(&|r| r[23] = 0x10).contains("aligned"));
+        assert!(bad(&|r| r[8] = 1).contains("exceeds"));
+        assert!(BitmapsExt::parse(&raw[..20], 65536).is_err());
+    }
+
+    #[test]
+    fn bitmap_entry_rules() {
+        let e = BitmapEntry {
+            table_offset: 0x60000,
+            table_size: 1,
+            flags: BME_FLAG_AUTO,
+            kind: 1,
+            granularity_bits: 16,
+            name_size: 3,
+            extra_data_size: 0,
+        };
+        let mut raw = [0u8; BITMAP_ENTRY_LEN];
+        e.write_to(&mut raw);
+        assert_eq!(BitmapEntry::parse(&raw, 65536).unwrap(), e);
+        assert_eq!(e.entry_len(), 32);
+        let bad = |patch: &dyn Fn(&mut [u8; BITMAP_ENTRY_LEN])| {
+            let mut r = raw;
+            patch(&mut r);
+            BitmapEntry::parse(&r, 65536).unwrap_err()
+        };
+        assert!(bad(&|r| r[16] = 2).contains("type"));
+        assert!(bad(&|r| r[17] = 8).contains("granularity"));
+        assert!(bad(&|r| r[17] = 32).contains("granularity"));
+        assert!(bad(&|r| r[15] |= 8).contains("reserved flags"));
+        assert!(bad(&|r| r[19] = 0).contains("name length"));
+        assert!(bad(&|r| r[18] = 4).contains("name length"));
+        assert!(bad(&|r| r[7] = 1).contains("aligned"));
+        assert!(bad(&|r| r[22] = 8).contains("extra data"));
+    }
+
+    #[test]
+    fn snapshot_header_round_trip() {
+        // One entry as `qemu-img snapshot -c snap1` wrote it (QEMU 10.0).
+        let hex = concat!(
+            "0000000000360000", // L1 table offset
+            "00000001",         // L1 entries
+            "0001",             // ID length
+            "0005",             // name length
+            "6b07480c",         // date, seconds
+            "00cff260",         // date, nanoseconds
+            "0000000000000000", // VM clock
+            "00000000",         // VM state size (32-bit)
+            "00000018",         // 24 bytes of extra data
+        );
+        let raw: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let h = SnapshotHeader::parse(&raw).unwrap();
+        assert_eq!(
+            (h.l1_table_offset, h.id_str_size, h.name_size),
+            (0x360000, 1, 5)
+        );
+        assert_eq!(h.entry_len(), 40 + 24 + 8);
+        let mut out = vec![0u8; 40];
+        h.write_to(&mut out);
+        assert_eq!(out, raw);
+        assert!(SnapshotHeader::parse(&raw[..39]).is_err());
+        let mut extra = vec![0u8; 24];
+        extra[15] = 0x40; // disk size 64
+        let x = SnapshotExtra::parse(&extra);
+        assert_eq!(x.vm_state_size_large, Some(0));
+        assert_eq!(x.disk_size, Some(64));
+        assert_eq!(x.icount, Some(0));
+        extra[16..].fill(0xff);
+        assert_eq!(SnapshotExtra::parse(&extra).icount, None);
+        assert_eq!(SnapshotExtra::parse(&extra[..8]).disk_size, None);
+    }
+
+    #[test]
+    fn l2_entries_decode() {
+        let g = g64();
+        let d = |e: u64| decode_l2(e, 0, &g, 3, false);
+        assert_eq!(d(0), Ok(Cluster::Unallocated));
+        assert_eq!(
+            d(OFLAG_COPIED | 0x50000),
+            Ok(Cluster::Normal { host: 0x50000 })
+        );
+        assert_eq!(d(0x50000), Ok(Cluster::Normal { host: 0x50000 }));
+        assert_eq!(d(OFLAG_ZERO), Ok(Cluster::Zero { host: None }));
+        assert_eq!(
+            d(OFLAG_ZERO | 0x50000),
+            Ok(Cluster::Zero {
+                host: Some(0x50000)
+            })
+        );
+        // External data file: offset 0 with the copied flag is guest cluster 0.
+        assert_eq!(
+            decode_l2(OFLAG_COPIED, 0, &g, 3, true),
+            Ok(Cluster::Normal { host: 0 })
+        );
+        assert_eq!(
+            decode_l2(OFLAG_COPIED, 0, &g, 3, false),
+            Ok(Cluster::Unallocated)
+        );
+    }
+
+    #[test]
+    fn l2_entry_rules() {
+        let g = g64();
+        let d = |e: u64| decode_l2(e, 0, &g, 3, false).unwrap_err();
+        assert!(d(0x50000 | 1 << 60).contains("reserved"));
+        assert!(d(0x50000 | 1 << 3).contains("reserved"));
+        assert!(d(0x50200).contains("aligned"));
+        assert!(decode_l2(OFLAG_ZERO, 0, &g, 2, false)
+            .unwrap_err()
+            .contains("version 2"));
+        assert!(decode_l2(0x50000, 1, &g, 3, false)
+            .unwrap_err()
+            .contains("bitmap"));
+        let c = encode_compressed(&g, 0x12345, 1000);
+        assert!(decode_l2(c | OFLAG_COPIED, 0, &g, 3, false)
+            .unwrap_err()
+            .contains("copied"));
+        assert!(decode_l2(c, 0, &g, 3, true)
+            .unwrap_err()
+            .contains("data file"));
+        let x = Geometry::new(14, true, 4);
+        assert!(decode_l2(c, 1, &x, 3, false)
+            .unwrap_err()
+            .contains("bitmap"));
+        // Small clusters: compressed offsets may not use bits past 55.
+        let small = Geometry::new(9, false, 4);
+        assert!(decode_l2(OFLAG_COMPRESSED | 1 << 57, 0, &small, 3, false)
+            .unwrap_err()
+            .contains("2^56"));
+    }
+
+    #[test]
+    fn extended_l2_rules() {
+        let g = Geometry::new(16, true, 4);
+        let d = |e: u64, b: u64| decode_l2(e, b, &g, 3, false);
+        assert_eq!(
+            d(OFLAG_COPIED | 0x70000, 0x0000_0003_ffff_fff0),
+            Ok(Cluster::Sub {
+                host: Some(0x70000),
+                alloc: 0xffff_fff0,
+                zero: 3
+            })
+        );
+        assert_eq!(
+            d(0, 0xffff_ffff_0000_0000),
+            Ok(Cluster::Sub {
+                host: None,
+                alloc: 0,
+                zero: u32::MAX
+            })
+        );
+        assert!(d(0x70000, 0x0000_0001_0000_0001)
+            .unwrap_err()
+            .contains("both"));
+        assert!(d(0, 1).unwrap_err().contains("unallocated"));
+        assert!(d(0x70000 | OFLAG_ZERO, 0)
+            .unwrap_err()
+            .contains("zero flag"));
+    }
+
+    #[test]
+    fn compressed_descriptor_round_trip() {
+        for cb in [9u32, 12, 16, 21] {
+            let g = Geometry::new(cb, false, 4);
+            for (off, len) in [(0x10_0000u64, 1u64), (0x10_01ffu64, 2), (0x1234_5677, 3000)] {
+                let len = len.min(g.cluster_size - 1);
+                let e = encode_compressed(&g, off, len);
+                let Ok(Cluster::Compressed { offset, len: l }) = decode_l2(e, 0, &g, 3, false)
+                else {
+                    panic!("not compressed");
+                };
+                assert_eq!(offset, off);
+                // The decoded length runs to the end of the last sector used.
+                assert_eq!(offset + l, (off + len).div_ceil(512) * 512);
+            }
+        }
+    }
+
+    #[test]
+    fn refcounts_of_every_width() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as usize;
+            for i in 0..n {
+                refcount_set(&mut block, order, i, (i as u64 * 7 + 1) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    refcount_get(&block, order, i),
+                    (i as u64 * 7 + 1) & max,
+                    "order {order}"
+                );
+            }
+            refcount_set(&mut block, order, 0, max);
+            assert_eq!(refcount_get(&block, order, 0), max);
+            assert_eq!(refcount_get(&block, order, 1), 8 & max);
+        }
+        // Sub-byte widths start at the least significant bit.
+        let mut b = [0u8; 1];
+        refcount_set(&mut b, 0, 0, 1);
+        assert_eq!(b[0], 1);
+        refcount_set(&mut b, 1, 3, 2);
+        assert_eq!(b[0], 0b1000_0001);
+        // 16-bit entries are big endian.
+        let mut w = [0u8; 4];
+        refcount_set(&mut w, 4, 1, 0x0102);
+        assert_eq!(w, [0, 0, 1, 2]);
+    }
+
+    #[test]
+    fn qemu_feature_table_bytes() {
+        let t = qemu_feature_table();
+        assert_eq!(t.len() * FEATURE_NAME_LEN, 384);
+        assert_eq!(t[4].name, "extended L2 entries");
+    }
 }
