@@ -949,6 +949,11 @@ pub fn decode_l2(
         ));
     }
     let raw_off = entry & L2E_OFFSET_MASK;
+    if raw_off == 0 && entry & OFLAG_COPIED != 0 && !data_file {
+        // Offset 0 with bit 63 names guest data at the header; only an external data
+        // file makes host offset 0 valid.
+        return Err("host offset 0 (the header) with the copied flag set".into());
+    }
     let host = if raw_off != 0 || (data_file && entry & OFLAG_COPIED != 0) {
         Some(raw_off)
     } else {

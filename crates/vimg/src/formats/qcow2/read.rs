@@ -52,7 +52,11 @@ pub struct Qcow2Reader {
     pub(super) storage: Arc<dyn Storage>,
     pub(super) data_file: Option<Arc<dyn Storage>>,
     pub(super) data_file_name: Option<String>,
+    /// Why the data file could not be opened (reads fail with it).
+    data_file_err: Option<(ErrorKind, String)>,
     pub(super) header: Header,
+    /// The virtual size as QEMU sees it: the header's size rounded down to a sector.
+    vsize: u64,
     pub(super) g: Geometry,
     /// The active L1 table (raw entries, checked).
     pub(super) l1: Box<[u64]>,
@@ -243,6 +247,7 @@ impl Qcow2Reader {
                 "data-file-raw requires a data file",
             ));
         }
+        let mut data_file_err = None;
         let (data_file, data_file_name) = if has_data_file {
             let Some(name) = exts.data_file.clone() else {
                 return Err(Qcow2Error::Unsupported(
@@ -257,7 +262,15 @@ impl Qcow2Reader {
                     "internal snapshots are not allowed with an external data file",
                 ));
             }
-            (Some(ctx.open_external("data_file", &name)?), Some(name))
+            // A data file the gate refuses still lets `info` show what the image names;
+            // reading the image then fails with the gate's error.
+            match ctx.open_external("data_file", &name) {
+                Ok(f) => (Some(f), Some(name)),
+                Err(e) => {
+                    data_file_err = Some((e.kind(), e.to_string()));
+                    (None, Some(name))
+                }
+            }
         } else {
             (None, None)
         };
@@ -477,6 +490,8 @@ impl Qcow2Reader {
             storage,
             data_file,
             data_file_name,
+            data_file_err,
+            vsize: header.size & !511,
             header,
             g,
             l1: l1.into_boxed_slice(),
@@ -499,6 +514,14 @@ impl Qcow2Reader {
             }),
             warnings,
         })
+    }
+
+    /// Fails when the image cannot be read (its data file was refused).
+    fn usable(&self) -> Result<()> {
+        match &self.data_file_err {
+            Some((kind, msg)) => Err(Error::msg(*kind, msg.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The header.
@@ -609,7 +632,7 @@ impl Qcow2Reader {
         let g = &self.g;
         let n = g.l2_entries();
         let first_cluster = l1i << g.l2_bits;
-        let disk_clusters = self.header.size.div_ceil(g.cluster_size);
+        let disk_clusters = self.vsize.div_ceil(g.cluster_size);
         let live = disk_clusters.saturating_sub(first_cluster).min(n);
         let data_file = self.data_file.is_some();
         let mut uses = Vec::new();
@@ -1025,7 +1048,7 @@ impl ImageReader for Qcow2Reader {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.header.size
+        self.vsize
     }
 
     fn cluster_size(&self) -> Option<u64> {
@@ -1033,8 +1056,9 @@ impl ImageReader for Qcow2Reader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
+        self.usable()?;
         let start = offset.get();
-        let end = start.saturating_add(max_len).min(self.header.size);
+        let end = start.saturating_add(max_len).min(self.vsize);
         if start >= end {
             return Err(Error::invalid_argument(format!(
                 "qcow2 map at {start:#x} is outside the virtual disk"
@@ -1163,6 +1187,11 @@ impl ImageReader for Qcow2Reader {
         self.backing.as_ref()
     }
 
+    fn allocated_size(&self) -> Option<u64> {
+        // As qemu-img: the image file, not its external data file.
+        self.storage.disk_usage()
+    }
+
     fn external_refs(&self) -> Vec<ExternalRef> {
         let mut v = Vec::new();
         if let Some(b) = &self.backing {
@@ -1261,6 +1290,7 @@ impl ImageReader for Qcow2Reader {
     }
 
     fn check(&self) -> Result<crate::check::CheckReport> {
+        self.usable()?;
         super::check::check(self)
     }
 }

@@ -485,6 +485,11 @@ struct Piece {
 impl Qcow2Writer {
     /// Creates the image (and its data file) in `out`.
     pub fn create(out: &Output, size: u64, o: WriteOptions) -> Result<Qcow2Writer> {
+        // QEMU counts disks in 512-byte sectors and reads a qcow2 size rounded down to one,
+        // so a size that is not a multiple of 512 is rounded up, as qemu-img does.
+        let size = size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| bad("The image size is too large for file format 'qcow2'"))?;
         if out.mode() == OutputMode::InPlace {
             return Err(Error::unsupported(
                 "writing into an existing qcow2 image (convert -n) is not supported",
