@@ -446,6 +446,39 @@ fn reads_three_level_chain_of_mixed_formats() {
 }
 
 #[test]
+fn reads_a_backing_file_name_anywhere_in_the_first_cluster() {
+    if !qemu_available("reads_a_backing_file_name_anywhere_in_the_first_cluster") {
+        return;
+    }
+    let d = tmp();
+    let base = d.path().join("base.raw");
+    write_sparse_raw(&base, 1 << 20, &[(4096, &pattern(8192, 8))]);
+    let ov = d.path().join("ov.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&ov),
+    ]);
+    // Move the name from right after the extensions to 12 KiB into the header cluster.
+    let h = layout(&ov).h;
+    let mut name = vec![0u8; h.backing_file_size as usize];
+    fs::File::open(&ov)
+        .unwrap()
+        .read_exact_at(&mut name, h.backing_file_offset)
+        .unwrap();
+    patch(&ov, h.backing_file_offset, &vec![0u8; name.len()]);
+    patch(&ov, 0x3000, &name);
+    wr64(&ov, 8, 0x3000);
+    assert_reads_like_qemu(&ov, "qcow2", d.path());
+}
+
+#[test]
 fn reads_unaligned_virtual_sizes_like_qemu() {
     if !qemu_available("reads_unaligned_virtual_sizes_like_qemu") {
         return;

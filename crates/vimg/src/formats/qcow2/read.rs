@@ -382,15 +382,16 @@ impl Qcow2Reader {
 
         // Backing file.
         let backing = if header.backing_file_offset != 0 && header.backing_file_size != 0 {
-            let off = header.backing_file_offset as usize;
-            let len = header.backing_file_size as usize;
-            let name_bytes = first
-                .get(off..off + len)
-                .ok_or_else(|| Error::from(Qcow2Error::Truncated(file_len)))?;
-            if file_len < (off + len) as u64 {
-                return Err(Qcow2Error::Truncated(file_len).into());
-            }
-            let name = String::from_utf8_lossy(name_bytes).into_owned();
+            // The name lies after the extension area, inside the first cluster (the header
+            // parser checked offset and length against it).
+            let mut name_bytes = vec![0u8; header.backing_file_size as usize];
+            read_exact(
+                &*storage,
+                &mut name_bytes,
+                header.backing_file_offset,
+                "backing file name",
+            )?;
+            let name = String::from_utf8_lossy(&name_bytes).into_owned();
             let format = match &exts.backing_format {
                 None => None,
                 Some(f) => Some(Format::from_name(f).ok_or_else(|| {
