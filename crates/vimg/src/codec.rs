@@ -120,9 +120,12 @@ fn unzstd(
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     // qcow2 pads compressed clusters to a sector, so stop as soon as one unit is out.
+    // `hint` is zstd's answer: 0 once a frame is completely decoded and flushed.
+    let mut hint = usize::MAX;
     while outb.pos() < expected {
         let before = (inb.pos, outb.pos());
-        dctx.decompress_stream(&mut outb, &mut inb)
+        hint = dctx
+            .decompress_stream(&mut outb, &mut inb)
             .map_err(corrupt)?;
         if (inb.pos, outb.pos()) == before {
             break;
@@ -136,14 +139,24 @@ fn unzstd(
             expected,
         });
     }
-    // One more byte of output would mean the frame holds more than one unit. Trailing
-    // padding that is not a frame is tolerated, as qemu does.
+    if hint == 0 {
+        // The frame ended with the unit. What follows may be the next unit's frame (qcow2
+        // packs compressed clusters back to back) or padding; it is not ours to decode.
+        return Ok(());
+    }
+    // The frame goes on: one more byte of output means it holds more than one unit.
     let mut extra = [0u8; 1];
     let mut eb = OutBuffer::around(&mut extra[..]);
-    if dctx.decompress_stream(&mut eb, &mut inb).is_ok() && eb.pos() > 0 {
-        return Err(CodecError::Long { codec, expected });
+    match dctx.decompress_stream(&mut eb, &mut inb) {
+        Ok(_) if eb.pos() > 0 => Err(CodecError::Long { codec, expected }),
+        Ok(0) => Ok(()),
+        // As qemu: a frame that does not end after one unit is an error.
+        Ok(_) => Err(CodecError::Corrupt {
+            codec,
+            detail: "the frame does not end after one unit".into(),
+        }),
+        Err(code) => Err(corrupt(code)),
     }
-    Ok(())
 }
 
 thread_local! {
@@ -176,7 +189,14 @@ pub fn deflate(
         let mut out = Vec::with_capacity(max_out);
         match c.compress_vec(input, &mut out, FlushCompress::Finish) {
             Ok(Status::StreamEnd) if out.len() < max_out => Some(out),
-            _ => None,
+            Ok(Status::StreamEnd) => None,
+            _ => {
+                // The stream stopped with output still pending. zlib-rs 0.6 does not clear
+                // that state on reset() and panics in the next stored block, so start over
+                // with a fresh compressor next time.
+                *cell = None;
+                None
+            }
         }
     })
 }
@@ -269,6 +289,47 @@ mod tests {
             assert!(decompress(codec, &c[..c.len() / 2], &mut out).is_err());
             assert!(decompress(codec, &[0xffu8; 64], &mut out).is_err());
         }
+    }
+
+    #[test]
+    fn compressor_survives_streams_that_did_not_fit() {
+        // Incompressible 4 KiB units with a 4 KiB window: reusing the compressor after an
+        // unfinished stream made zlib-rs 0.6 panic after about 16 units.
+        let mut x = 0x9e3779b9u32;
+        for _ in 0..64 {
+            let noise: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x as u8
+                })
+                .collect();
+            assert!(deflate(&noise, 6, 12, false, noise.len()).is_none());
+        }
+        let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog 0123456789 "
+            .iter()
+            .cycle()
+            .take(4096)
+            .copied()
+            .collect();
+        let c = deflate(&text, 6, 12, false, text.len()).unwrap();
+        let mut out = vec![0u8; text.len()];
+        decompress(Codec::Deflate, &c, &mut out).unwrap();
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn zstd_frames_packed_back_to_back() {
+        // qcow2 packs compressed clusters without gaps: the input of one unit runs into the
+        // next unit's frame, which must not count as more output.
+        let a = sample(8192);
+        let b: Vec<u8> = a.iter().map(|x| x ^ 0x5a).collect();
+        let mut packed = zstd_compress(&a, 3, a.len()).unwrap();
+        packed.extend_from_slice(&zstd_compress(&b, 3, b.len()).unwrap());
+        let mut out = vec![0u8; 8192];
+        decompress(Codec::Zstd, &packed, &mut out).unwrap();
+        assert_eq!(out, a);
     }
 
     #[test]

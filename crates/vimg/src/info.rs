@@ -89,11 +89,7 @@ impl ImageInfo {
     pub fn of(image: &Image) -> ImageInfo {
         let r = image.reader();
         let backing = r.backing();
-        let actual_size = r
-            .files()
-            .iter()
-            .map(|f| f.disk_usage())
-            .try_fold(0u64, |acc, u| u.map(|u| acc + u));
+        let actual_size = r.allocated_size();
         ImageInfo {
             backing_filename_format: backing.and_then(|b| b.format).map(|f| f.name().to_string()),
             virtual_size: r.virtual_size(),

@@ -246,6 +246,16 @@ pub trait ImageReader: Send + Sync {
     /// recognising a destination that would overwrite the source.
     fn files(&self) -> Vec<Arc<dyn Storage>>;
 
+    /// Bytes the image occupies on disk, for `info`'s `actual-size`: by default the sum
+    /// over [`ImageReader::files`]. Formats whose qemu-img driver counts fewer files (qcow2
+    /// counts its own file, not an external data file) override it.
+    fn allocated_size(&self) -> Option<u64> {
+        self.files()
+            .iter()
+            .map(|f| f.disk_usage())
+            .try_fold(0u64, |acc, u| u.map(|u| acc + u))
+    }
+
     /// The backing image this image names, if any.
     fn backing(&self) -> Option<&BackingRef> {
         None
@@ -275,6 +285,13 @@ pub trait ImageReader: Send + Sync {
     /// if any (a hole in a raw file, a preallocated zero cluster). Only `map` output uses it.
     fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
         let _ = e;
+        None
+    }
+
+    /// Persistent dirty bitmaps as `(name, granularity in bytes)`, for `measure`; `None`
+    /// when the image cannot hold persistent bitmaps at all (qemu-img then prints no
+    /// `bitmaps` figure).
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
         None
     }
 

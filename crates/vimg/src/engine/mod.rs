@@ -597,4 +597,8 @@ impl crate::formats::DataSummary for ImageData<'_> {
     fn virtual_size(&self) -> u64 {
         self.image.virtual_size()
     }
+
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+        self.image.reader().persistent_bitmaps()
+    }
 }

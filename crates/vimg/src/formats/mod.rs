@@ -188,6 +188,11 @@ pub trait DataSummary {
 
     /// The source's virtual size.
     fn virtual_size(&self) -> u64;
+
+    /// The top image's persistent bitmaps (`ImageReader::persistent_bitmaps`).
+    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
+        None
+    }
 }
 
 /// The answer of `measure`, with qemu-img's JSON keys.
