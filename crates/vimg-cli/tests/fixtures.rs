@@ -1,6 +1,7 @@
 //! Every committed fixture in testdata/: whole, it converts to raw with the content recorded
-//! beside it (`*.sha256` of the raw content); truncated at ten points, it gives an error —
-//! never a panic, never a silent success.
+//! beside it (`*.sha256` of the raw content); truncated at ten points, it gives an error or
+//! (when the cut removed only unused bytes) exactly the recorded content — never a panic,
+//! never different content.
 
 mod common;
 
@@ -45,6 +46,28 @@ fn expected_sha(p: &Path) -> Option<String> {
         .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
 }
 
+/// The format of the image inside a fixture, probed on the decompressed bytes: a fixed VHD
+/// inside xz is only recognisable by its footer, which a streamed probe does not see.
+fn inner_format(f: &Path, tmp: &Path) -> String {
+    let name = f.file_name().unwrap().to_string_lossy().into_owned();
+    let plain = if let Some(tool) = [(".xz", "xz"), (".gz", "gzip"), (".zst", "zstd")]
+        .iter()
+        .find(|(ext, _)| name.ends_with(ext))
+        .map(|(_, tool)| *tool)
+    {
+        let out = run_cmd(tool, &["-dc", s(f)]);
+        assert!(out.status.success(), "{tool} -dc {name}");
+        let p = tmp.join(format!("plain-{name}"));
+        fs::write(&p, &out.stdout).unwrap();
+        p
+    } else {
+        f.to_path_buf()
+    };
+    let info = vimg_raw(&["info", "--output=json", s(&plain)]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    v["format"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn fixtures_convert_to_their_recorded_content() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,7 +78,8 @@ fn fixtures_convert_to_their_recorded_content() {
             panic!("{} has no recorded content (.sha256)", f.display());
         };
         let out = dir.path().join("out.raw");
-        vimg(&["convert", "-O", "raw", s(&f), s(&out)]);
+        let fmt = inner_format(&f, dir.path());
+        vimg(&["convert", "-f", &fmt, "-O", "raw", s(&f), s(&out)]);
         assert_eq!(sha256_file(&out), sha, "{}", f.display());
     }
 }
@@ -71,19 +95,23 @@ fn truncated_fixtures_fail_cleanly() {
             // Keep the extension so a probe failure is not hidden behind raw.
             let t = dir.path().join(format!("cut{k}-{name}"));
             fs::write(&t, &data[..cut]).unwrap();
-            let fmt = vimg_raw(&["info", "--output=json", s(&f)]);
-            let fmt: serde_json::Value = serde_json::from_slice(&fmt.stdout).unwrap();
-            let fmt = fmt["format"].as_str().unwrap().to_string();
+            let fmt = inner_format(&f, dir.path());
             let out = dir.path().join("out.raw");
             let r = vimg_raw(&["convert", "-f", &fmt, "-O", "raw", s(&t), s(&out)]);
             let err = String::from_utf8_lossy(&r.stderr);
             assert!(!err.contains("panicked"), "{name} cut at {cut}: {err}");
-            assert_eq!(
-                r.status.code(),
-                Some(1),
-                "{name} cut at {cut} of {} should fail: {err}",
-                data.len()
-            );
+            // A cut that removes only bytes the image does not use (padding, an optional
+            // footer) may still read; then it must read exactly the recorded content.
+            match r.status.code() {
+                Some(1) => {}
+                Some(0) => assert_eq!(
+                    Some(sha256_file(&out)),
+                    expected_sha(&f),
+                    "{name} cut at {cut} of {} read, but not the recorded content",
+                    data.len()
+                ),
+                other => panic!("{name} cut at {cut}: exit {other:?}: {err}"),
+            }
             let _ = fs::remove_file(&t);
         }
     }

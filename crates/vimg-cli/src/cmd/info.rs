@@ -74,7 +74,7 @@ fn file_child(image: &Image) -> Value {
         "name": "file",
         "info": {
             "children": [],
-            "virtual-size": s.len(),
+            "virtual-size": s.len().div_ceil(512) * 512,
             "filename": image.filename(),
             "format": "file",
             "actual-size": s.disk_usage().unwrap_or(0),
@@ -149,6 +149,13 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
                 "    [{i}] {} in '{}' ({} bytes){mark}\n",
                 d.disk_id, d.file, d.member_size
             ));
+        }
+    }
+    let refs = image.reader().external_refs();
+    if !refs.is_empty() {
+        s.push_str("External references:\n");
+        for r in &refs {
+            s.push_str(&format!("    {}: {}\n", r.field, r.name));
         }
     }
     let svc = ImageServiceInfo::of(image, checksum);
@@ -241,20 +248,15 @@ fn info_human(image: &Image) -> String {
         s.push_str("Format specific information:\n");
         dump_value(&Value::Object(fs.data.clone()), 1, &mut s);
     }
-    if !info.external_references.is_empty() {
-        s.push_str("External references:\n");
-        for r in &info.external_references {
-            s.push_str(&format!("    {}: {}\n", r.field, r.name));
-        }
-    }
     let st = image.storage();
     s.push_str("Child node '/file':\n");
     s.push_str(&format!("    filename: {}\n", image.filename()));
     s.push_str("    protocol type: file\n");
+    // qemu's file driver counts whole sectors.
+    let file_len = st.len().div_ceil(512) * 512;
     s.push_str(&format!(
-        "    file length: {} ({} bytes)\n",
-        size_to_str(st.len()),
-        st.len()
+        "    file length: {} ({file_len} bytes)\n",
+        size_to_str(file_len),
     ));
     s.push_str(&format!(
         "    disk size: {}\n",

@@ -13,7 +13,8 @@ pub struct RawReader {
 }
 
 impl RawReader {
-    /// A reader over `storage`; the virtual size is the file length.
+    /// A reader over `storage`; the virtual size is the file length rounded up to a whole
+    /// sector, as qemu counts it (the bytes past the end read as zeros).
     pub fn new(storage: Arc<dyn Storage>) -> RawReader {
         RawReader { storage }
     }
@@ -25,12 +26,22 @@ impl ImageReader for RawReader {
     }
 
     fn virtual_size(&self) -> u64 {
-        self.storage.len()
+        self.storage.len().div_ceil(512).saturating_mul(512)
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
         let pos = offset.get();
-        let end = pos.saturating_add(max_len).min(self.storage.len());
+        let len = self.storage.len();
+        let end = pos.saturating_add(max_len).min(self.virtual_size());
+        if pos >= len {
+            // The rounding tail past the end of the file.
+            return Ok(Extent {
+                start: offset,
+                len: end.saturating_sub(pos).max(1),
+                kind: MapKind::Zero,
+            });
+        }
+        let end = end.min(len);
         let next = self
             .storage
             .next_data(pos)
@@ -73,6 +84,16 @@ impl ImageReader for RawReader {
 mod tests {
     use super::*;
     use crate::storage::MemStorage;
+
+    #[test]
+    fn size_rounds_up_to_a_sector_with_a_zero_tail() {
+        let r = RawReader::new(Arc::new(MemStorage::new(vec![1u8; 1000])));
+        assert_eq!(r.virtual_size(), 1024);
+        let e = r.map(GuestOffset(0), 1024).unwrap();
+        assert_eq!(e.len, 1000);
+        let e = r.map(GuestOffset(1000), 24).unwrap();
+        assert_eq!((e.len, e.kind), (24, MapKind::Zero));
+    }
 
     #[test]
     fn memory_is_all_data() {
