@@ -43,22 +43,59 @@ pub fn size_to_str(val: u64) -> String {
     format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
 }
 
-/// JSON in qemu-img's layout (four-space indent, `[\n    ]` for empty arrays).
+/// QEMU's QDict hash (`tdb_hash` in qobject/qdict.c) of a key.
+fn qdict_hash(key: &str) -> u32 {
+    let mut value = 0x238F_13AFu32.wrapping_mul(key.len() as u32);
+    for (i, b) in key.bytes().enumerate() {
+        value = value.wrapping_add(u32::from(b) << ((i * 5) % 24));
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345)
+}
+
+/// QDict's bucket count: qemu prints a dictionary's keys bucket by bucket.
+const QDICT_BUCKETS: u32 = 512;
+
+/// The keys of an object in the order qemu prints a QDict: by hash bucket, and within a
+/// bucket the last inserted first. Scripts that compare qemu-img's JSON as text see the same
+/// text from vimg.
+/// vimg's own keys (`vimg-*`, `image-service`) follow qemu's, in insertion order.
+fn is_vimg_key(k: &str) -> bool {
+    k.starts_with("vimg-") || k == "image-service"
+}
+
+/// The order of an object's keys as qemu prints them.
+fn qdict_order(m: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut v: Vec<(usize, &String, &Value)> =
+        m.iter().enumerate().map(|(i, (k, x))| (i, k, x)).collect();
+    v.sort_by_key(|(i, k, _)| {
+        if is_vimg_key(k) {
+            (1, 0, *i as i64)
+        } else {
+            (0, qdict_hash(k) % QDICT_BUCKETS, -(*i as i64))
+        }
+    });
+    v.into_iter().map(|(_, k, x)| (k, x)).collect()
+}
+
+/// JSON in qemu-img's layout (four-space indent, `[\n    ]` for empty arrays, keys in
+/// QDict order).
 pub fn qemu_json(v: &Value) -> String {
     let mut out = String::new();
-    write_json(v, 0, &mut out);
+    write_json(v, 0, true, &mut out);
     out.push('\n');
     out
 }
 
-fn write_json(v: &Value, indent: usize, out: &mut String) {
+/// Writes `v`; objects in QDict order when `qemu_order`, else as inserted (vimg's own
+/// objects, which qemu never prints).
+fn write_json(v: &Value, indent: usize, qemu_order: bool, out: &mut String) {
     let pad = |n: usize| " ".repeat(n * 4);
     match v {
         Value::Array(a) => {
             out.push_str("[\n");
             for (i, x) in a.iter().enumerate() {
                 out.push_str(&pad(indent + 1));
-                write_json(x, indent + 1, out);
+                write_json(x, indent + 1, qemu_order, out);
                 if i + 1 < a.len() {
                     out.push(',');
                 }
@@ -70,11 +107,16 @@ fn write_json(v: &Value, indent: usize, out: &mut String) {
         Value::Object(m) => {
             out.push_str("{\n");
             let n = m.len();
-            for (i, (k, x)) in m.iter().enumerate() {
+            let keys = if qemu_order {
+                qdict_order(m)
+            } else {
+                m.iter().collect()
+            };
+            for (i, (k, x)) in keys.into_iter().enumerate() {
                 out.push_str(&pad(indent + 1));
                 out.push_str(&Value::String(k.clone()).to_string());
                 out.push_str(": ");
-                write_json(x, indent + 1, out);
+                write_json(x, indent + 1, qemu_order && !is_vimg_key(k), out);
                 if i + 1 < n {
                     out.push(',');
                 }
@@ -143,6 +185,36 @@ mod tests {
         assert_eq!(size_to_str(1000), "0.977 KiB");
         assert_eq!(size_to_str(999), "999 B");
         assert_eq!(size_to_str(10485760), "10 MiB");
+    }
+
+    #[test]
+    fn keys_in_qemu_order() {
+        // Key orders qemu-img 10 printed for check and info.
+        let v = serde_json::json!({
+            "filename": "c.qcow2", "format": "qcow2", "check-errors": 0,
+            "image-end-offset": 1, "total-clusters": 2, "allocated-clusters": 3,
+            "fragmented-clusters": 4, "compressed-clusters": 5
+        });
+        let keys: Vec<&str> = match &v {
+            Value::Object(m) => qdict_order(m)
+                .into_iter()
+                .map(|(k, _)| k.as_str())
+                .collect(),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            keys,
+            [
+                "image-end-offset",
+                "compressed-clusters",
+                "total-clusters",
+                "check-errors",
+                "allocated-clusters",
+                "filename",
+                "format",
+                "fragmented-clusters"
+            ]
+        );
     }
 
     #[test]

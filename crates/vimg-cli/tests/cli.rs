@@ -215,3 +215,269 @@ fn backing_option_needs_a_format_that_has_backing_files() {
         "vimg: Backing file not supported for file format 'raw'"
     );
 }
+
+/// qemu-img's JSON without vimg's own keys (which all start with `vimg-` or are
+/// `image-service`).
+fn qemu_keys(mut v: serde_json::Value) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.retain(|k, _| !k.starts_with("vimg-") && k != "image-service");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    strip(&mut v);
+    v
+}
+
+/// Runs `args` with both tools in `dir` (relative names, as scripts use them).
+fn both_in(dir: &std::path::Path, args: &[&str]) -> ((Option<i32>, String), (Option<i32>, String)) {
+    let run = |prog: &std::path::Path| {
+        let out = std::process::Command::new(prog)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    (run(&vimg_bin()), run(std::path::Path::new("qemu-img")))
+}
+
+/// A qcow2 chain made by qemu-img: base.raw <- a.qcow2 <- b.qcow2, with data, zero clusters,
+/// a partial-cluster write over the backing, a compressed image and a snapshot.
+fn qcow2_scene(d: &std::path::Path) {
+    qemu_img(&["create", "-q", "-f", "raw", s(&d.join("base.raw")), "8M"]);
+    qemu_io(
+        "raw",
+        &d.join("base.raw"),
+        &["write -P 5 0 64k", "write -P 6 5M 128k"],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&d.join("a.qcow2")),
+        "64M",
+    ]);
+    qemu_io(
+        "qcow2",
+        &d.join("a.qcow2"),
+        &["write -P 1 0 1M", "write -z 4M 1M", "write -P 2 10M 64k"],
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        "-F",
+        "qcow2",
+        s(&d.join("b.qcow2")),
+    ]);
+    qemu_io(
+        "qcow2",
+        &d.join("b.qcow2"),
+        &["write -P 3 512k 1M", "write -z 10M 4k"],
+    );
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-c",
+        "-O",
+        "qcow2",
+        s(&d.join("b.qcow2")),
+        s(&d.join("c.qcow2")),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s(&d.join("snap.qcow2")),
+        "16M",
+    ]);
+    qemu_io("qcow2", &d.join("snap.qcow2"), &["write -P 9 0 64k"]);
+    run_ok(
+        "qemu-img",
+        &["snapshot", "-c", "first", s(&d.join("snap.qcow2"))],
+    );
+}
+
+#[test]
+fn map_info_compare_match_qemu_on_qcow2_chains() {
+    if !qemu_available("map_info_compare_match_qemu_on_qcow2_chains") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow2_scene(d);
+    for img in ["a.qcow2", "b.qcow2", "c.qcow2", "snap.qcow2"] {
+        for args in [
+            vec!["map", "--output=json", img],
+            vec!["compare", img, "b.qcow2"],
+            vec!["compare", "-s", img, "a.qcow2"],
+        ] {
+            let (v, q) = both_in(d, &args);
+            assert_eq!(v, q, "{args:?}");
+        }
+        if img != "c.qcow2" {
+            let (v, q) = both_in(d, &["map", img]);
+            assert_eq!(v, q, "map {img}");
+        }
+        for args in [
+            vec!["info", "--output=json", img],
+            vec!["info", "--output=json", "--backing-chain", img],
+        ] {
+            let (v, q) = both_in(d, &args);
+            assert_eq!(v.0, q.0, "{args:?}");
+            let vj: serde_json::Value = serde_json::from_str(&v.1).unwrap();
+            let qj: serde_json::Value = serde_json::from_str(&q.1).unwrap();
+            assert_eq!(qemu_keys(vj), qj, "{args:?}");
+        }
+        // Human info: qemu-img's text, then vimg's own lines.
+        for args in [vec!["info", img], vec!["info", "--backing-chain", img]] {
+            let (v, q) = both_in(d, &args);
+            if args.len() == 2 {
+                assert!(v.1.starts_with(&q.1), "{args:?}:\n{}\n---\n{}", v.1, q.1);
+            } else {
+                // Each image of the chain: qemu's block first.
+                for (vb, qb) in v.1.split("\n\n").zip(q.1.split("\n\n")) {
+                    assert!(vb.starts_with(qb.trim_end()), "{args:?}:\n{vb}\n---\n{qb}");
+                }
+            }
+        }
+    }
+    // The human map refuses compressed images, as qemu-img does.
+    let (v, q) = both_in(d, &["map", "c.qcow2"]);
+    assert_eq!((v.0, q.0), (Some(1), Some(1)));
+}
+
+#[test]
+fn measure_and_check_match_qemu_on_qcow2() {
+    if !qemu_available("measure_and_check_match_qemu_on_qcow2") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow2_scene(d);
+    for args in [
+        vec!["measure", "-O", "qcow2", "b.qcow2"],
+        vec!["measure", "--output=json", "-O", "qcow2", "b.qcow2"],
+        vec!["measure", "-O", "qcow2", "-o", "cluster_size=4k", "c.qcow2"],
+        vec!["measure", "-O", "qcow2", "--size", "1T"],
+        vec![
+            "measure",
+            "--output=json",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "--size",
+            "3G",
+        ],
+        vec!["check", "a.qcow2"],
+        vec!["check", "--output=json", "c.qcow2"],
+        vec!["check", "snap.qcow2"],
+    ] {
+        let (v, q) = both_in(d, &args);
+        assert_eq!(v, q, "{args:?}");
+    }
+}
+
+#[test]
+fn convert_with_backing_keeps_unallocated_areas_unallocated() {
+    if !qemu_available("convert_with_backing_keeps_unallocated_areas_unallocated") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow2_scene(d);
+    // b.qcow2 over a copy of its backing chain: only b's own clusters are copied.
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "qcow2",
+        s(&d.join("a.qcow2")),
+        s(&d.join("flat-a.qcow2")),
+    ]);
+    let args = |out: &str| {
+        vec![
+            "convert".to_string(),
+            "-O".into(),
+            "qcow2".into(),
+            "-B".into(),
+            "flat-a.qcow2".into(),
+            "-F".into(),
+            "qcow2".into(),
+            "b.qcow2".into(),
+            out.to_string(),
+        ]
+    };
+    let va = args("v-over.qcow2");
+    let qa = args("q-over.qcow2");
+    let vr: Vec<&str> = va.iter().map(String::as_str).collect();
+    let qr: Vec<&str> = qa.iter().map(String::as_str).collect();
+    let (v, _) = both_in(d, &vr);
+    let (_, q) = both_in(d, &qr);
+    assert_eq!(v.0, Some(0));
+    assert_eq!(q.0, Some(0));
+    // Same content as the source, same allocation in the top layer as qemu-img's output.
+    qemu_img(&["compare", s(&d.join("v-over.qcow2")), s(&d.join("b.qcow2"))]);
+    let (vm, _) = both_in(d, &["map", "--output=json", "v-over.qcow2"]);
+    let (_, qm) = both_in(d, &["map", "--output=json", "q-over.qcow2"]);
+    let strip_offsets = |t: &str| -> Vec<serde_json::Value> {
+        serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .unwrap()
+            .into_iter()
+            .map(|mut e| {
+                e.as_object_mut().unwrap().remove("offset");
+                e
+            })
+            .collect()
+    };
+    assert_eq!(strip_offsets(&vm.1), strip_offsets(&qm.1));
+    let out = run_cmd("qemu-img", &["check", s(&d.join("v-over.qcow2"))]);
+    assert!(out.status.success());
+    // create -b: the same header as qemu-img's.
+    let (v, q) = both_in(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "b.qcow2",
+            "-F",
+            "qcow2",
+            "new.qcow2",
+        ],
+    );
+    assert_eq!(v, q);
+    let (v, q) = both_in(d, &["info", "--output=json", "new.qcow2"]);
+    let vj: serde_json::Value = serde_json::from_str(&v.1).unwrap();
+    let qj: serde_json::Value = serde_json::from_str(&q.1).unwrap();
+    let vj = qemu_keys(vj);
+    for key in [
+        "virtual-size",
+        "backing-filename",
+        "backing-filename-format",
+        "cluster-size",
+        "format-specific",
+    ] {
+        assert_eq!(vj[key], qj[key], "create -b: {key}");
+    }
+}

@@ -116,6 +116,7 @@ impl Image {
         let mut image = Image::open_chain(
             opened.storage,
             opened.path.as_deref(),
+            src.name(),
             opts,
             opened.format,
             0,
@@ -135,12 +136,19 @@ impl Image {
         path: Option<&Path>,
         opts: &OpenOptions,
     ) -> Result<Image> {
-        Image::open_chain(storage, path, opts, opts.format, 0, &mut Vec::new())
+        let name = path
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "-".to_string());
+        Image::open_chain(storage, path, name, opts, opts.format, 0, &mut Vec::new())
     }
 
+    /// Opens one layer and, below it, its backing chain. `path` is where the layer is (for
+    /// the gate); `filename` is how it is shown (for a backing file: the stored name joined
+    /// to the overlay's shown name, as qemu-img shows it).
     fn open_chain(
         storage: Arc<dyn Storage>,
         path: Option<&Path>,
+        filename: String,
         opts: &OpenOptions,
         format: Option<Format>,
         depth: usize,
@@ -175,9 +183,7 @@ impl Image {
         let mut image = Image {
             reader,
             backing: None,
-            filename: path
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "-".to_string()),
+            filename,
             path: path.map(Path::to_path_buf),
             storage,
             origin: Origin::default(),
@@ -200,9 +206,14 @@ impl Image {
                                     e,
                                 )
                             })?;
+                            let shown = crate::info::full_backing_name(
+                                Some(Path::new(&image.filename)),
+                                name,
+                            );
                             let sub = Image::open_chain(
                                 Arc::new(bstorage),
                                 Some(&bpath),
+                                shown,
                                 opts,
                                 bfmt,
                                 depth + 1,

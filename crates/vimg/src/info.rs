@@ -45,10 +45,13 @@ impl From<&SnapshotInfo> for SnapshotJson {
     }
 }
 
-/// `info` for one image (one layer of a chain).
+/// `info` for one image (one layer of a chain). Fields are in qemu-img's JSON order.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
+    /// Internal snapshots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotJson>,
     /// Format of the backing file, when the image names it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename_format: Option<String>,
@@ -64,18 +67,15 @@ pub struct ImageInfo {
     /// Bytes the image's files occupy on disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actual_size: Option<u64>,
+    /// Format-specific facts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
     /// The backing file name joined to the image's folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_backing_filename: Option<String>,
     /// The backing file name as stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
-    /// Internal snapshots.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub snapshots: Vec<SnapshotJson>,
-    /// Format-specific facts.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub format_specific: Option<FormatSpecific>,
     /// The image was not closed cleanly.
     pub dirty_flag: bool,
     /// vimg addition: every file the image names, so a pipeline can judge it before
@@ -97,7 +97,8 @@ impl ImageInfo {
             cluster_size: r.cluster_size(),
             format: r.format().name().to_string(),
             actual_size,
-            full_backing_filename: backing.map(|b| full_backing_name(image.path(), &b.name)),
+            full_backing_filename: backing
+                .map(|b| full_backing_name(Some(std::path::Path::new(image.filename())), &b.name)),
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
             format_specific: r.format_specific(),

@@ -58,10 +58,15 @@ pub fn map_image(image: &Image, start: u64, len: Option<u64>) -> Result<Vec<MapE
     while pos < end {
         let (e, layer, depth) = image.map_flat(pos, end - pos)?;
         let r = layer.reader();
+        // The layer's own file is named as the user (or the overlay) named it, as qemu
+        // does; other files (extents, data files) by their path.
+        let own = layer.storage().identity();
         let file_path = |id| {
-            r.file(id)
-                .and_then(|f| f.path().map(|p| p.to_path_buf()))
-                .or_else(|| layer.path().map(|p| p.to_path_buf()))
+            let f = r.file(id)?;
+            if f.identity().is_some() && f.identity() == own {
+                return Some(PathBuf::from(layer.filename()));
+            }
+            f.path().map(|p| p.to_path_buf())
         };
         let (present, zero, data, compressed, offset, filename) = match e.kind {
             MapKind::Data { file, offset } => (

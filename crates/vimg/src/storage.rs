@@ -93,10 +93,18 @@ pub fn read_exact(
 }
 
 /// A file read with `pread` and probed for holes with `SEEK_DATA`/`SEEK_HOLE`.
+///
+/// Like QEMU's file layer, it counts whole 512-byte sectors: the length is rounded up and
+/// the bytes between the end of the file and the end of its last sector read as zeros.
+/// Images written by qemu-img can end inside a structure whose tail is zero (a qcow2
+/// snapshot table's padding), and qemu reads them that way.
 pub struct FileStorage {
     file: File,
     path: PathBuf,
+    /// The length rounded up to a sector.
     len: u64,
+    /// The length of the file itself.
+    real_len: u64,
     identity: (u64, u64),
 }
 
@@ -129,7 +137,8 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.as_ref().to_path_buf(),
-            len,
+            len: len.div_ceil(512).saturating_mul(512),
+            real_len: len,
             identity: (meta.dev(), meta.ino()),
         })
     }
@@ -159,7 +168,13 @@ impl Storage for FileStorage {
         if offset >= self.len {
             return Ok(0);
         }
-        let max = (self.len - offset).min(buf.len() as u64) as usize;
+        if offset >= self.real_len {
+            // The zero tail of the last sector.
+            let n = (self.len - offset).min(buf.len() as u64) as usize;
+            buf[..n].fill(0);
+            return Ok(n);
+        }
+        let max = (self.real_len - offset).min(buf.len() as u64) as usize;
         self.file.read_at(&mut buf[..max], offset)
     }
 
@@ -361,6 +376,26 @@ mod tests {
         if start == 32 << 20 {
             assert_eq!(s.next_data(end).unwrap(), None);
         }
+    }
+
+    #[test]
+    fn file_length_counts_whole_sectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd");
+        std::fs::write(&p, vec![7u8; 1000]).unwrap();
+        let s = FileStorage::open(&p).unwrap();
+        assert_eq!(s.len(), 1024);
+        let mut b = [1u8; 40];
+        s.read_exact_at(&mut b, 990).unwrap();
+        assert_eq!(&b[..10], &[7u8; 10]);
+        assert_eq!(&b[10..34], &[0u8; 24]);
+        assert!(
+            s.read_exact_at(&mut b, 1000).is_err(),
+            "past the rounded length"
+        );
+        let mut tail = [1u8; 24];
+        s.read_exact_at(&mut tail, 1000).unwrap();
+        assert_eq!(tail, [0u8; 24]);
     }
 
     #[test]

@@ -88,12 +88,14 @@ fn file_child(image: &Image) -> Value {
 pub fn info_json(image: &Image) -> Value {
     let info = ImageInfo::of(image);
     let mut m = Map::new();
-    m.insert("children".into(), Value::Array(vec![file_child(image)]));
     if let Ok(Value::Object(rest)) = serde_json::to_value(&info) {
         for (k, v) in rest {
             m.insert(k, v);
         }
     }
+    // qemu inserts `children` after the image's own fields (it shares a hash bucket with
+    // `backing-filename-format` and is printed first).
+    m.insert("children".into(), Value::Array(vec![file_child(image)]));
     Value::Object(m)
 }
 
