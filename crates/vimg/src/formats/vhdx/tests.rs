@@ -1,0 +1,1 @@
+//! Reader and writer tests on images built in memory.
