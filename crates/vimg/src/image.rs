@@ -157,7 +157,9 @@ impl Image {
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
                 let names = std::iter::once(&b.name).chain(b.alternatives.iter());
-                let mut last_err = None;
+                // Alternatives are fallbacks: when every name fails, the preferred name's
+                // error is the one worth reporting.
+                let mut first_err = None;
                 let mut opened = None;
                 for name in names {
                     match ctx.resolve(&b.field, name) {
@@ -185,13 +187,15 @@ impl Image {
                             opened = Some(sub);
                             break;
                         }
-                        Err(e) => last_err = Some(e),
+                        Err(e) => {
+                            first_err.get_or_insert(e);
+                        }
                     }
                 }
                 match opened {
                     Some(sub) => image.backing = Some(Box::new(sub)),
                     None => {
-                        let e = last_err.unwrap_or_else(|| Error::invalid("no backing file name"));
+                        let e = first_err.unwrap_or_else(|| Error::invalid("no backing file name"));
                         return Err(with_path(
                             e.context(format!("Could not open backing file '{}'", b.name)),
                         ));
