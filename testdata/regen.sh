@@ -25,3 +25,8 @@ sha256sum "$tmp/small.raw" | cut -d' ' -f1 > small.raw.sha256
 
 # qcow2 v3, compressed clusters (zlib).
 qemu-img convert -q -f raw -O qcow2 -c "$tmp/small.raw" small.qcow2
+
+# vhdx as qemu-img writes it (1 MiB blocks), xz-compressed: most of the file is holes
+# and repeated bytes. Tests decompress it with `xz -dc`.
+qemu-img convert -q -f raw -O vhdx -o block_size=1M "$tmp/small.raw" "$tmp/small.vhdx"
+xz -9 -c "$tmp/small.vhdx" > small.vhdx.xz

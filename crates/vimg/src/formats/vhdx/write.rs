@@ -185,7 +185,17 @@ impl Layout {
         let log_offset = HEADER_SECTION_END;
         let log_length = u64::from(s.log_size);
         let bat_offset = log_offset + log_length;
-        let bat_length = bat_bytes.next_multiple_of(MIB).max(MIB);
+        let bat_length = if geometry.payload_blocks == 0 {
+            // qemu computes the BAT size of an empty disk with a 32-bit underflow
+            // ((0 - 1) >> log2(chunk ratio) entries) and refuses a smaller region, so an
+            // empty disk gets that region, left as a hole.
+            let qemu_entries = u64::from(u32::MAX) >> geometry.chunk_ratio.trailing_zeros();
+            (qemu_entries * 8)
+                .next_multiple_of(MIB)
+                .min(u64::from(u32::MAX) & !(MIB - 1))
+        } else {
+            bat_bytes.next_multiple_of(MIB).max(MIB)
+        };
         let metadata_offset = bat_offset + bat_length;
         Ok(Layout {
             geometry,
@@ -516,6 +526,10 @@ mod tests {
             crate::ErrorKind::Unsupported
         );
         let zero = Layout::new(&settings(0, "").unwrap()).unwrap();
-        assert_eq!(zero.bat_length, MIB);
+        assert_eq!(
+            zero.bat_length,
+            64 * MIB,
+            "what qemu expects of an empty disk"
+        );
     }
 }
