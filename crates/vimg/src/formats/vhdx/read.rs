@@ -701,10 +701,20 @@ impl VhdxReader {
             .into());
         }
         let n = limits::check_table_bytes("VHDX BAT", bat_bytes)?;
-        let mut raw = vec![0u8; n];
-        read_exact(&*view, &mut raw, bat_region.file_offset, "VHDX BAT")?;
-        let bat: Vec<u64> = raw.chunks_exact(8).map(LE::read_u64).collect();
-        drop(raw);
+        // Read in pieces so the raw bytes never sit in memory next to the whole table.
+        let mut bat: Vec<u64> = Vec::with_capacity(n / 8);
+        let mut raw = vec![0u8; n.min(MIB as usize)];
+        while bat.len() * 8 < n {
+            let done = bat.len() * 8;
+            let piece = &mut raw[..(n - done).min(MIB as usize)];
+            read_exact(
+                &*view,
+                piece,
+                bat_region.file_offset + done as u64,
+                "VHDX BAT",
+            )?;
+            bat.extend(piece.chunks_exact(8).map(LE::read_u64));
+        }
 
         let parsed = Parsed {
             creator: ident.creator,

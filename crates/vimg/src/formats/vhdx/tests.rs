@@ -752,3 +752,17 @@ fn truncated_images_fail_cleanly() {
         assert!(open(&b[..cut]).is_err(), "cut at {cut}");
     }
 }
+
+#[test]
+fn logical_sectors_of_4096_bytes() {
+    let mut b = base();
+    let o = item(&b, LOGICAL_SECTOR_SIZE_GUID);
+    LE::write_u32(&mut b[o..], 4096);
+    let r = open(&b).unwrap();
+    assert_eq!(r.parsed().geometry.chunk_ratio, 32768);
+    assert!(r.map(GuestOffset(3 * M), M).unwrap().kind.has_data());
+    // The virtual size must then be a multiple of 4096.
+    let o = item(&b, VIRTUAL_DISK_SIZE_GUID);
+    LE::write_u64(&mut b[o..], 16 * M - 512);
+    refuses(&b, ErrorKind::Invalid, "virtual disk size");
+}
