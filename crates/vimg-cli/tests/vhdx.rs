@@ -783,23 +783,35 @@ fn map_reports_the_real_allocation() {
         let _ = fs::remove_file(&img);
         vimg(&["convert", "-q", "-O", "vhdx", "-o", o, s(&src), s(&img)]);
         let image = vimg::Image::open(&img, &vimg::OpenOptions::default()).unwrap();
-        let mut got = Vec::new();
+        let mut data = Vec::new();
         let mut pos = 0;
         while pos < 8 << 20 {
             let e = image
                 .reader()
                 .map(vimg::GuestOffset(pos), u64::MAX)
                 .unwrap();
-            got.push((e.start.get() >> 20, e.len >> 20, e.kind.has_data(), e.kind));
+            if e.kind.has_data() {
+                data.push((e.start.get(), e.end()));
+            } else if (1 << 20..5 << 20).contains(&pos) {
+                // Blocks 1-4 got no data: their BAT state says so.
+                assert_eq!(e.kind, empty, "{o} at {pos:#x}");
+            }
             pos = e.end();
         }
-        let shape: Vec<_> = got.iter().map(|g| (g.0, g.1, g.2)).collect();
-        assert_eq!(
-            shape,
-            vec![(0, 1, true), (1, 4, false), (5, 1, true), (6, 2, false)],
-            "{o}"
-        );
-        assert_eq!(got[1].3, empty, "{o}");
+        // Data only where the source has some: the written 4 KiB at 0 and the 100 bytes
+        // at 5 MiB (holes of the host file inside an allocated block read as zeros and are
+        // reported as such, as far as the filesystem tracks holes).
+        assert_eq!(data[0].0, 0, "{o}: {data:?}");
+        assert!(data[0].1 >= 4096, "{o}: {data:?}");
+        assert!(data
+            .iter()
+            .any(|d| d.0 <= 5 << 20 && d.1 >= (5 << 20) + 100));
+        for (s, e) in &data {
+            assert!(
+                *e <= 1 << 20 || (*s >= 5 << 20 && *e <= 6 << 20),
+                "{o}: {data:?}"
+            );
+        }
     }
 }
 

@@ -14,7 +14,8 @@
 //! State 4 is reserved and refused. qemu reads states 0, 1, 2, 3 and 5 of dynamic and
 //! fixed images as zeros; vimg reads the same bytes and reports states other than "zero" as
 //! unallocated so `map` shows what the file really stores (qemu-img map shows every vhdx as
-//! one data run).
+//! one data run). Holes of the host file inside an allocated block (sparse data written
+//! into a fresh block) map as zero, so they are neither read nor copied.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -781,6 +782,25 @@ impl VhdxReader {
         })
     }
 
+    /// Shortens a data run at the first hole of the host file, and reports a hole as zeros:
+    /// an allocated block is mostly holes when the data written to it was sparse, and
+    /// reading holes costs as much as reading data.
+    fn trim_at_holes(&self, kind: MapKind, pos: u64, run_end: u64) -> Result<(MapKind, u64)> {
+        let MapKind::Data { offset, .. } = kind else {
+            return Ok((kind, run_end));
+        };
+        let host = offset.get();
+        let next = self
+            .view
+            .next_data(host)
+            .map_err(|e| Error::io(format_args!("look for data at {host:#x}"), e))?;
+        Ok(match next {
+            Some((start, end)) if start <= host => (kind, run_end.min(pos + (end - host))),
+            Some((start, _)) => (MapKind::Zero, run_end.min(pos + (start - host))),
+            None => (MapKind::Zero, run_end),
+        })
+    }
+
     /// The sector bitmap bits of payload block `block` (one bit per logical sector).
     fn block_bitmap(&self, block: u64) -> Result<Arc<[u8]>> {
         if let Ok(cache) = self.bitmaps.lock() {
@@ -1066,6 +1086,7 @@ impl ImageReader for VhdxReader {
                 (kind, run_end)
             }
         };
+        let (kind, run_end) = self.trim_at_holes(kind, pos, run_end)?;
         Ok(Extent {
             start: offset,
             len: run_end - pos,
