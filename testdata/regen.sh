@@ -42,3 +42,8 @@ done
 qemu-img convert -q -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-stream.vmdk
 vimg=${VIMG:-../target/debug/vimg}
 "$vimg" convert -f raw -O vmdk -o subformat=streamOptimized "$tmp/small.raw" small-vimg-stream.vmdk
+
+# vhdx as qemu-img writes it (1 MiB blocks), xz-compressed: most of the file is holes
+# and repeated bytes. Tests decompress it with `xz -dc`.
+qemu-img convert -q -f raw -O vhdx -o block_size=1M "$tmp/small.raw" "$tmp/small.vhdx"
+xz -9 -c "$tmp/small.vhdx" > small.vhdx.xz
