@@ -20,6 +20,9 @@ pub enum Comparison {
     SizeMismatch,
     /// The first sector (512-aligned guest offset) whose content differs.
     Mismatch(u64),
+    /// Strict mode: the allocation status (present, zero, data, compressed, stored at an
+    /// offset) differs from this offset on, as `qemu-img compare -s` reports it.
+    StatusMismatch(u64),
 }
 
 /// What [`compare`] reports besides the outcome.
@@ -27,8 +30,9 @@ pub enum Comparison {
 pub struct CompareReport {
     /// The outcome.
     pub result: Comparison,
-    /// True when the virtual sizes differ (qemu-img prints a warning).
-    pub size_differs: bool,
+    /// True when the virtual sizes differ and the common part was compared equal (qemu-img
+    /// then prints a warning before looking at the longer image's tail).
+    pub size_warning: bool,
 }
 
 /// Compares `a` and `b` (each flattened through its backing chain). With `strict`, different
@@ -45,7 +49,7 @@ pub fn compare(
     if size_differs && strict {
         return Ok(CompareReport {
             result: Comparison::SizeMismatch,
-            size_differs,
+            size_warning: false,
         });
     }
     let common = sa.min(sb);
@@ -56,6 +60,15 @@ pub fn compare(
     while pos < common {
         let (ea, _, _) = a.map_flat(pos, common - pos)?;
         let (eb, _, _) = b.map_flat(pos, common - pos)?;
+        if strict {
+            let (sa, sb) = (status(a, pos, common)?, status(b, pos, common)?);
+            if sa != sb {
+                return Ok(CompareReport {
+                    result: Comparison::StatusMismatch(pos),
+                    size_warning: false,
+                });
+            }
+        }
         let len = ea.len.min(eb.len).min(STEP);
         let (da, db) = (ea.kind.has_data(), eb.kind.has_data());
         let found = match (da, db) {
@@ -67,12 +80,13 @@ pub fn compare(
         if let Some(off) = found {
             return Ok(CompareReport {
                 result: Comparison::Mismatch(off / SECTOR * SECTOR),
-                size_differs,
+                size_warning: false,
             });
         }
         pos += len;
         progress(pos, total);
     }
+    let size_warning = size_differs;
     let longer = if sa > sb { a } else { b };
     while pos < total {
         let (e, _, _) = longer.map_flat(pos, total - pos)?;
@@ -81,7 +95,7 @@ pub fn compare(
             if let Some(off) = first_nonzero(longer, pos, len, &mut bufa)? {
                 return Ok(CompareReport {
                     result: Comparison::Mismatch(off / SECTOR * SECTOR),
-                    size_differs,
+                    size_warning,
                 });
             }
         }
@@ -90,8 +104,14 @@ pub fn compare(
     }
     Ok(CompareReport {
         result: Comparison::Identical,
-        size_differs,
+        size_warning,
     })
+}
+
+/// The block status qemu compares in strict mode, from the map entry at `pos`.
+fn status(img: &Image, pos: u64, end: u64) -> Result<(bool, bool, bool, bool, bool)> {
+    let e = crate::map::entry_at(img, pos, end)?;
+    Ok((e.present, e.zero, e.data, e.compressed, e.offset.is_some()))
 }
 
 fn first_nonzero(img: &Image, pos: u64, len: u64, buf: &mut Vec<u8>) -> Result<Option<u64>> {

@@ -46,6 +46,56 @@ impl MapEntry {
     }
 }
 
+/// The map entry of the run that starts at `pos`, at most `end - pos` long (not merged).
+pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
+    let (e, layer, depth) = image.map_flat(pos, end - pos)?;
+    let r = layer.reader();
+    // The layer's own file is named as the user (or the overlay) named it, as qemu does;
+    // other files (extents, data files) by their path.
+    let own = layer.storage().identity();
+    let file_path = |id| {
+        let f = r.file(id)?;
+        if f.identity().is_some() && f.identity() == own {
+            return Some(PathBuf::from(layer.filename()));
+        }
+        f.path().map(|p| p.to_path_buf())
+    };
+    let (present, zero, data, compressed, offset, filename) = match e.kind {
+        MapKind::Data { file, offset } => (
+            true,
+            false,
+            true,
+            false,
+            Some(offset.get()),
+            file_path(file),
+        ),
+        MapKind::Compressed { file, .. } => (true, false, true, true, None, file_path(file)),
+        MapKind::Zero => {
+            let loc = r.zero_location(&e);
+            (
+                true,
+                true,
+                false,
+                false,
+                loc.map(|(_, o)| o.get()),
+                loc.and_then(|(f, _)| file_path(f)),
+            )
+        }
+        MapKind::Unallocated => (false, true, false, false, None, None),
+    };
+    Ok(MapEntry {
+        start: pos,
+        length: e.len,
+        depth,
+        present,
+        zero,
+        data,
+        compressed,
+        offset,
+        filename,
+    })
+}
+
 /// The merged map of `[start, start + len)` (clipped to the virtual size).
 pub fn map_image(image: &Image, start: u64, len: Option<u64>) -> Result<Vec<MapEntry>> {
     let size = image.virtual_size();
@@ -56,57 +106,12 @@ pub fn map_image(image: &Image, start: u64, len: Option<u64>) -> Result<Vec<MapE
     let mut out: Vec<MapEntry> = Vec::new();
     let mut pos = start;
     while pos < end {
-        let (e, layer, depth) = image.map_flat(pos, end - pos)?;
-        let r = layer.reader();
-        // The layer's own file is named as the user (or the overlay) named it, as qemu
-        // does; other files (extents, data files) by their path.
-        let own = layer.storage().identity();
-        let file_path = |id| {
-            let f = r.file(id)?;
-            if f.identity().is_some() && f.identity() == own {
-                return Some(PathBuf::from(layer.filename()));
-            }
-            f.path().map(|p| p.to_path_buf())
-        };
-        let (present, zero, data, compressed, offset, filename) = match e.kind {
-            MapKind::Data { file, offset } => (
-                true,
-                false,
-                true,
-                false,
-                Some(offset.get()),
-                file_path(file),
-            ),
-            MapKind::Compressed { file, .. } => (true, false, true, true, None, file_path(file)),
-            MapKind::Zero => {
-                let loc = r.zero_location(&e);
-                (
-                    true,
-                    true,
-                    false,
-                    false,
-                    loc.map(|(_, o)| o.get()),
-                    loc.and_then(|(f, _)| file_path(f)),
-                )
-            }
-            MapKind::Unallocated => (false, true, false, false, None, None),
-        };
-        let entry = MapEntry {
-            start: pos,
-            length: e.len,
-            depth,
-            present,
-            zero,
-            data,
-            compressed,
-            offset,
-            filename,
-        };
+        let entry = entry_at(image, pos, end)?;
+        pos += entry.length;
         match out.last_mut() {
             Some(last) if last.merges_with(&entry) => last.length += entry.length,
             _ => out.push(entry),
         }
-        pos = e.end();
     }
     Ok(out)
 }

@@ -93,18 +93,10 @@ pub fn read_exact(
 }
 
 /// A file read with `pread` and probed for holes with `SEEK_DATA`/`SEEK_HOLE`.
-///
-/// Like QEMU's file layer, it counts whole 512-byte sectors: the length is rounded up and
-/// the bytes between the end of the file and the end of its last sector read as zeros.
-/// Images written by qemu-img can end inside a structure whose tail is zero (a qcow2
-/// snapshot table's padding), and qemu reads them that way.
 pub struct FileStorage {
     file: File,
     path: PathBuf,
-    /// The length rounded up to a sector.
     len: u64,
-    /// The length of the file itself.
-    real_len: u64,
     identity: (u64, u64),
 }
 
@@ -137,8 +129,7 @@ impl FileStorage {
         Ok(FileStorage {
             file,
             path: path.as_ref().to_path_buf(),
-            len: len.div_ceil(512).saturating_mul(512),
-            real_len: len,
+            len,
             identity: (meta.dev(), meta.ino()),
         })
     }
@@ -168,13 +159,7 @@ impl Storage for FileStorage {
         if offset >= self.len {
             return Ok(0);
         }
-        if offset >= self.real_len {
-            // The zero tail of the last sector.
-            let n = (self.len - offset).min(buf.len() as u64) as usize;
-            buf[..n].fill(0);
-            return Ok(n);
-        }
-        let max = (self.real_len - offset).min(buf.len() as u64) as usize;
+        let max = (self.len - offset).min(buf.len() as u64) as usize;
         self.file.read_at(&mut buf[..max], offset)
     }
 
@@ -341,6 +326,60 @@ impl Storage for SliceStorage {
     }
 }
 
+/// Another source seen as QEMU's file layer sees every file: as whole 512-byte sectors, the
+/// length rounded up and the bytes between the end of the file and the end of its last
+/// sector reading as zeros. Formats whose files qemu-img itself ends inside a structure
+/// (a qcow2 snapshot table whose zero padding was never written) read through this; formats
+/// that must refuse a table running past the real end of the file do not.
+#[derive(Debug)]
+pub struct SectorPadded {
+    inner: Arc<dyn Storage>,
+    len: u64,
+}
+
+impl SectorPadded {
+    /// `inner` with its length rounded up to a sector.
+    pub fn new(inner: Arc<dyn Storage>) -> SectorPadded {
+        let len = inner.len().div_ceil(512).saturating_mul(512);
+        SectorPadded { inner, len }
+    }
+}
+
+impl Storage for SectorPadded {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let real = self.inner.len();
+        if offset >= self.len {
+            return Ok(0);
+        }
+        if offset >= real {
+            let n = (self.len - offset).min(buf.len() as u64) as usize;
+            buf[..n].fill(0);
+            return Ok(n);
+        }
+        self.inner.read_at(buf, offset)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        self.inner.next_data(offset)
+    }
+
+    fn path(&self) -> Option<&Path> {
+        self.inner.path()
+    }
+
+    fn disk_usage(&self) -> Option<u64> {
+        self.inner.disk_usage()
+    }
+
+    fn identity(&self) -> Option<(u64, u64)> {
+        self.inner.identity()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,16 +418,14 @@ mod tests {
     }
 
     #[test]
-    fn file_length_counts_whole_sectors() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("odd");
-        std::fs::write(&p, vec![7u8; 1000]).unwrap();
-        let s = FileStorage::open(&p).unwrap();
+    fn sector_padded_counts_whole_sectors() {
+        let s = SectorPadded::new(Arc::new(MemStorage::new(vec![7u8; 1000])));
         assert_eq!(s.len(), 1024);
-        let mut b = [1u8; 40];
+        let mut b = [1u8; 34];
         s.read_exact_at(&mut b, 990).unwrap();
         assert_eq!(&b[..10], &[7u8; 10]);
         assert_eq!(&b[10..34], &[0u8; 24]);
+        let mut b = [1u8; 40];
         assert!(
             s.read_exact_at(&mut b, 1000).is_err(),
             "past the rounded length"

@@ -42,7 +42,7 @@ pub fn run(a: CompareArgs) -> CmdResult {
     if progress {
         text.push_str("    (100.00/100%)\r\n");
     }
-    if report.size_differs && !a.strict {
+    if report.size_warning {
         text.push_str("Warning: Image size mismatch!\n");
     }
     let code = match report.result {
@@ -52,6 +52,12 @@ pub fn run(a: CompareArgs) -> CmdResult {
         }
         Comparison::SizeMismatch => {
             text.push_str("Strict mode: Image size mismatch!\n");
+            1
+        }
+        Comparison::StatusMismatch(off) => {
+            text.push_str(&format!(
+                "Strict mode: Offset {off} block status mismatch!\n"
+            ));
             1
         }
         Comparison::Mismatch(off) => {

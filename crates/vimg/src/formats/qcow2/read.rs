@@ -169,6 +169,9 @@ fn clusters_of(offset: u64, len: u64, cluster_bits: u32) -> (u64, u64) {
 impl Qcow2Reader {
     /// Opens `storage` as qcow2; files the image names go through `ctx`.
     pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Qcow2Reader> {
+        // qemu sees the file as whole sectors (qemu-img itself leaves a snapshot table's
+        // last padding bytes unwritten at the end of the file); so does vimg, for qcow2.
+        let storage: Arc<dyn Storage> = Arc::new(crate::storage::SectorPadded::new(storage));
         let file_len = storage.len();
         let head = read_padded(&*storage, 0, file_len.min(4096) as usize, "qcow2 header")?;
         if file_len < V2_HEADER_LEN as u64 {
