@@ -308,6 +308,32 @@ pub trait ImageReader: Send + Sync {
     }
 }
 
+/// Helper for readers: a [`MapKind::Data`] extent whose bytes sit in a hole of the host
+/// file reads as zeros and need not be read — qemu asks the file the same question under
+/// every format. Returns the extent cut at the first hole (when it starts in data) or as
+/// [`MapKind::Zero`] up to the next data (when it starts in a hole). Other kinds pass
+/// through. One `SEEK_DATA`/`SEEK_HOLE` pair per call.
+pub fn trim_at_holes(storage: &dyn Storage, e: Extent) -> Result<Extent> {
+    let MapKind::Data { offset, .. } = e.kind else {
+        return Ok(e);
+    };
+    let host = offset.get();
+    let next = storage
+        .next_data(host)
+        .map_err(|err| crate::Error::io(format_args!("look for data at host {host:#x}"), err))?;
+    Ok(match next {
+        Some((s, end)) if s <= host => e.truncate((end - host).max(1)),
+        Some((s, _)) => Extent {
+            kind: MapKind::Zero,
+            ..e.truncate((s - host).max(1))
+        },
+        None => Extent {
+            kind: MapKind::Zero,
+            ..e
+        },
+    })
+}
+
 /// Helper for readers: walks `map` from `offset` to `end`, calling `f` per extent.
 pub fn for_each_extent(
     reader: &dyn ImageReader,

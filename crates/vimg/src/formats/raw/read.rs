@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::formats::Format;
 use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
 use crate::storage::Storage;
@@ -42,29 +42,17 @@ impl ImageReader for RawReader {
             });
         }
         let end = end.min(len);
-        let next = self
-            .storage
-            .next_data(pos)
-            .map_err(|e| Error::io(format_args!("look for data at {pos:#x}"), e))?;
-        let (kind, run_end) = match next {
-            Some((s, e)) if s <= pos => (
-                MapKind::Data {
-                    file: FileId(0),
-                    offset: HostOffset(pos),
-                },
-                e,
-            ),
-            // A hole in a raw file is part of the image and reads as zero; it never lets a
-            // backing image show through (raw has none), as qemu reports it.
-            Some((s, _)) => (MapKind::Zero, s),
-            None => (MapKind::Zero, end),
-        };
-        let run_end = run_end.min(end).max(pos + 1).min(end);
-        Ok(Extent {
+        // A hole in a raw file is part of the image and reads as zero; it never lets a
+        // backing image show through (raw has none), as qemu reports it.
+        let e = Extent {
             start: offset,
-            len: run_end - pos,
-            kind,
-        })
+            len: end - pos,
+            kind: MapKind::Data {
+                file: FileId(0),
+                offset: HostOffset(pos),
+            },
+        };
+        crate::mapping::trim_at_holes(&*self.storage, e)
     }
 
     fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {

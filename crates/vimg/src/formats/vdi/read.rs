@@ -270,30 +270,6 @@ impl VdiReader {
     }
 }
 
-/// Splits a data extent at the host file's holes: an allocated block whose bytes sit in a
-/// hole reads as zeros and need not be read (qemu asks the file the same question). One
-/// `SEEK_DATA`/`SEEK_HOLE` pair per data extent.
-fn holes_as_zero(storage: &dyn Storage, e: Extent) -> Result<Extent> {
-    let MapKind::Data { offset, .. } = e.kind else {
-        return Ok(e);
-    };
-    let h = offset.get();
-    let next = storage
-        .next_data(h)
-        .map_err(|err| crate::Error::io(format_args!("look for data at host {h:#x}"), err))?;
-    Ok(match next {
-        Some((s, end)) if s <= h => e.truncate((end - h).max(1)),
-        Some((s, _)) => Extent {
-            kind: MapKind::Zero,
-            ..e.truncate(s - h)
-        },
-        None => Extent {
-            kind: MapKind::Zero,
-            ..e
-        },
-    })
-}
-
 fn kind_of(entry: u32, data_at: u64, in_block: u64) -> MapKind {
     match entry {
         BLOCK_FREE => MapKind::Unallocated,
@@ -350,7 +326,7 @@ impl ImageReader for VdiReader {
             }
             cur = ((block + 1) * bs).min(end);
         }
-        holes_as_zero(
+        crate::mapping::trim_at_holes(
             &*self.storage,
             Extent {
                 start: offset,

@@ -600,28 +600,16 @@ impl VhdReader {
     }
 
     fn map_fixed(&self, pos: u64, end: u64) -> Result<Extent> {
-        let next = self
-            .storage
-            .next_data(pos)
-            .map_err(|e| crate::Error::io(format_args!("look for data at {pos:#x}"), e))?;
-        let (kind, run_end) = match next {
-            Some((s, e)) if s <= pos => (
-                MapKind::Data {
-                    file: FileId(0),
-                    offset: HostOffset(pos),
-                },
-                e,
-            ),
-            // A hole in a fixed disk is zeros: the disk has no parent to show through.
-            Some((s, _)) => (MapKind::Zero, s),
-            None => (MapKind::Zero, end),
-        };
-        let run_end = run_end.clamp(pos + 1, end);
-        Ok(Extent {
+        // A hole in a fixed disk is zeros: the disk has no parent to show through.
+        let e = Extent {
             start: GuestOffset(pos),
-            len: run_end - pos,
-            kind,
-        })
+            len: end - pos,
+            kind: MapKind::Data {
+                file: FileId(0),
+                offset: HostOffset(pos),
+            },
+        };
+        crate::mapping::trim_at_holes(&*self.storage, e)
     }
 
     fn map_dynamic(&self, d: &Dynamic, pos: u64, end: u64) -> Result<Extent> {
@@ -674,33 +662,8 @@ impl VhdReader {
             len: cur - pos,
             kind: first.unwrap_or(MapKind::Unallocated),
         };
-        holes_as_zero(&*self.storage, e)
+        crate::mapping::trim_at_holes(&*self.storage, e)
     }
-}
-
-/// Splits a data extent at the host file's holes: a stored block whose bytes sit in a hole
-/// reads as zeros (the block is the disk's, so not its parent's), and need not be read.
-/// Like qemu, which asks the file for holes under the format's data; costs one
-/// `SEEK_DATA`/`SEEK_HOLE` pair per data extent.
-fn holes_as_zero(storage: &dyn Storage, e: Extent) -> Result<Extent> {
-    let MapKind::Data { offset, .. } = e.kind else {
-        return Ok(e);
-    };
-    let h = offset.get();
-    let next = storage
-        .next_data(h)
-        .map_err(|err| crate::Error::io(format_args!("look for data at host {h:#x}"), err))?;
-    Ok(match next {
-        Some((s, end)) if s <= h => e.truncate((end - h).max(1)),
-        Some((s, _)) => Extent {
-            kind: MapKind::Zero,
-            ..e.truncate(s - h)
-        },
-        None => Extent {
-            kind: MapKind::Zero,
-            ..e
-        },
-    })
 }
 
 /// Checks every allocated BAT entry: its block (bitmap plus data) lies inside the file, does

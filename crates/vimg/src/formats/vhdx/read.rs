@@ -786,19 +786,13 @@ impl VhdxReader {
     /// an allocated block is mostly holes when the data written to it was sparse, and
     /// reading holes costs as much as reading data.
     fn trim_at_holes(&self, kind: MapKind, pos: u64, run_end: u64) -> Result<(MapKind, u64)> {
-        let MapKind::Data { offset, .. } = kind else {
-            return Ok((kind, run_end));
+        let e = Extent {
+            start: GuestOffset(pos),
+            len: run_end - pos,
+            kind,
         };
-        let host = offset.get();
-        let next = self
-            .view
-            .next_data(host)
-            .map_err(|e| Error::io(format_args!("look for data at {host:#x}"), e))?;
-        Ok(match next {
-            Some((start, end)) if start <= host => (kind, run_end.min(pos + (end - host))),
-            Some((start, _)) => (MapKind::Zero, run_end.min(pos + (start - host))),
-            None => (MapKind::Zero, run_end),
-        })
+        let e = crate::mapping::trim_at_holes(&*self.view, e)?;
+        Ok((e.kind, e.end()))
     }
 
     /// The sector bitmap bits of payload block `block` (one bit per logical sector).

@@ -939,25 +939,17 @@ impl ImageReader for VmdkReader {
                     .files
                     .get(file.0 as usize)
                     .ok_or_else(|| Error::corrupt("flat extent names an unknown file"))?;
-                let next = f
-                    .next_data(host)
-                    .map_err(|err| Error::io(format_args!("look for data at {host:#x}"), err))?;
-                let (kind, n) = match next {
-                    Some((s, e)) if s <= host => (
-                        MapKind::Data {
+                crate::mapping::trim_at_holes(
+                    &**f,
+                    Extent {
+                        start: offset,
+                        len: max,
+                        kind: MapKind::Data {
                             file: *file,
                             offset: HostOffset(host),
                         },
-                        e - host,
-                    ),
-                    Some((s, _)) => (MapKind::Zero, s - host),
-                    None => (MapKind::Zero, max),
-                };
-                Ok(Extent {
-                    start: offset,
-                    len: n.clamp(1, max),
-                    kind,
-                })
+                    },
+                )
             }
             Kind::Sparse(s) => s.map(e.start, rel, max),
         }
