@@ -481,3 +481,59 @@ fn convert_with_backing_keeps_unallocated_areas_unallocated() {
         assert_eq!(vj[key], qj[key], "create -b: {key}");
     }
 }
+
+#[test]
+fn impossible_combinations_fail_like_qemu_before_anything_is_created() {
+    if !qemu_available("impossible_combinations_fail_like_qemu_before_anything_is_created") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    mixed_raw(&src, 8 << 20);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-c", "-O", "vpc"],
+        vec!["-c", "-O", "vdi"],
+        vec!["-c", "-O", "vhdx"],
+        vec!["-c", "-O", "raw"],
+        vec!["-c", "-O", "qcow2", "-o", "preallocation=full"],
+        vec!["-c", "-O", "vmdk", "-o", "subformat=monolithicFlat"],
+        vec!["-O", "qcow2", "-o", "cluster_size=3k"],
+        vec!["-O", "qcow2", "-o", "compat=0.10,lazy_refcounts=on"],
+        vec!["-O", "vpc", "-o", "subformat=sparse"],
+        vec!["-O", "vmdk", "-o", "adapter_type=scsi"],
+        vec!["-O", "vhdx", "-o", "block_size=3M"],
+        vec!["-O", "qcow2", "-o", "nonsense=1"],
+    ];
+    // qemu-img leaves files behind on some of these (a -flat.vmdk); it writes elsewhere.
+    let qdir = d.join("q");
+    let vdir = d.join("v");
+    std::fs::create_dir(&qdir).unwrap();
+    std::fs::create_dir(&vdir).unwrap();
+    for c in cases {
+        let qout = qdir.join("out.img");
+        let out = vdir.join("out.img");
+        let mut qargs = vec!["convert"];
+        qargs.extend(c.iter().copied());
+        qargs.extend([s(&src), s(&qout)]);
+        let mut args = vec!["convert"];
+        args.extend(c.iter().copied());
+        args.extend([s(&src), s(&out)]);
+        let q = run_cmd("qemu-img", &qargs);
+        let v = vimg_raw(&args);
+        assert_eq!(v.status.code(), q.status.code(), "{c:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr)
+                .replace("vimg:", "qemu-img:")
+                .replace(s(&out), "OUT"),
+            String::from_utf8_lossy(&q.stderr).replace(s(&qout), "OUT"),
+            "{c:?}"
+        );
+        assert!(!out.exists(), "{c:?}: vimg left {}", out.display());
+        assert_eq!(
+            std::fs::read_dir(&vdir).unwrap().count(),
+            0,
+            "{c:?}: files left"
+        );
+    }
+}

@@ -32,6 +32,13 @@ struct Plan {
 
 const MAX_SPARSE: u64 = 16 << 20;
 
+/// Messages qemu-img prints without the target's name (checked before the target exists).
+const QEMU_PLAIN_REFUSALS: [&str; 3] = [
+    "Compression not supported for this file format",
+    "Compression and preallocation not supported at the same time",
+    "invalid cluster size",
+];
+
 fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     let out_format = parse_format(&a.out_format)?;
     let src_format = parse_format_opt(a.src_format.as_deref())?;
@@ -176,6 +183,26 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let report = result.map_err(|e| match e.path() {
         Some(path) if path != p.dst => {
             Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
+        }
+        // qemu-img checks compression before it creates the target and words those
+        // refusals plainly; everything the format's create refuses it prefixes with the
+        // target's name.
+        _ if QEMU_PLAIN_REFUSALS.contains(&e.to_string().as_str()) => {
+            Failure::new(e.to_string(), 1)
+        }
+        _ if matches!(
+            e.kind(),
+            vimg::ErrorKind::InvalidArgument | vimg::ErrorKind::Unsupported
+        ) =>
+        {
+            Failure::new(
+                format!(
+                    "{}: error while converting {}: {e}",
+                    p.dst.display(),
+                    p.out_format
+                ),
+                1,
+            )
         }
         _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
     })?;

@@ -124,16 +124,16 @@ impl WriteOptions {
             ));
         }
         if version < 3 && refcount_bits != 16 {
-            return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)"));
+            return Err(bad("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)"));
         }
         let lazy_refcounts = opts.get_bool("lazy_refcounts", false)?;
         if version < 3 && lazy_refcounts {
-            return Err(bad("Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+            return Err(bad("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
         let extended_l2 = opts.get_bool("extended_l2", false)?;
         if extended_l2 {
             if version < 3 {
-                return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+                return Err(bad("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
             }
             if cluster_bits < MIN_EXTL2_CLUSTER_BITS {
                 return Err(bad(
@@ -151,7 +151,7 @@ impl WriteOptions {
             }
         };
         if version < 3 && compression_type != COMPRESSION_ZLIB {
-            return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+            return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
         let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
             "off" => Prealloc::Off,
@@ -191,7 +191,7 @@ impl WriteOptions {
                 .ok_or_else(|| bad("Parameter 'data_file_raw' expects 'on' or 'off'"))?,
         };
         if data_file.is_some() && version < 3 {
-            return Err(bad("External data files are only supported with compatibility level 1.1 and above (use compat=1.1 or greater)"));
+            return Err(bad("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
         if data_file_raw && data_file.is_none() {
             return Err(bad("data-file-raw requires data-file"));
