@@ -86,12 +86,12 @@ const OPTIONS: &[OptionSpec] = &[
 fn looks_like_descriptor(head: &[u8]) -> bool {
     let head = &head[..head.len().min(4096)];
     let text_end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
-    if head[text_end..].iter().any(|&b| b != 0) {
-        return false;
-    }
     let Ok(text) = std::str::from_utf8(&head[..text_end]) else {
         return false;
     };
+    // The strong signals stand on their own: qemu-img pads a separate descriptor with
+    // whatever its buffer held after the text (a "\0\n" is common), so what follows the first
+    // NUL must not matter for them.
     if text.trim_start().starts_with("# Disk DescriptorFile") {
         return true;
     }
@@ -104,6 +104,11 @@ fn looks_like_descriptor(head: &[u8]) -> bool {
             return true;
         }
         break;
+    }
+    // The weak signal (a createType line anywhere) only for a file that is text and NUL
+    // padding, so a raw disk that happens to hold such a line is not taken for a descriptor.
+    if head[text_end..].iter().any(|&b| b != 0) {
+        return false;
     }
     text.lines().any(|l| {
         l.trim_start()
@@ -319,6 +324,11 @@ mod tests {
         assert!(looks_like_descriptor(b"x=1\ncreateType = \"vmfs\"\n"));
         assert!(!looks_like_descriptor(b"hello world\n"));
         assert!(!looks_like_descriptor(b"createType=\"x\"\n\0\0\x01"));
+        // qemu-img's separate descriptors can carry a stray newline after the NUL padding.
+        assert!(looks_like_descriptor(
+            b"# Disk DescriptorFile\nversion=1\n\0\n\0\0"
+        ));
+        assert!(looks_like_descriptor(b"version=1\nCID=1\n\0\n\0"));
     }
 
     #[test]
