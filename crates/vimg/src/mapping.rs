@@ -176,6 +176,17 @@ pub enum RefRole {
     Data,
 }
 
+/// A file of an image that `info` lists as its own child node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildNode {
+    /// qemu's node name (`extents.0`).
+    pub name: String,
+    /// The file.
+    pub file: FileId,
+    /// The name as the image stores it (shown joined to the image's folder).
+    pub stored_name: String,
+}
+
 /// The backing image an image names, before the gate has judged it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackingRef {
@@ -293,6 +304,12 @@ pub trait ImageReader: Send + Sync {
     /// `bitmaps` figure).
     fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
         None
+    }
+
+    /// Files besides the image's own that qemu-img lists as child nodes in `info` (VMDK
+    /// extents other than the descriptor: `extents.N`), in qemu's order.
+    fn child_nodes(&self) -> Vec<ChildNode> {
+        Vec::new()
     }
 
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.

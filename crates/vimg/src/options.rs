@@ -56,6 +56,10 @@ pub fn help_text(format: &str, specs: &[OptionSpec]) -> String {
         let left = format!("{}={}", s.name, s.ty.help_name());
         out.push_str(&format!("  {left:<22} - {}\n", s.help));
     }
+    // qemu-img's closing lines, so output compared with qemu-img's matches.
+    out.push_str(
+        "\nThe protocol level may support further options.\nSpecify the target filename to include those options.\n",
+    );
     out
 }
 

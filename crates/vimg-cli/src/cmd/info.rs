@@ -1,7 +1,12 @@
 //! `vimg info`: qemu-img info's output, human and JSON.
 
+use std::path::Path;
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 use vimg::glance::ImageServiceInfo;
+use vimg::info::full_backing_name;
+use vimg::storage::Storage;
 use vimg::{Checksum, Image, ImageInfo, Source};
 
 use super::{apply_source_args, open_options, parse_checksum, parse_format_opt};
@@ -68,14 +73,34 @@ pub fn run(a: InfoArgs) -> CmdResult {
 }
 
 /// The `file` child node qemu-img reports under `children`.
-fn file_child(image: &Image) -> Value {
-    let s = image.storage();
+/// The child nodes qemu-img reports under `children`: the format's own (VMDK extents), then
+/// the image's `file`, each as (node name, shown file name, storage).
+fn child_files(image: &Image) -> Vec<(String, String, Arc<dyn Storage>)> {
+    let r = image.reader();
+    let mut v: Vec<(String, String, Arc<dyn Storage>)> = r
+        .child_nodes()
+        .into_iter()
+        .filter_map(|c| {
+            let f = r.file(c.file)?.clone();
+            let shown = full_backing_name(Some(Path::new(image.filename())), &c.stored_name);
+            Some((c.name, shown, f))
+        })
+        .collect();
+    v.push((
+        "file".to_string(),
+        image.filename().to_string(),
+        image.storage().clone(),
+    ));
+    v
+}
+
+fn file_child((name, shown, s): &(String, String, Arc<dyn Storage>)) -> Value {
     json!({
-        "name": "file",
+        "name": name,
         "info": {
             "children": [],
             "virtual-size": s.len().div_ceil(512) * 512,
-            "filename": image.filename(),
+            "filename": shown,
             "format": "file",
             "actual-size": s.disk_usage().unwrap_or(0),
             "format-specific": {"type": "file", "data": {}},
@@ -95,7 +120,10 @@ pub fn info_json(image: &Image) -> Value {
     }
     // qemu inserts `children` after the image's own fields (it shares a hash bucket with
     // `backing-filename-format` and is printed first).
-    m.insert("children".into(), Value::Array(vec![file_child(image)]));
+    m.insert(
+        "children".into(),
+        Value::Array(child_files(image).iter().map(file_child).collect()),
+    );
     Value::Object(m)
 }
 
@@ -250,20 +278,21 @@ fn info_human(image: &Image) -> String {
         s.push_str("Format specific information:\n");
         dump_value(&Value::Object(fs.data.clone()), 1, &mut s);
     }
-    let st = image.storage();
-    s.push_str("Child node '/file':\n");
-    s.push_str(&format!("    filename: {}\n", image.filename()));
-    s.push_str("    protocol type: file\n");
-    // qemu's file driver counts whole sectors.
-    let file_len = st.len().div_ceil(512) * 512;
-    s.push_str(&format!(
-        "    file length: {} ({file_len} bytes)\n",
-        size_to_str(file_len),
-    ));
-    s.push_str(&format!(
-        "    disk size: {}\n",
-        size_to_str(st.disk_usage().unwrap_or(0))
-    ));
+    for (name, shown, st) in child_files(image) {
+        s.push_str(&format!("Child node '/{name}':\n"));
+        s.push_str(&format!("    filename: {shown}\n"));
+        s.push_str("    protocol type: file\n");
+        // qemu's file driver counts whole sectors.
+        let file_len = st.len().div_ceil(512) * 512;
+        s.push_str(&format!(
+            "    file length: {} ({file_len} bytes)\n",
+            size_to_str(file_len),
+        ));
+        s.push_str(&format!(
+            "    disk size: {}\n",
+            size_to_str(st.disk_usage().unwrap_or(0))
+        ));
+    }
     s
 }
 

@@ -220,7 +220,12 @@ pub fn probe_all(head: &[u8], storage: &dyn Storage) -> Vec<Format> {
 
 /// Every option `format` accepts, `size` included.
 pub fn all_options(format: Format) -> Vec<OptionSpec> {
-    let mut v = vec![crate::options::SIZE_OPTION];
-    v.extend_from_slice(format.driver().create_options());
+    let own = format.driver().create_options();
+    let mut v = Vec::with_capacity(own.len() + 1);
+    // A format may word `size` its own way (vhdx: "max of 64TB").
+    if !own.iter().any(|o| o.name == "size") {
+        v.push(crate::options::SIZE_OPTION);
+    }
+    v.extend_from_slice(own);
     v
 }

@@ -48,6 +48,11 @@ pub struct Driver;
 /// The options `qemu-img create -f vhdx -o help` lists (besides `size`), with its texts.
 const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
+        name: "size",
+        ty: OptionType::Size,
+        help: "Virtual disk size; max of 64TB.",
+    },
+    OptionSpec {
         name: "block_size",
         ty: OptionType::Size,
         help: "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",

@@ -2,6 +2,7 @@
 //! naming extents, each mapped onto its guest range. Extent files are opened only through
 //! the external-file gate; a `parentFileNameHint` becomes a [`BackingRef`].
 
+use crate::mapping::ChildNode;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -70,6 +71,7 @@ pub struct VmdkReader {
     parent_cid: u32,
     backing: Option<BackingRef>,
     refs: Vec<ExternalRef>,
+    children: Vec<ChildNode>,
     warnings: Vec<String>,
 }
 
@@ -622,6 +624,7 @@ impl VmdkReader {
             parent_cid,
             backing,
             refs,
+            children: Vec::new(),
             warnings: Vec::new(),
         })
     }
@@ -691,6 +694,7 @@ impl VmdkReader {
         let mut files: Vec<Arc<dyn Storage>> = vec![storage];
         let mut extents = Vec::with_capacity(d.extents.len());
         let mut refs = Vec::new();
+        let mut children = Vec::new();
         let mut pos = 0u64;
         let mut sparse_ids = Vec::new();
         for (i, x) in d.extents.iter().enumerate() {
@@ -719,6 +723,12 @@ impl VmdkReader {
                 let id = u16::try_from(files.len())
                     .map_err(|_| Error::unsupported("too many extent files"))?;
                 files.push(f);
+                // qemu names an extent's node by its index among the descriptor's extents.
+                children.push(ChildNode {
+                    name: format!("extents.{i}"),
+                    file: FileId(id),
+                    stored_name: name.clone(),
+                });
                 Ok(FileId(id))
             };
             let kind = if x.access == Access::NoAccess || x.kind == ExtentType::Zero {
@@ -844,6 +854,7 @@ impl VmdkReader {
             parent_cid,
             backing,
             refs,
+            children,
             warnings: Vec::new(),
         })
     }
@@ -969,6 +980,10 @@ impl ImageReader for VmdkReader {
 
     fn external_refs(&self) -> Vec<ExternalRef> {
         self.refs.clone()
+    }
+
+    fn child_nodes(&self) -> Vec<ChildNode> {
+        self.children.clone()
     }
 
     fn warnings(&self) -> Vec<String> {
