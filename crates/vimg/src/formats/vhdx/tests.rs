@@ -505,9 +505,9 @@ fn metadata_value_rules() {
             "virtual disk size",
         ),
         // 64 TiB of 1 MiB blocks needs a 512 MiB BAT; the region holds 1 MiB.
-        (Box::new(vsize(64 << 40)), ErrorKind::Corrupt, "needs"),
+        (Box::new(vsize(64 << 40)), ErrorKind::Invalid, "needs"),
         // Fits the region but needs more entries than the 1 MiB BAT holds.
-        (Box::new(vsize(200 << 30)), ErrorKind::Corrupt, "needs"),
+        (Box::new(vsize(200 << 30)), ErrorKind::Invalid, "needs"),
     ];
     for (f, kind, needle) in cases {
         let mut b = base();
