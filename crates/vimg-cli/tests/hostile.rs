@@ -104,10 +104,10 @@ fn cases() -> Vec<Case> {
         c("q-incompatible", "qcow2", "header incompatible_features", "bit 20", Unsupported, |e, n| e.qcow2(n, |p, _| wr64be(p, 72, 1 << 20))),
         c("q-encrypted", "qcow2", "header crypt_method", "2 (LUKS)", Unsupported, |e, n| e.qcow2(n, |p, _| wr32be(p, 32, 2))),
         c("q-extension-length", "qcow2", "header extension length", "1 MiB", Invalid, |e, n| e.qcow2(n, |p, _| wr32be(p, 0x74, MIB as u32))),
-        c("q-l2-past-eof", "qcow2", "L2 entry 0", "a cluster 16 clusters past EOF", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, (size_of(p).div_ceil(l.cs) + 16) * l.cs | 1 << 63))),
+        c("q-l2-past-eof", "qcow2", "L2 entry 0", "a cluster 16 clusters past EOF", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, ((size_of(p).div_ceil(l.cs) + 16) * l.cs) | (1 << 63)))),
         c("q-l1-self", "qcow2", "L1 entry 0", "the L1 table itself", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.h.l1_table_offset, l.h.l1_table_offset | 1 << 63))),
         c("q-l2-into-reftable", "qcow2", "L2 entry 0", "the refcount table", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, l.h.refcount_table_offset | 1 << 63))),
-        c("q-l2-into-header", "qcow2", "L2 entry 0", "cluster 0 (the header)", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, 1 << 63))),
+        c("q-l2-into-header", "qcow2", "L2 entry 0", "offset 0 with the copied flag (the header; qemu reads it as unallocated)", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, 1 << 63))),
         c("q-l2-reserved", "qcow2", "L2 entry 0", "reserved bit 60 set", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, rd64be(p, l.l2) | 1 << 60))),
         c("q-l2-unaligned", "qcow2", "L2 entry 0", "offset + 512", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, rd64be(p, l.l2) + 512))),
         c("q-amplification", "qcow2", "every L2 entry", "the first data cluster", Corrupt, |e, n| e.qcow2(n, |p, l| {
@@ -1199,4 +1199,194 @@ fn vdi_set_entry(p: &Path, i: u64, v: u32) {
     let b = fs::read(p).unwrap();
     let h = VdiHeader::parse(&b[..512]).unwrap();
     patch(p, u64::from(h.offset_bmap) + 4 * i, &v.to_le_bytes());
+}
+
+// ---------------------------------------------------------------------------------------
+// `vimg check` on the same images, against `qemu-img check`
+
+/// Cases where `vimg check` and `qemu-img check` (10.0.2) exit differently: (case, vimg's
+/// code, qemu-img's code). Everything else exits alike. The test fails when a listed case
+/// stops differing, so the list stays true.
+#[rustfmt::skip]
+const CHECK_DIFFERS: &[(&str, i32, i32)] = &[
+    // qemu-img check opens backing files (and connects to an nbd server); vimg check reads
+    // only the image itself.
+    ("q-backing-nbd", 0, 1), ("k-parent-nbd", 0, 1),
+    // A data file or extent outside the folder: qemu-img opens it and checks; vimg's gate
+    // refuses it, so the check cannot complete (exit 1; --allow-external would check).
+    ("q-datafile-absolute", 1, 0), ("q-datafile-dotdot", 1, 0), ("q-datafile-symlink", 1, 0),
+    ("q-datafile-device", 1, 0),
+    ("k-extent-absolute", 1, 0), ("k-extent-passwd", 1, 0), ("k-extent-dotdot", 1, 0),
+    ("k-extent-symlink", 1, 0),
+    // qemu-img's vmdk check only looks at grains past EOF; vimg refuses the image at open
+    // (corrupt tables: exit 2; a header field out of range: exit 1).
+    ("k-grain-size", 1, 0), ("k-extent-many", 1, 0), ("k-gd-past-eof", 2, 0),
+    ("k-gd-shared", 2, 0), ("k-gt-into-gd", 2, 0), ("k-amplification", 2, 0),
+    ("k-gt-past-eof", 2, 1), ("k-truncated", 2, 1),
+    // qemu-img has no vpc check (63) and refuses some corrupt VHDs at open (1); vimg checks
+    // VHDs.
+    ("h-disk-type", 1, 63), ("h-bat-into-bat", 2, 63), ("h-amplification", 2, 63),
+    ("h-max-entries", 2, 1), ("h-bat-past-eof", 2, 1), ("h-truncated", 2, 1),
+    ("h-parent-w2ku-absolute", 0, 63), ("h-parent-w2ru-dotdot", 0, 63),
+    ("h-parent-symlink", 0, 63), ("h-parent-macx", 0, 63), ("h-parent-device", 0, 63),
+    // qemu-img cannot open differencing VHDX; it does not look for overlapping blocks;
+    // it refuses overlapping regions at open.
+    ("x-parent-absolute", 0, 1), ("x-parent-dotdot", 0, 1), ("x-parent-symlink", 0, 1),
+    ("x-parent-volume", 0, 1), ("x-parent-device", 0, 1),
+    ("x-amplification", 2, 0), ("x-regions-overlap", 2, 1),
+    // qemu-img's vdi check ignores blocks past EOF and a data area inside the block map.
+    ("d-truncated", 2, 0), ("d-data-in-bmap", 1, 0),
+    // qemu-img probes a polyglot as the first format that matches; vimg refuses to guess.
+    ("p-qcow2-vhd", 1, 0), ("p-vdi-vhd", 1, 0), ("p-vmdk-vhd", 1, 0), ("p-vhdx-vhd", 1, 0),
+];
+
+/// Every table case through `vimg check` and `qemu-img check`: the same exit code unless
+/// listed in [`CHECK_DIFFERS`]; a case of kind "corrupt" is reported as corrupt (2, or 3
+/// when qemu-img too only sees a leak), never as "could not check" (but for a compressed
+/// cluster of the wrong size: check reads metadata, not compressed data).
+#[test]
+fn check_exits_like_qemu_on_every_case() {
+    if !qemu_available("check_exits_like_qemu_on_every_case") {
+        return;
+    }
+    let env = Env::new();
+    let mut failures = Vec::new();
+    for c in cases() {
+        let img = (c.build)(&env, c.name);
+        let mut args = vec!["check"];
+        if !c.probe {
+            args.extend(["-f", c.format]);
+        }
+        args.push(s(&img));
+        let v = vimg_raw(&args).status.code().unwrap_or(-1);
+        let q = Command::new("qemu-img")
+            .args(&args)
+            .current_dir(env.img())
+            .output()
+            .unwrap()
+            .status
+            .code()
+            .unwrap_or(-1);
+        let want = CHECK_DIFFERS
+            .iter()
+            .find(|d| d.0 == c.name)
+            .map_or((q, q), |d| (d.1, d.2));
+        if (v, q) != want {
+            failures.push(format!(
+                "{}: vimg check {v}, qemu-img check {q}; expected {want:?}",
+                c.name
+            ));
+        }
+        // Check verifies metadata; like qemu-img it does not inflate compressed clusters.
+        let data_level = c.name == "q-compressed-size";
+        if c.expect == ErrorKind::Corrupt && !data_level && !(v == 2 || v == 3 && q == 3) {
+            failures.push(format!("{}: corrupt, but vimg check exits {v}", c.name));
+        }
+    }
+    for d in CHECK_DIFFERS {
+        assert!(cases().iter().any(|c| c.name == d.0), "{} is no case", d.0);
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// An image refused at open for corrupt tables is reported by `vimg check` as one
+/// corruption with the reader's error, in qemu-img's words and JSON keys.
+#[test]
+fn check_reports_an_image_refused_at_open_as_corrupt() {
+    if !qemu_available("check_reports_an_image_refused_at_open_as_corrupt") {
+        return;
+    }
+    let env = Env::new();
+    for c in cases().iter().filter(|c| {
+        [
+            "k-gd-shared",
+            "h-bat-past-eof",
+            "x-bat-past-eof",
+            "d-entry-range",
+        ]
+        .contains(&c.name)
+    }) {
+        let img = (c.build)(&env, c.name);
+        // Probed, so the format in the report comes from the content.
+        let out = vimg_raw(&["check", "--output=json", s(&img)]);
+        assert_eq!(out.status.code(), Some(2), "{}", c.name);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["check-errors"], 0, "{}", c.name);
+        assert_eq!(v["corruptions"], 1, "{}", c.name);
+        assert_eq!(v["filename"], s(&img), "{}", c.name);
+        assert_eq!(v["format"], c.format, "{}", c.name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("ERROR "), "{}: {err}", c.name);
+        let human = vimg_raw(&["check", s(&img)]);
+        assert_eq!(human.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&human.stdout).contains("1 errors were found on the image."),
+            "{}",
+            c.name
+        );
+    }
+}
+
+/// Each format's check() finds an inconsistency in an image that opens: the redundant or
+/// summary structures the reader does not need (qcow2: a refcount; vmdk: the redundant
+/// grain table; vhd: the footer copy; vhdx: the redundant region table; vdi: the
+/// allocated-blocks count).
+#[test]
+fn check_finds_an_injected_inconsistency_in_every_format() {
+    if !qemu_available("check_finds_an_injected_inconsistency_in_every_format") {
+        return;
+    }
+    let env = Env::new();
+    let cases: Vec<(&str, PathBuf, i32)> = vec![
+        (
+            "qcow2",
+            env.qcow2("ck-qcow2", |p, l| {
+                // The refcount of the first data cluster (16-bit refcounts) drops to 0.
+                let rb = rd64be(p, l.h.refcount_table_offset) & !0x1ff;
+                let c = (rd64be(p, l.l2) & 0x00ff_ffff_ffff_fe00) / l.cs;
+                patch(p, rb + 2 * c, &[0, 0]);
+            }),
+            2,
+        ),
+        (
+            "vmdk",
+            env.vmdk("ck-vmdk", |p, _| {
+                // Entry 0 of redundant grain table 0 no longer matches grain table 0.
+                let b = fs::read(p).unwrap();
+                let h = SparseHeader::parse(&b[..512], 0).unwrap();
+                let rgt0 = u64::from(rd32le(p, h.rgd_offset * 512)) * 512;
+                wr32le(p, rgt0, 0);
+            }),
+            0,
+        ),
+        (
+            "vpc",
+            env.vhd("ck-vhd", |p| {
+                // The footer copy at offset 0 says something else than the footer.
+                let mut d = fs::read(p).unwrap();
+                let mut f = Footer::parse(&d[..512]).unwrap();
+                f.timestamp ^= 1;
+                f.seal();
+                f.write_to(&mut d[..512]);
+                fs::write(p, d).unwrap();
+            }),
+            63,
+        ),
+        ("vhdx", env.vhdx("ck-vhdx", |b| b[0x40000 + 100] ^= 1), 0),
+        ("vdi", env.vdi("ck-vdi", |h| h.blocks_allocated += 1), 2),
+    ];
+    for (fmt, img, qemu_code) in cases {
+        Image::open(&img, &OpenOptions::default())
+            .unwrap_or_else(|e| panic!("{fmt}: the image must open: {e}"));
+        let out = vimg_raw(&["check", "--output=json", "-f", fmt, s(&img)]);
+        assert_eq!(out.status.code(), Some(2), "{fmt}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["corruptions"].as_u64() >= Some(1), "{fmt}: {v}");
+        let q = run_cmd("qemu-img", &["check", "-f", fmt, s(&img)]);
+        assert_eq!(
+            q.status.code(),
+            Some(qemu_code),
+            "qemu-img check of the {fmt} image"
+        );
+    }
 }
