@@ -406,7 +406,7 @@ fn hostile_vdis_fail_cleanly() {
         ),
         (
             "empty-file",
-            ErrorKind::Corrupt,
+            ErrorKind::Invalid,
             Box::new(|p| fs::write(p, b"").unwrap()),
         ),
     ];

@@ -861,7 +861,7 @@ fn hostile_vhds_fail_cleanly() {
         ),
         (
             "empty-file",
-            ErrorKind::Corrupt,
+            ErrorKind::Invalid,
             Box::new(|p| fs::write(p, b"").unwrap()),
         ),
         (

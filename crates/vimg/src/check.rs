@@ -1,6 +1,17 @@
 //! The result of a metadata consistency check (`vimg check`), with qemu-img's JSON keys.
+//!
+//! vimg's readers verify tables when an image is opened (qcow2 L2 tables when they are
+//! first used) and refuse an image whose tables contradict themselves or the file: such an
+//! image never opens. For a check, that refusal is the finding: the open error of kind
+//! [`ErrorKind::Corrupt`] becomes a report with one corruption whose message is the
+//! reader's error ([`CheckReport::from_open_error`]), so `vimg check` exits 2 ("corrupt")
+//! as qemu-img does for an image it opens and finds corrupt, not 1 ("could not check").
+//! Errors of other kinds (a malformed header, an unsupported feature, a missing file) still
+//! mean the image could not be checked.
 
 use serde::Serialize;
+
+use crate::error::{Error, ErrorKind};
 
 /// What a check found. Counts follow `qemu-img check`: `corruptions` are errors that make the
 /// image unsafe to use, `leaks` are clusters allocated but unused (harmless wasted space).
@@ -40,6 +51,26 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl CheckReport {
+    /// The report for an image that failed to open with `e`: one corruption, worded
+    /// `ERROR <reader's error>`, when `e` is of kind [`ErrorKind::Corrupt`]; `None` for any
+    /// other kind (the image could not be checked).
+    ///
+    /// ```
+    /// use vimg::check::CheckReport;
+    /// let e = vimg::Error::corrupt("L2 table entry 3 points past the end of the file");
+    /// let r = CheckReport::from_open_error(&e).expect("corrupt");
+    /// assert_eq!((r.corruptions, r.check_errors), (1, 0));
+    /// assert!(CheckReport::from_open_error(&vimg::Error::invalid("bad magic")).is_none());
+    /// ```
+    pub fn from_open_error(e: &Error) -> Option<CheckReport> {
+        if e.kind() != ErrorKind::Corrupt {
+            return None;
+        }
+        let mut r = CheckReport::default();
+        r.corruption(format!("ERROR {e}"));
+        Some(r)
+    }
+
     /// Records a corruption with its description, worded as qemu-img words it
     /// (`ERROR cluster 5 refcount=0 reference=1`).
     pub fn corruption(&mut self, msg: impl Into<String>) {

@@ -92,26 +92,39 @@ pub fn create(
     out.commit()
 }
 
+/// Every file `src` reads (each layer's image, extent and data files), as `(device,
+/// inode)` and a name for messages.
+pub fn source_files(src: &Image) -> Vec<((u64, u64), String)> {
+    let mut v = Vec::new();
+    for layer in src.chain() {
+        for f in layer.reader().files() {
+            if let Some(id) = f.identity() {
+                let name = f
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| layer.filename().to_string());
+                v.push((id, name));
+            }
+        }
+    }
+    v
+}
+
 /// Refuses a destination that is one of the source's files (same device and inode, through
-/// symlinks and hard links), before anything is written.
+/// symlinks and hard links), before anything is written. The further files a multi-file
+/// output creates (VMDK extents) are held to the same rule when they are created
+/// ([`Output::with_protected`]), also before any byte is written.
 pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = std::fs::metadata(dst) else {
         return Ok(());
     };
     let id = (meta.dev(), meta.ino());
-    for layer in src.chain() {
-        for f in layer.reader().files() {
-            if f.identity() == Some(id) {
-                return Err(Error::invalid_argument(format!(
-                    "Destination '{}' is the same file as '{}', which the source reads",
-                    dst.display(),
-                    f.path()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| layer.filename().to_string())
-                )));
-            }
-        }
+    if let Some((_, name)) = source_files(src).into_iter().find(|(f, _)| *f == id) {
+        return Err(Error::invalid_argument(format!(
+            "Destination '{}' is the same file as '{name}', which the source reads",
+            dst.display(),
+        )));
     }
     Ok(())
 }
@@ -137,7 +150,9 @@ pub fn convert_report(
         Some(s) => s,
         None => src.virtual_size(),
     };
-    let out = Output::with_mode(dst, opts.output_mode).with_checksum(opts.checksum);
+    let out = Output::with_mode(dst, opts.output_mode)
+        .with_checksum(opts.checksum)
+        .with_protected(source_files(src));
     let writer = opts.format.driver().create(&out, size, &opts.create)?;
     if opts.output_mode == OutputMode::Stdout && !writer.caps().ordered {
         // Writers refuse a stream at create when they need to seek; this catches one that

@@ -9,7 +9,8 @@
 //! [`ExternalPolicy::Allow`] lifts the folder rule for trusted input; protocol paths and
 //! non-regular files stay refused because vimg cannot open them safely anyway.
 
-use std::fs;
+use std::fs::{self, File};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, FormatError, Result};
@@ -215,6 +216,31 @@ pub fn resolve(
     Ok(resolved)
 }
 
+/// Opens a path [`resolve`] returned, read-only, and checks again what it checked: the last
+/// component must not have become a symlink since (`O_NOFOLLOW`), and the opened file must
+/// still be a regular file (`O_NONBLOCK`: a FIFO swapped in is not waited on).
+pub fn open_resolved(path: &Path, field: &str, name: &str) -> Result<File> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            Error::io(
+                format_args!("open '{}' named by {field}", path.display()),
+                e,
+            )
+        })?;
+    let regular = file.metadata().map(|m| m.file_type().is_file());
+    if !matches!(regular, Ok(true)) {
+        return Err(GateError::NotRegular {
+            field: field.to_string(),
+            name: name.to_string(),
+        }
+        .into());
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,5 +299,24 @@ mod tests {
         assert!(allow("json:{}").is_err());
         assert!(resolve(Some(&image), "f", "base.raw", ExternalPolicy::Deny).is_err());
         assert!(resolve(None, "f", "base.raw", ExternalPolicy::SameFolder).is_err());
+    }
+
+    #[test]
+    fn open_resolved_checks_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        fs::write(d.join("base.raw"), b"x").unwrap();
+        assert!(open_resolved(&d.join("base.raw"), "f", "base.raw").is_ok());
+        // Swapped for a symlink, a FIFO or a folder after resolve: refused, not followed,
+        // not waited on.
+        symlink(d.join("base.raw"), d.join("link")).unwrap();
+        assert!(open_resolved(&d.join("link"), "f", "link").is_err());
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_resolved(&fifo, "f", "fifo").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{e}");
+        let e = open_resolved(d, "f", "dir").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{e}");
     }
 }

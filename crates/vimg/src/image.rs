@@ -200,9 +200,10 @@ impl Image {
                         Ok(bpath) => {
                             // `-F` names the format of the top image's backing file only.
                             let bfmt = opts.backing_format.filter(|_| depth == 0).or(b.format);
-                            let bstorage = FileStorage::open(&bpath).map_err(|e| {
+                            let file = crate::gate::open_resolved(&bpath, &b.field, name)?;
+                            let bstorage = FileStorage::from_file(file, &bpath).map_err(|e| {
                                 Error::io(
-                                    format_args!("open backing file '{}'", bpath.display()),
+                                    format_args!("stat backing file '{}'", bpath.display()),
                                     e,
                                 )
                             })?;

@@ -13,7 +13,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -391,6 +391,8 @@ pub struct Output {
     stdout: Option<Mutex<Option<Box<dyn Write + Send>>>>,
     /// The held stdout stream, once created.
     held: Mutex<Option<Arc<Mutex<Held>>>>,
+    /// Files no output file may be (the conversion's source files), with their names.
+    protected: Vec<((u64, u64), String)>,
 }
 
 impl Output {
@@ -409,7 +411,17 @@ impl Output {
             checksum: None,
             stdout: None,
             held: Mutex::new(None),
+            protected: Vec::new(),
         }
+    }
+
+    /// Refuses to create any output file (the main file or a sibling such as a VMDK
+    /// extent) whose final name is, through symlinks and hard links, one of these files:
+    /// `(device, inode)` and a name for messages. [`crate::convert`] passes the source's
+    /// files, so no output file can be renamed over a file the conversion reads.
+    pub fn with_protected(mut self, files: Vec<((u64, u64), String)>) -> Output {
+        self.protected = files;
+        self
     }
 
     /// In [`OutputMode::Stdout`], lets the bytes written so far (and from now on) through to
@@ -496,6 +508,16 @@ impl Output {
             return Err(Error::invalid_argument(format!(
                 "output file '{name}' created twice"
             )));
+        }
+        if self.mode != OutputMode::Stdout {
+            if let Ok(meta) = fs::metadata(&final_path) {
+                let id = (meta.dev(), meta.ino());
+                if let Some((_, src)) = self.protected.iter().find(|(p, _)| *p == id) {
+                    return Err(Error::invalid_argument(format!(
+                        "Output file '{name}' is the same file as '{src}', which the source reads"
+                    )));
+                }
+            }
         }
         let (file, temp_path) = match self.mode {
             OutputMode::Stdout => {

@@ -1,8 +1,13 @@
 //! `vimg check`: metadata consistency, with qemu-img check's output and exit codes
 //! (0 clean, 1 check not completed, 2 corruptions, 3 leaks only, 63 unsupported).
+//!
+//! An image whose reader refuses it at open because its tables are corrupt is reported as
+//! corrupt (one corruption, the reader's error as its message, exit 2); see
+//! [`vimg::check`]. Other open errors exit 1 with qemu-img's "Could not open" message.
 
 use serde_json::{Map, Value};
-use vimg::{ErrorKind, Image};
+use vimg::check::CheckReport;
+use vimg::{ErrorKind, Format, Image};
 
 use super::{open_options, parse_format_opt};
 use crate::args::{CheckArgs, OutputFormat};
@@ -19,23 +24,38 @@ pub fn run(a: CheckArgs) -> CmdResult {
     let format = parse_format_opt(a.format.as_deref())?;
     let mut opts = open_options(format, &a.safety);
     opts.open_backing = false;
-    let image = match Image::open(&a.filename, &opts) {
-        Ok(i) => i,
-        // An image too broken to open: qemu-img reports it and exits 1.
-        Err(e) => return Err(Failure::open(&a.filename, &e)),
+    let (report, format) = match Image::open(&a.filename, &opts) {
+        Ok(image) => match image.reader().check() {
+            Ok(r) => (r, image.format()),
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                return Err(Failure::new(e.to_string(), 63));
+            }
+            Err(e) => {
+                return Err(Failure::new(
+                    format!("Check of '{}' failed: {e}", a.filename),
+                    1,
+                ))
+            }
+        },
+        // Refused at open for corrupt tables: that is the check's finding.
+        Err(e) => match CheckReport::from_open_error(&e) {
+            Some(r) => (r, format.unwrap_or_else(|| probed_format(&a.filename))),
+            // Too broken to open otherwise: qemu-img reports it and exits 1.
+            None => return Err(Failure::open(&a.filename, &e)),
+        },
     };
-    let report = match image.reader().check() {
-        Ok(r) => r,
-        Err(e) if e.kind() == ErrorKind::Unsupported => {
-            return Err(Failure::new(e.to_string(), 63));
-        }
-        Err(e) => {
-            return Err(Failure::new(
-                format!("Check of '{}' failed: {e}", a.filename),
-                1,
-            ))
-        }
-    };
+    report_and_exit(&a, &report, format)
+}
+
+/// The format of an image that failed to open, for the report: what its content probes as.
+fn probed_format(filename: &str) -> Format {
+    vimg::storage::FileStorage::open(filename)
+        .ok()
+        .and_then(|s| vimg::image::probe(&s).ok())
+        .unwrap_or(Format::Raw)
+}
+
+fn report_and_exit(a: &CheckArgs, report: &CheckReport, format: Format) -> CmdResult {
     for m in &report.messages {
         if !a.quiet {
             eprintln!("{m}");
@@ -44,18 +64,18 @@ pub fn run(a: CheckArgs) -> CmdResult {
     match a.output {
         OutputFormat::Json => {
             let mut m = Map::new();
-            if let Ok(Value::Object(fields)) = serde_json::to_value(&report) {
+            if let Ok(Value::Object(fields)) = serde_json::to_value(report) {
                 for (k, v) in fields {
                     m.insert(k, v);
                 }
             }
             m.insert("filename".into(), Value::String(a.filename.clone()));
-            m.insert("format".into(), Value::String(image.format().name().into()));
+            m.insert("format".into(), Value::String(format.name().into()));
             crate::print_out(&qemu_json(&Value::Object(m)))?;
         }
         OutputFormat::Human => {
             if !a.quiet {
-                crate::print_out(&human(&report))?;
+                crate::print_out(&human(report))?;
             }
         }
     }
@@ -71,7 +91,7 @@ pub fn run(a: CheckArgs) -> CmdResult {
 }
 
 /// qemu-img check's human summary.
-fn human(r: &vimg::check::CheckReport) -> String {
+fn human(r: &CheckReport) -> String {
     let mut s = String::new();
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
         s.push_str("No errors were found on the image.\n");

@@ -128,9 +128,10 @@ impl OpenContext {
     /// Resolves `name` (found in `field`) through the gate and opens it read-only.
     pub fn open_external(&self, field: &str, name: &str) -> Result<Arc<dyn Storage>> {
         let path = gate::resolve(self.path.as_deref(), field, name, self.policy)?;
-        let s = FileStorage::open(&path).map_err(|e| {
+        let file = gate::open_resolved(&path, field, name)?;
+        let s = FileStorage::from_file(file, &path).map_err(|e| {
             Error::io(
-                format_args!("open '{}' named by {field}", path.display()),
+                format_args!("stat '{}' named by {field}", path.display()),
                 e,
             )
         })?;

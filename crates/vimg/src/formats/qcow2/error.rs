@@ -127,9 +127,11 @@ impl FormatError for Qcow2Error {
             | Qcow2Error::Extension { .. }
             | Qcow2Error::Table { .. }
             | Qcow2Error::Snapshot { .. }
-            | Qcow2Error::Bitmap { .. } => ErrorKind::Invalid,
-            Qcow2Error::Truncated(_)
-            | Qcow2Error::TablePastEof { .. }
+            | Qcow2Error::Bitmap { .. }
+            // A file too short for the fixed header is not a qcow2 image, as in every
+            // format; tables past the end of a complete header are corrupt.
+            | Qcow2Error::Truncated(_) => ErrorKind::Invalid,
+            Qcow2Error::TablePastEof { .. }
             | Qcow2Error::L1Entry { .. }
             | Qcow2Error::L2Entry { .. } => ErrorKind::Corrupt,
             Qcow2Error::Unsupported(_) | Qcow2Error::UnknownFeatures(_) => ErrorKind::Unsupported,

@@ -26,6 +26,11 @@ impl MetaMap {
         MetaMap { ranges: merged }
     }
 
+    /// Bytes of memory the map holds.
+    pub fn memory(&self) -> u64 {
+        self.ranges.len() as u64 * 16
+    }
+
     /// True when any cluster of `[first, last]` holds metadata.
     pub fn hits(&self, first: u64, last: u64) -> bool {
         // The first range that ends after `first`.

@@ -75,6 +75,9 @@ pub struct Qcow2Reader {
     meta: MetaMap,
     cache: Mutex<Cache>,
     warnings: Vec<String>,
+    /// Bytes of metadata held for the image's life (tables, the metadata map, a full L2
+    /// cache): what the sharing check's sets may grow to is the limit minus this.
+    resident: u64,
 }
 
 /// L2 tables in memory, plus what the sharing check has seen so far.
@@ -490,6 +493,18 @@ impl Qcow2Reader {
 
         let capacity = ((limits::TABLE_CACHE_BYTES >> cb) as usize).clamp(4, 1024);
         let l1_words = l1.len().div_ceil(64);
+        let resident = (l1.len() as u64 + reftable.len() as u64 + l1_words as u64) * 8
+            + meta.memory()
+            + snapshots_len
+            + bitmap_directory.map_or(0, |(_, len)| len)
+            + capacity as u64 * cs;
+        if resident > limits::MAX_METADATA_BYTES {
+            return Err(Qcow2Error::Unsupported(format!(
+                "the image's tables need {resident} bytes of memory, more than vimg's metadata limit of {}",
+                limits::MAX_METADATA_BYTES
+            ))
+            .into());
+        }
         Ok(Qcow2Reader {
             storage,
             data_file,
@@ -517,6 +532,7 @@ impl Qcow2Reader {
                 compressed: SparseBits::default(),
             }),
             warnings,
+            resident,
         })
     }
 
@@ -602,7 +618,8 @@ impl Qcow2Reader {
                 }
             }
             c.registered[word] |= bit;
-            if c.used.memory() + c.compressed.memory() > limits::MAX_METADATA_BYTES {
+            if c.used.memory() + c.compressed.memory() + self.resident > limits::MAX_METADATA_BYTES
+            {
                 return Err(Error::unsupported(
                     "qcow2 image maps more clusters than vimg's metadata memory limit allows",
                 ));

@@ -125,14 +125,16 @@ impl FormatError for VdiError {
     fn kind(&self) -> ErrorKind {
         use VdiError::*;
         match self {
-            TooShort { .. }
-            | MapPastEof { .. }
+            MapPastEof { .. }
             | EntryOutOfRange { .. }
             | EntryPastEof { .. }
             | EntryDuplicate { .. } => ErrorKind::Corrupt,
             Version { .. } | Differencing(_) | Unsupported { .. } => ErrorKind::Unsupported,
             Option(_) => ErrorKind::InvalidArgument,
-            Signature { .. }
+            // A file too short for the header is not a VDI at all, as in every format; a
+            // complete header whose tables run past the end is corrupt.
+            TooShort { .. }
+            | Signature { .. }
             | HeaderSize { .. }
             | ImageType { .. }
             | BlockCount { .. }

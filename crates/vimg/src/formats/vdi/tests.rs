@@ -183,7 +183,7 @@ fn map_kinds_and_merging() {
 
 #[test]
 fn rule_too_short() {
-    assert_eq!(err_of(&small()[..300]).kind(), ErrorKind::Corrupt);
+    assert_eq!(err_of(&small()[..300]).kind(), ErrorKind::Invalid);
 }
 
 #[test]

@@ -192,8 +192,7 @@ impl FormatError for VhdError {
     fn kind(&self) -> ErrorKind {
         use VhdError::*;
         match self {
-            TooShort { .. }
-            | FixedTruncated { .. }
+            FixedTruncated { .. }
             | TablePastEof { .. }
             | EntryPastEof { .. }
             | EntryOverlapsMetadata { .. }
@@ -202,7 +201,10 @@ impl FormatError for VhdError {
             | HeaderOffset { .. } => ErrorKind::Corrupt,
             Version { .. } | TooLarge { .. } => ErrorKind::Unsupported,
             Option(_) => ErrorKind::InvalidArgument,
-            NoFooter
+            // A file too short for the fixed structure is not a VHD at all, as in every
+            // format; a complete structure whose tables run past the end is corrupt.
+            TooShort { .. }
+            | NoFooter
             | BadCookie { .. }
             | Checksum { .. }
             | DiskType { .. }

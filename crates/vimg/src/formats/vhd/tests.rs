@@ -165,7 +165,7 @@ fn builder_image_reads() {
 
 #[test]
 fn rule_too_short() {
-    assert_eq!(kind_of(&[0u8; 100]), ErrorKind::Corrupt);
+    assert_eq!(kind_of(&[0u8; 100]), ErrorKind::Invalid);
 }
 
 #[test]

@@ -232,9 +232,11 @@ impl FormatError for VhdxError {
             | VhdxError::MetadataEntry { .. }
             | VhdxError::MetadataSet { .. }
             | VhdxError::MetadataValue { .. }
-            | VhdxError::ParentLocator { .. } => ErrorKind::Invalid,
+            | VhdxError::ParentLocator { .. }
+            // A virtual size the BAT region cannot describe: a header field out of range,
+            // as qcow2's L1 size, VHD's max table entries and VDI's block count are.
+            | VhdxError::BatTooSmall { .. } => ErrorKind::Invalid,
             VhdxError::Overlap { .. }
-            | VhdxError::BatTooSmall { .. }
             | VhdxError::BatEntry { .. }
             | VhdxError::Log { .. } => ErrorKind::Corrupt,
             VhdxError::UnknownRequiredRegion { .. }

@@ -133,6 +133,34 @@ fn base_image_maps_its_blocks() {
     assert!(r.check().unwrap().messages.is_empty());
 }
 
+/// check() reports a damaged or different redundant region table (open uses table 2 only
+/// when table 1 is damaged).
+#[test]
+fn check_compares_the_two_region_tables() {
+    let clean = open(&base()).unwrap().check().unwrap();
+    assert_eq!(clean.corruptions, 0);
+    for (which, needle) in [
+        (REGION_TABLE1_OFFSET, "region table 1"),
+        (REGION_TABLE2_OFFSET, "region table 2"),
+    ] {
+        let mut b = base();
+        b[which as usize + 100] ^= 1;
+        let r = open(&b).unwrap().check().unwrap();
+        assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+        assert!(r.messages[0].contains(needle), "{:?}", r.messages);
+    }
+    // Both valid, but different: table 2 says the BAT region is 2 MiB long.
+    let mut b = base();
+    let off = REGION_TABLE2_OFFSET as usize;
+    let mut t = RegionTable::parse(&b[off..off + REGION_TABLE_SIZE]).unwrap();
+    let bat = t.entries.iter_mut().find(|e| e.guid == BAT_GUID).unwrap();
+    bat.length *= 2;
+    t.write_to(&mut b[off..off + REGION_TABLE_SIZE]);
+    let r = open(&b).unwrap().check().unwrap();
+    assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+    assert!(r.messages[0].contains("differ"), "{:?}", r.messages);
+}
+
 #[test]
 fn payload_states_of_a_dynamic_image() {
     let mut b = base();
@@ -505,9 +533,9 @@ fn metadata_value_rules() {
             "virtual disk size",
         ),
         // 64 TiB of 1 MiB blocks needs a 512 MiB BAT; the region holds 1 MiB.
-        (Box::new(vsize(64 << 40)), ErrorKind::Corrupt, "needs"),
+        (Box::new(vsize(64 << 40)), ErrorKind::Invalid, "needs"),
         // Fits the region but needs more entries than the 1 MiB BAT holds.
-        (Box::new(vsize(200 << 30)), ErrorKind::Corrupt, "needs"),
+        (Box::new(vsize(200 << 30)), ErrorKind::Invalid, "needs"),
     ];
     for (f, kind, needle) in cases {
         let mut b = base();

@@ -263,13 +263,15 @@ fn open_hosted(
     }
     let file_len = storage.len();
     if h.overhead.checked_mul(SECTOR).is_none_or(|o| o > file_len) {
-        return Err(bad_field(
-            S,
-            0x40,
-            "overHead",
-            h.overhead,
-            "is past the end of the file",
-        ));
+        // A metadata area that runs past the end of the file, like a table that does:
+        // the file was cut short (or the header lies about it).
+        return Err(VmdkError::PastEof {
+            table: format!("{label} metadata (overHead {:#x} sectors)", h.overhead),
+            offset: 0,
+            len: h.overhead.saturating_mul(SECTOR),
+            file_len,
+        }
+        .into());
     }
     let gd_bytes_sectors = (entries * 4).div_ceil(SECTOR);
     let gd = read_directory(&*storage, label, "grain directory", h.gd_offset, entries)?;
@@ -1178,7 +1180,7 @@ mod tests {
             (
                 "overhead past eof",
                 Box::new(|i| set64(i, 0x40, 1000)),
-                ErrorKind::Invalid,
+                ErrorKind::Corrupt,
             ),
             (
                 "compression 2",

@@ -1,0 +1,160 @@
+//! Every place the library opens a file, audited: files an image names (backing files,
+//! extents, data files, parent locators) are opened only through the gate
+//! (`gate::open_resolved` after `gate::resolve`); every other open is of a file the caller
+//! named (the top image, an output, a temporary file). A new open anywhere in `src/` fails
+//! this test until it is added to [`ALLOWED`] with the reason it is safe.
+
+use std::fs;
+use std::path::Path;
+
+/// Calls that open (or create, or map) a file by name or wrap an opened one.
+const OPENERS: &[&str] = &[
+    "File::open(",
+    "File::create(",
+    "FileStorage::open(",
+    "FileStorage::from_file(",
+    "OpenOptions::new()",
+    "fs::read(",
+    "fs::read_to_string(",
+    "Mmap::map(",
+    "MmapOptions::new(",
+];
+
+/// `(file under src/, opener, count, why it is not an image's say-so)`.
+const ALLOWED: &[(&str, &str, usize, &str)] = &[
+    (
+        "gate.rs",
+        "OpenOptions::new()",
+        1,
+        "the gate's own open of a resolved name",
+    ),
+    (
+        "formats/mod.rs",
+        "FileStorage::from_file(",
+        1,
+        "OpenContext::open_external: wraps the gate's file",
+    ),
+    (
+        "image.rs",
+        "FileStorage::from_file(",
+        1,
+        "backing files: wraps the gate's file",
+    ),
+    (
+        "source.rs",
+        "File::open(",
+        1,
+        "the top image, named by the caller",
+    ),
+    (
+        "source.rs",
+        "FileStorage::from_file(",
+        2,
+        "the top image and stdin",
+    ),
+    ("storage.rs", "File::open(", 1, "FileStorage::open itself"),
+    (
+        "storage.rs",
+        "FileStorage::from_file(",
+        1,
+        "FileStorage::open itself",
+    ),
+    (
+        "checksum.rs",
+        "FileStorage::open(",
+        1,
+        "hash_file: a file the caller names",
+    ),
+    (
+        "output.rs",
+        "OpenOptions::new()",
+        2,
+        "output files: temporaries, or -n's existing target",
+    ),
+    (
+        "output.rs",
+        "File::open(",
+        1,
+        "the output folder, for fsync",
+    ),
+    (
+        "output.rs",
+        "FileStorage::from_file(",
+        2,
+        "reading back an output file for its checksum",
+    ),
+    (
+        "container/spool.rs",
+        "OpenOptions::new()",
+        2,
+        "unlinked temporary files for decoded containers",
+    ),
+];
+
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Occurrences of `pat` in the non-test part of `text` (a test module starts at the first
+/// `#[cfg(test)]`, at the end of a file as everywhere in this crate; `tests.rs` files are
+/// tests), not preceded by an identifier character (`SparseFile::create(` is no open).
+fn count(text: &str, pat: &str) -> usize {
+    let code = text.split("#[cfg(test)]").next().unwrap_or("");
+    code.match_indices(pat)
+        .filter(|(i, _)| {
+            code[..*i]
+                .chars()
+                .next_back()
+                .is_none_or(|c| !(c.is_alphanumeric() || c == '_'))
+        })
+        .count()
+}
+
+#[test]
+fn files_are_opened_only_where_audited() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        if rel.ends_with("tests.rs") {
+            continue;
+        }
+        let text = fs::read_to_string(&f).unwrap();
+        for pat in OPENERS {
+            let n = count(&text, pat);
+            if n > 0 {
+                found.push((rel.clone(), *pat, n));
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    for (file, pat, n) in &found {
+        match ALLOWED.iter().find(|a| a.0 == file && a.1 == *pat) {
+            Some(a) if a.2 == *n => {}
+            Some(a) => problems.push(format!(
+                "{file}: {pat} {n} times, audited {} ({})",
+                a.2, a.3
+            )),
+            None => problems.push(format!("{file}: {pat} {n} times, not audited")),
+        }
+    }
+    for a in ALLOWED {
+        if !found.iter().any(|f| f.0 == a.0 && f.1 == a.1) {
+            problems.push(format!("{}: {} is audited but gone", a.0, a.1));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "files opened outside the audited places (names an image gives must go through the gate):\n{}",
+        problems.join("\n")
+    );
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# Builds the seed corpora of every fuzz target in fuzz/corpus/TARGET (not committed) from
+# small qemu-img images (every format and subformat, a few KiB each, with data, zeros and
+# holes), the small committed fixtures in testdata/, and hand-made container inputs.
+# Seeds are kept small: libFuzzer's default maximum input length follows the largest seed,
+# and a big seed makes every run slow.
+#
+#   fuzz/seeds.sh            # all targets
+#   fuzz/seeds.sh qcow2 vdi  # only these
+set -euo pipefail
+cd "$(dirname "$0")"
+fuzz=$PWD
+testdata=$fuzz/../testdata
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cd "$tmp"
+
+targets=("$@")
+wanted() {
+  [ ${#targets[@]} -eq 0 ] && return 0
+  local t
+  for t in "${targets[@]}"; do [ "$t" = "$1" ] && return 0; done
+  return 1
+}
+put() { # put TARGET FILE...
+  local t=$1; shift
+  wanted "$t" || return 0
+  mkdir -p "$fuzz/corpus/$t"
+  local f
+  for f in "$@"; do cp "$f" "$fuzz/corpus/$t/$(basename "$f")"; done
+}
+
+# A 256 KiB disk: random bytes, text, a byte ramp; the rest unallocated.
+python3 - <<'PY'
+import random
+r = random.Random(1)
+with open("src.raw", "wb") as f:
+    f.truncate(256 << 10)
+    f.seek(0); f.write(r.randbytes(3000))
+    f.seek(20000); f.write(b"vimg seed text " * 200)
+    f.seek(200000); f.write(bytes(range(256)) * 8)
+PY
+
+# ---- qcow2: every cluster mapping kind, v2 and v3, compression, extended L2, refcount
+# widths, snapshots, bitmaps, a backing file name, an external data file name.
+mkdir q && cd q
+n=0
+seed() { n=$((n + 1)); qemu-img convert -q -O qcow2 "$@" ../src.raw "s$n.qcow2"; }
+seed -o cluster_size=512
+seed -o cluster_size=512,compat=0.10
+seed -o cluster_size=512,refcount_bits=1
+seed -o cluster_size=512,refcount_bits=64
+seed -c -o cluster_size=512
+seed -c -o cluster_size=1k,compression_type=zstd
+seed -o cluster_size=16k,extended_l2=on
+seed -o cluster_size=4k,preallocation=metadata
+qemu-img create -q -f qcow2 -o cluster_size=512,extended_l2=off sub.qcow2 256k
+qemu-io -f qcow2 -c "write -P 7 0 1k" -c "write -z 4k 1k" -c "write -P 9 100k 2k" sub.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -o cluster_size=16k,extended_l2=on -b s1.qcow2 -F qcow2 ext.qcow2 256k
+qemu-io -f qcow2 -c "write -P 7 0 1k" -c "write -z 8k 1k" -c "write -z -u 64k 16k" ext.qcow2 >/dev/null
+cp s1.qcow2 snap.qcow2
+qemu-img snapshot -c one snap.qcow2
+qemu-io -f qcow2 -c "write -P 5 0 4k" snap.qcow2 >/dev/null
+qemu-img bitmap --add snap.qcow2 bm
+qemu-img create -q -f qcow2 -o cluster_size=512,data_file=d.bin df.qcow2 256k
+put qcow2 ./*.qcow2 "$testdata/small.qcow2"
+put probe s1.qcow2 s5.qcow2 ext.qcow2
+cd ..
+
+# ---- vmdk: every subformat qemu-img writes; the descriptors alone for the descriptor
+# parser; the extent files alone for the extent target (first byte: 0 sparse, 1 COWD,
+# 2 seSparse, 3 flat).
+mkdir v && cd v
+for sub in monolithicSparse monolithicFlat twoGbMaxExtentSparse twoGbMaxExtentFlat streamOptimized; do
+  qemu-img convert -q -O vmdk -o subformat=$sub ../src.raw "$sub.vmdk"
+done
+qemu-img convert -q -O vmdk -o subformat=monolithicSparse,zeroed_grain=on ../src.raw zeroed.vmdk
+qemu-img create -q -f vmdk -o adapter_type=lsilogic,hwversion=6 hw.vmdk 256k
+qemu-img create -q -f vmdk -b monolithicSparse.vmdk -F vmdk delta.vmdk 256k
+qemu-io -f vmdk -c "write -P 3 4k 8k" delta.vmdk >/dev/null
+put vmdk monolithicSparse.vmdk streamOptimized.vmdk zeroed.vmdk hw.vmdk delta.vmdk \
+  monolithicFlat.vmdk twoGbMaxExtentSparse.vmdk "$testdata/small-vimg-stream.vmdk"
+put probe monolithicSparse.vmdk streamOptimized.vmdk
+# Descriptors: the text files, and the embedded descriptor of a sparse file (sector 1..).
+cp monolithicFlat.vmdk desc-flat.txt
+cp twoGbMaxExtentSparse.vmdk desc-split.txt
+cp delta.vmdk delta.bin && dd if=delta.bin of=desc-delta.txt bs=512 skip=1 count=20 status=none
+dd if=monolithicSparse.vmdk of=desc-sparse.txt bs=512 skip=1 count=20 status=none
+put vmdk_descriptor desc-*.txt
+# Extent files, with the selector byte the target reads first.
+{ printf '\x00'; cat monolithicSparse.vmdk; } > ext-sparse.bin
+{ printf '\x00'; cat twoGbMaxExtentSparse-s001.vmdk; } > ext-split.bin
+{ printf '\x03'; head -c 4096 monolithicFlat-flat.vmdk; } > ext-flat.bin
+put vmdk_extent ext-*.bin
+cd ..
+
+# ---- vhd (vpc): dynamic, fixed, the creator-size variants; small VHDs use qemu's CHS size.
+mkdir h && cd h
+qemu-img convert -q -O vpc ../src.raw dyn.vhd
+qemu-img convert -q -O vpc -o force_size=on ../src.raw dynf.vhd
+qemu-img convert -q -O vpc -o subformat=fixed,force_size=on ../src.raw fixed.vhd
+put vhd dyn.vhd dynf.vhd fixed.vhd
+put probe dyn.vhd fixed.vhd
+cd ..
+
+# ---- vhdx: dynamic with small blocks (a VHDX is at least 8 MiB: 1 MiB-aligned regions and a
+# 1 MiB log; the committed 64 MiB fixture would be bigger still).
+mkdir x && cd x
+qemu-img convert -q -O vhdx -o block_size=1M,log_size=1M ../src.raw dyn.vhdx
+qemu-img convert -q -O vhdx -o block_size=1M,log_size=1M,block_state_zero=off ../src.raw bsz.vhdx
+put vhdx dyn.vhdx bsz.vhdx
+# The probe target needs only the signatures and the header area.
+head -c $((320 << 10)) dyn.vhdx > head.vhdx
+put probe head.vhdx
+cd ..
+
+# ---- vdi: dynamic and static.
+mkdir d && cd d
+qemu-img convert -q -O vdi ../src.raw dyn.vdi
+qemu-img convert -q -O vdi -o static=on ../src.raw static.vdi
+put vdi dyn.vdi static.vdi
+put probe dyn.vdi
+cd ..
+
+# ---- probe: also a raw file and an empty one.
+head -c 4096 src.raw > raw.img
+: > empty.img
+put probe raw.img empty.img
+
+# ---- pipeline: compressed images and a small OVA.
+mkdir p && cd p
+cp ../q/s1.qcow2 disk.qcow2
+xz -1 -c disk.qcow2 > disk.qcow2.xz
+gzip -1 -c disk.qcow2 > disk.qcow2.gz
+zstd -q -1 -c disk.qcow2 > disk.qcow2.zst
+head -c 65536 ../src.raw > disk.img
+xz -1 --block-size=16KiB -c disk.img > blocks.img.xz
+cat > vm.ovf <<'OVF'
+<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References><File ovf:href="disk.img" ovf:id="file1"/></References>
+  <DiskSection><Info>x</Info>
+    <Disk ovf:capacity="64" ovf:capacityAllocationUnits="byte * 2^10" ovf:diskId="d1" ovf:fileRef="file1"/>
+  </DiskSection>
+</Envelope>
+OVF
+tar --format=ustar -cf vm.ova vm.ovf disk.img
+put pipeline disk.qcow2.xz disk.qcow2.gz disk.qcow2.zst blocks.img.xz vm.ova
+cd ..
+
+# ---- roundtrip: the input is a recipe (format, size and extents), not an image; a few
+# byte strings of different lengths are enough to start from.
+mkdir r && cd r
+for i in 1 2 3 4 5 6; do head -c $((i * 37)) ../src.raw > "r$i.bin"; done
+put roundtrip r*.bin
+cd ..
+
+for t in "$fuzz"/corpus/*; do
+  wanted "$(basename "$t")" && echo "fuzz/corpus/$(basename "$t"): $(ls "$t" | wc -l) seeds"
+done
