@@ -7,15 +7,24 @@
 //! absent, unchanged, or complete. A destination that is a symlink is replaced by the rename;
 //! the file it pointed to is never written.
 //!
+//! Durability is paid for during the copy, not after it: large writes are sent to the disk
+//! as soon as they are made (`sync_file_range`), and once a bounded window of them is in
+//! flight the oldest is waited for and dropped from the page cache. The fsync at commit then
+//! finds almost nothing left to write, and a conversion occupies a few tens of MiB of page
+//! cache, not the size of its output: it neither evicts the machine's cache nor stalls on
+//! reclaiming it (see [`WRITEBACK_WINDOW`]).
+//!
 //! [`OutFile`] is one output file with positional writes. It can also be a one-pass stream
 //! (stdout): writes must then come in ascending order, gaps are filled with zeros, and a
 //! write behind the current position is an error that says the format needs seeking.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::checksum::{hash_storage, Checksum, HashAlg, InOrderHasher};
@@ -67,6 +76,35 @@ pub struct OutFile {
     /// Hashes the bytes while they are written in order (the main file, when a checksum
     /// was asked for).
     hash: Option<Arc<Mutex<InOrderHasher>>>,
+    /// Writeback bookkeeping (files only).
+    wb: Arc<Writeback>,
+}
+
+/// Writes of at least this many bytes are sent to the disk at once and tracked in the
+/// writeback window; smaller ones (metadata, compressed clusters) are sent in batches of
+/// [`WRITEBACK_BATCH`] bytes.
+pub const WRITEBACK_LARGE: u64 = 1 << 20;
+
+/// Bytes of large writes that may be in flight (written, being written back) per file before
+/// the oldest is waited for and dropped from the page cache. Measured on the issue 6
+/// workload (768 MiB of new data, raw->raw): with no early writeback the fsync at commit
+/// took 0.4 s on its own (1.0 s median in all); starting writeback early without a window
+/// gave 0.4 s when the page cache had free room and 0.9-2.0 s when the kernel had to reclaim
+/// first; this window gives 0.45-0.48 s either way.
+pub const WRITEBACK_WINDOW: u64 = 32 << 20;
+
+/// Small writes are sent to the disk (without waiting) every this many bytes.
+pub const WRITEBACK_BATCH: u64 = 8 << 20;
+
+/// Early writeback of one output file.
+#[derive(Default)]
+struct Writeback {
+    /// Large writes sent to the disk and not yet waited for, oldest first, and their total.
+    window: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    /// Bytes of small writes since the last batch was sent.
+    small: AtomicU64,
+    /// Set when the file does not support `sync_file_range`: the fsync does it all then.
+    off: AtomicBool,
 }
 
 impl std::fmt::Debug for OutFile {
@@ -84,6 +122,7 @@ impl OutFile {
             sink: Arc::new(Sink::File(file)),
             name: name.into(),
             hash: None,
+            wb: Arc::default(),
         }
     }
 
@@ -93,6 +132,7 @@ impl OutFile {
             sink: Arc::new(Sink::Stream(Mutex::new(StreamState { w, pos: 0, len: 0 }))),
             name: name.into(),
             hash: None,
+            wb: Arc::default(),
         }
     }
 
@@ -176,7 +216,7 @@ impl OutFile {
                 f.write_all_at(buf, offset)
                     .map_err(|e| self.err("write", offset, e))?;
                 self.hash_with(|h| h.write(offset, buf));
-                Ok(())
+                self.write_back(f, offset, buf.len() as u64)
             }
             Sink::Stream(s) => {
                 let mut s = s
@@ -201,6 +241,80 @@ impl OutFile {
                 s.pos += buf.len() as u64;
                 Ok(())
             }
+        }
+    }
+
+    /// Starts writeback of what was just written at `offset`, and for large writes waits for
+    /// (and drops from the page cache) the oldest ones once more than [`WRITEBACK_WINDOW`]
+    /// bytes are in flight. Errors of the writes waited for are returned here: once waited
+    /// for, the kernel does not report them again to the fsync.
+    fn write_back(&self, f: &File, offset: u64, len: u64) -> Result<()> {
+        let wb = &*self.wb;
+        if wb.off.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let fd = f.as_raw_fd();
+        if len < WRITEBACK_LARGE {
+            let before = wb.small.fetch_add(len, Ordering::Relaxed);
+            if before + len >= WRITEBACK_BATCH {
+                wb.small.store(0, Ordering::Relaxed);
+                // The whole file's dirty pages; pages already under writeback are skipped.
+                self.sync_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE)?;
+            }
+            return Ok(());
+        }
+        self.sync_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
+        let mut old = Vec::new();
+        {
+            let mut w = wb
+                .window
+                .lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "writeback lock poisoned"))?;
+            w.0.push_back((offset, len));
+            w.1 += len;
+            while w.1 > WRITEBACK_WINDOW {
+                let Some(r) = w.0.pop_front() else { break };
+                w.1 -= r.1;
+                old.push(r);
+            }
+        }
+        for (o, n) in old {
+            self.sync_range(
+                fd,
+                o,
+                n,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )?;
+            // Clean now: the page cache need not keep them (a hint; failure is harmless).
+            // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(fd, o as i64, n as i64, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        Ok(())
+    }
+
+    /// `sync_file_range`; turns early writeback off for a file that does not support it.
+    fn sync_range(&self, fd: i32, offset: u64, len: u64, flags: libc::c_uint) -> Result<()> {
+        let (Ok(o), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+        if unsafe { libc::sync_file_range(fd, o, n, flags) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL)
+            | Some(libc::ESPIPE)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS) => {
+                self.wb.off.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(self.err("write back", offset, e)),
         }
     }
 
