@@ -477,12 +477,12 @@ fn process(
         return Ok(());
     };
     let len = len as usize;
-    if buf.capacity() < len {
-        // One allocation per pool buffer, reused for the whole copy.
+    if buf.len() < len {
+        // One allocation per pool buffer, reused for the whole copy. It never shrinks, so
+        // the zero fill happens once, not whenever a short job came before a long one.
         buf.reserve_exact(len - buf.len());
+        buf.resize(len, 0);
     }
-    // SAFETY-free resize: zero-filling costs a memset, much cheaper than the read itself.
-    buf.resize(len, 0);
     shared.src.read_at(&mut buf[..len], start)?;
     shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
     split_runs(&buf[..len], shared.unit as usize, shared.sparse, runs);
