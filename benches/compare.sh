@@ -26,7 +26,8 @@
 #   /usr/bin/time, and is less sensitive to other load than wall time.
 # vimg fsyncs its outputs before renaming them into place (all-or-nothing output); qemu-img
 # does not flush at the end of a convert (it leaves the data dirty in the page cache), so the
-# wall times include vimg's durability and not qemu-img's.
+# wall times include vimg's durability and not qemu-img's. The "qemu-img + fdatasync" column
+# adds the time of `sync -d` on qemu-img's output right after it, for a like-for-like figure.
 set -euo pipefail
 
 runs=5
@@ -104,10 +105,12 @@ time_one() {
 }
 
 # bench NAME OUTFMT VOUT QOUT -- ARGS... : times `convert ARGS... OUT` for both tools, RUNS
-# alternating rounds; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss.
+# alternating rounds; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss, and qs_wall:
+# qemu-img's wall time plus that of an fdatasync of its output right after it (what
+# qemu-img would take with vimg's durability).
 bench() {
   local vout=$1 qout=$2; shift 3
-  local vt=() vc=() vr=() qt=() qc=() qr=() i t c m
+  local vt=() vc=() vr=() qt=() qc=() qr=() qs=() i t c m s
   rm -f "$vout" "$qout"
   "$vimg" convert "$@" "$vout" >/dev/null
   qemu-img convert "$@" "$qout" >/dev/null
@@ -116,6 +119,7 @@ bench() {
       if [ "$tool" = q ]; then
         rm -f "$qout"; sync
         read -r t c m < <(time_one qemu-img convert "$@" "$qout"); qt+=("$t"); qc+=("$c"); qr+=("$m")
+        read -r s _ < <(time_one sync -d "$qout"); qs+=("$(awk -v a="$t" -v b="$s" 'BEGIN { printf "%.2f", a + b }')")
       else
         rm -f "$vout"; sync
         read -r t c m < <(time_one "$vimg" convert "$@" "$vout"); vt+=("$t"); vc+=("$c"); vr+=("$m")
@@ -125,6 +129,7 @@ bench() {
   v_wall=$(printf '%s\n' "${vt[@]}" | median); q_wall=$(printf '%s\n' "${qt[@]}" | median)
   v_cpu=$(printf '%s\n' "${vc[@]}" | median); q_cpu=$(printf '%s\n' "${qc[@]}" | median)
   v_rss=$(printf '%s\n' "${vr[@]}" | median); q_rss=$(printf '%s\n' "${qr[@]}" | median)
+  qs_wall=$(printf '%s\n' "${qs[@]}" | median)
 }
 
 same() { # FMT A B: "same" when qemu-img compare says the images read identically
@@ -164,7 +169,6 @@ if [ "$any_case" = 1 ]; then
   [ -f big.qcow2 ] || qemu-img convert -O qcow2 big.raw big.qcow2
   [ -f big.vmdk ] || qemu-img convert -O vmdk big.raw big.vmdk
   [ -f small-c.qcow2 ] || qemu-img convert -c -O qcow2 small.raw small-c.qcow2
-  cat big.raw big.qcow2 big.vmdk small.raw small-c.qcow2 >/dev/null
 
   rows=()
   for c in "${cases[@]}"; do
@@ -175,9 +179,9 @@ if [ "$any_case" = 1 ]; then
     if ! err=$("$vimg" create -q -f "$ofmt" "probe.$suffix" 1M 2>&1 >/dev/null); then
       rm -f "probe.$suffix"
       if [[ $err == *"not supported yet"* ]]; then
-        rows+=("| $name | pending: vimg cannot write $ofmt yet | | | | | | | | | | | |")
+        rows+=("| $name | pending: vimg cannot write $ofmt yet | | | | | | | | | | | | | |")
       else
-        rows+=("| $name | vimg FAILED: ${err//|/ } | | | | | | | | | | | |")
+        rows+=("| $name | vimg FAILED: ${err//|/ } | | | | | | | | | | | | | |")
       fi
       continue
     fi
@@ -188,15 +192,15 @@ if [ "$any_case" = 1 ]; then
     bench "$vout" "$qout" -- $args "$input"
     ok=$(same "$ofmt" "$vout" "$qout")
     vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
-    rows+=("| $name | $v_wall s | $q_wall s | **$(ratio "$v_wall" "$q_wall")** | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
+    rows+=("| $name | $v_wall s | $q_wall s | **$(ratio "$v_wall" "$q_wall")** | $qs_wall s | $(ratio "$v_wall" "$qs_wall") | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
     rm -f "$vout" "$qout"
   done
 
   {
     stamp
     echo
-    echo "| case | vimg wall | qemu-img wall | wall ratio | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| case | vimg wall | qemu-img wall | wall ratio | qemu-img + fdatasync | ratio to that | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
   } | out_md
