@@ -17,6 +17,10 @@ use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Once;
 
+/// `madvise` advice that fills the page tables of a range by reading it (Linux 5.14,
+/// `include/uapi/asm-generic/mman-common.h`); the libc crate does not name it yet.
+const MADV_POPULATE_READ: libc::c_int = 22;
+
 /// Mappings alive at once (one per worker; the engine runs at most 64 workers).
 const SLOTS: usize = 64;
 
@@ -164,7 +168,7 @@ impl Mapped {
                 std::ptr::null_mut(),
                 map_len,
                 libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
+                libc::MAP_SHARED,
                 fd,
                 file_off,
             )
@@ -177,6 +181,16 @@ impl Mapped {
         s.faulted.store(false, Ordering::Release);
         s.start.store(ptr as usize, Ordering::Release);
         s.end.store(ptr as usize + map_len, Ordering::Release);
+        // No read-around: the pages next to a data extent are usually a hole or another
+        // image's metadata, and reading them ahead zero-fills page cache for nothing (it was
+        // 9% of raw->raw CPU with MAP_POPULATE). Then fill the page tables in one call
+        // (Linux 5.14+; older kernels fault the pages in as they are read). Failures here
+        // are hints only: a page that cannot be read faults later and is caught.
+        // SAFETY: advice on the mapping just created; it changes no memory contents.
+        unsafe {
+            libc::madvise(ptr, map_len, libc::MADV_RANDOM);
+            libc::madvise(ptr, map_len, MADV_POPULATE_READ);
+        }
         Some(Mapped {
             ptr,
             map_len,
