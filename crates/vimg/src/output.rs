@@ -263,6 +263,16 @@ impl OutFile {
             }
             return Ok(());
         }
+        // Only the whole pages of the write: a page it shares with a neighbouring write
+        // (formats whose data does not start on a page, as VDI's and VHD's) would be written
+        // twice, and the neighbour's write would wait for it. The commit fsync covers them.
+        const PAGE: u64 = 4096;
+        let first = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset + len) / PAGE * PAGE;
+        if end <= first {
+            return Ok(());
+        }
+        let (offset, len) = (first, end - first);
         self.sync_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
         let mut old = Vec::new();
         {
