@@ -105,6 +105,8 @@ struct Writeback {
     small: AtomicU64,
     /// Set when the file does not support `sync_file_range`: the fsync does it all then.
     off: AtomicBool,
+    /// Set when the file does not support `fallocate`.
+    no_falloc: AtomicBool,
 }
 
 impl std::fmt::Debug for OutFile {
@@ -213,6 +215,7 @@ impl OutFile {
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         match &*self.sink {
             Sink::File(f) => {
+                self.reserve(f, offset, buf.len() as u64);
                 f.write_all_at(buf, offset)
                     .map_err(|e| self.err("write", offset, e))?;
                 self.hash_with(|h| h.write(offset, buf));
@@ -304,6 +307,33 @@ impl OutFile {
             }
         }
         Ok(())
+    }
+
+    /// Allocates the blocks of a large write before it is made (`fallocate`, size kept).
+    /// The write covers them all, so the file ends up the same; but ext4 then neither
+    /// reserves delayed-allocation space page by page during the write nor allocates blocks
+    /// during writeback: raw->raw 0.42 -> 0.36 s wall, 0.40 -> 0.34 s CPU (9 alternating
+    /// runs). A hint only: a filesystem without `fallocate` just writes.
+    fn reserve(&self, f: &File, offset: u64, len: u64) {
+        if len < WRITEBACK_LARGE || self.wb.no_falloc.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Ok(o), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+        if unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, o, n) } != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP)
+                    | Some(libc::ENODEV)
+                    | Some(libc::EINVAL)
+                    | Some(libc::ENOSYS)
+            ) {
+                self.wb.no_falloc.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// `sync_file_range`; turns early writeback off for a file that does not support it.
