@@ -199,6 +199,32 @@ pub fn deflate(
 }
 
 thread_local! {
+    static LIBDEFLATE: RefCell<Option<(i32, libdeflater::Compressor)>> = const { RefCell::new(None) };
+}
+
+/// Compresses `input` as one zlib stream (32 KiB window) with libdeflate at `level`
+/// (1..=12), which compresses a whole buffer faster and smaller than zlib at a like level.
+/// Returns `None` when the result would not be smaller than `max_out` bytes or the level is
+/// out of range.
+pub fn zlib_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>> {
+    LIBDEFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if !matches!(&*cell, Some((l, _)) if *l == level) {
+            let lvl = libdeflater::CompressionLvl::new(level).ok()?;
+            *cell = Some((level, libdeflater::Compressor::new(lvl)));
+        }
+        let (_, c) = cell.as_mut()?;
+        let mut out = vec![0u8; c.zlib_compress_bound(input.len()).min(max_out)];
+        let n = c.zlib_compress(input, &mut out).ok()?;
+        if n >= max_out {
+            return None;
+        }
+        out.truncate(n);
+        Some(out)
+    })
+}
+
+thread_local! {
     static ZSTD_CCTX: RefCell<Option<(i32, zstd::zstd_safe::CCtx<'static>)>> = const { RefCell::new(None) };
 }
 
