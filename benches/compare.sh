@@ -1,30 +1,46 @@
 #!/usr/bin/env bash
-# Times vimg against qemu-img on the same images, alternating runs, and prints a Markdown
-# table of median wall time, peak RSS and output size for both, with the ratio vimg/qemu-img.
-# Every output pair is checked with `qemu-img compare`.
+# Times vimg against qemu-img on the same images and prints Markdown tables: median wall time,
+# median CPU time (user+sys), peak RSS and output size for both, with the ratios
+# vimg/qemu-img. Every output pair is checked with `qemu-img compare`.
 #
-# Usage: benches/compare.sh [-n RUNS] [-w WORKDIR] [-o REPORT.md] [CASE...]
-#   RUNS     runs per tool and case (default 5; the median is reported)
+# Usage: benches/compare.sh [-n RUNS] [-w WORKDIR] [-o REPORT.md] [-S] [CASE...]
+#   RUNS     timed runs per tool and case (default 5; the median is reported)
 #   WORKDIR  where the workload and outputs live (default $TMPDIR/vimg-bench; ~10 GiB
-#            sparse, ~2 GiB of real data)
-#   CASE     case names to run (default: all), e.g. raw-qcow2 qcow2c-raw
+#            sparse, ~2 GiB of real data, ~6 GiB free space needed for outputs)
+#   -S       also run the scaling table (64 MiB of data in 1 GiB .. 16 TiB qcow2 images)
+#   CASE     case names to run (default: all), e.g. raw-qcow2 qcow2c-raw; "scaling" runs
+#            only the scaling table
 #
 # The workload is deterministic (seeded) and cached in WORKDIR:
 #   big.raw   8 GiB sparse: 512 MiB random, 256 MiB text-like, 128 MiB written zeros, in
 #             1 MiB chunks scattered over the image
 #   small.raw 2 GiB sparse: 96 MiB random + 96 MiB text-like (for compressed cases)
-# Page cache is warm (one untimed run of each command first).
+#   scale-*.qcow2  64 MiB of data (64 x 1 MiB, spread evenly) in 1G/64G/1T/16T qcow2 images
+#
+# How it measures (the machine is shared, so single runs are noise):
+# - page cache warm: one untimed run of each command first; the inputs stay cached;
+# - alternating runs, the order flipped every round (qemu-img first, then vimg first);
+# - before every timed run the previous outputs are deleted and `sync` runs (untimed), so
+#   neither tool pays for the other's dirty pages being written back;
+# - medians of RUNS runs; CPU is user+sys of the process (all its threads), from
+#   /usr/bin/time, and is less sensitive to other load than wall time.
+# vimg fsyncs its outputs before renaming them into place (all-or-nothing output); qemu-img
+# does not flush at the end of a convert (it leaves the data dirty in the page cache), so the
+# wall times include vimg's durability and not qemu-img's. The "qemu-img + fdatasync" column
+# adds the time of `sync -d` on qemu-img's output right after it, for a like-for-like figure.
 set -euo pipefail
 
 runs=5
 work="${TMPDIR:-/tmp}/vimg-bench"
 report=""
-while getopts "n:w:o:" opt; do
+scaling=0
+while getopts "n:w:o:S" opt; do
   case $opt in
     n) runs=$OPTARG ;;
     w) work=$OPTARG ;;
     o) report=$OPTARG ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    S) scaling=1 ;;
+    *) sed -n '2,30p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -36,6 +52,16 @@ echo "building vimg (release)..." >&2
 (cd "$root" && cargo build --release -q -p vimg-cli)
 vimg="$root/target/release/vimg"
 command -v qemu-img >/dev/null || { echo "qemu-img is required" >&2; exit 1; }
+command -v qemu-io >/dev/null || { echo "qemu-io is required" >&2; exit 1; }
+[ -x /usr/bin/time ] || { echo "GNU time (/usr/bin/time) is required" >&2; exit 1; }
+
+sel=("$@")
+want() { # is case $1 selected on the command line (all cases when none is)?
+  [ ${#sel[@]} -eq 0 ] && return 0
+  local c; for c in "${sel[@]}"; do [ "$c" = "$1" ] && return 0; done; return 1
+}
+run_scaling=$scaling
+if [ ${#sel[@]} -gt 0 ] && want scaling; then run_scaling=1; fi
 
 gen() { # name size_gib random_mib text_mib zero_mib seed
   [ -f "$1" ] && return 0
@@ -66,15 +92,60 @@ import os
 os.rename(name + ".tmp", name)
 PY
 }
-gen big.raw 8 512 256 128 1
-gen small.raw 2 96 96 0 2
 
-# Inputs in other formats, made once with qemu-img (the reference writer).
-[ -f big.qcow2 ] || qemu-img convert -O qcow2 big.raw big.qcow2
-[ -f big.vmdk ] || qemu-img convert -O vmdk big.raw big.vmdk
-[ -f small-c.qcow2 ] || qemu-img convert -c -O qcow2 small.raw small-c.qcow2
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+human() { awk -v b="$1" 'BEGIN { split("B KiB MiB GiB TiB", u); i=1; while (b>=1024 && i<5) { b/=1024; i++ } printf "%.1f %s", b, u[i] }'; }
+ratio() { awk -v a="$1" -v b="$2" -v p="${3:-2}" 'BEGIN { if (b > 0) printf "%.*f", p, a / b; else print "-" }'; }
 
-# name | input | vimg/qemu-img arguments before "IN OUT" | output suffix
+# Runs "$@" under GNU time; prints "wall cpu max_rss_kib". Output goes to /dev/null.
+time_one() {
+  /usr/bin/time -f "%e %U %S %M" -o "$work/time.out" "$@" >/dev/null 2>"$work/err.out" \
+    || { echo "FAILED: $*" >&2; cat "$work/err.out" >&2; return 1; }
+  awk '{ printf "%s %.2f %s\n", $1, $2 + $3, $4 }' "$work/time.out"
+}
+
+# bench NAME OUTFMT VOUT QOUT -- ARGS... : times `convert ARGS... OUT` for both tools, RUNS
+# alternating rounds; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss, and qs_wall:
+# qemu-img's wall time plus that of an fdatasync of its output right after it (what
+# qemu-img would take with vimg's durability).
+bench() {
+  local vout=$1 qout=$2; shift 3
+  local vt=() vc=() vr=() qt=() qc=() qr=() qs=() i t c m s
+  rm -f "$vout" "$qout"
+  "$vimg" convert "$@" "$vout" >/dev/null
+  qemu-img convert "$@" "$qout" >/dev/null
+  for i in $(seq "$runs"); do
+    for tool in $( ((i % 2)) && echo "q v" || echo "v q"); do
+      if [ "$tool" = q ]; then
+        rm -f "$qout"; sync
+        read -r t c m < <(time_one qemu-img convert "$@" "$qout"); qt+=("$t"); qc+=("$c"); qr+=("$m")
+        read -r s _ < <(time_one sync -d "$qout"); qs+=("$(awk -v a="$t" -v b="$s" 'BEGIN { printf "%.2f", a + b }')")
+      else
+        rm -f "$vout"; sync
+        read -r t c m < <(time_one "$vimg" convert "$@" "$vout"); vt+=("$t"); vc+=("$c"); vr+=("$m")
+      fi
+    done
+  done
+  v_wall=$(printf '%s\n' "${vt[@]}" | median); q_wall=$(printf '%s\n' "${qt[@]}" | median)
+  v_cpu=$(printf '%s\n' "${vc[@]}" | median); q_cpu=$(printf '%s\n' "${qc[@]}" | median)
+  v_rss=$(printf '%s\n' "${vr[@]}" | median); q_rss=$(printf '%s\n' "${qr[@]}" | median)
+  qs_wall=$(printf '%s\n' "${qs[@]}" | median)
+}
+
+same() { # FMT A B: "same" when qemu-img compare says the images read identically
+  qemu-img compare -q -f "$1" -F "$1" "$2" "$3" && echo same || echo DIFFERENT
+}
+
+stamp() {
+  echo "Date: $(date -u +%Y-%m-%d), machine: $(nproc) vCPU ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr), $(df -T . | awk 'NR==2 {print $2}') on $(df . | awk 'NR==2 {print $1}')"
+  echo "Versions: $("$vimg" --version) ($(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)), $(qemu-img --version | head -1); $runs alternating runs per tool, medians, page cache warm, sync before each run"
+}
+
+out_md() { tee -a "${report:-/dev/null}"; }
+[ -n "$report" ] && : >"$report"
+
+# ---------------------------------------------------------------- conversion pairs
+# name | input | convert arguments before "IN OUT" | output suffix
 cases=(
   "raw-raw|big.raw|-f raw -O raw|raw"
   "raw-qcow2|big.raw|-f raw -O qcow2|qcow2"
@@ -89,52 +160,88 @@ cases=(
   "raw-vmdkstream|small.raw|-f raw -O vmdk -o subformat=streamOptimized|vmdk"
 )
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
-human() { awk -v b="$1" 'BEGIN { split("B KiB MiB GiB", u); i=1; while (b>=1024 && i<4) { b/=1024; i++ } printf "%.1f %s", b, u[i] }'; }
+any_case=0
+for c in "${cases[@]}"; do if want "${c%%|*}"; then any_case=1; fi; done
+if [ "$any_case" = 1 ]; then
+  gen big.raw 8 512 256 128 1
+  gen small.raw 2 96 96 0 2
+  # Inputs in other formats, made once with qemu-img (the reference writer).
+  [ -f big.qcow2 ] || qemu-img convert -O qcow2 big.raw big.qcow2
+  [ -f big.vmdk ] || qemu-img convert -O vmdk big.raw big.vmdk
+  [ -f small-c.qcow2 ] || qemu-img convert -c -O qcow2 small.raw small-c.qcow2
 
-time_one() { # tool args... ; prints "wall_seconds max_rss_kib"
-  /usr/bin/time -f "%e %M" -o time.out "$@" >/dev/null 2>&1 || { echo "FAILED: $*" >&2; return 1; }
-  cat time.out
-}
-
-want() { [ $# -eq 0 ] && return 0; local c; for c in "$@"; do [ "$c" = "$name" ] && return 0; done; return 1; }
-
-rows=()
-for c in "${cases[@]}"; do
-  IFS='|' read -r name input args suffix <<<"$c"
-  want "$@" || continue
-  echo "case $name..." >&2
-  vout="out-vimg.$suffix"; qout="out-qemu.$suffix"
-  # shellcheck disable=SC2086
-  "$vimg" convert $args "$input" "$vout" >/dev/null 2>&1 || { echo "vimg failed on $name" >&2; continue; }
-  # shellcheck disable=SC2086
-  qemu-img convert $args "$input" "$qout"
-  vt=(); qt=(); vr=(); qr=()
-  for _ in $(seq "$runs"); do
-    rm -f "$qout"
+  rows=()
+  for c in "${cases[@]}"; do
+    IFS='|' read -r name input args suffix <<<"$c"
+    want "$name" || continue
+    ofmt=${args##*-O }; ofmt=${ofmt%% *}
+    # A format vimg cannot write yet (vhdx while it is being finished) is listed as pending.
+    if ! err=$("$vimg" create -q -f "$ofmt" "probe.$suffix" 1M 2>&1 >/dev/null); then
+      rm -f "probe.$suffix"
+      if [[ $err == *"not supported yet"* ]]; then
+        rows+=("| $name | pending: vimg cannot write $ofmt yet | | | | | | | | | | | | | |")
+      else
+        rows+=("| $name | vimg FAILED: ${err//|/ } | | | | | | | | | | | | | |")
+      fi
+      continue
+    fi
+    rm -f "probe.$suffix"
+    echo "case $name..." >&2
+    vout="out-vimg.$suffix"; qout="out-qemu.$suffix"
     # shellcheck disable=SC2086
-    read -r t m < <(time_one qemu-img convert $args "$input" "$qout"); qt+=("$t"); qr+=("$m")
-    rm -f "$vout"
-    # shellcheck disable=SC2086
-    read -r t m < <(time_one "$vimg" convert $args "$input" "$vout"); vt+=("$t"); vr+=("$m")
+    bench "$vout" "$qout" -- $args "$input"
+    ok=$(same "$ofmt" "$vout" "$qout")
+    vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
+    rows+=("| $name | $v_wall s | $q_wall s | **$(ratio "$v_wall" "$q_wall")** | $qs_wall s | $(ratio "$v_wall" "$qs_wall") | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
+    rm -f "$vout" "$qout"
   done
-  ok=same
-  ofmt=${args##*-O }; ofmt=${ofmt%% *}
-  qemu-img compare -q -f "$ofmt" -F "$ofmt" "$vout" "$qout" || ok=DIFFERENT
-  vmed=$(printf '%s\n' "${vt[@]}" | median); qmed=$(printf '%s\n' "${qt[@]}" | median)
-  vrss=$(printf '%s\n' "${vr[@]}" | median); qrss=$(printf '%s\n' "${qr[@]}" | median)
-  vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
-  ratio=$(awk -v a="$vmed" -v b="$qmed" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-  sratio=$(awk -v a="$vsize" -v b="$qsize" 'BEGIN { printf "%.3f", (b > 0 ? a / b : 0) }')
-  rows+=("| $name | $vmed s | $qmed s | **$ratio** | $(human $((vrss * 1024))) | $(human $((qrss * 1024))) | $(human "$vsize") | $(human "$qsize") | $sratio | $ok |")
-  rm -f "$vout" "$qout"
-done
 
-{
-  echo "Date: $(date -u +%Y-%m-%d), machine: $(nproc) vCPU, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)"
-  echo "Versions: $("$vimg" --version), $(qemu-img --version | head -1); $runs alternating runs each, medians, page cache warm"
-  echo
-  echo "| case | vimg | qemu-img | ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
-  printf '%s\n' "${rows[@]}"
-} | tee "${report:-/dev/null}"
+  {
+    stamp
+    echo
+    echo "| case | vimg wall | qemu-img wall | wall ratio | qemu-img + fdatasync | ratio to that | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+    echo
+  } | out_md
+fi
+
+# ---------------------------------------------------------------- scaling
+# The same 64 MiB (64 x 1 MiB of distinct patterns at evenly spread offsets) in qcow2 images
+# of growing virtual size: the cost must follow the data, not the virtual size.
+if [ "$run_scaling" = 1 ]; then
+  rows=()
+  for vs in 1G 64G 1T 16T; do
+    img="scale-$vs.qcow2"
+    if [ ! -f "$img" ]; then
+      echo "generating $img..." >&2
+      qemu-img create -q -f qcow2 "$img.tmp" "$vs"
+      bytes=$(numfmt --from=iec "$vs")
+      cmds=()
+      for i in $(seq 0 63); do
+        cmds+=(-c "write -q -P $((i + 1)) $(( (bytes / 64 * i) / 1048576 * 1048576 )) 1M")
+      done
+      qemu-io -f qcow2 "${cmds[@]}" "$img.tmp" >/dev/null
+      mv "$img.tmp" "$img"
+    fi
+    for ofmt in qcow2 raw; do
+      # ext4 cannot hold a 16 TiB file, so no raw output for that one.
+      [ "$ofmt" = raw ] && [ "$vs" = 16T ] && continue
+      echo "scaling $vs -> $ofmt..." >&2
+      bench "out-vimg.$ofmt" "out-qemu.$ofmt" -- -f qcow2 -O "$ofmt" "$img"
+      ok=$(same "$ofmt" "out-vimg.$ofmt" "out-qemu.$ofmt")
+      rows+=("| $vs | qcow2->$ofmt | $v_wall s | $v_cpu s | $(human $((v_rss * 1024))) | $q_wall s | $q_cpu s | $(human $((q_rss * 1024))) | $ok |")
+      rm -f "out-vimg.$ofmt" "out-qemu.$ofmt"
+    done
+  done
+  {
+    stamp
+    echo
+    echo "64 MiB of data in qcow2 images of growing virtual size:"
+    echo
+    echo "| virtual size | conversion | vimg wall | vimg CPU | vimg RSS | qemu-img wall | qemu-img CPU | qemu-img RSS | content |"
+    echo "|---|---|---|---|---|---|---|---|---|"
+    printf '%s\n' "${rows[@]}"
+    echo
+  } | out_md
+fi

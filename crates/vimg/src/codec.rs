@@ -3,10 +3,16 @@
 //!
 //! Decoding is strict: a unit must decode to exactly its size, no more and no less.
 //! Encoders keep one context per thread and reset it per unit.
+//!
+//! Deflate and zlib units are decoded with libdeflate: a unit is decoded whole into a buffer
+//! of its known size, which is the case libdeflate is built for, and it does so about twice
+//! as fast as a streaming inflater (criterion `decompress_64KiB`, text-like qcow2 cluster:
+//! zlib-rs 120 us, libdeflate 55 us). Encoding stays with zlib
+//! (flate2 + zlib-rs), because qcow2 needs a 4 KiB window, which libdeflate does not offer.
 
 use std::cell::RefCell;
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use flate2::{Compress, Compression, FlushCompress, Status};
 
 use crate::mapping::Codec;
 
@@ -42,8 +48,7 @@ pub enum CodecError {
 }
 
 thread_local! {
-    static INFLATE_RAW: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-    static INFLATE_ZLIB: RefCell<Decompress> = RefCell::new(Decompress::new(true));
+    static INFLATE: RefCell<Option<libdeflater::Decompressor>> = const { RefCell::new(None) };
     static ZSTD_DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
 }
 
@@ -51,8 +56,11 @@ thread_local! {
 /// `out.len()` bytes.
 pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     match codec {
-        Codec::Deflate => INFLATE_RAW.with(|d| inflate(&mut d.borrow_mut(), codec, input, out)),
-        Codec::Zlib => INFLATE_ZLIB.with(|d| inflate(&mut d.borrow_mut(), codec, input, out)),
+        Codec::Deflate | Codec::Zlib => INFLATE.with(|d| {
+            let mut d = d.borrow_mut();
+            let d = d.get_or_insert_with(libdeflater::Decompressor::new);
+            inflate(d, codec, input, out)
+        }),
         Codec::Zstd => ZSTD_DCTX.with(|d| {
             let mut d = d.borrow_mut();
             let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
@@ -61,47 +69,36 @@ pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), Code
     }
 }
 
+/// Decodes one whole deflate or zlib unit. libdeflate stops at the end of the stream, so
+/// padding after it is ignored; the output must fill `out` exactly.
 fn inflate(
-    d: &mut Decompress,
+    d: &mut libdeflater::Decompressor,
     codec: Codec,
     input: &[u8],
     out: &mut [u8],
 ) -> Result<(), CodecError> {
-    d.reset(codec == Codec::Zlib);
-    let corrupt = |e: flate2::DecompressError| CodecError::Corrupt {
-        codec,
-        detail: e.to_string(),
+    use libdeflater::DecompressionError as E;
+    let r = if codec == Codec::Zlib {
+        d.zlib_decompress(input, out)
+    } else {
+        d.deflate_decompress(input, out)
     };
-    let status = d
-        .decompress(input, out, FlushDecompress::Finish)
-        .map_err(corrupt)?;
-    let got = d.total_out() as usize;
-    if got < out.len() {
-        // Either the stream ended early or the input ran out.
-        return Err(CodecError::Short {
+    match r {
+        Ok(got) if got == out.len() => Ok(()),
+        Ok(got) => Err(CodecError::Short {
             codec,
             got,
             expected: out.len(),
-        });
+        }),
+        Err(E::InsufficientSpace) => Err(CodecError::Long {
+            codec,
+            expected: out.len(),
+        }),
+        Err(E::BadData) => Err(CodecError::Corrupt {
+            codec,
+            detail: "invalid data (or the stream ends early)".into(),
+        }),
     }
-    if status != Status::StreamEnd {
-        // The output is full; the stream must end here, not produce more.
-        let used = d.total_in() as usize;
-        let mut extra = [0u8; 1];
-        d.decompress(
-            &input[used.min(input.len())..],
-            &mut extra,
-            FlushDecompress::Finish,
-        )
-        .map_err(corrupt)?;
-        if d.total_out() as usize > out.len() {
-            return Err(CodecError::Long {
-                codec,
-                expected: out.len(),
-            });
-        }
-    }
-    Ok(())
 }
 
 fn unzstd(
@@ -198,6 +195,32 @@ pub fn deflate(
                 None
             }
         }
+    })
+}
+
+thread_local! {
+    static LIBDEFLATE: RefCell<Option<(i32, libdeflater::Compressor)>> = const { RefCell::new(None) };
+}
+
+/// Compresses `input` as one zlib stream (32 KiB window) with libdeflate at `level`
+/// (1..=12), which compresses a whole buffer faster and smaller than zlib at a like level.
+/// Returns `None` when the result would not be smaller than `max_out` bytes or the level is
+/// out of range.
+pub fn zlib_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>> {
+    LIBDEFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if !matches!(&*cell, Some((l, _)) if *l == level) {
+            let lvl = libdeflater::CompressionLvl::new(level).ok()?;
+            *cell = Some((level, libdeflater::Compressor::new(lvl)));
+        }
+        let (_, c) = cell.as_mut()?;
+        let mut out = vec![0u8; c.zlib_compress_bound(input.len()).min(max_out)];
+        let n = c.zlib_compress(input, &mut out).ok()?;
+        if n >= max_out {
+            return None;
+        }
+        out.truncate(n);
+        Some(out)
     })
 }
 

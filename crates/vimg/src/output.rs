@@ -7,15 +7,24 @@
 //! absent, unchanged, or complete. A destination that is a symlink is replaced by the rename;
 //! the file it pointed to is never written.
 //!
+//! Durability is paid for during the copy, not after it: large writes are sent to the disk
+//! as soon as they are made (`sync_file_range`), and once a bounded window of them is in
+//! flight the oldest is waited for and dropped from the page cache. The fsync at commit then
+//! finds almost nothing left to write, and a conversion keeps at most [`WRITEBACK_WINDOW`]
+//! of each output file in the page cache, not the whole output: it neither evicts the
+//! machine's cache nor stalls on reclaiming it.
+//!
 //! [`OutFile`] is one output file with positional writes. It can also be a one-pass stream
 //! (stdout): writes must then come in ascending order, gaps are filled with zeros, and a
 //! write behind the current position is an error that says the format needs seeking.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::checksum::{hash_storage, Checksum, HashAlg, InOrderHasher};
@@ -67,6 +76,39 @@ pub struct OutFile {
     /// Hashes the bytes while they are written in order (the main file, when a checksum
     /// was asked for).
     hash: Option<Arc<Mutex<InOrderHasher>>>,
+    /// Writeback bookkeeping (files only).
+    wb: Arc<Writeback>,
+}
+
+/// Writes of at least this many bytes are sent to the disk at once and tracked in the
+/// writeback window; smaller ones (metadata, compressed clusters) are sent in batches of
+/// [`WRITEBACK_BATCH`] bytes.
+pub const WRITEBACK_LARGE: u64 = 1 << 20;
+
+/// Bytes of large writes that may be in flight (written, being written back) per file before
+/// the oldest is waited for and dropped from the page cache. Measured on the issue 6
+/// workload (768 MiB of new data, raw->raw): with no early writeback the fsync at commit
+/// took 0.4 s on its own (1.0 s median in all); starting writeback early without a window
+/// gave 0.4 s when the page cache had free room and 0.9-2.0 s when the kernel had to reclaim
+/// first; a 32 MiB window gave 0.45-0.48 s either way. With fallocate and mapped reads in
+/// place, 7 alternating runs each (qcow2->raw / raw->qcow2 / raw->raw): 8 MiB 0.43 s,
+/// 32 MiB 0.40 / 0.44 / 0.42 s, 64 MiB 0.39 s, 128 MiB 0.37 / 0.39 / 0.41 s.
+pub const WRITEBACK_WINDOW: u64 = 128 << 20;
+
+/// Small writes are sent to the disk (without waiting) every this many bytes.
+pub const WRITEBACK_BATCH: u64 = 8 << 20;
+
+/// Early writeback of one output file.
+#[derive(Default)]
+struct Writeback {
+    /// Large writes sent to the disk and not yet waited for, oldest first, and their total.
+    window: Mutex<(VecDeque<(u64, u64)>, u64)>,
+    /// Bytes of small writes since the last batch was sent.
+    small: AtomicU64,
+    /// Set when the file does not support `sync_file_range`: the fsync does it all then.
+    off: AtomicBool,
+    /// Set when the file does not support `fallocate`.
+    no_falloc: AtomicBool,
 }
 
 impl std::fmt::Debug for OutFile {
@@ -84,6 +126,7 @@ impl OutFile {
             sink: Arc::new(Sink::File(file)),
             name: name.into(),
             hash: None,
+            wb: Arc::default(),
         }
     }
 
@@ -93,6 +136,7 @@ impl OutFile {
             sink: Arc::new(Sink::Stream(Mutex::new(StreamState { w, pos: 0, len: 0 }))),
             name: name.into(),
             hash: None,
+            wb: Arc::default(),
         }
     }
 
@@ -173,10 +217,11 @@ impl OutFile {
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         match &*self.sink {
             Sink::File(f) => {
+                self.reserve(f, offset, buf.len() as u64);
                 f.write_all_at(buf, offset)
                     .map_err(|e| self.err("write", offset, e))?;
                 self.hash_with(|h| h.write(offset, buf));
-                Ok(())
+                self.write_back(f, offset, buf.len() as u64)
             }
             Sink::Stream(s) => {
                 let mut s = s
@@ -201,6 +246,117 @@ impl OutFile {
                 s.pos += buf.len() as u64;
                 Ok(())
             }
+        }
+    }
+
+    /// Starts writeback of what was just written at `offset`, and for large writes waits for
+    /// (and drops from the page cache) the oldest ones once more than [`WRITEBACK_WINDOW`]
+    /// bytes are in flight. Errors of the writes waited for are returned here: once waited
+    /// for, the kernel does not report them again to the fsync.
+    fn write_back(&self, f: &File, offset: u64, len: u64) -> Result<()> {
+        let wb = &*self.wb;
+        if wb.off.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let fd = f.as_raw_fd();
+        if len < WRITEBACK_LARGE {
+            let before = wb.small.fetch_add(len, Ordering::Relaxed);
+            if before + len >= WRITEBACK_BATCH {
+                wb.small.store(0, Ordering::Relaxed);
+                // The whole file's dirty pages; pages already under writeback are skipped.
+                self.sync_range(fd, 0, 0, libc::SYNC_FILE_RANGE_WRITE)?;
+            }
+            return Ok(());
+        }
+        // Only the whole pages of the write: a page it shares with a neighbouring write
+        // (formats whose data does not start on a page, as VDI's and VHD's) would be written
+        // twice, and the neighbour's write would wait for it. The commit fsync covers them.
+        const PAGE: u64 = 4096;
+        let first = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset + len) / PAGE * PAGE;
+        if end <= first {
+            return Ok(());
+        }
+        let (offset, len) = (first, end - first);
+        self.sync_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE)?;
+        let mut old = Vec::new();
+        {
+            let mut w = wb
+                .window
+                .lock()
+                .map_err(|_| Error::msg(ErrorKind::Io, "writeback lock poisoned"))?;
+            w.0.push_back((offset, len));
+            w.1 += len;
+            while w.1 > WRITEBACK_WINDOW {
+                let Some(r) = w.0.pop_front() else { break };
+                w.1 -= r.1;
+                old.push(r);
+            }
+        }
+        for (o, n) in old {
+            self.sync_range(
+                fd,
+                o,
+                n,
+                libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                    | libc::SYNC_FILE_RANGE_WRITE
+                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )?;
+            // Clean now: the page cache need not keep them (a hint; failure is harmless).
+            // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(fd, o as i64, n as i64, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates the blocks of a large write before it is made (`fallocate`, size kept).
+    /// The write covers them all, so the file ends up the same; but ext4 then neither
+    /// reserves delayed-allocation space page by page during the write nor allocates blocks
+    /// during writeback: raw->raw 0.42 -> 0.36 s wall, 0.40 -> 0.34 s CPU (9 alternating
+    /// runs). A hint only: a filesystem without `fallocate` just writes.
+    fn reserve(&self, f: &File, offset: u64, len: u64) {
+        if len < WRITEBACK_LARGE || self.wb.no_falloc.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Ok(o), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return;
+        };
+        // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+        if unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, o, n) } != 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP)
+                    | Some(libc::ENODEV)
+                    | Some(libc::EINVAL)
+                    | Some(libc::ENOSYS)
+            ) {
+                self.wb.no_falloc.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `sync_file_range`; turns early writeback off for a file that does not support it.
+    fn sync_range(&self, fd: i32, offset: u64, len: u64, flags: libc::c_uint) -> Result<()> {
+        let (Ok(o), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Ok(());
+        };
+        // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+        if unsafe { libc::sync_file_range(fd, o, n, flags) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINVAL)
+            | Some(libc::ESPIPE)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS) => {
+                self.wb.off.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            _ => Err(self.err("write back", offset, e)),
         }
     }
 

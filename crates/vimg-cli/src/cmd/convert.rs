@@ -173,6 +173,8 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             CopyMode::Flatten
         },
         cancel: Some(&cancel),
+        // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
+        mapped_reads: true,
         ..CopyOptions::default()
     };
     let result = vimg::convert_report(&src, &p.dst, &opts);

@@ -10,6 +10,7 @@
 //! - Writers that need ascending order get it from one sink thread that puts finished chunks
 //!   back in order.
 
+mod mapped;
 pub mod zero;
 
 use std::collections::BTreeMap;
@@ -64,6 +65,14 @@ pub struct CopyOptions<'a> {
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
     /// Checked between chunks; when set, the copy stops with [`ErrorKind::Cancelled`].
     pub cancel: Option<&'a AtomicBool>,
+    /// Read uncompressed source data through short-lived memory mappings instead of into
+    /// pool buffers (one copy of every data byte less; see `engine/mapped.rs`). Off by
+    /// default in the library because it installs a process-wide `SIGBUS` handler (chained
+    /// to any handler installed before it) that turns a fault in one of vimg's mappings (a
+    /// source truncated by another process during the copy, a failing disk) into an I/O
+    /// error. The `vimg` binary turns it on. Without it, or when a mapping cannot be made,
+    /// data is read with `pread`.
+    pub mapped_reads: bool,
 }
 
 impl Default for CopyOptions<'_> {
@@ -78,6 +87,7 @@ impl Default for CopyOptions<'_> {
             mode: CopyMode::Flatten,
             progress: None,
             cancel: None,
+            mapped_reads: false,
         }
     }
 }
@@ -124,6 +134,9 @@ struct Shared<'a> {
     unit: u64,
     sparse: usize,
     zero_writes: bool,
+    /// Data jobs may be read through a mapping of the source (unordered writers that do
+    /// not encode, flattened copies).
+    mapped_reads: bool,
     error: Mutex<Option<Error>>,
     failed: AtomicBool,
     done_bytes: AtomicU64,
@@ -180,6 +193,10 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
         unit,
         sparse,
         zero_writes: !opts.target_is_zero || opts.mode == CopyMode::TopOnly,
+        mapped_reads: opts.mapped_reads
+            && !caps.ordered
+            && !caps.encodes
+            && opts.mode == CopyMode::Flatten,
         error: Mutex::new(None),
         failed: AtomicBool::new(false),
         done_bytes: AtomicU64::new(0),
@@ -434,6 +451,15 @@ fn worker(
             let _ = free.send(buf);
             continue;
         }
+        if ordered.is_none() {
+            if let Some(r) = try_mapped(shared, job, &mut runs) {
+                if let Err(e) = r {
+                    shared.fail(e);
+                }
+                let _ = free.send(buf);
+                continue;
+            }
+        }
         let mut encoded = Vec::new();
         let r = process(shared, job, &mut buf, &mut runs, &mut encoded);
         if let Err(e) = r {
@@ -464,6 +490,53 @@ fn worker(
     }
 }
 
+/// Processes a data job straight out of the source's page cache, when the job's range is one
+/// data extent of a file (see [`mapped`]): the zero scan and the writes read the mapping, so
+/// the data is copied once instead of twice. `None` when the job does not qualify; it is then
+/// read into a pool buffer.
+fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Result<()>> {
+    let Job::Data { start, len, .. } = job else {
+        return None;
+    };
+    if !shared.mapped_reads {
+        return None;
+    }
+    let (e, layer, _) = shared.src.map_flat(start, len).ok()?;
+    let MapKind::Data { file, offset } = e.kind else {
+        return None;
+    };
+    if e.len != len {
+        return None;
+    }
+    let storage = layer.reader().file(file)?;
+    let end = offset.get().checked_add(len)?;
+    if end > storage.len() {
+        // Data past the end of the file reads as zeros through `read_at`; leave it to that.
+        return None;
+    }
+    let m = mapped::Mapped::new(storage.raw_fd()?, offset.get(), usize::try_from(len).ok()?)?;
+    let failed = || {
+        Error::msg(
+            ErrorKind::Io,
+            format!(
+                "source file '{}' could not be read at {:#x} (it shrank or failed while being copied)",
+                storage.path().map(|p| p.display().to_string()).unwrap_or_default(),
+                offset.get()
+            ),
+        )
+    };
+    shared.stats_read.fetch_add(len, Ordering::Relaxed);
+    split_runs(m.data(), shared.unit as usize, shared.sparse, runs);
+    if m.failed() {
+        return Some(Err(failed()));
+    }
+    let r = write_out(shared, job, m.data(), runs, &[]);
+    if m.failed() {
+        return Some(Err(failed()));
+    }
+    Some(r)
+}
+
 /// Reads and scans a data job (and encodes it for writers that encode).
 fn process(
     shared: &Shared<'_>,
@@ -477,12 +550,12 @@ fn process(
         return Ok(());
     };
     let len = len as usize;
-    if buf.capacity() < len {
-        // One allocation per pool buffer, reused for the whole copy.
+    if buf.len() < len {
+        // One allocation per pool buffer, reused for the whole copy. It never shrinks, so
+        // the zero fill happens once, not whenever a short job came before a long one.
         buf.reserve_exact(len - buf.len());
+        buf.resize(len, 0);
     }
-    // SAFETY-free resize: zero-filling costs a memset, much cheaper than the read itself.
-    buf.resize(len, 0);
     shared.src.read_at(&mut buf[..len], start)?;
     shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
     split_runs(&buf[..len], shared.unit as usize, shared.sparse, runs);

@@ -32,7 +32,7 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
-pub use write::{Qcow2Writer, WriteOptions};
+pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
 /// The qcow2 driver.
 pub struct Driver;

@@ -660,6 +660,10 @@ impl Qcow2Reader {
         let mut coffsets: Vec<(u64, u64)> = Vec::new();
         for i in 0..live {
             let (entry, bitmap) = entry_at(words, g, i);
+            if entry == 0 && bitmap == 0 {
+                // Unallocated: nothing to check.
+                continue;
+            }
             let c = decode_l2(entry, bitmap, g, self.header.version, data_file)
                 .map_err(|why| l2_err(off, i, entry, why))?;
             if let Some(host) = c.host() {
@@ -1106,6 +1110,22 @@ impl ImageReader for Qcow2Reader {
                 let cend = (cstart + cs).min(l1_end);
                 let idx = (pos >> cb) & (g.l2_entries() - 1);
                 let (entry, bitmap) = entry_at(&t, g, idx);
+                if entry == 0 && bitmap == 0 {
+                    // Unallocated: find the end of the run of all-zero entries in one pass
+                    // over the words, so a sparse table costs a scan, not a decode per entry.
+                    let step = if g.extended_l2 { 2 } else { 1 };
+                    let last = ((l1_end - 1) >> cb) & (g.l2_entries() - 1);
+                    let (from, to) = ((idx * step) as usize, ((last + 1) * step) as usize);
+                    let words = t.get(from..to).unwrap_or(&[]);
+                    let zero_words = words.iter().position(|&w| w != 0).unwrap_or(words.len());
+                    let entries = (zero_words as u64 / step).max(1);
+                    let run_end = cstart.saturating_add(entries << cb).min(l1_end);
+                    if !acc.add(Run::Unallocated, run_end - pos) {
+                        break 'outer;
+                    }
+                    pos = run_end;
+                    continue;
+                }
                 let c = decode_l2(
                     entry,
                     bitmap,

@@ -29,7 +29,7 @@ use crate::writer::ImageWriter;
 
 pub use error::VmdkError;
 pub use read::VmdkReader;
-pub use write::{Settings, Subformat};
+pub use write::{Settings, Subformat, DEFLATE_LEVEL};
 
 use header::SECTOR;
 use write::{SparseLayout, GRAIN, GTES, SPLIT_SIZE};
