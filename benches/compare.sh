@@ -26,8 +26,10 @@
 #   /usr/bin/time, and is less sensitive to other load than wall time.
 # vimg fsyncs its outputs before renaming them into place (all-or-nothing output); qemu-img
 # does not flush at the end of a convert (it leaves the data dirty in the page cache), so the
-# wall times include vimg's durability and not qemu-img's. The "qemu-img + fdatasync" column
-# adds the time of `sync -d` on qemu-img's output right after it, for a like-for-like figure.
+# default wall times include vimg's durability and not qemu-img's. Two like-for-like ratios
+# follow: vimg against qemu-img plus a `sync -d` of its output right after it (both durable),
+# and `vimg -t unsafe` (no fsync, qemu-img's meaning of that cache mode and its convert
+# default) against qemu-img (neither syncs). The three commands rotate their order each round.
 set -euo pipefail
 
 runs=5
@@ -104,19 +106,28 @@ time_one() {
   awk '{ printf "%s %.2f %s\n", $1, $2 + $3, $4 }' "$work/time.out"
 }
 
-# bench NAME OUTFMT VOUT QOUT -- ARGS... : times `convert ARGS... OUT` for both tools, RUNS
-# alternating rounds; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss, and qs_wall:
-# qemu-img's wall time plus that of an fdatasync of its output right after it (what
-# qemu-img would take with vimg's durability).
+# bench VOUT QOUT -- ARGS... : times `convert ARGS... OUT` for both tools, RUNS rounds,
+# the order rotated every round; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss;
+# qs_wall: qemu-img's wall time plus that of an fdatasync of its output right after it
+# (what qemu-img would take with vimg's durability); u_wall: vimg with `-t unsafe` (no
+# fsync, as qemu-img's default), when UNSAFE=1.
 bench() {
   local vout=$1 qout=$2; shift 3
-  local vt=() vc=() vr=() qt=() qc=() qr=() qs=() i t c m s
+  local vt=() vc=() vr=() qt=() qc=() qr=() qs=() ut=() i t c m s order
   rm -f "$vout" "$qout"
   "$vimg" convert "$@" "$vout" >/dev/null
   qemu-img convert "$@" "$qout" >/dev/null
   for i in $(seq "$runs"); do
-    for tool in $( ((i % 2)) && echo "q v" || echo "v q"); do
-      if [ "$tool" = q ]; then
+    if [ "${UNSAFE:-0}" = 1 ]; then
+      case $((i % 3)) in 1) order="q v u" ;; 2) order="v u q" ;; *) order="u q v" ;; esac
+    else
+      order=$( ((i % 2)) && echo "q v" || echo "v q")
+    fi
+    for tool in $order; do
+      if [ "$tool" = u ]; then
+        rm -f "$vout"; sync
+        read -r t _ < <(time_one "$vimg" convert -t unsafe "$@" "$vout"); ut+=("$t")
+      elif [ "$tool" = q ]; then
         rm -f "$qout"; sync
         read -r t c m < <(time_one qemu-img convert "$@" "$qout"); qt+=("$t"); qc+=("$c"); qr+=("$m")
         read -r s _ < <(time_one sync -d "$qout"); qs+=("$(awk -v a="$t" -v b="$s" 'BEGIN { printf "%.2f", a + b }')")
@@ -130,6 +141,8 @@ bench() {
   v_cpu=$(printf '%s\n' "${vc[@]}" | median); q_cpu=$(printf '%s\n' "${qc[@]}" | median)
   v_rss=$(printf '%s\n' "${vr[@]}" | median); q_rss=$(printf '%s\n' "${qr[@]}" | median)
   qs_wall=$(printf '%s\n' "${qs[@]}" | median)
+  u_wall=-; [ ${#ut[@]} -gt 0 ] && u_wall=$(printf '%s\n' "${ut[@]}" | median)
+  return 0
 }
 
 same() { # FMT A B: "same" when qemu-img compare says the images read identically
@@ -189,18 +202,18 @@ if [ "$any_case" = 1 ]; then
     echo "case $name..." >&2
     vout="out-vimg.$suffix"; qout="out-qemu.$suffix"
     # shellcheck disable=SC2086
-    bench "$vout" "$qout" -- $args "$input"
+    UNSAFE=1 bench "$vout" "$qout" -- $args "$input"
     ok=$(same "$ofmt" "$vout" "$qout")
     vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
-    rows+=("| $name | $v_wall s | $q_wall s | **$(ratio "$v_wall" "$q_wall")** | $qs_wall s | $(ratio "$v_wall" "$qs_wall") | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
+    rows+=("| $name | $v_wall s | $q_wall s | $(ratio "$v_wall" "$q_wall") | $qs_wall s | **$(ratio "$v_wall" "$qs_wall")** | $u_wall s | **$(ratio "$u_wall" "$q_wall")** | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
     rm -f "$vout" "$qout"
   done
 
   {
     stamp
     echo
-    echo "| case | vimg wall | qemu-img wall | wall ratio | qemu-img + fdatasync | ratio to that | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| case | vimg wall | qemu-img wall | ratio (defaults) | qemu-img + fdatasync | **ratio, both durable** | vimg -t unsafe | **ratio, neither syncs** | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
   } | out_md

@@ -129,10 +129,12 @@ pub struct ConvertArgs {
     /// Write into an existing target instead of creating one (in place: not atomic).
     #[arg(short = 'n')]
     pub no_create: bool,
-    /// Cache mode of the target (accepted and ignored).
+    /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. vimg
+    /// makes the output durable (fsync) before renaming it into place in every mode but
+    /// `unsafe`, which skips the fsyncs as qemu-img does (its default).
     #[arg(short = 't', value_name = "CACHE")]
     pub cache: Option<String>,
-    /// Cache mode of the source (accepted and ignored).
+    /// Cache mode of the source (checked; vimg always reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub src_cache: Option<String>,
     /// Assume the target reads as zeros already.

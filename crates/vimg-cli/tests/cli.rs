@@ -515,6 +515,8 @@ fn impossible_combinations_fail_like_qemu_before_anything_is_created() {
         vec!["-O", "vmdk", "-o", "adapter_type=scsi"],
         vec!["-O", "vhdx", "-o", "block_size=3M"],
         vec!["-O", "qcow2", "-o", "nonsense=1"],
+        vec!["-O", "raw", "-t", "fast"],
+        vec!["-O", "raw", "-T", "fast"],
     ];
     // qemu-img leaves files behind on some of these (a -flat.vmdk); it writes elsewhere.
     let qdir = d.join("q");

@@ -174,3 +174,56 @@ fn qemu_reads_vimg_raw() {
     assert_qemu_accepts(&dst, "raw", &src, "raw");
     assert_reads_like_qemu(&src, "raw", dir.path());
 }
+
+/// Every cache mode qemu-img accepts converts to the same bytes; `-t unsafe` (no fsync)
+/// still leaves no temporary file behind, for one file and for a multi-file output.
+#[test]
+fn every_cache_mode_converts_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("src.raw");
+    mixed_raw(&src, 8 << 20);
+    for mode in [
+        "none",
+        "off",
+        "writeback",
+        "writethrough",
+        "directsync",
+        "unsafe",
+    ] {
+        let out = d.join(format!("out-{mode}.raw"));
+        vimg(&[
+            "convert",
+            "-t",
+            mode,
+            "-T",
+            mode,
+            "-O",
+            "raw",
+            s(&src),
+            s(&out),
+        ]);
+        assert_same_file(&src, &out);
+    }
+    let flat = d.join("flat.vmdk");
+    vimg(&[
+        "convert",
+        "-t",
+        "unsafe",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&src),
+        s(&flat),
+    ]);
+    let back = d.join("back.raw");
+    vimg(&["convert", "-O", "raw", s(&flat), s(&back)]);
+    assert_same_file(&src, &back);
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

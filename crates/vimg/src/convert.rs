@@ -25,6 +25,9 @@ pub struct ConvertOptions<'a> {
     pub output_mode: OutputMode,
     /// A checksum of the output file's bytes to compute (see [`ConvertReport::checksum`]).
     pub checksum: Option<HashAlg>,
+    /// Make the output durable before it is renamed into place (default `true`); `false` is
+    /// qemu-img's `-t unsafe` (see [`Output::with_sync`]).
+    pub sync: bool,
 }
 
 /// What [`convert_report`] did.
@@ -48,6 +51,7 @@ impl ConvertOptions<'_> {
             copy: CopyOptions::default(),
             output_mode: OutputMode::Atomic,
             checksum: None,
+            sync: true,
         }
     }
 }
@@ -152,6 +156,7 @@ pub fn convert_report(
     };
     let out = Output::with_mode(dst, opts.output_mode)
         .with_checksum(opts.checksum)
+        .with_sync(opts.sync)
         .with_protected(source_files(src));
     let writer = opts.format.driver().create(&out, size, &opts.create)?;
     if opts.output_mode == OutputMode::Stdout && !writer.caps().ordered {

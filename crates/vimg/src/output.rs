@@ -109,6 +109,8 @@ struct Writeback {
     off: AtomicBool,
     /// Set when the file does not support `fallocate`.
     no_falloc: AtomicBool,
+    /// Set for outputs made with [`Output::with_sync`]`(false)`: no fsync at all.
+    no_sync: AtomicBool,
 }
 
 impl std::fmt::Debug for OutFile {
@@ -445,6 +447,7 @@ impl OutFile {
     /// Flushes data to stable storage (files) or pads and flushes a stream.
     pub fn sync(&self) -> Result<()> {
         match &*self.sink {
+            Sink::File(_) if self.wb.no_sync.load(Ordering::Relaxed) => Ok(()),
             Sink::File(f) => f.sync_all().map_err(|e| self.err("fsync", 0, e)),
             Sink::Stream(s) => {
                 let mut s = s
@@ -549,6 +552,8 @@ pub struct Output {
     held: Mutex<Option<Arc<Mutex<Held>>>>,
     /// Files no output file may be (the conversion's source files), with their names.
     protected: Vec<((u64, u64), String)>,
+    /// Make the files and their renames durable at commit (the default).
+    sync: bool,
 }
 
 impl Output {
@@ -568,7 +573,19 @@ impl Output {
             stdout: None,
             held: Mutex::new(None),
             protected: Vec::new(),
+            sync: true,
         }
+    }
+
+    /// With `false`, [`Output::commit`] neither fsyncs the files nor their folder, and no
+    /// early writeback is started: what qemu-img's `-t unsafe` cache mode (its `convert`
+    /// default) does. The output still appears all at once and a failed conversion still
+    /// leaves nothing behind, but after an operating-system crash or power loss the
+    /// destination may be missing, empty or incomplete. For scratch files that are read
+    /// again at once; the default (`true`) is durable.
+    pub fn with_sync(mut self, sync: bool) -> Output {
+        self.sync = sync;
+        self
     }
 
     /// Refuses to create any output file (the main file or a sibling such as a VMDK
@@ -753,7 +770,12 @@ impl Output {
                 }
             }
         };
-        let mut out = OutFile::from_file(file, &name);
+        let out = OutFile::from_file(file, &name);
+        if !self.sync {
+            out.wb.off.store(true, Ordering::Relaxed);
+            out.wb.no_sync.store(true, Ordering::Relaxed);
+        }
+        let mut out = out;
         if let (Some(alg), true) = (self.checksum, final_path == self.main) {
             // In place the file does not start empty: only a read of the result is right.
             if self.mode != OutputMode::InPlace {
@@ -825,7 +847,7 @@ impl Output {
                     unregister_temp(tmp);
                 }
             }
-            if self.mode != OutputMode::Stdout {
+            if self.mode != OutputMode::Stdout && self.sync {
                 // Make the renames themselves durable.
                 if let Ok(dir) = File::open(self.folder()) {
                     let _ = dir.sync_all();

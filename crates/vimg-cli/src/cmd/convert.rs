@@ -28,9 +28,34 @@ struct Plan {
     target_is_zero: bool,
     checksum: Option<HashAlg>,
     quiet: bool,
+    /// Make the output durable before renaming it into place (every `-t` mode but `unsafe`).
+    sync: bool,
 }
 
 const MAX_SPARSE: u64 = 16 << 20;
+
+/// The cache modes qemu-img accepts for `-t` and `-T` (QEMU's `bdrv_parse_cache_mode`).
+/// vimg reads through the page cache and writes a temporary file in every mode; the mode
+/// decides only whether the output is made durable (fsync of the files and the folder)
+/// before it is renamed into place: always, except with `-t unsafe`, where qemu-img does not
+/// flush either.
+const CACHE_MODES: [&str; 6] = [
+    "none",
+    "off",
+    "writeback",
+    "writethrough",
+    "directsync",
+    "unsafe",
+];
+
+fn check_cache_mode(mode: Option<&str>, what: &str) -> Result<(), Failure> {
+    match mode {
+        Some(m) if !CACHE_MODES.contains(&m) => {
+            Err(Failure::new(format!("Invalid {what}cache option: {m}"), 1))
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Messages qemu-img prints without the target's name (checked before the target exists).
 const QEMU_PLAIN_REFUSALS: [&str; 3] = [
@@ -40,6 +65,8 @@ const QEMU_PLAIN_REFUSALS: [&str; 3] = [
 ];
 
 fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
+    check_cache_mode(a.src_cache.as_deref(), "source ")?;
+    check_cache_mode(a.cache.as_deref(), "")?;
     let out_format = parse_format(&a.out_format)?;
     let src_format = parse_format_opt(a.src_format.as_deref())?;
     let mut create = parse_create_options(&a.options)?;
@@ -125,6 +152,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         target_is_zero: a.target_is_zero,
         checksum: parse_checksum(a.checksum.as_deref())?,
         quiet: a.quiet,
+        sync: a.cache.as_deref() != Some("unsafe"),
     })
 }
 
@@ -160,6 +188,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.create = p.create;
     opts.output_mode = p.mode;
     opts.checksum = p.checksum;
+    opts.sync = p.sync;
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
