@@ -4,7 +4,8 @@
 # vimg/qemu-img. Every output pair is checked with `qemu-img compare`.
 #
 # Usage: benches/compare.sh [-n RUNS] [-w WORKDIR] [-o REPORT.md] [-S] [CASE...]
-#   RUNS     timed runs per tool and case (default 5; the median is reported)
+#   RUNS     timed runs per tool and case (default 6: every order of the three commands
+#            once; the median is reported)
 #   WORKDIR  where the workload and outputs live (default $TMPDIR/vimg-bench; ~10 GiB
 #            sparse, ~2 GiB of real data, ~6 GiB free space needed for outputs)
 #   -S       also run the scaling table (64 MiB of data in 1 GiB .. 16 TiB qcow2 images)
@@ -19,7 +20,7 @@
 #
 # How it measures (the machine is shared, so single runs are noise):
 # - page cache warm: one untimed run of each command first; the inputs stay cached;
-# - alternating runs, the order flipped every round (qemu-img first, then vimg first);
+# - rotating runs: every order of qemu-img, vimg and vimg -t unsafe in turn;
 # - before every timed run the previous outputs are deleted and `sync` runs (untimed), so
 #   neither tool pays for the other's dirty pages being written back;
 # - medians of RUNS runs; CPU is user+sys of the process (all its threads), from
@@ -32,7 +33,7 @@
 # default) against qemu-img (neither syncs). The three commands rotate their order each round.
 set -euo pipefail
 
-runs=5
+runs=6
 work="${TMPDIR:-/tmp}/vimg-bench"
 report=""
 scaling=0
@@ -119,7 +120,13 @@ bench() {
   qemu-img convert "$@" "$qout" >/dev/null
   for i in $(seq "$runs"); do
     if [ "${UNSAFE:-0}" = 1 ]; then
-      case $((i % 3)) in 1) order="q v u" ;; 2) order="v u q" ;; *) order="u q v" ;; esac
+      # Every order of the three in turn (use a multiple of 6 rounds), so each tool follows
+      # each other one equally often: in a VM whose balloon returns freed memory to the host,
+      # a run that follows one that freed a lot of page cache pays for faulting it back in.
+      case $((i % 6)) in
+        1) order="q v u" ;; 2) order="v u q" ;; 3) order="u q v" ;;
+        4) order="q u v" ;; 5) order="u v q" ;; *) order="v q u" ;;
+      esac
     else
       order=$( ((i % 2)) && echo "q v" || echo "v q")
     fi

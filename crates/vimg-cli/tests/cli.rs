@@ -550,3 +550,70 @@ fn impossible_combinations_fail_like_qemu_before_anything_is_created() {
         );
     }
 }
+
+/// `create` prints qemu-img's "Formatting" line: its options in QEMU's order, defaults
+/// included, sizes in bytes.
+#[test]
+fn create_formatting_line_matches_qemu() {
+    if !qemu_available("create_formatting_line_matches_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&d.join("base.vmdk")), "64M"]);
+    qemu_img(&["create", "-q", "-f", "raw", s(&d.join("base.raw")), "64M"]);
+    let cases: &[&[&str]] = &[
+        &["-f", "qcow2", "OUT.qcow2", "1G"],
+        &["-f", "qcow2", "-o", "cluster_size=4k", "OUT.qcow2", "1G"],
+        &["-f", "qcow2", "-b", "base.raw", "-F", "raw", "OUT.qcow2"],
+        &["-f", "qcow2", "-o", "compat=0.10", "OUT.qcow2", "1.5M"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=8,preallocation=metadata,extended_l2=on,cluster_size=2M",
+            "OUT.qcow2",
+            "1M",
+        ],
+        &["-f", "qcow2", "-o", "compat=v3,compression_type=zstd", "OUT.qcow2", "1M"],
+        &["-f", "qcow2", "-o", "size=2G", "OUT.qcow2"],
+        &["-f", "vmdk", "OUT.vmdk", "1G"],
+        &[
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on,toolsversion=1234,hwversion=6,backing_fmt=vmdk,backing_file=base.vmdk,adapter_type=ide",
+            "OUT.vmdk",
+            "64M",
+        ],
+        &["-f", "vmdk", "-o", "subformat=streamOptimized", "OUT.vmdk", "1G"],
+        &["-f", "vpc", "-o", "subformat=fixed,force_size=on", "OUT.vhd", "1M"],
+        &["-f", "vhdx", "OUT.vhdx", "1G"],
+        &["-f", "vhdx", "-o", "block_size=1M,log_size=2M,subformat=fixed", "OUT.vhdx", "8M"],
+        &["-f", "vdi", "-o", "static=on", "OUT.vdi", "1M"],
+        &["-f", "raw", "-o", "preallocation=falloc", "OUT.raw", "1M"],
+    ];
+    for c in cases {
+        let mut lines = Vec::new();
+        for tool in ["qemu-img", vimg_bin().to_str().unwrap()] {
+            let args: Vec<String> = std::iter::once("create".to_string())
+                .chain(c.iter().map(|a| {
+                    if a.starts_with("OUT") || a.starts_with("base") {
+                        s(&d.join(a)).to_string()
+                    } else {
+                        a.to_string()
+                    }
+                }))
+                .collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            lines.push(run_ok(tool, &args));
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.file_name().unwrap().to_string_lossy().starts_with("OUT") {
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        }
+        assert_eq!(lines[1], lines[0], "create {c:?}");
+    }
+}

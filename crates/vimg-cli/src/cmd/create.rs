@@ -55,18 +55,94 @@ pub fn run(a: CreateArgs) -> CmdResult {
         (None, None, None) => None,
     };
     if !a.quiet {
-        let mut line = format!("Formatting '{filename}', fmt={}", format.name());
-        for k in opts.keys() {
-            if k != "size" {
-                line.push_str(&format!(" {k}={}", opts.get_str(k).unwrap_or("")));
-            }
-        }
-        if let Some(s) = size {
-            line.push_str(&format!(" size={s}"));
-        }
+        let line = formatting_line(&filename, format, &opts, size)?;
         crate::print_out(&format!("{line}\n"))?;
     }
     vimg::create(&filename, format, size, &opts)
         .map_err(|e| Failure::new(format!("{filename}: {e}"), 1))?;
     Ok(0)
+}
+
+/// qemu-img create's options in the order it prints them on the "Formatting" line (the order
+/// of each driver's option list in QEMU, the protocol's `preallocation` last for raw), with
+/// the defaults it prints when an option is not given. Measured on qemu-img 10.0.2.
+fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'static str>)] {
+    use vimg::Format;
+    match format {
+        Format::Qcow2 => &[
+            ("cluster_size", Some("65536")),
+            ("extended_l2", Some("off")),
+            ("preallocation", None),
+            ("compression_type", Some("zlib")),
+            ("size", None),
+            ("compat", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("data_file", None),
+            ("data_file_raw", None),
+            ("lazy_refcounts", Some("off")),
+            ("refcount_bits", Some("16")),
+        ],
+        Format::Vmdk => &[
+            ("size", None),
+            ("adapter_type", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("compat6", Some("off")),
+            ("hwversion", Some("undefined")),
+            ("toolsversion", None),
+            ("subformat", None),
+            ("zeroed_grain", None),
+        ],
+        Format::Vpc => &[("size", None), ("subformat", None), ("force_size", None)],
+        Format::Vhdx => &[
+            ("size", None),
+            ("log_size", Some("1048576")),
+            ("block_size", Some("0")),
+            ("subformat", None),
+            ("block_state_zero", None),
+        ],
+        Format::Vdi => &[("size", None), ("static", Some("off"))],
+        _ => &[("size", None), ("preallocation", None)],
+    }
+}
+
+/// The line qemu-img create prints before it creates the image: its options in QEMU's order,
+/// defaults included, sizes in bytes, other values as given; options only vimg has follow.
+fn formatting_line(
+    filename: &str,
+    format: vimg::Format,
+    opts: &vimg::CreateOptions,
+    size: Option<u64>,
+) -> Result<String, Failure> {
+    let specs = vimg::formats::all_options(format);
+    let value = |k: &str| -> Result<Option<String>, Failure> {
+        if k == "size" {
+            return Ok(size.map(|s| s.to_string()));
+        }
+        let is_size = specs
+            .iter()
+            .any(|s| s.name == k && s.ty == vimg::options::OptionType::Size);
+        if is_size {
+            Ok(opts
+                .get_size(k)
+                .map_err(Failure::from)?
+                .map(|n| n.to_string()))
+        } else {
+            Ok(opts.get_str(k).map(str::to_string))
+        }
+    };
+    let order = formatting_order(format);
+    let mut line = format!("Formatting '{filename}', fmt={}", format.name());
+    for (k, default) in order {
+        if let Some(v) = value(k)?.or_else(|| default.map(str::to_string)) {
+            line.push_str(&format!(" {k}={v}"));
+        }
+    }
+    for k in opts.keys() {
+        if k != "size" && !order.iter().any(|(o, _)| *o == k) {
+            line.push_str(&format!(" {k}={}", value(k)?.unwrap_or_default()));
+        }
+    }
+    Ok(line)
 }
