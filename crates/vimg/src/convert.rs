@@ -177,6 +177,6 @@ pub fn convert_report(
     }
     let stats = engine::copy(src, &*writer, &copy)?;
     writer.finish()?;
-    let checksum = out.commit_and_hash()?;
+    let checksum = out.commit_unless(copy.cancel)?;
     Ok(ConvertReport { stats, checksum })
 }

@@ -797,7 +797,15 @@ impl Output {
 
     /// [`Output::commit`], returning the main file's checksum when one was asked for with
     /// [`Output::with_checksum`].
-    pub fn commit_and_hash(mut self) -> Result<Option<Checksum>> {
+    pub fn commit_and_hash(self) -> Result<Option<Checksum>> {
+        self.commit_unless(None)
+    }
+
+    /// [`Output::commit_and_hash`], giving up (and removing the temporaries) when `cancel` is
+    /// set by the time the files are synced: the last moment before the renames, after which
+    /// the output is complete and in place. A signal that arrives during the final fsync
+    /// then leaves the destination untouched rather than replaced.
+    pub fn commit_unless(mut self, cancel: Option<&AtomicBool>) -> Result<Option<Checksum>> {
         let entries = std::mem::take(
             &mut *self
                 .entries
@@ -832,6 +840,9 @@ impl Output {
                             .transpose()?,
                     };
                 }
+            }
+            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+                return Err(Error::msg(ErrorKind::Cancelled, "interrupted"));
             }
             for e in &entries {
                 if let Some(tmp) = &e.temp_path {
@@ -910,6 +921,31 @@ mod tests {
         assert_eq!(fs::read(&dst).unwrap(), b"new");
         assert_eq!(fs::read(dir.path().join("out-s001.img")).unwrap(), b"ext");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    /// A cancel that arrives before the renames (during the final fsync, say) leaves the old
+    /// destination and no temporaries, for one file and for a set.
+    #[test]
+    fn commit_unless_cancelled_keeps_the_old_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("out.vmdk");
+        fs::write(&dst, b"old").unwrap();
+        let out = Output::new(&dst);
+        out.create_main().unwrap().write_all_at(b"new", 0).unwrap();
+        out.create_sibling("out-flat.vmdk")
+            .unwrap()
+            .write_all_at(b"data", 0)
+            .unwrap();
+        let cancel = AtomicBool::new(true);
+        let e = out.commit_unless(Some(&cancel)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Cancelled);
+        assert_eq!(fs::read(&dst).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Not cancelled: committed.
+        let out = Output::new(&dst);
+        out.create_main().unwrap().write_all_at(b"new", 0).unwrap();
+        out.commit_unless(Some(&AtomicBool::new(false))).unwrap();
+        assert_eq!(fs::read(&dst).unwrap(), b"new");
     }
 
     #[test]

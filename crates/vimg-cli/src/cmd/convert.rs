@@ -208,7 +208,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     };
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
-    if cancel.load(Ordering::SeqCst) {
+    if result.is_err() && cancel.load(Ordering::SeqCst) {
         return Err(Failure::new("interrupted; no output was written", 130));
     }
     let report = result.map_err(|e| match e.path() {
