@@ -841,9 +841,10 @@ impl VhdxReader {
 }
 
 /// The parent's DataWriteGuid as the locator recorded it when the child was made
-/// (§2.6.2.6.2): `parent_linkage`, or the alternative `parent_linkage2` when present. `None`
-/// when there is no `parent_linkage` (the spec requires it; the chain is then unchecked).
-/// A value that is not a GUID is refused, naming the entry.
+/// (§2.6.2.6.2): `parent_linkage`, or the alternative `parent_linkage2` when present. Hyper-V
+/// writes a `parent_linkage2` of all zeros when it has none, so the zero GUID counts as
+/// absent. `None` when there is no `parent_linkage` (the spec requires it; the chain is then
+/// unchecked). A value that is not a GUID is refused, naming the entry.
 fn parent_link(l: &ParentLocator, offset: u64) -> Result<Option<ParentLink>> {
     if l.get("parent_linkage").is_none() {
         return Ok(None);
@@ -855,7 +856,11 @@ fn parent_link(l: &ParentLocator, offset: u64) -> Result<Option<ParentLink>> {
             offset,
             reason: format!("{key} {v:?} is not a GUID"),
         })?;
-        expected.push((key.to_string(), guid_text(&Guid(g.to_bytes_le()))));
+        let g = Guid(g.to_bytes_le());
+        if key == "parent_linkage2" && g.is_zero() {
+            continue;
+        }
+        expected.push((key.to_string(), guid_text(&g)));
     }
     Ok(Some(ParentLink {
         identity: "DataWriteGuid",

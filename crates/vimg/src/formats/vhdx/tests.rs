@@ -799,6 +799,15 @@ fn parent_linkage_becomes_the_chain_check() {
             "{00000000-0000-0000-0000-000000000001}".to_string()
         )
     );
+    // Hyper-V writes a zero parent_linkage2 when it has none: not a value to accept.
+    let b = differencing(
+        base(),
+        &[
+            ("relative_path", "p.vhdx"),
+            ("parent_linkage2", "{00000000-0000-0000-0000-000000000000}"),
+        ],
+    );
+    assert_eq!(link(&b).unwrap().expected.len(), 1);
     // The reader's own identity is spelled the same way.
     let r = open(&base()).unwrap();
     let g = r.parsed().header.data_write_guid;
