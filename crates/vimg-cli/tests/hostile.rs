@@ -891,17 +891,24 @@ impl Env {
     }
 
     /// A differencing vhdx (its holes read from the parent) whose locator holds `key` =
-    /// `value`.
+    /// `value`, linked to the secret vhdx (so only the gate stands between the image and
+    /// the secret, as the positive control shows).
     fn vhdx_child(&self, name: &str, key: &str, value: &str) -> PathBuf {
+        let opts = OpenOptions {
+            open_backing: false,
+            ..OpenOptions::default()
+        };
+        let linkage = Image::open(self.secret("vhdx"), &opts)
+            .unwrap()
+            .reader()
+            .link_identity("DataWriteGuid")
+            .unwrap();
         // Unwritten blocks "not present" (not "zero"), so they are read from the parent.
         self.vhdx_with(name, "block_size=1M,block_state_zero=off", |b| {
             let loc = ParentLocator {
                 locator_type: PARENT_TYPE_VHDX_GUID,
                 entries: vec![
-                    (
-                        "parent_linkage".to_string(),
-                        "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".to_string(),
-                    ),
+                    ("parent_linkage".to_string(), linkage.clone()),
                     (key.to_string(), value.to_string()),
                 ],
             }

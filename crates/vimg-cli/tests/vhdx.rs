@@ -132,13 +132,13 @@ fn patch_region_tables(b: &mut [u8], f: impl Fn(&mut RegionTable)) {
     }
 }
 
-/// Makes `b` a differencing image whose parent locator holds `paths` (key, value).
-fn make_differencing(b: &mut [u8], paths: &[(&str, &str)]) {
-    let mut entries = vec![(
-        "parent_linkage".to_string(),
-        "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".to_string(),
-    )];
-    entries.extend(paths.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+/// Makes `b` a differencing image whose parent locator holds `entries` (key, value): the
+/// parent's path and its `parent_linkage`.
+fn make_differencing(b: &mut [u8], entries: &[(&str, &str)]) {
+    let entries = entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let loc = ParentLocator {
         locator_type: PARENT_TYPE_VHDX_GUID,
         entries,
@@ -473,8 +473,28 @@ fn log_with_entries_is_replayed_in_memory() {
 
 // ---------------------------------------------------------------- differencing
 
-/// A parent and a differencing child next to it; returns (child, expected raw content).
+/// The DataWriteGuid of `img`'s current header, braced, as a `parent_linkage` names it.
+fn data_write_guid(img: &Path) -> String {
+    let opts = vimg::OpenOptions {
+        open_backing: false,
+        ..Default::default()
+    };
+    let i = vimg::Image::open(img, &opts).unwrap();
+    i.reader().link_identity("DataWriteGuid").unwrap()
+}
+
+/// A parent and a differencing child next to it, linked to the parent's DataWriteGuid;
+/// returns (child, expected raw content).
 fn chain(dir: &Path, relative: &str) -> (std::path::PathBuf, Vec<u8>) {
+    chain_linked(dir, relative, |g| vec![("parent_linkage", g.to_string())])
+}
+
+/// [`chain`] with the linkage entries `link` makes from the parent's DataWriteGuid.
+fn chain_linked(
+    dir: &Path,
+    relative: &str,
+    link: impl Fn(&str) -> Vec<(&'static str, String)>,
+) -> (std::path::PathBuf, Vec<u8>) {
     let size = 16usize << 20;
     let parent_raw = pattern(size, 3);
     let mut child_raw = vec![0u8; size];
@@ -505,7 +525,10 @@ fn chain(dir: &Path, relative: &str) -> (std::path::PathBuf, Vec<u8>) {
         s(&child),
     ]);
     let mut b = fs::read(&child).unwrap();
-    make_differencing(&mut b, &[("relative_path", relative)]);
+    let links = link(&data_write_guid(&parent));
+    let mut entries: Vec<(&str, &str)> = links.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    entries.push(("relative_path", relative));
+    make_differencing(&mut b, &entries);
     // Block 1: partially present; sector bitmap (chunk 0, entry 4096) appended.
     let bitmap = b.len();
     b.resize(bitmap + (1 << 20), 0);
@@ -566,6 +589,56 @@ fn differencing_image_reads_through_its_parent() {
     );
     assert!(err.contains("cannot be opened"), "{err}");
     assert!(!dir.path().join("x.raw").exists());
+}
+
+#[test]
+fn differencing_chain_checks_the_parents_data_write_guid() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("flat.raw");
+    // parent_linkage2 alone matching is enough ([MS-VHDX] 2.6.2.6.2: either linkage).
+    let (child, want) = chain_linked(d, "parent.vhdx", |g| {
+        vec![
+            (
+                "parent_linkage",
+                "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".into(),
+            ),
+            ("parent_linkage2", g.to_uppercase()),
+        ]
+    });
+    vimg(&["convert", "-O", "raw", s(&child), s(&out)]);
+    assert!(fs::read(&out).unwrap() == want, "flattened content differs");
+    fs::remove_file(&out).unwrap();
+    fs::remove_file(&child).unwrap();
+
+    let (child, want) = chain(d, "parent.vhdx");
+    vimg(&["convert", "-O", "raw", s(&child), s(&out)]);
+    assert!(fs::read(&out).unwrap() == want, "flattened content differs");
+    fs::remove_file(&out).unwrap();
+    // The parent is modified after the child was made: Hyper-V gives it a new DataWriteGuid
+    // (§2.2.2: changed before the first write of user-visible data after open).
+    let parent = d.join("parent.vhdx");
+    let old = data_write_guid(&parent);
+    let mut b = fs::read(&parent).unwrap();
+    let g = Guid::random();
+    patch_headers(&mut b, |h| h.data_write_guid = g);
+    fs::write(&parent, &b).unwrap();
+    let new = data_write_guid(&parent);
+    assert_ne!(old, new);
+    let err = vimg_fails(&["convert", "-O", "raw", s(&child), s(&out)]);
+    assert!(err.contains("Backing chain mismatch"), "{err}");
+    assert!(
+        err.contains("child.vhdx") && err.contains("parent.vhdx"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("parent_linkage {old}")), "{err}");
+    assert!(err.contains(&format!("has DataWriteGuid {new}")), "{err}");
+    assert!(!out.exists(), "no output from a refused chain");
+    let e = vimg::Image::open(&child, &vimg::OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), vimg::ErrorKind::Corrupt, "{e}");
+    // The child alone is fine.
+    vimg(&["info", s(&child)]);
+    // qemu-img cannot open differencing VHDX at all, so it has no answer here.
 }
 
 #[test]
@@ -902,6 +975,26 @@ fn corpus_vhdx_rows() {
             );
             let info = vimg(&["info", s(&img)]);
             assert!(info.contains("backing file: ./Generation 1_"), "{info}");
+            // Hyper-V's parent_linkage parses into the check the parent would face.
+            let opts = vimg::OpenOptions {
+                open_backing: false,
+                ..Default::default()
+            };
+            let i = vimg::Image::open(&img, &opts).unwrap();
+            let link = i.reader().backing().unwrap().link.clone().unwrap();
+            assert_eq!(link.identity, "DataWriteGuid");
+            assert_eq!(
+                link.expected,
+                [(
+                    "parent_linkage".to_string(),
+                    "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".to_string()
+                )]
+            );
+            assert!(
+                i.reader().warnings().is_empty(),
+                "{:?}",
+                i.reader().warnings()
+            );
         } else if expected.starts_with("ERROR") {
             // The dirty-log image: qemu refuses it read-only; the answer after replay is the
             // digest.

@@ -472,6 +472,101 @@ fn corpus_vmdk_rows() {
     }
 }
 
+/// The `CID` (or `parentCID`) qemu-img reports for `img`, as the descriptor spells it.
+fn qemu_cid(img: &Path, key: &str) -> String {
+    let v = json(&qemu_img(&["info", "--output=json", s(img)]));
+    format!(
+        "{:08x}",
+        v["format-specific"]["data"][key].as_u64().unwrap()
+    )
+}
+
+#[test]
+fn delta_link_over_a_changed_parent_is_refused() {
+    if !qemu_available("delta_link_over_a_changed_parent_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "4M"]);
+    qemu_io("vmdk", &base, &["write -P 0x11 0 2M"]);
+    // A delta link in a monolithic sparse file (embedded descriptor) and one in a
+    // descriptor file of its own.
+    let children: Vec<PathBuf> = ["monolithicSparse", "twoGbMaxExtentSparse"]
+        .iter()
+        .map(|sub| {
+            let c = d.join(format!("child-{sub}.vmdk"));
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                "-b",
+                "base.vmdk",
+                "-F",
+                "vmdk",
+                s(&c),
+            ]);
+            qemu_io("vmdk", &c, &["write -P 0x22 1M 64k"]);
+            c
+        })
+        .collect();
+    let old_cid = qemu_cid(&base, "cid");
+    for c in &children {
+        assert_eq!(qemu_cid(c, "parent-cid"), old_cid);
+        // The intact chain opens and reads as qemu-img reads it.
+        assert_reads_like_qemu(c, "vmdk", d);
+    }
+
+    // The parent is written to after the children were made: qemu gives it a new CID.
+    qemu_io("vmdk", &base, &["write -P 0x33 3M 64k"]);
+    let new_cid = qemu_cid(&base, "cid");
+    assert_ne!(new_cid, old_cid);
+    for c in &children {
+        let name = c.file_name().unwrap().to_str().unwrap();
+        let out = d.join("out.raw");
+        let r = vimg_raw(&["convert", "-O", "raw", s(c), s(&out)]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "{err}");
+        assert!(err.contains("Backing chain mismatch"), "{err}");
+        assert!(err.contains(name) && err.contains("base.vmdk"), "{err}");
+        assert!(err.contains(&format!("parentCID {old_cid}")), "{err}");
+        assert!(err.contains(&format!("has CID {new_cid}")), "{err}");
+        assert!(!out.exists(), "no output from a refused chain");
+        let e = Image::open(c, &OpenOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+        // Without its chain the image itself is fine: info works, as qemu-img's does.
+        let v = json(&vimg(&["info", "--output=json", s(c)]));
+        assert_eq!(v["backing-filename"], "base.vmdk");
+        // qemu-img 10.0.2 opens the chain and `info` works too, but every read that reaches
+        // the parent fails (vmdk_co_preadv -> vmdk_is_cid_valid -> -EINVAL): convert exits
+        // 1 with "error while reading at byte 0: Invalid argument". vimg refuses at open,
+        // naming both CIDs, as VMware and libvmdk (set_parent_handle) do.
+        let q = run_cmd("qemu-img", &["convert", "-O", "raw", s(c), s(&out)]);
+        assert!(!q.status.success());
+        assert!(
+            String::from_utf8_lossy(&q.stderr).contains("Invalid argument"),
+            "{}",
+            String::from_utf8_lossy(&q.stderr)
+        );
+        let _ = fs::remove_file(&out);
+    }
+
+    // parentCID ffffffff ("no parent") next to a parentFileNameHint: checked like any other
+    // value (qemu and libvmdk compare it too), so refused over a parent with a real CID.
+    let desc = &children[1];
+    let text = fs::read_to_string(desc).unwrap();
+    let line = format!("parentCID={old_cid}");
+    assert!(text.contains(&line), "{text}");
+    fs::write(desc, text.replace(&line, "parentCID=ffffffff")).unwrap();
+    let e = Image::open(desc, &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("parentCID ffffffff"), "{e}");
+}
+
 #[test]
 fn delta_link_reads_as_a_backing_chain() {
     if !qemu_available("delta_link_reads_as_a_backing_chain") {

@@ -9,7 +9,7 @@ use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{self, Format, OpenContext};
 use crate::gate::ExternalPolicy;
-use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind};
+use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
 use crate::source::{self, Origin, Source, SourceOptions};
 use crate::storage::{FileStorage, Storage};
 
@@ -226,6 +226,9 @@ impl Image {
                                     bpath.display()
                                 ))
                             })?;
+                            if let Some(link) = &b.link {
+                                check_link(&image, &sub, &bpath, link).map_err(with_path)?;
+                            }
                             opened = Some(sub);
                             break;
                         }
@@ -452,6 +455,39 @@ impl Image {
             ))
         })
     }
+}
+
+/// Refuses a parent whose identity is not the one its child recorded when it was made (see
+/// [`ParentLink`]): the parent was written to since, and the child's blocks no longer fit
+/// over it.
+fn check_link(child: &Image, parent: &Image, ppath: &Path, link: &ParentLink) -> Result<()> {
+    let got = parent.reader.link_identity(link.identity);
+    if got
+        .as_deref()
+        .is_some_and(|g| link.expected.iter().any(|(_, v)| v == g))
+    {
+        return Ok(());
+    }
+    let recorded = link
+        .expected
+        .iter()
+        .map(|(field, v)| format!("{field} {v}"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let has = match got {
+        Some(g) => format!("has {} {g}", link.identity),
+        None => format!(
+            "is a {} image, which has no {}",
+            parent.format().name(),
+            link.identity
+        ),
+    };
+    Err(Error::corrupt(format!(
+        "Backing chain mismatch: '{}' records {recorded}, but its parent '{}' {has}; \
+         the parent was changed after the child was made",
+        child.filename,
+        ppath.display()
+    )))
 }
 
 /// Largest decoded unit the read layer accepts (qcow2's 2 MiB clusters are the biggest).

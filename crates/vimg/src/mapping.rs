@@ -198,6 +198,24 @@ pub struct BackingRef {
     pub format: Option<Format>,
     /// Alternative names to try in order after `name` (VHD parent locators).
     pub alternatives: Vec<String>,
+    /// What the image recorded about its parent when it was made; the parent, once opened,
+    /// must still show it ([`Image`](crate::Image) checks it and refuses the chain if not).
+    pub link: Option<ParentLink>,
+}
+
+/// The identity a differencing image recorded of its parent when it was made: VMDK's
+/// `parentCID` (the parent's `CID`), VHDX's `parent_linkage` (the parent's DataWriteGuid).
+/// A parent whose identity no longer matches was written to after the child was made, so
+/// the child's blocks no longer fit over it; VMware and Hyper-V refuse such a chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentLink {
+    /// The parent's identity to compare, as [`ImageReader::link_identity`] names it (`CID`,
+    /// `DataWriteGuid`).
+    pub identity: &'static str,
+    /// The values the parent's identity may have, each with the child's field that records
+    /// it (`parentCID`, `parent_linkage`, `parent_linkage2`); any one matches. Values are in
+    /// the spelling the parent's reader returns from [`ImageReader::link_identity`].
+    pub expected: Vec<(String, String)>,
 }
 
 /// An internal snapshot (qcow2), as `info` lists it.
@@ -269,6 +287,14 @@ pub trait ImageReader: Send + Sync {
 
     /// The backing image this image names, if any.
     fn backing(&self) -> Option<&BackingRef> {
+        None
+    }
+
+    /// This image's identity named `what` (see [`ParentLink`]: `CID` for VMDK,
+    /// `DataWriteGuid` for VHDX), which a child image records to bind itself to this exact
+    /// content; `None` when the format has no such identity.
+    fn link_identity(&self, what: &str) -> Option<String> {
+        let _ = what;
         None
     }
 

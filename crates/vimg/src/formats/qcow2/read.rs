@@ -411,6 +411,7 @@ impl Qcow2Reader {
                 name,
                 format,
                 alternatives: Vec::new(),
+                link: None,
             })
         } else {
             None

@@ -557,6 +557,7 @@ impl VhdReader {
             name: names[0].clone(),
             format: Some(Format::Vpc),
             alternatives: names[1..].to_vec(),
+            link: None,
         });
         Ok(())
     }

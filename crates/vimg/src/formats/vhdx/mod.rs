@@ -5,7 +5,11 @@
 //!   §2.3 log, §2.5 BAT entries, §2.6 metadata table and items) with parse/write.
 //! - [`read`]: opening with every table checked against the file, and the block mapping of
 //!   dynamic, fixed and differencing images (the parent comes back as a backing reference
-//!   that the external-file gate judges).
+//!   that the external-file gate judges). The parent's DataWriteGuid (§2.2.2, current
+//!   header) must equal the locator's `parent_linkage` or `parent_linkage2` (§2.6.2.6.2;
+//!   Hyper-V writes a zero `parent_linkage2` when it has none, which is ignored); otherwise
+//!   the chain is refused as corrupt, naming both files and GUIDs. A locator without
+//!   `parent_linkage` opens with a warning and the parent unchecked.
 //! - [`log`] and [`overlay`]: an image whose log was never applied is read with the log
 //!   replayed in memory (§2.3.3); the file is never written.
 //! - [`write`]: dynamic and fixed images with qemu-img's options.

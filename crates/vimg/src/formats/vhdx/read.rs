@@ -31,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::formats::{Format, OpenContext};
 use crate::limits;
 use crate::mapping::{
-    BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind, RefRole,
+    BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
+    ParentLink, RefRole,
 };
 use crate::storage::{read_exact, Storage};
 
@@ -633,6 +634,7 @@ impl VhdxReader {
         let page83 = Guid::read(&b);
 
         let differencing = params.has_parent();
+        let mut link = None;
         let parent = match (differencing, items.parent_locator) {
             (false, _) => None,
             (true, None) => return Err(VhdxError::MetadataSet {
@@ -678,6 +680,14 @@ impl VhdxReader {
                         reason: "no relative_path, volume_path or absolute_win32_path entry names the parent".into(),
                     }
                     .into());
+                }
+                link = parent_link(&l, off)?;
+                if link.is_none() {
+                    warnings.push(
+                        "the parent locator has no parent_linkage entry: the parent's \
+                         DataWriteGuid is not checked"
+                            .to_string(),
+                    );
                 }
                 Some(l)
             }
@@ -733,7 +743,7 @@ impl VhdxReader {
 
         let (backing, refs) = match &parsed.parent {
             None => (None, Vec::new()),
-            Some(l) => parent_refs(l),
+            Some(l) => parent_refs(l, link),
         };
         Ok(VhdxReader {
             storage,
@@ -830,8 +840,44 @@ impl VhdxReader {
     }
 }
 
+/// The parent's DataWriteGuid as the locator recorded it when the child was made
+/// (§2.6.2.6.2): `parent_linkage`, or the alternative `parent_linkage2` when present. Hyper-V
+/// writes a `parent_linkage2` of all zeros when it has none, so the zero GUID counts as
+/// absent. `None` when there is no `parent_linkage` (the spec requires it; the chain is then
+/// unchecked). A value that is not a GUID is refused, naming the entry.
+fn parent_link(l: &ParentLocator, offset: u64) -> Result<Option<ParentLink>> {
+    if l.get("parent_linkage").is_none() {
+        return Ok(None);
+    }
+    let mut expected = Vec::new();
+    for key in ["parent_linkage", "parent_linkage2"] {
+        let Some(v) = l.get(key) else { continue };
+        let g = uuid::Uuid::parse_str(v.trim()).map_err(|_| VhdxError::ParentLocator {
+            offset,
+            reason: format!("{key} {v:?} is not a GUID"),
+        })?;
+        let g = Guid(g.to_bytes_le());
+        if key == "parent_linkage2" && g.is_zero() {
+            continue;
+        }
+        expected.push((key.to_string(), guid_text(&g)));
+    }
+    Ok(Some(ParentLink {
+        identity: "DataWriteGuid",
+        expected,
+    }))
+}
+
+/// How GUIDs are spelled in link checks and their messages: braced, as the locator has them.
+fn guid_text(g: &Guid) -> String {
+    format!("{{{g}}}")
+}
+
 /// The backing reference and external references of a parent locator.
-fn parent_refs(l: &ParentLocator) -> (Option<BackingRef>, Vec<ExternalRef>) {
+fn parent_refs(
+    l: &ParentLocator,
+    link: Option<ParentLink>,
+) -> (Option<BackingRef>, Vec<ExternalRef>) {
     let mut names = Vec::new();
     let mut refs = Vec::new();
     for key in PATH_KEYS {
@@ -854,6 +900,7 @@ fn parent_refs(l: &ParentLocator) -> (Option<BackingRef>, Vec<ExternalRef>) {
         name,
         format: Some(Format::Vhdx),
         alternatives: it.collect(),
+        link,
     });
     (backing, refs)
 }
@@ -1098,6 +1145,11 @@ impl ImageReader for VhdxReader {
 
     fn backing(&self) -> Option<&BackingRef> {
         self.backing.as_ref()
+    }
+
+    /// The DataWriteGuid of the current header: what a child's `parent_linkage` names.
+    fn link_identity(&self, what: &str) -> Option<String> {
+        (what == "DataWriteGuid").then(|| guid_text(&self.parsed.header.data_write_guid))
     }
 
     fn external_refs(&self) -> Vec<ExternalRef> {

@@ -640,12 +640,18 @@ fn log_is_replayed_over_metadata_and_data() {
 }
 
 /// Turns the base image into a differencing one naming `paths` (key, value).
-fn differencing(mut b: Vec<u8>, paths: &[(&str, &str)]) -> Vec<u8> {
-    let mut entries = vec![(
-        "parent_linkage".to_string(),
-        "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".to_string(),
-    )];
-    entries.extend(paths.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+fn differencing(b: Vec<u8>, paths: &[(&str, &str)]) -> Vec<u8> {
+    let mut entries = vec![("parent_linkage", "{ff34003b-11ed-4cf8-a166-b2be05e20b80}")];
+    entries.extend_from_slice(paths);
+    differencing_with(b, &entries)
+}
+
+/// Turns the base image into a differencing one whose locator holds exactly `entries`.
+fn differencing_with(mut b: Vec<u8>, entries: &[(&str, &str)]) -> Vec<u8> {
+    let entries = entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     let loc = ParentLocator {
         locator_type: PARENT_TYPE_VHDX_GUID,
         entries,
@@ -760,6 +766,68 @@ fn parent_locator_rules() {
     let mut b = differencing(base(), &[("relative_path", "a")]);
     LE::write_u16(&mut b[o + 18..], 500);
     refuses(&b, ErrorKind::Invalid, "parent locator");
+}
+
+#[test]
+fn parent_linkage_becomes_the_chain_check() {
+    let link = |b: &[u8]| open(b).unwrap().backing().unwrap().link.clone();
+    // As Hyper-V writes it (braced); any case and surrounding spaces parse to one spelling.
+    let b = differencing(base(), &[("relative_path", "p.vhdx")]);
+    let l = link(&b).unwrap();
+    assert_eq!(l.identity, "DataWriteGuid");
+    assert_eq!(
+        l.expected,
+        [(
+            "parent_linkage".to_string(),
+            "{ff34003b-11ed-4cf8-a166-b2be05e20b80}".to_string()
+        )]
+    );
+    let b = differencing_with(
+        base(),
+        &[
+            ("relative_path", "p.vhdx"),
+            ("parent_linkage", " FF34003B-11ED-4CF8-A166-B2BE05E20B80"),
+            ("parent_linkage2", "{00000000-0000-0000-0000-000000000001}"),
+        ],
+    );
+    let l = link(&b).unwrap();
+    assert_eq!(l.expected[0].1, "{ff34003b-11ed-4cf8-a166-b2be05e20b80}");
+    assert_eq!(
+        l.expected[1],
+        (
+            "parent_linkage2".to_string(),
+            "{00000000-0000-0000-0000-000000000001}".to_string()
+        )
+    );
+    // Hyper-V writes a zero parent_linkage2 when it has none: not a value to accept.
+    let b = differencing(
+        base(),
+        &[
+            ("relative_path", "p.vhdx"),
+            ("parent_linkage2", "{00000000-0000-0000-0000-000000000000}"),
+        ],
+    );
+    assert_eq!(link(&b).unwrap().expected.len(), 1);
+    // The reader's own identity is spelled the same way.
+    let r = open(&base()).unwrap();
+    let g = r.parsed().header.data_write_guid;
+    assert_eq!(r.link_identity("DataWriteGuid"), Some(format!("{{{g}}}")));
+    assert_eq!(r.link_identity("CID"), None);
+    // No parent_linkage: nothing to check against, said as a warning.
+    let b = differencing_with(base(), &[("relative_path", "p.vhdx")]);
+    let r = open(&b).unwrap();
+    assert_eq!(r.backing().unwrap().link, None);
+    assert!(r.warnings().iter().any(|w| w.contains("parent_linkage")));
+    // A value that is no GUID is refused, naming the entry.
+    for key in ["parent_linkage", "parent_linkage2"] {
+        let mut e = vec![
+            ("relative_path", "p.vhdx"),
+            ("parent_linkage", "{ff34003b-11ed-4cf8-a166-b2be05e20b80}"),
+        ];
+        e.retain(|(k, _)| *k != key);
+        e.push((key, "{ff34003b-11ed-4cf8-a166}"));
+        refuses(&differencing_with(base(), &e), ErrorKind::Invalid, key);
+    }
 }
 
 #[test]

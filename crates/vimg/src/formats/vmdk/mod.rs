@@ -5,7 +5,12 @@
 //!   Extent Header", "Stream-Optimized Compressed Sparse Extents"), COWD and seSparse.
 //! - `sparse`: the grain directory / grain table walk shared by every sparse kind.
 //! - `read`: the reader (monolithic, split, flat, VMFS, ZERO, vmfsSparse, seSparse extents;
-//!   delta links as a backing chain).
+//!   delta links as a backing chain). A delta link's `parentCID` must equal the opened
+//!   parent's `CID` ("The Descriptor File": a parent changed since the child was made gets
+//!   a new CID); a mismatch refuses the chain as corrupt, naming both files and CIDs, as
+//!   VMware and libvmdk refuse it. qemu-img opens such a chain but fails every read that
+//!   reaches the parent (`Invalid argument`). `parentCID=ffffffff` ("no parent") next to a
+//!   `parentFileNameHint` is compared like any value, as qemu and libvmdk do.
 //! - `write`: the writers (monolithicSparse, streamOptimized, monolithicFlat,
 //!   twoGbMaxExtentSparse, twoGbMaxExtentFlat), laid out as qemu-img lays them out except
 //!   streamOptimized, which uses VMware's true stream layout (footer, markers).

@@ -17,7 +17,7 @@ use crate::formats::{Format, OpenContext};
 use crate::limits;
 use crate::mapping::{
     BackingRef, Extent, ExternalRef, FileId, FormatSpecific, GuestOffset, HostOffset, ImageReader,
-    MapKind, RefRole,
+    MapKind, ParentLink, RefRole,
 };
 use crate::storage::{read_exact, Storage};
 
@@ -658,7 +658,7 @@ impl VmdkReader {
             "monolithicSparse"
         };
         let (cid, parent_cid) = cids(&d)?;
-        let backing = backing_of(&d);
+        let backing = backing_of(&d, parent_cid);
         let mut r = VmdkReader::single(
             storage,
             ctx,
@@ -692,7 +692,7 @@ impl VmdkReader {
             return Err(Error::invalid("invalid VMDK image descriptor: no extents"));
         }
         let (cid, parent_cid) = cids(&d)?;
-        let backing = backing_of(&d);
+        let backing = backing_of(&d, parent_cid);
         let mut files: Vec<Arc<dyn Storage>> = vec![storage];
         let mut extents = Vec::with_capacity(d.extents.len());
         let mut refs = Vec::new();
@@ -888,7 +888,14 @@ fn cids(d: &Descriptor) -> Result<(u32, u32)> {
     Ok((cid, parent))
 }
 
-fn backing_of(d: &Descriptor) -> Option<BackingRef> {
+/// The parent a delta link names. Its `parentCID` is the `CID` the parent had when the
+/// child was made (VMware Virtual Disk Format 1.1, "The Descriptor"); the parent must still
+/// have it once opened, or it was written to since and VMware refuses the chain (so do
+/// libvmdk, when the parent is set, and QEMU, on the first read that reaches the parent).
+/// `ffffffff` means "no parent": a delta link that says so yet names a parent is checked
+/// like any other, as both peers do, so it only opens over a parent whose CID is also
+/// `ffffffff`.
+fn backing_of(d: &Descriptor, parent_cid: u32) -> Option<BackingRef> {
     let hint = d.get("parentFileNameHint")?;
     if hint.is_empty() {
         return None;
@@ -898,7 +905,16 @@ fn backing_of(d: &Descriptor) -> Option<BackingRef> {
         name: hint.to_string(),
         format: Some(Format::Vmdk),
         alternatives: Vec::new(),
+        link: Some(ParentLink {
+            identity: "CID",
+            expected: vec![("parentCID".into(), cid_text(parent_cid))],
+        }),
     })
+}
+
+/// How CIDs are spelled in link checks and their messages: 8 hex digits.
+fn cid_text(cid: u32) -> String {
+    format!("{cid:08x}")
 }
 
 impl ImageReader for VmdkReader {
@@ -978,6 +994,10 @@ impl ImageReader for VmdkReader {
 
     fn backing(&self) -> Option<&BackingRef> {
         self.backing.as_ref()
+    }
+
+    fn link_identity(&self, what: &str) -> Option<String> {
+        (what == "CID").then(|| cid_text(self.cid))
     }
 
     fn external_refs(&self) -> Vec<ExternalRef> {
@@ -1288,6 +1308,29 @@ mod tests {
         let mut bad = img;
         set64(&mut bad, footer + 0x38, GD_AT_END);
         assert_eq!(kind_of(bad), ErrorKind::Invalid, "footer without directory");
+    }
+
+    #[test]
+    fn delta_link_carries_the_parent_cid() {
+        let r = open(fixture()).unwrap();
+        assert_eq!(r.backing(), None);
+        assert_eq!(r.link_identity("CID").as_deref(), Some("12345678"));
+        assert_eq!(r.link_identity("DataWriteGuid"), None);
+        // Same length as the fixture's parentCID line, plus a parent hint in the padding.
+        let mut img = fixture();
+        let desc = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=00c0ffee\n\
+                    createType=\"monolithicSparse\"\nRW 2048 SPARSE \"x.vmdk\"\n\
+                    parentFileNameHint=\"base.vmdk\"\n";
+        img[512..512 + desc.len()].copy_from_slice(desc.as_bytes());
+        let r = open(img).unwrap();
+        let b = r.backing().unwrap();
+        assert_eq!(b.name, "base.vmdk");
+        let l = b.link.as_ref().unwrap();
+        assert_eq!(l.identity, "CID");
+        assert_eq!(
+            l.expected,
+            [("parentCID".to_string(), "00c0ffee".to_string())]
+        );
     }
 
     #[test]
