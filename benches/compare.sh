@@ -96,7 +96,8 @@ os.rename(name + ".tmp", name)
 PY
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.3f\n", (a[NR/2]+a[NR/2+1])/2}'; }
+median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else printf "%.10g\n", (a[NR/2]+a[NR/2+1])/2}'; }
+bytes_of_kib() { awk -v k="$1" 'BEGIN { printf "%d", k * 1024 }'; }
 human() { awk -v b="$1" 'BEGIN { split("B KiB MiB GiB TiB", u); i=1; while (b>=1024 && i<5) { b/=1024; i++ } printf "%.1f %s", b, u[i] }'; }
 ratio() { awk -v a="$1" -v b="$2" -v p="${3:-2}" 'BEGIN { if (b > 0) printf "%.*f", p, a / b; else print "-" }'; }
 
@@ -158,7 +159,7 @@ same() { # FMT A B: "same" when qemu-img compare says the images read identicall
 
 stamp() {
   echo "Date: $(date -u +%Y-%m-%d), machine: $(nproc) vCPU ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr), $(df -T . | awk 'NR==2 {print $2}') on $(df . | awk 'NR==2 {print $1}')"
-  echo "Versions: $("$vimg" --version) ($(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)), $(qemu-img --version | head -1); $runs alternating runs per tool, medians, page cache warm, sync before each run"
+  echo "Versions: $("$vimg" --version) ($(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)), $(qemu-img --version | head -1); $runs rounds per case in rotating order, medians, page cache warm, sync before each run"
 }
 
 out_md() { tee -a "${report:-/dev/null}"; }
@@ -212,7 +213,7 @@ if [ "$any_case" = 1 ]; then
     UNSAFE=1 bench "$vout" "$qout" -- $args "$input"
     ok=$(same "$ofmt" "$vout" "$qout")
     vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
-    rows+=("| $name | $v_wall s | $q_wall s | $(ratio "$v_wall" "$q_wall") | $qs_wall s | **$(ratio "$v_wall" "$qs_wall")** | $u_wall s | **$(ratio "$u_wall" "$q_wall")** | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human $((v_rss * 1024))) | $(human $((q_rss * 1024))) | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
+    rows+=("| $name | $v_wall s | $q_wall s | $(ratio "$v_wall" "$q_wall") | $qs_wall s | **$(ratio "$v_wall" "$qs_wall")** | $u_wall s | **$(ratio "$u_wall" "$q_wall")** | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human "$(bytes_of_kib "$v_rss")") | $(human "$(bytes_of_kib "$q_rss")") | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
     rm -f "$vout" "$qout"
   done
 
@@ -250,7 +251,7 @@ if [ "$run_scaling" = 1 ]; then
       echo "scaling $vs -> $ofmt..." >&2
       bench "out-vimg.$ofmt" "out-qemu.$ofmt" -- -f qcow2 -O "$ofmt" "$img"
       ok=$(same "$ofmt" "out-vimg.$ofmt" "out-qemu.$ofmt")
-      rows+=("| $vs | qcow2->$ofmt | $v_wall s | $v_cpu s | $(human $((v_rss * 1024))) | $q_wall s | $q_cpu s | $(human $((q_rss * 1024))) | $ok |")
+      rows+=("| $vs | qcow2->$ofmt | $v_wall s | $v_cpu s | $(human "$(bytes_of_kib "$v_rss")") | $q_wall s | $q_cpu s | $(human "$(bytes_of_kib "$q_rss")") | $ok |")
       rm -f "out-vimg.$ofmt" "out-qemu.$ofmt"
     done
   done
