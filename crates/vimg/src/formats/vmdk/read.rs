@@ -2,7 +2,6 @@
 //! naming extents, each mapped onto its guest range. Extent files are opened only through
 //! the external-file gate; a `parentFileNameHint` becomes a [`BackingRef`].
 
-use crate::mapping::ChildNode;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
@@ -16,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::formats::{Format, OpenContext};
 use crate::limits;
 use crate::mapping::{
-    BackingRef, Extent, ExternalRef, FileId, FormatSpecific, GuestOffset, HostOffset, ImageReader,
-    MapKind, ParentLink, RefRole,
+    BackingRef, ChildNode, Extent, ExternalRef, FileId, FormatSpecific, GuestOffset, HostOffset,
+    ImageReader, MapKind, ParentLink, RefRole,
 };
 use crate::storage::{read_exact, Storage};
 
