@@ -109,6 +109,7 @@ pub mod container;
 pub mod convert;
 pub mod engine;
 pub mod error;
+pub mod escape;
 pub mod formats;
 pub mod fuzzing;
 pub mod gate;
