@@ -3,6 +3,7 @@
 //! this module adds the checks that must happen before anything is written.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
@@ -10,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::formats::{self, Format};
 use crate::image::Image;
 use crate::options::CreateOptions;
-use crate::output::{Output, OutputMode};
+use crate::output::{
+    check_destination, device_geometry, DestKind, Output, OutputMode, WriteCounter,
+};
 use crate::writer::ImageWriter;
 
 /// Settings for [`convert`].
@@ -28,6 +31,15 @@ pub struct ConvertOptions<'a> {
     /// Make the output durable before it is renamed into place (default `true`); `false` is
     /// qemu-img's `-t unsafe` (see [`Output::with_sync`]).
     pub sync: bool,
+    /// The existing destination already reads as zeros (qemu-img's `--target-is-zero`):
+    /// zero ranges of the image are then not written to a destination written in place (a
+    /// block device, `-n`). A new file always starts zero. Default `false`.
+    pub target_is_zero: bool,
+    /// Open a block device destination with `O_DIRECT` (`-t none`/`directsync`).
+    pub direct: bool,
+    /// Counts what reaches a destination written in place, so the caller can say how far
+    /// a failed or interrupted run got.
+    pub counter: Option<Arc<WriteCounter>>,
 }
 
 /// What [`convert_report`] did.
@@ -40,6 +52,8 @@ pub struct ConvertReport {
     /// compressed raw), else by one read of the finished file before it is renamed into
     /// place.
     pub checksum: Option<Checksum>,
+    /// Notes on how the destination was written (an in-place fallback, hard links).
+    pub notes: Vec<String>,
 }
 
 impl ConvertOptions<'_> {
@@ -52,6 +66,9 @@ impl ConvertOptions<'_> {
             output_mode: OutputMode::Atomic,
             checksum: None,
             sync: true,
+            target_is_zero: false,
+            direct: false,
+            counter: None,
         }
     }
 }
@@ -147,19 +164,30 @@ pub fn convert_report(
 ) -> Result<ConvertReport> {
     let dst = dst.as_ref();
     check_create_options(opts.format, &opts.create)?;
-    if opts.output_mode != OutputMode::Stdout {
+    let kind = if opts.output_mode != OutputMode::Stdout {
+        let kind = check_destination(dst)?;
         check_not_source(src, dst)?;
-    }
+        kind
+    } else {
+        DestKind::Missing
+    };
     let size = match opts.create.get_size("size")? {
         Some(s) => s,
         None => src.virtual_size(),
     };
-    let out = Output::with_mode(dst, opts.output_mode)
+    if kind == DestKind::BlockDevice {
+        check_device(dst, opts, size)?;
+    }
+    let mut out = Output::with_mode(dst, opts.output_mode)
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)
+        .with_direct(opts.direct)
         .with_protected(source_files(src));
+    if let Some(c) = &opts.counter {
+        out = out.with_counter(c.clone());
+    }
     let writer = opts.format.driver().create(&out, size, &opts.create)?;
-    if opts.output_mode == OutputMode::Stdout && !writer.caps().ordered {
+    if (opts.output_mode == OutputMode::Stdout || kind.is_stream()) && !writer.caps().ordered {
         // Writers refuse a stream at create when they need to seek; this catches one that
         // did not say so before any data is sent.
         return Err(Error::unsupported(format!(
@@ -169,7 +197,15 @@ pub fn convert_report(
     }
     out.release_stream()?;
     let mut copy: CopyOptions<'_> = opts.copy;
-    copy.target_is_zero = opts.output_mode != OutputMode::InPlace && opts.copy.target_is_zero;
+    // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
+    // image written with -n keeps its old bytes unless the caller says it reads as zeros:
+    // every zero range of the image is then zeroed on it.
+    let fresh = opts.output_mode != OutputMode::InPlace && kind != DestKind::BlockDevice;
+    copy.target_is_zero = if fresh {
+        opts.copy.target_is_zero
+    } else {
+        opts.target_is_zero
+    };
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(
             "copying only the top image needs a backing file for the target",
@@ -177,6 +213,37 @@ pub fn convert_report(
     }
     let stats = engine::copy(src, &*writer, &copy)?;
     writer.finish()?;
+    let notes = out.notes();
     let checksum = out.commit_unless(copy.cancel)?;
-    Ok(ConvertReport { stats, checksum })
+    Ok(ConvertReport {
+        stats,
+        checksum,
+        notes,
+    })
+}
+
+/// The checks qemu-img makes before writing to a block device: the image must fit (its
+/// messages), and only a raw image is written onto a device here.
+fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
+    if opts.format != Format::Raw {
+        return Err(Error::unsupported(format!(
+            "writing a {} image onto the block device '{}' is not supported (only raw/host_device); convert to a file, or to raw",
+            opts.format.name(),
+            dst.display()
+        )));
+    }
+    let f = std::fs::File::open(dst)
+        .map_err(|e| Error::io(format_args!("open device '{}'", dst.display()), e))?;
+    let (dev_size, _) = device_geometry(&f)
+        .map_err(|e| Error::io(format_args!("size of device '{}'", dst.display()), e))?;
+    if size > dev_size {
+        return Err(Error::invalid_argument(
+            if opts.output_mode == OutputMode::InPlace {
+                "output file is smaller than input file"
+            } else {
+                "Cannot grow device files"
+            },
+        ));
+    }
+    Ok(())
 }

@@ -68,10 +68,48 @@ struct StreamState {
     len: u64,
 }
 
+/// A block device written in place.
+struct Device {
+    /// Its size (`lseek(SEEK_END)`, what `BLKGETSIZE64` reports).
+    size: u64,
+    /// Its logical block size (`BLKSSZGET`): the alignment `O_DIRECT` needs.
+    block: u64,
+    /// Opened with `O_DIRECT` (`-t none`/`directsync`): every write goes through an aligned
+    /// bounce buffer, partial blocks read-modify-written.
+    direct: bool,
+    /// Serialises read-modify-write of partial blocks.
+    rmw: Mutex<()>,
+    /// Set once a zeroing `fallocate` mode or `BLKZEROOUT` turned out unsupported.
+    no_punch: AtomicBool,
+    no_zero_range: AtomicBool,
+    no_zeroout: AtomicBool,
+}
+
+/// How far a destination written in place (a device, a stream, `-n`) got: bytes written and
+/// the end of the furthest write. Shared with the caller, who reports it on error or signal.
+#[derive(Debug, Default)]
+pub struct WriteCounter {
+    /// Bytes written (data and zeros).
+    pub bytes: AtomicU64,
+    /// The end of the furthest write.
+    pub high: AtomicU64,
+}
+
+impl WriteCounter {
+    fn add(&self, offset: u64, len: u64) {
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        self.high.fetch_max(offset + len, Ordering::Relaxed);
+    }
+}
+
 /// One output file: positional writes through `&self`, shareable between threads.
 #[derive(Clone)]
 pub struct OutFile {
     sink: Arc<Sink>,
+    /// Set for a block device written in place.
+    dev: Option<Arc<Device>>,
+    /// Counts what reaches a destination written in place.
+    counter: Option<Arc<WriteCounter>>,
     name: Arc<str>,
     /// Hashes the bytes while they are written in order (the main file, when a checksum
     /// was asked for).
@@ -126,6 +164,8 @@ impl OutFile {
     pub fn from_file(file: File, name: &str) -> OutFile {
         OutFile {
             sink: Arc::new(Sink::File(file)),
+            dev: None,
+            counter: None,
             name: name.into(),
             hash: None,
             wb: Arc::default(),
@@ -136,6 +176,8 @@ impl OutFile {
     pub fn stream(w: Box<dyn Write + Send>, name: &str) -> OutFile {
         OutFile {
             sink: Arc::new(Sink::Stream(Mutex::new(StreamState { w, pos: 0, len: 0 }))),
+            dev: None,
+            counter: None,
             name: name.into(),
             hash: None,
             wb: Arc::default(),
@@ -217,9 +259,28 @@ impl OutFile {
 
     /// Writes all of `buf` at `offset`.
     pub fn write_all_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if let Some(c) = &self.counter {
+            c.add(offset, buf.len() as u64);
+        }
         match &*self.sink {
             Sink::File(f) => {
-                self.reserve(f, offset, buf.len() as u64);
+                if let Some(d) = &self.dev {
+                    let end = offset.checked_add(buf.len() as u64);
+                    if end.is_none_or(|e| e > d.size) {
+                        return Err(Error::invalid_argument(format!(
+                            "write at {offset:#x} past the end of device '{}' ({} bytes)",
+                            self.name, d.size
+                        )));
+                    }
+                    if d.direct {
+                        direct_write(f, d, buf, offset)
+                            .map_err(|e| self.err("write", offset, e))?;
+                        self.hash_with(|h| h.write(offset, buf));
+                        return Ok(());
+                    }
+                } else {
+                    self.reserve(f, offset, buf.len() as u64);
+                }
                 f.write_all_at(buf, offset)
                     .map_err(|e| self.err("write", offset, e))?;
                 self.hash_with(|h| h.write(offset, buf));
@@ -365,6 +426,14 @@ impl OutFile {
     /// Sets the file length (extends with a hole or truncates). On a stream, records the
     /// length to pad to at [`OutFile::sync`].
     pub fn set_len(&self, len: u64) -> Result<()> {
+        if let Some(d) = &self.dev {
+            // A device keeps its size: an image that fits is written into its start.
+            if len > d.size {
+                return Err(Error::invalid_argument("Cannot grow device files"));
+            }
+            self.hash_with(|h| h.set_len(len));
+            return Ok(());
+        }
         match &*self.sink {
             Sink::File(f) => {
                 f.set_len(len).map_err(|e| self.err("resize", len, e))?;
@@ -389,6 +458,7 @@ impl OutFile {
     /// Current length (for a stream: bytes written so far).
     pub fn len(&self) -> Result<u64> {
         match &*self.sink {
+            Sink::File(_) if self.dev.is_some() => Ok(self.dev.as_ref().map_or(0, |d| d.size)),
             Sink::File(f) => f
                 .metadata()
                 .map(|m| m.len())
@@ -410,6 +480,11 @@ impl OutFile {
         let Sink::File(f) = &*self.sink else {
             return Ok(());
         };
+        if self.dev.is_some() {
+            // A device's blocks exist already.
+            return Ok(());
+        }
+        // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
         let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, offset as i64, len as i64) };
         if r != 0 {
             return Err(self.err("allocate", offset, io::Error::last_os_error()));
@@ -420,7 +495,11 @@ impl OutFile {
     /// Makes `[offset, offset + len)` read as zeros, freeing blocks where the filesystem can
     /// (hole punch), else writing zeros.
     pub fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        if let (Sink::File(f), Some(d)) = (&*self.sink, &self.dev) {
+            return self.zero_device(f, d, offset, len);
+        }
         if let Sink::File(f) = &*self.sink {
+            // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
             let r = unsafe {
                 libc::fallocate(
                     f.as_raw_fd(),
@@ -444,6 +523,96 @@ impl OutFile {
         Ok(())
     }
 
+    /// Zeroes `[offset, offset + len)` of a block device so that it reads as zeros: the
+    /// whole blocks with `fallocate(PUNCH_HOLE)` (what qemu-img issues; the kernel
+    /// guarantees zeros or refuses), else `fallocate(ZERO_RANGE)`, else `BLKZEROOUT`, else by
+    /// writing zeros; partial blocks at the edges by writing zeros.
+    fn zero_device(&self, f: &File, d: &Device, offset: u64, len: u64) -> Result<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= d.size)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "zeroing at {offset:#x} past the end of device '{}'",
+                    self.name
+                ))
+            })?;
+        let a = d.block.max(512);
+        let first = offset.div_ceil(a) * a;
+        let last = end / a * a;
+        let mut done = false;
+        if first < last {
+            let (o, n) = (first as i64, (last - first) as i64);
+            let fd = f.as_raw_fd();
+            let unsupported = |e: &io::Error| {
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOSYS)
+                        | Some(libc::ENOTTY)
+                )
+            };
+            for (flag, mode) in [
+                (
+                    &d.no_punch,
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                ),
+                (
+                    &d.no_zero_range,
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                ),
+            ] {
+                if done || flag.load(Ordering::Relaxed) {
+                    continue;
+                }
+                // SAFETY: a plain syscall on a descriptor this OutFile owns; no memory is passed.
+                if unsafe { libc::fallocate(fd, mode, o, n) } == 0 {
+                    done = true;
+                } else {
+                    let e = io::Error::last_os_error();
+                    if !unsupported(&e) {
+                        return Err(self.err("zero", first, e));
+                    }
+                    flag.store(true, Ordering::Relaxed);
+                }
+            }
+            if !done && !d.no_zeroout.load(Ordering::Relaxed) {
+                let range: [u64; 2] = [first, last - first];
+                // SAFETY: BLKZEROOUT reads two u64 (start, length) from the pointer, which
+                // points at a live array of two u64.
+                if unsafe { libc::ioctl(fd, BLKZEROOUT as _, range.as_ptr()) } == 0 {
+                    done = true;
+                } else {
+                    let e = io::Error::last_os_error();
+                    if !unsupported(&e) {
+                        return Err(self.err("zero", first, e));
+                    }
+                    d.no_zeroout.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+        let write_zeros = |from: u64, to: u64| -> Result<()> {
+            let mut pos = from;
+            while pos < to {
+                let n = (to - pos).min(ZEROS.len() as u64) as usize;
+                self.write_all_at(&ZEROS[..n], pos)?;
+                pos += n as u64;
+            }
+            Ok(())
+        };
+        if done {
+            if let Some(c) = &self.counter {
+                c.add(first, last - first);
+            }
+            self.hash_with(|h| h.zeroed(first, last - first));
+            write_zeros(offset, first.min(end))?;
+            write_zeros(last.max(first).max(offset), end)
+        } else {
+            write_zeros(offset, end)
+        }
+    }
+
     /// Flushes data to stable storage (files) or pads and flushes a stream.
     pub fn sync(&self) -> Result<()> {
         match &*self.sink {
@@ -465,6 +634,66 @@ impl OutFile {
             }
         }
     }
+}
+
+/// `BLKZEROOUT`: `_IO(0x12, 127)`, zero a byte range of a block device.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+/// `BLKSSZGET`: `_IO(0x12, 104)`, the logical block size of a block device.
+const BLKSSZGET: libc::c_ulong = 0x1268;
+
+/// Alignment of `O_DIRECT` bounce buffers: a page, which satisfies every device's memory
+/// alignment.
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes one `O_DIRECT` write moves at most.
+const DIRECT_CHUNK: u64 = 1 << 20;
+
+/// A zeroed buffer of `len` bytes whose start is `DIRECT_ALIGN`-aligned: the backing
+/// vector and the offset of the aligned start in it.
+fn aligned_buf(len: usize) -> (Vec<u8>, usize) {
+    let v = vec![0u8; len + DIRECT_ALIGN];
+    let skip = v.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    (v, skip)
+}
+
+/// Writes `buf` at `offset` of a device opened with `O_DIRECT`: whole aligned blocks
+/// through an aligned bounce buffer; a block the write covers only in part is read first
+/// and patched (under the device's lock, so two partial writes of one block cannot race).
+fn direct_write(f: &File, d: &Device, buf: &[u8], offset: u64) -> io::Result<()> {
+    let a = d.block.max(512);
+    let end = offset + buf.len() as u64;
+    let mut start = offset / a * a;
+    let full_end = end.div_ceil(a) * a;
+    let chunk = DIRECT_CHUNK.max(a) / a * a;
+    let (mut v, skip) = aligned_buf(chunk.min(full_end - start) as usize);
+    while start < full_end {
+        let stop = (start + chunk).min(full_end);
+        let n = (stop - start) as usize;
+        let bounce = &mut v[skip..skip + n];
+        let partial = start < offset || stop > end;
+        let _guard = if partial {
+            Some(
+                d.rmw
+                    .lock()
+                    .map_err(|_| io::Error::other("device lock poisoned"))?,
+            )
+        } else {
+            None
+        };
+        if start < offset {
+            f.read_exact_at(&mut bounce[..a as usize], start)?;
+        }
+        if stop > end && (stop - a >= start + a || start >= offset) {
+            let at = n - a as usize;
+            f.read_exact_at(&mut bounce[at..], stop - a)?;
+        }
+        let from = start.max(offset);
+        let to = stop.min(end);
+        bounce[(from - start) as usize..(to - start) as usize]
+            .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+        f.write_all_at(bounce, start)?;
+        start = stop;
+    }
+    Ok(())
 }
 
 /// A stream that holds back what is written until [`Held::release`]: bytes a writer puts
@@ -534,6 +763,228 @@ pub enum OutputMode {
     Stdout,
 }
 
+/// What a destination is, looked at through symlinks before anything is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestKind {
+    /// Nothing there yet (or a dangling symlink): created as a new file.
+    Missing,
+    /// A regular file: replaced by temporary file and rename, keeping owner, group and mode.
+    Regular,
+    /// A block device: written in place, never replaced.
+    BlockDevice,
+    /// A character device (`/dev/null`): streamed to in place, like stdout.
+    CharDevice,
+    /// A FIFO: streamed to in place, like stdout.
+    Fifo,
+    /// A socket: refused.
+    Socket,
+    /// A directory: refused.
+    Directory,
+}
+
+impl DestKind {
+    /// True for destinations written in place as a one-pass stream.
+    pub fn is_stream(self) -> bool {
+        matches!(self, DestKind::CharDevice | DestKind::Fifo)
+    }
+
+    /// True for destinations that are written in place, never replaced.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            DestKind::BlockDevice | DestKind::CharDevice | DestKind::Fifo
+        )
+    }
+}
+
+/// Looks at what `path` is (following symlinks, so `/dev/disk/by-path/...` and
+/// `/dev/stdout` are judged by what they point at) and refuses the kinds no image can be
+/// written to: directories and sockets. Nothing is created.
+pub fn check_destination(path: &Path) -> Result<DestKind> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DestKind::Missing),
+        Err(e) => {
+            return Err(Error::io(
+                format_args!("look at the destination '{}'", path.display()),
+                e,
+            ))
+        }
+    };
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        DestKind::Regular
+    } else if t.is_block_device() {
+        DestKind::BlockDevice
+    } else if t.is_char_device() {
+        DestKind::CharDevice
+    } else if t.is_fifo() {
+        DestKind::Fifo
+    } else if t.is_socket() {
+        DestKind::Socket
+    } else {
+        DestKind::Directory
+    };
+    match kind {
+        DestKind::Directory => Err(Error::invalid_argument(format!(
+            "Could not create '{}': Is a directory",
+            path.display()
+        ))),
+        DestKind::Socket => Err(Error::unsupported(format!(
+            "Destination '{}' is a socket; images are written to files, block devices, character devices and FIFOs",
+            path.display()
+        ))),
+        k => Ok(k),
+    }
+}
+
+/// True when `path`, or a symlink on the way to what it names, is an open descriptor's
+/// name (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`).
+fn is_fd_path(path: &Path) -> bool {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        let s = p.to_string_lossy();
+        if s.starts_with("/dev/fd/")
+            || matches!(&*s, "/dev/stdout" | "/dev/stderr")
+            || (s.starts_with("/proc/") && s.contains("/fd/"))
+        {
+            return true;
+        }
+        match fs::read_link(&p) {
+            Ok(t) if t.is_absolute() => p = t,
+            Ok(t) => p = p.parent().map(|d| d.join(&t)).unwrap_or(t),
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// The size of a block device open as `f` (what `BLKGETSIZE64` reports; `lseek` to the
+/// end gives the same for every block device) and its logical block size.
+pub fn device_geometry(f: &File) -> io::Result<(u64, u64)> {
+    use std::io::Seek;
+    let mut g = f;
+    let size = g.seek(io::SeekFrom::End(0))?;
+    g.seek(io::SeekFrom::Start(0))?;
+    let mut block: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at a live int.
+    let r = unsafe {
+        libc::ioctl(
+            f.as_raw_fd(),
+            BLKSSZGET as _,
+            &mut block as *mut libc::c_int,
+        )
+    };
+    let block = if r == 0 && block >= 512 && (block as u64).is_power_of_two() {
+        block as u64
+    } else {
+        512
+    };
+    Ok((size, block))
+}
+
+/// The start time of process `pid` (clock ticks since boot, field 22 of
+/// `/proc/PID/stat`): with the pid, what names a process uniquely over time.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may contain anything.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// This process's (pid, start time).
+fn this_process() -> (u32, u64) {
+    let pid = std::process::id();
+    (pid, process_start(pid).unwrap_or(0))
+}
+
+/// The longest file name the filesystems vimg writes to accept.
+const NAME_MAX: usize = 255;
+
+/// The part of every temporary name of destination `base` before the process tag:
+/// `.BASE.vimg-`, with BASE shortened (and marked with a hash of the whole name) when the
+/// full name would not leave room for the tag within [`NAME_MAX`].
+fn temp_prefix(base: &[u8]) -> Vec<u8> {
+    // ".vimg-" + pid (10) + "-" + start (20) + "-" + tag (up to 5) + ".tmp"
+    const TAG_ROOM: usize = 6 + 10 + 1 + 20 + 1 + 5 + 4;
+    let room = NAME_MAX - 1 - TAG_ROOM;
+    let mut p = vec![b'.'];
+    if base.len() <= room {
+        p.extend_from_slice(base);
+    } else {
+        let h = crc32fast::hash(base);
+        let keep = room - 9;
+        p.extend_from_slice(&base[..keep]);
+        p.extend_from_slice(format!("~{h:08x}").as_bytes());
+    }
+    p.extend_from_slice(b".vimg-");
+    p
+}
+
+/// The temporary name of `final_path` for this process with `tag` (an attempt number or
+/// `old` for the backup of an existing file).
+fn temp_path_for(final_path: &Path, tag: &str) -> PathBuf {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let folder = match final_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = final_path.file_name().map(|b| b.as_bytes()).unwrap_or(b"");
+    let (pid, start) = this_process();
+    let mut name = temp_prefix(base);
+    name.extend_from_slice(format!("{pid}-{start}-{tag}.tmp").as_bytes());
+    let _ = std::ffi::OsStr::from_bytes(&name);
+    folder.join(std::ffi::OsString::from_vec(name))
+}
+
+/// Removes temporaries of `final_path` that earlier runs left behind (killed with SIGKILL,
+/// or the machine went down): names vimg made for this destination whose process is gone
+/// (no such pid, or a pid reused by a process that started at another time). Returns how
+/// many were removed.
+pub fn remove_stale_temporaries(final_path: &Path) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let folder = match final_path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let base = final_path.file_name().map(|b| b.as_bytes()).unwrap_or(b"");
+    let prefix = temp_prefix(base);
+    let Ok(dir) = fs::read_dir(&folder) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for ent in dir.flatten() {
+        let name = ent.file_name();
+        let b = name.as_bytes();
+        let Some(rest) = b.strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        let Some(rest) = rest.strip_suffix(b".tmp") else {
+            continue;
+        };
+        let Ok(rest) = std::str::from_utf8(rest) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, '-');
+        let (Some(pid), Some(start), Some(_tag)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+            continue;
+        };
+        if process_start(pid) == Some(start) {
+            continue; // alive (this process or another run): not ours to touch
+        }
+        let is_file = ent.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if is_file && fs::remove_file(ent.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 struct Entry {
     final_path: PathBuf,
     temp_path: Option<PathBuf>,
@@ -554,6 +1005,12 @@ pub struct Output {
     protected: Vec<((u64, u64), String)>,
     /// Make the files and their renames durable at commit (the default).
     sync: bool,
+    /// Open a block device destination with `O_DIRECT`.
+    direct: bool,
+    /// Counts what reaches a destination written in place.
+    counter: Option<Arc<WriteCounter>>,
+    /// Things the user should know about how the destination was written.
+    notes: Mutex<Vec<String>>,
 }
 
 impl Output {
@@ -574,6 +1031,36 @@ impl Output {
             held: Mutex::new(None),
             protected: Vec::new(),
             sync: true,
+            direct: false,
+            counter: None,
+            notes: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Opens a block device destination with `O_DIRECT` (qemu-img's `-t none` and
+    /// `-t directsync`): writes bypass the page cache, through aligned bounce buffers.
+    pub fn with_direct(mut self, direct: bool) -> Output {
+        self.direct = direct;
+        self
+    }
+
+    /// Counts bytes written to a destination written in place (block devices, character
+    /// devices, FIFOs, `-n`, the in-place fallback), so a caller can say how far a failed
+    /// or interrupted run got.
+    pub fn with_counter(mut self, counter: Arc<WriteCounter>) -> Output {
+        self.counter = Some(counter);
+        self
+    }
+
+    /// Notes on how the destination was written (an in-place fallback, hard links),
+    /// for the user.
+    pub fn notes(&self) -> Vec<String> {
+        self.notes.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, n: String) {
+        if let Ok(mut v) = self.notes.lock() {
+            v.push(n);
         }
     }
 
@@ -667,6 +1154,12 @@ impl Output {
                 "this output format writes several files and cannot be written to stdout",
             ));
         }
+        if check_destination(&self.main).is_ok_and(DestKind::is_special) {
+            return Err(Error::unsupported(format!(
+                "this output format writes several files and cannot be written to the device or FIFO '{}'",
+                self.main.display()
+            )));
+        }
         let p = self.folder().join(file_name);
         self.create_path(p)
     }
@@ -692,13 +1185,23 @@ impl Output {
                 }
             }
         }
-        let (file, temp_path) = match self.mode {
-            OutputMode::Stdout => {
-                if final_path != self.main {
-                    return Err(Error::unsupported(
-                        "this output format writes several files and cannot be written to stdout",
-                    ));
-                }
+        let kind = if self.mode == OutputMode::Stdout {
+            DestKind::Missing
+        } else {
+            check_destination(&final_path)?
+        };
+        if kind.is_special() && final_path != self.main {
+            return Err(Error::unsupported(format!(
+                "'{name}' is a device or FIFO; the further files of a multi-file output must be files"
+            )));
+        }
+        if self.mode == OutputMode::Stdout || kind.is_stream() {
+            if final_path != self.main {
+                return Err(Error::unsupported(
+                    "this output format writes several files and cannot be written to stdout",
+                ));
+            }
+            let (w, shown): (Box<dyn Write + Send>, String) = if self.mode == OutputMode::Stdout {
                 let w: Box<dyn Write + Send> = match &self.stdout {
                     Some(slot) => slot
                         .lock()
@@ -707,78 +1210,108 @@ impl Output {
                         .ok_or_else(|| Error::invalid_argument("output stream already taken"))?,
                     None => Box::new(io::stdout()),
                 };
-                let state = Arc::new(Mutex::new(Held {
-                    inner: w,
-                    buf: Some(Vec::new()),
-                }));
-                if let Ok(mut h) = self.held.lock() {
-                    *h = Some(state.clone());
-                }
-                let mut out = OutFile::stream(Box::new(HoldWriter { state }), "-");
-                if let Some(alg) = self.checksum {
-                    out = out.hashed(alg);
-                }
-                entries.push(Entry {
-                    final_path,
-                    temp_path: None,
-                    file: out.clone(),
-                });
-                return Ok(out);
-            }
-            OutputMode::InPlace => {
+                (w, "-".to_string())
+            } else {
+                // Opened for writing only, never created or truncated: the node stays. A
+                // FIFO's open waits for a reader, as qemu-img's does.
                 let f = OpenOptions::new()
                     .write(true)
-                    .read(true)
+                    .custom_flags(libc::O_NOCTTY)
                     .open(&final_path)
                     .map_err(|e| Error::io(format_args!("open '{name}' for writing"), e))?;
-                (f, None)
+                (Box::new(f), name.clone())
+            };
+            let state = Arc::new(Mutex::new(Held {
+                inner: w,
+                buf: Some(Vec::new()),
+            }));
+            if let Ok(mut h) = self.held.lock() {
+                *h = Some(state.clone());
             }
-            OutputMode::Atomic => {
-                let folder = final_path
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default();
-                let base = final_path
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let mut attempt = 0u32;
-                loop {
-                    let tmp =
-                        folder.join(format!(".{base}.vimg-{}-{attempt}.tmp", std::process::id()));
-                    match OpenOptions::new()
-                        .write(true)
-                        .read(true)
-                        .create_new(true)
-                        .mode(0o644)
-                        .open(&tmp)
-                    {
-                        Ok(f) => {
-                            register_temp(&tmp);
-                            break (f, Some(tmp));
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => {
-                            attempt += 1;
-                        }
-                        Err(e) => {
-                            return Err(Error::io(
-                                format_args!("create a temporary file for '{name}'"),
-                                e,
-                            ))
-                        }
-                    }
+            let mut out = OutFile::stream(Box::new(HoldWriter { state }), &shown);
+            if kind.is_stream() {
+                out.counter = self.counter.clone();
+            }
+            if let Some(alg) = self.checksum {
+                out = out.hashed(alg);
+            }
+            entries.push(Entry {
+                final_path,
+                temp_path: None,
+                file: out.clone(),
+            });
+            return Ok(out);
+        }
+        let mut in_place = self.mode == OutputMode::InPlace;
+        let (file, temp_path) = if kind == DestKind::BlockDevice {
+            let mut o = OpenOptions::new();
+            o.write(true).read(true);
+            if self.direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            let f = o
+                .open(&final_path)
+                .map_err(|e| Error::io(format_args!("open device '{name}' for writing"), e))?;
+            (f, None)
+        } else if !in_place && kind == DestKind::Regular && is_fd_path(&final_path) {
+            // `/dev/stdout` (or `/proc/self/fd/N`) redirected to a file: that open file is
+            // the destination, written in place from empty as qemu-img writes it; a rename
+            // would replace the system's `/dev/stdout` link.
+            let f = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .truncate(true)
+                .open(&final_path)
+                .map_err(|e| Error::io(format_args!("open '{name}' for writing"), e))?;
+            in_place = true;
+            (f, None)
+        } else if in_place {
+            let f = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .open(&final_path)
+                .map_err(|e| Error::io(format_args!("open '{name}' for writing"), e))?;
+            (f, None)
+        } else {
+            match self.create_temp(&final_path, kind, &name)? {
+                Ok((f, tmp)) => (f, Some(tmp)),
+                Err(f) => {
+                    in_place = true;
+                    (f, None)
                 }
             }
         };
-        let out = OutFile::from_file(file, &name);
+        let mut out = OutFile::from_file(file, &name);
+        if kind == DestKind::BlockDevice {
+            let (size, block) = out
+                .file()
+                .map(device_geometry)
+                .transpose()
+                .map_err(|e| Error::io(format_args!("size of device '{name}'"), e))?
+                .unwrap_or((0, 512));
+            out.dev = Some(Arc::new(Device {
+                size,
+                block,
+                direct: self.direct,
+                rmw: Mutex::new(()),
+                no_punch: AtomicBool::new(false),
+                no_zero_range: AtomicBool::new(false),
+                no_zeroout: AtomicBool::new(false),
+            }));
+            if self.direct {
+                out.wb.off.store(true, Ordering::Relaxed);
+            }
+        }
+        if kind == DestKind::BlockDevice || in_place {
+            out.counter = self.counter.clone();
+        }
         if !self.sync {
             out.wb.off.store(true, Ordering::Relaxed);
             out.wb.no_sync.store(true, Ordering::Relaxed);
         }
-        let mut out = out;
         if let (Some(alg), true) = (self.checksum, final_path == self.main) {
             // In place the file does not start empty: only a read of the result is right.
-            if self.mode != OutputMode::InPlace {
+            if self.mode != OutputMode::InPlace && kind != DestKind::BlockDevice {
                 out = out.hashed(alg);
             }
         }
@@ -788,6 +1321,114 @@ impl Output {
             file: out.clone(),
         });
         Ok(out)
+    }
+
+    /// Creates the temporary file that will replace `final_path`, with the owner, group and
+    /// mode of the file it replaces (never wider). Where that cannot be done — the folder is
+    /// not writable, or the owner cannot be given to a new file — but the existing file is
+    /// writable, falls back to writing that file in place (truncated first, as qemu-img
+    /// does) and records a note: `Ok(Err(file))`.
+    fn create_temp(
+        &self,
+        final_path: &Path,
+        kind: DestKind,
+        name: &str,
+    ) -> Result<std::result::Result<(File, PathBuf), File>> {
+        remove_stale_temporaries(final_path);
+        let old = if kind == DestKind::Regular {
+            fs::metadata(final_path).ok()
+        } else {
+            None
+        };
+        if let Some(m) = &old {
+            if m.nlink() > 1 {
+                self.note(format!(
+                    "'{name}' has {} hard links: it is replaced by a new file, and the other links keep the old content",
+                    m.nlink()
+                ));
+            }
+        }
+        let fallback = |why: String| -> Result<std::result::Result<(File, PathBuf), File>> {
+            let f = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .truncate(true)
+                .open(final_path)
+                .map_err(|e| {
+                    Error::io(
+                        format_args!("{why}, and '{name}' cannot be written in place either"),
+                        e,
+                    )
+                })?;
+            self.note(format!(
+                "{why}: '{name}' is written in place instead (not all-or-nothing: a failed run leaves it incomplete)"
+            ));
+            Ok(Err(f))
+        };
+        let mut attempt = 0u32;
+        let (f, tmp) = loop {
+            let tmp = temp_path_for(final_path, &attempt.to_string());
+            match OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(if old.is_some() { 0o600 } else { 0o644 })
+                .open(&tmp)
+            {
+                Ok(f) => {
+                    register_temp(&tmp);
+                    break (f, tmp);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                    attempt += 1;
+                }
+                Err(e)
+                    if old.is_some()
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)
+                        ) =>
+                {
+                    return fallback(format!(
+                        "no temporary file can be made in the folder of '{name}' ({e})"
+                    ));
+                }
+                Err(e) => {
+                    let folder = match final_path.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+                        _ => ".".to_string(),
+                    };
+                    return Err(Error::io(
+                        format_args!(
+                            "create a temporary file for '{name}' in the folder '{folder}'"
+                        ),
+                        e,
+                    ));
+                }
+            }
+        };
+        if let Some(m) = &old {
+            use std::os::unix::fs::PermissionsExt;
+            // SAFETY: plain syscalls; no memory is passed.
+            let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            if m.uid() != euid || m.gid() != egid {
+                if let Err(e) = std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())) {
+                    drop(f);
+                    let _ = fs::remove_file(&tmp);
+                    unregister_temp(&tmp);
+                    return fallback(format!(
+                        "a new file cannot keep the owner {}:{} of '{name}' ({e})",
+                        m.uid(),
+                        m.gid()
+                    ));
+                }
+            }
+            // After the chown, which may clear set-id bits; the old permission bits only.
+            let perm = fs::Permissions::from_mode(m.mode() & 0o777);
+            f.set_permissions(perm)
+                .map_err(|e| Error::io(format_args!("set the mode of the new '{name}'"), e))?;
+        }
+        Ok(Ok((f, tmp)))
     }
 
     /// Makes every file durable and visible under its final name.
@@ -844,20 +1485,7 @@ impl Output {
             if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
                 return Err(Error::msg(ErrorKind::Cancelled, "interrupted"));
             }
-            for e in &entries {
-                if let Some(tmp) = &e.temp_path {
-                    fs::rename(tmp, &e.final_path).map_err(|err| {
-                        Error::io(
-                            format_args!(
-                                "rename output into place as '{}'",
-                                e.final_path.display()
-                            ),
-                            err,
-                        )
-                    })?;
-                    unregister_temp(tmp);
-                }
-            }
+            rename_all(&entries, &main)?;
             if self.mode != OutputMode::Stdout && self.sync {
                 // Make the renames themselves durable.
                 if let Ok(dir) = File::open(self.folder()) {
@@ -877,6 +1505,76 @@ impl Output {
         self.committed = true;
         result
     }
+}
+
+/// Renames every temporary over its final name: the further files (VMDK extents) first,
+/// the main file (the descriptor that names them) last, so that no descriptor is ever in
+/// place over extents it does not describe. Each existing file is first hard-linked to a
+/// backup name; a failed rename puts back every file already replaced (or removes it where
+/// there was none), so the old set stays whole.
+fn rename_all(entries: &[Entry], main: &Path) -> Result<()> {
+    let mut order: Vec<&Entry> = entries.iter().filter(|e| e.temp_path.is_some()).collect();
+    order.sort_by_key(|e| e.final_path == main);
+    // (final, backup of the old file if there was one)
+    let mut done: Vec<(&Path, Option<PathBuf>)> = Vec::new();
+    let mut result = Ok(());
+    for e in &order {
+        let Some(tmp) = &e.temp_path else { continue };
+        let backup = if fs::symlink_metadata(&e.final_path).is_ok() {
+            let b = temp_path_for(&e.final_path, "old");
+            let _ = fs::remove_file(&b);
+            match fs::hard_link(&e.final_path, &b) {
+                Ok(()) => {
+                    register_temp(&b);
+                    Some(b)
+                }
+                // Not linkable (a symlink's target elsewhere, an immutable file, a
+                // filesystem without links): the rename below decides.
+                Err(_) => None,
+            }
+        } else {
+            None
+        };
+        match fs::rename(tmp, &e.final_path) {
+            Ok(()) => {
+                unregister_temp(tmp);
+                done.push((&e.final_path, backup));
+            }
+            Err(err) => {
+                if let Some(b) = backup {
+                    let _ = fs::remove_file(&b);
+                    unregister_temp(&b);
+                }
+                result = Err(Error::io(
+                    format_args!("rename output into place as '{}'", e.final_path.display()),
+                    err,
+                ));
+                break;
+            }
+        }
+    }
+    if result.is_err() {
+        // Put the old set back, newest first.
+        for (fin, backup) in done.iter().rev() {
+            match backup {
+                Some(b) => {
+                    let _ = fs::rename(b, fin);
+                    unregister_temp(b);
+                }
+                None => {
+                    let _ = fs::remove_file(fin);
+                }
+            }
+        }
+        return result;
+    }
+    for (_, backup) in done {
+        if let Some(b) = backup {
+            let _ = fs::remove_file(&b);
+            unregister_temp(&b);
+        }
+    }
+    Ok(())
 }
 
 impl Drop for Output {

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use vimg::output::OutputMode;
+use std::sync::Arc;
+
+use vimg::output::{DestKind, OutputMode, WriteCounter};
 use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, HashAlg, Image, Progress, Source};
 
 use super::{
@@ -19,6 +21,12 @@ struct Plan {
     dst: PathBuf,
     src_format: Option<Format>,
     out_format: Format,
+    /// The `-O` name as given, for messages (`host_device` is written as raw).
+    out_name: String,
+    /// What the destination is (looked at before the source is opened).
+    dest: DestKind,
+    /// `-t none`/`off`/`directsync`: a block device is opened with `O_DIRECT`.
+    direct: bool,
     create: vimg::CreateOptions,
     sparse_size: u64,
     workers: usize,
@@ -58,7 +66,8 @@ fn check_cache_mode(mode: Option<&str>, what: &str) -> Result<(), Failure> {
 }
 
 /// Messages qemu-img prints without the target's name (checked before the target exists).
-const QEMU_PLAIN_REFUSALS: [&str; 3] = [
+const QEMU_PLAIN_REFUSALS: [&str; 4] = [
+    "output file is smaller than input file",
     "Compression not supported for this file format",
     "Compression and preallocation not supported at the same time",
     "invalid cluster size",
@@ -67,7 +76,16 @@ const QEMU_PLAIN_REFUSALS: [&str; 3] = [
 fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     check_cache_mode(a.src_cache.as_deref(), "source ")?;
     check_cache_mode(a.cache.as_deref(), "")?;
-    let out_format = parse_format(&a.out_format)?;
+    // qemu-img's host_device protocol: a raw image on an existing device.
+    let host_device = a.out_format == "host_device";
+    let out_format = if host_device {
+        Format::Raw
+    } else {
+        parse_format(&a.out_format)?
+    };
+    if a.target_is_zero && !a.no_create {
+        return Err(Failure::new("--target-is-zero requires use of -n flag", 1));
+    }
     let src_format = parse_format_opt(a.src_format.as_deref())?;
     let mut create = parse_create_options(&a.options)?;
     create.compress = a.compress;
@@ -112,6 +130,29 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             n
         }
     };
+    let dest = if a.files[1] == "-" {
+        DestKind::Missing
+    } else {
+        // Before the source is opened: a directory or socket is refused before any work.
+        vimg::output::check_destination(std::path::Path::new(&a.files[1])).map_err(|e| {
+            Failure::new(
+                format!(
+                    "{}: error while converting {}: {e}",
+                    a.files[1], a.out_format
+                ),
+                1,
+            )
+        })?
+    };
+    if host_device && !matches!(dest, DestKind::BlockDevice | DestKind::CharDevice) {
+        return Err(Failure::new(
+            format!(
+                "{}: error while converting host_device: 'host_device' driver requires '{}' to be either a character or block device",
+                a.files[1], a.files[1]
+            ),
+            1,
+        ));
+    }
     let workers =
         match a.workers {
             Some(0) => return Err(Failure::new(
@@ -128,6 +169,9 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         dst: PathBuf::from(&a.files[1]),
         src_format,
         out_format,
+        out_name: a.out_format.clone(),
+        dest,
+        direct: matches!(a.cache.as_deref(), Some("none" | "off" | "directsync")),
         create,
         sparse_size,
         workers,
@@ -189,6 +233,13 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.output_mode = p.mode;
     opts.checksum = p.checksum;
     opts.sync = p.sync;
+    opts.direct = p.direct;
+    opts.target_is_zero = p.target_is_zero;
+    let counter = Arc::new(WriteCounter::default());
+    opts.counter = Some(counter.clone());
+    // Written in place: a failure or signal leaves it partly written, and the user is told
+    // how far it got.
+    let in_place = p.mode == OutputMode::InPlace || p.dest.is_special();
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
@@ -208,8 +259,32 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     };
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
+    let how_far = || {
+        let what = match p.dest {
+            DestKind::BlockDevice => "block device",
+            DestKind::CharDevice => "character device",
+            DestKind::Fifo => "FIFO",
+            _ => "file",
+        };
+        format!(
+            "the {what} '{}' was written in place and is incomplete: {} bytes written, up to offset {} of {}",
+            p.dst.display(),
+            counter.bytes.load(Ordering::Relaxed),
+            counter.high.load(Ordering::Relaxed),
+            src.virtual_size()
+        )
+    };
     if result.is_err() && cancel.load(Ordering::SeqCst) {
+        if in_place && counter.bytes.load(Ordering::Relaxed) > 0 {
+            return Err(Failure::new(format!("interrupted; {}", how_far()), 130));
+        }
         return Err(Failure::new("interrupted; no output was written", 130));
+    }
+    if let (Err(_), true) = (
+        &result,
+        in_place && counter.bytes.load(Ordering::Relaxed) > 0,
+    ) {
+        eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
         Some(path) if path != p.dst => {
@@ -230,13 +305,18 @@ pub fn run(a: ConvertArgs) -> CmdResult {
                 format!(
                     "{}: error while converting {}: {e}",
                     p.dst.display(),
-                    p.out_format
+                    p.out_name
                 ),
                 1,
             )
         }
-        _ => Failure::new(format!("error while converting {}: {e}", p.out_format), 1),
+        _ => Failure::new(format!("error while converting {}: {e}", p.out_name), 1),
     })?;
+    if !p.quiet {
+        for n in &report.notes {
+            eprintln!("vimg: note: {n}");
+        }
+    }
     if let Some(c) = report.checksum {
         // sha256sum's layout, so `sha256sum -c` and image-service scripts take it as is.
         let line = format!("{c}  {}\n", p.dst.display());
