@@ -94,6 +94,18 @@ fn child_files(image: &Image) -> Vec<(String, String, Arc<dyn Storage>)> {
     v
 }
 
+/// qemu's protocol driver for a file: `host_device` for block and character devices
+/// (what `qemu-img info /dev/loop0` reports), else `file`.
+fn protocol_of(shown: &str) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(shown) {
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => {
+            "host_device"
+        }
+        _ => "file",
+    }
+}
+
 fn file_child((name, shown, s): &(String, String, Arc<dyn Storage>)) -> Value {
     json!({
         "name": name,
@@ -101,7 +113,7 @@ fn file_child((name, shown, s): &(String, String, Arc<dyn Storage>)) -> Value {
             "children": [],
             "virtual-size": s.len().div_ceil(512) * 512,
             "filename": shown,
-            "format": "file",
+            "format": protocol_of(shown),
             "actual-size": s.disk_usage().unwrap_or(0),
             "format-specific": {"type": "file", "data": {}},
             "dirty-flag": false,
@@ -281,7 +293,7 @@ fn info_human(image: &Image) -> String {
     for (name, shown, st) in child_files(image) {
         s.push_str(&format!("Child node '/{name}':\n"));
         s.push_str(&format!("    filename: {shown}\n"));
-        s.push_str("    protocol type: file\n");
+        s.push_str(&format!("    protocol type: {}\n", protocol_of(&shown)));
         // qemu's file driver counts whole sectors.
         let file_len = st.len().div_ceil(512) * 512;
         s.push_str(&format!(
