@@ -99,9 +99,7 @@ fn child_files(image: &Image) -> Vec<(String, String, Arc<dyn Storage>)> {
 fn protocol_of(shown: &str) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(shown) {
-        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => {
-            "host_device"
-        }
+        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => "host_device",
         _ => "file",
     }
 }
