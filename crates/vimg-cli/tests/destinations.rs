@@ -203,6 +203,22 @@ fn loop_device_written_in_place_with_no_old_content() {
             .file_type()
             .is_symlink());
     }
+    // --checksum on a device covers the image's bytes (not the whole device), read back
+    // without O_DIRECT.
+    l.fill(0xEE);
+    let out = vimg(&[
+        "convert",
+        "-t",
+        "none",
+        "--checksum",
+        "sha256",
+        "-O",
+        "raw",
+        s(&src),
+        &l.dev,
+    ]);
+    let r = dir.path().join("ref.raw");
+    assert_eq!(out, format!("{}  {}\n", sha256_file(&r), l.dev));
     // --target-is-zero is believed: on a device that does not read as zeros, the old bytes
     // show through (the user's promise, as with qemu-img); on a zeroed one the result is
     // right.

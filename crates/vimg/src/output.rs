@@ -77,6 +77,9 @@ struct Device {
     /// Opened with `O_DIRECT` (`-t none`/`directsync`): every write goes through an aligned
     /// bounce buffer, partial blocks read-modify-written.
     direct: bool,
+    /// The image's length on the device (from `set_len`; the whole device until then):
+    /// what a checksum covers.
+    image_len: AtomicU64,
     /// Serialises read-modify-write of partial blocks.
     rmw: Mutex<()>,
     /// Set once a zeroing `fallocate` mode or `BLKZEROOUT` turned out unsupported.
@@ -431,6 +434,7 @@ impl OutFile {
             if len > d.size {
                 return Err(Error::invalid_argument("Cannot grow device files"));
             }
+            d.image_len.store(len, Ordering::Relaxed);
             self.hash_with(|h| h.set_len(len));
             return Ok(());
         }
@@ -1293,6 +1297,7 @@ impl Output {
                 size,
                 block,
                 direct: self.direct,
+                image_len: AtomicU64::new(size),
                 rmw: Mutex::new(()),
                 no_punch: AtomicBool::new(false),
                 no_zero_range: AtomicBool::new(false),
@@ -1465,6 +1470,26 @@ impl Output {
                 if let Some(e) = entries.iter().find(|e| e.final_path == main) {
                     checksum = match e.file.checksum()? {
                         Some(c) => Some(c),
+                        // A device: its image's bytes, read through a descriptor
+                        // without O_DIRECT.
+                        None if e.file.dev.is_some() => {
+                            let len = e
+                                .file
+                                .dev
+                                .as_ref()
+                                .map_or(0, |d| d.image_len.load(Ordering::Relaxed));
+                            let s = FileStorage::open(&e.final_path).map_err(|err| {
+                                Error::io("reopen the device for the checksum", err)
+                            })?;
+                            let s = crate::storage::SliceStorage::new(
+                                Arc::new(s),
+                                0,
+                                len,
+                                &e.final_path,
+                            )
+                            .map_err(|err| Error::io("size the device for the checksum", err))?;
+                            Some(hash_storage(&s, alg)?)
+                        }
                         // In place: hash what the file holds now.
                         None => e
                             .file
@@ -1644,6 +1669,132 @@ mod tests {
         out.create_main().unwrap().write_all_at(b"new", 0).unwrap();
         out.commit_unless(Some(&AtomicBool::new(false))).unwrap();
         assert_eq!(fs::read(&dst).unwrap(), b"new");
+    }
+
+    /// Every destination name that fits NAME_MAX gets temporary and backup names that fit
+    /// too, still recognisable as this destination's.
+    #[test]
+    fn temporary_names_fit_name_max() {
+        use std::os::unix::ffi::OsStrExt;
+        for len in [1, 100, 200, 211, 212, 213, 244, 255] {
+            let base = "b".repeat(len);
+            for tag in ["0", "999", "old"] {
+                let t = temp_path_for(Path::new(&format!("/x/{base}")), tag);
+                let n = t.file_name().unwrap().as_bytes();
+                assert!(n.len() <= NAME_MAX, "{len}: {} bytes", n.len());
+                assert!(n.starts_with(&temp_prefix(base.as_bytes())));
+            }
+        }
+        // Two long names that share their first 200 bytes get different prefixes.
+        let a = format!("{}a", "x".repeat(250));
+        let b = format!("{}b", "x".repeat(250));
+        assert_ne!(temp_prefix(a.as_bytes()), temp_prefix(b.as_bytes()));
+    }
+
+    /// A temporary whose process is gone is removed; one of a live process (this one) is
+    /// not, nor are files that only look similar.
+    #[test]
+    fn stale_temporaries_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = dir.path().join("d.raw");
+        let live = temp_path_for(&dst, "0");
+        fs::write(&live, b"").unwrap();
+        // pid_max is at most 2^22: this pid does not exist.
+        let dead = dir.path().join(".d.raw.vimg-4194305-12345-0.tmp");
+        fs::write(&dead, b"").unwrap();
+        let reused = dir
+            .path()
+            .join(format!(".d.raw.vimg-{}-1-0.tmp", std::process::id()));
+        fs::write(&reused, b"").unwrap();
+        let other = dir.path().join(".e.raw.vimg-4194305-12345-0.tmp");
+        fs::write(&other, b"").unwrap();
+        let odd = dir.path().join(".d.raw.vimg-notes.txt");
+        fs::write(&odd, b"").unwrap();
+        assert_eq!(remove_stale_temporaries(&dst), 2);
+        assert!(live.exists() && other.exists() && odd.exists());
+        assert!(!dead.exists() && !reused.exists());
+    }
+
+    /// O_DIRECT writes that start and end inside 4 KiB blocks: the partial blocks are
+    /// read, patched and written whole; the neighbours' bytes stay.
+    #[test]
+    fn direct_write_read_modify_writes_partial_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("dev");
+        fs::write(&p, vec![0xEEu8; 64 << 10]).unwrap();
+        let f = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("SKIPPED direct_write_read_modify_writes_partial_blocks: {e}");
+                return;
+            }
+        };
+        let d = Device {
+            size: 64 << 10,
+            block: 4096,
+            direct: true,
+            image_len: AtomicU64::new(64 << 10),
+            rmw: Mutex::new(()),
+            no_punch: AtomicBool::new(false),
+            no_zero_range: AtomicBool::new(false),
+            no_zeroout: AtomicBool::new(false),
+        };
+        let mut want = vec![0xEEu8; 64 << 10];
+        for (off, len, byte) in [
+            (512u64, 100usize, 1u8),
+            (4000, 200, 2),
+            (8192, 4096, 3),
+            (12288 + 7, 20000, 4),
+            (65536 - 3, 3, 5),
+            (0, 1, 6),
+        ] {
+            let data = vec![byte; len];
+            direct_write(&f, &d, &data, off).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+        drop(f);
+        assert!(fs::read(&p).unwrap() == want);
+    }
+
+    /// A multi-file set is renamed extents first, descriptor last; when a rename fails the
+    /// files already replaced are put back.
+    #[test]
+    fn failed_rename_restores_the_old_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("a.vmdk");
+        fs::write(&main, b"old descriptor").unwrap();
+        fs::write(dir.path().join("a-s001.vmdk"), b"old one").unwrap();
+        // The second extent's final name becomes a non-empty directory after its create,
+        // so its rename fails.
+        let out = Output::new(&main);
+        out.create_main().unwrap().write_all_at(b"new", 0).unwrap();
+        out.create_sibling("a-s001.vmdk")
+            .unwrap()
+            .write_all_at(b"new one", 0)
+            .unwrap();
+        out.create_sibling("a-s002.vmdk")
+            .unwrap()
+            .write_all_at(b"new two", 0)
+            .unwrap();
+        fs::create_dir(dir.path().join("a-s002.vmdk")).unwrap();
+        fs::write(dir.path().join("a-s002.vmdk").join("x"), b"").unwrap();
+        assert!(out.commit().is_err());
+        assert_eq!(fs::read(&main).unwrap(), b"old descriptor");
+        assert_eq!(
+            fs::read(dir.path().join("a-s001.vmdk")).unwrap(),
+            b"old one"
+        );
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a-s001.vmdk", "a-s002.vmdk", "a.vmdk"]);
     }
 
     #[test]
