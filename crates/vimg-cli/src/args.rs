@@ -15,6 +15,14 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Convert an image to another format (qemu-img convert).
+    ///
+    /// Where the output goes: a new or regular file is written as a hidden temporary and
+    /// renamed into place when complete (all or nothing; a replaced file keeps its owner,
+    /// group and mode). Block devices, character devices (/dev/null), FIFOs and /dev/stdout
+    /// are written in place and never replaced: a device gets the image with every zero
+    /// range zeroed (nothing of its old content shows through), a character device or
+    /// FIFO is streamed to (one-pass formats only). A device cannot be all or nothing: on an
+    /// error or signal vimg reports how far it got. A directory is refused before any work.
     Convert(ConvertArgs),
     /// Show information about an image (qemu-img info).
     Info(InfoArgs),
@@ -87,7 +95,7 @@ pub struct ConvertArgs {
     /// Source format (probed from the content when absent).
     #[arg(short = 'f', value_name = "FMT")]
     pub src_format: Option<String>,
-    /// Output format.
+    /// Output format (`host_device`: raw onto an existing device).
     #[arg(short = 'O', value_name = "OUTPUT_FMT", default_value = "raw")]
     pub out_format: String,
     /// Output options, key=value[,key=value...] (`-o help` lists them).
@@ -131,13 +139,14 @@ pub struct ConvertArgs {
     pub no_create: bool,
     /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. vimg
     /// makes the output durable (fsync) before renaming it into place in every mode but
-    /// `unsafe`, which skips the fsyncs as qemu-img does (its default).
+    /// `unsafe`, which skips the fsyncs as qemu-img does (its default). `none` and
+    /// `directsync` open a block device target with O_DIRECT.
     #[arg(short = 't', value_name = "CACHE")]
     pub cache: Option<String>,
     /// Cache mode of the source (checked; vimg always reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub src_cache: Option<String>,
-    /// Assume the target reads as zeros already.
+    /// Assume the target reads as zeros already (with -n): zero ranges are not written.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
     /// Print a checksum of the output file's bytes (sha256, sha512 or md5), as

@@ -12,8 +12,21 @@ use std::time::Duration;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGXCPU};
 use signal_hook::iterator::Signals;
 
+/// What to print when the process exits on a signal without the conversion having stopped
+/// (a destination written in place says how far it got).
+pub type ExitNote = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Installs the handlers and returns the flag the copy engine polls.
+#[allow(dead_code)] // kept for commands that need no exit note
 pub fn install_cancel_flag() -> Arc<AtomicBool> {
+    install_cancel_flag_with(None)
+}
+
+/// [`install_cancel_flag`], printing `note` (when it gives one) on stderr if the process
+/// has to exit before the conversion stopped (a second signal, or two seconds after the
+/// first: a device's final flush can take that long).
+pub fn install_cancel_flag_with(note: Option<ExitNote>) -> Arc<AtomicBool> {
+    let note: Arc<Option<ExitNote>> = Arc::new(note);
     let flag = Arc::new(AtomicBool::new(false));
     let f = flag.clone();
     if let Ok(mut signals) = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGXCPU]) {
@@ -23,17 +36,24 @@ pub fn install_cancel_flag() -> Arc<AtomicBool> {
                 if first {
                     first = false;
                     f.store(true, Ordering::SeqCst);
+                    let note = note.clone();
                     std::thread::spawn(move || {
                         std::thread::sleep(Duration::from_secs(2));
-                        vimg::output::remove_all_temporaries();
-                        std::process::exit(128 + sig);
+                        forced_exit(&note, sig);
                     });
                 } else {
-                    vimg::output::remove_all_temporaries();
-                    std::process::exit(128 + sig);
+                    forced_exit(&note, sig);
                 }
             }
         });
     }
     flag
+}
+
+fn forced_exit(note: &Option<ExitNote>, sig: i32) -> ! {
+    vimg::output::remove_all_temporaries();
+    if let Some(n) = note.as_ref().as_ref().and_then(|f| f()) {
+        eprintln!("vimg: interrupted; {n}");
+    }
+    std::process::exit(128 + sig);
 }

@@ -694,3 +694,53 @@ fn directory_destination_refused_before_any_work() {
     assert!(err.contains("Is a directory"), "{err}");
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// A conversion onto a device interrupted by SIGTERM says how far it got (a device cannot
+/// be all or nothing), and the device node stays.
+#[test]
+fn interrupted_device_write_reports_how_far() {
+    let test = "interrupted_device_write_reports_how_far";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(l) = Loop::new(test, dir.path(), 1 << 30) else {
+        return;
+    };
+    let src = dir.path().join("src.raw");
+    write_sparse_raw(&src, 1 << 30, &[(0, b"start")]);
+    let child = Command::new(vimg_bin())
+        .args([
+            "convert",
+            "-t",
+            "none",
+            "-S",
+            "0",
+            "-m",
+            "1",
+            "-O",
+            "raw",
+            s(&src),
+            &l.dev,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if o.status.success() {
+        eprintln!("{test}: finished before the signal; nothing to check");
+        return;
+    }
+    // 130 when the copy stopped; 143 when the device's final flush outlasted the two
+    // seconds a signal gives it. Either way the user is told how far it got.
+    assert!(matches!(o.status.code(), Some(130) | Some(143)), "{err}");
+    assert!(
+        err.contains("interrupted; the block device")
+            && err.contains("was written in place and is incomplete")
+            && err.contains("bytes written, up to offset"),
+        "{err}"
+    );
+    l.assert_is_device();
+}

@@ -4,8 +4,8 @@
 //! is written as a hidden temporary in the destination's folder; [`Output::commit`] fsyncs
 //! them, renames them over their final names and fsyncs the folder. Dropping an uncommitted
 //! `Output` (an error, a cancel) removes the temporaries, so the destination is either
-//! absent, unchanged, or complete. A destination that is a symlink is replaced by the rename;
-//! the file it pointed to is never written.
+//! absent, unchanged, or complete. A destination that is a symlink to a regular file is
+//! replaced by the rename; the file it pointed to is never written.
 //!
 //! Durability is paid for during the copy, not after it: large writes are sent to the disk
 //! as soon as they are made (`sync_file_range`), and once a bounded window of them is in
@@ -13,6 +13,18 @@
 //! finds almost nothing left to write, and a conversion keeps at most [`WRITEBACK_WINDOW`]
 //! of each output file in the page cache, not the whole output: it neither evicts the
 //! machine's cache nor stalls on reclaiming it.
+//!
+//! That is for regular files. What the destination is decides how it is written
+//! ([`check_destination`], through symlinks, before anything is created): a block device
+//! is opened in place and never replaced (its size from the device, `O_DIRECT` on request,
+//! zero ranges zeroed with `fallocate`/`BLKZEROOUT` so none of its old content shows
+//! through); a character device or FIFO is streamed to like stdout; a directory or socket
+//! is refused. A replaced regular file keeps its owner, group and mode; where it cannot be
+//! replaced (unwritable folder, an owner a new file cannot be given) it is written in place
+//! with a note. Temporary names carry the pid and the process's start time, so a later run
+//! removes those of a process that is gone ([`remove_stale_temporaries`]). A multi-file
+//! output is renamed extents first and the main file (the descriptor) last, and a failed
+//! rename puts back what was replaced.
 //!
 //! [`OutFile`] is one output file with positional writes. It can also be a one-pass stream
 //! (stdout): writes must then come in ascending order, gaps are filled with zeros, and a
@@ -1507,7 +1519,10 @@ impl Output {
                     };
                 }
             }
-            if cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
+            // Written in place (a device, a stream, -n): complete and synced by now, so a
+            // late cancel has nothing left to keep and must not call it incomplete.
+            let renames = entries.iter().any(|e| e.temp_path.is_some());
+            if renames && cancel.is_some_and(|c| c.load(Ordering::SeqCst)) {
                 return Err(Error::msg(ErrorKind::Cancelled, "interrupted"));
             }
             rename_all(&entries, &main)?;

@@ -43,10 +43,10 @@ struct Plan {
 const MAX_SPARSE: u64 = 16 << 20;
 
 /// The cache modes qemu-img accepts for `-t` and `-T` (QEMU's `bdrv_parse_cache_mode`).
-/// vimg reads through the page cache and writes a temporary file in every mode; the mode
-/// decides only whether the output is made durable (fsync of the files and the folder)
-/// before it is renamed into place: always, except with `-t unsafe`, where qemu-img does not
-/// flush either.
+/// vimg reads through the page cache; the mode decides whether the output is made durable
+/// (fsync of the files and the folder) before it is renamed into place: always, except with
+/// `-t unsafe`, where qemu-img does not flush either. `none`/`off`/`directsync` also open a
+/// block device target with `O_DIRECT`, as qemu-img does.
 const CACHE_MODES: [&str; 6] = [
     "none",
     "off",
@@ -225,7 +225,33 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         }
     }
     let to_stdout = p.mode == OutputMode::Stdout;
-    let cancel = crate::signals::install_cancel_flag();
+    let counter = Arc::new(WriteCounter::default());
+    // Written in place: a failure or signal leaves it partly written, and the user is told
+    // how far it got.
+    let in_place = p.mode == OutputMode::InPlace || p.dest.is_special();
+    let what = match p.dest {
+        DestKind::BlockDevice => "block device",
+        DestKind::CharDevice => "character device",
+        DestKind::Fifo => "FIFO",
+        _ => "file",
+    };
+    let how_far = {
+        let (counter, dst, size) = (counter.clone(), p.dst.clone(), src.virtual_size());
+        move || {
+            format!(
+                "the {what} '{}' was written in place and is incomplete: {} bytes written, up to offset {} of {size}",
+                dst.display(),
+                counter.bytes.load(Ordering::Relaxed),
+                counter.high.load(Ordering::Relaxed),
+            )
+        }
+    };
+    let note: Option<crate::signals::ExitNote> = in_place.then(|| {
+        let (counter, how_far) = (counter.clone(), how_far.clone());
+        Box::new(move || (counter.bytes.load(Ordering::Relaxed) > 0).then(&how_far))
+            as crate::signals::ExitNote
+    });
+    let cancel = crate::signals::install_cancel_flag_with(note);
     let printer = crate::progress::Reporter::new(p.progress, to_stdout);
     let progress_fn = |pr: Progress| printer.update(pr);
     let mut opts = ConvertOptions::new(p.out_format);
@@ -235,11 +261,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.sync = p.sync;
     opts.direct = p.direct;
     opts.target_is_zero = p.target_is_zero;
-    let counter = Arc::new(WriteCounter::default());
     opts.counter = Some(counter.clone());
-    // Written in place: a failure or signal leaves it partly written, and the user is told
-    // how far it got.
-    let in_place = p.mode == OutputMode::InPlace || p.dest.is_special();
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
@@ -259,21 +281,6 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     };
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
-    let how_far = || {
-        let what = match p.dest {
-            DestKind::BlockDevice => "block device",
-            DestKind::CharDevice => "character device",
-            DestKind::Fifo => "FIFO",
-            _ => "file",
-        };
-        format!(
-            "the {what} '{}' was written in place and is incomplete: {} bytes written, up to offset {} of {}",
-            p.dst.display(),
-            counter.bytes.load(Ordering::Relaxed),
-            counter.high.load(Ordering::Relaxed),
-            src.virtual_size()
-        )
-    };
     if result.is_err() && cancel.load(Ordering::SeqCst) {
         if in_place && counter.bytes.load(Ordering::Relaxed) > 0 {
             return Err(Failure::new(format!("interrupted; {}", how_far()), 130));
