@@ -55,10 +55,6 @@ impl Loop {
         }
     }
 
-    fn path(&self) -> &Path {
-        Path::new(&self.dev)
-    }
-
     /// Fills the whole device with `byte`.
     fn fill(&self, byte: u8) {
         use std::io::Write;
