@@ -1776,6 +1776,44 @@ mod tests {
         assert!(fs::read(&p).unwrap() == want);
     }
 
+    /// Zeroing on a device takes each way in turn when the ones before it are unsupported
+    /// (PUNCH_HOLE, ZERO_RANGE, BLKZEROOUT, writes); every way leaves exactly the range
+    /// zero, partial blocks at the edges included, and the neighbours untouched. (A regular
+    /// file stands in for the device: BLKZEROOUT on it fails with ENOTTY, as on a device
+    /// without it, and the writes take over.)
+    #[test]
+    fn device_zeroing_falls_back_and_is_exact() {
+        for skip in 0..4 {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("dev");
+            fs::write(&p, vec![0xEEu8; 256 << 10]).unwrap();
+            let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+            let mut out = OutFile::from_file(f, "dev");
+            out.dev = Some(Arc::new(Device {
+                size: 256 << 10,
+                block: 4096,
+                direct: false,
+                image_len: AtomicU64::new(256 << 10),
+                rmw: Mutex::new(()),
+                no_punch: AtomicBool::new(skip > 0),
+                no_zero_range: AtomicBool::new(skip > 1),
+                no_zeroout: AtomicBool::new(skip > 2),
+            }));
+            let (off, len) = (1000u64, 150_000u64);
+            out.zero_range(off, len).unwrap();
+            let got = fs::read(&p).unwrap();
+            for (i, b) in got.iter().enumerate() {
+                let want = if (off..off + len).contains(&(i as u64)) {
+                    0
+                } else {
+                    0xEE
+                };
+                assert_eq!(*b, want, "way {skip}, byte {i}");
+            }
+            assert!(out.zero_range(200 << 10, 100 << 10).is_err(), "past the end");
+        }
+    }
+
     /// A multi-file set is renamed extents first, descriptor last; when a rename fails the
     /// files already replaced are put back.
     #[test]
