@@ -236,6 +236,14 @@ fn loop_device_written_in_place_with_no_old_content() {
     assert!(!o.status.success());
     assert!(l.read().iter().all(|&b| b == 0xEE), "qcow2 refusal wrote");
     l.assert_is_device();
+    // `create` on a device: raw keeps the node (and, like qemu-img, writes nothing); other
+    // formats are refused.
+    vimg(&["create", "-f", "raw", &l.dev, "64M"]);
+    l.assert_is_device();
+    let o = vimg_raw(&["create", "-f", "qcow2", &l.dev, "64M"]);
+    assert!(!o.status.success());
+    assert!(l.read().iter().all(|&b| b == 0xEE), "create wrote");
+    l.assert_is_device();
 }
 
 /// An image larger than the device is refused up front with qemu-img's messages, and the
@@ -337,6 +345,12 @@ fn mknod_null_device_is_written_not_replaced() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cannot be written to a stream"), "{err}");
     assert!(fs::metadata(&null).unwrap().file_type().is_char_device());
+    // -n: a character device has no size to hold the image; qemu-img's message.
+    let o = vimg_raw(&["convert", "-n", "-O", "raw", s(&src), s(&null)]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "vimg: output file is smaller than input file"
+    );
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "leftovers");
 }
 

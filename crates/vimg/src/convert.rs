@@ -107,6 +107,13 @@ pub fn create(
             ))
         }
     };
+    if check_destination(path)? == DestKind::BlockDevice && format != Format::Raw {
+        return Err(Error::unsupported(format!(
+            "creating a {} image on the block device '{}' is not supported (only raw)",
+            format.name(),
+            path.display()
+        )));
+    }
     let out = Output::new(path);
     let w = format.driver().create(&out, size, opts)?;
     w.finish()?;
@@ -177,6 +184,12 @@ pub fn convert_report(
     };
     if kind == DestKind::BlockDevice {
         check_device(dst, opts, size)?;
+    }
+    if kind.is_stream() && opts.output_mode == OutputMode::InPlace && size > 0 {
+        // A character device or FIFO has no size to write an existing image into.
+        return Err(Error::invalid_argument(
+            "output file is smaller than input file",
+        ));
     }
     let mut out = Output::with_mode(dst, opts.output_mode)
         .with_checksum(opts.checksum)

@@ -1810,7 +1810,10 @@ mod tests {
                 };
                 assert_eq!(*b, want, "way {skip}, byte {i}");
             }
-            assert!(out.zero_range(200 << 10, 100 << 10).is_err(), "past the end");
+            assert!(
+                out.zero_range(200 << 10, 100 << 10).is_err(),
+                "past the end"
+            );
         }
     }
 
