@@ -230,20 +230,46 @@ fn loop_device_written_in_place_with_no_old_content() {
     ]);
     assert!(o.status.success());
     assert_device_holds(&l, &want, 0, "--target-is-zero on a zeroed device");
-    // Only raw goes onto a device; others are refused before a byte is written.
+    // Other formats go onto the device zeroed first (oVirt's qcow2 on a logical volume):
+    // qemu-img finds them clean and reads the same content as the source.
+    for (fmt, opts) in [
+        ("qcow2", "compat=1.1"),
+        ("vpc", "subformat=dynamic"),
+        ("vdi", "static=off"),
+    ] {
+        l.fill(0xEE);
+        vimg(&[
+            "convert",
+            "-t",
+            "none",
+            "-O",
+            fmt,
+            "-o",
+            opts,
+            s(&src),
+            &l.dev,
+        ]);
+        l.assert_is_device();
+        if fmt != "vpc" {
+            qemu_img(&["check", "-f", fmt, &l.dev]);
+        }
+        qemu_img(&["compare", "-f", fmt, "-F", "qcow2", &l.dev, s(&src)]);
+    }
+    // -n into a device takes raw only; the device is not written.
     l.fill(0xEE);
-    let o = vimg_raw(&["convert", "-O", "qcow2", s(&src), &l.dev]);
+    let o = vimg_raw(&["convert", "-n", "-O", "qcow2", s(&src), &l.dev]);
     assert!(!o.status.success());
-    assert!(l.read().iter().all(|&b| b == 0xEE), "qcow2 refusal wrote");
-    l.assert_is_device();
-    // `create` on a device: raw keeps the node (and, like qemu-img, writes nothing); other
-    // formats are refused.
+    assert!(l.read().iter().all(|&b| b == 0xEE), "refusal wrote");
+    // `create` on a device: raw keeps the node and, like qemu-img, writes nothing; qcow2
+    // zeroes the device and writes a clean empty image.
     vimg(&["create", "-f", "raw", &l.dev, "64M"]);
     l.assert_is_device();
-    let o = vimg_raw(&["create", "-f", "qcow2", &l.dev, "64M"]);
-    assert!(!o.status.success());
-    assert!(l.read().iter().all(|&b| b == 0xEE), "create wrote");
+    assert!(l.read().iter().all(|&b| b == 0xEE), "raw create wrote");
+    vimg(&["create", "-f", "qcow2", &l.dev, "64M"]);
     l.assert_is_device();
+    qemu_img(&["check", "-f", "qcow2", &l.dev]);
+    let map = qemu_img(&["map", "--output=json", "-f", "qcow2", &l.dev]);
+    assert!(!map.contains("\"data\": true"), "{map}");
 }
 
 /// An image larger than the device is refused up front with qemu-img's messages, and the

@@ -107,14 +107,9 @@ pub fn create(
             ))
         }
     };
-    if check_destination(path)? == DestKind::BlockDevice && format != Format::Raw {
-        return Err(Error::unsupported(format!(
-            "creating a {} image on the block device '{}' is not supported (only raw)",
-            format.name(),
-            path.display()
-        )));
-    }
-    let out = Output::new(path);
+    // Every format but raw expects its new file to read as zeros: a device is zeroed first.
+    let on_device = check_destination(path)? == DestKind::BlockDevice;
+    let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
     let w = format.driver().create(&out, size, opts)?;
     w.finish()?;
     out.commit()
@@ -195,6 +190,7 @@ pub fn convert_report(
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)
         .with_direct(opts.direct)
+        .with_zeroed_device(kind == DestKind::BlockDevice && opts.format != Format::Raw)
         .with_protected(source_files(src));
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
@@ -213,7 +209,8 @@ pub fn convert_report(
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
     // image written with -n keeps its old bytes unless the caller says it reads as zeros:
     // every zero range of the image is then zeroed on it.
-    let fresh = opts.output_mode != OutputMode::InPlace && kind != DestKind::BlockDevice;
+    let fresh = opts.output_mode != OutputMode::InPlace
+        && (kind != DestKind::BlockDevice || opts.format != Format::Raw);
     copy.target_is_zero = if fresh {
         opts.copy.target_is_zero
     } else {
@@ -235,15 +232,20 @@ pub fn convert_report(
     })
 }
 
-/// The checks qemu-img makes before writing to a block device: the image must fit (its
-/// messages), and only a raw image is written onto a device here.
+/// The checks qemu-img makes before writing to a block device: a raw image must fit (its
+/// messages). Other formats are written onto a device zeroed first, as onto a new file; one
+/// that outgrows the device fails at the write past its end. `-n` into a device takes raw
+/// only: the other writers would read an existing image from it.
 fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
     if opts.format != Format::Raw {
-        return Err(Error::unsupported(format!(
-            "writing a {} image onto the block device '{}' is not supported (only raw/host_device); convert to a file, or to raw",
-            opts.format.name(),
-            dst.display()
-        )));
+        if opts.output_mode == OutputMode::InPlace {
+            return Err(Error::unsupported(format!(
+                "-n into the block device '{}' writes raw images only; without -n a {} image is written onto it",
+                dst.display(),
+                opts.format.name(),
+            )));
+        }
+        return Ok(());
     }
     let f = std::fs::File::open(dst)
         .map_err(|e| Error::io(format_args!("open device '{}'", dst.display()), e))?;

@@ -1023,6 +1023,8 @@ pub struct Output {
     sync: bool,
     /// Open a block device destination with `O_DIRECT`.
     direct: bool,
+    /// Zero a block device destination whole before the writer gets it.
+    zero_device: bool,
     /// Counts what reaches a destination written in place.
     counter: Option<Arc<WriteCounter>>,
     /// Things the user should know about how the destination was written.
@@ -1048,9 +1050,19 @@ impl Output {
             protected: Vec::new(),
             sync: true,
             direct: false,
+            zero_device: false,
             counter: None,
             notes: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Zeroes a block device destination whole (`fallocate`/`BLKZEROOUT`, else writes)
+    /// before the writer gets it, so that it reads as zeros as a new file does: what every
+    /// format but raw assumes of a file it creates. Raw needs no such pass (the copy engine
+    /// zeroes each zero range itself).
+    pub fn with_zeroed_device(mut self, zero: bool) -> Output {
+        self.zero_device = zero;
+        self
     }
 
     /// Opens a block device destination with `O_DIRECT` (qemu-img's `-t none` and
@@ -1321,6 +1333,10 @@ impl Output {
         }
         if kind == DestKind::BlockDevice || in_place {
             out.counter = self.counter.clone();
+        }
+        if kind == DestKind::BlockDevice && self.zero_device {
+            let size = out.len()?;
+            out.zero_range(0, size)?;
         }
         if !self.sync {
             out.wb.off.store(true, Ordering::Relaxed);
