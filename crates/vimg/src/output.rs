@@ -1373,14 +1373,6 @@ impl Output {
         } else {
             None
         };
-        if let Some(m) = &old {
-            if m.nlink() > 1 {
-                self.note(format!(
-                    "'{name}' has {} hard links: it is replaced by a new file, and the other links keep the old content",
-                    m.nlink()
-                ));
-            }
-        }
         let fallback = |why: String| -> Result<std::result::Result<(File, PathBuf), File>> {
             let f = OpenOptions::new()
                 .write(true)
@@ -1458,8 +1450,21 @@ impl Output {
             }
             // After the chown, which may clear set-id bits; the old permission bits only.
             let perm = fs::Permissions::from_mode(m.mode() & 0o777);
-            f.set_permissions(perm)
-                .map_err(|e| Error::io(format_args!("set the mode of the new '{name}'"), e))?;
+            if let Err(e) = f.set_permissions(perm) {
+                drop(f);
+                let _ = fs::remove_file(&tmp);
+                unregister_temp(&tmp);
+                return Err(Error::io(
+                    format_args!("set the mode of the new '{name}'"),
+                    e,
+                ));
+            }
+            if m.nlink() > 1 {
+                self.note(format!(
+                    "'{name}' has {} hard links: it is replaced by a new file, and the other links keep the old content",
+                    m.nlink()
+                ));
+            }
         }
         Ok(Ok((f, tmp)))
     }
