@@ -780,3 +780,35 @@ fn interrupted_device_write_reports_how_far() {
     );
     l.assert_is_device();
 }
+
+/// A device read as the source is refused as the destination, also through a second node
+/// of the same device made with mknod, before anything is written.
+#[test]
+fn same_device_through_another_node_is_refused() {
+    let test = "same_device_through_another_node_is_refused";
+    let dir = tempfile::tempdir().unwrap();
+    let Some(l) = Loop::new(test, dir.path(), 8 << 20) else {
+        return;
+    };
+    l.fill(0xEE);
+    let rdev = fs::metadata(&l.dev).unwrap().rdev();
+    // SAFETY: plain libc arithmetic on a device number.
+    let (major, minor) = unsafe { (libc::major(rdev), libc::minor(rdev)) };
+    let node = dir.path().join("node");
+    let made = Command::new("mknod")
+        .args([s(&node), "b", &major.to_string(), &minor.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !made {
+        eprintln!("SKIPPED {test}: mknod not permitted here");
+        return;
+    }
+    for dst in [l.dev.as_str(), s(&node)] {
+        let o = vimg_raw(&["convert", "-f", "raw", "-O", "raw", &l.dev, dst]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("which the source reads"), "{err}");
+    }
+    assert!(l.read().iter().all(|&b| b == 0xEE));
+}

@@ -143,6 +143,25 @@ pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
         return Ok(());
     };
     let id = (meta.dev(), meta.ino());
+    // Two device nodes (a /dev name and a node made with mknod) are one device when their
+    // device numbers match.
+    use std::os::unix::fs::FileTypeExt;
+    if meta.file_type().is_block_device() {
+        for layer in src.chain() {
+            for f in layer.reader().files() {
+                let Some(p) = f.path() else { continue };
+                if let Ok(m) = std::fs::metadata(p) {
+                    if m.file_type().is_block_device() && m.rdev() == meta.rdev() {
+                        return Err(Error::invalid_argument(format!(
+                            "Destination '{}' is the same device as '{}', which the source reads",
+                            dst.display(),
+                            p.display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
     if let Some((_, name)) = source_files(src).into_iter().find(|(f, _)| *f == id) {
         return Err(Error::invalid_argument(format!(
             "Destination '{}' is the same file as '{name}', which the source reads",
