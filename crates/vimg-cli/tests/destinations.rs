@@ -792,8 +792,7 @@ fn same_device_through_another_node_is_refused() {
     };
     l.fill(0xEE);
     let rdev = fs::metadata(&l.dev).unwrap().rdev();
-    // SAFETY: plain libc arithmetic on a device number.
-    let (major, minor) = unsafe { (libc::major(rdev), libc::minor(rdev)) };
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     let node = dir.path().join("node");
     let made = Command::new("mknod")
         .args([s(&node), "b", &major.to_string(), &minor.to_string()])
