@@ -68,8 +68,27 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
     (
         "output.rs",
         "OpenOptions::new()",
-        2,
-        "output files: temporaries, or -n's existing target",
+        6,
+        "output files: temporaries, -n's existing target, a device, character device or \
+         FIFO destination, /dev/stdout's file, the in-place fallback (all named by the caller)",
+    ),
+    (
+        "output.rs",
+        "FileStorage::open(",
+        1,
+        "reading back a device destination for its checksum",
+    ),
+    (
+        "output.rs",
+        "fs::read_to_string(",
+        1,
+        "/proc/PID/stat, to tell a live process's temporaries from stale ones",
+    ),
+    (
+        "convert.rs",
+        "File::open(",
+        1,
+        "the destination device, named by the caller, for its size",
     ),
     (
         "output.rs",
