@@ -451,13 +451,31 @@ fn dev_stdout_is_written_through() {
         fs::symlink_metadata("/dev/stdout").ok().map(|m| m.ino()),
         before
     );
-    // Through a pipe, too.
+    // Through a pipe, too; the checksum line and progress go to stderr, never into the
+    // image's bytes.
     let o = Command::new(vimg_bin())
-        .args(["convert", "-O", "raw", s(&small_qcow2()), "/dev/stdout"])
+        .args([
+            "convert",
+            "-p",
+            "--checksum",
+            "sha256",
+            "-O",
+            "raw",
+            s(&small_qcow2()),
+            "/dev/stdout",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success());
     assert!(o.stdout == want);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}  /dev/stdout",
+            sha256_file(&dir.path().join("ref.raw"))
+        )),
+        "{err}"
+    );
 }
 
 fn uid_of(p: &Path) -> (u32, u32, u32) {

@@ -224,7 +224,9 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             );
         }
     }
-    let to_stdout = p.mode == OutputMode::Stdout;
+    // `-`, or a name for this process's stdout (`/dev/stdout`, `/proc/self/fd/1`): progress
+    // and the checksum line go to stderr then, so they never mix into the image's bytes.
+    let to_stdout = p.mode == OutputMode::Stdout || names_stdout(&p.dst);
     let counter = Arc::new(WriteCounter::default());
     // Written in place: a failure or signal leaves it partly written, and the user is told
     // how far it got.
@@ -334,4 +336,18 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         }
     }
     Ok(0)
+}
+
+/// True when `path` is what this process's stdout is (same device and inode).
+fn names_stdout(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    // SAFETY: fstat writes into the zeroed struct it is given.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(1, &mut st) } != 0 {
+        return false;
+    }
+    m.dev() == st.st_dev as u64 && m.ino() == st.st_ino as u64
 }
