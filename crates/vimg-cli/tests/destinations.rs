@@ -829,3 +829,66 @@ fn same_device_through_another_node_is_refused() {
     }
     assert!(l.read().iter().all(|&b| b == 0xEE));
 }
+
+/// O_DIRECT onto a device with 4 KiB logical blocks (`losetup --sector-size 4096`), from a
+/// source whose data and zero runs start and end on 512-byte boundaries and whose size is
+/// not a multiple of 4 KiB: every partial block is read, patched and written whole, zero
+/// runs are punched in whole blocks and written at their edges. The device then holds
+/// qemu-img's raw bytes and nothing of its old content.
+#[test]
+fn direct_io_on_4k_sectors_with_unaligned_runs() {
+    let test = "direct_io_on_4k_sectors_with_unaligned_runs";
+    if !qemu_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backing = dir.path().join("backing4k.img");
+    fs::File::create(&backing)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let o = Command::new("losetup")
+        .args(["-f", "--show", "--sector-size", "4096", s(&backing)])
+        .output();
+    let l = match o {
+        Ok(o) if o.status.success() => Loop {
+            dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        },
+        _ => {
+            eprintln!("SKIPPED {test}: losetup --sector-size 4096 not permitted here");
+            return;
+        }
+    };
+    let src = dir.path().join("src.raw");
+    let size = (8 << 20) + 1536;
+    let a = pattern(3 * 512, 1);
+    let b = pattern(9 * 512, 2);
+    let c = pattern(1024, 3);
+    write_sparse_raw(
+        &src,
+        size,
+        &[
+            (512, &a[..]),
+            (4096 * 3 + 1024, &b[..]),
+            (size - 1024, &c[..]),
+        ],
+    );
+    let want = fs::read(&src).unwrap();
+    for sparse in ["512", "4k", "0"] {
+        l.fill(0xEE);
+        vimg(&[
+            "convert",
+            "-t",
+            "none",
+            "-S",
+            sparse,
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            s(&src),
+            &l.dev,
+        ]);
+        assert_device_holds(&l, &want, 0xEE, &format!("-S {sparse}"));
+    }
+}
