@@ -570,6 +570,20 @@ fn unwritable_folder_writable_file_is_written_in_place() {
     assert!(err.contains("written in place"), "{err}");
     assert!(fs::read(&dst).unwrap() == want);
     assert_eq!(uid_of(&dst).0, 4321);
+    // A new file in that folder cannot be made at all: the error names the folder.
+    let o = Command::new("setpriv")
+        .args(["--reuid=4321", "--regid=4321", "--clear-groups"])
+        .arg(vimg_bin())
+        .args(["convert", "-O", "raw", s(&src), s(&folder.join("new.raw"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains(&format!("in the folder '{}'", folder.display()))
+            && err.contains("Permission denied"),
+        "{err}"
+    );
 }
 
 /// monolithicFlat over an existing set whose extent is immutable: the extent cannot be
