@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::escape::escape_control;
 use crate::formats::{self, Format, OpenContext};
 use crate::gate::ExternalPolicy;
 use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
@@ -154,8 +155,11 @@ impl Image {
         depth: usize,
         seen: &mut Vec<(u64, u64)>,
     ) -> Result<Image> {
+        // Errors name the layer as it is shown (the user's name, or a backing name as the
+        // image spelled it joined to it), never the path the gate resolved.
+        let shown_path = PathBuf::from(&filename);
         let with_path = |e: Error| match path {
-            Some(p) => e.with_path(p),
+            Some(_) => e.with_path(&shown_path),
             None => e,
         };
         if let Some(id) = storage.identity() {
@@ -196,21 +200,20 @@ impl Image {
                 let mut first_err = None;
                 let mut opened = None;
                 for name in names {
-                    match ctx.resolve(&b.field, name) {
-                        Ok(bpath) => {
+                    match crate::gate::open(path, &b.field, name, ctx.policy) {
+                        Ok((bpath, file)) => {
                             // `-F` names the format of the top image's backing file only.
                             let bfmt = opts.backing_format.filter(|_| depth == 0).or(b.format);
-                            let file = crate::gate::open_resolved(&bpath, &b.field, name)?;
-                            let bstorage = FileStorage::from_file(file, &bpath).map_err(|e| {
-                                Error::io(
-                                    format_args!("stat backing file '{}'", bpath.display()),
-                                    e,
-                                )
-                            })?;
                             let shown = crate::info::full_backing_name(
                                 Some(Path::new(&image.filename)),
                                 name,
                             );
+                            // Messages name the file as the image spelled it (joined to the
+                            // name the user gave), never where it resolved.
+                            let escaped = escape_control(&shown).into_owned();
+                            let bstorage = FileStorage::from_file(file, &bpath).map_err(|e| {
+                                Error::io(format_args!("stat backing file '{escaped}'"), e)
+                            })?;
                             let sub = Image::open_chain(
                                 Arc::new(bstorage),
                                 Some(&bpath),
@@ -221,13 +224,10 @@ impl Image {
                                 seen,
                             )
                             .map_err(|e| {
-                                e.context(format!(
-                                    "Could not open backing file '{}'",
-                                    bpath.display()
-                                ))
+                                e.context(format!("Could not open backing file '{escaped}'"))
                             })?;
                             if let Some(link) = &b.link {
-                                check_link(&image, &sub, &bpath, link).map_err(with_path)?;
+                                check_link(&image, &sub, link).map_err(with_path)?;
                             }
                             opened = Some(sub);
                             break;
@@ -244,11 +244,16 @@ impl Image {
                         let also = if b.alternatives.is_empty() {
                             String::new()
                         } else {
-                            format!(" (nor its alternatives '{}')", b.alternatives.join("', '"))
+                            let alts: Vec<String> = b
+                                .alternatives
+                                .iter()
+                                .map(|a| escape_control(a).into_owned())
+                                .collect();
+                            format!(" (nor its alternatives '{}')", alts.join("', '"))
                         };
                         return Err(with_path(e.context(format!(
                             "Could not open backing file '{}'{also}",
-                            b.name
+                            escape_control(&b.name)
                         ))));
                     }
                 }
@@ -460,7 +465,7 @@ impl Image {
 /// Refuses a parent whose identity is not the one its child recorded when it was made (see
 /// [`ParentLink`]): the parent was written to since, and the child's blocks no longer fit
 /// over it.
-fn check_link(child: &Image, parent: &Image, ppath: &Path, link: &ParentLink) -> Result<()> {
+fn check_link(child: &Image, parent: &Image, link: &ParentLink) -> Result<()> {
     let got = parent.reader.link_identity(link.identity);
     if got
         .as_deref()
@@ -485,8 +490,8 @@ fn check_link(child: &Image, parent: &Image, ppath: &Path, link: &ParentLink) ->
     Err(Error::corrupt(format!(
         "Backing chain mismatch: '{}' records {recorded}, but its parent '{}' {has}; \
          the parent was changed after the child was made",
-        child.filename,
-        ppath.display()
+        escape_control(&child.filename),
+        escape_control(&parent.filename)
     )))
 }
 
