@@ -34,6 +34,21 @@ pub enum Command {
     Man,
 }
 
+impl Command {
+    /// The safety flags of a command that opens images.
+    pub fn safety(&self) -> Option<&SafetyArgs> {
+        match self {
+            Command::Convert(a) => Some(&a.safety),
+            Command::Info(a) => Some(&a.safety),
+            Command::Check(a) => Some(&a.safety),
+            Command::Compare(a) => Some(&a.safety),
+            Command::Measure(a) => Some(&a.safety),
+            Command::Map(a) => Some(&a.safety),
+            _ => None,
+        }
+    }
+}
+
 /// Output format of a report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
@@ -73,10 +88,20 @@ pub struct SourceArgs {
 /// Flags shared by every command that opens images.
 #[derive(Args, Debug, Clone)]
 pub struct SafetyArgs {
-    /// Let images name files anywhere (absolute paths, `..`): only for trusted images. By
-    /// default an image may only name files inside its own folder.
-    #[arg(long = "allow-external")]
-    pub allow_external: bool,
+    /// Let images name files outside their own folder. `--allow-external=DIR` (repeatable)
+    /// trusts names that resolve under DIR; bare `--allow-external` trusts any regular file
+    /// (only for trusted images). By default a name from an image must resolve to a regular
+    /// file inside the image's folder. Folders are also read from $VIMG_ALLOW_EXTERNAL
+    /// (colon-separated) and /etc/vimg/allow-external (one per line).
+    #[arg(
+        long = "allow-external",
+        value_name = "DIR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        action = clap::ArgAction::Append
+    )]
+    pub allow_external: Vec<String>,
     /// Accepted for qemu-img compatibility (images are always opened read-only and shared).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,

@@ -91,7 +91,10 @@ fn shown(name: &str) -> std::borrow::Cow<'_, str> {
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
     /// The image named a file while it has no folder (e.g. it was read from a pipe).
-    #[error("{field} names '{}', but the image has no folder to resolve it in", shown(name))]
+    #[error(
+        "{field} names '{}', but the image has no folder to resolve it in",
+        shown(name)
+    )]
     NoFolder {
         /// The field that named the file.
         field: String,
@@ -115,7 +118,10 @@ pub enum GateError {
         name: String,
     },
     /// A `json:`, `nbd:`-style protocol path.
-    #[error("{field} names '{}': protocol paths in an image are refused", shown(name))]
+    #[error(
+        "{field} names '{}': protocol paths in an image are refused",
+        shown(name)
+    )]
     Protocol {
         /// The field that named the file.
         field: String,
@@ -141,7 +147,11 @@ pub enum GateError {
     },
     /// The file does not exist or cannot be examined (only said of a name whose place is
     /// inside the allowed folders, or under a trusting policy).
-    #[error("{field} names '{}', which cannot be opened: {}", shown(name), io_reason(err))]
+    #[error(
+        "{field} names '{}', which cannot be opened: {}",
+        shown(name),
+        io_reason(err)
+    )]
     Missing {
         /// The field that named the file.
         field: String,
@@ -461,7 +471,14 @@ mod tests {
 
     #[test]
     fn windows_spellings() {
-        for p in ["C:\\x", "c:x", "\\\\srv\\x", "\\x", "sub\\..\\..\\x", "sub/..\\x"] {
+        for p in [
+            "C:\\x",
+            "c:x",
+            "\\\\srv\\x",
+            "\\x",
+            "sub\\..\\..\\x",
+            "sub/..\\x",
+        ] {
             assert!(windows_escape(p), "{p}");
         }
         for p in ["a.vhd", ".\\a.vhd", "sub\\a.vhd", "a..b"] {
@@ -547,8 +564,8 @@ mod tests {
         let cwd = std::env::current_dir().unwrap();
         let exe = std::env::current_exe().unwrap();
         for n in &names {
-            let e = resolve(Some(&image), "backing_file", n, ExternalPolicy::SameFolder)
-                .unwrap_err();
+            let e =
+                resolve(Some(&image), "backing_file", n, ExternalPolicy::SameFolder).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::UnsafeReference, "{n}: {e}");
             let text = e.to_string();
             let generic = text.replace(&*escape_control(n), "NAME");
@@ -559,7 +576,11 @@ mod tests {
             }
             .to_string();
             assert_eq!(generic, expected, "{n}");
-            for leak in [cwd.to_str().unwrap(), exe.to_str().unwrap(), d.to_str().unwrap()] {
+            for leak in [
+                cwd.to_str().unwrap(),
+                exe.to_str().unwrap(),
+                d.to_str().unwrap(),
+            ] {
                 assert!(!text.contains(leak), "{n}: {text}");
             }
         }
@@ -608,14 +629,19 @@ mod tests {
         assert!(e.to_string().contains("or an allowed folder"), "{e}");
         // Missing under an allowed folder may be said; outside it, not.
         assert_eq!(
-            resolve(Some(&image), "b", "../_base/nope", p).unwrap_err().kind(),
+            resolve(Some(&image), "b", "../_base/nope", p)
+                .unwrap_err()
+                .kind(),
             ErrorKind::Io
         );
         assert_eq!(
             resolve(Some(&image), "b", "../nope", p).unwrap_err().kind(),
             ErrorKind::UnsafeReference
         );
-        assert_eq!(ExternalPolicy::scoped(Vec::<PathBuf>::new()), ExternalPolicy::SameFolder);
+        assert_eq!(
+            ExternalPolicy::scoped(Vec::<PathBuf>::new()),
+            ExternalPolicy::SameFolder
+        );
     }
 
     #[test]
