@@ -131,9 +131,9 @@ pub enum GateError {
     /// The name does not resolve to a file inside the folders the policy allows. The same
     /// message whatever lies (or does not lie) at the place it points to.
     #[error(
-        "{field} names '{}', which does not resolve to a file inside the image's folder{}: \
-         refused (a name from an image may not lead outside it, by absolute path, '..' or \
-         symlink; use --allow-external=DIR to trust a folder, or --allow-external for trusted images)",
+        "{field} names '{}', which does not resolve to a file inside the image's folder{} \
+         (a name from an image may not lead outside it, by absolute path, '..' or symlink: \
+         use --allow-external=DIR to trust a folder, or --allow-external for trusted images)",
         shown(name),
         if *scoped { " or an allowed folder" } else { "" }
     )]
