@@ -10,6 +10,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
+    /// The image names are option strings, as qemu-img's --image-opts
+    /// (`driver=qcow2,file.filename=disk.qcow2`); `json:{...}` and `file:` names are read
+    /// without it.
+    #[arg(long = "image-opts", global = true)]
+    pub image_opts: bool,
+    /// Define an object, as qemu-img's --object: `secret,id=ID,data=VALUE[,format=base64]`
+    /// or `secret,id=ID,file=PATH` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF", global = true)]
+    pub objects: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -5,6 +5,7 @@
 mod args;
 mod cmd;
 mod human;
+mod objects;
 mod progress;
 mod signals;
 mod trust;
@@ -66,7 +67,9 @@ fn main() -> ExitCode {
         }
     }
     let cli = Cli::parse();
-    if let Err(f) = trust::init_policy(cli.cmd.safety()) {
+    trust::set_image_opts(cli.image_opts);
+    if let Err(f) = trust::init_policy(cli.cmd.safety()).and_then(|()| objects::init(&cli.objects))
+    {
         eprintln!("{}: {}", trust::prefix(), f.message);
         return ExitCode::from(f.code);
     }

@@ -34,6 +34,17 @@ pub const QEMU_VERSION: &str = "10.0.2";
 
 static QEMU_MODE: OnceLock<bool> = OnceLock::new();
 static POLICY: OnceLock<ExternalPolicy> = OnceLock::new();
+static IMAGE_OPTS: OnceLock<bool> = OnceLock::new();
+
+/// Records `--image-opts` (the user's image names are option strings).
+pub fn set_image_opts(on: bool) {
+    let _ = IMAGE_OPTS.set(on);
+}
+
+/// True with `--image-opts`.
+pub fn image_opts() -> bool {
+    IMAGE_OPTS.get().copied().unwrap_or(false)
+}
 
 /// True when `argv0`'s file name is `qemu-img`.
 pub fn is_qemu_name(argv0: &std::ffi::OsStr) -> bool {

@@ -525,3 +525,130 @@ fn iotest_style_absolute_chains() {
     let json = vimg(&["info", "--backing-chain", "--output=json", s(&top)]);
     assert!(json.contains(s(&base)), "{json}");
 }
+
+/// `file:`, `file:///`, `json:{...}` and `--image-opts` names from the user open the file they
+/// name, as qemu-img opens it; inside an image the same spellings stay refused.
+#[test]
+fn users_protocol_names_are_read_as_qemu_reads_them() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let img = root.join("a.qcow2");
+    let data = pattern(1 << 20, 5);
+    let raw = root.join("a.raw");
+    write_sparse_raw(&raw, 2 << 20, &[(1 << 20, &data)]);
+    vimg(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&img)]);
+    let want = fs::read(&raw).unwrap();
+    let json_name = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}","locking":"off"}}}}"#,
+        img.display()
+    );
+    let names: Vec<(Vec<&str>, String)> = vec![
+        (vec![], format!("file:{}", img.display())),
+        (vec![], format!("file://{}", img.display())),
+        (vec![], "file:a.qcow2".into()),
+        (vec![], json_name.clone()),
+        (
+            vec!["--image-opts"],
+            format!("driver=qcow2,file.filename={}", img.display()),
+        ),
+        (
+            vec!["--image-opts"],
+            "driver=qcow2,file.driver=file,file.filename=a.qcow2".into(),
+        ),
+    ];
+    for (flags, name) in &names {
+        let mut args = vec!["info", "--output=json"];
+        args.extend(flags.iter().copied());
+        args.push(name);
+        let ours: serde_json::Value =
+            serde_json::from_str(&ok(&run_in(&vimg_bin(), root, &[], &args))).unwrap();
+        assert_eq!(ours["format"], "qcow2", "{name}");
+        assert_eq!(ours["virtual-size"], 2 << 20, "{name}");
+        if have("qemu-img") {
+            let q = run_in(Path::new("qemu-img"), root, &[], &args);
+            let theirs: serde_json::Value = serde_json::from_str(&ok(&q)).unwrap();
+            assert_eq!(ours["filename"], theirs["filename"], "{name}");
+        }
+        let mut conv = vec!["convert"];
+        conv.extend(flags.iter().copied());
+        let out = root.join("out.raw");
+        conv.extend_from_slice(&["-O", "raw", name, s(&out)]);
+        ok(&run_in(&vimg_bin(), root, &[], &conv));
+        assert_eq!(fs::read(&out).unwrap(), want, "{name}");
+    }
+    // What vimg cannot honour is refused, not ignored.
+    for (flags, name) in [
+        (
+            vec![],
+            r#"json:{"driver":"qcow2","file":{"driver":"nbd","host":"h"}}"#.to_string(),
+        ),
+        (
+            vec!["--image-opts"],
+            "driver=qcow2,file.filename=a.qcow2,encrypt.key-secret=s".into(),
+        ),
+        (vec!["-f", "raw"], json_name.clone()),
+    ] {
+        let mut args = vec!["info"];
+        args.extend(flags.iter().copied());
+        args.push(&name);
+        let o = run_in(&vimg_bin(), root, &[], &args);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+    }
+    // Inside an image, the same spellings are protocol paths and refused.
+    for name in [json_name.as_str(), "file:a.qcow2"] {
+        let top = image_naming(root, name);
+        let o = convert_to_raw(&vimg_bin(), root, &[], &["--allow-external"], &top);
+        assert_eq!(o.status.code(), Some(1), "{name}");
+        assert!(
+            stderr(&o).contains("protocol paths in an image are refused"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn object_secrets_are_parsed() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let img = root.join("a.qcow2");
+    vimg(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    fs::write(root.join("pw"), "hunter2").unwrap();
+    for obj in [
+        "secret,id=sec0,data=hunter2",
+        "secret,id=sec0,data=aHVudGVyMg==,format=base64",
+        "secret,id=sec0,file=pw",
+    ] {
+        ok(&run_in(
+            &vimg_bin(),
+            root,
+            &[],
+            &["info", "--object", obj, s(&img)],
+        ));
+    }
+    for obj in [
+        "secret,id=sec0",
+        "secret,data=hunter2",
+        "secret,id=sec0,file=no-such-file",
+        "secret,id=sec0,data=hunter2,keyid=m,iv=x",
+        "throttle-group,id=t",
+    ] {
+        let o = run_in(&vimg_bin(), root, &[], &["info", "--object", obj, s(&img)]);
+        assert_eq!(o.status.code(), Some(1), "{obj}");
+        assert!(!stderr(&o).contains("hunter2"), "{}", stderr(&o));
+    }
+    let o = run_in(
+        &vimg_bin(),
+        root,
+        &[],
+        &[
+            "info",
+            "--object",
+            "secret,id=a,data=x",
+            "--object",
+            "secret,id=a,data=y",
+            s(&img),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1));
+}

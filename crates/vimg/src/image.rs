@@ -30,6 +30,9 @@ pub struct OpenOptions {
     pub backing_format: Option<Format>,
     /// How the top image's source is unpacked (compressed containers, OVAs, streams).
     pub source: SourceOptions,
+    /// The top image's name is a `--image-opts` option string (`driver=qcow2,file.filename=x`)
+    /// rather than a file name; see [`crate::source::cmdline`].
+    pub image_opts: bool,
 }
 
 impl Default for OpenOptions {
@@ -40,6 +43,7 @@ impl Default for OpenOptions {
             open_backing: true,
             backing_format: None,
             source: SourceOptions::default(),
+            image_opts: false,
         }
     }
 }
@@ -109,6 +113,34 @@ impl Image {
 
     /// Opens a file or stdin, looking into compressed containers and OVAs.
     pub fn open_source(src: &Source, opts: &OpenOptions) -> Result<Image> {
+        // The user's `file:`, `json:{...}` and `--image-opts` names: read as qemu-img reads
+        // them (the command line is trusted), then opened as the file they name.
+        if let Source::Path(p) = src {
+            let name = p.to_string_lossy();
+            if opts.image_opts || source::cmdline::is_special(&name) {
+                let u =
+                    source::cmdline::parse(&name, opts.image_opts).map_err(|e| e.with_path(p))?;
+                if let (Some(a), Some(b)) = (opts.format, u.format) {
+                    if a != b {
+                        return Err(Error::invalid_argument(format!(
+                            "the format given with -f ({}) differs from the driver the image \
+                             options name ({})",
+                            a.name(),
+                            b.name()
+                        ))
+                        .with_path(p));
+                    }
+                }
+                let inner = OpenOptions {
+                    format: opts.format.or(u.format),
+                    open_backing: opts.open_backing && u.open_backing,
+                    image_opts: false,
+                    ..opts.clone()
+                };
+                // Shown, as qemu-img shows it, by the file name the options give.
+                return Image::open_source(&Source::Path(u.path), &inner);
+            }
+        }
         let with_src = |e: Error| match src {
             Source::Path(p) => e.with_path(p),
             Source::Stdin => e.with_path("-"),

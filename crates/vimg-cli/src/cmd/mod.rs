@@ -30,6 +30,7 @@ pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions 
     OpenOptions {
         format,
         policy: crate::trust::policy(safety),
+        image_opts: crate::trust::image_opts(),
         ..OpenOptions::default()
     }
 }
