@@ -652,3 +652,43 @@ fn object_secrets_are_parsed() {
     );
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// A deep chain that breaks says where, in one line, not one nested clause per layer.
+#[test]
+fn deep_chain_errors_name_the_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    vimg(&["create", "-q", "-f", "qcow2", s(&root.join("l0")), "1M"]);
+    for i in 1..=70 {
+        let (b, t) = (format!("l{}", i - 1), root.join(format!("l{i}")));
+        vimg(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &b,
+            "-F",
+            "qcow2",
+            s(&t),
+        ]);
+    }
+    let o = convert_to_raw(&vimg_bin(), root, &[], &[], &root.join("l70"));
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.len() < 300, "{e}");
+    assert!(
+        e.contains("layer 65 of the backing chain") && e.contains("longer than 64"),
+        "{e}"
+    );
+    fs::remove_file(root.join("l30")).unwrap();
+    let e = stderr(&convert_to_raw(
+        &vimg_bin(),
+        root,
+        &[],
+        &[],
+        &root.join("l40"),
+    ));
+    assert_eq!(e.matches("Could not open backing file").count(), 1, "{e}");
+    assert!(e.contains("'l30' (layer 10 of the backing chain)"), "{e}");
+}

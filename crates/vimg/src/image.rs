@@ -256,7 +256,7 @@ impl Image {
                                 seen,
                             )
                             .map_err(|e| {
-                                e.context(format!("Could not open backing file '{escaped}'"))
+                                chain_context(e, format!("{CHAIN_PREFIX}{escaped}'"), depth + 1)
                             })?;
                             if let Some(link) = &b.link {
                                 check_link(&image, &sub, link).map_err(with_path)?;
@@ -283,10 +283,11 @@ impl Image {
                                 .collect();
                             format!(" (nor its alternatives '{}')", alts.join("', '"))
                         };
-                        return Err(with_path(e.context(format!(
-                            "Could not open backing file '{}'{also}",
-                            escape_control(&b.name)
-                        ))));
+                        return Err(with_path(chain_context(
+                            e,
+                            format!("{CHAIN_PREFIX}{}'{also}", escape_control(&b.name)),
+                            depth + 1,
+                        )));
                     }
                 }
             }
@@ -491,6 +492,24 @@ impl Image {
                 id.0
             ))
         })
+    }
+}
+
+/// How a failed backing file is introduced. An error that already starts with it names the
+/// layer that failed; the layers above pass it on unwrapped, so a deep chain gives one line
+/// that says where it broke, not one nested clause per layer.
+const CHAIN_PREFIX: &str = "Could not open backing file '";
+
+/// Wraps the error of the backing file at `depth` (1: the top image's backing file) unless a
+/// deeper layer already did; past the first layer the message says which layer it was.
+fn chain_context(e: Error, what: String, depth: usize) -> Error {
+    if e.to_string().starts_with(CHAIN_PREFIX) {
+        return e;
+    }
+    if depth > 1 {
+        e.context(format!("{what} (layer {depth} of the backing chain)"))
+    } else {
+        e.context(what)
     }
 }
 
