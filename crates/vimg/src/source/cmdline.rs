@@ -45,6 +45,19 @@ const IGNORED: &[&str] = &[
     "pr-manager",
     "x-check-cache-dropped",
     "drop-cache",
+    // qcow2's cache and discard tuning: how QEMU keeps tables in memory and passes discards
+    // down, not what the image holds.
+    "cache-size",
+    "l2-cache-size",
+    "l2-cache-entry-size",
+    "refcount-cache-size",
+    "cache-clean-interval",
+    "overlap-check",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+    "discard-no-unref",
+    "lazy-refcounts",
 ];
 
 fn ignored(key: &str) -> bool {
@@ -275,6 +288,11 @@ mod tests {
             true,
         );
         assert_eq!(u.path, PathBuf::from("/x/a,b.qcow2"));
+        assert_eq!(u.format, Some(Format::Qcow2));
+        let u = p(
+            "driver=qcow2,file.filename=a,l2-cache-size=1M,cache.direct=on",
+            true,
+        );
         assert_eq!(u.format, Some(Format::Qcow2));
         let u = p("driver=file,filename=disk.img", true);
         assert_eq!(u.format, Some(Format::Raw));
