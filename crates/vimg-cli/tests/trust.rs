@@ -576,6 +576,56 @@ fn users_protocol_names_are_read_as_qemu_reads_them() {
         ok(&run_in(&vimg_bin(), root, &[], &conv));
         assert_eq!(fs::read(&out).unwrap(), want, "{name}");
     }
+    // The raw driver's window, as qemu-img reads it.
+    let windows = [
+        format!(
+            "driver=raw,offset=1M,size=512k,file.filename={}",
+            raw.display()
+        ),
+        format!("driver=raw,offset=1536k,file.filename={}", raw.display()),
+    ];
+    for (i, w) in windows.iter().enumerate() {
+        let out = root.join("win.raw");
+        ok(&run_in(
+            &vimg_bin(),
+            root,
+            &[],
+            &["convert", "--image-opts", "-O", "raw", w, s(&out)],
+        ));
+        let (start, end) = if i == 0 {
+            (1 << 20, 1536 << 10)
+        } else {
+            (1536 << 10, 2 << 20)
+        };
+        assert_eq!(fs::read(&out).unwrap(), want[start..end], "{w}");
+    }
+    for w in [
+        format!("driver=raw,offset=3M,file.filename={}", raw.display()),
+        format!(
+            "driver=raw,offset=1M,size=2M,file.filename={}",
+            raw.display()
+        ),
+        format!("driver=raw,size=1000,file.filename={}", raw.display()),
+    ] {
+        let o = run_in(&vimg_bin(), root, &[], &["info", "--image-opts", &w]);
+        assert_eq!(o.status.code(), Some(1), "{w}");
+        if have("qemu-img") {
+            let q = run_in(
+                Path::new("qemu-img"),
+                root,
+                &[],
+                &["info", "--image-opts", &w],
+            );
+            assert_eq!(q.status.code(), Some(1), "{w}");
+            let ours = stderr(&o);
+            let theirs = String::from_utf8_lossy(&q.stderr).into_owned();
+            assert_eq!(
+                ours.strip_prefix("vimg"),
+                theirs.strip_prefix("qemu-img"),
+                "{w}"
+            );
+        }
+    }
     // What vimg cannot honour is refused, not ignored.
     for (flags, name) in [
         (

@@ -131,6 +131,9 @@ impl Image {
                         .with_path(p));
                     }
                 }
+                if let Some((offset, size)) = u.window {
+                    return Image::open_window(&u.path, offset, size, opts);
+                }
                 let inner = OpenOptions {
                     format: opts.format.or(u.format),
                     open_backing: opts.open_backing && u.open_backing,
@@ -161,6 +164,45 @@ impl Image {
         // inside an OVA).
         image.filename = src.name();
         Ok(image)
+    }
+
+    /// The raw driver's window (`driver=raw,offset=O,size=S` from the user's image options):
+    /// bytes `[O, O + S)` of the file at `path` (to its end without `size`), read as raw.
+    fn open_window(
+        path: &Path,
+        offset: u64,
+        size: Option<u64>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let file =
+            FileStorage::open(path).map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
+        let real = file.len();
+        if offset > real {
+            return Err(Error::invalid_argument(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            ))
+            .with_path(path));
+        }
+        let len = match size {
+            Some(s) if s > real - offset => {
+                return Err(Error::invalid_argument(format!(
+                    // qemu-img's text, its double space included.
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to \
+                     the  actual size of the containing file ({real})"
+                ))
+                .with_path(path));
+            }
+            Some(s) => s,
+            None => real - offset,
+        };
+        let slice = crate::storage::SliceStorage::new(Arc::new(file), offset, len, path)
+            .map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
+        let raw = OpenOptions {
+            format: Some(Format::Raw),
+            image_opts: false,
+            ..opts.clone()
+        };
+        Image::open_storage(Arc::new(slice), Some(path), &raw)
     }
 
     /// Opens an image held in `storage`; `path` locates the files it names.

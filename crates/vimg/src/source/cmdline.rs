@@ -27,6 +27,8 @@ pub struct UserName {
     pub format: Option<Format>,
     /// `false` when the options say `backing: null` (open the image without its chain).
     pub open_backing: bool,
+    /// The raw driver's window into the file: `offset` and, if given, `size` in bytes.
+    pub window: Option<(u64, Option<u64>)>,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -97,12 +99,14 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             path: PathBuf::from(path),
             format: None,
             open_backing: true,
+            window: None,
         });
     } else {
         return Ok(UserName {
             path: PathBuf::from(name),
             format: None,
             open_backing: true,
+            window: None,
         });
     };
     from_pairs(name, &pairs)
@@ -173,6 +177,17 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
     let mut open_backing = true;
+    let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
+    let number = |k: &str, v: &Option<String>| -> Result<u64> {
+        let v = v
+            .as_deref()
+            .ok_or_else(|| Error::invalid_argument(format!("image option '{k}' needs a value")))?;
+        crate::options::parse_size(v).map_err(|_| {
+            Error::invalid_argument(format!(
+                "Parameter '{k}' expects a non-negative number below 2^64"
+            ))
+        })
+    };
     let unsupported = |k: &str| {
         Error::unsupported(format!(
             "image option '{k}' is not supported by vimg (in '{name}')"
@@ -193,6 +208,8 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 }
             }
             "backing" if v.is_none() => open_backing = false,
+            "offset" => offset = Some(number(k, v)?),
+            "size" => size = Some(number(k, v)?),
             k if ignored(k) => {}
             k => return Err(unsupported(k)),
         }
@@ -213,6 +230,22 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 Error::unsupported(format!("driver '{d}' is not supported by vimg"))
             })?),
         };
+    let window = match (offset, size) {
+        (None, None) => None,
+        _ if format != Some(Format::Raw) || driver.as_deref() != Some("raw") => {
+            return Err(Error::unsupported(
+                "'offset' and 'size' are options of the raw driver only (driver=raw)",
+            ))
+        }
+        (o, s) => {
+            if s.is_some_and(|s| s % 512 != 0) {
+                return Err(Error::invalid_argument(
+                    "Specified size is not multiple of 512",
+                ));
+            }
+            Some((o.unwrap_or(0), s))
+        }
+    };
     let Some(filename) = filename else {
         return Err(Error::invalid_argument(format!(
             "'{name}' does not name a file (file.filename)"
@@ -222,6 +255,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
         path: PathBuf::from(filename),
         format,
         open_backing,
+        window,
     })
 }
 
@@ -297,6 +331,13 @@ mod tests {
         let u = p("driver=file,filename=disk.img", true);
         assert_eq!(u.format, Some(Format::Raw));
         assert!(parse("driver=qcow2,file.filename=a,bogus=1", true).is_err());
+        let u = p("driver=raw,offset=1M,size=4096,file.filename=d", true);
+        assert_eq!(u.window, Some((1 << 20, Some(4096))));
+        let u = p(r#"json:{"driver":"raw","offset":512,"file":"d"}"#, false);
+        assert_eq!(u.window, Some((512, None)));
+        assert!(parse("driver=raw,size=100,file.filename=d", true).is_err());
+        assert!(parse("driver=qcow2,offset=512,file.filename=d", true).is_err());
+        assert!(parse("driver=raw,offset=-1,file.filename=d", true).is_err());
         assert!(parse("driver=qcow2", true).is_err());
     }
 }
