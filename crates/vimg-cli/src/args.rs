@@ -10,6 +10,15 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
+    /// The image names are option strings, as qemu-img's --image-opts
+    /// (`driver=qcow2,file.filename=disk.qcow2`); `json:{...}` and `file:` names are read
+    /// without it.
+    #[arg(long = "image-opts", global = true)]
+    pub image_opts: bool,
+    /// Define an object, as qemu-img's --object: `secret,id=ID,data=VALUE[,format=base64]`
+    /// or `secret,id=ID,file=PATH` (repeatable).
+    #[arg(long = "object", value_name = "OBJECTDEF", global = true)]
+    pub objects: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -40,6 +49,21 @@ pub enum Command {
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout.
     Man,
+}
+
+impl Command {
+    /// The safety flags of a command that opens images.
+    pub fn safety(&self) -> Option<&SafetyArgs> {
+        match self {
+            Command::Convert(a) => Some(&a.safety),
+            Command::Info(a) => Some(&a.safety),
+            Command::Check(a) => Some(&a.safety),
+            Command::Compare(a) => Some(&a.safety),
+            Command::Measure(a) => Some(&a.safety),
+            Command::Map(a) => Some(&a.safety),
+            _ => None,
+        }
+    }
 }
 
 /// Output format of a report.
@@ -81,10 +105,20 @@ pub struct SourceArgs {
 /// Flags shared by every command that opens images.
 #[derive(Args, Debug, Clone)]
 pub struct SafetyArgs {
-    /// Let images name files anywhere (absolute paths, `..`): only for trusted images. By
-    /// default an image may only name files inside its own folder.
-    #[arg(long = "allow-external")]
-    pub allow_external: bool,
+    /// Let images name files outside their own folder. `--allow-external=DIR` (repeatable)
+    /// trusts names that resolve under DIR; bare `--allow-external` trusts any regular file
+    /// (only for trusted images). By default a name from an image must resolve to a regular
+    /// file inside the image's folder. Folders are also read from $VIMG_ALLOW_EXTERNAL
+    /// (colon-separated) and /etc/vimg/allow-external (one per line).
+    #[arg(
+        long = "allow-external",
+        value_name = "DIR",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "",
+        action = clap::ArgAction::Append
+    )]
+    pub allow_external: Vec<String>,
     /// Accepted for qemu-img compatibility (images are always opened read-only and shared).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,

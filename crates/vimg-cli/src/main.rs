@@ -5,8 +5,10 @@
 mod args;
 mod cmd;
 mod human;
+mod objects;
 mod progress;
 mod signals;
+mod trust;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -49,7 +51,28 @@ impl From<vimg::Error> for Failure {
 pub type CmdResult = Result<u8, Failure>;
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next();
+    trust::init(argv0.as_deref());
+    if trust::qemu_mode() {
+        // `qemu-img --version` / `-V`: qemu-img's first line for version-parsing callers.
+        let first = std::env::args_os().nth(1);
+        if first
+            .as_deref()
+            .is_some_and(|a| a == "--version" || a == "-V")
+        {
+            return match print_out(&trust::qemu_version_text()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::from(1),
+            };
+        }
+    }
     let cli = Cli::parse();
+    trust::set_image_opts(cli.image_opts);
+    if let Err(f) = trust::init_policy(cli.cmd.safety()).and_then(|()| objects::init(&cli.objects))
+    {
+        eprintln!("{}: {}", trust::prefix(), f.message);
+        return ExitCode::from(f.code);
+    }
     let result = match cli.cmd {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Info(a) => cmd::info::run(a),
@@ -65,7 +88,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("vimg: {}", f.message);
+            eprintln!("{}: {}", trust::prefix(), f.message);
             ExitCode::from(f.code)
         }
     }

@@ -217,9 +217,13 @@ fn destination_that_is_a_file_the_source_reads_is_refused() {
         fs::hard_link(&sc.read, &hard).unwrap();
         let before = stamp(&sc.read);
         let files_before = listing(&dir);
+        // The hard link makes the file the source reads one with two links, which the gate
+        // refuses by default (it could be a file from outside the folder); trusting the folder
+        // lets the destination check below be the one that answers.
+        let trust = format!("--allow-external={}", dir.display());
         for dst in [&sc.read, &link, &hard] {
             for fmt in ["raw", "qcow2"] {
-                let out = vimg_raw(&["convert", "-O", fmt, s(&sc.src), s(dst)]);
+                let out = vimg_raw(&["convert", &trust, "-O", fmt, s(&sc.src), s(dst)]);
                 let err = String::from_utf8_lossy(&out.stderr);
                 assert_eq!(out.status.code(), Some(1), "{}: {err}", sc.what);
                 assert!(err.contains("same file"), "{}: {err}", sc.what);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
+use crate::escape::escape_control;
 use crate::formats::{self, Format, OpenContext};
 use crate::gate::ExternalPolicy;
 use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
@@ -29,6 +30,9 @@ pub struct OpenOptions {
     pub backing_format: Option<Format>,
     /// How the top image's source is unpacked (compressed containers, OVAs, streams).
     pub source: SourceOptions,
+    /// The top image's name is a `--image-opts` option string (`driver=qcow2,file.filename=x`)
+    /// rather than a file name; see [`crate::source::cmdline`].
+    pub image_opts: bool,
 }
 
 impl Default for OpenOptions {
@@ -39,6 +43,7 @@ impl Default for OpenOptions {
             open_backing: true,
             backing_format: None,
             source: SourceOptions::default(),
+            image_opts: false,
         }
     }
 }
@@ -108,6 +113,37 @@ impl Image {
 
     /// Opens a file or stdin, looking into compressed containers and OVAs.
     pub fn open_source(src: &Source, opts: &OpenOptions) -> Result<Image> {
+        // The user's `file:`, `json:{...}` and `--image-opts` names: read as qemu-img reads
+        // them (the command line is trusted), then opened as the file they name.
+        if let Source::Path(p) = src {
+            let name = p.to_string_lossy();
+            if opts.image_opts || source::cmdline::is_special(&name) {
+                let u =
+                    source::cmdline::parse(&name, opts.image_opts).map_err(|e| e.with_path(p))?;
+                if let (Some(a), Some(b)) = (opts.format, u.format) {
+                    if a != b {
+                        return Err(Error::invalid_argument(format!(
+                            "the format given with -f ({}) differs from the driver the image \
+                             options name ({})",
+                            a.name(),
+                            b.name()
+                        ))
+                        .with_path(p));
+                    }
+                }
+                if let Some((offset, size)) = u.window {
+                    return Image::open_window(&u.path, offset, size, opts);
+                }
+                let inner = OpenOptions {
+                    format: opts.format.or(u.format),
+                    open_backing: opts.open_backing && u.open_backing,
+                    image_opts: false,
+                    ..opts.clone()
+                };
+                // Shown, as qemu-img shows it, by the file name the options give.
+                return Image::open_source(&Source::Path(u.path), &inner);
+            }
+        }
         let with_src = |e: Error| match src {
             Source::Path(p) => e.with_path(p),
             Source::Stdin => e.with_path("-"),
@@ -128,6 +164,45 @@ impl Image {
         // inside an OVA).
         image.filename = src.name();
         Ok(image)
+    }
+
+    /// The raw driver's window (`driver=raw,offset=O,size=S` from the user's image options):
+    /// bytes `[O, O + S)` of the file at `path` (to its end without `size`), read as raw.
+    fn open_window(
+        path: &Path,
+        offset: u64,
+        size: Option<u64>,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let file =
+            FileStorage::open(path).map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
+        let real = file.len();
+        if offset > real {
+            return Err(Error::invalid_argument(format!(
+                "Offset ({offset}) cannot be greater than size of the containing file ({real})"
+            ))
+            .with_path(path));
+        }
+        let len = match size {
+            Some(s) if s > real - offset => {
+                return Err(Error::invalid_argument(format!(
+                    // qemu-img's text, its double space included.
+                    "The sum of offset ({offset}) and size ({s}) has to be smaller or equal to \
+                     the  actual size of the containing file ({real})"
+                ))
+                .with_path(path));
+            }
+            Some(s) => s,
+            None => real - offset,
+        };
+        let slice = crate::storage::SliceStorage::new(Arc::new(file), offset, len, path)
+            .map_err(|e| Error::new(ErrorKind::Io, e).with_path(path))?;
+        let raw = OpenOptions {
+            format: Some(Format::Raw),
+            image_opts: false,
+            ..opts.clone()
+        };
+        Image::open_storage(Arc::new(slice), Some(path), &raw)
     }
 
     /// Opens an image held in `storage`; `path` locates the files it names.
@@ -154,8 +229,11 @@ impl Image {
         depth: usize,
         seen: &mut Vec<(u64, u64)>,
     ) -> Result<Image> {
+        // Errors name the layer as it is shown (the user's name, or a backing name as the
+        // image spelled it joined to it), never the path the gate resolved.
+        let shown_path = PathBuf::from(&filename);
         let with_path = |e: Error| match path {
-            Some(p) => e.with_path(p),
+            Some(_) => e.with_path(&shown_path),
             None => e,
         };
         if let Some(id) = storage.identity() {
@@ -196,21 +274,20 @@ impl Image {
                 let mut first_err = None;
                 let mut opened = None;
                 for name in names {
-                    match ctx.resolve(&b.field, name) {
-                        Ok(bpath) => {
+                    match crate::gate::open(path, &b.field, name, ctx.policy) {
+                        Ok((bpath, file)) => {
                             // `-F` names the format of the top image's backing file only.
                             let bfmt = opts.backing_format.filter(|_| depth == 0).or(b.format);
-                            let file = crate::gate::open_resolved(&bpath, &b.field, name)?;
-                            let bstorage = FileStorage::from_file(file, &bpath).map_err(|e| {
-                                Error::io(
-                                    format_args!("stat backing file '{}'", bpath.display()),
-                                    e,
-                                )
-                            })?;
                             let shown = crate::info::full_backing_name(
                                 Some(Path::new(&image.filename)),
                                 name,
                             );
+                            // Messages name the file as the image spelled it (joined to the
+                            // name the user gave), never where it resolved.
+                            let escaped = escape_control(&shown).into_owned();
+                            let bstorage = FileStorage::from_file(file, &bpath).map_err(|e| {
+                                Error::io(format_args!("stat backing file '{escaped}'"), e)
+                            })?;
                             let sub = Image::open_chain(
                                 Arc::new(bstorage),
                                 Some(&bpath),
@@ -221,13 +298,10 @@ impl Image {
                                 seen,
                             )
                             .map_err(|e| {
-                                e.context(format!(
-                                    "Could not open backing file '{}'",
-                                    bpath.display()
-                                ))
+                                chain_context(e, format!("{CHAIN_PREFIX}{escaped}'"), depth + 1)
                             })?;
                             if let Some(link) = &b.link {
-                                check_link(&image, &sub, &bpath, link).map_err(with_path)?;
+                                check_link(&image, &sub, link).map_err(with_path)?;
                             }
                             opened = Some(sub);
                             break;
@@ -244,12 +318,18 @@ impl Image {
                         let also = if b.alternatives.is_empty() {
                             String::new()
                         } else {
-                            format!(" (nor its alternatives '{}')", b.alternatives.join("', '"))
+                            let alts: Vec<String> = b
+                                .alternatives
+                                .iter()
+                                .map(|a| escape_control(a).into_owned())
+                                .collect();
+                            format!(" (nor its alternatives '{}')", alts.join("', '"))
                         };
-                        return Err(with_path(e.context(format!(
-                            "Could not open backing file '{}'{also}",
-                            b.name
-                        ))));
+                        return Err(with_path(chain_context(
+                            e,
+                            format!("{CHAIN_PREFIX}{}'{also}", escape_control(&b.name)),
+                            depth + 1,
+                        )));
                     }
                 }
             }
@@ -457,10 +537,28 @@ impl Image {
     }
 }
 
+/// How a failed backing file is introduced. An error that already starts with it names the
+/// layer that failed; the layers above pass it on unwrapped, so a deep chain gives one line
+/// that says where it broke, not one nested clause per layer.
+const CHAIN_PREFIX: &str = "Could not open backing file '";
+
+/// Wraps the error of the backing file at `depth` (1: the top image's backing file) unless a
+/// deeper layer already did; past the first layer the message says which layer it was.
+fn chain_context(e: Error, what: String, depth: usize) -> Error {
+    if e.to_string().starts_with(CHAIN_PREFIX) {
+        return e;
+    }
+    if depth > 1 {
+        e.context(format!("{what} (layer {depth} of the backing chain)"))
+    } else {
+        e.context(what)
+    }
+}
+
 /// Refuses a parent whose identity is not the one its child recorded when it was made (see
 /// [`ParentLink`]): the parent was written to since, and the child's blocks no longer fit
 /// over it.
-fn check_link(child: &Image, parent: &Image, ppath: &Path, link: &ParentLink) -> Result<()> {
+fn check_link(child: &Image, parent: &Image, link: &ParentLink) -> Result<()> {
     let got = parent.reader.link_identity(link.identity);
     if got
         .as_deref()
@@ -485,8 +583,8 @@ fn check_link(child: &Image, parent: &Image, ppath: &Path, link: &ParentLink) ->
     Err(Error::corrupt(format!(
         "Backing chain mismatch: '{}' records {recorded}, but its parent '{}' {has}; \
          the parent was changed after the child was made",
-        child.filename,
-        ppath.display()
+        escape_control(&child.filename),
+        escape_control(&parent.filename)
     )))
 }
 

@@ -1192,6 +1192,21 @@ impl Output {
         self.create_path(p)
     }
 
+    /// Creates a further file the user named (`-o data_file=NAME`): a bare file name goes next
+    /// to the main file as with [`Output::create_sibling`]; a name with a folder in it is the
+    /// user's path, used as given (relative to the working directory, as qemu-img takes it).
+    pub fn create_named(&self, name: &str) -> Result<OutFile> {
+        if !name.contains('/') {
+            return self.create_sibling(name);
+        }
+        if self.mode == OutputMode::Stdout {
+            return Err(Error::unsupported(
+                "this output format writes several files and cannot be written to stdout",
+            ));
+        }
+        self.create_path(PathBuf::from(name))
+    }
+
     fn create_path(&self, final_path: PathBuf) -> Result<OutFile> {
         let name = final_path.display().to_string();
         let mut entries = self

@@ -14,6 +14,8 @@
 //! | another format | yes | [`SpoolStorage`], decoded as far as the reads need |
 //! | another format | no | [`SpoolStorage`], decoded whole first |
 
+pub mod cmdline;
+
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};

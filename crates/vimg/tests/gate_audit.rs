@@ -41,6 +41,12 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "backing files: wraps the gate's file",
     ),
     (
+        "image.rs",
+        "FileStorage::open(",
+        1,
+        "the top image of a raw window (the user's driver=raw,offset=,size=), named by the caller",
+    ),
+    (
         "source.rs",
         "File::open(",
         1,

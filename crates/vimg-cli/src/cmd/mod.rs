@@ -10,7 +10,7 @@ pub mod info;
 pub mod map;
 pub mod measure;
 
-use vimg::{ExternalPolicy, Format, OpenOptions};
+use vimg::{Format, OpenOptions};
 
 use crate::args::{SafetyArgs, SourceArgs};
 use crate::Failure;
@@ -29,11 +29,8 @@ pub fn parse_format_opt(name: Option<&str>) -> Result<Option<Format>, Failure> {
 pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions {
     OpenOptions {
         format,
-        policy: if safety.allow_external {
-            ExternalPolicy::Allow
-        } else {
-            ExternalPolicy::SameFolder
-        },
+        policy: crate::trust::policy(safety),
+        image_opts: crate::trust::image_opts(),
         ..OpenOptions::default()
     }
 }

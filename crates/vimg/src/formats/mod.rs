@@ -127,11 +127,13 @@ impl OpenContext {
 
     /// Resolves `name` (found in `field`) through the gate and opens it read-only.
     pub fn open_external(&self, field: &str, name: &str) -> Result<Arc<dyn Storage>> {
-        let path = gate::resolve(self.path.as_deref(), field, name, self.policy)?;
-        let file = gate::open_resolved(&path, field, name)?;
+        let (path, file) = gate::open(self.path.as_deref(), field, name, self.policy)?;
         let s = FileStorage::from_file(file, &path).map_err(|e| {
             Error::io(
-                format_args!("stat '{}' named by {field}", path.display()),
+                format_args!(
+                    "stat '{}' named by {field}",
+                    crate::escape::escape_control(name)
+                ),
                 e,
             )
         })?;

@@ -503,7 +503,7 @@ impl Qcow2Writer {
         }
         let data = match &o.data_file {
             Some(name) => {
-                let d = out.create_sibling(name)?;
+                let d = out.create_named(name)?;
                 d.set_len(size)?;
                 Some(d)
             }
