@@ -87,6 +87,15 @@ pub fn disk_format(image: &Image) -> &'static str {
         Format::Vpc => "vhd",
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
+        Format::Parallels => "ploop",
+        // Not among Glance's disk formats; named as qemu-img names them (vimg refuses to
+        // open them today, so they do not reach here).
+        Format::Qed => "qed",
+        Format::Qcow => "qcow",
+        Format::Luks => "luks",
+        Format::Dmg => "dmg",
+        Format::Bochs => "bochs",
+        Format::Cloop => "cloop",
     }
 }
 

@@ -20,6 +20,7 @@ use crate::writer::ImageWriter;
 
 pub mod qcow2;
 pub mod raw;
+pub mod unread;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -41,16 +42,37 @@ pub enum Format {
     Vhdx,
     /// VirtualBox disk image.
     Vdi,
+    /// Parallels / Virtuozzo expanding image (the image service's `ploop`).
+    Parallels,
+    /// QEMU enhanced disk.
+    Qed,
+    /// QEMU copy-on-write version 1.
+    Qcow,
+    /// LUKS encrypted volume.
+    Luks,
+    /// Apple disk image (UDIF).
+    Dmg,
+    /// Bochs growing image.
+    Bochs,
+    /// cloop compressed loop image.
+    Cloop,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 13] = [
         Format::Qcow2,
         Format::Vmdk,
         Format::Vhdx,
         Format::Vpc,
         Format::Vdi,
+        Format::Parallels,
+        Format::Qed,
+        Format::Qcow,
+        Format::Luks,
+        Format::Bochs,
+        Format::Cloop,
+        Format::Dmg,
         Format::Raw,
     ];
 
@@ -63,6 +85,13 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
+            Format::Parallels => "parallels",
+            Format::Qed => "qed",
+            Format::Qcow => "qcow",
+            Format::Luks => "luks",
+            Format::Dmg => "dmg",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
         }
     }
 
@@ -75,6 +104,13 @@ impl Format {
             "vpc" | "vhd" => Format::Vpc,
             "vhdx" => Format::Vhdx,
             "vdi" => Format::Vdi,
+            "parallels" => Format::Parallels,
+            "qed" => Format::Qed,
+            "qcow" => Format::Qcow,
+            "luks" => Format::Luks,
+            "dmg" => Format::Dmg,
+            "bochs" => Format::Bochs,
+            "cloop" => Format::Cloop,
             _ => return None,
         })
     }
@@ -88,6 +124,13 @@ impl Format {
             Format::Vpc => &vhd::Driver,
             Format::Vhdx => &vhdx::Driver,
             Format::Vdi => &vdi::Driver,
+            Format::Parallels => &unread::PARALLELS,
+            Format::Qed => &unread::QED,
+            Format::Qcow => &unread::QCOW,
+            Format::Luks => &unread::LUKS,
+            Format::Dmg => &unread::DMG,
+            Format::Bochs => &unread::BOCHS,
+            Format::Cloop => &unread::CLOOP,
         }
     }
 }

@@ -1,0 +1,159 @@
+//! Issue 13, first part: a file with the signature of a format qemu-img reads is never
+//! copied as raw. Until vimg reads a format, probing names it and refuses it before anything
+//! is written; `-f raw` stays the explicit way to copy the bytes.
+
+mod common;
+mod vxd_common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use vxd_common::*;
+
+/// Formats vimg recognises but does not read yet.
+const UNREAD: &[&str] = &["qed", "qcow", "luks", "dmg", "bochs", "cloop"];
+
+/// Asserts vimg refuses `img` as a `fmt` image in `convert` (leaving no output) and in
+/// `info` (text and JSON), and that `-f raw` copies its bytes.
+fn assert_refused_as(img: &Path, fmt: &str, dir: &Path) {
+    let out = dir.join("out.raw");
+    let _ = fs::remove_file(&out);
+    let r = vimg_raw(&["convert", "-O", "raw", s(img), s(&out)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "convert {}: {err}", img.display());
+    assert!(
+        err.contains(&format!("is a {fmt} image; vimg does not read {fmt}")),
+        "convert {}: {err}",
+        img.display()
+    );
+    assert!(!out.exists(), "a refused convert left {}", out.display());
+    for extra in [&[][..], &["--output=json"][..]] {
+        let mut args = vec!["info"];
+        args.extend_from_slice(extra);
+        args.push(s(img));
+        let r = vimg_raw(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(1), "info {}: {err}", img.display());
+        assert!(err.contains(&format!("is a {fmt} image")), "{err}");
+        assert!(
+            !String::from_utf8_lossy(&r.stdout).contains("raw"),
+            "info called {} raw",
+            img.display()
+        );
+    }
+    for cmd in [
+        &["map"][..],
+        &["check"][..],
+        &["measure", "-O", "qcow2"][..],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push(s(img));
+        let r = vimg_raw(&args);
+        assert_ne!(
+            r.status.code(),
+            Some(0),
+            "{cmd:?} {} succeeded",
+            img.display()
+        );
+        assert!(String::from_utf8_lossy(&r.stderr).contains(&format!("{fmt} image")));
+    }
+    // The explicit raw copy still works and is the file's bytes (padded to whole sectors,
+    // as qemu-img pads them).
+    vimg(&["convert", "-f", "raw", "-O", "raw", s(img), s(&out)]);
+    let (got, want) = (fs::read(&out).unwrap(), fs::read(img).unwrap());
+    assert!(
+        got.len() >= want.len()
+            && got[..want.len()] == want[..]
+            && got[want.len()..].iter().all(|b| *b == 0),
+        "-f raw did not copy {} as it is",
+        img.display()
+    );
+    let _ = fs::remove_file(&out);
+}
+
+fn qemu_made(fmt: &str, dir: &Path) -> PathBuf {
+    let img = dir.join(format!("x.{fmt}"));
+    match fmt {
+        "luks" => {
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                "secret,id=s,data=x",
+                "-o",
+                "key-secret=s,iter-time=10",
+                s(&img),
+                "4M",
+            ]);
+        }
+        _ => {
+            qemu_img(&["create", "-q", "-f", fmt, s(&img), "4M"]);
+            qemu_io(fmt, &img, &["write -P 0xaa 0 64k"]);
+        }
+    }
+    img
+}
+
+#[test]
+fn qemu_made_images_are_refused_by_name() {
+    if !qemu_available("qemu_made_images_are_refused_by_name") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["qed", "qcow", "luks"] {
+        let img = qemu_made(fmt, dir.path());
+        // qemu-img probes it as that format, so vimg must not call it anything else.
+        let info = qemu_img(&["info", "--output=json", s(&img)]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(v["format"], fmt);
+        assert_refused_as(&img, fmt, dir.path());
+    }
+}
+
+#[test]
+fn luks2_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("luks2.img");
+    let mut b = vec![0u8; 1 << 20];
+    b[..8].copy_from_slice(b"LUKS\xba\xbe\x00\x02");
+    fs::write(&img, &b).unwrap();
+    let r = vimg_raw(&["convert", "-O", "raw", s(&img), s(&dir.path().join("o"))]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("LUKS2"), "{err}");
+    assert!(!dir.path().join("o").exists());
+}
+
+#[test]
+fn corpus_samples_are_refused_by_name() {
+    let Some(corpus) = corpus_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = 0;
+    for row in corpus_rows(&corpus, &[""]) {
+        if !UNREAD.contains(&row.format.as_str()) {
+            continue;
+        }
+        let img = corpus_file(&corpus, &row, dir.path());
+        assert_refused_as(&img, &row.format, dir.path());
+        let _ = fs::remove_file(&img);
+        seen += 1;
+    }
+    assert!(
+        seen >= 3,
+        "expected the bochs, cloop and dmg samples, found {seen}"
+    );
+}
+
+#[test]
+fn create_of_an_unread_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in UNREAD {
+        let img = dir.path().join(format!("new.{fmt}"));
+        let r = vimg_raw(&["create", "-f", fmt, s(&img), "1M"]);
+        assert_eq!(r.status.code(), Some(1), "create -f {fmt}");
+        assert!(!img.exists(), "create -f {fmt} left a file");
+    }
+}
