@@ -103,6 +103,7 @@ fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'s
             ("block_state_zero", None),
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
+        Format::Parallels => &[("size", None), ("cluster_size", Some("1048576"))],
         _ => &[("size", None), ("preallocation", None)],
     }
 }

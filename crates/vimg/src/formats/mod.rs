@@ -18,6 +18,7 @@ use crate::output::Output;
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
+pub mod parallels;
 pub mod qcow2;
 pub mod raw;
 pub mod unread;
@@ -124,7 +125,7 @@ impl Format {
             Format::Vpc => &vhd::Driver,
             Format::Vhdx => &vhdx::Driver,
             Format::Vdi => &vdi::Driver,
-            Format::Parallels => &unread::PARALLELS,
+            Format::Parallels => &parallels::Driver,
             Format::Qed => &unread::QED,
             Format::Qcow => &unread::QCOW,
             Format::Luks => &unread::LUKS,

@@ -59,13 +59,6 @@ fn le32(b: &[u8], at: usize) -> Option<u32> {
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// parallels: either signature and version 2 (docs/interop/parallels.txt, "Header").
-pub fn probe_parallels(head: &[u8], _storage: &dyn Storage) -> bool {
-    head.len() >= 64
-        && (head.starts_with(b"WithoutFreeSpace") || head.starts_with(b"WithouFreSpacExt"))
-        && le32(head, 16) == Some(2)
-}
-
 /// qed: the magic, in a head long enough for the header.
 pub fn probe_qed(head: &[u8], _storage: &dyn Storage) -> bool {
     head.len() >= QED_HEADER_SIZE && le32(head, 0) == Some(QED_MAGIC)
@@ -124,11 +117,6 @@ pub struct Unread {
     probe: fn(&[u8], &dyn Storage) -> bool,
 }
 
-/// Parallels (until its reader lands).
-pub static PARALLELS: Unread = Unread {
-    format: Format::Parallels,
-    probe: probe_parallels,
-};
 /// qed (QEMU enhanced disk).
 pub static QED: Unread = Unread {
     format: Format::Qed,
