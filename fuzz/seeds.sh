@@ -122,6 +122,14 @@ put vdi dyn.vdi static.vdi
 put probe dyn.vdi
 cd ..
 
+# ---- parallels: 64 KiB and odd (1000 -> 1024 byte) clusters.
+mkdir p && cd p
+qemu-img convert -q -O parallels -o cluster_size=64k ../src.raw c64k.hds
+qemu-img convert -q -O parallels -o cluster_size=1000 ../src.raw c1k.hds
+put parallels c64k.hds c1k.hds
+put probe c64k.hds
+cd ..
+
 # ---- probe: also a raw file and an empty one.
 head -c 4096 src.raw > raw.img
 : > empty.img

@@ -45,6 +45,8 @@ const WRITERS: &[(Format, &str, bool)] = &[
     (Format::Vhdx, "subformat=fixed,block_size=1M,log_size=1M", false),
     (Format::Vdi, "", false),
     (Format::Vdi, "static=on", false),
+    (Format::Parallels, "cluster_size=4096", false),
+    (Format::Parallels, "cluster_size=1000", false),
 ];
 
 const MAX_EXTENTS: usize = 6;
@@ -182,7 +184,7 @@ fuzz_target!(|input: &[u8]| {
 
 /// parse -> write of the header vimg wrote gives the same bytes.
 fn headers_reparse(format: Format, path: &Path) {
-    use vimg::formats::{qcow2, vdi, vhd, vmdk};
+    use vimg::formats::{parallels, qcow2, vdi, vhd, vmdk};
     let Ok(bytes) = std::fs::read(path) else {
         return;
     };
@@ -212,6 +214,12 @@ fn headers_reparse(format: Format, path: &Path) {
         Format::Vdi => {
             let h = vdi::header::Header::parse(&bytes).expect("vdi header");
             assert_eq!(h.to_bytes()[..], bytes[..512], "vdi header: parse -> write differs");
+        }
+        Format::Parallels => {
+            let h = parallels::header::Header::parse(&bytes).expect("parallels header");
+            let mut again = [0u8; parallels::header::HEADER_SIZE];
+            h.write_to(&mut again);
+            assert_eq!(again[..], bytes[..again.len()], "parallels header: parse -> write differs");
         }
         _ => {}
     }
