@@ -12,7 +12,7 @@ use common::*;
 use vxd_common::*;
 
 /// Formats vimg recognises but does not read yet.
-const UNREAD: &[&str] = &["qed", "qcow", "luks", "dmg", "bochs", "cloop"];
+const UNREAD: &[&str] = &["qed", "qcow", "luks", "dmg"];
 
 /// Asserts vimg refuses `img` as a `fmt` image in `convert` (leaving no output) and in
 /// `info` (text and JSON), and that `-f raw` copies its bytes.
@@ -141,10 +141,7 @@ fn corpus_samples_are_refused_by_name() {
         let _ = fs::remove_file(&img);
         seen += 1;
     }
-    assert!(
-        seen >= 3,
-        "expected the bochs, cloop and dmg samples, found {seen}"
-    );
+    assert!(seen >= 1, "expected the dmg sample, found {seen}");
 }
 
 #[test]

@@ -18,6 +18,8 @@ use crate::output::Output;
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
+pub mod bochs;
+pub mod cloop;
 pub mod parallels;
 pub mod qcow2;
 pub mod raw;
@@ -130,8 +132,8 @@ impl Format {
             Format::Qcow => &unread::QCOW,
             Format::Luks => &unread::LUKS,
             Format::Dmg => &unread::DMG,
-            Format::Bochs => &unread::BOCHS,
-            Format::Cloop => &unread::CLOOP,
+            Format::Bochs => &bochs::Driver,
+            Format::Cloop => &cloop::Driver,
         }
     }
 }

@@ -137,17 +137,6 @@ pub static DMG: Unread = Unread {
     format: Format::Dmg,
     probe: probe_dmg,
 };
-/// Bochs growing image.
-pub static BOCHS: Unread = Unread {
-    format: Format::Bochs,
-    probe: probe_bochs,
-};
-/// cloop (compressed loop) image.
-pub static CLOOP: Unread = Unread {
-    format: Format::Cloop,
-    probe: probe_cloop,
-};
-
 impl Unread {
     fn what(&self, storage: &dyn Storage) -> String {
         let name = self.format.name();
