@@ -130,6 +130,13 @@ put parallels c64k.hds c1k.hds
 put probe c64k.hds
 cd ..
 
+# ---- qed: small clusters and tables.
+mkdir q && cd q
+qemu-img convert -q -O qed -o cluster_size=4k,table_size=2 ../src.raw small.qed
+put qed small.qed
+put probe small.qed
+cd ..
+
 # ---- probe: also a raw file and an empty one.
 head -c 4096 src.raw > raw.img
 : > empty.img

@@ -22,6 +22,7 @@ pub mod bochs;
 pub mod cloop;
 pub mod parallels;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 pub mod unread;
 pub mod vdi;
@@ -128,7 +129,7 @@ impl Format {
             Format::Vhdx => &vhdx::Driver,
             Format::Vdi => &vdi::Driver,
             Format::Parallels => &parallels::Driver,
-            Format::Qed => &unread::QED,
+            Format::Qed => &qed::Driver,
             Format::Qcow => &unread::QCOW,
             Format::Luks => &unread::LUKS,
             Format::Dmg => &unread::DMG,

@@ -51,7 +51,7 @@ impl CloopReader {
         if bs == 0 {
             return Err(field("block size", 0x80, 0, "block_size cannot be zero").into());
         }
-        if bs % 512 != 0 {
+        if !bs.is_multiple_of(512) {
             return Err(field("block size", 0x80, bs.into(), "must be a multiple of 512").into());
         }
         if bs > MAX_BLOCK_SIZE {

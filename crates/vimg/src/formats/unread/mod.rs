@@ -117,11 +117,6 @@ pub struct Unread {
     probe: fn(&[u8], &dyn Storage) -> bool,
 }
 
-/// qed (QEMU enhanced disk).
-pub static QED: Unread = Unread {
-    format: Format::Qed,
-    probe: probe_qed,
-};
 /// qcow, version 1.
 pub static QCOW: Unread = Unread {
     format: Format::Qcow,
