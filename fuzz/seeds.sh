@@ -135,6 +135,10 @@ mkdir q && cd q
 qemu-img convert -q -O qed -o cluster_size=4k,table_size=2 ../src.raw small.qed
 put qed small.qed
 put probe small.qed
+qemu-img convert -q -O qcow ../src.raw plain.qcow
+# qemu-img 10 exits 1 after writing a complete compressed qcow (see tests/qcow.rs).
+qemu-img convert -q -c -O qcow ../src.raw packed.qcow || true
+put qcow plain.qcow packed.qcow
 cd ..
 
 # ---- probe: also a raw file and an empty one.

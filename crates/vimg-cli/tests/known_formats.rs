@@ -12,7 +12,7 @@ use common::*;
 use vxd_common::*;
 
 /// Formats vimg recognises but does not read yet.
-const UNREAD: &[&str] = &["qcow", "luks", "dmg"];
+const UNREAD: &[&str] = &["luks", "dmg"];
 
 /// Asserts vimg refuses `img` as a `fmt` image in `convert` (leaving no output) and in
 /// `info` (text and JSON), and that `-f raw` copies its bytes.
@@ -103,14 +103,15 @@ fn qemu_made_images_are_refused_by_name() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for fmt in ["qcow", "luks"] {
-        let img = qemu_made(fmt, dir.path());
-        // qemu-img probes it as that format, so vimg must not call it anything else.
-        let info = qemu_img(&["info", "--output=json", s(&img)]);
-        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
-        assert_eq!(v["format"], fmt);
-        assert_refused_as(&img, fmt, dir.path());
-    }
+    // The formats qemu-img creates that vimg does not read yet (qed and qcow are read now:
+    // tests/qed.rs, tests/qcow.rs).
+    let fmt = "luks";
+    let img = qemu_made(fmt, dir.path());
+    // qemu-img probes it as that format, so vimg must not call it anything else.
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["format"], fmt);
+    assert_refused_as(&img, fmt, dir.path());
 }
 
 #[test]

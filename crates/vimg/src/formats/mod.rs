@@ -21,6 +21,7 @@ use crate::writer::ImageWriter;
 pub mod bochs;
 pub mod cloop;
 pub mod parallels;
+pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
@@ -130,7 +131,7 @@ impl Format {
             Format::Vdi => &vdi::Driver,
             Format::Parallels => &parallels::Driver,
             Format::Qed => &qed::Driver,
-            Format::Qcow => &unread::QCOW,
+            Format::Qcow => &qcow::Driver,
             Format::Luks => &unread::LUKS,
             Format::Dmg => &unread::DMG,
             Format::Bochs => &bochs::Driver,

@@ -117,11 +117,6 @@ pub struct Unread {
     probe: fn(&[u8], &dyn Storage) -> bool,
 }
 
-/// qcow, version 1.
-pub static QCOW: Unread = Unread {
-    format: Format::Qcow,
-    probe: probe_qcow,
-};
 /// LUKS (1 and 2).
 pub static LUKS: Unread = Unread {
     format: Format::Luks,
