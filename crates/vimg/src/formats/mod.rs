@@ -20,6 +20,7 @@ use crate::writer::ImageWriter;
 
 pub mod bochs;
 pub mod cloop;
+pub mod dmg;
 pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
@@ -133,7 +134,7 @@ impl Format {
             Format::Qed => &qed::Driver,
             Format::Qcow => &qcow::Driver,
             Format::Luks => &unread::LUKS,
-            Format::Dmg => &unread::DMG,
+            Format::Dmg => &dmg::Driver,
             Format::Bochs => &bochs::Driver,
             Format::Cloop => &cloop::Driver,
         }

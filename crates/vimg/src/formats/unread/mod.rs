@@ -122,11 +122,6 @@ pub static LUKS: Unread = Unread {
     format: Format::Luks,
     probe: probe_luks,
 };
-/// Apple disk image (UDIF).
-pub static DMG: Unread = Unread {
-    format: Format::Dmg,
-    probe: probe_dmg,
-};
 impl Unread {
     fn what(&self, storage: &dyn Storage) -> String {
         let name = self.format.name();
