@@ -162,3 +162,94 @@ fn hostile_tables_are_refused() {
         assert!(!out.exists(), "{name}");
     }
 }
+
+#[test]
+fn writes_what_qemu_writes() {
+    if !qemu_available("qed writes_what_qemu_writes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("src.raw");
+    mixed_raw(&raw, 24 << 20);
+    for opts in [
+        "",
+        "cluster_size=4k,table_size=2",
+        "cluster_size=1M,table_size=16",
+    ] {
+        let (q, v) = (d.join("q.qed"), d.join("v.qed"));
+        let mut qa = vec!["convert", "-f", "raw", "-O", "qed"];
+        if !opts.is_empty() {
+            qa.extend(["-o", opts]);
+        }
+        let mut va = qa.clone();
+        qa.extend([s(&raw), s(&q)]);
+        va.extend(["-m", "4", s(&raw), s(&v)]);
+        qemu_img(&qa);
+        vimg(&va);
+        // The same content and a clean check; the same bytes too where qemu-img's
+        // requests and vimg's writes cover the same clusters.
+        qemu_img(&["compare", "-f", "qed", "-F", "raw", s(&v), s(&raw)]);
+        let out = run_cmd("qemu-img", &["check", "-f", "qed", s(&v)]);
+        assert!(
+            out.status.success(),
+            "qemu-img check {opts:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        vimg(&["check", s(&v)]);
+        if opts.is_empty() || opts.starts_with("cluster_size=4k") {
+            assert_same_file(&q, &v);
+        }
+        let _ = (fs::remove_file(&q), fs::remove_file(&v));
+    }
+}
+
+#[test]
+fn create_is_qemu_img_create() {
+    if !qemu_available("qed create_is_qemu_img_create") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qed(d, "base.qed", "", "10M", &[]);
+    for (size, opts) in [
+        ("10M", ""),
+        ("1000", ""),
+        ("5T", "cluster_size=1M"),
+        ("7M", "cluster_size=4k,table_size=8"),
+        ("10M", "backing_file=base.qed,backing_fmt=qed"),
+        ("10M", "backing_file=base.qed,backing_fmt=raw"),
+    ] {
+        let (q, v) = (d.join("q.qed"), d.join("v.qed"));
+        let mut qa = vec!["create", "-f", "qed"];
+        if !opts.is_empty() {
+            qa.extend(["-o", opts]);
+        }
+        let mut va = qa.clone();
+        qa.push(s(&q));
+        va.push(s(&v));
+        if !size.is_empty() {
+            qa.push(size);
+            va.push(size);
+        }
+        let qo = qemu_img(&qa);
+        let vo = vimg(&va);
+        assert_eq!(vo.replace("v.qed", "q.qed"), qo, "{opts}");
+        assert_same_file(&q, &v);
+        let _ = (fs::remove_file(&q), fs::remove_file(&v));
+    }
+    assert_eq!(
+        vimg(&["create", "-f", "qed", "-o", "help"]),
+        qemu_img(&["create", "-f", "qed", "-o", "help"])
+    );
+    for opts in [
+        "cluster_size=3000",
+        "cluster_size=128M",
+        "table_size=3",
+        "table_size=32",
+    ] {
+        let v = d.join("bad.qed");
+        assert_vimg_fails(&["create", "-f", "qed", "-o", opts, s(&v), "10M"]);
+        assert!(!v.exists());
+    }
+}

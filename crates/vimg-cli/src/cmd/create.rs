@@ -104,6 +104,13 @@ fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'s
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
         Format::Parallels => &[("size", None), ("cluster_size", Some("1048576"))],
+        Format::Qed => &[
+            ("size", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("cluster_size", Some("65536")),
+            ("table_size", None),
+        ],
         _ => &[("size", None), ("preallocation", None)],
     }
 }

@@ -17,23 +17,52 @@
 //! is opened through the gate, as raw when the image says so (`F_BACKING_FORMAT_NO_PROBE`),
 //! probed otherwise. An image with the need-check flag is read (its tables were checked at
 //! open), flagged dirty in `info` and warned about.
+//!
+//! # Writing
+//! The image `qemu-img create -f qed` and `convert -O qed` write (`cluster_size`,
+//! `table_size`, `backing_file`, `backing_fmt`; QEMU's limits and messages), see [`write`].
 
 pub mod error;
 pub mod header;
 mod read;
+mod write;
 
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
-use crate::options::{CreateOptions, OptionSpec};
-use crate::output::Output;
+use crate::options::{CreateOptions, OptionSpec, OptionType};
+use crate::output::{Output, OutputMode};
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::QedError;
 pub use read::{QedReader, MAX_BACKING_NAME};
+pub use write::{new_header, QedWriter};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "backing_file",
+        ty: OptionType::Str,
+        help: "File name of a base image",
+    },
+    OptionSpec {
+        name: "backing_fmt",
+        ty: OptionType::Str,
+        help: "Image format of the base image",
+    },
+    OptionSpec {
+        name: "cluster_size",
+        ty: OptionType::Size,
+        help: "Cluster size (in bytes)",
+    },
+    OptionSpec {
+        name: "table_size",
+        ty: OptionType::Size,
+        help: "L1/L2 table size (in clusters)",
+    },
+];
 
 /// The qed driver.
 pub struct Driver;
@@ -52,16 +81,49 @@ impl crate::formats::Driver for Driver {
     }
 
     fn create_options(&self) -> &'static [OptionSpec] {
-        &[]
+        OPTIONS
     }
 
     fn create(
         &self,
-        _out: &Output,
-        _size: u64,
-        _opts: &CreateOptions,
+        out: &Output,
+        size: u64,
+        opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        Err(Error::unsupported("vimg does not write qed images yet"))
+        if opts.compress {
+            return Err(Error::invalid_argument(
+                "Compression not supported for this file format",
+            ));
+        }
+        if out.mode() == OutputMode::InPlace {
+            return Err(Error::unsupported(
+                "writing into an existing qed image (convert -n) is not supported",
+            ));
+        }
+        let cs = opts
+            .get_size("cluster_size")?
+            .unwrap_or(header::DEFAULT_CLUSTER_SIZE.into());
+        let ts = opts
+            .get_size("table_size")?
+            .unwrap_or(header::DEFAULT_TABLE_SIZE.into());
+        let backing = opts.get_str("backing_file");
+        let raw = match opts.get_str("backing_fmt") {
+            None => false,
+            Some("raw") => true,
+            Some(f) if Format::from_name(f).is_some() => false,
+            Some(f) => {
+                return Err(Error::invalid_argument(format!(
+                    "Unknown backing file format '{f}'"
+                )))
+            }
+        };
+        let h = new_header(size, cs, ts, backing.map(|b| (b, raw)))?;
+        let file = out.create_main()?;
+        Ok(Box::new(QedWriter::new(
+            file,
+            h,
+            backing.map(str::to_string),
+        )?))
     }
 }
 
