@@ -165,3 +165,104 @@ fn hostile_tables_are_refused() {
         assert!(!out.exists(), "{name}");
     }
 }
+
+#[test]
+fn writes_what_qemu_writes() {
+    if !qemu_available("qcow writes_what_qemu_writes") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let raw = d.join("src.raw");
+    mixed_raw(&raw, 24 << 20);
+    let (q, v) = (d.join("q.qcow"), d.join("v.qcow"));
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow", s(&raw), s(&q)]);
+    vimg(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow",
+        "-m",
+        "4",
+        s(&raw),
+        s(&v),
+    ]);
+    assert_same_file(&q, &v);
+    qemu_img(&["compare", "-f", "qcow", "-F", "raw", s(&v), s(&raw)]);
+    // Over a backing file: 512-byte clusters, as QEMU chooses them.
+    qcow(d, "base.qcow", "24M", &["write -P 0x11 0 1M"]);
+    let (qb, vb) = (d.join("qb.qcow"), d.join("vb.qcow"));
+    for (img, tool) in [(&qb, "qemu"), (&vb, "vimg")] {
+        let args = [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow",
+            "-B",
+            "base.qcow",
+            "-F",
+            "qcow",
+            s(&raw),
+            s(img),
+        ];
+        if tool == "qemu" {
+            qemu_img(&args);
+        } else {
+            vimg(&args);
+        }
+    }
+    qemu_img(&["compare", "-f", "qcow", "-F", "raw", s(&vb), s(&raw)]);
+    assert_reads_like_qemu(&vb, "qcow", d);
+}
+
+#[test]
+fn create_is_qemu_img_create() {
+    if !qemu_available("qcow create_is_qemu_img_create") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qcow(d, "base.qcow", "10M", &[]);
+    for args in [
+        vec!["10M"],
+        vec!["1000"],
+        vec!["3T"],
+        vec!["-b", "base.qcow", "-F", "qcow"],
+        vec!["-o", "backing_file=base.qcow,backing_fmt=qcow", "7M"],
+    ] {
+        let (q, v) = (d.join("q.qcow"), d.join("v.qcow"));
+        let with = |img: &Path| {
+            let mut a = vec!["create", "-f", "qcow"];
+            let (opts, size): (Vec<&str>, Vec<&str>) = match args.last() {
+                Some(x) if !x.ends_with("qcow") && !x.contains('=') => {
+                    (args[..args.len() - 1].to_vec(), vec![*x])
+                }
+                _ => (args.clone(), vec![]),
+            };
+            a.extend(opts);
+            a.push(s(img));
+            a.extend(size);
+            a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+        };
+        let qa = with(&q);
+        let va = with(&v);
+        let qo = qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+        let vo = vimg(&va.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(vo.replace("v.qcow", "q.qcow"), qo, "{args:?}");
+        assert_same_file(&q, &v);
+        let _ = (fs::remove_file(&q), fs::remove_file(&v));
+    }
+    assert_eq!(
+        vimg(&["create", "-f", "qcow", "-o", "help"]),
+        qemu_img(&["create", "-f", "qcow", "-o", "help"])
+    );
+    let bad = d.join("bad.qcow");
+    assert_vimg_fails(&["create", "-f", "qcow", s(&bad), "0"]);
+    assert_vimg_fails(&["create", "-f", "qcow", "-o", "encryption=on", s(&bad), "1M"]);
+    let raw = d.join("r.raw");
+    write_sparse_raw(&raw, 1 << 20, &[(0, &[1; 4096])]);
+    assert_vimg_fails(&["convert", "-c", "-O", "qcow", s(&raw), s(&bad)]);
+    assert!(!bad.exists());
+}
