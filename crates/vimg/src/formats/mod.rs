@@ -224,7 +224,7 @@ pub trait Driver: Sync {
     ) -> Result<Measure> {
         let _ = (size, opts, data);
         Err(Error::unsupported(format!(
-            "Format driver '{}' does not support measure",
+            "Block driver '{}' does not support size measurement",
             self.format().name()
         )))
     }
