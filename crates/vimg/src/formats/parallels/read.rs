@@ -460,6 +460,12 @@ impl ImageReader for ParallelsReader {
         // the file.
         while cur < end {
             cluster += 1;
+            if first.is_none() && cluster >= self.bat.len() as u64 {
+                // Past the BAT everything is unallocated: one step to the end, so the work
+                // stays bounded by the file, not by the disk size the header claims.
+                cur = end;
+                break;
+            }
             let same = match (first, self.host(cluster)) {
                 (None, None) => true,
                 (Some(a), Some(b)) => b == a + (cluster - first_cluster) * cs,

@@ -247,6 +247,14 @@ impl QcowReader {
         &self.header
     }
 
+    /// True when L1 entry `i` has an L2 table.
+    fn has_table(&self, i: u64) -> bool {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.l2.get(i))
+            .is_some_and(Option::is_some)
+    }
+
     fn entry(&self, cluster: u64) -> u64 {
         let i = (cluster >> self.l2_bits) as usize;
         let j = (cluster & ((1 << self.l2_bits) - 1)) as usize;
@@ -305,10 +313,22 @@ impl ImageReader for QcowReader {
                 },
             });
         }
+        let per = 1u64 << self.l2_bits;
         let mut c = c0;
-        let mut cur = ((c + 1) * cs).min(end);
-        while cur < end {
-            c += 1;
+        let mut cur;
+        // A missing L2 table is skipped whole, so the work follows the tables, not the
+        // disk size.
+        loop {
+            let next = if self.has_table(c / per) {
+                c + 1
+            } else {
+                (c / per + 1) * per
+            };
+            cur = next.saturating_mul(cs).min(end);
+            if cur >= end {
+                break;
+            }
+            c = next;
             let e = self.entry(c);
             let same = if e0 == 0 {
                 e == 0
@@ -318,7 +338,6 @@ impl ImageReader for QcowReader {
             if !same {
                 break;
             }
-            cur = ((c + 1) * cs).min(end);
         }
         let kind = if e0 == 0 {
             MapKind::Unallocated

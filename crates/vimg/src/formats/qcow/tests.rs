@@ -107,3 +107,15 @@ fn bad_tables_are_corrupt() {
     b[0x10..0x14].copy_from_slice(&16u32.to_be_bytes());
     assert_eq!(kind(b), ErrorKind::Corrupt);
 }
+
+#[test]
+fn unallocated_tables_are_skipped_whole() {
+    // 500 L1 entries of 2 MiB (they still fit between the header and the L2 table at 4096),
+    // one allocated: mapping the rest takes one step per L1 entry, not per cluster.
+    let mut b = image();
+    b[0x18..0x20].copy_from_slice(&(500u64 << 21).to_be_bytes());
+    let r = open(b).unwrap();
+    let size = r.virtual_size();
+    let e = r.map(GuestOffset(2 << 20), size - (2 << 20)).unwrap();
+    assert_eq!((e.kind, e.end()), (MapKind::Unallocated, size));
+}

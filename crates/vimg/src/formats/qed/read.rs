@@ -245,6 +245,14 @@ impl QedReader {
         &self.header
     }
 
+    /// True when L1 entry `i` has an L2 table.
+    fn has_table(&self, i: u64) -> bool {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.l2.get(i))
+            .is_some_and(Option::is_some)
+    }
+
     /// The L2 entry for guest cluster `c` (0 when its table is unallocated).
     fn entry(&self, c: u64) -> u64 {
         let per = self.l2_span / self.cluster_size;
@@ -289,16 +297,27 @@ impl ImageReader for QedReader {
         let cs = self.cluster_size;
         let c0 = pos / cs;
         let e0 = self.entry(c0);
+        let per = self.l2_span / cs;
         let mut c = c0;
-        let mut cur = ((c + 1) * cs).min(end);
-        while cur < end {
-            c += 1;
+        let mut cur;
+        // A missing L2 table is skipped whole, so the work follows the tables, not the
+        // disk size.
+        loop {
+            let next = if self.has_table(c / per) {
+                c + 1
+            } else {
+                (c / per + 1) * per
+            };
+            cur = next.saturating_mul(cs).min(end);
+            if cur >= end {
+                break;
+            }
+            c = next;
             let e = self.entry(c);
             let same = kind(e) == kind(e0) && (kind(e0) != 2 || e == e0 + (c - c0) * cs);
             if !same {
                 break;
             }
-            cur = ((c + 1) * cs).min(end);
         }
         let kind = match e0 {
             0 => MapKind::Unallocated,

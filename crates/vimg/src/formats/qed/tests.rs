@@ -106,3 +106,15 @@ fn bad_tables_are_corrupt() {
     assert_eq!(kind(set64(2 * CS + 16, 3 * CS as u64)), ErrorKind::Corrupt); // data twice
     assert_eq!(kind(set64(2 * CS, 3 * CS as u64 + 512)), ErrorKind::Corrupt); // misaligned
 }
+
+#[test]
+fn unallocated_tables_are_skipped_whole() {
+    // 2^36 bytes of disk (the most 4 KiB clusters and one-cluster tables address) with one
+    // L2 table: mapping the rest takes one step per L1 entry, not per cluster.
+    let mut b = image();
+    b[0x30..0x38].copy_from_slice(&(512u64 * 512 * 4096).to_le_bytes());
+    let r = open(b).unwrap();
+    let size = r.virtual_size();
+    let e = r.map(GuestOffset(2 * CS as u64), size).unwrap();
+    assert_eq!((e.kind, e.end()), (MapKind::Unallocated, size));
+}
