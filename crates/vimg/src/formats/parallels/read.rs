@@ -65,11 +65,20 @@ fn escape(b: &[u8]) -> String {
         .collect()
 }
 
-/// A stretch of the file something claims: used to find overlaps.
+/// Who claims a cluster of the file besides the BAT (all claims are one cluster long).
+#[derive(Clone, Copy, Debug)]
+enum Who {
+    /// The Format Extension cluster.
+    Ext,
+    /// Cluster `l1` of dirty bitmap number `bitmap`.
+    Bitmap(u32, u32),
+}
+
+/// A cluster of the file claimed by the extension or a bitmap (BAT clusters are checked
+/// from the BAT itself, sorted by index, to keep the memory at 4 bytes per entry).
 struct Claim {
     start: u64,
-    end: u64,
-    what: String,
+    who: Who,
 }
 
 impl ParallelsReader {
@@ -180,7 +189,7 @@ impl ParallelsReader {
         let bat = header::parse_bat(&raw, header.bat_entries as usize);
         drop(raw);
 
-        let mut claims: Vec<Claim> = Vec::new();
+        let mut used: Vec<u32> = Vec::new();
         for (i, &v) in bat.iter().enumerate() {
             if v == 0 {
                 continue;
@@ -206,11 +215,7 @@ impl ParallelsReader {
                     entry(format!("lies past the end of the file ({len:#x} bytes)")).into(),
                 );
             }
-            claims.push(Claim {
-                start,
-                end,
-                what: format!("BAT entry {i}"),
-            });
+            used.push(i as u32);
         }
         let mut reader = ParallelsReader {
             storage,
@@ -222,25 +227,81 @@ impl ParallelsReader {
             bat,
             bitmaps: Vec::new(),
         };
+        let mut claims: Vec<Claim> = Vec::new();
         if reader.header.ext_off != 0 {
             reader.read_extension(len, &mut claims)?;
         }
-        // Every cluster is claimed once: sort by start, neighbours must not overlap.
-        claims.sort_by_key(|c| c.start);
-        for w in claims.windows(2) {
-            if w[1].start < w[0].end {
-                return Err(ParallelsError::Overlap {
-                    first: w[0].what.clone(),
-                    a: w[0].start,
-                    a_end: w[0].end,
-                    second: w[1].what.clone(),
-                    b: w[1].start,
-                    b_end: w[1].end,
-                }
+        reader.check_overlaps(used, claims)?;
+        Ok(reader)
+    }
+
+    fn bat_start(&self, i: u32) -> u64 {
+        u64::from(self.bat[i as usize]) * self.multiplier * SECTOR
+    }
+
+    fn who(&self, w: Who) -> String {
+        match w {
+            Who::Ext => "Format Extension cluster".to_string(),
+            Who::Bitmap(b, l) => format!(
+                "dirty bitmap {} cluster {l}",
+                self.bitmaps
+                    .get(b as usize)
+                    .map(|x| x.id.as_str())
+                    .unwrap_or("?")
+            ),
+        }
+    }
+
+    /// Every cluster is claimed once: BAT clusters (sorted by where they are), the
+    /// extension cluster and bitmap clusters must not overlap one another.
+    fn check_overlaps(&self, mut used: Vec<u32>, mut claims: Vec<Claim>) -> Result<()> {
+        let cs = self.cluster_size;
+        let overlap = |first: String, a: u64, second: String, b: u64| ParallelsError::Overlap {
+            first,
+            a,
+            a_end: a + cs,
+            second,
+            b,
+            b_end: b + cs,
+        };
+        used.sort_unstable_by_key(|i| self.bat_start(*i));
+        for w in used.windows(2) {
+            let (a, b) = (self.bat_start(w[0]), self.bat_start(w[1]));
+            if b < a + cs {
+                return Err(overlap(
+                    format!("BAT entry {}", w[0]),
+                    a,
+                    format!("BAT entry {}", w[1]),
+                    b,
+                )
                 .into());
             }
         }
-        Ok(reader)
+        claims.sort_by_key(|c| c.start);
+        for w in claims.windows(2) {
+            if w[1].start < w[0].start + cs {
+                return Err(overlap(
+                    self.who(w[0].who),
+                    w[0].start,
+                    self.who(w[1].who),
+                    w[1].start,
+                )
+                .into());
+            }
+        }
+        for c in &claims {
+            // The BAT cluster starting last at or before this claim's end.
+            let k = used.partition_point(|i| self.bat_start(*i) < c.start + cs);
+            if let Some(&i) = k.checked_sub(1).and_then(|k| used.get(k)) {
+                let a = self.bat_start(i);
+                if a + cs > c.start {
+                    return Err(
+                        overlap(format!("BAT entry {i}"), a, self.who(c.who), c.start).into(),
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads and checks the Format Extension cluster, recording its dirty bitmaps and the
@@ -284,8 +345,7 @@ impl ParallelsReader {
         }
         claims.push(Claim {
             start: at,
-            end: at + cs,
-            what: "Format Extension cluster".to_string(),
+            who: Who::Ext,
         });
         let mut pos = EXT_HEADER_SIZE;
         loop {
@@ -392,8 +452,7 @@ impl ParallelsReader {
             };
             claims.push(Claim {
                 start,
-                end: start + self.cluster_size,
-                what: format!("dirty bitmap {id} cluster {i}"),
+                who: Who::Bitmap(self.bitmaps.len() as u32, i as u32),
             });
         }
         self.bitmaps.push(BitmapInfo {

@@ -46,8 +46,8 @@ enum Who {
     Header,
     BackingName,
     L1,
-    L2(usize),
-    Cluster(usize, usize),
+    L2(u32),
+    Cluster(u32, u32),
 }
 
 impl fmt::Display for Who {
@@ -159,8 +159,8 @@ impl QcowReader {
                 l2.push(None);
                 continue;
             }
-            inside(Who::L2(i), off, l2_bytes)?;
-            claims.push((off, off + l2_bytes, Who::L2(i)));
+            inside(Who::L2(i as u32), off, l2_bytes)?;
+            claims.push((off, off + l2_bytes, Who::L2(i as u32)));
             total += l2_bytes;
             limits::check_table_bytes("qcow L2 tables", total)?;
             read_exact(
@@ -180,8 +180,8 @@ impl QcowReader {
                 } else {
                     (e, cs)
                 };
-                inside(Who::Cluster(i, j), start, n)?;
-                claims.push((start, start + n, Who::Cluster(i, j)));
+                inside(Who::Cluster(i as u32, j as u32), start, n)?;
+                claims.push((start, start + n, Who::Cluster(i as u32, j as u32)));
             }
             l2.push(Some(t));
         }
