@@ -1,5 +1,6 @@
-//! Formats vimg recognises but does not read yet: their signatures, so that probing never
-//! mistakes one of them for raw bytes, and a driver that refuses them by name.
+//! The signatures of the formats issue 13 added (qed, qcow, LUKS, bochs, cloop, dmg), so
+//! that probing never mistakes one of them for raw bytes, and a driver for the ones vimg
+//! recognises but does not read yet (LUKS), which refuses them by name.
 //!
 //! Each probe follows the signature check of QEMU's driver for the format (block/qed.c,
 //! block/qcow.c, crypto/block-luks.c, block/bochs.c, block/cloop.c, block/dmg.c), with
@@ -8,8 +9,9 @@
 //! - dmg is recognised by its UDIF "koly" trailer in the last 512 bytes; QEMU goes by the
 //!   file name (".dmg"), which a probe of content cannot see.
 //!
-//! Opening any of them is an "unsupported" error naming the format; `-f raw` remains the
-//! explicit way to copy such a file's bytes as they are.
+//! The readers of qed, qcow, bochs, cloop and dmg (their own folders) use these probes.
+//! Opening a LUKS volume is an "unsupported" error naming the format; `-f raw` remains the
+//! explicit way to copy its bytes as they are.
 
 use std::sync::Arc;
 
