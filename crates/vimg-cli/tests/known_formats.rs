@@ -164,3 +164,49 @@ fn create_of_an_unread_format_is_refused() {
         assert!(!img.exists(), "create -f {fmt} left a file");
     }
 }
+
+/// qemu-img's info JSON without what vimg adds (image-service, external references) and
+/// without the child nodes (their disk usage depends on the file system).
+fn info_json(tool: &str, img: &std::path::Path) -> serde_json::Value {
+    let args = ["info", "--output=json", s(img)];
+    let text = if tool == "qemu" {
+        qemu_img(&args)
+    } else {
+        vimg(&args)
+    };
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    if let Some(o) = v.as_object_mut() {
+        for k in ["children", "image-service", "vimg-external-references"] {
+            o.remove(k);
+        }
+    }
+    v
+}
+
+#[test]
+fn info_json_is_qemu_imgs() {
+    if !qemu_available("info_json_is_qemu_imgs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in ["parallels", "qed", "qcow"] {
+        let img = dir.path().join(format!("i.{fmt}"));
+        qemu_img(&["create", "-q", "-f", fmt, s(&img), "4M"]);
+        qemu_io(fmt, &img, &["write -P 0xaa 0 8k"]);
+        assert_eq!(info_json("vimg", &img), info_json("qemu", &img), "{fmt}");
+    }
+    if let Some(corpus) = corpus_dir() {
+        for row in corpus_rows(&corpus, &[""]) {
+            if !["bochs", "cloop", "dmg"].contains(&row.format.as_str()) {
+                continue;
+            }
+            let img = corpus_file(&corpus, &row, dir.path());
+            assert_eq!(
+                info_json("vimg", &img),
+                info_json("qemu", &img),
+                "{}",
+                row.file
+            );
+        }
+    }
+}

@@ -121,6 +121,15 @@ impl Format {
         })
     }
 
+    /// True when qemu-img info shows a `dirty-flag` for this format (QEMU's driver answers
+    /// `bdrv_get_info`); parallels, bochs, cloop and dmg do not.
+    pub fn reports_dirty_flag(self) -> bool {
+        !matches!(
+            self,
+            Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg
+        )
+    }
+
     /// The driver for this format.
     pub fn driver(self) -> &'static dyn Driver {
         match self {
