@@ -194,6 +194,22 @@ fn info_json_is_qemu_imgs() {
         qemu_img(&["create", "-q", "-f", fmt, s(&img), "4M"]);
         qemu_io(fmt, &img, &["write -P 0xaa 0 8k"]);
         assert_eq!(info_json("vimg", &img), info_json("qemu", &img), "{fmt}");
+        if fmt != "qcow" {
+            // check: the same report, text and JSON, and the same exit status.
+            for extra in [&[][..], &["--output=json"][..]] {
+                let mut args = vec!["check"];
+                args.extend_from_slice(extra);
+                args.push(s(&img));
+                let q = run_cmd("qemu-img", &args);
+                let v = vimg_raw(&args);
+                assert_eq!(v.status.code(), q.status.code(), "{fmt} {extra:?}");
+                assert_eq!(
+                    String::from_utf8_lossy(&v.stdout),
+                    String::from_utf8_lossy(&q.stdout),
+                    "{fmt} {extra:?}"
+                );
+            }
+        }
     }
     if let Some(corpus) = corpus_dir() {
         for row in corpus_rows(&corpus, &[""]) {

@@ -632,10 +632,11 @@ impl ImageReader for ParallelsReader {
             ));
         }
         r.image_end_offset = Some(end);
-        r.total_clusters = Some(self.bat.len() as u64);
-        r.allocated_clusters = Some(allocated);
-        r.fragmented_clusters = Some(fragmented);
-        r.compressed_clusters = Some(0);
+        // qemu-img leaves out the counts that are zero.
+        let some = |n: u64| (n != 0).then_some(n);
+        r.total_clusters = some(self.bat.len() as u64);
+        r.allocated_clusters = some(allocated);
+        r.fragmented_clusters = some(fragmented);
         Ok(r)
     }
 }
