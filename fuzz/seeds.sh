@@ -122,6 +122,25 @@ put vdi dyn.vdi static.vdi
 put probe dyn.vdi
 cd ..
 
+# ---- parallels: 64 KiB and odd (1000 -> 1024 byte) clusters.
+mkdir p && cd p
+qemu-img convert -q -O parallels -o cluster_size=64k ../src.raw c64k.hds
+qemu-img convert -q -O parallels -o cluster_size=1000 ../src.raw c1k.hds
+put parallels c64k.hds c1k.hds
+put probe c64k.hds
+cd ..
+
+# ---- qed: small clusters and tables.
+mkdir q && cd q
+qemu-img convert -q -O qed -o cluster_size=4k,table_size=2 ../src.raw small.qed
+put qed small.qed
+put probe small.qed
+qemu-img convert -q -O qcow ../src.raw plain.qcow
+# qemu-img 10 exits 1 after writing a complete compressed qcow (see tests/qcow.rs).
+qemu-img convert -q -c -O qcow ../src.raw packed.qcow || true
+put qcow plain.qcow packed.qcow
+cd ..
+
 # ---- probe: also a raw file and an empty one.
 head -c 4096 src.raw > raw.img
 : > empty.img

@@ -45,6 +45,11 @@ const WRITERS: &[(Format, &str, bool)] = &[
     (Format::Vhdx, "subformat=fixed,block_size=1M,log_size=1M", false),
     (Format::Vdi, "", false),
     (Format::Vdi, "static=on", false),
+    (Format::Parallels, "cluster_size=4096", false),
+    (Format::Parallels, "cluster_size=1000", false),
+    (Format::Qed, "cluster_size=4096,table_size=1", false),
+    (Format::Qed, "", false),
+    (Format::Qcow, "", false),
 ];
 
 const MAX_EXTENTS: usize = 6;
@@ -182,7 +187,7 @@ fuzz_target!(|input: &[u8]| {
 
 /// parse -> write of the header vimg wrote gives the same bytes.
 fn headers_reparse(format: Format, path: &Path) {
-    use vimg::formats::{qcow2, vdi, vhd, vmdk};
+    use vimg::formats::{parallels, qcow, qcow2, qed, vdi, vhd, vmdk};
     let Ok(bytes) = std::fs::read(path) else {
         return;
     };
@@ -212,6 +217,24 @@ fn headers_reparse(format: Format, path: &Path) {
         Format::Vdi => {
             let h = vdi::header::Header::parse(&bytes).expect("vdi header");
             assert_eq!(h.to_bytes()[..], bytes[..512], "vdi header: parse -> write differs");
+        }
+        Format::Qcow => {
+            let h = qcow::header::Header::parse(&bytes).expect("qcow header");
+            let mut again = [0u8; qcow::header::HEADER_SIZE];
+            h.write_to(&mut again);
+            assert_eq!(again[..], bytes[..again.len()], "qcow header: parse -> write differs");
+        }
+        Format::Qed => {
+            let h = qed::header::Header::parse(&bytes).expect("qed header");
+            let mut again = [0u8; qed::header::HEADER_SIZE];
+            h.write_to(&mut again);
+            assert_eq!(again[..], bytes[..again.len()], "qed header: parse -> write differs");
+        }
+        Format::Parallels => {
+            let h = parallels::header::Header::parse(&bytes).expect("parallels header");
+            let mut again = [0u8; parallels::header::HEADER_SIZE];
+            h.write_to(&mut again);
+            assert_eq!(again[..], bytes[..again.len()], "parallels header: parse -> write differs");
         }
         _ => {}
     }

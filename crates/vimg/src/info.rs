@@ -76,8 +76,9 @@ pub struct ImageInfo {
     /// The backing file name as stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
-    /// The image was not closed cleanly.
-    pub dirty_flag: bool,
+    /// The image was not closed cleanly (absent for formats qemu-img shows none for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_flag: Option<bool>,
     /// vimg addition: every file the image names, so a pipeline can judge it before
     /// converting.
     #[serde(rename = "vimg-external-references")]
@@ -102,7 +103,7 @@ impl ImageInfo {
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
             format_specific: r.format_specific(),
-            dirty_flag: r.dirty(),
+            dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
             external_references: r.external_refs(),
         }
     }

@@ -103,6 +103,22 @@ fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'s
             ("block_state_zero", None),
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
+        Format::Parallels => &[("size", None), ("cluster_size", Some("1048576"))],
+        Format::Qcow => &[
+            ("size", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("encryption", None),
+            ("encrypt.format", None),
+            ("encrypt.key-secret", None),
+        ],
+        Format::Qed => &[
+            ("size", None),
+            ("backing_file", None),
+            ("backing_fmt", None),
+            ("cluster_size", Some("65536")),
+            ("table_size", None),
+        ],
         _ => &[("size", None), ("preallocation", None)],
     }
 }

@@ -255,7 +255,7 @@ fn info_human(image: &Image) -> String {
             s.push_str(&format!("backing file format: {f}\n"));
         }
     }
-    if info.dirty_flag {
+    if info.dirty_flag == Some(true) {
         s.push_str("cleanly shut down: no\n");
     }
     if !info.snapshots.is_empty() {

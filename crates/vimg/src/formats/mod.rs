@@ -18,8 +18,15 @@ use crate::output::Output;
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
+pub mod bochs;
+pub mod cloop;
+pub mod dmg;
+pub mod parallels;
+pub mod qcow;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
+pub mod unread;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -41,16 +48,37 @@ pub enum Format {
     Vhdx,
     /// VirtualBox disk image.
     Vdi,
+    /// Parallels / Virtuozzo expanding image (the image service's `ploop`).
+    Parallels,
+    /// QEMU enhanced disk.
+    Qed,
+    /// QEMU copy-on-write version 1.
+    Qcow,
+    /// LUKS encrypted volume.
+    Luks,
+    /// Apple disk image (UDIF).
+    Dmg,
+    /// Bochs growing image.
+    Bochs,
+    /// cloop compressed loop image.
+    Cloop,
 }
 
 impl Format {
     /// Every format, in probe order.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 13] = [
         Format::Qcow2,
         Format::Vmdk,
         Format::Vhdx,
         Format::Vpc,
         Format::Vdi,
+        Format::Parallels,
+        Format::Qed,
+        Format::Qcow,
+        Format::Luks,
+        Format::Bochs,
+        Format::Cloop,
+        Format::Dmg,
         Format::Raw,
     ];
 
@@ -63,6 +91,13 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
+            Format::Parallels => "parallels",
+            Format::Qed => "qed",
+            Format::Qcow => "qcow",
+            Format::Luks => "luks",
+            Format::Dmg => "dmg",
+            Format::Bochs => "bochs",
+            Format::Cloop => "cloop",
         }
     }
 
@@ -75,8 +110,24 @@ impl Format {
             "vpc" | "vhd" => Format::Vpc,
             "vhdx" => Format::Vhdx,
             "vdi" => Format::Vdi,
+            "parallels" => Format::Parallels,
+            "qed" => Format::Qed,
+            "qcow" => Format::Qcow,
+            "luks" => Format::Luks,
+            "dmg" => Format::Dmg,
+            "bochs" => Format::Bochs,
+            "cloop" => Format::Cloop,
             _ => return None,
         })
+    }
+
+    /// True when qemu-img info shows a `dirty-flag` for this format (QEMU's driver answers
+    /// `bdrv_get_info`); parallels, bochs, cloop and dmg do not.
+    pub fn reports_dirty_flag(self) -> bool {
+        !matches!(
+            self,
+            Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg
+        )
     }
 
     /// The driver for this format.
@@ -88,6 +139,13 @@ impl Format {
             Format::Vpc => &vhd::Driver,
             Format::Vhdx => &vhdx::Driver,
             Format::Vdi => &vdi::Driver,
+            Format::Parallels => &parallels::Driver,
+            Format::Qed => &qed::Driver,
+            Format::Qcow => &qcow::Driver,
+            Format::Luks => &unread::LUKS,
+            Format::Dmg => &dmg::Driver,
+            Format::Bochs => &bochs::Driver,
+            Format::Cloop => &cloop::Driver,
         }
     }
 }
@@ -177,7 +235,7 @@ pub trait Driver: Sync {
     ) -> Result<Measure> {
         let _ = (size, opts, data);
         Err(Error::unsupported(format!(
-            "Format driver '{}' does not support measure",
+            "Block driver '{}' does not support size measurement",
             self.format().name()
         )))
     }

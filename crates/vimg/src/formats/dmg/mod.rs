@@ -1,0 +1,67 @@
+//! dmg: Apple's UDIF disk image, read as QEMU's block/dmg.c reads it (see [`header`] for the
+//! structures). Read only, as in qemu-img.
+//!
+//! # Reading
+//! The "koly" trailer in the last 512 bytes locates the XML property list, whose `<data>`
+//! elements hold the base64 "mish" blocks (decoded as GLib decodes them, which QEMU uses);
+//! their chunks map runs of sectors to zero (UDZE, UDIG), raw (UDRW) or zlib (UDZO) data.
+//! Comment, end and unknown chunk types are skipped, as QEMU skips them. Refused, naming
+//! what and where, when: the trailer is missing or its forks run past it; the chunk tables
+//! are only in a resource fork (an old layout); the property list is empty or above 16 MiB;
+//! a `<data>` element is not closed; a chunk is bzip2, lzfse or ADC compressed (vimg does
+//! not decode them: "unsupported"); a data chunk is longer than QEMU reads, lies past the
+//! end of the file, or is raw with a length other than its sectors; chunks overlap; or a
+//! sector of the disk is in no chunk (qemu-img fails reading it). zlib chunks must inflate
+//! to exactly their sectors, checked when read.
+
+pub mod error;
+pub mod header;
+mod read;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::formats::{Format, OpenContext};
+use crate::mapping::ImageReader;
+use crate::options::{CreateOptions, OptionSpec};
+use crate::output::Output;
+use crate::storage::Storage;
+use crate::writer::ImageWriter;
+
+pub use error::DmgError;
+pub use read::{DmgReader, MAX_LENGTH, MAX_PLIST, MAX_SECTORS};
+
+/// The dmg driver.
+pub struct Driver;
+
+impl crate::formats::Driver for Driver {
+    fn format(&self) -> Format {
+        Format::Dmg
+    }
+
+    fn probe(&self, head: &[u8], storage: &dyn Storage) -> bool {
+        crate::formats::unread::probe_dmg(head, storage)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        Ok(Box::new(DmgReader::open(storage)?))
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
+
+    fn create(
+        &self,
+        _out: &Output,
+        _size: u64,
+        _opts: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        Err(Error::unsupported(
+            "Format driver 'dmg' does not support image creation",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! parallels: the Parallels / Virtuozzo expanding image (the image service's `ploop`), as
+//! QEMU's docs/interop/parallels.txt describes it (see [`header`] for the structures).
+//!
+//! # Layout
+//! A 64-byte header, the BAT (one little-endian u32 per cluster: the cluster's place in the
+//! file, in sectors for "WithoutFreeSpace" images and in clusters for "WithouFreSpacExt"
+//! ones; 0 for a cluster never written), the data area from `data_off`, and optionally a
+//! Format Extension cluster (`ext_off`) whose features may hold dirty bitmaps.
+//!
+//! # Reading
+//! Both signatures, version 2, refused with an error naming field, offset and value when:
+//! - the cluster size is zero or larger than QEMU reads; the BAT has more entries than
+//!   QEMU reads, runs past the end of the file, or exceeds
+//!   [`crate::limits::MAX_TABLE_BYTES`];
+//! - `data_off` lies inside the header and BAT or past the end of the file (zero is
+//!   allowed for "WithoutFreeSpace" only, meaning right after the BAT);
+//! - a BAT entry's cluster lies before the data area or past the end of the file, or two
+//!   clusters (BAT entries, the extension cluster, dirty bitmap clusters) overlap. QEMU
+//!   opens such images read-only and repairs them when opened read/write; vimg refuses.
+//! - the Format Extension has a wrong magic or MD5 checksum, a feature running past its
+//!   cluster, a malformed dirty bitmap, or an unknown feature marked NECESSARY.
+//!
+//! Dirty bitmaps are tolerated (they do not change the disk's content) and listed in
+//! `info`'s format-specific block; an image whose in-use flag says it was not closed
+//! correctly is read as its BAT says (as qemu-img reads it), with a warning, and `check`
+//! reports it as qemu-img does. Clusters of any multiple of 512 bytes are read.
+//!
+//! # Writing
+//! The "WithouFreSpacExt" image `qemu-img create -f parallels` writes, with its one option
+//! `cluster_size` (default 1 MiB; sizes rounded up to sectors, QEMU's limits and errors).
+//! qemu-img has no `preallocation` option for parallels, and neither has vimg.
+
+pub mod error;
+pub mod header;
+mod read;
+mod write;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::formats::{Format, OpenContext};
+use crate::mapping::ImageReader;
+use crate::options::{CreateOptions, OptionSpec, OptionType};
+use crate::output::{Output, OutputMode};
+use crate::storage::Storage;
+use crate::writer::ImageWriter;
+
+pub use error::ParallelsError;
+pub use read::{BitmapInfo, ParallelsReader, MAX_BAT_ENTRIES, MAX_TRACKS};
+pub use write::{layout, Layout, ParallelsWriter};
+
+/// The parallels driver.
+pub struct Driver;
+
+const OPTIONS: &[OptionSpec] = &[OptionSpec {
+    name: "cluster_size",
+    ty: OptionType::Size,
+    help: "Parallels image cluster size",
+}];
+
+impl crate::formats::Driver for Driver {
+    fn format(&self) -> Format {
+        Format::Parallels
+    }
+
+    fn probe(&self, head: &[u8], _storage: &dyn Storage) -> bool {
+        // As QEMU probes: a whole header, either signature, version 2.
+        head.len() >= header::HEADER_SIZE
+            && (head.starts_with(&header::MAGIC_V1) || head.starts_with(&header::MAGIC_V2))
+            && head[16..20] == header::VERSION.to_le_bytes()
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        Ok(Box::new(ParallelsReader::open(storage)?))
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn create(
+        &self,
+        out: &Output,
+        size: u64,
+        opts: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        if opts.compress {
+            return Err(Error::invalid_argument(
+                "Compression not supported for this file format",
+            ));
+        }
+        if out.mode() == OutputMode::InPlace {
+            return Err(Error::unsupported(
+                "writing into an existing parallels image (convert -n) is not supported",
+            ));
+        }
+        let cs = opts
+            .get_size("cluster_size")?
+            .unwrap_or(header::DEFAULT_CLUSTER_SIZE);
+        // Refuse before the file exists.
+        layout(size, cs)?;
+        let file = out.create_main()?;
+        Ok(Box::new(ParallelsWriter::new(file, size, cs)?))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,128 @@
+//! qcow: QEMU's original copy-on-write format (version 1), read as QEMU's block/qcow.c
+//! reads it (see [`header`] for the structures).
+//!
+//! # Reading
+//! Refused with an error naming field, offset and value when: the version is not 1; the
+//! size is below 2 bytes or too large to address; the cluster size is outside 512 B..64 KiB
+//! or the L2 size outside 512 B..64 KiB; the image is encrypted (AES: "unsupported") or
+//! names an unknown encryption method; the L1 table, an L2 table, a data cluster, a
+//! compressed cluster or the backing file name runs past the end of the file or overlaps
+//! the header or any other of them; the backing file name is longer than QEMU reads.
+//!
+//! Compressed clusters are raw deflate streams that must inflate to exactly one cluster.
+//! The backing file is opened through the gate and probed. The virtual size is the header's
+//! size in whole sectors, as QEMU counts it.
+//!
+//! # Writing
+//! The uncompressed, unencrypted image qemu-img creates and converts into, with its
+//! `backing_file` (see [`write`]); compressed (`-c`) and encrypted output is refused.
+
+pub mod error;
+pub mod header;
+mod read;
+mod write;
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::formats::{Format, OpenContext};
+use crate::mapping::ImageReader;
+use crate::options::{CreateOptions, OptionSpec, OptionType};
+use crate::output::{Output, OutputMode};
+use crate::storage::Storage;
+use crate::writer::ImageWriter;
+
+pub use error::QcowError;
+pub use read::{QcowReader, MAX_BACKING_NAME};
+pub use write::{new_header, QcowWriter};
+
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "backing_file",
+        ty: OptionType::Str,
+        help: "File name of a base image",
+    },
+    OptionSpec {
+        name: "backing_fmt",
+        ty: OptionType::Str,
+        help: "Format of the backing image",
+    },
+    OptionSpec {
+        name: "encrypt.format",
+        ty: OptionType::Str,
+        help: "Encrypt the image, format choices: 'aes'",
+    },
+    OptionSpec {
+        name: "encrypt.key-secret",
+        ty: OptionType::Str,
+        help: "ID of the secret that provides the AES encryption key",
+    },
+    OptionSpec {
+        name: "encryption",
+        ty: OptionType::Bool,
+        help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    },
+];
+
+/// The qcow driver.
+pub struct Driver;
+
+impl crate::formats::Driver for Driver {
+    fn format(&self) -> Format {
+        Format::Qcow
+    }
+
+    fn probe(&self, head: &[u8], storage: &dyn Storage) -> bool {
+        crate::formats::unread::probe_qcow(head, storage)
+    }
+
+    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        Ok(Box::new(QcowReader::open(storage)?))
+    }
+
+    fn create_options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn create(
+        &self,
+        out: &Output,
+        size: u64,
+        opts: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        if opts.compress {
+            return Err(Error::unsupported(
+                "vimg does not write compressed qcow (version 1) images; use qcow2",
+            ));
+        }
+        if opts.get_bool("encryption", false)? || opts.get_str("encrypt.format").is_some() {
+            return Err(Error::unsupported(
+                "vimg does not write encrypted qcow images (QEMU's qcow AES encryption is deprecated and insecure)",
+            ));
+        }
+        if out.mode() == OutputMode::InPlace {
+            return Err(Error::unsupported(
+                "writing into an existing qcow image (convert -n) is not supported",
+            ));
+        }
+        if let Some(f) = opts.get_str("backing_fmt") {
+            if Format::from_name(f).is_none() {
+                return Err(Error::invalid_argument(format!(
+                    "Unknown backing file format '{f}'"
+                )));
+            }
+        }
+        let backing = opts.get_str("backing_file");
+        let (h, l1_size) = new_header(size, backing)?;
+        let file = out.create_main()?;
+        Ok(Box::new(QcowWriter::new(
+            file,
+            h,
+            l1_size,
+            backing.map(str::to_string),
+        )?))
+    }
+}
+
+#[cfg(test)]
+mod tests;

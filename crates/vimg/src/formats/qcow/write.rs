@@ -1,0 +1,205 @@
+//! The qcow (version 1) writer, laid out as QEMU's block/qcow.c lays out what it creates
+//! and writes: the header, the backing file name, the L1 table (8-byte aligned, zeroed in
+//! whole sectors), then, cluster by cluster in guest order, an L2 table (cluster-aligned)
+//! when one is first needed and the data cluster (cluster-aligned) after it. 4 KiB
+//! clusters and 512-entry L2 tables, or 512-byte clusters and 4096-entry tables with a
+//! backing file, as QEMU chooses them.
+//!
+//! Data arrives in ascending guest order (the writer asks for it), so the file is the same
+//! for any thread count; each L2 table is final once writing moves past it and only the
+//! current one is held in memory.
+
+use std::sync::Mutex;
+
+use super::header::{Header, CRYPT_NONE, HEADER_SIZE, MAGIC, VERSION};
+use crate::error::{Error, ErrorKind, Result};
+use crate::limits;
+use crate::output::OutFile;
+use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
+
+/// The header and L1 size of a new image of `size` bytes, as QEMU computes them.
+pub fn new_header(size: u64, backing: Option<&str>) -> Result<(Header, u64)> {
+    let size = size
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::invalid_argument("Image size is too large"))?;
+    if size == 0 {
+        return Err(Error::invalid_argument(
+            "Image size is too small, cannot be zero length",
+        ));
+    }
+    let (cluster_bits, l2_bits) = if backing.is_some() {
+        (9u8, 12u8)
+    } else {
+        (12, 9)
+    };
+    let mut header_size = HEADER_SIZE as u64;
+    let (mut bo, mut bs) = (0, 0);
+    if let Some(b) = backing {
+        if b.len() > 1023 {
+            return Err(Error::invalid_argument(format!(
+                "backing file name '{b}' is too long for a qcow header"
+            )));
+        }
+        bo = header_size;
+        bs = b.len() as u32;
+        header_size += b.len() as u64;
+    }
+    let header_size = header_size.next_multiple_of(8);
+    let shift = u32::from(cluster_bits) + u32::from(l2_bits);
+    let l1_size = size.div_ceil(1 << shift);
+    if l1_size > i32::MAX as u64 / 8 {
+        return Err(Error::invalid_argument("Image size is too large"));
+    }
+    Ok((
+        Header {
+            magic: MAGIC,
+            version: VERSION,
+            backing_file_offset: bo,
+            backing_file_size: bs,
+            mtime: 0,
+            size,
+            cluster_bits,
+            l2_bits,
+            padding: 0,
+            crypt_method: CRYPT_NONE,
+            l1_table_offset: header_size,
+        },
+        l1_size,
+    ))
+}
+
+struct State {
+    l1: Vec<u64>,
+    l2: Option<(usize, Vec<u64>)>,
+    end: u64,
+}
+
+/// Writes a qcow (version 1) image.
+pub struct QcowWriter {
+    file: OutFile,
+    header: Header,
+    backing_name: Option<String>,
+    state: Mutex<State>,
+}
+
+impl QcowWriter {
+    /// A qcow image with `header` and `l1_size` L1 entries (from [`new_header`]) into `file`.
+    pub fn new(
+        file: OutFile,
+        header: Header,
+        l1_size: u64,
+        backing_name: Option<String>,
+    ) -> Result<QcowWriter> {
+        if file.is_stream() {
+            return Err(Error::unsupported(
+                "a qcow image keeps its tables in front of the data and cannot be written to a stream",
+            ));
+        }
+        limits::check_table_bytes("qcow L1 table", l1_size * 8)?;
+        let end = header.l1_table_offset + (l1_size * 8).next_multiple_of(512);
+        Ok(QcowWriter {
+            file,
+            backing_name,
+            state: Mutex::new(State {
+                l1: vec![0; l1_size as usize],
+                l2: None,
+                end,
+            }),
+            header,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        self.state
+            .lock()
+            .map_err(|_| Error::msg(ErrorKind::Io, "qcow writer lock poisoned"))
+    }
+
+    fn flush_l2(&self, s: &mut State) -> Result<()> {
+        if let Some((i, t)) = s.l2.take() {
+            let mut b = vec![0u8; t.len() * 8];
+            for (c, v) in b.chunks_exact_mut(8).zip(&t) {
+                c.copy_from_slice(&v.to_be_bytes());
+            }
+            self.file.write_all_at(&b, s.l1[i])?;
+        }
+        Ok(())
+    }
+
+    fn cluster(&self, s: &mut State, c: u64) -> Result<u64> {
+        let cs = 1u64 << self.header.cluster_bits;
+        let l2_bits = u32::from(self.header.l2_bits);
+        let (i, j) = ((c >> l2_bits) as usize, (c & ((1 << l2_bits) - 1)) as usize);
+        if s.l2.as_ref().map(|(k, _)| *k) != Some(i) {
+            self.flush_l2(s)?;
+            if s.l1.get(i).is_none_or(|o| *o != 0) {
+                return Err(Error::msg(
+                    ErrorKind::Io,
+                    format!("qcow writer: guest cluster {c} arrived out of order"),
+                ));
+            }
+            // A new L2 table at the next cluster boundary.
+            let at = s.end.next_multiple_of(cs);
+            s.l1[i] = at;
+            s.end = at + (8u64 << l2_bits);
+            s.l2 = Some((i, vec![0; 1 << l2_bits]));
+        }
+        let Some((_, t)) = s.l2.as_mut() else {
+            return Err(Error::msg(ErrorKind::Io, "qcow writer lost its L2 table"));
+        };
+        if t[j] == 0 {
+            let at = s.end.next_multiple_of(cs);
+            t[j] = at;
+            s.end = at + cs;
+        }
+        Ok(t[j])
+    }
+}
+
+impl ImageWriter for QcowWriter {
+    fn caps(&self) -> WriterCaps {
+        WriterCaps {
+            unit: 512,
+            ordered: true,
+            encodes: false,
+        }
+    }
+
+    fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= self.header.size)
+            .ok_or_else(|| Error::invalid_argument("write past the end of the qcow image"))?;
+        let cs = 1u64 << self.header.cluster_bits;
+        let mut s = self.lock()?;
+        let mut pos = offset;
+        while pos < end {
+            let n = (cs - pos % cs).min(end - pos);
+            let host = self.cluster(&mut s, pos / cs)?;
+            let from = (pos - offset) as usize;
+            self.file
+                .write_all_at(&data[from..from + n as usize], host + pos % cs)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        let mut s = self.lock()?;
+        self.flush_l2(&mut s)?;
+        let l1_at = self.header.l1_table_offset;
+        let mut head = vec![0u8; l1_at as usize];
+        self.header.write_to(&mut head);
+        if let Some(name) = &self.backing_name {
+            let at = HEADER_SIZE;
+            head[at..at + name.len()].copy_from_slice(name.as_bytes());
+        }
+        self.file.write_all_at(&head, 0)?;
+        let mut l1 = vec![0u8; (s.l1.len() * 8).next_multiple_of(512)];
+        for (c, v) in l1.chunks_exact_mut(8).zip(&s.l1) {
+            c.copy_from_slice(&v.to_be_bytes());
+        }
+        self.file.write_all_at(&l1, l1_at)?;
+        self.file.set_len(s.end)
+    }
+}
