@@ -9,6 +9,10 @@
 //!   waits for a free buffer before it is planned.
 //! - Writers that need ascending order get it from one sink thread that puts finished chunks
 //!   back in order.
+//! - The output's bytes depend only on the input and the options, never on the thread count
+//!   or timing: for the other writers, space is allocated in guest order (a turnstile
+//!   passes jobs to [`ImageWriter::allocate`] by sequence number, after their parallel read,
+//!   scan and encode), and only the data writes themselves run in any order.
 
 mod mapped;
 pub mod zero;
@@ -16,7 +20,7 @@ pub mod zero;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
@@ -139,6 +143,9 @@ struct Shared<'a> {
     mapped_reads: bool,
     error: Mutex<Option<Error>>,
     failed: AtomicBool,
+    /// The sequence number of the job whose turn it is to allocate (unordered writers).
+    turn: Mutex<u64>,
+    turn_cv: Condvar,
     done_bytes: AtomicU64,
     stats_read: AtomicU64,
     stats_written: AtomicU64,
@@ -153,6 +160,34 @@ impl Shared<'_> {
             }
         }
         self.failed.store(true, Ordering::SeqCst);
+        // Wake the workers waiting for their turn so they see the failure.
+        let _guard = self.turn.lock();
+        self.turn_cv.notify_all();
+    }
+
+    /// Waits until job `seq` may allocate; `false` when the copy failed meanwhile.
+    fn wait_turn(&self, seq: u64) -> bool {
+        let Ok(mut t) = self.turn.lock() else {
+            return false;
+        };
+        while *t != seq {
+            if self.failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            t = match self.turn_cv.wait(t) {
+                Ok(t) => t,
+                Err(_) => return false,
+            };
+        }
+        true
+    }
+
+    /// Passes the turn to the next job.
+    fn end_turn(&self) {
+        if let Ok(mut t) = self.turn.lock() {
+            *t += 1;
+            self.turn_cv.notify_all();
+        }
     }
 }
 
@@ -199,6 +234,8 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
             && opts.mode == CopyMode::Flatten,
         error: Mutex::new(None),
         failed: AtomicBool::new(false),
+        turn: Mutex::new(0),
+        turn_cv: Condvar::new(),
         done_bytes: AtomicU64::new(0),
         stats_read: AtomicU64::new(0),
         stats_written: AtomicU64::new(0),
@@ -480,7 +517,7 @@ fn worker(
                 }
             }
             None => {
-                let r = write_out(shared, job, &buf, &runs, &encoded);
+                let r = write_out(shared, job, &buf, &runs, &encoded, true);
                 if let Err(e) = r {
                     shared.fail(e);
                 }
@@ -530,7 +567,7 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
     if m.failed() {
         return Some(Err(failed()));
     }
-    let r = write_out(shared, job, m.data(), runs, &[]);
+    let r = write_out(shared, job, m.data(), runs, &[], true);
     if m.failed() {
         return Some(Err(failed()));
     }
@@ -572,18 +609,56 @@ fn process(
     Ok(())
 }
 
-/// Hands one processed job to the writer.
+/// Hands one processed job to the writer. With `in_turn` (unordered writers, called from
+/// the workers), everything whose effect depends on order (allocation, zero writes, and the
+/// data writes of a writer that cannot allocate ahead) happens in sequence order; the data
+/// the writer allocated ahead is written after the turn passes on, in parallel with other
+/// jobs.
 fn write_out(
     shared: &Shared<'_>,
     job: Job,
     buf: &[u8],
     runs: &[Run],
     encoded: &[Vec<EncodedUnit>],
+    in_turn: bool,
 ) -> Result<()> {
+    if !in_turn {
+        return write_ordered(shared, job, buf, runs, encoded, false).map(|_| ());
+    }
+    if !shared.wait_turn(job.seq()) {
+        return Err(Error::msg(ErrorKind::Io, "copy failed"));
+    }
+    let r = write_ordered(shared, job, buf, runs, encoded, true);
+    shared.end_turn();
+    if let (Some(from), Job::Data { start, .. }) = (r?, job) {
+        for d in runs.iter().filter(|d| !d.zero && d.start >= from) {
+            shared
+                .dst
+                .write(start + d.start as u64, &buf[d.start..d.end], &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// The ordered part of [`write_out`]. With `allocate_ahead`, data runs the writer
+/// allocated ahead are not written here; the result is the job-relative byte from which on
+/// the data runs are still to be written (always one tail of the job).
+fn write_ordered(
+    shared: &Shared<'_>,
+    job: Job,
+    buf: &[u8],
+    runs: &[Run],
+    encoded: &[Vec<EncodedUnit>],
+    allocate_ahead: bool,
+) -> Result<Option<usize>> {
     match job {
-        Job::Zeroes { start, len, .. } => shared.dst.write_zeroes(start, len),
+        Job::Zeroes { start, len, .. } => {
+            shared.dst.write_zeroes(start, len)?;
+            Ok(None)
+        }
         Job::Data { start, len, .. } => {
             let mut enc = encoded.iter();
+            let mut deferred_from: Option<usize> = None;
             for r in runs {
                 let off = start + r.start as u64;
                 let n = (r.end - r.start) as u64;
@@ -592,14 +667,30 @@ fn write_out(
                     if shared.zero_writes {
                         shared.dst.write_zeroes(off, n)?;
                     }
-                } else {
-                    let e = enc.next().map(Vec::as_slice).unwrap_or(&[]);
-                    shared.dst.write(off, &buf[r.start..r.end], e)?;
-                    shared.stats_written.fetch_add(n, Ordering::Relaxed);
+                    continue;
                 }
+                shared.stats_written.fetch_add(n, Ordering::Relaxed);
+                let e = enc.next().map(Vec::as_slice).unwrap_or(&[]);
+                if allocate_ahead && e.is_empty() && shared.dst.allocate(off, n)? {
+                    deferred_from.get_or_insert(r.start);
+                    continue;
+                }
+                if let Some(from) = deferred_from.take() {
+                    // This run must be written now: write the deferred ones before it too,
+                    // so what is left stays one tail of the job.
+                    for d in runs
+                        .iter()
+                        .filter(|d| !d.zero && d.start >= from && d.start < r.start)
+                    {
+                        shared
+                            .dst
+                            .write(start + d.start as u64, &buf[d.start..d.end], &[])?;
+                    }
+                }
+                shared.dst.write(off, &buf[r.start..r.end], e)?;
             }
             shared.done_bytes.fetch_add(len, Ordering::Relaxed);
-            Ok(())
+            Ok(deferred_from)
         }
     }
 }
@@ -612,7 +703,7 @@ fn sink(shared: &Shared<'_>, done: Receiver<Done>, free: SyncSender<Vec<u8>>) {
         waiting.insert(d.job.seq(), d);
         while let Some(d) = waiting.remove(&next) {
             if !shared.failed.load(Ordering::Relaxed) {
-                if let Err(e) = write_out(shared, d.job, &d.buf, &d.runs, &d.encoded) {
+                if let Err(e) = write_out(shared, d.job, &d.buf, &d.runs, &d.encoded, false) {
                     shared.fail(e);
                 }
             }
