@@ -90,6 +90,9 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         return Err(Failure::new("-F requires -B", 1));
     }
     vimg::convert::check_create_options(out_format, &create).map_err(Failure::from)?;
+    // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
+    // target gets only what the top image stores.
+    let top_only = a.backing.is_some() || create.has("backing_file");
     if a.files.len() < 2 {
         return Err(Failure::new("Must specify image file name", 1));
     }
@@ -137,7 +140,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             a.progress_mode
                 .or(a.progress.then_some(crate::args::ProgressMode::Auto))
         },
-        top_only: a.backing.is_some(),
+        top_only,
         mode: match (a.no_create, a.files[1] == "-") {
             (true, true) => {
                 return Err(Failure::new(

@@ -1011,8 +1011,15 @@ fn describe_features(mut mask: u64, table: &[FeatureName]) -> String {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Run {
     Unallocated,
-    Zero,
-    Data { file: FileId, host: u64 },
+    /// Reads as zeros; `host` is where the run's first byte still has a preallocated
+    /// cluster (the zero flag on an allocated cluster), which `map` reports as qemu-img does.
+    Zero {
+        host: Option<u64>,
+    },
+    Data {
+        file: FileId,
+        host: u64,
+    },
 }
 
 struct Acc {
@@ -1029,7 +1036,12 @@ impl Acc {
             }
             Some((cur, n)) => {
                 let cont = match (*cur, run) {
-                    (Run::Unallocated, Run::Unallocated) | (Run::Zero, Run::Zero) => true,
+                    (Run::Unallocated, Run::Unallocated) => true,
+                    (Run::Zero { host: h1 }, Run::Zero { host: h2 }) => match (h1, h2) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => a + *n == b,
+                        _ => false,
+                    },
                     (Run::Data { file: f1, host: h1 }, Run::Data { file: f2, host: h2 }) => {
                         f1 == f2 && h1 + *n == h2
                     }
@@ -1064,24 +1076,13 @@ impl Qcow2Reader {
         if avail > 0 && !acc.add(Run::Data { file, host }, avail) {
             return false;
         }
-        acc.add(Run::Zero, len - avail)
+        acc.add(Run::Zero { host: None }, len - avail)
     }
 }
 
-impl ImageReader for Qcow2Reader {
-    fn format(&self) -> Format {
-        Format::Qcow2
-    }
-
-    fn virtual_size(&self) -> u64 {
-        self.vsize
-    }
-
-    fn cluster_size(&self) -> Option<u64> {
-        Some(self.g.cluster_size)
-    }
-
-    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
+impl Qcow2Reader {
+    /// [`ImageReader::map`], also returning where a zero run still has host space.
+    fn map_run(&self, offset: GuestOffset, max_len: u64) -> Result<(Extent, Option<u64>)> {
         self.usable()?;
         let start = offset.get();
         let end = start.saturating_add(max_len).min(self.vsize);
@@ -1137,24 +1138,32 @@ impl ImageReader for Qcow2Reader {
                 .map_err(|why| l2_err(self.l1[l1i as usize] & L1E_OFFSET_MASK, idx, entry, why))?;
                 let ok = match c {
                     Cluster::Unallocated => acc.add(Run::Unallocated, cend - pos),
-                    Cluster::Zero { .. } => acc.add(Run::Zero, cend - pos),
+                    Cluster::Zero { host } => acc.add(
+                        Run::Zero {
+                            host: host.map(|h| h + (pos - cstart)),
+                        },
+                        cend - pos,
+                    ),
                     Cluster::Normal { host } => {
                         self.add_data(&mut acc, host + (pos - cstart), cend - pos)
                     }
                     Cluster::Compressed { offset, len } => {
                         if acc.run.is_none() {
-                            return Ok(Extent {
-                                start: GuestOffset(start),
-                                len: cend - pos,
-                                kind: MapKind::Compressed {
-                                    file: FileId(0),
-                                    offset: HostOffset(offset),
-                                    len,
-                                    codec: self.codec(),
-                                    unit_start: GuestOffset(cstart),
-                                    unit_len: cs,
+                            return Ok((
+                                Extent {
+                                    start: GuestOffset(start),
+                                    len: cend - pos,
+                                    kind: MapKind::Compressed {
+                                        file: FileId(0),
+                                        offset: HostOffset(offset),
+                                        len,
+                                        codec: self.codec(),
+                                        unit_start: GuestOffset(cstart),
+                                        unit_len: cs,
+                                    },
                                 },
-                            });
+                                None,
+                            ));
                         }
                         false
                     }
@@ -1170,7 +1179,12 @@ impl ImageReader for Qcow2Reader {
                                 let h = host.unwrap_or(0) + (pos - cstart);
                                 self.add_data(&mut acc, h, n)
                             } else if zero & bit != 0 {
-                                acc.add(Run::Zero, n)
+                                acc.add(
+                                    Run::Zero {
+                                        host: host.map(|h| h + (pos - cstart)),
+                                    },
+                                    n,
+                                )
                             } else {
                                 acc.add(Run::Unallocated, n)
                             };
@@ -1196,19 +1210,51 @@ impl ImageReader for Qcow2Reader {
                 "qcow2 map at {start:#x} found nothing"
             )));
         };
+        let zero_host = match run {
+            Run::Zero { host } => host,
+            _ => None,
+        };
         let kind = match run {
             Run::Unallocated => MapKind::Unallocated,
-            Run::Zero => MapKind::Zero,
+            Run::Zero { .. } => MapKind::Zero,
             Run::Data { file, host } => MapKind::Data {
                 file,
                 offset: HostOffset(host),
             },
         };
-        Ok(Extent {
-            start: offset,
-            len,
-            kind,
-        })
+        Ok((
+            Extent {
+                start: offset,
+                len,
+                kind,
+            },
+            zero_host,
+        ))
+    }
+}
+
+impl ImageReader for Qcow2Reader {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.vsize
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.g.cluster_size)
+    }
+
+    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
+        self.map_run(offset, max_len).map(|(e, _)| e)
+    }
+
+    fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
+        match self.map_run(e.start, e.len) {
+            Ok((_, Some(h))) => Some((self.data_file_id(), HostOffset(h))),
+            _ => None,
+        }
     }
 
     fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {
