@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Read, write and convert virtual disk images (raw, qcow2, vmdk, vhd/vpc, vhdx, vdi).
 /// A drop-in for qemu-img's command line that is safe on untrusted images.
 #[derive(Parser, Debug)]
-#[command(name = "vimg", version, about, long_about = None)]
+#[command(name = "vimg", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,

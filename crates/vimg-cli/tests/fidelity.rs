@@ -139,3 +139,74 @@ fn issue14_map_data_over_host_holes_is_zero() {
     let v = vimg(&["map", "--output=json", s(&img)]);
     assert!(v.contains("\"zero\": true, \"data\": true"), "{v}");
 }
+
+/// iotest 086: `convert -p` prints qemu-img's percentage lines, the same ones.
+#[test]
+fn issue14_progress_lines_as_iotest_086() {
+    if !qemu_available("issue14_progress_lines_as_iotest_086") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("t.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "128M"]);
+    qemu_io_ok(
+        "qcow2",
+        &img,
+        &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
+    );
+    let out = d.path().join("t.base");
+    for m in ["1", "8"] {
+        let v = vimg(&[
+            "convert",
+            "-p",
+            "-m",
+            m,
+            "-O",
+            "qcow2",
+            "-f",
+            "qcow2",
+            s(&img),
+            s(&out),
+        ]);
+        let q = qemu_img(&[
+            "convert",
+            "-p",
+            "-O",
+            "qcow2",
+            "-f",
+            "qcow2",
+            s(&img),
+            s(&out),
+        ]);
+        assert_eq!(v, q);
+        assert_eq!(
+            v.replace('\r', "\n"),
+            "    (0.00/100%)\n    (25.00/100%)\n    (50.00/100%)\n    (75.00/100%)\n    (100.00/100%)\n    (100.00/100%)\n\n"
+        );
+    }
+}
+
+/// A repeated single-valued option takes the last value, as qemu-img's getopt loop does.
+#[test]
+fn issue14_repeated_options_take_the_last() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("s.raw");
+    write_sparse_raw(&src, 1 << 20, &[(0, &pattern(4096, 3))]);
+    let out = d.path().join("o.img");
+    vimg(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        "-O",
+        "qcow2",
+        "-q",
+        "-q",
+        s(&src),
+        s(&out),
+    ]);
+    assert_eq!(&fs::read(&out).unwrap()[..4], b"QFI\xfb");
+}

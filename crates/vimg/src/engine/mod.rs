@@ -65,7 +65,9 @@ pub struct CopyOptions<'a> {
     pub target_is_zero: bool,
     /// Which ranges to copy.
     pub mode: CopyMode,
-    /// Called from the planning thread as chunks complete.
+    /// Called with `done: 0` before the copy, then as chunks complete, in guest order (one
+    /// call at a time, from the thread that passes the chunk to the writer), and with
+    /// `done == total` at the end.
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
     /// Checked between chunks; when set, the copy stops with [`ErrorKind::Cancelled`].
     pub cancel: Option<&'a AtomicBool>,
@@ -134,6 +136,9 @@ struct Done {
 
 struct Shared<'a> {
     src: &'a Image,
+    progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Data bytes in all, for progress.
+    total: AtomicU64,
     dst: &'a dyn ImageWriter,
     unit: u64,
     sparse: usize,
@@ -224,6 +229,8 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     };
     let shared = Shared {
         src,
+        progress: opts.progress,
+        total: AtomicU64::new(0),
         dst,
         unit,
         sparse,
@@ -254,6 +261,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     } else {
         0
     };
+    shared.total.store(total, Ordering::Relaxed);
     if let Some(p) = opts.progress {
         p(Progress { done: 0, total });
     }
@@ -287,20 +295,12 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
         drop(free_tx);
 
         let mut planner = Planner::new(&shared, opts, size, chunk);
-        let mut last_report = 0u64;
         let result = planner.run(|job| {
             let buf = free_rx
                 .recv()
                 .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))?;
             if shared.failed.load(Ordering::SeqCst) {
                 return Err(Error::msg(ErrorKind::Io, "copy failed"));
-            }
-            if let Some(p) = opts.progress {
-                let done = shared.done_bytes.load(Ordering::Relaxed);
-                if done != last_report {
-                    last_report = done;
-                    p(Progress { done, total });
-                }
             }
             job_tx
                 .send((job, buf))
@@ -689,7 +689,13 @@ fn write_ordered(
                 }
                 shared.dst.write(off, &buf[r.start..r.end], e)?;
             }
-            shared.done_bytes.fetch_add(len, Ordering::Relaxed);
+            let done = shared.done_bytes.fetch_add(len, Ordering::Relaxed) + len;
+            if let Some(p) = shared.progress {
+                p(Progress {
+                    done,
+                    total: shared.total.load(Ordering::Relaxed),
+                });
+            }
             Ok(deferred_from)
         }
     }
