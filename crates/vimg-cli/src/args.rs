@@ -137,6 +137,13 @@ pub struct ConvertArgs {
     /// Cache mode of the source (checked; vimg always reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub src_cache: Option<String>,
+    /// Convert from an internal snapshot: `snapshot.id=ID[,snapshot.name=NAME]`, or an ID
+    /// or name (the ID is tried first).
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
+    /// qemu-img's older spelling of `-l ID_OR_NAME`.
+    #[arg(short = 's', value_name = "SNAPSHOT_ID_OR_NAME", hide = true)]
+    pub snapshot_old: Option<String>,
     /// Assume the target reads as zeros already.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,

@@ -210,3 +210,46 @@ fn issue14_repeated_options_take_the_last() {
     ]);
     assert_eq!(&fs::read(&out).unwrap()[..4], b"QFI\xfb");
 }
+
+/// `convert -l` reads an internal snapshot, spelled every way qemu-img takes it.
+#[test]
+fn issue14_convert_from_internal_snapshot() {
+    if !qemu_available("issue14_convert_from_internal_snapshot") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("sn.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_io_ok("qcow2", &img, &["write -P 1 0 1M"]);
+    qemu_img(&["snapshot", "-c", "snap1", s(&img)]);
+    qemu_io_ok("qcow2", &img, &["write -P 2 0 512k", "write -P 3 2M 64k"]);
+    qemu_img(&["snapshot", "-c", "snap2", s(&img)]);
+    qemu_io_ok("qcow2", &img, &["write -P 4 3M 64k"]);
+    let v = d.path().join("v.raw");
+    let q = d.path().join("q.raw");
+    for l in [
+        "snap1",
+        "2",
+        "snapshot.name=snap2",
+        "snapshot.id=1,snapshot.name=snap1",
+    ] {
+        vimg(&["convert", "-l", l, "-O", "raw", s(&img), s(&v)]);
+        qemu_img(&["convert", "-l", l, "-O", "raw", s(&img), s(&q)]);
+        assert_same_file(&v, &q);
+    }
+    vimg(&["convert", "-l", "snap1", "-O", "qcow2", s(&img), s(&v)]);
+    qemu_img(&["convert", "-l", "snap1", "-O", "qcow2", s(&img), s(&q)]);
+    assert_same_file(&v, &q);
+    let out = vimg_raw(&[
+        "convert",
+        "-l",
+        "snapshot.id=2,snapshot.name=snap1",
+        "-O",
+        "raw",
+        s(&img),
+        s(&v),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("Failed to load snapshot: Can't find snapshot"));
+}

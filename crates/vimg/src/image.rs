@@ -267,6 +267,12 @@ impl Image {
         &*self.reader
     }
 
+    /// Reads the top image as it was when an internal snapshot was taken (`convert -l`);
+    /// see [`ImageReader::load_snapshot`].
+    pub fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        self.reader.load_snapshot(id, name)
+    }
+
     /// The backing image, if one was opened.
     pub fn backing(&self) -> Option<&Image> {
         self.backing.as_deref()

@@ -167,8 +167,9 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let p = plan(&a)?;
     let mut open = open_options(p.src_format, &a.safety);
     apply_source_args(&mut open, &a.source)?;
-    let src = Image::open_source(&Source::from_arg(&p.src), &open)
+    let mut src = Image::open_source(&Source::from_arg(&p.src), &open)
         .map_err(|e| Failure::open(&p.src, &e))?;
+    load_snapshot(&mut src, &a)?;
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
     }
@@ -250,4 +251,36 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         }
     }
     Ok(0)
+}
+
+/// `-l` / `-s`: read the source as it was at an internal snapshot, as qemu-img does
+/// (`snapshot.id=` / `snapshot.name=` options, or an ID or name, the ID tried first).
+fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
+    let param = match (&a.snapshot, &a.snapshot_old) {
+        (Some(p), _) | (None, Some(p)) => p.as_str(),
+        (None, None) => return Ok(()),
+    };
+    let r = if param.starts_with("snapshot.") {
+        let (mut id, mut name) = (None, None);
+        for kv in param.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    let key = kv.split('=').next().unwrap_or(kv);
+                    return Err(Failure::new(
+                        format!(
+                            "Invalid parameter '{key}'\nFailed in parsing snapshot param '{param}'"
+                        ),
+                        1,
+                    ));
+                }
+            }
+        }
+        src.load_snapshot(id, name)
+    } else {
+        src.load_snapshot(Some(param), None)
+            .or_else(|_| src.load_snapshot(None, Some(param)))
+    };
+    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {e}"), 1))
 }

@@ -551,6 +551,62 @@ impl Qcow2Reader {
     }
 
     /// The L2 table of L1 entry `l1i`, loaded, checked and cached; `None` when unallocated.
+    /// Reads the image as it was when an internal snapshot was taken (qemu-img `convert
+    /// -l`, QEMU's `qcow2_snapshot_load_tmp`): the snapshot's L1 table replaces the active
+    /// one; the virtual size stays the image's. `id` and `name` must both match where given.
+    pub fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        let Some(sn) = self
+            .snapshots
+            .iter()
+            .find(|sn| id.is_none_or(|i| sn.info.id == i) && name.is_none_or(|n| sn.info.name == n))
+            .cloned()
+        else {
+            return Err(Error::invalid_argument("Can't find snapshot"));
+        };
+        let cs = self.g.cluster_size;
+        let l1_bytes = u64::from(sn.l1_size) * 8;
+        check_in_file(
+            "snapshot L1 table",
+            sn.l1_table_offset,
+            l1_bytes,
+            self.file_len,
+        )?;
+        let l1 = read_table(
+            &*self.storage,
+            sn.l1_table_offset,
+            sn.l1_size.into(),
+            "snapshot L1 table",
+        )?;
+        for (i, &e) in l1.iter().enumerate() {
+            let off = e & L1E_OFFSET_MASK;
+            let why = if e & L1E_RESERVED_MASK != 0 {
+                "reserved bits set"
+            } else if off == 0 {
+                continue;
+            } else if !off.is_multiple_of(cs) {
+                "L2 table offset is not cluster aligned"
+            } else if off.checked_add(cs).is_none_or(|end| end > self.file_len) {
+                "L2 table lies past the end of the file"
+            } else {
+                continue;
+            };
+            return Err(Qcow2Error::L1Entry {
+                index: i as u64,
+                value: e,
+                why,
+            }
+            .into());
+        }
+        let mut c = self.lock()?;
+        c.tables.clear();
+        c.registered = vec![0u64; l1.len().div_ceil(64)];
+        c.used = SparseBits::default();
+        c.compressed = SparseBits::default();
+        drop(c);
+        self.l1 = l1.into_boxed_slice();
+        Ok(())
+    }
+
     fn table(&self, l1i: u64) -> Result<Option<Arc<[u64]>>> {
         let Some(&entry) = self.l1.get(l1i as usize) else {
             return Ok(None);
@@ -1248,6 +1304,10 @@ impl ImageReader for Qcow2Reader {
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
         self.map_run(offset, max_len).map(|(e, _)| e)
+    }
+
+    fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        Qcow2Reader::load_snapshot(self, id, name)
     }
 
     fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
