@@ -253,3 +253,56 @@ fn issue14_convert_from_internal_snapshot() {
     assert!(String::from_utf8_lossy(&out.stderr)
         .contains("Failed to load snapshot: Can't find snapshot"));
 }
+
+/// iotest 122: several sources are concatenated into one output, each through its own
+/// backing chain, compressed and zero clusters included.
+#[test]
+fn issue14_convert_concatenates_sources() {
+    if !qemu_available("issue14_convert_concatenates_sources") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = |n: &str| d.path().join(n);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("b.qcow2")), "3M"]);
+    qemu_io_ok("qcow2", &p("b.qcow2"), &["write -P 7 0 3M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b.qcow2",
+        "-F",
+        "qcow2",
+        s(&p("c1.qcow2")),
+    ]);
+    qemu_io_ok("qcow2", &p("c1.qcow2"), &["write -P 1 1M 64k"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p("c2.qcow2")), "2M"]);
+    qemu_io_ok(
+        "qcow2",
+        &p("c2.qcow2"),
+        &["write -c -P 2 0 64k", "write -z 1M 64k"],
+    );
+    write_sparse_raw(&p("c3.raw"), 1 << 20, &[(4096, b"hello")]);
+    let srcs = [p("c1.qcow2"), p("c2.qcow2"), p("c3.raw")];
+    for fmt in ["raw", "qcow2"] {
+        let (v, q) = (p("v.out"), p("q.out"));
+        let mut args = vec!["convert", "-O", fmt];
+        args.extend(srcs.iter().map(|x| s(x)));
+        vimg(&[&args[..], &[s(&v)]].concat());
+        qemu_img(&[&args[..], &[s(&q)]].concat());
+        assert_same_file(&v, &q);
+    }
+    let out = vimg_raw(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "b.qcow2",
+        s(&srcs[0]),
+        s(&srcs[1]),
+        s(&p("x")),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!p("x").exists());
+}

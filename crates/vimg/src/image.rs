@@ -267,6 +267,22 @@ impl Image {
         &*self.reader
     }
 
+    /// Several images read one after another as one disk (`convert a b c out`); see
+    /// [`crate::concat`]. Shown under the first part's name.
+    pub fn concat(parts: Vec<Image>) -> Result<Image> {
+        let reader = crate::concat::ConcatReader::new(parts)?;
+        let first = reader.first();
+        let (filename, storage) = (first.filename.clone(), first.storage.clone());
+        Ok(Image {
+            reader: Box::new(reader),
+            backing: None,
+            filename,
+            path: None,
+            storage,
+            origin: Origin::default(),
+        })
+    }
+
     /// Reads the top image as it was when an internal snapshot was taken (`convert -l`);
     /// see [`ImageReader::load_snapshot`].
     pub fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {

@@ -15,7 +15,8 @@ use crate::{CmdResult, Failure};
 
 /// Checked convert options.
 struct Plan {
-    src: String,
+    /// The sources, read one after another (`convert a b c out`).
+    srcs: Vec<String>,
     dst: PathBuf,
     src_format: Option<Format>,
     out_format: Format,
@@ -97,10 +98,18 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         return Err(Failure::new("Must specify image file name", 1));
     }
     if a.files.len() > 2 {
-        return Err(Failure::new(
-            "converting several source images into one is not supported",
-            1,
-        ));
+        if a.snapshot.is_some() || a.snapshot_old.is_some() {
+            return Err(Failure::new(
+                "No support for concatenating multiple snapshot",
+                1,
+            ));
+        }
+        if top_only {
+            return Err(Failure::new(
+                "Having a backing file for the target makes no sense when concatenating multiple input images",
+                1,
+            ));
+        }
     }
     let sparse_size = match &a.sparse_size {
         None => 4096,
@@ -127,8 +136,8 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
                 .unwrap_or(2),
         };
     Ok(Plan {
-        src: a.files[0].clone(),
-        dst: PathBuf::from(&a.files[1]),
+        srcs: a.files[..a.files.len() - 1].to_vec(),
+        dst: PathBuf::from(&a.files[a.files.len() - 1]),
         src_format,
         out_format,
         create,
@@ -141,7 +150,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
                 .or(a.progress.then_some(crate::args::ProgressMode::Auto))
         },
         top_only,
-        mode: match (a.no_create, a.files[1] == "-") {
+        mode: match (a.no_create, a.files[a.files.len() - 1] == "-") {
             (true, true) => {
                 return Err(Failure::new(
                     "-n writes into an existing image and cannot be combined with '-' (stdout)",
@@ -167,9 +176,28 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let p = plan(&a)?;
     let mut open = open_options(p.src_format, &a.safety);
     apply_source_args(&mut open, &a.source)?;
-    let mut src = Image::open_source(&Source::from_arg(&p.src), &open)
-        .map_err(|e| Failure::open(&p.src, &e))?;
+    let mut parts = Vec::with_capacity(p.srcs.len());
+    for name in &p.srcs {
+        let img = Image::open_source(&Source::from_arg(name), &open)
+            .map_err(|e| Failure::open(name, &e))?;
+        parts.push(img);
+    }
+    let mut src = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        if parts
+            .iter()
+            .any(|i| i.storage().sequential_window().is_some())
+        {
+            return Err(Failure::new(
+                "a streamed source cannot be concatenated with others",
+                1,
+            ));
+        }
+        Image::concat(parts).map_err(Failure::from)?
+    };
     load_snapshot(&mut src, &a)?;
+    let src_name = &p.srcs[0];
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
     }
@@ -177,7 +205,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         if c.access == vimg::container::Access::TemporaryFile {
             eprintln!(
                 "vimg: note: '{}' ({} inside {}) is decoded into a sparse temporary file in {}",
-                p.src,
+                src_name,
                 src.format(),
                 c.compression,
                 std::env::temp_dir().display()
