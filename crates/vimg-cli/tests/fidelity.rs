@@ -299,10 +299,115 @@ fn issue14_convert_concatenates_sources() {
         "qcow2",
         "-B",
         "b.qcow2",
+        "-F",
+        "qcow2",
         s(&srcs[0]),
         s(&srcs[1]),
         s(&p("x")),
     ]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("concatenating"));
     assert!(!p("x").exists());
+}
+
+/// `create` and `convert` fail with qemu-img's messages, and print "Formatting ..." only
+/// when qemu-img does (after the arguments are known valid); `create -b` without a size
+/// takes the backing image's.
+#[test]
+fn issue14_create_messages_and_formatting_line() {
+    if !qemu_available("issue14_create_messages_and_formatting_line") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let run = |prog: &str, args: &[&str]| {
+        let out = std::process::Command::new(if prog == "vimg" {
+            vimg_bin()
+        } else {
+            "qemu-img".into()
+        })
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+        let _ = fs::remove_file(dir.join("t.img"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            out.status.code(),
+            text.replace("qemu-img: ", "P: ").replace("vimg: ", "P: "),
+        )
+    };
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "base.img", "5M"],
+    );
+    for args in [
+        &["create", "-f", "qcow2", "-o", "foo=1", "t.img", "1M"][..],
+        &["create", "-f", "qcow2", "-o", "size=abc", "t.img"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=3",
+            "t.img",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=3",
+            "t.img",
+            "1M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=128",
+            "t.img",
+            "1M",
+        ],
+        &["create", "-f", "qcow2", "t.img"],
+        &["create", "-f", "foo", "t.img", "1M"],
+        &["create", "-f", "qcow2", "-b", "base.img", "t.img"],
+        &[
+            "create", "-f", "qcow2", "-u", "-b", "base.img", "t.img", "5M",
+        ],
+        &["create", "-f", "qcow2", "-b", "t.img", "t.img", "1M"],
+        &["create", "-f", "vpc", "-b", "base.img", "t.img", "1M"],
+        &[
+            "create", "-f", "qcow2", "-b", "base.img", "-F", "qcow2", "t.img",
+        ],
+        &[
+            "convert", "-O", "qcow2", "-B", "base.img", "base.img", "t.img",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "backing_file=base.img",
+            "base.img",
+            "t.img",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "refcount_bits=3",
+            "base.img",
+            "t.img",
+        ],
+    ] {
+        assert_eq!(run("vimg", args), run("qemu-img", args), "{args:?}");
+    }
 }

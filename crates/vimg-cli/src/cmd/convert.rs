@@ -94,6 +94,12 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
     // target gets only what the top image stores.
     let top_only = a.backing.is_some() || create.has("backing_file");
+    if top_only && !create.has("backing_fmt") {
+        return Err(Failure::new(
+            "Use of backing file requires explicit backing format",
+            1,
+        ));
+    }
     if a.files.len() < 2 {
         return Err(Failure::new("Must specify image file name", 1));
     }

@@ -5,7 +5,12 @@ use crate::args::CreateArgs;
 use crate::{CmdResult, Failure};
 
 pub fn run(a: CreateArgs) -> CmdResult {
-    let format = parse_format(&a.format)?;
+    // qemu-img names the target in every error once it knows it.
+    let named = |f: Failure| match &a.filename {
+        Some(n) => Failure::new(format!("{n}: {}", f.message), f.code),
+        None => f,
+    };
+    let format = parse_format(&a.format).map_err(named)?;
     if super::wants_help(&a.options) {
         super::print_option_help(format)?;
         return Ok(0);
@@ -13,8 +18,20 @@ pub fn run(a: CreateArgs) -> CmdResult {
     let Some(filename) = a.filename.clone() else {
         return Err(Failure::new("Expecting image file name", 1));
     };
-    let mut opts = parse_create_options(&a.options)?;
+    let mut opts = parse_create_options(&a.options).map_err(named)?;
     if let Some(b) = &a.backing {
+        if !vimg::formats::all_options(format)
+            .iter()
+            .any(|s| s.name == "backing_file")
+        {
+            return Err(named(Failure::new(
+                format!(
+                    "Backing file not supported for file format '{}'",
+                    format.name()
+                ),
+                1,
+            )));
+        }
         opts.set("backing_file", b.clone());
     }
     if let Some(f) = parse_format_opt(a.backing_format.as_deref())? {
@@ -27,19 +44,44 @@ pub fn run(a: CreateArgs) -> CmdResult {
         ),
         None => None,
     };
+    vimg::convert::check_create_options(format, &opts).map_err(|e| named(Failure::from(e)))?;
+    if let Some(b) = opts.get_str("backing_file") {
+        if b == filename {
+            return Err(named(Failure::new(
+                "Error: Trying to create an image with the same filename as the backing file",
+                1,
+            )));
+        }
+        if !opts.has("backing_fmt") {
+            // qemu-img probes the backing file to say what it found (unless -u).
+            let found = if a.unsafe_backing {
+                String::new()
+            } else {
+                vimg::Image::open(
+                    backing_path(&filename, b),
+                    &vimg::OpenOptions {
+                        open_backing: false,
+                        ..vimg::OpenOptions::default()
+                    },
+                )
+                .map(|i| format!("\nDetected format of {}.", i.format().name()))
+                .unwrap_or_default()
+            };
+            return Err(named(Failure::new(
+                format!("Backing file specified without backing format{found}"),
+                1,
+            )));
+        }
+    }
     let size = match (
         size,
-        opts.get_size("size").map_err(Failure::from)?,
+        opts.get_size("size").map_err(|e| named(Failure::from(e)))?,
         &a.backing,
     ) {
         (Some(s), _, _) | (None, Some(s), _) => Some(s),
         (None, None, Some(b)) => {
             // The size of the backing image, which the user named directly.
-            let path = std::path::Path::new(&filename)
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(|p| p.join(b))
-                .unwrap_or_else(|| b.into());
+            let path = backing_path(&filename, b);
             let bf = parse_format_opt(a.backing_format.as_deref())?;
             let img = vimg::Image::open(
                 &path,
@@ -54,6 +96,16 @@ pub fn run(a: CreateArgs) -> CmdResult {
         }
         (None, None, None) => None,
     };
+    // Option names and types were checked above and the size is known: what qemu-img
+    // checks before it prints "Formatting ...". The format's own checks (cluster size,
+    // refcount width) come after the line, as in qemu-img.
+    let Some(size) = size else {
+        return Err(named(Failure::new(
+            "Image creation needs a size parameter",
+            1,
+        )));
+    };
+    let size = Some(size);
     if !a.quiet {
         let line = formatting_line(&filename, format, &opts, size)?;
         crate::print_out(&format!("{line}\n"))?;
@@ -61,6 +113,15 @@ pub fn run(a: CreateArgs) -> CmdResult {
     vimg::create(&filename, format, size, &opts)
         .map_err(|e| Failure::new(format!("{filename}: {e}"), 1))?;
     Ok(0)
+}
+
+/// Where a backing name given for a new image points: next to the image unless absolute.
+fn backing_path(filename: &str, backing: &str) -> std::path::PathBuf {
+    std::path::Path::new(filename)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.join(backing))
+        .unwrap_or_else(|| backing.into())
 }
 
 /// qemu-img create's options in the order it prints them on the "Formatting" line (the order
