@@ -411,3 +411,36 @@ fn issue14_create_messages_and_formatting_line() {
         assert_eq!(run("vimg", args), run("qemu-img", args), "{args:?}");
     }
 }
+
+/// `-n --target-is-zero` takes effect (zero ranges of the source are not written into the
+/// existing target), as in qemu-img; without `-n` it is refused as qemu-img refuses it.
+#[test]
+fn issue14_target_is_zero_with_n() {
+    if !qemu_available("issue14_target_is_zero_with_n") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("s.raw");
+    write_sparse_raw(&src, 1 << 20, &[(70_000, b"abc")]);
+    let (v, q) = (d.path().join("v.raw"), d.path().join("q.raw"));
+    for extra in [&[][..], &["--target-is-zero"]] {
+        fs::write(&v, vec![0xffu8; 1 << 20]).unwrap();
+        fs::write(&q, vec![0xffu8; 1 << 20]).unwrap();
+        let args = |out: &Path| {
+            let mut a = vec!["convert", "-n"];
+            a.extend_from_slice(extra);
+            a.extend_from_slice(&["-f", "raw", "-O", "raw", s(&src)]);
+            a.push(s(out));
+            a.into_iter().map(String::from).collect::<Vec<_>>()
+        };
+        let va = args(&v);
+        vimg(&va.iter().map(String::as_str).collect::<Vec<_>>());
+        let qa = args(&q);
+        qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_same_file(&v, &q);
+    }
+    assert_eq!(fs::read(&v).unwrap()[0], 0xff);
+    let out = vimg_raw(&["convert", "--target-is-zero", "-O", "raw", s(&src), s(&v)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("requires use of -n flag"));
+}

@@ -28,6 +28,10 @@ pub struct ConvertOptions<'a> {
     /// Make the output durable before it is renamed into place (default `true`); `false` is
     /// qemu-img's `-t unsafe` (see [`Output::with_sync`]).
     pub sync: bool,
+    /// With [`OutputMode::InPlace`]: the caller asserts the existing target already reads
+    /// as zeros (qemu-img's `-n --target-is-zero`), so zero ranges are not written. Default
+    /// `false`; other modes write a new target, which reads as zeros anyway.
+    pub target_is_zero: bool,
 }
 
 /// What [`convert_report`] did.
@@ -52,6 +56,7 @@ impl ConvertOptions<'_> {
             output_mode: OutputMode::Atomic,
             checksum: None,
             sync: true,
+            target_is_zero: false,
         }
     }
 }
@@ -169,7 +174,11 @@ pub fn convert_report(
     }
     out.release_stream()?;
     let mut copy: CopyOptions<'_> = opts.copy;
-    copy.target_is_zero = opts.output_mode != OutputMode::InPlace && opts.copy.target_is_zero;
+    copy.target_is_zero = if opts.output_mode == OutputMode::InPlace {
+        opts.target_is_zero
+    } else {
+        opts.copy.target_is_zero
+    };
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(
             "copying only the top image needs a backing file for the target",

@@ -94,6 +94,15 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
     // target gets only what the top image stores.
     let top_only = a.backing.is_some() || create.has("backing_file");
+    if a.target_is_zero && !a.no_create {
+        return Err(Failure::new("--target-is-zero requires use of -n flag", 1));
+    }
+    if a.target_is_zero && top_only {
+        return Err(Failure::new(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+            1,
+        ));
+    }
     if top_only && !create.has("backing_fmt") {
         return Err(Failure::new(
             "Use of backing file requires explicit backing format",
@@ -227,6 +236,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.output_mode = p.mode;
     opts.checksum = p.checksum;
     opts.sync = p.sync;
+    opts.target_is_zero = p.target_is_zero;
     opts.copy = CopyOptions {
         sparse_size: p.sparse_size,
         workers: p.workers,
