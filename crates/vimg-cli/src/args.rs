@@ -137,6 +137,23 @@ pub struct ConvertArgs {
     /// Cache mode of the source (checked; vimg always reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub src_cache: Option<String>,
+    /// Copy offloading (qemu-img's `copy_file_range` path). Accepted with qemu-img's
+    /// checks; vimg copies the same bytes either way.
+    #[arg(short = 'C')]
+    pub copy_offload: bool,
+    /// Rate limit of the copy, bytes per second (k, M, G suffixes; 0 = none).
+    #[arg(short = 'r', value_name = "RATE_LIMIT")]
+    pub rate_limit: Option<String>,
+    /// qemu-img writes zeros where the source cannot be read and goes on; vimg accepts the
+    /// flag but never salvages: a read error still fails the conversion, leaving no output.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// Copy persistent bitmaps (qcow2 to qcow2). vimg refuses when the source has any.
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: skip bitmaps marked inconsistent.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
     /// Convert from an internal snapshot: `snapshot.id=ID[,snapshot.name=NAME]`, or an ID
     /// or name (the ID is tried first).
     #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]

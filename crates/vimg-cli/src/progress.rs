@@ -164,3 +164,32 @@ fn bar() -> ProgressBar {
     }
     b
 }
+
+/// `convert -r`: holds the copy back to a rate in bytes per second. Called with the bytes
+/// done as each chunk is handed to the writer (in guest order, one call at a time), it
+/// sleeps until the time that many bytes may take at the rate.
+pub struct RateLimit {
+    start: Instant,
+    rate: u64,
+}
+
+impl RateLimit {
+    /// `rate` 0 means no limit.
+    pub fn new(rate: u64) -> RateLimit {
+        RateLimit {
+            start: Instant::now(),
+            rate,
+        }
+    }
+
+    /// Waits until `done` bytes are due.
+    pub fn pace(&self, done: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}

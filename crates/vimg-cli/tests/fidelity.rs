@@ -444,3 +444,69 @@ fn issue14_target_is_zero_with_n() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("requires use of -n flag"));
 }
+
+/// `-o help` lists the protocol's options (`extent_size_hint`, `nocow`, `preallocation`)
+/// once a target name is given, as qemu-img does; `nocow` and `extent_size_hint` are
+/// accepted under every format. `-C`, `-r`, `--salvage`, `--bitmaps` are accepted or
+/// refused with qemu-img's messages.
+#[test]
+fn issue14_protocol_options_and_convert_flags() {
+    if !qemu_available("issue14_protocol_options_and_convert_flags") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let t = d.path().join("t.img");
+    for f in ["qcow2", "vdi", "vpc", "vmdk", "vhdx"] {
+        for with_name in [false, true] {
+            let mut args = vec!["create", "-f", f, "-o", "help"];
+            if with_name {
+                args.push(s(&t));
+            }
+            assert_eq!(vimg(&args), qemu_img(&args), "{args:?}");
+        }
+        let args = [
+            "create",
+            "-f",
+            f,
+            "-o",
+            "extent_size_hint=1M,nocow=on",
+            s(&t),
+            "1M",
+        ];
+        assert_eq!(vimg(&args), qemu_img(&args), "{args:?}");
+    }
+    let src = d.path().join("s.raw");
+    write_sparse_raw(&src, 1 << 20, &[(4096, &pattern(8192, 5))]);
+    let run = |prog: &str, extra: &[&str]| {
+        let mut args = vec!["convert"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[s(&src), s(&t)]);
+        let out = run_cmd(
+            if prog == "vimg" {
+                vimg_bin()
+            } else {
+                "qemu-img".into()
+            },
+            &args,
+        );
+        let _ = fs::remove_file(&t);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).replace("qemu-img:", "vimg:"),
+        )
+    };
+    for extra in [
+        &["-C", "-c", "-O", "qcow2"][..],
+        &["-C", "-S", "0", "-O", "qcow2"],
+        &["-C", "-O", "raw"],
+        &["--bitmaps", "-O", "qcow2"],
+        &["--skip-broken-bitmaps", "-O", "qcow2"],
+        &["-r", "1M", "-O", "raw"],
+        &["-r", "abc", "-O", "raw"],
+        &["--salvage", "-O", "raw"],
+        &["--salvage", "-C", "-O", "raw"],
+        &["-O", "qcow2", "-o", "nocow=on,extent_size_hint=0"],
+    ] {
+        assert_eq!(run("vimg", extra), run("qemu-img", extra), "{extra:?}");
+    }
+}

@@ -30,7 +30,7 @@ impl OptionType {
 }
 
 /// One option a format accepts.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionSpec {
     /// The key, as qemu-img spells it.
     pub name: &'static str,
@@ -47,9 +47,54 @@ pub const SIZE_OPTION: OptionSpec = OptionSpec {
     help: "Virtual disk size",
 };
 
-/// Formats `-o help` output for `format` with `specs`, in qemu-img's layout.
+/// The `file` protocol's create options (QEMU's file-posix), which qemu-img accepts under
+/// every format and lists in `-o help` once a target file name is given. vimg accepts
+/// `extent_size_hint` and `nocow` for every format as the hints they are (they change no
+/// byte of the image; vimg does not apply them); `preallocation` only where the format
+/// declares it.
+pub const PROTOCOL_OPTIONS: [OptionSpec; 3] = [
+    OptionSpec {
+        name: "extent_size_hint",
+        ty: OptionType::Size,
+        help: "Extent size hint for the image file, 0 to disable",
+    },
+    OptionSpec {
+        name: "nocow",
+        ty: OptionType::Bool,
+        help: "Turn off copy-on-write (valid only on btrfs)",
+    },
+    OptionSpec {
+        name: "preallocation",
+        ty: OptionType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+];
+
+/// `-o help` with a target file name, as qemu-img prints it: the format's options and the
+/// protocol's in one sorted list (the format's win where both have one).
+pub fn help_text_for_file(specs: &[OptionSpec]) -> String {
+    let mut all: Vec<&OptionSpec> = specs.iter().collect();
+    for p in &PROTOCOL_OPTIONS {
+        if !all.iter().any(|s| s.name == p.name) {
+            all.push(p);
+        }
+    }
+    all.sort_by_key(|s| s.name);
+    let mut out = "Supported options:\n".to_string();
+    for s in all {
+        let left = format!("{}={}", s.name, s.ty.help_name());
+        out.push_str(&format!("  {left:<22} - {}\n", s.help));
+    }
+    out
+}
+
+/// Formats `-o help` output for `format` with `specs`, in qemu-img's layout (without a
+/// target file name: the protocol's options are not listed).
 pub fn help_text(format: &str, specs: &[OptionSpec]) -> String {
-    let mut specs: Vec<&OptionSpec> = specs.iter().collect();
+    let mut specs: Vec<&OptionSpec> = specs
+        .iter()
+        .filter(|s| !PROTOCOL_OPTIONS.contains(s))
+        .collect();
     specs.sort_by_key(|s| s.name);
     let mut out = format!("Supported {format} options:\n");
     for s in specs {

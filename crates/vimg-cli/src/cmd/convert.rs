@@ -94,6 +94,30 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
     // target gets only what the top image stores.
     let top_only = a.backing.is_some() || create.has("backing_file");
+    if a.copy_offload && a.compress {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -c is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.sparse_size.is_some() {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -S is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.salvage {
+        return Err(Failure::new(
+            "Cannot use copy offloading in salvaging mode",
+            1,
+        ));
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Failure::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+            1,
+        ));
+    }
     if a.target_is_zero && !a.no_create {
         return Err(Failure::new("--target-is-zero requires use of -n flag", 1));
     }
@@ -185,7 +209,10 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
 
 pub fn run(a: ConvertArgs) -> CmdResult {
     if super::wants_help(&a.options) {
-        super::print_option_help(parse_format(&a.out_format)?)?;
+        super::print_option_help(
+            parse_format(&a.out_format)?,
+            a.files.last().map(String::as_str),
+        )?;
         return Ok(0);
     }
     let p = plan(&a)?;
@@ -212,6 +239,32 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         Image::concat(parts).map_err(Failure::from)?
     };
     load_snapshot(&mut src, &a)?;
+    if a.bitmaps {
+        match src.reader().persistent_bitmaps() {
+            None => return Err(Failure::new("Source lacks bitmap support", 1)),
+            Some(b) if !b.is_empty() => {
+                return Err(Failure::new(
+                    "copying persistent bitmaps (--bitmaps) is not supported by vimg",
+                    1,
+                ))
+            }
+            Some(_) => {}
+        }
+        if p.out_format != Format::Qcow2 {
+            return Err(Failure::new(
+                format!(
+                    "Format driver '{}' does not support bitmaps",
+                    p.out_format.name()
+                ),
+                1,
+            ));
+        }
+    }
+    let rate = match &a.rate_limit {
+        Some(r) => vimg::options::parse_size(r)
+            .map_err(|_| Failure::new(format!("Invalid rate limit specified: '{r}'."), 1))?,
+        None => 0,
+    };
     let src_name = &p.srcs[0];
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
@@ -230,7 +283,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let to_stdout = p.mode == OutputMode::Stdout;
     let cancel = crate::signals::install_cancel_flag();
     let printer = crate::progress::Reporter::new(p.progress, to_stdout);
-    let progress_fn = |pr: Progress| printer.update(pr);
+    let pace = crate::progress::RateLimit::new(rate);
+    let progress_fn = |pr: Progress| {
+        printer.update(pr);
+        pace.pace(pr.done);
+    };
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
     opts.output_mode = p.mode;
@@ -241,8 +298,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         sparse_size: p.sparse_size,
         workers: p.workers,
         target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
-        progress: printer
-            .enabled()
+        progress: (printer.enabled() || rate > 0)
             .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
         mode: if p.top_only {
             CopyMode::TopOnly

@@ -12,7 +12,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
     };
     let format = parse_format(&a.format).map_err(named)?;
     if super::wants_help(&a.options) {
-        super::print_option_help(format)?;
+        super::print_option_help(format, a.filename.as_deref())?;
         return Ok(0);
     }
     let Some(filename) = a.filename.clone() else {
@@ -164,7 +164,12 @@ fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'s
             ("block_state_zero", None),
         ],
         Format::Vdi => &[("size", None), ("static", Some("off"))],
-        _ => &[("size", None), ("preallocation", None)],
+        _ => &[
+            ("size", None),
+            ("nocow", None),
+            ("preallocation", None),
+            ("extent_size_hint", None),
+        ],
     }
 }
 
@@ -200,8 +205,19 @@ fn formatting_line(
             line.push_str(&format!(" {k}={v}"));
         }
     }
+    // The file protocol's options follow the format's, in QEMU's order.
+    for k in ["nocow", "preallocation", "extent_size_hint"] {
+        if !order.iter().any(|(o, _)| *o == k) {
+            if let Some(v) = value(k)? {
+                line.push_str(&format!(" {k}={v}"));
+            }
+        }
+    }
     for k in opts.keys() {
-        if k != "size" && !order.iter().any(|(o, _)| *o == k) {
+        if k != "size"
+            && !order.iter().any(|(o, _)| *o == k)
+            && !["nocow", "preallocation", "extent_size_hint"].contains(&k)
+        {
             line.push_str(&format!(" {k}={}", value(k)?.unwrap_or_default()));
         }
     }

@@ -228,5 +228,11 @@ pub fn all_options(format: Format) -> Vec<OptionSpec> {
         v.push(crate::options::SIZE_OPTION);
     }
     v.extend_from_slice(own);
+    // The protocol's hints, accepted under every format as qemu-img accepts them.
+    for p in &crate::options::PROTOCOL_OPTIONS[..2] {
+        if !v.iter().any(|o| o.name == p.name) {
+            v.push(*p);
+        }
+    }
     v
 }
