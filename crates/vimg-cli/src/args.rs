@@ -12,6 +12,34 @@ pub struct Cli {
     pub cmd: Command,
 }
 
+/// Parses the command line like `Cli::parse`, but as qemu-img ends a bad command line:
+/// exit status 1 (clap's is 2), "Not enough arguments" without a subcommand, and "Command
+/// not found: X" for an unknown one. Help and version go out as clap prints them.
+pub fn parse() -> Cli {
+    use clap::error::{ContextKind, ErrorKind};
+    let e = match Cli::try_parse() {
+        Ok(cli) => return cli,
+        Err(e) => e,
+    };
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            eprintln!("vimg: Not enough arguments\nTry 'vimg --help' for more info");
+        }
+        ErrorKind::InvalidSubcommand => {
+            let name = e
+                .get(ContextKind::InvalidSubcommand)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            eprintln!("vimg: Command not found: {name}\nTry 'vimg --help' for more info");
+        }
+        _ => {
+            let _ = e.print();
+        }
+    }
+    std::process::exit(1)
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Convert an image to another format (qemu-img convert).

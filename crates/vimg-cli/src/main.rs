@@ -11,9 +11,7 @@ mod signals;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use args::{Cli, Command};
+use args::Command;
 
 /// An error on its way out: the message to print and the exit code.
 #[derive(Debug)]
@@ -25,7 +23,7 @@ pub struct Failure {
 impl Failure {
     pub fn new(message: impl Into<String>, code: u8) -> Failure {
         Failure {
-            message: message.into(),
+            message: without_os_error(message.into()),
             code,
         }
     }
@@ -49,7 +47,7 @@ impl From<vimg::Error> for Failure {
 pub type CmdResult = Result<u8, Failure>;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = args::parse();
     let result = match cli.cmd {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Info(a) => cmd::info::run(a),
@@ -79,4 +77,17 @@ pub fn print_out(text: &str) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Failure::new(format!("write to stdout: {e}"), 1)),
     }
+}
+
+/// Drops Rust's " (os error N)" after a system error's text: qemu-img prints the text alone
+/// ("No such file or directory"), and scripts match on it.
+fn without_os_error(mut msg: String) -> String {
+    while let Some(i) = msg.find(" (os error ") {
+        let Some(len) = msg[i..].find(')') else { break };
+        if !msg[i + 11..i + len].bytes().all(|b| b.is_ascii_digit()) {
+            break;
+        }
+        msg.replace_range(i..=i + len, "");
+    }
+    msg
 }

@@ -510,3 +510,70 @@ fn issue14_protocol_options_and_convert_flags() {
         assert_eq!(run("vimg", extra), run("qemu-img", extra), "{extra:?}");
     }
 }
+
+/// qemu-img's messages and exit codes: an unknown subcommand, a missing file (no Rust
+/// "(os error N)" suffix), an invalid vmdk extent line, a format that cannot be created, a
+/// backing loop.
+#[test]
+fn issue14_messages_as_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let out = vimg_raw(&["frobnicate"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("vimg: Command not found: frobnicate"));
+    let out = vimg_raw(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = vimg_raw(&["convert", "-Z", "a", "b"]);
+    assert_eq!(out.status.code(), Some(1));
+    let missing = d.path().join("nonexist");
+    let out = vimg_raw(&["info", s(&missing)]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.trim_end().ends_with("No such file or directory"),
+        "{err}"
+    );
+    assert!(!err.contains("os error"), "{err}");
+    let bad = d.path().join("bad.vmdk");
+    fs::write(
+        &bad,
+        "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 10 FOO \"x\" 0\n",
+    )
+    .unwrap();
+    let out = vimg_raw(&["info", s(&bad)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(": Invalid extent line: RW 10 FOO \"x\" 0")
+    );
+    let out = vimg_raw(&["create", "-f", "bochs", s(&d.path().join("x")), "1M"]);
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("Format driver 'bochs' does not support image creation"));
+    if qemu_available("issue14_messages_as_qemu_img") {
+        let (l1, l2) = (d.path().join("l1"), d.path().join("l2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&l1), "1M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "l1",
+            "-F",
+            "qcow2",
+            s(&l2),
+            "1M",
+        ]);
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            "l2",
+            "-F",
+            "qcow2",
+            s(&l1),
+        ]);
+        let out = vimg_raw(&["info", "--backing-chain", s(&l2)]);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("creates an infinite loop."));
+    }
+}

@@ -160,9 +160,10 @@ impl Image {
         };
         if let Some(id) = storage.identity() {
             if seen.contains(&id) {
-                return Err(with_path(Error::invalid(
-                    "Backing chain loops back to an image already in the chain",
-                )));
+                // qemu-img's words for it.
+                return Err(with_path(Error::invalid(format!(
+                    "Backing file '{filename}' creates an infinite loop."
+                ))));
             }
             seen.push(id);
         }

@@ -10,6 +10,18 @@ pub fn run(a: CreateArgs) -> CmdResult {
         Some(n) => Failure::new(format!("{n}: {}", f.message), f.code),
         None => f,
     };
+    // Formats qemu-img reads but never creates (vimg may not read them either).
+    if ["bochs", "cloop", "dmg", "vvfat"].contains(&a.format.as_str())
+        && vimg::Format::from_name(&a.format).is_none()
+    {
+        return Err(named(Failure::new(
+            format!(
+                "Format driver '{}' does not support image creation",
+                a.format
+            ),
+            1,
+        )));
+    }
     let format = parse_format(&a.format).map_err(named)?;
     if super::wants_help(&a.options) {
         super::print_option_help(format, a.filename.as_deref())?;
