@@ -58,8 +58,9 @@ pub enum Command {
     Map(MapArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
-    /// Print the man page (roff) to stdout.
-    Man,
+    /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
+    /// every page (vimg.1, vimg-convert.1, ...) into a folder.
+    Man(ManArgs),
 }
 
 /// Output format of a report.
@@ -347,4 +348,13 @@ pub struct CompletionArgs {
     /// The shell.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write vimg.1 and one page per subcommand into this folder.
+    #[arg(long = "dir", value_name = "DIR", conflicts_with = "subcommand")]
+    pub dir: Option<std::path::PathBuf>,
+    /// The subcommand whose page to print (default: vimg's own page).
+    pub subcommand: Option<String>,
 }

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Map(a) => cmd::map::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
-        Command::Man => cmd::extras::man(),
+        Command::Man(a) => cmd::extras::man(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),

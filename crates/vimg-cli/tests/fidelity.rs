@@ -577,3 +577,32 @@ fn issue14_messages_as_qemu_img() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("creates an infinite loop."));
     }
 }
+
+/// `vimg man --dir` writes the top page and one page per subcommand (the pages the top
+/// page's SEE ALSO names); `vimg man convert` prints one, with every flag.
+#[test]
+fn issue14_man_pages_per_subcommand() {
+    let d = tempfile::tempdir().unwrap();
+    vimg(&["man", "--dir", s(d.path())]);
+    for sub in [
+        "", "-convert", "-info", "-create", "-check", "-compare", "-measure", "-map",
+    ] {
+        let p = d.path().join(format!("vimg{sub}.1"));
+        assert!(p.is_file(), "{}", p.display());
+    }
+    let page = vimg(&["man", "convert"]);
+    assert_eq!(
+        page,
+        fs::read_to_string(d.path().join("vimg-convert.1")).unwrap()
+    );
+    for flag in [
+        "\\-\\-target\\-is\\-zero",
+        "\\-\\-salvage",
+        "\\-\\-bitmaps",
+        "\\fB\\-l\\fR",
+        "\\fB\\-n\\fR",
+        "\\fB\\-B\\fR",
+    ] {
+        assert!(page.contains(flag), "{flag}");
+    }
+}
