@@ -114,7 +114,7 @@ select_tests() {
         if grep -qE '_launch_qemu|_send_qemu_cmd|\$QEMU_PROG|\$\{?QEMU\}? |QEMU_NBD|qemu-nbd|_qemu_nbd|nbd:|QSD|storage-daemon|_qmp|QEMU_COMM|qemu_comm_method|_require_devices|_require_large_file|valgrind' "$t"; then
             continue
         fi
-        case "$t" in "$tdir"/tests/*) echo "tests/${t##*/}" ;; *) echo "${t##*/}" ;; esac
+        echo "${t##*/}"
     done
 }
 if [ $# -gt 0 ]; then tests=("$@"); else mapfile -t tests < <(select_tests); fi

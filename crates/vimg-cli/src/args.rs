@@ -40,6 +40,8 @@ pub fn parse() -> Cli {
     std::process::exit(1)
 }
 
+// One value per run, parsed once: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Convert an image to another format (qemu-img convert).
