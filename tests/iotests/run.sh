@@ -95,7 +95,9 @@ case "\${1:-}" in
         sub=\$1; shift
         err=\$(mktemp "$work/err.XXXXXX")
         set +e
-        "$bin/qemu-img" "\$sub" \${VIMG_ARGS:-} "\$@" 2>"\$err"
+        extra=\${VIMG_ARGS:-}
+        [ "\$sub" = create ] && extra=
+        "$bin/qemu-img" "\$sub" \$extra "\$@" 2>"\$err"
         rc=\$?
         sed -e 's/^vimg: /qemu-img: /' -e "s/^vimg /qemu-img /" "\$err" >&2
         rm -f "\$err"
@@ -135,7 +137,8 @@ for fmt in $formats; do
     mkdir -p "$work/scratch" "$work/sock"
     run_check "$real_qemu_img" "$fmt" "$work/qemu-$fmt.tap"
     run_check "$bin/qemu-img-vimg" "$fmt" "$work/vimg-$fmt.tap"
-    passed() { grep -E '^ok ' "$1" | grep -v '# SKIP' | awk '{print $2}' | sort; }
+    # TAP lines read "ok FORMAT TEST" (and "# SKIP" for tests the format does not run).
+    passed() { grep -E '^ok ' "$1" | grep -v '# SKIP' | awk '{print $3}' | sort; }
     passed "$work/qemu-$fmt.tap" >"$work/qemu-$fmt.pass"
     passed "$work/vimg-$fmt.tap" >"$work/vimg-$fmt.pass"
     q=$(wc -l <"$work/qemu-$fmt.pass"); v=$(comm -12 "$work/qemu-$fmt.pass" "$work/vimg-$fmt.pass" | wc -l)
