@@ -64,6 +64,35 @@ pub fn run(a: CreateArgs) -> CmdResult {
                 1,
             )));
         }
+        // qemu-img opens the backing file (unless -u) before it creates anything.
+        if !a.unsafe_backing {
+            let path = backing_path(&filename, b);
+            let bf = opts
+                .get_str("backing_fmt")
+                .and_then(vimg::Format::from_name);
+            if let Err(e) = vimg::Image::open(
+                &path,
+                &vimg::OpenOptions {
+                    format: bf,
+                    open_backing: false,
+                    ..vimg::OpenOptions::default()
+                },
+            ) {
+                return Err(named(Failure::new(
+                    format!(
+                        "Could not open '{}': {e}\nCould not open backing image.",
+                        path.display()
+                    ),
+                    1,
+                )));
+            }
+        }
+        if b == filename {
+            return Err(named(Failure::new(
+                "Error: Trying to create an image with the same filename as the backing file",
+                1,
+            )));
+        }
         if !opts.has("backing_fmt") {
             // qemu-img probes the backing file to say what it found (unless -u).
             let found = if a.unsafe_backing {

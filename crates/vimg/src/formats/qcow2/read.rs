@@ -229,7 +229,7 @@ impl Qcow2Reader {
         }
         if header.size > limits::MAX_VIRTUAL_SIZE {
             return Err(Qcow2Error::Unsupported(format!(
-                "virtual size {} exceeds vimg's limit of {} bytes",
+                "Image is too big (virtual size {} exceeds vimg's limit of {} bytes)",
                 header.size,
                 limits::MAX_VIRTUAL_SIZE
             ))
