@@ -182,9 +182,7 @@ impl CreateOptions {
                     })?;
                 }
                 OptionType::Number => {
-                    v.trim().parse::<u64>().map_err(|_| {
-                        Error::invalid_argument(format!("Parameter '{k}' expects a number"))
-                    })?;
+                    parse_number(k, v)?;
                 }
                 OptionType::Str => {}
             }
@@ -223,15 +221,36 @@ impl CreateOptions {
     pub fn get_number(&self, key: &str) -> Result<Option<u64>> {
         self.values
             .get(key)
-            .map(|v| {
-                v.trim().parse::<u64>().map_err(|_| {
-                    Error::invalid_argument(format!(
-                        "Parameter '{key}' expects a number, got '{v}'"
-                    ))
-                })
-            })
+            .map(|v| parse_number(key, v))
             .transpose()
     }
+}
+
+/// A number option as QEMU reads one (`qemu_strtou64` with base 0): decimal, `0x` hex or
+/// leading-`0` octal, and a leading `-` negates modulo 2^64 as `strtoull` does (so
+/// `refcount_bits=-1` is a huge width, refused by the format's own check as in qemu-img).
+/// qemu-img's messages for what is not a number and what does not fit.
+pub fn parse_number(key: &str, v: &str) -> Result<u64> {
+    let not_number = || Error::invalid_argument(format!("Parameter '{key}' expects a number"));
+    let t = v.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(not_number());
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| {
+        Error::invalid_argument(format!("Value '{v}' is too large for parameter '{key}'"))
+    })?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }
 
 fn split_commas(s: &str) -> Vec<String> {

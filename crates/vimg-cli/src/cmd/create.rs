@@ -230,11 +230,20 @@ fn formatting_line(
         let is_size = specs
             .iter()
             .any(|s| s.name == k && s.ty == vimg::options::OptionType::Size);
+        let is_number = specs
+            .iter()
+            .any(|s| s.name == k && s.ty == vimg::options::OptionType::Number);
         if is_size {
             Ok(opts
                 .get_size(k)
                 .map_err(Failure::from)?
                 .map(|n| n.to_string()))
+        } else if is_number {
+            // As QEMU prints a number option: signed decimal (`-1` stays `-1`).
+            Ok(opts
+                .get_number(k)
+                .map_err(Failure::from)?
+                .map(|n| (n as i64).to_string()))
         } else {
             Ok(opts.get_str(k).map(str::to_string))
         }
