@@ -88,20 +88,25 @@ chmod +x "$bin/qemu-system-stub"
 # named qemu-img, so vimg's qemu-img compatibility mode applies where it has one), the real
 # qemu-img for the rest; vimg's message prefix is shown as qemu-img's.
 ln -sf "$vimg" "$bin/qemu-img"
+# When the binary has a qemu-img compatibility mode (its --version then starts with
+# "qemu-img version"), it prints qemu-img's prefix itself; otherwise stderr goes through a
+# line-buffered rewrite (lines written to stderr and stdout in quick succession may then
+# come out in another order than vimg wrote them).
+if "$bin/qemu-img" --version 2>/dev/null | head -1 | grep -q '^qemu-img version'; then
+    native=1
+else
+    native=0
+fi
 cat > "$bin/qemu-img-vimg" <<WRAP
 #!/usr/bin/env bash
 case "\${1:-}" in
     convert|info|check|compare|measure|map|create)
         sub=\$1; shift
-        err=\$(mktemp "$work/err.XXXXXX")
-        set +e
         extra=\${VIMG_ARGS:-}
         [ "\$sub" = create ] && extra=
-        "$bin/qemu-img" "\$sub" \$extra "\$@" 2>"\$err"
-        rc=\$?
-        sed -e 's/^vimg: /qemu-img: /' -e "s/^vimg /qemu-img /" "\$err" >&2
-        rm -f "\$err"
-        exit \$rc ;;
+        if [ $native = 1 ]; then exec "$bin/qemu-img" "\$sub" \$extra "\$@"; fi
+        { "$bin/qemu-img" "\$sub" \$extra "\$@" 2>&1 1>&3 3>&- |
+            sed -u -e 's/^vimg: /qemu-img: /' >&2; exit "\${PIPESTATUS[0]}"; } 3>&1 ;;
     *) exec "$real_qemu_img" "\$@" ;;
 esac
 WRAP
