@@ -127,12 +127,6 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             1,
         ));
     }
-    if top_only && !create.has("backing_fmt") {
-        return Err(Failure::new(
-            "Use of backing file requires explicit backing format",
-            1,
-        ));
-    }
     if a.files.len() < 2 {
         return Err(Failure::new("Must specify image file name", 1));
     }
@@ -149,6 +143,13 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
                 1,
             ));
         }
+    }
+    // After the concatenation checks, as qemu-img orders them (iotest 122).
+    if top_only && !create.has("backing_fmt") {
+        return Err(Failure::new(
+            "Use of backing file requires explicit backing format",
+            1,
+        ));
     }
     let sparse_size = match &a.sparse_size {
         None => 4096,
