@@ -228,9 +228,14 @@ impl Qcow2Reader {
             .into());
         }
         if header.size > limits::MAX_VIRTUAL_SIZE {
-            // qemu-img's words exactly (iotest 054 matches them); the limit is vimg's
-            // MAX_VIRTUAL_SIZE.
-            return Err(Qcow2Error::Unsupported("Image is too big".into()).into());
+            // qemu-img's words first, then the value and the limit (iotest 054 matches the
+            // words alone; the house rule wants the value).
+            return Err(Qcow2Error::Unsupported(format!(
+                "Image is too big (virtual size {} exceeds vimg's limit of {} bytes)",
+                header.size,
+                limits::MAX_VIRTUAL_SIZE
+            ))
+            .into());
         }
         let g = Geometry::new(cb, header.extended_l2(), header.refcount_order);
         let mut warnings = Vec::new();
