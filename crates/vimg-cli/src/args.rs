@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Read, write and convert virtual disk images (raw, qcow2, vmdk, vhd/vpc, vhdx, vdi).
 /// A drop-in for qemu-img's command line that is safe on untrusted images.
 #[derive(Parser, Debug)]
-#[command(name = "vimg", version, about, long_about = None)]
+#[command(name = "vimg", version, about, long_about = None, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Command,
@@ -21,6 +21,42 @@ pub struct Cli {
     pub objects: Vec<String>,
 }
 
+/// Parses the command line like `Cli::parse`, but as qemu-img ends a bad command line:
+/// exit status 1 (clap's is 2), "Not enough arguments" without a subcommand, and "Command
+/// not found: X" for an unknown one. Help and version go out as clap prints them.
+pub fn parse() -> Cli {
+    use clap::error::{ContextKind, ErrorKind};
+    let e = match Cli::try_parse() {
+        Ok(cli) => return cli,
+        Err(e) => e,
+    };
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
+            eprintln!(
+                "{}: Not enough arguments\nTry 'vimg --help' for more info",
+                crate::trust::prefix()
+            );
+        }
+        ErrorKind::InvalidSubcommand => {
+            let name = e
+                .get(ContextKind::InvalidSubcommand)
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            eprintln!(
+                "{}: Command not found: {name}\nTry 'vimg --help' for more info",
+                crate::trust::prefix()
+            );
+        }
+        _ => {
+            let _ = e.print();
+        }
+    }
+    std::process::exit(1)
+}
+
+// One value per run, parsed once: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Convert an image to another format (qemu-img convert).
@@ -47,8 +83,9 @@ pub enum Command {
     Map(MapArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
-    /// Print the man page (roff) to stdout.
-    Man,
+    /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
+    /// every page (vimg.1, vimg-convert.1, ...) into a folder.
+    Man(ManArgs),
 }
 
 impl Command {
@@ -180,6 +217,30 @@ pub struct ConvertArgs {
     /// Cache mode of the source (checked; vimg always reads through the page cache).
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     pub src_cache: Option<String>,
+    /// Copy offloading (qemu-img's `copy_file_range` path). Accepted with qemu-img's
+    /// checks; vimg copies the same bytes either way.
+    #[arg(short = 'C')]
+    pub copy_offload: bool,
+    /// Rate limit of the copy, bytes per second (k, M, G suffixes; 0 = none).
+    #[arg(short = 'r', value_name = "RATE_LIMIT")]
+    pub rate_limit: Option<String>,
+    /// qemu-img writes zeros where the source cannot be read and goes on; vimg accepts the
+    /// flag but never salvages: a read error still fails the conversion, leaving no output.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
+    /// Copy persistent bitmaps (qcow2 to qcow2). vimg refuses when the source has any.
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: skip bitmaps marked inconsistent.
+    #[arg(long = "skip-broken-bitmaps")]
+    pub skip_broken_bitmaps: bool,
+    /// Convert from an internal snapshot: `snapshot.id=ID[,snapshot.name=NAME]`, or an ID
+    /// or name (the ID is tried first).
+    #[arg(short = 'l', value_name = "SNAPSHOT_PARAM")]
+    pub snapshot: Option<String>,
+    /// qemu-img's older spelling of `-l ID_OR_NAME`.
+    #[arg(short = 's', value_name = "SNAPSHOT_ID_OR_NAME", hide = true)]
+    pub snapshot_old: Option<String>,
     /// Assume the target reads as zeros already (with -n): zero ranges are not written.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
@@ -338,4 +399,13 @@ pub struct CompletionArgs {
     /// The shell.
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write vimg.1 and one page per subcommand into this folder.
+    #[arg(long = "dir", value_name = "DIR", conflicts_with = "subcommand")]
+    pub dir: Option<std::path::PathBuf>,
+    /// The subcommand whose page to print (default: vimg's own page).
+    pub subcommand: Option<String>,
 }

@@ -13,9 +13,7 @@ mod trust;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
-
-use args::{Cli, Command};
+use args::Command;
 
 /// An error on its way out: the message to print and the exit code.
 #[derive(Debug)]
@@ -27,7 +25,7 @@ pub struct Failure {
 impl Failure {
     pub fn new(message: impl Into<String>, code: u8) -> Failure {
         Failure {
-            message: message.into(),
+            message: without_os_error(message.into()),
             code,
         }
     }
@@ -66,7 +64,7 @@ fn main() -> ExitCode {
             };
         }
     }
-    let cli = Cli::parse();
+    let cli = args::parse();
     trust::set_image_opts(cli.image_opts);
     if let Err(f) = trust::init_policy(cli.cmd.safety()).and_then(|()| objects::init(&cli.objects))
     {
@@ -82,7 +80,7 @@ fn main() -> ExitCode {
         Command::Measure(a) => cmd::measure::run(a),
         Command::Map(a) => cmd::map::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
-        Command::Man => cmd::extras::man(),
+        Command::Man(a) => cmd::extras::man(a),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -102,4 +100,17 @@ pub fn print_out(text: &str) -> Result<(), Failure> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(Failure::new(format!("write to stdout: {e}"), 1)),
     }
+}
+
+/// Drops Rust's " (os error N)" after a system error's text: qemu-img prints the text alone
+/// ("No such file or directory"), and scripts match on it.
+fn without_os_error(mut msg: String) -> String {
+    while let Some(i) = msg.find(" (os error ") {
+        let Some(len) = msg[i..].find(')') else { break };
+        if !msg[i + 11..i + len].bytes().all(|b| b.is_ascii_digit()) {
+            break;
+        }
+        msg.replace_range(i..=i + len, "");
+    }
+    msg
 }

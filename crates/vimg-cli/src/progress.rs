@@ -17,7 +17,8 @@ enum Sink {
     Bar(ProgressBar),
     Plain {
         to_stderr: bool,
-        last: Mutex<i64>,
+        /// The percentage last printed; `None` before the first line.
+        last: Mutex<Option<f64>>,
     },
     Json {
         start: Instant,
@@ -46,13 +47,13 @@ impl Reporter {
                 } else {
                     Sink::Plain {
                         to_stderr: false,
-                        last: Mutex::new(-1),
+                        last: Mutex::new(None),
                     }
                 }
             }
             Some(_) => Sink::Plain {
                 to_stderr: stdout_busy,
-                last: Mutex::new(-1),
+                last: Mutex::new(None),
             },
         };
         Reporter { sink }
@@ -72,16 +73,23 @@ impl Reporter {
                 b.set_position(p.done);
             }
             Sink::Plain { to_stderr, last } => {
-                let pct = percent(p);
-                let key = pct.floor() as i64;
-                if let Ok(mut l) = last.lock() {
-                    if *l == key {
-                        return;
-                    }
-                    *l = key;
+                // qemu's rule (util/qemu-progress.c, min_skip 1 as qemu-img convert sets
+                // it): a line at 0 and 100, and whenever progress passed the last line by
+                // more than one point. The lock keeps lines in order.
+                let Ok(mut l) = last.lock() else { return };
+                let pct = match (p.total, *l) {
+                    // Nothing to copy: 0 at the start, 100 at the end, as qemu-img prints.
+                    (0, None) => 0.0,
+                    _ => percent(p),
+                };
+                let print = match *l {
+                    None => true,
+                    Some(prev) => pct > prev + 1.0 || pct >= 100.0 || pct == 0.0,
+                };
+                if print {
+                    *l = Some(pct);
+                    write_to(*to_stderr, &format!("    ({pct:3.2}/100%)\r"));
                 }
-                let line = format!("    ({pct:3.2}/100%)\r");
-                write_to(*to_stderr, &line);
             }
             Sink::Json { start, last } => {
                 let now = Instant::now();
@@ -118,10 +126,9 @@ impl Reporter {
                     b.abandon();
                 }
             }
+            // The copy's last report printed 100; qemu-img ends with a newline.
             Sink::Plain { to_stderr, .. } => {
-                if ok {
-                    write_to(*to_stderr, "    (100.00/100%)\r");
-                }
+                let _ = ok;
                 write_to(*to_stderr, "\n");
             }
         }
@@ -156,4 +163,33 @@ fn bar() -> ProgressBar {
         b.set_style(style);
     }
     b
+}
+
+/// `convert -r`: holds the copy back to a rate in bytes per second. Called with the bytes
+/// done as each chunk is handed to the writer (in guest order, one call at a time), it
+/// sleeps until the time that many bytes may take at the rate.
+pub struct RateLimit {
+    start: Instant,
+    rate: u64,
+}
+
+impl RateLimit {
+    /// `rate` 0 means no limit.
+    pub fn new(rate: u64) -> RateLimit {
+        RateLimit {
+            start: Instant::now(),
+            rate,
+        }
+    }
+
+    /// Waits until `done` bytes are due.
+    pub fn pace(&self, done: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
 }

@@ -165,7 +165,8 @@ fn option_help_matches_qemu() {
     if !qemu_available("option_help_matches_qemu") {
         return;
     }
-    let q = qemu_img(&["create", "-f", "vdi", "-o", "help"]);
+    // With a target name both list the protocol's options too.
+    let q = qemu_img(&["create", "-f", "vdi", "-o", "help", "x"]);
     let v = vimg(&["create", "-f", "vdi", "-o", "help", "x"]);
     let q: Vec<&str> = q.lines().take_while(|l| !l.is_empty()).collect();
     let v: Vec<&str> = v.lines().take_while(|l| !l.is_empty()).collect();

@@ -398,9 +398,8 @@ fn option_help_matches_qemu() {
     if !qemu_available("option_help_matches_qemu") {
         return;
     }
-    // Without a file name qemu-img lists the format's options only (with one, it adds the
-    // protocol's); vimg's command line needs the file name.
-    let q = qemu_img(&["create", "-f", "vpc", "-o", "help"]);
+    // With a file name both list the protocol's options too.
+    let q = qemu_img(&["create", "-f", "vpc", "-o", "help", "x"]);
     let v = vimg(&["create", "-f", "vpc", "-o", "help", "x"]);
     let q: Vec<&str> = q.lines().take_while(|l| !l.is_empty()).collect();
     let v: Vec<&str> = v.lines().take_while(|l| !l.is_empty()).collect();

@@ -238,9 +238,10 @@ impl Image {
         };
         if let Some(id) = storage.identity() {
             if seen.contains(&id) {
-                return Err(with_path(Error::invalid(
-                    "Backing chain loops back to an image already in the chain",
-                )));
+                // qemu-img's words for it.
+                return Err(with_path(Error::invalid(format!(
+                    "Backing file '{filename}' creates an infinite loop."
+                ))));
             }
             seen.push(id);
         }
@@ -345,6 +346,28 @@ impl Image {
     /// The format reader.
     pub fn reader(&self) -> &dyn ImageReader {
         &*self.reader
+    }
+
+    /// Several images read one after another as one disk (`convert a b c out`); see
+    /// [`crate::concat`]. Shown under the first part's name.
+    pub fn concat(parts: Vec<Image>) -> Result<Image> {
+        let reader = crate::concat::ConcatReader::new(parts)?;
+        let first = reader.first();
+        let (filename, storage) = (first.filename.clone(), first.storage.clone());
+        Ok(Image {
+            reader: Box::new(reader),
+            backing: None,
+            filename,
+            path: None,
+            storage,
+            origin: Origin::default(),
+        })
+    }
+
+    /// Reads the top image as it was when an internal snapshot was taken (`convert -l`);
+    /// see [`ImageReader::load_snapshot`].
+    pub fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        self.reader.load_snapshot(id, name)
     }
 
     /// The backing image, if one was opened.

@@ -105,6 +105,7 @@ pub mod check;
 pub mod checksum;
 pub mod codec;
 pub mod compare;
+pub mod concat;
 pub mod container;
 pub mod convert;
 pub mod engine;

@@ -60,15 +60,28 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
         }
         f.path().map(|p| p.to_path_buf())
     };
+    let mut length = e.len;
     let (present, zero, data, compressed, offset, filename) = match e.kind {
-        MapKind::Data { file, offset } => (
-            true,
-            false,
-            true,
-            false,
-            Some(offset.get()),
-            file_path(file),
-        ),
+        MapKind::Data { file, offset } => {
+            // As qemu asks the file under a format: data over a hole in the host file (a
+            // `preallocation=metadata` image) or past its end reads as zero, and is reported
+            // so ("zero": true, "data": true), split at the hole's edges.
+            let mut zero = false;
+            if let Some(st) = r.file(file) {
+                match st.next_data(offset.get()) {
+                    Ok(Some((ds, _))) if ds > offset.get() => {
+                        zero = true;
+                        length = length.min(ds - offset.get());
+                    }
+                    Ok(Some((_, de))) if de > offset.get() => {
+                        length = length.min(de - offset.get());
+                    }
+                    Ok(None) => zero = true,
+                    _ => {}
+                }
+            }
+            (true, zero, true, false, Some(offset.get()), file_path(file))
+        }
         MapKind::Compressed { file, .. } => (true, false, true, true, None, file_path(file)),
         MapKind::Zero => {
             let loc = r.zero_location(&e);
@@ -85,7 +98,7 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
     };
     Ok(MapEntry {
         start: pos,
-        length: e.len,
+        length,
         depth,
         present,
         zero,

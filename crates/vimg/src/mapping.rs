@@ -313,6 +313,16 @@ pub trait ImageReader: Send + Sync {
         Vec::new()
     }
 
+    /// Reads the image as it was when internal snapshot `id` / `name` was taken (both must
+    /// match where given), for `convert -l`. Formats without internal snapshots refuse.
+    fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        let _ = (id, name);
+        Err(crate::Error::unsupported(format!(
+            "Block format '{}' does not support internal snapshots",
+            self.format().name()
+        )))
+    }
+
     /// The `format-specific` block of `info`.
     fn format_specific(&self) -> Option<FormatSpecific> {
         None

@@ -30,7 +30,7 @@ impl OptionType {
 }
 
 /// One option a format accepts.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OptionSpec {
     /// The key, as qemu-img spells it.
     pub name: &'static str,
@@ -47,9 +47,54 @@ pub const SIZE_OPTION: OptionSpec = OptionSpec {
     help: "Virtual disk size",
 };
 
-/// Formats `-o help` output for `format` with `specs`, in qemu-img's layout.
+/// The `file` protocol's create options (QEMU's file-posix), which qemu-img accepts under
+/// every format and lists in `-o help` once a target file name is given. vimg accepts
+/// `extent_size_hint` and `nocow` for every format as the hints they are (they change no
+/// byte of the image; vimg does not apply them); `preallocation` only where the format
+/// declares it.
+pub const PROTOCOL_OPTIONS: [OptionSpec; 3] = [
+    OptionSpec {
+        name: "extent_size_hint",
+        ty: OptionType::Size,
+        help: "Extent size hint for the image file, 0 to disable",
+    },
+    OptionSpec {
+        name: "nocow",
+        ty: OptionType::Bool,
+        help: "Turn off copy-on-write (valid only on btrfs)",
+    },
+    OptionSpec {
+        name: "preallocation",
+        ty: OptionType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
+];
+
+/// `-o help` with a target file name, as qemu-img prints it: the format's options and the
+/// protocol's in one sorted list (the format's win where both have one).
+pub fn help_text_for_file(specs: &[OptionSpec]) -> String {
+    let mut all: Vec<&OptionSpec> = specs.iter().collect();
+    for p in &PROTOCOL_OPTIONS {
+        if !all.iter().any(|s| s.name == p.name) {
+            all.push(p);
+        }
+    }
+    all.sort_by_key(|s| s.name);
+    let mut out = "Supported options:\n".to_string();
+    for s in all {
+        let left = format!("{}={}", s.name, s.ty.help_name());
+        out.push_str(&format!("  {left:<22} - {}\n", s.help));
+    }
+    out
+}
+
+/// Formats `-o help` output for `format` with `specs`, in qemu-img's layout (without a
+/// target file name: the protocol's options are not listed).
 pub fn help_text(format: &str, specs: &[OptionSpec]) -> String {
-    let mut specs: Vec<&OptionSpec> = specs.iter().collect();
+    let mut specs: Vec<&OptionSpec> = specs
+        .iter()
+        .filter(|s| !PROTOCOL_OPTIONS.contains(s))
+        .collect();
     specs.sort_by_key(|s| s.name);
     let mut out = format!("Supported {format} options:\n");
     for s in specs {
@@ -137,9 +182,7 @@ impl CreateOptions {
                     })?;
                 }
                 OptionType::Number => {
-                    v.trim().parse::<u64>().map_err(|_| {
-                        Error::invalid_argument(format!("Parameter '{k}' expects a number"))
-                    })?;
+                    parse_number(k, v)?;
                 }
                 OptionType::Str => {}
             }
@@ -178,15 +221,36 @@ impl CreateOptions {
     pub fn get_number(&self, key: &str) -> Result<Option<u64>> {
         self.values
             .get(key)
-            .map(|v| {
-                v.trim().parse::<u64>().map_err(|_| {
-                    Error::invalid_argument(format!(
-                        "Parameter '{key}' expects a number, got '{v}'"
-                    ))
-                })
-            })
+            .map(|v| parse_number(key, v))
             .transpose()
     }
+}
+
+/// A number option as QEMU reads one (`qemu_strtou64` with base 0): decimal, `0x` hex or
+/// leading-`0` octal, and a leading `-` negates modulo 2^64 as `strtoull` does (so
+/// `refcount_bits=-1` is a huge width, refused by the format's own check as in qemu-img).
+/// qemu-img's messages for what is not a number and what does not fit.
+pub fn parse_number(key: &str, v: &str) -> Result<u64> {
+    let not_number = || Error::invalid_argument(format!("Parameter '{key}' expects a number"));
+    let t = v.trim_start();
+    let (neg, t) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let (digits, radix) = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        (h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        (&t[1..], 8)
+    } else {
+        (t, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(not_number());
+    }
+    let n = u64::from_str_radix(digits, radix).map_err(|_| {
+        Error::invalid_argument(format!("Value '{v}' is too large for parameter '{key}'"))
+    })?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }
 
 fn split_commas(s: &str) -> Vec<String> {

@@ -41,6 +41,19 @@ pub trait ImageWriter: Send + Sync {
     /// empty) where the writer encodes. Called concurrently unless the writer is ordered.
     fn write(&self, offset: u64, data: &[u8], encoded: &[EncodedUnit]) -> Result<()>;
 
+    /// Reserves the target's space for data about to be written at `[offset, offset +
+    /// len)` (unit-aligned, not all zero). The engine calls this in ascending guest order,
+    /// one call at a time, before the matching [`ImageWriter::write`]; so a writer that
+    /// places data where it is first allocated gets the same layout whatever the thread
+    /// count and timing (the same bytes on every run). Returns `true` when the writer has
+    /// nothing order-dependent left to do in `write` (which may then run in parallel, in
+    /// any order), `false` when the engine must call `write` in guest order itself (the
+    /// default: safe for every writer).
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        let _ = (offset, len);
+        Ok(false)
+    }
+
     /// Makes `[offset, offset + len)` read as zeros. Only needed when the target did not
     /// start out zero (`convert -n`) or when zeros must hide a backing image (`convert -B`);
     /// the default writes zero-filled data.

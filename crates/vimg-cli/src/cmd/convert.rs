@@ -17,7 +17,8 @@ use crate::{CmdResult, Failure};
 
 /// Checked convert options.
 struct Plan {
-    src: String,
+    /// The sources, read one after another (`convert a b c out`).
+    srcs: Vec<String>,
     dst: PathBuf,
     src_format: Option<Format>,
     out_format: Format,
@@ -108,12 +109,63 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         return Err(Failure::new("-F requires -B", 1));
     }
     vimg::convert::check_create_options(out_format, &create).map_err(Failure::from)?;
+    // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
+    // target gets only what the top image stores.
+    let top_only = a.backing.is_some() || create.has("backing_file");
+    if a.copy_offload && a.compress {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -c is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.sparse_size.is_some() {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -S is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.salvage {
+        return Err(Failure::new(
+            "Cannot use copy offloading in salvaging mode",
+            1,
+        ));
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Failure::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+            1,
+        ));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(Failure::new("--target-is-zero requires use of -n flag", 1));
+    }
+    if a.target_is_zero && top_only {
+        return Err(Failure::new(
+            "Cannot use --target-is-zero when the destination image has a backing file",
+            1,
+        ));
+    }
     if a.files.len() < 2 {
         return Err(Failure::new("Must specify image file name", 1));
     }
     if a.files.len() > 2 {
+        if a.snapshot.is_some() || a.snapshot_old.is_some() {
+            return Err(Failure::new(
+                "No support for concatenating multiple snapshot",
+                1,
+            ));
+        }
+        if top_only {
+            return Err(Failure::new(
+                "Having a backing file for the target makes no sense when concatenating multiple input images",
+                1,
+            ));
+        }
+    }
+    // After the concatenation checks, as qemu-img orders them (iotest 122).
+    if top_only && !create.has("backing_fmt") {
         return Err(Failure::new(
-            "converting several source images into one is not supported",
+            "Use of backing file requires explicit backing format",
             1,
         ));
     }
@@ -165,8 +217,8 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
                 .unwrap_or(2),
         };
     Ok(Plan {
-        src: a.files[0].clone(),
-        dst: PathBuf::from(&a.files[1]),
+        srcs: a.files[..a.files.len() - 1].to_vec(),
+        dst: PathBuf::from(&a.files[a.files.len() - 1]),
         src_format,
         out_format,
         out_name: a.out_format.clone(),
@@ -181,8 +233,8 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             a.progress_mode
                 .or(a.progress.then_some(crate::args::ProgressMode::Auto))
         },
-        top_only: a.backing.is_some(),
-        mode: match (a.no_create, a.files[1] == "-") {
+        top_only,
+        mode: match (a.no_create, a.files[a.files.len() - 1] == "-") {
             (true, true) => {
                 return Err(Failure::new(
                     "-n writes into an existing image and cannot be combined with '-' (stdout)",
@@ -202,14 +254,63 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
 
 pub fn run(a: ConvertArgs) -> CmdResult {
     if super::wants_help(&a.options) {
-        super::print_option_help(parse_format(&a.out_format)?)?;
+        super::print_option_help(
+            parse_format(&a.out_format)?,
+            a.files.last().map(String::as_str),
+        )?;
         return Ok(0);
     }
     let p = plan(&a)?;
     let mut open = open_options(p.src_format, &a.safety);
     apply_source_args(&mut open, &a.source)?;
-    let src = Image::open_source(&Source::from_arg(&p.src), &open)
-        .map_err(|e| Failure::open(&p.src, &e))?;
+    let mut parts = Vec::with_capacity(p.srcs.len());
+    for name in &p.srcs {
+        let img = Image::open_source(&Source::from_arg(name), &open)
+            .map_err(|e| Failure::open(name, &e))?;
+        parts.push(img);
+    }
+    let mut src = if parts.len() == 1 {
+        parts.remove(0)
+    } else {
+        if parts
+            .iter()
+            .any(|i| i.storage().sequential_window().is_some())
+        {
+            return Err(Failure::new(
+                "a streamed source cannot be concatenated with others",
+                1,
+            ));
+        }
+        Image::concat(parts).map_err(Failure::from)?
+    };
+    load_snapshot(&mut src, &a)?;
+    if a.bitmaps {
+        match src.reader().persistent_bitmaps() {
+            None => return Err(Failure::new("Source lacks bitmap support", 1)),
+            Some(b) if !b.is_empty() => {
+                return Err(Failure::new(
+                    "copying persistent bitmaps (--bitmaps) is not supported by vimg",
+                    1,
+                ))
+            }
+            Some(_) => {}
+        }
+        if p.out_format != Format::Qcow2 {
+            return Err(Failure::new(
+                format!(
+                    "Format driver '{}' does not support bitmaps",
+                    p.out_format.name()
+                ),
+                1,
+            ));
+        }
+    }
+    let rate = match &a.rate_limit {
+        Some(r) => vimg::options::parse_size(r)
+            .map_err(|_| Failure::new(format!("Invalid rate limit specified: '{r}'."), 1))?,
+        None => 0,
+    };
+    let src_name = &p.srcs[0];
     for w in src.chain().iter().flat_map(|l| l.reader().warnings()) {
         eprintln!("vimg: warning: {w}");
     }
@@ -217,7 +318,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         if c.access == vimg::container::Access::TemporaryFile {
             eprintln!(
                 "vimg: note: '{}' ({} inside {}) is decoded into a sparse temporary file in {}",
-                p.src,
+                src_name,
                 src.format(),
                 c.compression,
                 std::env::temp_dir().display()
@@ -255,7 +356,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     });
     let cancel = crate::signals::install_cancel_flag_with(note);
     let printer = crate::progress::Reporter::new(p.progress, to_stdout);
-    let progress_fn = |pr: Progress| printer.update(pr);
+    let pace = crate::progress::RateLimit::new(rate);
+    let progress_fn = |pr: Progress| {
+        printer.update(pr);
+        pace.pace(pr.done);
+    };
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
     opts.output_mode = p.mode;
@@ -268,8 +373,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         sparse_size: p.sparse_size,
         workers: p.workers,
         target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
-        progress: printer
-            .enabled()
+        progress: (printer.enabled() || rate > 0)
             .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
         mode: if p.top_only {
             CopyMode::TopOnly
@@ -350,4 +454,36 @@ fn names_stdout(path: &std::path::Path) -> bool {
         return false;
     }
     m.dev() == st.st_dev as u64 && m.ino() == st.st_ino as u64
+}
+
+/// `-l` / `-s`: read the source as it was at an internal snapshot, as qemu-img does
+/// (`snapshot.id=` / `snapshot.name=` options, or an ID or name, the ID tried first).
+fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
+    let param = match (&a.snapshot, &a.snapshot_old) {
+        (Some(p), _) | (None, Some(p)) => p.as_str(),
+        (None, None) => return Ok(()),
+    };
+    let r = if param.starts_with("snapshot.") {
+        let (mut id, mut name) = (None, None);
+        for kv in param.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    let key = kv.split('=').next().unwrap_or(kv);
+                    return Err(Failure::new(
+                        format!(
+                            "Invalid parameter '{key}'\nFailed in parsing snapshot param '{param}'"
+                        ),
+                        1,
+                    ));
+                }
+            }
+        }
+        src.load_snapshot(id, name)
+    } else {
+        src.load_snapshot(Some(param), None)
+            .or_else(|_| src.load_snapshot(None, Some(param)))
+    };
+    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {e}"), 1))
 }

@@ -5,16 +5,45 @@ use crate::args::CreateArgs;
 use crate::{CmdResult, Failure};
 
 pub fn run(a: CreateArgs) -> CmdResult {
-    let format = parse_format(&a.format)?;
+    // qemu-img names the target in every error once it knows it.
+    let named = |f: Failure| match &a.filename {
+        Some(n) => Failure::new(format!("{n}: {}", f.message), f.code),
+        None => f,
+    };
+    // Formats qemu-img reads but never creates (vimg may not read them either).
+    if ["bochs", "cloop", "dmg", "vvfat"].contains(&a.format.as_str())
+        && vimg::Format::from_name(&a.format).is_none()
+    {
+        return Err(named(Failure::new(
+            format!(
+                "Format driver '{}' does not support image creation",
+                a.format
+            ),
+            1,
+        )));
+    }
+    let format = parse_format(&a.format).map_err(named)?;
     if super::wants_help(&a.options) {
-        super::print_option_help(format)?;
+        super::print_option_help(format, a.filename.as_deref())?;
         return Ok(0);
     }
     let Some(filename) = a.filename.clone() else {
         return Err(Failure::new("Expecting image file name", 1));
     };
-    let mut opts = parse_create_options(&a.options)?;
+    let mut opts = parse_create_options(&a.options).map_err(named)?;
     if let Some(b) = &a.backing {
+        if !vimg::formats::all_options(format)
+            .iter()
+            .any(|s| s.name == "backing_file")
+        {
+            return Err(named(Failure::new(
+                format!(
+                    "Backing file not supported for file format '{}'",
+                    format.name()
+                ),
+                1,
+            )));
+        }
         opts.set("backing_file", b.clone());
     }
     if let Some(f) = parse_format_opt(a.backing_format.as_deref())? {
@@ -27,19 +56,73 @@ pub fn run(a: CreateArgs) -> CmdResult {
         ),
         None => None,
     };
+    vimg::convert::check_create_options(format, &opts).map_err(|e| named(Failure::from(e)))?;
+    if let Some(b) = opts.get_str("backing_file") {
+        if b == filename {
+            return Err(named(Failure::new(
+                "Error: Trying to create an image with the same filename as the backing file",
+                1,
+            )));
+        }
+        // qemu-img opens the backing file (unless -u) before it creates anything.
+        if !a.unsafe_backing {
+            let path = backing_path(&filename, b);
+            let bf = opts
+                .get_str("backing_fmt")
+                .and_then(vimg::Format::from_name);
+            if let Err(e) = vimg::Image::open(
+                &path,
+                &vimg::OpenOptions {
+                    format: bf,
+                    open_backing: false,
+                    ..vimg::OpenOptions::default()
+                },
+            ) {
+                return Err(named(Failure::new(
+                    format!(
+                        "Could not open '{}': {e}\nCould not open backing image.",
+                        path.display()
+                    ),
+                    1,
+                )));
+            }
+        }
+        if b == filename {
+            return Err(named(Failure::new(
+                "Error: Trying to create an image with the same filename as the backing file",
+                1,
+            )));
+        }
+        if !opts.has("backing_fmt") {
+            // qemu-img probes the backing file to say what it found (unless -u).
+            let found = if a.unsafe_backing {
+                String::new()
+            } else {
+                vimg::Image::open(
+                    backing_path(&filename, b),
+                    &vimg::OpenOptions {
+                        open_backing: false,
+                        ..vimg::OpenOptions::default()
+                    },
+                )
+                .map(|i| format!("\nDetected format of {}.", i.format().name()))
+                .unwrap_or_default()
+            };
+            return Err(named(Failure::new(
+                format!("Backing file specified without backing format{found}"),
+                1,
+            )));
+        }
+    }
     let size = match (
         size,
-        opts.get_size("size").map_err(Failure::from)?,
+        opts.get_size("size").map_err(|e| named(Failure::from(e)))?,
         &a.backing,
     ) {
         (Some(s), _, _) | (None, Some(s), _) => Some(s),
         (None, None, Some(b)) => {
             // The size of the backing image, which the user named directly.
-            let path = std::path::Path::new(&filename)
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map(|p| p.join(b))
-                .unwrap_or_else(|| b.into());
+            let path = backing_path(&filename, b);
             let bf = parse_format_opt(a.backing_format.as_deref())?;
             let img = vimg::Image::open(
                 &path,
@@ -54,6 +137,16 @@ pub fn run(a: CreateArgs) -> CmdResult {
         }
         (None, None, None) => None,
     };
+    // Option names and types were checked above and the size is known: what qemu-img
+    // checks before it prints "Formatting ...". The format's own checks (cluster size,
+    // refcount width) come after the line, as in qemu-img.
+    let Some(size) = size else {
+        return Err(named(Failure::new(
+            "Image creation needs a size parameter",
+            1,
+        )));
+    };
+    let size = Some(size);
     if !a.quiet {
         let line = formatting_line(&filename, format, &opts, size)?;
         crate::print_out(&format!("{line}\n"))?;
@@ -61,6 +154,15 @@ pub fn run(a: CreateArgs) -> CmdResult {
     vimg::create(&filename, format, size, &opts)
         .map_err(|e| Failure::new(format!("{filename}: {e}"), 1))?;
     Ok(0)
+}
+
+/// Where a backing name given for a new image points: next to the image unless absolute.
+fn backing_path(filename: &str, backing: &str) -> std::path::PathBuf {
+    std::path::Path::new(filename)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.join(backing))
+        .unwrap_or_else(|| backing.into())
 }
 
 /// qemu-img create's options in the order it prints them on the "Formatting" line (the order
@@ -119,7 +221,12 @@ fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'s
             ("cluster_size", Some("65536")),
             ("table_size", None),
         ],
-        _ => &[("size", None), ("preallocation", None)],
+        _ => &[
+            ("size", None),
+            ("nocow", None),
+            ("preallocation", None),
+            ("extent_size_hint", None),
+        ],
     }
 }
 
@@ -139,11 +246,20 @@ fn formatting_line(
         let is_size = specs
             .iter()
             .any(|s| s.name == k && s.ty == vimg::options::OptionType::Size);
+        let is_number = specs
+            .iter()
+            .any(|s| s.name == k && s.ty == vimg::options::OptionType::Number);
         if is_size {
             Ok(opts
                 .get_size(k)
                 .map_err(Failure::from)?
                 .map(|n| n.to_string()))
+        } else if is_number {
+            // As QEMU prints a number option: signed decimal (`-1` stays `-1`).
+            Ok(opts
+                .get_number(k)
+                .map_err(Failure::from)?
+                .map(|n| (n as i64).to_string()))
         } else {
             Ok(opts.get_str(k).map(str::to_string))
         }
@@ -155,8 +271,19 @@ fn formatting_line(
             line.push_str(&format!(" {k}={v}"));
         }
     }
+    // The file protocol's options follow the format's, in QEMU's order.
+    for k in ["nocow", "preallocation", "extent_size_hint"] {
+        if !order.iter().any(|(o, _)| *o == k) {
+            if let Some(v) = value(k)? {
+                line.push_str(&format!(" {k}={v}"));
+            }
+        }
+    }
     for k in opts.keys() {
-        if k != "size" && !order.iter().any(|(o, _)| *o == k) {
+        if k != "size"
+            && !order.iter().any(|(o, _)| *o == k)
+            && !["nocow", "preallocation", "extent_size_hint"].contains(&k)
+        {
             line.push_str(&format!(" {k}={}", value(k)?.unwrap_or_default()));
         }
     }

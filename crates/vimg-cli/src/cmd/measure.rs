@@ -11,7 +11,7 @@ use crate::{CmdResult, Failure};
 pub fn run(a: MeasureArgs) -> CmdResult {
     let out_format = parse_format(&a.out_format)?;
     if super::wants_help(&a.options) {
-        super::print_option_help(out_format)?;
+        super::print_option_help(out_format, None)?;
         return Ok(0);
     }
     let opts = parse_create_options(&a.options)?;

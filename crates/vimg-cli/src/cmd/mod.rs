@@ -68,7 +68,11 @@ pub fn wants_help(list: &[String]) -> bool {
 }
 
 /// Prints a format's `-o help`.
-pub fn print_option_help(format: Format) -> Result<(), Failure> {
+/// With a target file name, qemu-img also lists the protocol's options.
+pub fn print_option_help(format: Format, target: Option<&str>) -> Result<(), Failure> {
     let specs = vimg::formats::all_options(format);
-    crate::print_out(&vimg::options::help_text(format.name(), &specs))
+    crate::print_out(&match target {
+        Some(_) => vimg::options::help_text_for_file(&specs),
+        None => vimg::options::help_text(format.name(), &specs),
+    })
 }

@@ -9,6 +9,10 @@
 //!   waits for a free buffer before it is planned.
 //! - Writers that need ascending order get it from one sink thread that puts finished chunks
 //!   back in order.
+//! - The output's bytes depend only on the input and the options, never on the thread count
+//!   or timing: for the other writers, space is allocated in guest order (a turnstile
+//!   passes jobs to [`ImageWriter::allocate`] by sequence number, after their parallel read,
+//!   scan and encode), and only the data writes themselves run in any order.
 
 mod mapped;
 pub mod zero;
@@ -16,7 +20,7 @@ pub mod zero;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
@@ -61,7 +65,9 @@ pub struct CopyOptions<'a> {
     pub target_is_zero: bool,
     /// Which ranges to copy.
     pub mode: CopyMode,
-    /// Called from the planning thread as chunks complete.
+    /// Called with `done: 0` before the copy, then as chunks complete, in guest order (one
+    /// call at a time, from the thread that passes the chunk to the writer), and with
+    /// `done == total` at the end.
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
     /// Checked between chunks; when set, the copy stops with [`ErrorKind::Cancelled`].
     pub cancel: Option<&'a AtomicBool>,
@@ -130,6 +136,9 @@ struct Done {
 
 struct Shared<'a> {
     src: &'a Image,
+    progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Data bytes in all, for progress.
+    total: AtomicU64,
     dst: &'a dyn ImageWriter,
     unit: u64,
     sparse: usize,
@@ -139,6 +148,9 @@ struct Shared<'a> {
     mapped_reads: bool,
     error: Mutex<Option<Error>>,
     failed: AtomicBool,
+    /// The sequence number of the job whose turn it is to allocate (unordered writers).
+    turn: Mutex<u64>,
+    turn_cv: Condvar,
     done_bytes: AtomicU64,
     stats_read: AtomicU64,
     stats_written: AtomicU64,
@@ -153,6 +165,34 @@ impl Shared<'_> {
             }
         }
         self.failed.store(true, Ordering::SeqCst);
+        // Wake the workers waiting for their turn so they see the failure.
+        let _guard = self.turn.lock();
+        self.turn_cv.notify_all();
+    }
+
+    /// Waits until job `seq` may allocate; `false` when the copy failed meanwhile.
+    fn wait_turn(&self, seq: u64) -> bool {
+        let Ok(mut t) = self.turn.lock() else {
+            return false;
+        };
+        while *t != seq {
+            if self.failed.load(Ordering::SeqCst) {
+                return false;
+            }
+            t = match self.turn_cv.wait(t) {
+                Ok(t) => t,
+                Err(_) => return false,
+            };
+        }
+        true
+    }
+
+    /// Passes the turn to the next job.
+    fn end_turn(&self) {
+        if let Ok(mut t) = self.turn.lock() {
+            *t += 1;
+            self.turn_cv.notify_all();
+        }
     }
 }
 
@@ -189,6 +229,8 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     };
     let shared = Shared {
         src,
+        progress: opts.progress,
+        total: AtomicU64::new(0),
         dst,
         unit,
         sparse,
@@ -199,6 +241,8 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
             && opts.mode == CopyMode::Flatten,
         error: Mutex::new(None),
         failed: AtomicBool::new(false),
+        turn: Mutex::new(0),
+        turn_cv: Condvar::new(),
         done_bytes: AtomicU64::new(0),
         stats_read: AtomicU64::new(0),
         stats_written: AtomicU64::new(0),
@@ -217,6 +261,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     } else {
         0
     };
+    shared.total.store(total, Ordering::Relaxed);
     if let Some(p) = opts.progress {
         p(Progress { done: 0, total });
     }
@@ -250,20 +295,12 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
         drop(free_tx);
 
         let mut planner = Planner::new(&shared, opts, size, chunk);
-        let mut last_report = 0u64;
         let result = planner.run(|job| {
             let buf = free_rx
                 .recv()
                 .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))?;
             if shared.failed.load(Ordering::SeqCst) {
                 return Err(Error::msg(ErrorKind::Io, "copy failed"));
-            }
-            if let Some(p) = opts.progress {
-                let done = shared.done_bytes.load(Ordering::Relaxed);
-                if done != last_report {
-                    last_report = done;
-                    p(Progress { done, total });
-                }
             }
             job_tx
                 .send((job, buf))
@@ -480,7 +517,7 @@ fn worker(
                 }
             }
             None => {
-                let r = write_out(shared, job, &buf, &runs, &encoded);
+                let r = write_out(shared, job, &buf, &runs, &encoded, true);
                 if let Err(e) = r {
                     shared.fail(e);
                 }
@@ -530,7 +567,7 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
     if m.failed() {
         return Some(Err(failed()));
     }
-    let r = write_out(shared, job, m.data(), runs, &[]);
+    let r = write_out(shared, job, m.data(), runs, &[], true);
     if m.failed() {
         return Some(Err(failed()));
     }
@@ -572,18 +609,56 @@ fn process(
     Ok(())
 }
 
-/// Hands one processed job to the writer.
+/// Hands one processed job to the writer. With `in_turn` (unordered writers, called from
+/// the workers), everything whose effect depends on order (allocation, zero writes, and the
+/// data writes of a writer that cannot allocate ahead) happens in sequence order; the data
+/// the writer allocated ahead is written after the turn passes on, in parallel with other
+/// jobs.
 fn write_out(
     shared: &Shared<'_>,
     job: Job,
     buf: &[u8],
     runs: &[Run],
     encoded: &[Vec<EncodedUnit>],
+    in_turn: bool,
 ) -> Result<()> {
+    if !in_turn {
+        return write_ordered(shared, job, buf, runs, encoded, false).map(|_| ());
+    }
+    if !shared.wait_turn(job.seq()) {
+        return Err(Error::msg(ErrorKind::Io, "copy failed"));
+    }
+    let r = write_ordered(shared, job, buf, runs, encoded, true);
+    shared.end_turn();
+    if let (Some(from), Job::Data { start, .. }) = (r?, job) {
+        for d in runs.iter().filter(|d| !d.zero && d.start >= from) {
+            shared
+                .dst
+                .write(start + d.start as u64, &buf[d.start..d.end], &[])?;
+        }
+    }
+    Ok(())
+}
+
+/// The ordered part of [`write_out`]. With `allocate_ahead`, data runs the writer
+/// allocated ahead are not written here; the result is the job-relative byte from which on
+/// the data runs are still to be written (always one tail of the job).
+fn write_ordered(
+    shared: &Shared<'_>,
+    job: Job,
+    buf: &[u8],
+    runs: &[Run],
+    encoded: &[Vec<EncodedUnit>],
+    allocate_ahead: bool,
+) -> Result<Option<usize>> {
     match job {
-        Job::Zeroes { start, len, .. } => shared.dst.write_zeroes(start, len),
+        Job::Zeroes { start, len, .. } => {
+            shared.dst.write_zeroes(start, len)?;
+            Ok(None)
+        }
         Job::Data { start, len, .. } => {
             let mut enc = encoded.iter();
+            let mut deferred_from: Option<usize> = None;
             for r in runs {
                 let off = start + r.start as u64;
                 let n = (r.end - r.start) as u64;
@@ -592,14 +667,36 @@ fn write_out(
                     if shared.zero_writes {
                         shared.dst.write_zeroes(off, n)?;
                     }
-                } else {
-                    let e = enc.next().map(Vec::as_slice).unwrap_or(&[]);
-                    shared.dst.write(off, &buf[r.start..r.end], e)?;
-                    shared.stats_written.fetch_add(n, Ordering::Relaxed);
+                    continue;
                 }
+                shared.stats_written.fetch_add(n, Ordering::Relaxed);
+                let e = enc.next().map(Vec::as_slice).unwrap_or(&[]);
+                if allocate_ahead && e.is_empty() && shared.dst.allocate(off, n)? {
+                    deferred_from.get_or_insert(r.start);
+                    continue;
+                }
+                if let Some(from) = deferred_from.take() {
+                    // This run must be written now: write the deferred ones before it too,
+                    // so what is left stays one tail of the job.
+                    for d in runs
+                        .iter()
+                        .filter(|d| !d.zero && d.start >= from && d.start < r.start)
+                    {
+                        shared
+                            .dst
+                            .write(start + d.start as u64, &buf[d.start..d.end], &[])?;
+                    }
+                }
+                shared.dst.write(off, &buf[r.start..r.end], e)?;
             }
-            shared.done_bytes.fetch_add(len, Ordering::Relaxed);
-            Ok(())
+            let done = shared.done_bytes.fetch_add(len, Ordering::Relaxed) + len;
+            if let Some(p) = shared.progress {
+                p(Progress {
+                    done,
+                    total: shared.total.load(Ordering::Relaxed),
+                });
+            }
+            Ok(deferred_from)
         }
     }
 }
@@ -612,7 +709,7 @@ fn sink(shared: &Shared<'_>, done: Receiver<Done>, free: SyncSender<Vec<u8>>) {
         waiting.insert(d.job.seq(), d);
         while let Some(d) = waiting.remove(&next) {
             if !shared.failed.load(Ordering::Relaxed) {
-                if let Err(e) = write_out(shared, d.job, &d.buf, &d.runs, &d.encoded) {
+                if let Err(e) = write_out(shared, d.job, &d.buf, &d.runs, &d.encoded, false) {
                     shared.fail(e);
                 }
             }

@@ -222,8 +222,19 @@ pub trait Driver: Sync {
     /// Creates a writer for an image of `size` bytes in `out`. Options have been checked
     /// against [`Driver::create_options`]. In [`crate::OutputMode::InPlace`] (`convert -n`)
     /// a writer either opens the existing image or refuses with an "unsupported" error.
-    fn create(&self, out: &Output, size: u64, opts: &CreateOptions)
-        -> Result<Box<dyn ImageWriter>>;
+    /// A read-only format keeps the default: qemu-img's refusal.
+    fn create(
+        &self,
+        out: &Output,
+        size: u64,
+        opts: &CreateOptions,
+    ) -> Result<Box<dyn ImageWriter>> {
+        let _ = (out, size, opts);
+        Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            self.format().name()
+        )))
+    }
 
     /// `measure`: the bytes a new image of `size` bytes with `opts` needs. `data` describes
     /// the source's allocated data (`None` for `measure --size`, an empty image).
@@ -288,5 +299,11 @@ pub fn all_options(format: Format) -> Vec<OptionSpec> {
         v.push(crate::options::SIZE_OPTION);
     }
     v.extend_from_slice(own);
+    // The protocol's hints, accepted under every format as qemu-img accepts them.
+    for p in &crate::options::PROTOCOL_OPTIONS[..2] {
+        if !v.iter().any(|o| o.name == p.name) {
+            v.push(*p);
+        }
+    }
     v
 }

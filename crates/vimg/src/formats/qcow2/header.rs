@@ -745,8 +745,16 @@ pub fn parse_extensions(
                 ext.backing_format = Some(String::from_utf8_lossy(data).into_owned());
             }
             EXT_FEATURE_TABLE => {
-                for e in data.chunks_exact(FEATURE_NAME_LEN) {
-                    ext.feature_names.push(FeatureName::parse(e)?);
+                // QEMU reads the table zero-padded and stops at the first entry without a
+                // name, so a short last entry still names its bit (iotest 036 writes one).
+                for e in data.chunks(FEATURE_NAME_LEN) {
+                    let mut entry = [0u8; FEATURE_NAME_LEN];
+                    entry[..e.len()].copy_from_slice(e);
+                    let f = FeatureName::parse(&entry)?;
+                    if f.name.is_empty() {
+                        break;
+                    }
+                    ext.feature_names.push(f);
                 }
             }
             EXT_BITMAPS => ext.bitmaps = Some(BitmapsExt::parse(data, cluster_size)),
@@ -1195,6 +1203,20 @@ mod tests {
         assert_eq!(e.feature_names[0].bit, 20);
         assert_eq!(e.unknown, vec![0x1234_5678]);
         assert!(e.bitmaps.is_none());
+    }
+
+    /// A feature table whose last entry is cut short still names its bit, as QEMU reads
+    /// it zero-padded (iotest 036 writes a 14-byte table).
+    #[test]
+    fn short_feature_table_entry_names_its_bit() {
+        let mut buf = vec![0u8; 4096];
+        write_extension(&mut buf, 112, EXT_FEATURE_TABLE, b"\x00\x3fTest feature");
+        let e = parse_extensions(&buf, 112, 4096, 65536).unwrap();
+        assert_eq!(e.feature_names.len(), 1);
+        assert_eq!(
+            (e.feature_names[0].bit, e.feature_names[0].name.as_str()),
+            (63, "Test feature")
+        );
     }
 
     fn ext_err(magic: u32, data: &[u8], end: usize) -> String {

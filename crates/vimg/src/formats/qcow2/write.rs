@@ -697,6 +697,98 @@ impl Qcow2Writer {
         }
     }
 
+    /// Finds or allocates the host place of every cluster of `[offset, offset + len)`
+    /// (with `encoded`, compressed clusters are allocated byte-packed) and updates the L2
+    /// entries; returns the pieces to write.
+    fn place(&self, offset: u64, len: u64, encoded: &[EncodedUnit]) -> Result<Vec<Piece>> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        if !offset.is_multiple_of(cs) || offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::invalid_argument(format!(
+                "qcow2 write of {len} bytes at {offset:#x} is not cluster aligned or passes the end of the disk"
+            )));
+        }
+        let mut pieces: Vec<Piece> = Vec::new();
+        {
+            let mut st = self.lock()?;
+            let units = len.div_ceil(cs);
+            for u in 0..units {
+                let guest = offset + u * cs;
+                let dstart = (u * cs) as usize;
+                let dlen = (len - u * cs).min(cs);
+                let (l1i, idx) = self.slot_index(guest >> g.cluster_bits);
+                let enc = encoded.get(u as usize).and_then(|e| e.as_ref());
+                let (entry, bitmap) = {
+                    let slot = self
+                        .table(&mut st, l1i, true)?
+                        .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
+                    (
+                        slot.words[idx],
+                        if g.extended_l2 {
+                            slot.words[idx + 1]
+                        } else {
+                            0
+                        },
+                    )
+                };
+                if let (Some(bytes), None) = (enc, self.data_host(entry, bitmap)) {
+                    let n = bytes.len() as u64;
+                    let host = st.alloc.alloc_bytes(&self.file, n)?;
+                    if host + n > 1u64 << g.csize_shift {
+                        return Err(Error::unsupported(
+                            "compressed qcow2 data would pass the largest offset a compressed cluster descriptor holds",
+                        ));
+                    }
+                    let slot = self
+                        .table(&mut st, l1i, true)?
+                        .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
+                    slot.words[idx] = encode_compressed(&g, host, n);
+                    if g.extended_l2 {
+                        slot.words[idx + 1] = 0;
+                    }
+                    slot.dirty = true;
+                    pieces.push(Piece {
+                        host,
+                        len: n,
+                        src: Src::Enc(u as usize),
+                        to_data_file: false,
+                    });
+                    continue;
+                }
+                let host = match self.data_host(entry, bitmap) {
+                    Some(h) => h,
+                    None if self.data.is_some() => guest,
+                    None => st.alloc.alloc(&self.file, 1, true)? << g.cluster_bits,
+                };
+                let slot = self
+                    .table(&mut st, l1i, true)?
+                    .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
+                slot.words[idx] = host | OFLAG_COPIED;
+                if g.extended_l2 {
+                    slot.words[idx + 1] = u64::from(u32::MAX);
+                }
+                slot.dirty = true;
+                let to_data_file = self.data.is_some();
+                match pieces.last_mut() {
+                    Some(p)
+                        if matches!(p.src, Src::Data(s) if s + p.len as usize == dstart)
+                            && p.host + p.len == host
+                            && p.to_data_file == to_data_file =>
+                    {
+                        p.len += dlen;
+                    }
+                    _ => pieces.push(Piece {
+                        host,
+                        len: dlen,
+                        src: Src::Data(dstart),
+                        to_data_file,
+                    }),
+                }
+            }
+        }
+        Ok(pieces)
+    }
+
     fn write_pieces(&self, pieces: &[Piece], data: &[u8], encoded: &[EncodedUnit]) -> Result<()> {
         for p in pieces {
             let out = if p.to_data_file {
@@ -822,93 +914,15 @@ impl ImageWriter for Qcow2Writer {
         Ok(out)
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        if self.o.compress.is_some() {
+            return Ok(false);
+        }
+        self.place(offset, len, &[]).map(|_| true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], encoded: &[EncodedUnit]) -> Result<()> {
-        let g = self.g;
-        let cs = g.cluster_size;
-        let len = data.len() as u64;
-        if !offset.is_multiple_of(cs) || offset.checked_add(len).is_none_or(|e| e > self.size) {
-            return Err(Error::invalid_argument(format!(
-                "qcow2 write of {len} bytes at {offset:#x} is not cluster aligned or passes the end of the disk"
-            )));
-        }
-        let mut pieces: Vec<Piece> = Vec::new();
-        {
-            let mut st = self.lock()?;
-            let units = len.div_ceil(cs);
-            for u in 0..units {
-                let guest = offset + u * cs;
-                let dstart = (u * cs) as usize;
-                let dlen = (len - u * cs).min(cs);
-                let (l1i, idx) = self.slot_index(guest >> g.cluster_bits);
-                let enc = encoded.get(u as usize).and_then(|e| e.as_ref());
-                let (entry, bitmap) = {
-                    let slot = self
-                        .table(&mut st, l1i, true)?
-                        .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
-                    (
-                        slot.words[idx],
-                        if g.extended_l2 {
-                            slot.words[idx + 1]
-                        } else {
-                            0
-                        },
-                    )
-                };
-                if let (Some(bytes), None) = (enc, self.data_host(entry, bitmap)) {
-                    let n = bytes.len() as u64;
-                    let host = st.alloc.alloc_bytes(&self.file, n)?;
-                    if host + n > 1u64 << g.csize_shift {
-                        return Err(Error::unsupported(
-                            "compressed qcow2 data would pass the largest offset a compressed cluster descriptor holds",
-                        ));
-                    }
-                    let slot = self
-                        .table(&mut st, l1i, true)?
-                        .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
-                    slot.words[idx] = encode_compressed(&g, host, n);
-                    if g.extended_l2 {
-                        slot.words[idx + 1] = 0;
-                    }
-                    slot.dirty = true;
-                    pieces.push(Piece {
-                        host,
-                        len: n,
-                        src: Src::Enc(u as usize),
-                        to_data_file: false,
-                    });
-                    continue;
-                }
-                let host = match self.data_host(entry, bitmap) {
-                    Some(h) => h,
-                    None if self.data.is_some() => guest,
-                    None => st.alloc.alloc(&self.file, 1, true)? << g.cluster_bits,
-                };
-                let slot = self
-                    .table(&mut st, l1i, true)?
-                    .ok_or_else(|| Error::msg(ErrorKind::Io, "qcow2 L2 table missing"))?;
-                slot.words[idx] = host | OFLAG_COPIED;
-                if g.extended_l2 {
-                    slot.words[idx + 1] = u64::from(u32::MAX);
-                }
-                slot.dirty = true;
-                let to_data_file = self.data.is_some();
-                match pieces.last_mut() {
-                    Some(p)
-                        if matches!(p.src, Src::Data(s) if s + p.len as usize == dstart)
-                            && p.host + p.len == host
-                            && p.to_data_file == to_data_file =>
-                    {
-                        p.len += dlen;
-                    }
-                    _ => pieces.push(Piece {
-                        host,
-                        len: dlen,
-                        src: Src::Data(dstart),
-                        to_data_file,
-                    }),
-                }
-            }
-        }
+        let pieces = self.place(offset, data.len() as u64, encoded)?;
         self.write_pieces(&pieces, data, encoded)
     }
 

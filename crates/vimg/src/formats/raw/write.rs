@@ -115,6 +115,11 @@ impl ImageWriter for RawWriter {
         }
     }
 
+    /// Every byte has its fixed place: nothing to allocate, writes may run in any order.
+    fn allocate(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         let end = offset
             .checked_add(data.len() as u64)

@@ -181,6 +181,23 @@ impl ImageWriter for VdiWriter {
         }
     }
 
+    /// Blocks are placed in the order they are first allocated: the engine calls this in
+    /// guest order, so the layout does not depend on thread timing.
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        if self.file.is_stream() {
+            return Ok(false);
+        }
+        let end = self.check(offset, len)?;
+        let bs = u64::from(BLOCK_SIZE);
+        let mut block = offset / bs;
+        while block * bs < end {
+            self.block_data(block as usize, true)?
+                .ok_or_else(|| Error::msg(ErrorKind::Io, "VDI block allocation failed"))?;
+            block += 1;
+        }
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         let end = self.check(offset, data.len() as u64)?;
         let bs = u64::from(BLOCK_SIZE);

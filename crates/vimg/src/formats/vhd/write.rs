@@ -105,6 +105,11 @@ impl ImageWriter for FixedWriter {
         }
     }
 
+    /// Every byte has its fixed place: nothing to allocate, writes may run in any order.
+    fn allocate(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         check_write(offset, data.len(), self.size)?;
         self.file.write_all_at(data, offset)
@@ -216,6 +221,21 @@ impl ImageWriter for DynamicWriter {
             ordered: false,
             encodes: false,
         }
+    }
+
+    /// Blocks are placed in the order they are first allocated: the engine calls this in
+    /// guest order, so the layout does not depend on thread timing.
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        let end = check_write(offset, 0, self.size)?
+            .saturating_add(len)
+            .min(self.size);
+        let mut block = offset / BLOCK_SIZE;
+        while block * BLOCK_SIZE < end {
+            self.block_data(block as usize, true)?
+                .ok_or_else(|| Error::msg(crate::ErrorKind::Io, "VHD block allocation failed"))?;
+            block += 1;
+        }
+        Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {

@@ -372,6 +372,22 @@ impl ImageWriter for VhdxWriter {
         }
     }
 
+    /// Blocks are placed in the order they are first allocated: the engine calls this in
+    /// guest order, so the layout does not depend on thread timing.
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= self.settings.size)
+            .ok_or_else(|| Error::invalid_argument("write past the end of the vhdx image"))?;
+        let bs = self.layout.geometry.block_size;
+        let mut block = offset / bs;
+        while block * bs < end {
+            self.block_offset(block)?;
+            block += 1;
+        }
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         let end = offset
             .checked_add(data.len() as u64)

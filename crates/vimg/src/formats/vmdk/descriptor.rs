@@ -238,7 +238,15 @@ impl Descriptor {
                         format!("more than {MAX_EXTENTS} extent lines"),
                     ));
                 }
-                d.extents.push(parse_extent(line_no, line)?);
+                d.extents
+                    .push(parse_extent(line_no, line).map_err(|e| match e {
+                        VmdkError::Descriptor { line: l, why } => VmdkError::ExtentLine {
+                            line: l,
+                            text: crate::escape::escape_control(line.trim()).into_owned(),
+                            why,
+                        },
+                        e => e,
+                    })?);
                 continue;
             }
             let Some((k, v)) = line.split_once('=') else {

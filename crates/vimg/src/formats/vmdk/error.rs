@@ -32,6 +32,16 @@ pub enum VmdkError {
     /// A valid feature vimg does not implement.
     #[error("unsupported VMDK feature: {0}")]
     Unsupported(String),
+    /// An extent line is malformed (qemu's "Invalid extent line" first).
+    #[error("Invalid extent line: {text} (descriptor line {line}: {why})")]
+    ExtentLine {
+        /// 1-based line number.
+        line: usize,
+        /// The line, control characters escaped.
+        text: String,
+        /// What was wrong.
+        why: String,
+    },
     /// The descriptor text is malformed.
     #[error("invalid VMDK descriptor, line {line}: {why}")]
     Descriptor {
@@ -85,7 +95,7 @@ impl FormatError for VmdkError {
     fn kind(&self) -> ErrorKind {
         match self {
             VmdkError::BadField { .. } | VmdkError::BadMagic { .. } => ErrorKind::Invalid,
-            VmdkError::Descriptor { .. } => ErrorKind::Invalid,
+            VmdkError::Descriptor { .. } | VmdkError::ExtentLine { .. } => ErrorKind::Invalid,
             VmdkError::Unsupported(_) => ErrorKind::Unsupported,
             VmdkError::PastEof { .. } | VmdkError::BadEntry { .. } => ErrorKind::Corrupt,
             VmdkError::FooterMismatch { .. } => ErrorKind::Corrupt,

@@ -278,10 +278,50 @@ impl SparseFile {
         Ok(())
     }
 
+    /// Reserves grains for `len` bytes at extent-relative `offset` (see
+    /// [`ImageWriter::allocate`]): grains are placed in the order they are reserved.
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        let grains = len.div_ceil(GRAIN);
+        let sector = self
+            .next
+            .fetch_add(grains * GRAIN_SECTORS, Ordering::SeqCst);
+        if sector + grains * GRAIN_SECTORS > u64::from(u32::MAX) {
+            return Err(VmdkError::Argument(
+                "a sparse extent cannot hold more than 2 TiB of grains".into(),
+            )
+            .into());
+        }
+        self.set_entries(
+            offset / GRAIN,
+            (0..grains).map(|i| (sector + i * GRAIN_SECTORS) as u32),
+        )
+    }
+
+    /// The first sector of `grains` grains from `first_grain` when [`SparseFile::allocate`]
+    /// reserved them as one run.
+    fn reserved(&self, first_grain: u64, grains: u64) -> Result<Option<u64>> {
+        let t = self
+            .tables
+            .lock()
+            .map_err(|_| Error::msg(crate::ErrorKind::Io, "grain table lock poisoned"))?;
+        let entry = |g: u64| t.get(&(g / GTES)).map_or(0, |gt| gt[(g % GTES) as usize]);
+        let first = u64::from(entry(first_grain));
+        if first <= u64::from(GTE_ZEROED) {
+            return Ok(None);
+        }
+        let run =
+            (0..grains).all(|i| u64::from(entry(first_grain + i)) == first + i * GRAIN_SECTORS);
+        Ok(run.then_some(first))
+    }
+
     /// Writes whole grains (the last may be short at the end of the extent) at
     /// extent-relative `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         let grains = (data.len() as u64).div_ceil(GRAIN);
+        if let Some(sector) = self.reserved(offset / GRAIN, grains)? {
+            self.file.write_all_at(data, sector * SECTOR)?;
+            return Ok(());
+        }
         let sector = self
             .next
             .fetch_add(grains * GRAIN_SECTORS, Ordering::SeqCst);
@@ -434,6 +474,21 @@ impl ImageWriter for SparseWriter {
         }
     }
 
+    fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Error::invalid_argument(
+                "write past the end of the vmdk image",
+            ));
+        }
+        for (i, rel, _, n) in pieces(offset, len, self.extent_size) {
+            self.extents
+                .get(i)
+                .ok_or_else(|| Error::invalid_argument("write past the last extent"))?
+                .allocate(rel, n as u64)?;
+        }
+        Ok(true)
+    }
+
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         if offset
             .checked_add(data.len() as u64)
@@ -552,6 +607,11 @@ impl ImageWriter for FlatWriter {
             ordered: false,
             encodes: false,
         }
+    }
+
+    /// Every byte has its fixed place: nothing to allocate, writes may run in any order.
+    fn allocate(&self, _offset: u64, _len: u64) -> Result<bool> {
+        Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
