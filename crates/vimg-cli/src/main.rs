@@ -65,7 +65,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("vimg: {}", f.message);
+            eprintln!("vimg: {}", human::esc_message(&f.message));
             ExitCode::from(f.code)
         }
     }

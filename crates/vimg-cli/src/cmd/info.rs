@@ -11,7 +11,7 @@ use vimg::{Checksum, Image, ImageInfo, Source};
 
 use super::{apply_source_args, open_options, parse_checksum, parse_format_opt};
 use crate::args::{InfoArgs, OutputFormat};
-use crate::human::{dump_value, qemu_json, size_to_str};
+use crate::human::{dump_value, esc, qemu_json, size_to_str};
 use crate::{CmdResult, Failure};
 
 pub fn run(a: InfoArgs) -> CmdResult {
@@ -172,12 +172,14 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
         ));
     }
     if let Some(o) = &origin.ova {
-        s.push_str(&format!("OVA: descriptor {}, disks:\n", o.ovf));
+        s.push_str(&format!("OVA: descriptor {}, disks:\n", esc(&o.ovf)));
         for (i, d) in o.disks.iter().enumerate() {
             let mark = if i == o.selected { " (opened)" } else { "" };
             s.push_str(&format!(
                 "    [{i}] {} in '{}' ({} bytes){mark}\n",
-                d.disk_id, d.file, d.member_size
+                esc(&d.disk_id),
+                esc(&d.file),
+                d.member_size
             ));
         }
     }
@@ -185,7 +187,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
     if !refs.is_empty() {
         s.push_str("External references:\n");
         for r in &refs {
-            s.push_str(&format!("    {}: {}\n", r.field, r.name));
+            s.push_str(&format!("    {}: {}\n", esc(&r.field), esc(&r.name)));
         }
     }
     let svc = ImageServiceInfo::of(image, checksum);
@@ -209,7 +211,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
         if svc.safe { "yes" } else { "no" }
     ));
     for r in &svc.unsafe_reasons {
-        s.push_str(&format!("    unsafe: {r}\n"));
+        s.push_str(&format!("    unsafe: {}\n", esc(r)));
     }
     if let Some(c) = checksum {
         s.push_str(&format!("{}: {}\n", c.alg, c.hex));
@@ -219,7 +221,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
 fn info_human(image: &Image) -> String {
     let info = ImageInfo::of(image);
     let mut s = String::new();
-    s.push_str(&format!("image: {}\n", info.filename));
+    s.push_str(&format!("image: {}\n", esc(&info.filename)));
     s.push_str(&format!("file format: {}\n", info.format));
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
@@ -236,9 +238,11 @@ fn info_human(image: &Image) -> String {
         s.push_str(&format!("cluster_size: {c}\n"));
     }
     if let Some(b) = &info.backing_filename {
-        s.push_str(&format!("backing file: {b}"));
+        s.push_str(&format!("backing file: {}", esc(b)));
         match &info.full_backing_filename {
-            Some(full) if full != b => s.push_str(&format!(" (actual path: {full})\n")),
+            Some(full) if full != b => {
+                s.push_str(&format!(" (actual path: {})\n", esc(full)))
+            }
             _ => s.push('\n'),
         }
         if let Some(f) = &info.backing_filename_format {
@@ -265,8 +269,8 @@ fn info_human(image: &Image) -> String {
             );
             s.push_str(&format!(
                 "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
-                sn.id,
-                sn.name,
+                esc(&sn.id),
+                esc(&sn.name),
                 size_to_str(sn.vm_state_size),
                 fmt_date(sn.date_sec),
                 clock,
@@ -280,7 +284,7 @@ fn info_human(image: &Image) -> String {
     }
     for (name, shown, st) in child_files(image) {
         s.push_str(&format!("Child node '/{name}':\n"));
-        s.push_str(&format!("    filename: {shown}\n"));
+        s.push_str(&format!("    filename: {}\n", esc(&shown)));
         s.push_str("    protocol type: file\n");
         // qemu's file driver counts whole sectors.
         let file_len = st.len().div_ceil(512) * 512;
