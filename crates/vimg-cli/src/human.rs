@@ -207,7 +207,11 @@ mod tests {
         assert_eq!(esc_message("a\x1b[2Kb\r\nc\\d"), "a\\x1b[2Kb\\x0d\nc\\d");
         assert_eq!(esc("x\x07"), "x\\x07");
         let mut out = String::new();
-        dump_value(&serde_json::json!({"filename": "e\x1b]0;safe\x07"}), 0, &mut out);
+        dump_value(
+            &serde_json::json!({"filename": "e\x1b]0;safe\x07"}),
+            0,
+            &mut out,
+        );
         assert_eq!(out, "filename: e\\x1b]0;safe\\x07\n");
     }
 

@@ -240,9 +240,7 @@ fn info_human(image: &Image) -> String {
     if let Some(b) = &info.backing_filename {
         s.push_str(&format!("backing file: {}", esc(b)));
         match &info.full_backing_filename {
-            Some(full) if full != b => {
-                s.push_str(&format!(" (actual path: {})\n", esc(full)))
-            }
+            Some(full) if full != b => s.push_str(&format!(" (actual path: {})\n", esc(full))),
             _ => s.push('\n'),
         }
         if let Some(f) = &info.backing_filename_format {

@@ -292,9 +292,9 @@ impl Checker<'_> {
             };
             let kind = self.kind(e);
             if kind != Kind::Compressed && e & L2E_STD_RESERVED_MASK != 0 {
-                self.rep.corruptions_n(n, || format!(
-                    "ERROR found l2 entry with reserved bits set: {e:x}"
-                ));
+                self.rep.corruptions_n(n, || {
+                    format!("ERROR found l2 entry with reserved bits set: {e:x}")
+                });
             }
             match kind {
                 Kind::Compressed => {
@@ -305,10 +305,12 @@ impl Checker<'_> {
                         ));
                     }
                     if data_file {
-                        self.rep.corruptions_n(n, || format!(
-                            "ERROR compressed cluster {i} with data file, entry={:#x}",
-                            e & !OFLAG_COPIED
-                        ));
+                        self.rep.corruptions_n(n, || {
+                            format!(
+                                "ERROR compressed cluster {i} with data file, entry={:#x}",
+                                e & !OFLAG_COPIED
+                            )
+                        });
                         continue;
                     }
                     if bitmap != 0 {

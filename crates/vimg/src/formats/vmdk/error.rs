@@ -33,7 +33,10 @@ pub enum VmdkError {
     #[error("unsupported VMDK feature: {0}")]
     Unsupported(String),
     /// The descriptor text is malformed.
-    #[error("invalid VMDK descriptor, line {line}: {}", crate::escape::escape_control(why))]
+    #[error(
+        "invalid VMDK descriptor, line {line}: {}",
+        crate::escape::escape_control(why)
+    )]
     Descriptor {
         /// 1-based line number.
         line: usize,

@@ -1,0 +1,415 @@
+//! Hostile images, second round (issue 18): crafted images that made vimg abort, run for
+//! hours or paint on the terminal. Each is built at test time (qemu-img makes a valid
+//! image, the test patches it) and every command that could be pointed at it runs under
+//! an address-space limit with its time and peak RSS measured: no abort or signal, under
+//! [`MAX_SECONDS`], under [`MAX_RSS`], and nothing left in the output folder on failure.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use vimg::formats::qcow2::header::{Header as QHeader, L1E_OFFSET_MASK};
+
+const MIB: u64 = 1 << 20;
+/// Time one run may take (a debug build on a shared machine).
+const MAX_SECONDS: u64 = 10;
+/// Peak RSS one run may reach.
+const MAX_RSS: u64 = 256 * MIB;
+/// RLIMIT_AS of the runs: an allocation sized by how often a corruption repeats fails the
+/// run instead of succeeding quietly.
+const ADDRESS_SPACE: u64 = 2 * vimg::limits::MAX_METADATA_BYTES + 256 * MIB;
+
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+    max_rss: u64,
+}
+
+/// Runs vimg with `args` under GNU time and RLIMIT_AS; returns how it ended.
+fn run_limited(args: &[&str]) -> Run {
+    let rss_file = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new("/usr/bin/time");
+    cmd.args(["-f", "%M", "-o", s(rss_file.path())])
+        .arg(vimg_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: ADDRESS_SPACE as libc::rlim_t,
+                rlim_max: ADDRESS_SPACE as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t = Instant::now();
+    let out = cmd.output().unwrap();
+    let elapsed = t.elapsed();
+    let rss = fs::read_to_string(rss_file.path()).unwrap();
+    let kib: u64 = rss
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("time wrote {rss:?}"));
+    Run {
+        code: out.status.code().filter(|c| *c < 128),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed,
+        max_rss: kib * 1024,
+    }
+}
+
+/// Runs `args`, checks the bounds, prints the measurement; returns the run.
+fn bounded(what: &str, args: &[&str]) -> Run {
+    let r = run_limited(args);
+    eprintln!(
+        "{what}: exit {:?}, {:.2} s, {} KiB peak RSS",
+        r.code,
+        r.elapsed.as_secs_f64(),
+        r.max_rss / 1024
+    );
+    assert!(
+        r.code.is_some(),
+        "{what}: killed by a signal (abort?)\nstderr: {}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("memory allocation"),
+        "{what}: {}",
+        r.stderr
+    );
+    assert!(
+        r.elapsed < Duration::from_secs(MAX_SECONDS),
+        "{what}: took {:?}",
+        r.elapsed
+    );
+    assert!(
+        r.max_rss < MAX_RSS,
+        "{what}: peak RSS {} MiB",
+        r.max_rss / MIB
+    );
+    r
+}
+
+fn rd64be(p: &Path, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn patch(p: &Path, off: u64, bytes: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+fn header(p: &Path) -> QHeader {
+    let head = fs::read(p).unwrap();
+    QHeader::parse(&head[..head.len().min(4096)]).unwrap()
+}
+
+fn entries(p: &Path) -> Vec<String> {
+    fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// A 4 TiB qcow2 (8192 L1 entries) with one data cluster and one internal snapshot, whose
+/// snapshot L1 entries all name one extra L2 table (appended to the file) whose entries
+/// all name the data cluster: 67 million references to one cluster.
+fn amplified_snapshot(dir: &Path, refcount_bits: u32) -> PathBuf {
+    let p = dir.join(format!("amp{refcount_bits}.qcow2"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("refcount_bits={refcount_bits}"),
+        s(&p),
+        "4T",
+    ]);
+    qemu_io("qcow2", &p, &["write -P 0x5a 0 64k"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&p)]);
+    let h = header(&p);
+    let cs = h.cluster_size();
+    let l2 = rd64be(&p, h.l1_table_offset) & L1E_OFFSET_MASK;
+    let data = rd64be(&p, l2);
+    // The extra L2 table, at the end of the file.
+    let len = fs::metadata(&p).unwrap().len();
+    let extra = len.div_ceil(cs) * cs;
+    patch(&p, extra, &data.to_be_bytes().repeat((cs / 8) as usize));
+    // The snapshot's L1 table: every entry names the extra table.
+    let snap = h.snapshots_offset;
+    let l1 = rd64be(&p, snap);
+    let l1_size = u32::from_be_bytes(
+        fs::read(&p).unwrap()[snap as usize + 8..][..4]
+            .try_into()
+            .unwrap(),
+    );
+    assert_eq!(l1_size, 8192);
+    patch(&p, l1, &extra.to_be_bytes().repeat(l1_size as usize));
+    p
+}
+
+#[test]
+fn check_counts_repeated_corruptions_without_storing_them() {
+    if !qemu_available("check_counts_repeated_corruptions_without_storing_them") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = amplified_snapshot(dir.path(), 16);
+    let r = bounded("check, 67M overflows", &["check", s(&p)]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("ERROR: overflow cluster offset="));
+    assert!(r.stderr.contains("more messages not shown"), "{}", r.stderr);
+    // Every overflow is counted: 8192 * 8192 references, 65535 of them fit.
+    let n: u64 = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(" errors were found on the image."))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(n >= 8192 * 8192 - 65535, "{n}");
+    let j = bounded("check --output=json", &["check", "--output=json", s(&p)]);
+    assert!(j.stdout.contains("\"corruptions\""), "{}", j.stdout);
+    // The active image is intact: info, map and convert work.
+    bounded("info", &["info", s(&p)]);
+    bounded("map", &["map", "--output=json", s(&p)]);
+    let out = dir.path().join("out.raw");
+    let c = bounded("convert", &["convert", "-O", "raw", s(&p), s(&out)]);
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+}
+
+/// 65,536 snapshots sharing one L1 table (itself amplified as above), 64-bit refcounts.
+#[test]
+fn shared_snapshot_tables_are_walked_once() {
+    if !qemu_available("shared_snapshot_tables_are_walked_once") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = amplified_snapshot(dir.path(), 64);
+    let h = header(&p);
+    let cs = h.cluster_size();
+    let img = fs::read(&p).unwrap();
+    let at = h.snapshots_offset as usize;
+    let be16 = |o: usize| u16::from_be_bytes([img[o], img[o + 1]]) as usize;
+    let be32 = |o: usize| u32::from_be_bytes(img[o..o + 4].try_into().unwrap()) as usize;
+    let entry_len = (40 + be32(at + 36) + be16(at + 12) + be16(at + 14)).next_multiple_of(8);
+    let entry = img[at..at + entry_len].to_vec();
+    let table = entry.repeat(65536);
+    let off = (img.len() as u64).div_ceil(cs) * cs;
+    patch(&p, off, &table);
+    patch(&p, 60, &65536u32.to_be_bytes());
+    patch(&p, 64, &off.to_be_bytes());
+    eprintln!(
+        "image: {} bytes, {} snapshots",
+        fs::metadata(&p).unwrap().len(),
+        65536
+    );
+    let r = bounded("check, 65536 snapshots", &["check", s(&p)]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    bounded("info", &["info", s(&p)]);
+    bounded("map", &["map", s(&p)]);
+    let out = dir.path().join("out.raw");
+    let c = bounded("convert", &["convert", "-O", "raw", s(&p), s(&out)]);
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+}
+
+#[test]
+fn writers_refuse_sizes_they_cannot_describe() {
+    if !qemu_available("writers_refuse_sizes_they_cannot_describe") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("big.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        s(&src),
+        &(1u64 << 54).to_string(),
+    ]);
+    let out = dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("vmdk", &[], "L1 size too big"),
+        (
+            "vmdk",
+            &["-o", "subformat=streamOptimized"],
+            "L1 size too big",
+        ),
+        (
+            "vmdk",
+            &["-o", "subformat=twoGbMaxExtentSparse"],
+            "extent files",
+        ),
+        (
+            "vmdk",
+            &["-o", "subformat=twoGbMaxExtentFlat"],
+            "extent files",
+        ),
+        (
+            "qcow2",
+            &[],
+            "The image size is too large for file format 'qcow2'",
+        ),
+        (
+            "vpc",
+            &[],
+            "The image size is too large for file format 'vpc'",
+        ),
+        ("vhdx", &[], "Image size too large; max of 64TB"),
+        ("vdi", &[], "Unsupported VDI image size"),
+    ];
+    for (fmt, opts, msg) in cases {
+        let dst = out.join(format!("o.{fmt}"));
+        let mut args = vec!["convert", "-O", fmt];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[s(&src), s(&dst)]);
+        let r = bounded(&format!("convert -O {fmt} {opts:?} of 2^54 bytes"), &args);
+        assert_eq!(r.code, Some(1), "{fmt} {opts:?}: {}", r.stderr);
+        assert!(r.stderr.contains(msg), "{fmt} {opts:?}: {}", r.stderr);
+        assert!(
+            entries(&out).is_empty(),
+            "{fmt} {opts:?}: left {:?}",
+            entries(&out)
+        );
+    }
+    // The same sizes through create.
+    let dst = out.join("c.vmdk");
+    let r = bounded(
+        "create vmdk 2^54",
+        &["create", "-f", "vmdk", s(&dst), "16P"],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(entries(&out).is_empty(), "left {:?}", entries(&out));
+}
+
+/// Two L2 tables naming one compressed cluster whose refcount is 1: qemu-img check flags
+/// it (refcount=1 reference=2); convert must refuse it too.
+#[test]
+fn compressed_cluster_shared_across_tables_is_refused() {
+    if !qemu_available("compressed_cluster_shared_across_tables_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "1G"]);
+    qemu_io(
+        "qcow2",
+        &p,
+        &["write -c -P 0x33 0 64k", "write -z 512M 64k"],
+    );
+    let h = header(&p);
+    let l2a = rd64be(&p, h.l1_table_offset) & L1E_OFFSET_MASK;
+    let l2b = rd64be(&p, h.l1_table_offset + 8) & L1E_OFFSET_MASK;
+    assert!(l2a != 0 && l2b != 0);
+    let compressed = rd64be(&p, l2a);
+    assert!(
+        compressed & (1 << 62) != 0,
+        "not compressed: {compressed:#x}"
+    );
+    patch(&p, l2b, &compressed.to_be_bytes());
+    let q = run_cmd("qemu-img", &["check", s(&p)]);
+    assert_eq!(q.status.code(), Some(2), "qemu-img check must flag it");
+    let out = dir.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let dst = out.join("o.raw");
+    let r = bounded(
+        "convert shared compressed",
+        &["convert", "-O", "raw", s(&p), s(&dst)],
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("shared with another L2 entry"),
+        "{}",
+        r.stderr
+    );
+    assert!(entries(&out).is_empty(), "left {:?}", entries(&out));
+    let c = bounded("check shared compressed", &["check", s(&p)]);
+    assert_eq!(c.code, Some(2), "{}", c.stderr);
+    // Well-formed compressed images, several clusters packed per host cluster, still convert.
+    let good = dir.path().join("good.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&good), "1G"]);
+    qemu_io(
+        "qcow2",
+        &good,
+        &[
+            "write -c -P 1 0 64k",
+            "write -c -P 2 64k 64k",
+            "write -c -P 3 512M 64k",
+        ],
+    );
+    let dst = out.join("good.raw");
+    let r = bounded(
+        "convert packed compressed",
+        &["convert", "-O", "raw", s(&good), s(&dst)],
+    );
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+}
+
+/// Names with ESC, BEL, CR and LF are escaped in human info and in errors.
+#[test]
+fn names_from_images_cannot_paint_the_terminal() {
+    if !qemu_available("names_from_images_cannot_paint_the_terminal") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("top.qcow2");
+    let name = "b\x1b[2K\rsafe: yes\x07\n.qcow2";
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        name,
+        "-F",
+        "qcow2",
+        s(&p),
+        "1M",
+    ]);
+    for args in [
+        vec!["info", s(&p)],
+        vec!["info", "--backing-chain", s(&p)],
+        vec!["convert", "-O", "raw", s(&p), "/dev/null"],
+        vec!["check", s(&p)],
+        vec!["map", s(&p)],
+    ] {
+        let r = bounded(&format!("{args:?}"), &args);
+        for out in [&r.stdout, &r.stderr] {
+            assert!(
+                !out.contains('\x1b') && !out.contains('\x07') && !out.contains('\r'),
+                "{args:?}: {out:?}"
+            );
+            assert!(!out.contains("\nsafe: yes"), "{args:?}: {out:?}");
+        }
+    }
+    let r = bounded("info", &["info", s(&p)]);
+    assert!(
+        r.stdout.contains("b\\x1b[2K\\x0dsafe: yes\\x07\\x0a.qcow2"),
+        "{}",
+        r.stdout
+    );
+}
