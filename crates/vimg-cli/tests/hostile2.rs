@@ -535,3 +535,66 @@ fn qemu_rejects_its_own(dir: &Path, fmt: &str, opts: &[&str], size: u64) -> bool
     fs::remove_dir_all(&q).unwrap();
     rejected
 }
+
+/// A monolithicFlat VMDK whose descriptor names its extent `name`.
+fn vmdk_naming(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join("k.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&p),
+        "1M",
+    ]);
+    let text = fs::read_to_string(&p).unwrap();
+    assert!(text.contains("\"k-flat.vmdk\""));
+    fs::write(&p, text.replace("\"k-flat.vmdk\"", &format!("\"{name}\""))).unwrap();
+    p
+}
+
+/// Unclear errors: a backslash `..` names the unsafe reference; a CR in an extent name
+/// is visible.
+#[test]
+fn unclear_names_are_named() {
+    if !qemu_available("unclear_names_are_named") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    // qcow2 backing file.
+    let q = dir.path().join("q.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "sub/..\\..\\..\\x",
+        "-F",
+        "raw",
+        s(&q),
+        "1M",
+    ]);
+    let r = bounded(
+        "convert backslash backing",
+        &["convert", "-O", "raw", s(&q), "/dev/null"],
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("backslashes"), "{}", r.stderr);
+    assert!(r.stderr.contains("sub/..\\\\..\\\\..\\\\x"), "{}", r.stderr);
+    // VMDK extent.
+    let k = vmdk_naming(dir.path(), "sub/..\\..\\x-flat.vmdk");
+    let r = bounded("info backslash extent", &["info", s(&k)]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("backslashes"), "{}", r.stderr);
+    // A CR in an extent name.
+    let k = vmdk_naming(dir.path(), "k\r-flat.vmdk");
+    let r = bounded("info CR extent", &["info", s(&k)]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("k\\x0d-flat.vmdk"), "{}", r.stderr);
+    assert!(!r.stderr.contains('\r'), "{:?}", r.stderr);
+}
