@@ -598,3 +598,59 @@ fn unclear_names_are_named() {
     assert!(r.stderr.contains("k\\x0d-flat.vmdk"), "{}", r.stderr);
     assert!(!r.stderr.contains('\r'), "{:?}", r.stderr);
 }
+
+/// A qcow2 with a valid fixed-VHD footer appended (parses as both), then the same bytes
+/// in gzip, xz and zstd: refused as ambiguous whichever container is around it.
+#[test]
+fn polyglot_rule_holds_through_containers() {
+    use vimg::formats::vhd::header::Footer;
+    if !qemu_available("polyglot_rule_holds_through_containers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vhd = dir.path().join("f.vpc");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=fixed",
+        s(&vhd),
+        "1M",
+    ]);
+    let v = fs::read(&vhd).unwrap();
+    let mut footer = Footer::parse(&v[v.len() - 512..]).unwrap();
+    let p = dir.path().join("p.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+    qemu_io("qcow2", &p, &["write -P 7 0 1M"]);
+    let mut b = fs::read(&p).unwrap();
+    b.resize(b.len().div_ceil(512) * 512, 0);
+    footer.current_size = b.len() as u64;
+    footer.original_size = b.len() as u64;
+    footer.seal();
+    b.extend_from_slice(&footer.to_bytes());
+    fs::write(&p, &b).unwrap();
+    let r = bounded("info polyglot", &["info", s(&p)]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stderr.contains("ambiguous"), "{}", r.stderr);
+    for (tool, ext) in [("gzip", "gz"), ("xz", "xz"), ("zstd", "zst")] {
+        if !tool_available("polyglot_rule_holds_through_containers", tool) {
+            continue;
+        }
+        run_ok(tool, &["-k", "-q", "-f", s(&p)]);
+        let c = dir.path().join(format!("p.qcow2.{ext}"));
+        for args in [
+            vec!["info", s(&c)],
+            vec!["info", "--output=json", s(&c)],
+            vec!["convert", "-O", "raw", s(&c), "/dev/null"],
+        ] {
+            let r = bounded(&format!("{args:?}"), &args);
+            assert_eq!(r.code, Some(1), "{args:?}: {}", r.stdout);
+            assert!(r.stderr.contains("ambiguous"), "{args:?}: {}", r.stderr);
+        }
+        // -f says what the bytes are.
+        let r = bounded("info -f qcow2", &["info", "-f", "qcow2", s(&c)]);
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+    }
+}

@@ -396,6 +396,17 @@ fn open_container(
             Access::TemporaryFile,
         ),
     };
+    if opts.format.is_none() && access == Access::TemporaryFile {
+        // The polyglot rule holds through the container: the decoded image is probed whole
+        // (a fixed-VHD footer lives at its end), not only its first 64 KiB. The spool
+        // decodes as far as the end for this; a pipe or gzip file was decoded whole already.
+        let whole = crate::image::probe(&*storage)?;
+        if whole != format {
+            return Err(Error::invalid(format!(
+                "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"
+            )));
+        }
+    }
     let origin = Origin {
         container: compression.map(|c| ContainerInfo {
             compression: c,
