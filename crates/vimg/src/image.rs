@@ -99,6 +99,27 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     }
 }
 
+/// Links of a backing chain whose open errors are nested qemu-style ("Could not open
+/// backing file 'a': Could not open backing file 'b': ..."); deeper links add one line
+/// naming the failing link and its depth, so a 70-deep chain does not make a 4.7 KB message.
+const NESTED_CHAIN_LINKS: usize = 3;
+
+/// The context for an error opening link `link` (1 = the top image's backing file) at
+/// `path`.
+fn chain_context(e: Error, link: usize, path: &Path) -> Error {
+    if link <= NESTED_CHAIN_LINKS {
+        e.context(format!("Could not open backing file '{}'", path.display()))
+    } else if e.path() == Some(path) {
+        // The link that failed (its own open, or its own backing reference).
+        e.context(format!(
+            "backing chain link {link} ('{}')",
+            crate::escape::escape_path(path)
+        ))
+    } else {
+        e
+    }
+}
+
 impl Image {
     /// Opens the image at `path`. A compressed container (xz, gzip, zstd) or an OVA is
     /// looked into unless `opts.source.unpack` is off; see [`crate::source`].
@@ -220,12 +241,7 @@ impl Image {
                                 depth + 1,
                                 seen,
                             )
-                            .map_err(|e| {
-                                e.context(format!(
-                                    "Could not open backing file '{}'",
-                                    bpath.display()
-                                ))
-                            })?;
+                            .map_err(|e| chain_context(e, depth + 1, &bpath))?;
                             if let Some(link) = &b.link {
                                 check_link(&image, &sub, &bpath, link).map_err(with_path)?;
                             }
