@@ -711,3 +711,60 @@ fn deep_chain_error_names_the_failing_link() {
         r.stderr
     );
 }
+
+/// Decompression bombs: a .gz of 20 GiB of zeros (gzip members repeated; gzip does not
+/// record the size) and a .zst of 1 TiB of zeros (8 Mi RLE blocks, no content size, past
+/// the frame walk's block limit). `info` answers within the bounds, saying what it could not
+/// determine; with `--source-size` it answers in full.
+#[test]
+fn info_on_decompression_bombs_is_bounded() {
+    if !tool_available("info_on_decompression_bombs_is_bounded", "gzip") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 64 MiB of zeros gzip'd once, the member repeated 320 times.
+    let one = dir.path().join("z.raw");
+    fs::write(&one, vec![0u8; 64 << 20]).unwrap();
+    run_ok("gzip", &["-1", "-q", s(&one)]);
+    let member = fs::read(dir.path().join("z.raw.gz")).unwrap();
+    let gz = dir.path().join("bomb.raw.gz");
+    fs::write(&gz, member.repeat(320)).unwrap();
+    // 1 TiB of zeros as one zstd frame of RLE blocks: no content size, window 128 KiB.
+    let zst = dir.path().join("bomb.raw.zst");
+    let mut z = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 0x38];
+    let blocks = (1u64 << 40) / (128 << 10);
+    let block = |last: bool| {
+        let h = ((128u32 << 10) << 3) | (1 << 1) | u32::from(last);
+        [h as u8, (h >> 8) as u8, (h >> 16) as u8, 0]
+    };
+    let mid = block(false);
+    z.reserve((blocks * 4) as usize);
+    for _ in 0..blocks - 1 {
+        z.extend_from_slice(&mid);
+    }
+    z.extend_from_slice(&block(true));
+    fs::write(&zst, z).unwrap();
+    for (p, size) in [(&gz, 20u64 << 30), (&zst, 1u64 << 40)] {
+        for args in [vec!["info", s(p)], vec!["info", "--output=json", s(p)]] {
+            let r = bounded(&format!("{args:?}"), &args);
+            assert_eq!(r.code, Some(1), "{args:?}: {}", r.stdout);
+            assert!(
+                r.stderr.contains("virtual size is not determined"),
+                "{}",
+                r.stderr
+            );
+            assert!(r.stderr.contains("--source-size"), "{}", r.stderr);
+        }
+        let size_s = size.to_string();
+        let r = bounded(
+            "info --source-size",
+            &["info", "--output=json", "--source-size", &size_s, s(p)],
+        );
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert!(
+            r.stdout.contains(&format!("\"virtual-size\": {size}")),
+            "{}",
+            r.stdout
+        );
+    }
+}
