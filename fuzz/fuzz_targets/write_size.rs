@@ -77,6 +77,9 @@ fuzz_target!(|data: &[u8]| {
             let left: Vec<_> = std::fs::read_dir(d).expect("read folder").flatten().collect();
             assert!(left.is_empty(), "{format} {o} {size}: refused but left {left:?}");
         }
+        // A VMDK of 0 sectors has no extent line; qemu-img writes the same and cannot open
+        // it either (vimg writes qemu-img's bytes).
+        Ok(()) if format == Format::Vmdk && size < 512 => {}
         Ok(()) => {
             let img = Image::open(
                 &p,
