@@ -2,8 +2,8 @@
 //! and `-o` options), the next eight a virtual size: any `u64`. `vimg::create` must either
 //! refuse up front, leaving nothing in the folder, or write an image that vimg opens as the
 //! format written, with at least the size asked for, and whose `check` is clean. Run with
-//! `-rss_limit_mb=512`: a writer that sizes its tables by the virtual size without a cap is
-//! reported as a crash. (`crates/vimg-cli/tests/hostile2.rs` checks the same property with
+//! `ASAN_OPTIONS=quarantine_size_mb=16` and `-rss_limit_mb=1024`: a writer that sizes its
+//! tables by the virtual size past the metadata cap is reported as a crash. (`crates/vimg-cli/tests/hostile2.rs` checks the same property with
 //! qemu-img as the judge on chosen sizes.)
 #![no_main]
 
