@@ -129,6 +129,34 @@ fn write_json(v: &Value, indent: usize, qemu_order: bool, out: &mut String) {
     }
 }
 
+/// A name read from an image, as human output prints it: control characters escaped
+/// ([`vimg::escape::escape_control`]), so an image cannot move the cursor or rewrite a line.
+pub fn esc(name: &str) -> std::borrow::Cow<'_, str> {
+    vimg::escape::escape_control(name)
+}
+
+/// An error message as the terminal shows it: every control character but a line break
+/// written as `\xNN`. Messages mix the user's own text (kept as typed, backslashes too)
+/// with names from images, which the library escapes where it knows them; this is the
+/// last line of defence for any it does not.
+pub fn esc_message(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(|c| c.is_control() && c != '\n') {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        match c {
+            '\n' => out.push(c),
+            c if (c as u32) < 0x80 && c.is_control() => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:04x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// qemu's human dump of a QAPI object: `key: value` lines, `-` in keys shown as spaces,
 /// nested objects and lists indented by four, list items as `[N]:`.
 pub fn dump_value(v: &Value, indent: usize, out: &mut String) {
@@ -163,7 +191,8 @@ pub fn dump_value(v: &Value, indent: usize, out: &mut String) {
 
 fn scalar(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        // Strings here come from the image (extent names, locators): escaped.
+        Value::String(s) => esc(s).into_owned(),
         Value::Null => String::new(),
         x => x.to_string(),
     }
@@ -172,6 +201,19 @@ fn scalar(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_and_names_are_escaped() {
+        assert_eq!(esc_message("a\x1b[2Kb\r\nc\\d"), "a\\x1b[2Kb\\x0d\nc\\d");
+        assert_eq!(esc("x\x07"), "x\\x07");
+        let mut out = String::new();
+        dump_value(
+            &serde_json::json!({"filename": "e\x1b]0;safe\x07"}),
+            0,
+            &mut out,
+        );
+        assert_eq!(out, "filename: e\\x1b]0;safe\\x07\n");
+    }
 
     #[test]
     fn sizes_like_qemu() {

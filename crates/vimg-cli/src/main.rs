@@ -86,7 +86,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("{}: {}", trust::prefix(), f.message);
+            eprintln!("{}: {}", trust::prefix(), human::esc_message(&f.message));
             ExitCode::from(f.code)
         }
     }

@@ -41,10 +41,18 @@ pub struct CheckReport {
     /// Leaked clusters found.
     #[serde(skip_serializing_if = "is_zero")]
     pub leaks: u64,
-    /// One line per problem, in the order found (human output).
+    /// One line per problem, in the order found (human output): the first
+    /// [`MAX_MESSAGES`]; the rest are only counted in [`CheckReport::omitted_messages`].
     #[serde(skip)]
     pub messages: Vec<String>,
+    /// Problems found past the first [`MAX_MESSAGES`]: counted, not described, so memory does
+    /// not depend on how often an image repeats one corruption.
+    #[serde(skip)]
+    pub omitted_messages: u64,
 }
+
+/// Messages a report keeps (qemu-img prints every one; a crafted image can make millions).
+pub const MAX_MESSAGES: usize = 1000;
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -75,12 +83,46 @@ impl CheckReport {
     /// (`ERROR cluster 5 refcount=0 reference=1`).
     pub fn corruption(&mut self, msg: impl Into<String>) {
         self.corruptions += 1;
-        self.messages.push(msg.into());
+        self.message(msg);
+    }
+
+    /// Records `n` corruptions of one kind, described once by `msg` (built only when a
+    /// message is still kept).
+    pub fn corruptions_n(&mut self, n: u64, msg: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        self.corruptions += n;
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg());
+            self.omitted_messages += n - 1;
+        } else {
+            self.omitted_messages += n;
+        }
     }
 
     /// Records a leak with its description (`Leaked cluster 5 refcount=1 reference=0`).
     pub fn leak(&mut self, msg: impl Into<String>) {
         self.leaks += 1;
-        self.messages.push(msg.into());
+        self.message(msg);
+    }
+
+    /// Keeps `msg` when fewer than [`MAX_MESSAGES`] are kept, else counts it.
+    pub fn message(&mut self, msg: impl Into<String>) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg.into());
+        } else {
+            self.omitted_messages += 1;
+        }
+    }
+
+    /// The line that stands for the omitted messages, when there are any.
+    pub fn omitted_line(&self) -> Option<String> {
+        (self.omitted_messages > 0).then(|| {
+            format!(
+                "({} more messages not shown; the counts below include them)",
+                self.omitted_messages
+            )
+        })
     }
 }

@@ -78,6 +78,10 @@ pub struct SourceOptions {
     pub spool: SpoolLimits,
     /// Threads for decoding (xz); default: available cores.
     pub threads: Option<u32>,
+    /// Decoded bytes a counting pass may read to learn the size of a raw stream whose
+    /// container does not record it (gzip; zstd past its frame walk); `None`: no limit.
+    /// `info` sets one, so a decompression bomb costs bounded time.
+    pub count_budget: Option<u64>,
 }
 
 impl Default for SourceOptions {
@@ -88,6 +92,7 @@ impl Default for SourceOptions {
             stream_size: None,
             spool: SpoolLimits::default(),
             threads: None,
+            count_budget: None,
         }
     }
 }
@@ -377,7 +382,17 @@ fn open_container(
                 threads,
             )
             .map_err(|e| Error::io(format_args!("decode '{name}'"), e))?;
-            size = Some(counter.count_to_end().map_err(|e| decode_err(&name, e))?);
+            let budget = opts.source.count_budget;
+            let counted = counter
+                .count_within(budget)
+                .map_err(|e| decode_err(&name, e))?;
+            let Some(n) = counted else {
+                return Err(Error::unsupported(format!(
+                    "'{name}' holds a raw disk in a {c} container that does not record its decoded size; counting stopped after {} decoded bytes, so its virtual size is not determined (it is larger). Give the size with --source-size, or convert it",
+                    budget.unwrap_or(0)
+                )));
+            };
+            size = Some(n);
             why = "a first decoding pass".to_string();
         }
     }
@@ -398,6 +413,17 @@ fn open_container(
             Access::TemporaryFile,
         ),
     };
+    if opts.format.is_none() && access == Access::TemporaryFile {
+        // The polyglot rule holds through the container: the decoded image is probed whole
+        // (a fixed-VHD footer lives at its end), not only its first 64 KiB. The spool
+        // decodes as far as the end for this; a pipe or gzip file was decoded whole already.
+        let whole = crate::image::probe(&*storage)?;
+        if whole != format {
+            return Err(Error::invalid(format!(
+                "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"
+            )));
+        }
+    }
     let origin = Origin {
         container: compression.map(|c| ContainerInfo {
             compression: c,

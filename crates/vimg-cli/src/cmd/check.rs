@@ -56,8 +56,8 @@ fn probed_format(filename: &str) -> Format {
 }
 
 fn report_and_exit(a: &CheckArgs, report: &CheckReport, format: Format) -> CmdResult {
-    for m in &report.messages {
-        if !a.quiet {
+    if !a.quiet {
+        for m in report.messages.iter().chain(report.omitted_line().iter()) {
             eprintln!("{m}");
         }
     }

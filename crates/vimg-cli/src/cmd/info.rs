@@ -11,14 +11,21 @@ use vimg::{Checksum, Image, ImageInfo, Source};
 
 use super::{apply_source_args, open_options, parse_checksum, parse_format_opt};
 use crate::args::{InfoArgs, OutputFormat};
-use crate::human::{dump_value, qemu_json, size_to_str};
+use crate::human::{dump_value, esc, qemu_json, size_to_str};
 use crate::{CmdResult, Failure};
+
+/// Decoded bytes `info` reads to count a raw stream whose container does not record its
+/// size: 4 GiB, about 1 s of gzip'd zeros on an idle core.
+const INFO_COUNT_BUDGET: u64 = 4 << 30;
 
 pub fn run(a: InfoArgs) -> CmdResult {
     let format = parse_format_opt(a.format.as_deref())?;
     let mut opts = open_options(format, &a.safety);
     opts.open_backing = a.backing_chain;
     apply_source_args(&mut opts, &a.source)?;
+    // A raw disk in a container that does not record its size is counted at most this far
+    // (a decompression bomb costs seconds, not minutes).
+    opts.source.count_budget = Some(INFO_COUNT_BUDGET);
     let alg = parse_checksum(a.checksum.as_deref())?;
     let src = Source::from_arg(&a.filename);
     if alg.is_some() && src == Source::Stdin {
@@ -182,12 +189,14 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
         ));
     }
     if let Some(o) = &origin.ova {
-        s.push_str(&format!("OVA: descriptor {}, disks:\n", o.ovf));
+        s.push_str(&format!("OVA: descriptor {}, disks:\n", esc(&o.ovf)));
         for (i, d) in o.disks.iter().enumerate() {
             let mark = if i == o.selected { " (opened)" } else { "" };
             s.push_str(&format!(
                 "    [{i}] {} in '{}' ({} bytes){mark}\n",
-                d.disk_id, d.file, d.member_size
+                esc(&d.disk_id),
+                esc(&d.file),
+                d.member_size
             ));
         }
     }
@@ -195,7 +204,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
     if !refs.is_empty() {
         s.push_str("External references:\n");
         for r in &refs {
-            s.push_str(&format!("    {}: {}\n", r.field, r.name));
+            s.push_str(&format!("    {}: {}\n", esc(&r.field), esc(&r.name)));
         }
     }
     let svc = ImageServiceInfo::of(image, checksum);
@@ -219,7 +228,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
         if svc.safe { "yes" } else { "no" }
     ));
     for r in &svc.unsafe_reasons {
-        s.push_str(&format!("    unsafe: {r}\n"));
+        s.push_str(&format!("    unsafe: {}\n", esc(r)));
     }
     if let Some(c) = checksum {
         s.push_str(&format!("{}: {}\n", c.alg, c.hex));
@@ -229,7 +238,7 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
 fn info_human(image: &Image) -> String {
     let info = ImageInfo::of(image);
     let mut s = String::new();
-    s.push_str(&format!("image: {}\n", info.filename));
+    s.push_str(&format!("image: {}\n", esc(&info.filename)));
     s.push_str(&format!("file format: {}\n", info.format));
     s.push_str(&format!(
         "virtual size: {} ({} bytes)\n",
@@ -246,9 +255,9 @@ fn info_human(image: &Image) -> String {
         s.push_str(&format!("cluster_size: {c}\n"));
     }
     if let Some(b) = &info.backing_filename {
-        s.push_str(&format!("backing file: {b}"));
+        s.push_str(&format!("backing file: {}", esc(b)));
         match &info.full_backing_filename {
-            Some(full) if full != b => s.push_str(&format!(" (actual path: {full})\n")),
+            Some(full) if full != b => s.push_str(&format!(" (actual path: {})\n", esc(full))),
             _ => s.push('\n'),
         }
         if let Some(f) = &info.backing_filename_format {
@@ -275,8 +284,8 @@ fn info_human(image: &Image) -> String {
             );
             s.push_str(&format!(
                 "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
-                sn.id,
-                sn.name,
+                esc(&sn.id),
+                esc(&sn.name),
                 size_to_str(sn.vm_state_size),
                 fmt_date(sn.date_sec),
                 clock,
@@ -290,7 +299,7 @@ fn info_human(image: &Image) -> String {
     }
     for (name, shown, st) in child_files(image) {
         s.push_str(&format!("Child node '/{name}':\n"));
-        s.push_str(&format!("    filename: {shown}\n"));
+        s.push_str(&format!("    filename: {}\n", esc(&shown)));
         s.push_str(&format!("    protocol type: {}\n", protocol_of(&shown)));
         // qemu's file driver counts whole sectors.
         let file_len = st.len().div_ceil(512) * 512;

@@ -597,10 +597,20 @@ impl Decoder {
     }
 
     /// Reads and discards everything; returns the decoded size.
-    pub fn count_to_end(mut self) -> io::Result<u64> {
+    pub fn count_to_end(self) -> io::Result<u64> {
+        Ok(self.count_within(None)?.unwrap_or(u64::MAX))
+    }
+
+    /// Reads and discards up to the end, or until more than `budget` bytes were decoded
+    /// (then `None`: the size is larger than the budget, and work stays bounded by it).
+    pub fn count_within(mut self, budget: Option<u64>) -> io::Result<Option<u64>> {
         let mut buf = vec![0u8; 1 << 20];
-        while self.read(&mut buf)? > 0 {}
-        Ok(self.pos)
+        while self.read(&mut buf)? > 0 {
+            if budget.is_some_and(|b| self.pos > b) {
+                return Ok(None);
+            }
+        }
+        Ok(Some(self.pos))
     }
 }
 

@@ -185,6 +185,7 @@ impl OpenContext {
 
     /// Resolves `name` (found in `field`) through the gate and opens it read-only.
     pub fn open_external(&self, field: &str, name: &str) -> Result<Arc<dyn Storage>> {
+        self.refuse_backslash_dotdot(field, name)?;
         let (path, file) = gate::open(self.path.as_deref(), field, name, self.policy)?;
         let s = FileStorage::from_file(file, &path).map_err(|e| {
             Error::io(
@@ -200,7 +201,28 @@ impl OpenContext {
 
     /// Resolves `name` through the gate without opening it.
     pub fn resolve(&self, field: &str, name: &str) -> Result<PathBuf> {
+        self.refuse_backslash_dotdot(field, name)?;
         gate::resolve(self.path.as_deref(), field, name, self.policy)
+    }
+
+    /// A name that climbs with `..` between backslashes (`sub/..\..\x`, Windows
+    /// separators) is refused by name, not looked up as a file literally called `..\..\x`
+    /// (which would fail as "No such file" and hide what the image tried). Trusted images
+    /// (`--allow-external`) keep the lookup.
+    fn refuse_backslash_dotdot(&self, field: &str, name: &str) -> Result<()> {
+        if self.policy == ExternalPolicy::Allow || !name.contains('\\') {
+            return Ok(());
+        }
+        if name.split(['/', '\\']).any(|c| c == "..") {
+            return Err(Error::msg(
+                crate::error::ErrorKind::UnsafeReference,
+                format!(
+                    "{field} names '{}', which leaves the image's folder through '..' written with backslashes (Windows separators); refused",
+                    crate::escape::escape_control(name)
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 

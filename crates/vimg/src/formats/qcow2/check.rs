@@ -9,7 +9,7 @@
 //! is to report broken entries, not to refuse them. Reads past the end of the file give
 //! zeros, as they do for QEMU.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::header::*;
 use super::read::Qcow2Reader;
@@ -131,13 +131,19 @@ impl Checker<'_> {
 
     /// Counts one reference to every cluster of `[offset, offset + size)`.
     fn inc(&mut self, offset: u64, size: u64) -> Result<()> {
-        if size == 0 {
+        self.inc_n(offset, size, 1)
+    }
+
+    /// Counts `n` references to every cluster of `[offset, offset + size)`, as `n` calls of
+    /// QEMU's `inc_refcounts` would, in one step per cluster.
+    fn inc_n(&mut self, offset: u64, size: u64, n: u64) -> Result<()> {
+        if size == 0 || n == 0 {
             return Ok(());
         }
         let cs = self.g.cluster_size;
         // The last cluster may be partly past the end of the file, not more.
         if i128::from(offset) + i128::from(size) - i128::from(self.file_len) >= i128::from(cs) {
-            self.rep.corruption(format!(
+            self.rep.corruptions_n(n, || format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {offset:#x} size {size:#x}"
             ));
             return Ok(());
@@ -146,14 +152,48 @@ impl Checker<'_> {
         let last = (offset + size - 1) >> self.g.cluster_bits;
         for k in first..=last {
             let c = self.refs.get(k);
-            if c == self.refs.max {
-                self.rep.corruption(format!(
-                    "ERROR: overflow cluster offset={:#x}",
-                    k << self.g.cluster_bits
-                ));
+            let max = self.refs.max;
+            // QEMU reports each increment that finds the count at its maximum.
+            let room = max.saturating_sub(c);
+            let overflows = n.saturating_sub(room);
+            let cb = self.g.cluster_bits;
+            self.rep.corruptions_n(overflows, || {
+                format!("ERROR: overflow cluster offset={:#x}", k << cb)
+            });
+            self.refs.set(k, c + n.min(room))?;
+        }
+        Ok(())
+    }
+
+    /// Counts the references of one L1 table's entries (`raw`), each `n` times (the number
+    /// of tables that hold these bytes); adds each aligned L2 table inside the file to `l2s`
+    /// with its multiplicity, so every L2 table is walked once however many entries name it.
+    fn l1_entries(&mut self, raw: &[u8], n: u64, l2s: &mut BTreeMap<u64, u64>) -> Result<()> {
+        for e in words(raw) {
+            if e == 0 {
                 continue;
             }
-            self.refs.set(k, c + 1)?;
+            if e & L1E_RESERVED_MASK != 0 {
+                self.rep.corruptions_n(n, || {
+                    format!("ERROR found L1 entry with reserved bits set: {e:x}")
+                });
+            }
+            let l2 = e & L1E_OFFSET_MASK;
+            self.inc_n(l2, self.g.cluster_size, n)?;
+            if !l2.is_multiple_of(self.g.cluster_size) {
+                self.rep.corruptions_n(n, || {
+                    format!(
+                        "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
+                    )
+                });
+                // Not walked: an unaligned table would overlap others (QEMU walks it).
+                continue;
+            }
+            if l2 != 0 && l2 < self.file_len {
+                // Past the end a table reads as zeros: nothing to count.
+                let m = l2s.entry(l2).or_insert(0);
+                *m = m.saturating_add(n);
+            }
         }
         Ok(())
     }
@@ -169,29 +209,75 @@ impl Checker<'_> {
             offset,
             limits::check_table_bytes("L1 table", bytes)?,
         )?;
-        for (i, e) in words(&raw).enumerate() {
-            if e == 0 {
-                continue;
-            }
-            if e & L1E_RESERVED_MASK != 0 {
-                self.rep.corruption(format!(
-                    "ERROR found L1 entry with reserved bits set: {e:x}"
-                ));
-            }
-            let l2 = e & L1E_OFFSET_MASK;
-            self.inc(l2, self.g.cluster_size)?;
-            if !l2.is_multiple_of(self.g.cluster_size) {
-                self.rep.corruption(format!(
-                    "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
-            }
-            let _ = i;
-            self.check_l2(l2, frag)?;
+        let mut l2s = BTreeMap::new();
+        self.l1_entries(&raw, 1, &mut l2s)?;
+        for (l2, n) in l2s {
+            self.check_l2(l2, frag, n)?;
         }
         Ok(())
     }
 
-    fn check_l2(&mut self, l2: u64, frag: bool) -> Result<()> {
+    /// The snapshots' L1 tables, with work bounded by the file's size however the tables
+    /// overlap or repeat: the byte ranges of all tables are swept once, each stretch read
+    /// once with the number of tables that cover it as its multiplicity; each L2 table they
+    /// name is then walked once with the sum of its multiplicities. (65,536 snapshots
+    /// sharing one L1 table cost one L1 read and one walk of each of its L2 tables.)
+    fn check_snapshot_l1s(&mut self) -> Result<()> {
+        let cs = self.g.cluster_size;
+        let cb = self.g.cluster_bits;
+        // Byte-range events of every snapshot's L1 table, and of its clusters.
+        let mut bytes: BTreeMap<u64, i64> = BTreeMap::new();
+        let mut clusters: BTreeMap<u64, i64> = BTreeMap::new();
+        for s in &self.r.snapshots {
+            if s.l1_size == 0 {
+                continue;
+            }
+            let len = u64::from(s.l1_size) * 8;
+            let start = s.l1_table_offset;
+            let end = start.saturating_add(len);
+            *bytes.entry(start).or_insert(0) += 1;
+            *bytes.entry(end).or_insert(0) -= 1;
+            *clusters.entry(start >> cb).or_insert(0) += 1;
+            *clusters.entry(((end - 1) >> cb) + 1).or_insert(0) -= 1;
+        }
+        // The tables' own clusters.
+        let mut m = 0i64;
+        let mut prev = 0u64;
+        for (&at, &d) in &clusters {
+            if m > 0 {
+                for k in prev..at {
+                    self.inc_n(k << cb, cs, m as u64)?;
+                }
+            }
+            m += d;
+            prev = at;
+        }
+        // The entries, a stretch at a time.
+        let mut l2s = BTreeMap::new();
+        let mut m = 0i64;
+        let mut prev = 0u64;
+        for (&at, &d) in &bytes {
+            if m > 0 {
+                let mut pos = prev;
+                while pos < at {
+                    let len = (at - pos).min(1 << 20);
+                    let raw = pread(&*self.r.storage, pos, len as usize)?;
+                    self.l1_entries(&raw, m as u64, &mut l2s)?;
+                    pos += len;
+                }
+            }
+            m += d;
+            prev = at;
+        }
+        for (l2, n) in l2s {
+            self.check_l2(l2, false, n)?;
+        }
+        Ok(())
+    }
+
+    /// Walks the L2 table at `l2`, counting each reference `n` times (the table is named by
+    /// `n` L1 entries); `frag` adds the active image's statistics.
+    fn check_l2(&mut self, l2: u64, frag: bool, n: u64) -> Result<()> {
         let g = self.g;
         let cs = g.cluster_size;
         let raw = pread(&*self.r.storage, l2, cs as usize)?;
@@ -206,27 +292,29 @@ impl Checker<'_> {
             };
             let kind = self.kind(e);
             if kind != Kind::Compressed && e & L2E_STD_RESERVED_MASK != 0 {
-                self.rep.corruption(format!(
-                    "ERROR found l2 entry with reserved bits set: {e:x}"
-                ));
+                self.rep.corruptions_n(n, || {
+                    format!("ERROR found l2 entry with reserved bits set: {e:x}")
+                });
             }
             match kind {
                 Kind::Compressed => {
                     let coffset = e & g.coffset_mask;
                     if e & OFLAG_COPIED != 0 {
-                        self.rep.corruption(format!(
+                        self.rep.corruptions_n(n, || format!(
                             "ERROR: coffset={coffset:#x}: copied flag must never be set for compressed clusters"
                         ));
                     }
                     if data_file {
-                        self.rep.corruption(format!(
-                            "ERROR compressed cluster {i} with data file, entry={:#x}",
-                            e & !OFLAG_COPIED
-                        ));
+                        self.rep.corruptions_n(n, || {
+                            format!(
+                                "ERROR compressed cluster {i} with data file, entry={:#x}",
+                                e & !OFLAG_COPIED
+                            )
+                        });
                         continue;
                     }
                     if bitmap != 0 {
-                        self.rep.corruption(format!(
+                        self.rep.corruptions_n(n, || format!(
                             "ERROR compressed cluster {i} with non-zero subcluster allocation bitmap, entry={:#x}",
                             e & !OFLAG_COPIED
                         ));
@@ -234,7 +322,7 @@ impl Checker<'_> {
                     }
                     let sectors = ((e >> g.csize_shift) & g.csize_mask) + 1;
                     let csize = sectors * 512 - (coffset & 511);
-                    self.inc(coffset, csize)?;
+                    self.inc_n(coffset, csize, n)?;
                     if frag {
                         self.allocated += 1;
                         self.compressed += 1;
@@ -244,7 +332,7 @@ impl Checker<'_> {
                 Kind::ZeroAlloc | Kind::Normal => {
                     let offset = e & L2E_OFFSET_MASK;
                     if (bitmap >> 32) & bitmap != 0 {
-                        self.rep.corruption(format!(
+                        self.rep.corruptions_n(n, || format!(
                             "ERROR offset={offset:x}: Allocated cluster has corrupted subcluster allocation bitmap"
                         ));
                     }
@@ -255,11 +343,11 @@ impl Checker<'_> {
                             e & OFLAG_ZERO == 0
                         };
                         if contains_data {
-                            self.rep.corruption(format!(
+                            self.rep.corruptions_n(n, || format!(
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
                             ));
                         } else {
-                            self.rep.corruption(format!(
+                            self.rep.corruptions_n(n, || format!(
                                 "ERROR offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
                             ));
                         }
@@ -272,15 +360,16 @@ impl Checker<'_> {
                         next_contiguous = offset + cs;
                     }
                     if !data_file {
-                        self.inc(offset, cs)?;
+                        self.inc_n(offset, cs, n)?;
                     }
                 }
                 Kind::ZeroPlain => {}
                 Kind::Unallocated => {
                     if bitmap & 0xffff_ffff != 0 {
-                        self.rep.corruption(
-                            "ERROR: Unallocated cluster has non-zero subcluster allocation map",
-                        );
+                        self.rep.corruptions_n(n, || {
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                .to_string()
+                        });
                     }
                 }
             }
@@ -385,7 +474,7 @@ impl Checker<'_> {
         for i in 0..n {
             let Some(stored) = self.stored(i)? else {
                 self.rep.check_errors += 1;
-                self.rep.messages.push(format!(
+                self.rep.message(format!(
                     "Can't get refcount for cluster {i}: Input/output error"
                 ));
                 continue;
@@ -483,9 +572,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
             r.snapshots.len()
         ));
     }
-    for s in r.snapshots.clone() {
-        c.check_l1(s.l1_table_offset, s.l1_size, false)?;
-    }
+    c.check_snapshot_l1s()?;
     c.inc(h.snapshots_offset, r.snapshots_len)?;
     c.inc(
         h.refcount_table_offset,

@@ -77,6 +77,35 @@ impl SparseBits {
     }
 }
 
+/// Counts per chunk of a [`SparseCounts`]: one chunk is 4 KiB.
+const COUNT_CHUNK: u64 = 2048;
+
+/// A saturating 16-bit count per host cluster, allocated in 4 KiB chunks as clusters are
+/// counted: memory follows the file's used clusters (two bytes each), never how often an
+/// entry repeats.
+#[derive(Debug, Default)]
+pub struct SparseCounts {
+    chunks: HashMap<u64, Box<[u16]>>,
+}
+
+impl SparseCounts {
+    /// Adds one to the count of `i`; returns the new count.
+    pub fn inc(&mut self, i: u64) -> u16 {
+        let chunk = self
+            .chunks
+            .entry(i / COUNT_CHUNK)
+            .or_insert_with(|| vec![0u16; COUNT_CHUNK as usize].into_boxed_slice());
+        let c = &mut chunk[(i % COUNT_CHUNK) as usize];
+        *c = c.saturating_add(1);
+        *c
+    }
+
+    /// Bytes of memory the counts hold.
+    pub fn memory(&self) -> u64 {
+        self.chunks.len() as u64 * COUNT_CHUNK * 2
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +132,14 @@ mod tests {
         assert!(s.get(1 << 40));
         assert!(!s.get(6));
         assert_eq!(s.memory(), 8192);
+    }
+
+    #[test]
+    fn sparse_counts() {
+        let mut c = SparseCounts::default();
+        assert_eq!(c.inc(7), 1);
+        assert_eq!(c.inc(7), 2);
+        assert_eq!(c.inc(1 << 40), 1);
+        assert_eq!(c.memory(), 8192);
     }
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use super::error::Qcow2Error;
 use super::header::*;
-use super::meta::{MetaMap, SparseBits};
+use super::meta::{MetaMap, SparseBits, SparseCounts};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{Format, OpenContext};
 use crate::limits;
@@ -91,6 +91,10 @@ struct Cache {
     used: SparseBits,
     /// Host clusters holding compressed data.
     compressed: SparseBits,
+    /// Per host cluster, how many compressed guest clusters of the active table use it.
+    compressed_refs: SparseCounts,
+    /// The last refcount block read for the compressed-sharing check, by table index.
+    refblock: Option<(u64, Vec<u8>)>,
 }
 
 /// Reads `len` bytes at `offset` into a new buffer, zero-padded where the file ends first.
@@ -533,6 +537,8 @@ impl Qcow2Reader {
                 registered: vec![0u64; l1_words],
                 used: SparseBits::default(),
                 compressed: SparseBits::default(),
+                compressed_refs: SparseCounts::default(),
+                refblock: None,
             }),
             warnings,
             resident,
@@ -661,6 +667,24 @@ impl Qcow2Reader {
                     Use::Compressed { first, last, index } => {
                         for hc in first..=last {
                             c.compressed.test_and_set(hc);
+                            // Several compressed clusters may share a host cluster, as many
+                            // as its refcount says (qemu-img check's rule): more references
+                            // than that means two L2 entries name the same compressed data.
+                            let n = c.compressed_refs.inc(hc);
+                            if n >= 2 {
+                                let rc = self.stored_refcount(&mut c, hc)?;
+                                if u64::from(n) > rc {
+                                    return Err(l2_err(
+                                        off,
+                                        index,
+                                        words_entry(&words, &self.g, index),
+                                        format!(
+                                            "compressed data in host cluster {:#x} is used by {n} compressed clusters, more than its refcount of {rc}: it is shared with another L2 entry",
+                                            hc << self.g.cluster_bits
+                                        ),
+                                    ));
+                                }
+                            }
                             if c.used.get(hc) {
                                 return Err(l2_err(
                                     off,
@@ -677,7 +701,8 @@ impl Qcow2Reader {
                 }
             }
             c.registered[word] |= bit;
-            if c.used.memory() + c.compressed.memory() + self.resident > limits::MAX_METADATA_BYTES
+            if c.used.memory() + c.compressed.memory() + c.compressed_refs.memory() + self.resident
+                > limits::MAX_METADATA_BYTES
             {
                 return Err(Error::unsupported(
                     "qcow2 image maps more clusters than vimg's metadata memory limit allows",
@@ -698,6 +723,36 @@ impl Qcow2Reader {
         let tick = c.tick;
         c.tables.insert(l1i, (words.clone(), tick));
         Ok(Some(words))
+    }
+
+    /// The refcount the image stores for host cluster `hc` (0 where no refcount block
+    /// covers it), reading refcount blocks through a one-block cache in `c`.
+    fn stored_refcount(&self, c: &mut Cache, hc: u64) -> Result<u64> {
+        let bits = self.g.refblock_bits;
+        let rti = hc >> bits;
+        let Some(&e) = self.reftable.get(rti as usize) else {
+            return Ok(0);
+        };
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 || !off.is_multiple_of(self.g.cluster_size) {
+            return Ok(0);
+        }
+        if c.refblock.as_ref().is_none_or(|(k, _)| *k != rti) {
+            let b = read_padded(
+                &*self.storage,
+                off,
+                self.g.cluster_size as usize,
+                "refcount block",
+            )?;
+            c.refblock = Some((rti, b));
+        }
+        Ok(c.refblock.as_ref().map_or(0, |(_, b)| {
+            refcount_get(
+                b,
+                self.header.refcount_order,
+                (hc & ((1u64 << bits) - 1)) as usize,
+            )
+        }))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Cache>> {

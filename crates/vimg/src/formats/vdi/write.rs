@@ -91,6 +91,9 @@ impl VdiWriter {
                     super::read::MAX_DISK_SIZE
                 ))
             })?;
+        // The block map is held in memory, as the reader holds it: the same cap (8 TiB of
+        // 1 MiB blocks), checked before anything is allocated.
+        crate::limits::check_table_bytes("VDI block map", u64::from(blocks) * 4)?;
         if file.is_stream() && !fixed {
             return Err(Error::unsupported(
                 "a dynamic VDI keeps its block map in front of the data and cannot be written to a stream; use static=on",

@@ -1170,7 +1170,7 @@ impl ImageReader for VhdxReader {
         // disagreeing VHD footer copy or VMDK redundant grain directory is.
         let mut r = CheckReport::default();
         if let Some(n) = &self.log_note {
-            r.messages.push(n.clone());
+            r.message(n.clone());
         }
         let mut tables = Vec::new();
         for (i, off) in [(1, REGION_TABLE1_OFFSET), (2, REGION_TABLE2_OFFSET)] {

@@ -43,7 +43,10 @@ pub enum VmdkError {
         why: String,
     },
     /// The descriptor text is malformed.
-    #[error("invalid VMDK descriptor, line {line}: {why}")]
+    #[error(
+        "invalid VMDK descriptor, line {line}: {}",
+        crate::escape::escape_control(why)
+    )]
     Descriptor {
         /// 1-based line number.
         line: usize,

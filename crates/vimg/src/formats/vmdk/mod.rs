@@ -162,6 +162,7 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     let size = size
         .checked_next_multiple_of(SECTOR)
         .ok_or_else(|| arg("Image size is too large".into()))?;
+    check_size(subformat, size)?;
     Ok(Settings {
         subformat,
         adapter: adapter.to_string(),
@@ -174,6 +175,53 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
         size,
         parent: None,
     })
+}
+
+/// Grain directory entries QEMU opens at most (`vmdk_add_extent`: "L1 size too big").
+const QEMU_MAX_GD_ENTRIES: u64 = 32 << 20;
+
+/// Refuses, before anything is written or allocated, a virtual size the subformat cannot
+/// describe: more than vimg's reader opens ([`crate::limits::MAX_VIRTUAL_SIZE`]), a grain
+/// directory QEMU would not open ("L1 size too big", past 1 PiB) or that
+/// vimg's reader would not hold ([`crate::limits::MAX_TABLE_BYTES`], 256 TiB), or more
+/// extent files than a descriptor may name.
+fn check_size(subformat: Subformat, size: u64) -> Result<()> {
+    let arg = |m: String| -> Error { VmdkError::Argument(m).into() };
+    if size > crate::limits::MAX_VIRTUAL_SIZE {
+        // What vimg's reader opens (a flat extent could otherwise be written, sparse, and
+        // then refused).
+        return Err(arg(format!(
+            "Image size is too large: {size} bytes, more than vimg's limit of {}",
+            crate::limits::MAX_VIRTUAL_SIZE
+        )));
+    }
+    if subformat.split() {
+        let extents = size.div_ceil(SPLIT_SIZE);
+        if extents > descriptor::MAX_EXTENTS as u64 {
+            return Err(arg(format!(
+                "Image size is too large: a {} image of {size} bytes needs {extents} extent files, more than the {} a descriptor may name",
+                subformat.name(),
+                descriptor::MAX_EXTENTS
+            )));
+        }
+        return Ok(());
+    }
+    if subformat.flat() {
+        return Ok(());
+    }
+    let gd = SparseLayout::new(size).gt_count;
+    if gd > QEMU_MAX_GD_ENTRIES {
+        return Err(arg(format!(
+            "L1 size too big (a vmdk image of {size} bytes needs a grain directory of {gd} entries; qemu opens at most {QEMU_MAX_GD_ENTRIES})"
+        )));
+    }
+    let max = crate::limits::MAX_TABLE_BYTES / 4;
+    if gd > max {
+        return Err(arg(format!(
+            "L1 size too big (a vmdk image of {size} bytes needs a grain directory of {gd} entries; vimg's limit is {max})"
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the CID of the parent named by `backing_file`, relative to the new image's folder
@@ -367,5 +415,23 @@ mod tests {
             o("backing_fmt=qcow2").unwrap_err().to_string(),
             "backing_file must be a vmdk image"
         );
+    }
+
+    /// Found by the `write_size` fuzz target: a monolithicFlat image of 2^62 bytes was
+    /// written (sparse, on tmpfs) and then refused by vimg's own reader.
+    #[test]
+    fn sizes_past_what_the_reader_opens_are_refused() {
+        let c = CreateOptions::new();
+        let flat = c.clone().with("subformat", "monolithicFlat");
+        let e = settings(6_917_529_027_641_093_105, &flat).unwrap_err();
+        assert!(e.to_string().contains("more than vimg's limit"), "{e}");
+        assert!(settings(crate::limits::MAX_VIRTUAL_SIZE, &flat).is_ok());
+        let e = settings(1 << 54, &c).unwrap_err();
+        assert!(e.to_string().starts_with("L1 size too big"), "{e}");
+        assert!(settings(1 << 48, &c).is_ok());
+        assert!(settings((1 << 48) + 1, &c).is_err());
+        let split = c.clone().with("subformat", "twoGbMaxExtentSparse");
+        assert!(settings(16384 * (2047 << 20), &split).is_ok());
+        assert!(settings(1 << 50, &split).is_err());
     }
 }

@@ -749,7 +749,10 @@ impl VmdkReader {
                             }
                             _ => {
                                 return Err(VmdkError::PastEof {
-                                    table: format!("{label} (flat, '{name}')"),
+                                    table: format!(
+                                        "{label} (flat, '{}')",
+                                        crate::escape::escape_control(&name)
+                                    ),
                                     offset: x.offset.unwrap_or(0).saturating_mul(SECTOR),
                                     len,
                                     file_len: flen,
