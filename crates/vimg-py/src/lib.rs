@@ -57,7 +57,7 @@ pyo3::create_exception!(
     Error,
     "The image names a file outside what the external-file policy allows."
 );
-pyo3::create_exception!(_vimg, CancelledError, Error, "The operation was cancelled.");
+pyo3::create_exception!(vimg, CancelledError, Error, "The operation was cancelled.");
 pyo3::create_exception!(vimg, IoError, Error, "An operating-system I/O error.");
 pyo3::create_exception!(
     vimg,
