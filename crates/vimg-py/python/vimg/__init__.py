@@ -42,4 +42,7 @@ __all__ = [
     "convert",
     "info",
     "inspect",
+    "format_inspector",
 ]
+
+from . import format_inspector  # noqa: E402  (oslo-compatible facade)
