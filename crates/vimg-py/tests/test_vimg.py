@@ -239,3 +239,41 @@ def test_concurrent_converts_release_the_gil(tmp_path, raw_image, qemu_img):
     # Not asserted: that the two files are byte-identical. Two conversions running at once
     # in one process sometimes lay out qcow2 clusters differently (same content; a library
     # determinism issue reported with this binding, not something the binding can fix).
+
+
+def test_ctrl_c_in_progress_cancels_and_leaves_nothing(tmp_path, raw_image):
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def progress(done, total):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        vimg.convert(raw_image, out / "x.qcow2", "qcow2", progress=progress)
+    assert listing(out) == []
+
+
+def test_main_thread_runs_while_converting(tmp_path):
+    # The GIL is released during the copy: Python code in another thread keeps running.
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        for i in range(64):
+            f.write(bytes([i + 1]) * (1 << 20))
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(1)
+            done.wait(0.001)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        vimg.convert(src, tmp_path / "big.qcow2", "qcow2", compress=True)
+    finally:
+        done.set()
+        t.join()
+    assert len(ticks) > 5, len(ticks)
