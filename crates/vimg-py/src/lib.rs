@@ -172,20 +172,26 @@ fn info(py: Python<'_>, path: std::path::PathBuf, backing_chain: bool) -> PyResu
 }
 
 /// What `inspect()` found. Plain data: the image file is closed again.
-#[pyclass(module = "vimg", frozen, get_all)]
+#[pyclass(module = "vimg", frozen)]
 struct Inspection {
     /// The format name (`raw`, `qcow2`, `vmdk`, `vpc`, `vhdx`, `vdi`, ...).
+    #[pyo3(get)]
     format: String,
     /// Guest-visible size in bytes.
+    #[pyo3(get)]
     virtual_size: u64,
     /// Bytes the file takes on disk (None when unknown).
+    #[pyo3(get)]
     actual_size: Option<u64>,
     /// Every file the image names: dicts with `field`, `name` (as stored) and `role`.
+    #[pyo3(get)]
     references: PyObject,
     /// The image-service block of `info` (`disk_format`, `container_format`, `min_disk`,
     /// `safe`, ...).
+    #[pyo3(get)]
     image_service: PyObject,
     /// The file inspected.
+    #[pyo3(get)]
     path: String,
     failures: Vec<(String, String)>,
 }

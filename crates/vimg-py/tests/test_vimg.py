@@ -33,6 +33,22 @@ def test_info_matches_the_binary_json(qcow2_image, vimg_bin):
     assert got["virtual-size"] == 4 << 20
 
 
+def test_info_of_a_compressed_image_matches_the_binary(tmp_path, qcow2_image, vimg_bin):
+    import lzma
+
+    xz = tmp_path / "disk.qcow2.xz"
+    xz.write_bytes(lzma.compress(qcow2_image.read_bytes()))
+    expected = json.loads(subprocess.run(
+        [vimg_bin, "info", "--output=json", str(xz)],
+        check=True, capture_output=True, text=True,
+    ).stdout)
+    expected.pop("children", None)
+    got = vimg.info(xz)
+    assert got == expected
+    assert got["format"] == "qcow2" and "vimg-container" in got
+    assert got["image-service"]["container_format"] == "compressed"
+
+
 def test_info_backing_chain(tmp_path, qcow2_image, qemu_img):
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", qcow2_image.name, "-F", "qcow2", top)
