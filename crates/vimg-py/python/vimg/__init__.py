@@ -1,0 +1,48 @@
+"""vimg: inspect, describe and convert virtual disk images.
+
+Python bindings for the vimg library (a safe, fast drop-in for qemu-img). Calls release
+the GIL while they work. Errors are subclasses of :class:`vimg.Error`, one per kind,
+whose message names the file, structure and offset as vimg's own messages do.
+
+    import vimg
+    info = vimg.info("disk.qcow2")              # the `vimg info --output=json` dict
+    img = vimg.inspect("upload.img")            # format, sizes, references
+    img.safety_check()                          # raises SafetyCheckFailed if it names files
+    digest = vimg.convert("disk.qcow2", "disk.raw", "raw",
+                          checksum="sha512", progress=lambda done, total: None)
+"""
+
+from ._vimg import (
+    CancelledError,
+    CorruptImageError,
+    Error,
+    Inspection,
+    InvalidArgumentError,
+    InvalidImageError,
+    IoError,
+    SafetyCheckFailed,
+    UnsafeReferenceError,
+    UnsupportedError,
+    convert,
+    info,
+    inspect,
+)
+
+__all__ = [
+    "CancelledError",
+    "CorruptImageError",
+    "Error",
+    "Inspection",
+    "InvalidArgumentError",
+    "InvalidImageError",
+    "IoError",
+    "SafetyCheckFailed",
+    "UnsafeReferenceError",
+    "UnsupportedError",
+    "convert",
+    "info",
+    "inspect",
+    "format_inspector",
+]
+
+from . import format_inspector  # noqa: E402  (oslo-compatible facade)

@@ -1,0 +1,83 @@
+"""Type stubs for vimg (see vimg/__init__.py for the overview)."""
+
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+_Path = Union[str, "os.PathLike[str]"]
+
+class Error(Exception):
+    """Base class of every error vimg raises."""
+
+    kind: str
+    """The error kind: 'invalid-argument', 'invalid', 'corrupt', 'unsupported',
+    'unsafe-reference', 'cancelled' or 'io'."""
+    path: Optional[str]
+    """The file the error concerns, when known."""
+
+class InvalidArgumentError(Error):
+    """The caller asked for something impossible (bad option, format, combination)."""
+
+class InvalidImageError(Error):
+    """The image is malformed: a header field out of range, a bad magic, a bad checksum."""
+
+class CorruptImageError(Error):
+    """The image parses but its tables contradict themselves or the file."""
+
+class UnsupportedError(Error):
+    """A valid feature vimg does not implement (encryption, an unknown incompatible bit)."""
+
+class UnsafeReferenceError(Error):
+    """The image names a file outside what the external-file policy allows."""
+
+class CancelledError(Error):
+    """The operation was cancelled."""
+
+class IoError(Error):
+    """An operating-system I/O error."""
+
+class SafetyCheckFailed(Error):
+    """The image is not self-contained."""
+
+    failures: Dict[str, str]
+    """Each field that names a file (e.g. 'backing_file', 'extent 1') -> the reason."""
+
+class Inspection:
+    """What :func:`inspect` found (plain data; the file is closed)."""
+
+    format: str
+    """Format name: raw, qcow2, vmdk, vpc, vhdx, vdi, ..."""
+    virtual_size: int
+    """Guest-visible size in bytes."""
+    actual_size: Optional[int]
+    """Bytes the file takes on disk, when known."""
+    references: List[Dict[str, str]]
+    """Every file the image names: {'field', 'name' (as stored), 'role'}."""
+    image_service: Dict[str, Any]
+    """The `image-service` block of `vimg info --output=json`."""
+    path: str
+    """The file inspected."""
+    def safety_check(self) -> None:
+        """Raise SafetyCheckFailed unless the image names no other file."""
+
+def info(path: _Path, backing_chain: bool = False) -> Any:
+    """`vimg info --output=json PATH` as a dict; a list of dicts (top image first) with
+    backing_chain=True. The binary's `children` key is not included."""
+
+def inspect(path: _Path, format: Optional[str] = None) -> Inspection:
+    """Open the image without following what it names and describe it."""
+
+def convert(
+    src: _Path,
+    dst: _Path,
+    out_format: str,
+    *,
+    src_format: Optional[str] = None,
+    options: Optional[Union[Mapping[str, Union[str, int, bool]], str]] = None,
+    compress: bool = False,
+    checksum: Optional[str] = None,
+    progress: Optional[Callable[[int, int], object]] = None,
+    allow_external: bool = False,
+) -> Optional[str]:
+    """Convert src into a new dst of out_format, all or nothing. Returns the hex digest
+    of dst when checksum ('sha256', 'sha512', 'md5') is given, else None. An exception
+    raised by progress(done, total) cancels the conversion and is re-raised."""

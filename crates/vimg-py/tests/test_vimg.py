@@ -1,0 +1,295 @@
+"""The vimg Python API against qemu-img and the vimg binary."""
+
+import hashlib
+import json
+import os
+import subprocess
+import threading
+
+import pytest
+
+import vimg
+
+
+def listing(d):
+    return sorted(os.listdir(d))
+
+
+# --- info -------------------------------------------------------------------------------
+
+
+def test_info_matches_the_binary_json(qcow2_image, vimg_bin):
+    out = subprocess.run(
+        [vimg_bin, "info", "--output=json", str(qcow2_image)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    expected = json.loads(out)
+    # The binary's `children` (qemu's protocol nodes) is assembled in the CLI only.
+    expected.pop("children", None)
+    got = vimg.info(qcow2_image)
+    assert got == expected
+    assert list(got) == list(expected), "keys in the binary's order"
+    assert got["format"] == "qcow2"
+    assert got["virtual-size"] == 4 << 20
+
+
+def test_info_of_a_compressed_image_matches_the_binary(tmp_path, qcow2_image, vimg_bin):
+    import lzma
+
+    xz = tmp_path / "disk.qcow2.xz"
+    xz.write_bytes(lzma.compress(qcow2_image.read_bytes()))
+    expected = json.loads(subprocess.run(
+        [vimg_bin, "info", "--output=json", str(xz)],
+        check=True, capture_output=True, text=True,
+    ).stdout)
+    expected.pop("children", None)
+    got = vimg.info(xz)
+    assert got == expected
+    assert got["format"] == "qcow2" and "vimg-container" in got
+    assert got["image-service"]["container_format"] == "compressed"
+
+
+def test_info_backing_chain(tmp_path, qcow2_image, qemu_img):
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", qcow2_image.name, "-F", "qcow2", top)
+    one = vimg.info(top)
+    assert isinstance(one, dict)
+    assert one["backing-filename"] == qcow2_image.name
+    chain = vimg.info(top, backing_chain=True)
+    assert [c["filename"] for c in chain] == [str(top), str(qcow2_image)]
+    qemu = json.loads(qemu_img("info", "--output=json", "--backing-chain", top))
+    for mine, theirs in zip(chain, qemu):
+        for key in ("virtual-size", "format", "cluster-size", "backing-filename"):
+            assert mine.get(key) == theirs.get(key), key
+
+
+def test_info_missing_file_names_it(tmp_path):
+    missing = tmp_path / "nope.img"
+    with pytest.raises(vimg.IoError) as e:
+        vimg.info(missing)
+    assert str(missing) in str(e.value)
+    assert e.value.kind == "io"
+    assert e.value.path == str(missing)
+
+
+def test_malformed_header_is_an_image_error_naming_the_structure(tmp_path, qcow2_image):
+    bad = tmp_path / "bad.qcow2"
+    data = bytearray(qcow2_image.read_bytes())
+    data[20:24] = (31).to_bytes(4, "big")  # cluster_bits: 2 GiB clusters, out of range
+    bad.write_bytes(bytes(data))
+    with pytest.raises(vimg.Error) as e:
+        vimg.info(bad)
+    assert isinstance(e.value, (vimg.InvalidImageError, vimg.UnsupportedError))
+    msg = str(e.value)
+    assert str(bad) in msg and "cluster" in msg, msg
+    # The qemu-img oracle refuses it too.
+    r = subprocess.run(["qemu-img", "info", str(bad)], capture_output=True)
+    assert r.returncode != 0
+
+
+# --- inspect ----------------------------------------------------------------------------
+
+
+def test_inspect_self_contained(qcow2_image):
+    i = vimg.inspect(qcow2_image)
+    assert (i.format, i.virtual_size) == ("qcow2", 4 << 20)
+    assert i.actual_size == os.stat(qcow2_image).st_blocks * 512
+    assert i.references == []
+    assert i.image_service["disk_format"] == "qcow2"
+    assert i.image_service["safe"] is True
+    i.safety_check()
+
+
+def test_inspect_backing_reference_fails_the_safety_check(tmp_path, qemu_img):
+    top = tmp_path / "top.qcow2"
+    # A backing file outside the image's folder; inspect must not open it.
+    qemu_img("create", "-f", "qcow2", "-u", "-b", "/etc/passwd", "-F", "raw", top, "1M")
+    i = vimg.inspect(top)
+    assert i.references == [
+        {"field": "backing_file", "name": "/etc/passwd", "role": "backing"}
+    ]
+    assert i.image_service["safe"] is False
+    with pytest.raises(vimg.SafetyCheckFailed) as e:
+        i.safety_check()
+    assert list(e.value.failures) == ["backing_file"]
+    assert "/etc/passwd" in e.value.failures["backing_file"]
+    assert isinstance(e.value, vimg.Error)
+
+
+def test_inspect_forced_format(raw_image):
+    assert vimg.inspect(raw_image, format="raw").format == "raw"
+    with pytest.raises(vimg.Error) as e:
+        vimg.inspect(raw_image, format="qcow2")
+    assert str(raw_image) in str(e.value)
+    with pytest.raises(vimg.InvalidArgumentError, match="Unknown file format 'nope'"):
+        vimg.inspect(raw_image, format="nope")
+
+
+# --- convert ----------------------------------------------------------------------------
+
+
+def test_convert_qcow2_to_raw_with_progress_and_sha512(tmp_path, qcow2_image, raw_image, qemu_img):
+    dst = tmp_path / "out.raw"
+    calls = []
+    threads = set()
+
+    def progress(done, total):
+        calls.append((done, total))
+        threads.add(threading.get_ident())
+
+    digest = vimg.convert(qcow2_image, dst, "raw", checksum="sha512", progress=progress)
+    data = dst.read_bytes()
+    assert data == raw_image.read_bytes()
+    assert digest == hashlib.sha512(data).hexdigest()
+    assert calls, "progress was called"
+    dones = [d for d, _ in calls]
+    assert dones == sorted(dones)
+    assert calls[-1][0] == calls[-1][1] > 0
+    ref = tmp_path / "qemu.raw"
+    qemu_img("convert", "-O", "raw", qcow2_image, ref)
+    assert ref.read_bytes() == data
+
+
+def test_convert_to_qcow2_with_options_reads_back_in_qemu(tmp_path, raw_image, qemu_img):
+    for opts in ({"cluster_size": 65536 * 2, "lazy_refcounts": True}, "cluster_size=128k,lazy_refcounts=on"):
+        dst = tmp_path / "out.qcow2"
+        assert vimg.convert(raw_image, dst, "qcow2", options=opts) is None
+        info = json.loads(qemu_img("info", "--output=json", dst))
+        assert info["cluster-size"] == 131072
+        assert info["format-specific"]["data"]["lazy-refcounts"] is True
+        qemu_img("check", dst)
+        assert "identical" in qemu_img("compare", "-f", "raw", "-F", "qcow2", raw_image, dst)
+        dst.unlink()
+
+
+def test_convert_compressed(tmp_path, raw_image, qemu_img):
+    dst = tmp_path / "c.qcow2"
+    digest = vimg.convert(raw_image, dst, "qcow2", compress=True, checksum="sha256")
+    assert digest == hashlib.sha256(dst.read_bytes()).hexdigest()
+    qemu_img("check", dst)
+    assert "identical" in qemu_img("compare", "-f", "raw", "-F", "qcow2", raw_image, dst)
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk"])
+def test_exception_in_progress_cancels_and_leaves_nothing(tmp_path, raw_image, fmt):
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / f"disk.{fmt}"
+    seen = []
+
+    def progress(done, total):
+        seen.append(done)
+        raise Stop("user cancelled")
+
+    with pytest.raises(Stop, match="user cancelled"):
+        vimg.convert(raw_image, dst, fmt, progress=progress, checksum="sha512")
+    assert len(seen) == 1, "no call after the exception"
+    assert listing(out) == [], "nothing left behind"
+
+
+def test_exception_in_progress_keeps_an_existing_destination(tmp_path, raw_image):
+    dst = tmp_path / "keep.raw"
+    dst.write_bytes(b"old content")
+
+    def progress(done, total):
+        raise KeyError("stop")
+
+    with pytest.raises(KeyError):
+        vimg.convert(raw_image, dst, "raw", progress=progress)
+    assert dst.read_bytes() == b"old content"
+    assert listing(tmp_path) == sorted(["disk.raw", "keep.raw"])
+
+
+def test_convert_refuses_before_writing(tmp_path, raw_image):
+    dst = tmp_path / "x.img"
+    with pytest.raises(vimg.InvalidArgumentError, match="Unknown file format 'qcow3'"):
+        vimg.convert(raw_image, dst, "qcow3")
+    with pytest.raises(vimg.InvalidArgumentError, match="checksum"):
+        vimg.convert(raw_image, dst, "raw", checksum="crc7")
+    with pytest.raises(vimg.Error):
+        vimg.convert(raw_image, dst, "qcow2", options={"cluster_size": 12345})
+    with pytest.raises(TypeError):
+        vimg.convert(raw_image, dst, "raw", progress=42)
+    with pytest.raises(vimg.IoError, match="Could not open"):
+        vimg.convert(tmp_path / "missing", dst, "raw")
+    assert not dst.exists()
+
+
+def test_convert_external_backing_needs_allow_external(tmp_path, qcow2_image, raw_image, qemu_img):
+    top_dir = tmp_path / "elsewhere"
+    top_dir.mkdir()
+    top = top_dir / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", "-b", qcow2_image, "-F", "qcow2", top)
+    dst = tmp_path / "flat.raw"
+    with pytest.raises(vimg.UnsafeReferenceError) as e:
+        vimg.convert(top, dst, "raw")
+    assert e.value.kind == "unsafe-reference"
+    assert not dst.exists()
+    vimg.convert(top, dst, "raw", allow_external=True)
+    assert dst.read_bytes() == raw_image.read_bytes()
+
+
+def test_concurrent_converts_release_the_gil(tmp_path, raw_image, qemu_img):
+    # Two conversions in threads, each calling back into Python: no deadlock, both right.
+    results = {}
+
+    def run(name):
+        results[name] = vimg.convert(
+            raw_image, tmp_path / name, "qcow2", checksum="sha256", progress=lambda d, t: None
+        )
+
+    ts = [threading.Thread(target=run, args=(n,)) for n in ("a.qcow2", "b.qcow2")]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts)
+    for name in ("a.qcow2", "b.qcow2"):
+        out = tmp_path / name
+        assert results[name] == hashlib.sha256(out.read_bytes()).hexdigest()
+        assert "identical" in qemu_img("compare", "-f", "raw", "-F", "qcow2", raw_image, out)
+    # Not asserted: that the two files are byte-identical. Two conversions running at once
+    # in one process sometimes lay out qcow2 clusters differently (same content; a library
+    # determinism issue reported with this binding, not something the binding can fix).
+
+
+def test_ctrl_c_in_progress_cancels_and_leaves_nothing(tmp_path, raw_image):
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def progress(done, total):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        vimg.convert(raw_image, out / "x.qcow2", "qcow2", progress=progress)
+    assert listing(out) == []
+
+
+def test_main_thread_runs_while_converting(tmp_path):
+    # The GIL is released during the copy: Python code in another thread keeps running.
+    src = tmp_path / "big.raw"
+    with open(src, "wb") as f:
+        for i in range(64):
+            f.write(bytes([i + 1]) * (1 << 20))
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(1)
+            done.wait(0.001)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        vimg.convert(src, tmp_path / "big.qcow2", "qcow2", compress=True)
+    finally:
+        done.set()
+        t.join()
+    assert len(ticks) > 5, len(ticks)
