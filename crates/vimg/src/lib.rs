@@ -1,5 +1,6 @@
-//! vimg reads, writes and converts virtual disk images: raw, qcow2, vmdk, vhd (vpc), vhdx
-//! and vdi.
+//! vimg reads, writes and converts virtual disk images: raw, qcow2, vmdk, vhd (vpc), vhdx,
+//! vdi, parallels (ploop), qed and qcow (v1); it reads bochs, cloop and dmg too. A format it
+//! recognises but cannot read (LUKS) is refused by name, never copied as raw.
 //!
 //! - Every format answers one block-mapping trait, [`ImageReader`]: for a guest offset,
 //!   what is there (data at a host offset, compressed data, zero, unallocated). [`Image`]
