@@ -123,7 +123,7 @@ put probe dyn.vdi
 cd ..
 
 # ---- parallels: 64 KiB and odd (1000 -> 1024 byte) clusters.
-mkdir p && cd p
+mkdir pl && cd pl
 qemu-img convert -q -O parallels -o cluster_size=64k ../src.raw c64k.hds
 qemu-img convert -q -O parallels -o cluster_size=1000 ../src.raw c1k.hds
 put parallels c64k.hds c1k.hds
@@ -131,7 +131,7 @@ put probe c64k.hds
 cd ..
 
 # ---- qed: small clusters and tables.
-mkdir q && cd q
+mkdir qe && cd qe
 qemu-img convert -q -O qed -o cluster_size=4k,table_size=2 ../src.raw small.qed
 put qed small.qed
 put probe small.qed
@@ -140,6 +140,26 @@ qemu-img convert -q -O qcow ../src.raw plain.qcow
 qemu-img convert -q -c -O qcow ../src.raw packed.qcow || true
 put qcow plain.qcow packed.qcow
 cd ..
+
+# ---- bochs, cloop, dmg: qemu-img cannot create them; the shared corpus has QEMU's sample
+# images (used here as local seeds, never committed). Without the corpus these targets
+# start from an empty corpus.
+corpus=$fuzz/../../shared/corpus/qemu-iotests
+if [ -d "$corpus" ]; then
+  mkdir sm && cd sm
+  bzip2 -dc "$corpus/empty.bochs.bz2" > empty.bochs
+  bzip2 -dc "$corpus/simple-pattern.cloop.bz2" > pattern.cloop
+  bzip2 -dc "$corpus/simple-dmg.dmg.bz2" > simple.dmg
+  bzip2 -dc "$corpus/parallels-with-bitmap.bz2" > bitmap.hds
+  put bochs empty.bochs
+  put cloop pattern.cloop
+  put dmg simple.dmg
+  put parallels bitmap.hds
+  put probe empty.bochs pattern.cloop simple.dmg
+  cd ..
+else
+  echo "seeds.sh: no shared corpus at $corpus; bochs, cloop and dmg start empty" >&2
+fi
 
 # ---- probe: also a raw file and an empty one.
 head -c 4096 src.raw > raw.img
