@@ -226,7 +226,13 @@ fn read_mish(b: &[u8], k: &Koly, koly_at: u64, runs: &mut Vec<Run>) -> Result<()
         let sector = m
             .first_sector
             .checked_add(c.sector)
-            .filter(|s| s.checked_add(c.sector_count).is_some())
+            // The chunk's end must be a byte offset too: a zero chunk is not held to the
+            // sector-count limit, and `(sector + count) * 512` must not wrap in map().
+            .filter(|s| {
+                s.checked_add(c.sector_count)
+                    .and_then(|e| e.checked_mul(512))
+                    .is_some()
+            })
             .ok_or_else(|| bad(format!("sector {:#x} is out of range", c.sector)))?;
         let zero = matches!(c.kind, CHUNK_ZERO | CHUNK_IGNORE);
         if !zero {

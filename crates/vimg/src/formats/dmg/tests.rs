@@ -163,3 +163,17 @@ fn bad_trailer() {
     assert_eq!(kind(b), ErrorKind::Unsupported);
     assert_eq!(kind(vec![0u8; 100]), ErrorKind::Invalid);
 }
+
+/// Found by the `dmg` fuzz target (2026-12-03): a zero chunk is not held to the sector-count
+/// limit, so one covering the disk and running on to sector 2^63 made map() compute its end
+/// in bytes, `(sector + count) * 512`, with a wrap: an extent past the disk's end. Such a
+/// chunk is now refused at open.
+#[test]
+fn zero_chunk_whose_end_overflows_in_bytes_is_refused() {
+    let b = image(Some(vec![(CHUNK_ZERO, 0, 1 << 63, 0, 0)]));
+    assert_eq!(kind(b), ErrorKind::Corrupt);
+    // The largest end that is still a byte offset opens, and maps inside the disk.
+    let r = open(image(Some(vec![(CHUNK_ZERO, 0, u64::MAX / 512, 0, 0)]))).unwrap();
+    let e = r.map(GuestOffset(0), u64::MAX).unwrap();
+    assert_eq!((e.kind, e.end()), (MapKind::Zero, 4096));
+}
