@@ -41,9 +41,10 @@ class SafetyCheckFailed(Exception):
         self.failures = failures
 
 
-# Magic numbers of formats qemu-img knows and vimg does not read, so that such a file is
-# reported as what it is rather than probed as raw (QEMU's docs/interop/qed and the LUKS1
-# and LUKS2 on-disk specifications).
+# Formats oslo's inspector names but always bans (qed: a backing file oslo cannot vet;
+# luks: encrypted, and vimg does not read it yet). The library probes both by their magic
+# too; the facade answers for them directly, as oslo does, with a failing safety_check
+# (QEMU's docs/interop/qed and the LUKS1 and LUKS2 on-disk specifications).
 _UNREAD_MAGICS = {b"QED\x00": "qed", b"LUKS\xba\xbe": "luks"}
 
 
