@@ -166,6 +166,17 @@ pub struct ExternalRef {
     pub role: RefRole,
 }
 
+impl BackingRef {
+    /// This backing reference as one of the image's [`ExternalRef`]s.
+    pub fn external_ref(&self) -> ExternalRef {
+        ExternalRef {
+            field: self.field.clone(),
+            name: self.name.clone(),
+            role: RefRole::Backing,
+        }
+    }
+}
+
 /// The role of an [`ExternalRef`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -12,7 +12,6 @@ use crate::formats::Format;
 use crate::limits;
 use crate::mapping::{
     BackingRef, Codec, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
-    RefRole,
 };
 use crate::storage::{read_exact, Storage};
 
@@ -370,13 +369,6 @@ impl ImageReader for QcowReader {
     }
 
     fn external_refs(&self) -> Vec<ExternalRef> {
-        self.backing
-            .iter()
-            .map(|b| ExternalRef {
-                field: b.field.clone(),
-                name: b.name.clone(),
-                role: RefRole::Backing,
-            })
-            .collect()
+        self.backing.iter().map(BackingRef::external_ref).collect()
     }
 }

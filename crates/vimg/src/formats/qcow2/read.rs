@@ -1400,11 +1400,7 @@ impl ImageReader for Qcow2Reader {
     fn external_refs(&self) -> Vec<ExternalRef> {
         let mut v = Vec::new();
         if let Some(b) = &self.backing {
-            v.push(ExternalRef {
-                field: b.field.clone(),
-                name: b.name.clone(),
-                role: RefRole::Backing,
-            });
+            v.push(b.external_ref());
         }
         if let Some(d) = &self.data_file_name {
             v.push(ExternalRef {

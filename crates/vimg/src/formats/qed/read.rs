@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::formats::Format;
 use crate::limits;
 use crate::mapping::{
-    BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind, RefRole,
+    BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
 };
 use crate::storage::{read_exact, Storage};
 
@@ -350,14 +350,7 @@ impl ImageReader for QedReader {
     }
 
     fn external_refs(&self) -> Vec<ExternalRef> {
-        self.backing
-            .iter()
-            .map(|b| ExternalRef {
-                field: b.field.clone(),
-                name: b.name.clone(),
-                role: RefRole::Backing,
-            })
-            .collect()
+        self.backing.iter().map(BackingRef::external_ref).collect()
     }
 
     fn dirty(&self) -> bool {
