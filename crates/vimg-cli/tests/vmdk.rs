@@ -559,7 +559,8 @@ fn delta_link_over_a_changed_parent_is_refused() {
     // value (qemu and libvmdk compare it too), so refused over a parent with a real CID.
     let desc = &children[1];
     let text = fs::read_to_string(desc).unwrap();
-    let line = format!("parentCID={old_cid}");
+    // qemu writes the CID as `%x`, without leading zeros; vimg's messages pad to 8 digits.
+    let line = format!("parentCID={:x}", u32::from_str_radix(&old_cid, 16).unwrap());
     assert!(text.contains(&line), "{text}");
     fs::write(desc, text.replace(&line, "parentCID=ffffffff")).unwrap();
     let e = Image::open(desc, &OpenOptions::default()).unwrap_err();
