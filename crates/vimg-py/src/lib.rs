@@ -14,6 +14,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use serde_json::{Map, Value};
 
+mod captured;
+mod mbr;
+
 use vimg::glance::ImageServiceInfo;
 use vimg::{
     Checksum, ConvertOptions, CreateOptions, ErrorKind, ExternalPolicy, Format, HashAlg, Image,
@@ -395,6 +398,66 @@ fn convert(
     }
 }
 
+/// judge_captured(format, pieces, length=None)
+/// --
+///
+/// The library's verdict on an image of which only `pieces` (a list of `(offset, bytes)`)
+/// were kept from a stream: a dict with `status` 'ok' (`format`, `disk_format`,
+/// `virtual_size`, `references` as (field, name) pairs), 'need' (`ranges`: (offset,
+/// length) pairs to keep and ask again) or 'invalid' (`kind`, `message`). `length` is the
+/// stream's length once its end was seen. Nothing the image names is opened. Used by
+/// `vimg.format_inspector`.
+#[pyfunction]
+#[pyo3(signature = (format, pieces, length = None))]
+fn judge_captured(
+    py: Python<'_>,
+    format: Option<&str>,
+    pieces: Vec<(u64, Vec<u8>)>,
+    length: Option<u64>,
+) -> PyResult<PyObject> {
+    let format = parse_format_opt(py, format)?;
+    let v = py.allow_threads(|| captured::judge_value(format, pieces, length));
+    to_object(py, &v)
+}
+
+/// probe_head(head)
+/// --
+///
+/// The formats whose signature the first bytes of a stream carry, by the library's
+/// probes (vimg's names: 'qcow2', 'vpc', 'vmdk', ...); empty for raw.
+#[pyfunction]
+fn probe_head(head: &[u8]) -> Vec<&'static str> {
+    captured::probe_head(head)
+}
+
+/// is_iso9660(descriptor)
+/// --
+///
+/// True when the 2048 bytes at offset 32768 start an ISO 9660 volume descriptor.
+#[pyfunction]
+fn is_iso9660(descriptor: &[u8]) -> bool {
+    captured::is_iso9660(descriptor)
+}
+
+/// is_mbr(sector)
+/// --
+///
+/// True when the first 512 bytes carry the MBR signature and are not a FAT boot sector.
+#[pyfunction]
+fn is_mbr(sector: &[u8]) -> bool {
+    mbr::is_mbr(sector)
+}
+
+/// check_mbr_partitions(sector)
+/// --
+///
+/// None when the MBR's partition entries are what a GPT disk's protective MBR (or a
+/// plain MBR) may hold, else the reason (a str).
+#[pyfunction]
+fn check_mbr_partitions(sector: &[u8]) -> Option<String> {
+    mbr::check_partitions(sector).err()
+}
+
 /// The native part of the `vimg` package.
 #[pymodule]
 fn _vimg(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -402,6 +465,13 @@ fn _vimg(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(judge_captured, m)?)?;
+    m.add_function(wrap_pyfunction!(probe_head, m)?)?;
+    m.add_function(wrap_pyfunction!(is_iso9660, m)?)?;
+    m.add_function(wrap_pyfunction!(is_mbr, m)?)?;
+    m.add_function(wrap_pyfunction!(check_mbr_partitions, m)?)?;
+    m.add("ISO_DESCRIPTOR_AT", captured::ISO_DESCRIPTOR_AT)?;
+    m.add("UNKNOWN_STREAM_LENGTH", captured::UNKNOWN_LENGTH)?;
     m.add_class::<Inspection>()?;
     m.add("Error", py.get_type::<Error>())?;
     m.add(

@@ -75,3 +75,41 @@ def qcow2_image(tmp_path, raw_image, qemu_img):
     p = tmp_path / "disk.qcow2"
     qemu_img("convert", "-f", "raw", "-O", "qcow2", raw_image, p)
     return p
+
+
+# oslo.utils' format-inspector tests (test_oslo_format_inspector.py) where vimg's answer
+# differs from oslo's on purpose; docs/pipelines.md lists them with the reasons. Strict:
+# one that starts passing fails the run, so this list cannot go stale.
+OSLO_DIFFERENCES = {
+    "TestFormatInspectors::test_vmdk_bad_descriptor_mem_limit":
+        "vimg refuses a VMDK whose header claims a descriptor larger than 1 MiB "
+        "(oslo reads the first MiB of it and goes on)",
+    "TestFormatInspectors::test_vmdk_bad_descriptor_mem_limit_stream_optimized":
+        "as test_vmdk_bad_descriptor_mem_limit, for streamOptimized",
+    "TestFormatInspectors::test_vmdk_safety_checks":
+        "an inspector given hand-set regions and no image vimg could open never passes "
+        "safety_check() (its 'vimg' check fails: the library judged nothing)",
+    "TestFormatInspectors::test_vmdk_with_footer":
+        "the test's 'legit' footer keeps a grain directory offset of 2**64-256 sectors; "
+        "vimg refuses the image (oslo does not look at the grain directory)",
+    "TestLUKSInspector::test_decrypt_no_master_key_raises":
+        "vimg does not decrypt LUKS (the test mocks oslo's own _luks module)",
+    "TestLUKSInspector::test_region_complete_detects_inner_format":
+        "vimg does not decrypt LUKS (the test mocks oslo's own _luks module)",
+    "TestLUKSInspector::test_luks_decrypt_detects_inner_format":
+        "vimg does not decrypt LUKS: a passphrase cannot be verified, so the "
+        "passphrase check fails closed",
+    "TestLUKSInspector::test_virtual_size":
+        "the test expects a negative virtual size (a 10 KiB stream whose header puts the "
+        "payload at 2 MiB); vimg reports 0",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.fspath.basename != "test_oslo_format_inspector.py":
+            continue
+        key = "::".join(item.nodeid.split("::")[1:])
+        why = OSLO_DIFFERENCES.get(key)
+        if why is not None:
+            item.add_marker(pytest.mark.xfail(reason=why, strict=True))
