@@ -398,6 +398,224 @@ fn convert(
     }
 }
 
+fn open_opts(format: Option<Format>, allow_external: bool) -> OpenOptions {
+    OpenOptions {
+        format,
+        policy: if allow_external {
+            ExternalPolicy::Allow
+        } else {
+            ExternalPolicy::SameFolder
+        },
+        ..OpenOptions::default()
+    }
+}
+
+/// check(path, format=None, *, allow_external=False)
+/// --
+///
+/// What `vimg check --output=json PATH` prints, as a dict: `check-errors`,
+/// `corruptions`, `leaks` (absent when 0), the cluster counts the format tracks,
+/// `filename` and `format`. An image whose tables are corrupt enough that it does not
+/// open is reported with one corruption, as the binary does; other open errors raise.
+/// The image is only read.
+#[pyfunction]
+#[pyo3(signature = (path, format = None, *, allow_external = false))]
+fn check(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    format: Option<&str>,
+    allow_external: bool,
+) -> PyResult<PyObject> {
+    let format = parse_format_opt(py, format)?;
+    let shown = path.to_string_lossy().into_owned();
+    enum Failed {
+        Open(vimg::Error),
+        Check(vimg::Error),
+    }
+    let found = py.allow_threads(|| {
+        let mut opts = open_opts(format, allow_external);
+        opts.open_backing = false;
+        match Image::open(&path, &opts) {
+            Ok(image) => image
+                .reader()
+                .check()
+                .map(|r| (r, image.format()))
+                .map_err(Failed::Check),
+            Err(e) => match vimg::check::CheckReport::from_open_error(&e) {
+                Some(r) => {
+                    let probed = vimg::storage::FileStorage::open(&path)
+                        .ok()
+                        .and_then(|s| vimg::image::probe(&s).ok())
+                        .unwrap_or(Format::Raw);
+                    Ok((r, format.unwrap_or(probed)))
+                }
+                None => Err(Failed::Open(e)),
+            },
+        }
+    });
+    let (report, fmt) = match found {
+        Ok(v) => v,
+        Err(Failed::Open(e)) => return Err(to_py(py, &e, Some(&shown))),
+        Err(Failed::Check(e)) => return Err(to_py(py, &e, None)),
+    };
+    let mut m = match serialize(&report) {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    m.insert("filename".into(), Value::String(shown));
+    m.insert("format".into(), Value::String(fmt.name().into()));
+    to_object(py, &Value::Object(m))
+}
+
+/// compare(a, b, *, format_a=None, format_b=None, strict=False, allow_external=False)
+/// --
+///
+/// `vimg compare A B` as a dict: `identical` (bool), `result` ('identical',
+/// 'content-mismatch', 'size-mismatch' or 'status-mismatch', the last two with
+/// `strict=True`), `offset` (the first differing byte, or None), `size-warning` (the
+/// sizes differ and the longer image's tail was compared with zeros) and `exit-code`
+/// (the binary's: 0 identical, 1 different). Each image is read through its backing chain.
+#[pyfunction]
+#[pyo3(signature = (a, b, *, format_a = None, format_b = None, strict = false, allow_external = false))]
+fn compare(
+    py: Python<'_>,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    format_a: Option<&str>,
+    format_b: Option<&str>,
+    strict: bool,
+    allow_external: bool,
+) -> PyResult<PyObject> {
+    use vimg::compare::Comparison;
+    let (fa, fb) = (
+        parse_format_opt(py, format_a)?,
+        parse_format_opt(py, format_b)?,
+    );
+    let (sa, sb) = (
+        a.to_string_lossy().into_owned(),
+        b.to_string_lossy().into_owned(),
+    );
+    let ia = py
+        .allow_threads(|| Image::open(&a, &open_opts(fa, allow_external)))
+        .map_err(|e| to_py(py, &e, Some(&sa)))?;
+    let ib = py
+        .allow_threads(|| Image::open(&b, &open_opts(fb, allow_external)))
+        .map_err(|e| to_py(py, &e, Some(&sb)))?;
+    let report = py
+        .allow_threads(|| vimg::compare::compare(&ia, &ib, strict, &mut |_, _| {}))
+        .map_err(|e| to_py(py, &e, None))?;
+    let (result, offset) = match report.result {
+        Comparison::Identical => ("identical", None),
+        Comparison::SizeMismatch => ("size-mismatch", None),
+        Comparison::Mismatch(o) => ("content-mismatch", Some(o)),
+        Comparison::StatusMismatch(o) => ("status-mismatch", Some(o)),
+    };
+    let identical = result == "identical";
+    let v = serde_json::json!({
+        "identical": identical,
+        "result": result,
+        "offset": offset,
+        "size-warning": report.size_warning,
+        "exit-code": if identical { 0 } else { 1 },
+    });
+    to_object(py, &v)
+}
+
+/// measure(out_format, *, size=None, filename=None, format=None, options=None, allow_external=False)
+/// --
+///
+/// What `vimg measure --output=json -O OUT_FORMAT` prints, as a dict (`required`,
+/// `fully-allocated`, and `bitmaps` for qcow2 when there are any): the bytes a new
+/// image needs, either for `size` bytes of nothing or for the content of `filename`.
+/// `options` are `-o` options (dict or option string).
+#[pyfunction]
+#[pyo3(signature = (out_format, *, size = None, filename = None, format = None, options = None, allow_external = false))]
+fn measure(
+    py: Python<'_>,
+    out_format: &str,
+    size: Option<u64>,
+    filename: Option<std::path::PathBuf>,
+    format: Option<&str>,
+    options: Option<&Bound<'_, PyAny>>,
+    allow_external: bool,
+) -> PyResult<PyObject> {
+    let out = parse_format(py, out_format)?;
+    let format = parse_format_opt(py, format)?;
+    let opts = create_options(py, options)?;
+    if size.is_some() == filename.is_some() {
+        return Err(to_py(
+            py,
+            &vimg::Error::invalid_argument("Either size or one filename must be specified."),
+            None,
+        ));
+    }
+    let image = match &filename {
+        Some(f) => {
+            let shown = f.to_string_lossy().into_owned();
+            Some(
+                py.allow_threads(|| Image::open(f, &open_opts(format, allow_external)))
+                    .map_err(|e| to_py(py, &e, Some(&shown)))?,
+            )
+        }
+        None => None,
+    };
+    let m = py
+        .allow_threads(|| vimg::measure::measure(out, &opts, size, image.as_ref()))
+        .map_err(|e| to_py(py, &e, None))?;
+    let mut obj = Map::new();
+    if let Some(b) = m.bitmaps {
+        obj.insert("bitmaps".into(), b.into());
+    }
+    obj.insert("required".into(), m.required.into());
+    obj.insert("fully-allocated".into(), m.fully_allocated.into());
+    to_object(py, &Value::Object(obj))
+}
+
+/// map(path, format=None, *, start=0, length=None, allow_external=False)
+/// --
+///
+/// What `vimg map --output=json PATH` prints, as a list of dicts: `start`, `length`,
+/// `depth`, `present`, `zero`, `data`, `compressed` and, where the bytes sit at one
+/// place in a file, `offset`. Runs are merged as qemu-img merges them; `start` and
+/// `length` limit the guest range.
+#[pyfunction]
+#[pyo3(signature = (path, format = None, *, start = 0, length = None, allow_external = false))]
+fn map(
+    py: Python<'_>,
+    path: std::path::PathBuf,
+    format: Option<&str>,
+    start: u64,
+    length: Option<u64>,
+    allow_external: bool,
+) -> PyResult<PyObject> {
+    let format = parse_format_opt(py, format)?;
+    let shown = path.to_string_lossy().into_owned();
+    let image = py
+        .allow_threads(|| Image::open(&path, &open_opts(format, allow_external)))
+        .map_err(|e| to_py(py, &e, Some(&shown)))?;
+    let entries = py
+        .allow_threads(|| vimg::map::map_image(&image, start, length))
+        .map_err(|e| to_py(py, &e, None))?;
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut m = Map::new();
+            m.insert("start".into(), e.start.into());
+            m.insert("length".into(), e.length.into());
+            m.insert("depth".into(), (e.depth as u64).into());
+            m.insert("present".into(), e.present.into());
+            m.insert("zero".into(), e.zero.into());
+            m.insert("data".into(), e.data.into());
+            m.insert("compressed".into(), e.compressed.into());
+            if let Some(o) = e.offset {
+                m.insert("offset".into(), o.into());
+            }
+            Value::Object(m)
+        })
+        .collect();
+    to_object(py, &Value::Array(list))
+}
+
 /// judge_captured(format, pieces, length=None)
 /// --
 ///
@@ -465,6 +683,10 @@ fn _vimg(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(info, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(convert, m)?)?;
+    m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(compare, m)?)?;
+    m.add_function(wrap_pyfunction!(measure, m)?)?;
+    m.add_function(wrap_pyfunction!(map, m)?)?;
     m.add_function(wrap_pyfunction!(judge_captured, m)?)?;
     m.add_function(wrap_pyfunction!(probe_head, m)?)?;
     m.add_function(wrap_pyfunction!(is_iso9660, m)?)?;

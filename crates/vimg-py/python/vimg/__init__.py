@@ -10,6 +10,10 @@ whose message names the file, structure and offset as vimg's own messages do.
     img.safety_check()                          # raises SafetyCheckFailed if it names files
     digest = vimg.convert("disk.qcow2", "disk.raw", "raw",
                           checksum="sha512", progress=lambda done, total: None)
+    vimg.check("disk.qcow2")                    # `vimg check --output=json`
+    vimg.compare("a.qcow2", "b.raw")["identical"]
+    vimg.measure("qcow2", filename="disk.raw")  # `vimg measure --output=json`
+    vimg.map("disk.qcow2")                      # `vimg map --output=json`
 """
 
 from ._vimg import (
@@ -23,9 +27,13 @@ from ._vimg import (
     SafetyCheckFailed,
     UnsafeReferenceError,
     UnsupportedError,
+    check,
+    compare,
     convert,
     info,
     inspect,
+    map,
+    measure,
 )
 
 __all__ = [
@@ -39,9 +47,13 @@ __all__ = [
     "SafetyCheckFailed",
     "UnsafeReferenceError",
     "UnsupportedError",
+    "check",
+    "compare",
     "convert",
     "info",
     "inspect",
+    "map",
+    "measure",
     "format_inspector",
 ]
 

@@ -81,3 +81,39 @@ def convert(
     """Convert src into a new dst of out_format, all or nothing. Returns the hex digest
     of dst when checksum ('sha256', 'sha512', 'md5') is given, else None. An exception
     raised by progress(done, total) cancels the conversion and is re-raised."""
+
+def check(path: _Path, format: Optional[str] = None, *, allow_external: bool = False) -> Dict[str, Any]:
+    """`vimg check --output=json PATH` as a dict (check-errors, corruptions, leaks,
+    cluster counts, filename, format). Only reads the image."""
+
+def compare(
+    a: _Path,
+    b: _Path,
+    *,
+    format_a: Optional[str] = None,
+    format_b: Optional[str] = None,
+    strict: bool = False,
+    allow_external: bool = False,
+) -> Dict[str, Any]:
+    """`vimg compare A B`: {'identical', 'result', 'offset', 'size-warning', 'exit-code'}."""
+
+def measure(
+    out_format: str,
+    *,
+    size: Optional[int] = None,
+    filename: Optional[_Path] = None,
+    format: Optional[str] = None,
+    options: Optional[Union[Mapping[str, Union[str, int, bool]], str]] = None,
+    allow_external: bool = False,
+) -> Dict[str, int]:
+    """`vimg measure --output=json`: {'required', 'fully-allocated'[, 'bitmaps']}."""
+
+def map(
+    path: _Path,
+    format: Optional[str] = None,
+    *,
+    start: int = 0,
+    length: Optional[int] = None,
+    allow_external: bool = False,
+) -> List[Dict[str, Any]]:
+    """`vimg map --output=json PATH` as a list of dicts."""
