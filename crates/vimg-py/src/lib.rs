@@ -140,11 +140,54 @@ fn info_value(image: &Image) -> Value {
     if let Some(o) = &origin.ova {
         m.insert("vimg-ova".into(), serialize(o));
     }
-    m.insert(
-        "image-service".into(),
-        serialize(&ImageServiceInfo::of(image, None)),
-    );
+    m.insert("image-service".into(), image_service_value(image, None));
     Value::Object(m)
+}
+
+/// The image-service block for `image`: what to register and upload. For a bare image,
+/// the library's [`ImageServiceInfo`] as it is (`os_hash_algo`/`os_hash_value` when
+/// `checksum` was taken of this very file). For an image inside a compressed container
+/// or an OVA, the file itself is not what an image service can boot (Glance's
+/// decompression plugin takes zip/lha/gzip only and skips images already marked
+/// `compressed`; Nova boots neither): the block then describes the image inside,
+/// converted out to a file of its own (`container_format` `bare`), keeps what the input
+/// is under `input_container_format`, says so in `note`, and gives the command that
+/// writes that file in `convert_command`. `min_ram` is never set: nothing in an image
+/// says how much memory its guest needs.
+fn image_service_value(image: &Image, checksum: Option<&Checksum>) -> Value {
+    let svc = ImageServiceInfo::of(image, checksum);
+    let mut v = serialize(&svc);
+    if svc.container_format == "bare" {
+        return v;
+    }
+    let format = image.format().name();
+    let what = if image.origin().ova.is_some() {
+        "an OVA archive"
+    } else {
+        "a compressed container"
+    };
+    if let Value::Object(m) = &mut v {
+        m.insert("container_format".into(), "bare".into());
+        m.insert("input_container_format".into(), svc.container_format.into());
+        m.insert("input_usable".into(), false.into());
+        m.insert(
+            "note".into(),
+            format!(
+                "this file is {what} around a {format} image, which an image service cannot boot as uploaded; \
+                 these keys describe the image inside, converted out to a file of its own: upload that file"
+            )
+            .into(),
+        );
+        m.insert(
+            "convert_command".into(),
+            format!(
+                "vimg convert -O {format} --checksum sha512 INPUT OUTPUT.{}",
+                svc.disk_format
+            )
+            .into(),
+        );
+    }
+    v
 }
 
 /// info(path, backing_chain=False)
@@ -152,7 +195,9 @@ fn info_value(image: &Image) -> Value {
 ///
 /// What `vimg info --output=json PATH` prints, as a dict (a list of dicts, top image
 /// first, with `backing_chain=True`). The binary's `children` key (qemu's protocol
-/// nodes) is not included. Files the image names are opened only inside its own folder.
+/// nodes) is not included. `image-service` describes what to upload: for an image in a
+/// compressed container or an OVA, the image inside as a file of its own (see
+/// `image_service_value`). Files the image names are opened only inside its own folder.
 #[pyfunction]
 #[pyo3(signature = (path, backing_chain = false))]
 fn info(py: Python<'_>, path: std::path::PathBuf, backing_chain: bool) -> PyResult<PyObject> {
@@ -246,7 +291,7 @@ impl Inspection {
 fn inspect(py: Python<'_>, path: std::path::PathBuf, format: Option<&str>) -> PyResult<Inspection> {
     let format = parse_format_opt(py, format)?;
     let shown = path.to_string_lossy().into_owned();
-    let (info, svc) = py
+    let (info, svc, svc_value) = py
         .allow_threads(|| {
             let opts = OpenOptions {
                 format,
@@ -254,7 +299,11 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf, format: Option<&str>) -> Py
                 ..OpenOptions::default()
             };
             let image = Image::open(&path, &opts)?;
-            Ok::<_, vimg::Error>((ImageInfo::of(&image), ImageServiceInfo::of(&image, None)))
+            Ok::<_, vimg::Error>((
+                ImageInfo::of(&image),
+                ImageServiceInfo::of(&image, None),
+                image_service_value(&image, None),
+            ))
         })
         .map_err(|e| to_py(py, &e, Some(&shown)))?;
     let failures = svc
@@ -268,7 +317,7 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf, format: Option<&str>) -> Py
         virtual_size: info.virtual_size,
         actual_size: info.actual_size,
         references: to_object(py, &serialize(&info.external_references))?,
-        image_service: to_object(py, &serialize(&svc))?,
+        image_service: to_object(py, &svc_value)?,
         path: shown,
         failures,
     })
@@ -312,9 +361,12 @@ fn create_options(py: Python<'_>, options: Option<&Bound<'_, PyAny>>) -> PyResul
 /// and the hex digest is returned (else None). `progress(done, total)` is called with the
 /// GIL held as data is copied; an exception it raises cancels the conversion and is
 /// re-raised. `allow_external=True` lets the source name files anywhere (trusted input
-/// only); by default only files in its own folder are opened.
+/// only); by default only files in its own folder are opened. With `image_service=True`
+/// the result is a dict instead: `checksum` (hex or None) and `image-service`, the block
+/// `info` gives, for the file written (with `os_hash_algo`/`os_hash_value` when a
+/// checksum was taken): what to register it with.
 #[pyfunction]
-#[pyo3(signature = (src, dst, out_format, *, src_format = None, options = None, compress = false, checksum = None, progress = None, allow_external = false))]
+#[pyo3(signature = (src, dst, out_format, *, src_format = None, options = None, compress = false, checksum = None, progress = None, allow_external = false, image_service = false))]
 #[allow(clippy::too_many_arguments)]
 fn convert(
     py: Python<'_>,
@@ -327,7 +379,8 @@ fn convert(
     checksum: Option<&str>,
     progress: Option<PyObject>,
     allow_external: bool,
-) -> PyResult<Option<String>> {
+    image_service: bool,
+) -> PyResult<PyObject> {
     let out = parse_format(py, out_format)?;
     let src_format = parse_format_opt(py, src_format)?;
     let mut create = create_options(py, options)?;
@@ -391,11 +444,32 @@ fn convert(
     if let Some(e) = raised.lock().ok().and_then(|mut s| s.take()) {
         return Err(e);
     }
-    match result {
-        Ok(report) => Ok(report.checksum.map(|c: Checksum| c.hex)),
-        Err(Failed::Open(e)) => Err(to_py(py, &e, Some(&shown))),
-        Err(Failed::Convert(e)) => Err(to_py(py, &e, None)),
+    let report = match result {
+        Ok(report) => report,
+        Err(Failed::Open(e)) => return Err(to_py(py, &e, Some(&shown))),
+        Err(Failed::Convert(e)) => return Err(to_py(py, &e, None)),
+    };
+    let hex = report.checksum.as_ref().map(|c: &Checksum| c.hex.clone());
+    if !image_service {
+        return Ok(hex.into_pyobject(py)?.into_any().unbind());
     }
+    // The block for the file written: opened as what was written, nothing it names
+    // followed; the checksum is of that very file.
+    let shown_dst = dst.to_string_lossy().into_owned();
+    let block = py
+        .allow_threads(|| {
+            let opts = OpenOptions {
+                format: Some(out),
+                open_backing: false,
+                ..OpenOptions::default()
+            };
+            Image::open(&dst, &opts).map(|img| image_service_value(&img, report.checksum.as_ref()))
+        })
+        .map_err(|e| to_py(py, &e, Some(&shown_dst)))?;
+    let mut m = Map::new();
+    m.insert("checksum".into(), hex.map_or(Value::Null, Value::String));
+    m.insert("image-service".into(), block);
+    to_object(py, &Value::Object(m))
 }
 
 fn open_opts(format: Option<Format>, allow_external: bool) -> OpenOptions {

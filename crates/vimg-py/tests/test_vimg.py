@@ -10,6 +10,8 @@ import pytest
 
 import vimg
 
+from conftest import REPO
+
 
 def listing(d):
     return sorted(os.listdir(d))
@@ -44,9 +46,19 @@ def test_info_of_a_compressed_image_matches_the_binary(tmp_path, qcow2_image, vi
     ).stdout)
     expected.pop("children", None)
     got = vimg.info(xz)
+    # Everything but the image-service block is the binary's; that block describes what
+    # to upload (the image inside, as a file of its own), not the container.
+    want_svc, got_svc = expected.pop("image-service"), got.pop("image-service")
     assert got == expected
     assert got["format"] == "qcow2" and "vimg-container" in got
-    assert got["image-service"]["container_format"] == "compressed"
+    assert want_svc["container_format"] == "compressed"
+    assert got_svc["container_format"] == "bare"
+    assert got_svc["input_container_format"] == "compressed"
+    assert got_svc["input_usable"] is False
+    assert "cannot boot" in got_svc["note"]
+    for k in ("disk_format", "virtual_size", "min_disk", "safe", "references"):
+        assert got_svc[k] == want_svc[k], k
+    assert "min_ram" not in got_svc
 
 
 def test_info_backing_chain(tmp_path, qcow2_image, qemu_img):
@@ -294,3 +306,62 @@ def test_main_thread_runs_while_converting(tmp_path):
         done.set()
         t.join()
     assert len(ticks) > 5, len(ticks)
+
+
+# The command docs/pipelines.md gives to turn the image-service block into
+# `openstack image create` arguments (kept identical to the docs).
+GLANCE_ARGS_JQ = (
+    '."image-service" | if .safe and .container_format == "bare" and .input_usable != false '
+    'then "--disk-format \\(.disk_format) --container-format \\(.container_format) --min-disk \\(.min_disk)" '
+    'else error("not uploadable") end'
+)
+
+
+def _jq():
+    import shutil
+
+    exe = shutil.which("jq")
+    if exe is None:
+        msg = "SKIPPED: jq not on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(msg + " (required under CI)")
+        pytest.skip(msg)
+    return exe
+
+
+def test_docs_pipeline_qcow2_xz_to_glance_arguments(tmp_path, qcow2_image, vimg_bin):
+    """A .qcow2.xz: its own block is refused by the docs' command; converted (Python, one
+    call with the checksum), the output's block gives arguments Glance accepts for a
+    bootable image, and os_hash_* is the sha512 of the file written."""
+    import hashlib
+    import lzma
+
+    jq = _jq()
+    docs = (REPO / "docs" / "pipelines.md").read_text()
+    norm = lambda t: " ".join(t.split())  # noqa: E731
+    assert norm(GLANCE_ARGS_JQ) in norm(docs)
+    xz = tmp_path / "disk.qcow2.xz"
+    xz.write_bytes(lzma.compress(qcow2_image.read_bytes()))
+
+    def args_of(block_json):
+        p = subprocess.run([jq, "-er", GLANCE_ARGS_JQ], input=block_json, capture_output=True, text=True)
+        return p.returncode, p.stdout.strip()
+
+    # The container itself is not uploadable, as the binary describes it and as Python does.
+    binary = subprocess.run([vimg_bin, "info", "--output=json", str(xz)], check=True,
+                            capture_output=True, text=True).stdout
+    assert args_of(binary)[0] != 0
+    assert args_of(json.dumps({"image-service": vimg.info(xz)["image-service"]}))[0] != 0
+
+    out = tmp_path / "disk.qcow2"
+    r = vimg.convert(xz, out, "qcow2", checksum="sha512", image_service=True)
+    svc = r["image-service"]
+    assert r["checksum"] == hashlib.sha512(out.read_bytes()).hexdigest()
+    assert (svc["os_hash_algo"], svc["os_hash_value"]) == ("sha512", r["checksum"])
+    code, args = args_of(json.dumps({"image-service": svc}))
+    assert code == 0
+    assert args == "--disk-format qcow2 --container-format bare --min-disk 1"
+    # The binary's block for the converted file gives the same arguments.
+    binary = subprocess.run([vimg_bin, "info", "--output=json", str(out)], check=True,
+                            capture_output=True, text=True).stdout
+    assert args_of(binary) == (0, args)

@@ -53,7 +53,10 @@ class Inspection:
     references: List[Dict[str, str]]
     """Every file the image names: {'field', 'name' (as stored), 'role'}."""
     image_service: Dict[str, Any]
-    """The `image-service` block of `vimg info --output=json`."""
+    """What to register the image with: disk_format, container_format, min_disk, safe,
+    references. For an image inside a compressed container or an OVA it describes the
+    image inside converted out to a file of its own (container_format 'bare'), with
+    input_container_format, input_usable=False, a note and convert_command."""
     path: str
     """The file inspected."""
     def safety_check(self) -> None:
@@ -61,7 +64,8 @@ class Inspection:
 
 def info(path: _Path, backing_chain: bool = False) -> Any:
     """`vimg info --output=json PATH` as a dict; a list of dicts (top image first) with
-    backing_chain=True. The binary's `children` key is not included."""
+    backing_chain=True. The binary's `children` key is not included, and `image-service`
+    is Inspection.image_service's block."""
 
 def inspect(path: _Path, format: Optional[str] = None) -> Inspection:
     """Open the image without following what it names and describe it."""
@@ -77,9 +81,12 @@ def convert(
     checksum: Optional[str] = None,
     progress: Optional[Callable[[int, int], object]] = None,
     allow_external: bool = False,
-) -> Optional[str]:
+    image_service: bool = False,
+) -> Any:
     """Convert src into a new dst of out_format, all or nothing. Returns the hex digest
-    of dst when checksum ('sha256', 'sha512', 'md5') is given, else None. An exception
+    of dst when checksum ('sha256', 'sha512', 'md5') is given, else None; with
+    image_service=True a dict {'checksum', 'image-service'} (the block for dst, with
+    os_hash_algo/os_hash_value when a checksum was taken). An exception
     raised by progress(done, total) cancels the conversion and is re-raised."""
 
 def check(path: _Path, format: Optional[str] = None, *, allow_external: bool = False) -> Dict[str, Any]:
