@@ -95,7 +95,9 @@ def _chunks(path, size):
             yield c
 
 
-@pytest.mark.parametrize("qemu_fmt,name", [("qcow2", "qcow2"), ("vpc", "vhd"), ("vmdk", "vmdk"), ("vdi", "vdi")])
+@pytest.mark.parametrize(
+    "qemu_fmt,name", [("qcow2", "qcow2"), ("vpc", "vhd"), ("vhdx", "vhdx"), ("vmdk", "vmdk"), ("vdi", "vdi")]
+)
 @pytest.mark.parametrize("chunk", [17, 65536])
 def test_pure_stream_is_judged_by_the_library(tmp_path, qemu_img, qemu_fmt, name, chunk):
     """An iterator (no file to read back from): the regions the library asks for are
@@ -113,16 +115,19 @@ def test_pure_stream_is_judged_by_the_library(tmp_path, qemu_img, qemu_fmt, name
     i.safety_check()
 
 
-def test_pure_stream_vhdx_is_refused_not_guessed(tmp_path, qemu_img):
-    """qemu-img's VHDX puts the BAT before the metadata the library reads first: a pure
-    stream cannot give it back, so the image is vhdx and fails its 'vimg' check, rather
-    than being judged on a guess."""
+def test_pure_stream_past_the_window_is_refused_not_guessed(tmp_path, qemu_img, monkeypatch):
+    """qemu-img's VHDX has its BAT a MiB before the metadata table the library reads
+    first. With a look-back window smaller than that, a pure stream cannot give the BAT
+    back: the image is vhdx and fails its 'vimg' check, rather than being judged on a
+    guess. The window is dropped once the image is judged."""
     p = tmp_path / "disk.vhdx"
     qemu_img("create", "-f", "vhdx", p, "100M")
+    monkeypatch.setattr(fi, "_WINDOW", 64 << 10)
     w = fi.InspectWrapper(_chunks(p, 65536))
     for _ in w:
         pass
     assert str(w.format) == "vhdx"
+    assert "vimg-window" not in w.format.context_info
     with pytest.raises(fi.SafetyCheckFailed) as e:
         w.format.safety_check()
     assert "passed" in str(e.value.failures["vimg"])

@@ -54,6 +54,10 @@ __all__ = [
 _MAX_KEPT = 1 << 20
 # Reads vimg wants this close to the (still unknown) end of a stream are the end's.
 _TAIL_MAX = 256 << 10
+# A pure stream (no file to read back from) keeps this much of what it passed last while
+# the library has not judged the image: parsers read back and forth (qemu-img's VHDX has
+# its BAT a MiB before the metadata table that sizes it). Dropped once judged.
+_WINDOW = 2 << 20
 
 
 class ImageFormatError(Exception):
@@ -456,6 +460,9 @@ class _Judged(FileInspector):
         self._lost = None  # why the stream cannot be judged, when it cannot
         self._chunk_len = 0
         self.new_region("header", CaptureRegion(0, self.HEADER))
+        # The look-back window for a pure stream (see _WINDOW); dropped at once when the
+        # stream turns out to be a file, or not this format.
+        self.new_region("vimg-window", EndCaptureRegion(_WINDOW))
         self._add_checks()
         self.add_safety_check(SafetyCheck("vimg", self.check_vimg, "vimg opens it"))
 
@@ -500,6 +507,22 @@ class _Judged(FileInspector):
     def post_process(self):
         if self.identified and self._verdict is None and self._lost is None:
             self._advance()
+        judged = self._verdict is not None or self._lost is not None
+        if self.has_region("vimg-window") and (
+            judged or self._backfill is not None or self._identified is False
+        ):
+            self.delete_region("vimg-window")
+
+    def _from_window(self, off, n):
+        """Bytes ``off .. off + n`` if the look-back window still holds them, else None."""
+        if not self.has_region("vimg-window"):
+            return None
+        w = self.region("vimg-window")
+        data = w.data
+        start = self._total_count - len(data)
+        if off < start or off + n > self._total_count:
+            return None
+        return bytes(data[off - start : off - start + n])
 
     def finish(self):
         # Feeding stopped. From a file, a region not filled yet is read where it is;
@@ -524,7 +547,9 @@ class _Judged(FileInspector):
 
     def _pieces(self):
         out = []
-        for r in self._capture_regions.values():
+        for name, r in self._capture_regions.items():
+            if name == "vimg-window":
+                continue
             if isinstance(r, EndCaptureRegion) and not self._finished:
                 continue
             if r.data:
@@ -534,7 +559,9 @@ class _Judged(FileInspector):
     def _advance(self):
         """Ask the library; keep what it asks for; a verdict once it read only kept bytes."""
         file = self._backfill
-        pending = [r for n, r in self._capture_regions.items() if n.startswith("vimg")]
+        pending = [
+            r for n, r in self._capture_regions.items() if n.startswith("vimg@")
+        ]
         if file is None and not self._finished and not all(r.complete for r in pending):
             return
         if self._file_size is not None:
@@ -562,7 +589,8 @@ class _Judged(FileInspector):
                 if self.has_region(name):
                     waiting = waiting or not self.region(name).complete
                     continue
-                if sum(self.context_info.values()) + n > _MAX_KEPT:
+                kept_now = sum(v for k, v in self.context_info.items() if k != "vimg-window")
+                if kept_now + n > _MAX_KEPT:
                     self._lose("vimg needs more than %d bytes of metadata" % _MAX_KEPT)
                     return
                 r = CaptureRegion(off, n)
@@ -570,8 +598,13 @@ class _Judged(FileInspector):
                     r.data = file.read(off, n)
                     r.length = len(r.data)
                 elif self._finished or off < self._total_count - self._chunk_len:
-                    self._lose("vimg needs bytes at %d, which the stream had passed" % off)
-                    return
+                    kept = self._from_window(off, min(n, max(0, self._total_count - off)))
+                    if kept is None:
+                        self._lose("vimg needs bytes at %d, which the stream had passed" % off)
+                        return
+                    r.data = kept
+                    if self._finished:
+                        r.length = len(kept)
                 self.new_region(name, r)
                 added = True
                 waiting = waiting or not r.complete
