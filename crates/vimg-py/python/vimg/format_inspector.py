@@ -14,8 +14,9 @@ the regions of the stream that vimg's own parser asks for and has the library op
 image from them (``vimg._vimg.judge_captured``): the format, the virtual size and every
 file the image names are the library's answer, the same as ``vimg info`` gives for the
 file. Its ``vimg`` safety check fails unless that open succeeded and the image names no
-other file. Format identification is the library's probe; ISO 9660 and protective-MBR
-rules are the library's too. oslo's finer-grained checks (qcow2 feature bits, the VMDK
+other file. Format identification is the library's probe, ISO 9660 the library's test;
+the protective-MBR rules are Rust next to the bindings (``src/mbr.rs``). oslo's
+finer-grained checks (qcow2 feature bits, the VMDK
 descriptor's lines and footer) are kept under their oslo names so that callers matching
 on them keep working; they add to the library's verdict, never replace it.
 
