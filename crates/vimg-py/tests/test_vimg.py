@@ -365,3 +365,45 @@ def test_docs_pipeline_qcow2_xz_to_glance_arguments(tmp_path, qcow2_image, vimg_
     binary = subprocess.run([vimg_bin, "info", "--output=json", str(out)], check=True,
                             capture_output=True, text=True).stdout
     assert args_of(binary) == (0, args)
+
+
+OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1" xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1">
+  <References>
+    <File ovf:href="disk.vmdk" ovf:id="file1"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="8" ovf:capacityAllocationUnits="byte * 2^20" ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
+  </DiskSection>
+</Envelope>
+"""
+
+
+def test_ova_image_service_block_describes_the_disk_to_upload(tmp_path, raw_image, qemu_img, vimg_bin):
+    import tarfile
+
+    vmdk = tmp_path / "disk.vmdk"
+    qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw_image, vmdk)
+    ovf = tmp_path / "vm.ovf"
+    ovf.write_text(OVF)
+    ova = tmp_path / "vm.ova"
+    with tarfile.open(ova, "w", format=tarfile.USTAR_FORMAT) as t:
+        t.add(ovf, "vm.ovf")
+        t.add(vmdk, "disk.vmdk")
+    binary = json.loads(subprocess.run([vimg_bin, "info", "--output=json", str(ova)],
+                                       check=True, capture_output=True, text=True).stdout)
+    assert binary["image-service"]["container_format"] == "ova"
+    for svc in (vimg.info(ova)["image-service"], vimg.inspect(ova).image_service):
+        assert svc["disk_format"] == "vmdk" and svc["container_format"] == "bare"
+        assert svc["input_container_format"] == "ova" and svc["input_usable"] is False
+        assert "OVA" in svc["note"]
+        assert svc["convert_command"].startswith("vimg convert -O vmdk")
+        assert svc["min_disk"] == binary["image-service"]["min_disk"]
+    out = tmp_path / "disk.qcow2"
+    r = vimg.convert(ova, out, "qcow2", checksum="sha256", image_service=True)
+    svc = r["image-service"]
+    assert (svc["disk_format"], svc["container_format"]) == ("qcow2", "bare")
+    assert "input_container_format" not in svc
+    assert svc["os_hash_value"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert vimg.compare(raw_image, out)["identical"]

@@ -50,9 +50,11 @@ __all__ = [
     "get_inspector",
 ]
 
-# Bytes a library-judged inspector keeps at most (all its regions together). A format
-# whose metadata needs more than this cannot be judged from a stream, and is refused.
+# Bytes a library-judged inspector keeps at most (all its regions together) from a pure
+# stream, and when reading back from a file (the library's own cap on one table). An image
+# whose metadata needs more cannot be judged, and is refused.
 _MAX_KEPT = 1 << 20
+_MAX_KEPT_FILE = 32 << 20
 # Reads vimg wants this close to the (still unknown) end of a stream are the end's.
 _TAIL_MAX = 256 << 10
 # A pure stream (no file to read back from) keeps this much of what it passed last while
@@ -591,8 +593,9 @@ class _Judged(FileInspector):
                     waiting = waiting or not self.region(name).complete
                     continue
                 kept_now = sum(v for k, v in self.context_info.items() if k != "vimg-window")
-                if kept_now + n > _MAX_KEPT:
-                    self._lose("vimg needs more than %d bytes of metadata" % _MAX_KEPT)
+                cap = _MAX_KEPT if file is None else _MAX_KEPT_FILE
+                if kept_now + n > cap:
+                    self._lose("vimg needs more than %d bytes of metadata" % cap)
                     return
                 r = CaptureRegion(off, n)
                 if file is not None:
