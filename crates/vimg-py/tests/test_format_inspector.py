@@ -135,6 +135,29 @@ def test_pure_stream_past_the_window_is_refused_not_guessed(tmp_path, qemu_img, 
     fi.detect_file_format(p).safety_check()
 
 
+@pytest.mark.parametrize("chunk", [17, 1 << 20])
+def test_pure_stream_verdict_is_the_files(tmp_path, qemu_img, chunk):
+    """A verdict reached before the stream's end assumed no length; at the end it is
+    given again against the real one, so a pure stream is told what the file is told:
+    here an L1 table placed past the end of the file."""
+    import vimg
+
+    p = tmp_path / "bad.qcow2"
+    qemu_img("create", "-f", "qcow2", p, "1G")
+    data = bytearray(p.read_bytes())
+    data[40:48] = (1 << 30).to_bytes(8, "big")
+    p.write_bytes(data)
+    with pytest.raises(vimg.Error) as want:
+        vimg.inspect(p)
+    w = fi.InspectWrapper(_chunks(p, chunk))
+    for _ in w:
+        pass
+    assert str(w.format) == "qcow2"
+    with pytest.raises(fi.SafetyCheckFailed) as e:
+        w.format.safety_check()
+    assert str(e.value.failures["vimg"]) in str(want.value)
+
+
 def vimg_info_size(p):
     import vimg
 

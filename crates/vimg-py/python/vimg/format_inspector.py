@@ -460,6 +460,7 @@ class _Judged(FileInspector):
     def _initialize(self):
         self._identified = None  # unknown until the header is complete
         self._verdict = None
+        self._judged_length = None  # the stream length the verdict assumed (None: unknown)
         self._lost = None  # why the stream cannot be judged, when it cannot
         self._chunk_len = 0
         self.new_region("header", CaptureRegion(0, self.HEADER))
@@ -546,6 +547,10 @@ class _Judged(FileInspector):
         for name in done:
             self.region_complete(name)
         super().finish()
+        if self._verdict is not None and self._judged_length is None:
+            # Judged while the stream's length was unknown: judge again against the
+            # real length (what a file of this length would be told), from what was kept.
+            self._verdict = None
         self.post_process()
 
     def _pieces(self):
@@ -577,6 +582,7 @@ class _Judged(FileInspector):
             v = _vimg.judge_captured(self._VIMG, self._pieces(), length)
             if v["status"] != "need":
                 self._verdict = v
+                self._judged_length = length
                 self._on_verdict()
                 return
             waiting = False
