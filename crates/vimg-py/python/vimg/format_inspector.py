@@ -461,6 +461,7 @@ class _Judged(FileInspector):
         self._identified = None  # unknown until the header is complete
         self._verdict = None
         self._judged_length = None  # the stream length the verdict assumed (None: unknown)
+        self._asked_with = None  # what was kept when the library was last asked
         self._lost = None  # why the stream cannot be judged, when it cannot
         self._chunk_len = 0
         self.new_region("header", CaptureRegion(0, self.HEADER))
@@ -572,6 +573,12 @@ class _Judged(FileInspector):
         ]
         if file is None and not self._finished and not all(r.complete for r in pending):
             return
+        # Nothing kept since the last question (only the end of the stream is awaited):
+        # the answer would be the same.
+        known = (len(pending), self._finished)
+        if known == self._asked_with:
+            return
+        self._asked_with = known
         if self._file_size is not None:
             length = self._file_size
         elif self._finished:
