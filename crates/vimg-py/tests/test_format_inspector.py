@@ -162,3 +162,19 @@ def vimg_info_size(p):
     import vimg
 
     return vimg.info(p)["virtual-size"]
+
+
+def test_a_signature_whose_inspector_failed_is_never_raw(tmp_path, qemu_img):
+    """oslo's VMDK inspector raises for a descriptor in the wrong place, which takes it
+    out of the running, and oslo's wrapper then answers "raw" (whose check passes).
+    vimg refuses instead."""
+    p = tmp_path / "disk.vmdk"
+    qemu_img("create", "-f", "vmdk", p, "8M")
+    data = bytearray(p.read_bytes())
+    data[0x1C:0x24] = (2).to_bytes(8, "little")  # descriptor at sector 2, not 1
+    p.write_bytes(data)
+    with pytest.raises(fi.ImageFormatError) as e:
+        fi.detect_file_format(p)
+    assert "vmdk" in str(e.value)
+    with pytest.raises(fi.ImageFormatError):
+        fi.get_inspector("raw").from_file(p)

@@ -1160,7 +1160,14 @@ class InspectWrapper:
             return None
         matches = [i for i in specific if i.format_match]
         if not matches:
-            return [i for i in self._inspectors if i.NAME == "raw"]
+            raw = [i for i in self._inspectors if i.NAME == "raw"]
+            if raw and not raw[0].format_match:
+                # A known signature whose inspector failed: never taken for raw.
+                raise ImageFormatError(
+                    "Content carries the signature of %s but could not be inspected as it"
+                    % ", ".join(_vimg.probe_head(bytes(raw[0]._head)))
+                )
+            return raw
         return matches
 
     @property
