@@ -178,3 +178,48 @@ def test_a_signature_whose_inspector_failed_is_never_raw(tmp_path, qemu_img):
     assert "vmdk" in str(e.value)
     with pytest.raises(fi.ImageFormatError):
         fi.get_inspector("raw").from_file(p)
+
+
+def test_mutated_images_are_refused_or_judged_never_raw(tmp_path, qemu_img):
+    """Property over deterministic mutations of qemu-img's images, from a file and as a
+    pure stream: the only exceptions are ImageFormatError and SafetyCheckFailed, and
+    content carrying a known signature is never answered as raw."""
+    import logging
+    import random
+
+    import vimg
+
+    rng = random.Random(19)
+    sources = []
+    for fmt, opts in [("qcow2", []), ("vpc", []), ("vhdx", []), ("vmdk", []), ("vdi", []),
+                      ("vmdk", ["-o", "subformat=streamOptimized"])]:
+        p = tmp_path / ("src%d.%s" % (len(sources), fmt))
+        qemu_img("create", "-f", fmt, *opts, p, "8M")
+        sources.append(p.read_bytes()[: 4 << 20])
+    p = tmp_path / "mutant.img"
+    logging.disable(logging.CRITICAL)
+    try:
+        for _ in range(150):
+            d = bytearray(rng.choice(sources))
+            for _ in range(rng.randint(1, 6)):
+                d[rng.randrange(min(len(d), 4096))] = rng.randrange(256)
+            p.write_bytes(d)
+            signature = vimg._vimg.probe_head(bytes(d[:512]))
+            for stream in (False, True):
+                try:
+                    if stream:
+                        w = fi.InspectWrapper(iter([bytes(d[k:k + 4093]) for k in range(0, len(d), 4093)]))
+                        for _ in w:
+                            pass
+                        i = w.format
+                    else:
+                        i = fi.detect_file_format(p)
+                except fi.ImageFormatError:
+                    continue
+                assert not (str(i) == "raw" and signature), signature
+                try:
+                    i.safety_check()
+                except fi.SafetyCheckFailed:
+                    pass
+    finally:
+        logging.disable(logging.NOTSET)
