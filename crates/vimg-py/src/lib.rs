@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 
 mod captured;
 mod mbr;
+mod oslo_rules;
 
 use vimg::glance::ImageServiceInfo;
 use vimg::{
@@ -750,6 +751,35 @@ fn check_mbr_partitions(sector: &[u8]) -> Option<String> {
     mbr::check_partitions(sector).err()
 }
 
+/// qcow2_check_features(header, max_bit)
+/// --
+///
+/// None when a qcow2 header's version and incompatible feature bits pass oslo's rule
+/// (version 2, or version 3 with no bit at or above `max_bit`), else the reason.
+#[pyfunction]
+fn qcow2_check_features(header: &[u8], max_bit: u32) -> Option<String> {
+    oslo_rules::qcow2_features(header, max_bit).err()
+}
+
+/// vmdk_check_descriptor(text, create_type)
+/// --
+///
+/// None when a (lower-cased) VMDK descriptor passes oslo's rules, else the reason.
+#[pyfunction]
+fn vmdk_check_descriptor(text: &str, create_type: &str) -> Option<String> {
+    oslo_rules::vmdk_descriptor(text, create_type).err()
+}
+
+/// vmdk_check_footer(header, footer)
+/// --
+///
+/// None when a stream-optimized VMDK's last three sectors agree with its header and
+/// carry well-formed markers, else the reason.
+#[pyfunction]
+fn vmdk_check_footer(header: &[u8], footer: &[u8]) -> Option<String> {
+    oslo_rules::vmdk_footer(header, footer).err()
+}
+
 /// The native part of the `vimg` package.
 #[pymodule]
 fn _vimg(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -766,6 +796,9 @@ fn _vimg(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(is_iso9660, m)?)?;
     m.add_function(wrap_pyfunction!(is_mbr, m)?)?;
     m.add_function(wrap_pyfunction!(check_mbr_partitions, m)?)?;
+    m.add_function(wrap_pyfunction!(qcow2_check_features, m)?)?;
+    m.add_function(wrap_pyfunction!(vmdk_check_descriptor, m)?)?;
+    m.add_function(wrap_pyfunction!(vmdk_check_footer, m)?)?;
     m.add("ISO_DESCRIPTOR_AT", captured::ISO_DESCRIPTOR_AT)?;
     m.add("UNKNOWN_STREAM_LENGTH", captured::UNKNOWN_LENGTH)?;
     m.add_class::<Inspection>()?;

@@ -16,9 +16,9 @@ file the image names are the library's answer, the same as ``vimg info`` gives f
 file. Its ``vimg`` safety check fails unless that open succeeded and the image names no
 other file. Format identification is the library's probe, ISO 9660 the library's test;
 the protective-MBR rules are Rust next to the bindings (``src/mbr.rs``). oslo's
-finer-grained checks (qcow2 feature bits, the VMDK
-descriptor's lines and footer) are kept under their oslo names so that callers matching
-on them keep working; they add to the library's verdict, never replace it.
+finer-grained checks (qcow2 feature bits, the VMDK descriptor's lines and footer: Rust in
+``src/oslo_rules.rs``) are kept under their oslo names so that callers matching on them
+keep working; they add to the library's verdict, never replace it.
 
 Where vimg answers differently, it is the safer answer: an inspector that was never
 given an image vimg could open does not pass ``safety_check()``; LUKS payloads are not
@@ -740,14 +740,11 @@ class QcowInspector(_Judged):
                 raise SafetyViolation("Image has data_file set")
 
     def check_unknown_features(self):
-        version = self._header_field(4, 4)
-        if version == 2:
-            return  # version 2 has no feature bits
-        if version != 3:
-            raise SafetyViolation("Unsupported qcow2 version")
-        features = self._header_field(self.I_FEATURES, self.I_FEATURES_LEN)
-        if features >> self.I_FEATURES_MAX_BIT:
-            raise SafetyViolation("Unknown QCOW2 features found")
+        """oslo's rule on the version and incompatible feature bits (src/oslo_rules.rs):
+        bits at or above ``I_FEATURES_MAX_BIT`` are unknown."""
+        why = _vimg.qcow2_check_features(bytes(self.region("header").data), self.I_FEATURES_MAX_BIT)
+        if why is not None:
+            raise SafetyViolation(why)
 
 
 class VHDInspector(_Judged):
@@ -869,48 +866,20 @@ class VMDKInspector(_Judged):
         self.vmdktype = kind
 
     def check_descriptor(self):
+        """oslo's descriptor rules (src/oslo_rules.rs)."""
         if not self.desc_text:
             raise SafetyViolation("No descriptor found")
-        if self.vmdktype not in ("monolithicsparse", "streamoptimized"):
-            raise SafetyViolation("Unsupported subformat")
-        extents = 0
-        for line in (x.strip() for x in self.desc_text.split("\n")):
-            if not line or line.startswith("#") or line.startswith("ddb"):
-                continue
-            if "=" in line and " " not in line.split("=", 1)[0]:
-                continue  # key=value
-            if line.split(" ", 1)[0] in ("rw", "rdonly", "noaccess"):
-                if "/" in line:
-                    raise SafetyViolation("Invalid extent filenames found")
-                extents += 1
-                continue
-            raise SafetyViolation("Invalid VMDK descriptor data")
-        if not extents:
-            raise SafetyViolation("No extents found")
+        why = _vimg.vmdk_check_descriptor(self.desc_text, self.vmdktype or "")
+        if why is not None:
+            raise SafetyViolation(why)
 
     def check_footer(self):
-        h = self._sparse(self.region("header").data)
-        foot = bytes(self.region("footer").data)
-        f = self._sparse(foot, 512)
-        if h[0] != f[0]:
-            raise SafetyViolation("Header and footer signature do not match")
-        if h[1] != f[1]:
-            raise SafetyViolation("Header and footer versions do not match")
-        if (h[3], h[4]) != (f[3], f[4]):
-            raise SafetyViolation("Footer specifies a different descriptor than header")
-        if f[5] == self.GD_AT_END:
-            raise SafetyViolation("Footer indicates another footer")
-
-        def marker(sector, kind):
-            val, size, typ = struct.unpack("<QII", sector[:16])
-            return size == 0 and typ == kind and sector[16:512] == bytes(496), val
-
-        ok, _ = marker(foot[:512], self.MARKER_FOOTER)
-        if not ok:
-            raise SafetyViolation("Footer marker is invalid")
-        ok, val = marker(foot[1024:1536], self.MARKER_EOS)
-        if not ok or val != 0:
-            raise SafetyViolation("End-of-stream marker is invalid")
+        """The stream-optimized footer against the header (src/oslo_rules.rs)."""
+        why = _vimg.vmdk_check_footer(
+            bytes(self.region("header").data), bytes(self.region("footer").data)
+        )
+        if why is not None:
+            raise SafetyViolation(why)
 
 
 class VDIInspector(_Judged):
