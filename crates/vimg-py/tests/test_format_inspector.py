@@ -223,3 +223,19 @@ def test_mutated_images_are_refused_or_judged_never_raw(tmp_path, qemu_img):
                     pass
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_vmdk_descriptor_rules():
+    """oslo's descriptor rules (src/oslo_rules.rs; oslo's own test of them builds an
+    inspector by hand, which vimg never calls safe, so they are checked here)."""
+    ok = '# c\ncreatetype="monolithicsparse"\nddb.x = "1"\n\nrw 2048 sparse "a.vmdk"\n'
+    check = fi._vimg.vmdk_check_descriptor
+    assert check(ok, "monolithicsparse") is None
+    assert "Unsupported subformat" in check(ok, "monolithicflat")
+    assert "extent filenames" in check('rw 2048 sparse "/etc/hosts"\n', "streamoptimized")
+    assert "descriptor data" in check("wronly 2048 x.vmdk\n", "streamoptimized")
+    assert "descriptor data" in check("someunknownthing foo\n", "streamoptimized")
+    assert "No extents found" in check("a=b\n# x\n", "streamoptimized")
+    i = fi.VMDKInspector()
+    with pytest.raises(fi.SafetyViolation, match="No descriptor found"):
+        i.check_descriptor()
