@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
 use crate::error::{Error, Result};
-use crate::formats::{self, Format};
+use crate::formats::{registry, Format};
 use crate::image::Image;
 use crate::options::CreateOptions;
 use crate::output::{
@@ -76,7 +76,7 @@ impl ConvertOptions<'_> {
 /// Checks `opts` against `format`'s option list, and that no option asks for what the
 /// format cannot do.
 pub fn check_create_options(format: Format, opts: &CreateOptions) -> Result<()> {
-    opts.check(&formats::all_options(format))
+    opts.check(&registry::all_options(format))
 }
 
 /// Creates a writer for a new image at `out`'s main path.
@@ -87,7 +87,7 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     check_create_options(format, opts)?;
-    format.driver().create(out, size, opts)
+    registry::driver(format).create(out, size, opts)
 }
 
 /// Creates an empty image (`vimg create`). The size comes from `size`, or from `-o size=`.
@@ -110,7 +110,7 @@ pub fn create(
     // Every format but raw expects its new file to read as zeros: a device is zeroed first.
     let on_device = check_destination(path)? == DestKind::BlockDevice;
     let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
-    let w = format.driver().create(&out, size, opts)?;
+    let w = registry::driver(format).create(&out, size, opts)?;
     w.finish()?;
     out.commit()
 }
@@ -214,7 +214,7 @@ pub fn convert_report(
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
     }
-    let writer = opts.format.driver().create(&out, size, &opts.create)?;
+    let writer = registry::driver(opts.format).create(&out, size, &opts.create)?;
     if (opts.output_mode == OutputMode::Stdout || kind.is_stream()) && !writer.caps().ordered {
         // Writers refuse a stream at create when they need to seek; this catches one that
         // did not say so before any data is sent.

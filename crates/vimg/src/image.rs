@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::escape::escape_control;
-use crate::formats::{self, Format, OpenContext};
+use crate::formats::{registry, Format, OpenContext};
 use crate::gate::ExternalPolicy;
 use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
 use crate::source::{self, Origin, Source, SourceOptions};
@@ -90,7 +90,7 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     storage
         .read_exact_at(&mut head, 0)
         .map_err(|e| Error::io("read the image header", e))?;
-    let found = formats::probe_all(&head, storage);
+    let found = registry::probe_all(&head, storage);
     match found.as_slice() {
         [] => Ok(Format::Raw),
         [one] => Ok(*one),
@@ -255,8 +255,7 @@ impl Image {
             None => probe(&*storage).map_err(with_path)?,
         };
         let ctx = OpenContext::new(path, opts.policy);
-        let reader = format
-            .driver()
+        let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;
         let mut image = Image {

@@ -91,7 +91,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     let mut create = parse_create_options(&a.options)?;
     create.compress = a.compress;
     if let Some(b) = &a.backing {
-        let specs = vimg::formats::all_options(out_format);
+        let specs = vimg::formats::registry::all_options(out_format);
         if !specs.iter().any(|s| s.name == "backing_file") {
             return Err(Failure::new(
                 format!(

@@ -32,7 +32,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
     };
     let mut opts = parse_create_options(&a.options).map_err(named)?;
     if let Some(b) = &a.backing {
-        if !vimg::formats::all_options(format)
+        if !vimg::formats::registry::all_options(format)
             .iter()
             .any(|s| s.name == "backing_file")
         {
@@ -238,7 +238,7 @@ fn formatting_line(
     opts: &vimg::CreateOptions,
     size: Option<u64>,
 ) -> Result<String, Failure> {
-    let specs = vimg::formats::all_options(format);
+    let specs = vimg::formats::registry::all_options(format);
     let value = |k: &str| -> Result<Option<String>, Failure> {
         if k == "size" {
             return Ok(size.map(|s| s.to_string()));

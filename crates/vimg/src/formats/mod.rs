@@ -26,6 +26,7 @@ pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod registry;
 pub mod unread;
 pub mod vdi;
 pub mod vhd;
@@ -128,25 +129,6 @@ impl Format {
             self,
             Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg
         )
-    }
-
-    /// The driver for this format.
-    pub fn driver(self) -> &'static dyn Driver {
-        match self {
-            Format::Raw => &raw::Driver,
-            Format::Qcow2 => &qcow2::Driver,
-            Format::Vmdk => &vmdk::Driver,
-            Format::Vpc => &vhd::Driver,
-            Format::Vhdx => &vhdx::Driver,
-            Format::Vdi => &vdi::Driver,
-            Format::Parallels => &parallels::Driver,
-            Format::Qed => &qed::Driver,
-            Format::Qcow => &qcow::Driver,
-            Format::Luks => &unread::LUKS,
-            Format::Dmg => &dmg::Driver,
-            Format::Bochs => &bochs::Driver,
-            Format::Cloop => &cloop::Driver,
-        }
     }
 }
 
@@ -300,32 +282,4 @@ pub struct Measure {
     /// qcow2 only: bytes for persistent bitmaps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<u64>,
-}
-
-/// The formats whose probe matches, in probe order. Raw never probes; an empty list means
-/// raw.
-pub fn probe_all(head: &[u8], storage: &dyn Storage) -> Vec<Format> {
-    Format::ALL
-        .iter()
-        .copied()
-        .filter(|f| *f != Format::Raw && f.driver().probe(head, storage))
-        .collect()
-}
-
-/// Every option `format` accepts, `size` included.
-pub fn all_options(format: Format) -> Vec<OptionSpec> {
-    let own = format.driver().create_options();
-    let mut v = Vec::with_capacity(own.len() + 1);
-    // A format may word `size` its own way (vhdx: "max of 64TB").
-    if !own.iter().any(|o| o.name == "size") {
-        v.push(crate::options::SIZE_OPTION);
-    }
-    v.extend_from_slice(own);
-    // The protocol's hints, accepted under every format as qemu-img accepts them.
-    for p in &crate::options::PROTOCOL_OPTIONS[..2] {
-        if !v.iter().any(|o| o.name == p.name) {
-            v.push(*p);
-        }
-    }
-    v
 }
