@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """The import graph of a Rust crate's modules, and its cycles.
 
-Usage: .ci/import-cycles.py [SRC_DIR] [--max N] [--verbose]
+Usage: .ci/import-cycles.py [SRC_DIR] [--max N] [--verbose] [--with-tests]
 
 A node is a source file (a module with its inline submodules, tests included). An edge
 A -> B means A names something in B: a `use` of, or a path through, `crate::...`,
 `super::...` or `self::...` that lands in B (the longest prefix of the path that is a
-module file). Declaring a child (`mod x;`) is not a use. The strongly connected components
+module file). Declaring a child (`mod x;`) is not a use. Unit tests (`#[cfg(test)]` modules,
+files and uses) are left out unless `--with-tests`: a test may open a whole `Image` to check
+a driver without the driver depending on it. The strongly connected components
 (Tarjan) are the cycles; the script prints the largest ones and exits 1 when one has more
 than N files (default: no limit, just report).
 """
@@ -160,13 +162,36 @@ def absolute(mpath, text, blocks, off, p):
     return tuple(cur + [s.removeprefix("r#") for s in segs if s not in ("*", "self")])
 
 
-def graph(src):
+TEST_ITEM = re.compile(r"#\[cfg\(test\)\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([^)]*\))?\s+)?(mod\s+(\w+)\s*([;{])|use\s[^;]*;)")
+
+
+def drop_tests(text):
+    """`text` without its `#[cfg(test)]` modules and uses, and the names of test-only child
+    files (`#[cfg(test)] mod tests;`)."""
+    files, out = [], text
+    for m in TEST_ITEM.finditer(text):
+        end = m.end()
+        if m.group(3) == ";":
+            files.append(m.group(2))
+        elif m.group(3) == "{":
+            depth = 1
+            while end < len(text) and depth:
+                depth += {"{": 1, "}": -1}.get(text[end], 0)
+                end += 1
+        out = out[: m.start()] + re.sub(r"[^\n]", " ", out[m.start():end]) + out[end:]
+    return out, files
+
+
+def graph(src, with_tests=False):
     """{file: files it uses}. A path through a re-export (`crate::Result`, which lib.rs
     re-exports from error.rs) counts as a use of the module that defines the item."""
     mods = modules(src)
-    paths, reexports = {}, {}
+    paths, reexports, test_files = {}, {}, set()
     for mpath, f in mods.items():
         text = strip(open(os.path.join(src, f), encoding="utf-8").read())
+        if not with_tests:
+            text, tests = drop_tests(text)
+            test_files.update(mpath + (t,) for t in tests)
         blocks = inline_modules(text)
         children = sorted(k[-1] for k in mods if len(k) == len(mpath) + 1 and k[:-1] == mpath)
         paths[f] = [absolute(mpath, text, blocks, off, p) for off, p in refs(text, children)]
@@ -191,6 +216,9 @@ def graph(src):
                 return mods[t]
         return None
 
+    for t in test_files:
+        for k in [k for k in mods if k[: len(t)] == t]:
+            paths.pop(mods.pop(k), None)
     edges = {f: set() for f in mods.values()}
     for f, ps in paths.items():
         for full in ps:
@@ -241,9 +269,10 @@ def main():
     if "--max" in args:
         limit = int(args[args.index("--max") + 1])
         del args[args.index("--max"):args.index("--max") + 2]
-    args = [a for a in args if a != "--verbose"]
+    with_tests = "--with-tests" in args
+    args = [a for a in args if a not in ("--verbose", "--with-tests")]
     src = args[0] if args else os.path.join(os.path.dirname(__file__), "..", "crates", "vimg", "src")
-    edges = graph(src)
+    edges = graph(src, with_tests)
     comps = [c for c in sccs(edges) if len(c) > 1]
     print(f"{len(edges)} files, {sum(len(e) for e in edges.values())} edges; "
           f"largest cycle: {len(comps[0]) if comps else 1} files")
