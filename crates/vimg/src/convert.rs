@@ -87,7 +87,7 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     check_create_options(format, opts)?;
-    registry::driver(format).create(out, size, opts)
+    registry::driver(format).create(out, size, &opts.with_open_named(crate::image::open_named))
 }
 
 /// Creates an empty image (`vimg create`). The size comes from `size`, or from `-o size=`.
@@ -110,7 +110,11 @@ pub fn create(
     // Every format but raw expects its new file to read as zeros: a device is zeroed first.
     let on_device = check_destination(path)? == DestKind::BlockDevice;
     let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
-    let w = registry::driver(format).create(&out, size, opts)?;
+    let w = registry::driver(format).create(
+        &out,
+        size,
+        &opts.with_open_named(crate::image::open_named),
+    )?;
     w.finish()?;
     out.commit()
 }
@@ -214,7 +218,11 @@ pub fn convert_report(
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
     }
-    let writer = registry::driver(opts.format).create(&out, size, &opts.create)?;
+    let writer = registry::driver(opts.format).create(
+        &out,
+        size,
+        &opts.create.with_open_named(crate::image::open_named),
+    )?;
     if (opts.output_mode == OutputMode::Stdout || kind.is_stream()) && !writer.caps().ordered {
         // Writers refuse a stream at create when they need to seek; this catches one that
         // did not say so before any data is sent.

@@ -104,6 +104,17 @@ pub fn probe(storage: &dyn Storage) -> Result<Format> {
     }
 }
 
+/// [`crate::formats::OpenNamed`]: the image the user named at `path`, probed, without its
+/// backing chain.
+pub(crate) fn open_named(path: &Path) -> Result<Box<dyn ImageReader>> {
+    let opts = OpenOptions {
+        format: None,
+        open_backing: false,
+        ..Default::default()
+    };
+    Ok(Image::open(path, &opts)?.reader)
+}
+
 impl Image {
     /// Opens the image at `path`. A compressed container (xz, gzip, zstd) or an OVA is
     /// looked into unless `opts.source.unpack` is off; see [`crate::source`].

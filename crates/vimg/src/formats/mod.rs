@@ -96,6 +96,12 @@ impl OpenContext {
     }
 }
 
+/// Opens an image the user named for a new image (its backing file), probing its format as
+/// the library opens any image, without its own backing chain. The library hands drivers one
+/// through [`CreateOptions::open_named`], so a driver that must read its parent (vmdk: the
+/// parent's CID) names no other driver.
+pub type OpenNamed = fn(&Path) -> Result<Box<dyn ImageReader>>;
+
 /// One format's entry points.
 pub trait Driver: Sync {
     /// The format.

@@ -226,18 +226,14 @@ fn check_size(subformat: Subformat, size: u64) -> Result<()> {
 
 /// Reads the CID of the parent named by `backing_file`, relative to the new image's folder
 /// (the user named it on the command line, so no gate applies; it must be a vmdk).
-fn parent_cid(out: &Output, name: &str) -> Result<u32> {
+fn parent_cid(out: &Output, opts: &CreateOptions, name: &str) -> Result<u32> {
     let path = if std::path::Path::new(name).is_absolute() {
         std::path::PathBuf::from(name)
     } else {
         out.folder().join(name)
     };
-    let opts = crate::image::OpenOptions {
-        format: None,
-        open_backing: false,
-        ..Default::default()
-    };
-    let img = crate::image::Image::open(&path, &opts)
+    let img = opts
+        .open_named(&path)
         .map_err(|e| e.context(format!("Could not open backing file '{}'", path.display())))?;
     if img.format() != Format::Vmdk {
         return Err(VmdkError::Argument(format!(
@@ -247,7 +243,6 @@ fn parent_cid(out: &Output, name: &str) -> Result<u32> {
         .into());
     }
     let fs = img
-        .reader()
         .format_specific()
         .ok_or_else(|| Error::invalid("Failed to read parent CID"))?;
     fs.data
@@ -287,7 +282,7 @@ impl crate::formats::Driver for Driver {
     ) -> Result<Box<dyn ImageWriter>> {
         let mut s = settings(size, opts)?;
         if let Some(b) = opts.get_str("backing_file") {
-            s.parent = Some((b.to_string(), parent_cid(out, b)?));
+            s.parent = Some((b.to_string(), parent_cid(out, opts, b)?));
         }
         Ok(match s.subformat {
             Subformat::MonolithicSparse | Subformat::TwoGbSparse => {
