@@ -31,7 +31,6 @@ use crate::container::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
-use crate::image::OpenOptions;
 use crate::ova::{self, OvaDisk};
 use crate::storage::{FileStorage, MemStorage, SliceStorage, Storage};
 
@@ -143,8 +142,16 @@ fn threads(opts: &SourceOptions) -> u32 {
     })
 }
 
+/// What opening the top image needs of [`crate::OpenOptions`].
+pub(crate) struct TopOptions<'a> {
+    /// The format the user gave (`None` probes).
+    pub format: Option<Format>,
+    /// How containers, OVAs and streams are unpacked.
+    pub source: &'a SourceOptions,
+}
+
 /// Opens `src` down to the bytes of the image inside.
-pub(crate) fn open_top(src: &Source, opts: &OpenOptions) -> Result<Opened> {
+pub(crate) fn open_top(src: &Source, opts: &TopOptions<'_>) -> Result<Opened> {
     match src {
         Source::Path(path) => {
             let file =
@@ -198,7 +205,7 @@ pub(crate) fn open_top(src: &Source, opts: &OpenOptions) -> Result<Opened> {
 fn open_seekable(
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
     allow_ova: bool,
 ) -> Result<Opened> {
     let plain = |storage: Arc<dyn Storage>, path: Option<PathBuf>| Opened {
@@ -268,7 +275,7 @@ fn open_pipe(
     mut r: Box<dyn Read + Send>,
     path: Option<PathBuf>,
     outer: OuterFile,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
 ) -> Result<Opened> {
     let mut head = vec![0u8; HEAD_BYTES];
     let mut n = 0;
@@ -319,7 +326,7 @@ fn open_container(
     raw_head: &[u8],
     path: Option<PathBuf>,
     outer: OuterFile,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
 ) -> Result<Opened> {
     let name = path
         .as_ref()
@@ -347,7 +354,7 @@ fn open_container(
     }
     let format = match opts.format {
         Some(f) => f,
-        None => crate::image::probe(&MemStorage::new(head.clone()))?,
+        None => crate::formats::registry::probe(&MemStorage::new(head.clone()))?,
     };
     let (mut size, mut why) = match opts.source.stream_size {
         Some(s) => (Some(s), "the size given for the stream".to_string()),
@@ -417,7 +424,7 @@ fn open_container(
         // The polyglot rule holds through the container: the decoded image is probed whole
         // (a fixed-VHD footer lives at its end), not only its first 64 KiB. The spool
         // decodes as far as the end for this; a pipe or gzip file was decoded whole already.
-        let whole = crate::image::probe(&*storage)?;
+        let whole = crate::formats::registry::probe(&*storage)?;
         if whole != format {
             return Err(Error::invalid(format!(
                 "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"

@@ -4,6 +4,7 @@
 
 use super::{bochs, cloop, dmg, parallels, qcow, qcow2, qed, raw, unread, vdi, vhd, vhdx, vmdk};
 use super::{Driver, Format};
+use crate::error::{Error, Result};
 use crate::options::OptionSpec;
 use crate::storage::Storage;
 
@@ -30,6 +31,31 @@ impl Format {
     /// The driver for this format ([`driver`]).
     pub fn driver(self) -> &'static dyn Driver {
         driver(self)
+    }
+}
+
+/// Bytes read to probe a format.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Probes `storage`: the one format that matches, raw when none does, an error when several
+/// do (a polyglot file is refused rather than guessed).
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let n = storage.len().min(PROBE_BYTES as u64) as usize;
+    let mut head = vec![0u8; n];
+    storage
+        .read_exact_at(&mut head, 0)
+        .map_err(|e| Error::io("read the image header", e))?;
+    let found = probe_all(&head, storage);
+    match found.as_slice() {
+        [] => Ok(Format::Raw),
+        [one] => Ok(*one),
+        many => Err(Error::invalid(format!(
+            "Image is ambiguous: it parses as {}; specify the format with -f",
+            many.iter()
+                .map(|f| f.name())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
     }
 }
 
