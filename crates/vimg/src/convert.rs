@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{registry, Format};
 use crate::image::Image;
 use crate::options::CreateOptions;
@@ -87,7 +87,12 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     check_create_options(format, opts)?;
-    registry::driver(format).create(out, size, &opts.with_open_named(crate::image::open_named))
+    registry::create(
+        format,
+        out,
+        size,
+        &opts.with_open_named(crate::image::open_named),
+    )
 }
 
 /// Creates an empty image (`vimg create`). The size comes from `size`, or from `-o size=`.
@@ -110,7 +115,8 @@ pub fn create(
     // Every format but raw expects its new file to read as zeros: a device is zeroed first.
     let on_device = check_destination(path)? == DestKind::BlockDevice;
     let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
-    let w = registry::driver(format).create(
+    let w = registry::create(
+        format,
         &out,
         size,
         &opts.with_open_named(crate::image::open_named),
@@ -205,7 +211,8 @@ pub fn convert_report(
     }
     if kind.is_stream() && opts.output_mode == OutputMode::InPlace && size > 0 {
         // A character device or FIFO has no size to write an existing image into.
-        return Err(Error::invalid_argument(
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
             "output file is smaller than input file",
         ));
     }
@@ -218,7 +225,8 @@ pub fn convert_report(
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
     }
-    let writer = registry::driver(opts.format).create(
+    let writer = registry::create(
+        opts.format,
         &out,
         size,
         &opts.create.with_open_named(crate::image::open_named),
@@ -279,13 +287,14 @@ fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> 
     let (dev_size, _) = device_geometry(&f)
         .map_err(|e| Error::io(format_args!("size of device '{}'", dst.display()), e))?;
     if size > dev_size {
-        return Err(Error::invalid_argument(
-            if opts.output_mode == OutputMode::InPlace {
-                "output file is smaller than input file"
-            } else {
-                "Cannot grow device files"
-            },
-        ));
+        return Err(if opts.output_mode == OutputMode::InPlace {
+            Error::refusal(
+                ErrorKind::InvalidArgument,
+                "output file is smaller than input file",
+            )
+        } else {
+            Error::invalid_argument("Cannot grow device files")
+        });
     }
     Ok(())
 }

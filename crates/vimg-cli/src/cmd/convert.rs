@@ -66,14 +66,6 @@ fn check_cache_mode(mode: Option<&str>, what: &str) -> Result<(), Failure> {
     }
 }
 
-/// Messages qemu-img prints without the target's name (checked before the target exists).
-const QEMU_PLAIN_REFUSALS: [&str; 4] = [
-    "output file is smaller than input file",
-    "Compression not supported for this file format",
-    "Compression and preallocation not supported at the same time",
-    "invalid cluster size",
-];
-
 fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     check_cache_mode(a.src_cache.as_deref(), "source ")?;
     check_cache_mode(a.cache.as_deref(), "")?;
@@ -91,8 +83,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     let mut create = parse_create_options(&a.options)?;
     create.compress = a.compress;
     if let Some(b) = &a.backing {
-        let specs = vimg::formats::registry::all_options(out_format);
-        if !specs.iter().any(|s| s.name == "backing_file") {
+        if !out_format.driver().capabilities().backing_file {
             return Err(Failure::new(
                 format!(
                     "Backing file not supported for file format '{}'",
@@ -295,7 +286,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             }
             Some(_) => {}
         }
-        if p.out_format != Format::Qcow2 {
+        if !p.out_format.driver().capabilities().bitmaps {
             return Err(Failure::new(
                 format!(
                     "Format driver '{}' does not support bitmaps",
@@ -406,9 +397,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         // qemu-img checks compression before it creates the target and words those
         // refusals plainly; everything the format's create refuses it prefixes with the
         // target's name.
-        _ if QEMU_PLAIN_REFUSALS.contains(&e.to_string().as_str()) => {
-            Failure::new(e.to_string(), 1)
-        }
+        _ if e.is_refusal() => Failure::new(e.to_string(), 1),
         _ if matches!(
             e.kind(),
             vimg::ErrorKind::InvalidArgument | vimg::ErrorKind::Unsupported

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::gate::{self, ExternalPolicy};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec};
-use crate::output::Output;
+use crate::output::{Output, OutputMode};
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
@@ -102,6 +102,104 @@ impl OpenContext {
 /// parent's CID) names no other driver.
 pub type OpenNamed = fn(&Path) -> Result<Box<dyn ImageReader>>;
 
+/// Whether a driver does something a command line can ask of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// It does.
+    Yes,
+    /// Refused as qemu-img refuses it, in qemu-img's words.
+    No,
+    /// qemu-img's driver does it, vimg's does not: refused with this reason.
+    NotInVimg(&'static str),
+}
+
+/// An option as qemu-img create prints it on its `Formatting ...` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Printed {
+    /// The option's name.
+    pub name: &'static str,
+    /// What qemu-img prints when the option is not given (`None`: nothing).
+    pub default: Option<&'static str>,
+}
+
+/// A [`Printed`] (for drivers' `const` tables).
+pub const fn printed(name: &'static str, default: Option<&'static str>) -> Printed {
+    Printed { name, default }
+}
+
+/// The `file` protocol's options in qemu-img's print order: what a format without options
+/// of its own prints (raw).
+pub const PROTOCOL_PRINTED: &[Printed] = &[
+    printed("size", None),
+    printed("nocow", None),
+    printed("preallocation", None),
+    printed("extent_size_hint", None),
+];
+
+/// What a driver can do, declared once ([`Driver::capabilities`]). The library checks a
+/// request against it before it calls the driver ([`Capabilities::check`]); a command line
+/// asks it instead of keeping tables of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The driver writes new images (`create`, `convert -O`).
+    pub create: bool,
+    /// Compressed output (`convert -c`).
+    pub compressed: Support,
+    /// Writing into an existing image (`convert -n`).
+    pub in_place: Support,
+    /// The format records a backing file (`-b`, `-B`, `-o backing_file=`).
+    pub backing_file: bool,
+    /// Persistent bitmaps (`convert --bitmaps`).
+    pub bitmaps: bool,
+    /// The create options in the order qemu-img prints them on its `Formatting ...` line
+    /// (its driver's option list, measured on qemu-img 10.0.2), with the defaults it prints;
+    /// options given and not listed follow in name order.
+    pub printed: &'static [Printed],
+}
+
+impl Capabilities {
+    /// A format vimg reads and never writes.
+    pub const READ_ONLY: Capabilities = Capabilities {
+        create: false,
+        compressed: Support::No,
+        in_place: Support::No,
+        backing_file: false,
+        bitmaps: false,
+        printed: PROTOCOL_PRINTED,
+    };
+
+    /// Refuses what `opts` (`-c`) and `mode` (`-n`) ask of a format that cannot do it,
+    /// before anything is created: qemu-img's plain refusal where qemu-img refuses too
+    /// ([`Error::refusal`]), else vimg's reason. A format that writes nothing is left to
+    /// [`Driver::create`]'s own refusal.
+    pub fn check(&self, format: Format, opts: &CreateOptions, mode: OutputMode) -> Result<()> {
+        if !self.create {
+            return Ok(());
+        }
+        let refuse = |s: Support, plain: &str| match s {
+            Support::Yes => Ok(()),
+            Support::No => Err(Error::refusal(ErrorKind::InvalidArgument, plain)),
+            Support::NotInVimg(why) => Err(Error::unsupported(why)),
+        };
+        if opts.compress {
+            refuse(
+                self.compressed,
+                "Compression not supported for this file format",
+            )?;
+        }
+        if mode == OutputMode::InPlace {
+            refuse(
+                self.in_place,
+                &format!(
+                    "writing into an existing {} image (convert -n) is not supported",
+                    format.name()
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// One format's entry points.
 pub trait Driver: Sync {
     /// The format.
@@ -116,6 +214,11 @@ pub trait Driver: Sync {
 
     /// The options `create` accepts (besides `size`, which every format takes).
     fn create_options(&self) -> &'static [OptionSpec];
+
+    /// What the driver can do. The default: a format vimg only reads.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::READ_ONLY
+    }
 
     /// Creates a writer for an image of `size` bytes in `out`. Options have been checked
     /// against [`Driver::create_options`]. In [`crate::OutputMode::InPlace`] (`convert -n`)

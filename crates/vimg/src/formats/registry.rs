@@ -5,8 +5,10 @@
 use super::{bochs, cloop, dmg, parallels, qcow, qcow2, qed, raw, unread, vdi, vhd, vhdx, vmdk};
 use super::{Driver, Format};
 use crate::error::{Error, Result};
-use crate::options::OptionSpec;
+use crate::options::{CreateOptions, OptionSpec};
+use crate::output::Output;
 use crate::storage::Storage;
+use crate::writer::ImageWriter;
 
 /// The driver for `format`.
 pub fn driver(format: Format) -> &'static dyn Driver {
@@ -85,4 +87,70 @@ pub fn all_options(format: Format) -> Vec<OptionSpec> {
         }
     }
     v
+}
+
+/// Creates a writer for a new `format` image of `size` bytes in `out`, once the format's
+/// [`super::Capabilities`] allow what `opts` and `out` ask (`-c`, `-n`): every writer the
+/// library makes comes through here.
+pub fn create(
+    format: Format,
+    out: &Output,
+    size: u64,
+    opts: &CreateOptions,
+) -> Result<Box<dyn ImageWriter>> {
+    let d = driver(format);
+    d.capabilities().check(format, opts, out.mode())?;
+    d.create(out, size, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A declared capability agrees with the options the driver takes, and every option
+    /// printed on the `Formatting` line is one the format accepts.
+    #[test]
+    fn capabilities_agree_with_options() {
+        for f in Format::ALL {
+            let caps = driver(f).capabilities();
+            let opts = all_options(f);
+            let has = |n: &str| opts.iter().any(|o| o.name == n);
+            assert_eq!(caps.backing_file, has("backing_file"), "{f}");
+            if caps.create {
+                for p in caps.printed {
+                    assert!(has(p.name), "{f} prints {} but does not take it", p.name);
+                }
+            }
+        }
+    }
+
+    /// `-c` and `-n` are refused once, here, before the driver is asked to create.
+    #[test]
+    fn compression_and_in_place_refused_before_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = CreateOptions::new();
+        c.compress = true;
+        let out = Output::new(dir.path().join("x"));
+        let err = |f: Format, out: &Output, o: &CreateOptions| {
+            create(f, out, 1 << 20, o).err().expect("refused")
+        };
+        let e = err(Format::Vdi, &out, &c);
+        assert!(e.is_refusal());
+        assert_eq!(
+            e.to_string(),
+            "Compression not supported for this file format"
+        );
+        let e = err(Format::Qcow, &out, &c);
+        assert!(!e.is_refusal());
+        assert!(e
+            .to_string()
+            .contains("vimg does not write compressed qcow"));
+        let inplace = Output::with_mode(dir.path().join("y"), crate::OutputMode::InPlace);
+        let e = err(Format::Vpc, &inplace, &CreateOptions::new());
+        assert_eq!(
+            e.to_string(),
+            "writing into an existing vpc image (convert -n) is not supported"
+        );
+        assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
+    }
 }

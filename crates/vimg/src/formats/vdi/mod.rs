@@ -43,11 +43,12 @@ mod write;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -74,6 +75,18 @@ fn check_size(size: u64) -> Result<()> {
     Ok(())
 }
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing vdi image (convert -n) is not supported",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[printed("size", None), printed("static", Some("off"))],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Vdi
@@ -92,22 +105,16 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing vdi image (convert -n) is not supported",
-            ));
-        }
         let fixed = opts.get_bool("static", false)?;
         check_size(size)?;
         let file = out.create_main()?;

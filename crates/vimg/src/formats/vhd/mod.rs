@@ -87,10 +87,11 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -149,6 +150,22 @@ fn plan(size: u64, opts: &CreateOptions) -> Result<Plan> {
     })
 }
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing vpc image (convert -n) is not supported",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("subformat", None),
+        printed("force_size", None),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Vpc
@@ -166,22 +183,16 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing vpc image (convert -n) is not supported",
-            ));
-        }
         let p = plan(size, opts)?;
         let file = out.create_main()?;
         Ok(if p.fixed {

@@ -24,7 +24,8 @@ mod write;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -157,7 +158,10 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     }
     if opts.compress && subformat.flat() {
         // qemu-img convert -c refuses flat targets with this message.
-        return Err(arg("invalid cluster size".into()));
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
+            "invalid cluster size",
+        ));
     }
     let size = size
         .checked_next_multiple_of(SECTOR)
@@ -257,6 +261,26 @@ fn descriptor_bytes(extents: u64) -> u64 {
     512 + extents * 64
 }
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::Yes,
+    in_place: Support::NotInVimg("vmdk output cannot be written into an existing image (-n)"),
+    backing_file: true,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("adapter_type", None),
+        printed("backing_file", None),
+        printed("backing_fmt", None),
+        printed("compat6", Some("off")),
+        printed("hwversion", Some("undefined")),
+        printed("toolsversion", None),
+        printed("subformat", None),
+        printed("zeroed_grain", None),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Vmdk
@@ -272,6 +296,10 @@ impl crate::formats::Driver for Driver {
 
     fn create_options(&self) -> &'static [OptionSpec] {
         OPTIONS
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn create(
