@@ -114,7 +114,7 @@ pub fn create(
     };
     // Every format but raw expects its new file to read as zeros: a device is zeroed first.
     let on_device = check_destination(path)? == DestKind::BlockDevice;
-    let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
+    let out = Output::new(path).with_zeroed_device(on_device && !format.is_plain());
     let w = registry::create(
         format,
         &out,
@@ -220,7 +220,7 @@ pub fn convert_report(
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)
         .with_direct(opts.direct)
-        .with_zeroed_device(kind == DestKind::BlockDevice && opts.format != Format::Raw)
+        .with_zeroed_device(kind == DestKind::BlockDevice && !opts.format.is_plain())
         .with_protected(source_files(src));
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
@@ -245,7 +245,7 @@ pub fn convert_report(
     // image written with -n keeps its old bytes unless the caller says it reads as zeros:
     // every zero range of the image is then zeroed on it.
     let fresh = opts.output_mode != OutputMode::InPlace
-        && (kind != DestKind::BlockDevice || opts.format != Format::Raw);
+        && (kind != DestKind::BlockDevice || !opts.format.is_plain());
     copy.target_is_zero = if fresh {
         opts.copy.target_is_zero
     } else {
@@ -272,7 +272,7 @@ pub fn convert_report(
 /// that outgrows the device fails at the write past its end. `-n` into a device takes raw
 /// only: the other writers would read an existing image from it.
 fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
-    if opts.format != Format::Raw {
+    if !opts.format.is_plain() {
         if opts.output_mode == OutputMode::InPlace {
             return Err(Error::unsupported(format!(
                 "-n into the block device '{}' writes raw images only; without -n a {} image is written onto it",

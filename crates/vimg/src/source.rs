@@ -378,7 +378,7 @@ fn open_container(
             why = w.to_string();
         }
     }
-    if size.is_none() && format == Format::Raw {
+    if size.is_none() && format.is_plain() {
         if let (Some(c), Some(s)) = (compression, &seekable) {
             // A file whose container does not record the decoded size (gzip): one pass to
             // count is cheaper than writing the whole disk to a temporary file.
@@ -405,7 +405,7 @@ fn open_container(
     }
     let compressed_size = seekable.as_ref().map(|s| s.len());
     let (storage, access): (Arc<dyn Storage>, Access) = match size {
-        Some(len) if format == Format::Raw => (
+        Some(len) if format.is_plain() => (
             Arc::new(
                 StreamStorage::new(dec, head, len, &why, outer)
                     .map_err(|e| decode_err(&name, e))?,

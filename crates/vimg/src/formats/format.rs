@@ -96,6 +96,30 @@ impl Format {
         })
     }
 
+    /// True for a format whose bytes are the guest's bytes (raw): a stream of it reads in
+    /// order, its size is the file's, and a device written with it needs no zeroing first.
+    pub fn is_plain(self) -> bool {
+        self == Format::Raw
+    }
+
+    /// How OpenStack Glance knows this format: `Ok(its disk_format)`, or `Err(why)` it takes
+    /// no image of it.
+    pub fn glance_disk_format(self) -> std::result::Result<&'static str, &'static str> {
+        match self {
+            Format::Raw => Ok("raw"),
+            Format::Qcow2 => Ok("qcow2"),
+            Format::Vmdk => Ok("vmdk"),
+            Format::Vpc => Ok("vhd"),
+            Format::Vhdx => Ok("vhdx"),
+            Format::Vdi => Ok("vdi"),
+            Format::Parallels => Ok("ploop"),
+            Format::Qed => Err("OpenStack's format inspector refuses every QED image (QEMU would follow a backing file or feature named inside it), and Glance has no 'qed' disk format"),
+            Format::Qcow | Format::Luks | Format::Dmg | Format::Bochs | Format::Cloop => {
+                Err("Glance has no disk format for it; convert it to raw or qcow2 first")
+            }
+        }
+    }
+
     /// True when qemu-img info shows a `dirty-flag` for this format (QEMU's driver answers
     /// `bdrv_get_info`); parallels, bochs, cloop and dmg do not.
     pub fn reports_dirty_flag(self) -> bool {
