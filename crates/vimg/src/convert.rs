@@ -242,15 +242,12 @@ pub fn convert_report(
     out.release_stream()?;
     let mut copy: CopyOptions<'_> = opts.copy;
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
-    // image written with -n keeps its old bytes unless the caller says it reads as zeros:
-    // every zero range of the image is then zeroed on it.
+    // image written with -n keeps its old bytes unless the caller says it reads as zeros
+    // (`ConvertOptions::target_is_zero`, the one setting for it): every zero range of the
+    // image is then zeroed on it.
     let fresh = opts.output_mode != OutputMode::InPlace
         && (kind != DestKind::BlockDevice || !opts.format.is_plain());
-    copy.target_is_zero = if fresh {
-        opts.copy.target_is_zero
-    } else {
-        opts.target_is_zero
-    };
+    copy.target_is_zero = fresh || opts.target_is_zero;
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(
             "copying only the top image needs a backing file for the target",
@@ -297,4 +294,39 @@ fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> 
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::OpenOptions;
+
+    /// `-n` writes the image's zero ranges onto the existing target unless
+    /// `ConvertOptions::target_is_zero` says it already reads as zeros; that one setting
+    /// decides (the engine's own flag, left at its default, does not).
+    #[test]
+    fn target_is_zero_takes_effect_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("s.raw");
+        let mut data = vec![0u8; 1 << 20];
+        data[70_000..70_003].copy_from_slice(b"abc");
+        std::fs::write(&src, &data).unwrap();
+        let img = Image::open(&src, &OpenOptions::with_format(Some(Format::Raw))).unwrap();
+        let dst = dir.path().join("d.raw");
+        for target_is_zero in [false, true] {
+            std::fs::write(&dst, vec![0xffu8; 1 << 20]).unwrap();
+            let mut opts = ConvertOptions::new(Format::Raw);
+            opts.output_mode = OutputMode::InPlace;
+            opts.target_is_zero = target_is_zero;
+            convert(&img, &dst, &opts).unwrap();
+            let out = std::fs::read(&dst).unwrap();
+            assert_eq!(&out[70_000..70_003], b"abc");
+            let kept = if target_is_zero { 0xff } else { 0 };
+            assert_eq!(
+                (out[0], out[(1 << 20) - 1]),
+                (kept, kept),
+                "{target_is_zero}"
+            );
+        }
+    }
 }
