@@ -65,14 +65,23 @@ const OPTIONS: &[OptionSpec] = &[OptionSpec {
     help: "VDI static (pre-allocated) image",
 }];
 
-fn check_size(size: u64) -> Result<()> {
-    if size > MAX_DISK_SIZE {
-        return Err(VdiError::Option(format!(
-            "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
-        ))
-        .into());
+/// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
+struct Settings {
+    /// `static=on`: every block allocated up front.
+    fixed: bool,
+}
+
+impl Settings {
+    fn from_options(size: u64, opts: &CreateOptions) -> Result<Settings> {
+        let fixed = opts.get_bool("static", false)?;
+        if size > MAX_DISK_SIZE {
+            return Err(VdiError::Option(format!(
+                "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
+            ))
+            .into());
+        }
+        Ok(Settings { fixed })
     }
-    Ok(())
 }
 
 /// What the driver does ([`crate::formats::Capabilities`]).
@@ -115,10 +124,9 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        let fixed = opts.get_bool("static", false)?;
-        check_size(size)?;
+        let s = Settings::from_options(size, opts)?;
         let file = out.create_main()?;
-        Ok(Box::new(VdiWriter::new(file, size, fixed)?))
+        Ok(Box::new(VdiWriter::new(file, size, s.fixed)?))
     }
 
     fn measure(
@@ -127,8 +135,7 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
         data: Option<&dyn DataSummary>,
     ) -> Result<Measure> {
-        let fixed = opts.get_bool("static", false)?;
-        check_size(size)?;
+        let fixed = Settings::from_options(size, opts)?.fixed;
         let bs = u64::from(header::BLOCK_SIZE);
         let blocks = size.div_ceil(bs);
         let meta = write::BMAP_OFFSET + write::bmap_bytes(blocks);

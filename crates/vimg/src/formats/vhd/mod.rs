@@ -118,15 +118,15 @@ const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
-/// What `create` was asked for, checked.
-struct Plan {
+/// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
+struct Settings {
     fixed: bool,
     force_size: bool,
     chs: geometry::Chs,
     size: u64,
 }
 
-fn plan(size: u64, opts: &CreateOptions) -> Result<Plan> {
+fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     let fixed = match opts.get_str("subformat").unwrap_or("dynamic") {
         "dynamic" => false,
         "fixed" => true,
@@ -142,7 +142,7 @@ fn plan(size: u64, opts: &CreateOptions) -> Result<Plan> {
             "The image size is too large for file format 'vpc' (the VHD maximum is 2040 GiB)",
         )
     })?;
-    Ok(Plan {
+    Ok(Settings {
         fixed,
         force_size,
         chs,
@@ -193,7 +193,7 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        let p = plan(size, opts)?;
+        let p = settings(size, opts)?;
         let file = out.create_main()?;
         Ok(if p.fixed {
             Box::new(FixedWriter::new(file, p.size, p.chs, p.force_size)?)
@@ -208,7 +208,7 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
         data: Option<&dyn DataSummary>,
     ) -> Result<Measure> {
-        let p = plan(size, opts)?;
+        let p = settings(size, opts)?;
         let footer = FOOTER_SIZE as u64;
         if p.fixed {
             let n = p.size + footer;
