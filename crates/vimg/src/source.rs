@@ -332,7 +332,7 @@ fn open_container(
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "-".to_string());
-    let threads = threads(&opts.source);
+    let threads = threads(opts.source);
     let (reader, seekable): (Box<dyn Read + Send>, Option<Arc<dyn Storage>>) = match input {
         Input::Seekable(s) => (Box::new(StorageReader::new(s.clone())), Some(s)),
         Input::Pipe(r) => (r, None),
