@@ -15,6 +15,7 @@ than N files (default: no limit, just report).
 
 import os
 import re
+import signal
 import sys
 
 
@@ -263,6 +264,7 @@ def sccs(edges):
 
 
 def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = sys.argv[1:]
     limit = None
     verbose = "--verbose" in args
