@@ -106,7 +106,8 @@ impl FormatError for ContainerError {
 crate::impl_from_format_error!(ContainerError);
 
 impl ContainerError {
-    /// As an `io::Error`, to travel through [`Storage::read_at`]; the message is kept.
+    /// As an `io::Error`, to travel through
+    /// [`Storage::read_at`](crate::storage::Storage::read_at); the message is kept.
     pub fn into_io(self) -> io::Error {
         let kind = match self {
             ContainerError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
