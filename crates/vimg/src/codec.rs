@@ -14,7 +14,16 @@ use std::cell::RefCell;
 
 use flate2::{Compress, Compression, FlushCompress, Status};
 
-use crate::mapping::Codec;
+/// How a compressed unit is encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Raw deflate (RFC 1951), as qcow2 stores zlib-type compressed clusters.
+    Deflate,
+    /// zlib stream (RFC 1950), as VMDK stores compressed grains.
+    Zlib,
+    /// A zstd frame (or several), as qcow2 stores zstd-type compressed clusters.
+    Zstd,
+}
 
 /// Why a compressed unit could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -11,6 +11,17 @@ use crate::image::Image;
 use crate::mapping::{Extent, FileId, GuestOffset, ImageReader, MapKind};
 use crate::storage::Storage;
 
+impl Image {
+    /// Several images read one after another as one disk (`convert a b c out`); see
+    /// [`crate::concat`]. Shown under the first part's name.
+    pub fn concat(parts: Vec<Image>) -> Result<Image> {
+        let reader = ConcatReader::new(parts)?;
+        let first = reader.first();
+        let (filename, storage) = (first.filename().to_string(), first.storage().clone());
+        Ok(Image::from_reader(Box::new(reader), filename, storage))
+    }
+}
+
 /// The reader of a concatenation. Its files are every file of every layer of every part,
 /// numbered in that order.
 pub struct ConcatReader {

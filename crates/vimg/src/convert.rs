@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
-use crate::error::{Error, Result};
-use crate::formats::{self, Format};
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{registry, Format};
 use crate::image::Image;
 use crate::options::CreateOptions;
 use crate::output::{
@@ -76,7 +76,7 @@ impl ConvertOptions<'_> {
 /// Checks `opts` against `format`'s option list, and that no option asks for what the
 /// format cannot do.
 pub fn check_create_options(format: Format, opts: &CreateOptions) -> Result<()> {
-    opts.check(&formats::all_options(format))
+    opts.check(&registry::all_options(format))
 }
 
 /// Creates a writer for a new image at `out`'s main path.
@@ -87,7 +87,12 @@ pub fn create_writer(
     opts: &CreateOptions,
 ) -> Result<Box<dyn ImageWriter>> {
     check_create_options(format, opts)?;
-    format.driver().create(out, size, opts)
+    registry::create(
+        format,
+        out,
+        size,
+        &opts.with_open_named(crate::image::open_named),
+    )
 }
 
 /// Creates an empty image (`vimg create`). The size comes from `size`, or from `-o size=`.
@@ -109,8 +114,13 @@ pub fn create(
     };
     // Every format but raw expects its new file to read as zeros: a device is zeroed first.
     let on_device = check_destination(path)? == DestKind::BlockDevice;
-    let out = Output::new(path).with_zeroed_device(on_device && format != Format::Raw);
-    let w = format.driver().create(&out, size, opts)?;
+    let out = Output::new(path).with_zeroed_device(on_device && !format.is_plain());
+    let w = registry::create(
+        format,
+        &out,
+        size,
+        &opts.with_open_named(crate::image::open_named),
+    )?;
     w.finish()?;
     out.commit()
 }
@@ -201,7 +211,8 @@ pub fn convert_report(
     }
     if kind.is_stream() && opts.output_mode == OutputMode::InPlace && size > 0 {
         // A character device or FIFO has no size to write an existing image into.
-        return Err(Error::invalid_argument(
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
             "output file is smaller than input file",
         ));
     }
@@ -209,12 +220,17 @@ pub fn convert_report(
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)
         .with_direct(opts.direct)
-        .with_zeroed_device(kind == DestKind::BlockDevice && opts.format != Format::Raw)
+        .with_zeroed_device(kind == DestKind::BlockDevice && !opts.format.is_plain())
         .with_protected(source_files(src));
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
     }
-    let writer = opts.format.driver().create(&out, size, &opts.create)?;
+    let writer = registry::create(
+        opts.format,
+        &out,
+        size,
+        &opts.create.with_open_named(crate::image::open_named),
+    )?;
     if (opts.output_mode == OutputMode::Stdout || kind.is_stream()) && !writer.caps().ordered {
         // Writers refuse a stream at create when they need to seek; this catches one that
         // did not say so before any data is sent.
@@ -226,15 +242,12 @@ pub fn convert_report(
     out.release_stream()?;
     let mut copy: CopyOptions<'_> = opts.copy;
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
-    // image written with -n keeps its old bytes unless the caller says it reads as zeros:
-    // every zero range of the image is then zeroed on it.
+    // image written with -n keeps its old bytes unless the caller says it reads as zeros
+    // (`ConvertOptions::target_is_zero`, the one setting for it): every zero range of the
+    // image is then zeroed on it.
     let fresh = opts.output_mode != OutputMode::InPlace
-        && (kind != DestKind::BlockDevice || opts.format != Format::Raw);
-    copy.target_is_zero = if fresh {
-        opts.copy.target_is_zero
-    } else {
-        opts.target_is_zero
-    };
+        && (kind != DestKind::BlockDevice || !opts.format.is_plain());
+    copy.target_is_zero = fresh || opts.target_is_zero;
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(
             "copying only the top image needs a backing file for the target",
@@ -256,7 +269,7 @@ pub fn convert_report(
 /// that outgrows the device fails at the write past its end. `-n` into a device takes raw
 /// only: the other writers would read an existing image from it.
 fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
-    if opts.format != Format::Raw {
+    if !opts.format.is_plain() {
         if opts.output_mode == OutputMode::InPlace {
             return Err(Error::unsupported(format!(
                 "-n into the block device '{}' writes raw images only; without -n a {} image is written onto it",
@@ -271,13 +284,49 @@ fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> 
     let (dev_size, _) = device_geometry(&f)
         .map_err(|e| Error::io(format_args!("size of device '{}'", dst.display()), e))?;
     if size > dev_size {
-        return Err(Error::invalid_argument(
-            if opts.output_mode == OutputMode::InPlace {
-                "output file is smaller than input file"
-            } else {
-                "Cannot grow device files"
-            },
-        ));
+        return Err(if opts.output_mode == OutputMode::InPlace {
+            Error::refusal(
+                ErrorKind::InvalidArgument,
+                "output file is smaller than input file",
+            )
+        } else {
+            Error::invalid_argument("Cannot grow device files")
+        });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::OpenOptions;
+
+    /// `-n` writes the image's zero ranges onto the existing target unless
+    /// `ConvertOptions::target_is_zero` says it already reads as zeros; that one setting
+    /// decides (the engine's own flag, left at its default, does not).
+    #[test]
+    fn target_is_zero_takes_effect_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("s.raw");
+        let mut data = vec![0u8; 1 << 20];
+        data[70_000..70_003].copy_from_slice(b"abc");
+        std::fs::write(&src, &data).unwrap();
+        let img = Image::open(&src, &OpenOptions::with_format(Some(Format::Raw))).unwrap();
+        let dst = dir.path().join("d.raw");
+        for target_is_zero in [false, true] {
+            std::fs::write(&dst, vec![0xffu8; 1 << 20]).unwrap();
+            let mut opts = ConvertOptions::new(Format::Raw);
+            opts.output_mode = OutputMode::InPlace;
+            opts.target_is_zero = target_is_zero;
+            convert(&img, &dst, &opts).unwrap();
+            let out = std::fs::read(&dst).unwrap();
+            assert_eq!(&out[70_000..70_003], b"abc");
+            let kept = if target_is_zero { 0xff } else { 0 };
+            assert_eq!(
+                (out[0], out[(1 << 20) - 1]),
+                (kept, kept),
+                "{target_is_zero}"
+            );
+        }
+    }
 }

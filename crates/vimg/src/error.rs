@@ -63,6 +63,32 @@ impl fmt::Display for Message {
 
 impl std::error::Error for Message {}
 
+/// A request refused in qemu-img's own words, which qemu-img prints as they are (before any
+/// output exists, without the target's name): see [`Error::refusal`].
+#[derive(Debug)]
+struct Refusal(String);
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+impl Error {
+    /// A refusal of what was asked, in qemu-img's words, that a command line prints as it
+    /// is (qemu-img names no file in it); [`Error::is_refusal`] tells it apart.
+    pub fn refusal(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error::new(kind, Refusal(message.into()))
+    }
+
+    /// True for an [`Error::refusal`].
+    pub fn is_refusal(&self) -> bool {
+        self.source.downcast_ref::<Refusal>().is_some()
+    }
+}
+
 impl Error {
     /// An error of `kind` wrapping any cause.
     pub fn new<E>(kind: ErrorKind, source: E) -> Self

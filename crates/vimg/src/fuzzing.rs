@@ -9,16 +9,6 @@ use crate::image::{Image, OpenOptions};
 use crate::info::ImageInfo;
 use crate::storage::MemStorage;
 
-/// True when a stored checksum must match the computed one. cargo-fuzz builds with
-/// `--cfg fuzzing`, and then checksums (VHD footer and dynamic header, VHDX headers, region
-/// tables and log entries) are not enforced: a mutated input almost never carries a valid
-/// CRC-32C, so with them the fuzzer would never get past the first header and the tables
-/// behind it would go unexplored. Every other check stays on; a checksum mismatch itself is
-/// covered by unit tests and the hostile suite, which are built without that flag.
-pub const fn checksum_matches(stored: u32, computed: u32) -> bool {
-    stored == computed || cfg!(fuzzing)
-}
-
 /// Guest bytes a fuzz run reads at most (the rest of a huge virtual disk is only mapped).
 const READ_BUDGET: u64 = 64 << 20;
 /// Extents a fuzz run walks at most.

@@ -77,41 +77,24 @@ pub struct ImageServiceInfo {
     pub os_hash_value: Option<String>,
 }
 
-/// Glance's name for the format of `image` (`iso` for a raw image holding ISO 9660).
+/// Glance's name for the format of `image` (`iso` for a raw image holding ISO 9660); formats
+/// Glance has none for are named as qemu-img names them (they are refused, see
+/// [`Format::glance_disk_format`]).
 pub fn disk_format(image: &Image) -> &'static str {
-    match image.format() {
-        Format::Raw if is_iso9660(&**image.storage()) => "iso",
-        Format::Raw => "raw",
-        Format::Qcow2 => "qcow2",
-        Format::Vmdk => "vmdk",
-        Format::Vpc => "vhd",
-        Format::Vhdx => "vhdx",
-        Format::Vdi => "vdi",
-        Format::Parallels => "ploop",
-        // Not among Glance's disk formats; named as qemu-img names them (vimg refuses to
-        // open them today, so they do not reach here).
-        Format::Qed => "qed",
-        Format::Qcow => "qcow",
-        Format::Luks => "luks",
-        Format::Dmg => "dmg",
-        Format::Bochs => "bochs",
-        Format::Cloop => "cloop",
+    let format = image.format();
+    match format.glance_disk_format() {
+        Ok(_) if format.is_plain() && is_iso9660(&**image.storage()) => "iso",
+        Ok(name) => name,
+        Err(_) => format.name(),
     }
 }
 
 /// Why an image of `format` is unsafe whatever it contains.
 fn format_reasons(format: Format) -> Option<String> {
-    match format {
-        Format::Qed => Some(
-            "qed: OpenStack's format inspector refuses every QED image (QEMU would follow a backing file or feature named inside it), and Glance has no 'qed' disk format"
-                .to_string(),
-        ),
-        Format::Qcow | Format::Luks | Format::Dmg | Format::Bochs | Format::Cloop => Some(format!(
-            "{}: Glance has no disk format for it; convert it to raw or qcow2 first",
-            format.name()
-        )),
-        _ => None,
-    }
+    format
+        .glance_disk_format()
+        .err()
+        .map(|why| format!("{}: {why}", format.name()))
 }
 
 impl ImageServiceInfo {

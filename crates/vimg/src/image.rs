@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::escape::escape_control;
-use crate::formats::{self, Format, OpenContext};
+use crate::formats::{registry, Format, OpenContext};
 use crate::gate::ExternalPolicy;
 use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
 use crate::source::{self, Origin, Source, SourceOptions};
@@ -79,28 +79,27 @@ impl std::fmt::Debug for Image {
     }
 }
 
-/// Bytes read to probe a format.
-const PROBE_BYTES: usize = 64 * 1024;
+/// [`crate::formats::OpenNamed`]: the image the user named at `path`, probed, without its
+/// backing chain.
+pub(crate) fn open_named(path: &Path) -> Result<Box<dyn ImageReader>> {
+    let opts = OpenOptions {
+        format: None,
+        open_backing: false,
+        ..Default::default()
+    };
+    Ok(Image::open(path, &opts)?.reader)
+}
 
-/// Probes `storage`: the one format that matches, raw when none does, an error when several
-/// do (a polyglot file is refused rather than guessed).
-pub fn probe(storage: &dyn Storage) -> Result<Format> {
-    let n = storage.len().min(PROBE_BYTES as u64) as usize;
-    let mut head = vec![0u8; n];
-    storage
-        .read_exact_at(&mut head, 0)
-        .map_err(|e| Error::io("read the image header", e))?;
-    let found = formats::probe_all(&head, storage);
-    match found.as_slice() {
-        [] => Ok(Format::Raw),
-        [one] => Ok(*one),
-        many => Err(Error::invalid(format!(
-            "Image is ambiguous: it parses as {}; specify the format with -f",
-            many.iter()
-                .map(|f| f.name())
-                .collect::<Vec<_>>()
-                .join(" and ")
-        ))),
+/// qemu-img's `full-backing-filename`: the stored name joined to the image's folder (no
+/// symlink resolution), or the name itself when absolute or when the image has no path.
+pub fn full_backing_name(image_path: Option<&Path>, name: &str) -> String {
+    let named = Path::new(name);
+    if named.is_absolute() || crate::gate::is_protocol_path(name) {
+        return name.to_string();
+    }
+    match image_path.and_then(Path::parent) {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(named).display().to_string(),
+        _ => name.to_string(),
     }
 }
 
@@ -148,7 +147,14 @@ impl Image {
             Source::Path(p) => e.with_path(p),
             Source::Stdin => e.with_path("-"),
         };
-        let opened = source::open_top(src, opts).map_err(with_src)?;
+        let opened = source::open_top(
+            src,
+            &source::TopOptions {
+                format: opts.format,
+                source: &opts.source,
+            },
+        )
+        .map_err(with_src)?;
         let mut image = Image::open_chain(
             opened.storage,
             opened.path.as_deref(),
@@ -252,11 +258,10 @@ impl Image {
         }
         let format = match format {
             Some(f) => f,
-            None => probe(&*storage).map_err(with_path)?,
+            None => registry::probe(&*storage).map_err(with_path)?,
         };
         let ctx = OpenContext::new(path, opts.policy);
-        let reader = format
-            .driver()
+        let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;
         let mut image = Image {
@@ -279,10 +284,7 @@ impl Image {
                         Ok((bpath, file)) => {
                             // `-F` names the format of the top image's backing file only.
                             let bfmt = opts.backing_format.filter(|_| depth == 0).or(b.format);
-                            let shown = crate::info::full_backing_name(
-                                Some(Path::new(&image.filename)),
-                                name,
-                            );
+                            let shown = full_backing_name(Some(Path::new(&image.filename)), name);
                             // Messages name the file as the image spelled it (joined to the
                             // name the user gave), never where it resolved.
                             let escaped = escape_control(&shown).into_owned();
@@ -348,20 +350,22 @@ impl Image {
         &*self.reader
     }
 
-    /// Several images read one after another as one disk (`convert a b c out`); see
-    /// [`crate::concat`]. Shown under the first part's name.
-    pub fn concat(parts: Vec<Image>) -> Result<Image> {
-        let reader = crate::concat::ConcatReader::new(parts)?;
-        let first = reader.first();
-        let (filename, storage) = (first.filename.clone(), first.storage.clone());
-        Ok(Image {
-            reader: Box::new(reader),
+    /// An image read through `reader` alone (no backing chain, no path), shown as
+    /// `filename` and standing on `storage`: how a reader built over other images (a
+    /// concatenation, [`Image::concat`]) becomes one.
+    pub(crate) fn from_reader(
+        reader: Box<dyn ImageReader>,
+        filename: String,
+        storage: Arc<dyn Storage>,
+    ) -> Image {
+        Image {
+            reader,
             backing: None,
             filename,
             path: None,
             storage,
             origin: Origin::default(),
-        })
+        }
     }
 
     /// Reads the top image as it was when an internal snapshot was taken (`convert -l`);
@@ -631,4 +635,25 @@ fn checked_map(layer: &Image, offset: u64, len: u64) -> Result<Extent> {
         )));
     }
     Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_backing_names() {
+        assert_eq!(
+            full_backing_name(Some(Path::new("tmp/ov.qcow2")), "x.qcow2"),
+            "tmp/x.qcow2"
+        );
+        assert_eq!(
+            full_backing_name(Some(Path::new("ov.qcow2")), "x.qcow2"),
+            "x.qcow2"
+        );
+        assert_eq!(
+            full_backing_name(Some(Path::new("a/ov")), "/abs/x"),
+            "/abs/x"
+        );
+    }
 }

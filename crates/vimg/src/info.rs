@@ -1,8 +1,6 @@
 //! What `info` reports about an image, serialised with qemu-img's JSON keys so scripts
 //! written for `qemu-img info --output=json` parse it unchanged.
 
-use std::path::Path;
-
 use serde::Serialize;
 
 use crate::image::Image;
@@ -98,47 +96,17 @@ impl ImageInfo {
             cluster_size: r.cluster_size(),
             format: r.format().name().to_string(),
             actual_size,
-            full_backing_filename: backing
-                .map(|b| full_backing_name(Some(std::path::Path::new(image.filename())), &b.name)),
+            full_backing_filename: backing.map(|b| {
+                crate::image::full_backing_name(
+                    Some(std::path::Path::new(image.filename())),
+                    &b.name,
+                )
+            }),
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
             format_specific: r.format_specific(),
             dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
             external_references: r.external_refs(),
         }
-    }
-}
-
-/// qemu-img's `full-backing-filename`: the stored name joined to the image's folder (no
-/// symlink resolution), or the name itself when absolute or when the image has no path.
-pub fn full_backing_name(image_path: Option<&Path>, name: &str) -> String {
-    let named = Path::new(name);
-    if named.is_absolute() || crate::gate::is_protocol_path(name) {
-        return name.to_string();
-    }
-    match image_path.and_then(Path::parent) {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(named).display().to_string(),
-        _ => name.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn full_backing_names() {
-        assert_eq!(
-            full_backing_name(Some(Path::new("tmp/ov.qcow2")), "x.qcow2"),
-            "tmp/x.qcow2"
-        );
-        assert_eq!(
-            full_backing_name(Some(Path::new("ov.qcow2")), "x.qcow2"),
-            "x.qcow2"
-        );
-        assert_eq!(
-            full_backing_name(Some(Path::new("a/ov")), "/abs/x"),
-            "/abs/x"
-        );
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+pub use crate::codec::Codec;
 use crate::formats::Format;
 use crate::storage::Storage;
 use crate::Result;
@@ -62,17 +63,6 @@ offset_ops!(HostOffset);
 /// Which of a reader's files an extent lives in (index into [`ImageReader::file`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FileId(pub u16);
-
-/// How a compressed unit is encoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Codec {
-    /// Raw deflate (RFC 1951), as qcow2 stores zlib-type compressed clusters.
-    Deflate,
-    /// zlib stream (RFC 1950), as VMDK stores compressed grains.
-    Zlib,
-    /// A zstd frame (or several), as qcow2 stores zstd-type compressed clusters.
-    Zstd,
-}
 
 /// What a guest range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,7 @@
 use crate::convert::check_create_options;
 use crate::engine::ImageData;
 use crate::error::{Error, Result};
-use crate::formats::{Format, Measure};
+use crate::formats::{registry, Format, Measure};
 use crate::image::Image;
 use crate::options::CreateOptions;
 
@@ -18,7 +18,7 @@ pub fn measure(
     source: Option<&Image>,
 ) -> Result<Measure> {
     check_create_options(format, opts)?;
-    let driver = format.driver();
+    let driver = registry::driver(format);
     match (size, source) {
         (Some(size), None) => driver.measure(size, opts, None),
         (None, Some(img)) => {

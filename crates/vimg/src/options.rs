@@ -114,6 +114,9 @@ pub struct CreateOptions {
     values: BTreeMap<String, String>,
     /// `-c`: compress data (formats that cannot compress refuse it).
     pub compress: bool,
+    /// How a driver opens a file these options name (set by the library before it calls a
+    /// driver's `create`).
+    open_named: Option<crate::formats::OpenNamed>,
 }
 
 impl CreateOptions {
@@ -149,6 +152,29 @@ impl CreateOptions {
     pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
         self.set(key, value);
         self
+    }
+
+    /// These options with the library's way of opening the images they name.
+    pub(crate) fn with_open_named(&self, f: crate::formats::OpenNamed) -> CreateOptions {
+        CreateOptions {
+            open_named: Some(f),
+            ..self.clone()
+        }
+    }
+
+    /// Opens an image these options name (a backing file), as the library opens any image
+    /// the user names: probed, without its backing chain.
+    pub fn open_named(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Box<dyn crate::mapping::ImageReader>> {
+        match self.open_named {
+            Some(f) => f(path),
+            None => Err(Error::unsupported(format!(
+                "'{}' cannot be opened here: create the image through vimg::create or vimg::convert",
+                path.display()
+            ))),
+        }
     }
 
     /// True if `key` was given.

@@ -31,7 +31,6 @@ use crate::container::{
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
-use crate::image::OpenOptions;
 use crate::ova::{self, OvaDisk};
 use crate::storage::{FileStorage, MemStorage, SliceStorage, Storage};
 
@@ -143,8 +142,16 @@ fn threads(opts: &SourceOptions) -> u32 {
     })
 }
 
+/// What opening the top image needs of [`crate::OpenOptions`].
+pub(crate) struct TopOptions<'a> {
+    /// The format the user gave (`None` probes).
+    pub format: Option<Format>,
+    /// How containers, OVAs and streams are unpacked.
+    pub source: &'a SourceOptions,
+}
+
 /// Opens `src` down to the bytes of the image inside.
-pub(crate) fn open_top(src: &Source, opts: &OpenOptions) -> Result<Opened> {
+pub(crate) fn open_top(src: &Source, opts: &TopOptions<'_>) -> Result<Opened> {
     match src {
         Source::Path(path) => {
             let file =
@@ -198,7 +205,7 @@ pub(crate) fn open_top(src: &Source, opts: &OpenOptions) -> Result<Opened> {
 fn open_seekable(
     storage: Arc<dyn Storage>,
     path: Option<PathBuf>,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
     allow_ova: bool,
 ) -> Result<Opened> {
     let plain = |storage: Arc<dyn Storage>, path: Option<PathBuf>| Opened {
@@ -268,7 +275,7 @@ fn open_pipe(
     mut r: Box<dyn Read + Send>,
     path: Option<PathBuf>,
     outer: OuterFile,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
 ) -> Result<Opened> {
     let mut head = vec![0u8; HEAD_BYTES];
     let mut n = 0;
@@ -319,13 +326,13 @@ fn open_container(
     raw_head: &[u8],
     path: Option<PathBuf>,
     outer: OuterFile,
-    opts: &OpenOptions,
+    opts: &TopOptions<'_>,
 ) -> Result<Opened> {
     let name = path
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "-".to_string());
-    let threads = threads(&opts.source);
+    let threads = threads(opts.source);
     let (reader, seekable): (Box<dyn Read + Send>, Option<Arc<dyn Storage>>) = match input {
         Input::Seekable(s) => (Box::new(StorageReader::new(s.clone())), Some(s)),
         Input::Pipe(r) => (r, None),
@@ -347,7 +354,7 @@ fn open_container(
     }
     let format = match opts.format {
         Some(f) => f,
-        None => crate::image::probe(&MemStorage::new(head.clone()))?,
+        None => crate::formats::registry::probe(&MemStorage::new(head.clone()))?,
     };
     let (mut size, mut why) = match opts.source.stream_size {
         Some(s) => (Some(s), "the size given for the stream".to_string()),
@@ -371,7 +378,7 @@ fn open_container(
             why = w.to_string();
         }
     }
-    if size.is_none() && format == Format::Raw {
+    if size.is_none() && format.is_plain() {
         if let (Some(c), Some(s)) = (compression, &seekable) {
             // A file whose container does not record the decoded size (gzip): one pass to
             // count is cheaper than writing the whole disk to a temporary file.
@@ -398,7 +405,7 @@ fn open_container(
     }
     let compressed_size = seekable.as_ref().map(|s| s.len());
     let (storage, access): (Arc<dyn Storage>, Access) = match size {
-        Some(len) if format == Format::Raw => (
+        Some(len) if format.is_plain() => (
             Arc::new(
                 StreamStorage::new(dec, head, len, &why, outer)
                     .map_err(|e| decode_err(&name, e))?,
@@ -417,7 +424,7 @@ fn open_container(
         // The polyglot rule holds through the container: the decoded image is probed whole
         // (a fixed-VHD footer lives at its end), not only its first 64 KiB. The spool
         // decodes as far as the end for this; a pipe or gzip file was decoded whole already.
-        let whole = crate::image::probe(&*storage)?;
+        let whole = crate::formats::registry::probe(&*storage)?;
         if whole != format {
             return Err(Error::invalid(format!(
                 "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"

@@ -51,7 +51,7 @@ pub fn run(a: CheckArgs) -> CmdResult {
 fn probed_format(filename: &str) -> Format {
     vimg::storage::FileStorage::open(filename)
         .ok()
-        .and_then(|s| vimg::image::probe(&s).ok())
+        .and_then(|s| vimg::formats::registry::probe(&s).ok())
         .unwrap_or(Format::Raw)
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vimg::output::{DestKind, OutputMode, WriteCounter};
-use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, HashAlg, Image, Progress, Source};
+use vimg::{ConvertOptions, CopyMode, Format, Image, Progress, Source};
 
 use super::{
     apply_source_args, open_options, parse_checksum, parse_create_options, parse_format,
@@ -15,30 +15,21 @@ use super::{
 use crate::args::ConvertArgs;
 use crate::{CmdResult, Failure};
 
-/// Checked convert options.
+/// Checked convert options: the library's [`ConvertOptions`] (built directly, its defaults
+/// kept where the command line says nothing) and what only the command line needs.
 struct Plan {
     /// The sources, read one after another (`convert a b c out`).
     srcs: Vec<String>,
     dst: PathBuf,
     src_format: Option<Format>,
-    out_format: Format,
     /// The `-O` name as given, for messages (`host_device` is written as raw).
     out_name: String,
     /// What the destination is (looked at before the source is opened).
     dest: DestKind,
-    /// `-t none`/`off`/`directsync`: a block device is opened with `O_DIRECT`.
-    direct: bool,
-    create: vimg::CreateOptions,
-    sparse_size: u64,
-    workers: usize,
     progress: Option<crate::args::ProgressMode>,
-    mode: OutputMode,
-    top_only: bool,
-    target_is_zero: bool,
-    checksum: Option<HashAlg>,
     quiet: bool,
-    /// Make the output durable before renaming it into place (every `-t` mode but `unsafe`).
-    sync: bool,
+    /// Everything the library is told, but the progress callback and the cancel flag.
+    opts: ConvertOptions<'static>,
 }
 
 const MAX_SPARSE: u64 = 16 << 20;
@@ -66,14 +57,6 @@ fn check_cache_mode(mode: Option<&str>, what: &str) -> Result<(), Failure> {
     }
 }
 
-/// Messages qemu-img prints without the target's name (checked before the target exists).
-const QEMU_PLAIN_REFUSALS: [&str; 4] = [
-    "output file is smaller than input file",
-    "Compression not supported for this file format",
-    "Compression and preallocation not supported at the same time",
-    "invalid cluster size",
-];
-
 fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     check_cache_mode(a.src_cache.as_deref(), "source ")?;
     check_cache_mode(a.cache.as_deref(), "")?;
@@ -91,8 +74,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     let mut create = parse_create_options(&a.options)?;
     create.compress = a.compress;
     if let Some(b) = &a.backing {
-        let specs = vimg::formats::all_options(out_format);
-        if !specs.iter().any(|s| s.name == "backing_file") {
+        if !out_format.driver().capabilities().backing_file {
             return Err(Failure::new(
                 format!(
                     "Backing file not supported for file format '{}'",
@@ -169,19 +151,17 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             1,
         ));
     }
-    let sparse_size = match &a.sparse_size {
-        None => 4096,
-        Some(s) => {
-            let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
-            if n % 512 != 0 || n > MAX_SPARSE {
-                return Err(Failure::new(
-                    "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
-                    1,
-                ));
-            }
-            n
+    let mut opts = ConvertOptions::new(out_format);
+    if let Some(s) = &a.sparse_size {
+        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
+        if n % 512 != 0 || n > MAX_SPARSE {
+            return Err(Failure::new(
+                "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+                1,
+            ));
         }
-    };
+        opts.copy.sparse_size = n;
+    }
     let dest = if a.files[1] == "-" {
         DestKind::Missing
     } else {
@@ -205,50 +185,51 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             1,
         ));
     }
-    let workers =
-        match a.workers {
-            Some(0) => return Err(Failure::new(
+    match a.workers {
+        Some(0) => {
+            return Err(Failure::new(
                 "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
                 1,
-            )),
-            Some(n) => n.min(64),
-            None => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-        };
+            ))
+        }
+        Some(n) => opts.copy.workers = n.min(64),
+        None => {}
+    }
+    opts.create = create;
+    opts.direct = matches!(a.cache.as_deref(), Some("none" | "off" | "directsync"));
+    opts.sync = a.cache.as_deref() != Some("unsafe");
+    opts.target_is_zero = a.target_is_zero;
+    if top_only {
+        opts.copy.mode = CopyMode::TopOnly;
+    }
+    // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
+    opts.copy.mapped_reads = true;
+    opts.output_mode = match (a.no_create, a.files[a.files.len() - 1] == "-") {
+        (true, true) => {
+            return Err(Failure::new(
+                "-n writes into an existing image and cannot be combined with '-' (stdout)",
+                1,
+            ))
+        }
+        (true, false) => OutputMode::InPlace,
+        (false, true) => OutputMode::Stdout,
+        (false, false) => OutputMode::Atomic,
+    };
+    opts.checksum = parse_checksum(a.checksum.as_deref())?;
     Ok(Plan {
         srcs: a.files[..a.files.len() - 1].to_vec(),
         dst: PathBuf::from(&a.files[a.files.len() - 1]),
         src_format,
-        out_format,
         out_name: a.out_format.clone(),
         dest,
-        direct: matches!(a.cache.as_deref(), Some("none" | "off" | "directsync")),
-        create,
-        sparse_size,
-        workers,
         progress: if a.quiet {
             None
         } else {
             a.progress_mode
                 .or(a.progress.then_some(crate::args::ProgressMode::Auto))
         },
-        top_only,
-        mode: match (a.no_create, a.files[a.files.len() - 1] == "-") {
-            (true, true) => {
-                return Err(Failure::new(
-                    "-n writes into an existing image and cannot be combined with '-' (stdout)",
-                    1,
-                ))
-            }
-            (true, false) => OutputMode::InPlace,
-            (false, true) => OutputMode::Stdout,
-            (false, false) => OutputMode::Atomic,
-        },
-        target_is_zero: a.target_is_zero,
-        checksum: parse_checksum(a.checksum.as_deref())?,
         quiet: a.quiet,
-        sync: a.cache.as_deref() != Some("unsafe"),
+        opts,
     })
 }
 
@@ -295,11 +276,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             }
             Some(_) => {}
         }
-        if p.out_format != Format::Qcow2 {
+        if !p.opts.format.driver().capabilities().bitmaps {
             return Err(Failure::new(
                 format!(
                     "Format driver '{}' does not support bitmaps",
-                    p.out_format.name()
+                    p.opts.format.name()
                 ),
                 1,
             ));
@@ -327,11 +308,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     }
     // `-`, or a name for this process's stdout (`/dev/stdout`, `/proc/self/fd/1`): progress
     // and the checksum line go to stderr then, so they never mix into the image's bytes.
-    let to_stdout = p.mode == OutputMode::Stdout || names_stdout(&p.dst);
+    let to_stdout = p.opts.output_mode == OutputMode::Stdout || names_stdout(&p.dst);
     let counter = Arc::new(WriteCounter::default());
     // Written in place: a failure or signal leaves it partly written, and the user is told
     // how far it got.
-    let in_place = p.mode == OutputMode::InPlace || p.dest.is_special();
+    let in_place = p.opts.output_mode == OutputMode::InPlace || p.dest.is_special();
     let what = match p.dest {
         DestKind::BlockDevice => "block device",
         DestKind::CharDevice => "character device",
@@ -361,30 +342,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         printer.update(pr);
         pace.pace(pr.done);
     };
-    let mut opts = ConvertOptions::new(p.out_format);
-    opts.create = p.create;
-    opts.output_mode = p.mode;
-    opts.checksum = p.checksum;
-    opts.sync = p.sync;
-    opts.direct = p.direct;
-    opts.target_is_zero = p.target_is_zero;
+    let mut opts: ConvertOptions<'_> = p.opts;
     opts.counter = Some(counter.clone());
-    opts.copy = CopyOptions {
-        sparse_size: p.sparse_size,
-        workers: p.workers,
-        target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
-        progress: (printer.enabled() || rate > 0)
-            .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
-        mode: if p.top_only {
-            CopyMode::TopOnly
-        } else {
-            CopyMode::Flatten
-        },
-        cancel: Some(&cancel),
-        // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
-        mapped_reads: true,
-        ..CopyOptions::default()
-    };
+    opts.copy.progress =
+        (printer.enabled() || rate > 0).then_some(&progress_fn as &(dyn Fn(Progress) + Sync));
+    opts.copy.cancel = Some(&cancel);
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if result.is_err() && cancel.load(Ordering::SeqCst) {
@@ -406,9 +368,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         // qemu-img checks compression before it creates the target and words those
         // refusals plainly; everything the format's create refuses it prefixes with the
         // target's name.
-        _ if QEMU_PLAIN_REFUSALS.contains(&e.to_string().as_str()) => {
-            Failure::new(e.to_string(), 1)
-        }
+        _ if e.is_refusal() => Failure::new(e.to_string(), 1),
         _ if matches!(
             e.kind(),
             vimg::ErrorKind::InvalidArgument | vimg::ErrorKind::Unsupported

@@ -32,10 +32,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
     };
     let mut opts = parse_create_options(&a.options).map_err(named)?;
     if let Some(b) = &a.backing {
-        if !vimg::formats::all_options(format)
-            .iter()
-            .any(|s| s.name == "backing_file")
-        {
+        if !format.driver().capabilities().backing_file {
             return Err(named(Failure::new(
                 format!(
                     "Backing file not supported for file format '{}'",
@@ -165,71 +162,6 @@ fn backing_path(filename: &str, backing: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| backing.into())
 }
 
-/// qemu-img create's options in the order it prints them on the "Formatting" line (the order
-/// of each driver's option list in QEMU, the protocol's `preallocation` last for raw), with
-/// the defaults it prints when an option is not given. Measured on qemu-img 10.0.2.
-fn formatting_order(format: vimg::Format) -> &'static [(&'static str, Option<&'static str>)] {
-    use vimg::Format;
-    match format {
-        Format::Qcow2 => &[
-            ("cluster_size", Some("65536")),
-            ("extended_l2", Some("off")),
-            ("preallocation", None),
-            ("compression_type", Some("zlib")),
-            ("size", None),
-            ("compat", None),
-            ("backing_file", None),
-            ("backing_fmt", None),
-            ("data_file", None),
-            ("data_file_raw", None),
-            ("lazy_refcounts", Some("off")),
-            ("refcount_bits", Some("16")),
-        ],
-        Format::Vmdk => &[
-            ("size", None),
-            ("adapter_type", None),
-            ("backing_file", None),
-            ("backing_fmt", None),
-            ("compat6", Some("off")),
-            ("hwversion", Some("undefined")),
-            ("toolsversion", None),
-            ("subformat", None),
-            ("zeroed_grain", None),
-        ],
-        Format::Vpc => &[("size", None), ("subformat", None), ("force_size", None)],
-        Format::Vhdx => &[
-            ("size", None),
-            ("log_size", Some("1048576")),
-            ("block_size", Some("0")),
-            ("subformat", None),
-            ("block_state_zero", None),
-        ],
-        Format::Vdi => &[("size", None), ("static", Some("off"))],
-        Format::Parallels => &[("size", None), ("cluster_size", Some("1048576"))],
-        Format::Qcow => &[
-            ("size", None),
-            ("backing_file", None),
-            ("backing_fmt", None),
-            ("encryption", None),
-            ("encrypt.format", None),
-            ("encrypt.key-secret", None),
-        ],
-        Format::Qed => &[
-            ("size", None),
-            ("backing_file", None),
-            ("backing_fmt", None),
-            ("cluster_size", Some("65536")),
-            ("table_size", None),
-        ],
-        _ => &[
-            ("size", None),
-            ("nocow", None),
-            ("preallocation", None),
-            ("extent_size_hint", None),
-        ],
-    }
-}
-
 /// The line qemu-img create prints before it creates the image: its options in QEMU's order,
 /// defaults included, sizes in bytes, other values as given; options only vimg has follow.
 fn formatting_line(
@@ -238,7 +170,7 @@ fn formatting_line(
     opts: &vimg::CreateOptions,
     size: Option<u64>,
 ) -> Result<String, Failure> {
-    let specs = vimg::formats::all_options(format);
+    let specs = vimg::formats::registry::all_options(format);
     let value = |k: &str| -> Result<Option<String>, Failure> {
         if k == "size" {
             return Ok(size.map(|s| s.to_string()));
@@ -264,26 +196,23 @@ fn formatting_line(
             Ok(opts.get_str(k).map(str::to_string))
         }
     };
-    let order = formatting_order(format);
+    let order = format.driver().capabilities().printed;
+    let listed = |k: &str| order.iter().any(|o| o.name == k);
     let mut line = format!("Formatting '{filename}', fmt={}", format.name());
-    for (k, default) in order {
-        if let Some(v) = value(k)?.or_else(|| default.map(str::to_string)) {
-            line.push_str(&format!(" {k}={v}"));
+    for o in order {
+        if let Some(v) = value(o.name)?.or_else(|| o.default.map(str::to_string)) {
+            line.push_str(&format!(" {}={v}", o.name));
         }
     }
     // The file protocol's options follow the format's, in QEMU's order.
-    for k in ["nocow", "preallocation", "extent_size_hint"] {
-        if !order.iter().any(|(o, _)| *o == k) {
-            if let Some(v) = value(k)? {
-                line.push_str(&format!(" {k}={v}"));
-            }
+    let protocol = vimg::formats::PROTOCOL_PRINTED.iter().map(|o| o.name);
+    for k in protocol.clone().filter(|k| *k != "size" && !listed(k)) {
+        if let Some(v) = value(k)? {
+            line.push_str(&format!(" {k}={v}"));
         }
     }
     for k in opts.keys() {
-        if k != "size"
-            && !order.iter().any(|(o, _)| *o == k)
-            && !["nocow", "preallocation", "extent_size_hint"].contains(&k)
-        {
+        if k != "size" && !listed(k) && !protocol.clone().any(|p| p == k) {
             line.push_str(&format!(" {k}={}", value(k)?.unwrap_or_default()));
         }
     }

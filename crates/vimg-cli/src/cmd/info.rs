@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use vimg::glance::ImageServiceInfo;
-use vimg::info::full_backing_name;
+use vimg::image::full_backing_name;
 use vimg::storage::Storage;
 use vimg::{Checksum, Image, ImageInfo, Source};
 

@@ -70,7 +70,7 @@ pub fn wants_help(list: &[String]) -> bool {
 /// Prints a format's `-o help`.
 /// With a target file name, qemu-img also lists the protocol's options.
 pub fn print_option_help(format: Format, target: Option<&str>) -> Result<(), Failure> {
-    let specs = vimg::formats::all_options(format);
+    let specs = vimg::formats::registry::all_options(format);
     crate::print_out(&match target {
         Some(_) => vimg::options::help_text_for_file(&specs),
         None => vimg::options::help_text(format.name(), &specs),

@@ -6,7 +6,7 @@
 use std::io::{self, Write};
 use std::sync::Mutex;
 
-use super::Compression;
+use super::kind::Compression;
 use crate::error::{Error, Result};
 use crate::output::OutFile;
 

@@ -8,7 +8,8 @@
 //!   are skipped. A frame without a content size makes the size unknown.
 //! - gzip keeps only the size modulo 2^32, which is not enough: its size is unknown.
 
-use super::{Compression, ContainerError, XZ_MAGIC, ZSTD_MAGIC};
+use super::error::ContainerError;
+use super::kind::{Compression, XZ_MAGIC, ZSTD_MAGIC};
 use crate::error::Result;
 use crate::limits::MAX_VIRTUAL_SIZE;
 use crate::storage::Storage;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::decode::Decoder;
 use super::stream::OuterFile;
-use super::Decoder;
 use crate::storage::Storage;
 
 /// Zero runs at least this long (and aligned to it) are left as holes in the temporary file.

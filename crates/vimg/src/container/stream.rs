@@ -5,8 +5,13 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{ContainerError, Decoder, STREAM_WINDOW};
+use super::decode::Decoder;
+use super::error::ContainerError;
 use crate::storage::Storage;
+
+/// Bytes of the most recently decoded data a [`StreamStorage`] keeps, so that reads which
+/// arrive slightly out of order (parallel copy workers) are still served.
+pub const STREAM_WINDOW: u64 = 64 << 20;
 
 /// What a storage built on another file reports about that file (the compressed file, or
 /// nothing for a pipe): its path for messages and for resolving names, its identity so a

@@ -1,6 +1,7 @@
 use std::io::{Cursor, Write};
 use std::sync::Arc;
 
+use super::kind::XZ_MAGIC;
 use super::*;
 use crate::storage::{MemStorage, Storage};
 

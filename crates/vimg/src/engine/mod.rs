@@ -61,7 +61,8 @@ pub struct CopyOptions<'a> {
     /// Bytes per chunk (rounded up to the writer's unit). Default 2 MiB.
     pub chunk_size: u64,
     /// True when the target reads as zeros before the copy (a new image); false for
-    /// `convert -n`, where zero ranges must be written explicitly.
+    /// `convert -n`, where zero ranges must be written explicitly. [`crate::convert()`] sets
+    /// it from what it creates and [`crate::ConvertOptions::target_is_zero`].
     pub target_is_zero: bool,
     /// Which ranges to copy.
     pub mode: CopyMode,

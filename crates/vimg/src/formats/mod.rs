@@ -4,166 +4,36 @@
 //! writer ([`crate::writer::ImageWriter`]). Nothing outside `formats/` knows any on-disk
 //! layout.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::gate::{self, ExternalPolicy};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec};
-use crate::output::Output;
+use crate::output::{Output, OutputMode};
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
 pub mod bochs;
 pub mod cloop;
 pub mod dmg;
+mod format;
 pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;
+pub mod registry;
 pub mod unread;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
-/// An image format, named as qemu-img names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    /// Plain bytes.
-    Raw,
-    /// QEMU copy-on-write v2/v3.
-    Qcow2,
-    /// VMware virtual disk.
-    Vmdk,
-    /// Microsoft VHD (qemu-img calls it `vpc`).
-    Vpc,
-    /// Microsoft VHDX.
-    Vhdx,
-    /// VirtualBox disk image.
-    Vdi,
-    /// Parallels / Virtuozzo expanding image (the image service's `ploop`).
-    Parallels,
-    /// QEMU enhanced disk.
-    Qed,
-    /// QEMU copy-on-write version 1.
-    Qcow,
-    /// LUKS encrypted volume.
-    Luks,
-    /// Apple disk image (UDIF).
-    Dmg,
-    /// Bochs growing image.
-    Bochs,
-    /// cloop compressed loop image.
-    Cloop,
-}
-
-impl Format {
-    /// Every format, in probe order.
-    pub const ALL: [Format; 13] = [
-        Format::Qcow2,
-        Format::Vmdk,
-        Format::Vhdx,
-        Format::Vpc,
-        Format::Vdi,
-        Format::Parallels,
-        Format::Qed,
-        Format::Qcow,
-        Format::Luks,
-        Format::Bochs,
-        Format::Cloop,
-        Format::Dmg,
-        Format::Raw,
-    ];
-
-    /// qemu-img's name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Raw => "raw",
-            Format::Qcow2 => "qcow2",
-            Format::Vmdk => "vmdk",
-            Format::Vpc => "vpc",
-            Format::Vhdx => "vhdx",
-            Format::Vdi => "vdi",
-            Format::Parallels => "parallels",
-            Format::Qed => "qed",
-            Format::Qcow => "qcow",
-            Format::Luks => "luks",
-            Format::Dmg => "dmg",
-            Format::Bochs => "bochs",
-            Format::Cloop => "cloop",
-        }
-    }
-
-    /// Parses a format name; `vhd` is accepted for `vpc`.
-    pub fn from_name(name: &str) -> Option<Format> {
-        Some(match name {
-            "raw" => Format::Raw,
-            "qcow2" => Format::Qcow2,
-            "vmdk" => Format::Vmdk,
-            "vpc" | "vhd" => Format::Vpc,
-            "vhdx" => Format::Vhdx,
-            "vdi" => Format::Vdi,
-            "parallels" => Format::Parallels,
-            "qed" => Format::Qed,
-            "qcow" => Format::Qcow,
-            "luks" => Format::Luks,
-            "dmg" => Format::Dmg,
-            "bochs" => Format::Bochs,
-            "cloop" => Format::Cloop,
-            _ => return None,
-        })
-    }
-
-    /// True when qemu-img info shows a `dirty-flag` for this format (QEMU's driver answers
-    /// `bdrv_get_info`); parallels, bochs, cloop and dmg do not.
-    pub fn reports_dirty_flag(self) -> bool {
-        !matches!(
-            self,
-            Format::Parallels | Format::Bochs | Format::Cloop | Format::Dmg
-        )
-    }
-
-    /// The driver for this format.
-    pub fn driver(self) -> &'static dyn Driver {
-        match self {
-            Format::Raw => &raw::Driver,
-            Format::Qcow2 => &qcow2::Driver,
-            Format::Vmdk => &vmdk::Driver,
-            Format::Vpc => &vhd::Driver,
-            Format::Vhdx => &vhdx::Driver,
-            Format::Vdi => &vdi::Driver,
-            Format::Parallels => &parallels::Driver,
-            Format::Qed => &qed::Driver,
-            Format::Qcow => &qcow::Driver,
-            Format::Luks => &unread::LUKS,
-            Format::Dmg => &dmg::Driver,
-            Format::Bochs => &bochs::Driver,
-            Format::Cloop => &cloop::Driver,
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Format {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Format> {
-        Format::from_name(s)
-            .ok_or_else(|| Error::invalid_argument(format!("Unknown file format '{s}'")))
-    }
-}
+pub use format::Format;
 
 /// What a reader needs to open the files an image names.
 #[derive(Clone, Debug)]
@@ -226,6 +96,110 @@ impl OpenContext {
     }
 }
 
+/// Opens an image the user named for a new image (its backing file), probing its format as
+/// the library opens any image, without its own backing chain. The library hands drivers one
+/// through [`CreateOptions::open_named`], so a driver that must read its parent (vmdk: the
+/// parent's CID) names no other driver.
+pub type OpenNamed = fn(&Path) -> Result<Box<dyn ImageReader>>;
+
+/// Whether a driver does something a command line can ask of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Support {
+    /// It does.
+    Yes,
+    /// Refused as qemu-img refuses it, in qemu-img's words.
+    No,
+    /// qemu-img's driver does it, vimg's does not: refused with this reason.
+    NotInVimg(&'static str),
+}
+
+/// An option as qemu-img create prints it on its `Formatting ...` line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Printed {
+    /// The option's name.
+    pub name: &'static str,
+    /// What qemu-img prints when the option is not given (`None`: nothing).
+    pub default: Option<&'static str>,
+}
+
+/// A [`Printed`] (for drivers' `const` tables).
+pub const fn printed(name: &'static str, default: Option<&'static str>) -> Printed {
+    Printed { name, default }
+}
+
+/// The `file` protocol's options in qemu-img's print order: what a format without options
+/// of its own prints (raw).
+pub const PROTOCOL_PRINTED: &[Printed] = &[
+    printed("size", None),
+    printed("nocow", None),
+    printed("preallocation", None),
+    printed("extent_size_hint", None),
+];
+
+/// What a driver can do, declared once ([`Driver::capabilities`]). The library checks a
+/// request against it before it calls the driver ([`Capabilities::check`]); a command line
+/// asks it instead of keeping tables of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The driver writes new images (`create`, `convert -O`).
+    pub create: bool,
+    /// Compressed output (`convert -c`).
+    pub compressed: Support,
+    /// Writing into an existing image (`convert -n`).
+    pub in_place: Support,
+    /// The format records a backing file (`-b`, `-B`, `-o backing_file=`).
+    pub backing_file: bool,
+    /// Persistent bitmaps (`convert --bitmaps`).
+    pub bitmaps: bool,
+    /// The create options in the order qemu-img prints them on its `Formatting ...` line
+    /// (its driver's option list, measured on qemu-img 10.0.2), with the defaults it prints;
+    /// options given and not listed follow in name order.
+    pub printed: &'static [Printed],
+}
+
+impl Capabilities {
+    /// A format vimg reads and never writes.
+    pub const READ_ONLY: Capabilities = Capabilities {
+        create: false,
+        compressed: Support::No,
+        in_place: Support::No,
+        backing_file: false,
+        bitmaps: false,
+        printed: PROTOCOL_PRINTED,
+    };
+
+    /// Refuses what `opts` (`-c`) and `mode` (`-n`) ask of a format that cannot do it,
+    /// before anything is created: qemu-img's plain refusal where qemu-img refuses too
+    /// ([`Error::refusal`]), else vimg's reason. A format that writes nothing is left to
+    /// [`Driver::create`]'s own refusal.
+    pub fn check(&self, format: Format, opts: &CreateOptions, mode: OutputMode) -> Result<()> {
+        if !self.create {
+            return Ok(());
+        }
+        let refuse = |s: Support, plain: &str| match s {
+            Support::Yes => Ok(()),
+            Support::No => Err(Error::refusal(ErrorKind::InvalidArgument, plain)),
+            Support::NotInVimg(why) => Err(Error::unsupported(why)),
+        };
+        if opts.compress {
+            refuse(
+                self.compressed,
+                "Compression not supported for this file format",
+            )?;
+        }
+        if mode == OutputMode::InPlace {
+            refuse(
+                self.in_place,
+                &format!(
+                    "writing into an existing {} image (convert -n) is not supported",
+                    format.name()
+                ),
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// One format's entry points.
 pub trait Driver: Sync {
     /// The format.
@@ -240,6 +214,11 @@ pub trait Driver: Sync {
 
     /// The options `create` accepts (besides `size`, which every format takes).
     fn create_options(&self) -> &'static [OptionSpec];
+
+    /// What the driver can do. The default: a format vimg only reads.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::READ_ONLY
+    }
 
     /// Creates a writer for an image of `size` bytes in `out`. Options have been checked
     /// against [`Driver::create_options`]. In [`crate::OutputMode::InPlace`] (`convert -n`)
@@ -300,32 +279,4 @@ pub struct Measure {
     /// qcow2 only: bytes for persistent bitmaps.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<u64>,
-}
-
-/// The formats whose probe matches, in probe order. Raw never probes; an empty list means
-/// raw.
-pub fn probe_all(head: &[u8], storage: &dyn Storage) -> Vec<Format> {
-    Format::ALL
-        .iter()
-        .copied()
-        .filter(|f| *f != Format::Raw && f.driver().probe(head, storage))
-        .collect()
-}
-
-/// Every option `format` accepts, `size` included.
-pub fn all_options(format: Format) -> Vec<OptionSpec> {
-    let own = format.driver().create_options();
-    let mut v = Vec::with_capacity(own.len() + 1);
-    // A format may word `size` its own way (vhdx: "max of 64TB").
-    if !own.iter().any(|o| o.name == "size") {
-        v.push(crate::options::SIZE_OPTION);
-    }
-    v.extend_from_slice(own);
-    // The protocol's hints, accepted under every format as qemu-img accepts them.
-    for p in &crate::options::PROTOCOL_OPTIONS[..2] {
-        if !v.iter().any(|o| o.name == p.name) {
-            v.push(*p);
-        }
-    }
-    v
 }

@@ -232,7 +232,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
         };
     let window = match (offset, size) {
         (None, None) => None,
-        _ if format != Some(Format::Raw) || driver.as_deref() != Some("raw") => {
+        _ if !format.is_some_and(Format::is_plain) || driver.as_deref() != Some("raw") => {
             return Err(Error::unsupported(
                 "'offset' and 'size' are options of the raw driver only (driver=raw)",
             ))

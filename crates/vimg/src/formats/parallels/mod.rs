@@ -37,11 +37,12 @@ mod write;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -57,6 +58,21 @@ const OPTIONS: &[OptionSpec] = &[OptionSpec {
     ty: OptionType::Size,
     help: "Parallels image cluster size",
 }];
+
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing parallels image (convert -n) is not supported",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("cluster_size", Some("1048576")),
+    ],
+};
 
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
@@ -78,22 +94,16 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing parallels image (convert -n) is not supported",
-            ));
-        }
         let cs = opts
             .get_size("cluster_size")?
             .unwrap_or(header::DEFAULT_CLUSTER_SIZE);

@@ -25,10 +25,11 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -67,6 +68,27 @@ const OPTIONS: &[OptionSpec] = &[
 /// The qcow driver.
 pub struct Driver;
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::NotInVimg(
+        "vimg does not write compressed qcow (version 1) images; use qcow2",
+    ),
+    in_place: Support::NotInVimg(
+        "writing into an existing qcow image (convert -n) is not supported",
+    ),
+    backing_file: true,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("backing_file", None),
+        printed("backing_fmt", None),
+        printed("encryption", None),
+        printed("encrypt.format", None),
+        printed("encrypt.key-secret", None),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Qcow
@@ -84,25 +106,19 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::unsupported(
-                "vimg does not write compressed qcow (version 1) images; use qcow2",
-            ));
-        }
         if opts.get_bool("encryption", false)? || opts.get_str("encrypt.format").is_some() {
             return Err(Error::unsupported(
                 "vimg does not write encrypted qcow images (QEMU's qcow AES encryption is deprecated and insecure)",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing qcow image (convert -n) is not supported",
             ));
         }
         if let Some(f) = opts.get_str("backing_fmt") {

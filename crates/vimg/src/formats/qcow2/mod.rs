@@ -24,6 +24,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -133,6 +134,31 @@ const OPTIONS: &[OptionSpec] = &[
     ),
 ];
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::Yes,
+    in_place: Support::NotInVimg(
+        "writing into an existing qcow2 image (convert -n) is not supported",
+    ),
+    backing_file: true,
+    bitmaps: true,
+    printed: &[
+        printed("cluster_size", Some("65536")),
+        printed("extended_l2", Some("off")),
+        printed("preallocation", None),
+        printed("compression_type", Some("zlib")),
+        printed("size", None),
+        printed("compat", None),
+        printed("backing_file", None),
+        printed("backing_fmt", None),
+        printed("data_file", None),
+        printed("data_file_raw", None),
+        printed("lazy_refcounts", Some("off")),
+        printed("refcount_bits", Some("16")),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Qcow2
@@ -152,6 +178,10 @@ impl crate::formats::Driver for Driver {
 
     fn create_options(&self) -> &'static [OptionSpec] {
         OPTIONS
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn create(

@@ -33,7 +33,7 @@ use crate::formats::Format;
 use crate::limits;
 use crate::mapping::Codec;
 use crate::options::{parse_bool, CreateOptions};
-use crate::output::{OutFile, Output, OutputMode};
+use crate::output::{OutFile, Output};
 use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 
 /// Deflate level for `-c` with zlib: the fastest level whose output stays within 5% of
@@ -203,7 +203,8 @@ impl WriteOptions {
         }
         let compress = if opts.compress {
             if prealloc != Prealloc::Off {
-                return Err(bad(
+                return Err(Error::refusal(
+                    ErrorKind::InvalidArgument,
                     "Compression and preallocation not supported at the same time",
                 ));
             }
@@ -490,11 +491,6 @@ impl Qcow2Writer {
         let size = size
             .checked_next_multiple_of(512)
             .ok_or_else(|| bad("The image size is too large for file format 'qcow2'"))?;
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing qcow2 image (convert -n) is not supported",
-            ));
-        }
         let file = out.create_main()?;
         if file.is_stream() {
             return Err(Error::unsupported(

@@ -30,10 +30,11 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -67,6 +68,24 @@ const OPTIONS: &[OptionSpec] = &[
 /// The qed driver.
 pub struct Driver;
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing qed image (convert -n) is not supported",
+    ),
+    backing_file: true,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("backing_file", None),
+        printed("backing_fmt", None),
+        printed("cluster_size", Some("65536")),
+        printed("table_size", None),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Qed
@@ -84,22 +103,16 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing qed image (convert -n) is not supported",
-            ));
-        }
         let cs = opts
             .get_size("cluster_size")?
             .unwrap_or(header::DEFAULT_CLUSTER_SIZE.into());

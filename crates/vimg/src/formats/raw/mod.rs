@@ -12,6 +12,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::formats::{Capabilities, Support, PROTOCOL_PRINTED};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -43,6 +44,16 @@ const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::Yes,
+    backing_file: false,
+    bitmaps: false,
+    printed: PROTOCOL_PRINTED,
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Raw
@@ -59,6 +70,10 @@ impl crate::formats::Driver for Driver {
 
     fn create_options(&self) -> &'static [OptionSpec] {
         OPTIONS
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn create(

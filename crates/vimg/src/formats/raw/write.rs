@@ -36,11 +36,6 @@ impl RawWriter {
                 )))
             }
         };
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
         if let Some(name) = opts.get_str("compress") {
             let c = OutputCompression::parse(name, opts.get_number("compression_level")?)?;
             if prealloc != Prealloc::Off {

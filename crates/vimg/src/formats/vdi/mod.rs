@@ -43,11 +43,12 @@ mod write;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -64,15 +65,36 @@ const OPTIONS: &[OptionSpec] = &[OptionSpec {
     help: "VDI static (pre-allocated) image",
 }];
 
-fn check_size(size: u64) -> Result<()> {
-    if size > MAX_DISK_SIZE {
-        return Err(VdiError::Option(format!(
-            "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
-        ))
-        .into());
-    }
-    Ok(())
+/// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
+struct Settings {
+    /// `static=on`: every block allocated up front.
+    fixed: bool,
 }
+
+impl Settings {
+    fn from_options(size: u64, opts: &CreateOptions) -> Result<Settings> {
+        let fixed = opts.get_bool("static", false)?;
+        if size > MAX_DISK_SIZE {
+            return Err(VdiError::Option(format!(
+                "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
+            ))
+            .into());
+        }
+        Ok(Settings { fixed })
+    }
+}
+
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing vdi image (convert -n) is not supported",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[printed("size", None), printed("static", Some("off"))],
+};
 
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
@@ -92,26 +114,19 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing vdi image (convert -n) is not supported",
-            ));
-        }
-        let fixed = opts.get_bool("static", false)?;
-        check_size(size)?;
+        let s = Settings::from_options(size, opts)?;
         let file = out.create_main()?;
-        Ok(Box::new(VdiWriter::new(file, size, fixed)?))
+        Ok(Box::new(VdiWriter::new(file, size, s.fixed)?))
     }
 
     fn measure(
@@ -120,8 +135,7 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
         data: Option<&dyn DataSummary>,
     ) -> Result<Measure> {
-        let fixed = opts.get_bool("static", false)?;
-        check_size(size)?;
+        let fixed = Settings::from_options(size, opts)?.fixed;
         let bs = u64::from(header::BLOCK_SIZE);
         let blocks = size.div_ceil(bs);
         let meta = write::BMAP_OFFSET + write::bmap_bytes(blocks);

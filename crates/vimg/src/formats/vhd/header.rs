@@ -245,7 +245,7 @@ impl Footer {
 
     /// True when the stored checksum matches.
     pub fn checksum_ok(&self) -> bool {
-        crate::fuzzing::checksum_matches(self.checksum, self.computed_checksum())
+        crate::checksum::checksum_matches(self.checksum, self.computed_checksum())
     }
 
     /// Total sectors the CHS geometry describes.

@@ -87,10 +87,11 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
-use crate::output::{Output, OutputMode};
+use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
@@ -117,15 +118,15 @@ const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
-/// What `create` was asked for, checked.
-struct Plan {
+/// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
+struct Settings {
     fixed: bool,
     force_size: bool,
     chs: geometry::Chs,
     size: u64,
 }
 
-fn plan(size: u64, opts: &CreateOptions) -> Result<Plan> {
+fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     let fixed = match opts.get_str("subformat").unwrap_or("dynamic") {
         "dynamic" => false,
         "fixed" => true,
@@ -141,13 +142,29 @@ fn plan(size: u64, opts: &CreateOptions) -> Result<Plan> {
             "The image size is too large for file format 'vpc' (the VHD maximum is 2040 GiB)",
         )
     })?;
-    Ok(Plan {
+    Ok(Settings {
         fixed,
         force_size,
         chs,
         size,
     })
 }
+
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "writing into an existing vpc image (convert -n) is not supported",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("subformat", None),
+        printed("force_size", None),
+    ],
+};
 
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
@@ -166,23 +183,17 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "writing into an existing vpc image (convert -n) is not supported",
-            ));
-        }
-        let p = plan(size, opts)?;
+        let p = settings(size, opts)?;
         let file = out.create_main()?;
         Ok(if p.fixed {
             Box::new(FixedWriter::new(file, p.size, p.chs, p.force_size)?)
@@ -197,7 +208,7 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
         data: Option<&dyn DataSummary>,
     ) -> Result<Measure> {
-        let p = plan(size, opts)?;
+        let p = settings(size, opts)?;
         let footer = FOOTER_SIZE as u64;
         if p.fixed {
             let n = p.size + footer;

@@ -350,7 +350,7 @@ impl VhdReader {
         // qemu does not check this checksum; the specification says a header whose checksum
         // fails is corrupt, and Hyper-V refuses such files, so vimg does too.
         let computed = header.computed_checksum();
-        if !crate::fuzzing::checksum_matches(header.checksum, computed) {
+        if !crate::checksum::checksum_matches(header.checksum, computed) {
             return Err(VhdError::Checksum {
                 structure: "dynamic disk header",
                 offset: hoff,

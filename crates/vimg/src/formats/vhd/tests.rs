@@ -647,7 +647,10 @@ fn fixed_writer_and_probe() {
     assert_eq!(img.len() as u64, 3 * MIB + 512);
     let storage = MemStorage::new(img.clone());
     assert!(has_fixed_footer(&storage));
-    assert_eq!(crate::image::probe(&storage).unwrap(), Format::Vpc);
+    assert_eq!(
+        crate::formats::registry::probe(&storage).unwrap(),
+        Format::Vpc
+    );
     let r = open(&img).unwrap();
     assert_eq!(r.kind(), DiskKind::Fixed);
     assert_eq!(r.virtual_size(), 3 * MIB);
@@ -724,11 +727,14 @@ fn create_options_are_checked() {
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     let mut c = CreateOptions::new();
     c.compress = true;
-    assert!(Driver.create(&out, MIB, &c).is_err());
+    // -c and -n are refused by the declared capabilities, once, in the registry.
+    let create = |out: &Output, c: &CreateOptions| {
+        crate::formats::registry::create(crate::Format::Vpc, out, MIB, c)
+    };
+    assert!(create(&out, &c).is_err());
     let inplace = Output::with_mode(dir.path().join("y.vhd"), crate::OutputMode::InPlace);
     assert_eq!(
-        Driver
-            .create(&inplace, MIB, &CreateOptions::new())
+        create(&inplace, &CreateOptions::new())
             .err()
             .unwrap()
             .kind(),

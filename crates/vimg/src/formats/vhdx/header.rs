@@ -324,7 +324,7 @@ impl Header {
         }
         let stored = LE::read_u32(&buf[4..]);
         let computed = checksum_with_zeroed_field(buf, 4);
-        if !crate::fuzzing::checksum_matches(stored, computed) {
+        if !crate::checksum::checksum_matches(stored, computed) {
             return Err(ParseError(format!(
                 "checksum is {stored:#010x}, the CRC-32C of the header is {computed:#010x}"
             )));
@@ -426,7 +426,7 @@ impl RegionTable {
         }
         let stored = LE::read_u32(&buf[4..]);
         let computed = checksum_with_zeroed_field(buf, 4);
-        if !crate::fuzzing::checksum_matches(stored, computed) {
+        if !crate::checksum::checksum_matches(stored, computed) {
             return Err(ParseError(format!(
                 "checksum is {stored:#010x}, the CRC-32C of the table is {computed:#010x}"
             )));

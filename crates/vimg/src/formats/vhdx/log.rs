@@ -153,7 +153,7 @@ fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, String>
     let desc_sectors = LogEntryHeader::descriptor_sectors(h.descriptor_count);
     let bytes = ring.copy(pos, len as usize);
     let computed = checksum_with_zeroed_field(&bytes, 4);
-    if !crate::fuzzing::checksum_matches(h.checksum, computed) {
+    if !crate::checksum::checksum_matches(h.checksum, computed) {
         return Err(format!(
             "checksum is {:#010x}, the CRC-32C of the entry is {computed:#010x}",
             h.checksum

@@ -35,6 +35,7 @@ pub mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -93,6 +94,24 @@ const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::No,
+    in_place: Support::NotInVimg(
+        "vhdx cannot be written into an existing image (convert -n); convert to a new file",
+    ),
+    backing_file: false,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("log_size", Some("1048576")),
+        printed("block_size", Some("0")),
+        printed("subformat", None),
+        printed("block_state_zero", None),
+    ],
+};
+
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
         Format::Vhdx
@@ -108,6 +127,10 @@ impl crate::formats::Driver for Driver {
 
     fn create_options(&self) -> &'static [OptionSpec] {
         OPTIONS
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
     }
 
     fn create(

@@ -33,7 +33,7 @@ use super::header::*;
 use crate::error::{Error, Result};
 use crate::limits;
 use crate::options::{parse_bool, CreateOptions};
-use crate::output::{OutFile, Output, OutputMode};
+use crate::output::{OutFile, Output};
 use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 
 /// qemu's default log size.
@@ -73,11 +73,6 @@ impl Settings {
     /// Checks `opts` the way qemu's vhdx_co_create does (sizes silently rounded up to what
     /// the format needs; impossible values refused with qemu's messages).
     pub fn from_options(size: u64, opts: &CreateOptions) -> Result<Settings> {
-        if opts.compress {
-            return Err(Error::invalid_argument(
-                "Compression not supported for this file format",
-            ));
-        }
         let size = size
             .checked_next_multiple_of(512)
             .filter(|s| *s <= MAX_VIRTUAL_SIZE)
@@ -235,11 +230,6 @@ impl VhdxWriter {
     pub fn create(out: &Output, size: u64, opts: &CreateOptions) -> Result<VhdxWriter> {
         let settings = Settings::from_options(size, opts)?;
         let layout = Layout::new(&settings)?;
-        if out.mode() == OutputMode::InPlace {
-            return Err(Error::unsupported(
-                "vhdx cannot be written into an existing image (convert -n); convert to a new file",
-            ));
-        }
         let file = out.create_main()?;
         if file.is_stream() {
             return Err(Error::unsupported(

@@ -24,7 +24,8 @@ mod write;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::{printed, Capabilities, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -157,7 +158,10 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     }
     if opts.compress && subformat.flat() {
         // qemu-img convert -c refuses flat targets with this message.
-        return Err(arg("invalid cluster size".into()));
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
+            "invalid cluster size",
+        ));
     }
     let size = size
         .checked_next_multiple_of(SECTOR)
@@ -226,18 +230,14 @@ fn check_size(subformat: Subformat, size: u64) -> Result<()> {
 
 /// Reads the CID of the parent named by `backing_file`, relative to the new image's folder
 /// (the user named it on the command line, so no gate applies; it must be a vmdk).
-fn parent_cid(out: &Output, name: &str) -> Result<u32> {
+fn parent_cid(out: &Output, opts: &CreateOptions, name: &str) -> Result<u32> {
     let path = if std::path::Path::new(name).is_absolute() {
         std::path::PathBuf::from(name)
     } else {
         out.folder().join(name)
     };
-    let opts = crate::image::OpenOptions {
-        format: None,
-        open_backing: false,
-        ..Default::default()
-    };
-    let img = crate::image::Image::open(&path, &opts)
+    let img = opts
+        .open_named(&path)
         .map_err(|e| e.context(format!("Could not open backing file '{}'", path.display())))?;
     if img.format() != Format::Vmdk {
         return Err(VmdkError::Argument(format!(
@@ -247,7 +247,6 @@ fn parent_cid(out: &Output, name: &str) -> Result<u32> {
         .into());
     }
     let fs = img
-        .reader()
         .format_specific()
         .ok_or_else(|| Error::invalid("Failed to read parent CID"))?;
     fs.data
@@ -261,6 +260,26 @@ fn parent_cid(out: &Output, name: &str) -> Result<u32> {
 fn descriptor_bytes(extents: u64) -> u64 {
     512 + extents * 64
 }
+
+/// What the driver does ([`crate::formats::Capabilities`]).
+const CAPABILITIES: Capabilities = Capabilities {
+    create: true,
+    compressed: Support::Yes,
+    in_place: Support::NotInVimg("vmdk output cannot be written into an existing image (-n)"),
+    backing_file: true,
+    bitmaps: false,
+    printed: &[
+        printed("size", None),
+        printed("adapter_type", None),
+        printed("backing_file", None),
+        printed("backing_fmt", None),
+        printed("compat6", Some("off")),
+        printed("hwversion", Some("undefined")),
+        printed("toolsversion", None),
+        printed("subformat", None),
+        printed("zeroed_grain", None),
+    ],
+};
 
 impl crate::formats::Driver for Driver {
     fn format(&self) -> Format {
@@ -279,6 +298,10 @@ impl crate::formats::Driver for Driver {
         OPTIONS
     }
 
+    fn capabilities(&self) -> Capabilities {
+        CAPABILITIES
+    }
+
     fn create(
         &self,
         out: &Output,
@@ -287,7 +310,7 @@ impl crate::formats::Driver for Driver {
     ) -> Result<Box<dyn ImageWriter>> {
         let mut s = settings(size, opts)?;
         if let Some(b) = opts.get_str("backing_file") {
-            s.parent = Some((b.to_string(), parent_cid(out, b)?));
+            s.parent = Some((b.to_string(), parent_cid(out, opts, b)?));
         }
         Ok(match s.subformat {
             Subformat::MonolithicSparse | Subformat::TwoGbSparse => {

@@ -23,7 +23,7 @@ use super::error::VmdkError;
 use super::header::*;
 use crate::codec;
 use crate::error::{Error, Result};
-use crate::output::{OutFile, Output, OutputMode};
+use crate::output::{OutFile, Output};
 use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 
 /// Grain size vimg (like qemu-img) writes: 128 sectors.
@@ -378,19 +378,9 @@ pub struct SparseWriter {
     descriptor: Option<(OutFile, String)>,
 }
 
-fn refuse_in_place(out: &Output) -> Result<()> {
-    if out.mode() == OutputMode::InPlace {
-        return Err(Error::unsupported(
-            "vmdk output cannot be written into an existing image (-n)",
-        ));
-    }
-    Ok(())
-}
-
 impl SparseWriter {
     /// Creates the files.
     pub fn create(out: &Output, s: &Settings) -> Result<SparseWriter> {
-        refuse_in_place(out)?;
         let base = out
             .main_path()
             .file_name()
@@ -559,7 +549,6 @@ pub struct FlatWriter {
 impl FlatWriter {
     /// Creates the descriptor and the flat files.
     pub fn create(out: &Output, s: &Settings) -> Result<FlatWriter> {
-        refuse_in_place(out)?;
         let base = out
             .main_path()
             .file_name()
@@ -682,7 +671,6 @@ impl StreamWriter {
 
     /// Writes the header and descriptor.
     pub fn create(out: &Output, s: &Settings) -> Result<StreamWriter> {
-        refuse_in_place(out)?;
         let base = out
             .main_path()
             .file_name()
