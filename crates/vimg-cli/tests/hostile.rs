@@ -478,15 +478,11 @@ fn polyglot_with_f_raw_is_read_as_bytes() {
 
 /// Opens `p` and reads every mapped byte (up to 64 MiB) through the whole chain.
 fn read_all(p: &Path, format: Option<Format>, allow_external: bool) -> vimg::Result<()> {
-    let opts = OpenOptions {
-        format,
-        policy: if allow_external {
-            ExternalPolicy::Allow
-        } else {
-            ExternalPolicy::SameFolder
-        },
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::with_format(format).policy(if allow_external {
+        ExternalPolicy::Allow
+    } else {
+        ExternalPolicy::SameFolder
+    });
     let img = Image::open(p, &opts)?;
     let size = img.virtual_size();
     let (mut pos, mut budget) = (0u64, 64 * MIB);
@@ -894,10 +890,7 @@ impl Env {
     /// `value`, linked to the secret vhdx (so only the gate stands between the image and
     /// the secret, as the positive control shows).
     fn vhdx_child(&self, name: &str, key: &str, value: &str) -> PathBuf {
-        let opts = OpenOptions {
-            open_backing: false,
-            ..OpenOptions::default()
-        };
+        let opts = OpenOptions::default().open_backing(false);
         let linkage = Image::open(self.secret("vhdx"), &opts)
             .unwrap()
             .reader()

@@ -113,13 +113,7 @@ fn layout(p: &Path) -> Layout {
 }
 
 fn open(p: &Path, format: Option<Format>) -> vimg::Result<Image> {
-    Image::open(
-        p,
-        &OpenOptions {
-            format,
-            ..OpenOptions::default()
-        },
-    )
+    Image::open(p, &OpenOptions::with_format(format))
 }
 
 /// Opens `p` and reads every guest byte through vimg.
@@ -184,14 +178,7 @@ fn assert_check_like_qemu(p: &Path) -> vimg::check::CheckReport {
             String::from_utf8_lossy(&q.stderr)
         )
     });
-    let img = Image::open(
-        p,
-        &OpenOptions {
-            open_backing: false,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let img = Image::open(p, &OpenOptions::default().open_backing(false)).unwrap();
     let r = img.reader().check().unwrap();
     let v = serde_json::to_value(&r).unwrap();
     for key in [

@@ -475,10 +475,7 @@ fn log_with_entries_is_replayed_in_memory() {
 
 /// The DataWriteGuid of `img`'s current header, braced, as a `parent_linkage` names it.
 fn data_write_guid(img: &Path) -> String {
-    let opts = vimg::OpenOptions {
-        open_backing: false,
-        ..Default::default()
-    };
+    let opts = vimg::OpenOptions::default().open_backing(false);
     let i = vimg::Image::open(img, &opts).unwrap();
     i.reader().link_identity("DataWriteGuid").unwrap()
 }
@@ -976,10 +973,7 @@ fn corpus_vhdx_rows() {
             let info = vimg(&["info", s(&img)]);
             assert!(info.contains("backing file: ./Generation 1_"), "{info}");
             // Hyper-V's parent_linkage parses into the check the parent would face.
-            let opts = vimg::OpenOptions {
-                open_backing: false,
-                ..Default::default()
-            };
+            let opts = vimg::OpenOptions::default().open_backing(false);
             let i = vimg::Image::open(&img, &opts).unwrap();
             let link = i.reader().backing().unwrap().link.clone().unwrap();
             assert_eq!(link.identity, "DataWriteGuid");

@@ -75,7 +75,7 @@ impl CheckReport {
             return None;
         }
         let mut r = CheckReport::default();
-        r.corruption(format!("ERROR {e}"));
+        r.corruption(format!("ERROR {}", e.message()));
         Some(r)
     }
 

@@ -18,6 +18,7 @@ use crate::storage::Storage;
 
 /// A checksum algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HashAlg {
     /// SHA-256 (`sha256sum`).
     Sha256,

@@ -13,6 +13,7 @@ const STEP: u64 = 1 << 20;
 
 /// The outcome of [`compare`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Comparison {
     /// Same content (over the common length; a longer image's tail is zero unless strict).
     Identical,

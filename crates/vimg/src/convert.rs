@@ -17,13 +17,14 @@ use crate::output::{
 use crate::writer::ImageWriter;
 
 /// Settings for [`convert`].
-pub struct ConvertOptions<'a> {
+#[non_exhaustive]
+pub struct ConvertOptions {
     /// The target format.
     pub format: Format,
     /// `-o` options (and `-c`).
     pub create: CreateOptions,
     /// Engine settings.
-    pub copy: CopyOptions<'a>,
+    pub copy: CopyOptions,
     /// Atomic (default), in place (`-n`) or stdout.
     pub output_mode: OutputMode,
     /// A checksum of the output file's bytes to compute (see [`ConvertReport::checksum`]).
@@ -56,7 +57,7 @@ pub struct ConvertReport {
     pub notes: Vec<String>,
 }
 
-impl ConvertOptions<'_> {
+impl ConvertOptions {
     /// Defaults for converting to `format`.
     pub fn new(format: Format) -> Self {
         ConvertOptions {
@@ -173,7 +174,7 @@ pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
 
 /// Converts `src` into a new image at `dst`. On any error nothing is left at `dst` (or an
 /// existing `dst` is unchanged), except with [`OutputMode::InPlace`].
-pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) -> Result<CopyStats> {
+pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions) -> Result<CopyStats> {
     convert_report(src, dst, opts).map(|r| r.stats)
 }
 
@@ -181,7 +182,7 @@ pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) ->
 pub fn convert_report(
     src: &Image,
     dst: impl AsRef<Path>,
-    opts: &ConvertOptions<'_>,
+    opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
     let dst = dst.as_ref();
     check_create_options(opts.format, &opts.create)?;
@@ -224,7 +225,7 @@ pub fn convert_report(
         )));
     }
     out.release_stream()?;
-    let mut copy: CopyOptions<'_> = opts.copy;
+    let mut copy: CopyOptions = opts.copy.clone();
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
     // image written with -n keeps its old bytes unless the caller says it reads as zeros:
     // every zero range of the image is then zeroed on it.
@@ -243,7 +244,7 @@ pub fn convert_report(
     let stats = engine::copy(src, &*writer, &copy)?;
     writer.finish()?;
     let notes = out.notes();
-    let checksum = out.commit_unless(copy.cancel)?;
+    let checksum = out.commit_unless(copy.cancel.as_deref())?;
     Ok(ConvertReport {
         stats,
         checksum,
@@ -255,7 +256,7 @@ pub fn convert_report(
 /// messages). Other formats are written onto a device zeroed first, as onto a new file; one
 /// that outgrows the device fails at the write past its end. `-n` into a device takes raw
 /// only: the other writers would read an existing image from it.
-fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
+fn check_device(dst: &Path, opts: &ConvertOptions, size: u64) -> Result<()> {
     if opts.format != Format::Raw {
         if opts.output_mode == OutputMode::InPlace {
             return Err(Error::unsupported(format!(

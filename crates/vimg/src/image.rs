@@ -19,6 +19,7 @@ pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// How to open an image.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// The format; `None` probes the content.
     pub format: Option<Format>,
@@ -55,6 +56,36 @@ impl OpenOptions {
             format,
             ..OpenOptions::default()
         }
+    }
+
+    /// Sets [`OpenOptions::policy`].
+    pub fn policy(mut self, policy: ExternalPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets [`OpenOptions::open_backing`].
+    pub fn open_backing(mut self, open: bool) -> Self {
+        self.open_backing = open;
+        self
+    }
+
+    /// Sets [`OpenOptions::backing_format`].
+    pub fn backing_format(mut self, format: Option<Format>) -> Self {
+        self.backing_format = format;
+        self
+    }
+
+    /// Sets [`OpenOptions::source`].
+    pub fn source(mut self, source: SourceOptions) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Sets [`OpenOptions::image_opts`].
+    pub fn image_opts(mut self, image_opts: bool) -> Self {
+        self.image_opts = image_opts;
+        self
     }
 }
 
@@ -568,7 +599,7 @@ const CHAIN_PREFIX: &str = "Could not open backing file '";
 /// Wraps the error of the backing file at `depth` (1: the top image's backing file) unless a
 /// deeper layer already did; past the first layer the message says which layer it was.
 fn chain_context(e: Error, what: String, depth: usize) -> Error {
-    if e.to_string().starts_with(CHAIN_PREFIX) {
+    if e.message().to_string().starts_with(CHAIN_PREFIX) {
         return e;
     }
     if depth > 1 {

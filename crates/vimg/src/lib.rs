@@ -36,15 +36,16 @@
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
 //! use vimg::{ConvertOptions, Format, HashAlg, Image, OpenOptions, Progress};
 //! # let dir = tempfile::tempdir()?;
 //! # let src_path = dir.path().join("disk.img");
 //! # std::fs::write(&src_path, vec![7u8; 4 << 20])?;
 //! let src = Image::open(&src_path, &OpenOptions::default())?;
-//! let done = AtomicU64::new(0);
-//! let on_progress = |p: Progress| done.store(p.done, Ordering::Relaxed);
+//! let done = Arc::new(AtomicU64::new(0));
+//! let seen = done.clone();
 //! let mut opts = ConvertOptions::new(Format::Raw);
-//! opts.copy.progress = Some(&on_progress);
+//! opts.copy.progress = Some(Arc::new(move |p: Progress| seen.store(p.done, Ordering::Relaxed)));
 //! opts.checksum = Some(HashAlg::Sha256);
 //! let report = vimg::convert_report(&src, dir.path().join("copy.raw"), &opts)?;
 //! assert_eq!(done.load(Ordering::Relaxed), 4 << 20);
@@ -61,7 +62,7 @@
 //! # let dir = tempfile::tempdir()?;
 //! # let path = dir.path().join("upload.img");
 //! # std::fs::write(&path, vec![0u8; 65536])?;
-//! let opts = OpenOptions { open_backing: false, ..OpenOptions::default() };
+//! let opts = OpenOptions::default().open_backing(false);
 //! let image = Image::open(&path, &opts)?;
 //! let refs = image.reader().external_refs();
 //! if !refs.is_empty() {
@@ -131,7 +132,7 @@ pub mod writer;
 
 pub use checksum::{Checksum, HashAlg};
 pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
-pub use engine::{CopyMode, CopyOptions, CopyStats, Progress};
+pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::Format;
 pub use gate::ExternalPolicy;

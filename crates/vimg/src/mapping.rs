@@ -76,6 +76,7 @@ pub enum Codec {
 
 /// What a guest range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapKind {
     /// Plain bytes: guest `start + i` is at host `offset + i` in `file`.
     Data {

@@ -28,11 +28,11 @@ pub fn run(a: CheckArgs) -> CmdResult {
         Ok(image) => match image.reader().check() {
             Ok(r) => (r, image.format()),
             Err(e) if e.kind() == ErrorKind::Unsupported => {
-                return Err(Failure::new(e.to_string(), 63));
+                return Err(Failure::new(e.message().to_string(), 63));
             }
             Err(e) => {
                 return Err(Failure::new(
-                    format!("Check of '{}' failed: {e}", a.filename),
+                    format!("Check of '{}' failed: {}", a.filename, e.message()),
                     1,
                 ))
             }

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vimg::output::{DestKind, OutputMode, WriteCounter};
-use vimg::{ConvertOptions, CopyMode, CopyOptions, Format, HashAlg, Image, Progress, Source};
+use vimg::{ConvertOptions, CopyMode, Format, HashAlg, Image, Progress, Source};
 
 use super::{
     apply_source_args, open_options, parse_checksum, parse_create_options, parse_format,
@@ -189,8 +189,10 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         vimg::output::check_destination(std::path::Path::new(&a.files[1])).map_err(|e| {
             Failure::new(
                 format!(
-                    "{}: error while converting {}: {e}",
-                    a.files[1], a.out_format
+                    "{}: error while converting {}: {}",
+                    a.files[1],
+                    a.out_format,
+                    e.message()
                 ),
                 1,
             )
@@ -355,11 +357,14 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             as crate::signals::ExitNote
     });
     let cancel = crate::signals::install_cancel_flag_with(note);
-    let printer = crate::progress::Reporter::new(p.progress, to_stdout);
+    let printer = Arc::new(crate::progress::Reporter::new(p.progress, to_stdout));
     let pace = crate::progress::RateLimit::new(rate);
-    let progress_fn = |pr: Progress| {
-        printer.update(pr);
-        pace.pace(pr.done);
+    let progress_fn: vimg::ProgressFn = {
+        let printer = printer.clone();
+        Arc::new(move |pr: Progress| {
+            printer.update(pr);
+            pace.pace(pr.done);
+        })
     };
     let mut opts = ConvertOptions::new(p.out_format);
     opts.create = p.create;
@@ -369,22 +374,19 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.direct = p.direct;
     opts.target_is_zero = p.target_is_zero;
     opts.counter = Some(counter.clone());
-    opts.copy = CopyOptions {
-        sparse_size: p.sparse_size,
-        workers: p.workers,
-        target_is_zero: p.mode != OutputMode::InPlace || p.target_is_zero,
-        progress: (printer.enabled() || rate > 0)
-            .then_some(&progress_fn as &(dyn Fn(Progress) + Sync)),
-        mode: if p.top_only {
-            CopyMode::TopOnly
-        } else {
-            CopyMode::Flatten
-        },
-        cancel: Some(&cancel),
-        // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
-        mapped_reads: true,
-        ..CopyOptions::default()
+    let copy = &mut opts.copy;
+    copy.sparse_size = p.sparse_size;
+    copy.workers = p.workers;
+    copy.target_is_zero = p.mode != OutputMode::InPlace || p.target_is_zero;
+    copy.progress = (printer.enabled() || rate > 0).then_some(progress_fn);
+    copy.mode = if p.top_only {
+        CopyMode::TopOnly
+    } else {
+        CopyMode::Flatten
     };
+    copy.cancel = Some(cancel.clone());
+    // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
+    copy.mapped_reads = true;
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if result.is_err() && cancel.load(Ordering::SeqCst) {
@@ -400,14 +402,15 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
-        Some(path) if path != p.dst => {
-            Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
-        }
+        Some(path) if path != p.dst => Failure::new(
+            format!("Could not open '{}': {}", path.display(), e.message()),
+            1,
+        ),
         // qemu-img checks compression before it creates the target and words those
         // refusals plainly; everything the format's create refuses it prefixes with the
         // target's name.
-        _ if QEMU_PLAIN_REFUSALS.contains(&e.to_string().as_str()) => {
-            Failure::new(e.to_string(), 1)
+        _ if QEMU_PLAIN_REFUSALS.contains(&e.message().to_string().as_str()) => {
+            Failure::new(e.message().to_string(), 1)
         }
         _ if matches!(
             e.kind(),
@@ -416,14 +419,18 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         {
             Failure::new(
                 format!(
-                    "{}: error while converting {}: {e}",
+                    "{}: error while converting {}: {}",
                     p.dst.display(),
-                    p.out_name
+                    p.out_name,
+                    e.message()
                 ),
                 1,
             )
         }
-        _ => Failure::new(format!("error while converting {}: {e}", p.out_name), 1),
+        _ => Failure::new(
+            format!("error while converting {}: {}", p.out_name, e.message()),
+            1,
+        ),
     })?;
     if !p.quiet {
         for n in &report.notes {
@@ -485,5 +492,5 @@ fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
         src.load_snapshot(Some(param), None)
             .or_else(|_| src.load_snapshot(None, Some(param)))
     };
-    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {e}"), 1))
+    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {}", e.message()), 1))
 }

@@ -62,6 +62,7 @@ pub const HEAD_BYTES: usize = 64 * 1024;
 /// A compression container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Compression {
     /// xz (LZMA2), `.xz`.
     Xz,

@@ -35,6 +35,7 @@ pub mod vmdk;
 /// An image format, named as qemu-img names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Format {
     /// Plain bytes.
     Raw,
