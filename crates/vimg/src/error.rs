@@ -231,7 +231,7 @@ impl From<io::Error> for Error {
     }
 }
 
-/// "while doing X: <io error>"
+/// "while doing X: `<io error>`"
 #[derive(Debug)]
 struct IoContext {
     what: String,

@@ -2,18 +2,33 @@
 //! vdi, parallels (ploop), qed and qcow (v1); it reads bochs, cloop and dmg too. A format it
 //! recognises but cannot read (LUKS) is refused by name, never copied as raw.
 //!
-//! - Every format answers one block-mapping trait, [`ImageReader`]: for a guest offset,
-//!   what is there (data at a host offset, compressed data, zero, unallocated). [`Image`]
-//!   reads through it for all formats and follows backing chains.
-//! - Every format writes through [`ImageWriter`]; the [`engine`] copies any image into any
-//!   writer, never reading or writing zero and unallocated ranges, in parallel with bounded
-//!   memory.
+//! The library in one screen:
+//!
+//! | | |
+//! |---|---|
+//! | [`Image::open`] with [`OpenOptions`] | any image, its backing chain, through a compressed container or an OVA |
+//! | [`ImageReadSeek`] | the guest bytes as `Read + Seek` (and `read_at`) |
+//! | [`map`] → [`Extent`]s | what is allocated where (`qemu-img map`) |
+//! | [`info`], [`check`], [`compare`], [`measure`] | `qemu-img info`, `check`, `compare`, `measure` |
+//! | [`convert`] with [`ConvertOptions`], [`create`] | write any [`Format`], all or nothing |
+//! | [`Error`] with [`ErrorKind`] | every failure: what kind, which file, why |
+//!
+//! - Every format answers one block-mapping question (for a guest offset: data at a host
+//!   offset, compressed data, zero, unallocated); [`Image`] reads through it for all formats
+//!   and follows backing chains. A copy engine writes any image into any format, never
+//!   reading or writing zero and unallocated ranges, in parallel with bounded memory.
 //! - Files an image names (backing files, extents, data files, parent locators) are opened
 //!   only through the [`gate`]: by default, relative names inside the image's own folder.
-//! - Output is all or nothing ([`Output`]).
+//! - Output is all or nothing: a failed or cancelled conversion leaves nothing behind.
 //! - The top image may sit inside an xz, gzip or zstd container or an OVA, or come from
-//!   stdin ([`source`], [`container`], [`ova`]); outputs can be hashed ([`checksum`]) and
+//!   stdin ([`Source`], [`SourceOptions`]); outputs can be hashed ([`HashAlg`]) and
 //!   described for an image service ([`glance`]).
+//!
+//! Cargo features (all on by default): `zstd` (zstd-compressed qcow2 clusters and `.zst`
+//! containers), `xz` (`.xz` containers), `libdeflate` (faster deflate for qcow2 and
+//! streamOptimized vmdk; without it the same bytes come from `flate2`). Without `zstd` or
+//! `xz`, such an input or output is refused with an error of kind
+//! [`ErrorKind::Unsupported`].
 //!
 //! # Open any image and read its info
 //!
@@ -103,43 +118,80 @@
 
 #![warn(missing_docs)]
 
-pub mod check;
-pub mod checksum;
-pub mod codec;
-pub mod compare;
-pub mod concat;
-pub mod container;
-pub mod convert;
-pub mod engine;
-pub mod error;
-pub mod escape;
-pub mod formats;
-pub mod fuzzing;
+// The documented API: the items re-exported below, and two modules.
 pub mod gate;
 pub mod glance;
+
+// Internals. The `#[doc(hidden)]` ones are public only for vimg's own binary, fuzz targets,
+// benches and tests; they are not part of the API and may change in any release.
+#[doc(hidden)]
+pub mod check;
+#[doc(hidden)]
+pub mod checksum;
+#[doc(hidden)]
+pub mod codec;
+#[doc(hidden)]
+pub mod compare;
+pub(crate) mod concat;
+#[doc(hidden)]
+pub mod container;
+#[doc(hidden)]
+pub mod convert;
+#[doc(hidden)]
+pub mod engine;
+pub(crate) mod error;
+#[doc(hidden)]
+pub mod escape;
+#[doc(hidden)]
+pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
+#[doc(hidden)]
 pub mod image;
+#[doc(hidden)]
 pub mod info;
+#[doc(hidden)]
 pub mod limits;
+#[doc(hidden)]
 pub mod map;
+#[doc(hidden)]
 pub mod mapping;
+#[doc(hidden)]
 pub mod measure;
+#[doc(hidden)]
 pub mod options;
+#[doc(hidden)]
 pub mod output;
-pub mod ova;
+pub(crate) mod ova;
+mod read_seek;
+#[doc(hidden)]
 pub mod source;
+#[doc(hidden)]
 pub mod storage;
+#[doc(hidden)]
 pub mod writer;
 
+pub use check::{check, CheckReport};
 pub use checksum::{Checksum, HashAlg};
+pub use compare::{compare, CompareReport, Comparison};
 pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
 pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn};
 pub use error::{Error, ErrorKind, Result};
-pub use formats::Format;
+pub use formats::{Format, Measure};
 pub use gate::ExternalPolicy;
 pub use image::{Image, OpenOptions};
-pub use info::ImageInfo;
-pub use mapping::{Extent, GuestOffset, HostOffset, ImageReader, MapKind};
+pub use info::{info, ImageInfo};
+pub use map::{map, map_range, Extent, Map};
+pub use measure::measure;
 pub use options::CreateOptions;
-pub use output::{Output, OutputMode};
+pub use output::OutputMode;
+pub use read_seek::ImageReadSeek;
 pub use source::{Origin, Source, SourceOptions};
+
+// Internal types the hidden modules' users reach from the root.
+#[doc(hidden)]
+pub use mapping::{GuestOffset, HostOffset, ImageReader, MapKind};
+#[doc(hidden)]
+pub use output::Output;
+#[doc(hidden)]
 pub use writer::{ImageWriter, WriterCaps};
