@@ -30,22 +30,6 @@ fn src16(d: &Path) -> PathBuf {
     p
 }
 
-/// `qemu-img ARGS` run in `dir`: qemu-img creates a data file named by `data_file=` relative
-/// to its working folder, not to the image.
-fn qemu_in(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn qemu_qcow2(src: &Path, dst: &Path, args: &[&str]) {
     let mut a = vec!["convert", "-q", "-O", "qcow2"];
     a.extend_from_slice(args);
@@ -73,11 +57,6 @@ fn rd64(p: &Path, off: u64) -> u64 {
         .read_exact_at(&mut b, off)
         .unwrap();
     u64::from_be_bytes(b)
-}
-
-fn patch(p: &Path, off: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 fn wr64(p: &Path, off: u64, v: u64) {
@@ -158,10 +137,6 @@ fn assert_refused(p: &Path, kind: ErrorKind, needle: &str) {
         String::from_utf8_lossy(&r.stderr)
     );
     assert!(!out.exists());
-}
-
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap()
 }
 
 /// Checks `p` with vimg and qemu-img and asserts the same counts.

@@ -16,7 +16,19 @@ use crate::output::{
 };
 use crate::writer::ImageWriter;
 
-/// Settings for [`convert`].
+/// Settings for [`convert`]: [`ConvertOptions::new`] gives qemu-img's defaults for a
+/// format; set the fields that differ.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vimg::{ConvertOptions, Format, HashAlg};
+/// let mut opts = ConvertOptions::new(Format::Vmdk);
+/// opts.create.parse_into("subformat=streamOptimized")?; // qemu-img's -o
+/// opts.checksum = Some(HashAlg::Sha256);
+/// opts.copy.workers = 2;
+/// opts.copy.progress = Some(Arc::new(|p: vimg::Progress| eprintln!("{}/{}", p.done, p.total)));
+/// # Ok::<(), vimg::Error>(())
+/// ```
 #[non_exhaustive]
 pub struct ConvertOptions {
     /// The target format.
@@ -174,6 +186,21 @@ pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
 
 /// Converts `src` into a new image at `dst`. On any error nothing is left at `dst` (or an
 /// existing `dst` is unchanged), except with [`OutputMode::InPlace`].
+///
+/// ```
+/// use vimg::{ConvertOptions, Format, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let src_path = dir.path().join("disk.raw");
+/// # std::fs::write(&src_path, vec![1u8; 1 << 20])?;
+/// let src = Image::open(&src_path, &OpenOptions::default())?;
+/// let mut opts = ConvertOptions::new(Format::Qcow2);
+/// opts.create.compress = true; // qemu-img's -c
+/// let dst = dir.path().join("disk.qcow2");
+/// let stats = vimg::convert(&src, &dst, &opts)?;
+/// assert_eq!(stats.bytes_read, 1 << 20);
+/// assert_eq!(Image::open(&dst, &OpenOptions::default())?.format(), Format::Qcow2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions) -> Result<CopyStats> {
     convert_report(src, dst, opts).map(|r| r.stats)
 }

@@ -7,6 +7,21 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// What went wrong, coarsely. The CLI maps these to exit codes; details live in the source.
+///
+/// ```
+/// use vimg::{ErrorKind, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("bad.qcow2");
+/// # let mut h = vec![0u8; 512];
+/// # h[..8].copy_from_slice(b"QFI\xfb\0\0\0\x09"); // qcow2 magic, version 9
+/// # std::fs::write(&path, &h)?;
+/// let e = Image::open(&path, &OpenOptions::default()).unwrap_err();
+/// match e.kind() {
+///     ErrorKind::Invalid | ErrorKind::Unsupported => eprintln!("refused: {e}"),
+///     other => return Err(format!("{other:?}: {e}").into()),
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -42,7 +57,16 @@ impl ErrorKind {
     }
 }
 
-/// The error type of every fallible vimg operation.
+/// The error type of every fallible vimg operation: an [`ErrorKind`], the file it
+/// concerns, and the cause. `Display` names the file first; [`Error::message`] leaves it
+/// out.
+///
+/// ```
+/// let e = vimg::Image::open("missing.qcow2", &vimg::OpenOptions::default()).unwrap_err();
+/// assert_eq!(e.path(), Some(std::path::Path::new("missing.qcow2")));
+/// assert_eq!(e.io_kind(), Some(std::io::ErrorKind::NotFound));
+/// assert!(e.to_string().starts_with("missing.qcow2: "));
+/// ```
 pub struct Error {
     kind: ErrorKind,
     path: Option<PathBuf>,

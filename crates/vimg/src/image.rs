@@ -17,7 +17,17 @@ use crate::storage::{FileStorage, Storage};
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
-/// How to open an image.
+/// How to open an image: [`Default`] probes the format, opens the backing chain and lets the
+/// image name files in its own folder only; the builder methods change one setting each.
+///
+/// ```
+/// use vimg::{ExternalPolicy, Format, OpenOptions};
+/// let opts = OpenOptions::with_format(Some(Format::Qcow2))
+///     .policy(ExternalPolicy::scoped(["/var/lib/images/_base"]))
+///     .open_backing(false);
+/// assert_eq!(opts.format, Some(Format::Qcow2));
+/// # let _ = opts;
+/// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct OpenOptions {
@@ -89,7 +99,20 @@ impl OpenOptions {
     }
 }
 
-/// An opened image and its backing chain.
+/// An opened image and its backing chain: any format, read through one interface.
+///
+/// ```
+/// use vimg::{Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # std::fs::write(&path, vec![3u8; 1 << 16])?;
+/// let image = Image::open(&path, &OpenOptions::default())?;
+/// assert_eq!(image.format(), vimg::Format::Raw);
+/// let mut sector = [0u8; 512];
+/// image.read_at(&mut sector, 0)?;
+/// assert_eq!(sector, [3u8; 512]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Image {
     reader: Box<dyn ImageReader>,
     backing: Option<Box<Image>>,

@@ -8,7 +8,17 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::mapping::MapKind;
 
-/// One run of [`map`] output, with qemu-img's fields.
+/// One run of [`map`] output, with qemu-img's fields (`qemu-img map --output=json`).
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # std::fs::write(&path, vec![9u8; 65536])?;
+/// let image = vimg::Image::open(&path, &vimg::OpenOptions::default())?;
+/// let first: vimg::Extent = vimg::map(&image).next().expect("one extent")?;
+/// assert_eq!((first.start, first.length, first.data, first.offset), (0, 65536, true, Some(0)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Extent {

@@ -140,18 +140,18 @@ mod tests {
 
     #[test]
     fn reads_seeks_and_stops_at_the_end() {
-        let bytes: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..10_240u32).map(|i| (i * 7 % 251) as u8).collect();
         let (_d, img) = raw_image(&bytes);
         let mut r = ImageReadSeek::new(&img);
         let mut all = Vec::new();
         r.read_to_end(&mut all).unwrap();
-        assert_eq!(all, bytes);
+        assert!(all == bytes, "read {} bytes", all.len());
         assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0);
 
-        assert_eq!(r.seek(SeekFrom::End(-10)).unwrap(), 9990);
+        assert_eq!(r.seek(SeekFrom::End(-10)).unwrap(), 10_230);
         let mut tail = Vec::new();
         r.read_to_end(&mut tail).unwrap();
-        assert_eq!(tail, bytes[9990..]);
+        assert!(tail == bytes[10_230..]);
 
         r.seek(SeekFrom::Start(100)).unwrap();
         assert_eq!(r.seek(SeekFrom::Current(-50)).unwrap(), 50);
