@@ -140,7 +140,7 @@ fn assert_refused(p: &Path, kind: ErrorKind, needle: &str) {
 }
 
 /// Checks `p` with vimg and qemu-img and asserts the same counts.
-fn assert_check_like_qemu(p: &Path) -> vimg::check::CheckReport {
+fn assert_check_like_qemu(p: &Path) -> vimg::CheckReport {
     let q = std::process::Command::new("qemu-img")
         .args(["check", "--output=json", s(p)])
         .current_dir(p.parent().unwrap())

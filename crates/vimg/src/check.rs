@@ -84,7 +84,7 @@ impl CheckReport {
     /// other kind (the image could not be checked).
     ///
     /// ```
-    /// use vimg::check::CheckReport;
+    /// use vimg::CheckReport;
     /// let e = vimg::Error::corrupt("L2 table entry 3 points past the end of the file");
     /// let r = CheckReport::from_open_error(&e).expect("corrupt");
     /// assert_eq!((r.corruptions, r.check_errors), (1, 0));

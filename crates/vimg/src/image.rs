@@ -590,7 +590,11 @@ impl Image {
                         &mut output[..]
                     };
                     codec::decompress(codec, &input[..got], out).map_err(|err| {
-                        Error::new(ErrorKind::Corrupt, err).context(format!(
+                        let kind = match err {
+                            codec::CodecError::NotBuilt { .. } => ErrorKind::Unsupported,
+                            _ => ErrorKind::Corrupt,
+                        };
+                        Error::new(kind, err).context(format!(
                             "compressed unit for guest {unit_start} at host {offset}"
                         ))
                     })?;

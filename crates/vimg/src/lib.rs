@@ -25,9 +25,10 @@
 //!   described for an image service ([`glance`]).
 //!
 //! Cargo features (all on by default): `zstd` (zstd-compressed qcow2 clusters and `.zst`
-//! containers), `xz` (`.xz` containers), `libdeflate` (faster deflate for qcow2 and
-//! streamOptimized vmdk; without it the same bytes come from `flate2`). Without `zstd` or
-//! `xz`, such an input or output is refused with an error of kind
+//! containers), `xz` (`.xz` containers), `libdeflate` (deflate and zlib units decoded about
+//! twice as fast, and streamOptimized vmdk grains compressed by libdeflate; without it
+//! `flate2` does both, so such vmdk output has other, equally valid bytes). Without `zstd`
+//! or `xz`, such an input or output is refused with an error of kind
 //! [`ErrorKind::Unsupported`].
 //!
 //! # Open any image and read its info
@@ -124,14 +125,12 @@ pub mod glance;
 
 // Internals. The `#[doc(hidden)]` ones are public only for vimg's own binary, fuzz targets,
 // benches and tests; they are not part of the API and may change in any release.
-#[doc(hidden)]
-pub mod check;
+pub(crate) mod check;
 #[doc(hidden)]
 pub mod checksum;
 #[doc(hidden)]
 pub mod codec;
-#[doc(hidden)]
-pub mod compare;
+pub(crate) mod compare;
 pub(crate) mod concat;
 #[doc(hidden)]
 pub mod container;
@@ -152,12 +151,10 @@ pub mod image;
 pub mod info;
 #[doc(hidden)]
 pub mod limits;
-#[doc(hidden)]
-pub mod map;
+pub(crate) mod map;
 #[doc(hidden)]
 pub mod mapping;
-#[doc(hidden)]
-pub mod measure;
+pub(crate) mod measure;
 #[doc(hidden)]
 pub mod options;
 #[doc(hidden)]
@@ -187,6 +184,11 @@ pub use options::CreateOptions;
 pub use output::OutputMode;
 pub use read_seek::ImageReadSeek;
 pub use source::{Origin, Source, SourceOptions};
+
+/// The README's Rust examples, compiled as doctests so they keep up with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
 
 // Internal types the hidden modules' users reach from the root.
 #[doc(hidden)]

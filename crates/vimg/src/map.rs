@@ -207,8 +207,3 @@ impl Iterator for Map<'_> {
         self.pending.take().map(Ok)
     }
 }
-
-/// [`map_range`], collected.
-pub fn map_image(image: &Image, start: u64, len: Option<u64>) -> Result<Vec<Extent>> {
-    map_range(image, start, len).collect()
-}

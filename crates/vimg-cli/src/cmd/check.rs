@@ -6,7 +6,7 @@
 //! [`vimg::check`]. Other open errors exit 1 with qemu-img's "Could not open" message.
 
 use serde_json::{Map, Value};
-use vimg::check::CheckReport;
+use vimg::CheckReport;
 use vimg::{ErrorKind, Format, Image};
 
 use super::{open_options, parse_format_opt};

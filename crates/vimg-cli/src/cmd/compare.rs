@@ -3,8 +3,8 @@
 
 use std::io::Write;
 
-use vimg::compare::{compare, Comparison};
 use vimg::Image;
+use vimg::{compare, Comparison};
 
 use super::{open_options, parse_format_opt};
 use crate::args::CompareArgs;

@@ -1,6 +1,6 @@
 //! `vimg map`: qemu-img map's human table and JSON array.
 
-use vimg::map::{map_image, Extent};
+use vimg::Extent;
 use vimg::Image;
 
 use super::{open_options, parse_format_opt};
@@ -21,7 +21,7 @@ pub fn run(a: MapArgs) -> CmdResult {
     };
     let start = parse(&a.start_offset, "start offset")?.unwrap_or(0);
     let len = parse(&a.max_length, "max length")?;
-    let entries = map_image(&image, start, len)?;
+    let entries = vimg::map_range(&image, start, len).collect::<vimg::Result<Vec<_>>>()?;
     let text = match a.output {
         OutputFormat::Json => json(&entries),
         OutputFormat::Human => human(&entries)?,
