@@ -62,10 +62,10 @@ pub struct CheckReport {
     #[serde(skip_serializing_if = "is_zero")]
     pub leaks: u64,
     /// One line per problem, in the order found (human output): the first
-    /// [`MAX_MESSAGES`]; the rest are only counted in [`CheckReport::omitted_messages`].
+    /// `MAX_MESSAGES` (1000); the rest are only counted in [`CheckReport::omitted_messages`].
     #[serde(skip)]
     pub messages: Vec<String>,
-    /// Problems found past the first [`MAX_MESSAGES`]: counted, not described, so memory does
+    /// Problems found past the first `MAX_MESSAGES` (1000): counted, not described, so memory does
     /// not depend on how often an image repeats one corruption.
     #[serde(skip)]
     pub omitted_messages: u64,
@@ -127,7 +127,7 @@ impl CheckReport {
         self.message(msg);
     }
 
-    /// Keeps `msg` when fewer than [`MAX_MESSAGES`] are kept, else counts it.
+    /// Keeps `msg` when fewer than `MAX_MESSAGES` (1000) are kept, else counts it.
     pub fn message(&mut self, msg: impl Into<String>) {
         if self.messages.len() < MAX_MESSAGES {
             self.messages.push(msg.into());
