@@ -127,9 +127,9 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
 /// ```
 /// # let dir = tempfile::tempdir()?;
 /// # let path = dir.path().join("disk.img");
-/// # let f = std::fs::File::create(&path)?;
-/// # f.set_len(8 << 20)?;
-/// # std::os::unix::fs::FileExt::write_all_at(&f, &[1u8; 65536], 1 << 20)?;
+/// # let mut bytes = vec![0u8; 8 << 20];
+/// # bytes[1 << 20..(1 << 20) + 65536].fill(1);
+/// # std::fs::write(&path, bytes)?;
 /// let image = vimg::Image::open(&path, &vimg::OpenOptions::default())?;
 /// for extent in vimg::map(&image) {
 ///     let e = extent?;
@@ -184,6 +184,7 @@ impl Iterator for Map<'_> {
             let entry = match entry_at(self.image, self.pos, self.end) {
                 Ok(entry) => entry,
                 Err(e) => {
+                    let e = e.with_path(self.image.filename());
                     self.pos = self.end;
                     return match self.pending.take() {
                         Some(p) => {

@@ -78,9 +78,10 @@ impl<I: Borrow<Image>> ImageReadSeek<I> {
             return Ok(0);
         }
         let n = (size - offset).min(buf.len() as u64) as usize;
-        self.get_ref()
+        let image = self.get_ref();
+        image
             .read_at(&mut buf[..n], offset)
-            .map_err(to_io)?;
+            .map_err(|e| to_io(e.with_path(image.filename())))?;
         Ok(n)
     }
 }
