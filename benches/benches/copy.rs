@@ -82,10 +82,8 @@ fn copy_chunk(c: &mut Criterion) {
             &OpenOptions::with_format(Some(Format::Raw)),
         )
         .unwrap();
-        let opts = CopyOptions {
-            workers: 1,
-            ..CopyOptions::default()
-        };
+        let mut opts = CopyOptions::default();
+        opts.workers = 1;
         g.bench_function(name, |b| b.iter(|| copy(&img, &NullWriter, &opts).unwrap()));
     }
     g.finish();

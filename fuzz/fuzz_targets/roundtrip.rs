@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vimg::{ConvertOptions, CopyOptions, CreateOptions, ErrorKind, Format, Image, OpenOptions};
+use vimg::{ConvertOptions, CreateOptions, ErrorKind, Format, Image, OpenOptions};
 
 /// Every writer, as `(format, -o options, -c)`.
 const WRITERS: &[(Format, &str, bool)] = &[
@@ -147,10 +147,7 @@ fuzz_target!(|input: &[u8]| {
     create.compress = compress;
     let mut co = ConvertOptions::new(format);
     co.create = create;
-    co.copy = CopyOptions {
-        workers: 1,
-        ..CopyOptions::default()
-    };
+    co.copy.workers = 1;
     let dst = run.join("out.img");
     if let Err(e) = vimg::convert(&src_img, &dst, &co) {
         panic!("{format} {opts:?} -c={compress} of {size} bytes: convert failed: {e}");

@@ -83,10 +83,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(()) => {
             let img = Image::open(
                 &p,
-                &OpenOptions {
-                    format: Some(format),
-                    ..OpenOptions::default()
-                },
+                &OpenOptions::with_format(Some(format)),
             )
             .unwrap_or_else(|e| panic!("{format} {o} {size}: written but not opened: {e}"));
             let got = img.reader().virtual_size();

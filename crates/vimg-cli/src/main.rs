@@ -32,7 +32,7 @@ impl Failure {
 
     /// qemu-img's "Could not open 'FILE': reason" for a failed open.
     pub fn open(file: &str, e: &vimg::Error) -> Failure {
-        Failure::new(format!("Could not open '{file}': {e}"), 1)
+        Failure::new(format!("Could not open '{file}': {}", e.message()), 1)
     }
 }
 
@@ -42,7 +42,8 @@ impl From<vimg::Error> for Failure {
             vimg::ErrorKind::Cancelled => 130,
             _ => 1,
         };
-        Failure::new(e.to_string(), code)
+        // The CLI words its own messages around file names, as qemu-img does.
+        Failure::new(e.message().to_string(), code)
     }
 }
 

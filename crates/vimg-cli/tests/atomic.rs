@@ -110,7 +110,9 @@ fn out_of_space_leaves_nothing_behind() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIPPED out_of_space_leaves_nothing_behind: cannot mount a tmpfs (needs root)");
+        skipped_line(format_args!(
+            "SKIPPED out_of_space_leaves_nothing_behind: cannot mount a tmpfs (needs root)"
+        ));
         return;
     }
     struct Unmount<'a>(&'a Path);

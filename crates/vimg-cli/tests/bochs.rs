@@ -3,13 +3,11 @@
 //! catalogs are refused before anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::Path;
 
 use common::*;
-use vxd_common::*;
 
 /// A version 2 Bochs image of `extents` extents of `extent` bytes; `data` lists
 /// `(extent index, sector in extent, fill byte)`. Extents are allocated in the order

@@ -3,13 +3,11 @@
 //! anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::Path;
 
 use common::*;
-use vxd_common::*;
 
 const MAGIC: &[u8] =
     b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n";

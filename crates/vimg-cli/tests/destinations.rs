@@ -42,14 +42,14 @@ impl Loop {
                 dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
             }),
             Ok(o) => {
-                eprintln!(
+                skipped_line(format_args!(
                     "SKIPPED {test}: losetup not permitted here: {}",
                     String::from_utf8_lossy(&o.stderr).trim()
-                );
+                ));
                 None
             }
             Err(e) => {
-                eprintln!("SKIPPED {test}: cannot run losetup: {e}");
+                skipped_line(format_args!("SKIPPED {test}: cannot run losetup: {e}"));
                 None
             }
         }
@@ -347,7 +347,7 @@ fn mknod_null_device_is_written_not_replaced() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !made {
-        eprintln!("SKIPPED {test}: mknod not permitted here");
+        skipped_line(format_args!("SKIPPED {test}: mknod not permitted here"));
         return;
     }
     let src = small_qcow2();
@@ -503,7 +503,9 @@ fn existing_file_keeps_owner_group_and_mode() {
     if chowned {
         assert_eq!((uid, gid), (4321, 4322), "owner lost");
     } else {
-        eprintln!("SKIPPED part of existing_file_keeps_owner_group_and_mode: chown not permitted");
+        skipped_line(format_args!(
+            "SKIPPED part of existing_file_keeps_owner_group_and_mode: chown not permitted"
+        ));
     }
     assert_eq!(fs::metadata(&dst).unwrap().len(), 64 << 20);
     // A new file: 0644 under the umask (the test runs with whatever umask it inherited).
@@ -538,7 +540,7 @@ fn unwritable_folder_writable_file_is_written_in_place() {
         return;
     }
     if !have("setpriv") {
-        eprintln!("SKIPPED {test}: setpriv not on PATH");
+        skipped_line(format_args!("SKIPPED {test}: setpriv not on PATH"));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -552,7 +554,7 @@ fn unwritable_folder_writable_file_is_written_in_place() {
     let cd = std::ffi::CString::new(s(&dst)).unwrap();
     // SAFETY: chown of a file this test made.
     if unsafe { libc::chown(cd.as_ptr(), 4321, 4321) } != 0 {
-        eprintln!("SKIPPED {test}: chown not permitted");
+        skipped_line(format_args!("SKIPPED {test}: chown not permitted"));
         return;
     }
     for p in [dir.path(), folder.as_path()] {
@@ -613,7 +615,9 @@ fn immutable_extent_leaves_the_old_set() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !ok {
-        eprintln!("SKIPPED {test}: the filesystem refuses chattr +i");
+        skipped_line(format_args!(
+            "SKIPPED {test}: the filesystem refuses chattr +i"
+        ));
         return;
     }
     struct Unlock(PathBuf);
@@ -832,7 +836,7 @@ fn same_device_through_another_node_is_refused() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !made {
-        eprintln!("SKIPPED {test}: mknod not permitted here");
+        skipped_line(format_args!("SKIPPED {test}: mknod not permitted here"));
         return;
     }
     for dst in [l.dev.as_str(), s(&node)] {
@@ -869,7 +873,9 @@ fn direct_io_on_4k_sectors_with_unaligned_runs() {
             dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
         },
         _ => {
-            eprintln!("SKIPPED {test}: losetup --sector-size 4096 not permitted here");
+            skipped_line(format_args!(
+                "SKIPPED {test}: losetup --sector-size 4096 not permitted here"
+            ));
             return;
         }
     };

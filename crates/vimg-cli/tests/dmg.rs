@@ -3,13 +3,11 @@
 //! tables vimg cannot read right are refused before anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::Path;
 
 use common::*;
-use vxd_common::*;
 
 fn b64(data: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

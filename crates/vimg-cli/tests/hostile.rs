@@ -20,7 +20,7 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{symlink, FileExt};
+use std::os::unix::fs::symlink;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -478,15 +478,11 @@ fn polyglot_with_f_raw_is_read_as_bytes() {
 
 /// Opens `p` and reads every mapped byte (up to 64 MiB) through the whole chain.
 fn read_all(p: &Path, format: Option<Format>, allow_external: bool) -> vimg::Result<()> {
-    let opts = OpenOptions {
-        format,
-        policy: if allow_external {
-            ExternalPolicy::Allow
-        } else {
-            ExternalPolicy::SameFolder
-        },
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::with_format(format).policy(if allow_external {
+        ExternalPolicy::Allow
+    } else {
+        ExternalPolicy::SameFolder
+    });
     let img = Image::open(p, &opts)?;
     let size = img.virtual_size();
     let (mut pos, mut budget) = (0u64, 64 * MIB);
@@ -894,10 +890,7 @@ impl Env {
     /// `value`, linked to the secret vhdx (so only the gate stands between the image and
     /// the secret, as the positive control shows).
     fn vhdx_child(&self, name: &str, key: &str, value: &str) -> PathBuf {
-        let opts = OpenOptions {
-            open_backing: false,
-            ..OpenOptions::default()
-        };
+        let opts = OpenOptions::default().open_backing(false);
         let linkage = Image::open(self.secret("vhdx"), &opts)
             .unwrap()
             .reader()
@@ -976,43 +969,12 @@ impl Env {
 // ---------------------------------------------------------------------------------------
 // Patching helpers
 
-fn qemu_in(dir: &Path, args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn size_of(p: &Path) -> u64 {
     fs::metadata(p).unwrap().len()
 }
 
-fn patch(p: &Path, off: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
-fn read_at<const N: usize>(p: &Path, off: u64) -> [u8; N] {
-    let mut b = [0u8; N];
-    fs::File::open(p)
-        .unwrap()
-        .read_exact_at(&mut b, off)
-        .unwrap();
-    b
-}
-
-fn rd64be(p: &Path, off: u64) -> u64 {
-    u64::from_be_bytes(read_at(p, off))
-}
-
 fn rd32le(p: &Path, off: u64) -> u32 {
-    u32::from_le_bytes(read_at(p, off))
+    u32::from_le_bytes(read_bytes(p, off))
 }
 
 fn wr64be(p: &Path, off: u64, v: u64) {
@@ -1032,7 +994,7 @@ fn wr32le(p: &Path, off: u64, v: u32) {
 }
 
 fn xor_byte(p: &Path, off: u64, x: u8) {
-    let [b] = read_at::<1>(p, off);
+    let [b] = read_bytes::<1>(p, off);
     patch(p, off, &[b ^ x]);
 }
 
@@ -1043,10 +1005,6 @@ fn truncate(p: &Path, len: u64) {
         .unwrap()
         .set_len(len)
         .unwrap();
-}
-
-fn utf16le(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
 }
 
 /// Where a qcow2 image keeps its tables.
@@ -1165,7 +1123,7 @@ fn vhd_bat_offset(p: &Path) -> u64 {
 }
 
 fn vhd_bat(p: &Path, i: u64) -> u32 {
-    u32::from_be_bytes(read_at(p, vhd_bat_offset(p) + 4 * i))
+    u32::from_be_bytes(read_bytes(p, vhd_bat_offset(p) + 4 * i))
 }
 
 fn vhd_set_bat(p: &Path, i: u64, v: u32) {

@@ -7,7 +7,6 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -102,20 +101,6 @@ fn bounded(what: &str, args: &[&str]) -> Run {
         r.max_rss / MIB
     );
     r
-}
-
-fn rd64be(p: &Path, off: u64) -> u64 {
-    let mut b = [0u8; 8];
-    fs::File::open(p)
-        .unwrap()
-        .read_exact_at(&mut b, off)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
-fn patch(p: &Path, off: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 fn header(p: &Path) -> QHeader {

@@ -3,13 +3,11 @@
 //! is written; `-f raw` stays the explicit way to copy the bytes.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vxd_common::*;
 
 /// Formats vimg recognises but does not read yet.
 const UNREAD: &[&str] = &["luks"];

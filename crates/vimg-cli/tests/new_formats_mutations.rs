@@ -5,14 +5,12 @@
 //! every `cargo test` because cargo-fuzz is not always at hand).
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vxd_common::*;
 
 /// A small deterministic generator (xorshift).
 struct Rng(u64);

@@ -4,19 +4,13 @@
 //! refused before anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vxd_common::*;
 
 const MIB: u64 = 1 << 20;
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap()
-}
 
 /// A parallels image made by qemu-img with `opts`, patterns written by qemu-io.
 fn qemu_parallels(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::*;
-use serde_json::Value;
 
 /// True when `format` can be created and opened here; otherwise says the test is skipped.
 fn format_ready(test: &str, format: vimg::Format) -> bool {
@@ -24,7 +23,9 @@ fn format_ready(test: &str, format: vimg::Format) -> bool {
     match created {
         Ok(()) => true,
         Err(e) if e.kind() == vimg::ErrorKind::Unsupported => {
-            eprintln!("SKIPPED {test}: {format} format not implemented on this branch ({e})");
+            skipped_line(format_args!(
+                "SKIPPED {test}: {format} format not implemented on this branch ({e})"
+            ));
             false
         }
         Err(e) => panic!("{test}: creating a tiny {format} image failed: {e}"),
@@ -53,10 +54,6 @@ fn pipe_through(prog: impl AsRef<std::ffi::OsStr>, args: &[&str], input: Vec<u8>
 fn sha256_bytes(b: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex(&Sha256::digest(b))
-}
-
-fn json(out: &str) -> Value {
-    serde_json::from_str(out).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{out}"))
 }
 
 /// Compresses `src` with the command-line tool of `kind` into `dst`.

@@ -3,17 +3,11 @@
 //! hostile tables are refused before anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vxd_common::*;
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap()
-}
 
 fn qcow(dir: &Path, name: &str, size: &str, io: &[&str]) -> PathBuf {
     let img = dir.join(name);
@@ -119,7 +113,9 @@ fn encrypted_images_are_refused() {
         ],
     );
     if !out.status.success() {
-        eprintln!("SKIPPED encrypted qcow: this qemu-img does not create them");
+        skipped_line(format_args!(
+            "SKIPPED encrypted qcow: this qemu-img does not create them"
+        ));
         return;
     }
     let o = dir.path().join("o.raw");

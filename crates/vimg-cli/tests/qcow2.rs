@@ -30,22 +30,6 @@ fn src16(d: &Path) -> PathBuf {
     p
 }
 
-/// `qemu-img ARGS` run in `dir`: qemu-img creates a data file named by `data_file=` relative
-/// to its working folder, not to the image.
-fn qemu_in(dir: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn qemu_qcow2(src: &Path, dst: &Path, args: &[&str]) {
     let mut a = vec!["convert", "-q", "-O", "qcow2"];
     a.extend_from_slice(args);
@@ -73,11 +57,6 @@ fn rd64(p: &Path, off: u64) -> u64 {
         .read_exact_at(&mut b, off)
         .unwrap();
     u64::from_be_bytes(b)
-}
-
-fn patch(p: &Path, off: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
 }
 
 fn wr64(p: &Path, off: u64, v: u64) {
@@ -113,13 +92,7 @@ fn layout(p: &Path) -> Layout {
 }
 
 fn open(p: &Path, format: Option<Format>) -> vimg::Result<Image> {
-    Image::open(
-        p,
-        &OpenOptions {
-            format,
-            ..OpenOptions::default()
-        },
-    )
+    Image::open(p, &OpenOptions::with_format(format))
 }
 
 /// Opens `p` and reads every guest byte through vimg.
@@ -166,12 +139,8 @@ fn assert_refused(p: &Path, kind: ErrorKind, needle: &str) {
     assert!(!out.exists());
 }
 
-fn json(text: &str) -> Value {
-    serde_json::from_str(text).unwrap()
-}
-
 /// Checks `p` with vimg and qemu-img and asserts the same counts.
-fn assert_check_like_qemu(p: &Path) -> vimg::check::CheckReport {
+fn assert_check_like_qemu(p: &Path) -> vimg::CheckReport {
     let q = std::process::Command::new("qemu-img")
         .args(["check", "--output=json", s(p)])
         .current_dir(p.parent().unwrap())
@@ -184,14 +153,7 @@ fn assert_check_like_qemu(p: &Path) -> vimg::check::CheckReport {
             String::from_utf8_lossy(&q.stderr)
         )
     });
-    let img = Image::open(
-        p,
-        &OpenOptions {
-            open_backing: false,
-            ..OpenOptions::default()
-        },
-    )
-    .unwrap();
+    let img = Image::open(p, &OpenOptions::default().open_backing(false)).unwrap();
     let r = img.reader().check().unwrap();
     let v = serde_json::to_value(&r).unwrap();
     for key in [

@@ -3,17 +3,11 @@
 //! unsafe; hostile tables are refused before anything is written.
 
 mod common;
-mod vxd_common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use vxd_common::*;
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap()
-}
 
 fn qed(dir: &Path, name: &str, opts: &str, size: &str, io: &[&str]) -> PathBuf {
     let img = dir.join(name);

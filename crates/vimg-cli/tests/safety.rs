@@ -190,19 +190,6 @@ fn assert_same_content(src: &Path, back: &Path) {
     );
 }
 
-fn qemu_in(dir: &Path, args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn destination_that_is_a_file_the_source_reads_is_refused() {
     if !qemu_available("destination_that_is_a_file_the_source_reads_is_refused") {

@@ -17,10 +17,6 @@ const SUBFORMATS: [&str; 5] = [
     "twoGbMaxExtentFlat",
 ];
 
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}"))
-}
-
 /// `vmdkinfo` must open the image and say nothing about errors.
 fn assert_vmdkinfo_accepts(img: &Path) {
     let out = run_cmd("vmdkinfo", &[s(img)]);
@@ -1024,7 +1020,9 @@ fn libvmdk_reads_what_vimg_writes() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !have {
-        eprintln!("SKIPPED libvmdk_reads_what_vimg_writes: python3-libvmdk (pyvmdk) not installed");
+        skipped_line(format_args!(
+            "SKIPPED libvmdk_reads_what_vimg_writes: python3-libvmdk (pyvmdk) not installed"
+        ));
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 //! (`python/vimg/__init__.pyi`) documents their types.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -76,8 +76,9 @@ pyo3::create_exception!(
 /// qemu-img's "Could not open 'FILE': reason" (as the `vimg` binary prints it).
 fn to_py(py: Python<'_>, e: &vimg::Error, opening: Option<&str>) -> PyErr {
     let msg = match opening {
-        Some(f) => format!("Could not open '{f}': {e}"),
-        None => e.to_string(),
+        Some(f) => format!("Could not open '{f}': {}", e.message()),
+        // The file is the exception's `path` attribute, as before.
+        None => e.message().to_string(),
     };
     let err = match e.kind() {
         ErrorKind::InvalidArgument => InvalidArgumentError::new_err(msg),
@@ -87,6 +88,8 @@ fn to_py(py: Python<'_>, e: &vimg::Error, opening: Option<&str>) -> PyErr {
         ErrorKind::UnsafeReference => UnsafeReferenceError::new_err(msg),
         ErrorKind::Cancelled => CancelledError::new_err(msg),
         ErrorKind::Io => IoError::new_err(msg),
+        // `ErrorKind` is non-exhaustive: a kind added later is still a vimg.Error.
+        _ => Error::new_err(msg),
     };
     let value = err.value(py);
     let path = e
@@ -205,10 +208,7 @@ fn info(py: Python<'_>, path: std::path::PathBuf, backing_chain: bool) -> PyResu
     let shown = path.to_string_lossy().into_owned();
     let value = py
         .allow_threads(|| {
-            let opts = OpenOptions {
-                open_backing: backing_chain,
-                ..OpenOptions::default()
-            };
+            let opts = OpenOptions::default().open_backing(backing_chain);
             let image = Image::open(&path, &opts)?;
             Ok::<Value, vimg::Error>(if backing_chain {
                 Value::Array(image.chain().into_iter().map(info_value).collect())
@@ -294,11 +294,7 @@ fn inspect(py: Python<'_>, path: std::path::PathBuf, format: Option<&str>) -> Py
     let shown = path.to_string_lossy().into_owned();
     let (info, svc, svc_value) = py
         .allow_threads(|| {
-            let opts = OpenOptions {
-                format,
-                open_backing: false,
-                ..OpenOptions::default()
-            };
+            let opts = OpenOptions::with_format(format).open_backing(false);
             let image = Image::open(&path, &opts)?;
             Ok::<_, vimg::Error>((
                 ImageInfo::of(&image),
@@ -399,9 +395,12 @@ fn convert(
         }
     }
     let shown = src.to_string_lossy().into_owned();
-    let cancel = AtomicBool::new(false);
-    let raised: Mutex<Option<PyErr>> = Mutex::new(None);
-    let on_progress = |p: Progress| {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let raised: Arc<Mutex<Option<PyErr>>> = Arc::new(Mutex::new(None));
+    let on_progress = {
+        let (cancel, raised) = (cancel.clone(), raised.clone());
+        let progress = progress.as_ref().map(|p| p.clone_ref(py));
+        move |p: Progress| {
         let Some(cb) = &progress else { return };
         if cancel.load(Ordering::SeqCst) {
             return;
@@ -417,28 +416,25 @@ fn convert(
             }
             cancel.store(true, Ordering::SeqCst);
         }
+    }
     };
     enum Failed {
         Open(vimg::Error),
         Convert(vimg::Error),
     }
     let result = py.allow_threads(|| {
-        let opts = OpenOptions {
-            format: src_format,
-            policy: if allow_external {
+        let opts = OpenOptions::with_format(src_format).policy(if allow_external {
                 ExternalPolicy::Allow
             } else {
                 ExternalPolicy::SameFolder
-            },
-            ..OpenOptions::default()
-        };
+            });
         let image = Image::open(&src, &opts).map_err(Failed::Open)?;
         let mut copts = ConvertOptions::new(out);
         copts.create = create;
         copts.checksum = alg;
-        copts.copy.cancel = Some(&cancel);
+        copts.copy.cancel = Some(cancel.clone());
         if progress.is_some() {
-            copts.copy.progress = Some(&on_progress);
+            copts.copy.progress = Some(Arc::new(on_progress));
         }
         vimg::convert_report(&image, &dst, &copts).map_err(Failed::Convert)
     });

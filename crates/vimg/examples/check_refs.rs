@@ -10,10 +10,7 @@ use vimg::{Image, OpenOptions};
 /// otherwise.
 pub fn run(path: &str) -> Result<Result<String, String>, vimg::Error> {
     // Nothing the image names is opened: not even its backing file.
-    let opts = OpenOptions {
-        open_backing: false,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::default().open_backing(false);
     let image = Image::open(path, &opts)?;
     let refs = image.reader().external_refs();
     if refs.is_empty() {

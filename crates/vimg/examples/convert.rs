@@ -3,6 +3,7 @@
 //! `cargo run -p vimg --example convert -- SRC DST [FORMAT]`
 
 use std::io::Write;
+use std::sync::Arc;
 
 use vimg::{ConvertOptions, Format, HashAlg, Image, OpenOptions, Progress};
 
@@ -12,11 +13,11 @@ pub fn run(
     src: &str,
     dst: &str,
     format: Format,
-    progress: &(dyn Fn(Progress) + Sync),
+    progress: impl Fn(Progress) + Send + Sync + 'static,
 ) -> Result<String, vimg::Error> {
     let image = Image::open(src, &OpenOptions::default())?;
     let mut opts = ConvertOptions::new(format);
-    opts.copy.progress = Some(progress);
+    opts.copy.progress = Some(Arc::new(progress));
     opts.checksum = Some(HashAlg::Sha256);
     let report = vimg::convert_report(&image, dst, &opts)?;
     Ok(report.checksum.map(|c| c.hex).unwrap_or_default())
@@ -41,7 +42,7 @@ fn main() {
         eprint!("\r{pct:3}%");
         let _ = std::io::stderr().flush();
     };
-    match run(&args[0], &args[1], format, &show) {
+    match run(&args[0], &args[1], format, show) {
         Ok(sum) => {
             eprintln!();
             println!("{sum}  {}", args[1]);

@@ -11,7 +11,27 @@
 
 use serde::Serialize;
 
-use crate::error::{Error, ErrorKind};
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::Image;
+
+/// Checks the metadata of `image`'s top layer, as `qemu-img check` does (backing files are
+/// not checked; open with [`OpenOptions::open_backing`](crate::OpenOptions::open_backing)
+/// off to leave them closed). An image whose tables contradict themselves does not open at
+/// all; [`CheckReport::from_open_error`] turns that refusal into the report.
+///
+/// ```
+/// use vimg::{Format, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("new.qcow2");
+/// vimg::create(&path, Format::Qcow2, Some(1 << 20), &vimg::CreateOptions::new())?;
+/// let image = Image::open(&path, &OpenOptions::default().open_backing(false))?;
+/// let report = vimg::check(&image)?;
+/// assert_eq!((report.corruptions, report.leaks), (0, 0));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn check(image: &Image) -> Result<CheckReport> {
+    image.reader().check()
+}
 
 /// What a check found. Counts follow `qemu-img check`: `corruptions` are errors that make the
 /// image unsafe to use, `leaks` are clusters allocated but unused (harmless wasted space).
@@ -42,10 +62,10 @@ pub struct CheckReport {
     #[serde(skip_serializing_if = "is_zero")]
     pub leaks: u64,
     /// One line per problem, in the order found (human output): the first
-    /// [`MAX_MESSAGES`]; the rest are only counted in [`CheckReport::omitted_messages`].
+    /// `MAX_MESSAGES` (1000); the rest are only counted in [`CheckReport::omitted_messages`].
     #[serde(skip)]
     pub messages: Vec<String>,
-    /// Problems found past the first [`MAX_MESSAGES`]: counted, not described, so memory does
+    /// Problems found past the first `MAX_MESSAGES` (1000): counted, not described, so memory does
     /// not depend on how often an image repeats one corruption.
     #[serde(skip)]
     pub omitted_messages: u64,
@@ -64,7 +84,7 @@ impl CheckReport {
     /// other kind (the image could not be checked).
     ///
     /// ```
-    /// use vimg::check::CheckReport;
+    /// use vimg::CheckReport;
     /// let e = vimg::Error::corrupt("L2 table entry 3 points past the end of the file");
     /// let r = CheckReport::from_open_error(&e).expect("corrupt");
     /// assert_eq!((r.corruptions, r.check_errors), (1, 0));
@@ -75,7 +95,7 @@ impl CheckReport {
             return None;
         }
         let mut r = CheckReport::default();
-        r.corruption(format!("ERROR {e}"));
+        r.corruption(format!("ERROR {}", e.message()));
         Some(r)
     }
 
@@ -107,7 +127,7 @@ impl CheckReport {
         self.message(msg);
     }
 
-    /// Keeps `msg` when fewer than [`MAX_MESSAGES`] are kept, else counts it.
+    /// Keeps `msg` when fewer than `MAX_MESSAGES` (1000) are kept, else counts it.
     pub fn message(&mut self, msg: impl Into<String>) {
         if self.messages.len() < MAX_MESSAGES {
             self.messages.push(msg.into());

@@ -28,6 +28,7 @@ pub const fn checksum_matches(stored: u32, computed: u32) -> bool {
 
 /// A checksum algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HashAlg {
     /// SHA-256 (`sha256sum`).
     Sha256,

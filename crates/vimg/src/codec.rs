@@ -46,6 +46,12 @@ pub enum CodecError {
         /// Bytes expected (one unit).
         expected: usize,
     },
+    /// The codec's cargo feature is not built in.
+    #[error("{codec:?} data cannot be decoded: vimg was built without its cargo feature")]
+    NotBuilt {
+        /// The codec in use.
+        codec: Codec,
+    },
     /// The stream decodes to more than one unit.
     #[error("{codec:?} data decodes to more than {expected} bytes")]
     Long {
@@ -56,8 +62,12 @@ pub enum CodecError {
     },
 }
 
+#[cfg(feature = "libdeflate")]
 thread_local! {
     static INFLATE: RefCell<Option<libdeflater::Decompressor>> = const { RefCell::new(None) };
+}
+#[cfg(feature = "zstd")]
+thread_local! {
     static ZSTD_DCTX: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
 }
 
@@ -65,19 +75,51 @@ thread_local! {
 /// `out.len()` bytes.
 pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
     match codec {
+        #[cfg(feature = "libdeflate")]
         Codec::Deflate | Codec::Zlib => INFLATE.with(|d| {
             let mut d = d.borrow_mut();
             let d = d.get_or_insert_with(libdeflater::Decompressor::new);
             inflate(d, codec, input, out)
         }),
+        #[cfg(not(feature = "libdeflate"))]
+        Codec::Deflate | Codec::Zlib => inflate_flate2(codec, input, out),
+        #[cfg(feature = "zstd")]
         Codec::Zstd => ZSTD_DCTX.with(|d| {
             let mut d = d.borrow_mut();
             let dctx = d.get_or_insert_with(zstd::zstd_safe::DCtx::create);
             unzstd(dctx, input, out)
         }),
+        #[cfg(not(feature = "zstd"))]
+        Codec::Zstd => Err(CodecError::NotBuilt { codec }),
     }
 }
 
+/// [`inflate`] without libdeflate: flate2 decodes the unit in one call into `out`; the
+/// stream must end exactly when `out` is full.
+#[cfg(not(feature = "libdeflate"))]
+fn inflate_flate2(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    let mut d = flate2::Decompress::new(codec == Codec::Zlib);
+    let r = d.decompress(input, out, flate2::FlushDecompress::Finish);
+    let got = d.total_out() as usize;
+    match r {
+        Ok(Status::StreamEnd) if got == out.len() => Ok(()),
+        Ok(_) if got == out.len() => Err(CodecError::Long {
+            codec,
+            expected: out.len(),
+        }),
+        Ok(_) => Err(CodecError::Short {
+            codec,
+            got,
+            expected: out.len(),
+        }),
+        Err(e) => Err(CodecError::Corrupt {
+            codec,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+#[cfg(feature = "libdeflate")]
 /// Decodes one whole deflate or zlib unit. libdeflate stops at the end of the stream, so
 /// padding after it is ignored; the output must fill `out` exactly.
 fn inflate(
@@ -110,6 +152,7 @@ fn inflate(
     }
 }
 
+#[cfg(feature = "zstd")]
 fn unzstd(
     dctx: &mut zstd::zstd_safe::DCtx<'static>,
     input: &[u8],
@@ -207,6 +250,7 @@ pub fn deflate(
     })
 }
 
+#[cfg(feature = "libdeflate")]
 thread_local! {
     static LIBDEFLATE: RefCell<Option<(i32, libdeflater::Compressor)>> = const { RefCell::new(None) };
 }
@@ -214,8 +258,12 @@ thread_local! {
 /// Compresses `input` as one zlib stream (32 KiB window) with libdeflate at `level`
 /// (1..=12), which compresses a whole buffer faster and smaller than zlib at a like level.
 /// Returns `None` when the result would not be smaller than `max_out` bytes or the level is
-/// out of range.
+/// out of range. Without the `libdeflate` feature, zlib (flate2) compresses at the level
+/// capped to 9: the same format, other bytes.
 pub fn zlib_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>> {
+    #[cfg(not(feature = "libdeflate"))]
+    return deflate(input, level.clamp(1, 9) as u32, 15, true, max_out);
+    #[cfg(feature = "libdeflate")]
     LIBDEFLATE.with(|cell| {
         let mut cell = cell.borrow_mut();
         if !matches!(&*cell, Some((l, _)) if *l == level) {
@@ -233,13 +281,21 @@ pub fn zlib_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>
     })
 }
 
+#[cfg(feature = "zstd")]
 thread_local! {
     static ZSTD_CCTX: RefCell<Option<(i32, zstd::zstd_safe::CCtx<'static>)>> = const { RefCell::new(None) };
 }
 
 /// Compresses `input` as one zstd frame at `level`. Returns `None` when the result would
-/// not be smaller than `max_out` bytes.
+/// not be smaller than `max_out` bytes. Without the `zstd` feature, callers refuse zstd
+/// output before they get here (`None` would store the unit uncompressed).
 pub fn zstd_compress(input: &[u8], level: i32, max_out: usize) -> Option<Vec<u8>> {
+    #[cfg(not(feature = "zstd"))]
+    return {
+        let _ = (input, level, max_out);
+        None
+    };
+    #[cfg(feature = "zstd")]
     ZSTD_CCTX.with(|cell| {
         let mut cell = cell.borrow_mut();
         if !matches!(&*cell, Some((l, _)) if *l == level) {

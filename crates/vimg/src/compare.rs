@@ -13,6 +13,7 @@ const STEP: u64 = 1 << 20;
 
 /// The outcome of [`compare`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Comparison {
     /// Same content (over the common length; a longer image's tail is zero unless strict).
     Identical,
@@ -38,6 +39,20 @@ pub struct CompareReport {
 /// Compares `a` and `b` (each flattened through its backing chain). With `strict`, different
 /// sizes are a mismatch; otherwise the longer image's tail must read as zeros. `progress`
 /// gets (bytes done, bytes total) of guest space walked.
+///
+/// ```
+/// use vimg::{Comparison, ConvertOptions, Format, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let raw = dir.path().join("disk.raw");
+/// # std::fs::write(&raw, vec![4u8; 1 << 20])?;
+/// let a = Image::open(&raw, &OpenOptions::default())?;
+/// let qcow2 = dir.path().join("disk.qcow2");
+/// vimg::convert(&a, &qcow2, &ConvertOptions::new(Format::Qcow2))?;
+/// let b = Image::open(&qcow2, &OpenOptions::default())?;
+/// let report = vimg::compare(&a, &b, false, &mut |_, _| {})?;
+/// assert_eq!(report.result, Comparison::Identical);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn compare(
     a: &Image,
     b: &Image,

@@ -13,7 +13,7 @@ use crate::storage::Storage;
 
 impl Image {
     /// Several images read one after another as one disk (`convert a b c out`); see
-    /// [`crate::concat`]. Shown under the first part's name.
+    /// the `concat` module. Shown under the first part's name.
     pub fn concat(parts: Vec<Image>) -> Result<Image> {
         let reader = ConcatReader::new(parts)?;
         let first = reader.first();

@@ -16,14 +16,27 @@ use crate::output::{
 };
 use crate::writer::ImageWriter;
 
-/// Settings for [`convert`].
-pub struct ConvertOptions<'a> {
+/// Settings for [`convert`]: [`ConvertOptions::new`] gives qemu-img's defaults for a
+/// format; set the fields that differ.
+///
+/// ```
+/// use std::sync::Arc;
+/// use vimg::{ConvertOptions, Format, HashAlg};
+/// let mut opts = ConvertOptions::new(Format::Vmdk);
+/// opts.create.parse_into("subformat=streamOptimized")?; // qemu-img's -o
+/// opts.checksum = Some(HashAlg::Sha256);
+/// opts.copy.workers = 2;
+/// opts.copy.progress = Some(Arc::new(|p: vimg::Progress| eprintln!("{}/{}", p.done, p.total)));
+/// # Ok::<(), vimg::Error>(())
+/// ```
+#[non_exhaustive]
+pub struct ConvertOptions {
     /// The target format.
     pub format: Format,
     /// `-o` options (and `-c`).
     pub create: CreateOptions,
     /// Engine settings.
-    pub copy: CopyOptions<'a>,
+    pub copy: CopyOptions,
     /// Atomic (default), in place (`-n`) or stdout.
     pub output_mode: OutputMode,
     /// A checksum of the output file's bytes to compute (see [`ConvertReport::checksum`]).
@@ -56,7 +69,7 @@ pub struct ConvertReport {
     pub notes: Vec<String>,
 }
 
-impl ConvertOptions<'_> {
+impl ConvertOptions {
     /// Defaults for converting to `format`.
     pub fn new(format: Format) -> Self {
         ConvertOptions {
@@ -183,7 +196,22 @@ pub fn check_not_source(src: &Image, dst: &Path) -> Result<()> {
 
 /// Converts `src` into a new image at `dst`. On any error nothing is left at `dst` (or an
 /// existing `dst` is unchanged), except with [`OutputMode::InPlace`].
-pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) -> Result<CopyStats> {
+///
+/// ```
+/// use vimg::{ConvertOptions, Format, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let src_path = dir.path().join("disk.raw");
+/// # std::fs::write(&src_path, vec![1u8; 1 << 20])?;
+/// let src = Image::open(&src_path, &OpenOptions::default())?;
+/// let mut opts = ConvertOptions::new(Format::Qcow2);
+/// opts.create.compress = true; // qemu-img's -c
+/// let dst = dir.path().join("disk.qcow2");
+/// let stats = vimg::convert(&src, &dst, &opts)?;
+/// assert_eq!(stats.bytes_read, 1 << 20);
+/// assert_eq!(Image::open(&dst, &OpenOptions::default())?.format(), Format::Qcow2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions) -> Result<CopyStats> {
     convert_report(src, dst, opts).map(|r| r.stats)
 }
 
@@ -191,7 +219,7 @@ pub fn convert(src: &Image, dst: impl AsRef<Path>, opts: &ConvertOptions<'_>) ->
 pub fn convert_report(
     src: &Image,
     dst: impl AsRef<Path>,
-    opts: &ConvertOptions<'_>,
+    opts: &ConvertOptions,
 ) -> Result<ConvertReport> {
     let dst = dst.as_ref();
     check_create_options(opts.format, &opts.create)?;
@@ -240,7 +268,7 @@ pub fn convert_report(
         )));
     }
     out.release_stream()?;
-    let mut copy: CopyOptions<'_> = opts.copy;
+    let mut copy: CopyOptions = opts.copy.clone();
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
     // image written with -n keeps its old bytes unless the caller says it reads as zeros
     // (`ConvertOptions::target_is_zero`, the one setting for it): every zero range of the
@@ -256,7 +284,7 @@ pub fn convert_report(
     let stats = engine::copy(src, &*writer, &copy)?;
     writer.finish()?;
     let notes = out.notes();
-    let checksum = out.commit_unless(copy.cancel)?;
+    let checksum = out.commit_unless(copy.cancel.as_deref())?;
     Ok(ConvertReport {
         stats,
         checksum,
@@ -268,7 +296,7 @@ pub fn convert_report(
 /// messages). Other formats are written onto a device zeroed first, as onto a new file; one
 /// that outgrows the device fails at the write past its end. `-n` into a device takes raw
 /// only: the other writers would read an existing image from it.
-fn check_device(dst: &Path, opts: &ConvertOptions<'_>, size: u64) -> Result<()> {
+fn check_device(dst: &Path, opts: &ConvertOptions, size: u64) -> Result<()> {
     if !opts.format.is_plain() {
         if opts.output_mode == OutputMode::InPlace {
             return Err(Error::unsupported(format!(

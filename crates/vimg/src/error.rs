@@ -7,7 +7,23 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// What went wrong, coarsely. The CLI maps these to exit codes; details live in the source.
+///
+/// ```
+/// use vimg::{ErrorKind, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("bad.qcow2");
+/// # let mut h = vec![0u8; 512];
+/// # h[..8].copy_from_slice(b"QFI\xfb\0\0\0\x09"); // qcow2 magic, version 9
+/// # std::fs::write(&path, &h)?;
+/// let e = Image::open(&path, &OpenOptions::default()).unwrap_err();
+/// match e.kind() {
+///     ErrorKind::Invalid | ErrorKind::Unsupported => eprintln!("refused: {e}"),
+///     other => return Err(format!("{other:?}: {e}").into()),
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// The caller asked for something impossible (bad option, size, combination).
     InvalidArgument,
@@ -41,7 +57,16 @@ impl ErrorKind {
     }
 }
 
-/// The error type of every fallible vimg operation.
+/// The error type of every fallible vimg operation: an [`ErrorKind`], the file it
+/// concerns, and the cause. `Display` names the file first; [`Error::message`] leaves it
+/// out.
+///
+/// ```
+/// let e = vimg::Image::open("missing.qcow2", &vimg::OpenOptions::default()).unwrap_err();
+/// assert_eq!(e.path(), Some(std::path::Path::new("missing.qcow2")));
+/// assert_eq!(e.io_kind(), Some(std::io::ErrorKind::NotFound));
+/// assert!(e.to_string().starts_with("missing.qcow2: "));
+/// ```
 pub struct Error {
     kind: ErrorKind,
     path: Option<PathBuf>,
@@ -149,6 +174,21 @@ impl Error {
         self.kind
     }
 
+    /// What went wrong, without the file name that [`Display`](fmt::Display) puts first:
+    /// for a caller that words its own message around the name, as qemu-img does
+    /// (`Could not open 'FILE': MESSAGE`).
+    ///
+    /// ```
+    /// let e = vimg::Image::open("/nonexistent/disk.img", &vimg::OpenOptions::default())
+    ///     .unwrap_err();
+    /// assert_eq!(e.kind(), vimg::ErrorKind::Io);
+    /// assert!(e.to_string().starts_with("/nonexistent/disk.img: "));
+    /// assert!(!e.message().to_string().contains("disk.img"));
+    /// ```
+    pub fn message(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
     /// The file this error concerns, when known.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -210,9 +250,22 @@ impl fmt::Debug for Error {
     }
 }
 
+/// Names the file first when the error concerns one (`disk.qcow2: L2 table ...`); see
+/// [`Error::message`] for the text alone.
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.source, f)
+        match &self.path {
+            Some(p) => {
+                let name = p.to_string_lossy();
+                write!(
+                    f,
+                    "{}: {}",
+                    crate::escape::escape_control(&name),
+                    self.source
+                )
+            }
+            None => fmt::Display::fmt(&self.source, f),
+        }
     }
 }
 
@@ -228,7 +281,7 @@ impl From<io::Error> for Error {
     }
 }
 
-/// "while doing X: <io error>"
+/// "while doing X: `<io error>`"
 #[derive(Debug)]
 struct IoContext {
     what: String,
@@ -260,7 +313,8 @@ struct Context {
 
 impl fmt::Display for Context {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.what, self.inner)
+        // The file, if any, is the outer error's (it keeps the inner one's).
+        write!(f, "{}: {}", self.what, self.inner.message())
     }
 }
 
@@ -302,9 +356,22 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert_eq!(e.path(), Some(Path::new("a.qcow2")));
         assert_eq!(
-            e.to_string(),
+            e.message().to_string(),
             "Could not open backing file: L2 entry 3 past end of file"
         );
+        assert_eq!(
+            e.to_string(),
+            "a.qcow2: Could not open backing file: L2 entry 3 past end of file"
+        );
+    }
+
+    #[test]
+    fn display_names_the_file() {
+        let e = Error::new(ErrorKind::Io, io::Error::from(io::ErrorKind::NotFound));
+        let bare = e.to_string();
+        let e = e.with_path("/images/disk.img");
+        assert_eq!(e.to_string(), format!("/images/disk.img: {bare}"));
+        assert_eq!(e.message().to_string(), bare);
     }
 
     #[test]

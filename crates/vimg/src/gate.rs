@@ -36,6 +36,7 @@ use crate::escape::escape_control;
 /// [`ExternalPolicy::Scoped`] is therefore built once per process by [`ExternalPolicy::scoped`]
 /// and lives as long as the process (a handful of paths).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExternalPolicy {
     /// Only names that resolve to a regular file inside the image's own folder (the default).
     #[default]

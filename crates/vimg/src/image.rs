@@ -17,8 +17,19 @@ use crate::storage::{FileStorage, Storage};
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
-/// How to open an image.
+/// How to open an image: [`Default`] probes the format, opens the backing chain and lets the
+/// image name files in its own folder only; the builder methods change one setting each.
+///
+/// ```
+/// use vimg::{ExternalPolicy, Format, OpenOptions};
+/// let opts = OpenOptions::with_format(Some(Format::Qcow2))
+///     .policy(ExternalPolicy::scoped(["/var/lib/images/_base"]))
+///     .open_backing(false);
+/// assert_eq!(opts.format, Some(Format::Qcow2));
+/// # let _ = opts;
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// The format; `None` probes the content.
     pub format: Option<Format>,
@@ -56,9 +67,52 @@ impl OpenOptions {
             ..OpenOptions::default()
         }
     }
+
+    /// Sets [`OpenOptions::policy`].
+    pub fn policy(mut self, policy: ExternalPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets [`OpenOptions::open_backing`].
+    pub fn open_backing(mut self, open: bool) -> Self {
+        self.open_backing = open;
+        self
+    }
+
+    /// Sets [`OpenOptions::backing_format`].
+    pub fn backing_format(mut self, format: Option<Format>) -> Self {
+        self.backing_format = format;
+        self
+    }
+
+    /// Sets [`OpenOptions::source`].
+    pub fn source(mut self, source: SourceOptions) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// Sets [`OpenOptions::image_opts`].
+    pub fn image_opts(mut self, image_opts: bool) -> Self {
+        self.image_opts = image_opts;
+        self
+    }
 }
 
-/// An opened image and its backing chain.
+/// An opened image and its backing chain: any format, read through one interface.
+///
+/// ```
+/// use vimg::{Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # std::fs::write(&path, vec![3u8; 1 << 16])?;
+/// let image = Image::open(&path, &OpenOptions::default())?;
+/// assert_eq!(image.format(), vimg::Format::Raw);
+/// let mut sector = [0u8; 512];
+/// image.read_at(&mut sector, 0)?;
+/// assert_eq!(sector, [3u8; 512]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Image {
     reader: Box<dyn ImageReader>,
     backing: Option<Box<Image>>,
@@ -540,7 +594,11 @@ impl Image {
                         &mut output[..]
                     };
                     codec::decompress(codec, &input[..got], out).map_err(|err| {
-                        Error::new(ErrorKind::Corrupt, err).context(format!(
+                        let kind = match err {
+                            codec::CodecError::NotBuilt { .. } => ErrorKind::Unsupported,
+                            _ => ErrorKind::Corrupt,
+                        };
+                        Error::new(kind, err).context(format!(
                             "compressed unit for guest {unit_start} at host {offset}"
                         ))
                     })?;
@@ -572,7 +630,7 @@ const CHAIN_PREFIX: &str = "Could not open backing file '";
 /// Wraps the error of the backing file at `depth` (1: the top image's backing file) unless a
 /// deeper layer already did; past the first layer the message says which layer it was.
 fn chain_context(e: Error, what: String, depth: usize) -> Error {
-    if e.to_string().starts_with(CHAIN_PREFIX) {
+    if e.message().to_string().starts_with(CHAIN_PREFIX) {
         return e;
     }
     if depth > 1 {

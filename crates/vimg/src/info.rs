@@ -83,6 +83,25 @@ pub struct ImageInfo {
     pub external_references: Vec<ExternalRef>,
 }
 
+/// What `qemu-img info` says about `image`'s top layer (its backing chain is
+/// [`Image::chain`]): format, sizes, backing file, the files it names.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # std::fs::write(&path, vec![0u8; 65536])?;
+/// let image = vimg::Image::open(&path, &vimg::OpenOptions::default())?;
+/// let info = vimg::info(&image);
+/// assert_eq!((info.format.as_str(), info.virtual_size), ("raw", 65536));
+/// // qemu-img's JSON keys.
+/// let json = serde_json::to_value(&info)?;
+/// assert_eq!(json["virtual-size"], 65536);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn info(image: &Image) -> ImageInfo {
+    ImageInfo::of(image)
+}
+
 impl ImageInfo {
     /// Collects `info` for the top layer of `image`.
     pub fn of(image: &Image) -> ImageInfo {

@@ -2,18 +2,34 @@
 //! vdi, parallels (ploop), qed and qcow (v1); it reads bochs, cloop and dmg too. A format it
 //! recognises but cannot read (LUKS) is refused by name, never copied as raw.
 //!
-//! - Every format answers one block-mapping trait, [`ImageReader`]: for a guest offset,
-//!   what is there (data at a host offset, compressed data, zero, unallocated). [`Image`]
-//!   reads through it for all formats and follows backing chains.
-//! - Every format writes through [`ImageWriter`]; the [`engine`] copies any image into any
-//!   writer, never reading or writing zero and unallocated ranges, in parallel with bounded
-//!   memory.
+//! The library in one screen:
+//!
+//! | | |
+//! |---|---|
+//! | [`Image::open`] with [`OpenOptions`] | any image, its backing chain, through a compressed container or an OVA |
+//! | [`ImageReadSeek`] | the guest bytes as `Read + Seek` (and `read_at`) |
+//! | [`map`] → [`Extent`]s | what is allocated where (`qemu-img map`) |
+//! | [`info`], [`check`], [`compare`], [`measure`] | `qemu-img info`, `check`, `compare`, `measure` |
+//! | [`convert`] with [`ConvertOptions`], [`create`] | write any [`Format`], all or nothing |
+//! | [`Error`] with [`ErrorKind`] | every failure: what kind, which file, why |
+//!
+//! - Every format answers one block-mapping question (for a guest offset: data at a host
+//!   offset, compressed data, zero, unallocated); [`Image`] reads through it for all formats
+//!   and follows backing chains. A copy engine writes any image into any format, never
+//!   reading or writing zero and unallocated ranges, in parallel with bounded memory.
 //! - Files an image names (backing files, extents, data files, parent locators) are opened
 //!   only through the [`gate`]: by default, relative names inside the image's own folder.
-//! - Output is all or nothing ([`Output`]).
+//! - Output is all or nothing: a failed or cancelled conversion leaves nothing behind.
 //! - The top image may sit inside an xz, gzip or zstd container or an OVA, or come from
-//!   stdin ([`source`], [`container`], [`ova`]); outputs can be hashed ([`checksum`]) and
+//!   stdin ([`Source`], [`SourceOptions`]); outputs can be hashed ([`HashAlg`]) and
 //!   described for an image service ([`glance`]).
+//!
+//! Cargo features (all on by default): `zstd` (zstd-compressed qcow2 clusters and `.zst`
+//! containers), `xz` (`.xz` containers), `libdeflate` (deflate and zlib units decoded about
+//! twice as fast, and streamOptimized vmdk grains compressed by libdeflate; without it
+//! `flate2` does both, so such vmdk output has other, equally valid bytes). Without `zstd`
+//! or `xz`, such an input or output is refused with an error of kind
+//! [`ErrorKind::Unsupported`].
 //!
 //! # Open any image and read its info
 //!
@@ -36,15 +52,16 @@
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU64, Ordering};
+//! use std::sync::Arc;
 //! use vimg::{ConvertOptions, Format, HashAlg, Image, OpenOptions, Progress};
 //! # let dir = tempfile::tempdir()?;
 //! # let src_path = dir.path().join("disk.img");
 //! # std::fs::write(&src_path, vec![7u8; 4 << 20])?;
 //! let src = Image::open(&src_path, &OpenOptions::default())?;
-//! let done = AtomicU64::new(0);
-//! let on_progress = |p: Progress| done.store(p.done, Ordering::Relaxed);
+//! let done = Arc::new(AtomicU64::new(0));
+//! let seen = done.clone();
 //! let mut opts = ConvertOptions::new(Format::Raw);
-//! opts.copy.progress = Some(&on_progress);
+//! opts.copy.progress = Some(Arc::new(move |p: Progress| seen.store(p.done, Ordering::Relaxed)));
 //! opts.checksum = Some(HashAlg::Sha256);
 //! let report = vimg::convert_report(&src, dir.path().join("copy.raw"), &opts)?;
 //! assert_eq!(done.load(Ordering::Relaxed), 4 << 20);
@@ -61,7 +78,7 @@
 //! # let dir = tempfile::tempdir()?;
 //! # let path = dir.path().join("upload.img");
 //! # std::fs::write(&path, vec![0u8; 65536])?;
-//! let opts = OpenOptions { open_backing: false, ..OpenOptions::default() };
+//! let opts = OpenOptions::default().open_backing(false);
 //! let image = Image::open(&path, &opts)?;
 //! let refs = image.reader().external_refs();
 //! if !refs.is_empty() {
@@ -102,43 +119,81 @@
 
 #![warn(missing_docs)]
 
-pub mod check;
-pub mod checksum;
-pub mod codec;
-pub mod compare;
-pub mod concat;
-pub mod container;
-pub mod convert;
-pub mod engine;
-pub mod error;
-pub mod escape;
-pub mod formats;
-pub mod fuzzing;
+// The documented API: the items re-exported below, and two modules.
 pub mod gate;
 pub mod glance;
+
+// Internals. The `#[doc(hidden)]` ones are public only for vimg's own binary, fuzz targets,
+// benches and tests; they are not part of the API and may change in any release.
+pub(crate) mod check;
+#[doc(hidden)]
+pub mod checksum;
+#[doc(hidden)]
+pub mod codec;
+pub(crate) mod compare;
+pub(crate) mod concat;
+#[doc(hidden)]
+pub mod container;
+#[doc(hidden)]
+pub mod convert;
+#[doc(hidden)]
+pub mod engine;
+pub(crate) mod error;
+#[doc(hidden)]
+pub mod escape;
+#[doc(hidden)]
+pub mod formats;
+#[doc(hidden)]
+pub mod fuzzing;
+#[doc(hidden)]
 pub mod image;
+#[doc(hidden)]
 pub mod info;
+#[doc(hidden)]
 pub mod limits;
-pub mod map;
+pub(crate) mod map;
+#[doc(hidden)]
 pub mod mapping;
-pub mod measure;
+pub(crate) mod measure;
+#[doc(hidden)]
 pub mod options;
+#[doc(hidden)]
 pub mod output;
-pub mod ova;
+pub(crate) mod ova;
+mod read_seek;
+#[doc(hidden)]
 pub mod source;
+#[doc(hidden)]
 pub mod storage;
+#[doc(hidden)]
 pub mod writer;
 
+pub use check::{check, CheckReport};
 pub use checksum::{Checksum, HashAlg};
+pub use compare::{compare, CompareReport, Comparison};
 pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
-pub use engine::{CopyMode, CopyOptions, CopyStats, Progress};
+pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn};
 pub use error::{Error, ErrorKind, Result};
-pub use formats::Format;
+pub use formats::{Format, Measure};
 pub use gate::ExternalPolicy;
 pub use image::{Image, OpenOptions};
-pub use info::ImageInfo;
-pub use mapping::{Extent, GuestOffset, HostOffset, ImageReader, MapKind};
+pub use info::{info, ImageInfo};
+pub use map::{map, map_range, Extent, Map};
+pub use measure::measure;
 pub use options::CreateOptions;
-pub use output::{Output, OutputMode};
+pub use output::OutputMode;
+pub use read_seek::ImageReadSeek;
 pub use source::{Origin, Source, SourceOptions};
+
+/// The README's Rust examples, compiled as doctests so they keep up with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
+// Internal types the hidden modules' users reach from the root.
+#[doc(hidden)]
+pub use mapping::{GuestOffset, HostOffset, ImageReader, MapKind};
+#[doc(hidden)]
+pub use output::Output;
+#[doc(hidden)]
 pub use writer::{ImageWriter, WriterCaps};

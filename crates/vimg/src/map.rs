@@ -1,15 +1,27 @@
-//! `vimg map`: the allocation of an image's guest range, in qemu-img's entries and with its
-//! merging rule (neighbours with equal flags, depth and file, and contiguous offsets, merge).
+//! [`map`]: the allocation of an image's guest range (`qemu-img map`), in qemu-img's
+//! entries and with its merging rule (neighbours with equal flags, depth and file, and
+//! contiguous offsets, merge).
 
 use std::path::PathBuf;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::mapping::MapKind;
 
-/// One run of `map` output, with qemu-img's fields.
+/// One run of [`map`] output, with qemu-img's fields (`qemu-img map --output=json`).
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # std::fs::write(&path, vec![9u8; 65536])?;
+/// let image = vimg::Image::open(&path, &vimg::OpenOptions::default())?;
+/// let first: vimg::Extent = vimg::map(&image).next().expect("one extent")?;
+/// assert_eq!((first.start, first.length, first.data, first.offset), (0, 65536, true, Some(0)));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MapEntry {
+#[non_exhaustive]
+pub struct Extent {
     /// First guest byte.
     pub start: u64,
     /// Length in bytes.
@@ -30,8 +42,8 @@ pub struct MapEntry {
     pub filename: Option<PathBuf>,
 }
 
-impl MapEntry {
-    fn merges_with(&self, next: &MapEntry) -> bool {
+impl Extent {
+    fn merges_with(&self, next: &Extent) -> bool {
         self.depth == next.depth
             && self.present == next.present
             && self.zero == next.zero
@@ -47,7 +59,7 @@ impl MapEntry {
 }
 
 /// The map entry of the run that starts at `pos`, at most `end - pos` long (not merged).
-pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
+pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
     let (e, layer, depth) = image.map_flat(pos, end - pos)?;
     let r = layer.reader();
     // The layer's own file is named as the user (or the overlay) named it, as qemu does;
@@ -96,7 +108,7 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
         }
         MapKind::Unallocated => (false, true, false, false, None, None),
     };
-    Ok(MapEntry {
+    Ok(Extent {
         start: pos,
         length,
         depth,
@@ -109,22 +121,90 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<MapEntry> {
     })
 }
 
-/// The merged map of `[start, start + len)` (clipped to the virtual size).
-pub fn map_image(image: &Image, start: u64, len: Option<u64>) -> Result<Vec<MapEntry>> {
+/// The merged map of the whole of `image`, in guest order: an iterator that maps as it goes
+/// (memory does not grow with the disk), yielding an error at most once, last.
+///
+/// ```
+/// # let dir = tempfile::tempdir()?;
+/// # let path = dir.path().join("disk.img");
+/// # let mut bytes = vec![0u8; 8 << 20];
+/// # bytes[1 << 20..(1 << 20) + 65536].fill(1);
+/// # std::fs::write(&path, bytes)?;
+/// let image = vimg::Image::open(&path, &vimg::OpenOptions::default())?;
+/// for extent in vimg::map(&image) {
+///     let e = extent?;
+///     println!("{:#x} +{:#x} data={} zero={}", e.start, e.length, e.data, e.zero);
+/// }
+/// // Data and zero runs cover the disk, back to back.
+/// let all = vimg::map(&image).collect::<vimg::Result<Vec<_>>>()?;
+/// assert_eq!(all.iter().map(|e| e.length).sum::<u64>(), image.virtual_size());
+/// assert!(all.iter().any(|e| e.data && e.start <= 1 << 20));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn map(image: &Image) -> Map<'_> {
+    map_range(image, 0, None)
+}
+
+/// [`map`] of `[start, start + len)` (clipped to the virtual size; `None`: to the end).
+pub fn map_range(image: &Image, start: u64, len: Option<u64>) -> Map<'_> {
     let size = image.virtual_size();
     let end = match len {
         Some(l) => start.saturating_add(l).min(size),
         None => size,
     };
-    let mut out: Vec<MapEntry> = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let entry = entry_at(image, pos, end)?;
-        pos += entry.length;
-        match out.last_mut() {
-            Some(last) if last.merges_with(&entry) => last.length += entry.length,
-            _ => out.push(entry),
-        }
+    Map {
+        image,
+        pos: start,
+        end,
+        pending: None,
+        failed: None,
     }
-    Ok(out)
+}
+
+/// The iterator [`map`] returns.
+#[derive(Debug)]
+pub struct Map<'a> {
+    image: &'a Image,
+    pos: u64,
+    end: u64,
+    /// The extent being merged with its successors.
+    pending: Option<Extent>,
+    /// An error met after `pending`, returned once `pending` is out.
+    failed: Option<Error>,
+}
+
+impl Iterator for Map<'_> {
+    type Item = Result<Extent>;
+
+    fn next(&mut self) -> Option<Result<Extent>> {
+        if let Some(e) = self.failed.take() {
+            return Some(Err(e));
+        }
+        while self.pos < self.end {
+            let entry = match entry_at(self.image, self.pos, self.end) {
+                Ok(entry) => entry,
+                Err(e) => {
+                    let e = e.with_path(self.image.filename());
+                    self.pos = self.end;
+                    return match self.pending.take() {
+                        Some(p) => {
+                            self.failed = Some(e);
+                            Some(Ok(p))
+                        }
+                        None => Some(Err(e)),
+                    };
+                }
+            };
+            self.pos += entry.length;
+            match &mut self.pending {
+                Some(last) if last.merges_with(&entry) => last.length += entry.length,
+                _ => {
+                    if let Some(done) = self.pending.replace(entry) {
+                        return Some(Ok(done));
+                    }
+                }
+            }
+        }
+        self.pending.take().map(Ok)
+    }
 }

@@ -66,6 +66,7 @@ pub struct FileId(pub u16);
 
 /// What a guest range holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapKind {
     /// Plain bytes: guest `start + i` is at host `offset + i` in `file`.
     Data {

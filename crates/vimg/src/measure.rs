@@ -11,6 +11,15 @@ use crate::options::CreateOptions;
 
 /// Measures a new `format` image with `opts`, either for `size` bytes of nothing or for the
 /// content of `source` (flattened).
+///
+/// ```
+/// use vimg::{CreateOptions, Format};
+/// let m = vimg::measure(Format::Qcow2, &CreateOptions::new(), Some(1 << 30), None)?;
+/// // An empty qcow2 needs its header and tables; a full one needs the whole gigabyte too.
+/// assert!(m.required < 1 << 20);
+/// assert!(m.fully_allocated > 1 << 30);
+/// # Ok::<(), vimg::Error>(())
+/// ```
 pub fn measure(
     format: Format,
     opts: &CreateOptions,

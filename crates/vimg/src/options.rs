@@ -110,6 +110,7 @@ pub fn help_text(format: &str, specs: &[OptionSpec]) -> String {
 
 /// Parsed and checked `-o` options for one format, plus `-c`.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct CreateOptions {
     values: BTreeMap<String, String>,
     /// `-c`: compress data (formats that cannot compress refuse it).

@@ -770,6 +770,7 @@ impl Write for HoldWriter {
 
 /// How an [`Output`] treats existing files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OutputMode {
     /// Write temporaries, rename over the destination at commit (the default).
     Atomic,

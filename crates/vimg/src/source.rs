@@ -64,6 +64,7 @@ impl Source {
 
 /// How the top image's source is unpacked.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SourceOptions {
     /// Look inside compressed containers and OVAs (default). When false, the bytes are
     /// taken as they are.

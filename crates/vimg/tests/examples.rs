@@ -37,13 +37,14 @@ fn convert_example() {
     let dir = tempfile::tempdir().unwrap();
     let p = sample(dir.path());
     let out = dir.path().join("out.raw");
-    let last = std::sync::Mutex::new(None);
-    let progress = |pr: vimg::Progress| *last.lock().unwrap() = Some(pr);
+    let last = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = last.clone();
+    let progress = move |pr: vimg::Progress| *seen.lock().unwrap() = Some(pr);
     let sum = convert::run(
         p.to_str().unwrap(),
         out.to_str().unwrap(),
         vimg::Format::Raw,
-        &progress,
+        progress,
     )
     .unwrap();
     let want: String = sha2::Sha256::digest(std::fs::read(&p).unwrap())

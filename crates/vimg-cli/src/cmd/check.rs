@@ -6,7 +6,7 @@
 //! [`vimg::check`]. Other open errors exit 1 with qemu-img's "Could not open" message.
 
 use serde_json::{Map, Value};
-use vimg::check::CheckReport;
+use vimg::CheckReport;
 use vimg::{ErrorKind, Format, Image};
 
 use super::{open_options, parse_format_opt};
@@ -28,11 +28,11 @@ pub fn run(a: CheckArgs) -> CmdResult {
         Ok(image) => match image.reader().check() {
             Ok(r) => (r, image.format()),
             Err(e) if e.kind() == ErrorKind::Unsupported => {
-                return Err(Failure::new(e.to_string(), 63));
+                return Err(Failure::new(e.message().to_string(), 63));
             }
             Err(e) => {
                 return Err(Failure::new(
-                    format!("Check of '{}' failed: {e}", a.filename),
+                    format!("Check of '{}' failed: {}", a.filename, e.message()),
                     1,
                 ))
             }

@@ -3,8 +3,8 @@
 
 use std::io::Write;
 
-use vimg::compare::{compare, Comparison};
 use vimg::Image;
+use vimg::{compare, Comparison};
 
 use super::{open_options, parse_format_opt};
 use crate::args::CompareArgs;
@@ -37,7 +37,7 @@ pub fn run(a: CompareArgs) -> CmdResult {
         }
     };
     let report = compare(&ia, &ib, a.strict, &mut on_progress)
-        .map_err(|e| Failure::new(format!("Error while reading: {e}"), 4))?;
+        .map_err(|e| Failure::new(format!("Error while reading: {}", e.message()), 4))?;
     let mut text = String::new();
     if progress {
         text.push_str("    (100.00/100%)\r\n");
@@ -63,6 +63,14 @@ pub fn run(a: CompareArgs) -> CmdResult {
         Comparison::Mismatch(off) => {
             text.push_str(&format!("Content mismatch at offset {off}!\n"));
             1
+        }
+        // `Comparison` is non-exhaustive; an outcome this binary does not know is an error
+        // (qemu-img's exit code 2), never "identical".
+        other => {
+            return Err(Failure::new(
+                format!("compare: unknown outcome {other:?}"),
+                2,
+            ))
         }
     };
     if !a.quiet {

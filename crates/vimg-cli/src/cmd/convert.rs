@@ -29,7 +29,7 @@ struct Plan {
     progress: Option<crate::args::ProgressMode>,
     quiet: bool,
     /// Everything the library is told, but the progress callback and the cancel flag.
-    opts: ConvertOptions<'static>,
+    opts: ConvertOptions,
 }
 
 const MAX_SPARSE: u64 = 16 << 20;
@@ -169,8 +169,10 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         vimg::output::check_destination(std::path::Path::new(&a.files[1])).map_err(|e| {
             Failure::new(
                 format!(
-                    "{}: error while converting {}: {e}",
-                    a.files[1], a.out_format
+                    "{}: error while converting {}: {}",
+                    a.files[1],
+                    a.out_format,
+                    e.message()
                 ),
                 1,
             )
@@ -336,17 +338,19 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             as crate::signals::ExitNote
     });
     let cancel = crate::signals::install_cancel_flag_with(note);
-    let printer = crate::progress::Reporter::new(p.progress, to_stdout);
+    let printer = Arc::new(crate::progress::Reporter::new(p.progress, to_stdout));
     let pace = crate::progress::RateLimit::new(rate);
-    let progress_fn = |pr: Progress| {
-        printer.update(pr);
-        pace.pace(pr.done);
+    let progress_fn: vimg::ProgressFn = {
+        let printer = printer.clone();
+        Arc::new(move |pr: Progress| {
+            printer.update(pr);
+            pace.pace(pr.done);
+        })
     };
-    let mut opts: ConvertOptions<'_> = p.opts;
+    let mut opts: ConvertOptions = p.opts;
     opts.counter = Some(counter.clone());
-    opts.copy.progress =
-        (printer.enabled() || rate > 0).then_some(&progress_fn as &(dyn Fn(Progress) + Sync));
-    opts.copy.cancel = Some(&cancel);
+    opts.copy.progress = (printer.enabled() || rate > 0).then_some(progress_fn);
+    opts.copy.cancel = Some(cancel.clone());
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if result.is_err() && cancel.load(Ordering::SeqCst) {
@@ -362,13 +366,14 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
-        Some(path) if path != p.dst => {
-            Failure::new(format!("Could not open '{}': {e}", path.display()), 1)
-        }
+        Some(path) if path != p.dst => Failure::new(
+            format!("Could not open '{}': {}", path.display(), e.message()),
+            1,
+        ),
         // qemu-img checks compression before it creates the target and words those
         // refusals plainly; everything the format's create refuses it prefixes with the
         // target's name.
-        _ if e.is_refusal() => Failure::new(e.to_string(), 1),
+        _ if e.is_refusal() => Failure::new(e.message().to_string(), 1),
         _ if matches!(
             e.kind(),
             vimg::ErrorKind::InvalidArgument | vimg::ErrorKind::Unsupported
@@ -376,14 +381,18 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         {
             Failure::new(
                 format!(
-                    "{}: error while converting {}: {e}",
+                    "{}: error while converting {}: {}",
                     p.dst.display(),
-                    p.out_name
+                    p.out_name,
+                    e.message()
                 ),
                 1,
             )
         }
-        _ => Failure::new(format!("error while converting {}: {e}", p.out_name), 1),
+        _ => Failure::new(
+            format!("error while converting {}: {}", p.out_name, e.message()),
+            1,
+        ),
     })?;
     if !p.quiet {
         for n in &report.notes {
@@ -445,5 +454,5 @@ fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
         src.load_snapshot(Some(param), None)
             .or_else(|_| src.load_snapshot(None, Some(param)))
     };
-    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {e}"), 1))
+    r.map_err(|e| Failure::new(format!("Failed to load snapshot: {}", e.message()), 1))
 }

@@ -69,16 +69,13 @@ pub fn run(a: CreateArgs) -> CmdResult {
                 .and_then(vimg::Format::from_name);
             if let Err(e) = vimg::Image::open(
                 &path,
-                &vimg::OpenOptions {
-                    format: bf,
-                    open_backing: false,
-                    ..vimg::OpenOptions::default()
-                },
+                &vimg::OpenOptions::with_format(bf).open_backing(false),
             ) {
                 return Err(named(Failure::new(
                     format!(
-                        "Could not open '{}': {e}\nCould not open backing image.",
-                        path.display()
+                        "Could not open '{}': {}\nCould not open backing image.",
+                        path.display(),
+                        e.message()
                     ),
                     1,
                 )));
@@ -97,10 +94,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
             } else {
                 vimg::Image::open(
                     backing_path(&filename, b),
-                    &vimg::OpenOptions {
-                        open_backing: false,
-                        ..vimg::OpenOptions::default()
-                    },
+                    &vimg::OpenOptions::default().open_backing(false),
                 )
                 .map(|i| format!("\nDetected format of {}.", i.format().name()))
                 .unwrap_or_default()
@@ -123,11 +117,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
             let bf = parse_format_opt(a.backing_format.as_deref())?;
             let img = vimg::Image::open(
                 &path,
-                &vimg::OpenOptions {
-                    format: bf,
-                    open_backing: false,
-                    ..vimg::OpenOptions::default()
-                },
+                &vimg::OpenOptions::with_format(bf).open_backing(false),
             )
             .map_err(|e| Failure::open(&path.display().to_string(), &e))?;
             Some(img.virtual_size())
@@ -149,7 +139,7 @@ pub fn run(a: CreateArgs) -> CmdResult {
         crate::print_out(&format!("{line}\n"))?;
     }
     vimg::create(&filename, format, size, &opts)
-        .map_err(|e| Failure::new(format!("{filename}: {e}"), 1))?;
+        .map_err(|e| Failure::new(format!("{filename}: {}", e.message()), 1))?;
     Ok(0)
 }
 

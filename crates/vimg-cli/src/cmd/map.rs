@@ -1,6 +1,6 @@
 //! `vimg map`: qemu-img map's human table and JSON array.
 
-use vimg::map::{map_image, MapEntry};
+use vimg::Extent;
 use vimg::Image;
 
 use super::{open_options, parse_format_opt};
@@ -21,7 +21,7 @@ pub fn run(a: MapArgs) -> CmdResult {
     };
     let start = parse(&a.start_offset, "start offset")?.unwrap_or(0);
     let len = parse(&a.max_length, "max length")?;
-    let entries = map_image(&image, start, len)?;
+    let entries = vimg::map_range(&image, start, len).collect::<vimg::Result<Vec<_>>>()?;
     let text = match a.output {
         OutputFormat::Json => json(&entries),
         OutputFormat::Human => human(&entries)?,
@@ -31,7 +31,7 @@ pub fn run(a: MapArgs) -> CmdResult {
 }
 
 /// qemu-img's JSON: one object per line, in an array.
-fn json(entries: &[MapEntry]) -> String {
+fn json(entries: &[Extent]) -> String {
     let lines: Vec<String> = entries
         .iter()
         .map(|e| {
@@ -59,7 +59,7 @@ fn hex(n: u64) -> String {
 }
 
 /// qemu-img's human table: data runs with their host offset and file.
-fn human(entries: &[MapEntry]) -> Result<String, Failure> {
+fn human(entries: &[Extent]) -> Result<String, Failure> {
     let mut s = format!(
         "{:<16}{:<16}{:<16}{}\n",
         "Offset", "Length", "Mapped to", "File"

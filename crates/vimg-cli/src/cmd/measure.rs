@@ -35,7 +35,7 @@ pub fn run(a: MeasureArgs) -> CmdResult {
         }
         None => None,
     };
-    let m = vimg::measure::measure(out_format, &opts, size, image.as_ref())?;
+    let m = vimg::measure(out_format, &opts, size, image.as_ref())?;
     let text = match a.output {
         OutputFormat::Json => {
             let mut obj = Map::new();

@@ -27,12 +27,9 @@ pub fn parse_format_opt(name: Option<&str>) -> Result<Option<Format>, Failure> {
 
 /// Open options from `-f` and the safety flags.
 pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions {
-    OpenOptions {
-        format,
-        policy: crate::trust::policy(safety),
-        image_opts: crate::trust::image_opts(),
-        ..OpenOptions::default()
-    }
+    OpenOptions::with_format(format)
+        .policy(crate::trust::policy(safety))
+        .image_opts(crate::trust::image_opts())
 }
 
 /// Applies `--disk` and `--source-size` to `opts`.

@@ -1,15 +1,40 @@
-//! Shared helpers for the integration tests: qemu-img as the oracle, the vimg binary, and
-//! the shared corpus.
+//! Shared helpers for the integration tests, in one place: qemu-img as the oracle, the
+//! vimg binary, byte patching, and the shared corpus ([`corpus`]).
 //!
 //! Tests that need qemu-img run when it is on PATH; when it is missing they skip with a
-//! visible message, except with `CI` set, where they fail.
+//! visible `SKIPPED test: reason` line (see [`skipped_line`]), except with `CI` set, where
+//! they fail. Corpus tests skip visibly when the corpus is absent (it never is in CI's
+//! checkout, so that is not a failure).
 
 #![allow(dead_code)]
 
+pub mod corpus;
+
+#[allow(unused_imports)]
+pub use corpus::*;
+
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// Prints a `SKIPPED ...` line where `cargo test` shows it. The harness captures
+/// `println!`/`eprintln!` (shown only with `--nocapture` or on failure), so a skipped test
+/// would just say `ok`; this writes to the process's stderr directly, past the capture.
+pub fn skipped_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The running test's name: libtest names each test's thread after the test.
+pub fn test_name() -> String {
+    std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .unwrap_or("a test")
+        .to_string()
+}
 
 /// True when `tool` is on PATH.
 pub fn have(tool: &str) -> bool {
@@ -27,7 +52,7 @@ pub fn qemu_available(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: qemu-img/qemu-io are required when CI is set");
     }
-    eprintln!("SKIPPED {test}: qemu-img/qemu-io not on PATH");
+    skipped_line(format_args!("SKIPPED {test}: qemu-img/qemu-io not on PATH"));
     false
 }
 
@@ -39,7 +64,7 @@ pub fn tool_available(test: &str, tool: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: {tool} is required when CI is set");
     }
-    eprintln!("SKIPPED {test}: {tool} not on PATH");
+    skipped_line(format_args!("SKIPPED {test}: {tool} not on PATH"));
     false
 }
 
@@ -84,6 +109,53 @@ pub fn vimg_raw(args: &[&str]) -> Output {
 /// `qemu-img ARGS`, which must succeed; returns stdout.
 pub fn qemu_img(args: &[&str]) -> String {
     run_ok("qemu-img", args)
+}
+
+/// `qemu-img ARGS` run in `dir` (so relative backing names resolve there), which must
+/// succeed; returns stdout.
+pub fn qemu_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img: {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Parses JSON output, saying what it was when it is not JSON.
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{text}"))
+}
+
+/// Overwrites the bytes at `off` in the file `p`.
+pub fn patch(p: &Path, off: u64, bytes: &[u8]) {
+    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+/// `N` bytes of the file `p` at `off`.
+pub fn read_bytes<const N: usize>(p: &Path, off: u64) -> [u8; N] {
+    let mut b = [0u8; N];
+    fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap();
+    b
+}
+
+/// A big-endian u64 of the file `p` at `off`.
+pub fn rd64be(p: &Path, off: u64) -> u64 {
+    u64::from_be_bytes(read_bytes(p, off))
+}
+
+/// `s` as UTF-16LE bytes (VHD and VHDX parent names).
+pub fn utf16le(s: &str) -> Vec<u8> {
+    s.encode_utf16().flat_map(|u| u.to_le_bytes()).collect()
 }
 
 /// `qemu-io -f FMT -c CMD IMAGE` for each command, which must succeed.
@@ -235,7 +307,11 @@ pub fn corpus_dir() -> Option<PathBuf> {
     if d.join("MANIFEST.tsv").is_file() {
         Some(d)
     } else {
-        eprintln!("SKIPPED corpus tests: {} not present", d.display());
+        skipped_line(format_args!(
+            "SKIPPED {}: the corpus {} is not present",
+            test_name(),
+            d.display()
+        ));
         None
     }
 }

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::error::ContainerError;
-use super::kind::{Compression, XZ_MAGIC};
+use super::kind::Compression;
+#[cfg(feature = "xz")]
+use super::kind::XZ_MAGIC;
 use crate::storage::Storage;
 
 /// Memory the multi-threaded xz decoder may use before it falls back to fewer threads.
@@ -96,6 +98,7 @@ impl BufRead for CountingReader {
 
 /// Reads concatenated xz streams (with stream padding between them), each with liblzma's
 /// multi-threaded decoder, which decodes the blocks of a multi-block stream in parallel.
+#[cfg(feature = "xz")]
 struct XzReader {
     dec: Option<liblzma::bufread::XzDecoder<CountingReader>>,
     threads: u32,
@@ -103,6 +106,7 @@ struct XzReader {
     consumed: Arc<AtomicU64>,
 }
 
+#[cfg(feature = "xz")]
 fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
     liblzma::stream::MtStreamBuilder::new()
         .threads(threads.max(1))
@@ -112,6 +116,7 @@ fn xz_stream(threads: u32) -> io::Result<liblzma::stream::Stream> {
         .map_err(|e| io::Error::other(format!("cannot start the xz decoder: {e}")))
 }
 
+#[cfg(feature = "xz")]
 impl Read for XzReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -169,6 +174,19 @@ impl Read for XzReader {
     }
 }
 
+/// The error for a container whose codec was left out of the build (cargo features `xz`,
+/// `zstd`).
+pub(crate) fn not_built(c: Compression) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "{} containers are not supported: vimg was built without the `{}` cargo feature",
+            c.name(),
+            c.name()
+        ),
+    )
+}
+
 /// A decoder of one container (or none, for a plain stream) with error messages that
 /// name the container and the offsets.
 pub struct Decoder {
@@ -198,10 +216,13 @@ impl Decoder {
         name: &str,
         threads: u32,
     ) -> io::Result<Decoder> {
+        #[cfg(not(feature = "xz"))]
+        let _ = threads;
         let consumed = Arc::new(AtomicU64::new(0));
         let counting = CountingReader::new(input, consumed.clone());
         let inner: Box<dyn Read + Send> = match compression {
             None => Box::new(counting),
+            #[cfg(feature = "xz")]
             Some(Compression::Xz) => Box::new(XzReader {
                 dec: Some(liblzma::bufread::XzDecoder::new_stream(
                     counting,
@@ -212,9 +233,12 @@ impl Decoder {
                 consumed: consumed.clone(),
             }),
             Some(Compression::Gzip) => Box::new(flate2::bufread::MultiGzDecoder::new(counting)),
+            #[cfg(feature = "zstd")]
             Some(Compression::Zstd) => {
                 Box::new(zstd::stream::read::Decoder::with_buffer(counting)?)
             }
+            #[allow(unreachable_patterns)]
+            Some(c) => return Err(not_built(c)),
         };
         Ok(Decoder {
             inner,

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use std::sync::Mutex;
 
 use super::kind::Compression;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::output::OutFile;
 
 /// A compression for output, with its level.
@@ -76,24 +76,30 @@ impl Write for OutWriter {
 }
 
 enum Encoder {
+    #[cfg(feature = "xz")]
     Xz(liblzma::write::XzEncoder<OutWriter>),
     Gzip(flate2::write::GzEncoder<OutWriter>),
+    #[cfg(feature = "zstd")]
     Zstd(zstd::stream::write::Encoder<'static, OutWriter>),
 }
 
 impl Encoder {
     fn writer(&mut self) -> &mut dyn Write {
         match self {
+            #[cfg(feature = "xz")]
             Encoder::Xz(e) => e,
             Encoder::Gzip(e) => e,
+            #[cfg(feature = "zstd")]
             Encoder::Zstd(e) => e,
         }
     }
 
     fn finish(self) -> io::Result<OutWriter> {
         match self {
+            #[cfg(feature = "xz")]
             Encoder::Xz(e) => e.finish(),
             Encoder::Gzip(e) => e.finish(),
+            #[cfg(feature = "zstd")]
             Encoder::Zstd(e) => e.finish(),
         }
     }
@@ -125,7 +131,11 @@ impl CompressedSink {
         let name = file.name().to_string();
         let w = OutWriter { file, pos: 0 };
         let threads = threads.max(1);
+        // Only the optional codecs (cargo features) use these.
+        #[cfg(not(all(feature = "xz", feature = "zstd")))]
+        let _ = (size, threads);
         let enc = match c.compression {
+            #[cfg(feature = "xz")]
             Compression::Xz => {
                 let stream = liblzma::stream::MtStreamBuilder::new()
                     .threads(threads)
@@ -139,6 +149,7 @@ impl CompressedSink {
                 w,
                 flate2::Compression::new(c.level.unwrap_or(6)),
             )),
+            #[cfg(feature = "zstd")]
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(w, c.level.unwrap_or(3) as i32)
                     .map_err(|e| Error::io("start the zstd encoder", e))?;
@@ -158,6 +169,8 @@ impl CompressedSink {
                 setup.map_err(|e| Error::io("configure the zstd encoder", e))?;
                 Encoder::Zstd(e)
             }
+            #[allow(unreachable_patterns)]
+            other => return Err(Error::new(ErrorKind::Unsupported, super::not_built(other))),
         };
         Ok(CompressedSink {
             state: Mutex::new(State {

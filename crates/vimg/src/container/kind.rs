@@ -7,6 +7,7 @@ use serde::Serialize;
 /// A compression container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Compression {
     /// xz (LZMA2), `.xz`.
     Xz,

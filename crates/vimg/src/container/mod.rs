@@ -15,7 +15,7 @@
 //!
 //! The decoded size must be known before an image can be opened. It comes from the xz index
 //! (read from the end of a seekable file), from zstd frame headers, from the caller
-//! ([`crate::image::SourceOptions::stream_size`]), or else from decoding the whole stream once.
+//! ([`crate::source::SourceOptions::stream_size`]), or else from decoding the whole stream once.
 //!
 //! Memory is bounded: the stream window is [`STREAM_WINDOW`] bytes; the xz decoder may use
 //! up to [`XZ_MEMLIMIT_THREADING`] across its threads (it uses fewer threads beyond that) and
@@ -36,6 +36,7 @@ mod stream;
 
 use serde::Serialize;
 
+pub(crate) use decode::not_built;
 pub use decode::{Decoder, StorageReader, XZ_MEMLIMIT_STOP, XZ_MEMLIMIT_THREADING};
 pub use encode::{CompressedSink, OutputCompression};
 pub use error::ContainerError;

@@ -20,7 +20,7 @@ pub mod zero;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
@@ -31,6 +31,7 @@ use zero::{split_runs, Run};
 
 /// Which ranges of the source the engine copies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CopyMode {
     /// Flatten the backing chain (`qemu-img convert` without `-B`).
     #[default]
@@ -50,9 +51,13 @@ pub struct Progress {
     pub total: u64,
 }
 
+/// A progress callback: owned, so options carry no lifetime and can be sent to a thread.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
 /// Settings for [`copy`].
-#[derive(Clone, Copy)]
-pub struct CopyOptions<'a> {
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct CopyOptions {
     /// Zero runs shorter than this are written as data; 0 writes everything, zeros included
     /// (a fully allocated target). Default 4 KiB.
     pub sparse_size: u64,
@@ -69,9 +74,9 @@ pub struct CopyOptions<'a> {
     /// Called with `done: 0` before the copy, then as chunks complete, in guest order (one
     /// call at a time, from the thread that passes the chunk to the writer), and with
     /// `done == total` at the end.
-    pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    pub progress: Option<ProgressFn>,
     /// Checked between chunks; when set, the copy stops with [`ErrorKind::Cancelled`].
-    pub cancel: Option<&'a AtomicBool>,
+    pub cancel: Option<Arc<AtomicBool>>,
     /// Read uncompressed source data through short-lived memory mappings instead of into
     /// pool buffers (one copy of every data byte less; see `engine/mapped.rs`). Off by
     /// default in the library because it installs a process-wide `SIGBUS` handler (chained
@@ -82,7 +87,7 @@ pub struct CopyOptions<'a> {
     pub mapped_reads: bool,
 }
 
-impl Default for CopyOptions<'_> {
+impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
             sparse_size: 4096,
@@ -137,7 +142,7 @@ struct Done {
 
 struct Shared<'a> {
     src: &'a Image,
-    progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    progress: Option<&'a (dyn Fn(Progress) + Send + Sync)>,
     /// Data bytes in all, for progress.
     total: AtomicU64,
     dst: &'a dyn ImageWriter,
@@ -199,7 +204,7 @@ impl Shared<'_> {
 
 /// Copies `src` (through its chain, per `opts.mode`) into `dst`. Does not call
 /// `dst.finish()`.
-pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Result<CopyStats> {
+pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<CopyStats> {
     let caps = dst.caps();
     if !caps.unit.is_power_of_two() || caps.unit < 512 {
         return Err(Error::invalid_argument(format!(
@@ -230,7 +235,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
     };
     let shared = Shared {
         src,
-        progress: opts.progress,
+        progress: opts.progress.as_deref(),
         total: AtomicU64::new(0),
         dst,
         unit,
@@ -263,7 +268,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
         0
     };
     shared.total.store(total, Ordering::Relaxed);
-    if let Some(p) = opts.progress {
+    if let Some(p) = &opts.progress {
         p(Progress { done: 0, total });
     }
 
@@ -315,7 +320,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions<'_>) -> Resul
         return Err(e);
     }
     plan_result?;
-    if let Some(p) = opts.progress {
+    if let Some(p) = &opts.progress {
         p(Progress { done: total, total });
     }
     Ok(CopyStats {
@@ -338,7 +343,7 @@ struct Planner<'s, 'a> {
 }
 
 impl<'s, 'a> Planner<'s, 'a> {
-    fn new(shared: &'s Shared<'a>, opts: &'s CopyOptions<'_>, size: u64, chunk: u64) -> Self {
+    fn new(shared: &'s Shared<'a>, opts: &'s CopyOptions, size: u64, chunk: u64) -> Self {
         Planner {
             shared,
             mode: opts.mode,
@@ -346,7 +351,7 @@ impl<'s, 'a> Planner<'s, 'a> {
             size,
             chunk,
             unit: shared.unit,
-            cancel: opts.cancel,
+            cancel: opts.cancel.as_deref(),
             seq: 0,
         }
     }

@@ -8,8 +8,17 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 
 /// An image format, named as qemu-img names it.
+///
+/// ```
+/// use vimg::Format;
+/// let f: Format = "vpc".parse()?;
+/// assert_eq!((f, f.name()), (Format::Vpc, "vpc"));
+/// assert_eq!(Format::from_name("qcow2"), Some(Format::Qcow2));
+/// # Ok::<(), vimg::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Format {
     /// Plain bytes.
     Raw,

@@ -143,7 +143,12 @@ impl WriteOptions {
         }
         let compression_type = match opts.get_str("compression_type").unwrap_or("zlib") {
             "zlib" => COMPRESSION_ZLIB,
-            "zstd" => COMPRESSION_ZSTD,
+            "zstd" if cfg!(feature = "zstd") => COMPRESSION_ZSTD,
+            "zstd" => {
+                return Err(Error::unsupported(
+                    "compression_type=zstd: vimg was built without the `zstd` cargo feature",
+                ))
+            }
             other => {
                 return Err(bad(format!(
                     "Parameter 'compression_type' does not accept value '{other}'"

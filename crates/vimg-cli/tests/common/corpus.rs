@@ -1,8 +1,6 @@
-//! Helpers shared by the VHD and VDI integration tests: corpus rows and their expected
-//! answers, sparse decompression, the corpus's cheap digest computed by walking an image's
-//! mapping, committed fixtures, and truncation.
-
-#![allow(dead_code)]
+//! The shared corpus and committed fixtures: corpus rows and their expected answers, sparse
+//! decompression, the corpus's cheap digest computed by walking an image's mapping, and
+//! truncation.
 
 use std::fs;
 use std::io::Read;
@@ -12,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-use crate::common::*;
+use super::*;
 
 /// One row of the corpus MANIFEST.tsv.
 #[derive(Clone, Debug)]
@@ -224,25 +222,34 @@ pub fn vimg_raw_sha256(img: &Path, format: Option<&str>, dir: &Path) -> String {
     h
 }
 
-/// Copies the first `len` bytes of `src` into `dst`.
-pub fn truncated_copy(src: &Path, dst: &Path, len: u64) {
-    let data = fs::read(src).unwrap();
-    fs::write(dst, &data[..len as usize]).unwrap();
-}
-
-/// Runs a `vimg convert ... OUT` of a truncated image: it must fail cleanly, or — when the
-/// cut removed only bytes the image reads as zero anyway (QEMU, like vimg, sees a file as
-/// whole sectors with a zero tail) or a footer that has a copy — produce exactly `want`.
-pub fn assert_truncated_fails_or_reads(args: &[&str], out: &Path, want: &str) {
-    let r = vimg_raw(args);
-    let err = String::from_utf8_lossy(&r.stderr).into_owned();
-    assert!(!err.contains("panicked"), "vimg {args:?} panicked: {err}");
-    match r.status.code() {
-        Some(1) => assert!(!out.exists(), "{args:?}: failed but left {}", out.display()),
-        Some(0) => assert_eq!(sha256_file(out), want, "{args:?} read different content"),
-        other => panic!("vimg {args:?}: exit {other:?}: {err}"),
+/// Cuts `img` at each of `cuts` bytes (a copy named `cut-NAME`, keeping the extension so a
+/// probe failure is not hidden behind raw) and converts the cut copy to raw with `-f fmt`.
+/// vimg must fail cleanly (exit 1, no panic, nothing left at the output), or — when `want`
+/// is given and the cut removed only bytes the image reads as zero anyway (QEMU, like vimg,
+/// sees a file as whole sectors with a zero tail), padding, or a footer that has a copy —
+/// read exactly the content whose sha256 is `want`.
+pub fn assert_cuts_fail_or_read(img: &Path, fmt: &str, cuts: &[u64], want: Option<&str>) {
+    let data = fs::read(img).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = img.file_name().unwrap().to_string_lossy();
+    let t = dir.path().join(format!("cut-{name}"));
+    let out = dir.path().join("out.raw");
+    for &cut in cuts {
+        let cut = (cut as usize).min(data.len().saturating_sub(1));
+        fs::write(&t, &data[..cut]).unwrap();
+        let r = vimg_raw(&["convert", "-f", fmt, "-O", "raw", s(&t), s(&out)]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        let what = format!("{name} cut at {cut} of {}", data.len());
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        match (r.status.code(), want) {
+            (Some(1), _) => assert!(!out.exists(), "{what}: failed but left the output"),
+            (Some(0), Some(want)) => {
+                assert_eq!(sha256_file(&out), want, "{what}: read, but not the content")
+            }
+            (other, _) => panic!("{what}: exit {other:?}: {err}"),
+        }
+        let _ = fs::remove_file(&out);
     }
-    let _ = fs::remove_file(out);
 }
 
 /// Runs `vimg ARGS` and asserts it failed cleanly (exit 1, a message, no panic).
