@@ -2,6 +2,7 @@
 //! `docs/interop/qcow2.txt` specifies it.
 //!
 //! - `header.rs`: on-disk structures (header, extensions, table entries, refcounts).
+//! - `open.rs`: opening (header, extensions, L1, refcount, snapshot and bitmap tables, checked).
 //! - `read.rs`: the reader (L1/L2 walk with a bounded, checked L2 cache).
 //! - `check.rs`: `vimg check` (refcount verification as `qemu-img check` counts it).
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod header;
 mod measure;
 mod meta;
+mod open;
 mod read;
 mod write;
 
