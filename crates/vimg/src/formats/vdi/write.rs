@@ -84,11 +84,11 @@ impl VdiWriter {
             .ok_or_else(|| VdiError::Option(format!("size {size} is too large")))?;
         let blocks = u32::try_from(size.div_ceil(bs))
             .ok()
-            .filter(|b| *b <= super::read::MAX_BLOCKS)
+            .filter(|b| *b <= super::open::MAX_BLOCKS)
             .ok_or_else(|| {
                 VdiError::Option(format!(
                     "Unsupported VDI image size (size is {size:#x}, max supported is {:#x})",
-                    super::read::MAX_DISK_SIZE
+                    super::open::MAX_DISK_SIZE
                 ))
             })?;
         // The block map is held in memory, as the reader holds it: the same cap (8 TiB of
