@@ -18,6 +18,7 @@ use crate::output::Output;
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
+pub(crate) mod block_table;
 pub mod bochs;
 pub mod cloop;
 pub mod dmg;
