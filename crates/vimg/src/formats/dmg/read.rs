@@ -43,14 +43,7 @@ impl ImageReader for DmgReader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
-        let size = self.virtual_size;
-        let end = pos.saturating_add(max_len).min(size);
-        if pos >= end {
-            return Err(crate::Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk ({size:#x} bytes)"
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, self.virtual_size)?;
         let sector = pos / 512;
         let i = self.runs.partition_point(|r| r.sector + r.count <= sector);
         let r = self

@@ -70,14 +70,8 @@ impl ImageReader for QedReader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
         let size = self.header.image_size;
-        let end = pos.saturating_add(max_len).min(size);
-        if pos >= end {
-            return Err(crate::Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk ({size:#x} bytes)"
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, size)?;
         let cs = self.cluster_size;
         let c0 = pos / cs;
         let e0 = self.entry(c0);

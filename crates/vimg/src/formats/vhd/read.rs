@@ -206,14 +206,7 @@ impl ImageReader for VhdReader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
-        let end = pos.saturating_add(max_len).min(self.virtual_size);
-        if pos >= end {
-            return Err(crate::Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk ({:#x} bytes)",
-                self.virtual_size
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, self.virtual_size)?;
         match &self.dynamic {
             None => self.map_fixed(pos, end),
             Some(d) => self.map_dynamic(d, pos, end),

@@ -24,7 +24,7 @@ use super::geometry::Geometry;
 use super::header::*;
 use super::open::guid_text;
 use crate::check::CheckReport;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::formats::Format;
 use crate::mapping::{
     BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
@@ -187,13 +187,7 @@ impl ImageReader for VhdxReader {
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
         let g = &self.parsed.geometry;
-        let pos = offset.get();
-        let end = pos.saturating_add(max_len).min(g.virtual_size);
-        if pos >= end {
-            return Err(Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk"
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, g.virtual_size)?;
         let bs = g.block_size;
         let block = pos / bs;
         let within = pos % bs;
