@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::Qcow2Error;
 use super::header::*;
 use super::meta::{MetaMap, SparseBits, SparseCounts};
@@ -515,10 +517,7 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64, what: &str) -> R
     let bytes = limits::check_table_bytes(what, entries * 8)?;
     let mut raw = vec![0u8; bytes];
     read_exact(storage, &mut raw, offset, what)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect())
+    Ok(raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect())
 }
 
 /// Reads the snapshot table (spec "Snapshots"), within QEMU's limits.

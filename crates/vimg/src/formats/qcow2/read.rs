@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::Qcow2Error;
 use super::header::*;
 use super::meta::{MetaMap, SparseBits, SparseCounts};
@@ -156,10 +158,7 @@ impl Qcow2Reader {
             off,
             format_args!("L2 table {l1i}"),
         )?;
-        let words: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-            .collect();
+        let words: Arc<[u64]> = raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect();
         let hosts = self.check_table(l1i, off, &words)?;
         let mut c = self.lock()?;
         let word = (l1i / 64) as usize;

@@ -25,6 +25,8 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::Qcow2Error;
 use super::header::*;
 use super::refcount::Alloc;
@@ -688,9 +690,7 @@ fn write_zeros(f: &OutFile, offset: u64, len: u64) -> Result<()> {
 }
 
 fn bytes_to_words(raw: &[u8]) -> Vec<u64> {
-    raw.chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect()
+    raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect()
 }
 
 fn words_to_bytes(words: &[u64]) -> Vec<u8> {
