@@ -96,7 +96,7 @@ fn pread(s: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
 }
 
 fn words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    b.chunks_exact(8).map(|c| BE::read_u64(c))
+    b.chunks_exact(8).map(BE::read_u64)
 }
 
 /// The cluster types of QEMU's `qcow2_get_cluster_type`.

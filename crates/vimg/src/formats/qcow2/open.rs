@@ -517,7 +517,7 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64, what: &str) -> R
     let bytes = limits::check_table_bytes(what, entries * 8)?;
     let mut raw = vec![0u8; bytes];
     read_exact(storage, &mut raw, offset, what)?;
-    Ok(raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect())
+    Ok(raw.chunks_exact(8).map(BE::read_u64).collect())
 }
 
 /// Reads the snapshot table (spec "Snapshots"), within QEMU's limits.

@@ -158,7 +158,7 @@ impl Qcow2Reader {
             off,
             format_args!("L2 table {l1i}"),
         )?;
-        let words: Arc<[u64]> = raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect();
+        let words: Arc<[u64]> = raw.chunks_exact(8).map(BE::read_u64).collect();
         let hosts = self.check_table(l1i, off, &words)?;
         let mut c = self.lock()?;
         let word = (l1i / 64) as usize;

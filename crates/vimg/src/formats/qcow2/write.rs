@@ -690,7 +690,7 @@ fn write_zeros(f: &OutFile, offset: u64, len: u64) -> Result<()> {
 }
 
 fn bytes_to_words(raw: &[u8]) -> Vec<u64> {
-    raw.chunks_exact(8).map(|c| BE::read_u64(c)).collect()
+    raw.chunks_exact(8).map(BE::read_u64).collect()
 }
 
 fn words_to_bytes(words: &[u64]) -> Vec<u8> {
