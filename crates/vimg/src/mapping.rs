@@ -363,6 +363,20 @@ pub trait ImageReader: Send + Sync {
     }
 }
 
+/// Helper for readers: the guest range a `map` call covers, `[offset, offset + max_len)`
+/// cut at the end of a disk of `size` bytes, as `(start, end)`. An empty range (an offset
+/// at or past the end, or `max_len` 0) is refused, naming the offset and the size.
+pub fn map_range(offset: GuestOffset, max_len: u64, size: u64) -> Result<(u64, u64)> {
+    let pos = offset.get();
+    let end = pos.saturating_add(max_len).min(size);
+    if pos >= end {
+        return Err(crate::Error::invalid_argument(format!(
+            "map at {pos:#x} is outside the virtual disk ({size:#x} bytes)"
+        )));
+    }
+    Ok((pos, end))
+}
+
 /// Helper for readers: a [`MapKind::Data`] extent whose bytes sit in a hole of the host
 /// file reads as zeros and need not be read — qemu asks the file the same question under
 /// every format. Returns the extent cut at the first hole (when it starts in data) or as

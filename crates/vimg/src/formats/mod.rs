@@ -17,6 +17,7 @@ use crate::output::{Output, OutputMode};
 use crate::storage::{FileStorage, Storage};
 use crate::writer::ImageWriter;
 
+pub(crate) mod block_table;
 pub mod bochs;
 pub mod cloop;
 pub mod dmg;

@@ -17,6 +17,8 @@
 //! [`UNALLOCATED`]. Each allocated extent is a bitmap (one bit per sector, rounded up to
 //! 512-byte blocks) followed by the extent's sectors.
 
+use byteorder::{ByteOrder, LittleEndian as LE};
+
 use super::error::BochsError;
 
 /// Size of the header block.
@@ -29,18 +31,6 @@ pub const VERSION_1: u32 = 0x0001_0000;
 pub const UNALLOCATED: u32 = 0xffff_ffff;
 /// Sector size.
 pub const SECTOR: u64 = 512;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// The header block.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,22 +73,22 @@ impl Header {
         kind.copy_from_slice(&b[32..48]);
         let mut subtype = [0u8; 16];
         subtype.copy_from_slice(&b[48..64]);
-        let version = le32(b, 0x40);
+        let version = LE::read_u32(&b[0x40..]);
         let v1 = version == VERSION_1;
         let (timestamp, disk, tail_at) = if v1 {
-            (0, le64(b, 0x54), 0x5c)
+            (0, LE::read_u64(&b[0x54..]), 0x5c)
         } else {
-            (le32(b, 0x54), le64(b, 0x58), 0x60)
+            (LE::read_u32(&b[0x54..]), LE::read_u64(&b[0x58..]), 0x60)
         };
         Ok(Header {
             magic,
             kind,
             subtype,
             version,
-            header_size: le32(b, 0x44),
-            catalog: le32(b, 0x48),
-            bitmap: le32(b, 0x4c),
-            extent: le32(b, 0x50),
+            header_size: LE::read_u32(&b[0x44..]),
+            catalog: LE::read_u32(&b[0x48..]),
+            bitmap: LE::read_u32(&b[0x4c..]),
+            extent: LE::read_u32(&b[0x50..]),
             timestamp,
             disk,
             tail: b[tail_at..HEADER_SIZE].to_vec(),
@@ -130,5 +120,8 @@ impl Header {
 
 /// Parses `n` catalog entries from `b`.
 pub fn parse_catalog(b: &[u8], n: usize) -> Vec<u32> {
-    b.chunks_exact(4).take(n).map(|c| le32(c, 0)).collect()
+    b.chunks_exact(4)
+        .take(n)
+        .map(|c| LE::read_u32(&c[0..]))
+        .collect()
 }

@@ -223,14 +223,7 @@ impl ImageReader for BochsReader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
-        let end = pos.saturating_add(max_len).min(self.virtual_size);
-        if pos >= end {
-            return Err(crate::Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk ({:#x} bytes)",
-                self.virtual_size
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, self.virtual_size)?;
         let ext = self.extent;
         let index = pos / ext;
         let v = self.entry(index);

@@ -135,14 +135,7 @@ impl ImageReader for CloopReader {
     }
 
     fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
-        let size = self.virtual_size();
-        let end = pos.saturating_add(max_len).min(size);
-        if pos >= end {
-            return Err(crate::Error::invalid_argument(format!(
-                "map at {pos:#x} is outside the virtual disk ({size:#x} bytes)"
-            )));
-        }
+        let (pos, end) = crate::mapping::map_range(offset, max_len, self.virtual_size())?;
         let bs = self.block_size;
         let i = (pos / bs) as usize;
         let (start, stop) = match (self.offsets.get(i), self.offsets.get(i + 1)) {

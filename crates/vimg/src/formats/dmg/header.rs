@@ -7,6 +7,8 @@
 //!   header followed by 40-byte [`Chunk`] entries mapping a run of sectors to a run of
 //!   bytes in the data fork (raw, zero, or compressed).
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::DmgError;
 
 /// Size of the trailer.
@@ -37,18 +39,6 @@ pub const CHUNK_LZFSE: u32 = 0x8000_0007;
 pub const CHUNK_COMMENT: u32 = 0x7fff_fffe;
 /// Chunk type: end of the list.
 pub const CHUNK_END: u32 = 0xffff_ffff;
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
 
 /// The fields of the trailer vimg uses; the rest is kept for the round trip.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,13 +75,13 @@ impl Koly {
         magic.copy_from_slice(&b[..4]);
         Ok(Koly {
             magic,
-            data_fork_offset: be64(b, 0x18),
-            data_fork_length: be64(b, 0x20),
-            rsrc_fork_offset: be64(b, 0x28),
-            rsrc_fork_length: be64(b, 0x30),
-            plist_offset: be64(b, 0xd8),
-            plist_length: be64(b, 0xe0),
-            sector_count: be64(b, 0x1ec),
+            data_fork_offset: BE::read_u64(&b[0x18..]),
+            data_fork_length: BE::read_u64(&b[0x20..]),
+            rsrc_fork_offset: BE::read_u64(&b[0x28..]),
+            rsrc_fork_length: BE::read_u64(&b[0x30..]),
+            plist_offset: BE::read_u64(&b[0xd8..]),
+            plist_length: BE::read_u64(&b[0xe0..]),
+            sector_count: BE::read_u64(&b[0x1ec..]),
             raw: b[..KOLY_SIZE].to_vec(),
         })
     }
@@ -125,9 +115,9 @@ impl Mish {
     /// Parses a mish header (`b` holds at least [`MISH_HEADER_SIZE`] bytes).
     pub fn parse(b: &[u8]) -> Mish {
         Mish {
-            magic: be32(b, 0),
-            first_sector: be64(b, 8),
-            data_offset: be64(b, 0x18),
+            magic: BE::read_u32(&b[0..]),
+            first_sector: BE::read_u64(&b[8..]),
+            data_offset: BE::read_u64(&b[0x18..]),
         }
     }
 }
@@ -151,11 +141,11 @@ impl Chunk {
     /// Parses a chunk entry (`b` holds at least [`CHUNK_SIZE`] bytes).
     pub fn parse(b: &[u8]) -> Chunk {
         Chunk {
-            kind: be32(b, 0),
-            sector: be64(b, 8),
-            sector_count: be64(b, 0x10),
-            offset: be64(b, 0x18),
-            length: be64(b, 0x20),
+            kind: BE::read_u32(&b[0..]),
+            sector: BE::read_u64(&b[8..]),
+            sector_count: BE::read_u64(&b[0x10..]),
+            offset: BE::read_u64(&b[0x18..]),
+            length: BE::read_u64(&b[0x20..]),
         }
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod error;
 pub mod header;
+mod open;
 mod read;
 
 use std::sync::Arc;
@@ -29,7 +30,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::DmgError;
-pub use read::{DmgReader, MAX_LENGTH, MAX_PLIST, MAX_SECTORS};
+pub use open::{MAX_LENGTH, MAX_PLIST, MAX_SECTORS};
+pub use read::DmgReader;
 
 /// The dmg driver.
 pub struct Driver;

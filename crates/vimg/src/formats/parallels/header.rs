@@ -8,6 +8,8 @@
 //! - [`ExtHeader`], [`FeatureHeader`] and [`DirtyBitmap`]: the Format Extension cluster and
 //!   its feature sections ("Format Extension", "Dirty bitmaps feature").
 
+use byteorder::{ByteOrder, LittleEndian as LE};
+
 use super::error::ParallelsError;
 
 /// Size of the image header.
@@ -44,18 +46,6 @@ pub const FEATURE_DIRTY_BITMAP: u64 = 0x2038_5fae_252c_b34a;
 pub const FEATURE_NECESSARY: u64 = 1;
 /// Size of the fixed part of a dirty bitmap feature (before its L1 table).
 pub const DIRTY_BITMAP_SIZE: usize = 32;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// The image header (first 64 bytes).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,16 +86,16 @@ impl Header {
         magic.copy_from_slice(&b[..16]);
         Ok(Header {
             magic,
-            version: le32(b, 0x10),
-            heads: le32(b, 0x14),
-            cylinders: le32(b, 0x18),
-            tracks: le32(b, 0x1c),
-            bat_entries: le32(b, 0x20),
-            nb_sectors: le64(b, 0x24),
-            inuse: le32(b, 0x2c),
-            data_off: le32(b, 0x30),
-            flags: le32(b, 0x34),
-            ext_off: le64(b, 0x38),
+            version: LE::read_u32(&b[0x10..]),
+            heads: LE::read_u32(&b[0x14..]),
+            cylinders: LE::read_u32(&b[0x18..]),
+            tracks: LE::read_u32(&b[0x1c..]),
+            bat_entries: LE::read_u32(&b[0x20..]),
+            nb_sectors: LE::read_u64(&b[0x24..]),
+            inuse: LE::read_u32(&b[0x2c..]),
+            data_off: LE::read_u32(&b[0x30..]),
+            flags: LE::read_u32(&b[0x34..]),
+            ext_off: LE::read_u64(&b[0x38..]),
         })
     }
 
@@ -132,7 +122,10 @@ impl Header {
 
 /// Parses `n` BAT entries from `b`.
 pub fn parse_bat(b: &[u8], n: usize) -> Vec<u32> {
-    b.chunks_exact(4).take(n).map(|c| le32(c, 0)).collect()
+    b.chunks_exact(4)
+        .take(n)
+        .map(|c| LE::read_u32(&c[0..]))
+        .collect()
 }
 
 /// Writes `bat` into `b` (which holds at least `4 * bat.len()` bytes).
@@ -157,7 +150,7 @@ impl ExtHeader {
         let mut checksum = [0u8; 16];
         checksum.copy_from_slice(&b[8..24]);
         ExtHeader {
-            magic: le64(b, 0),
+            magic: LE::read_u64(&b[0..]),
             checksum,
         }
     }
@@ -186,10 +179,10 @@ impl FeatureHeader {
     /// Parses the first [`FEATURE_HEADER_SIZE`] bytes of `b` (at least that long).
     pub fn parse(b: &[u8]) -> FeatureHeader {
         FeatureHeader {
-            magic: le64(b, 0),
-            flags: le64(b, 8),
-            data_size: le32(b, 16),
-            unused: le32(b, 20),
+            magic: LE::read_u64(&b[0..]),
+            flags: LE::read_u64(&b[8..]),
+            data_size: LE::read_u32(&b[16..]),
+            unused: LE::read_u32(&b[20..]),
         }
     }
 
@@ -221,10 +214,10 @@ impl DirtyBitmap {
         let mut id = [0u8; 16];
         id.copy_from_slice(&b[8..24]);
         DirtyBitmap {
-            size: le64(b, 0),
+            size: LE::read_u64(&b[0..]),
             id,
-            granularity: le32(b, 24),
-            l1_size: le32(b, 28),
+            granularity: LE::read_u32(&b[24..]),
+            l1_size: LE::read_u32(&b[28..]),
         }
     }
 
@@ -239,5 +232,5 @@ impl DirtyBitmap {
 
 /// Reads u64 `i` of an L1 table held in `b`.
 pub fn l1_entry(b: &[u8], i: usize) -> u64 {
-    le64(b, i * 8)
+    LE::read_u64(&b[i * 8..])
 }

@@ -32,6 +32,7 @@
 
 pub mod error;
 pub mod header;
+mod open;
 mod read;
 mod write;
 
@@ -47,7 +48,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::ParallelsError;
-pub use read::{BitmapInfo, ParallelsReader, MAX_BAT_ENTRIES, MAX_TRACKS};
+pub use open::{MAX_BAT_ENTRIES, MAX_TRACKS};
+pub use read::{BitmapInfo, ParallelsReader};
 pub use write::{layout, Layout, ParallelsWriter};
 
 /// The parallels driver.

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 
 use super::error::ParallelsError;
 use super::header::{write_bat, Header, HEADER_SIZE, HEADS, MAGIC_V2, SECTOR, SEC_IN_CYL, VERSION};
-use super::read::MAX_TRACKS;
+use super::open::MAX_TRACKS;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits;
 use crate::output::OutFile;

@@ -4,6 +4,8 @@
 //! cluster not allocated here, or, with [`COMPRESSED`] set, a raw-deflate compressed cluster:
 //! its length in the bits above `63 - cluster_bits`, its offset below.
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::QcowError;
 
 /// Size of the header.
@@ -46,18 +48,6 @@ pub struct Header {
     pub l1_table_offset: u64,
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
-}
-
 impl Header {
     /// Parses the first [`HEADER_SIZE`] bytes of `b`.
     pub fn parse(b: &[u8]) -> Result<Header, QcowError> {
@@ -67,17 +57,17 @@ impl Header {
             });
         }
         Ok(Header {
-            magic: be32(b, 0),
-            version: be32(b, 4),
-            backing_file_offset: be64(b, 8),
-            backing_file_size: be32(b, 0x10),
-            mtime: be32(b, 0x14),
-            size: be64(b, 0x18),
+            magic: BE::read_u32(&b[0..]),
+            version: BE::read_u32(&b[4..]),
+            backing_file_offset: BE::read_u64(&b[8..]),
+            backing_file_size: BE::read_u32(&b[0x10..]),
+            mtime: BE::read_u32(&b[0x14..]),
+            size: BE::read_u64(&b[0x18..]),
             cluster_bits: b[0x20],
             l2_bits: b[0x21],
             padding: u16::from_be_bytes([b[0x22], b[0x23]]),
-            crypt_method: be32(b, 0x24),
-            l1_table_offset: be64(b, 0x28),
+            crypt_method: BE::read_u32(&b[0x24..]),
+            l1_table_offset: BE::read_u64(&b[0x28..]),
         })
     }
 
@@ -99,5 +89,5 @@ impl Header {
 
 /// Parses a table of big-endian u64 entries.
 pub fn parse_table(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| be64(c, 0)).collect()
+    b.chunks_exact(8).map(|c| BE::read_u64(&c[0..])).collect()
 }

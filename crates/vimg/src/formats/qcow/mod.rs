@@ -19,6 +19,7 @@
 
 pub mod error;
 pub mod header;
+mod open;
 mod read;
 mod write;
 
@@ -34,7 +35,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::QcowError;
-pub use read::{QcowReader, MAX_BACKING_NAME};
+pub use open::MAX_BACKING_NAME;
+pub use read::QcowReader;
 pub use write::{new_header, QcowWriter};
 
 const OPTIONS: &[OptionSpec] = &[

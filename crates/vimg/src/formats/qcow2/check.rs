@@ -11,6 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::header::*;
 use super::read::Qcow2Reader;
 use crate::check::CheckReport;
@@ -94,8 +96,7 @@ fn pread(s: &dyn Storage, off: u64, len: usize) -> Result<Vec<u8>> {
 }
 
 fn words(b: &[u8]) -> impl Iterator<Item = u64> + '_ {
-    b.chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+    b.chunks_exact(8).map(BE::read_u64)
 }
 
 /// The cluster types of QEMU's `qcow2_get_cluster_type`.

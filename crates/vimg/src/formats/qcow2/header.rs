@@ -7,6 +7,8 @@
 //! mapping" and "Snapshots" sections of the spec, with QEMU's implementation limits as the
 //! floor). Checks that need the file (past the end, overlaps) live in `read.rs`.
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::{field_err, Qcow2Error};
 use crate::error::Result;
 
@@ -112,22 +114,6 @@ pub const BME_FLAG_EXTRA_COMPAT: u32 = 1 << 2;
 /// Length of one feature name table entry.
 pub const FEATURE_NAME_LEN: usize = 48;
 
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(x)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(x)
-}
-
 fn put16(b: &mut [u8], at: usize, v: u16) {
     b[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
@@ -217,30 +203,30 @@ impl Header {
             return Err(Qcow2Error::Truncated(buf.len() as u64).into());
         }
         if buf[..4] != MAGIC {
-            return Err(Qcow2Error::BadMagic(be32(buf, 0)).into());
+            return Err(Qcow2Error::BadMagic(BE::read_u32(&buf[0..])).into());
         }
-        let version = be32(buf, 4);
+        let version = BE::read_u32(&buf[4..]);
         if version != 2 && version != 3 {
             return Err(Qcow2Error::Version(version).into());
         }
-        let cluster_bits = be32(buf, 20);
+        let cluster_bits = BE::read_u32(&buf[20..]);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
             return Err(Qcow2Error::ClusterBits(cluster_bits).into());
         }
         let cluster_size = 1u64 << cluster_bits;
         let mut h = Header {
             version,
-            backing_file_offset: be64(buf, 8),
-            backing_file_size: be32(buf, 16),
+            backing_file_offset: BE::read_u64(&buf[8..]),
+            backing_file_size: BE::read_u32(&buf[16..]),
             cluster_bits,
-            size: be64(buf, 24),
-            crypt_method: be32(buf, 32),
-            l1_size: be32(buf, 36),
-            l1_table_offset: be64(buf, 40),
-            refcount_table_offset: be64(buf, 48),
-            refcount_table_clusters: be32(buf, 56),
-            nb_snapshots: be32(buf, 60),
-            snapshots_offset: be64(buf, 64),
+            size: BE::read_u64(&buf[24..]),
+            crypt_method: BE::read_u32(&buf[32..]),
+            l1_size: BE::read_u32(&buf[36..]),
+            l1_table_offset: BE::read_u64(&buf[40..]),
+            refcount_table_offset: BE::read_u64(&buf[48..]),
+            refcount_table_clusters: BE::read_u32(&buf[56..]),
+            nb_snapshots: BE::read_u32(&buf[60..]),
+            snapshots_offset: BE::read_u64(&buf[64..]),
             incompatible_features: 0,
             compatible_features: 0,
             autoclear_features: 0,
@@ -252,11 +238,11 @@ impl Header {
             if buf.len() < V3_MIN_HEADER_LEN {
                 return Err(Qcow2Error::Truncated(buf.len() as u64).into());
             }
-            h.incompatible_features = be64(buf, 72);
-            h.compatible_features = be64(buf, 80);
-            h.autoclear_features = be64(buf, 88);
-            h.refcount_order = be32(buf, 96);
-            h.header_length = be32(buf, 100);
+            h.incompatible_features = BE::read_u64(&buf[72..]);
+            h.compatible_features = BE::read_u64(&buf[80..]);
+            h.autoclear_features = BE::read_u64(&buf[88..]);
+            h.refcount_order = BE::read_u32(&buf[96..]);
+            h.header_length = BE::read_u32(&buf[100..]);
             let hl = u64::from(h.header_length);
             if hl < V3_MIN_HEADER_LEN as u64 {
                 return field_err("header_length", hl, "shorter than 104 bytes");
@@ -561,11 +547,11 @@ impl BitmapsExt {
             return Err(format!("length {} is not {}", b.len(), Self::LEN));
         }
         let e = BitmapsExt {
-            nb_bitmaps: be32(b, 0),
-            directory_size: be64(b, 8),
-            directory_offset: be64(b, 16),
+            nb_bitmaps: BE::read_u32(&b[0..]),
+            directory_size: BE::read_u64(&b[8..]),
+            directory_offset: BE::read_u64(&b[16..]),
         };
-        if be32(b, 4) != 0 {
+        if BE::read_u32(&b[4..]) != 0 {
             return Err("reserved field is not zero".into());
         }
         if e.nb_bitmaps == 0 || u64::from(e.nb_bitmaps) > MAX_BITMAPS {
@@ -624,13 +610,13 @@ impl BitmapEntry {
             return Err("truncated".into());
         }
         let e = BitmapEntry {
-            table_offset: be64(b, 0),
-            table_size: be32(b, 8),
-            flags: be32(b, 12),
+            table_offset: BE::read_u64(&b[0..]),
+            table_size: BE::read_u32(&b[8..]),
+            flags: BE::read_u32(&b[12..]),
             kind: b[16],
             granularity_bits: b[17],
-            name_size: be16(b, 18),
-            extra_data_size: be32(b, 20),
+            name_size: BE::read_u16(&b[18..]),
+            extra_data_size: BE::read_u32(&b[20..]),
         };
         if e.kind != 1 {
             return Err(format!("unknown bitmap type {}", e.kind));
@@ -720,8 +706,8 @@ pub fn parse_extensions(
         if end - off < 8 {
             return Err(bad("extension header does not fit".into(), 0));
         }
-        let magic = be32(buf, off);
-        let len = be32(buf, off + 4) as usize;
+        let magic = BE::read_u32(&buf[off..]);
+        let len = BE::read_u32(&buf[off + 4..]) as usize;
         let data_at = off + 8;
         if len > end - data_at {
             return Err(bad(
@@ -765,7 +751,7 @@ pub fn parse_extensions(
                 if len != 16 {
                     return Err(bad(format!("length {len} is not 16"), magic));
                 }
-                ext.crypto = Some((be64(data, 0), be64(data, 8)));
+                ext.crypto = Some((BE::read_u64(&data[0..]), BE::read_u64(&data[8..])));
             }
             other => ext.unknown.push(other),
         }
@@ -816,15 +802,15 @@ impl SnapshotHeader {
             return Err(Qcow2Error::Truncated(b.len() as u64).into());
         }
         Ok(SnapshotHeader {
-            l1_table_offset: be64(b, 0),
-            l1_size: be32(b, 8),
-            id_str_size: be16(b, 12),
-            name_size: be16(b, 14),
-            date_sec: be32(b, 16),
-            date_nsec: be32(b, 20),
-            vm_clock_nsec: be64(b, 24),
-            vm_state_size: be32(b, 32),
-            extra_data_size: be32(b, 36),
+            l1_table_offset: BE::read_u64(&b[0..]),
+            l1_size: BE::read_u32(&b[8..]),
+            id_str_size: BE::read_u16(&b[12..]),
+            name_size: BE::read_u16(&b[14..]),
+            date_sec: BE::read_u32(&b[16..]),
+            date_nsec: BE::read_u32(&b[20..]),
+            vm_clock_nsec: BE::read_u64(&b[24..]),
+            vm_state_size: BE::read_u32(&b[32..]),
+            extra_data_size: BE::read_u32(&b[36..]),
         })
     }
 
@@ -866,7 +852,7 @@ pub struct SnapshotExtra {
 impl SnapshotExtra {
     /// Parses what `b` (the extra data) holds.
     pub fn parse(b: &[u8]) -> SnapshotExtra {
-        let at = |i: usize| (b.len() >= i + 8).then(|| be64(b, i));
+        let at = |i: usize| (b.len() >= i + 8).then(|| BE::read_u64(&b[i..]));
         SnapshotExtra {
             vm_state_size_large: at(0),
             disk_size: at(8),

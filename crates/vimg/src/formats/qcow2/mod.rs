@@ -2,8 +2,10 @@
 //! `docs/interop/qcow2.txt` specifies it.
 //!
 //! - `header.rs`: on-disk structures (header, extensions, table entries, refcounts).
+//! - `open.rs`: opening (header, extensions, L1, refcount, snapshot and bitmap tables, checked).
 //! - `read.rs`: the reader (L1/L2 walk with a bounded, checked L2 cache).
 //! - `check.rs`: `vimg check` (refcount verification as `qemu-img check` counts it).
+//! - `refcount.rs`: the refcount allocator of a file being written.
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
 //!
@@ -18,7 +20,9 @@ pub mod error;
 pub mod header;
 mod measure;
 mod meta;
+mod open;
 mod read;
+mod refcount;
 mod write;
 
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! offsets: 0 for a cluster not allocated here (the backing file shows through),
 //! [`ZERO_CLUSTER`] for a cluster that reads as zeros ("Zero clusters").
 
+use byteorder::{ByteOrder, LittleEndian as LE};
+
 use super::error::QedError;
 
 /// Size of the fixed header fields.
@@ -29,18 +31,6 @@ pub const MAX_TABLE_SIZE: u32 = 16;
 pub const DEFAULT_CLUSTER_SIZE: u32 = 64 << 10;
 /// qemu-img's default table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 4;
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 /// The QED header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,17 +68,17 @@ impl Header {
             });
         }
         Ok(Header {
-            magic: le32(b, 0),
-            cluster_size: le32(b, 4),
-            table_size: le32(b, 8),
-            header_size: le32(b, 12),
-            features: le64(b, 0x10),
-            compat_features: le64(b, 0x18),
-            autoclear_features: le64(b, 0x20),
-            l1_table_offset: le64(b, 0x28),
-            image_size: le64(b, 0x30),
-            backing_filename_offset: le32(b, 0x38),
-            backing_filename_size: le32(b, 0x3c),
+            magic: LE::read_u32(&b[0..]),
+            cluster_size: LE::read_u32(&b[4..]),
+            table_size: LE::read_u32(&b[8..]),
+            header_size: LE::read_u32(&b[12..]),
+            features: LE::read_u64(&b[0x10..]),
+            compat_features: LE::read_u64(&b[0x18..]),
+            autoclear_features: LE::read_u64(&b[0x20..]),
+            l1_table_offset: LE::read_u64(&b[0x28..]),
+            image_size: LE::read_u64(&b[0x30..]),
+            backing_filename_offset: LE::read_u32(&b[0x38..]),
+            backing_filename_size: LE::read_u32(&b[0x3c..]),
         })
     }
 
@@ -115,7 +105,7 @@ impl Header {
 
 /// Parses a table of u64 entries.
 pub fn parse_table(b: &[u8]) -> Vec<u64> {
-    b.chunks_exact(8).map(|c| le64(c, 0)).collect()
+    b.chunks_exact(8).map(|c| LE::read_u64(&c[0..])).collect()
 }
 
 /// Writes `t` into `b`.

@@ -24,6 +24,7 @@
 
 pub mod error;
 pub mod header;
+mod open;
 mod read;
 mod write;
 
@@ -39,7 +40,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::QedError;
-pub use read::{QedReader, MAX_BACKING_NAME};
+pub use open::MAX_BACKING_NAME;
+pub use read::QedReader;
 pub use write::{new_header, QedWriter};
 
 const OPTIONS: &[OptionSpec] = &[

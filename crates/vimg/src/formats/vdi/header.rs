@@ -13,6 +13,8 @@
 //! [`Header`] covers the first 512 bytes (pre-header, header and padding) and round-trips
 //! them byte for byte.
 
+use byteorder::{ByteOrder, LittleEndian as LE};
+
 use super::error::VdiError;
 
 /// Size of the header block: pre-header, header and padding.
@@ -47,18 +49,6 @@ pub const BLOCK_FREE: u32 = 0xffff_ffff;
 pub const BLOCK_ZERO: u32 = 0xffff_fffe;
 /// The pre-header text qemu writes.
 pub const QEMU_TEXT: &[u8] = b"<<< QEMU VM Virtual Disk Image >>>\n";
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
 
 fn arr<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
     let mut a = [0u8; N];
@@ -131,24 +121,24 @@ impl Header {
             })?;
         Ok(Header {
             text: arr(&b, 0),
-            signature: le32(&b, 0x40),
-            version: le32(&b, 0x44),
-            header_size: le32(&b, 0x48),
-            image_type: le32(&b, 0x4c),
-            image_flags: le32(&b, 0x50),
+            signature: LE::read_u32(&b[0x40..]),
+            version: LE::read_u32(&b[0x44..]),
+            header_size: LE::read_u32(&b[0x48..]),
+            image_type: LE::read_u32(&b[0x4c..]),
+            image_flags: LE::read_u32(&b[0x50..]),
             description: arr(&b, 0x54),
-            offset_bmap: le32(&b, 0x154),
-            offset_data: le32(&b, 0x158),
-            cylinders: le32(&b, 0x15c),
-            heads: le32(&b, 0x160),
-            sectors: le32(&b, 0x164),
-            sector_size: le32(&b, 0x168),
-            unused1: le32(&b, 0x16c),
-            disk_size: le64(&b, 0x170),
-            block_size: le32(&b, 0x178),
-            block_extra: le32(&b, 0x17c),
-            blocks_in_image: le32(&b, 0x180),
-            blocks_allocated: le32(&b, 0x184),
+            offset_bmap: LE::read_u32(&b[0x154..]),
+            offset_data: LE::read_u32(&b[0x158..]),
+            cylinders: LE::read_u32(&b[0x15c..]),
+            heads: LE::read_u32(&b[0x160..]),
+            sectors: LE::read_u32(&b[0x164..]),
+            sector_size: LE::read_u32(&b[0x168..]),
+            unused1: LE::read_u32(&b[0x16c..]),
+            disk_size: LE::read_u64(&b[0x170..]),
+            block_size: LE::read_u32(&b[0x178..]),
+            block_extra: LE::read_u32(&b[0x17c..]),
+            blocks_in_image: LE::read_u32(&b[0x180..]),
+            blocks_allocated: LE::read_u32(&b[0x184..]),
             uuid_image: arr(&b, 0x188),
             uuid_last_snap: arr(&b, 0x198),
             uuid_link: arr(&b, 0x1a8),

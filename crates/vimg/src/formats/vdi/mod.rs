@@ -38,6 +38,7 @@
 
 mod error;
 pub mod header;
+mod open;
 mod read;
 mod write;
 
@@ -53,7 +54,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::VdiError;
-pub use read::{VdiReader, MAX_BLOCKS, MAX_DISK_SIZE};
+pub use open::{MAX_BLOCKS, MAX_DISK_SIZE};
+pub use read::VdiReader;
 pub use write::VdiWriter;
 
 /// The vdi driver.

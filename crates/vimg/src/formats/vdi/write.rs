@@ -8,14 +8,13 @@
 //!   `i`; the header and block map are written first, so the writer also works on a stream
 //!   (data in ascending order).
 
-use std::sync::Mutex;
-
 use super::error::VdiError;
 use super::header::{
     write_block_map, Header, BLOCK_FREE, BLOCK_SIZE, HEADER_SIZE, HEADER_SIZE_1_1, QEMU_TEXT,
     SECTOR_SIZE, SIGNATURE, TYPE_FIXED, TYPE_NORMAL, VERSION_1_1,
 };
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
+use crate::formats::block_table::{BlockTable, Placement};
 use crate::output::OutFile;
 use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 
@@ -60,18 +59,30 @@ pub fn new_header(size: u64, blocks: u32, fixed: bool) -> Header {
     }
 }
 
-struct Alloc {
-    map: Vec<u32>,
-    allocated: u32,
+/// Block map entries: the index of the block in the data area, in placement order.
+struct VdiPlacement {
+    offset_data: u64,
+}
+
+impl Placement for VdiPlacement {
+    const UNUSED: u32 = BLOCK_FREE;
+
+    fn place(&self, _block: u64, nth: u64) -> Result<u32> {
+        // nth < blocks_in_image, which fits a u32.
+        u32::try_from(nth).map_err(|_| Error::unsupported("too many VDI blocks"))
+    }
+
+    fn data_offset(&self, entry: u32) -> u64 {
+        self.offset_data + u64::from(entry) * u64::from(BLOCK_SIZE)
+    }
 }
 
 /// Writes a VDI (dynamic or static).
 pub struct VdiWriter {
     file: OutFile,
-    size: u64,
     fixed: bool,
     header: Header,
-    alloc: Mutex<Alloc>,
+    table: BlockTable<VdiPlacement>,
 }
 
 impl VdiWriter {
@@ -84,11 +95,11 @@ impl VdiWriter {
             .ok_or_else(|| VdiError::Option(format!("size {size} is too large")))?;
         let blocks = u32::try_from(size.div_ceil(bs))
             .ok()
-            .filter(|b| *b <= super::read::MAX_BLOCKS)
+            .filter(|b| *b <= super::open::MAX_BLOCKS)
             .ok_or_else(|| {
                 VdiError::Option(format!(
                     "Unsupported VDI image size (size is {size:#x}, max supported is {:#x})",
-                    super::read::MAX_DISK_SIZE
+                    super::open::MAX_DISK_SIZE
                 ))
             })?;
         // The block map is held in memory, as the reader holds it: the same cap (8 TiB of
@@ -105,15 +116,15 @@ impl VdiWriter {
         } else {
             vec![BLOCK_FREE; blocks as usize]
         };
+        let placement = VdiPlacement {
+            offset_data: header.offset_data.into(),
+        };
+        let placed = if fixed { blocks.into() } else { 0 };
         let w = VdiWriter {
             file,
-            size,
             fixed,
             header,
-            alloc: Mutex::new(Alloc {
-                map,
-                allocated: if fixed { blocks } else { 0 },
-            }),
+            table: BlockTable::new("VDI", size, bs, placement, map, placed),
         };
         if fixed {
             // Everything but the data is known now: write it first, in order.
@@ -124,54 +135,15 @@ impl VdiWriter {
         Ok(w)
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Alloc>> {
-        self.alloc
-            .lock()
-            .map_err(|_| Error::msg(ErrorKind::Io, "VDI writer lock poisoned"))
-    }
-
     fn write_metadata(&self) -> Result<u64> {
-        let a = self.lock()?;
+        let a = self.table.lock()?;
         let mut h = self.header.clone();
-        h.blocks_allocated = a.allocated;
+        h.blocks_allocated = a.placed as u32;
         self.file.write_all_at(&h.to_bytes(), 0)?;
-        let mut bmap = vec![0u8; bmap_bytes(a.map.len() as u64) as usize];
-        write_block_map(&a.map, &mut bmap);
+        let mut bmap = vec![0u8; bmap_bytes(a.entries.len() as u64) as usize];
+        write_block_map(&a.entries, &mut bmap);
         self.file.write_all_at(&bmap, BMAP_OFFSET)?;
-        Ok(u64::from(h.offset_data) + u64::from(a.allocated) * u64::from(BLOCK_SIZE))
-    }
-
-    /// Host offset of block `block`'s data, allocating it when `allocate`.
-    fn block_data(&self, block: usize, allocate: bool) -> Result<Option<u64>> {
-        let mut a = self.lock()?;
-        let entry = a.map.get(block).copied().ok_or_else(|| {
-            Error::invalid_argument(format!("block {block} is past the end of the VDI"))
-        })?;
-        let index = if entry != BLOCK_FREE {
-            entry
-        } else if !allocate {
-            return Ok(None);
-        } else {
-            let i = a.allocated;
-            a.map[block] = i;
-            a.allocated += 1;
-            i
-        };
-        Ok(Some(
-            u64::from(self.header.offset_data) + u64::from(index) * u64::from(BLOCK_SIZE),
-        ))
-    }
-
-    fn check(&self, offset: u64, len: u64) -> Result<u64> {
-        offset
-            .checked_add(len)
-            .filter(|e| *e <= self.size)
-            .ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "write of {len} bytes at {offset:#x} past the end of the VDI ({:#x} bytes)",
-                    self.size
-                ))
-            })
+        Ok(u64::from(h.offset_data) + a.placed * u64::from(BLOCK_SIZE))
     }
 }
 
@@ -190,61 +162,22 @@ impl ImageWriter for VdiWriter {
         if self.file.is_stream() {
             return Ok(false);
         }
-        let end = self.check(offset, len)?;
-        let bs = u64::from(BLOCK_SIZE);
-        let mut block = offset / bs;
-        while block * bs < end {
-            self.block_data(block as usize, true)?
-                .ok_or_else(|| Error::msg(ErrorKind::Io, "VDI block allocation failed"))?;
-            block += 1;
-        }
+        let end = self.table.check(offset, len)?;
+        self.table.allocate(&self.file, offset, end)?;
         Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
-        let end = self.check(offset, data.len() as u64)?;
-        let bs = u64::from(BLOCK_SIZE);
-        let mut pos = offset;
-        while pos < end {
-            let block = (pos / bs) as usize;
-            let in_block = pos % bs;
-            // Static images have every block in place: write runs across blocks at once.
-            let n = if self.fixed {
-                end - pos
-            } else {
-                (bs - in_block).min(end - pos)
-            };
-            let host = self
-                .block_data(block, true)?
-                .ok_or_else(|| Error::msg(ErrorKind::Io, "VDI block allocation failed"))?;
-            let from = (pos - offset) as usize;
-            self.file
-                .write_all_at(&data[from..from + n as usize], host + in_block)?;
-            pos += n;
-        }
-        Ok(())
+        self.table.write(&self.file, offset, data)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let end = self.check(offset, 0)?.saturating_add(len).min(self.size);
+        let end = self.table.clamp(offset, len)?;
         if self.file.is_stream() {
             return Ok(());
         }
-        let bs = u64::from(BLOCK_SIZE);
-        let mut pos = offset;
-        while pos < end {
-            let block = (pos / bs) as usize;
-            let in_block = pos % bs;
-            let n = (bs - in_block).min(end - pos);
-            // Blocks never written already read as zero.
-            if let Some(host) = self.block_data(block, false)? {
-                self.file.zero_range(host + in_block, n)?;
-            }
-            pos += n;
-        }
-        Ok(())
+        self.table.write_zeroes(&self.file, offset, end)
     }
-
     fn finish(self: Box<Self>) -> Result<()> {
         if self.fixed {
             // Header and block map went out first; the stream (or file) is padded to the

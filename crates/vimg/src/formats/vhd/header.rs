@@ -9,6 +9,8 @@
 //! checksums are wrong. Parsing checks only what identifies the structure (its size and its
 //! cookie); the reader validates the values.
 
+use byteorder::{BigEndian as BE, ByteOrder};
+
 use super::error::VhdError;
 
 /// Bytes per sector; VHD's only sector size.
@@ -77,24 +79,6 @@ pub fn checksum(bytes: &[u8], field: usize) -> u32 {
         .filter(|(i, _)| !(field..field + 4).contains(i))
         .fold(0u32, |acc, (_, b)| acc.wrapping_add(u32::from(*b)));
     !sum
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_be_bytes(a)
-}
-
-fn be32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_be_bytes(a)
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_be_bytes(a)
 }
 
 fn arr<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
@@ -183,20 +167,20 @@ impl Footer {
         }
         Ok(Footer {
             cookie,
-            features: be32(&b, 0x08),
-            version: be32(&b, 0x0c),
-            data_offset: be64(&b, 0x10),
-            timestamp: be32(&b, 0x18),
+            features: BE::read_u32(&b[0x08..]),
+            version: BE::read_u32(&b[0x0c..]),
+            data_offset: BE::read_u64(&b[0x10..]),
+            timestamp: BE::read_u32(&b[0x18..]),
             creator_app: arr(&b, 0x1c),
-            creator_version: be32(&b, 0x20),
+            creator_version: BE::read_u32(&b[0x20..]),
             creator_os: arr(&b, 0x24),
-            original_size: be64(&b, 0x28),
-            current_size: be64(&b, 0x30),
-            cylinders: be16(&b, 0x38),
+            original_size: BE::read_u64(&b[0x28..]),
+            current_size: BE::read_u64(&b[0x30..]),
+            cylinders: BE::read_u16(&b[0x38..]),
             heads: b[0x3a],
             sectors_per_track: b[0x3b],
-            disk_type: be32(&b, 0x3c),
-            checksum: be32(&b, 0x40),
+            disk_type: BE::read_u32(&b[0x3c..]),
+            checksum: BE::read_u32(&b[0x40..]),
             uuid: arr(&b, 0x44),
             saved_state: b[0x54],
             reserved: arr(&b, 0x55),
@@ -279,10 +263,10 @@ impl ParentLocator {
         let b: [u8; Self::SIZE] = exact(buf, "parent locator entry")?;
         Ok(ParentLocator {
             platform_code: arr(&b, 0),
-            data_space: be32(&b, 4),
-            data_length: be32(&b, 8),
-            reserved: be32(&b, 12),
-            data_offset: be64(&b, 16),
+            data_space: BE::read_u32(&b[4..]),
+            data_length: BE::read_u32(&b[8..]),
+            reserved: BE::read_u32(&b[12..]),
+            data_offset: BE::read_u64(&b[16..]),
         })
     }
 
@@ -358,15 +342,15 @@ impl DynHeader {
         }
         Ok(DynHeader {
             cookie,
-            data_offset: be64(&b, 0x08),
-            table_offset: be64(&b, 0x10),
-            version: be32(&b, 0x18),
-            max_table_entries: be32(&b, 0x1c),
-            block_size: be32(&b, 0x20),
-            checksum: be32(&b, 0x24),
+            data_offset: BE::read_u64(&b[0x08..]),
+            table_offset: BE::read_u64(&b[0x10..]),
+            version: BE::read_u32(&b[0x18..]),
+            max_table_entries: BE::read_u32(&b[0x1c..]),
+            block_size: BE::read_u32(&b[0x20..]),
+            checksum: BE::read_u32(&b[0x24..]),
             parent_uuid: arr(&b, 0x28),
-            parent_timestamp: be32(&b, 0x38),
-            reserved: be32(&b, 0x3c),
+            parent_timestamp: BE::read_u32(&b[0x38..]),
+            reserved: BE::read_u32(&b[0x3c..]),
             parent_name: arr(&b, 0x40),
             locators,
             reserved2: arr(&b, 0x300),

@@ -81,6 +81,7 @@
 mod error;
 pub mod geometry;
 pub mod header;
+mod open;
 mod read;
 mod write;
 
@@ -96,7 +97,8 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::VhdError;
-pub use read::{has_fixed_footer, DiskKind, VhdReader};
+pub use open::has_fixed_footer;
+pub use read::{DiskKind, VhdReader};
 pub use write::{DynamicWriter, FixedWriter};
 
 use header::{bitmap_size, FOOTER_SIZE};

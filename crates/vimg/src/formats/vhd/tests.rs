@@ -762,7 +762,7 @@ fn measure_counts_data_blocks() {
 
 #[test]
 fn file_urls() {
-    use super::read::file_url_path;
+    use super::open::file_url_path;
     assert_eq!(
         file_url_path("file:///a/b%20c.vhd").as_deref(),
         Some("/a/b c.vhd")

@@ -4,7 +4,6 @@
 //! "qem2" with `force_size=on`, so that every reader that keys the size rule on the creator
 //! application sizes the image as intended).
 
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::VhdError;
@@ -15,6 +14,7 @@ use super::header::{
     FOOTER_COOKIE, FOOTER_SIZE, LOCATOR_COUNT, NO_DATA_OFFSET, SECTOR, VERSION_1_0, VHD_EPOCH,
 };
 use crate::error::{Error, Result};
+use crate::formats::block_table::{BlockTable, Placement};
 use crate::output::OutFile;
 use crate::writer::{EncodedUnit, ImageWriter, WriterCaps};
 
@@ -129,11 +129,39 @@ impl ImageWriter for FixedWriter {
     }
 }
 
-/// The allocation state of a dynamic writer, behind one short lock.
-struct Alloc {
-    bat: Vec<u32>,
-    /// Next free sector for a block (its bitmap), right after the last allocated block.
-    next_sector: u64,
+/// BAT entries: the sector of the block's bitmap; blocks are appended after the BAT, each
+/// a sector bitmap (every bit set, as qemu writes it) followed by the data.
+struct VhdPlacement {
+    /// First sector after the BAT.
+    first: u64,
+    bitmap: Vec<u8>,
+}
+
+impl VhdPlacement {
+    /// Sectors one block takes in the file: bitmap and data.
+    fn slot(&self) -> u64 {
+        (BLOCK_SIZE + self.bitmap.len() as u64) / SECTOR
+    }
+}
+
+impl Placement for VhdPlacement {
+    const UNUSED: u32 = BAT_UNUSED;
+
+    fn place(&self, _block: u64, nth: u64) -> Result<u32> {
+        nth.checked_mul(self.slot())
+            .and_then(|s| s.checked_add(self.first))
+            .and_then(|s| u32::try_from(s).ok())
+            .filter(|v| *v != BAT_UNUSED)
+            .ok_or_else(|| Error::unsupported("the VHD grew past what a BAT entry can address"))
+    }
+
+    fn data_offset(&self, entry: u32) -> u64 {
+        u64::from(entry) * SECTOR + self.bitmap.len() as u64
+    }
+
+    fn placed(&self, file: &OutFile, data_offset: u64) -> Result<()> {
+        file.write_all_at(&self.bitmap, data_offset - self.bitmap.len() as u64)
+    }
 }
 
 /// Writes a dynamic VHD. Blocks are placed in the order their first data arrives (any
@@ -144,8 +172,7 @@ pub struct DynamicWriter {
     file: OutFile,
     size: u64,
     footer: Footer,
-    alloc: Mutex<Alloc>,
-    bitmap: Vec<u8>,
+    table: BlockTable<VhdPlacement>,
 }
 
 impl DynamicWriter {
@@ -166,51 +193,16 @@ impl DynamicWriter {
         let first = BAT_OFFSET + bat_bytes(size);
         let mut bitmap = vec![0u8; bitmap_size(BLOCK_SIZE) as usize];
         SectorBitmap::all_set(BLOCK_SIZE / SECTOR).write_to(&mut bitmap);
+        let placement = VhdPlacement {
+            first: first / SECTOR,
+            bitmap,
+        };
         Ok(DynamicWriter {
             file,
             size,
             footer,
-            alloc: Mutex::new(Alloc {
-                bat,
-                next_sector: first / SECTOR,
-            }),
-            bitmap,
+            table: BlockTable::new("VHD", size, BLOCK_SIZE, placement, bat, 0),
         })
-    }
-
-    /// The host offset of block `block`'s data, allocating the block when `allocate`.
-    fn block_data(&self, block: usize, allocate: bool) -> Result<Option<u64>> {
-        let slot = (BLOCK_SIZE + self.bitmap.len() as u64) / SECTOR;
-        let (sector, fresh) = {
-            let mut a = self
-                .alloc
-                .lock()
-                .map_err(|_| Error::msg(crate::ErrorKind::Io, "VHD writer lock poisoned"))?;
-            let entry = a.bat.get(block).copied().ok_or_else(|| {
-                Error::invalid_argument(format!("block {block} is past the end of the VHD"))
-            })?;
-            if entry != BAT_UNUSED {
-                (u64::from(entry), false)
-            } else if !allocate {
-                return Ok(None);
-            } else {
-                let sector = a.next_sector;
-                let value = u32::try_from(sector)
-                    .ok()
-                    .filter(|v| *v != BAT_UNUSED)
-                    .ok_or_else(|| {
-                        Error::unsupported("the VHD grew past what a BAT entry can address")
-                    })?;
-                a.bat[block] = value;
-                a.next_sector += slot;
-                (sector, true)
-            }
-        };
-        let start = sector * SECTOR;
-        if fresh {
-            self.file.write_all_at(&self.bitmap, start)?;
-        }
-        Ok(Some(start + self.bitmap.len() as u64))
     }
 }
 
@@ -226,61 +218,25 @@ impl ImageWriter for DynamicWriter {
     /// Blocks are placed in the order they are first allocated: the engine calls this in
     /// guest order, so the layout does not depend on thread timing.
     fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
-        let end = check_write(offset, 0, self.size)?
-            .saturating_add(len)
-            .min(self.size);
-        let mut block = offset / BLOCK_SIZE;
-        while block * BLOCK_SIZE < end {
-            self.block_data(block as usize, true)?
-                .ok_or_else(|| Error::msg(crate::ErrorKind::Io, "VHD block allocation failed"))?;
-            block += 1;
-        }
+        let end = self.table.clamp(offset, len)?;
+        self.table.allocate(&self.file, offset, end)?;
         Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
-        let end = check_write(offset, data.len(), self.size)?;
-        let mut pos = offset;
-        while pos < end {
-            let block = (pos / BLOCK_SIZE) as usize;
-            let in_block = pos % BLOCK_SIZE;
-            let n = (BLOCK_SIZE - in_block).min(end - pos);
-            let host = self
-                .block_data(block, true)?
-                .ok_or_else(|| Error::msg(crate::ErrorKind::Io, "VHD block allocation failed"))?;
-            let from = (pos - offset) as usize;
-            self.file
-                .write_all_at(&data[from..from + n as usize], host + in_block)?;
-            pos += n;
-        }
-        Ok(())
+        self.table.write(&self.file, offset, data)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let end = check_write(offset, 0, self.size)?
-            .saturating_add(len)
-            .min(self.size);
-        let mut pos = offset;
-        while pos < end {
-            let block = (pos / BLOCK_SIZE) as usize;
-            let in_block = pos % BLOCK_SIZE;
-            let n = (BLOCK_SIZE - in_block).min(end - pos);
-            // Unallocated blocks already read as zero.
-            if let Some(host) = self.block_data(block, false)? {
-                self.file.zero_range(host + in_block, n)?;
-            }
-            pos += n;
-        }
-        Ok(())
+        let end = self.table.clamp(offset, len)?;
+        self.table.write_zeroes(&self.file, offset, end)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
-        let a = self
-            .alloc
-            .into_inner()
-            .map_err(|_| Error::msg(crate::ErrorKind::Io, "VHD writer lock poisoned"))?;
+        let a = self.table.lock()?;
+        let p = self.table.placement();
+        let end = (p.first + a.placed * p.slot()) * SECTOR;
         let footer = self.footer.to_bytes();
-        let end = a.next_sector * SECTOR;
         self.file.set_len(end + FOOTER_SIZE as u64)?;
         self.file.write_all_at(&footer, 0)?;
         let mut header = DynHeader {
@@ -288,7 +244,7 @@ impl ImageWriter for DynamicWriter {
             data_offset: NO_DATA_OFFSET,
             table_offset: BAT_OFFSET,
             version: VERSION_1_0,
-            max_table_entries: a.bat.len() as u32,
+            max_table_entries: a.entries.len() as u32,
             block_size: BLOCK_SIZE as u32,
             checksum: 0,
             parent_uuid: [0; 16],
@@ -302,7 +258,7 @@ impl ImageWriter for DynamicWriter {
         self.file
             .write_all_at(&header.to_bytes(), FOOTER_SIZE as u64)?;
         let mut bat = vec![0u8; bat_bytes(self.size) as usize];
-        write_bat(&a.bat, &mut bat);
+        write_bat(&a.entries, &mut bat);
         self.file.write_all_at(&bat, BAT_OFFSET)?;
         self.file.write_all_at(&footer, end)
     }

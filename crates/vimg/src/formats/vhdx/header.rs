@@ -688,27 +688,34 @@ impl ParentLocator {
     }
 }
 
-fn utf16_field(item: &[u8], offset: u32, length: u16, table_end: usize) -> Result<String, String> {
+fn utf16_field(
+    item: &[u8],
+    offset: u32,
+    length: u16,
+    table_end: usize,
+) -> Result<String, ParseError> {
     let (start, len) = (offset as usize, length as usize);
     if len == 0 || len % 2 != 0 {
-        return Err(format!("length {len:#x} is not a positive even number"));
+        return Err(ParseError(format!(
+            "length {len:#x} is not a positive even number"
+        )));
     }
     if start < table_end {
-        return Err(format!(
+        return Err(ParseError(format!(
             "offset {start:#x} lies inside the header and entry array (which end at {table_end:#x})"
-        ));
+        )));
     }
     let end = start
         .checked_add(len)
         .filter(|e| *e <= item.len())
         .ok_or_else(|| {
-            format!(
+            ParseError(format!(
                 "[{start:#x}, +{len:#x}) extends past the end of the item ({:#x} bytes)",
                 item.len()
-            )
+            ))
         })?;
     let units: Vec<u16> = item[start..end].chunks_exact(2).map(LE::read_u16).collect();
-    String::from_utf16(&units).map_err(|_| "is not valid UTF-16".to_string())
+    String::from_utf16(&units).map_err(|_| ParseError("is not valid UTF-16".into()))
 }
 
 /// §2.5.1 BAT entry: a 3-bit state, 17 reserved bits, and a 44-bit file offset in MiB.

@@ -111,53 +111,70 @@ impl Ring {
     }
 }
 
+/// Why a log entry is not replayed.
+enum EntryError {
+    /// The checksum budget is spent: the whole log is refused.
+    Budget,
+    /// The entry is not valid; the search for the active sequence goes on.
+    Invalid(String),
+}
+
+impl From<String> for EntryError {
+    fn from(why: String) -> Self {
+        EntryError::Invalid(why)
+    }
+}
+
 /// Checks the header of the entry at `pos` (cheap), or says why it is not a valid entry.
-fn check_header(ring: &Ring, pos: u64, header: &Header) -> Result<LogEntryHeader, String> {
+fn check_header(ring: &Ring, pos: u64, header: &Header) -> Result<LogEntryHeader, EntryError> {
     let log_len = ring.len();
     let start = pos as usize;
     let h = LogEntryHeader::parse(&ring.buf[start..start + LOG_HEADER_SIZE])
         .map_err(|e| e.to_string())?;
     if h.log_guid != header.log_guid {
-        return Err(format!(
+        return Err(EntryError::Invalid(format!(
             "log GUID {} is not the header's {}",
             h.log_guid, header.log_guid
-        ));
+        )));
     }
     let len = u64::from(h.entry_length);
     if len == 0 || len % LOG_SECTOR != 0 || len > log_len {
-        return Err(format!(
+        return Err(EntryError::Invalid(format!(
             "entry length {len:#x} is not a non-zero multiple of 4 KiB within the log"
-        ));
+        )));
     }
     if h.sequence_number == 0 {
-        return Err("sequence number is 0".into());
+        return Err(EntryError::Invalid("sequence number is 0".into()));
     }
     if u64::from(h.tail) % LOG_SECTOR != 0 || u64::from(h.tail) >= log_len {
-        return Err(format!("tail {:#x} is not a log sector", h.tail));
+        return Err(EntryError::Invalid(format!(
+            "tail {:#x} is not a log sector",
+            h.tail
+        )));
     }
     let desc_sectors = LogEntryHeader::descriptor_sectors(h.descriptor_count);
     if desc_sectors * LOG_SECTOR > len {
-        return Err(format!(
+        return Err(EntryError::Invalid(format!(
             "{} descriptors do not fit in an entry of {len:#x} bytes",
             h.descriptor_count
-        ));
+        )));
     }
     Ok(h)
 }
 
 /// Checks the checksum and descriptors of the entry at `pos` whose header is `h`, and lists
 /// its operations.
-fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, String> {
+fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, EntryError> {
     let log_len = ring.len();
     let len = u64::from(h.entry_length);
     let desc_sectors = LogEntryHeader::descriptor_sectors(h.descriptor_count);
     let bytes = ring.copy(pos, len as usize);
     let computed = checksum_with_zeroed_field(&bytes, 4);
     if !crate::checksum::checksum_matches(h.checksum, computed) {
-        return Err(format!(
+        return Err(EntryError::Invalid(format!(
             "checksum is {:#010x}, the CRC-32C of the entry is {computed:#010x}",
             h.checksum
-        ));
+        )));
     }
     let mut ops = Vec::with_capacity(h.descriptor_count as usize);
     let mut data_sectors = 0u64;
@@ -166,17 +183,17 @@ fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, String>
         let d = LogDescriptor::parse(&bytes[at..at + LOG_DESC_SIZE])
             .map_err(|e| format!("descriptor {i}: {e}"))?;
         if d.sequence_number() != h.sequence_number {
-            return Err(format!(
+            return Err(EntryError::Invalid(format!(
                 "descriptor {i} has sequence number {:#x}, the entry {:#x}",
                 d.sequence_number(),
                 h.sequence_number
-            ));
+            )));
         }
         if d.file_offset() % LOG_SECTOR != 0 {
-            return Err(format!(
+            return Err(EntryError::Invalid(format!(
                 "descriptor {i} targets {:#x}, not a multiple of 4 KiB",
                 d.file_offset()
-            ));
+            )));
         }
         match d {
             LogDescriptor::Zero {
@@ -185,9 +202,9 @@ fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, String>
                 ..
             } => {
                 if length % LOG_SECTOR != 0 || file_offset.checked_add(length).is_none() {
-                    return Err(format!(
+                    return Err(EntryError::Invalid(format!(
                         "zero descriptor {i} has length {length:#x} at {file_offset:#x}"
-                    ));
+                    )));
                 }
                 ops.push(Op::Zero {
                     target: file_offset,
@@ -201,22 +218,24 @@ fn parse_body(ring: &Ring, pos: u64, h: LogEntryHeader) -> Result<Entry, String>
                 ..
             } => {
                 if file_offset.checked_add(LOG_SECTOR).is_none() {
-                    return Err(format!("data descriptor {i} targets {file_offset:#x}"));
+                    return Err(EntryError::Invalid(format!(
+                        "data descriptor {i} targets {file_offset:#x}"
+                    )));
                 }
                 let in_entry = (desc_sectors + data_sectors) * LOG_SECTOR;
                 if in_entry + LOG_SECTOR > len {
-                    return Err(format!(
+                    return Err(EntryError::Invalid(format!(
                         "data descriptor {i} has no data sector inside the entry"
-                    ));
+                    )));
                 }
                 let at = in_entry as usize;
                 let s = LogDataSector::parse(&bytes[at..at + LOG_SECTOR as usize])
                     .map_err(|e| format!("data sector {data_sectors}: {e}"))?;
                 if s.sequence_number != h.sequence_number {
-                    return Err(format!(
+                    return Err(EntryError::Invalid(format!(
                         "data sector {data_sectors} has sequence number {:#x}, the entry {:#x}",
                         s.sequence_number, h.sequence_number
-                    ));
+                    )));
                 }
                 ops.push(Op::Data {
                     target: file_offset,
@@ -279,21 +298,23 @@ pub fn replay(storage: &Arc<dyn Storage>, header: &Header) -> Result<LogState> {
             // claim a whole-log entry, so the total is bounded.
             budget = budget
                 .checked_sub(u64::from(h.entry_length))
-                .ok_or_else(|| BUDGET.to_string())?;
+                .ok_or(EntryError::Budget)?;
             parse_body(&ring, pos, h)
         });
         match checked {
             Ok(e) => {
                 valid.insert(pos, e);
             }
-            Err(r) if r == BUDGET => {
+            Err(EntryError::Budget) => {
                 return Err(VhdxError::Log {
                     offset: log_off + pos,
-                    reason: r,
+                    reason: BUDGET.to_string(),
                 }
                 .into());
             }
-            Err(r) => last_reason = format!("entry at log offset {pos:#x}: {r}"),
+            Err(EntryError::Invalid(r)) => {
+                last_reason = format!("entry at log offset {pos:#x}: {r}")
+            }
         }
     }
     if valid.is_empty() {

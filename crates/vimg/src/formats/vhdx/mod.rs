@@ -3,8 +3,8 @@
 //!
 //! - [`header`]: the on-disk structures (§2.2 file identifier, headers and region table,
 //!   §2.3 log, §2.5 BAT entries, §2.6 metadata table and items) with parse/write.
-//! - [`read`]: opening with every table checked against the file, and the block mapping of
-//!   dynamic, fixed and differencing images (the parent comes back as a backing reference
+//! - `open.rs`: opening, with every table checked against the file; [`read`]: the block
+//!   mapping of dynamic, fixed and differencing images (the parent comes back as a backing reference
 //!   that the external-file gate judges). The parent's DataWriteGuid (§2.2.2, current
 //!   header) must equal the locator's `parent_linkage` or `parent_linkage2` (§2.6.2.6.2;
 //!   Hyper-V writes a zero `parent_linkage2` when it has none, which is ignored); otherwise
@@ -28,6 +28,7 @@ pub mod error;
 pub mod geometry;
 pub mod header;
 pub mod log;
+mod open;
 pub mod overlay;
 pub mod read;
 pub mod write;

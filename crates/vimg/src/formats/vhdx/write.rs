@@ -25,12 +25,11 @@
 //! fixed image always reserves every block in the file (qemu with the default
 //! `block_state_zero=on` instead appends written blocks after the reserved area).
 
-use std::sync::Mutex;
-
 use super::error::VhdxError;
 use super::geometry::Geometry;
 use super::header::*;
 use crate::error::{Error, Result};
+use crate::formats::block_table::{BlockTable, Placement};
 use crate::limits;
 use crate::options::{parse_bool, CreateOptions};
 use crate::output::{OutFile, Output};
@@ -209,12 +208,26 @@ impl Layout {
     }
 }
 
-/// Block placement, under the writer's lock.
-struct Alloc {
-    /// File offset of each payload block in MiB; 0 = not allocated.
-    blocks: Vec<u32>,
-    /// Blocks allocated so far (dynamic images place the next one after them).
-    count: u64,
+/// BAT entries of payload blocks in the writer's table: the block's file offset in MiB (0:
+/// not placed). Dynamic images append blocks in placement order; fixed ones keep block `i`
+/// at its reserved place.
+struct VhdxPlacement {
+    data_offset: u64,
+    block_size: u64,
+    fixed: bool,
+}
+
+impl Placement for VhdxPlacement {
+    const UNUSED: u32 = 0;
+
+    fn place(&self, block: u64, nth: u64) -> Result<u32> {
+        let index = if self.fixed { block } else { nth };
+        Ok(((self.data_offset + index * self.block_size) / MIB) as u32)
+    }
+
+    fn data_offset(&self, entry: u32) -> u64 {
+        u64::from(entry) * MIB
+    }
 }
 
 /// Writes a VHDX image.
@@ -222,7 +235,7 @@ pub struct VhdxWriter {
     file: OutFile,
     settings: Settings,
     layout: Layout,
-    alloc: Mutex<Alloc>,
+    table: BlockTable<VhdxPlacement>,
 }
 
 impl VhdxWriter {
@@ -238,40 +251,25 @@ impl VhdxWriter {
         }
         let blocks = usize::try_from(layout.geometry.payload_blocks)
             .map_err(|_| Error::unsupported("too many VHDX blocks"))?;
+        let placement = VhdxPlacement {
+            data_offset: layout.data_offset,
+            block_size: layout.geometry.block_size,
+            fixed: settings.fixed,
+        };
+        let table = BlockTable::new(
+            "VHDX",
+            settings.size,
+            layout.geometry.block_size,
+            placement,
+            vec![0; blocks],
+            0,
+        );
         Ok(VhdxWriter {
             file,
             settings,
             layout,
-            alloc: Mutex::new(Alloc {
-                blocks: vec![0; blocks],
-                count: 0,
-            }),
+            table,
         })
-    }
-
-    /// The file offset of `block`, placing it on first use.
-    fn block_offset(&self, block: u64) -> Result<u64> {
-        let mut a = self
-            .alloc
-            .lock()
-            .map_err(|_| Error::msg(crate::ErrorKind::Io, "vhdx allocation lock poisoned"))?;
-        let bs = self.layout.geometry.block_size;
-        let slot = a
-            .blocks
-            .get(block as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid_argument("write past the end of the vhdx image"))?;
-        if slot != 0 {
-            return Ok(u64::from(slot) * MIB);
-        }
-        let off = if self.settings.fixed {
-            self.layout.data_offset + block * bs
-        } else {
-            self.layout.data_offset + a.count * bs
-        };
-        a.count += 1;
-        a.blocks[block as usize] = (off / MIB) as u32;
-        Ok(off)
     }
 
     fn write_metadata(&self) -> Result<()> {
@@ -365,45 +363,18 @@ impl ImageWriter for VhdxWriter {
     /// Blocks are placed in the order they are first allocated: the engine calls this in
     /// guest order, so the layout does not depend on thread timing.
     fn allocate(&self, offset: u64, len: u64) -> Result<bool> {
-        let end = offset
-            .checked_add(len)
-            .filter(|e| *e <= self.settings.size)
-            .ok_or_else(|| Error::invalid_argument("write past the end of the vhdx image"))?;
-        let bs = self.layout.geometry.block_size;
-        let mut block = offset / bs;
-        while block * bs < end {
-            self.block_offset(block)?;
-            block += 1;
-        }
+        let end = self.table.check(offset, len)?;
+        self.table.allocate(&self.file, offset, end)?;
         Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .filter(|e| *e <= self.settings.size)
-            .ok_or_else(|| Error::invalid_argument("write past the end of the vhdx image"))?;
-        let bs = self.layout.geometry.block_size;
-        let mut pos = offset;
-        while pos < end {
-            let block = pos / bs;
-            let within = pos % bs;
-            let n = (bs - within).min(end - pos);
-            let host = self.block_offset(block)?;
-            let at = (pos - offset) as usize;
-            self.file
-                .write_all_at(&data[at..at + n as usize], host + within)?;
-            pos += n;
-        }
-        Ok(())
+        self.table.write(&self.file, offset, data)
     }
 
     fn finish(self: Box<Self>) -> Result<()> {
         let l = self.layout;
-        let alloc = self
-            .alloc
-            .lock()
-            .map_err(|_| Error::msg(crate::ErrorKind::Io, "vhdx allocation lock poisoned"))?;
+        let alloc = self.table.lock()?;
         let mut id = vec![0u8; FileIdentifier::SIZE];
         FileIdentifier {
             creator: format!("vimg v{}", env!("CARGO_PKG_VERSION")),
@@ -451,11 +422,11 @@ impl ImageWriter for VhdxWriter {
         self.file.write_all_at(&buf, REGION_TABLE2_OFFSET)?;
 
         self.write_metadata()?;
-        self.write_bat(&alloc.blocks)?;
+        self.write_bat(&alloc.entries)?;
         let len = if self.settings.fixed {
             l.file_len(l.geometry.payload_blocks)
         } else {
-            l.file_len(alloc.count)
+            l.file_len(alloc.placed)
         };
         self.file.set_len(len)
     }

@@ -4,7 +4,8 @@
 //! - [`header`]: hosted sparse extent header and stream-optimized markers ("Hosted Sparse
 //!   Extent Header", "Stream-Optimized Compressed Sparse Extents"), COWD and seSparse.
 //! - `sparse`: the grain directory / grain table walk shared by every sparse kind.
-//! - `read`: the reader (monolithic, split, flat, VMFS, ZERO, vmfsSparse, seSparse extents;
+//! - `open`: opening, with headers, descriptor and extents checked; `read`: the mapping
+//!   (monolithic, split, flat, VMFS, ZERO, vmfsSparse, seSparse extents;
 //!   delta links as a backing chain). A delta link's `parentCID` must equal the opened
 //!   parent's `CID` ("The Descriptor File": a parent changed since the child was made gets
 //!   a new CID); a mismatch refuses the chain as corrupt, naming both files and CIDs, as
@@ -18,6 +19,7 @@
 pub mod descriptor;
 pub mod error;
 pub mod header;
+mod open;
 mod read;
 mod sparse;
 mod write;

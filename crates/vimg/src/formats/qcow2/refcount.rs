@@ -1,0 +1,187 @@
+//! The refcount allocator of a qcow2 file being written: hands out host clusters (and bytes,
+//! for compressed clusters) from a frontier that only moves forward, and keeps the refcount
+//! table and blocks that count them (spec: "Host cluster management"). A refcount block is
+//! written once the frontier has passed its range.
+
+use std::collections::BTreeMap;
+
+use super::header::*;
+use crate::error::{Error, ErrorKind, Result};
+use crate::output::OutFile;
+
+/// Host cluster allocation and the refcounts that go with it. Allocation only moves
+/// forward, so a refcount block is final once the allocation has passed its range; it is
+/// written then and dropped from memory.
+pub(super) struct Alloc {
+    pub(super) cb: u32,
+    pub(super) cs: u64,
+    pub(super) order: u32,
+    pub(super) region_bits: u32,
+    pub(super) max_refcount: u64,
+    /// Next free cluster; every cluster below is used (or deliberately freed).
+    pub(super) next: u64,
+    /// Where the next compressed bytes may go (0: start a new cluster).
+    pub(super) free_byte: u64,
+    /// Refcount block offset per region (0: none yet).
+    pub(super) reftable: Vec<u64>,
+    /// Refcount blocks still in memory, by region.
+    pub(super) blocks: BTreeMap<u64, Vec<u8>>,
+}
+
+impl Alloc {
+    pub(super) fn region(&self, c: u64) -> u64 {
+        c >> self.region_bits
+    }
+
+    pub(super) fn has_block(&self, r: u64) -> bool {
+        self.reftable.get(r as usize).is_some_and(|&o| o != 0)
+    }
+
+    /// Gives region `r` a refcount block (allocated at the frontier).
+    pub(super) fn ensure_region(&mut self, r: u64) -> Result<()> {
+        for _ in 0..4 {
+            if self.has_block(r) {
+                return Ok(());
+            }
+            let c = self.next;
+            let rc = self.region(c);
+            if rc != r && !self.has_block(rc) {
+                // The block must itself be counted by a block: give the frontier's region
+                // one first (it describes itself).
+                self.ensure_region(rc)?;
+                continue;
+            }
+            if r >= MAX_REFTABLE_BYTES / 8 {
+                return Err(Error::unsupported(
+                    "qcow2 image too large for its cluster size and refcount width (refcount table over 8 MiB)",
+                ));
+            }
+            if self.reftable.len() <= r as usize {
+                self.reftable.resize(r as usize + 1, 0);
+            }
+            self.reftable[r as usize] = c << self.cb;
+            self.blocks.insert(r, vec![0u8; self.cs as usize]);
+            self.next += 1;
+            self.bump(c)?;
+            return Ok(());
+        }
+        Err(Error::msg(
+            ErrorKind::Io,
+            "qcow2 refcount block allocation did not settle",
+        ))
+    }
+
+    /// Allocates `n` contiguous clusters; with `refcount`, each gets refcount 1.
+    pub(super) fn alloc(&mut self, file: &OutFile, n: u64, refcount: bool) -> Result<u64> {
+        loop {
+            let before = self.next;
+            let first = self.region(self.next);
+            let last = self.region(self.next + n - 1);
+            for r in first..=last {
+                self.ensure_region(r)?;
+                if self.next != before {
+                    break;
+                }
+            }
+            if self.next == before {
+                break;
+            }
+        }
+        let first = self.next;
+        if (first + n)
+            .checked_shl(self.cb)
+            .is_none_or(|e| e > 1u64 << 56)
+        {
+            return Err(Error::unsupported("qcow2 image would grow past 2^56 bytes"));
+        }
+        self.next += n;
+        if refcount {
+            for c in first..first + n {
+                self.bump(c)?;
+            }
+        }
+        self.flush_done(file)?;
+        Ok(first)
+    }
+
+    pub(super) fn get(&self, c: u64) -> u64 {
+        let r = self.region(c);
+        let idx = (c & ((1u64 << self.region_bits) - 1)) as usize;
+        self.blocks
+            .get(&r)
+            .map_or(0, |b| refcount_get(b, self.order, idx))
+    }
+
+    pub(super) fn set(&mut self, c: u64, v: u64) -> Result<()> {
+        let r = self.region(c);
+        let idx = (c & ((1u64 << self.region_bits) - 1)) as usize;
+        let order = self.order;
+        let b = self.blocks.get_mut(&r).ok_or_else(|| {
+            Error::msg(
+                ErrorKind::Io,
+                format!("qcow2 refcount block {r} is no longer in memory"),
+            )
+        })?;
+        refcount_set(b, order, idx, v);
+        Ok(())
+    }
+
+    pub(super) fn bump(&mut self, c: u64) -> Result<()> {
+        let v = self.get(c);
+        if v >= self.max_refcount {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                format!("qcow2 refcount of cluster {c} would overflow"),
+            ));
+        }
+        self.set(c, v + 1)
+    }
+
+    /// Writes and drops the refcount blocks the allocation has passed (block 0 stays until
+    /// `finish`, which may free the reserved refcount table cluster).
+    pub(super) fn flush_done(&mut self, file: &OutFile) -> Result<()> {
+        let cur = self.region(self.next);
+        if cur <= 1 {
+            return Ok(());
+        }
+        let fb = (self.free_byte != 0).then(|| self.region(self.free_byte >> self.cb));
+        let done: Vec<u64> = self
+            .blocks
+            .range(1..cur)
+            .map(|(&r, _)| r)
+            .filter(|&r| Some(r) != fb)
+            .collect();
+        for r in done {
+            if let Some(b) = self.blocks.remove(&r) {
+                file.write_all_at(&b, self.reftable[r as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates `size` bytes for compressed data, packed after the previous ones as
+    /// QEMU's `qcow2_alloc_bytes` does.
+    pub(super) fn alloc_bytes(&mut self, file: &OutFile, size: u64) -> Result<u64> {
+        let cs = self.cs;
+        let mut offset = self.free_byte;
+        if offset != 0 && self.get(offset >> self.cb) >= self.max_refcount {
+            offset = 0;
+        }
+        let free_in_cluster = cs - (offset & (cs - 1));
+        if offset == 0 || free_in_cluster < size {
+            let nc = self.alloc(file, 1, false)? << self.cb;
+            if offset == 0 || offset.div_ceil(cs) * cs != nc {
+                offset = nc;
+            }
+        }
+        for c in (offset >> self.cb)..=((offset + size - 1) >> self.cb) {
+            self.bump(c)?;
+        }
+        self.free_byte = offset + size;
+        if self.free_byte.is_multiple_of(cs) {
+            self.free_byte = 0;
+        }
+        self.flush_done(file)?;
+        Ok(offset)
+    }
+}

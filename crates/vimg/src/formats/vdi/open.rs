@@ -1,0 +1,243 @@
+//! Opening a VDI: the header checked in qemu's order and the block map checked entry by
+//! entry (VirtualBox's VDI header, `VDIHEADER1`). `read.rs` answers `map`.
+
+use std::sync::Arc;
+
+use super::error::VdiError;
+use super::header::{
+    self, Header, BLOCK_FREE, BLOCK_SIZE, BLOCK_ZERO, HEADER_AT, HEADER_SIZE, HEADER_SIZE_1_1,
+    HEADER_SIZE_MAX, SECTOR_SIZE, SIGNATURE, TYPE_DIFF, TYPE_FIXED, TYPE_NORMAL, TYPE_UNDO,
+    VERSION_1_1,
+};
+use super::read::VdiReader;
+use crate::error::Result;
+use crate::limits;
+use crate::storage::{read_exact, Storage};
+
+/// qemu's limit on blocks per image (a block map just under 2 GiB).
+pub const MAX_BLOCKS: u32 = (0x8000_0000u32 - 512) / 4;
+/// qemu's limit on the disk size ([`MAX_BLOCKS`] blocks of 1 MiB).
+pub const MAX_DISK_SIZE: u64 = MAX_BLOCKS as u64 * BLOCK_SIZE as u64;
+
+fn unsupported(field: &'static str, at: u64, value: u64, expected: impl Into<String>) -> VdiError {
+    VdiError::Unsupported {
+        field,
+        at,
+        value,
+        expected: expected.into(),
+    }
+}
+
+/// Checks the header fields, in qemu's order where qemu checks them.
+fn validate_header(h: &Header, len: u64) -> Result<u64, VdiError> {
+    if h.signature != SIGNATURE {
+        return Err(VdiError::Signature { found: h.signature });
+    }
+    if h.version != VERSION_1_1 {
+        return Err(VdiError::Version {
+            version: h.version,
+            major: h.version >> 16,
+            minor: h.version & 0xffff,
+        });
+    }
+    if !(HEADER_SIZE_1_1..=HEADER_SIZE_MAX).contains(&h.header_size) {
+        return Err(VdiError::HeaderSize {
+            value: h.header_size,
+        });
+    }
+    match h.image_type {
+        TYPE_NORMAL | TYPE_FIXED => {}
+        TYPE_UNDO | TYPE_DIFF => {
+            return Err(VdiError::Differencing(format!(
+                "image type {} ({})",
+                h.image_type,
+                if h.image_type == TYPE_DIFF {
+                    "diff"
+                } else {
+                    "undo"
+                }
+            )))
+        }
+        value => return Err(VdiError::ImageType { value }),
+    }
+    if h.uuid_link != [0; 16] {
+        return Err(VdiError::Differencing(format!(
+            "non-NULL link UUID {} at 0x1a8",
+            uuid::Uuid::from_bytes_le(h.uuid_link)
+        )));
+    }
+    if h.uuid_parent != [0; 16] {
+        return Err(VdiError::Differencing(format!(
+            "non-NULL parent UUID {} at 0x1b8",
+            uuid::Uuid::from_bytes_le(h.uuid_parent)
+        )));
+    }
+    let sector = u64::from(SECTOR_SIZE);
+    if h.disk_size > MAX_DISK_SIZE {
+        return Err(unsupported(
+            "disk size",
+            0x170,
+            h.disk_size,
+            format!("the largest supported is {MAX_DISK_SIZE:#x}"),
+        ));
+    }
+    // VBoxManage convertfromraw writes disk sizes that are not whole sectors; qemu reads them
+    // rounded up, and so does vimg (the rest of the last sector is in the last block).
+    let disk_size = h.disk_size.div_ceil(sector) * sector;
+    if !u64::from(h.offset_bmap).is_multiple_of(sector) {
+        return Err(unsupported(
+            "block map offset",
+            0x154,
+            h.offset_bmap.into(),
+            "it must be a multiple of 512",
+        ));
+    }
+    if !u64::from(h.offset_data).is_multiple_of(sector) {
+        return Err(unsupported(
+            "data offset",
+            0x158,
+            h.offset_data.into(),
+            "it must be a multiple of 512",
+        ));
+    }
+    if h.sector_size != SECTOR_SIZE {
+        return Err(unsupported(
+            "sector size",
+            0x168,
+            h.sector_size.into(),
+            "it must be 512",
+        ));
+    }
+    if h.block_size != BLOCK_SIZE {
+        return Err(unsupported(
+            "block size",
+            0x178,
+            h.block_size.into(),
+            "it must be 1 MiB (0x100000)",
+        ));
+    }
+    if h.block_extra != 0 {
+        return Err(unsupported(
+            "extra bytes per block",
+            0x17c,
+            h.block_extra.into(),
+            "it must be 0",
+        ));
+    }
+    let needed = disk_size.div_ceil(u64::from(BLOCK_SIZE));
+    if needed > u64::from(h.blocks_in_image) {
+        return Err(VdiError::BlockCount {
+            disk_size,
+            block_size: BLOCK_SIZE.into(),
+            needed,
+            blocks: h.blocks_in_image,
+        });
+    }
+    if h.blocks_in_image > MAX_BLOCKS {
+        return Err(unsupported(
+            "blocks in image",
+            0x180,
+            h.blocks_in_image.into(),
+            format!("at most {MAX_BLOCKS} are supported"),
+        ));
+    }
+    let header_end = HEADER_AT + u64::from(h.header_size);
+    let bmap_at = u64::from(h.offset_bmap);
+    let bmap_bytes = u64::from(h.blocks_in_image) * 4;
+    if bmap_at < header_end {
+        return Err(VdiError::Layout(format!(
+            "block map offset {bmap_at:#x} (at 0x154) lies inside the header (which ends at {header_end:#x})"
+        )));
+    }
+    if bmap_at + bmap_bytes > len {
+        return Err(VdiError::MapPastEof {
+            offset: bmap_at,
+            bytes: bmap_bytes,
+            len,
+        });
+    }
+    let data_at = u64::from(h.offset_data);
+    if data_at < bmap_at + bmap_bytes {
+        return Err(VdiError::Layout(format!(
+            "data offset {data_at:#x} (at 0x158) lies inside the block map ({bmap_at:#x}..{:#x})",
+            bmap_at + bmap_bytes
+        )));
+    }
+    Ok(disk_size)
+}
+
+/// Checks every block map entry: in range, inside the file, and used once.
+fn validate_map(map: &[u32], blocks: u32, data_at: u64, len: u64) -> Result<(), VdiError> {
+    // One bit per block of the data area: which entry claimed it first is found again only
+    // when a duplicate turns up.
+    let mut seen = vec![0u64; (blocks as usize).div_ceil(64)];
+    let block = u64::from(BLOCK_SIZE);
+    for (i, &v) in map.iter().enumerate() {
+        if v == BLOCK_FREE || v == BLOCK_ZERO {
+            continue;
+        }
+        let index = i as u32;
+        if v >= blocks {
+            return Err(VdiError::EntryOutOfRange {
+                index,
+                value: v,
+                blocks,
+            });
+        }
+        let start = data_at + u64::from(v) * block;
+        let end = start + block;
+        if end > len {
+            return Err(VdiError::EntryPastEof {
+                index,
+                value: v,
+                start,
+                end,
+                len,
+            });
+        }
+        let (word, bit) = ((v / 64) as usize, v % 64);
+        if let Some(w) = seen.get_mut(word) {
+            if *w & (1 << bit) != 0 {
+                let other = map.iter().position(|x| *x == v).unwrap_or(i) as u32;
+                return Err(VdiError::EntryDuplicate {
+                    index,
+                    other,
+                    value: v,
+                });
+            }
+            *w |= 1 << bit;
+        }
+    }
+    Ok(())
+}
+
+impl VdiReader {
+    /// Opens the VDI in `storage`.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<VdiReader> {
+        let len = storage.len();
+        if len < HEADER_SIZE as u64 {
+            return Err(VdiError::TooShort { len }.into());
+        }
+        let mut hb = [0u8; HEADER_SIZE];
+        read_exact(&*storage, &mut hb, 0, "VDI header")?;
+        let header = Header::parse(&hb)?;
+        let virtual_size = validate_header(&header, len)?;
+        let n = limits::check_table_bytes("VDI block map", u64::from(header.blocks_in_image) * 4)?;
+        let mut raw = vec![0u8; n];
+        read_exact(
+            &*storage,
+            &mut raw,
+            header.offset_bmap.into(),
+            "VDI block map",
+        )?;
+        let map = header::parse_block_map(&raw, header.blocks_in_image as usize)?;
+        drop(raw);
+        validate_map(&map, header.blocks_in_image, header.offset_data.into(), len)?;
+        Ok(VdiReader {
+            storage,
+            header,
+            virtual_size,
+            map,
+        })
+    }
+}
