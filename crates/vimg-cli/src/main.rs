@@ -79,6 +79,7 @@ fn main() -> ExitCode {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Map(a) => cmd::map::run(a),
+        Command::Resize(a) => cmd::resize::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
         Command::Man(a) => cmd::extras::man(a),
     };

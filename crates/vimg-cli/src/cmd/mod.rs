@@ -9,6 +9,8 @@ pub mod extras;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod repair;
+pub mod resize;
 
 use vimg::{Format, OpenOptions};
 
