@@ -83,6 +83,8 @@ pub enum Command {
     Map(MapArgs),
     /// Change the virtual size of a qcow2 or raw image in place (qemu-img resize).
     Resize(crate::cmd::resize::ResizeArgs),
+    /// List a qcow2 image's internal snapshots (qemu-img snapshot -l; -c/-a/-d refused).
+    Snapshot(crate::cmd::snapshot::SnapshotArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
@@ -101,6 +103,7 @@ impl Command {
             Command::Measure(a) => Some(&a.safety),
             Command::Map(a) => Some(&a.safety),
             Command::Resize(a) => Some(&a.safety),
+            Command::Snapshot(a) => Some(&a.safety),
             _ => None,
         }
     }

@@ -11,6 +11,7 @@ pub mod map;
 pub mod measure;
 pub mod repair;
 pub mod resize;
+pub mod snapshot;
 
 use vimg::{Format, OpenOptions};
 

@@ -78,6 +78,22 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                     1,
                 ));
             }
+            if total > cur {
+                // Where a longer backing file would show through the new area, qemu-img
+                // writes zeros; vimg does not write zero clusters yet, so it refuses.
+                let opts = super::open_options(Some(Format::Qcow2), &a.safety);
+                let image =
+                    vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+                if image.backing().is_some_and(|b| b.virtual_size() > cur) {
+                    return Err(Failure::new(
+                        format!(
+                            "'{}' has a backing file longer than its virtual size, whose data would show through the new area; vimg does not zero it as qemu-img does, so it refuses",
+                            a.filename
+                        ),
+                        1,
+                    ));
+                }
+            }
             img.resize(total, prealloc).map_err(Failure::from)?;
         }
         Format::Raw => {

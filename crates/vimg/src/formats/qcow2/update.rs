@@ -445,13 +445,34 @@ impl Qcow2Update {
             }
         }
         self.sync()?;
-        for (j, &k) in new_blocks.iter().enumerate() {
-            let off = (p + j as u64) << cb;
-            self.reftable[k as usize] = off;
-            let at = self.header.refcount_table_offset + 8 * k;
-            self.pwrite(&off.to_be_bytes(), at)?;
+        // Link the blocks so that a block's own refcount is live before the entry that
+        // makes it referenced: a block whose cluster another new block counts waits for
+        // that one (a flush between the levels).
+        let mut todo: Vec<(u64, u64)> = new_blocks
+            .iter()
+            .enumerate()
+            .map(|(j, &k)| (k, p + j as u64))
+            .collect();
+        while !todo.is_empty() {
+            let (ready, wait): (Vec<(u64, u64)>, Vec<(u64, u64)>) =
+                todo.iter().partition(|&&(k, c)| {
+                    let owner = c >> bits;
+                    owner == k || !todo.iter().any(|&(k2, _)| k2 == owner)
+                });
+            if ready.is_empty() {
+                return Err(Error::unsupported(
+                    "new refcount blocks would count each other; vimg cannot link them safely",
+                ));
+            }
+            for (k, c) in ready {
+                let off = c << cb;
+                self.reftable[k as usize] = off;
+                let at = self.header.refcount_table_offset + 8 * k;
+                self.pwrite(&off.to_be_bytes(), at)?;
+            }
+            self.sync()?;
+            todo = wait;
         }
-        self.sync()?;
         self.block = None;
         Ok(true)
     }
