@@ -366,3 +366,35 @@ fn kill_check_repair_leaks() {
         big: false,
     });
 }
+
+#[test]
+fn kill_amend() {
+    if !qemu_available("kill_amend") {
+        return;
+    }
+    run_case(&Case {
+        name: "amend -o compat=0.10",
+        setup: small_512_no_zero,
+        args: &["amend", "-o", "compat=0.10", "{}"],
+        qemu: Some(&["amend", "-o", "compat=0.10", "{}"]),
+        cluster: 512,
+        big: false,
+    });
+    run_case(&Case {
+        name: "amend -o lazy_refcounts=on",
+        setup: small_512_no_zero,
+        args: &["amend", "-o", "lazy_refcounts=on", "{}"],
+        qemu: Some(&["amend", "-o", "lazy_refcounts=on", "{}"]),
+        cluster: 512,
+        big: false,
+    });
+}
+
+fn small_512_no_zero(dir: &Path) -> PathBuf {
+    create(
+        dir,
+        "cluster_size=512",
+        "1M",
+        &["write -P 1 0 100k", "write -P 2 900k 124k"],
+    )
+}

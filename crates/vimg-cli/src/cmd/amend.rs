@@ -127,12 +127,14 @@ pub fn run(a: AmendArgs) -> CmdResult {
                     })
                 }
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
-                k if CREATE_ONLY.contains(&k) => return Err(Failure::new(
-                    format!(
+                k if CREATE_ONLY.contains(&k) => {
+                    return Err(Failure::new(
+                        format!(
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     ),
-                    1,
-                )),
+                        1,
+                    ))
+                }
                 k if NOT_YET.contains(&k) => {
                     return Err(Failure::new(
                         format!(

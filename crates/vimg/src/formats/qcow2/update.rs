@@ -139,7 +139,8 @@ pub enum Repair {
 pub struct RepairReport {
     /// The check before the repair.
     pub before: CheckReport,
-    /// `Repairing cluster ...` lines, in order.
+    /// The fixing pass's lines, in cluster order: `Repairing cluster ...` for what was
+    /// fixed, `ERROR cluster ...` again for what was not (as QEMU prints them).
     pub messages: Vec<String>,
     /// Leaked clusters fixed.
     pub leaks_fixed: u64,
@@ -668,6 +669,10 @@ impl Qcow2Update {
                 mode == Repair::All
             };
             if !fix {
+                // QEMU's fixing pass names what it leaves as the first pass did.
+                out.messages.push(format!(
+                    "ERROR cluster {c} refcount={stored} reference={counted}"
+                ));
                 continue;
             }
             if stored < counted && self.block_offset(c >> self.g.refblock_bits).is_none() {
