@@ -455,11 +455,12 @@ impl Qcow2Update {
             .map(|(j, &k)| (k, p + j as u64))
             .collect();
         while !todo.is_empty() {
-            let (ready, wait): (Vec<(u64, u64)>, Vec<(u64, u64)>) =
-                todo.iter().partition(|&&(k, c)| {
-                    let owner = c >> bits;
-                    owner == k || !todo.iter().any(|&(k2, _)| k2 == owner)
-                });
+            // (refcount table index, cluster) pairs.
+            type Links = Vec<(u64, u64)>;
+            let (ready, wait): (Links, Links) = todo.iter().partition(|&&(k, c)| {
+                let owner = c >> bits;
+                owner == k || !todo.iter().any(|&(k2, _)| k2 == owner)
+            });
             if ready.is_empty() {
                 return Err(Error::unsupported(
                     "new refcount blocks would count each other; vimg cannot link them safely",
