@@ -81,6 +81,12 @@ pub enum Command {
     Measure(MeasureArgs),
     /// Show the allocation of an image (qemu-img map).
     Map(MapArgs),
+    /// Change the virtual size of a qcow2 or raw image in place (qemu-img resize).
+    Resize(crate::cmd::resize::ResizeArgs),
+    /// Change a qcow2 image's compat level or lazy_refcounts in place (qemu-img amend).
+    Amend(crate::cmd::amend::AmendArgs),
+    /// List a qcow2 image's internal snapshots (qemu-img snapshot -l; -c/-a/-d refused).
+    Snapshot(crate::cmd::snapshot::SnapshotArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
@@ -98,6 +104,9 @@ impl Command {
             Command::Compare(a) => Some(&a.safety),
             Command::Measure(a) => Some(&a.safety),
             Command::Map(a) => Some(&a.safety),
+            Command::Resize(a) => Some(&a.safety),
+            Command::Amend(a) => Some(&a.safety),
+            Command::Snapshot(a) => Some(&a.safety),
             _ => None,
         }
     }
@@ -317,8 +326,9 @@ pub struct CheckArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
-    /// Repair (not supported: vimg never writes to an image it checks).
-    #[arg(short = 'r', value_name = "leaks|all")]
+    /// Repair the image in place (qcow2): `leaks` fixes leaked clusters, `all` also
+    /// refcounts that are too low and copied flags.
+    #[arg(short = 'r', long = "repair", value_name = "leaks|all")]
     pub repair: Option<String>,
     #[command(flatten)]
     pub safety: SafetyArgs,

@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         Command::Compare(a) => cmd::compare::run(a),
         Command::Measure(a) => cmd::measure::run(a),
         Command::Map(a) => cmd::map::run(a),
+        Command::Resize(a) => cmd::resize::run(a),
+        Command::Amend(a) => cmd::amend::run(a),
+        Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
         Command::Man(a) => cmd::extras::man(a),
     };

@@ -46,6 +46,12 @@ pub struct CheckReport {
     pub total_clusters: Option<u64>,
     /// Errors that kept the check from completing.
     pub check_errors: u64,
+    /// Corruptions a repair (`check -r all`) fixed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub corruptions_fixed: u64,
+    /// Leaked clusters a repair (`check -r`) fixed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leaks_fixed: u64,
     /// Allocated guest clusters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allocated_clusters: Option<u64>,

@@ -16,10 +16,7 @@ use crate::{CmdResult, Failure};
 
 pub fn run(a: CheckArgs) -> CmdResult {
     if a.repair.is_some() {
-        return Err(Failure::new(
-            "repair (-r) is not supported: vimg never writes to an image it checks",
-            1,
-        ));
+        return super::repair::run(a);
     }
     let format = parse_format_opt(a.format.as_deref())?;
     let mut opts = open_options(format, &a.safety);
@@ -44,7 +41,7 @@ pub fn run(a: CheckArgs) -> CmdResult {
             None => return Err(Failure::open(&a.filename, &e)),
         },
     };
-    report_and_exit(&a, &report, format)
+    report_and_exit(&a, &report, format, false)
 }
 
 /// The format of an image that failed to open, for the report: what its content probes as.
@@ -55,8 +52,15 @@ fn probed_format(filename: &str) -> Format {
         .unwrap_or(Format::Raw)
 }
 
-fn report_and_exit(a: &CheckArgs, report: &CheckReport, format: Format) -> CmdResult {
-    if !a.quiet {
+/// Prints `report` (its messages too, unless `printed` says they are out already) and
+/// returns qemu-img check's exit code.
+pub(crate) fn report_and_exit(
+    a: &CheckArgs,
+    report: &CheckReport,
+    format: Format,
+    printed: bool,
+) -> CmdResult {
+    if !a.quiet && !printed {
         for m in report.messages.iter().chain(report.omitted_line().iter()) {
             eprintln!("{m}");
         }

@@ -268,30 +268,7 @@ fn info_human(image: &Image) -> String {
         s.push_str("cleanly shut down: no\n");
     }
     if !info.snapshots.is_empty() {
-        s.push_str("Snapshot list:\n");
-        s.push_str(&format!(
-            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
-            "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-        ));
-        for sn in &info.snapshots {
-            let secs = sn.vm_clock_sec;
-            let clock = format!(
-                "{:04}:{:02}:{:02}.{:03}",
-                secs / 3600,
-                (secs / 60) % 60,
-                secs % 60,
-                sn.vm_clock_nsec / 1_000_000
-            );
-            s.push_str(&format!(
-                "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
-                esc(&sn.id),
-                esc(&sn.name),
-                size_to_str(sn.vm_state_size),
-                fmt_date(sn.date_sec),
-                clock,
-                sn.icount
-            ));
-        }
+        s.push_str(&snapshot_list(&info.snapshots));
     }
     if let Some(fs) = &info.format_specific {
         s.push_str("Format specific information:\n");
@@ -316,6 +293,36 @@ fn info_human(image: &Image) -> String {
 }
 
 /// Local date and time as qemu prints snapshot dates (`2026-11-25 20:18:21`).
+/// qemu-img's "Snapshot list:" table (info and snapshot -l).
+pub(crate) fn snapshot_list(snaps: &[vimg::info::SnapshotJson]) -> String {
+    let mut s = String::new();
+    s.push_str("Snapshot list:\n");
+    s.push_str(&format!(
+        "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    ));
+    for sn in snaps {
+        let secs = sn.vm_clock_sec;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            sn.vm_clock_nsec / 1_000_000
+        );
+        s.push_str(&format!(
+            "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}\n",
+            esc(&sn.id),
+            esc(&sn.name),
+            size_to_str(sn.vm_state_size),
+            fmt_date(sn.date_sec),
+            clock,
+            sn.icount
+        ));
+    }
+    s
+}
+
 fn fmt_date(secs: u64) -> String {
     let t = secs as libc::time_t;
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };

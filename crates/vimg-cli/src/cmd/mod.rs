@@ -1,6 +1,7 @@
 //! One module per subcommand. Each turns its clap arguments into checked library options,
 //! calls the library and prints what qemu-img prints.
 
+pub mod amend;
 pub mod check;
 pub mod compare;
 pub mod convert;
@@ -9,6 +10,9 @@ pub mod extras;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod repair;
+pub mod resize;
+pub mod snapshot;
 
 use vimg::{Format, OpenOptions};
 

@@ -82,6 +82,18 @@ struct Checker<'a> {
     compressed: u64,
     /// The last refcount block read, by refcount table index.
     block: Option<(u64, Vec<u8>)>,
+    /// What a repair needs: see [`Findings`].
+    found: Findings,
+}
+
+/// The mismatches a check found, in the form a repair (`update.rs`) acts on.
+#[derive(Default)]
+pub(super) struct Findings {
+    /// `(host cluster, stored refcount, counted references)` where the two differ and the
+    /// stored refcount could be read.
+    pub refcounts: Vec<(u64, u64, u64)>,
+    /// `(file offset of an active L1 or L2 entry, the entry with its copied flag fixed)`.
+    pub copied: Vec<(u64, u64)>,
 }
 
 /// Reads `len` bytes at `off`, zero-padded past the end of the file.
@@ -485,6 +497,7 @@ impl Checker<'_> {
                 highest = i;
             }
             if stored != counted {
+                self.found.refcounts.push((i, stored, counted));
                 if stored < counted {
                     self.rep.corruption(format!(
                         "ERROR cluster {i} refcount={stored} reference={counted}"
@@ -509,6 +522,8 @@ impl Checker<'_> {
             }
             if let Some(rc) = self.stored(l2 >> g.cluster_bits)? {
                 if (rc == 1) != (l1e & OFLAG_COPIED != 0) {
+                    let at = self.r.header.l1_table_offset + 8 * i as u64;
+                    self.found.copied.push((at, l1e ^ OFLAG_COPIED));
                     self.rep.corruption(format!(
                         "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
                     ));
@@ -531,6 +546,10 @@ impl Checker<'_> {
                     }
                 };
                 if (rc == 1) != (e & OFLAG_COPIED != 0) {
+                    let per = if g.extended_l2 { 16 } else { 8 };
+                    self.found
+                        .copied
+                        .push((l2 + per * j as u64, e ^ OFLAG_COPIED));
                     self.rep.corruption(format!(
                         "ERROR OFLAG_COPIED data cluster: l2_entry={e:x} refcount={rc}"
                     ));
@@ -543,6 +562,11 @@ impl Checker<'_> {
 
 /// Checks `r` as `qemu-img check` does (no repair).
 pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
+    Ok(check_findings(r)?.0)
+}
+
+/// Checks `r` and also returns what a repair would change.
+pub(super) fn check_findings(r: &Qcow2Reader) -> Result<(CheckReport, Findings)> {
     let h = r.header();
     let g = Geometry::new(h.cluster_bits, h.extended_l2(), h.refcount_order);
     let cs = g.cluster_size;
@@ -564,6 +588,7 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
         fragmented: 0,
         compressed: 0,
         block: None,
+        found: Findings::default(),
     };
     c.inc(0, cs)?;
     c.check_l1(h.l1_table_offset, h.l1_size, true)?;
@@ -591,5 +616,5 @@ pub fn check(r: &Qcow2Reader) -> Result<CheckReport> {
     rep.allocated_clusters = nz(c.allocated);
     rep.fragmented_clusters = nz(c.fragmented);
     rep.compressed_clusters = nz(c.compressed);
-    Ok(rep)
+    Ok((rep, c.found))
 }

@@ -7,6 +7,7 @@
 //! ([`crate::container::CompressedSink`]).
 
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;

@@ -1,0 +1,155 @@
+//! `vimg amend`: qemu-img amend's command line for qcow2, for the options vimg changes
+//! in place (`compat`, `lazy_refcounts`); the other amendable options are refused before
+//! anything is written, creation-only and unknown options with qemu-img's words.
+
+use std::path::Path;
+
+use clap::Args;
+use vimg::formats::qcow2::{Amend, Qcow2Update};
+use vimg::Format;
+
+use super::parse_format_opt;
+use crate::args::SafetyArgs;
+use crate::{CmdResult, Failure};
+
+#[derive(Args, Debug)]
+pub struct AmendArgs {
+    /// Image format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Options to change, key=value[,key=value...]: compat=0.10|1.1, lazy_refcounts=on|off.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Accepted for qemu-img compatibility (vimg refuses what --force would allow).
+    #[arg(long = "force")]
+    pub force: bool,
+    /// Show progress (accepted; the change is one write).
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Cache mode (accepted; vimg always flushes).
+    #[arg(short = 't', value_name = "CACHE")]
+    pub cache: Option<String>,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The image.
+    pub filename: String,
+}
+
+/// Options `qemu-img amend` accepts for qcow2 that vimg does not change yet.
+const NOT_YET: &[&str] = &[
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "refcount_bits",
+    "size",
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.new-secret",
+    "encrypt.old-secret",
+    "encrypt.slot",
+    "encrypt.state",
+    "encrypt.keyslot",
+    "encrypt.iter-time",
+];
+
+/// Options qemu-img accepts only when creating an image.
+const CREATE_ONLY: &[&str] = &[
+    "cluster_size",
+    "preallocation",
+    "encryption",
+    "extended_l2",
+    "compression_type",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.hash-alg",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+];
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, Failure> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(Failure::new(
+            format!("Parameter '{key}' expects 'on' or 'off'"),
+            1,
+        )),
+    }
+}
+
+pub fn run(a: AmendArgs) -> CmdResult {
+    if a.options.is_empty() {
+        return Err(Failure::new(
+            format!(
+                "Must specify options (-o)\nTry '{} amend --help' for more info",
+                crate::trust::prefix()
+            ),
+            1,
+        ));
+    }
+    if super::wants_help(&a.options) {
+        return super::print_option_help(Format::Qcow2, None).map(|()| 0);
+    }
+    let path = Path::new(&a.filename);
+    let format = match parse_format_opt(a.format.as_deref())? {
+        Some(f) => f,
+        None => {
+            let st = vimg::storage::FileStorage::open(path)
+                .map_err(|e| Failure::open(&a.filename, &vimg::Error::io("open", e)))?;
+            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?
+        }
+    };
+    if format != Format::Qcow2 {
+        return Err(Failure::new(
+            format!(
+                "Format driver '{}' does not support option amendment",
+                format.name()
+            ),
+            1,
+        ));
+    }
+    let mut amend = Amend::default();
+    for list in &a.options {
+        for kv in list.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "compat" => {
+                    amend.version = Some(match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => {
+                            return Err(Failure::new(format!("Unknown compatibility level {v}"), 1))
+                        }
+                    })
+                }
+                "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
+                k if CREATE_ONLY.contains(&k) => {
+                    return Err(Failure::new(
+                        format!(
+                        "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                    ),
+                        1,
+                    ))
+                }
+                k if NOT_YET.contains(&k) => {
+                    return Err(Failure::new(
+                        format!(
+                            "vimg cannot amend '{k}' yet ('{}' is unchanged); use qemu-img amend",
+                            a.filename
+                        ),
+                        1,
+                    ))
+                }
+                k => return Err(Failure::new(format!("Invalid parameter '{k}'"), 1)),
+            }
+        }
+    }
+    let policy = crate::trust::policy(&a.safety);
+    let mut img = Qcow2Update::open(path, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+    img.amend(amend).map_err(Failure::from)?;
+    Ok(0)
+}

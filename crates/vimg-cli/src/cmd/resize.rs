@@ -1,0 +1,145 @@
+//! `vimg resize`: qemu-img resize's command line, messages and exit codes, for qcow2 and
+//! raw. The size is the last argument and may start with `+` or `-` (relative), as
+//! qemu-img takes it before parsing flags.
+
+use std::path::Path;
+
+use clap::Args;
+use vimg::formats::qcow2::{Prealloc, Qcow2Update};
+use vimg::Format;
+
+use super::parse_format_opt;
+use crate::args::SafetyArgs;
+use crate::{CmdResult, Failure};
+
+#[derive(Args, Debug)]
+pub struct ResizeArgs {
+    /// Image format (probed from the content when absent).
+    #[arg(short = 'f', value_name = "FMT")]
+    pub format: Option<String>,
+    /// Preallocation of the new area: off, metadata, falloc, full (raw: all; qcow2: off).
+    #[arg(long = "preallocation", value_name = "PREALLOC")]
+    pub preallocation: Option<String>,
+    /// Allow shrinking (the data past the new end is dropped).
+    #[arg(long = "shrink")]
+    pub shrink: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub safety: SafetyArgs,
+    /// The image.
+    pub filename: String,
+    /// New size, or `+SIZE` / `-SIZE` relative to the current one (k, M, G, T suffixes).
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+}
+
+/// qemu-img's words for a size it cannot parse.
+const SIZE_HELP: &str = "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
+
+pub fn run(a: ResizeArgs) -> CmdResult {
+    let prealloc = match a.preallocation.as_deref() {
+        None => Prealloc::Off,
+        Some(p) => Prealloc::parse(p).map_err(Failure::from)?,
+    };
+    let (sign, body) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i8, &a.size[1..]),
+        Some(b'-') => (-1i8, &a.size[1..]),
+        _ => (0i8, a.size.as_str()),
+    };
+    let n = vimg::options::parse_size(body).map_err(|_| Failure::new(SIZE_HELP, 1))?;
+    let path = Path::new(&a.filename);
+    let mut format = parse_format_opt(a.format.as_deref())?;
+    let storage = vimg::storage::FileStorage::open(path)
+        .map_err(|e| Failure::open(&a.filename, &vimg::Error::io("open", e)))?;
+    if format.is_none() {
+        let probed = vimg::formats::registry::probe(&storage).map_err(|e| Failure::open(&a.filename, &e))?;
+        if probed == Format::Raw {
+            eprintln!(
+                "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
+                a.filename
+            );
+        }
+        format = Some(probed);
+    }
+    let format = format.unwrap_or(Format::Raw);
+    let policy = crate::trust::policy(&a.safety);
+    match format {
+        Format::Qcow2 => {
+            let mut img =
+                Qcow2Update::open(path, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+            let cur = img.header().size;
+            let total = target(cur, sign, n)?;
+            check_shrink(cur, total, a.shrink)?;
+            if total < cur && prealloc != Prealloc::Off {
+                return Err(Failure::new(
+                    "Preallocation can't be used for shrinking an image",
+                    1,
+                ));
+            }
+            if total > cur {
+                // Where a longer backing file would show through the new area, qemu-img
+                // writes zeros; vimg does not write zero clusters yet, so it refuses.
+                let opts = super::open_options(Some(Format::Qcow2), &a.safety);
+                let image =
+                    vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+                if image.backing().is_some_and(|b| b.virtual_size() > cur) {
+                    return Err(Failure::new(
+                        format!(
+                            "'{}' has a backing file longer than its virtual size, whose data would show through the new area; vimg does not zero it as qemu-img does, so it refuses",
+                            a.filename
+                        ),
+                        1,
+                    ));
+                }
+            }
+            img.resize(total, prealloc).map_err(Failure::from)?;
+        }
+        Format::Raw => {
+            let cur = vimg::storage::Storage::len(&storage);
+            let total = target(cur, sign, n)?;
+            check_shrink(cur, total, a.shrink)?;
+            vimg::formats::raw::update::resize(path, total, prealloc).map_err(Failure::from)?;
+        }
+        other => {
+            return Err(Failure::new(
+                format!(
+                    "vimg cannot resize {} images (only qcow2 and raw)",
+                    other.name()
+                ),
+                1,
+            ))
+        }
+    }
+    if !a.quiet {
+        crate::print_out("Image resized.\n")?;
+    }
+    Ok(0)
+}
+
+fn target(cur: u64, sign: i8, n: u64) -> Result<u64, Failure> {
+    let total = match sign {
+        1 => cur.checked_add(n),
+        -1 => cur.checked_sub(n),
+        _ => Some(n),
+    };
+    match total {
+        Some(t) if t > 0 && t <= i64::MAX as u64 => Ok(t),
+        _ => Err(Failure::new("New image size must be positive", 1)),
+    }
+}
+
+fn check_shrink(cur: u64, total: u64, shrink: bool) -> Result<(), Failure> {
+    if total < cur && !shrink {
+        eprintln!(
+            "{}: Use the --shrink option to perform a shrink operation.",
+            crate::trust::prefix()
+        );
+        return Err(Failure::new(
+            "warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.",
+            1,
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,400 @@
+//! Kill-at-any-point tests of the in-place operations (issue 15): each operation runs once
+//! per write, flush and truncate it makes, killed (SIGKILL, through the test-only
+//! `VIMG_TEST_CRASH_AFTER_WRITES` hook) just before that point. After every kill:
+//! `qemu-img check` finds no corruption (leaks are allowed), every guest cluster holds its
+//! old or its new content, the virtual size is the old or the new one, `vimg check -r leaks`
+//! leaves the image clean, and running the operation again gives what qemu-img gives.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const HOOK: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
+
+/// Runs vimg with the hook at `n`; true when it was killed, false when it finished.
+fn run_killed(args: &[&str], n: u64) -> bool {
+    let out = Command::new(vimg_bin())
+        .args(args)
+        .env(HOOK, n.to_string())
+        .output()
+        .expect("run vimg");
+    match out.status.signal() {
+        Some(9) => true,
+        Some(sig) => panic!("vimg {args:?} died of signal {sig}"),
+        None => {
+            assert!(
+                out.status.success() || out.status.code() == Some(3),
+                "vimg {args:?} with {HOOK}={n} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            false
+        }
+    }
+}
+
+/// `qemu-img check` exit code (0 clean, 3 leaks only); panics on corruption.
+fn qemu_check_no_corruption(img: &Path, what: &str) -> i32 {
+    let out = run_cmd("qemu-img", &["check", "-f", "qcow2", s(img)]);
+    let code = out.status.code().unwrap_or(-1);
+    assert!(
+        code == 0 || code == 3,
+        "{what}: qemu-img check exit {code}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    code
+}
+
+fn virtual_size(img: &Path) -> u64 {
+    let j = qemu_img(&["info", "--output=json", s(img)]);
+    let v: serde_json::Value = serde_json::from_str(&j).expect("json");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
+fn guest_raw(img: &Path, fmt: &str, dir: &Path) -> Vec<u8> {
+    let raw = dir.join("guest.raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu_img(&["convert", "-f", fmt, "-O", "raw", s(img), s(&raw)]);
+    std::fs::read(&raw).expect("read raw")
+}
+
+/// Every `cs`-byte cluster of `got` equals the same cluster of `old` or of `new` (missing
+/// bytes read as zeros).
+fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], cs: usize, what: &str) {
+    let at = |v: &[u8], i: usize, n: usize| -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        if i < v.len() {
+            let m = (v.len() - i).min(n);
+            b[..m].copy_from_slice(&v[i..i + m]);
+        }
+        b
+    };
+    let mut i = 0;
+    while i < got.len() {
+        let n = cs.min(got.len() - i);
+        let g = &got[i..i + n];
+        assert!(
+            g == at(old, i, n) || g == at(new, i, n),
+            "{what}: guest cluster at {i:#x} is neither old nor new"
+        );
+        i += n;
+    }
+}
+
+struct Case {
+    name: &'static str,
+    /// Builds the image (qcow2) in `dir`; returns its path.
+    setup: fn(&Path) -> PathBuf,
+    /// vimg's arguments, with `{}` for the image.
+    args: &'static [&'static str],
+    /// qemu-img's arguments for the same operation (None: compare with vimg's own result).
+    qemu: Option<&'static [&'static str]>,
+    cluster: usize,
+    /// The virtual disk is too large to read whole: the operation must leave the content
+    /// as it was (grow), which `qemu-img compare` checks.
+    big: bool,
+}
+
+fn same_content(a: &Path, b: &Path, what: &str) {
+    let out = run_cmd(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "qcow2", s(a), s(b)],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{what}: qemu-img compare: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn with_img(args: &[&str], img: &Path) -> Vec<String> {
+    args.iter()
+        .map(|a| {
+            if *a == "{}" {
+                s(img).to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .collect()
+}
+
+fn run_case(c: &Case) -> (u64, u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pristine = (c.setup)(d);
+    let old_guest = if c.big {
+        Vec::new()
+    } else {
+        guest_raw(&pristine, "qcow2", d)
+    };
+    // The expected result: the operation done whole (by qemu-img when it does the same).
+    let done = d.join("done.qcow2");
+    std::fs::copy(&pristine, &done).expect("copy");
+    match c.qemu {
+        Some(q) => {
+            let a = with_img(q, &done);
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            run_ok("qemu-img", &refs);
+        }
+        None => {
+            let a = with_img(c.args, &done);
+            let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+            let out = vimg_raw(&refs);
+            assert!(out.status.code().is_some_and(|c| c == 0 || c == 3));
+        }
+    }
+    let new_guest = if c.big {
+        Vec::new()
+    } else {
+        guest_raw(&done, "qcow2", d)
+    };
+    let sizes = [virtual_size(&pristine), virtual_size(&done)];
+    let work = d.join("work.qcow2");
+    let mut kills = 0u64;
+    let mut leaky = 0u64;
+    // The large case has hundreds of points and a 41 GiB virtual disk to check after each:
+    // every 5th point unless VIMG_KILL_EVERY_POINT is set.
+    let stride = if c.big && std::env::var_os("VIMG_KILL_EVERY_POINT").is_none() {
+        5
+    } else {
+        1
+    };
+    for n in (0..).step_by(stride) {
+        assert!(n < 100_000, "{}: no end in sight", c.name);
+        std::fs::copy(&pristine, &work).expect("copy");
+        let a = with_img(c.args, &work);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let killed = run_killed(&refs, n);
+        let what = format!("{} killed before point {n}", c.name);
+        if qemu_check_no_corruption(&work, &what) == 3 {
+            leaky += 1;
+        }
+        let vs = virtual_size(&work);
+        assert!(sizes.contains(&vs), "{what}: virtual size {vs}");
+        let got = if c.big {
+            same_content(&pristine, &work, &what);
+            Vec::new()
+        } else {
+            let got = guest_raw(&work, "qcow2", d);
+            assert_old_or_new(&got, &old_guest, &new_guest, c.cluster, &what);
+            got
+        };
+        // Leaks go with check -r leaks.
+        let out = vimg_raw(&["check", "-r", "leaks", s(&work)]);
+        assert_eq!(out.status.code(), Some(0), "{what}: vimg check -r leaks");
+        assert_eq!(
+            qemu_check_no_corruption(&work, &what),
+            0,
+            "{what}: leaks left"
+        );
+        if !killed {
+            assert!(got == new_guest, "{}: finished run differs", c.name);
+            assert_eq!(virtual_size(&work), virtual_size(&done), "{}", c.name);
+            if c.big {
+                same_content(&done, &work, &what);
+            }
+            break;
+        }
+        kills += 1;
+        // Done again after the crash, the operation gives the expected content.
+        let out = vimg_raw(&refs);
+        assert!(
+            out.status.code().is_some_and(|c| c == 0 || c == 3),
+            "{what}: rerun failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if c.big {
+            same_content(&done, &work, &what);
+        } else {
+            assert!(guest_raw(&work, "qcow2", d) == new_guest, "{what}: rerun");
+        }
+        assert_eq!(virtual_size(&work), virtual_size(&done), "{what}: rerun");
+        qemu_check_no_corruption(&work, &what);
+    }
+    eprintln!("{}: {kills} kill points, {leaky} left leaks", c.name);
+    assert!(kills > 0, "{}: the hook never fired", c.name);
+    (kills, leaky)
+}
+
+fn create(dir: &Path, opts: &str, size: &str, writes: &[&str]) -> PathBuf {
+    let img = dir.join("pristine.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&img), size]);
+    qemu_io("qcow2", &img, writes);
+    img
+}
+
+fn small_512(dir: &Path) -> PathBuf {
+    create(
+        dir,
+        "cluster_size=512",
+        "1M",
+        &[
+            "write -P 1 0 100k",
+            "write -P 2 900k 124k",
+            "write -z 300k 8k",
+        ],
+    )
+}
+
+fn default_64k(dir: &Path) -> PathBuf {
+    create(
+        dir,
+        "cluster_size=65536",
+        "64M",
+        &[
+            "write -P 3 0 1M",
+            "write -P 4 60M 4M",
+            "write -c -P 5 8M 128k",
+        ],
+    )
+}
+
+/// Sets the stored refcount of host cluster `c` (16-bit refcounts, first refcount block),
+/// growing the file to hold it: a leak when nothing references it.
+fn set_refcount(img: &Path, c: u64, v: u16) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .expect("open");
+    let mut h = [0u8; 104];
+    f.read_exact_at(&mut h, 0).expect("header");
+    let cb = u32::from_be_bytes(h[20..24].try_into().expect("4"));
+    let rt = u64::from_be_bytes(h[48..56].try_into().expect("8"));
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, rt).expect("reftable");
+    let rb = u64::from_be_bytes(e);
+    f.write_all_at(&v.to_be_bytes(), rb + 2 * c)
+        .expect("refcount");
+    let len = f.metadata().expect("stat").len();
+    f.set_len(len.max((c + 1) << cb)).expect("grow");
+}
+
+fn leaky(dir: &Path) -> PathBuf {
+    let img = default_64k(dir);
+    let len = std::fs::metadata(&img).expect("stat").len();
+    let c = len.div_ceil(65536);
+    set_refcount(&img, c, 1);
+    set_refcount(&img, c + 2, 3);
+    img
+}
+
+#[test]
+fn kill_resize_grow_l1() {
+    if !qemu_available("kill_resize_grow_l1") {
+        return;
+    }
+    // 1 MiB -> 9 MiB with 512-byte clusters (absolute sizes: a rerun after a crash must not
+    // add twice): the L1 table grows to 288 entries (2 clusters).
+    run_case(&Case {
+        name: "resize 1M -> 9M (L1 grows)",
+        setup: small_512,
+        args: &["resize", "-f", "qcow2", "{}", "9M"],
+        qemu: Some(&["resize", "-f", "qcow2", "{}", "9M"]),
+        cluster: 512,
+        big: false,
+    });
+}
+
+#[test]
+fn kill_resize_grow_refcount_table() {
+    if !qemu_available("kill_resize_grow_refcount_table") {
+        return;
+    }
+    // 1 MiB -> 41 GiB with 512-byte clusters: a 10 MiB L1 table needs new refcount blocks and a
+    // larger refcount table (one 512-byte cluster covers 8 MiB).
+    let (kills, _) = run_case(&Case {
+        name: "resize 1M -> 41985M (refcount table grows)",
+        setup: small_512,
+        args: &["resize", "-f", "qcow2", "{}", "41985M"],
+        qemu: Some(&["resize", "-f", "qcow2", "{}", "41985M"]),
+        cluster: 512,
+        big: true,
+    });
+    assert!(kills > 30, "expected many kill points, got {kills}");
+}
+
+#[test]
+fn kill_resize_shrink() {
+    if !qemu_available("kill_resize_shrink") {
+        return;
+    }
+    run_case(&Case {
+        name: "resize --shrink 30M",
+        setup: default_64k,
+        args: &["resize", "--shrink", "-f", "qcow2", "{}", "30M"],
+        qemu: Some(&["resize", "--shrink", "-f", "qcow2", "{}", "30M"]),
+        cluster: 65536,
+        big: false,
+    });
+    run_case(&Case {
+        name: "resize --shrink 500k (512-byte clusters)",
+        setup: small_512,
+        args: &["resize", "--shrink", "-f", "qcow2", "{}", "500k"],
+        qemu: Some(&["resize", "--shrink", "-f", "qcow2", "{}", "500k"]),
+        cluster: 512,
+        big: false,
+    });
+}
+
+#[test]
+fn kill_check_repair_leaks() {
+    if !qemu_available("kill_check_repair_leaks") {
+        return;
+    }
+    run_case(&Case {
+        name: "check -r leaks",
+        setup: leaky,
+        args: &["check", "-r", "leaks", "{}"],
+        qemu: Some(&["check", "-r", "leaks", "{}"]),
+        cluster: 65536,
+        big: false,
+    });
+    run_case(&Case {
+        name: "check -r all",
+        setup: leaky,
+        args: &["check", "-r", "all", "{}"],
+        qemu: Some(&["check", "-r", "all", "{}"]),
+        cluster: 65536,
+        big: false,
+    });
+}
+
+#[test]
+fn kill_amend() {
+    if !qemu_available("kill_amend") {
+        return;
+    }
+    run_case(&Case {
+        name: "amend -o compat=0.10",
+        setup: small_512_no_zero,
+        args: &["amend", "-o", "compat=0.10", "{}"],
+        qemu: Some(&["amend", "-o", "compat=0.10", "{}"]),
+        cluster: 512,
+        big: false,
+    });
+    run_case(&Case {
+        name: "amend -o lazy_refcounts=on",
+        setup: small_512_no_zero,
+        args: &["amend", "-o", "lazy_refcounts=on", "{}"],
+        qemu: Some(&["amend", "-o", "lazy_refcounts=on", "{}"]),
+        cluster: 512,
+        big: false,
+    });
+}
+
+fn small_512_no_zero(dir: &Path) -> PathBuf {
+    create(
+        dir,
+        "cluster_size=512",
+        "1M",
+        &["write -P 1 0 100k", "write -P 2 900k 124k"],
+    )
+}

@@ -1,0 +1,1076 @@
+//! Changing an existing qcow2 image in place: the read-write open behind `check -r`,
+//! `resize` and the other in-place subcommands. It shares the reader's header and table
+//! code: an image is first opened (and every table checked) by [`Qcow2Reader`], then the
+//! same file is reopened for writing.
+//!
+//! Crash safety (spec: "Host cluster management", "Reference counts"; the rule QEMU's
+//! block/qcow2*.c follows): a crash at any moment leaves an image that opens, holds the old
+//! or the new content for every cluster, and at worst leaks clusters. The order of writes
+//! makes that so:
+//!
+//! - a cluster's refcount is raised (and flushed) before any table points at it, and
+//!   lowered only after the last pointer to it is gone (and flushed): a crash in between
+//!   is a leak, never a cluster in use with a refcount too low;
+//! - new tables (L1, refcount table) are written whole into fresh clusters and flushed
+//!   before the header points at them;
+//! - the file is extended before refcounts describe clusters past its end, so a leak is
+//!   always inside the file where `check -r leaks` sees it;
+//! - every write into a structure already in use is one table entry, or a run of refcount
+//!   entries (each of which is old or new on its own), or header fields inside the first
+//!   sector (one write, so one sector: old or new as a whole).
+//!
+//! The test hook: `VIMG_TEST_CRASH_AFTER_WRITES=N` (environment, read at open) kills the
+//! process with SIGKILL just before its `N+1`-th write, flush or truncation of the image,
+//! so tests can stop an operation at every point. Nothing in an image can set it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::check::check_findings;
+use super::error::Qcow2Error;
+use super::header::*;
+use super::read::Qcow2Reader;
+use crate::check::CheckReport;
+use crate::error::{Error, Result};
+use crate::formats::OpenContext;
+use crate::gate::ExternalPolicy;
+use crate::limits;
+use crate::storage::{FileStorage, Storage};
+
+/// The environment variable of the crash hook (see the module documentation).
+pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
+
+/// Counts the image's writes, flushes and truncations; kills the process at the
+/// configured one (tests only set it).
+#[derive(Debug)]
+pub(crate) struct CrashHook {
+    left: Option<u64>,
+}
+
+impl CrashHook {
+    pub(crate) fn from_env() -> CrashHook {
+        CrashHook {
+            left: std::env::var(CRASH_HOOK_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok()),
+        }
+    }
+
+    /// Called before each write, flush or truncation.
+    pub(crate) fn point(&mut self) {
+        if let Some(n) = self.left.as_mut() {
+            if *n == 0 {
+                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            }
+            *n -= 1;
+        }
+    }
+}
+
+/// A qcow2 image opened for writing.
+#[derive(Debug)]
+pub struct Qcow2Update {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    g: Geometry,
+    l1: Vec<u64>,
+    reftable: Vec<u64>,
+    file_len: u64,
+    nb_snapshots: u32,
+    has_data_file: bool,
+    has_bitmaps: bool,
+    /// No free cluster lies below this index.
+    free_hint: u64,
+    /// The last refcount block read, by refcount table index.
+    block: Option<(u64, Vec<u8>)>,
+    hook: CrashHook,
+}
+
+fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
+    Error::io(format_args!("{what} of '{}'", path.display()), e)
+}
+
+/// How `resize` treats the new area (qemu-img's `--preallocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prealloc {
+    /// Nothing allocated.
+    Off,
+    /// Metadata only (qcow2); raw treats it as `off`.
+    Metadata,
+    /// fallocate(2) the new area.
+    Falloc,
+    /// Write zeros over the new area.
+    Full,
+}
+
+impl Prealloc {
+    /// Parses qemu-img's mode names.
+    pub fn parse(s: &str) -> Result<Prealloc> {
+        match s {
+            "off" => Ok(Prealloc::Off),
+            "metadata" => Ok(Prealloc::Metadata),
+            "falloc" => Ok(Prealloc::Falloc),
+            "full" => Ok(Prealloc::Full),
+            _ => Err(Error::invalid_argument(format!(
+                "Invalid preallocation mode '{s}'"
+            ))),
+        }
+    }
+}
+
+/// How much `check -r` may repair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repair {
+    /// Leaked clusters only.
+    Leaks,
+    /// Leaks and the corruptions vimg knows how to fix (refcounts too low where the
+    /// refcount block exists, copied flags).
+    All,
+}
+
+/// The outcome of `check -r`.
+#[derive(Debug, Default)]
+pub struct RepairReport {
+    /// The check before the repair.
+    pub before: CheckReport,
+    /// The fixing pass's lines, in cluster order: `Repairing cluster ...` for what was
+    /// fixed, `ERROR cluster ...` again for what was not (as QEMU prints them).
+    pub messages: Vec<String>,
+    /// Leaked clusters fixed.
+    pub leaks_fixed: u64,
+    /// Corruptions fixed.
+    pub corruptions_fixed: u64,
+    /// Copied-flag findings after the refcounts were fixed (QEMU checks them then):
+    /// `Repairing ...` lines for [`Repair::All`], `ERROR ...` for [`Repair::Leaks`].
+    pub copied_messages: Vec<String>,
+    /// A used cluster has refcount 0: QEMU rebuilds the refcount structures then, and
+    /// refuses with `-r leaks`; vimg then repaired nothing.
+    pub needs_rebuild: bool,
+}
+
+/// How `Checker::check_copied` begins its lines.
+const COPIED_PREFIX: &str = "ERROR OFLAG_COPIED";
+
+impl RepairReport {
+    /// The first check's lines as QEMU prints them during a repair: without the copied-flag
+    /// findings, which QEMU looks for only after fixing the refcounts.
+    pub fn before_messages(&self) -> impl Iterator<Item = &String> {
+        self.before
+            .messages
+            .iter()
+            .filter(|m| !m.starts_with(COPIED_PREFIX))
+    }
+}
+
+impl Qcow2Update {
+    /// Opens `path` read-write. The image is first opened by the reader (every table
+    /// checked, files it names through the gate under `policy`); images vimg cannot change
+    /// safely are refused before anything is written.
+    pub fn open(path: &Path, policy: ExternalPolicy) -> Result<Qcow2Update> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format_args!("open '{}' for writing", path.display()), e))?;
+        let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::unsupported(format!(
+                "'{}' is not a regular file; vimg changes only regular files in place",
+                path.display()
+            )));
+        }
+        let ro = file.try_clone().map_err(|e| io_err(path, "dup", e))?;
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
+        let ctx = OpenContext::new(Some(path), policy);
+        let r = Qcow2Reader::open(storage, &ctx)?;
+        let h = r.header.clone();
+        if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
+            return Err(Qcow2Error::Unsupported(
+                "the image is marked corrupt; vimg does not change it".into(),
+            )
+            .into());
+        }
+        let file_len = meta.len();
+        Ok(Qcow2Update {
+            file,
+            path: path.to_path_buf(),
+            g: r.g,
+            l1: r.l1.to_vec(),
+            reftable: r.reftable.to_vec(),
+            file_len,
+            nb_snapshots: h.nb_snapshots,
+            has_data_file: r.data_file_name.is_some(),
+            has_bitmaps: !r.bitmaps.is_empty(),
+            header: h,
+            free_hint: 0,
+            block: None,
+            hook: CrashHook::from_env(),
+        })
+    }
+
+    /// The header as it is now.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Refuses images whose state a change must not build on: the dirty bit (refcounts
+    /// not up to date) and, by a full check, any corruption.
+    fn require_consistent(&self) -> Result<()> {
+        if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+            return Err(Qcow2Error::Unsupported(
+                "the image is dirty (lazy refcounts not written back); repair it with 'check -r all' first"
+                    .into(),
+            )
+            .into());
+        }
+        let rep = self.reader_check()?.0;
+        if rep.corruptions > 0 || rep.check_errors > 0 {
+            return Err(Error::corrupt(format!(
+                "'{}' has {} corruptions; repair it with 'check -r all' first",
+                self.path.display(),
+                rep.corruptions + rep.check_errors
+            )));
+        }
+        Ok(())
+    }
+
+    fn reader_check(&self) -> Result<(CheckReport, super::check::Findings)> {
+        let ro = self
+            .file
+            .try_clone()
+            .map_err(|e| io_err(&self.path, "dup", e))?;
+        let storage: Arc<dyn Storage> = Arc::new(
+            FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?,
+        );
+        // The data file is not read by the check; it need not be opened again.
+        let ctx = OpenContext::new(Some(&self.path), ExternalPolicy::Deny);
+        let r = Qcow2Reader::open(storage, &ctx)?;
+        check_findings(&r)
+    }
+
+    // ---- raw I/O with the crash hook ----
+
+    fn pwrite(&mut self, buf: &[u8], off: u64) -> Result<()> {
+        self.hook.point();
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|e| io_err(&self.path, format_args!("write at {off:#x}"), e))?;
+        self.file_len = self.file_len.max(off + buf.len() as u64);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.hook.point();
+        self.file
+            .sync_data()
+            .map_err(|e| io_err(&self.path, "fsync", e))
+    }
+
+    fn set_len(&mut self, len: u64) -> Result<()> {
+        self.hook.point();
+        self.file
+            .set_len(len)
+            .map_err(|e| io_err(&self.path, "truncate", e))?;
+        self.file_len = len;
+        Ok(())
+    }
+
+    fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        buf.fill(0);
+        if off >= self.file_len {
+            return Ok(());
+        }
+        let n = (self.file_len - off).min(buf.len() as u64) as usize;
+        self.file
+            .read_exact_at(&mut buf[..n], off)
+            .map_err(|e| io_err(&self.path, format_args!("read at {off:#x}"), e))
+    }
+
+    fn cs(&self) -> u64 {
+        self.g.cluster_size
+    }
+
+    fn cb(&self) -> u32 {
+        self.g.cluster_bits
+    }
+
+    // ---- refcounts ----
+
+    /// The refcount block of refcount table index `rti`, if there is one.
+    fn block_offset(&self, rti: u64) -> Option<u64> {
+        let e = *self.reftable.get(rti as usize)?;
+        let off = e & REFT_OFFSET_MASK;
+        (off != 0).then_some(off)
+    }
+
+    fn load_block(&mut self, rti: u64) -> Result<Option<&mut Vec<u8>>> {
+        let Some(off) = self.block_offset(rti) else {
+            return Ok(None);
+        };
+        if self.block.as_ref().is_none_or(|(k, _)| *k != rti) {
+            let mut b = vec![0u8; self.cs() as usize];
+            self.pread(&mut b, off)?;
+            self.block = Some((rti, b));
+        }
+        Ok(self.block.as_mut().map(|(_, b)| b))
+    }
+
+    /// The stored refcount of host cluster `c`.
+    pub fn refcount(&mut self, c: u64) -> Result<u64> {
+        let bits = self.g.refblock_bits;
+        let order = self.g.refcount_order;
+        let idx = (c & ((1u64 << bits) - 1)) as usize;
+        Ok(match self.load_block(c >> bits)? {
+            Some(b) => refcount_get(b, order, idx),
+            None => 0,
+        })
+    }
+
+    /// Sets the refcounts of clusters `[first, first + n)` to `value(old)`, one refcount
+    /// block write per block touched (each entry is old or new on its own). Blocks that do
+    /// not exist yet are created first; a block that would have to be created to store 0
+    /// is left absent. Not flushed.
+    fn set_refcounts(
+        &mut self,
+        first: u64,
+        n: u64,
+        value: impl Fn(u64) -> Result<u64>,
+    ) -> Result<()> {
+        let bits = self.g.refblock_bits;
+        let order = self.g.refcount_order;
+        let max = self.g.refcount_max();
+        let mut c = first;
+        let end = first + n;
+        while c < end {
+            let rti = c >> bits;
+            let block_end = ((rti + 1) << bits).min(end);
+            if self.block_offset(rti).is_none() {
+                // Every refcount the missing block would hold is 0.
+                if value(0)? == 0 {
+                    c = block_end;
+                    continue;
+                }
+                return Err(Error::corrupt(format!(
+                    "no refcount block for host cluster {c} (refcount table entry {rti})"
+                )));
+            }
+            let Some(off) = self.block_offset(rti) else {
+                return Err(Error::corrupt("refcount block vanished"));
+            };
+            let Some(b) = self.load_block(rti)? else {
+                return Err(Error::corrupt("refcount block vanished"));
+            };
+            let lo = (c & ((1 << bits) - 1)) as usize;
+            let hi = (block_end - 1 - (rti << bits)) as usize;
+            for i in lo..=hi {
+                let old = refcount_get(b, order, i);
+                let new = value(old)?;
+                if new > max {
+                    return Err(Qcow2Error::Unsupported(format!(
+                        "refcount of host cluster {} would exceed {max}",
+                        (rti << bits) + i as u64
+                    ))
+                    .into());
+                }
+                refcount_set(b, order, i, new);
+            }
+            // The bytes that hold entries lo..=hi.
+            let bit_lo = (lo as u64) << order;
+            let bit_hi = ((hi as u64 + 1) << order) - 1;
+            let (blo, bhi) = ((bit_lo / 8) as usize, (bit_hi / 8) as usize);
+            let bytes = b[blo..=bhi].to_vec();
+            self.pwrite(&bytes, off + blo as u64)?;
+            c = block_end;
+        }
+        Ok(())
+    }
+
+    /// Makes sure a refcount block covers every cluster of `[first, first + n)`. Missing
+    /// blocks are written after both that range and the end of the file (where they also
+    /// count themselves), flushed, then entered in the refcount table and flushed. Returns
+    /// false when the refcount table had to grow first (the caller searches again: the
+    /// grown table took clusters at the end of the file).
+    fn ensure_blocks(&mut self, first: u64, n: u64) -> Result<bool> {
+        let bits = self.g.refblock_bits;
+        let cb = self.cb();
+        let cs = self.cs();
+        let order = self.g.refcount_order;
+        let p = (first + n).max(self.file_len.div_ceil(cs));
+        let mut b = 0u64;
+        let new_blocks = loop {
+            let mut missing: Vec<u64> = ((first >> bits)..=((first + n - 1) >> bits))
+                .filter(|&k| self.block_offset(k).is_none())
+                .collect();
+            if b > 0 {
+                missing.extend(
+                    (p >> bits..=((p + b - 1) >> bits)).filter(|&k| self.block_offset(k).is_none()),
+                );
+            }
+            missing.sort_unstable();
+            missing.dedup();
+            if missing.len() as u64 <= b {
+                break missing;
+            }
+            b = missing.len() as u64;
+        };
+        if new_blocks.is_empty() {
+            return Ok(true);
+        }
+        let need_entries = new_blocks.iter().max().map_or(0, |m| m + 1);
+        if need_entries > self.reftable.len() as u64 {
+            self.grow_reftable(need_entries)?;
+            return Ok(false);
+        }
+        let b = new_blocks.len() as u64;
+        self.extend_to((p + b) << cb)?;
+        for (j, &k) in new_blocks.iter().enumerate() {
+            let mut blk = vec![0u8; cs as usize];
+            for c in p..p + b {
+                if c >> bits == k {
+                    refcount_set(&mut blk, order, (c & ((1 << bits) - 1)) as usize, 1);
+                }
+            }
+            self.pwrite(&blk, (p + j as u64) << cb)?;
+        }
+        // New blocks placed in ranges whose block already exists are counted there.
+        for c in p..p + b {
+            if !new_blocks.contains(&(c >> bits)) {
+                self.set_refcounts(c, 1, |_| Ok(1))?;
+            }
+        }
+        self.sync()?;
+        // Link the blocks so that a block's own refcount is live before the entry that
+        // makes it referenced: a block whose cluster another new block counts waits for
+        // that one (a flush between the levels).
+        let mut todo: Vec<(u64, u64)> = new_blocks
+            .iter()
+            .enumerate()
+            .map(|(j, &k)| (k, p + j as u64))
+            .collect();
+        while !todo.is_empty() {
+            // (refcount table index, cluster) pairs.
+            type Links = Vec<(u64, u64)>;
+            let (ready, wait): (Links, Links) = todo.iter().partition(|&&(k, c)| {
+                let owner = c >> bits;
+                owner == k || !todo.iter().any(|&(k2, _)| k2 == owner)
+            });
+            if ready.is_empty() {
+                return Err(Error::unsupported(
+                    "new refcount blocks would count each other; vimg cannot link them safely",
+                ));
+            }
+            for (k, c) in ready {
+                let off = c << cb;
+                self.reftable[k as usize] = off;
+                let at = self.header.refcount_table_offset + 8 * k;
+                self.pwrite(&off.to_be_bytes(), at)?;
+            }
+            self.sync()?;
+            todo = wait;
+        }
+        self.block = None;
+        Ok(true)
+    }
+
+    /// Replaces the refcount table with one of at least `min_entries` entries, at the end
+    /// of the file, with new refcount blocks for the clusters it and they occupy.
+    fn grow_reftable(&mut self, min_entries: u64) -> Result<()> {
+        let cs = self.cs();
+        let cb = self.cb();
+        let bits = self.g.refblock_bits;
+        let per_cluster = cs / 8;
+        let want = min_entries.max(self.reftable.len() as u64 * 3 / 2);
+        let t = want.div_ceil(per_cluster).max(1);
+        if t * cs > MAX_REFTABLE_BYTES {
+            return Err(
+                Qcow2Error::Unsupported("the refcount table would grow past 8 MiB".into()).into(),
+            );
+        }
+        let entries = t * per_cluster;
+        let e = self.file_len.div_ceil(cs);
+        // Blocks needed for [e, e + t + b): iterate to a fixed point.
+        let mut b = 0u64;
+        let new_blocks = loop {
+            let last = e + t + b - 1;
+            let missing: Vec<u64> = ((e >> bits)..=(last >> bits))
+                .filter(|&k| self.block_offset(k).is_none())
+                .collect();
+            if missing.len() as u64 <= b {
+                break missing;
+            }
+            b = missing.len() as u64;
+        };
+        let b = new_blocks.len() as u64;
+        if e + t + b > entries << bits {
+            return Err(Qcow2Error::Unsupported(
+                "the refcount table would not cover itself".into(),
+            )
+            .into());
+        }
+        let mut table = self.reftable.clone();
+        table.resize(entries as usize, 0);
+        let order = self.g.refcount_order;
+        // The new blocks' contents: every cluster of [e, e + t + b) they cover has refcount 1.
+        for (j, &k) in new_blocks.iter().enumerate() {
+            let at = e + t + j as u64;
+            table[k as usize] = at << cb;
+            let mut blk = vec![0u8; cs as usize];
+            for c in e..e + t + b {
+                if c >> bits == k {
+                    refcount_set(&mut blk, order, (c & ((1 << bits) - 1)) as usize, 1);
+                }
+            }
+            self.extend_to((at + 1) << cb)?;
+            self.pwrite(&blk, at << cb)?;
+        }
+        // Existing blocks that cover part of the new area.
+        let mut raw = Vec::with_capacity((t * cs) as usize);
+        for &v in &table {
+            raw.extend_from_slice(&v.to_be_bytes());
+        }
+        self.extend_to((e + t + b) << cb)?;
+        self.pwrite(&raw, e << cb)?;
+        let old_off = self.header.refcount_table_offset;
+        let old_clusters = u64::from(self.header.refcount_table_clusters);
+        let old_table = std::mem::replace(&mut self.reftable, table);
+        let covered_old: Vec<u64> = (e..e + t + b)
+            .filter(|&c| {
+                old_table
+                    .get((c >> bits) as usize)
+                    .is_some_and(|v| v & REFT_OFFSET_MASK != 0)
+            })
+            .collect();
+        for c in covered_old {
+            self.set_refcounts(c, 1, |_| Ok(1))?;
+        }
+        self.sync()?;
+        // Header: refcount_table_offset (48..56) and refcount_table_clusters (56..60).
+        let mut h = [0u8; 12];
+        h[..8].copy_from_slice(&(e << cb).to_be_bytes());
+        h[8..].copy_from_slice(&(t as u32).to_be_bytes());
+        self.pwrite(&h, 48)?;
+        self.sync()?;
+        self.header.refcount_table_offset = e << cb;
+        self.header.refcount_table_clusters = t as u32;
+        self.free(old_off >> cb, old_clusters)?;
+        self.sync()?;
+        Ok(())
+    }
+
+    /// Makes the file at least `len` bytes long, so that refcounts never describe
+    /// clusters past its end.
+    fn extend_to(&mut self, len: u64) -> Result<()> {
+        if len > self.file_len {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous free clusters: raises their refcounts to 1 and flushes.
+    /// Returns the first one's index. The caller writes them, flushes, then points at them.
+    pub(crate) fn alloc(&mut self, n: u64) -> Result<u64> {
+        let limit = limits::MAX_VIRTUAL_SIZE >> self.cb();
+        let bits = self.g.refblock_bits;
+        let start = 'search: loop {
+            let mut c = self.free_hint.max(1);
+            let mut run = 0u64;
+            let start = loop {
+                if c > limit {
+                    return Err(Error::unsupported(
+                        "no free cluster below vimg's size limit",
+                    ));
+                }
+                // A cluster no block describes is free; a whole missing block is skipped
+                // over in one step.
+                let free = if self.block_offset(c >> bits).is_none() {
+                    let end = ((c >> bits) + 1) << bits;
+                    let take = (end - c).min(n - run);
+                    run += take;
+                    c += take;
+                    if run == n {
+                        break c - n;
+                    }
+                    continue;
+                } else {
+                    self.refcount(c)? == 0
+                };
+                if free {
+                    run += 1;
+                    if run == n {
+                        break c + 1 - n;
+                    }
+                } else {
+                    run = 0;
+                    if c == self.free_hint {
+                        self.free_hint = c + 1;
+                    }
+                }
+                c += 1;
+            };
+            if self.ensure_blocks(start, n)? {
+                break 'search start;
+            }
+        };
+        self.extend_to((start + n) << self.cb())?;
+        self.set_refcounts(start, n, |old| {
+            if old == 0 {
+                Ok(1)
+            } else {
+                Err(Error::corrupt("cluster became used during allocation"))
+            }
+        })?;
+        self.sync()?;
+        self.free_hint = start + n;
+        Ok(start)
+    }
+
+    /// Drops one reference from each of clusters `[first, first + n)`. The caller has
+    /// already removed (and flushed) the pointers. Not flushed.
+    pub(crate) fn free(&mut self, first: u64, n: u64) -> Result<()> {
+        self.set_refcounts(first, n, |old| {
+            old.checked_sub(1)
+                .ok_or_else(|| Error::corrupt("refcount would drop below zero"))
+        })?;
+        self.free_hint = self.free_hint.min(first);
+        Ok(())
+    }
+
+    // ---- check -r ----
+
+    /// `check -r`: fixes leaks (and, with [`Repair::All`], the corruptions vimg can fix),
+    /// then the caller checks again.
+    pub fn repair(&mut self, mode: Repair) -> Result<RepairReport> {
+        if self.has_data_file {
+            return Err(Error::unsupported(
+                "vimg does not repair qcow2 images with an external data file",
+            ));
+        }
+        let (before, found) = self.reader_check()?;
+        let mut out = RepairReport {
+            before,
+            ..RepairReport::default()
+        };
+        out.needs_rebuild = found.refcounts.iter().any(|&(_, s, c)| s == 0 && c > 0);
+        if out.needs_rebuild && mode == Repair::Leaks {
+            return Ok(out);
+        }
+        // Leaks first (never a risk), then refcounts that are too low.
+        for &(c, stored, counted) in &found.refcounts {
+            let fix = if stored > counted {
+                out.leaks_fixed += 1;
+                true
+            } else {
+                mode == Repair::All
+            };
+            if !fix {
+                // QEMU's fixing pass names what it leaves as the first pass did.
+                out.messages.push(format!(
+                    "ERROR cluster {c} refcount={stored} reference={counted}"
+                ));
+                continue;
+            }
+            if stored < counted && self.block_offset(c >> self.g.refblock_bits).is_none() {
+                return Err(Qcow2Error::Unsupported(format!(
+                    "cluster {c} is used but has no refcount block; vimg cannot rebuild refcount structures"
+                ))
+                .into());
+            }
+            out.messages.push(format!(
+                "Repairing cluster {c} refcount={stored} reference={counted}"
+            ));
+            self.set_refcounts(c, 1, |_| Ok(counted))?;
+            if stored < counted {
+                out.corruptions_fixed += 1;
+            }
+            self.free_hint = self.free_hint.min(c);
+        }
+        self.sync()?;
+        // Copied flags follow the refcounts just written.
+        let (rep, again) = self.reader_check()?;
+        out.copied_messages = rep
+            .messages
+            .iter()
+            .filter(|m| m.starts_with(COPIED_PREFIX))
+            .map(|m| match mode {
+                Repair::All => format!("Repairing{}", &m["ERROR".len()..]),
+                Repair::Leaks => m.clone(),
+            })
+            .collect();
+        if mode == Repair::All {
+            for (at, v) in again.copied {
+                self.pwrite(&v.to_be_bytes(), at)?;
+                out.corruptions_fixed += 1;
+            }
+            self.sync()?;
+            if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
+                let f = self.header.incompatible_features & !INCOMPAT_DIRTY;
+                self.pwrite(&f.to_be_bytes(), 72)?;
+                self.sync()?;
+                self.header.incompatible_features = f;
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- resize ----
+
+    /// Changes the virtual size to `size` (a multiple of 512). Growing grows the L1 table
+    /// when needed (a new table, then the header); shrinking (`shrink`) first lowers the
+    /// size in the header, then drops the clusters past it and trims the file.
+    pub fn resize(&mut self, size: u64, prealloc: Prealloc) -> Result<()> {
+        if !size.is_multiple_of(512) {
+            return Err(Error::invalid_argument(
+                "The new size must be a multiple of 512",
+            ));
+        }
+        if prealloc != Prealloc::Off {
+            return Err(Error::unsupported(
+                "vimg resizes qcow2 images with --preallocation=off only",
+            ));
+        }
+        if self.has_data_file {
+            return Err(Error::unsupported(
+                "vimg does not resize qcow2 images with an external data file",
+            ));
+        }
+        if self.has_bitmaps {
+            return Err(Error::unsupported(
+                "Can't resize an image with persistent bitmaps (vimg does not resize bitmaps)",
+            ));
+        }
+        if size > limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::unsupported(format!(
+                "Image is too big (virtual size {size} exceeds vimg's limit of {} bytes)",
+                limits::MAX_VIRTUAL_SIZE
+            )));
+        }
+        self.require_consistent()?;
+        let old = self.header.size;
+        if size < old && self.nb_snapshots > 0 {
+            return Err(Error::unsupported("Can't shrink an image with snapshots"));
+        }
+        if self.nb_snapshots > 0 && self.header.version < 3 {
+            return Err(Error::unsupported(
+                "Can't resize a v2 image which has snapshots",
+            ));
+        }
+        if size >= old {
+            self.grow(size)
+        } else {
+            self.shrink(size)
+        }
+    }
+
+    fn grow(&mut self, size: u64) -> Result<()> {
+        let cs = self.cs();
+        let cb = self.cb();
+        let need = self.g.l1_entries_for(size);
+        if need <= self.l1.len() as u64 {
+            self.pwrite(&size.to_be_bytes(), 24)?;
+            self.sync()?;
+            self.header.size = size;
+            return Ok(());
+        }
+        let bytes = need * 8;
+        if bytes > MAX_L1_BYTES {
+            return Err(Error::unsupported(format!(
+                "Image is too big: its L1 table would need {bytes} bytes (limit {MAX_L1_BYTES})"
+            )));
+        }
+        let n = bytes.div_ceil(cs);
+        let at = self.alloc(n)?;
+        let mut raw = vec![0u8; (n * cs) as usize];
+        for (i, &e) in self.l1.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        self.pwrite(&raw, at << cb)?;
+        self.sync()?;
+        // size (24..32), crypt_method (32..36), l1_size (36..40), l1_table_offset (40..48).
+        let mut h = [0u8; 24];
+        h[..8].copy_from_slice(&size.to_be_bytes());
+        h[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
+        h[12..16].copy_from_slice(&(need as u32).to_be_bytes());
+        h[16..].copy_from_slice(&(at << cb).to_be_bytes());
+        self.pwrite(&h, 24)?;
+        self.sync()?;
+        let (old_off, old_len) = (self.header.l1_table_offset, self.l1.len() as u64);
+        self.header.size = size;
+        self.header.l1_size = need as u32;
+        self.header.l1_table_offset = at << cb;
+        self.l1.resize(need as usize, 0);
+        if old_len > 0 {
+            self.free(old_off >> cb, (old_len * 8).div_ceil(cs))?;
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn shrink(&mut self, size: u64) -> Result<()> {
+        let cs = self.cs();
+        let cb = self.cb();
+        let g = self.g;
+        self.pwrite(&size.to_be_bytes(), 24)?;
+        self.sync()?;
+        self.header.size = size;
+        // Guest clusters from `keep` on go.
+        let keep = size.div_ceil(cs);
+        let per = g.l2_entries();
+        let width = if g.extended_l2 { 16u64 } else { 8 };
+        for l1i in 0..self.l1.len() as u64 {
+            let l1e = self.l1[l1i as usize];
+            let l2 = l1e & L1E_OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let first = l1i * per;
+            if first + per <= keep {
+                continue;
+            }
+            let from = keep.saturating_sub(first);
+            let mut raw = vec![0u8; cs as usize];
+            self.pread(&mut raw, l2)?;
+            let mut freed: Vec<(u64, u64)> = Vec::new();
+            for j in from..per {
+                let at = (j * width) as usize;
+                let e = u64::from_be_bytes(raw[at..at + 8].try_into().unwrap_or([0; 8]));
+                freed.extend(self.entry_clusters(e));
+            }
+            if from == 0 {
+                // The whole table goes: drop the L1 entry, then the table and its clusters.
+                self.pwrite(&0u64.to_be_bytes(), self.header.l1_table_offset + 8 * l1i)?;
+                self.sync()?;
+                self.l1[l1i as usize] = 0;
+                freed.push((l2 >> cb, 1));
+            } else {
+                let lo = (from * width) as usize;
+                let zeros = vec![0u8; raw.len() - lo];
+                self.pwrite(&zeros, l2 + lo as u64)?;
+                self.sync()?;
+            }
+            for (c, n) in freed {
+                self.free(c, n)?;
+            }
+            self.sync()?;
+        }
+        // Trim the file after the last cluster still in use.
+        let clusters = self.file_len.div_ceil(cs);
+        let mut last = 0u64;
+        for c in (0..clusters).rev() {
+            if self.refcount(c)? != 0 {
+                last = c;
+                break;
+            }
+        }
+        let end = (last + 1) << cb;
+        if end < self.file_len {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    /// The host clusters a (standard or compressed) L2 entry references, as runs.
+    fn entry_clusters(&self, e: u64) -> Option<(u64, u64)> {
+        let g = self.g;
+        if e & OFLAG_COMPRESSED != 0 {
+            let coffset = e & g.coffset_mask;
+            let sectors = ((e >> g.csize_shift) & g.csize_mask) + 1;
+            let len = sectors * 512 - (coffset & 511);
+            let first = coffset >> g.cluster_bits;
+            let last = (coffset + len - 1) >> g.cluster_bits;
+            Some((first, last - first + 1))
+        } else {
+            let off = e & L2E_OFFSET_MASK;
+            (off != 0).then_some((off >> g.cluster_bits, 1))
+        }
+    }
+}
+
+/// What `amend -o` may change (the options vimg supports; the CLI refuses the others).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Amend {
+    /// `compat`: 2 (0.10) or 3 (1.1).
+    pub version: Option<u32>,
+    /// `lazy_refcounts`.
+    pub lazy_refcounts: Option<bool>,
+}
+
+impl Qcow2Update {
+    /// `amend`: changes the compatibility level and the lazy-refcounts bit. The new header,
+    /// its extensions and the backing file name are written as one sector at offset 0,
+    /// so a crash leaves the old header or the new one; an image whose header would not
+    /// fit one sector is refused. A downgrade to 0.10 refuses what version 2 cannot hold
+    /// (feature bits, bitmaps, other refcount widths, zero clusters, which qemu-img
+    /// expands and vimg does not).
+    pub fn amend(&mut self, a: Amend) -> Result<()> {
+        self.require_consistent()?;
+        let old = self.header.clone();
+        let mut h = old.clone();
+        if let Some(v) = a.version {
+            h.version = v;
+        }
+        if h.version < 3 {
+            if a.lazy_refcounts == Some(true) {
+                return Err(Error::invalid_argument(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                ));
+            }
+            if old.version >= 3 {
+                if old.refcount_order != 4 {
+                    return Err(Error::invalid_argument(
+                        "compat=0.10 requires refcount_bits=16",
+                    ));
+                }
+                if old.incompatible_features != 0 {
+                    return Err(Error::unsupported(format!(
+                        "Cannot downgrade an image with incompatible features {:#x} set",
+                        old.incompatible_features
+                    )));
+                }
+                if self.has_bitmaps || old.autoclear_features != 0 {
+                    return Err(Error::unsupported(
+                        "Cannot downgrade an image with persistent bitmaps or autoclear features",
+                    ));
+                }
+                if self.has_zero_clusters()? {
+                    return Err(Error::unsupported(
+                        "vimg cannot downgrade an image with zero clusters (qemu-img expands them; vimg does not yet)",
+                    ));
+                }
+            }
+            h.incompatible_features = 0;
+            h.compatible_features = 0;
+            h.autoclear_features = 0;
+            h.refcount_order = 4;
+            h.header_length = V2_HEADER_LEN as u32;
+            h.compression_type = 0;
+        } else {
+            if old.version < 3 {
+                h.header_length = V3_HEADER_LEN as u32;
+                h.refcount_order = 4;
+            }
+            match a.lazy_refcounts {
+                Some(true) => h.compatible_features |= COMPAT_LAZY_REFCOUNTS,
+                Some(false) => h.compatible_features &= !COMPAT_LAZY_REFCOUNTS,
+                None => {}
+            }
+        }
+        if h == old {
+            return Ok(());
+        }
+        if h.version == old.version {
+            // Only the compatible features change: one field.
+            self.pwrite(&h.compatible_features.to_be_bytes(), 80)?;
+            self.sync()?;
+            self.header = h;
+            return Ok(());
+        }
+        let sector = self.build_first_sector(&mut h)?;
+        self.pwrite(&sector, 0)?;
+        self.sync()?;
+        self.header = h;
+        Ok(())
+    }
+
+    /// The header, its extensions (the backing format, when the image has one) and the
+    /// backing file name, laid out in 512 bytes; `h`'s backing file offset is set.
+    fn build_first_sector(&self, h: &mut Header) -> Result<Vec<u8>> {
+        let cs = self.cs();
+        let head_len = self.file_len.min(cs) as usize;
+        let mut first = vec![0u8; head_len.max(V3_HEADER_LEN)];
+        self.pread(&mut first, 0)?;
+        let ext_end = if self.header.backing_file_offset != 0 {
+            self.header.backing_file_offset
+        } else {
+            cs
+        };
+        let exts = parse_extensions(
+            &first,
+            self.header.len(),
+            (ext_end as usize).min(first.len()),
+            cs,
+        )?;
+        if !exts.unknown.is_empty() || exts.data_file.is_some() || exts.crypto.is_some() {
+            return Err(Error::unsupported(
+                "vimg cannot rewrite a header with unknown, data-file or encryption extensions",
+            ));
+        }
+        let backing_name = if self.header.backing_file_offset != 0 {
+            let off = self.header.backing_file_offset as usize;
+            let len = self.header.backing_file_size as usize;
+            first
+                .get(off..off + len)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| Error::corrupt("backing file name outside the first cluster"))?
+        } else {
+            Vec::new()
+        };
+        let mut buf = vec![0u8; 4096];
+        let mut off = h.len();
+        if let Some(f) = &exts.backing_format {
+            off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        off = write_extension(&mut buf, off, EXT_END, &[]);
+        if !backing_name.is_empty() {
+            h.backing_file_offset = off as u64;
+            h.backing_file_size = backing_name.len() as u32;
+            buf[off..off + backing_name.len()].copy_from_slice(&backing_name);
+            off += backing_name.len();
+        } else {
+            h.backing_file_offset = 0;
+            h.backing_file_size = 0;
+        }
+        if off > 512 {
+            return Err(Error::unsupported(format!(
+                "the new header with its extensions and backing file name takes {off} bytes, more than one sector; vimg changes it only in one atomic write"
+            )));
+        }
+        h.write_to(&mut buf);
+        buf.truncate(512);
+        Ok(buf)
+    }
+
+    /// True when an active or snapshot L2 table has a zero-flagged entry.
+    fn has_zero_clusters(&self) -> Result<bool> {
+        let cs = self.cs() as usize;
+        let mut l1s: Vec<(u64, u64)> =
+            vec![(self.header.l1_table_offset, u64::from(self.header.l1_size))];
+        let mut raw = vec![0u8; 16];
+        // Snapshot L1 tables, from the snapshot table.
+        let mut at = self.header.snapshots_offset;
+        for _ in 0..self.nb_snapshots {
+            let mut sh = vec![0u8; SNAPSHOT_HEADER_LEN];
+            self.pread(&mut sh, at)?;
+            let s = SnapshotHeader::parse(&sh)?;
+            l1s.push((s.l1_table_offset, u64::from(s.l1_size)));
+            at += s.entry_len();
+            at = at.next_multiple_of(8);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (off, n) in l1s {
+            let mut l1 = vec![0u8; (n * 8) as usize];
+            self.pread(&mut l1, off)?;
+            for e in l1.chunks_exact(8) {
+                let l2 = u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & L1E_OFFSET_MASK;
+                if l2 == 0 || !seen.insert(l2) {
+                    continue;
+                }
+                raw.resize(cs, 0);
+                self.pread(&mut raw, l2)?;
+                for w in raw.chunks_exact(8) {
+                    let v = u64::from_be_bytes(w.try_into().unwrap_or([0; 8]));
+                    if v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0 {
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+        Ok(false)
+    }
+}
