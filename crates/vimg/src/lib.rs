@@ -125,6 +125,7 @@ pub mod measure;
 pub mod options;
 pub mod output;
 pub mod ova;
+pub mod secret;
 pub mod source;
 pub mod storage;
 pub mod writer;

@@ -21,6 +21,7 @@ use crate::writer::ImageWriter;
 pub mod bochs;
 pub mod cloop;
 pub mod dmg;
+pub mod luks;
 pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
@@ -142,7 +143,7 @@ impl Format {
             Format::Parallels => &parallels::Driver,
             Format::Qed => &qed::Driver,
             Format::Qcow => &qcow::Driver,
-            Format::Luks => &unread::LUKS,
+            Format::Luks => &luks::Driver,
             Format::Dmg => &dmg::Driver,
             Format::Bochs => &bochs::Driver,
             Format::Cloop => &cloop::Driver,
@@ -172,6 +173,12 @@ pub struct OpenContext {
     pub path: Option<PathBuf>,
     /// The external-file policy.
     pub policy: ExternalPolicy,
+    /// The `key-secret` (luks) or `encrypt.key-secret` (qcow2) the user's image options
+    /// name: the id of a [`crate::secret`].
+    pub key_secret: Option<String>,
+    /// Open for metadata only (qemu's `BDRV_O_NO_IO`, as `info` opens): an encrypted image
+    /// opens without its secret and refuses reads.
+    pub metadata_only: bool,
 }
 
 impl OpenContext {
@@ -180,6 +187,8 @@ impl OpenContext {
         OpenContext {
             path: path.map(Path::to_path_buf),
             policy,
+            key_secret: None,
+            metadata_only: false,
         }
     }
 
