@@ -253,11 +253,11 @@ fn info_human(image: &Image) -> String {
             .map(size_to_str)
             .unwrap_or_else(|| "unavailable".into())
     ));
-    if let Some(c) = info.cluster_size {
-        s.push_str(&format!("cluster_size: {c}\n"));
-    }
     if info.encrypted == Some(true) {
         s.push_str("encrypted: yes\n");
+    }
+    if let Some(c) = info.cluster_size {
+        s.push_str(&format!("cluster_size: {c}\n"));
     }
     if let Some(b) = &info.backing_filename {
         s.push_str(&format!("backing file: {}", esc(b)));

@@ -179,6 +179,9 @@ pub struct OpenContext {
     /// Open for metadata only (qemu's `BDRV_O_NO_IO`, as `info` opens): an encrypted image
     /// opens without its secret and refuses reads.
     pub metadata_only: bool,
+    /// Set by the LUKS wrapper: the qcow2 reader may open a LUKS-encrypted image (the
+    /// wrapper decrypts its data clusters).
+    pub(crate) qcow2_luks: bool,
 }
 
 impl OpenContext {
@@ -189,6 +192,7 @@ impl OpenContext {
             policy,
             key_secret: None,
             metadata_only: false,
+            qcow2_luks: false,
         }
     }
 

@@ -46,6 +46,8 @@ pub const DIGEST_LEN: usize = 20;
 pub const STRIPES: u32 = 4000;
 /// Longest volume key accepted (AES-256-XTS: two 32-byte keys).
 pub const MAX_KEY_BYTES: u32 = 64;
+/// Bytes of the UUID field.
+pub const UUID_LEN: usize = 40;
 /// Bytes in a LUKS sector.
 pub const SECTOR: u64 = 512;
 
@@ -92,8 +94,8 @@ pub struct Header {
     pub mk_digest_salt: [u8; SALT_LEN],
     /// PBKDF2 iterations of that digest.
     pub mk_digest_iter: u32,
-    /// The UUID text.
-    pub uuid: String,
+    /// The UUID text, NUL-padded, as stored (see [`Header::uuid_text`]).
+    pub uuid: [u8; UUID_LEN],
     /// The key slots.
     pub slots: Vec<KeySlot>,
 }
@@ -144,9 +146,8 @@ impl Header {
         mk_digest.copy_from_slice(&b[0x70..0x84]);
         let mut mk_digest_salt = [0u8; SALT_LEN];
         mk_digest_salt.copy_from_slice(&b[0x84..0xa4]);
-        let uuid_field = &b[0xa8..0xd0];
-        let uuid_end = uuid_field.iter().position(|c| *c == 0).unwrap_or(40);
-        let uuid = escape_control(&String::from_utf8_lossy(&uuid_field[..uuid_end])).into_owned();
+        let mut uuid = [0u8; UUID_LEN];
+        uuid.copy_from_slice(&b[0xa8..0xd0]);
         let slots = (0..SLOTS)
             .map(|i| {
                 let at = SLOT_AT + i * SLOT_LEN;
@@ -189,7 +190,7 @@ impl Header {
         out[0x70..0x84].copy_from_slice(&self.mk_digest);
         out[0x84..0xa4].copy_from_slice(&self.mk_digest_salt);
         out[0xa4..0xa8].copy_from_slice(&self.mk_digest_iter.to_be_bytes());
-        put_name(out, 0xa8, 40, &self.uuid);
+        out[0xa8..0xd0].copy_from_slice(&self.uuid);
         for (i, s) in self.slots.iter().enumerate().take(SLOTS) {
             let at = SLOT_AT + i * SLOT_LEN;
             out[at..at + 4].copy_from_slice(&s.active.to_be_bytes());
@@ -198,6 +199,13 @@ impl Header {
             out[at + 40..at + 44].copy_from_slice(&s.key_offset.to_be_bytes());
             out[at + 44..at + 48].copy_from_slice(&s.stripes.to_be_bytes());
         }
+    }
+
+    /// The UUID as qemu-img shows it: the text up to the first NUL, control characters
+    /// escaped (it comes from the image).
+    pub fn uuid_text(&self) -> String {
+        let end = self.uuid.iter().position(|c| *c == 0).unwrap_or(UUID_LEN);
+        escape_control(&String::from_utf8_lossy(&self.uuid[..end])).into_owned()
     }
 
     /// Byte offset of the payload.
@@ -337,16 +345,16 @@ mod tests {
     /// disabled, key material 4 KiB-aligned after the header).
     fn qemu_like() -> Header {
         Header {
-            version: 1,                                          // 0x006
-            cipher_name: "aes".into(),                           // 0x008
-            cipher_mode: "xts-plain64".into(),                   // 0x028
-            hash_spec: "sha256".into(),                          // 0x048
-            payload_offset: 4040,                                // 0x068: 8 + 8 * 504 sectors
-            key_bytes: 64,                                       // 0x06c: two AES-256 keys
-            mk_digest: [1; DIGEST_LEN],                          // 0x070
-            mk_digest_salt: [2; SALT_LEN],                       // 0x084
-            mk_digest_iter: 1000,                                // 0x0a4
-            uuid: "379dcd5a-8326-4a15-8bfc-6e501fc85ded".into(), // 0x0a8
+            version: 1,                                             // 0x006
+            cipher_name: "aes".into(),                              // 0x008
+            cipher_mode: "xts-plain64".into(),                      // 0x028
+            hash_spec: "sha256".into(),                             // 0x048
+            payload_offset: 4040,                                   // 0x068: 8 + 8 * 504 sectors
+            key_bytes: 64,                                          // 0x06c: two AES-256 keys
+            mk_digest: [1; DIGEST_LEN],                             // 0x070
+            mk_digest_salt: [2; SALT_LEN],                          // 0x084
+            mk_digest_iter: 1000,                                   // 0x0a4
+            uuid: *b"379dcd5a-8326-4a15-8bfc-6e501fc85ded\0\0\0\0", // 0x0a8
             slots: (0..SLOTS as u32)
                 .map(|i| KeySlot {
                     active: if i == 0 { SLOT_ENABLED } else { SLOT_DISABLED },

@@ -32,6 +32,7 @@ pub mod crypto;
 pub mod error;
 pub mod header;
 pub mod open;
+pub mod qcow2;
 pub mod read;
 pub mod write;
 

@@ -80,7 +80,7 @@ impl Parsed {
         }
         m.insert("hash-alg".into(), json!(self.hash.name()));
         m.insert("cipher-alg".into(), json!(self.spec.alg_name()));
-        m.insert("uuid".into(), json!(h.uuid));
+        m.insert("uuid".into(), json!(h.uuid_text()));
         if let IvGen::Essiv(hh) = self.spec.ivgen {
             m.insert("ivgen-hash-alg".into(), json!(hh.name()));
         }

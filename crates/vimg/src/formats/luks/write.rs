@@ -182,7 +182,12 @@ impl LuksWriter {
             mk_digest,
             mk_digest_salt,
             mk_digest_iter: mk_iter,
-            uuid: uuid::Uuid::new_v4().hyphenated().to_string(),
+            uuid: {
+                let mut u = [0u8; super::header::UUID_LEN];
+                let t = uuid::Uuid::new_v4().hyphenated().to_string();
+                u[..t.len()].copy_from_slice(t.as_bytes());
+                u
+            },
             slots,
         };
         let payload = header.payload_bytes();
