@@ -72,6 +72,8 @@ pub enum Codec {
     Zlib,
     /// A zstd frame (or several), as qcow2 stores zstd-type compressed clusters.
     Zstd,
+    /// A bzip2 stream, as dmg stores UDBZ chunks.
+    Bzip2,
 }
 
 /// What a guest range holds.

@@ -202,8 +202,7 @@ fn read_mish(b: &[u8], k: &Koly, koly_at: u64, runs: &mut Vec<Run>) -> Result<()
         let at = MISH_HEADER_SIZE + i * CHUNK_SIZE;
         let c = Chunk::parse(&b[at..at + CHUNK_SIZE]);
         let name = match c.kind {
-            CHUNK_ZERO | CHUNK_IGNORE | CHUNK_RAW | CHUNK_ZLIB => None,
-            CHUNK_BZIP2 => Some("bzip2 (UDBZ)"),
+            CHUNK_ZERO | CHUNK_IGNORE | CHUNK_RAW | CHUNK_ZLIB | CHUNK_BZIP2 => None,
             CHUNK_LZFSE => Some("lzfse (ULFO)"),
             CHUNK_ADC => Some("ADC (UDCO)"),
             _ => continue,
@@ -308,11 +307,15 @@ impl ImageReader for DmgReader {
                 file: FileId(0),
                 offset: HostOffset(r.offset + (pos - start)),
             },
-            CHUNK_ZLIB => MapKind::Compressed {
+            CHUNK_ZLIB | CHUNK_BZIP2 => MapKind::Compressed {
                 file: FileId(0),
                 offset: HostOffset(r.offset),
                 len: r.length,
-                codec: Codec::Zlib,
+                codec: if r.kind == CHUNK_BZIP2 {
+                    Codec::Bzip2
+                } else {
+                    Codec::Zlib
+                },
                 unit_start: GuestOffset(start),
                 unit_len: r.count * 512,
             },
