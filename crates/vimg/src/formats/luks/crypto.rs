@@ -67,7 +67,7 @@ impl Hash {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             Hash::Sha1 => 20,
             Hash::Sha224 => 28,
@@ -216,7 +216,7 @@ impl CipherSpec {
             });
         }
         let aes_key = match mode {
-            Mode::Xts if key_bytes % 2 == 0 => key_bytes / 2,
+            Mode::Xts if key_bytes.is_multiple_of(2) => key_bytes / 2,
             Mode::Xts => 0,
             _ => key_bytes,
         };
@@ -227,7 +227,7 @@ impl CipherSpec {
             });
         }
         if let IvGen::Essiv(h) = ivgen {
-            if !matches!(h.len(), 16 | 24 | 32) {
+            if !matches!(h.digest_len(), 16 | 24 | 32) {
                 return Err(LuksError::Algorithm {
                     what: "ESSIV hash",
                     name: h.name().into(),
@@ -295,8 +295,10 @@ pub struct SectorCipher {
 }
 
 enum Inner {
-    Xts(Aes, Aes),
-    Block(Aes),
+    Xts128(Box<xts_mode::Xts128<Aes128>>),
+    Xts192(Box<xts_mode::Xts128<Aes192>>),
+    Xts256(Box<xts_mode::Xts128<Aes256>>),
+    Block(Box<Aes>),
 }
 
 fn cbc<C>(c: &C, iv: &[u8; 16], buf: &mut [u8], enc: bool)
@@ -322,15 +324,13 @@ where
     }
 }
 
-fn xts<C>(k1: &C, k2: &C, tweak: [u8; 16], buf: &mut [u8], enc: bool)
+fn xts<C>(x: &xts_mode::Xts128<C>, tweak: [u8; 16], buf: &mut [u8], enc: bool)
 where
     C: BlockCipher
         + BlockEncrypt
         + BlockDecrypt
-        + BlockSizeUser<BlockSize = aes::cipher::consts::U16>
-        + Clone,
+        + BlockSizeUser<BlockSize = aes::cipher::consts::U16>,
 {
-    let x = xts_mode::Xts128::new(k1.clone(), k2.clone());
     if enc {
         x.encrypt_sector(buf, tweak);
     } else {
@@ -358,9 +358,21 @@ impl SectorCipher {
         let inner = match spec.mode {
             Mode::Xts => {
                 let (a, b) = key.split_at(key.len() / 2);
-                Inner::Xts(Aes::new(a), Aes::new(b))
+                match (Aes::new(a), Aes::new(b)) {
+                    (Aes::A128(a), Aes::A128(b)) => {
+                        Inner::Xts128(Box::new(xts_mode::Xts128::new(a, b)))
+                    }
+                    (Aes::A192(a), Aes::A192(b)) => {
+                        Inner::Xts192(Box::new(xts_mode::Xts128::new(a, b)))
+                    }
+                    (Aes::A256(a), Aes::A256(b)) => {
+                        Inner::Xts256(Box::new(xts_mode::Xts128::new(a, b)))
+                    }
+                    // Both halves of one key have the same length.
+                    (a, _) => Inner::Block(Box::new(a)),
+                }
             }
-            _ => Inner::Block(Aes::new(key)),
+            _ => Inner::Block(Box::new(Aes::new(key))),
         };
         let essiv = match spec.ivgen {
             IvGen::Essiv(h) => {
@@ -390,12 +402,10 @@ impl SectorCipher {
         for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
             let iv = self.iv(first.wrapping_add(i as u64));
             match &self.inner {
-                Inner::Xts(Aes::A128(a), Aes::A128(b)) => xts(a, b, iv, s, enc),
-                Inner::Xts(Aes::A192(a), Aes::A192(b)) => xts(a, b, iv, s, enc),
-                Inner::Xts(Aes::A256(a), Aes::A256(b)) => xts(a, b, iv, s, enc),
-                // Both halves come from one key of even length: same size.
-                Inner::Xts(..) => {}
-                Inner::Block(c) => match (self.spec.mode, c) {
+                Inner::Xts128(x) => xts(x, iv, s, enc),
+                Inner::Xts192(x) => xts(x, iv, s, enc),
+                Inner::Xts256(x) => xts(x, iv, s, enc),
+                Inner::Block(c) => match (self.spec.mode, &**c) {
                     (Mode::Ecb, Aes::A128(c)) => ecb(c, s, enc),
                     (Mode::Ecb, Aes::A192(c)) => ecb(c, s, enc),
                     (Mode::Ecb, Aes::A256(c)) => ecb(c, s, enc),
@@ -411,7 +421,7 @@ impl SectorCipher {
 /// The anti-forensic information splitter's diffusion (LUKS1 spec section 2.4, `H1`):
 /// hash `buf` in digest-sized blocks, each prefixed with its big-endian index.
 fn diffuse(hash: Hash, buf: &mut [u8]) {
-    let n = hash.len();
+    let n = hash.digest_len();
     for (i, block) in buf.chunks_mut(n).enumerate() {
         let d = hash.digest(&[&(i as u32).to_be_bytes(), block]);
         let len = block.len();

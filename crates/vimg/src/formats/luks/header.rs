@@ -213,9 +213,10 @@ impl Header {
         u64::from(self.payload_offset) * SECTOR
     }
 
-    /// Bytes of one slot's key material.
+    /// Bytes of one slot's key material area: `key-bytes * 4000`, rounded up to whole
+    /// sectors (cryptsetup encrypts the area in whole sectors).
     pub fn material_len(&self) -> u64 {
-        u64::from(self.key_bytes) * u64::from(STRIPES)
+        (u64::from(self.key_bytes) * u64::from(STRIPES)).div_ceil(SECTOR) * SECTOR
     }
 
     /// Checks every number against the file length `len` and the bounds above, as QEMU's

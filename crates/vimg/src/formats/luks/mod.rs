@@ -154,4 +154,13 @@ impl crate::formats::Driver for Driver {
     ) -> Result<Box<dyn ImageWriter>> {
         Ok(Box::new(write::LuksWriter::create(out, size, opts)?))
     }
+
+    fn measure(
+        &self,
+        size: u64,
+        opts: &CreateOptions,
+        _data: Option<&dyn crate::formats::DataSummary>,
+    ) -> Result<crate::formats::Measure> {
+        write::measure(size, opts)
+    }
 }

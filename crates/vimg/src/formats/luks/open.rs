@@ -44,13 +44,15 @@ pub fn unlock(
                 e,
             )
         })?;
-        // The material is a whole number of sectors only when key-bytes * 4000 is; QEMU
-        // (and cryptsetup) encrypt it as one area whose last sector may be partial, which
-        // for XTS and CBC means only whole sectors: 4000 * key-bytes is a multiple of 512
-        // for every key length a multiple of 16.
-        let whole = material.len() / SECTOR as usize * SECTOR as usize;
-        SectorCipher::new(spec, &slot_key).apply(0, &mut material[..whole], false);
-        let key = af_merge(hash, &material, kb, STRIPES as usize);
+        // The area is whole sectors (cryptsetup pads the split key to a sector); the
+        // stripes are its first key-bytes * 4000 bytes.
+        SectorCipher::new(spec, &slot_key).apply(0, &mut material, false);
+        let key = af_merge(
+            hash,
+            &material[..kb * STRIPES as usize],
+            kb,
+            STRIPES as usize,
+        );
         let mut digest = [0u8; DIGEST_LEN];
         hash.pbkdf2(&key, &h.mk_digest_salt, h.mk_digest_iter, &mut digest);
         if digest == h.mk_digest {

@@ -80,6 +80,16 @@ fn parse_options(opts: &CreateOptions) -> Result<Choice> {
     };
     let spec = CipherSpec::new("aes", key_bytes, mode, ivgen)
         .map_err(|e| Error::invalid_argument(e.to_string()))?;
+    if !(key_bytes * STRIPES as usize).is_multiple_of(SECTOR) {
+        // qemu-img aborts on these (its key material is not whole sectors): a volume no
+        // qemu could open is refused rather than written.
+        return Err(Error::unsupported(format!(
+            "a {}-byte {} key makes key material of {} bytes, not whole sectors; qemu-img cannot create or open such LUKS volumes",
+            key_bytes,
+            mode.name(),
+            key_bytes * STRIPES as usize
+        )));
+    }
     let iter_time = opts.get_number("iter-time")?.unwrap_or(2000);
     if iter_time == 0 {
         return Err(Error::invalid_argument("iter-time must be at least 1 ms"));
@@ -88,6 +98,31 @@ fn parse_options(opts: &CreateOptions) -> Result<Choice> {
         spec,
         hash,
         iter_time,
+    })
+}
+
+/// Sectors of one key slot's material area for a `key_bytes` key: 4000 stripes, rounded
+/// up to 4 KiB.
+fn slot_sectors(key_bytes: usize) -> u32 {
+    let split_len = key_bytes * STRIPES as usize;
+    (split_len.div_ceil(SECTOR) as u32).div_ceil(SLOT_ALIGN_SECTORS) * SLOT_ALIGN_SECTORS
+}
+
+/// `measure`: a volume of `size` bytes with `opts` needs its header area (header and eight
+/// key slot areas) plus the payload, all of it allocated (every sector is written
+/// encrypted).
+pub fn measure(size: u64, opts: &CreateOptions) -> Result<crate::formats::Measure> {
+    let c = parse_options(opts)?;
+    super::secret_passphrase(opts.get_str("key-secret"), "")?;
+    let header = u64::from(FIRST_SLOT_SECTOR + slot_sectors(c.spec.key_bytes) * SLOTS as u32)
+        * SECTOR as u64;
+    let total = header
+        .checked_add(size)
+        .ok_or_else(|| Error::invalid_argument("LUKS volume size too large"))?;
+    Ok(crate::formats::Measure {
+        required: total,
+        fully_allocated: total,
+        bitmaps: None,
     })
 }
 
@@ -136,7 +171,7 @@ impl LuksWriter {
                 "vimg does not write into an existing LUKS volume (-n)",
             ));
         }
-        if size % SECTOR as u64 != 0 {
+        if !size.is_multiple_of(SECTOR as u64) {
             return Err(Error::invalid_argument(format!(
                 "LUKS volume size {size} is not a multiple of 512 bytes (vimg writes whole encrypted sectors)"
             )));
@@ -156,9 +191,7 @@ impl LuksWriter {
         c.hash
             .pbkdf2(&master, &mk_digest_salt, mk_iter, &mut mk_digest);
 
-        let split_len = kb * STRIPES as usize;
-        let slot_sectors =
-            (split_len.div_ceil(SECTOR) as u32).div_ceil(SLOT_ALIGN_SECTORS) * SLOT_ALIGN_SECTORS;
+        let slot_sectors = slot_sectors(kb);
         let mut salt = [0u8; SALT_LEN];
         random(&mut salt)?;
         let slot_iter = iterations_for(c.hash, password, kb, c.iter_time);
@@ -198,8 +231,7 @@ impl LuksWriter {
         let mut slot_key = Zeroizing::new(vec![0u8; kb]);
         c.hash.pbkdf2(password, &salt, slot_iter, &mut slot_key);
         let mut split = af_split(c.hash, &master, STRIPES as usize)?;
-        let whole = split.len() / SECTOR * SECTOR;
-        SectorCipher::new(c.spec, &slot_key).apply(0, &mut split[..whole], true);
+        SectorCipher::new(c.spec, &slot_key).apply(0, &mut split, true);
         let at = FIRST_SLOT_SECTOR as usize * SECTOR;
         head[at..at + split.len()].copy_from_slice(&split);
 
@@ -277,7 +309,11 @@ impl ImageWriter for LuksWriter {
     fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
-            .filter(|e| *e <= self.size && offset % SECTOR as u64 == 0 && data.len() % SECTOR == 0)
+            .filter(|e| {
+                *e <= self.size
+                    && offset.is_multiple_of(SECTOR as u64)
+                    && data.len().is_multiple_of(SECTOR)
+            })
             .ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "write of {} bytes at {offset:#x} is not whole sectors inside the LUKS volume",
