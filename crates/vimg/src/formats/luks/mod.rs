@@ -131,9 +131,11 @@ impl crate::formats::Driver for Driver {
                 "this is a LUKS2 image; vimg reads LUKS version 1 (as QEMU does); only '-f raw' copies its bytes as they are",
             ));
         }
-        let secret = match (&ctx.key_secret, ctx.metadata_only) {
-            (None, true) => None,
-            (id, _) => Some(secret_passphrase(id.as_deref(), "")?),
+        // `info` (metadata only) never unlocks, as qemu-img opens without I/O: a wrong
+        // passphrase does not stop it.
+        let secret = match ctx.metadata_only {
+            true => None,
+            false => Some(secret_passphrase(ctx.key_secret.as_deref(), "")?),
         };
         let pw = match &secret {
             Some((id, s)) => Some(open::passphrase(id, s)?),

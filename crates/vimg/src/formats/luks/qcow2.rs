@@ -81,9 +81,11 @@ impl EncryptedQcow2 {
             ))
         })?;
         let parsed = Parsed::read(&window)?;
-        let plain = match (&ctx.key_secret, ctx.metadata_only) {
-            (None, true) => None,
-            (id, _) => {
+        // `info` never unlocks (qemu-img opens without I/O).
+        let plain = match ctx.metadata_only {
+            true => None,
+            false => {
+                let id = &ctx.key_secret;
                 let (id, secret) = super::secret_passphrase(id.as_deref(), "encrypt.")?;
                 let pw = super::open::passphrase(&id, &secret)?;
                 let key =
