@@ -46,6 +46,10 @@ pub fn init(defs: &[String]) -> Result<(), Failure> {
         }
         v.push(s);
     }
+    // The library's store is what encrypted formats (LUKS, qcow2 encrypt.format=luks) read.
+    for s in &v {
+        vimg::secret::define(&s.id, &s.data);
+    }
     let _ = SECRETS.set(v);
     Ok(())
 }

@@ -97,6 +97,79 @@ fn zlib(data: &[u8]) -> Vec<u8> {
     vimg::codec::zlib_compress(data, 6, data.len() * 2 + 64).unwrap()
 }
 
+fn bz2(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// UDBZ chunks (bzip2, as `hdiutil convert -format UDBZ` writes) between raw and zero
+/// ones read as the bytes compressed, and as qemu-img reads them where its dmg-bz2 module
+/// is installed.
+#[test]
+fn bzip2_chunks_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("bz.dmg");
+    let a = pattern(64 << 10, 9);
+    let t: Vec<u8> = b"bzip2 chunk "
+        .iter()
+        .cycle()
+        .take(128 << 10)
+        .copied()
+        .collect();
+    let blocks = vec![
+        vec![
+            C {
+                kind: 0x8000_0006,
+                sectors: 128,
+                data: bz2(&a),
+            },
+            C {
+                kind: 2,
+                sectors: 16,
+                data: vec![],
+            },
+        ],
+        vec![
+            C {
+                kind: 1,
+                sectors: 1,
+                data: vec![0x5a; 512],
+            },
+            C {
+                kind: 0x8000_0006,
+                sectors: 256,
+                data: bz2(&t),
+            },
+        ],
+    ];
+    let sectors = dmg_image(&img, &blocks);
+    let mut want = a.clone();
+    want.extend_from_slice(&[0; 16 * 512]);
+    want.extend_from_slice(&[0x5a; 512]);
+    want.extend_from_slice(&t);
+    assert_eq!(want.len() as u64, sectors * 512);
+    let v = dir.path().join("v.raw");
+    vimg(&["convert", "-O", "raw", s(&img), s(&v)]);
+    assert_eq!(fs::read(&v).unwrap(), want);
+    if have("qemu-img") {
+        let q = dir.path().join("q.raw");
+        let r = run_cmd(
+            "qemu-img",
+            &["convert", "-f", "dmg", "-O", "raw", s(&img), s(&q)],
+        );
+        if r.status.success() {
+            assert_same_file(&q, &v);
+        } else {
+            eprintln!(
+                "SKIPPED qemu-img comparison: {}",
+                String::from_utf8_lossy(&r.stderr).trim()
+            );
+        }
+    }
+}
+
 fn sample(seed: u64) -> Vec<Vec<C>> {
     let a = pattern(64 << 10, seed);
     let t: Vec<u8> = b"dmg chunk "
@@ -199,13 +272,22 @@ fn hostile_chunk_tables_are_refused() {
         assert!(err.contains(want), "{err}");
         assert!(!out.exists());
     };
+    // A bzip2 chunk that is not a bzip2 stream, or decodes short.
     refuse(
         vec![vec![C {
             kind: 0x8000_0006,
             sectors: 8,
             data: vec![1; 100],
         }]],
-        "bzip2",
+        "Bzip2 data is corrupt",
+    );
+    refuse(
+        vec![vec![C {
+            kind: 0x8000_0006,
+            sectors: 8,
+            data: bz2(&[7; 4095]),
+        }]],
+        "Bzip2 data decodes to 4095 bytes",
     );
     refuse(
         vec![vec![C {

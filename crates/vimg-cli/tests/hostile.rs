@@ -102,7 +102,7 @@ fn cases() -> Vec<Case> {
         c("q-huge-size", "qcow2", "header size", "2^60 bytes", Unsupported, |e, n| e.qcow2(n, |p, _| wr64be(p, 24, 1 << 60))),
         c("q-huge-size-tiny-l1", "qcow2", "header size", "2^50 bytes with a 1-entry L1", Invalid, |e, n| e.qcow2(n, |p, _| wr64be(p, 24, 1 << 50))),
         c("q-incompatible", "qcow2", "header incompatible_features", "bit 20", Unsupported, |e, n| e.qcow2(n, |p, _| wr64be(p, 72, 1 << 20))),
-        c("q-encrypted", "qcow2", "header crypt_method", "2 (LUKS)", Unsupported, |e, n| e.qcow2(n, |p, _| wr32be(p, 32, 2))),
+        c("q-encrypted", "qcow2", "header crypt_method", "2 (LUKS) without the encryption header extension", Invalid, |e, n| e.qcow2(n, |p, _| wr32be(p, 32, 2))),
         c("q-extension-length", "qcow2", "header extension length", "1 MiB", Invalid, |e, n| e.qcow2(n, |p, _| wr32be(p, 0x74, MIB as u32))),
         c("q-l2-past-eof", "qcow2", "L2 entry 0", "a cluster 16 clusters past EOF", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.l2, ((size_of(p).div_ceil(l.cs) + 16) * l.cs) | (1 << 63)))),
         c("q-l1-self", "qcow2", "L1 entry 0", "the L1 table itself", Corrupt, |e, n| e.qcow2(n, |p, l| wr64be(p, l.h.l1_table_offset, l.h.l1_table_offset | 1 << 63))),

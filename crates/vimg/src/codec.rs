@@ -23,6 +23,8 @@ pub enum Codec {
     Zlib,
     /// A zstd frame (or several), as qcow2 stores zstd-type compressed clusters.
     Zstd,
+    /// A bzip2 stream, as dmg stores UDBZ chunks.
+    Bzip2,
 }
 
 /// Why a compressed unit could not be decoded.
@@ -91,6 +93,59 @@ pub fn decompress(codec: Codec, input: &[u8], out: &mut [u8]) -> Result<(), Code
         }),
         #[cfg(not(feature = "zstd"))]
         Codec::Zstd => Err(CodecError::NotBuilt { codec }),
+        Codec::Bzip2 => unbzip2(input, out),
+    }
+}
+
+/// Decodes one bzip2 stream (a dmg UDBZ chunk), as QEMU's dmg-bz2 does: the stream must
+/// end, and fill `out` exactly. Bytes after the stream's end are ignored.
+fn unbzip2(input: &[u8], out: &mut [u8]) -> Result<(), CodecError> {
+    use bzip2::{Decompress, Status};
+    let codec = Codec::Bzip2;
+    let mut d = Decompress::new(false);
+    loop {
+        let (i, o) = (d.total_in() as usize, d.total_out() as usize);
+        let len = out.len();
+        let r = d.decompress(&input[i.min(input.len())..], &mut out[o.min(len)..]);
+        let (ni, no) = (d.total_in() as usize, d.total_out() as usize);
+        match r {
+            Ok(Status::StreamEnd) if no == out.len() => return Ok(()),
+            Ok(Status::StreamEnd) => {
+                return Err(CodecError::Short {
+                    codec,
+                    got: no,
+                    expected: out.len(),
+                })
+            }
+            Ok(_) if no == out.len() => {
+                // Full, but the stream goes on: is there more output?
+                let mut one = [0u8; 1];
+                return match d.decompress(&input[ni.min(input.len())..], &mut one) {
+                    Ok(Status::StreamEnd) if d.total_out() as usize == out.len() => Ok(()),
+                    Ok(_) if d.total_out() as usize > out.len() => Err(CodecError::Long {
+                        codec,
+                        expected: out.len(),
+                    }),
+                    _ => Err(CodecError::Corrupt {
+                        codec,
+                        detail: "the stream does not end".into(),
+                    }),
+                };
+            }
+            Ok(_) if ni == i && no == o => {
+                return Err(CodecError::Corrupt {
+                    codec,
+                    detail: "the stream ends early".into(),
+                })
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(CodecError::Corrupt {
+                    codec,
+                    detail: e.to_string(),
+                })
+            }
+        }
     }
 }
 
@@ -356,6 +411,8 @@ mod tests {
                 Codec::Deflate => deflate(&data, 6, 12, false, data.len()).unwrap(),
                 Codec::Zlib => deflate(&data, 6, 15, true, data.len()).unwrap(),
                 Codec::Zstd => zstd_compress(&data, 3, data.len()).unwrap(),
+                // Covered by bzip2_exact_units.
+                Codec::Bzip2 => continue,
             };
             let mut small = vec![0u8; 4096];
             assert!(
@@ -433,5 +490,33 @@ mod tests {
             .collect();
         assert!(deflate(&data, 6, 12, false, data.len()).is_none());
         assert!(zstd_compress(&data, 3, data.len()).is_none());
+    }
+
+    #[test]
+    fn bzip2_exact_units() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut e = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::default());
+        e.write_all(&data).unwrap();
+        let c = e.finish().unwrap();
+        let mut out = vec![0u8; 4096];
+        decompress(Codec::Bzip2, &c, &mut out).unwrap();
+        assert_eq!(out, data);
+        // Trailing padding is ignored.
+        let mut padded = c.clone();
+        padded.extend_from_slice(&[0; 100]);
+        decompress(Codec::Bzip2, &padded, &mut out).unwrap();
+        let mut small = vec![0u8; 4095];
+        assert!(matches!(
+            decompress(Codec::Bzip2, &c, &mut small),
+            Err(CodecError::Long { .. })
+        ));
+        let mut big = vec![0u8; 4097];
+        assert!(matches!(
+            decompress(Codec::Bzip2, &c, &mut big),
+            Err(CodecError::Short { .. })
+        ));
+        assert!(decompress(Codec::Bzip2, &c[..c.len() / 2], &mut out).is_err());
+        assert!(decompress(Codec::Bzip2, &[1; 100], &mut out).is_err());
     }
 }

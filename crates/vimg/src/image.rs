@@ -44,6 +44,11 @@ pub struct OpenOptions {
     /// The top image's name is a `--image-opts` option string (`driver=qcow2,file.filename=x`)
     /// rather than a file name; see [`crate::source::cmdline`].
     pub image_opts: bool,
+    /// The `key-secret` / `encrypt.key-secret` of the top image (an id of a
+    /// [`crate::secret`]), from `--image-opts`/`json:` or set by the caller.
+    pub key_secret: Option<String>,
+    /// Open for metadata only (`info`): encrypted images open without their secret.
+    pub metadata_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -55,6 +60,8 @@ impl Default for OpenOptions {
             backing_format: None,
             source: SourceOptions::default(),
             image_opts: false,
+            key_secret: None,
+            metadata_only: false,
         }
     }
 }
@@ -191,6 +198,7 @@ impl Image {
                     format: opts.format.or(u.format),
                     open_backing: opts.open_backing && u.open_backing,
                     image_opts: false,
+                    key_secret: u.key_secret.clone().or(opts.key_secret.clone()),
                     ..opts.clone()
                 };
                 // Shown, as qemu-img shows it, by the file name the options give.
@@ -314,7 +322,11 @@ impl Image {
             Some(f) => f,
             None => registry::probe(&*storage).map_err(with_path)?,
         };
-        let ctx = OpenContext::new(path, opts.policy);
+        let mut ctx = OpenContext::new(path, opts.policy);
+        if depth == 0 {
+            ctx.key_secret = opts.key_secret.clone();
+        }
+        ctx.metadata_only = opts.metadata_only;
         let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;

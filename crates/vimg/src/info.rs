@@ -74,6 +74,9 @@ pub struct ImageInfo {
     /// The backing file name as stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
+    /// The image's data is encrypted (shown only when it is, as qemu-img does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
     /// The image was not closed cleanly (absent for formats qemu-img shows none for).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dirty_flag: Option<bool>,
@@ -124,6 +127,7 @@ impl ImageInfo {
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
             format_specific: r.format_specific(),
+            encrypted: r.encrypted().then_some(true),
             dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
             external_references: r.external_refs(),
         }

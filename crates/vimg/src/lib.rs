@@ -162,6 +162,8 @@ pub mod output;
 pub(crate) mod ova;
 mod read_seek;
 #[doc(hidden)]
+pub mod secret;
+#[doc(hidden)]
 pub mod source;
 #[doc(hidden)]
 pub mod storage;

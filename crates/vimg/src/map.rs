@@ -92,7 +92,10 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
                     _ => {}
                 }
             }
-            (true, zero, true, false, Some(offset.get()), file_path(file))
+            // Encrypted data has no host offset qemu would print (its bytes are not the
+            // guest's).
+            let offset = (!r.encrypted()).then(|| offset.get());
+            (true, zero, true, false, offset, file_path(file))
         }
         MapKind::Compressed { file, .. } => (true, false, true, true, None, file_path(file)),
         MapKind::Zero => {

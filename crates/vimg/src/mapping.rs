@@ -305,6 +305,12 @@ pub trait ImageReader: Send + Sync {
         Vec::new()
     }
 
+    /// qemu-img's `encrypted`: the image's data is encrypted (LUKS, qcow2 with
+    /// `encrypt.format`).
+    fn encrypted(&self) -> bool {
+        false
+    }
+
     /// qemu-img's `dirty-flag`.
     fn dirty(&self) -> bool {
         false

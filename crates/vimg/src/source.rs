@@ -227,6 +227,11 @@ fn open_seekable(
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "-".to_string());
+    // A dmg keeps its signature in a trailer and its first chunk at offset 0: a UDBZ image
+    // starts with a bzip2 stream (and a raw chunk with anything). Its trailer decides.
+    if crate::formats::unread::probe_dmg(&head, &*storage) {
+        return Ok(plain(storage, path));
+    }
     if container::is_bzip2(&head) {
         return Err(Error::unsupported(format!(
             "'{name}' is bzip2-compressed, which vimg does not decode (xz, gzip and zstd are supported)"

@@ -22,6 +22,8 @@ pub fn run(a: InfoArgs) -> CmdResult {
     let format = parse_format_opt(a.format.as_deref())?;
     let mut opts = open_options(format, &a.safety);
     opts.open_backing = a.backing_chain;
+    // qemu-img info opens without I/O: an encrypted image shows its header unlocked.
+    opts.metadata_only = true;
     apply_source_args(&mut opts, &a.source)?;
     // A raw disk in a container that does not record its size is counted at most this far
     // (a decompression bomb costs seconds, not minutes).
@@ -251,6 +253,9 @@ fn info_human(image: &Image) -> String {
             .map(size_to_str)
             .unwrap_or_else(|| "unavailable".into())
     ));
+    if info.encrypted == Some(true) {
+        s.push_str("encrypted: yes\n");
+    }
     if let Some(c) = info.cluster_size {
         s.push_str(&format!("cluster_size: {c}\n"));
     }

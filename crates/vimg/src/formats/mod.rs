@@ -22,6 +22,7 @@ pub mod bochs;
 pub mod cloop;
 pub mod dmg;
 mod format;
+pub mod luks;
 pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
@@ -43,6 +44,15 @@ pub struct OpenContext {
     pub path: Option<PathBuf>,
     /// The external-file policy.
     pub policy: ExternalPolicy,
+    /// The `key-secret` (luks) or `encrypt.key-secret` (qcow2) the user's image options
+    /// name: the id of a [`crate::secret`].
+    pub key_secret: Option<String>,
+    /// Open for metadata only (qemu's `BDRV_O_NO_IO`, as `info` opens): an encrypted image
+    /// opens without its secret and refuses reads.
+    pub metadata_only: bool,
+    /// Set by the LUKS wrapper: the qcow2 reader may open a LUKS-encrypted image (the
+    /// wrapper decrypts its data clusters).
+    pub(crate) qcow2_luks: bool,
 }
 
 impl OpenContext {
@@ -51,6 +61,9 @@ impl OpenContext {
         OpenContext {
             path: path.map(Path::to_path_buf),
             policy,
+            key_secret: None,
+            metadata_only: false,
+            qcow2_luks: false,
         }
     }
 

@@ -2,7 +2,7 @@
 //! raw) and the option lists. The only module that names every driver; the contract in
 //! [`super`] names none, so a driver depends on the contract, never on the other drivers.
 
-use super::{bochs, cloop, dmg, parallels, qcow, qcow2, qed, raw, unread, vdi, vhd, vhdx, vmdk};
+use super::{bochs, cloop, dmg, luks, parallels, qcow, qcow2, qed, raw, vdi, vhd, vhdx, vmdk};
 use super::{Driver, Format};
 use crate::error::{Error, Result};
 use crate::options::{CreateOptions, OptionSpec};
@@ -22,7 +22,7 @@ pub fn driver(format: Format) -> &'static dyn Driver {
         Format::Parallels => &parallels::Driver,
         Format::Qed => &qed::Driver,
         Format::Qcow => &qcow::Driver,
-        Format::Luks => &unread::LUKS,
+        Format::Luks => &luks::Driver,
         Format::Dmg => &dmg::Driver,
         Format::Bochs => &bochs::Driver,
         Format::Cloop => &cloop::Driver,

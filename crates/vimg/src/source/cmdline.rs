@@ -29,6 +29,8 @@ pub struct UserName {
     pub open_backing: bool,
     /// The raw driver's window into the file: `offset` and, if given, `size` in bytes.
     pub window: Option<(u64, Option<u64>)>,
+    /// The secret id of `key-secret` (driver=luks) or `encrypt.key-secret` (qcow2).
+    pub key_secret: Option<String>,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -100,6 +102,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             format: None,
             open_backing: true,
             window: None,
+            key_secret: None,
         });
     } else {
         return Ok(UserName {
@@ -107,6 +110,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             format: None,
             open_backing: true,
             window: None,
+            key_secret: None,
         });
     };
     from_pairs(name, &pairs)
@@ -177,6 +181,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
     let mut open_backing = true;
+    let mut key_secret: Option<String> = None;
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
     let number = |k: &str, v: &Option<String>| -> Result<u64> {
         let v = v
@@ -208,6 +213,9 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 }
             }
             "backing" if v.is_none() => open_backing = false,
+            // The passphrase of an encrypted image: luks names it `key-secret`, qcow2
+            // `encrypt.key-secret`; the format checks which one it takes.
+            "key-secret" | "encrypt.key-secret" => key_secret = Some(val()?),
             "offset" => offset = Some(number(k, v)?),
             "size" => size = Some(number(k, v)?),
             k if ignored(k) => {}
@@ -256,6 +264,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
         format,
         open_backing,
         window,
+        key_secret,
     })
 }
 
@@ -304,7 +313,6 @@ mod tests {
         assert_eq!(u.format, Some(Format::Raw));
         for bad in [
             r#"json:{"driver":"qcow2","file":{"driver":"nbd","server":{"host":"h"}}}"#,
-            r#"json:{"driver":"qcow2","file.filename":"a","encrypt.key-secret":"s"}"#,
             r#"json:{"driver":"qcow2","file.filename":"a","backing":"node0"}"#,
             r#"json:{"driver":"nosuch","file.filename":"a"}"#,
             r#"json:{"driver":"qcow2"}"#,

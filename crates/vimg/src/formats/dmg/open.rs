@@ -178,8 +178,7 @@ fn read_mish(b: &[u8], k: &Koly, koly_at: u64, runs: &mut Vec<Run>) -> Result<()
         let at = MISH_HEADER_SIZE + i * CHUNK_SIZE;
         let c = Chunk::parse(&b[at..at + CHUNK_SIZE]);
         let name = match c.kind {
-            CHUNK_ZERO | CHUNK_IGNORE | CHUNK_RAW | CHUNK_ZLIB => None,
-            CHUNK_BZIP2 => Some("bzip2 (UDBZ)"),
+            CHUNK_ZERO | CHUNK_IGNORE | CHUNK_RAW | CHUNK_ZLIB | CHUNK_BZIP2 => None,
             CHUNK_LZFSE => Some("lzfse (ULFO)"),
             CHUNK_ADC => Some("ADC (UDCO)"),
             _ => continue,

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use super::header::{Koly, CHUNK_RAW, CHUNK_ZLIB};
+use super::header::{Koly, CHUNK_BZIP2, CHUNK_RAW, CHUNK_ZLIB};
 use crate::error::Result;
 use crate::formats::Format;
-use crate::mapping::{Codec, Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
+use crate::codec::Codec;
+use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
 use crate::storage::Storage;
 
 /// One chunk, with absolute sectors and file offsets.
@@ -58,11 +59,15 @@ impl ImageReader for DmgReader {
                 file: FileId(0),
                 offset: HostOffset(r.offset + (pos - start)),
             },
-            CHUNK_ZLIB => MapKind::Compressed {
+            CHUNK_ZLIB | CHUNK_BZIP2 => MapKind::Compressed {
                 file: FileId(0),
                 offset: HostOffset(r.offset),
                 len: r.length,
-                codec: Codec::Zlib,
+                codec: if r.kind == CHUNK_BZIP2 {
+                    Codec::Bzip2
+                } else {
+                    Codec::Zlib
+                },
                 unit_start: GuestOffset(start),
                 unit_len: r.count * 512,
             },

@@ -106,9 +106,15 @@ fn maps_chunks() {
 
 #[test]
 fn bad_chunks() {
-    // bzip2 is refused by name.
+    // lzfse is refused by name.
     assert_eq!(
-        kind(image(Some(vec![(CHUNK_BZIP2, 0, 8, 0, 100)]))),
+        kind(image(Some(vec![(
+            super::header::CHUNK_LZFSE,
+            0,
+            8,
+            0,
+            100
+        )]))),
         ErrorKind::Unsupported
     );
     // Overlap, gap, past EOF, raw length mismatch, too long.

@@ -126,7 +126,8 @@ impl Qcow2Reader {
             return Err(Qcow2Error::UnknownFeatures(describe_features(unknown, &names)).into());
         }
         let exts = exts?;
-        if header.crypt_method != 0 {
+        // LUKS (2) is read through formats::luks::qcow2, which sets `qcow2_luks`.
+        if header.crypt_method != 0 && !(header.crypt_method == 2 && ctx.qcow2_luks) {
             let m = if header.crypt_method == 1 {
                 "AES"
             } else {

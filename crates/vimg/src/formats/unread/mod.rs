@@ -1,6 +1,7 @@
 //! The signatures of the formats issue 13 added (qed, qcow, LUKS, bochs, cloop, dmg), so
-//! that probing never mistakes one of them for raw bytes, and a driver for the ones vimg
-//! recognises but does not read yet (LUKS), which refuses them by name.
+//! that probing never mistakes one of them for raw bytes, and a driver for formats vimg
+//! recognises but does not read, which refuses them by name (none today: LUKS is read by
+//! `formats/luks`, which still refuses LUKS2 by name).
 //!
 //! Each probe follows the signature check of QEMU's driver for the format (block/qed.c,
 //! block/qcow.c, crypto/block-luks.c, block/bochs.c, block/cloop.c, block/dmg.c), with
@@ -9,9 +10,8 @@
 //! - dmg is recognised by its UDIF "koly" trailer in the last 512 bytes; QEMU goes by the
 //!   file name (".dmg"), which a probe of content cannot see.
 //!
-//! The readers of qed, qcow, bochs, cloop and dmg (their own folders) use these probes.
-//! Opening a LUKS volume is an "unsupported" error naming the format; `-f raw` remains the
-//! explicit way to copy its bytes as they are.
+//! The readers of qed, qcow, LUKS, bochs, cloop and dmg (their own folders) use these
+//! probes.
 
 use std::sync::Arc;
 
