@@ -1617,8 +1617,11 @@ fn rename_all(entries: &[Entry], main: &Path) -> Result<()> {
     let mut result = Ok(());
     for e in &order {
         let Some(tmp) = &e.temp_path else { continue };
-        let exists = fs::symlink_metadata(&e.final_path).is_ok();
-        if exists {
+        let existing = fs::symlink_metadata(&e.final_path).ok();
+        let exists = existing.is_some();
+        // Only a file or a symlink is exchanged: an exchange would also swap a directory
+        // into the temporary's place, where a rename refuses.
+        if existing.is_some_and(|m| m.is_file() || m.is_symlink()) {
             match exchange(tmp, &e.final_path) {
                 Ok(true) => {
                     // The temporary name (still registered) now holds the old file.
