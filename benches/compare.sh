@@ -1,49 +1,58 @@
 #!/usr/bin/env bash
-# Times vimg against qemu-img on the same images and prints Markdown tables: median wall time,
+# Times vimg against qemu-img as users run them and prints Markdown tables: median wall time,
 # median CPU time (user+sys), peak RSS and output size for both, with the ratios
 # vimg/qemu-img. Every output pair is checked with `qemu-img compare`.
 #
-# Usage: benches/compare.sh [-n RUNS] [-w WORKDIR] [-o REPORT.md] [-S] [CASE...]
-#   RUNS     timed runs per tool and case (default 6: every order of the three commands
-#            once; the median is reported)
+# Usage: benches/compare.sh [-n RUNS] [-w WORKDIR] [-o REPORT.md] [-s] [-S] [CASE...]
+#   RUNS     timed rounds per case (default 6; the median is reported)
 #   WORKDIR  where the workload and outputs live (default $TMPDIR/vimg-bench; ~10 GiB
 #            sparse, ~2 GiB of real data, ~6 GiB free space needed for outputs)
+#   -s       the labelled `sync` variant: `sync` (untimed) before every timed run, so no run
+#            pays for the dirty pages the one before left behind. Not what users meet;
+#            without -s the runs follow each other with nothing in between.
 #   -S       also run the scaling table (64 MiB of data in 1 GiB .. 16 TiB qcow2 images)
-#   CASE     case names to run (default: all), e.g. raw-qcow2 qcow2c-raw; "scaling" runs
-#            only the scaling table
+#   CASE     case names to run (default: all), e.g. raw-qcow2 qcow2c-raw xz-workflow;
+#            "scaling" runs only the scaling table
 #
 # The workload is deterministic (seeded) and cached in WORKDIR:
 #   big.raw   8 GiB sparse: 512 MiB random, 256 MiB text-like, 128 MiB written zeros, in
 #             1 MiB chunks scattered over the image
 #   small.raw 2 GiB sparse: 96 MiB random + 96 MiB text-like (for compressed cases)
+#   small.qcow2.xz  small.raw as a qcow2, `xz -T1 -6` (one xz block, as images published
+#             before xz 5.4 are), for the seed workflow
 #   scale-*.qcow2  64 MiB of data (64 x 1 MiB, spread evenly) in 1G/64G/1T/16T qcow2 images
 #
 # How it measures (the machine is shared, so single runs are noise):
 # - page cache warm: one untimed run of each command first; the inputs stay cached;
-# - rotating runs: every order of qemu-img, vimg and vimg -t unsafe in turn;
-# - before every timed run the previous outputs are deleted and `sync` runs (untimed), so
-#   neither tool pays for the other's dirty pages being written back;
-# - medians of RUNS runs; CPU is user+sys of the process (all its threads), from
-#   /usr/bin/time, and is less sensitive to other load than wall time.
-# vimg fsyncs its outputs before renaming them into place (all-or-nothing output); qemu-img
-# does not flush at the end of a convert (it leaves the data dirty in the page cache), so the
-# default wall times include vimg's durability and not qemu-img's. Two like-for-like ratios
-# follow: vimg against qemu-img plus a `sync -d` of its output right after it (both durable),
-# and `vimg -t unsafe` (no fsync, qemu-img's meaning of that cache mode and its convert
-# default) against qemu-img (neither syncs). The three commands rotate their order each round.
+# - two modes per case, four commands, timed back to back in rotating order (each round
+#   starts one command later, so every command follows every other one):
+#     defaults: `qemu-img convert ...` against `vimg convert ...`; neither flushes its output
+#               (qemu-img's convert default is cache=unsafe; vimg's follows it);
+#     durable:  both with `-t writeback`, which makes each flush its output before it exits;
+# - the previous output of a command is deleted (untimed) before it runs; nothing else
+#   happens between runs (unless -s), so a run pays for the writeback of what earlier runs
+#   left dirty, as it does for a user converting one image after another;
+# - medians of RUNS rounds, ratios from the medians of the same rounds; CPU is user+sys of
+#   the process (all its threads), from /usr/bin/time, and is less sensitive to other load
+#   than wall time; the load average (`uptime`) before and after is printed with the table.
+# xz-workflow: `vimg convert -O raw --checksum sha512 small.qcow2.xz OUT` against
+# `xz -dc small.qcow2.xz > t.qcow2 && qemu-img convert -f qcow2 -O raw t.qcow2 OUT &&
+# sha512sum OUT` (defaults only; the durable columns are left empty).
 set -euo pipefail
 
 runs=6
 work="${TMPDIR:-/tmp}/vimg-bench"
 report=""
 scaling=0
-while getopts "n:w:o:S" opt; do
+sync_before=0
+while getopts "n:w:o:sS" opt; do
   case $opt in
     n) runs=$OPTARG ;;
     w) work=$OPTARG ;;
     o) report=$OPTARG ;;
+    s) sync_before=1 ;;
     S) scaling=1 ;;
-    *) sed -n '2,30p' "$0"; exit 2 ;;
+    *) sed -n '2,45p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -100,56 +109,45 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR%2) print a[(NR+1)/2]; else prin
 bytes_of_kib() { awk -v k="$1" 'BEGIN { printf "%d", k * 1024 }'; }
 human() { awk -v b="$1" 'BEGIN { split("B KiB MiB GiB TiB", u); i=1; while (b>=1024 && i<5) { b/=1024; i++ } printf "%.1f %s", b, u[i] }'; }
 ratio() { awk -v a="$1" -v b="$2" -v p="${3:-2}" 'BEGIN { if (b > 0) printf "%.*f", p, a / b; else print "-" }'; }
+load() { awk '{ print $1 ", " $2 ", " $3 }' /proc/loadavg; }
 
-# Runs "$@" under GNU time; prints "wall cpu max_rss_kib". Output goes to /dev/null.
+# Runs the shell command $1 under GNU time; prints "wall cpu max_rss_kib". Its output goes
+# to /dev/null.
 time_one() {
-  /usr/bin/time -f "%e %U %S %M" -o "$work/time.out" "$@" >/dev/null 2>"$work/err.out" \
-    || { echo "FAILED: $*" >&2; cat "$work/err.out" >&2; return 1; }
+  /usr/bin/time -f "%e %U %S %M" -o "$work/time.out" bash -c "$1" >/dev/null 2>"$work/err.out" \
+    || { echo "FAILED: $1" >&2; cat "$work/err.out" >&2; return 1; }
   awk '{ printf "%s %.2f %s\n", $1, $2 + $3, $4 }' "$work/time.out"
 }
 
-# bench VOUT QOUT -- ARGS... : times `convert ARGS... OUT` for both tools, RUNS rounds,
-# the order rotated every round; sets the globals v_wall v_cpu v_rss q_wall q_cpu q_rss;
-# qs_wall: qemu-img's wall time plus that of an fdatasync of its output right after it
-# (what qemu-img would take with vimg's durability); u_wall: vimg with `-t unsafe` (no
-# fsync, as qemu-img's default), when UNSAFE=1.
+# bench OUT1 CMD1 [OUT2 CMD2 ...]: each CMD is a shell command writing OUT (removed before
+# every run; several names separated by spaces). One untimed run of each, then RUNS rounds, each round starting one command
+# later than the one before. Sets wall[i], cpu[i], rss[i]: the medians of command i.
 bench() {
-  local vout=$1 qout=$2; shift 3
-  local vt=() vc=() vr=() qt=() qc=() qr=() qs=() ut=() i t c m s order
-  rm -f "$vout" "$qout"
-  "$vimg" convert "$@" "$vout" >/dev/null
-  qemu-img convert "$@" "$qout" >/dev/null
-  for i in $(seq "$runs"); do
-    if [ "${UNSAFE:-0}" = 1 ]; then
-      # Every order of the three in turn (use a multiple of 6 rounds), so each tool follows
-      # each other one equally often: in a VM whose balloon returns freed memory to the host,
-      # a run that follows one that freed a lot of page cache pays for faulting it back in.
-      case $((i % 6)) in
-        1) order="q v u" ;; 2) order="v u q" ;; 3) order="u q v" ;;
-        4) order="q u v" ;; 5) order="u v q" ;; *) order="v q u" ;;
-      esac
-    else
-      order=$( ((i % 2)) && echo "q v" || echo "v q")
-    fi
-    for tool in $order; do
-      if [ "$tool" = u ]; then
-        rm -f "$vout"; sync
-        read -r t _ < <(time_one "$vimg" convert -t unsafe "$@" "$vout"); ut+=("$t")
-      elif [ "$tool" = q ]; then
-        rm -f "$qout"; sync
-        read -r t c m < <(time_one qemu-img convert "$@" "$qout"); qt+=("$t"); qc+=("$c"); qr+=("$m")
-        read -r s _ < <(time_one sync -d "$qout"); qs+=("$(awk -v a="$t" -v b="$s" 'BEGIN { printf "%.2f", a + b }')")
-      else
-        rm -f "$vout"; sync
-        read -r t c m < <(time_one "$vimg" convert "$@" "$vout"); vt+=("$t"); vc+=("$c"); vr+=("$m")
-      fi
+  local outs=() cmds=() n i k r t c m
+  while [ $# -gt 0 ]; do outs+=("$1"); cmds+=("$2"); shift 2; done
+  n=${#cmds[@]}
+  local -a ts cs ms
+  for i in $(seq 0 $((n - 1))); do
+    # shellcheck disable=SC2086 # an OUT may name several files
+    rm -f ${outs[$i]}; bash -c "${cmds[$i]}" >/dev/null
+    ts[$i]=""; cs[$i]=""; ms[$i]=""
+  done
+  for r in $(seq "$runs"); do
+    for k in $(seq 0 $((n - 1))); do
+      i=$(( (k + r) % n ))
+      # shellcheck disable=SC2086
+      rm -f ${outs[$i]}
+      if [ "$sync_before" = 1 ]; then sync; fi
+      read -r t c m < <(time_one "${cmds[$i]}")
+      ts[$i]+="$t "; cs[$i]+="$c "; ms[$i]+="$m "
     done
   done
-  v_wall=$(printf '%s\n' "${vt[@]}" | median); q_wall=$(printf '%s\n' "${qt[@]}" | median)
-  v_cpu=$(printf '%s\n' "${vc[@]}" | median); q_cpu=$(printf '%s\n' "${qc[@]}" | median)
-  v_rss=$(printf '%s\n' "${vr[@]}" | median); q_rss=$(printf '%s\n' "${qr[@]}" | median)
-  qs_wall=$(printf '%s\n' "${qs[@]}" | median)
-  u_wall=-; [ ${#ut[@]} -gt 0 ] && u_wall=$(printf '%s\n' "${ut[@]}" | median)
+  wall=(); cpu=(); rss=()
+  for i in $(seq 0 $((n - 1))); do
+    wall[$i]=$(printf '%s\n' ${ts[$i]} | median)
+    cpu[$i]=$(printf '%s\n' ${cs[$i]} | median)
+    rss[$i]=$(printf '%s\n' ${ms[$i]} | median)
+  done
   return 0
 }
 
@@ -157,13 +155,18 @@ same() { # FMT A B: "same" when qemu-img compare says the images read identicall
   qemu-img compare -q -f "$1" -F "$1" "$2" "$3" && echo same || echo DIFFERENT
 }
 
+variant() {
+  if [ "$sync_before" = 1 ]; then echo "sync before every run (labelled variant, not what users meet)"; else echo "back to back, nothing between runs"; fi
+}
 stamp() {
-  echo "Date: $(date -u +%Y-%m-%d), machine: $(nproc) vCPU ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr), $(df -T . | awk 'NR==2 {print $2}') on $(df . | awk 'NR==2 {print $1}')"
-  echo "Versions: $("$vimg" --version) ($(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)), $(qemu-img --version | head -1); $runs rounds per case in rotating order, medians, page cache warm, sync before each run"
+  echo "Date: $(date -u '+%Y-%m-%d %H:%M UTC'), machine: $(nproc) vCPU ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr), $(df -T . | awk 'NR==2 {print $2}') on $(df . | awk 'NR==2 {print $1}')"
+  echo "Versions: $("$vimg" --version) ($(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown)), $(qemu-img --version | head -1); $runs rounds per case in rotating order, medians, page cache warm, $(variant)"
+  echo "Load average (1, 5, 15 min): $load_before before, $(load) after"
 }
 
 out_md() { tee -a "${report:-/dev/null}"; }
 [ -n "$report" ] && : >"$report"
+load_before=$(load)
 
 # ---------------------------------------------------------------- conversion pairs
 # name | input | convert arguments before "IN OUT" | output suffix
@@ -183,6 +186,7 @@ cases=(
 
 any_case=0
 for c in "${cases[@]}"; do if want "${c%%|*}"; then any_case=1; fi; done
+if want xz-workflow; then any_case=1; fi
 if [ "$any_case" = 1 ]; then
   gen big.raw 8 512 256 128 1
   gen small.raw 2 96 96 0 2
@@ -196,32 +200,38 @@ if [ "$any_case" = 1 ]; then
     IFS='|' read -r name input args suffix <<<"$c"
     want "$name" || continue
     ofmt=${args##*-O }; ofmt=${ofmt%% *}
-    # A format vimg cannot write yet (vhdx while it is being finished) is listed as pending.
-    if ! err=$("$vimg" create -q -f "$ofmt" "probe.$suffix" 1M 2>&1 >/dev/null); then
-      rm -f "probe.$suffix"
-      if [[ $err == *"not supported yet"* ]]; then
-        rows+=("| $name | pending: vimg cannot write $ofmt yet | | | | | | | | | | | | | |")
-      else
-        rows+=("| $name | vimg FAILED: ${err//|/ } | | | | | | | | | | | | | |")
-      fi
-      continue
-    fi
-    rm -f "probe.$suffix"
     echo "case $name..." >&2
-    vout="out-vimg.$suffix"; qout="out-qemu.$suffix"
-    # shellcheck disable=SC2086
-    UNSAFE=1 bench "$vout" "$qout" -- $args "$input"
-    ok=$(same "$ofmt" "$vout" "$qout")
-    vsize=$(du -B1 --apparent-size "$vout" | cut -f1); qsize=$(du -B1 --apparent-size "$qout" | cut -f1)
-    rows+=("| $name | $v_wall s | $q_wall s | $(ratio "$v_wall" "$q_wall") | $qs_wall s | **$(ratio "$v_wall" "$qs_wall")** | $u_wall s | **$(ratio "$u_wall" "$q_wall")** | $v_cpu s | $q_cpu s | $(ratio "$v_cpu" "$q_cpu") | $(human "$(bytes_of_kib "$v_rss")") | $(human "$(bytes_of_kib "$q_rss")") | $(human "$vsize") | $(human "$qsize") | $(ratio "$vsize" "$qsize" 3) | $ok |")
-    rm -f "$vout" "$qout"
+    q="qemu.$suffix"; v="vimg.$suffix"; qd="qemu-d.$suffix"; vd="vimg-d.$suffix"
+    bench "$q" "qemu-img convert $args $input $q" \
+          "$v" "$vimg convert $args $input $v" \
+          "$qd" "qemu-img convert -t writeback $args $input $qd" \
+          "$vd" "$vimg convert -t writeback $args $input $vd"
+    ok=$(same "$ofmt" "$v" "$q")
+    vsize=$(du -B1 --apparent-size "$v" | cut -f1); qsize=$(du -B1 --apparent-size "$q" | cut -f1)
+    rows+=("| $name | ${wall[1]} s | ${wall[0]} s | **$(ratio "${wall[1]}" "${wall[0]}")** | ${wall[3]} s | ${wall[2]} s | **$(ratio "${wall[3]}" "${wall[2]}")** | ${cpu[1]} s | ${cpu[0]} s | $(ratio "${cpu[1]}" "${cpu[0]}") | $(human "$(bytes_of_kib "${rss[1]}")") | $(human "$(bytes_of_kib "${rss[0]}")") | $(ratio "$vsize" "$qsize" 3) | $ok |")
+    rm -f "$q" "$v" "$qd" "$vd"
   done
+
+  if want xz-workflow; then
+    if [ ! -f small.qcow2.xz ]; then
+      echo "generating small.qcow2.xz (xz -T1 -6, about a minute)..." >&2
+      qemu-img convert -O qcow2 small.raw small-x.qcow2
+      xz -T1 -6 -c small-x.qcow2 >small.qcow2.xz.tmp && mv small.qcow2.xz.tmp small.qcow2.xz
+      rm -f small-x.qcow2
+    fi
+    echo "case xz-workflow..." >&2
+    bench "qemu-w.raw t.qcow2" "xz -dc small.qcow2.xz > t.qcow2 && qemu-img convert -f qcow2 -O raw t.qcow2 qemu-w.raw && sha512sum qemu-w.raw" \
+          "vimg-w.raw" "$vimg convert -O raw --checksum sha512 small.qcow2.xz vimg-w.raw"
+    ok=$(cmp -s qemu-w.raw vimg-w.raw && echo same || echo DIFFERENT)
+    rows+=("| xz-workflow | ${wall[1]} s | ${wall[0]} s | **$(ratio "${wall[1]}" "${wall[0]}")** | | | | ${cpu[1]} s | ${cpu[0]} s | $(ratio "${cpu[1]}" "${cpu[0]}") | $(human "$(bytes_of_kib "${rss[1]}")") | $(human "$(bytes_of_kib "${rss[0]}")") | 1.000 | $ok |")
+    rm -f qemu-w.raw vimg-w.raw t.qcow2
+  fi
 
   {
     stamp
     echo
-    echo "| case | vimg wall | qemu-img wall | ratio (defaults) | qemu-img + fdatasync | **ratio, both durable** | vimg -t unsafe | **ratio, neither syncs** | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | vimg size | qemu-img size | size ratio | content |"
-    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    echo "| case | vimg | qemu-img | **ratio, defaults** | vimg -t writeback | qemu-img -t writeback | **ratio, durable** | vimg CPU | qemu-img CPU | CPU ratio | vimg RSS | qemu-img RSS | size ratio | content |"
+    echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     printf '%s\n' "${rows[@]}"
     echo
   } | out_md
@@ -249,9 +259,10 @@ if [ "$run_scaling" = 1 ]; then
       # ext4 cannot hold a 16 TiB file, so no raw output for that one.
       [ "$ofmt" = raw ] && [ "$vs" = 16T ] && continue
       echo "scaling $vs -> $ofmt..." >&2
-      bench "out-vimg.$ofmt" "out-qemu.$ofmt" -- -f qcow2 -O "$ofmt" "$img"
+      bench "out-qemu.$ofmt" "qemu-img convert -f qcow2 -O $ofmt $img out-qemu.$ofmt" \
+            "out-vimg.$ofmt" "$vimg convert -f qcow2 -O $ofmt $img out-vimg.$ofmt"
       ok=$(same "$ofmt" "out-vimg.$ofmt" "out-qemu.$ofmt")
-      rows+=("| $vs | qcow2->$ofmt | $v_wall s | $v_cpu s | $(human "$(bytes_of_kib "$v_rss")") | $q_wall s | $q_cpu s | $(human "$(bytes_of_kib "$q_rss")") | $ok |")
+      rows+=("| $vs | qcow2->$ofmt | ${wall[1]} s | ${cpu[1]} s | $(human "$(bytes_of_kib "${rss[1]}")") | ${wall[0]} s | ${cpu[0]} s | $(human "$(bytes_of_kib "${rss[0]}")") | $ok |")
       rm -f "out-vimg.$ofmt" "out-qemu.$ofmt"
     done
   done

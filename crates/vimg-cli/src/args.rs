@@ -217,10 +217,10 @@ pub struct ConvertArgs {
     /// Write into an existing target instead of creating one (in place: not atomic).
     #[arg(short = 'n')]
     pub no_create: bool,
-    /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. vimg
-    /// makes the output durable (fsync) before renaming it into place in every mode but
-    /// `unsafe`, which skips the fsyncs as qemu-img does (its default). `none` and
-    /// `directsync` open a block device target with O_DIRECT.
+    /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. As in
+    /// qemu-img the default is `unsafe`: the output is renamed into place when complete but
+    /// not flushed. Every other mode makes it durable (fsync) before renaming it into place.
+    /// `none` and `directsync` open a block device target with O_DIRECT.
     #[arg(short = 't', value_name = "CACHE")]
     pub cache: Option<String>,
     /// Cache mode of the source (checked; vimg always reads through the page cache).

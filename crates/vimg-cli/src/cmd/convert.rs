@@ -36,8 +36,9 @@ const MAX_SPARSE: u64 = 16 << 20;
 
 /// The cache modes qemu-img accepts for `-t` and `-T` (QEMU's `bdrv_parse_cache_mode`).
 /// vimg reads through the page cache; the mode decides whether the output is made durable
-/// (fsync of the files and the folder) before it is renamed into place: always, except with
-/// `-t unsafe`, where qemu-img does not flush either. `none`/`off`/`directsync` also open a
+/// (fsync of the files and the folder) before it is renamed into place: with every mode
+/// named, except `-t unsafe`. Without `-t` nothing is flushed, as qemu-img's convert
+/// default (`unsafe`) does not flush either. `none`/`off`/`directsync` also open a
 /// block device target with `O_DIRECT`, as qemu-img does.
 const CACHE_MODES: [&str; 6] = [
     "none",
@@ -199,7 +200,10 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     opts.create = create;
     opts.direct = matches!(a.cache.as_deref(), Some("none" | "off" | "directsync"));
-    opts.sync = a.cache.as_deref() != Some("unsafe");
+    // qemu-img's convert opens its target with cache=unsafe unless -t says otherwise,
+    // so its output is never flushed; vimg's default follows (still renamed into place
+    // only when complete). Any -t mode but unsafe flushes before the rename.
+    opts.sync = a.cache.as_deref().is_some_and(|m| m != "unsafe");
     opts.target_is_zero = a.target_is_zero;
     if top_only {
         opts.copy.mode = CopyMode::TopOnly;
