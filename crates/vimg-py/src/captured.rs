@@ -132,11 +132,7 @@ pub fn judge(format: Option<Format>, pieces: Vec<(u64, Vec<u8>)>, length: Option
         pieces,
         length.unwrap_or(UNKNOWN_LENGTH),
     ));
-    let opts = OpenOptions {
-        format,
-        open_backing: false,
-        ..OpenOptions::default()
-    };
+    let opts = OpenOptions::with_format(format).open_backing(false);
     let shared: Arc<dyn Storage> = storage.clone();
     let opened = Image::open_storage(shared, None, &opts).map(|image| {
         let svc = ImageServiceInfo::of(&image, None);
@@ -183,7 +179,7 @@ pub fn judge_value(
 /// file sees the end of `head`.
 pub fn probe_head(head: &[u8]) -> Vec<&'static str> {
     let storage = vimg::storage::MemStorage::new(head.to_vec());
-    vimg::formats::probe_all(head, &storage)
+    vimg::formats::registry::probe_all(head, &storage)
         .into_iter()
         .map(|f| f.name())
         .collect()

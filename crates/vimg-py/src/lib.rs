@@ -401,22 +401,22 @@ fn convert(
         let (cancel, raised) = (cancel.clone(), raised.clone());
         let progress = progress.as_ref().map(|p| p.clone_ref(py));
         move |p: Progress| {
-        let Some(cb) = &progress else { return };
-        if cancel.load(Ordering::SeqCst) {
-            return;
-        }
-        let outcome = Python::with_gil(|py| {
-            // Ctrl-C reaches Python's handler while the GIL is released; honour it here.
-            py.check_signals()?;
-            cb.call1(py, (p.done, p.total)).map(drop)
-        });
-        if let Err(e) = outcome {
-            if let Ok(mut slot) = raised.lock() {
-                slot.get_or_insert(e);
+            let Some(cb) = &progress else { return };
+            if cancel.load(Ordering::SeqCst) {
+                return;
             }
-            cancel.store(true, Ordering::SeqCst);
+            let outcome = Python::with_gil(|py| {
+                // Ctrl-C reaches Python's handler while the GIL is released; honour it here.
+                py.check_signals()?;
+                cb.call1(py, (p.done, p.total)).map(drop)
+            });
+            if let Err(e) = outcome {
+                if let Ok(mut slot) = raised.lock() {
+                    slot.get_or_insert(e);
+                }
+                cancel.store(true, Ordering::SeqCst);
+            }
         }
-    }
     };
     enum Failed {
         Open(vimg::Error),
@@ -424,10 +424,10 @@ fn convert(
     }
     let result = py.allow_threads(|| {
         let opts = OpenOptions::with_format(src_format).policy(if allow_external {
-                ExternalPolicy::Allow
-            } else {
-                ExternalPolicy::SameFolder
-            });
+            ExternalPolicy::Allow
+        } else {
+            ExternalPolicy::SameFolder
+        });
         let image = Image::open(&src, &opts).map_err(Failed::Open)?;
         let mut copts = ConvertOptions::new(out);
         copts.create = create;
@@ -455,11 +455,7 @@ fn convert(
     let shown_dst = dst.to_string_lossy().into_owned();
     let block = py
         .allow_threads(|| {
-            let opts = OpenOptions {
-                format: Some(out),
-                open_backing: false,
-                ..OpenOptions::default()
-            };
+            let opts = OpenOptions::with_format(Some(out)).open_backing(false);
             Image::open(&dst, &opts).map(|img| image_service_value(&img, report.checksum.as_ref()))
         })
         .map_err(|e| to_py(py, &e, Some(&shown_dst)))?;
@@ -470,15 +466,11 @@ fn convert(
 }
 
 fn open_opts(format: Option<Format>, allow_external: bool) -> OpenOptions {
-    OpenOptions {
-        format,
-        policy: if allow_external {
-            ExternalPolicy::Allow
-        } else {
-            ExternalPolicy::SameFolder
-        },
-        ..OpenOptions::default()
-    }
+    OpenOptions::with_format(format).policy(if allow_external {
+        ExternalPolicy::Allow
+    } else {
+        ExternalPolicy::SameFolder
+    })
 }
 
 /// check(path, format=None, *, allow_external=False)
@@ -512,11 +504,11 @@ fn check(
                 .check()
                 .map(|r| (r, image.format()))
                 .map_err(Failed::Check),
-            Err(e) => match vimg::check::CheckReport::from_open_error(&e) {
+            Err(e) => match vimg::CheckReport::from_open_error(&e) {
                 Some(r) => {
                     let probed = vimg::storage::FileStorage::open(&path)
                         .ok()
-                        .and_then(|s| vimg::image::probe(&s).ok())
+                        .and_then(|s| vimg::formats::registry::probe(&s).ok())
                         .unwrap_or(Format::Raw);
                     Ok((r, format.unwrap_or(probed)))
                 }
@@ -557,7 +549,7 @@ fn compare(
     strict: bool,
     allow_external: bool,
 ) -> PyResult<PyObject> {
-    use vimg::compare::Comparison;
+    use vimg::Comparison;
     let (fa, fb) = (
         parse_format_opt(py, format_a)?,
         parse_format_opt(py, format_b)?,
@@ -573,13 +565,14 @@ fn compare(
         .allow_threads(|| Image::open(&b, &open_opts(fb, allow_external)))
         .map_err(|e| to_py(py, &e, Some(&sb)))?;
     let report = py
-        .allow_threads(|| vimg::compare::compare(&ia, &ib, strict, &mut |_, _| {}))
+        .allow_threads(|| vimg::compare(&ia, &ib, strict, &mut |_, _| {}))
         .map_err(|e| to_py(py, &e, None))?;
     let (result, offset) = match report.result {
         Comparison::Identical => ("identical", None),
         Comparison::SizeMismatch => ("size-mismatch", None),
         Comparison::Mismatch(o) => ("content-mismatch", Some(o)),
         Comparison::StatusMismatch(o) => ("status-mismatch", Some(o)),
+        _ => ("unknown", None),
     };
     let identical = result == "identical";
     let v = serde_json::json!({
@@ -631,7 +624,7 @@ fn measure(
         None => None,
     };
     let m = py
-        .allow_threads(|| vimg::measure::measure(out, &opts, size, image.as_ref()))
+        .allow_threads(|| vimg::measure(out, &opts, size, image.as_ref()))
         .map_err(|e| to_py(py, &e, None))?;
     let mut obj = Map::new();
     if let Some(b) = m.bitmaps {
@@ -665,7 +658,7 @@ fn map(
         .allow_threads(|| Image::open(&path, &open_opts(format, allow_external)))
         .map_err(|e| to_py(py, &e, Some(&shown)))?;
     let entries = py
-        .allow_threads(|| vimg::map::map_image(&image, start, length))
+        .allow_threads(|| vimg::map_range(&image, start, length).collect::<vimg::Result<Vec<_>>>())
         .map_err(|e| to_py(py, &e, None))?;
     let list: Vec<Value> = entries
         .iter()
