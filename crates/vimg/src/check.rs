@@ -11,27 +11,7 @@
 
 use serde::Serialize;
 
-use crate::error::{Error, ErrorKind, Result};
-use crate::image::Image;
-
-/// Checks the metadata of `image`'s top layer, as `qemu-img check` does (backing files are
-/// not checked; open with [`OpenOptions::open_backing`](crate::OpenOptions::open_backing)
-/// off to leave them closed). An image whose tables contradict themselves does not open at
-/// all; [`CheckReport::from_open_error`] turns that refusal into the report.
-///
-/// ```
-/// use vimg::{Format, Image, OpenOptions};
-/// # let dir = tempfile::tempdir()?;
-/// let path = dir.path().join("new.qcow2");
-/// vimg::create(&path, Format::Qcow2, Some(1 << 20), &vimg::CreateOptions::new())?;
-/// let image = Image::open(&path, &OpenOptions::default().open_backing(false))?;
-/// let report = vimg::check(&image)?;
-/// assert_eq!((report.corruptions, report.leaks), (0, 0));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn check(image: &Image) -> Result<CheckReport> {
-    image.reader().check()
-}
+use crate::error::{Error, ErrorKind};
 
 /// What a check found. Counts follow `qemu-img check`: `corruptions` are errors that make the
 /// image unsafe to use, `leaks` are clusters allocated but unused (harmless wasted space).

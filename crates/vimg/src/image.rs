@@ -707,6 +707,25 @@ fn checked_map(layer: &Image, offset: u64, len: u64) -> Result<Extent> {
     Ok(e)
 }
 
+/// Checks the metadata of `image`'s top layer, as `qemu-img check` does (backing files are
+/// not checked; open with [`OpenOptions::open_backing`](crate::OpenOptions::open_backing)
+/// off to leave them closed). An image whose tables contradict themselves does not open at
+/// all; [`CheckReport::from_open_error`](crate::CheckReport::from_open_error) turns that refusal into the report.
+///
+/// ```
+/// use vimg::{Format, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("new.qcow2");
+/// vimg::create(&path, Format::Qcow2, Some(1 << 20), &vimg::CreateOptions::new())?;
+/// let image = Image::open(&path, &OpenOptions::default().open_backing(false))?;
+/// let report = vimg::check(&image)?;
+/// assert_eq!((report.corruptions, report.leaks), (0, 0));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn check(image: &Image) -> Result<crate::check::CheckReport> {
+    image.reader().check()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

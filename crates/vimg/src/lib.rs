@@ -170,7 +170,7 @@ pub mod storage;
 #[doc(hidden)]
 pub mod writer;
 
-pub use check::{check, CheckReport};
+pub use check::CheckReport;
 pub use checksum::{Checksum, HashAlg};
 pub use compare::{compare, CompareReport, Comparison};
 pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
@@ -178,7 +178,7 @@ pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{Format, Measure};
 pub use gate::ExternalPolicy;
-pub use image::{Image, OpenOptions};
+pub use image::{check, Image, OpenOptions};
 pub use info::{info, ImageInfo};
 pub use map::{map, map_range, Extent, Map};
 pub use measure::measure;

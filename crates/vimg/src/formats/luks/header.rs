@@ -23,6 +23,11 @@
 use super::error::LuksError;
 use crate::escape::escape_control;
 
+/// Most PBKDF2 iterations vimg runs for one key slot or for the master-key digest (2^28).
+pub const MAX_ITERATIONS: u32 = 1 << 28;
+/// Most PBKDF2 iterations trying every active key slot may cost (2^29).
+pub const MAX_TOTAL_ITERATIONS: u64 = 1 << 29;
+
 /// "LUKS\xba\xbe": the partition header magic.
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
 /// Bytes of the LUKS1 partition header with its key slots.
@@ -222,7 +227,7 @@ impl Header {
     /// Checks every number against the file length `len` and the bounds above, as QEMU's
     /// header check does and more: the key length, the stripes, the slot states, each
     /// slot's key material inside the file, after the header, before the payload and apart
-    /// from the other slots', and the iteration counts (see [`super::MAX_ITERATIONS`]).
+    /// from the other slots', and the iteration counts (see [`MAX_ITERATIONS`]).
     pub fn validate(&self, len: u64) -> Result<(), LuksError> {
         let field = |name: &str, at: u64, value: u64, why: &str| LuksError::Field {
             field: name.to_string(),
@@ -255,12 +260,12 @@ impl Header {
                 &format!("the payload starts past the end of the file ({len:#x} bytes)"),
             ));
         }
-        if self.mk_digest_iter == 0 || self.mk_digest_iter > super::MAX_ITERATIONS {
+        if self.mk_digest_iter == 0 || self.mk_digest_iter > MAX_ITERATIONS {
             return Err(field(
                 "mk-digest-iter",
                 0xa4,
                 self.mk_digest_iter.into(),
-                &format!("must be 1..={} (vimg's bound)", super::MAX_ITERATIONS),
+                &format!("must be 1..={} (vimg's bound)", MAX_ITERATIONS),
             ));
         }
         let mut budget: u64 = 0;
@@ -312,25 +317,25 @@ impl Header {
             }
             spans.push((i, start, end));
             if s.is_active() {
-                if s.iterations == 0 || s.iterations > super::MAX_ITERATIONS {
+                if s.iterations == 0 || s.iterations > MAX_ITERATIONS {
                     return Err(field(
                         &name("iterations"),
                         at + 4,
                         s.iterations.into(),
-                        &format!("must be 1..={} (vimg's bound)", super::MAX_ITERATIONS),
+                        &format!("must be 1..={} (vimg's bound)", MAX_ITERATIONS),
                     ));
                 }
                 budget += u64::from(s.iterations) + u64::from(self.mk_digest_iter);
             }
         }
-        if budget > super::MAX_TOTAL_ITERATIONS {
+        if budget > MAX_TOTAL_ITERATIONS {
             return Err(field(
                 "key slot iterations",
                 SLOT_AT as u64,
                 budget,
                 &format!(
                     "trying every active slot would take more than {} PBKDF2 iterations (vimg's bound)",
-                    super::MAX_TOTAL_ITERATIONS
+                    MAX_TOTAL_ITERATIONS
                 ),
             ));
         }
@@ -409,7 +414,7 @@ mod tests {
             |h| {
                 for s in &mut h.slots {
                     s.active = SLOT_ENABLED;
-                    s.iterations = super::super::MAX_ITERATIONS;
+                    s.iterations = super::MAX_ITERATIONS;
                 }
             },
             len,

@@ -47,12 +47,9 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use error::LuksError;
+pub use header::{MAX_ITERATIONS, MAX_TOTAL_ITERATIONS};
+pub use open::secret_passphrase;
 pub use read::{DecryptedPayload, LuksReader, Parsed};
-
-/// Most PBKDF2 iterations vimg runs for one key slot or for the master-key digest (2^28).
-pub const MAX_ITERATIONS: u32 = 1 << 28;
-/// Most PBKDF2 iterations trying every active key slot may cost (2^29).
-pub const MAX_TOTAL_ITERATIONS: u64 = 1 << 29;
 
 /// `luks`'s create options, in qemu-img's order.
 pub const CREATE_OPTIONS: &[OptionSpec] = &[
@@ -97,18 +94,6 @@ pub const CREATE_OPTIONS: &[OptionSpec] = &[
         help: "ID of the secret that provides the keyslot passphrase",
     },
 ];
-
-/// The passphrase of secret `id`, or the error qemu-img gives. `prefix` is the option
-/// prefix qemu names in its message (`encrypt.` for qcow2).
-pub fn secret_passphrase(
-    id: Option<&str>,
-    prefix: &'static str,
-) -> Result<(String, Arc<zeroize::Zeroizing<Vec<u8>>>)> {
-    let id = id.ok_or(LuksError::NoSecret { prefix })?;
-    let s = crate::secret::lookup(id).ok_or_else(|| LuksError::UnknownSecret(id.to_string()))?;
-    open::passphrase(id, &s)?;
-    Ok((id.to_string(), s))
-}
 
 /// The luks driver.
 pub struct Driver;

@@ -61,3 +61,15 @@ pub fn unlock(
     }
     Err(LuksError::BadPassword.into())
 }
+
+/// The passphrase of secret `id`, or the error qemu-img gives. `prefix` is the option
+/// prefix qemu names in its message (`encrypt.` for qcow2).
+pub fn secret_passphrase(
+    id: Option<&str>,
+    prefix: &'static str,
+) -> Result<(String, std::sync::Arc<Zeroizing<Vec<u8>>>)> {
+    let id = id.ok_or(LuksError::NoSecret { prefix })?;
+    let s = crate::secret::lookup(id).ok_or_else(|| LuksError::UnknownSecret(id.to_string()))?;
+    passphrase(id, &s)?;
+    Ok((id.to_string(), s))
+}

@@ -86,7 +86,7 @@ impl EncryptedQcow2 {
             true => None,
             false => {
                 let id = &ctx.key_secret;
-                let (id, secret) = super::secret_passphrase(id.as_deref(), "encrypt.")?;
+                let (id, secret) = super::open::secret_passphrase(id.as_deref(), "encrypt.")?;
                 let pw = super::open::passphrase(&id, &secret)?;
                 let key =
                     super::open::unlock(&parsed.header, parsed.spec, parsed.hash, &window, pw)?;

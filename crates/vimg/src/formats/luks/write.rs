@@ -113,7 +113,7 @@ fn slot_sectors(key_bytes: usize) -> u32 {
 /// encrypted).
 pub fn measure(size: u64, opts: &CreateOptions) -> Result<crate::formats::Measure> {
     let c = parse_options(opts)?;
-    super::secret_passphrase(opts.get_str("key-secret"), "")?;
+    super::open::secret_passphrase(opts.get_str("key-secret"), "")?;
     let header = u64::from(FIRST_SLOT_SECTOR + slot_sectors(c.spec.key_bytes) * SLOTS as u32)
         * SECTOR as u64;
     let total = header
@@ -128,7 +128,7 @@ pub fn measure(size: u64, opts: &CreateOptions) -> Result<crate::formats::Measur
 
 /// PBKDF2 iterations `hash` runs in `ms` milliseconds here (QEMU's
 /// `qcrypto_pbkdf2_count_iters`, with a shorter measurement for short `iter-time`s), at
-/// least [`MIN_ITERATIONS`] and at most the bound vimg reads ([`super::MAX_ITERATIONS`]).
+/// least [`MIN_ITERATIONS`] and at most the bound vimg reads ([`super::header::MAX_ITERATIONS`]).
 fn iterations_for(hash: Hash, key: &[u8], out_len: usize, ms: u64) -> u32 {
     let probe = Duration::from_millis((ms / 4).clamp(5, 250));
     let salt = [0u8; SALT_LEN];
@@ -143,7 +143,7 @@ fn iterations_for(hash: Hash, key: &[u8], out_len: usize, ms: u64) -> u32 {
     }
     let elapsed = start.elapsed().as_micros().max(1) as u64;
     let iters = n.saturating_mul(ms).saturating_mul(1000) / elapsed;
-    iters.clamp(MIN_ITERATIONS, u64::from(super::MAX_ITERATIONS)) as u32
+    iters.clamp(MIN_ITERATIONS, u64::from(super::header::MAX_ITERATIONS)) as u32
 }
 
 /// Writes a LUKS1 volume.
@@ -177,7 +177,7 @@ impl LuksWriter {
             )));
         }
         let c = parse_options(opts)?;
-        let (id, secret) = super::secret_passphrase(opts.get_str("key-secret"), "")?;
+        let (id, secret) = super::open::secret_passphrase(opts.get_str("key-secret"), "")?;
         let password = super::open::passphrase(&id, &secret)?;
         let kb = c.spec.key_bytes;
 
