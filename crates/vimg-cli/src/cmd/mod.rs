@@ -6,6 +6,7 @@ pub mod check;
 pub mod compare;
 pub mod convert;
 pub mod create;
+pub mod dd;
 pub mod extras;
 pub mod info;
 pub mod map;

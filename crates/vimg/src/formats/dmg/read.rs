@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use super::header::{Koly, CHUNK_BZIP2, CHUNK_RAW, CHUNK_ZLIB};
+use crate::codec::Codec;
 use crate::error::Result;
 use crate::formats::Format;
-use crate::codec::Codec;
 use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
 use crate::storage::Storage;
 
