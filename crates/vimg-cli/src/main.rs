@@ -84,6 +84,7 @@ fn main() -> ExitCode {
         Command::Amend(a) => cmd::amend::run(a),
         Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Dd(a) => cmd::dd::run(a),
+        Command::Rebase(a) => cmd::rebase::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
         Command::Man(a) => cmd::extras::man(a),
     };

@@ -11,6 +11,7 @@ pub mod extras;
 pub mod info;
 pub mod map;
 pub mod measure;
+pub mod rebase;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
