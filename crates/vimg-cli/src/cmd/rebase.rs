@@ -92,17 +92,18 @@ pub fn run(a: RebaseArgs) -> CmdResult {
         ));
     }
     let new_name = a.backing.as_deref().filter(|b| !b.is_empty());
-    let new =
-        match (new_name, backing_format) {
-            (None, _) => None,
-            (Some(b), Some(f)) => Some((b, f.name())),
-            (Some(b), None) => return Err(Failure::new(
+    let new = match (new_name, backing_format) {
+        (None, _) => None,
+        (Some(b), Some(f)) => Some((b, f.name())),
+        (Some(b), None) => {
+            return Err(Failure::new(
                 format!(
                     "Could not change the backing file to '{b}': backing format must be specified"
                 ),
                 1,
-            )),
-        };
+            ))
+        }
+    };
     if format != Format::Qcow2 {
         let what = match format {
             // Formats qemu-img cannot give a backing file at all.
