@@ -166,6 +166,8 @@ fn dd_refuses_like_qemu_img() {
         &["if=in.raw"],
         &["of=OUT"],
         &["-O", "foo", "if=in.raw", "of=OUT"],
+        &["if=in.raw", "of=missing/OUT"],
+        &["if=in.raw", "of=."],
     ];
     for case in cases {
         let (q, v) = (d.join("q.out"), d.join("v.out"));
@@ -177,8 +179,12 @@ fn dd_refuses_like_qemu_img() {
         let (qa, va) = (with("q.out"), with("v.out"));
         let qa: Vec<&str> = qa.iter().map(String::as_str).collect();
         let va: Vec<&str> = va.iter().map(String::as_str).collect();
-        let rq = dd(qemu, d, &qa);
-        let rv = dd(&vimg_bin(), d, &va);
+        let (cq, eq) = dd(qemu, d, &qa);
+        let (cv, ev) = dd(&vimg_bin(), d, &va);
+        let (rq, rv) = (
+            (cq, eq.replace("q.out", "OUT")),
+            (cv, ev.replace("v.out", "OUT")),
+        );
         assert_eq!(rv, rq, "dd {case:?}: vimg (left) vs qemu-img (right)");
         assert_eq!(rq.0, 1, "dd {case:?}: qemu-img accepted it");
         assert!(!q.exists() && !v.exists(), "dd {case:?} wrote an output");

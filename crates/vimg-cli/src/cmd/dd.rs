@@ -194,6 +194,19 @@ pub fn run(a: DdArgs) -> CmdResult {
             1,
         ));
     }
+    // A folder that is not there: qemu-img's words (the copy would fail on its temporary).
+    let folder = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Failure::new(
+            format!(
+                "{output}: error while creating output image: Could not create '{output}': No such file or directory"
+            ),
+            1,
+        ));
+    }
     vimg::output::check_destination(&dst).map_err(|e| {
         Failure::new(
             format!(
