@@ -194,3 +194,59 @@ fn rebase_refusals() {
         "the image changed"
     );
 }
+
+/// `amend -o backing_file=/backing_fmt=`: qemu-img takes them only when they repeat what
+/// the image has, and otherwise points to rebase; vimg the same, byte for byte.
+#[test]
+fn amend_backing_like_qemu_img() {
+    if !qemu_available("amend_backing_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    setup(d, "1.1");
+    let qemu = Path::new("qemu-img");
+    for o in [
+        "backing_file=new.qcow2",
+        "backing_file=base.qcow2",
+        "backing_fmt=qcow2",
+        "backing_file=",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "backing_file=base.qcow2,backing_fmt=raw",
+        "compat=0.10,backing_file=new.qcow2",
+        "backing_file=new.qcow2,compat=foo",
+        "backing_file=base.qcow2,backing_fmt=qcow2,compat=0.10",
+    ] {
+        let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+        std::fs::copy(d.join("top.qcow2"), &q).expect("copy");
+        std::fs::copy(d.join("top.qcow2"), &v).expect("copy");
+        let run = |tool: &Path, img: &str| {
+            let out = std::process::Command::new(tool)
+                .args(["amend", "-o", o, img])
+                .current_dir(d)
+                .output()
+                .expect("run amend");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+                    .replace("qemu-img", "PROG")
+                    .replace("vimg", "PROG"),
+            )
+        };
+        let rq = run(qemu, "q.qcow2");
+        let rv = run(&vimg_bin(), "v.qcow2");
+        assert_eq!(rv, rq, "amend -o {o}: vimg (left) vs qemu-img (right)");
+        let mut iq = info(&q);
+        let mut iv = info(&v);
+        let compat = |p: &Path| {
+            json(&qemu_img(&["info", "--output=json", s(p)]))["format-specific"]["data"]["compat"]
+                .clone()
+        };
+        iq["compat"] = compat(&q);
+        iv["compat"] = compat(&v);
+        assert_eq!(iv, iq, "amend -o {o}: result");
+        if rq.0 != Some(0) {
+            assert_same_file(&v, &d.join("top.qcow2"));
+        }
+    }
+}
