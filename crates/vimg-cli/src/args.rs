@@ -87,6 +87,10 @@ pub enum Command {
     Amend(crate::cmd::amend::AmendArgs),
     /// List a qcow2 image's internal snapshots (qemu-img snapshot -l; -c/-a/-d refused).
     Snapshot(crate::cmd::snapshot::SnapshotArgs),
+    /// Copy a range of an image into a new image (qemu-img dd): bs=, count=, skip=, if=, of=.
+    Dd(crate::cmd::dd::DdArgs),
+    /// Change a qcow2 image's backing file reference in place (qemu-img rebase -u).
+    Rebase(crate::cmd::rebase::RebaseArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
@@ -107,6 +111,8 @@ impl Command {
             Command::Resize(a) => Some(&a.safety),
             Command::Amend(a) => Some(&a.safety),
             Command::Snapshot(a) => Some(&a.safety),
+            Command::Dd(a) => Some(&a.safety),
+            Command::Rebase(a) => Some(&a.safety),
             _ => None,
         }
     }

@@ -398,3 +398,93 @@ fn small_512_no_zero(dir: &Path) -> PathBuf {
         &["write -P 1 0 100k", "write -P 2 900k 124k"],
     )
 }
+
+/// A 1 MiB top image (512-byte clusters, some clusters of its own) over `base.qcow2`, with
+/// `new.qcow2` beside it holding other content: `rebase -u` changes what shows through.
+fn top_over_base(dir: &Path) -> PathBuf {
+    let base = dir.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_io("qcow2", &base, &["write -P 7 0 1M"]);
+    let new = dir.join("new.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&new), "1M"]);
+    qemu_io("qcow2", &new, &["write -P 8 256k 512k"]);
+    qemu_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "pristine.qcow2",
+        ],
+    );
+    let img = dir.join("pristine.qcow2");
+    qemu_io("qcow2", &img, &["write -P 1 0 100k", "write -P 2 900k 64k"]);
+    img
+}
+
+/// The backing file name and format `qemu-img info` reports (None: no backing file).
+fn backing_of(img: &Path) -> (Option<String>, Option<String>) {
+    let v = json(&qemu_img(&["info", "--output=json", "-U", s(img)]));
+    let get = |k: &str| v[k].as_str().map(str::to_string);
+    (get("backing-filename"), get("backing-filename-format"))
+}
+
+#[test]
+fn kill_rebase_unsafe() {
+    if !qemu_available("kill_rebase_unsafe") {
+        return;
+    }
+    let cases: [(&str, &'static [&'static str]); 2] = [
+        (
+            "rebase -u -b new.qcow2",
+            &["rebase", "-u", "-b", "new.qcow2", "-F", "qcow2", "{}"],
+        ),
+        ("rebase -u -b \"\"", &["rebase", "-u", "-b", "", "{}"]),
+    ];
+    for (name, args) in cases {
+        // Guest content old or new per cluster, check clean, rerun as qemu-img's result.
+        run_case(&Case {
+            name,
+            setup: top_over_base,
+            args,
+            qemu: Some(args),
+            cluster: 512,
+            big: false,
+        });
+        // And the backing reference itself is the old one or the new one at every point.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let pristine = top_over_base(d);
+        let done = d.join("done.qcow2");
+        std::fs::copy(&pristine, &done).expect("copy");
+        let a = with_img(args, &done);
+        run_ok(
+            "qemu-img",
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let (old, new) = (backing_of(&pristine), backing_of(&done));
+        assert_ne!(old, new, "{name}: the operation changes nothing");
+        let work = d.join("work.qcow2");
+        for n in 0.. {
+            assert!(n < 1000, "{name}: no end in sight");
+            std::fs::copy(&pristine, &work).expect("copy");
+            let a = with_img(args, &work);
+            let killed = run_killed(&a.iter().map(String::as_str).collect::<Vec<_>>(), n);
+            let what = format!("{name} killed before point {n}");
+            assert_eq!(qemu_check_no_corruption(&work, &what), 0, "{what}: leaks");
+            let got = backing_of(&work);
+            assert!(got == old || got == new, "{what}: backing {got:?}");
+            if !killed {
+                assert_eq!(got, new, "{name}: finished run");
+                break;
+            }
+        }
+    }
+}

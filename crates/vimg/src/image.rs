@@ -568,11 +568,13 @@ impl Image {
                 unit_len,
             } => {
                 let f = self.file_of(file)?;
-                let skip =
-                    e.start.get().checked_sub(unit_start.get()).ok_or_else(|| {
-                        Error::corrupt("compressed extent starts before its unit")
-                    })?;
-                if skip.checked_add(e.len).is_none_or(|x| x > unit_len) || unit_len > MAX_UNIT {
+                // Wrapping: a window (`Image::window`) may place a unit's start below 0;
+                // a reader's bad unit wraps to a huge skip, refused just below.
+                let skip = e.start.get().wrapping_sub(unit_start.get());
+                if skip > unit_len
+                    || skip.checked_add(e.len).is_none_or(|x| x > unit_len)
+                    || unit_len > MAX_UNIT
+                {
                     return Err(Error::corrupt(format!(
                         "compressed unit at guest {unit_start} has an invalid size {unit_len:#x}"
                     )));

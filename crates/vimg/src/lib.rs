@@ -167,6 +167,7 @@ pub mod secret;
 pub mod source;
 #[doc(hidden)]
 pub mod storage;
+pub(crate) mod window;
 #[doc(hidden)]
 pub mod writer;
 

@@ -38,10 +38,9 @@ pub struct AmendArgs {
     pub filename: String,
 }
 
-/// Options `qemu-img amend` accepts for qcow2 that vimg does not change yet.
+/// Options `qemu-img amend` accepts for qcow2 that vimg does not change yet (`backing_file`
+/// and `backing_fmt` are handled as qemu-img handles them: see [`same_backing`]).
 const NOT_YET: &[&str] = &[
-    "backing_file",
-    "backing_fmt",
     "data_file",
     "data_file_raw",
     "refcount_bits",
@@ -113,6 +112,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
         ));
     }
     let mut amend = Amend::default();
+    let (mut backing_file, mut backing_fmt) = (None, None);
     for list in &a.options {
         for kv in list.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -127,6 +127,8 @@ pub fn run(a: AmendArgs) -> CmdResult {
                     })
                 }
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
+                "backing_file" => backing_file = Some(v.to_string()),
+                "backing_fmt" => backing_fmt = Some(v.to_string()),
                 k if CREATE_ONLY.contains(&k) => {
                     return Err(Failure::new(
                         format!(
@@ -149,7 +151,40 @@ pub fn run(a: AmendArgs) -> CmdResult {
         }
     }
     let policy = crate::trust::policy(&a.safety);
+    if backing_file.is_some() || backing_fmt.is_some() {
+        same_backing(path, &a, backing_file.as_deref(), backing_fmt.as_deref())?;
+    }
     let mut img = Qcow2Update::open(path, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     img.amend(amend).map_err(Failure::from)?;
     Ok(0)
+}
+
+/// qemu-img amend takes `backing_file`/`backing_fmt` only when they name the backing file
+/// and format the image already has (both compared as stored; one alone compares the other
+/// as absent), and refuses any change, pointing to rebase.
+fn same_backing(
+    path: &Path,
+    a: &AmendArgs,
+    file: Option<&str>,
+    fmt: Option<&str>,
+) -> Result<(), Failure> {
+    let opts = super::open_options(Some(Format::Qcow2), &a.safety).open_backing(false);
+    let img = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+    let current = img.reader().backing();
+    let same = match (current, file, fmt) {
+        (Some(b), Some(file), Some(fmt)) => {
+            b.name == file && b.format.is_some_and(|f| f.name() == fmt)
+        }
+        _ => false,
+    };
+    if same {
+        return Ok(());
+    }
+    Err(Failure::new(
+        format!(
+            "Cannot amend the backing file\nYou can use '{} rebase' instead.",
+            crate::trust::prefix()
+        ),
+        1,
+    ))
 }

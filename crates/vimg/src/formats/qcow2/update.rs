@@ -978,9 +978,34 @@ impl Qcow2Update {
         Ok(())
     }
 
+    /// `rebase -u`: points the image at another backing file (`Some((name, format))`,
+    /// both stored as given) or at none, changing nothing else. The header, the backing
+    /// format extension and the name are written as one sector at offset 0, as `amend`
+    /// writes them: a crash leaves the old backing reference or the new one. A name too
+    /// long for that one sector is refused before anything is written.
+    pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
+        self.require_consistent()?;
+        let mut h = self.header.clone();
+        let sector = self.first_sector(&mut h, Some(backing))?;
+        self.pwrite(&sector, 0)?;
+        self.sync()?;
+        self.header = h;
+        Ok(())
+    }
+
     /// The header, its extensions (the backing format, when the image has one) and the
     /// backing file name, laid out in 512 bytes; `h`'s backing file offset is set.
     fn build_first_sector(&self, h: &mut Header) -> Result<Vec<u8>> {
+        self.first_sector(h, None)
+    }
+
+    /// [`Self::build_first_sector`], with the backing reference replaced when `replace`
+    /// is `Some` (`Some(None)`: no backing file).
+    fn first_sector(
+        &self,
+        h: &mut Header,
+        replace: Option<Option<(&str, &str)>>,
+    ) -> Result<Vec<u8>> {
         let cs = self.cs();
         let head_len = self.file_len.min(cs) as usize;
         let mut first = vec![0u8; head_len.max(V3_HEADER_LEN)];
@@ -1011,9 +1036,25 @@ impl Qcow2Update {
         } else {
             Vec::new()
         };
+        let (backing_name, backing_format) = match replace {
+            None => (backing_name, exts.backing_format.clone()),
+            Some(None) => (Vec::new(), None),
+            Some(Some((name, format))) => (name.as_bytes().to_vec(), Some(format.to_string())),
+        };
         let mut buf = vec![0u8; 4096];
         let mut off = h.len();
-        if let Some(f) = &exts.backing_format {
+        if backing_name.len() > 1023 {
+            return Err(Error::invalid_argument(format!(
+                "the backing file name is {} bytes long, more than the 1023 qcow2 allows",
+                backing_name.len()
+            )));
+        }
+        if let Some(f) = &backing_format {
+            if f.len() > 1024 {
+                return Err(Error::invalid_argument(
+                    "the backing format name is too long",
+                ));
+            }
             off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
         }
         off = write_extension(&mut buf, off, EXT_END, &[]);
