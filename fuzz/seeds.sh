@@ -187,6 +187,18 @@ tar --format=ustar -cf vm.ova vm.ovf disk.img
 put pipeline disk.qcow2.xz disk.qcow2.gz disk.qcow2.zst blocks.img.xz vm.ova
 cd ..
 
+# ---- luks: small volumes in three cipher set-ups, with few PBKDF2 iterations (iter-time=1)
+# so an unlock stays cheap for the target.
+mkdir l && cd l
+for c in "aes-256 xts plain64 sha256" "aes-128 cbc essiv sha1" "aes-256 ecb plain sha256"; do
+  set -- $c
+  qemu-img create -q -f luks --object secret,id=s,data=pw \
+    -o key-secret=s,cipher-alg=$1,cipher-mode=$2,ivgen-alg=$3,hash-alg=$4,iter-time=1 \
+    "seed-$1-$2.luks" 64k
+done
+put luks seed-*.luks
+cd ..
+
 # ---- roundtrip: the input is a recipe (format, size and extents), not an image; a few
 # byte strings of different lengths are enough to start from.
 mkdir r && cd r
