@@ -141,6 +141,37 @@ fn resize_qcow2_small_clusters_like_qemu() {
     );
 }
 
+/// Every refcount width and the header variants an in-place writer must keep: the same
+/// grow and shrink as qemu-img, `qemu-img check` clean after each.
+#[test]
+fn resize_qcow2_every_refcount_width_and_variant_like_qemu() {
+    if !qemu_available("resize_qcow2_every_refcount_width_and_variant_like_qemu") {
+        return;
+    }
+    let variants = [
+        "refcount_bits=1,cluster_size=4096",
+        "refcount_bits=2,cluster_size=4096",
+        "refcount_bits=4,cluster_size=4096",
+        "refcount_bits=8,cluster_size=4096",
+        "refcount_bits=32,cluster_size=4096",
+        "refcount_bits=64,cluster_size=4096",
+        "extended_l2=on",
+        "compat=0.10",
+        "lazy_refcounts=on",
+    ];
+    for o in variants {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("a.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", o, s(&img), "8M"]);
+        qemu_io("qcow2", &img, &["write -P 0x5a 0 3M", "write -z 4M 1M"]);
+        same_as_qemu(
+            &img,
+            "qcow2",
+            &[&["{}", "+5G"], &["--shrink", "{}", "--", "-4G"]],
+        );
+    }
+}
+
 #[test]
 fn resize_qcow2_with_backing_like_qemu() {
     if !qemu_available("resize_qcow2_with_backing_like_qemu") {
