@@ -3,9 +3,12 @@
 //! (`-c`, `-a`, `-d`) change the image and are refused before anything is written, as vimg
 //! does not do them yet.
 
+use std::path::Path;
+
 use clap::Args;
+use vimg::formats::qcow2::{Qcow2Update, SNAPSHOT_NOT_FOUND};
 use vimg::info::SnapshotJson;
-use vimg::{Image, ImageInfo};
+use vimg::{Format, Image, ImageInfo};
 
 use super::{open_options, parse_format_opt};
 use crate::args::SafetyArgs;
@@ -19,13 +22,13 @@ pub struct SnapshotArgs {
     /// List the internal snapshots (the default).
     #[arg(short = 'l')]
     pub list: bool,
-    /// Apply (revert to) a snapshot (not supported yet: refused).
+    /// Apply (revert to) a snapshot (qcow2).
     #[arg(short = 'a', value_name = "SNAPSHOT")]
     pub apply: Option<String>,
-    /// Create a snapshot (not supported yet: refused).
+    /// Create a snapshot (qcow2).
     #[arg(short = 'c', value_name = "SNAPSHOT")]
     pub create: Option<String>,
-    /// Delete a snapshot (not supported yet: refused).
+    /// Delete a snapshot (qcow2).
     #[arg(short = 'd', value_name = "SNAPSHOT")]
     pub delete: Option<String>,
     /// Quiet (the list is printed anyway, as qemu-img does).
@@ -55,27 +58,63 @@ pub fn run(a: SnapshotArgs) -> CmdResult {
     let mut opts = open_options(format, &a.safety);
     opts.open_backing = false;
     let image = Image::open(&a.filename, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
-    let what = if a.apply.is_some() {
-        Some("apply")
-    } else if a.create.is_some() {
-        Some("create")
-    } else if a.delete.is_some() {
-        Some("delete")
-    } else {
-        None
-    };
-    if let Some(what) = what {
-        return Err(Failure::new(
-            format!(
-                "vimg cannot {what} internal snapshots yet ('{}' is unchanged); use qemu-img snapshot",
-                a.filename
-            ),
-            1,
-        ));
+    if let Some(name) = &a.create {
+        return change(&a, &image, name, Action::Create);
+    }
+    if let Some(name) = &a.apply {
+        return change(&a, &image, name, Action::Apply);
+    }
+    if let Some(name) = &a.delete {
+        return change(&a, &image, name, Action::Delete);
     }
     let snaps: Vec<SnapshotJson> = ImageInfo::of(&image).snapshots;
     if !snaps.is_empty() {
         crate::print_out(&super::info::snapshot_list(&snaps))?;
     }
     Ok(0)
+}
+
+#[derive(Clone, Copy)]
+enum Action {
+    Create,
+    Apply,
+    Delete,
+}
+
+/// `-c`, `-a`, `-d` (qcow2 only, as in qemu-img: other formats have no internal snapshots).
+fn change(a: &SnapshotArgs, image: &Image, name: &str, what: Action) -> CmdResult {
+    let verb = match what {
+        Action::Create => "create",
+        Action::Apply => "apply",
+        Action::Delete => "delete",
+    };
+    let fail = |msg: &str| Failure::new(format!("Could not {verb} snapshot '{name}': {msg}"), 1);
+    if image.format() != Format::Qcow2 {
+        return Err(fail(match what {
+            Action::Create => "Operation not supported",
+            Action::Apply => "Block driver does not support snapshots",
+            Action::Delete => "snapshot not found",
+        }));
+    }
+    let policy = crate::trust::policy(&a.safety);
+    let mut img = Qcow2Update::open(Path::new(&a.filename), policy)
+        .map_err(|e| Failure::open(&a.filename, &e))?;
+    let r = match what {
+        Action::Create => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            img.snapshot_create(name, now.as_secs() as u32, now.subsec_micros() * 1000)
+        }
+        Action::Apply => img.snapshot_apply(name),
+        Action::Delete => img.snapshot_delete(name),
+    };
+    match r {
+        Ok(()) => Ok(0),
+        Err(e) if e.message().to_string() == SNAPSHOT_NOT_FOUND => Err(fail(match what {
+            Action::Apply => "Failed to load snapshot: No such file or directory",
+            _ => SNAPSHOT_NOT_FOUND,
+        })),
+        Err(e) => Err(fail(&e.message().to_string())),
+    }
 }

@@ -39,7 +39,7 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
-pub use update::{Amend, Prealloc, Qcow2Update, Repair, RepairReport};
+pub use update::{Amend, Prealloc, Qcow2Update, Repair, RepairReport, SNAPSHOT_NOT_FOUND};
 pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
 /// The qcow2 driver.

@@ -39,6 +39,9 @@ use crate::gate::ExternalPolicy;
 use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
+mod snapshot;
+pub use snapshot::SNAPSHOT_NOT_FOUND;
+
 /// The environment variable of the crash hook (see the module documentation).
 pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 
