@@ -85,8 +85,11 @@ pub enum Command {
     Resize(crate::cmd::resize::ResizeArgs),
     /// Change a qcow2 image's compat level or lazy_refcounts in place (qemu-img amend).
     Amend(crate::cmd::amend::AmendArgs),
-    /// List a qcow2 image's internal snapshots (qemu-img snapshot -l; -c/-a/-d refused).
+    /// List, create, apply or delete a qcow2 image's internal snapshots (qemu-img snapshot).
     Snapshot(crate::cmd::snapshot::SnapshotArgs),
+    /// Add, remove, clear, enable, disable or merge a qcow2 image's persistent dirty
+    /// bitmaps in place (qemu-img bitmap).
+    Bitmap(crate::cmd::bitmap::BitmapArgs),
     /// Copy a range of an image into a new image (qemu-img dd): bs=, count=, skip=, if=, of=.
     Dd(crate::cmd::dd::DdArgs),
     /// Change a qcow2 image's backing file reference in place (qemu-img rebase -u).
@@ -111,6 +114,7 @@ impl Command {
             Command::Resize(a) => Some(&a.safety),
             Command::Amend(a) => Some(&a.safety),
             Command::Snapshot(a) => Some(&a.safety),
+            Command::Bitmap(a) => Some(&a.safety),
             Command::Dd(a) => Some(&a.safety),
             Command::Rebase(a) => Some(&a.safety),
             _ => None,

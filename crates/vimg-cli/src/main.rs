@@ -83,6 +83,7 @@ fn main() -> ExitCode {
         Command::Resize(a) => cmd::resize::run(a),
         Command::Amend(a) => cmd::amend::run(a),
         Command::Snapshot(a) => cmd::snapshot::run(a),
+        Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Dd(a) => cmd::dd::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
         Command::Completion(a) => cmd::extras::completion(a),

@@ -2,6 +2,7 @@
 //! calls the library and prints what qemu-img prints.
 
 pub mod amend;
+pub mod bitmap;
 pub mod check;
 pub mod compare;
 pub mod convert;

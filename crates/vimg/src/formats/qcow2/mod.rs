@@ -8,7 +8,8 @@
 //! - `refcount.rs`: the refcount allocator of a file being written.
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
-//! - `update.rs`: changing an image in place (`check -r`, `resize`), crash-safe.
+//! - `update.rs`: changing an image in place (`check -r`, `resize`), crash-safe;
+//!   `update/snapshot.rs` (internal snapshots) and `update/bitmap.rs` (persistent bitmaps).
 //!
 //! Strictness: every table size and offset is checked against the file and QEMU's limits;
 //! an L1 or L2 entry with reserved bits, an unaligned offset, an offset past the end of the
@@ -39,7 +40,9 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
-pub use update::{Amend, Prealloc, Qcow2Update, Repair, RepairReport, SNAPSHOT_NOT_FOUND};
+pub use update::{
+    Amend, BitmapOp, Prealloc, Qcow2Update, Repair, RepairReport, SNAPSHOT_NOT_FOUND,
+};
 pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
 /// The qcow2 driver.

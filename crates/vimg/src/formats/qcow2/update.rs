@@ -39,7 +39,9 @@ use crate::gate::ExternalPolicy;
 use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
+mod bitmap;
 mod snapshot;
+pub use bitmap::BitmapOp;
 pub use snapshot::SNAPSHOT_NOT_FOUND;
 
 /// The environment variable of the crash hook (see the module documentation).
@@ -1009,6 +1011,18 @@ impl Qcow2Update {
         h: &mut Header,
         replace: Option<Option<(&str, &str)>>,
     ) -> Result<Vec<u8>> {
+        self.first_sector_with(h, replace, None)
+    }
+
+    /// [`Self::first_sector`], with the bitmaps extension replaced when `bitmaps` is
+    /// `Some` (`Some(None)`: none). Otherwise the bitmaps extension is kept when the
+    /// autoclear bit says it is valid.
+    fn first_sector_with(
+        &self,
+        h: &mut Header,
+        replace: Option<Option<(&str, &str)>>,
+        bitmaps: Option<Option<BitmapsExt>>,
+    ) -> Result<Vec<u8>> {
         let cs = self.cs();
         let head_len = self.file_len.min(cs) as usize;
         let mut first = vec![0u8; head_len.max(V3_HEADER_LEN)];
@@ -1059,6 +1073,18 @@ impl Qcow2Update {
                 ));
             }
             off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
+        }
+        let bitmaps = match bitmaps {
+            Some(b) => b,
+            None if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
+                exts.bitmaps.clone().and_then(|b| b.ok())
+            }
+            None => None,
+        };
+        if let Some(b) = bitmaps {
+            let mut data = [0u8; BitmapsExt::LEN];
+            b.write_to(&mut data);
+            off = write_extension(&mut buf, off, EXT_BITMAPS, &data);
         }
         off = write_extension(&mut buf, off, EXT_END, &[]);
         if !backing_name.is_empty() {
