@@ -423,3 +423,44 @@ fn snapshot_errors_like_qemu() {
     assert!(tail(&vo).starts_with("Could not create snapshot 'x': "));
     assert_eq!(std::fs::read(&one).expect("read"), before);
 }
+
+/// An image `check` finds corrupt (a used cluster's refcount 0) is refused by every
+/// snapshot action and by `bitmap`, before anything is written.
+#[test]
+fn corrupt_image_refused_unchanged() {
+    if !qemu_available("corrupt_image_refused_unchanged") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = d.join("c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io("qcow2", &img, &["write -P 1 0 64k"]);
+    // The data cluster just written is the last one; its refcount (16 bits) goes to 0.
+    let len = std::fs::metadata(&img).expect("stat").len();
+    let last = len / 65536 - 1;
+    let reftable = rd64be(&img, 48);
+    let block = rd64be(&img, reftable);
+    patch(&img, block + 2 * last, &[0, 0]);
+    let out = run_cmd("qemu-img", &["check", s(&img)]);
+    assert_eq!(out.status.code(), Some(2), "the image is corrupt");
+    let before = std::fs::read(&img).expect("read");
+    for args in [
+        &["snapshot", "-c", "x", "{}"][..],
+        &["snapshot", "-a", "s1", "{}"],
+        &["snapshot", "-d", "s1", "{}"],
+        &["bitmap", "--add", "{}", "b"],
+    ] {
+        let a = with_img(args, &img);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = vimg_raw(&refs);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("corruptions"),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read(&img).expect("read"), before, "{args:?}");
+    }
+}
