@@ -127,6 +127,14 @@ fn small512(dir: &Path) -> PathBuf {
     img
 }
 
+/// The image grew after its snapshot: applying it gives the old size back.
+fn grown_after_snapshot(dir: &Path) -> PathBuf {
+    let img = base(dir);
+    qemu_img(&["resize", "-q", s(&img), "40M"]);
+    qemu_io("qcow2", &img, &["write -P 8 30M 64k"]);
+    img
+}
+
 fn small512_snapped(dir: &Path) -> PathBuf {
     let img = small512(dir);
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
@@ -255,6 +263,12 @@ fn kill_snapshot_apply() {
         name: "snapshot -a s1",
         setup: base,
         args: &["snapshot", "-a", "s1", "{}"],
+        allow_copied: false,
+    });
+    run_case(&Case {
+        name: "snapshot -a s2 after a resize (the size goes back)",
+        setup: grown_after_snapshot,
+        args: &["snapshot", "-a", "s2", "{}"],
         allow_copied: false,
     });
     run_case(&Case {

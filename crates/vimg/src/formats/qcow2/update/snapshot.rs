@@ -481,8 +481,8 @@ impl Qcow2Update {
     }
 
     /// `snapshot -a ID_OR_NAME`: makes the snapshot's state the active one (the ID is
-    /// looked up first, then the name, as qemu-img does). A snapshot of another virtual
-    /// size is refused (qemu-img resizes the image then; vimg does not). Errors with
+    /// looked up first, then the name, as qemu-img does). The image takes the snapshot's
+    /// virtual size, as with qemu-img. Errors with
     /// [`SNAPSHOT_NOT_FOUND`] when there is none.
     pub fn snapshot_apply(&mut self, id_or_name: &str) -> Result<()> {
         self.refuse_snapshots()?;
@@ -495,12 +495,28 @@ impl Qcow2Update {
         else {
             return Err(Error::invalid_argument(SNAPSHOT_NOT_FOUND));
         };
-        if sn.disk_size.is_some_and(|s| s != self.header.size) {
-            return Err(Error::unsupported(format!(
-                "the snapshot's virtual size ({} bytes) differs from the image's ({} bytes); vimg does not resize while applying a snapshot",
-                sn.disk_size.unwrap_or(0),
-                self.header.size
-            )));
+        // qemu-img gives the image the snapshot's size back (the image grew after the
+        // snapshot was taken; shrinking an image with snapshots is refused, so it cannot
+        // be the other way round). vimg does that in the header write that switches the
+        // L1 table; what qemu-img cannot resize (v2 with snapshots, persistent bitmaps) is
+        // refused, and a larger snapshot too.
+        let size = sn.disk_size.unwrap_or(self.header.size);
+        if size != self.header.size {
+            let why = if size > self.header.size {
+                Some("the snapshot is larger than the image")
+            } else if self.header.version < 3 {
+                Some("Can't resize a v2 image which has snapshots")
+            } else if self.has_bitmaps {
+                Some("Cannot resize qcow2 with persistent bitmaps")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Error::unsupported(format!(
+                    "the snapshot's virtual size ({size} bytes) differs from the image's ({} bytes): {why}",
+                    self.header.size
+                )));
+            }
         }
         let cs = self.cs();
         let cb = self.cb();
@@ -542,12 +558,16 @@ impl Qcow2Update {
             self.sync()?;
             at << cb
         };
-        // l1_size (36..40) and l1_table_offset (40..48): one write.
-        let mut h = [0u8; 12];
-        h[..4].copy_from_slice(&(n_entries as u32).to_be_bytes());
-        h[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.pwrite(&h, 36)?;
+        // size (24..32), crypt_method (32..36), l1_size (36..40) and l1_table_offset
+        // (40..48): one write.
+        let mut h = [0u8; 24];
+        h[..8].copy_from_slice(&size.to_be_bytes());
+        h[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
+        h[12..16].copy_from_slice(&(n_entries as u32).to_be_bytes());
+        h[16..].copy_from_slice(&new_off.to_be_bytes());
+        self.pwrite(&h, 24)?;
         self.sync()?;
+        self.header.size = size;
         self.header.l1_size = n_entries as u32;
         self.header.l1_table_offset = new_off;
         self.l1 = new_l1;
