@@ -41,9 +41,15 @@ fn state(img: &Path, dir: &Path) -> State {
     }
 }
 
+/// `{}`: the image; `{src}`: `src.qcow2` beside it.
 fn with_img(args: &[&str], img: &Path) -> Vec<String> {
+    let src = img.with_file_name("src.qcow2");
     args.iter()
-        .map(|a| if *a == "{}" { s(img) } else { a }.to_string())
+        .map(|a| match *a {
+            "{}" => s(img).to_string(),
+            "{src}" => s(&src).to_string(),
+            a => a.to_string(),
+        })
         .collect()
 }
 
@@ -88,6 +94,19 @@ fn big_clusters(dir: &Path) -> PathBuf {
 
 fn small_clusters(dir: &Path) -> PathBuf {
     with_bitmaps(dir, "512")
+}
+
+/// [`big_clusters`], and `src.qcow2` beside it with a 512-byte-granularity bitmap `s`.
+fn with_source(dir: &Path) -> PathBuf {
+    let src = dir.join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "4M"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", s(&src), "s"]);
+    qemu_io(
+        "qcow2",
+        &src,
+        &["write 0 4k", "write 2M 1k", "write 3M 70k"],
+    );
+    big_clusters(dir)
 }
 
 fn no_bitmaps(dir: &Path) -> PathBuf {
@@ -209,6 +228,14 @@ fn kill_bitmap_clear_merge_enable() {
         ],
     );
     run_case(
+        "bitmap --merge s -b src.qcow2 -F qcow2",
+        with_source,
+        &[
+            "bitmap", "--merge", "s", "-b", "{src}", "-F", "qcow2", "{}", "bm2",
+        ],
+        &[],
+    );
+    run_case(
         "bitmap --disable",
         big_clusters,
         &["bitmap", "--disable", "{}", "bm3"],
@@ -283,6 +310,10 @@ fn bitmap_errors_like_qemu() {
     let img = d.join("e.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]);
     qemu_img(&["bitmap", "--add", s(&img), "x"]);
+    // src.qcow2 (-b): a bitmap `big` over another virtual size.
+    let src = d.join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "2M"]);
+    qemu_img(&["bitmap", "--add", s(&src), "big"]);
     let v2 = d.join("v2.qcow2");
     qemu_img(&[
         "create",
@@ -314,6 +345,20 @@ fn bitmap_errors_like_qemu() {
         (&["bitmap", "-g", "64k", "--remove", "{}", "x"], &img),
         (&["bitmap", "-b", "o", "--add", "{}", "x"], &img),
         (&["bitmap", "-F", "qcow2", "--add", "{}", "x"], &img),
+        (
+            &["bitmap", "--merge", "nope", "-b", "{src}", "{}", "x"],
+            &img,
+        ),
+        (
+            &[
+                "bitmap", "--merge", "s", "-b", "{src}", "-F", "raw", "{}", "x",
+            ],
+            &img,
+        ),
+        (
+            &["bitmap", "--merge", "big", "-b", "{src}", "{}", "x"],
+            &img,
+        ),
     ] {
         let before = std::fs::read(file).expect("read");
         let a = with_img(args, file);

@@ -1,6 +1,6 @@
 //! `vimg bitmap`: qemu-img bitmap's command line for qcow2 persistent dirty bitmaps
 //! (`--add [-g GRANULARITY]`, `--remove`, `--clear`, `--enable`, `--disable`,
-//! `--merge SOURCE`), applied in command-line order, each a crash-safe change
+//! `--merge SOURCE [-b FILE]`), applied in command-line order, each a crash-safe change
 //! (`vimg::formats::qcow2::Qcow2Update::bitmap`), with qemu-img's messages.
 
 use std::path::Path;
@@ -30,10 +30,10 @@ pub struct BitmapArgs {
     /// Stop the bitmap recording writes.
     #[arg(long = "disable")]
     pub disable: bool,
-    /// Set every bit that is set in bitmap SOURCE (of the same image).
+    /// Set every bit that is set in bitmap SOURCE (of this image, or of -b's).
     #[arg(long = "merge", value_name = "SOURCE")]
     pub merge: Vec<String>,
-    /// The image holding --merge's source (vimg: the image itself only).
+    /// The qcow2 image holding --merge's source (opened read-only).
     #[arg(short = 'b', value_name = "SOURCE_FILE")]
     pub source_file: Option<String>,
     /// Format of -b's image.
@@ -167,16 +167,21 @@ pub fn run(a: BitmapArgs) -> CmdResult {
             ),
         ));
     }
+    // -b: the sources are bitmaps of another image (read-only), unless it is this one.
+    let mut ops = ops;
     if let Some(src) = &a.source_file {
         let same = std::fs::canonicalize(src).ok() == std::fs::canonicalize(&a.filename).ok();
-        if !same {
-            return Err(Failure::new(
-                format!(
-                    "vimg merges bitmaps within one image only; -b '{src}' names another ('{}' is unchanged)",
-                    a.filename
-                ),
-                1,
-            ));
+        for (_, op) in ops.iter_mut() {
+            let BitmapOp::Merge(name) = op else { continue };
+            if a.source_fmt.as_deref().is_some_and(|f| f != "qcow2") {
+                return Err(fail("merge", format!("Dirty bitmap '{name}' not found")));
+            }
+            if !same {
+                *op = BitmapOp::MergeFrom {
+                    file: src.into(),
+                    source: name.clone(),
+                };
+            }
         }
     }
     let policy = crate::trust::policy(&a.safety);

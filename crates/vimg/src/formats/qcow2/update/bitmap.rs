@@ -35,6 +35,111 @@ pub enum BitmapOp {
     Disable,
     /// `--merge SOURCE` (a bitmap of the same image).
     Merge(String),
+    /// `--merge SOURCE -b FILE`: a bitmap of another qcow2 image (opened read-only; the
+    /// files it names are not opened).
+    MergeFrom {
+        /// The other image.
+        file: PathBuf,
+        /// Its bitmap.
+        source: String,
+    },
+}
+
+/// A bitmap's bits as bytes (bit `i` of byte `i / 8`, least significant first, as the
+/// spec lays them out), from its table; `read` reads the image holding it.
+fn bits_from(
+    read: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    table: &[u64],
+    cs: u64,
+    size: u64,
+    granularity_bits: u8,
+    name: &str,
+) -> Result<Vec<u8>> {
+    let nbits = size.div_ceil(1u64 << granularity_bits);
+    let bytes = nbits.div_ceil(8);
+    if bytes > MAX_MERGE_BYTES {
+        return Err(Error::unsupported(format!(
+            "bitmap '{name}' takes {bytes} bytes; vimg merges bitmaps up to {MAX_MERGE_BYTES}"
+        )));
+    }
+    let mut out = vec![0u8; bytes as usize];
+    for (i, &v) in table.iter().enumerate() {
+        let lo = i * cs as usize;
+        if lo >= out.len() {
+            break;
+        }
+        let hi = (lo + cs as usize).min(out.len());
+        let off = v & BTE_OFFSET_MASK;
+        if off != 0 {
+            read(&mut out[lo..hi], off)?;
+        } else if v & BTE_ALL_ONES != 0 {
+            out[lo..hi].fill(0xff);
+        }
+    }
+    Ok(out)
+}
+
+/// Sets in `target` (granularity `gt`) every bit covering a range set in `source`
+/// (granularity `gs`), over `size` bytes.
+fn merge_bits(target: &mut [u8], gt: u64, source: &[u8], gs: u64, size: u64) {
+    for k in 0..size.div_ceil(gs) {
+        if source
+            .get((k / 8) as usize)
+            .is_none_or(|b| b & (1 << (k % 8)) == 0)
+        {
+            continue;
+        }
+        let lo = k * gs;
+        let hi = ((k + 1) * gs).min(size) - 1;
+        for t in lo / gt..=hi / gt {
+            if let Some(b) = target.get_mut((t / 8) as usize) {
+                *b |= 1 << (t % 8);
+            }
+        }
+    }
+}
+
+/// The bits of bitmap `name` of the qcow2 image `file` (opened read-only), with its
+/// granularity, for `--merge -b`.
+fn bits_of_file(file: &Path, name: &str, size: u64) -> Result<(Vec<u8>, u64)> {
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::open(file).map_err(|e| io_err(file, "open", e))?);
+    let ctx = OpenContext::new(Some(file), ExternalPolicy::Deny);
+    let r = Qcow2Reader::open(storage.clone(), &ctx)?;
+    let Some(b) = r.bitmaps.iter().find(|b| b.name == name) else {
+        return Err(not_found(name));
+    };
+    if b.flags & BME_FLAG_IN_USE != 0 {
+        return Err(Error::invalid_argument(format!(
+            "Bitmap '{name}' is inconsistent and cannot be used"
+        )));
+    }
+    if r.header.size != size {
+        return Err(Error::invalid_argument(format!(
+            "Bitmaps are of different sizes (destination size is {size}, source size is {}) and can't be merged",
+            r.header.size
+        )));
+    }
+    let read = |buf: &mut [u8], off: u64| -> Result<()> {
+        let got = super::super::read::read_padded(&*storage, off, buf.len(), "bitmap data")?;
+        buf.copy_from_slice(&got);
+        Ok(())
+    };
+    let mut raw = vec![0u8; b.table_size as usize * 8];
+    read(&mut raw, b.table_offset)?;
+    let table: Vec<u64> = raw
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    let bits = bits_from(
+        &read,
+        &table,
+        r.g.cluster_size,
+        size,
+        b.granularity.trailing_zeros() as u8,
+        name,
+    )?;
+    Ok((bits, b.granularity))
 }
 
 #[derive(Clone, Debug)]
@@ -233,33 +338,18 @@ impl Qcow2Update {
         Ok(at << cb)
     }
 
-    /// A bitmap's bits as bytes (bit `i` of byte `i / 8`, least significant first, as the
-    /// spec lays them out).
+    /// A bitmap of this image as bytes.
     fn read_bitmap_bits(&self, d: &Dirent) -> Result<Vec<u8>> {
-        let cs = self.cs();
-        let nbits = self.header.size.div_ceil(1u64 << d.e.granularity_bits);
-        let bytes = nbits.div_ceil(8);
-        if bytes > MAX_MERGE_BYTES {
-            return Err(Error::unsupported(format!(
-                "bitmap '{}' takes {bytes} bytes; vimg merges bitmaps up to {MAX_MERGE_BYTES}",
-                d.name
-            )));
-        }
-        let mut out = vec![0u8; bytes as usize];
-        for (i, v) in self.read_bitmap_table(d)?.into_iter().enumerate() {
-            let lo = i * cs as usize;
-            if lo >= out.len() {
-                break;
-            }
-            let hi = (lo + cs as usize).min(out.len());
-            let off = v & BTE_OFFSET_MASK;
-            if off != 0 {
-                self.pread(&mut out[lo..hi], off)?;
-            } else if v & BTE_ALL_ONES != 0 {
-                out[lo..hi].fill(0xff);
-            }
-        }
-        Ok(out)
+        let table = self.read_bitmap_table(d)?;
+        let read = |buf: &mut [u8], off: u64| self.pread(buf, off);
+        bits_from(
+            &read,
+            &table,
+            self.cs(),
+            self.header.size,
+            d.e.granularity_bits,
+            &d.name,
+        )
     }
 
     /// `qemu-img bitmap`: applies `ops` in order to the bitmap `name`, each as one crash-safe
@@ -357,31 +447,30 @@ impl Qcow2Update {
                 dir[i].e.table_offset = self.write_bitmap_table(entries, None)?;
                 self.replace_bitmap_dir(ext, &dir, garbage)
             }
-            BitmapOp::Merge(src) => {
+            BitmapOp::Merge(_) | BitmapOp::MergeFrom { .. } => {
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
-                let j = find(&dir, src).ok_or_else(|| not_found(src))?;
-                usable(&dir[i])?;
-                usable(&dir[j])?;
-                let mut bits = self.read_bitmap_bits(&dir[i])?;
-                let from = self.read_bitmap_bits(&dir[j])?;
-                let (gt, gs) = (
-                    1u64 << dir[i].e.granularity_bits,
-                    1u64 << dir[j].e.granularity_bits,
-                );
                 let size = self.header.size;
-                let nsrc = size.div_ceil(gs);
-                for k in 0..nsrc {
-                    if from[(k / 8) as usize] & (1 << (k % 8)) == 0 {
-                        continue;
+                let (from, gs) = match op {
+                    BitmapOp::MergeFrom { file, source } => bits_of_file(file, source, size)?,
+                    BitmapOp::Merge(src) => {
+                        let j = find(&dir, src).ok_or_else(|| not_found(src))?;
+                        usable(&dir[j])?;
+                        (
+                            self.read_bitmap_bits(&dir[j])?,
+                            1u64 << dir[j].e.granularity_bits,
+                        )
                     }
-                    let lo = k * gs;
-                    let hi = ((k + 1) * gs).min(size) - 1;
-                    for t in lo / gt..=hi / gt {
-                        if let Some(b) = bits.get_mut((t / 8) as usize) {
-                            *b |= 1 << (t % 8);
-                        }
-                    }
-                }
+                    _ => return Err(Error::invalid_argument("not a merge")),
+                };
+                usable(&dir[i])?;
+                let mut bits = self.read_bitmap_bits(&dir[i])?;
+                merge_bits(
+                    &mut bits,
+                    1u64 << dir[i].e.granularity_bits,
+                    &from,
+                    gs,
+                    size,
+                );
                 let garbage = self.bitmap_clusters(&dir[i])?;
                 let entries = u64::from(dir[i].e.table_size);
                 dir[i].e.table_offset = self.write_bitmap_table(entries, Some(&bits))?;
