@@ -483,3 +483,24 @@ impl Qcow2Update {
 fn not_found(name: &str) -> Error {
     Error::invalid_argument(format!("Dirty bitmap '{name}' not found"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::merge_bits;
+
+    #[test]
+    fn merge_maps_granularities() {
+        // Source 512 B per bit, bits 0 and 130 (byte 66560): target 64 KiB per bit.
+        let mut src = vec![0u8; 32];
+        src[0] = 1;
+        src[130 / 8] |= 1 << (130 % 8);
+        let mut t = vec![0u8; 1];
+        merge_bits(&mut t, 65536, &src, 512, 256 * 512);
+        assert_eq!(t, [0b11]);
+        // Coarse source, fine target: one source bit sets every target bit it covers,
+        // and none past the size.
+        let mut t = vec![0u8; 2];
+        merge_bits(&mut t, 512, &[1], 4096, 5 * 512);
+        assert_eq!(t, [0b1_1111, 0]);
+    }
+}

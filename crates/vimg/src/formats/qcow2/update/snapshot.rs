@@ -587,3 +587,17 @@ fn leading_number(id: &str) -> u64 {
         .collect();
     digits.parse().unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::leading_number;
+
+    #[test]
+    fn ids_read_as_strtoul_reads_them() {
+        assert_eq!(leading_number("7"), 7);
+        assert_eq!(leading_number("12abc"), 12);
+        assert_eq!(leading_number("  3"), 3);
+        assert_eq!(leading_number("abc"), 0);
+        assert_eq!(leading_number(""), 0);
+    }
+}
