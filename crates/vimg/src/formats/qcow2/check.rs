@@ -618,3 +618,60 @@ pub(super) fn check_findings(r: &Qcow2Reader) -> Result<(CheckReport, Findings)>
     rep.compressed_clusters = nz(c.compressed);
     Ok((rep, c.found))
 }
+
+/// Exact reference counts per host cluster (no cap), for rebuilding refcount structures.
+pub(super) struct RefCounts(Refs);
+
+impl RefCounts {
+    /// The references to host cluster `i`.
+    pub(super) fn get(&self, i: u64) -> u64 {
+        self.0.get(i)
+    }
+
+    /// One past the highest cluster index counted (every later cluster has none).
+    pub(super) fn len(&self) -> u64 {
+        self.0.len()
+    }
+}
+
+/// The references `r`'s metadata makes (header, active and snapshot tables and data,
+/// snapshot table, bitmaps), counted as the check counts them but uncapped and without the
+/// refcount structures: what a new set of refcount blocks must store, before counting the
+/// new blocks themselves. Work and memory are bounded by the file's size. Errors when the
+/// metadata has any corruption (a reference outside the file, a bad entry).
+pub(super) fn reference_counts(r: &Qcow2Reader) -> Result<RefCounts> {
+    let h = r.header();
+    let g = Geometry::new(h.cluster_bits, h.extended_l2(), h.refcount_order);
+    let cs = g.cluster_size;
+    let mut counts = Vec::new();
+    grow(&mut counts, r.file_len.div_ceil(cs) as usize)?;
+    let mut c = Checker {
+        r,
+        g,
+        file_len: r.file_len,
+        refs: Refs {
+            counts,
+            big: HashMap::new(),
+            max: u64::MAX,
+        },
+        rep: CheckReport::default(),
+        allocated: 0,
+        fragmented: 0,
+        compressed: 0,
+        block: None,
+        found: Findings::default(),
+    };
+    c.inc(0, cs)?;
+    c.check_l1(h.l1_table_offset, h.l1_size, true)?;
+    c.check_snapshot_l1s()?;
+    c.inc(h.snapshots_offset, r.snapshots_len)?;
+    c.check_bitmaps()?;
+    if c.rep.corruptions > 0 || c.rep.check_errors > 0 {
+        let first = c.rep.messages.first().cloned().unwrap_or_default();
+        return Err(Error::corrupt(format!(
+            "counting references: {} corruptions ({first})",
+            c.rep.corruptions + c.rep.check_errors
+        )));
+    }
+    Ok(RefCounts(c.refs))
+}

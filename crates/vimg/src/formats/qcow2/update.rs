@@ -40,6 +40,7 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 mod bitmap;
+mod shadow;
 mod snapshot;
 pub use bitmap::BitmapOp;
 pub use snapshot::SNAPSHOT_NOT_FOUND;

@@ -1,27 +1,18 @@
 //! Internal snapshots changed in place: `snapshot -c`, `-d` and `-a` (spec: "Snapshots",
 //! "Cluster mapping" on `QCOW_OFLAG_COPIED`, "Host cluster management").
 //!
-//! The order of writes (each step flushed before the next):
+//! Create and delete are one shadow switch (`shadow.rs`): copies of the active L2 tables
+//! (shared by the new snapshot, for create), the new active L1 table, the snapshot's L1
+//! table, the snapshot table and a complete new refcount structure go into fresh clusters,
+//! with the copied flags as the new counts want them; one header write switches them all.
+//! A crash leaves the old image or the new one, never a mix (no copied-flag window).
 //!
-//! - create: the snapshot's L1 copy into fresh clusters; the copied flags cleared in the
-//!   active tables; every cluster the active tables reference gains one reference; a new
-//!   snapshot table in fresh clusters; then `nb_snapshots` and `snapshots_offset` in one
-//!   header write; the old table is freed last.
-//! - delete: the new snapshot table without the entry and the header first (from then on
-//!   the snapshot's clusters are at worst leaked); then their references are dropped and
-//!   the copied flags set where a cluster of the active tables is no longer shared.
-//! - apply: the snapshot's clusters gain one reference (copied flags cleared in its L2
-//!   tables first), its L1 table is copied into fresh clusters, the header switches
-//!   `l1_size` and `l1_table_offset` in one write, and only then the old active tables
-//!   lose their references. A crash leaves the old or the new active table, never a mix.
-//!
-//! The limit (QEMU's too): while create raises, or delete lowers, the refcounts of clusters
-//! the active tables use, a cluster's refcount and its copied flag are in different places
-//! and cannot change in one write. vimg orders them so that the flag is only ever missing
-//! where the refcount is 1 (a writer then copies the cluster instead of overwriting it;
-//! never the other way round, which would let a write reach a snapshot); `qemu-img check`
-//! reports such an interrupted image as `ERROR OFLAG_COPIED ... refcount=1` and
-//! `check -r all` repairs it. Apply has no such window.
+//! Apply: the snapshot's clusters gain one reference (copied flags cleared in its L2
+//! tables first), its L1 table is copied into fresh clusters, the header switches
+//! `l1_size` and `l1_table_offset` in one write, and only then the old active tables
+//! lose their references. A crash leaves the old or the new active table, never a mix;
+//! the copied flags are only cleared where refcounts are at least 2 before the switch,
+//! and set after the references dropped (at worst leaks in between).
 
 use super::*;
 
@@ -100,13 +91,13 @@ impl Qcow2Update {
             .collect())
     }
 
-    fn read_cluster(&self, off: u64) -> Result<Vec<u8>> {
+    pub(super) fn read_cluster(&self, off: u64) -> Result<Vec<u8>> {
         let mut raw = vec![0u8; self.cs() as usize];
         self.pread(&mut raw, off)?;
         Ok(raw)
     }
 
-    fn l2_width(&self) -> usize {
+    pub(super) fn l2_width(&self) -> usize {
         if self.g.extended_l2 {
             16
         } else {
@@ -317,56 +308,6 @@ impl Qcow2Update {
         Ok(())
     }
 
-    /// Writes `entries` as the new snapshot table (fresh clusters, flushed), points the
-    /// header at it (`nb_snapshots` and `snapshots_offset`: one write, flushed) and frees
-    /// the old table (flushed).
-    fn replace_snapshot_table(&mut self, entries: &[Entry]) -> Result<()> {
-        let cs = self.cs();
-        let cb = self.cb();
-        let total: u64 = entries.iter().map(|e| e.raw.len() as u64).sum();
-        if total > MAX_SNAPSHOTS_BYTES {
-            return Err(Qcow2Error::Unsupported(
-                "the snapshot table would be larger than 64 MiB".into(),
-            )
-            .into());
-        }
-        let old_clusters = if self.nb_snapshots > 0 {
-            let old = self.read_snapshot_table()?;
-            let len: u64 = old.iter().map(|e| e.raw.len() as u64).sum();
-            self.span_clusters(self.header.snapshots_offset, len)
-        } else {
-            0..0
-        };
-        let new_off = if total == 0 {
-            0
-        } else {
-            let n = total.div_ceil(cs);
-            let at = self.alloc(n)?;
-            let mut buf = Vec::with_capacity((n * cs) as usize);
-            for e in entries {
-                buf.extend_from_slice(&e.raw);
-            }
-            buf.resize((n * cs) as usize, 0);
-            self.pwrite(&buf, at << cb)?;
-            self.sync()?;
-            at << cb
-        };
-        // nb_snapshots (60..64) and snapshots_offset (64..72).
-        let mut h = [0u8; 12];
-        h[..4].copy_from_slice(&(entries.len() as u32).to_be_bytes());
-        h[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.pwrite(&h, 60)?;
-        self.sync()?;
-        self.header.nb_snapshots = entries.len() as u32;
-        self.header.snapshots_offset = new_off;
-        self.nb_snapshots = entries.len() as u32;
-        if !old_clusters.is_empty() {
-            self.free(old_clusters.start, old_clusters.end - old_clusters.start)?;
-            self.sync()?;
-        }
-        Ok(())
-    }
-
     /// `snapshot -c NAME`: a disk-only snapshot of the active state, as `qemu-img snapshot
     /// -c` takes it (the next free numeric ID, the given time, no VM state; the name is cut
     /// to 255 bytes as qemu-img cuts it). Names need not be unique (qemu-img allows that).
@@ -386,7 +327,7 @@ impl Qcow2Update {
         let mut name = name.as_bytes().to_vec();
         name.truncate(255);
         let extra_len = 24usize;
-        let sh = SnapshotHeader {
+        let sh_header = SnapshotHeader {
             l1_table_offset: 0,
             l1_size: self.l1.len() as u32,
             id_str_size: id.len() as u16,
@@ -402,62 +343,36 @@ impl Qcow2Update {
         self.tree_refs(&l1, &mut refs)?;
         // An overflow (refcount_bits=1, say) is refused before anything is written.
         self.check_refcounts(refs.clone(), true)?;
-        let cs = self.cs();
-        let cb = self.cb();
-        // The snapshot's own copy of the L1 table (copied flags clear: nothing it points
-        // at is the active image's alone any more).
-        let l1_off = if l1.is_empty() {
-            0
-        } else {
-            let n = (l1.len() as u64 * 8).div_ceil(cs);
-            let at = self.alloc(n)?;
-            let mut raw = Vec::with_capacity((n * cs) as usize);
-            for &e in &l1 {
-                raw.extend_from_slice(&(e & !OFLAG_COPIED).to_be_bytes());
+        let size = self.header.size;
+        self.shadow(|s, sh| {
+            // Copies of the active L2 tables, which the snapshot and the active image then
+            // share; the snapshot's own L1 table points at them too.
+            let (new_l1, l2s) = s.shadow_copy_l2s(sh, &l1)?;
+            let snl1: Vec<u8> = new_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+            let l1_off = s.shadow_write(sh, &snl1)?;
+            let mut raw = vec![0u8; SNAPSHOT_HEADER_LEN + extra_len + id.len() + name.len()];
+            SnapshotHeader {
+                l1_table_offset: l1_off,
+                ..sh_header
             }
-            raw.resize((n * cs) as usize, 0);
-            self.pwrite(&raw, at << cb)?;
-            self.sync()?;
-            at << cb
-        };
-        // Copied flags off in the active tables, then the new references.
-        let mut seen = std::collections::HashSet::new();
-        for &e in &l1 {
-            let l2 = e & L1E_OFFSET_MASK;
-            if l2 != 0 && seen.insert(l2) {
-                self.clear_copied_l2(l2)?;
-            }
-        }
-        if self.l1.iter().any(|e| e & OFLAG_COPIED != 0) {
-            for e in self.l1.iter_mut() {
-                *e &= !OFLAG_COPIED;
-            }
-            self.write_active_l1()?;
-        }
-        self.sync()?;
-        self.adjust_refcounts(refs, true)?;
-        self.sync()?;
-        let mut raw = vec![0u8; SNAPSHOT_HEADER_LEN + extra_len + id.len() + name.len()];
-        SnapshotHeader {
-            l1_table_offset: l1_off,
-            ..sh
-        }
-        .write_to(&mut raw);
-        let x = SNAPSHOT_HEADER_LEN;
-        // vm_state_size_large 0, disk_size, icount 0 (as qemu-img writes them).
-        raw[x + 8..x + 16].copy_from_slice(&self.header.size.to_be_bytes());
-        raw[x + extra_len..x + extra_len + id.len()].copy_from_slice(id.as_bytes());
-        raw[x + extra_len + id.len()..].copy_from_slice(&name);
-        raw.resize(raw.len().div_ceil(8) * 8, 0);
-        entries.push(Entry {
-            raw,
-            id,
-            name: String::from_utf8_lossy(&name).into_owned(),
-            l1_offset: l1_off,
-            l1_size: l1.len() as u32,
-            disk_size: Some(self.header.size),
-        });
-        self.replace_snapshot_table(&entries)
+            .write_to(&mut raw);
+            let x = SNAPSHOT_HEADER_LEN;
+            // vm_state_size_large 0, disk_size, icount 0 (as qemu-img writes them).
+            raw[x + 8..x + 16].copy_from_slice(&size.to_be_bytes());
+            raw[x + extra_len..x + extra_len + id.len()].copy_from_slice(id.as_bytes());
+            raw[x + extra_len + id.len()..].copy_from_slice(&name);
+            raw.resize(raw.len().div_ceil(8) * 8, 0);
+            entries.push(Entry {
+                raw,
+                id: id.clone(),
+                name: String::from_utf8_lossy(&name).into_owned(),
+                l1_offset: l1_off,
+                l1_size: l1.len() as u32,
+                disk_size: Some(size),
+            });
+            let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
+            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32)
+        })
     }
 
     /// `snapshot -d NAME`: deletes the first snapshot with that name (qemu-img looks
@@ -468,16 +383,15 @@ impl Qcow2Update {
         let Some(i) = entries.iter().position(|e| e.name == name) else {
             return Err(Error::invalid_argument(SNAPSHOT_NOT_FOUND));
         };
-        let sn = entries.remove(i);
-        let l1 = self.read_l1_at(sn.l1_offset, sn.l1_size)?;
-        let mut refs = Vec::new();
-        self.tree_refs(&l1, &mut refs)?;
-        refs.extend(self.span_clusters(sn.l1_offset, u64::from(sn.l1_size) * 8));
-        self.replace_snapshot_table(&entries)?;
-        self.adjust_refcounts(refs, false)?;
-        self.sync()?;
-        self.restore_copied()?;
-        self.sync()
+        entries.remove(i);
+        let active = self.l1.clone();
+        self.shadow(|s, sh| {
+            // Fresh copies of the active L2 tables, whose copied flags then follow the
+            // counts without the snapshot.
+            let (new_l1, l2s) = s.shadow_copy_l2s(sh, &active)?;
+            let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
+            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32)
+        })
     }
 
     /// `snapshot -a ID_OR_NAME`: makes the snapshot's state the active one (the ID is
