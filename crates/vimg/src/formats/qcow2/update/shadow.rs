@@ -124,7 +124,8 @@ impl Qcow2Update {
         Ok((new_l1, moved.into_values().collect()))
     }
 
-    /// Writes `l1` as the active L1 table and `table` (`nb` entries) as the snapshot table, a new
+    /// Writes `l1` as the active L1 table, `table` (`nb` entries) as the snapshot table and
+    /// `size` as the virtual size, a new
     /// refcount structure for the result, sets the copied flags of `l1` and of its L2
     /// tables `l2s` (which must be fresh copies) from the counts, and switches the header
     /// in one write (see the module documentation).
@@ -135,6 +136,7 @@ impl Qcow2Update {
         l2s: &[u64],
         table: &[u8],
         nb: u32,
+        size: u64,
     ) -> Result<()> {
         let cs = self.cs();
         let cb = self.cb();
@@ -153,6 +155,7 @@ impl Qcow2Update {
         h.l1_table_offset = l1_off;
         h.l1_size = l1.len() as u32;
         h.nb_snapshots = nb;
+        h.size = size;
         h.snapshots_offset = snap_off;
         // The image as the new header will make it, still with the old refcounts (the
         // count leaves them out), read and counted.

@@ -105,209 +105,6 @@ impl Qcow2Update {
         }
     }
 
-    /// Every reference an L1 table makes, as host cluster indices (a cluster once per
-    /// reference): its L2 tables and the clusters their entries use, compressed ones too.
-    fn tree_refs(&self, l1: &[u64], out: &mut Vec<u64>) -> Result<()> {
-        let cb = self.cb();
-        for &e in l1 {
-            let l2 = e & L1E_OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            out.push(l2 >> cb);
-            let raw = self.read_cluster(l2)?;
-            for w in raw.chunks_exact(self.l2_width()) {
-                let v = u64::from_be_bytes(w[..8].try_into().unwrap_or([0; 8]));
-                if let Some((c, n)) = self.entry_clusters(v) {
-                    out.extend(c..c + n);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The clusters `[off, off + bytes)` occupies, as indices.
-    fn span_clusters(&self, off: u64, bytes: u64) -> std::ops::Range<u64> {
-        if bytes == 0 {
-            return 0..0;
-        }
-        let cb = self.cb();
-        (off >> cb)..((off + bytes - 1) >> cb) + 1
-    }
-
-    /// Adds (or, with `add` false, removes) one reference per occurrence of a cluster in
-    /// `clusters`: one refcount block write per block touched, each entry old or new on
-    /// its own. Every new value is checked first, so an overflow writes nothing. Not
-    /// flushed.
-    fn adjust_refcounts(&mut self, clusters: Vec<u64>, add: bool) -> Result<()> {
-        self.adjust_refcounts_inner(clusters, add, false)
-    }
-
-    /// Checks what [`Self::adjust_refcounts`] would do, writing nothing.
-    fn check_refcounts(&mut self, clusters: Vec<u64>, add: bool) -> Result<()> {
-        self.adjust_refcounts_inner(clusters, add, true)
-    }
-
-    fn adjust_refcounts_inner(
-        &mut self,
-        mut clusters: Vec<u64>,
-        add: bool,
-        dry: bool,
-    ) -> Result<()> {
-        clusters.sort_unstable();
-        let mut counted: Vec<(u64, u64)> = Vec::new();
-        for c in clusters {
-            match counted.last_mut() {
-                Some((last, k)) if *last == c => *k += 1,
-                _ => counted.push((c, 1)),
-            }
-        }
-        let max = self.g.refcount_max();
-        let apply = |old: u64, k: u64, c: u64| -> Result<u64> {
-            let new = if add {
-                old.checked_add(k).filter(|v| *v <= max)
-            } else {
-                old.checked_sub(k)
-            };
-            new.ok_or_else(|| {
-                if add {
-                    Qcow2Error::Unsupported(format!(
-                        "refcount of host cluster {c} would exceed {max} (refcount_bits too small for another snapshot)"
-                    ))
-                    .into()
-                } else {
-                    Error::corrupt(format!("refcount of host cluster {c} would drop below zero"))
-                }
-            })
-        };
-        for &(c, k) in &counted {
-            let old = self.refcount(c)?;
-            apply(old, k, c)?;
-        }
-        if dry {
-            return Ok(());
-        }
-        let bits = self.g.refblock_bits;
-        let order = self.g.refcount_order;
-        let mask = (1u64 << bits) - 1;
-        let mut i = 0;
-        while i < counted.len() {
-            let rti = counted[i].0 >> bits;
-            let mut j = i;
-            while j < counted.len() && counted[j].0 >> bits == rti {
-                j += 1;
-            }
-            let Some(off) = self.block_offset(rti) else {
-                return Err(Error::corrupt(format!(
-                    "no refcount block for host cluster {} (refcount table entry {rti})",
-                    counted[i].0
-                )));
-            };
-            let Some(b) = self.load_block(rti)? else {
-                return Err(Error::corrupt("refcount block vanished"));
-            };
-            let (mut lo, mut hi) = (usize::MAX, 0usize);
-            for &(c, k) in &counted[i..j] {
-                let idx = (c & mask) as usize;
-                let old = refcount_get(b, order, idx);
-                let new = apply(old, k, c)?;
-                refcount_set(b, order, idx, new);
-                lo = lo.min(idx);
-                hi = hi.max(idx);
-            }
-            let bit_lo = (lo as u64) << order;
-            let bit_hi = ((hi as u64 + 1) << order) - 1;
-            let (blo, bhi) = ((bit_lo / 8) as usize, (bit_hi / 8) as usize);
-            let bytes = b[blo..=bhi].to_vec();
-            self.pwrite(&bytes, off + blo as u64)?;
-            i = j;
-        }
-        if !add {
-            self.free_hint = 0;
-        }
-        Ok(())
-    }
-
-    /// Clears the copied flag of every standard entry of the L2 table at `l2` (one write
-    /// of the table when anything changes).
-    fn clear_copied_l2(&mut self, l2: u64) -> Result<()> {
-        let mut raw = self.read_cluster(l2)?;
-        let w = self.l2_width();
-        let mut changed = false;
-        for e in raw.chunks_exact_mut(w) {
-            let v = u64::from_be_bytes(e[..8].try_into().unwrap_or([0; 8]));
-            if v & OFLAG_COMPRESSED == 0 && v & OFLAG_COPIED != 0 {
-                e[..8].copy_from_slice(&(v & !OFLAG_COPIED).to_be_bytes());
-                changed = true;
-            }
-        }
-        if changed {
-            self.pwrite(&raw, l2)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the active L1 table (as in `self.l1`) in place, one write.
-    fn write_active_l1(&mut self) -> Result<()> {
-        let mut raw = Vec::with_capacity(self.l1.len() * 8);
-        for &e in &self.l1 {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        if !raw.is_empty() {
-            self.pwrite(&raw, self.header.l1_table_offset)?;
-        }
-        Ok(())
-    }
-
-    /// Sets the copied flags of the active tables from the refcounts (set where a cluster
-    /// has refcount 1, clear elsewhere): L2 tables first, then the L1 table. Not flushed.
-    fn restore_copied(&mut self) -> Result<()> {
-        let cb = self.cb();
-        let w = self.l2_width();
-        let mut l1 = self.l1.clone();
-        for e in l1.iter_mut() {
-            let l2 = *e & L1E_OFFSET_MASK;
-            if l2 == 0 {
-                continue;
-            }
-            let rc = self.refcount(l2 >> cb)?;
-            if rc == 1 {
-                let mut raw = self.read_cluster(l2)?;
-                let mut changed = false;
-                for ent in raw.chunks_exact_mut(w) {
-                    let v = u64::from_be_bytes(ent[..8].try_into().unwrap_or([0; 8]));
-                    let host = v & L2E_OFFSET_MASK;
-                    if v & OFLAG_COMPRESSED != 0 || host == 0 {
-                        continue;
-                    }
-                    let want = self.refcount(host >> cb)? == 1;
-                    let nv = if want {
-                        v | OFLAG_COPIED
-                    } else {
-                        v & !OFLAG_COPIED
-                    };
-                    if nv != v {
-                        ent[..8].copy_from_slice(&nv.to_be_bytes());
-                        changed = true;
-                    }
-                }
-                if changed {
-                    self.pwrite(&raw, l2)?;
-                }
-            }
-            *e = if rc == 1 {
-                *e | OFLAG_COPIED
-            } else {
-                *e & !OFLAG_COPIED
-            };
-        }
-        if l1 != self.l1 {
-            self.l1 = l1;
-            self.write_active_l1()?;
-        }
-        Ok(())
-    }
-
     /// `snapshot -c NAME`: a disk-only snapshot of the active state, as `qemu-img snapshot
     /// -c` takes it (the next free numeric ID, the given time, no VM state; the name is cut
     /// to 255 bytes as qemu-img cuts it). Names need not be unique (qemu-img allows that).
@@ -338,11 +135,9 @@ impl Qcow2Update {
             vm_state_size: 0,
             extra_data_size: extra_len as u32,
         };
-        let mut refs = Vec::new();
         let l1 = self.l1.clone();
-        self.tree_refs(&l1, &mut refs)?;
-        // An overflow (refcount_bits=1, say) is refused before anything is written.
-        self.check_refcounts(refs.clone(), true)?;
+        // An overflow (refcount_bits=1, say) is refused by the shadow switch, from the
+        // exact final counts, before the header changes; the tail written is cut off.
         let size = self.header.size;
         self.shadow(|s, sh| {
             // Copies of the active L2 tables, which the snapshot and the active image then
@@ -371,7 +166,7 @@ impl Qcow2Update {
                 disk_size: Some(size),
             });
             let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
-            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32)
+            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
         })
     }
 
@@ -385,12 +180,13 @@ impl Qcow2Update {
         };
         entries.remove(i);
         let active = self.l1.clone();
+        let size = self.header.size;
         self.shadow(|s, sh| {
             // Fresh copies of the active L2 tables, whose copied flags then follow the
             // counts without the snapshot.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &active)?;
             let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
-            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32)
+            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
         })
     }
 
@@ -432,63 +228,17 @@ impl Qcow2Update {
                 )));
             }
         }
-        let cs = self.cs();
-        let cb = self.cb();
         let snl1 = self.read_l1_at(sn.l1_offset, sn.l1_size)?;
-        let mut new_refs = Vec::new();
-        self.tree_refs(&snl1, &mut new_refs)?;
-        self.check_refcounts(new_refs.clone(), true)?;
-        let mut old_refs = Vec::new();
-        let old_l1 = self.l1.clone();
-        self.tree_refs(&old_l1, &mut old_refs)?;
-        let old_off = self.header.l1_table_offset;
-        old_refs.extend(self.span_clusters(old_off, old_l1.len() as u64 * 8));
-        // The snapshot's tables become shared: no copied flags in them, then the references.
-        let mut seen = std::collections::HashSet::new();
-        for &e in &snl1 {
-            let l2 = e & L1E_OFFSET_MASK;
-            if l2 != 0 && seen.insert(l2) {
-                self.clear_copied_l2(l2)?;
-            }
-        }
-        self.sync()?;
-        self.adjust_refcounts(new_refs, true)?;
-        self.sync()?;
-        // The new active L1 table, in fresh clusters (at least as long as the old one).
-        let n_entries = snl1.len().max(old_l1.len());
-        let mut new_l1: Vec<u64> = snl1.iter().map(|e| e & !OFLAG_COPIED).collect();
-        new_l1.resize(n_entries, 0);
-        let new_off = if n_entries == 0 {
-            0
-        } else {
-            let n = (n_entries as u64 * 8).div_ceil(cs);
-            let at = self.alloc(n)?;
-            let mut raw = Vec::with_capacity((n * cs) as usize);
-            for &e in &new_l1 {
-                raw.extend_from_slice(&e.to_be_bytes());
-            }
-            raw.resize((n * cs) as usize, 0);
-            self.pwrite(&raw, at << cb)?;
-            self.sync()?;
-            at << cb
-        };
-        // size (24..32), crypt_method (32..36), l1_size (36..40) and l1_table_offset
-        // (40..48): one write.
-        let mut h = [0u8; 24];
-        h[..8].copy_from_slice(&size.to_be_bytes());
-        h[8..12].copy_from_slice(&self.header.crypt_method.to_be_bytes());
-        h[12..16].copy_from_slice(&(n_entries as u32).to_be_bytes());
-        h[16..].copy_from_slice(&new_off.to_be_bytes());
-        self.pwrite(&h, 24)?;
-        self.sync()?;
-        self.header.size = size;
-        self.header.l1_size = n_entries as u32;
-        self.header.l1_table_offset = new_off;
-        self.l1 = new_l1;
-        self.adjust_refcounts(old_refs, false)?;
-        self.sync()?;
-        self.restore_copied()?;
-        self.sync()
+        // The new active L1 table is at least as long as the old one.
+        let n_entries = snl1.len().max(self.l1.len());
+        let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
+        self.shadow(|s, sh| {
+            // Fresh copies of the snapshot's L2 tables for the active image (the data is
+            // shared; the copied flags follow the counts), then the one switch.
+            let (mut new_l1, l2s) = s.shadow_copy_l2s(sh, &snl1)?;
+            new_l1.resize(n_entries, 0);
+            s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
+        })
     }
 }
 
