@@ -134,6 +134,27 @@ fn grown_after_snapshot(dir: &Path) -> PathBuf {
     img
 }
 
+/// Extended L2, 64-bit refcounts, a persistent bitmap and a snapshot: the new refcount
+/// structure must count the bitmap's tables and keep its header extension.
+fn extended_bitmap(dir: &Path) -> PathBuf {
+    let img = dir.join("pristine.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,refcount_bits=64,cluster_size=128k",
+        s(&img),
+        "8M",
+    ]);
+    qemu_img(&["bitmap", "--add", s(&img), "bm"]);
+    qemu_io("qcow2", &img, &["write -P 1 0 1M", "write -c -P 7 2M 256k"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io("qcow2", &img, &["write -P 2 64k 8k"]);
+    img
+}
+
 fn small512_snapped(dir: &Path) -> PathBuf {
     let img = small512(dir);
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
@@ -226,6 +247,12 @@ fn kill_snapshot_create() {
         leaks: false,
     });
     run_case(&Case {
+        name: "snapshot -c, extended L2, 64-bit refcounts, a bitmap",
+        setup: extended_bitmap,
+        args: &["snapshot", "-c", "s2", "{}"],
+        leaks: false,
+    });
+    run_case(&Case {
         name: "snapshot -c, 512-byte clusters, first snapshot",
         setup: small512,
         args: &["snapshot", "-c", "first", "{}"],
@@ -241,6 +268,12 @@ fn kill_snapshot_delete() {
     run_case(&Case {
         name: "snapshot -d (the older of two)",
         setup: base,
+        args: &["snapshot", "-d", "s1", "{}"],
+        leaks: false,
+    });
+    run_case(&Case {
+        name: "snapshot -d, extended L2, 64-bit refcounts, a bitmap",
+        setup: extended_bitmap,
         args: &["snapshot", "-d", "s1", "{}"],
         leaks: false,
     });
