@@ -1,18 +1,15 @@
 //! Internal snapshots changed in place: `snapshot -c`, `-d` and `-a` (spec: "Snapshots",
 //! "Cluster mapping" on `QCOW_OFLAG_COPIED`, "Host cluster management").
 //!
-//! Create and delete are one shadow switch (`shadow.rs`): copies of the active L2 tables
-//! (shared by the new snapshot, for create), the new active L1 table, the snapshot's L1
-//! table, the snapshot table and a complete new refcount structure go into fresh clusters,
-//! with the copied flags as the new counts want them; one header write switches them all.
-//! A crash leaves the old image or the new one, never a mix (no copied-flag window).
-//!
-//! Apply: the snapshot's clusters gain one reference (copied flags cleared in its L2
-//! tables first), its L1 table is copied into fresh clusters, the header switches
-//! `l1_size` and `l1_table_offset` in one write, and only then the old active tables
-//! lose their references. A crash leaves the old or the new active table, never a mix;
-//! the copied flags are only cleared where refcounts are at least 2 before the switch,
-//! and set after the references dropped (at worst leaks in between).
+//! Create, delete and apply are each one shadow switch (`shadow.rs`): copies of the L2
+//! tables the new active L1 table names (the active ones for create and delete, shared by
+//! the new snapshot for create; the snapshot's for apply), that L1 table, the new
+//! snapshot's L1 table, the snapshot table and a complete new refcount structure go into
+//! fresh clusters, with the copied flags as the new counts want them; one header write
+//! switches them all (and the virtual size, for apply). A crash leaves the old image or the
+//! new one, never a mix: no copied-flag window (QEMU has one), no leaks. A refcount that
+//! would overflow (`refcount_bits` too small) is refused from the exact final counts
+//! before the switch, and the unreferenced tail is cut off again.
 
 use super::*;
 
