@@ -58,6 +58,21 @@ fn be_words(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
+/// How many refcount blocks and refcount table clusters cover `end` clusters plus
+/// themselves (placed right after them), with `per_block` entries a block.
+fn refcount_layout(end: u64, per_block: u64, cs: u64) -> (u64, u64) {
+    let (mut nblocks, mut nt) = (0u64, 0u64);
+    loop {
+        let covered = end + nblocks + nt;
+        let nb2 = covered.div_ceil(per_block);
+        let nt2 = (nb2 * 8).div_ceil(cs).max(1);
+        if (nb2, nt2) == (nblocks, nt) {
+            return (nblocks, nt);
+        }
+        (nblocks, nt) = (nb2, nt2);
+    }
+}
+
 impl Qcow2Update {
     /// Runs `f` on a fresh shadow; on failure the file is cut back to its old length
     /// (nothing in the tail was referenced), so a refusal leaves the image as it was.
@@ -210,16 +225,7 @@ impl Qcow2Update {
         // every cluster including themselves.
         let per_block = self.g.refblock_entries();
         let end = sh.next.max(counts.len());
-        let (mut nblocks, mut nt) = (0u64, 0u64);
-        loop {
-            let covered = end + nblocks + nt;
-            let nb2 = covered.div_ceil(per_block);
-            let nt2 = (nb2 * 8).div_ceil(cs).max(1);
-            if (nb2, nt2) == (nblocks, nt) {
-                break;
-            }
-            (nblocks, nt) = (nb2, nt2);
-        }
+        let (nblocks, nt) = refcount_layout(end, per_block, cs);
         let blocks_at = end;
         let table_at = end + nblocks;
         let structures = blocks_at..table_at + nt;
@@ -261,5 +267,35 @@ impl Qcow2Update {
         self.block = None;
         self.free_hint = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refcount_layout;
+
+    #[test]
+    fn refcount_layout_covers_itself_minimally() {
+        for (end, per_block, cs) in [
+            (1u64, 2048u64, 512u64),
+            (2045, 2048, 512),
+            (2046, 2048, 512),
+            (2047, 2048, 512),
+            (64 * 2048, 2048, 512),
+            (10, 65536 * 8, 65536),
+            (1 << 20, 32768, 65536),
+        ] {
+            let (nb, nt) = refcount_layout(end, per_block, cs);
+            let covered = end + nb + nt;
+            assert!(nb * per_block >= covered, "{end}: blocks cover all");
+            assert!(nt * cs >= nb * 8, "{end}: table holds every block");
+            assert!((nb - 1) * per_block < covered, "{end}: no spare block");
+            assert!(
+                nt == 1 || (nt - 1) * cs < nb * 8,
+                "{end}: no spare table cluster"
+            );
+        }
+        // A block that would only cover itself needs a second one.
+        assert_eq!(refcount_layout(2047, 2048, 512), (2, 1));
     }
 }
