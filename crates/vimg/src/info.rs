@@ -6,6 +6,9 @@ use serde::Serialize;
 use crate::image::Image;
 use crate::mapping::{ExternalRef, FormatSpecific, SnapshotInfo};
 
+mod children;
+pub use children::{children, ChildInfo, NodeInfo, ProtocolSpecific};
+
 /// One snapshot in qemu-img's JSON shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,6 +87,10 @@ pub struct ImageInfo {
     /// converting.
     #[serde(rename = "vimg-external-references")]
     pub external_references: Vec<ExternalRef>,
+    /// The block nodes under the image's, as qemu-img 10 lists them ([`children`]). Last,
+    /// as qemu inserts it: it shares a QDict bucket with `backing-filename-format`, and
+    /// the later key of a bucket is printed first.
+    pub children: Vec<ChildInfo>,
 }
 
 /// What `qemu-img info` says about `image`'s top layer (its backing chain is
@@ -130,6 +137,7 @@ impl ImageInfo {
             encrypted: r.encrypted().then_some(true),
             dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
             external_references: r.external_refs(),
+            children: children(image),
         }
     }
 }

@@ -1,12 +1,7 @@
 //! `vimg info`: qemu-img info's output, human and JSON.
 
-use std::path::Path;
-use std::sync::Arc;
-
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use vimg::glance::ImageServiceInfo;
-use vimg::image::full_backing_name;
-use vimg::storage::Storage;
 use vimg::{Checksum, Image, ImageInfo, Source};
 
 use super::{apply_source_args, open_options, parse_checksum, parse_format_opt};
@@ -81,69 +76,10 @@ pub fn run(a: InfoArgs) -> CmdResult {
     Ok(0)
 }
 
-/// The `file` child node qemu-img reports under `children`.
-/// The child nodes qemu-img reports under `children`: the format's own (VMDK extents), then
-/// the image's `file`, each as (node name, shown file name, storage).
-fn child_files(image: &Image) -> Vec<(String, String, Arc<dyn Storage>)> {
-    let r = image.reader();
-    let mut v: Vec<(String, String, Arc<dyn Storage>)> = r
-        .child_nodes()
-        .into_iter()
-        .filter_map(|c| {
-            let f = r.file(c.file)?.clone();
-            let shown = full_backing_name(Some(Path::new(image.filename())), &c.stored_name);
-            Some((c.name, shown, f))
-        })
-        .collect();
-    v.push((
-        "file".to_string(),
-        image.filename().to_string(),
-        image.storage().clone(),
-    ));
-    v
-}
-
-/// qemu's protocol driver for a file: `host_device` for block and character devices
-/// (what `qemu-img info /dev/loop0` reports), else `file`.
-fn protocol_of(shown: &str) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::metadata(shown) {
-        Ok(m) if m.file_type().is_block_device() || m.file_type().is_char_device() => "host_device",
-        _ => "file",
-    }
-}
-
-fn file_child((name, shown, s): &(String, String, Arc<dyn Storage>)) -> Value {
-    json!({
-        "name": name,
-        "info": {
-            "children": [],
-            "virtual-size": s.len().div_ceil(512) * 512,
-            "filename": shown,
-            "format": protocol_of(shown),
-            "actual-size": s.disk_usage().unwrap_or(0),
-            "format-specific": {"type": "file", "data": {}},
-            "dirty-flag": false,
-        }
-    })
-}
-
-/// One image's JSON, keys in qemu-img's order.
+/// One image's JSON, keys in qemu-img's order (`children` included: the library's
+/// [`ImageInfo`] carries it).
 pub fn info_json(image: &Image) -> Value {
-    let info = ImageInfo::of(image);
-    let mut m = Map::new();
-    if let Ok(Value::Object(rest)) = serde_json::to_value(&info) {
-        for (k, v) in rest {
-            m.insert(k, v);
-        }
-    }
-    // qemu inserts `children` after the image's own fields (it shares a hash bucket with
-    // `backing-filename-format` and is printed first).
-    m.insert(
-        "children".into(),
-        Value::Array(child_files(image).iter().map(file_child).collect()),
-    );
-    Value::Object(m)
+    serde_json::to_value(ImageInfo::of(image)).unwrap_or(Value::Null)
 }
 
 /// vimg's additions to the JSON: the container and OVA the image came from, its checksum,
@@ -279,19 +215,19 @@ fn info_human(image: &Image) -> String {
         s.push_str("Format specific information:\n");
         dump_value(&Value::Object(fs.data.clone()), 1, &mut s);
     }
-    for (name, shown, st) in child_files(image) {
-        s.push_str(&format!("Child node '/{name}':\n"));
-        s.push_str(&format!("    filename: {}\n", esc(&shown)));
-        s.push_str(&format!("    protocol type: {}\n", protocol_of(&shown)));
+    for c in &info.children {
+        s.push_str(&format!("Child node '/{}':\n", c.name));
+        s.push_str(&format!("    filename: {}\n", esc(&c.info.filename)));
+        s.push_str(&format!("    protocol type: {}\n", c.info.format));
         // qemu's file driver counts whole sectors.
-        let file_len = st.len().div_ceil(512) * 512;
         s.push_str(&format!(
-            "    file length: {} ({file_len} bytes)\n",
-            size_to_str(file_len),
+            "    file length: {} ({} bytes)\n",
+            size_to_str(c.info.virtual_size),
+            c.info.virtual_size
         ));
         s.push_str(&format!(
             "    disk size: {}\n",
-            size_to_str(st.disk_usage().unwrap_or(0))
+            size_to_str(c.info.actual_size)
         ));
     }
     s
