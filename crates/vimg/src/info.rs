@@ -50,6 +50,8 @@ impl From<&SnapshotInfo> for SnapshotJson {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
+    /// The block nodes under the image's, as qemu-img 10 lists them ([`children`]).
+    pub children: Vec<ChildInfo>,
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotJson>,
@@ -87,10 +89,6 @@ pub struct ImageInfo {
     /// converting.
     #[serde(rename = "vimg-external-references")]
     pub external_references: Vec<ExternalRef>,
-    /// The block nodes under the image's, as qemu-img 10 lists them ([`children`]). Last,
-    /// as qemu inserts it: it shares a QDict bucket with `backing-filename-format`, and
-    /// the later key of a bucket is printed first.
-    pub children: Vec<ChildInfo>,
 }
 
 /// What `qemu-img info` says about `image`'s top layer (its backing chain is

@@ -76,10 +76,17 @@ pub fn run(a: InfoArgs) -> CmdResult {
     Ok(0)
 }
 
-/// One image's JSON, keys in qemu-img's order (`children` included: the library's
-/// [`ImageInfo`] carries it).
+/// One image's JSON (`children` included: the library's [`ImageInfo`] carries it).
 pub fn info_json(image: &Image) -> Value {
-    serde_json::to_value(ImageInfo::of(image)).unwrap_or(Value::Null)
+    let mut v = serde_json::to_value(ImageInfo::of(image)).unwrap_or(Value::Null);
+    // qemu inserts `children` last; it shares a QDict bucket with `backing-filename-format`
+    // and the later key of a bucket is printed first (see `qemu_json`).
+    if let Value::Object(m) = &mut v {
+        if let Some(children) = m.shift_remove("children") {
+            m.insert("children".into(), children);
+        }
+    }
+    v
 }
 
 /// vimg's additions to the JSON: the container and OVA the image came from, its checksum,
@@ -167,6 +174,11 @@ fn add_vimg_human(s: &mut String, image: &Image, checksum: Option<&Checksum>) {
     ));
     for r in &svc.unsafe_reasons {
         s.push_str(&format!("    unsafe: {}\n", esc(r)));
+    }
+    if let (Some(input), Some(cmd)) = (svc.input_container_format, &svc.convert_command) {
+        s.push_str(&format!(
+            "    input: container_format={input}, not usable as uploaded; upload the image inside, written by: {cmd}\n"
+        ));
     }
     if let Some(c) = checksum {
         s.push_str(&format!("{}: {}\n", c.alg, c.hex));
