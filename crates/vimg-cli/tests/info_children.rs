@@ -135,3 +135,36 @@ fn vmdk_extents_are_listed_newest_first() {
         s(&dir.path().join("e-f003.vmdk"))
     );
 }
+
+#[test]
+fn compressed_input_file_length_is_the_compressed_files() {
+    let test = "compressed_input_file_length_is_the_compressed_files";
+    if !qemu_available(test) || !tool_available(test, "xz") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, pattern(3 << 20, 7)).unwrap();
+    let q = dir.path().join("d.qcow2");
+    qemu_img(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&q)]);
+    run_ok("xz", &["-k", "-1", s(&q)]);
+    let xz = dir.path().join("d.qcow2.xz");
+    let stored = std::fs::metadata(&xz).unwrap().len();
+    let decoded = std::fs::metadata(&q).unwrap().len();
+    let v = json(&vimg(&["info", "--output=json", s(&xz)]));
+    let file = &v["children"][0]["info"];
+    assert_eq!(v["children"][0]["name"], "file");
+    assert_eq!(file["filename"], s(&xz));
+    assert_eq!(file["virtual-size"], stored.div_ceil(512) * 512, "{v}");
+    assert_eq!(v["vimg-container"]["decoded-size"], decoded, "{v}");
+    let human = vimg(&["info", s(&xz)]);
+    let want = "    file length: ";
+    let line = human
+        .lines()
+        .find(|l| l.starts_with(want))
+        .unwrap_or_else(|| panic!("{human}"));
+    assert!(
+        line.ends_with(&format!("({} bytes)", stored.div_ceil(512) * 512)),
+        "{human}"
+    );
+}

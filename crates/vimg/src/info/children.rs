@@ -5,6 +5,7 @@
 //! `extents.N`) and its own `file`, newest first; each of those is a protocol node (`file`, or
 //! `host_device` for a block or character device) with no children of its own.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -70,11 +71,32 @@ pub fn children(image: &Image) -> Vec<ChildInfo> {
         })
         .collect();
     v.reverse();
-    v.push(protocol_child(
+    let mut file = protocol_child(
         "file".to_string(),
         image.filename().to_string(),
         image.storage(),
-    ));
+    );
+    // A compressed container or an OVA is read through a decoded (or member) view; the
+    // `file` node is the file as stored, as qemu-img would show it: the compressed file's
+    // length, not the decoded size (which `vimg-container` reports as `decoded-size`).
+    let origin = image.origin();
+    if origin.container.is_some() || origin.ova.is_some() {
+        let stored = image.path().and_then(|p| std::fs::metadata(p).ok());
+        let (len, usage) = match stored {
+            Some(m) => (m.len(), m.blocks() * 512),
+            None => (
+                origin
+                    .container
+                    .as_ref()
+                    .and_then(|c| c.compressed_size)
+                    .unwrap_or(0),
+                0,
+            ),
+        };
+        file.info.virtual_size = len.div_ceil(512) * 512;
+        file.info.actual_size = usage;
+    }
+    v.push(file);
     v
 }
 
@@ -130,5 +152,25 @@ mod tests {
             serde_json::json!({"type": "file", "data": {}})
         );
         assert_eq!(v["info"]["dirty-flag"], false);
+    }
+
+    #[test]
+    fn a_compressed_input_file_node_is_the_compressed_file() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&vec![0u8; 4 << 20]).unwrap();
+        let gz = enc.finish().unwrap();
+        std::fs::write(&path, &gz).unwrap();
+        let image = Image::open(&path, &OpenOptions::default()).unwrap();
+        assert_eq!(image.virtual_size(), 4 << 20);
+        let c = children(&image);
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            c[0].info.virtual_size,
+            (gz.len() as u64).div_ceil(512) * 512
+        );
+        assert_eq!(c[0].info.filename, path.display().to_string());
     }
 }
