@@ -201,6 +201,12 @@ pub struct ConvertArgs {
         require_equals = true
     )]
     pub progress_mode: Option<ProgressMode>,
+    /// vimg: `--output=json` prints, when done, a JSON report of the file written: its name,
+    /// format, checksum (with --checksum) and `image-service` block (what to register it
+    /// with), instead of the checksum line. Progress then goes to stderr; refused when the
+    /// image itself goes to stdout.
+    #[arg(long = "output", value_enum)]
+    pub output: Option<OutputFormat>,
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,

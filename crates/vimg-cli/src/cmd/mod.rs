@@ -5,6 +5,7 @@ pub mod amend;
 pub mod check;
 pub mod compare;
 pub mod convert;
+pub mod convert_report;
 pub mod create;
 pub mod dd;
 pub mod extras;
