@@ -371,6 +371,11 @@ fn to_outer(kind: MapKind) -> MapKind {
 }
 
 impl ImageReader for DescriptorReader {
+    fn map_probes_host_holes(&self) -> bool {
+        // qemu's parallels block status sets no BDRV_BLOCK_RECURSE.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Parallels
     }
