@@ -5,7 +5,8 @@
 //! bochs/cloop/dmg/luks drivers answer no block status, so qemu-img maps them as data
 //! without an offset (and the human table stops with "File contains external, encrypted
 //! or compressed clusters." after its header); its parallels driver does not look for
-//! holes in the host file under data clusters.
+//! holes in the host file under data clusters, nor do its qed and qcow drivers (checked on
+//! images vimg writes, whose partly zero clusters keep holes).
 
 mod common;
 
@@ -90,6 +91,7 @@ fn parallels_maps_like_qemu() {
     );
     assert_map_like_qemu(&[s(&img)], "qemu-img's parallels");
     assert_map_like_qemu(&["--start-offset=1M", "--max-length=2M", s(&img)], "range");
+    vimg_written("parallels", dir.path());
 }
 
 #[test]
@@ -126,6 +128,26 @@ fn qed_maps_like_qemu() {
     ]);
     qemu_io("qed", &top, &["write -P 9 64k 64k", "write -z 5M 64k"]);
     assert_map_like_qemu(&[s(&top)], "qed overlay");
+    vimg_written("qed", dir.path());
+}
+
+/// An image vimg writes from a raw file whose clusters are partly zero (vimg leaves the
+/// zero parts of a data cluster as holes in the file): qemu-img maps the clusters as data,
+/// whatever the file holds under them, and so must vimg.
+fn vimg_written(format: &str, dir: &Path) {
+    let raw = dir.join("holes.raw");
+    write_sparse_raw(
+        &raw,
+        1 << 20,
+        &[
+            (0, &pattern(65536, 7)),
+            (69632, &pattern(4096, 8)),
+            (200704, &pattern(512, 9)),
+        ],
+    );
+    let img = dir.join(format!("holes.{format}"));
+    vimg(&["convert", "-f", "raw", "-O", format, s(&raw), s(&img)]);
+    assert_map_like_qemu(&[s(&img)], &format!("vimg-written {format}"));
 }
 
 #[test]
@@ -158,6 +180,7 @@ fn qcow_maps_like_qemu() {
     ]);
     qemu_io("qcow", &top, &["write -P 9 4k 8k", "write -P 8 5M 4k"]);
     assert_map_like_qemu(&[s(&top)], "qcow overlay");
+    vimg_written("qcow", dir.path());
 }
 
 #[test]
