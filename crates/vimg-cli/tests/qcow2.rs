@@ -767,7 +767,11 @@ fn bad_create_options_are_refused_before_anything_is_written() {
         ("compat=0.10,compression_type=zstd", "compatibility level"),
         ("compat=2", "Invalid compatibility level"),
         ("preallocation=all", "preallocation"),
-        ("encrypt.format=luks", "not supported"),
+        (
+            "encrypt.format=luks",
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
+        ("encrypt.format=aes", "legacy AES"),
         ("backing_fmt=raw", "without backing file"),
         // qemu-img opens the backing file first (it does not exist here).
         ("backing_file=x.raw", "Could not open backing image"),

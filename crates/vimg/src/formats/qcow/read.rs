@@ -122,14 +122,18 @@ impl ImageReader for QcowReader {
                 offset: HostOffset(e0 + pos % cs),
             }
         };
-        crate::mapping::trim_at_holes(
-            &*self.storage,
-            Extent {
-                start: offset,
-                len: cur - pos,
-                kind,
-            },
-        )
+        // Not cut at holes of the host file: qemu's qcow block status reports a data
+        // cluster as data whatever the file holds under it (no BDRV_BLOCK_RECURSE), and
+        // `map` shows what qemu-img shows.
+        Ok(Extent {
+            start: offset,
+            len: cur - pos,
+            kind,
+        })
+    }
+
+    fn map_probes_host_holes(&self) -> bool {
+        false
     }
 
     fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {

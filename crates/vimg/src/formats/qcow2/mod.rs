@@ -8,6 +8,7 @@
 //! - `refcount.rs`: the refcount allocator of a file being written.
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
+//! - `encrypt_write.rs`: writing with `encrypt.format=luks`.
 //! - `update.rs`: changing an image in place (`check -r`, `resize`), crash-safe.
 //!
 //! Strictness: every table size and offset is checked against the file and QEMU's limits;
@@ -17,6 +18,7 @@
 //! several of these; vimg does not.
 
 mod check;
+mod encrypt_write;
 pub mod error;
 pub mod header;
 mod measure;
@@ -151,6 +153,14 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: true,
     bitmaps: true,
     printed: &[
+        printed("encrypt.format", None),
+        printed("encrypt.key-secret", None),
+        printed("encrypt.cipher-alg", None),
+        printed("encrypt.cipher-mode", None),
+        printed("encrypt.ivgen-alg", None),
+        printed("encrypt.ivgen-hash-alg", None),
+        printed("encrypt.hash-alg", None),
+        printed("encrypt.iter-time", None),
         printed("cluster_size", Some("65536")),
         printed("extended_l2", Some("off")),
         printed("preallocation", None),
@@ -203,7 +213,13 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
         let w = WriteOptions::from_options(opts, size)?;
-        Ok(Box::new(Qcow2Writer::create(out, size, w)?))
+        let crypt = match w.encrypt {
+            true => Some(encrypt_write::Crypt::new(opts)?),
+            false => None,
+        };
+        Ok(Box::new(Qcow2Writer::create_encrypted(
+            out, size, w, crypt,
+        )?))
     }
 
     fn measure(

@@ -88,6 +88,8 @@ pub struct WriteOptions {
     pub data_file: Option<String>,
     /// The data file stays a valid raw image.
     pub data_file_raw: bool,
+    /// `encrypt.format=luks` (see `encrypt_write.rs`).
+    pub encrypt: bool,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -97,17 +99,7 @@ fn bad(msg: impl Into<String>) -> Error {
 impl WriteOptions {
     /// Checks `opts` as `qemu-img create -f qcow2` does, for a disk of `size` bytes.
     pub fn from_options(opts: &CreateOptions, size: u64) -> Result<WriteOptions> {
-        for k in opts.keys() {
-            if k == "encryption" && !opts.get_bool("encryption", false)? {
-                continue;
-            }
-            if k.starts_with("encrypt") {
-                return Err(Qcow2Error::Unsupported(
-                    "encrypted qcow2 images are not supported".into(),
-                )
-                .into());
-            }
-        }
+        let encrypt = super::encrypt_write::requested(opts)?;
         let version = match opts.get_str("compat").unwrap_or("1.1") {
             "0.10" | "v2" => 2,
             "1.1" | "v3" => 3,
@@ -248,7 +240,9 @@ impl WriteOptions {
             backing_fmt,
             data_file,
             data_file_raw,
+            encrypt,
         };
+        super::encrypt_write::check_combination(&o)?;
         let g = o.geometry();
         if g.l1_entries_for(size) * 8 > MAX_L1_BYTES || size > limits::MAX_VIRTUAL_SIZE {
             return Err(bad(
@@ -295,6 +289,8 @@ pub struct Qcow2Writer {
     state: Mutex<State>,
     /// Largest end offset of anything written to the image file.
     max_end: AtomicU64,
+    /// LUKS encryption and where its header area lies.
+    crypt: Option<(super::encrypt_write::Crypt, u64)>,
 }
 
 /// Where the bytes of one piece of a write come from.
@@ -317,6 +313,17 @@ struct Piece {
 impl Qcow2Writer {
     /// Creates the image (and its data file) in `out`.
     pub fn create(out: &Output, size: u64, o: WriteOptions) -> Result<Qcow2Writer> {
+        Self::create_encrypted(out, size, o, None)
+    }
+
+    /// [`Qcow2Writer::create`], encrypting with `crypt` (its LUKS area is stored in the
+    /// clusters after the L1 table).
+    pub fn create_encrypted(
+        out: &Output,
+        size: u64,
+        o: WriteOptions,
+        crypt: Option<super::encrypt_write::Crypt>,
+    ) -> Result<Qcow2Writer> {
         // QEMU counts disks in 512-byte sectors and reads a qcow2 size rounded down to one,
         // so a size that is not a multiple of 512 is rounded up, as qemu-img does.
         let size = size
@@ -362,6 +369,18 @@ impl Qcow2Writer {
         } else {
             0
         };
+        let mut max_end = (l1_offset + l1_entries * 8).max(cs);
+        let crypt = match crypt {
+            Some(mut c) => {
+                let at = alloc.alloc(&file, c.clusters(cs), true)? << g.cluster_bits;
+                if let Some(area) = c.take_area(cs) {
+                    file.write_all_at(&area, at)?;
+                    max_end = max_end.max(at + area.len() as u64);
+                }
+                Some((c, at))
+            }
+            None => None,
+        };
         let capacity = ((limits::TABLE_CACHE_BYTES >> g.cluster_bits) as usize).clamp(4, 1024);
         let w = Qcow2Writer {
             file,
@@ -378,8 +397,9 @@ impl Qcow2Writer {
                 alloc,
                 partial_zero: Vec::new(),
             }),
-            max_end: AtomicU64::new((l1_offset + l1_entries * 8).max(cs)),
+            max_end: AtomicU64::new(max_end),
             o,
+            crypt,
         };
         if w.o.prealloc != Prealloc::Off {
             w.preallocate()?;
@@ -623,16 +643,29 @@ impl Qcow2Writer {
             } else {
                 &self.file
             };
-            match p.src {
-                Src::Data(start) => {
+            match (&p.src, &self.crypt) {
+                (&Src::Data(start), Some((c, _))) => {
+                    let buf = c.encrypt(p.host, &data[start..start + p.len as usize])?;
+                    out.write_all_at(&buf, p.host)?;
+                }
+                (&Src::Zero, Some((c, _))) => {
+                    let mut pos = 0;
+                    while pos < p.len {
+                        let n = (p.len - pos).min(1 << 20);
+                        let buf = c.encrypt(p.host + pos, &vec![0u8; n as usize])?;
+                        out.write_all_at(&buf, p.host + pos)?;
+                        pos += n;
+                    }
+                }
+                (&Src::Data(start), None) => {
                     out.write_all_at(&data[start..start + p.len as usize], p.host)?;
                 }
-                Src::Enc(u) => {
+                (&Src::Enc(u), _) => {
                     if let Some(Some(bytes)) = encoded.get(u) {
                         out.write_all_at(bytes, p.host)?;
                     }
                 }
-                Src::Zero => write_zeros(out, p.host, p.len)?,
+                (&Src::Zero, None) => write_zeros(out, p.host, p.len)?,
             }
             if !p.to_data_file {
                 self.note_end(p.host + p.len);
@@ -986,7 +1019,8 @@ impl Qcow2Writer {
         let fmt = self.o.backing_fmt.as_deref();
         let df = self.o.data_file.as_deref();
         let ext_len = |d: usize| 8 + d.div_ceil(8) * 8;
-        let mut need = h.len() + 8 + name.len();
+        let crypt = self.crypt.as_ref().map(|(c, at)| c.extension(*at));
+        let mut need = h.len() + 8 + name.len() + crypt.map_or(0, |_| ext_len(16));
         need += fmt.map_or(0, |f| ext_len(f.len()));
         need += df.map_or(0, |d| ext_len(d.len()));
         if need > cs {
@@ -1005,6 +1039,10 @@ impl Qcow2Writer {
         }
         if let Some(d) = df {
             off = write_extension(&mut buf, off, EXT_DATA_FILE, d.as_bytes());
+        }
+        if let Some((magic, data)) = crypt {
+            h.crypt_method = super::encrypt_write::CRYPT_LUKS;
+            off = write_extension(&mut buf, off, magic, &data);
         }
         if with_features {
             let mut ft = vec![0u8; ft_len];
