@@ -302,6 +302,13 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
 
         let mut planner = Planner::new(&shared, opts, size, chunk);
         let result = planner.run(|job| {
+            if shared.mapped_reads {
+                // Before waiting for a buffer: the read of this job's source range is under
+                // way while the jobs ahead of it are processed.
+                if let Job::Data { start, len, .. } = job {
+                    mapped::prefetch(shared.src, start, len);
+                }
+            }
             let buf = free_rx
                 .recv()
                 .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))?;
