@@ -105,7 +105,9 @@ impl ImageWriter for RawWriter {
     fn caps(&self) -> WriterCaps {
         WriterCaps {
             unit: 512,
-            ordered: self.file.is_stream() || self.compressed.is_some(),
+            // A hashed file written in order is hashed as it is written, on its own thread,
+            // instead of being read again once finished.
+            ordered: self.file.is_stream() || self.compressed.is_some() || self.file.is_hashed(),
             encodes: false,
         }
     }
