@@ -23,6 +23,10 @@
 //! process with SIGKILL just before its `N+1`-th write, flush or truncation of the image,
 //! so tests can stop an operation at every point. Nothing in an image can set it.
 
+#[path = "update_data.rs"]
+mod data;
+pub use data::{ClusterOp, DataWriter};
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
