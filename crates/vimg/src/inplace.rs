@@ -16,6 +16,7 @@ use std::path::Path;
 use crate::engine::Progress;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::registry;
+use crate::formats::updater::UpdateOp;
 use crate::formats::Format;
 use crate::gate::ExternalPolicy;
 use crate::image::{Image, OpenOptions};
@@ -57,12 +58,7 @@ pub fn rebase(
     new: Option<NewBacking<'_>>,
     progress: &dyn Fn(Progress),
 ) -> Result<u64> {
-    if !registry::update_caps(format).backing {
-        return Err(Error::refusal(
-            ErrorKind::Unsupported,
-            "Operation not supported",
-        ));
-    }
+    registry::require_update(format, UpdateOp::Backing)?;
     let img = Image::open(path, &OpenOptions::with_format(Some(format)).policy(policy))?;
     let size = img.virtual_size();
     // The clusters the image does not hold, found before anything changes.
@@ -207,16 +203,7 @@ pub fn commit(
         .path()
         .ok_or_else(|| Error::unsupported("the backing image has no path"))?;
     // Refuse before writing anything what cannot be done.
-    let bcaps = registry::update_caps(base.format());
-    if !bcaps.data {
-        return Err(Error::refusal(
-            ErrorKind::Unsupported,
-            format!(
-                "vimg does not commit into {} images (only qcow2 and raw)",
-                base.format().name()
-            ),
-        ));
-    }
+    registry::require_update(base.format(), UpdateOp::Data)?;
     let mut top_up = if empty_top {
         let mut u = registry::open_update(path, format, policy)?;
         // Checks now that the top can be emptied later.
@@ -243,7 +230,7 @@ pub fn commit(
     }
     let mut bu = registry::open_update(base_path, base.format(), policy)?;
     if bu.virtual_size()? < size {
-        bu.resize(size)?;
+        bu.resize(size, crate::formats::qcow2::Prealloc::Off)?;
     }
     let below = base.backing();
     let total: u64 = copies.iter().map(|c| c.1).sum();

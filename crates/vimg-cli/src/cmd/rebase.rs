@@ -10,6 +10,7 @@ use std::path::Path;
 
 use clap::Args;
 use vimg::formats::registry;
+use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
 use crate::args::SafetyArgs;
@@ -111,16 +112,7 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             1,
         )
     };
-    if !registry::update_caps(format).backing {
-        if format == Format::Raw {
-            // Formats qemu-img cannot give a backing file at all.
-            return Err(change_err(vimg::Error::unsupported("Operation not supported")));
-        }
-        return Err(change_err(vimg::Error::unsupported(format!(
-            "vimg changes the backing file of qcow2 images only, not {}",
-            format.name()
-        ))));
-    }
+    registry::require_update(format, UpdateOp::Backing).map_err(change_err)?;
     let mut img = registry::open_update(path, format, policy).map_err(|e| Failure::open(file, &e))?;
     img.set_backing(new).map_err(change_err)?;
     Ok(0)
@@ -153,16 +145,8 @@ fn safe(
             1,
         ));
     }
-    if !registry::update_caps(format).backing {
-        return Err(change_err(if format == Format::Raw {
-            "Operation not supported".to_string()
-        } else {
-            format!(
-                "vimg changes the backing file of qcow2 images only, not {}",
-                format.name()
-            )
-        }));
-    }
+    registry::require_update(format, UpdateOp::Backing)
+        .map_err(|e| change_err(e.message().to_string()))?;
     if new_name.is_some() && backing_format.is_none() {
         return Err(change_err("backing format must be specified".into()));
     }

@@ -114,6 +114,11 @@ pub fn open_update(
     super::updater::open(path, format, policy)
 }
 
+/// Refuses an in-place `op` that `format`'s updater cannot do, worded here.
+pub fn require_update(format: Format, op: super::updater::UpdateOp) -> Result<()> {
+    super::updater::require(format, op)
+}
+
 /// What `format`'s updater can change in place.
 pub fn update_caps(format: Format) -> super::updater::UpdateCaps {
     super::updater::caps(format)

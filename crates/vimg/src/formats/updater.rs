@@ -27,6 +27,61 @@ pub struct UpdateCaps {
     pub data: bool,
 }
 
+/// An in-place operation, for [`require`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpdateOp {
+    /// `check -r`.
+    Repair,
+    /// `resize`.
+    Resize,
+    /// `amend -o`.
+    Amend,
+    /// The backing file reference.
+    Backing,
+    /// Guest data.
+    Data,
+}
+
+impl UpdateCaps {
+    /// True when `op` is among these capabilities.
+    pub fn allows(&self, op: UpdateOp) -> bool {
+        match op {
+            UpdateOp::Repair => self.repair,
+            UpdateOp::Resize => self.resize,
+            UpdateOp::Amend => self.amend,
+            UpdateOp::Backing => self.backing,
+            UpdateOp::Data => self.data,
+        }
+    }
+}
+
+/// Refuses `op` on `format` when its updater cannot do it, in one wording (qemu-img's
+/// where qemu-img refuses too).
+pub fn require(format: Format, op: UpdateOp) -> Result<()> {
+    if caps(format).allows(op) {
+        return Ok(());
+    }
+    let able: Vec<&str> = Format::ALL
+        .iter()
+        .filter(|f| caps(**f).allows(op))
+        .map(|f| f.name())
+        .collect();
+    let only = able.join(" and ");
+    let name = format.name();
+    let msg = match op {
+        UpdateOp::Repair => format!("vimg repairs {only} images only, not {name}"),
+        UpdateOp::Resize => format!("vimg cannot resize {name} images (only {only})"),
+        UpdateOp::Amend => format!("Format driver '{name}' does not support option amendment"),
+        // qemu-img's words for formats that cannot have a backing file.
+        UpdateOp::Backing if format == Format::Raw => "Operation not supported".to_string(),
+        UpdateOp::Backing => {
+            format!("vimg changes the backing file of {only} images only, not {name}")
+        }
+        UpdateOp::Data => format!("vimg writes guest data into {only} images only, not {name}"),
+    };
+    Err(Error::refusal(ErrorKind::Unsupported, msg))
+}
+
 /// An image open for changing in place.
 #[derive(Debug)]
 #[non_exhaustive]
@@ -108,14 +163,32 @@ impl Updater {
         }
     }
 
-    /// Grows or shrinks the virtual size (no preallocation).
-    pub fn resize(&mut self, size: u64) -> Result<()> {
+    /// Grows or shrinks the virtual size.
+    pub fn resize(&mut self, size: u64, prealloc: super::qcow2::Prealloc) -> Result<()> {
         match self {
-            Updater::Qcow2(q) => q.resize(size, super::qcow2::Prealloc::Off),
+            Updater::Qcow2(q) => q.resize(size, prealloc),
             Updater::Raw(r) => {
                 let p = r.path().to_path_buf();
-                super::raw::update::resize(&p, size, super::qcow2::Prealloc::Off)
+                super::raw::update::resize(&p, size, prealloc)
             }
+        }
+    }
+
+    /// `amend -o` (qcow2's options).
+    pub fn amend(&mut self, a: super::qcow2::Amend) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.amend(a),
+            _ => require(self.format(), UpdateOp::Amend),
+        }
+    }
+
+    /// `check -r`.
+    pub fn repair(&mut self, mode: super::qcow2::Repair) -> Result<super::qcow2::RepairReport> {
+        match self {
+            Updater::Qcow2(q) => q.repair(mode),
+            _ => Err(require(self.format(), UpdateOp::Repair)
+                .err()
+                .unwrap_or_else(|| Error::unsupported("repair"))),
         }
     }
 
@@ -124,10 +197,7 @@ impl Updater {
     pub fn set_backing(&mut self, backing: Option<(&str, &str)>) -> Result<()> {
         match self {
             Updater::Qcow2(q) => q.set_backing(backing),
-            Updater::Raw(_) => Err(Error::refusal(
-                ErrorKind::Unsupported,
-                "Operation not supported",
-            )),
+            Updater::Raw(_) => require(Format::Raw, UpdateOp::Backing),
         }
     }
 
