@@ -19,28 +19,68 @@ fn io(dir: &Path, img: &str, cmds: &[&str]) {
 /// internal snapshot) <- top.qcow2 (3 MiB; data, zeros, partial clusters).
 fn setup(dir: &Path, compat: &str, snapshot: bool) {
     let o = format!("compat={compat}");
-    qemu_in(dir, &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "1M"]);
+    qemu_in(
+        dir,
+        &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "1M"],
+    );
     io(dir, "base.qcow2", &["write -P 5 0 1M"]);
     qemu_in(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", &o, "-b", "base.qcow2", "-F", "qcow2", "mid.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "mid.qcow2",
+            "2M",
+        ],
     );
     io(
         dir,
         "mid.qcow2",
-        &["write -c -P 7 0 64k", "write -c -P 8 192k 64k", "write -P 7 256k 200k", "write -z 900k 300k"],
+        &[
+            "write -c -P 7 0 64k",
+            "write -c -P 8 192k 64k",
+            "write -P 7 256k 200k",
+            "write -z 900k 300k",
+        ],
     );
     if snapshot {
         qemu_in(dir, &["snapshot", "-c", "s1", "mid.qcow2"]);
     }
     qemu_in(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", &o, "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "3M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "3M",
+        ],
     );
     io(
         dir,
         "top.qcow2",
-        &["write -P 1 64k 64k", "write -P 2 1500k 100k", "write -P 3 200k 1k", "write -P 4 300k 4k", "write -z 10k 6k"],
+        &[
+            "write -P 1 64k 64k",
+            "write -P 2 1500k 100k",
+            "write -P 3 200k 1k",
+            "write -P 4 300k 4k",
+            "write -z 10k 6k",
+        ],
     );
     if compat == "1.1" {
         io(dir, "top.qcow2", &["write -z 1900k 128k"]);
@@ -53,7 +93,11 @@ fn run_both(v: &Path, q: &Path, args: &[&str]) -> String {
         .current_dir(v)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = qemu_in(q, args);
     let got = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(got, want, "stdout of {args:?}");
@@ -63,7 +107,11 @@ fn run_both(v: &Path, q: &Path, args: &[&str]) -> String {
 fn same_chain(v: &Path, q: &Path, what: &str) {
     for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
         let (a, b) = (v.join(f), q.join(f));
-        assert_eq!(guest(&a, "qcow2"), guest(&b, "qcow2"), "{what}: {f} differs");
+        assert_eq!(
+            guest(&a, "qcow2"),
+            guest(&b, "qcow2"),
+            "{what}: {f} differs"
+        );
         assert_eq!(
             json(&qemu_img(&["info", "--output=json", s(&a)]))["virtual-size"],
             json(&qemu_img(&["info", "--output=json", s(&b)]))["virtual-size"],
@@ -87,7 +135,15 @@ fn case(compat: &str, snapshot: bool, args: &[&str]) {
     assert_eq!(guest(&v.join("top.qcow2"), "qcow2"), before, "top changed");
     if snapshot {
         for d in [v, q] {
-            qemu_img(&["convert", "-l", "s1", "-O", "raw", s(&d.join("mid.qcow2")), s(&d.join("s.raw"))]);
+            qemu_img(&[
+                "convert",
+                "-l",
+                "s1",
+                "-O",
+                "raw",
+                s(&d.join("mid.qcow2")),
+                s(&d.join("s.raw")),
+            ]);
         }
         assert_same_file(&v.join("s.raw"), &q.join("s.raw"));
     }
@@ -122,13 +178,29 @@ fn into_raw_backing_like_qemu() {
     let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     for d in [tv.path(), tq.path()] {
         std::fs::write(d.join("b.raw"), pattern(1 << 20, 3)).unwrap();
-        qemu_in(d, &["create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2", "2M"]);
-        qemu_io("qcow2", &d.join("t.qcow2"), &["write -P 3 1M 64k", "write -P 4 1000 3000", "write -z 512k 64k"]);
+        qemu_in(
+            d,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2", "2M",
+            ],
+        );
+        qemu_io(
+            "qcow2",
+            &d.join("t.qcow2"),
+            &[
+                "write -P 3 1M 64k",
+                "write -P 4 1000 3000",
+                "write -z 512k 64k",
+            ],
+        );
     }
     let (v, q) = (tv.path(), tq.path());
     run_both(v, q, &["commit", "t.qcow2"]);
     assert_same_file(&v.join("b.raw"), &q.join("b.raw"));
-    assert_eq!(guest(&v.join("t.qcow2"), "qcow2"), guest(&q.join("t.qcow2"), "qcow2"));
+    assert_eq!(
+        guest(&v.join("t.qcow2"), "qcow2"),
+        guest(&q.join("t.qcow2"), "qcow2")
+    );
     run_ok("qemu-img", &["check", s(&v.join("t.qcow2"))]);
 }
 
@@ -141,8 +213,16 @@ fn messages_like_qemu() {
     let d = t.path();
     setup(d, "1.1", false);
     let fails = |args: &[&str]| -> (i32, String) {
-        let out = std::process::Command::new(vimg_bin()).args(args).current_dir(d).output().unwrap();
-        let q = std::process::Command::new("qemu-img").args(args).current_dir(d).output().unwrap();
+        let out = std::process::Command::new(vimg_bin())
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let q = std::process::Command::new("qemu-img")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), q.status.code(), "{args:?}");
         let strip = |b: &[u8]| {
             String::from_utf8_lossy(b)
@@ -194,11 +274,18 @@ fn kill_case(snapshot: bool, args: &[&str]) {
         for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
             check_then_repair(&work.join(f), "qcow2", &what);
         }
-        assert_eq!(guest(&work.join("top.qcow2"), "qcow2"), top_old, "{what}: top changed");
+        assert_eq!(
+            guest(&work.join("top.qcow2"), "qcow2"),
+            top_old,
+            "{what}: top changed"
+        );
         let mid = guest(&work.join("mid.qcow2"), "qcow2");
         assert_old_or_new(&mid, &mid_old, &mid_new, 65536, &what);
         if !killed {
-            assert!(mid == mid_new, "{what}: finished run differs from qemu-img's");
+            assert!(
+                mid == mid_new,
+                "{what}: finished run differs from qemu-img's"
+            );
             same_chain(&work, &done, &what);
             break;
         }

@@ -151,7 +151,10 @@ fn rebase_refusals() {
         "top.qcow2",
     );
     assert_eq!(code, 1);
-    assert!(err.contains("compress") && err.contains("unchanged"), "{err}");
+    assert!(
+        err.contains("compress") && err.contains("unchanged"),
+        "{err}"
+    );
     assert!(
         std::fs::read(d.join("top.qcow2")).expect("read") == before,
         "the image changed"

@@ -23,18 +23,59 @@ fn io(dir: &Path, img: &str, cmds: &[&str]) {
 /// (compressed too) and, with `snapshot`, an internal snapshot.
 fn setup(dir: &Path, compat: &str, snapshot: bool) -> PathBuf {
     let o = format!("compat={compat}");
-    qi(dir, &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "2M"]);
-    io(dir, "base.qcow2", &["write -P 5 0 1M", "write -P 9 1536k 100k"]);
     qi(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", &format!("{o},cluster_size=4096"), "base2.qcow2", "1536k"],
+        &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "2M"],
     );
-    io(dir, "base2.qcow2", &["write -P 5 0 256k", "write -P 6 512k 8k"]);
+    io(
+        dir,
+        "base.qcow2",
+        &["write -P 5 0 1M", "write -P 9 1536k 100k"],
+    );
     qi(
         dir,
-        &["create", "-q", "-f", "qcow2", "-o", &o, "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "2M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("{o},cluster_size=4096"),
+            "base2.qcow2",
+            "1536k",
+        ],
     );
-    io(dir, "top.qcow2", &["write -P 1 64k 64k", "write -c -P 2 320k 64k", "write -P 3 1000k 3k"]);
+    io(
+        dir,
+        "base2.qcow2",
+        &["write -P 5 0 256k", "write -P 6 512k 8k"],
+    );
+    qi(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "2M",
+        ],
+    );
+    io(
+        dir,
+        "top.qcow2",
+        &[
+            "write -P 1 64k 64k",
+            "write -c -P 2 320k 64k",
+            "write -P 3 1000k 3k",
+        ],
+    );
     if snapshot {
         qi(dir, &["snapshot", "-c", "s1", "top.qcow2"]);
         io(dir, "top.qcow2", &["write -P 4 1100k 64k"]);
@@ -63,7 +104,11 @@ fn compare_with_qemu(compat: &str, snapshot: bool, vimg_args: &[&str], qemu_args
         .current_dir(v)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     qemu_in(q, &[&["rebase"], qemu_args, &[s(&top_q)]].concat());
     assert_eq!(guest(&top_v, "qcow2"), before, "guest content changed");
     assert_eq!(guest(&top_v, "qcow2"), guest(&top_q, "qcow2"));
@@ -82,7 +127,12 @@ fn compare_with_qemu(compat: &str, snapshot: bool, vimg_args: &[&str], qemu_args
 
 #[test]
 fn onto_another_backing_like_qemu() {
-    compare_with_qemu("1.1", false, &["rebase", "-b", "base2.qcow2", "-F", "qcow2"], &["-b", "base2.qcow2", "-F", "qcow2"]);
+    compare_with_qemu(
+        "1.1",
+        false,
+        &["rebase", "-b", "base2.qcow2", "-F", "qcow2"],
+        &["-b", "base2.qcow2", "-F", "qcow2"],
+    );
 }
 
 #[test]
@@ -92,7 +142,12 @@ fn flatten_like_qemu() {
 
 #[test]
 fn v2_image_like_qemu() {
-    compare_with_qemu("0.10", false, &["rebase", "-b", "base2.qcow2", "-F", "qcow2"], &["-b", "base2.qcow2", "-F", "qcow2"]);
+    compare_with_qemu(
+        "0.10",
+        false,
+        &["rebase", "-b", "base2.qcow2", "-F", "qcow2"],
+        &["-b", "base2.qcow2", "-F", "qcow2"],
+    );
 }
 
 /// The active tables are shared with an internal snapshot: copies, never in place, and the
@@ -100,7 +155,12 @@ fn v2_image_like_qemu() {
 #[test]
 fn with_internal_snapshot_like_qemu() {
     compare_with_qemu("1.1", true, &["rebase", "-b", ""], &["-b", ""]);
-    compare_with_qemu("1.1", true, &["rebase", "-p", "-b", "base2.qcow2", "-F", "qcow2"], &["-b", "base2.qcow2", "-F", "qcow2"]);
+    compare_with_qemu(
+        "1.1",
+        true,
+        &["rebase", "-p", "-b", "base2.qcow2", "-F", "qcow2"],
+        &["-b", "base2.qcow2", "-F", "qcow2"],
+    );
 }
 
 #[test]
@@ -113,7 +173,11 @@ fn refusals_before_writing() {
     let top = setup(d, "1.1", false);
     let sum = sha256_file(&top);
     let fails = |args: &[&str], want: &str| {
-        let out = std::process::Command::new(vimg_bin()).args(args).current_dir(d).output().unwrap();
+        let out = std::process::Command::new(vimg_bin())
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(1), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
@@ -130,7 +194,16 @@ fn refusals_before_writing() {
     let raw = d.join("r.raw");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     fails(
-        &["rebase", "-f", "raw", "-b", "base2.qcow2", "-F", "qcow2", s(&raw)],
+        &[
+            "rebase",
+            "-f",
+            "raw",
+            "-b",
+            "base2.qcow2",
+            "-F",
+            "qcow2",
+            s(&raw),
+        ],
         "Could not change the backing file to 'base2.qcow2': Operation not supported",
     );
 }

@@ -113,7 +113,8 @@ pub fn run(a: RebaseArgs) -> CmdResult {
         )
     };
     registry::require_update(format, UpdateOp::Backing).map_err(change_err)?;
-    let mut img = registry::open_update(path, format, policy).map_err(|e| Failure::open(file, &e))?;
+    let mut img =
+        registry::open_update(path, format, policy).map_err(|e| Failure::open(file, &e))?;
     img.set_backing(new).map_err(change_err)?;
     Ok(0)
 }
@@ -176,11 +177,13 @@ fn safe(
         (a.progress && !a.quiet).then_some(crate::args::ProgressMode::Auto),
         false,
     );
-    let new = new_img.as_ref().map(|(name, f, img)| vimg::inplace::NewBacking {
-        name,
-        format: *f,
-        image: img,
-    });
+    let new = new_img
+        .as_ref()
+        .map(|(name, f, img)| vimg::inplace::NewBacking {
+            name,
+            format: *f,
+            image: img,
+        });
     let r = vimg::inplace::rebase(path, format, policy, new, &|p| reporter.update(p));
     reporter.finish(r.is_ok());
     match r {

@@ -97,12 +97,9 @@ impl DataWriter<'_> {
     /// The L2 entry of guest cluster `c` as it is on disk now (0 when no table maps it).
     pub fn entry(&self, c: u64) -> Result<u64> {
         let per = self.up.g.l2_entries();
-        let l1e = self
-            .up
-            .l1
-            .get((c / per) as usize)
-            .copied()
-            .ok_or_else(|| Error::invalid_argument(format!("guest cluster {c} is past the L1 table")))?;
+        let l1e = self.up.l1.get((c / per) as usize).copied().ok_or_else(|| {
+            Error::invalid_argument(format!("guest cluster {c} is past the L1 table"))
+        })?;
         let l2 = l1e & L1E_OFFSET_MASK;
         if l2 == 0 {
             return Ok(0);
@@ -216,11 +213,7 @@ impl DataWriter<'_> {
             );
             let ctx = OpenContext::new(Some(&self.up.path), ExternalPolicy::Deny);
             let r = Qcow2Reader::open(storage.clone(), &ctx)?;
-            let img = Image::from_reader(
-                Box::new(r),
-                self.up.path.display().to_string(),
-                storage,
-            );
+            let img = Image::from_reader(Box::new(r), self.up.path.display().to_string(), storage);
             img.read_at(&mut buf[..len], start)?;
         }
         Ok(buf)
