@@ -303,3 +303,60 @@ fn killed_at_every_point() {
 fn killed_at_every_point_with_snapshot_in_base() {
     kill_case(true, &["commit", "-q", "top.qcow2"]);
 }
+
+/// A shorter image in the middle of the chain: the top reads zeros past its end, and so must
+/// the base after `commit -b` (qemu-img writes them too). Growing a base over a longer
+/// backing file of its own is refused before anything is written.
+#[test]
+fn shorter_intermediate_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for d in [tv.path(), tq.path()] {
+        qemu_in(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "3M"]);
+        io(d, "base.qcow2", &["write -P 5 0 3M"]);
+        qemu_in(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "mid.qcow2",
+                "1M",
+            ],
+        );
+        qemu_in(
+            d,
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+                "3M",
+            ],
+        );
+        io(d, "top.qcow2", &["write -P 1 64k 64k", "write -P 2 2M 4k"]);
+    }
+    let (v, q) = (tv.path(), tq.path());
+    let sum = sha256_file(&v.join("mid.qcow2"));
+    let out = std::process::Command::new(vimg_bin())
+        .args(["commit", "top.qcow2"])
+        .current_dir(v)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(sha256_file(&v.join("mid.qcow2")), sum, "mid changed");
+    run_both(v, q, &["commit", "-b", "base.qcow2", "top.qcow2"]);
+    same_chain(v, q, "commit -b base.qcow2");
+}

@@ -215,12 +215,32 @@ pub fn commit(
     let size = top.virtual_size();
     // What to copy, found before anything changes (the readers' caches of the base would
     // not see the writes): runs held above the base, and whether they read as zeros.
+    let base_size = base.virtual_size();
+    if base_size < size && base.backing().is_some_and(|b| b.virtual_size() > base_size) {
+        // Growing the base would let its own backing file show through the new area.
+        return Err(Error::refusal(
+            ErrorKind::Unsupported,
+            format!(
+                "the base image '{}' is smaller than '{}' and its own backing file is longer; vimg does not grow it over that backing file",
+                base.filename(),
+                path.display()
+            ),
+        ));
+    }
     let mut copies: Vec<(u64, u64, bool)> = Vec::new();
     let mut off = 0;
     while off < size {
         let (e, _, d) = top.map_flat(off, (size - off).min(STEP))?;
-        if d < depth && e.kind != MapKind::Unallocated {
-            let zero = e.kind == MapKind::Zero;
+        // Unallocated above the base: a layer's backing file is shorter, so the top reads
+        // zeros there; the base must too where it has content of its own.
+        let cut_short = e.kind == MapKind::Unallocated && off < base_size;
+        if d < depth && (e.kind != MapKind::Unallocated || cut_short) {
+            let e = if cut_short {
+                e.truncate(base_size - off)
+            } else {
+                e
+            };
+            let zero = matches!(e.kind, MapKind::Zero | MapKind::Unallocated);
             match copies.last_mut() {
                 Some(c) if c.0 + c.1 == off && c.2 == zero && c.1 < STEP => c.1 += e.len,
                 _ => copies.push((off, e.len, zero)),
