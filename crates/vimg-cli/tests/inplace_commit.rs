@@ -360,3 +360,65 @@ fn shorter_intermediate_like_qemu() {
     run_both(v, q, &["commit", "-b", "base.qcow2", "top.qcow2"]);
     same_chain(v, q, "commit -b base.qcow2");
 }
+
+/// SIGKILL before each write of a commit into a raw base: the top reads as before, the raw
+/// base holds its old or its new content in every cluster, the top has no corruption.
+#[test]
+fn killed_at_every_point_into_raw() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    let done = t.path().join("done");
+    for d in [&pristine, &done] {
+        std::fs::create_dir(d).unwrap();
+        std::fs::write(d.join("b.raw"), pattern(1 << 20, 3)).unwrap();
+        qemu_in(
+            d,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2", "2M",
+            ],
+        );
+        qemu_io(
+            "qcow2",
+            &d.join("t.qcow2"),
+            &[
+                "write -P 3 1M 64k",
+                "write -P 4 1000 3000",
+                "write -z 512k 64k",
+                "write -P 6 1600k 200k",
+            ],
+        );
+    }
+    qemu_in(&done, &["commit", "-q", "t.qcow2"]);
+    let top_old = guest(&pristine.join("t.qcow2"), "qcow2");
+    let base_old = std::fs::read(pristine.join("b.raw")).unwrap();
+    let base_new = std::fs::read(done.join("b.raw")).unwrap();
+    let work = t.path().join("work");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 10_000, "no end in sight");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
+        for f in ["b.raw", "t.qcow2"] {
+            std::fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let top = work.join("t.qcow2");
+        let killed = run_killed(&["commit", "-q", s(&top)], n);
+        let what = format!("commit into raw killed before point {n}");
+        check_then_repair(&top, "qcow2", &what);
+        assert_eq!(guest(&top, "qcow2"), top_old, "{what}: top changed");
+        let base = std::fs::read(work.join("b.raw")).unwrap();
+        assert_old_or_new(&base, &base_old, &base_new, 512, &what);
+        if !killed {
+            assert!(
+                base == base_new,
+                "{what}: finished base differs from qemu-img's"
+            );
+            break;
+        }
+        kills += 1;
+    }
+    assert!(kills > 3, "only {kills} kill points");
+}

@@ -163,7 +163,7 @@ fn safe(
             .map_err(|e| {
                 Failure::new(
                     format!(
-                        "Could not open new backing file '{full}': Could not open '{full}': {}",
+                        "Could not open new backing file '{b}': Could not open '{full}': {}",
                         e.message()
                     ),
                     1,
