@@ -280,6 +280,7 @@ pub fn commit(
         if let crate::formats::updater::DataTarget::Qcow2(d) = &mut w {
             let cs = d.cluster_size();
             d.unmap_clusters(0, size.div_ceil(cs))?;
+            d.trim_end()?;
         }
         w.finish()?;
     }

@@ -31,7 +31,7 @@ pub struct CommitArgs {
     /// Quiet.
     #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
-    /// Rate limit in bytes per second (accepted; vimg does not throttle commit).
+    /// Rate limit in bytes per second.
     #[arg(short = 'r', long = "rate-limit", value_name = "RATE")]
     pub rate: Option<String>,
     #[command(flatten)]
@@ -66,6 +66,12 @@ pub fn run(a: CommitArgs) -> CmdResult {
             vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))?
         }
     };
+    let rate = match &a.rate {
+        Some(r) => vimg::options::parse_size(r)
+            .map_err(|_| Failure::new(format!("Invalid rate limit specified: '{r}'."), 1))?,
+        None => 0,
+    };
+    let pace = crate::progress::RateLimit::new(rate);
     let policy = crate::trust::policy(&a.safety);
     let reporter = crate::progress::Reporter::new(
         (a.progress && !a.quiet).then_some(crate::args::ProgressMode::Auto),
@@ -75,7 +81,10 @@ pub fn run(a: CommitArgs) -> CmdResult {
         base: a.base.as_deref(),
         drop: a.drop,
     };
-    let r = vimg::inplace::commit(path, format, policy, opts, &|p| reporter.update(p));
+    let r = vimg::inplace::commit(path, format, policy, opts, &|p| {
+        reporter.update(p);
+        pace.pace(p.done);
+    });
     reporter.finish(r.is_ok());
     match r {
         Ok(()) => {

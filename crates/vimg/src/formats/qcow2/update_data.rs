@@ -364,6 +364,27 @@ impl DataWriter<'_> {
         Ok(())
     }
 
+    /// Truncates the file after the last cluster still in use (after clusters were
+    /// unmapped): only free clusters go, so a crash before or after leaves the same image.
+    pub fn trim_end(&mut self) -> Result<()> {
+        let up = &mut *self.up;
+        let cs = up.cs();
+        let clusters = up.file_len.div_ceil(cs);
+        let mut last = 0u64;
+        for c in (0..clusters).rev() {
+            if up.refcount(c)? != 0 {
+                last = c;
+                break;
+            }
+        }
+        let end = (last + 1) * cs;
+        if end < up.file_len {
+            up.sync()?;
+            up.set_len(end)?;
+        }
+        Ok(())
+    }
+
     /// Flushes what was written (every step already flushes; this is the caller's
     /// explicit end).
     pub fn finish(self) -> Result<()> {
