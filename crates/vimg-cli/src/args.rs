@@ -89,7 +89,7 @@ pub enum Command {
     Snapshot(crate::cmd::snapshot::SnapshotArgs),
     /// Copy a range of an image into a new image (qemu-img dd): bs=, count=, skip=, if=, of=.
     Dd(crate::cmd::dd::DdArgs),
-    /// Change a qcow2 image's backing file reference in place (qemu-img rebase -u).
+    /// Change a qcow2 image's backing file in place (qemu-img rebase; -u: the reference only).
     Rebase(crate::cmd::rebase::RebaseArgs),
     /// Write an image's data into its backing file and empty it (qemu-img commit).
     Commit(crate::cmd::commit::CommitArgs),
