@@ -248,7 +248,18 @@ pub fn commit(
         }
         off = e.end();
     }
+    // The base was found through the gate (a name the image gives); it is reopened for
+    // writing by the path the gate resolved, and must still be the file the gate opened.
     let mut bu = registry::open_update(base_path, base.format(), policy)?;
+    if base.storage().identity() != Some(bu.identity()?) {
+        return Err(Error::refusal(
+            ErrorKind::UnsafeReference,
+            format!(
+                "the backing file '{}' changed while it was being opened; nothing was written",
+                base.filename()
+            ),
+        ));
+    }
     if bu.virtual_size()? < size {
         bu.resize(size, crate::formats::qcow2::Prealloc::Off)?;
     }

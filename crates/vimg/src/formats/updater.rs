@@ -155,6 +155,14 @@ impl Updater {
         }
     }
 
+    /// The (device, inode) of the file open for writing.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        match self {
+            Updater::Qcow2(q) => q.identity(),
+            Updater::Raw(r) => r.identity(),
+        }
+    }
+
     /// The virtual size.
     pub fn virtual_size(&self) -> Result<u64> {
         match self {

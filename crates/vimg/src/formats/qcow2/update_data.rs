@@ -54,6 +54,17 @@ enum Table {
 }
 
 impl Qcow2Update {
+    /// The (device, inode) of the file open for writing: a caller that reopened by name a
+    /// file the gate judged compares it with the gate's file.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// Opens the image for guest-data writes: refuses what vimg cannot write correctly
     /// (external data files, encryption, extended L2 entries, persistent bitmaps, which
     /// would miss the writes) and images that are dirty or corrupt.

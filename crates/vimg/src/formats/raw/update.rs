@@ -115,6 +115,16 @@ impl RawUpdate {
         &self.path
     }
 
+    /// The (device, inode) of the file open for writing.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
     /// The virtual size (the file's length).
     pub fn virtual_size(&self) -> Result<u64> {
         Ok(self
