@@ -89,8 +89,10 @@ pub enum Command {
     Snapshot(crate::cmd::snapshot::SnapshotArgs),
     /// Copy a range of an image into a new image (qemu-img dd): bs=, count=, skip=, if=, of=.
     Dd(crate::cmd::dd::DdArgs),
-    /// Change a qcow2 image's backing file reference in place (qemu-img rebase -u).
+    /// Change a qcow2 image's backing file in place (qemu-img rebase; -u: the reference only).
     Rebase(crate::cmd::rebase::RebaseArgs),
+    /// Write an image's data into its backing file and empty it (qemu-img commit).
+    Commit(crate::cmd::commit::CommitArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
@@ -113,6 +115,7 @@ impl Command {
             Command::Snapshot(a) => Some(&a.safety),
             Command::Dd(a) => Some(&a.safety),
             Command::Rebase(a) => Some(&a.safety),
+            Command::Commit(a) => Some(&a.safety),
             _ => None,
         }
     }

@@ -85,6 +85,7 @@ fn main() -> ExitCode {
         Command::Snapshot(a) => cmd::snapshot::run(a),
         Command::Dd(a) => cmd::dd::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
         Command::Man(a) => cmd::extras::man(a),
     };

@@ -3,6 +3,7 @@
 
 pub mod amend;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
 pub mod convert_report;

@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod corpus;
+pub mod kill;
 
 #[allow(unused_imports)]
 pub use corpus::*;

@@ -30,6 +30,7 @@ pub mod qed;
 pub mod raw;
 pub mod registry;
 pub mod unread;
+pub mod updater;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

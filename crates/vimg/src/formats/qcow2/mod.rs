@@ -10,6 +10,7 @@
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
 //! - `encrypt_write.rs`: writing with `encrypt.format=luks`.
 //! - `update.rs`: changing an image in place (`check -r`, `resize`), crash-safe.
+//! - `update_data.rs`: guest-data writes into an image open for writing (`rebase`, `commit`).
 //!
 //! Strictness: every table size and offset is checked against the file and QEMU's limits;
 //! an L1 or L2 entry with reserved bits, an unaligned offset, an offset past the end of the
@@ -41,7 +42,7 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
-pub use update::{Amend, Prealloc, Qcow2Update, Repair, RepairReport};
+pub use update::{Amend, ClusterOp, DataWriter, Prealloc, Qcow2Update, Repair, RepairReport};
 pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
 /// The qcow2 driver.
