@@ -154,7 +154,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     let mut opts = ConvertOptions::new(out_format);
     if let Some(s) = &a.sparse_size {
-        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
+        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e.to_string(), 1))?;
         if n % 512 != 0 || n > MAX_SPARSE {
             return Err(Failure::new(
                 "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
