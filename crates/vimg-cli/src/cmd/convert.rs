@@ -370,6 +370,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
+        // A source file found unreadable or corrupt while it was read.
+        Some(path) if src.chain().iter().any(|l| l.filename() == path.as_os_str()) => Failure::new(
+            format!("error while reading '{}': {}", path.display(), e.message()),
+            1,
+        ),
         Some(path) if path != p.dst => Failure::new(
             format!("Could not open '{}': {}", path.display(), e.message()),
             1,
