@@ -9,7 +9,7 @@
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
-use super::error::{field_err, BitmapFault, L2Fault, Qcow2Error};
+use super::error::{field_err, Qcow2Error};
 use crate::error::Result;
 
 /// `QFI\xfb`: the qcow2 magic at offset 0.
@@ -524,6 +524,92 @@ pub fn qemu_feature_table() -> Vec<FeatureName> {
         f(2, 0, "bitmaps"),
         f(2, 1, "raw external data"),
     ]
+}
+
+/// Why a bitmaps header extension or a bitmap directory entry is refused (qcow2 spec,
+/// "Bitmaps extension" and "Bitmap directory"); the caller adds where it was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BitmapFault {
+    /// The extension data is not 24 bytes.
+    #[error("length {0} is not {len}", len = BitmapsExt::LEN)]
+    Length(usize),
+    /// The reserved field of the extension is not zero.
+    #[error("reserved field is not zero")]
+    Reserved,
+    /// nb_bitmaps outside 1..=65535.
+    #[error("{0} bitmaps (allowed 1..={max})", max = MAX_BITMAPS)]
+    Count(u32),
+    /// bitmap_directory_offset not a multiple of the cluster size.
+    #[error("bitmap directory offset {0:#x} is not cluster aligned")]
+    DirectoryAlign(u64),
+    /// bitmap_directory_size over the limit.
+    #[error("bitmap directory size {0} exceeds {max}", max = MAX_BITMAP_DIRECTORY)]
+    DirectorySize(u64),
+    /// Fewer than 24 bytes for a directory entry.
+    #[error("truncated")]
+    Truncated,
+    /// A bitmap type other than 1 (dirty tracking).
+    #[error("unknown bitmap type {0}")]
+    Type(u8),
+    /// granularity_bits outside 9..=31.
+    #[error("granularity 2^{0} is outside 2^9..2^31")]
+    Granularity(u8),
+    /// Reserved flag bits set.
+    #[error("reserved flags set ({0:#x})")]
+    Flags(u32),
+    /// name_size outside 1..=1023.
+    #[error("name length {0} is outside 1..=1023")]
+    NameSize(u16),
+    /// bitmap_table_offset not a multiple of the cluster size.
+    #[error("bitmap table offset {0:#x} is not cluster aligned")]
+    TableAlign(u64),
+    /// More than 1024 bytes of extra data.
+    #[error("{0} bytes of extra data")]
+    ExtraData(u32),
+}
+
+/// Why an L2 table entry (with its subcluster bitmap) is refused (qcow2 spec, "Cluster
+/// mapping"); the caller adds the table, index and raw value ([`Qcow2Error::L2Entry`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum L2Fault {
+    /// Compressed descriptor with bit 63 set.
+    #[error("compressed cluster with the copied flag (bit 63) set")]
+    CompressedCopied,
+    /// Compressed cluster while data lives in an external file.
+    #[error("compressed cluster in an image with an external data file")]
+    CompressedDataFile,
+    /// Compressed cluster with subcluster bits.
+    #[error("compressed cluster with a non-zero subcluster bitmap {0:#x}")]
+    CompressedBitmap(u64),
+    /// Compressed cluster offset using bits from 56 up.
+    #[error("compressed cluster offset {0:#x} beyond 2^56")]
+    CompressedOffset(u64),
+    /// Reserved bits of a standard entry set (the reserved bits found).
+    #[error("reserved bits set ({0:#x})")]
+    Reserved(u64),
+    /// Host offset 0 with the copied flag and no external data file.
+    #[error("host offset 0 (the header) with the copied flag set")]
+    HeaderOffset,
+    /// A host offset inside a cluster.
+    #[error("host offset {0:#x} is not cluster aligned")]
+    Unaligned(u64),
+    /// Bit 0 set in an extended L2 entry.
+    #[error("zero flag (bit 0) set in an extended L2 entry")]
+    ExtendedZeroFlag,
+    /// Subclusters marked both allocated and zero.
+    #[error("subclusters both allocated and zero (bitmap {0:#018x})")]
+    AllocatedAndZero(u64),
+    /// Allocated subclusters in a cluster with no host offset.
+    #[error("unallocated cluster with allocated subclusters (bitmap {0:#018x})")]
+    UnallocatedSubclusters(u64),
+    /// A subcluster bitmap in an image without extended L2 entries.
+    #[error("bitmap without extended L2 entries")]
+    StrayBitmap,
+    /// The zero flag in a version 2 image.
+    #[error("zero flag (bit 0) set in a version 2 image")]
+    ZeroFlagV2,
 }
 
 /// The bitmaps header extension (24 bytes).
