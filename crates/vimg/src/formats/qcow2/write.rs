@@ -144,33 +144,23 @@ impl WriteOptions {
                 ));
             }
         }
-        let compression_type = match opts.get_str("compression_type").unwrap_or("zlib") {
-            "zlib" => COMPRESSION_ZLIB,
+        let compression_type = match super::CAPABILITIES.choice("compression_type", opts)? {
             "zstd" if cfg!(feature = "zstd") => COMPRESSION_ZSTD,
             "zstd" => {
                 return Err(Error::unsupported(
                     "compression_type=zstd: vimg was built without the `zstd` cargo feature",
                 ))
             }
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'compression_type' does not accept value '{other}'"
-                )))
-            }
+            _ => COMPRESSION_ZLIB,
         };
         if version < 3 && compression_type != COMPRESSION_ZLIB {
             return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
-        let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
-            "off" => Prealloc::Off,
+        let prealloc = match super::CAPABILITIES.choice("preallocation", opts)? {
             "metadata" => Prealloc::Metadata,
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'preallocation' does not accept value '{other}'"
-                )))
-            }
+            _ => Prealloc::Off,
         };
         let backing_file = opts.get_str("backing_file").map(str::to_string);
         let backing_fmt = opts.get_str("backing_fmt").map(str::to_string);
