@@ -244,13 +244,6 @@ pub fn convert_report(
             "output file is smaller than input file",
         ));
     }
-    if kind.is_stream() && opts.output_mode != OutputMode::InPlace {
-        // A FIFO or character device takes one forward pass, like stdout (which
-        // `registry::create` checks): refuse a format that cannot before anything is made.
-        registry::driver(opts.format)
-            .capabilities()
-            .check_stream(&opts.create)?;
-    }
     let mut out = Output::with_mode(dst, opts.output_mode)
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)

@@ -318,8 +318,10 @@ impl Capabilities {
     }
 
     /// Refuses an image `opts` describes that this format cannot write in one forward pass
-    /// (for a destination that is a stream: stdout, a FIFO, a character device). A format
-    /// that writes nothing is left to [`Driver::create`]'s own refusal.
+    /// (stdout, checked before create). A FIFO or character device is left to the writer,
+    /// which refuses after opening it, so a reader waiting on a FIFO sees its end instead of
+    /// waiting forever. A format that writes nothing is left to [`Driver::create`]'s own
+    /// refusal.
     pub fn check_stream(&self, opts: &CreateOptions) -> Result<()> {
         if !self.create {
             return Ok(());
