@@ -30,7 +30,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Choice, ChoiceRefusal, Streaming, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -164,20 +164,7 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("lazy_refcounts", Some("off")),
         printed("refcount_bits", Some("16")),
     ],
-    choices: &[
-        Choice {
-            option: "preallocation",
-            values: &["off", "metadata", "falloc", "full"],
-            default: "off",
-            refusal: ChoiceRefusal::DoesNotAccept("preallocation"),
-        },
-        Choice {
-            option: "compression_type",
-            values: &["zlib", "zstd"],
-            default: "zlib",
-            refusal: ChoiceRefusal::DoesNotAccept("compression-type"),
-        },
-    ],
+    choices: write::CHOICES,
     streaming: Streaming::No(
         "qcow2 images cannot be written to a stream (the header is written last)",
     ),

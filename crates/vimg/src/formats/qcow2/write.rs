@@ -33,6 +33,7 @@ use super::refcount::Alloc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
+use crate::formats::{Choice, ChoiceRefusal};
 use crate::limits;
 use crate::mapping::Codec;
 use crate::options::{parse_bool, CreateOptions};
@@ -60,6 +61,25 @@ pub enum Prealloc {
     /// Metadata, plus zeros written over every data cluster.
     Full,
 }
+
+/// `preallocation`: qemu-img's qcow2 modes.
+const PREALLOCATION: Choice = Choice {
+    option: "preallocation",
+    values: &["off", "metadata", "falloc", "full"],
+    default: "off",
+    refusal: ChoiceRefusal::DoesNotAccept("preallocation"),
+};
+
+/// `compression_type`, which qemu-img names `compression-type` in its refusal.
+const COMPRESSION_TYPE: Choice = Choice {
+    option: "compression_type",
+    values: &["zlib", "zstd"],
+    default: "zlib",
+    refusal: ChoiceRefusal::DoesNotAccept("compression-type"),
+};
+
+/// The create options with fixed choices (the driver's declared capabilities).
+pub(super) const CHOICES: &[Choice] = &[PREALLOCATION, COMPRESSION_TYPE];
 
 /// Checked creation options for a qcow2 image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -144,7 +164,7 @@ impl WriteOptions {
                 ));
             }
         }
-        let compression_type = match super::CAPABILITIES.choice("compression_type", opts)? {
+        let compression_type = match COMPRESSION_TYPE.value(opts)? {
             "zstd" if cfg!(feature = "zstd") => COMPRESSION_ZSTD,
             "zstd" => {
                 return Err(Error::unsupported(
@@ -156,7 +176,7 @@ impl WriteOptions {
         if version < 3 && compression_type != COMPRESSION_ZLIB {
             return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
-        let prealloc = match super::CAPABILITIES.choice("preallocation", opts)? {
+        let prealloc = match PREALLOCATION.value(opts)? {
             "metadata" => Prealloc::Metadata,
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
