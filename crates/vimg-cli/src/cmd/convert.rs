@@ -154,7 +154,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     let mut opts = ConvertOptions::new(out_format);
     if let Some(s) = &a.sparse_size {
-        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
+        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e.to_string(), 1))?;
         if n % 512 != 0 || n > MAX_SPARSE {
             return Err(Failure::new(
                 "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
@@ -382,6 +382,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
+        // A source file found unreadable or corrupt while it was read.
+        Some(path) if src.chain().iter().any(|l| l.filename() == path.as_os_str()) => Failure::new(
+            format!("error while reading '{}': {}", path.display(), e.message()),
+            1,
+        ),
         Some(path) if path != p.dst => Failure::new(
             format!("Could not open '{}': {}", path.display(), e.message()),
             1,

@@ -70,7 +70,7 @@ fn parse_bs(v: &str) -> Result<u64, Failure> {
     } else {
         match vimg::options::parse_size(t) {
             Ok(n) => n,
-            Err(e) if e.contains("too large") => return Err(range()),
+            Err(vimg::options::SizeError::TooLarge(_)) => return Err(range()),
             Err(_) => return Err(invalid()),
         }
     };

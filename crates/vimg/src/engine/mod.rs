@@ -393,16 +393,7 @@ impl<'s, 'a> Planner<'s, 'a> {
         let max = self.size - pos;
         match self.mode {
             CopyMode::Flatten => Ok(src.map_flat(pos, max)?.0),
-            CopyMode::TopOnly => {
-                let e = src.reader().map(crate::mapping::GuestOffset(pos), max)?;
-                if e.start.get() != pos || e.len == 0 || e.len > max {
-                    return Err(Error::corrupt(format!(
-                        "{} mapping at {pos:#x} returned an invalid extent",
-                        src.format().name()
-                    )));
-                }
-                Ok(e)
-            }
+            CopyMode::TopOnly => crate::image::checked_map(src, pos, max),
         }
     }
 
@@ -654,6 +645,7 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
                 offset.get()
             ),
         )
+        .with_path(layer.filename())
     };
     shared.stats_read.fetch_add(len, Ordering::Relaxed);
     split_runs(m.data(), shared.unit as usize, shared.sparse, runs);

@@ -43,7 +43,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -78,6 +78,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("size", None),
         printed("cluster_size", Some("1048576")),
     ],
+    choices: &[],
+    streaming: Streaming::No(
+        "a Parallels image keeps its BAT in front of the data and cannot be written to a stream",
+    ),
 };
 
 impl crate::formats::Driver for Driver {

@@ -33,7 +33,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -175,6 +175,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("lazy_refcounts", Some("off")),
         printed("refcount_bits", Some("16")),
     ],
+    choices: write::CHOICES,
+    streaming: Streaming::No(
+        "qcow2 images cannot be written to a stream (the header is written last)",
+    ),
 };
 
 impl crate::formats::Driver for Driver {

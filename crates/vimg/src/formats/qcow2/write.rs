@@ -33,6 +33,7 @@ use super::refcount::Alloc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
+use crate::formats::{Choice, ChoiceRefusal};
 use crate::limits;
 use crate::mapping::Codec;
 use crate::options::{parse_bool, CreateOptions};
@@ -60,6 +61,25 @@ pub enum Prealloc {
     /// Metadata, plus zeros written over every data cluster.
     Full,
 }
+
+/// `preallocation`: qemu-img's qcow2 modes.
+const PREALLOCATION: Choice = Choice {
+    option: "preallocation",
+    values: &["off", "metadata", "falloc", "full"],
+    default: "off",
+    refusal: ChoiceRefusal::DoesNotAccept("preallocation"),
+};
+
+/// `compression_type`, which qemu-img names `compression-type` in its refusal.
+const COMPRESSION_TYPE: Choice = Choice {
+    option: "compression_type",
+    values: &["zlib", "zstd"],
+    default: "zlib",
+    refusal: ChoiceRefusal::DoesNotAccept("compression-type"),
+};
+
+/// The create options with fixed choices (the driver's declared capabilities).
+pub(super) const CHOICES: &[Choice] = &[PREALLOCATION, COMPRESSION_TYPE];
 
 /// Checked creation options for a qcow2 image.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,33 +156,23 @@ impl WriteOptions {
                 ));
             }
         }
-        let compression_type = match opts.get_str("compression_type").unwrap_or("zlib") {
-            "zlib" => COMPRESSION_ZLIB,
+        let compression_type = match COMPRESSION_TYPE.value(opts)? {
             "zstd" if cfg!(feature = "zstd") => COMPRESSION_ZSTD,
             "zstd" => {
                 return Err(Error::unsupported(
                     "compression_type=zstd: vimg was built without the `zstd` cargo feature",
                 ))
             }
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'compression_type' does not accept value '{other}'"
-                )))
-            }
+            _ => COMPRESSION_ZLIB,
         };
         if version < 3 && compression_type != COMPRESSION_ZLIB {
             return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
-        let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
-            "off" => Prealloc::Off,
+        let prealloc = match PREALLOCATION.value(opts)? {
             "metadata" => Prealloc::Metadata,
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'preallocation' does not accept value '{other}'"
-                )))
-            }
+            _ => Prealloc::Off,
         };
         let backing_file = opts.get_str("backing_file").map(str::to_string);
         let backing_fmt = opts.get_str("backing_fmt").map(str::to_string);

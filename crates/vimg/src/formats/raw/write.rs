@@ -26,15 +26,10 @@ enum Prealloc {
 impl RawWriter {
     /// Creates the main file of `out` as a raw image of `size` bytes.
     pub fn create(out: &Output, size: u64, opts: &CreateOptions) -> Result<RawWriter> {
-        let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
-            "off" => Prealloc::Off,
+        let prealloc = match super::CAPABILITIES.choice("preallocation", opts)? {
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "Invalid preallocation mode: '{other}'"
-                )))
-            }
+            _ => Prealloc::Off,
         };
         if let Some(name) = opts.get_str("compress") {
             let c = OutputCompression::parse(name, opts.get_number("compression_level")?)?;
