@@ -168,3 +168,34 @@ fn qcow2_small_clusters_refcount_block_after_the_run_like_qemu_img() {
         assert_same_file(&v, &q);
     }
 }
+
+/// iotest 054: a qcow2 header whose size is 1 EiB. Invoked as `qemu-img`, vimg prints
+/// qemu-img's message exactly; as `vimg`, the same words with the size and the limit after.
+#[test]
+fn image_too_big_in_qemu_img_words_under_that_name() {
+    if !qemu_available("image_too_big_in_qemu_img_words_under_that_name") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&img), "4G"]);
+    patch(&img, 24, &(1u64 << 60).to_be_bytes());
+    let link = dir.path().join("qemu-img");
+    std::os::unix::fs::symlink(vimg_bin(), &link).unwrap();
+    for sub in ["check", "info"] {
+        let q = run_cmd("qemu-img", &[sub, s(&img)]);
+        let v = run_cmd(&link, &[sub, s(&img)]);
+        assert_eq!(v.status.code(), q.status.code(), "{sub}");
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr),
+            "{sub}"
+        );
+        let own = vimg_raw(&[sub, s(&img)]);
+        let own = String::from_utf8_lossy(&own.stderr);
+        assert!(
+            own.contains("Image is too big (virtual size 1152921504606846976"),
+            "{own}"
+        );
+    }
+}
