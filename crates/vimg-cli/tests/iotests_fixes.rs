@@ -270,3 +270,65 @@ fn hexadecimal_sizes_like_qemu_img() {
         .status
         .success());
 }
+
+/// iotests 159, 170: `dd`'s options may follow its operands (`dd if=A of=B bs=N -O FMT`),
+/// as qemu-img's option parser permutes them.
+#[test]
+fn dd_takes_options_after_operands() {
+    if !qemu_available("dd_takes_options_after_operands") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    qemu_img(&["create", "-f", "qcow2", s(&src), "1M"]);
+    qemu_io(
+        "qcow2",
+        &src,
+        &["write -P 0x5a 0 64k", "write -P 0x33 512k 4k"],
+    );
+    let q = dir.path().join("q.qcow2");
+    let v = dir.path().join("v.qcow2");
+    let (iq, oq) = (format!("if={}", s(&src)), format!("of={}", s(&q)));
+    let (iv, ov) = (format!("if={}", s(&src)), format!("of={}", s(&v)));
+    qemu_img(&["dd", &iq, &oq, "bs=64k", "-O", "qcow2"]);
+    vimg(&["dd", &iv, &ov, "bs=64k", "-O", "qcow2"]);
+    let out = qemu_img(&["compare", "-f", "qcow2", "-F", "qcow2", s(&q), s(&v)]);
+    assert!(out.contains("Images are identical"), "{out}");
+    assert!(qemu_img(&["info", s(&v)]).contains("file format: qcow2"));
+}
+
+/// iotest 043: invoked as qemu-img, `info --backing-chain` on a chain that loops prints
+/// qemu-img's one line, and `info --output=json` prints qemu-img's keys only.
+#[test]
+fn info_as_qemu_img_loop_message_and_json_keys() {
+    if !qemu_available("info_as_qemu_img_loop_message_and_json_keys") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("t.qcow2");
+    let link = dir.path().join("qemu-img");
+    std::os::unix::fs::symlink(vimg_bin(), &link).unwrap();
+    qemu_img(&["create", "-f", "qcow2", s(&img), "64M"]);
+    let same = |args: &[&str]| {
+        let q = run_cmd("qemu-img", args);
+        let v = run_cmd(&link, args);
+        assert_eq!(v.status.code(), q.status.code(), "{args:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&q.stdout),
+            "{args:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr),
+            "{args:?}"
+        );
+    };
+    same(&["info", "--output=json", s(&img)]);
+    qemu_img(&["rebase", "-u", "-b", s(&img), "-F", "qcow2", s(&img)]);
+    same(&["info", "--backing-chain", s(&img)]);
+    same(&["info", "--backing-chain", "--output=json", s(&img)]);
+    // Under its own name vimg keeps its additions.
+    let own = vimg(&["info", "--output=json", "-U", s(&img)]);
+    assert!(own.contains("image-service"), "{own}");
+}
