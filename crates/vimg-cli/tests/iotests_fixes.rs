@@ -332,3 +332,70 @@ fn info_as_qemu_img_loop_message_and_json_keys() {
     let own = vimg(&["info", "--output=json", "-U", s(&img)]);
     assert!(own.contains("image-service"), "{own}");
 }
+
+/// iotest 106: shrinking a raw image with preallocation is refused in qemu-img's words and
+/// leaves the file as it is; without preallocation it shrinks.
+#[test]
+fn raw_shrink_with_preallocation_refused_like_qemu_img() {
+    if !qemu_available("raw_shrink_with_preallocation_refused_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.raw");
+    let v = dir.path().join("v.raw");
+    for mode in ["falloc", "full"] {
+        std::fs::write(&q, vec![7u8; 256 << 10]).unwrap();
+        std::fs::write(&v, vec![7u8; 256 << 10]).unwrap();
+        let p = format!("--preallocation={mode}");
+        let args = |f: &Path| -> Vec<String> {
+            ["resize", "-f", "raw", "--shrink", p.as_str(), s(f), "-128K"]
+                .iter()
+                .map(|x| x.to_string())
+                .collect()
+        };
+        let qa = args(&q);
+        let va = args(&v);
+        let qo = run_cmd(
+            "qemu-img",
+            &qa.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let vo = vimg_raw(&va.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(vo.status.code(), qo.status.code(), "{mode}");
+        assert_eq!(
+            String::from_utf8_lossy(&vo.stderr).replace("vimg:", "qemu-img:"),
+            String::from_utf8_lossy(&qo.stderr),
+            "{mode}"
+        );
+        assert_eq!(std::fs::metadata(&v).unwrap().len(), 256 << 10);
+    }
+    vimg(&["resize", "-f", "raw", "--shrink", s(&v), "-128K"]);
+    assert_eq!(std::fs::metadata(&v).unwrap().len(), 128 << 10);
+}
+
+/// iotests 110, 126: command-line names in QEMU's spellings: `json:` with single-quoted
+/// strings, and `file:` before a path with a colon in it (create and info).
+#[test]
+fn json_single_quotes_and_file_prefix_names_like_qemu_img() {
+    if !qemu_available("json_single_quotes_and_file_prefix_names_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a:b.qcow2");
+    let name = format!("file:{}", s(&img));
+    let out = vimg(&["create", "-f", "qcow2", &name, "64M"]);
+    assert!(out.starts_with(&format!("Formatting '{name}'")), "{out}");
+    assert!(qemu_img(&["info", s(&img)]).contains("virtual size: 64 MiB"));
+    assert!(vimg(&["info", &name]).contains("virtual size: 64 MiB"));
+    let json = format!(
+        "json:{{'driver':'qcow2','file':{{'driver':'file','filename':'{}'}}}}",
+        s(&img)
+    );
+    let q = qemu_img(&["info", &json]);
+    let v = vimg(&["info", &json]);
+    for line in [
+        "file format: qcow2",
+        "virtual size: 64 MiB (67108864 bytes)",
+    ] {
+        assert!(q.contains(line) && v.contains(line), "{q}\n{v}");
+    }
+}

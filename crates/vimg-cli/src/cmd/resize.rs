@@ -101,6 +101,13 @@ pub fn run(a: ResizeArgs) -> CmdResult {
             let cur = vimg::storage::Storage::len(&storage);
             let total = target(cur, sign, n)?;
             check_shrink(cur, total, a.shrink)?;
+            if total < cur && prealloc != Prealloc::Off {
+                // qemu's file driver's words (iotest 106); the file is left as it is.
+                return Err(Failure::new(
+                    "Preallocation can only be used for growing images",
+                    1,
+                ));
+            }
             vimg::formats::raw::update::resize(path, total, prealloc).map_err(Failure::from)?;
         }
         other => {
