@@ -589,7 +589,7 @@ fn split_runs(shared: &Shared<'_>, start: u64, buf: &[u8], runs: &mut Vec<Run>) 
         // Compressed units are written whole: qemu-img ignores -S (other than 0) for them
         // and skips exactly the units that are all zero.
         zero::split_runs(buf, unit, 1, runs);
-    } else if shared.sparse > unit && start % 512 == 0 {
+    } else if shared.sparse > unit && start.is_multiple_of(512) {
         sparse::split_runs_qemu(buf, start, unit, shared.sparse, runs);
     } else {
         zero::split_runs(buf, unit, shared.sparse, runs);
