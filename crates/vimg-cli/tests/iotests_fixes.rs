@@ -399,3 +399,29 @@ fn json_single_quotes_and_file_prefix_names_like_qemu_img() {
         assert!(q.contains(line) && v.contains(line), "{q}\n{v}");
     }
 }
+
+/// iotest 035: a 6 GiB image with 512-byte clusters has an L1 table of 3072 clusters that
+/// spans twelve refcount regions; their blocks go after it (the file's last clusters, which
+/// must not be cut off), as QEMU lays it out: bit-identical, clean, and writable by qemu-io.
+#[test]
+fn qcow2_large_l1_refcount_blocks_after_it_like_qemu_img() {
+    if !qemu_available("qcow2_large_l1_refcount_blocks_after_it_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.qcow2");
+    let v = dir.path().join("v.qcow2");
+    for (cs, size) in [("512", "6G"), ("1k", "64G")] {
+        let o = format!("cluster_size={cs}");
+        qemu_img(&["create", "-f", "qcow2", "-o", &o, s(&q), size]);
+        vimg(&["create", "-f", "qcow2", "-o", &o, s(&v), size]);
+        assert_same_file(&v, &q);
+        qemu_io(
+            "qcow2",
+            &v,
+            &["write 0 512", "write 1M 512", "write 63M 512"],
+        );
+        let out = qemu_img(&["check", s(&v)]);
+        assert!(out.contains("No errors were found"), "{out}");
+    }
+}

@@ -26,6 +26,9 @@ pub(super) struct Alloc {
     pub(super) reftable: Vec<u64>,
     /// Refcount blocks still in memory, by region.
     pub(super) blocks: BTreeMap<u64, Vec<u8>>,
+    /// The end of the last refcount block written (a block may be the file's last
+    /// cluster: it goes after the run that needed it).
+    pub(super) written_end: u64,
 }
 
 impl Alloc {
@@ -150,7 +153,9 @@ impl Alloc {
             .collect();
         for r in done {
             if let Some(b) = self.blocks.remove(&r) {
-                file.write_all_at(&b, self.reftable[r as usize])?;
+                let at = self.reftable[r as usize];
+                file.write_all_at(&b, at)?;
+                self.written_end = self.written_end.max(at + self.cs);
             }
         }
         Ok(())

@@ -349,6 +349,7 @@ impl Qcow2Writer {
             free_byte: 0,
             reftable: vec![2 << g.cluster_bits],
             blocks: BTreeMap::new(),
+            written_end: 0,
         };
         // QEMU's layout: header, refcount table, refcount block, then the L1 table.
         let mut block0 = vec![0u8; cs as usize];
@@ -1010,6 +1011,7 @@ impl ImageWriter for Qcow2Writer {
         // compressed data it is rounded up to a sector.
         let mut end = max_end
             .load(Ordering::Relaxed)
+            .max(alloc.written_end)
             .max(((alloc.next - 1) << cb) + 1);
         if self.o.compress.is_some() {
             end = end.div_ceil(512) * 512;
