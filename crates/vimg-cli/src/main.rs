@@ -7,6 +7,7 @@ mod cmd;
 mod human;
 mod objects;
 mod progress;
+mod qemu_words;
 mod signals;
 mod trust;
 
@@ -93,7 +94,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("{}: {}", trust::prefix(), human::esc_message(&f.message));
+            let message = if trust::qemu_mode() {
+                qemu_words::plain(&f.message)
+            } else {
+                f.message
+            };
+            eprintln!("{}: {}", trust::prefix(), human::esc_message(&message));
             ExitCode::from(f.code)
         }
     }

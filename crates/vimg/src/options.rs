@@ -337,6 +337,10 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
     let s = s.trim();
     let invalid = || SizeError::Invalid(s.to_string());
     let too_large = || SizeError::TooLarge(s.to_string());
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        // As qemu's sizes: hexadecimal takes no fraction and no suffix (iotest 214).
+        return u64::from_str_radix(hex, 16).map_err(|_| invalid());
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
@@ -377,6 +381,11 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("0x10000").unwrap(), 65536);
+        assert_eq!(parse_size("0X1f").unwrap(), 31);
+        assert!(parse_size("0x10k").is_err());
+        assert!(parse_size("0x1.5").is_err());
+        assert!(parse_size("0x").is_err());
         assert_eq!(parse_size("64K").unwrap(), 65536);
         assert_eq!(parse_size("1M").unwrap(), 1 << 20);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);

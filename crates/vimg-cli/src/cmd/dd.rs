@@ -31,7 +31,7 @@ pub struct DdArgs {
     pub safety: SafetyArgs,
     /// Operands: bs=BLOCK_SIZE (default 512), count=BLOCKS, skip=BLOCKS, if=INPUT,
     /// of=OUTPUT.
-    #[arg(value_name = "OPERAND", allow_hyphen_values = true)]
+    #[arg(value_name = "OPERAND")]
     pub operands: Vec<String>,
 }
 

@@ -97,6 +97,12 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                 ));
             }
         }
+    } else if total < cur && prealloc != Prealloc::Off {
+        // qemu's file driver's words (iotest 106); the file is left as it is.
+        return Err(Failure::new(
+            "Preallocation can only be used for growing images",
+            1,
+        ));
     }
     img.resize(total, prealloc).map_err(Failure::from)?;
     if !a.quiet {

@@ -15,6 +15,7 @@
 //!   scan and encode), and only the data writes themselves run in any order.
 
 mod mapped;
+mod sparse;
 pub mod zero;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use crate::image::Image;
 use crate::mapping::{Extent, MapKind};
 use crate::writer::{EncodedUnit, ImageWriter};
 
-use zero::{split_runs, Run};
+use zero::Run;
 
 /// Which ranges of the source the engine copies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -648,7 +649,7 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
         .with_path(layer.filename())
     };
     shared.stats_read.fetch_add(len, Ordering::Relaxed);
-    split_runs(m.data(), shared.unit as usize, shared.sparse, runs);
+    split_runs(shared, start, m.data(), runs);
     if m.failed() {
         return Some(Err(failed()));
     }
@@ -657,6 +658,21 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
         return Some(Err(failed()));
     }
     Some(r)
+}
+
+/// Splits a data job's bytes (`buf`, at image offset `start`) into the runs to write and the
+/// zero runs to skip, as qemu-img's `-S` does (see [`sparse`] for units smaller than `-S`).
+fn split_runs(shared: &Shared<'_>, start: u64, buf: &[u8], runs: &mut Vec<Run>) {
+    let unit = shared.unit as usize;
+    if shared.sparse > 0 && shared.dst.caps().encodes {
+        // Compressed units are written whole: qemu-img ignores -S (other than 0) for them
+        // and skips exactly the units that are all zero.
+        zero::split_runs(buf, unit, 1, runs);
+    } else if shared.sparse > unit && start.is_multiple_of(512) {
+        sparse::split_runs_qemu(buf, start, unit, shared.sparse, runs);
+    } else {
+        zero::split_runs(buf, unit, shared.sparse, runs);
+    }
 }
 
 /// Reads and scans a data job (and encodes it for writers that encode).
@@ -680,7 +696,7 @@ fn process(
     }
     shared.src.read_at(&mut buf[..len], start)?;
     shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
-    split_runs(&buf[..len], shared.unit as usize, shared.sparse, runs);
+    split_runs(shared, start, &buf[..len], runs);
     if shared.dst.caps().encodes {
         encoded.clear();
         for r in runs.iter().filter(|r| !r.zero) {

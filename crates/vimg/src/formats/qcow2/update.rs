@@ -210,7 +210,7 @@ impl Qcow2Update {
             .into());
         }
         let file_len = meta.len();
-        Ok(Qcow2Update {
+        let mut u = Qcow2Update {
             file,
             path: path.to_path_buf(),
             g: r.g,
@@ -224,7 +224,24 @@ impl Qcow2Update {
             free_hint: 0,
             block: None,
             hook: CrashHook::from_env(),
-        })
+        };
+        u.clear_unknown_autoclear()?;
+        Ok(u)
+    }
+
+    /// The spec: a program that opens an image for writing and does not know an autoclear
+    /// feature bit must clear it (its meaning may not survive the change). One 8-byte
+    /// field of the header, as QEMU clears them on every read-write open (iotest 036).
+    fn clear_unknown_autoclear(&mut self) -> Result<()> {
+        let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+        let bits = self.header.autoclear_features;
+        if self.header.version < 3 || bits & !known == 0 {
+            return Ok(());
+        }
+        self.pwrite(&(bits & known).to_be_bytes(), 88)?;
+        self.sync()?;
+        self.header.autoclear_features = bits & known;
+        Ok(())
     }
 
     /// The header as it is now.

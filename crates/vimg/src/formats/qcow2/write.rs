@@ -366,6 +366,7 @@ impl Qcow2Writer {
             free_byte: 0,
             reftable: vec![2 << g.cluster_bits],
             blocks: BTreeMap::new(),
+            written_end: 0,
         };
         // QEMU's layout: header, refcount table, refcount block, then the L1 table.
         let mut block0 = vec![0u8; cs as usize];
@@ -537,6 +538,34 @@ impl Qcow2Writer {
         (l1i, if self.g.extended_l2 { 2 * i } else { i })
     }
 
+    /// How many of the write's units from `u` on (at most to `units`, within `u`'s L2
+    /// table, which is loaded) have no host cluster yet.
+    fn unallocated_run(&self, st: &mut State, offset: u64, u: u64, units: u64) -> Result<u64> {
+        let g = self.g;
+        let gc0 = (offset >> g.cluster_bits) + u;
+        let (l1i, _) = self.slot_index(gc0);
+        let Some(slot) = self.table(st, l1i, false)? else {
+            return Ok(1);
+        };
+        let mut k = 0;
+        for v in u..units {
+            let (l1v, idx) = self.slot_index(gc0 + (v - u));
+            if l1v != l1i {
+                break;
+            }
+            let bitmap = if g.extended_l2 {
+                slot.words[idx + 1]
+            } else {
+                0
+            };
+            if self.data_host(slot.words[idx], bitmap).is_some() {
+                break;
+            }
+            k += 1;
+        }
+        Ok(k.max(1))
+    }
+
     /// Standard host cluster of an entry, if it holds data (not compressed, not zero).
     fn data_host(&self, entry: u64, bitmap: u64) -> Option<u64> {
         if entry & OFLAG_COMPRESSED != 0 {
@@ -569,6 +598,8 @@ impl Qcow2Writer {
         {
             let mut st = self.lock()?;
             let units = len.div_ceil(cs);
+            // Clusters still to hand out from the last allocation, and the next one.
+            let mut run: (u64, u64) = (0, 0);
             for u in 0..units {
                 let guest = offset + u * cs;
                 let dstart = (u * cs) as usize;
@@ -615,7 +646,23 @@ impl Qcow2Writer {
                 let host = match self.data_host(entry, bitmap) {
                     Some(h) => h,
                     None if self.data.is_some() => guest,
-                    None => st.alloc.alloc(&self.file, 1, true)? << g.cluster_bits,
+                    None if run.0 > 0 => {
+                        run = (run.0 - 1, run.1 + cs);
+                        run.1 - cs
+                    }
+                    None => {
+                        // One allocation for the clusters of this write in this L2 table
+                        // that have none, as QEMU's allocator makes: a refcount block the
+                        // run needs goes after the run, not into it.
+                        let k = if encoded.is_empty() {
+                            self.unallocated_run(&mut st, offset, u, units)?
+                        } else {
+                            1
+                        };
+                        let h = st.alloc.alloc(&self.file, k, true)? << g.cluster_bits;
+                        run = (k - 1, h + cs);
+                        h
+                    }
                 };
                 let slot = self
                     .table(&mut st, l1i, true)?
@@ -1007,6 +1054,7 @@ impl ImageWriter for Qcow2Writer {
         // compressed data it is rounded up to a sector.
         let mut end = max_end
             .load(Ordering::Relaxed)
+            .max(alloc.written_end)
             .max(((alloc.next - 1) << cb) + 1);
         if self.o.compress.is_some() {
             end = end.div_ceil(512) * 512;
