@@ -92,8 +92,10 @@ pub enum Command {
     Bitmap(crate::cmd::bitmap::BitmapArgs),
     /// Copy a range of an image into a new image (qemu-img dd): bs=, count=, skip=, if=, of=.
     Dd(crate::cmd::dd::DdArgs),
-    /// Change a qcow2 image's backing file reference in place (qemu-img rebase -u).
+    /// Change a qcow2 image's backing file in place (qemu-img rebase; -u: the reference only).
     Rebase(crate::cmd::rebase::RebaseArgs),
+    /// Write an image's data into its backing file and empty it (qemu-img commit).
+    Commit(crate::cmd::commit::CommitArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
     Completion(CompletionArgs),
     /// Print the man page (roff) to stdout: vimg's, or a subcommand's; with --dir, write
@@ -117,6 +119,7 @@ impl Command {
             Command::Bitmap(a) => Some(&a.safety),
             Command::Dd(a) => Some(&a.safety),
             Command::Rebase(a) => Some(&a.safety),
+            Command::Commit(a) => Some(&a.safety),
             _ => None,
         }
     }
@@ -205,6 +208,12 @@ pub struct ConvertArgs {
         require_equals = true
     )]
     pub progress_mode: Option<ProgressMode>,
+    /// vimg: `--output=json` prints, when done, a JSON report of the file written: its name,
+    /// format, checksum (with --checksum) and `image-service` block (what to register it
+    /// with), instead of the checksum line. Progress then goes to stderr; refused when the
+    /// image itself goes to stdout.
+    #[arg(long = "output", value_enum)]
+    pub output: Option<OutputFormat>,
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,

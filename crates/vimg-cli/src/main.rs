@@ -7,6 +7,7 @@ mod cmd;
 mod human;
 mod objects;
 mod progress;
+mod qemu_words;
 mod signals;
 mod trust;
 
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
         Command::Bitmap(a) => cmd::bitmap::run(a),
         Command::Dd(a) => cmd::dd::run(a),
         Command::Rebase(a) => cmd::rebase::run(a),
+        Command::Commit(a) => cmd::commit::run(a),
         Command::Completion(a) => cmd::extras::completion(a),
         Command::Man(a) => cmd::extras::man(a),
     };
@@ -93,7 +95,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(f) => {
             let _ = std::io::stdout().flush();
-            eprintln!("{}: {}", trust::prefix(), human::esc_message(&f.message));
+            let message = if trust::qemu_mode() {
+                qemu_words::plain(&f.message)
+            } else {
+                f.message
+            };
+            eprintln!("{}: {}", trust::prefix(), human::esc_message(&message));
             ExitCode::from(f.code)
         }
     }

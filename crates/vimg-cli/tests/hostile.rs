@@ -21,9 +21,8 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -379,8 +378,8 @@ fn run_case(env: &Env, c: &Case) -> Result<(), String> {
         args.push("--allow-external".into());
     }
     args.extend(["-O".into(), "raw".into(), s(&img).into(), s(&out).into()]);
-    let run = run_limited(&args);
-    let err = String::from_utf8_lossy(&run.stderr);
+    let run = run_limited(&args, CLI_ADDRESS_SPACE);
+    let err = &run.stderr;
     if run.code != Some(1) || !err.starts_with("vimg: ") || err.contains("panicked") {
         return Err(format!("CLI exit {:?}: {err}", run.code));
     }
@@ -397,7 +396,7 @@ fn run_case(env: &Env, c: &Case) -> Result<(), String> {
     if !left.is_empty() {
         return Err(format!("CLI left {left:?} behind"));
     }
-    if contains_secret(&run.stdout) || contains_secret(&run.stderr) {
+    if contains_secret(run.stdout.as_bytes()) || contains_secret(run.stderr.as_bytes()) {
         return Err("the secret's bytes reached the CLI's output".into());
     }
     eprintln!(
@@ -503,63 +502,6 @@ fn read_all(p: &Path, format: Option<Format>, allow_external: bool) -> vimg::Res
     }
     Ok(())
 }
-
-struct Run {
-    code: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    elapsed: Duration,
-    /// Peak resident set size in bytes.
-    max_rss: u64,
-}
-
-/// Runs vimg with `args` under RLIMIT_AS = [`CLI_ADDRESS_SPACE`]; returns how it ended.
-///
-/// The peak RSS comes from GNU time (`%M`): `wait4`'s `ru_maxrss` of a child started with a
-/// `pre_exec` hook would count the forked copy of this (big) test process before `exec`;
-/// time's own fork is small.
-fn run_limited(args: &[String]) -> Run {
-    let rss_file = tempfile::NamedTempFile::new().unwrap();
-    let mut cmd = Command::new(TIME);
-    cmd.args(["-f", "%M", "-o", s(rss_file.path())])
-        .arg(vimg_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: CLI_ADDRESS_SPACE as libc::rlim_t,
-                rlim_max: CLI_ADDRESS_SPACE as libc::rlim_t,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let t = Instant::now();
-    let out = cmd.output().unwrap();
-    let elapsed = t.elapsed();
-    let rss = fs::read_to_string(rss_file.path()).unwrap();
-    // "Command exited with non-zero status 1\n12345\n": the last line is %M, in KiB.
-    let kib: u64 = rss
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("time wrote {rss:?}"));
-    Run {
-        // time exits with the command's status, or 128 + signal when it was killed.
-        code: out.status.code().filter(|c| *c < 128),
-        stdout: out.stdout,
-        stderr: out.stderr,
-        elapsed,
-        max_rss: kib * 1024,
-    }
-}
-
-/// GNU time, which reports the peak RSS of the command it runs.
-const TIME: &str = "/usr/bin/time";
 
 fn contains_secret(b: &[u8]) -> bool {
     b.windows(SECRET.len()).any(|w| w == SECRET)
@@ -968,10 +910,6 @@ impl Env {
 
 // ---------------------------------------------------------------------------------------
 // Patching helpers
-
-fn size_of(p: &Path) -> u64 {
-    fs::metadata(p).unwrap().len()
-}
 
 fn rd32le(p: &Path, off: u64) -> u32 {
     u32::from_le_bytes(read_bytes(p, off))

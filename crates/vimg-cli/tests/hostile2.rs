@@ -7,10 +7,8 @@
 mod common;
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use vimg::formats::qcow2::header::{Header as QHeader, L1E_OFFSET_MASK};
@@ -24,56 +22,9 @@ const MAX_RSS: u64 = 256 * MIB;
 /// run instead of succeeding quietly.
 const ADDRESS_SPACE: u64 = 2 * vimg::limits::MAX_METADATA_BYTES + 256 * MIB;
 
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-    max_rss: u64,
-}
-
-/// Runs vimg with `args` under GNU time and RLIMIT_AS; returns how it ended.
-fn run_limited(args: &[&str]) -> Run {
-    let rss_file = tempfile::NamedTempFile::new().unwrap();
-    let mut cmd = Command::new("/usr/bin/time");
-    cmd.args(["-f", "%M", "-o", s(rss_file.path())])
-        .arg(vimg_bin())
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: ADDRESS_SPACE as libc::rlim_t,
-                rlim_max: ADDRESS_SPACE as libc::rlim_t,
-            };
-            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let t = Instant::now();
-    let out = cmd.output().unwrap();
-    let elapsed = t.elapsed();
-    let rss = fs::read_to_string(rss_file.path()).unwrap();
-    let kib: u64 = rss
-        .lines()
-        .last()
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("time wrote {rss:?}"));
-    Run {
-        code: out.status.code().filter(|c| *c < 128),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        elapsed,
-        max_rss: kib * 1024,
-    }
-}
-
 /// Runs `args`, checks the bounds, prints the measurement; returns the run.
-fn bounded(what: &str, args: &[&str]) -> Run {
-    let r = run_limited(args);
+fn bounded(what: &str, args: &[&str]) -> LimitedRun {
+    let r = run_limited(args, ADDRESS_SPACE);
     eprintln!(
         "{what}: exit {:?}, {:.2} s, {} KiB peak RSS",
         r.code,

@@ -255,28 +255,6 @@ fn default_64k(dir: &Path) -> PathBuf {
     )
 }
 
-/// Sets the stored refcount of host cluster `c` (16-bit refcounts, first refcount block),
-/// growing the file to hold it: a leak when nothing references it.
-fn set_refcount(img: &Path, c: u64, v: u16) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(img)
-        .expect("open");
-    let mut h = [0u8; 104];
-    f.read_exact_at(&mut h, 0).expect("header");
-    let cb = u32::from_be_bytes(h[20..24].try_into().expect("4"));
-    let rt = u64::from_be_bytes(h[48..56].try_into().expect("8"));
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, rt).expect("reftable");
-    let rb = u64::from_be_bytes(e);
-    f.write_all_at(&v.to_be_bytes(), rb + 2 * c)
-        .expect("refcount");
-    let len = f.metadata().expect("stat").len();
-    f.set_len(len.max((c + 1) << cb)).expect("grow");
-}
-
 fn leaky(dir: &Path) -> PathBuf {
     let img = default_64k(dir);
     let len = std::fs::metadata(&img).expect("stat").len();

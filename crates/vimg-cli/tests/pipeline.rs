@@ -101,9 +101,41 @@ fn compressed_raw_converts_like_decompress_then_convert() {
             fs::metadata(&renamed).unwrap().len()
         );
         assert_eq!(info["vimg-container"]["access"], "stream", "{kind}");
-        assert_eq!(info["image-service"]["container_format"], "compressed");
+        // The block describes what to upload: the raw image inside, as a file of its own.
+        let svc = &info["image-service"];
+        assert_eq!(svc["container_format"], "bare", "{svc}");
+        assert_eq!(svc["input_container_format"], "compressed");
+        assert_eq!(svc["input_usable"], false);
+        assert_eq!(
+            svc["convert_command"],
+            "vimg convert -O raw --checksum sha512 INPUT OUTPUT.raw"
+        );
         let human = vimg(&["info", s(&renamed)]);
         assert!(human.contains(&format!("container: {name}")), "{human}");
+        assert!(
+            human.contains(
+                "image service: disk_format=raw container_format=bare min_disk=1 safe=yes\n    \
+                 input: container_format=compressed, not usable as uploaded; upload the image \
+                 inside, written by: vimg convert -O raw --checksum sha512 INPUT OUTPUT.raw\n"
+            ),
+            "{human}"
+        );
+        // A checksum of the container is not one of the image to upload.
+        let info = json(&vimg(&[
+            "info",
+            "--output=json",
+            "--checksum",
+            "sha256",
+            s(&renamed),
+        ]));
+        assert!(
+            info["image-service"].get("os_hash_value").is_none(),
+            "{info}"
+        );
+        assert_eq!(
+            info["vimg-checksum"]["value"],
+            sha256_file(&renamed).as_str()
+        );
     }
 }
 
@@ -606,8 +638,13 @@ fn ova_disks_are_listed_and_converted_in_place() {
     assert_eq!(o["disks"][0]["file"], "disk.img");
     assert_eq!(o["disks"][0]["capacity"], 16 << 20);
     assert_eq!(o["disks"][1]["disk-id"], "vmdisk2");
-    assert_eq!(info["image-service"]["container_format"], "ova");
+    assert_eq!(info["image-service"]["container_format"], "bare");
+    assert_eq!(info["image-service"]["input_container_format"], "ova");
     let human = vimg(&["info", s(&ova)]);
+    assert!(
+        human.contains("input: container_format=ova, not usable"),
+        "{human}"
+    );
     assert!(human.contains("[1] vmdisk2 in 'data.img'"), "{human}");
     let out = d.join("out.raw");
     vimg(&["convert", "-O", "raw", s(&ova), s(&out)]);
@@ -739,7 +776,13 @@ fn ova_with_stream_optimized_vmdk() {
     let info = json(&vimg(&["info", "--output=json", s(&ova)]));
     assert_eq!(info["format"], "vmdk");
     assert_eq!(info["image-service"]["disk_format"], "vmdk");
-    assert_eq!(info["image-service"]["container_format"], "ova");
+    assert_eq!(info["image-service"]["container_format"], "bare");
+    assert_eq!(info["image-service"]["input_container_format"], "ova");
+    assert_eq!(info["image-service"]["input_usable"], false);
+    assert!(info["image-service"]["convert_command"]
+        .as_str()
+        .unwrap()
+        .starts_with("vimg convert -O vmdk "));
     let out = d.join("out.raw");
     vimg(&["convert", "-O", "raw", s(&ova), s(&out)]);
     assert_same_file(&raw, &out);

@@ -42,17 +42,9 @@ fn create_type(img: &Path) -> String {
 }
 
 /// Asserts vimg's `format-specific` block and cluster size equal qemu-img's.
-fn assert_info_like_qemu(img: &Path) {
-    let q = json(&qemu_img(&["info", "--output=json", s(img)]));
+fn assert_vmdk_info_like_qemu(img: &Path) {
+    assert_info_like_qemu(img, &["format-specific", "cluster-size", "virtual-size"]);
     let v = json(&vimg(&["info", "--output=json", s(img)]));
-    assert_eq!(
-        v["format-specific"],
-        q["format-specific"],
-        "{}",
-        img.display()
-    );
-    assert_eq!(v["cluster-size"], q["cluster-size"], "{}", img.display());
-    assert_eq!(v["virtual-size"], q["virtual-size"], "{}", img.display());
     assert_eq!(v["format"], "vmdk");
 }
 
@@ -90,7 +82,7 @@ fn vimg_reads_every_subformat_qemu_writes() {
             s(&img),
         ]);
         assert_reads_like_qemu(&img, "vmdk", &sub);
-        assert_info_like_qemu(&img);
+        assert_vmdk_info_like_qemu(&img);
     }
 }
 
@@ -170,7 +162,7 @@ fn qemu_reads_every_subformat_vimg_writes() {
         if vmdkinfo {
             assert_vmdkinfo_accepts(&img);
         }
-        assert_info_like_qemu(&img);
+        assert_vmdk_info_like_qemu(&img);
         // And vimg reads back its own output.
         let back = sub.join("back.raw");
         vimg(&["convert", "-O", "raw", s(&img), s(&back)]);
@@ -443,7 +435,7 @@ fn corpus_vmdk_rows() {
             continue;
         }
         if !t4 && qemu_available("corpus_vmdk_rows") {
-            assert_info_like_qemu(&img);
+            assert_vmdk_info_like_qemu(&img);
         }
         let image = Image::open(&img, &OpenOptions::default()).unwrap();
         let digest = digest.unwrap_or_else(|| panic!("{file}: no digest"));
@@ -1005,7 +997,7 @@ fn split_subformats_past_two_gib() {
         qemu_img(&["convert", "-O", "raw", s(&q), s(&qr)]);
         vimg(&["convert", "-O", "raw", s(&q), s(&vr)]);
         qemu_img(&["compare", "-s", "-f", "raw", "-F", "raw", s(&qr), s(&vr)]);
-        assert_info_like_qemu(&q);
+        assert_vmdk_info_like_qemu(&q);
     }
 }
 

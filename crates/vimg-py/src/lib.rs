@@ -29,7 +29,9 @@ pyo3::create_exception!(
     Error,
     PyException,
     "Base class of every error vimg raises. `kind` is the error kind's short name \
-     ('invalid', 'corrupt', ...); `path` the file it concerns, when known."
+     ('invalid', 'corrupt', ...); `path` the file it concerns, `structure` the on-disk \
+     structure ('L2 table', 'VHD footer') and `offset` its byte offset in the file, each \
+     None when not known."
 );
 pyo3::create_exception!(
     vimg,
@@ -71,7 +73,8 @@ pyo3::create_exception!(
      each naming field to the reason."
 );
 
-/// The Python exception for a vimg error, with `kind` and `path` attributes. `opening`
+/// The Python exception for a vimg error, with `kind`, `path`, `structure` and `offset`
+/// attributes (the last two None when the error names no on-disk structure). `opening`
 /// is the file name the caller gave when the error happened while opening it, for
 /// qemu-img's "Could not open 'FILE': reason" (as the `vimg` binary prints it).
 fn to_py(py: Python<'_>, e: &vimg::Error, opening: Option<&str>) -> PyErr {
@@ -100,6 +103,8 @@ fn to_py(py: Python<'_>, e: &vimg::Error, opening: Option<&str>) -> PyErr {
     // the exception is still raised, only without the attribute.
     let _ = value.setattr("kind", e.kind().as_str());
     let _ = value.setattr("path", path);
+    let _ = value.setattr("structure", e.structure());
+    let _ = value.setattr("offset", e.offset());
     err
 }
 
@@ -129,9 +134,8 @@ fn serialize<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-/// One layer's `vimg info --output=json` object, from the library's serializable types,
-/// keys in the binary's order. The binary's `children` list (qemu's protocol nodes) is
-/// assembled in the CLI only and is not part of this object.
+/// One layer's `vimg info --output=json` object, from the library's serializable types
+/// (`children` included), keys in the library's order.
 fn info_value(image: &Image) -> Value {
     let mut m = Map::new();
     if let Value::Object(rest) = serialize(&ImageInfo::of(image)) {
@@ -148,60 +152,23 @@ fn info_value(image: &Image) -> Value {
     Value::Object(m)
 }
 
-/// The image-service block for `image`: what to register and upload. For a bare image,
-/// the library's [`ImageServiceInfo`] as it is (`os_hash_algo`/`os_hash_value` when
-/// `checksum` was taken of this very file). For an image inside a compressed container
-/// or an OVA, the file itself is not what an image service can boot (Glance's
-/// decompression plugin takes zip/lha/gzip only and skips images already marked
-/// `compressed`; Nova boots neither): the block then describes the image inside,
-/// converted out to a file of its own (`container_format` `bare`), keeps what the input
-/// is under `input_container_format`, says so in `note`, and gives the command that
-/// writes that file in `convert_command`. `min_ram` is never set: nothing in an image
-/// says how much memory its guest needs.
+/// The library's image-service block for `image` ([`ImageServiceInfo`], the one the
+/// binary prints): what to register and upload. For an image in a compressed container
+/// or an OVA it describes the image inside, converted out to a file of its own
+/// (`container_format` `bare`), with `input_container_format`, `input_usable`, `note` and
+/// `convert_command`; `os_hash_algo`/`os_hash_value` when `checksum` is of this very file.
 fn image_service_value(image: &Image, checksum: Option<&Checksum>) -> Value {
-    let svc = ImageServiceInfo::of(image, checksum);
-    let mut v = serialize(&svc);
-    if svc.container_format == "bare" {
-        return v;
-    }
-    let format = image.format().name();
-    let what = if image.origin().ova.is_some() {
-        "an OVA archive"
-    } else {
-        "a compressed container"
-    };
-    if let Value::Object(m) = &mut v {
-        m.insert("container_format".into(), "bare".into());
-        m.insert("input_container_format".into(), svc.container_format.into());
-        m.insert("input_usable".into(), false.into());
-        m.insert(
-            "note".into(),
-            format!(
-                "this file is {what} around a {format} image, which an image service cannot boot as uploaded; \
-                 these keys describe the image inside, converted out to a file of its own: upload that file"
-            )
-            .into(),
-        );
-        m.insert(
-            "convert_command".into(),
-            format!(
-                "vimg convert -O {format} --checksum sha512 INPUT OUTPUT.{}",
-                svc.disk_format
-            )
-            .into(),
-        );
-    }
-    v
+    serialize(&ImageServiceInfo::of(image, checksum))
 }
 
 /// info(path, backing_chain=False)
 /// --
 ///
 /// What `vimg info --output=json PATH` prints, as a dict (a list of dicts, top image
-/// first, with `backing_chain=True`). The binary's `children` key (qemu's protocol
-/// nodes) is not included. `image-service` describes what to upload: for an image in a
-/// compressed container or an OVA, the image inside as a file of its own (see
-/// `image_service_value`). Files the image names are opened only inside its own folder.
+/// first, with `backing_chain=True`), `children` (qemu-img's node tree) included.
+/// `image-service` describes what to upload: for an image in a compressed container or
+/// an OVA, the image inside as a file of its own. Files the image names are opened only
+/// inside its own folder.
 #[pyfunction]
 #[pyo3(signature = (path, backing_chain = false))]
 fn info(py: Python<'_>, path: std::path::PathBuf, backing_chain: bool) -> PyResult<PyObject> {
@@ -270,6 +237,8 @@ impl Inspection {
         value.setattr("failures", failures)?;
         value.setattr("kind", ErrorKind::UnsafeReference.as_str())?;
         value.setattr("path", &self.path)?;
+        value.setattr("structure", py.None())?;
+        value.setattr("offset", py.None())?;
         Err(err)
     }
 

@@ -26,13 +26,28 @@ def test_info_matches_the_binary_json(qcow2_image, vimg_bin):
         check=True, capture_output=True, text=True,
     ).stdout
     expected = json.loads(out)
-    # The binary's `children` (qemu's protocol nodes) is assembled in the CLI only.
-    expected.pop("children", None)
     got = vimg.info(qcow2_image)
     assert got == expected
     assert list(got) == list(expected), "keys in the binary's order"
     assert got["format"] == "qcow2"
     assert got["virtual-size"] == 4 << 20
+    # qemu-img 10's node tree: the image's own file, a protocol node.
+    (child,) = got["children"]
+    assert child["name"] == "file"
+    assert child["info"]["filename"] == str(qcow2_image)
+    assert child["info"]["format"] == "file"
+    assert child["info"]["children"] == []
+
+
+def test_info_children_of_a_multi_extent_vmdk_match_qemu_img(tmp_path, qemu_img):
+    vmdk = tmp_path / "split.vmdk"
+    qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentFlat", vmdk, "5G")
+    theirs = json.loads(qemu_img("info", "--output=json", vmdk))
+    mine = vimg.info(vmdk)
+    assert mine["children"] == theirs["children"]
+    assert [c["name"] for c in mine["children"]] == ["extents.2", "extents.1", "extents.0", "file"]
+    chain = vimg.info(vmdk, backing_chain=True)
+    assert chain[0]["children"] == theirs["children"]
 
 
 def test_info_of_a_compressed_image_matches_the_binary(tmp_path, qcow2_image, vimg_bin):
@@ -44,21 +59,20 @@ def test_info_of_a_compressed_image_matches_the_binary(tmp_path, qcow2_image, vi
         [vimg_bin, "info", "--output=json", str(xz)],
         check=True, capture_output=True, text=True,
     ).stdout)
-    expected.pop("children", None)
     got = vimg.info(xz)
-    # Everything but the image-service block is the binary's; that block describes what
-    # to upload (the image inside, as a file of its own), not the container.
-    want_svc, got_svc = expected.pop("image-service"), got.pop("image-service")
+    # The whole dict is the binary's, image-service block included: both come from the
+    # library, and the block describes what to upload (the image inside, as a file of its
+    # own), not the container.
     assert got == expected
     assert got["format"] == "qcow2" and "vimg-container" in got
-    assert want_svc["container_format"] == "compressed"
+    got_svc = got["image-service"]
     assert got_svc["container_format"] == "bare"
     assert got_svc["input_container_format"] == "compressed"
     assert got_svc["input_usable"] is False
     assert "cannot boot" in got_svc["note"]
-    for k in ("disk_format", "virtual_size", "min_disk", "safe", "references"):
-        assert got_svc[k] == want_svc[k], k
+    assert got_svc["convert_command"] == "vimg convert -O qcow2 --checksum sha512 INPUT OUTPUT.qcow2"
     assert "min_ram" not in got_svc
+    assert got["children"][0]["info"]["filename"] == str(xz)
 
 
 def test_info_backing_chain(tmp_path, qcow2_image, qemu_img):
@@ -94,9 +108,32 @@ def test_malformed_header_is_an_image_error_naming_the_structure(tmp_path, qcow2
     assert isinstance(e.value, (vimg.InvalidImageError, vimg.UnsupportedError))
     msg = str(e.value)
     assert str(bad) in msg and "cluster" in msg, msg
+    # The same facts as attributes: the file, the structure and the field's offset.
+    assert e.value.path == str(bad)
+    assert (e.value.structure, e.value.offset) == ("qcow2 header", 0x14)
     # The qemu-img oracle refuses it too.
     r = subprocess.run(["qemu-img", "info", str(bad)], capture_output=True)
     assert r.returncode != 0
+
+
+def test_corrupt_table_error_has_structure_and_offset(tmp_path, qcow2_image):
+    bad = tmp_path / "l1.qcow2"
+    data = bytearray(qcow2_image.read_bytes())
+    data[40:48] = (1 << 40).to_bytes(8, "big")  # l1_table_offset: far past the end
+    bad.write_bytes(bytes(data))
+    with pytest.raises(vimg.Error) as e:
+        vimg.info(bad)
+    assert e.value.path == str(bad)
+    assert e.value.structure is not None, str(e.value)
+    assert e.value.structure in str(e.value)
+    assert e.value.offset == 1 << 40, str(e.value)
+
+
+def test_errors_without_a_structure_say_none(tmp_path):
+    missing = tmp_path / "nope.qcow2"
+    with pytest.raises(vimg.Error) as e:
+        vimg.info(missing)
+    assert (e.value.structure, e.value.offset) == (None, None)
 
 
 # --- inspect ----------------------------------------------------------------------------
@@ -393,7 +430,9 @@ def test_ova_image_service_block_describes_the_disk_to_upload(tmp_path, raw_imag
         t.add(vmdk, "disk.vmdk")
     binary = json.loads(subprocess.run([vimg_bin, "info", "--output=json", str(ova)],
                                        check=True, capture_output=True, text=True).stdout)
-    assert binary["image-service"]["container_format"] == "ova"
+    # The binary and the package give the one block the library computes.
+    assert vimg.info(ova)["image-service"] == binary["image-service"]
+    assert binary["image-service"]["input_container_format"] == "ova"
     for svc in (vimg.info(ova)["image-service"], vimg.inspect(ova).image_service):
         assert svc["disk_format"] == "vmdk" and svc["container_format"] == "bare"
         assert svc["input_container_format"] == "ova" and svc["input_usable"] is False

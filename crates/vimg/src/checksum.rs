@@ -160,14 +160,89 @@ impl Hasher {
     }
 }
 
-/// Hashes the bytes of a file written front to back. Writes that start exactly where the
-/// previous one ended are hashed as they come; a write anywhere else breaks it, and
-/// [`InOrderHasher::finish`] then returns `None` so the caller reads the finished file.
+/// Hashes the bytes of a new file (one that starts empty) while it is written front to
+/// back, on a thread of its own, so the hash runs beside the work that produces the bytes
+/// instead of after it. A write that starts at or after the end of the previous one is
+/// hashed as it comes, the gap before it as zeros (a new file reads as zeros where nothing
+/// was written, and a later write into the gap lands behind the hashed end, which breaks
+/// the hash). A write anywhere behind that end breaks it, and [`InOrderHasher::finish`]
+/// then returns `None` so the caller reads the finished file.
+///
+/// Memory is bounded: data waits for the hashing thread in pieces of at most
+/// [`HASH_PIECE`] bytes, at most [`HASH_QUEUE`] pieces at a time (a writer that gets ahead
+/// waits); a gap is a count, not bytes.
 #[derive(Debug)]
 pub struct InOrderHasher {
     alg: HashAlg,
-    hasher: Option<Hasher>,
+    /// The end of the bytes handed to the hash (the previous write's end).
     pos: u64,
+    /// The hashing thread and what feeds it; `None` once broken (or before the first write).
+    worker: Option<HashWorker>,
+    broken: bool,
+}
+
+/// Bytes of one piece of data queued for the hashing thread.
+pub const HASH_PIECE: usize = 1 << 20;
+
+/// Pieces (data or gaps) queued for the hashing thread at most.
+pub const HASH_QUEUE: usize = 16;
+
+enum Piece {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+#[derive(Debug)]
+struct HashWorker {
+    tx: std::sync::mpsc::SyncSender<Piece>,
+    thread: std::thread::JoinHandle<Hasher>,
+    /// Set when the hash is abandoned, so a long gap stops being hashed.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HashWorker {
+    fn start(alg: HashAlg) -> Option<HashWorker> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(HASH_QUEUE);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let halt = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("vimg-hash".into())
+            .spawn(move || {
+                let mut h = alg.hasher();
+                for p in rx {
+                    match p {
+                        Piece::Data(d) => h.update(&d),
+                        Piece::Zeros(mut n) => {
+                            while n > 0 && !halt.load(Ordering::Relaxed) {
+                                let k = n.min(ZEROS.len() as u64);
+                                h.update(&ZEROS[..k as usize]);
+                                n -= k;
+                            }
+                        }
+                    }
+                }
+                h
+            })
+            .ok()?;
+        Some(HashWorker { tx, thread, stop })
+    }
+
+    /// Queues a piece; false when the thread is gone.
+    fn send(&self, p: Piece) -> bool {
+        self.tx.send(p).is_ok()
+    }
+
+    /// Stops hashing and lets the thread end on its own.
+    fn abandon(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Waits for the thread and returns its hasher.
+    fn join(self) -> Option<Hasher> {
+        drop(self.tx);
+        self.thread.join().ok()
+    }
 }
 
 impl InOrderHasher {
@@ -175,8 +250,9 @@ impl InOrderHasher {
     pub fn new(alg: HashAlg) -> InOrderHasher {
         InOrderHasher {
             alg,
-            hasher: Some(alg.hasher()),
             pos: 0,
+            worker: None,
+            broken: false,
         }
     }
 
@@ -185,21 +261,48 @@ impl InOrderHasher {
         self.alg
     }
 
-    /// Bytes hashed so far (the file's length as far as the hash knows it).
+    /// Bytes handed to the hash so far (the file's length as far as the hash knows it).
     pub fn pos(&self) -> u64 {
         self.pos
     }
 
-    /// Records a write of `data` at `offset`.
-    pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset != self.pos {
-            self.hasher = None;
+    fn brk(&mut self) {
+        self.broken = true;
+        if let Some(w) = self.worker.take() {
+            w.abandon();
+        }
+    }
+
+    /// Queues a piece, starting the thread on first use.
+    fn feed(&mut self, p: Piece) {
+        if self.broken {
             return;
         }
-        if let Some(h) = &mut self.hasher {
-            h.update(data);
-            self.pos += data.len() as u64;
+        if self.worker.is_none() {
+            self.worker = HashWorker::start(self.alg);
         }
+        let sent = self.worker.as_ref().is_some_and(|w| w.send(p));
+        if !sent {
+            self.brk();
+        }
+    }
+
+    /// Records a write of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if self.broken {
+            return;
+        }
+        if offset < self.pos {
+            self.brk();
+            return;
+        }
+        if offset > self.pos {
+            self.feed(Piece::Zeros(offset - self.pos));
+        }
+        for piece in data.chunks(HASH_PIECE) {
+            self.feed(Piece::Data(piece.to_vec()));
+        }
+        self.pos = offset + data.len() as u64;
     }
 
     /// Records that `[offset, offset + len)` now reads as zeros (a hole punched or a range
@@ -207,7 +310,7 @@ impl InOrderHasher {
     /// inside it the hash no longer matches the file.
     pub fn zeroed(&mut self, offset: u64, len: u64) {
         if len > 0 && offset < self.pos {
-            self.hasher = None;
+            self.brk();
         }
     }
 
@@ -215,19 +318,33 @@ impl InOrderHasher {
     /// hash; growing is handled by [`InOrderHasher::finish`].
     pub fn set_len(&mut self, len: u64) {
         if len < self.pos {
-            self.hasher = None;
+            self.brk();
         }
     }
 
     /// The digest of a file of `final_len` bytes (the tail past the last write reads as
-    /// zeros), or `None` when the writes did not come in order.
-    pub fn finish(self, final_len: u64) -> Option<Checksum> {
-        let mut h = self.hasher?;
-        if final_len < self.pos {
+    /// zeros), or `None` when the writes did not come in order. Waits for the hashing
+    /// thread.
+    pub fn finish(mut self, final_len: u64) -> Option<Checksum> {
+        if self.broken || final_len < self.pos {
+            self.brk();
             return None;
         }
-        h.update_zeros(final_len - self.pos);
+        let tail = final_len - self.pos;
+        let mut h = match self.worker.take() {
+            Some(w) => w.join()?,
+            None => self.alg.hasher(),
+        };
+        h.update_zeros(tail);
         Some(h.finish())
+    }
+}
+
+impl Drop for InOrderHasher {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.abandon();
+        }
     }
 }
 
@@ -314,14 +431,41 @@ mod tests {
         h.write(0, &data[..6000]);
         h.write(6000, &data[6000..6003]);
         h.zeroed(7000, 100);
-        assert_eq!(h.finish(10000), Some(want));
+        assert_eq!(h.finish(10000), Some(want.clone()));
         let mut h = InOrderHasher::new(HashAlg::Sha256);
         h.write(0, b"hello");
         h.write(0, b"HELLO");
         assert_eq!(h.finish(10000), None);
+        // A write past the end: the gap is hashed as zeros (a new file reads so there).
+        let mut h = InOrderHasher::new(HashAlg::Sha256);
+        h.write(0, &data[..5]);
+        h.write(6000, &data[6000..6003]);
+        assert_eq!(h.finish(10000), Some(want.clone()));
+        // ... and a later write into the gap breaks it.
         let mut h = InOrderHasher::new(HashAlg::Sha256);
         h.write(0, b"hello");
+        h.write(6000, b"end");
         h.write(100, b"gap");
         assert_eq!(h.finish(10000), None);
+        // Large writes go in pieces; zeroing behind the end or shrinking breaks it.
+        let big: Vec<u8> = (0..3 * HASH_PIECE + 77).map(|i| (i % 251) as u8).collect();
+        let mut whole = big.clone();
+        whole.resize(whole.len() + 1000, 0);
+        let want = hash_storage(&MemStorage::new(whole.clone()), HashAlg::Sha512).unwrap();
+        let mut h = InOrderHasher::new(HashAlg::Sha512);
+        h.write(0, &big[..10]);
+        h.write(10, &big[10..]);
+        assert_eq!(h.finish(whole.len() as u64), Some(want));
+        let mut h = InOrderHasher::new(HashAlg::Sha512);
+        h.write(0, &big);
+        h.zeroed(5, 10);
+        assert_eq!(h.finish(whole.len() as u64), None);
+        let mut h = InOrderHasher::new(HashAlg::Sha512);
+        h.write(0, &big);
+        h.set_len(5);
+        assert_eq!(h.finish(whole.len() as u64), None);
+        // An empty file.
+        let h = InOrderHasher::new(HashAlg::Md5);
+        assert_eq!(h.finish(0).unwrap().hex, "d41d8cd98f00b204e9800998ecf8427e");
     }
 }

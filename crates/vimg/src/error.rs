@@ -6,6 +6,9 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+// `Error::structure` and `Error::offset`: where in the image, as data.
+mod location;
+
 /// What went wrong, coarsely. The CLI maps these to exit codes; details live in the source.
 ///
 /// ```

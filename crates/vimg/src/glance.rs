@@ -5,6 +5,13 @@
 //! extent, a VHD parent) is not self-contained and must not be accepted by a service that
 //! will later open it next to other tenants' files.
 //!
+//! For an input that is not itself what a service can boot (an image inside an xz, gzip or
+//! zstd container, a disk inside an OVA) the block describes what to upload instead: the
+//! image inside, converted out to a file of its own. Glance's `decompress` import plugin
+//! takes zip, lha and gzip only and skips images already marked `compressed`, and Nova boots
+//! neither a compressed nor an `ova` image, so keys that named the input would register an
+//! image nothing can boot.
+//!
 //! ISO 9660 images are recognised here (the "CD001" standard identifier of the volume
 //! descriptor at byte 0x8001, ECMA-119 8.1) and reported as `iso` while they are read and
 //! converted as raw: `iso` is a label for the service, not a format writers must know.
@@ -50,13 +57,14 @@ pub struct JudgedRef {
 }
 
 /// What Glance's image create needs, and whether the image is safe to accept.
+///
+/// `min_ram` is never given: nothing in an image says how much memory its guest needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ImageServiceInfo {
     /// Glance's `disk_format`: raw, qcow2, vmdk, vhd, vhdx, vdi or iso.
     pub disk_format: &'static str,
-    /// Glance's `container_format`: `bare`, `ova`, or `compressed` (the file is an xz, gzip
-    /// or zstd container: upload the converted image, or use Glance's decompress import
-    /// plugin).
+    /// Glance's `container_format` of what to upload: always `bare`. For a compressed or
+    /// OVA input that is the image inside, converted out ([`Self::input_container_format`]).
     pub container_format: &'static str,
     /// Guest-visible size in bytes.
     pub virtual_size: u64,
@@ -75,6 +83,19 @@ pub struct ImageServiceInfo {
     /// Glance's `os_hash_value`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub os_hash_value: Option<String>,
+    /// What the input file itself is, when it is not the image to upload: `compressed` (an
+    /// xz, gzip or zstd container) or `ova`. The other keys then describe the image inside.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_container_format: Option<&'static str>,
+    /// `Some(false)` with `input_container_format`: the input cannot be uploaded as it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_usable: Option<bool>,
+    /// Why the input is not what to upload, and what is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The command that writes the file to upload (`INPUT`, `OUTPUT` to be filled in).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub convert_command: Option<String>,
 }
 
 /// Glance's name for the format of `image` (`iso` for a raw image holding ISO 9660); formats
@@ -102,12 +123,12 @@ impl ImageServiceInfo {
     /// uploaded; it is reported only when that file is the bare image.
     pub fn of(image: &Image, checksum: Option<&Checksum>) -> ImageServiceInfo {
         let origin = image.origin();
-        let container_format = if origin.ova.is_some() {
-            "ova"
+        let input_container_format = if origin.ova.is_some() {
+            Some("ova")
         } else if origin.container.is_some() {
-            "compressed"
+            Some("compressed")
         } else {
-            "bare"
+            None
         };
         let refs = image.reader().external_refs();
         let path = image.path();
@@ -133,13 +154,32 @@ impl ImageServiceInfo {
             .collect();
         unsafe_reasons.extend(format_reasons(image.format()));
         let virtual_size = image.virtual_size();
+        // A checksum of the container is not one of the image to upload.
         let (os_hash_algo, os_hash_value) = match checksum {
-            Some(c) if container_format == "bare" => (Some(c.alg.name()), Some(c.hex.clone())),
+            Some(c) if input_container_format.is_none() => {
+                (Some(c.alg.name()), Some(c.hex.clone()))
+            }
             _ => (None, None),
         };
+        let disk_format = disk_format(image);
+        let format = image.format().name();
+        let note = input_container_format.map(|input| {
+            let what = if input == "ova" {
+                "an OVA archive"
+            } else {
+                "a compressed container"
+            };
+            format!(
+                "this file is {what} around a {format} image, which an image service cannot boot as uploaded; \
+                 these keys describe the image inside, converted out to a file of its own: upload that file"
+            )
+        });
+        let convert_command = input_container_format.map(|_| {
+            format!("vimg convert -O {format} --checksum sha512 INPUT OUTPUT.{disk_format}")
+        });
         ImageServiceInfo {
-            disk_format: disk_format(image),
-            container_format,
+            disk_format,
+            container_format: "bare",
             virtual_size,
             min_disk: virtual_size.div_ceil(GIB),
             safe: unsafe_reasons.is_empty(),
@@ -147,6 +187,10 @@ impl ImageServiceInfo {
             references,
             os_hash_algo,
             os_hash_value,
+            input_container_format,
+            input_usable: input_container_format.map(|_| false),
+            note,
+            convert_command,
         }
     }
 }
@@ -172,5 +216,50 @@ mod tests {
         v[0x8000] = 9;
         assert!(!is_iso9660(&MemStorage::new(v.clone())));
         assert!(!is_iso9660(&MemStorage::new(vec![0u8; 100])));
+    }
+
+    #[test]
+    fn a_compressed_input_describes_the_image_inside() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(&path, enc.finish().unwrap()).unwrap();
+        let image = Image::open(&path, &crate::OpenOptions::default()).unwrap();
+        let sum = crate::checksum::hash_file(&path, crate::HashAlg::Sha256).unwrap();
+        let svc = ImageServiceInfo::of(&image, Some(&sum));
+        assert_eq!((svc.disk_format, svc.container_format), ("raw", "bare"));
+        assert_eq!(svc.input_container_format, Some("compressed"));
+        assert_eq!(svc.input_usable, Some(false));
+        assert!(svc
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("a compressed container around a raw image"));
+        assert_eq!(
+            svc.convert_command.as_deref(),
+            Some("vimg convert -O raw --checksum sha512 INPUT OUTPUT.raw")
+        );
+        // The container's checksum is not the uploaded file's.
+        assert_eq!((svc.os_hash_algo, svc.os_hash_value), (None, None));
+        assert_eq!(svc.min_disk, 1);
+
+        let plain = dir.path().join("disk.raw");
+        std::fs::write(&plain, vec![7u8; 3 << 20]).unwrap();
+        let image = Image::open(&plain, &crate::OpenOptions::default()).unwrap();
+        let sum = crate::checksum::hash_file(&plain, crate::HashAlg::Sha256).unwrap();
+        let svc = ImageServiceInfo::of(&image, Some(&sum));
+        assert_eq!(svc.input_container_format, None);
+        assert_eq!(svc.os_hash_algo, Some("sha256"));
+        let v = serde_json::to_value(&svc).unwrap();
+        for k in [
+            "input_container_format",
+            "input_usable",
+            "note",
+            "convert_command",
+        ] {
+            assert!(v.get(k).is_none(), "{k} in {v}");
+        }
     }
 }

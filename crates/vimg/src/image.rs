@@ -534,8 +534,13 @@ impl Image {
     }
 
     /// Reads the bytes of one extent this image's reader returned into `dst`
-    /// (`dst.len() == e.len`).
+    /// (`dst.len() == e.len`). An error names this image's file, as open errors do.
     pub fn read_extent(&self, e: &Extent, dst: &mut [u8]) -> Result<()> {
+        self.read_extent_unnamed(e, dst)
+            .map_err(|err| err.with_path(self.filename.as_str()))
+    }
+
+    fn read_extent_unnamed(&self, e: &Extent, dst: &mut [u8]) -> Result<()> {
         debug_assert_eq!(dst.len() as u64, e.len);
         match e.kind {
             MapKind::Zero | MapKind::Unallocated => {
@@ -556,7 +561,6 @@ impl Image {
                         ),
                         err,
                     )
-                    .with_path(self.filename.as_str())
                 })
             }
             MapKind::Compressed {
@@ -695,16 +699,19 @@ thread_local! {
 }
 
 /// Calls the layer's reader and checks the answer against the trait's contract, so a buggy or
-/// hostile mapping can never make the caller loop or read out of range.
-fn checked_map(layer: &Image, offset: u64, len: u64) -> Result<Extent> {
-    let e = layer.reader.map(GuestOffset(offset), len)?;
+/// hostile mapping can never make the caller loop or read out of range. An error (a table
+/// found corrupt or unreadable while mapping) names the layer's file.
+pub(crate) fn checked_map(layer: &Image, offset: u64, len: u64) -> Result<Extent> {
+    let e = layer.reader.map(GuestOffset(offset), len);
+    let e = e.map_err(|err| err.with_path(layer.filename.as_str()))?;
     if e.start.get() != offset || e.len == 0 || e.len > len {
         return Err(Error::corrupt(format!(
             "{} mapping at {offset:#x} returned an invalid extent ({:#x}+{:#x})",
             layer.format().name(),
             e.start.get(),
             e.len
-        )));
+        ))
+        .with_path(layer.filename.as_str()));
     }
     Ok(e)
 }

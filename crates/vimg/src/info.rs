@@ -6,6 +6,9 @@ use serde::Serialize;
 use crate::image::Image;
 use crate::mapping::{ExternalRef, FormatSpecific, SnapshotInfo};
 
+mod children;
+pub use children::{children, ChildInfo, NodeInfo, ProtocolSpecific};
+
 /// One snapshot in qemu-img's JSON shape.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,6 +50,8 @@ impl From<&SnapshotInfo> for SnapshotJson {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
+    /// The block nodes under the image's, as qemu-img 10 lists them ([`children`]).
+    pub children: Vec<ChildInfo>,
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<SnapshotJson>,
@@ -130,6 +135,7 @@ impl ImageInfo {
             encrypted: r.encrypted().then_some(true),
             dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
             external_references: r.external_refs(),
+            children: children(image),
         }
     }
 }

@@ -149,6 +149,8 @@ pub mod fuzzing;
 pub mod image;
 #[doc(hidden)]
 pub mod info;
+/// In-place `rebase` (safe mode) and `commit`.
+pub mod inplace;
 #[doc(hidden)]
 pub mod limits;
 pub(crate) mod map;

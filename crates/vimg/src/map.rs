@@ -73,13 +73,27 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
         f.path().map(|p| p.to_path_buf())
     };
     let mut length = e.len;
+    if !r.reports_allocation() {
+        // qemu's generic answer for a driver without block status: data, no offset.
+        return Ok(Extent {
+            start: pos,
+            length,
+            depth,
+            present: true,
+            zero: false,
+            data: true,
+            compressed: false,
+            offset: None,
+            filename: None,
+        });
+    }
     let (present, zero, data, compressed, offset, filename) = match e.kind {
         MapKind::Data { file, offset } => {
             // As qemu asks the file under a format: data over a hole in the host file (a
             // `preallocation=metadata` image) or past its end reads as zero, and is reported
             // so ("zero": true, "data": true), split at the hole's edges.
             let mut zero = false;
-            if let Some(st) = r.file(file) {
+            if let Some(st) = r.file(file).filter(|_| r.map_probes_host_holes()) {
                 match st.next_data(offset.get()) {
                     Ok(Some((ds, _))) if ds > offset.get() => {
                         zero = true;

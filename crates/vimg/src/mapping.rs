@@ -356,6 +356,20 @@ pub trait ImageReader: Send + Sync {
         Vec::new()
     }
 
+    /// False when qemu's driver for this format answers no block status (bochs, cloop,
+    /// dmg, luks): `map` then reports every guest byte as data without a host offset, as
+    /// qemu-img does, whatever [`ImageReader::map`] knows.
+    fn reports_allocation(&self) -> bool {
+        true
+    }
+
+    /// False when qemu's driver does not ask its file about data it maps (no
+    /// `BDRV_BLOCK_RECURSE`: parallels): `map` then reports a data run over a hole in the
+    /// host file as data, as qemu-img does, instead of zero.
+    fn map_probes_host_holes(&self) -> bool {
+        true
+    }
+
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()

@@ -309,16 +309,44 @@ pub fn parse_bool(s: &str) -> Option<bool> {
     }
 }
 
+/// Why a size string is refused; it becomes an [`Error`] of kind
+/// [`InvalidArgument`](crate::ErrorKind::InvalidArgument).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SizeError {
+    /// Not a number (with an optional fraction).
+    #[error("invalid size '{0}'")]
+    Invalid(String),
+    /// A suffix other than b, k, M, G, T, P, E (and their long forms).
+    #[error("invalid size suffix in '{0}'")]
+    Suffix(String),
+    /// The value does not fit 64 bits.
+    #[error("size '{0}' is too large")]
+    TooLarge(String),
+}
+
+impl From<SizeError> for Error {
+    fn from(e: SizeError) -> Self {
+        Error::new(crate::ErrorKind::InvalidArgument, e)
+    }
+}
+
 /// Parses a size: a number with an optional fraction and a suffix `b`, `k`/`K`, `M`, `G`,
 /// `T`, `P`, `E` (powers of 1024). A bare number is bytes.
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+pub fn parse_size(s: &str) -> std::result::Result<u64, SizeError> {
     let s = s.trim();
+    let invalid = || SizeError::Invalid(s.to_string());
+    let too_large = || SizeError::TooLarge(s.to_string());
+    if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        // As qemu's sizes: hexadecimal takes no fraction and no suffix (iotest 214).
+        return u64::from_str_radix(hex, 16).map_err(|_| invalid());
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());
     let (num, suffix) = s.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size '{s}'"));
+        return Err(invalid());
     }
     let shift = match suffix.trim() {
         "" | "b" | "B" => 0,
@@ -328,28 +356,21 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "t" | "T" | "TiB" | "TB" => 40,
         "p" | "P" | "PiB" | "PB" => 50,
         "e" | "E" | "EiB" | "EB" => 60,
-        _ => return Err(format!("invalid size suffix in '{s}'")),
+        _ => return Err(SizeError::Suffix(s.to_string())),
     };
     if let Some((int, frac)) = num.split_once('.') {
         let int: u64 = if int.is_empty() {
             0
         } else {
-            int.parse().map_err(|_| format!("invalid size '{s}'"))?
+            int.parse().map_err(|_| invalid())?
         };
-        let frac_val: f64 = format!("0.{frac}")
-            .parse()
-            .map_err(|_| format!("invalid size '{s}'"))?;
-        let whole = int
-            .checked_mul(1u64 << shift)
-            .ok_or_else(|| format!("size '{s}' is too large"))?;
+        let frac_val: f64 = format!("0.{frac}").parse().map_err(|_| invalid())?;
+        let whole = int.checked_mul(1u64 << shift).ok_or_else(too_large)?;
         let part = (frac_val * (1u64 << shift) as f64) as u64;
-        whole
-            .checked_add(part)
-            .ok_or_else(|| format!("size '{s}' is too large"))
+        whole.checked_add(part).ok_or_else(too_large)
     } else {
-        let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-        n.checked_mul(1u64 << shift)
-            .ok_or_else(|| format!("size '{s}' is too large"))
+        let n: u64 = num.parse().map_err(|_| invalid())?;
+        n.checked_mul(1u64 << shift).ok_or_else(too_large)
     }
 }
 
@@ -360,6 +381,11 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("0x10000").unwrap(), 65536);
+        assert_eq!(parse_size("0X1f").unwrap(), 31);
+        assert!(parse_size("0x10k").is_err());
+        assert!(parse_size("0x1.5").is_err());
+        assert!(parse_size("0x").is_err());
         assert_eq!(parse_size("64K").unwrap(), 65536);
         assert_eq!(parse_size("1M").unwrap(), 1 << 20);
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);

@@ -223,6 +223,13 @@ impl OutFile {
         self
     }
 
+    /// True when this file's bytes are hashed as they are written: a writer that can write
+    /// in ascending order should then (see [`InOrderHasher`]), so that the hash runs beside
+    /// the copy and the finished file is not read again.
+    pub fn is_hashed(&self) -> bool {
+        self.hash.is_some()
+    }
+
     fn hash_with(&self, f: impl FnOnce(&mut InOrderHasher)) {
         if let Some(h) = &self.hash {
             if let Ok(mut h) = h.lock() {
@@ -313,9 +320,9 @@ impl OutFile {
                 while s.pos < offset {
                     let n = (offset - s.pos).min(ZEROS.len() as u64) as usize;
                     let pos = s.pos;
+                    // Not hashed: the hash takes the gap before the next write as zeros.
                     s.w.write_all(&ZEROS[..n])
                         .map_err(|e| self.err("write", pos, e))?;
-                    self.hash_with(|h| h.write(pos, &ZEROS[..n]));
                     s.pos += n as u64;
                 }
                 s.w.write_all(buf)
@@ -651,9 +658,9 @@ impl OutFile {
                 while s.pos < s.len {
                     let n = (s.len - s.pos).min(ZEROS.len() as u64) as usize;
                     let pos = s.pos;
+                    // Not hashed: the hash takes the gap before the next write as zeros.
                     s.w.write_all(&ZEROS[..n])
                         .map_err(|e| self.err("write", pos, e))?;
-                    self.hash_with(|h| h.write(pos, &ZEROS[..n]));
                     s.pos += n as u64;
                 }
                 s.w.flush().map_err(|e| self.err("flush", 0, e))

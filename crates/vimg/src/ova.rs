@@ -434,15 +434,23 @@ struct OvfDisk {
     format: Option<String>,
 }
 
-fn parse_ovf(xml: &str) -> std::result::Result<(Vec<OvfFile>, Vec<OvfDisk>), String> {
+/// Parses the File and Disk elements of an OVF descriptor; `bad` words a fault as the
+/// archive's error (naming the archive and the descriptor).
+fn parse_ovf(
+    xml: &str,
+    bad: &dyn Fn(String) -> OvaError,
+) -> std::result::Result<(Vec<OvfFile>, Vec<OvfDisk>), OvaError> {
     use quick_xml::events::Event;
     let mut reader = quick_xml::Reader::from_str(xml);
     let mut files = Vec::new();
     let mut disks = Vec::new();
     loop {
-        let ev = reader
-            .read_event()
-            .map_err(|e| format!("XML error at byte {}: {e}", reader.buffer_position()))?;
+        let ev = reader.read_event().map_err(|e| {
+            bad(format!(
+                "XML error at byte {}: {e}",
+                reader.buffer_position()
+            ))
+        })?;
         let e = match ev {
             Event::Start(e) | Event::Empty(e) => e,
             Event::Eof => break,
@@ -455,20 +463,20 @@ fn parse_ovf(xml: &str) -> std::result::Result<(Vec<OvfFile>, Vec<OvfDisk>), Str
         }
         let mut attrs = std::collections::HashMap::new();
         for a in e.attributes() {
-            let a = a.map_err(|e| format!("bad attribute: {e}"))?;
+            let a = a.map_err(|e| bad(format!("bad attribute: {e}")))?;
             let k = String::from_utf8_lossy(a.key.local_name().as_ref()).into_owned();
             let v = a
                 .unescape_value()
-                .map_err(|e| format!("bad attribute value: {e}"))?
+                .map_err(|e| bad(format!("bad attribute value: {e}")))?
                 .into_owned();
             attrs.insert(k, v);
         }
         if files.len() + disks.len() >= MAX_MEMBERS {
-            return Err("too many File and Disk elements".into());
+            return Err(bad("too many File and Disk elements".into()));
         }
         if tag == b"File" {
             let (Some(id), Some(href)) = (attrs.get("id"), attrs.get("href")) else {
-                return Err("a File element lacks ovf:id or ovf:href".into());
+                return Err(bad("a File element lacks ovf:id or ovf:href".into()));
             };
             files.push(OvfFile {
                 id: id.clone(),
@@ -478,7 +486,7 @@ fn parse_ovf(xml: &str) -> std::result::Result<(Vec<OvfFile>, Vec<OvfDisk>), Str
             });
         } else {
             let Some(id) = attrs.get("diskId") else {
-                return Err("a Disk element lacks ovf:diskId".into());
+                return Err(bad("a Disk element lacks ovf:diskId".into()));
             };
             disks.push(OvfDisk {
                 id: id.clone(),
@@ -519,7 +527,7 @@ impl Ova {
             .read_exact_at(&mut buf, ovf.offset)
             .map_err(|e| ovf_err(format!("cannot be read: {e}")))?;
         let text = String::from_utf8(buf).map_err(|_| ovf_err("is not UTF-8".into()))?;
-        let (files, ovf_disks) = parse_ovf(&text).map_err(ovf_err)?;
+        let (files, ovf_disks) = parse_ovf(&text, &ovf_err)?;
         let find_member = |href: &str| -> Result<&Member> {
             if !safe_name(href) {
                 return Err(ovf_err(format!("names an unsafe file '{href}'")).into());

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use clap::Args;
-use vimg::formats::qcow2::{Amend, Qcow2Update};
+use vimg::formats::qcow2::Amend;
+use vimg::formats::registry;
+use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
 use super::parse_format_opt;
@@ -102,15 +104,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
             vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?
         }
     };
-    if format != Format::Qcow2 {
-        return Err(Failure::new(
-            format!(
-                "Format driver '{}' does not support option amendment",
-                format.name()
-            ),
-            1,
-        ));
-    }
+    registry::require_update(format, UpdateOp::Amend).map_err(Failure::from)?;
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
     for list in &a.options {
@@ -154,7 +148,8 @@ pub fn run(a: AmendArgs) -> CmdResult {
     if backing_file.is_some() || backing_fmt.is_some() {
         same_backing(path, &a, backing_file.as_deref(), backing_fmt.as_deref())?;
     }
-    let mut img = Qcow2Update::open(path, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+    let mut img =
+        registry::open_update(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     img.amend(amend).map_err(Failure::from)?;
     Ok(0)
 }

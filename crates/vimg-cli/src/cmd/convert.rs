@@ -154,7 +154,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     let mut opts = ConvertOptions::new(out_format);
     if let Some(s) = &a.sparse_size {
-        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e, 1))?;
+        let n = vimg::options::parse_size(s).map_err(|e| Failure::new(e.to_string(), 1))?;
         if n % 512 != 0 || n > MAX_SPARSE {
             return Err(Failure::new(
                 "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
@@ -315,6 +315,13 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     // `-`, or a name for this process's stdout (`/dev/stdout`, `/proc/self/fd/1`): progress
     // and the checksum line go to stderr then, so they never mix into the image's bytes.
     let to_stdout = p.opts.output_mode == OutputMode::Stdout || names_stdout(&p.dst);
+    let json = a.output == Some(crate::args::OutputFormat::Json);
+    if json && to_stdout {
+        return Err(Failure::new(
+            "--output=json prints a report on stdout, where the image is to go; write the image to a file",
+            1,
+        ));
+    }
     let counter = Arc::new(WriteCounter::default());
     // Written in place: a failure or signal leaves it partly written, and the user is told
     // how far it got.
@@ -342,7 +349,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             as crate::signals::ExitNote
     });
     let cancel = crate::signals::install_cancel_flag_with(note);
-    let printer = Arc::new(crate::progress::Reporter::new(p.progress, to_stdout));
+    // With --output=json, stdout carries the report: progress goes to stderr.
+    let printer = Arc::new(crate::progress::Reporter::new(
+        p.progress,
+        to_stdout || json,
+    ));
     let pace = crate::progress::RateLimit::new(rate);
     let progress_fn: vimg::ProgressFn = {
         let printer = printer.clone();
@@ -351,6 +362,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
             pace.pace(pr.done);
         })
     };
+    let out_format = p.opts.format;
     let mut opts: ConvertOptions = p.opts;
     opts.counter = Some(counter.clone());
     opts.copy.progress = (printer.enabled() || rate > 0).then_some(progress_fn);
@@ -370,6 +382,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         eprintln!("vimg: {}", how_far());
     }
     let report = result.map_err(|e| match e.path() {
+        // A source file found unreadable or corrupt while it was read.
+        Some(path) if src.chain().iter().any(|l| l.filename() == path.as_os_str()) => Failure::new(
+            format!("error while reading '{}': {}", path.display(), e.message()),
+            1,
+        ),
         Some(path) if path != p.dst => Failure::new(
             format!("Could not open '{}': {}", path.display(), e.message()),
             1,
@@ -402,6 +419,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         for n in &report.notes {
             eprintln!("vimg: note: {n}");
         }
+    }
+    if json {
+        let text = super::convert_report::json_report(&p.dst, out_format, &p.out_name, &report)?;
+        crate::print_out(&text)?;
+        return Ok(0);
     }
     if let Some(c) = report.checksum {
         // sha256sum's layout, so `sha256sum -c` and image-service scripts take it as is.

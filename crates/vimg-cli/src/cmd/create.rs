@@ -138,14 +138,23 @@ pub fn run(a: CreateArgs) -> CmdResult {
         let line = formatting_line(&filename, format, &opts, size)?;
         crate::print_out(&format!("{line}\n"))?;
     }
-    vimg::create(&filename, format, size, &opts)
+    vimg::create(file_path(&filename), format, size, &opts)
         .map_err(|e| Failure::new(format!("{filename}: {}", e.message()), 1))?;
     Ok(0)
 }
 
+/// The file a command-line image name creates: qemu's `file:` protocol prefix names the
+/// path after it (`file:a:b.qcow2` is `a:b.qcow2`; iotest 126).
+fn file_path(filename: &str) -> &str {
+    filename
+        .strip_prefix("file:")
+        .filter(|p| !p.is_empty())
+        .unwrap_or(filename)
+}
+
 /// Where a backing name given for a new image points: next to the image unless absolute.
 fn backing_path(filename: &str, backing: &str) -> std::path::PathBuf {
-    std::path::Path::new(filename)
+    std::path::Path::new(file_path(filename))
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map(|p| p.join(backing))

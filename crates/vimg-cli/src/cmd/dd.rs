@@ -31,7 +31,7 @@ pub struct DdArgs {
     pub safety: SafetyArgs,
     /// Operands: bs=BLOCK_SIZE (default 512), count=BLOCKS, skip=BLOCKS, if=INPUT,
     /// of=OUTPUT.
-    #[arg(value_name = "OPERAND", allow_hyphen_values = true)]
+    #[arg(value_name = "OPERAND")]
     pub operands: Vec<String>,
 }
 
@@ -70,7 +70,7 @@ fn parse_bs(v: &str) -> Result<u64, Failure> {
     } else {
         match vimg::options::parse_size(t) {
             Ok(n) => n,
-            Err(e) if e.contains("too large") => return Err(range()),
+            Err(vimg::options::SizeError::TooLarge(_)) => return Err(range()),
             Err(_) => return Err(invalid()),
         }
     };

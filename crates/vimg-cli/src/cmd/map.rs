@@ -66,6 +66,8 @@ fn human(entries: &[Extent]) -> Result<String, Failure> {
     );
     for e in entries {
         if e.data && e.offset.is_none() {
+            // qemu-img prints the table up to here, then fails.
+            crate::print_out(&s)?;
             return Err(Failure::new(
                 "File contains external, encrypted or compressed clusters.",
                 1,

@@ -4,8 +4,10 @@
 pub mod amend;
 pub mod bitmap;
 pub mod check;
+pub mod commit;
 pub mod compare;
 pub mod convert;
+pub mod convert_report;
 pub mod create;
 pub mod dd;
 pub mod extras;

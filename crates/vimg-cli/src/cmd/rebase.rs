@@ -2,13 +2,15 @@
 //! backing file name and format in the header change, written as one sector as `amend`
 //! writes the header (a crash leaves the old reference or the new one); `-b ""` or no
 //! `-b` removes the reference. The new backing file is not opened, as qemu-img does not
-//! open it in this mode. Safe mode (without `-u`, which copies the clusters whose content
-//! differs between the old and the new backing) is refused before anything is written.
+//! open it in this mode. Safe mode (without `-u`) copies the clusters whose content differs
+//! between the old and the new backing chain into the image, then changes the header
+//! ([`vimg::inplace::rebase`]); `-b ""` flattens.
 
 use std::path::Path;
 
 use clap::Args;
-use vimg::formats::qcow2::Qcow2Update;
+use vimg::formats::registry;
+use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
 use crate::args::SafetyArgs;
@@ -83,15 +85,11 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))?
         }
     };
-    if !a.unsafe_mode {
-        return Err(Failure::new(
-            format!(
-                "vimg cannot rebase in safe mode yet (copying the clusters that differ between the old and the new backing file); '{file}' is unchanged. Use -u if the new backing file has the same content as the old one, or qemu-img rebase"
-            ),
-            1,
-        ));
-    }
     let new_name = a.backing.as_deref().filter(|b| !b.is_empty());
+    let policy = crate::trust::policy(&a.safety);
+    if !a.unsafe_mode {
+        return safe(&a, file, path, format, backing_format, new_name, policy);
+    }
     let new = match (new_name, backing_format) {
         (None, _) => None,
         (Some(b), Some(f)) => Some((b, f.name())),
@@ -104,26 +102,7 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             ))
         }
     };
-    if format != Format::Qcow2 {
-        let what = match format {
-            // Formats qemu-img cannot give a backing file at all.
-            Format::Raw => "Operation not supported".to_string(),
-            f => format!(
-                "vimg changes the backing file of qcow2 images only, not {}",
-                f.name()
-            ),
-        };
-        return Err(Failure::new(
-            format!(
-                "Could not change the backing file to '{}': {what}",
-                new_name.unwrap_or("")
-            ),
-            1,
-        ));
-    }
-    let policy = crate::trust::policy(&a.safety);
-    let mut img = Qcow2Update::open(path, policy).map_err(|e| Failure::open(file, &e))?;
-    img.set_backing(new).map_err(|e| {
+    let change_err = |e: vimg::Error| {
         Failure::new(
             format!(
                 "Could not change the backing file to '{}': {}",
@@ -132,6 +111,87 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             ),
             1,
         )
-    })?;
+    };
+    registry::require_update(format, UpdateOp::Backing).map_err(change_err)?;
+    let mut img =
+        registry::open_update(path, format, policy).map_err(|e| Failure::open(file, &e))?;
+    img.set_backing(new).map_err(change_err)?;
     Ok(0)
+}
+
+/// Safe mode: the clusters that differ between the old and the new backing chain are
+/// copied into the image, then the header changes. Refused before anything is written when
+/// the header change would fail (qemu-img copies first and fails after).
+fn safe(
+    a: &RebaseArgs,
+    file: &str,
+    path: &Path,
+    format: Format,
+    backing_format: Option<Format>,
+    new_name: Option<&str>,
+    policy: vimg::ExternalPolicy,
+) -> CmdResult {
+    let change_err = |msg: String| {
+        Failure::new(
+            format!(
+                "Could not change the backing file to '{}': {msg}",
+                new_name.unwrap_or("")
+            ),
+            1,
+        )
+    };
+    if a.compress {
+        return Err(Failure::new(
+            format!("vimg cannot compress the clusters rebase copies; '{file}' is unchanged"),
+            1,
+        ));
+    }
+    registry::require_update(format, UpdateOp::Backing)
+        .map_err(|e| change_err(e.message().to_string()))?;
+    if new_name.is_some() && backing_format.is_none() {
+        return Err(change_err("backing format must be specified".into()));
+    }
+    let new_img = match (new_name, backing_format) {
+        (Some(b), Some(f)) => {
+            // The user named it: opened as given, relative to the image's folder as
+            // qemu-img opens it; what it names goes through the gate.
+            let full = vimg::image::full_backing_name(Some(path), b);
+            let img = vimg::Image::open(
+                &full,
+                &vimg::OpenOptions::with_format(Some(f)).policy(policy),
+            )
+            .map_err(|e| {
+                Failure::new(
+                    format!(
+                        "Could not open new backing file '{b}': Could not open '{full}': {}",
+                        e.message()
+                    ),
+                    1,
+                )
+            })?;
+            Some((b, f, img))
+        }
+        _ => None,
+    };
+    let reporter = crate::progress::Reporter::new(
+        (a.progress && !a.quiet).then_some(crate::args::ProgressMode::Auto),
+        false,
+    );
+    let new = new_img
+        .as_ref()
+        .map(|(name, f, img)| vimg::inplace::NewBacking {
+            name,
+            format: *f,
+            image: img,
+        });
+    let r = vimg::inplace::rebase(path, format, policy, new, &|p| reporter.update(p));
+    reporter.finish(r.is_ok());
+    match r {
+        Ok(_) => Ok(0),
+        Err(e) if e.is_refusal() => Err(change_err(e.message().to_string())),
+        Err(e) => Err(Failure::new(
+            format!("Could not rebase '{file}': {}", e.message()),
+            1,
+        )),
+    }
 }

@@ -1,18 +1,18 @@
-//! Helpers of the kill-at-any-point tests of the snapshot and bitmap operations
-//! (`inplace_snapshot.rs`, `inplace_bitmap.rs`): run vimg with the test-only crash hook,
-//! and judge what `qemu-img check` says afterwards.
+//! The kill-at-any-point harness of the in-place tests: run vimg killed (SIGKILL,
+//! through `VIMG_TEST_CRASH_AFTER_WRITES`) before its N-th write, then judge the images
+//! it left (`qemu-img check`, guest content old or new). Used by the snapshot and bitmap
+//! tests and by the data operations (rebase, commit).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-use super::{run_cmd, s, vimg_bin};
+use super::{qemu_img, run_cmd, s, vimg_bin, vimg_raw};
 
-/// The crash hook's environment variable (`vimg::formats::qcow2::update::CRASH_HOOK_ENV`).
 pub const HOOK: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 
-/// Runs vimg with the hook at `n`; true when it was killed, false when it finished (which
-/// it must do successfully).
+/// Runs vimg with the hook at `n`; true when it was killed, false when it finished (then
+/// it must have succeeded).
 pub fn run_killed(args: &[&str], n: u64) -> bool {
     let out = Command::new(vimg_bin())
         .args(args)
@@ -68,5 +68,61 @@ pub fn qemu_check(img: &Path, allow_copied: bool, what: &str) -> Verdict {
             Verdict::CopiedFlagsOnly
         }
         _ => panic!("{what}: qemu-img check exit {code}:\n{text}"),
+    }
+}
+
+/// `qemu-img check` finds no corruption (leaks allowed); then `vimg check -r leaks` leaves
+/// the image clean.
+pub fn check_then_repair(img: &Path, fmt: &str, what: &str) {
+    let code = |img: &Path| {
+        let out = run_cmd("qemu-img", &["check", "-f", fmt, s(img)]);
+        let c = out.status.code().unwrap_or(-1);
+        assert!(
+            c == 0 || c == 3,
+            "{what}: qemu-img check of {} exit {c}:\n{}{}",
+            img.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c
+    };
+    if code(img) == 3 {
+        let out = vimg_raw(&["check", "-r", "leaks", "-f", fmt, s(img)]);
+        assert_eq!(out.status.code(), Some(0), "{what}: vimg check -r leaks");
+        assert_eq!(code(img), 0, "{what}: leaks left after vimg check -r leaks");
+    }
+}
+
+/// The guest content of `img` (through its backing chain), by qemu-img.
+pub fn guest(img: &Path, fmt: &str) -> Vec<u8> {
+    let raw = img.with_extension("guest.raw");
+    let _ = std::fs::remove_file(&raw);
+    qemu_img(&["convert", "-f", fmt, "-O", "raw", s(img), s(&raw)]);
+    let v = std::fs::read(&raw).expect("read raw");
+    let _ = std::fs::remove_file(&raw);
+    v
+}
+
+/// Every `cs`-byte cluster of `got` equals the same cluster of `old` or of `new` (missing
+/// bytes read as zeros).
+pub fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], cs: usize, what: &str) {
+    let at = |v: &[u8], i: usize, n: usize| -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        if i < v.len() {
+            let m = (v.len() - i).min(n);
+            b[..m].copy_from_slice(&v[i..i + m]);
+        }
+        b
+    };
+    let len = got.len().max(old.len()).max(new.len());
+    let mut i = 0;
+    while i < len {
+        let n = cs.min(len - i);
+        let g = at(got, i, n);
+        assert!(
+            g == at(old, i, n) || g == at(new, i, n),
+            "{what}: guest cluster at {i:#x} is neither old nor new"
+        );
+        i += n;
     }
 }

@@ -10,9 +10,12 @@
 
 pub mod corpus;
 pub mod kill;
+pub mod limited;
 
 #[allow(unused_imports)]
 pub use corpus::*;
+#[allow(unused_imports)]
+pub use limited::*;
 
 use std::fs;
 use std::io::Read;
@@ -140,6 +143,11 @@ pub fn patch(p: &Path, off: u64, bytes: &[u8]) {
 }
 
 /// `N` bytes of the file `p` at `off`.
+/// The length of file `p`.
+pub fn size_of(p: &Path) -> u64 {
+    fs::metadata(p).unwrap().len()
+}
+
 pub fn read_bytes<const N: usize>(p: &Path, off: u64) -> [u8; N] {
     let mut b = [0u8; N];
     fs::File::open(p)
@@ -211,6 +219,19 @@ pub fn assert_same_file(a: &Path, b: &Path) {
             y.len(),
             first
         );
+    }
+}
+
+/// Asserts `vimg info --output=json` gives qemu-img's values for `keys` (qemu-img runs in
+/// the image's folder, so relative backing names resolve alike).
+pub fn assert_info_like_qemu(img: &Path, keys: &[&str]) {
+    let q = json(&qemu_in(
+        img.parent().unwrap(),
+        &["info", "--output=json", s(img)],
+    ));
+    let v = json(&vimg(&["info", "--output=json", s(img)]));
+    for key in keys {
+        assert_eq!(q.get(key), v.get(key), "{key} of {}", img.display());
     }
 }
 
@@ -315,4 +336,26 @@ pub fn corpus_dir() -> Option<PathBuf> {
         ));
         None
     }
+}
+
+/// Sets the 16-bit refcount of qcow2 host cluster `c` in the first refcount block, growing
+/// the file to hold the cluster: a leak when nothing references it.
+pub fn set_refcount(img: &Path, c: u64, v: u16) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .expect("open");
+    let mut h = [0u8; 104];
+    f.read_exact_at(&mut h, 0).expect("header");
+    let cb = u32::from_be_bytes(h[20..24].try_into().expect("4"));
+    let rt = u64::from_be_bytes(h[48..56].try_into().expect("8"));
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, rt).expect("reftable");
+    let rb = u64::from_be_bytes(e);
+    f.write_all_at(&v.to_be_bytes(), rb + 2 * c)
+        .expect("refcount");
+    let len = f.metadata().expect("stat").len();
+    f.set_len(len.max((c + 1) << cb)).expect("grow");
 }

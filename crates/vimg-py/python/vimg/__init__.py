@@ -2,7 +2,8 @@
 
 Python bindings for the vimg library (a safe, fast drop-in for qemu-img). Calls release
 the GIL while they work. Errors are subclasses of :class:`vimg.Error`, one per kind,
-whose message names the file, structure and offset as vimg's own messages do.
+whose message names the file, structure and offset as vimg's own messages do, and whose
+`path`, `structure` and `offset` attributes give them as data.
 
     import vimg
     info = vimg.info("disk.qcow2")              # the `vimg info --output=json` dict

@@ -13,6 +13,11 @@ class Error(Exception):
     'unsafe-reference', 'cancelled' or 'io'."""
     path: Optional[str]
     """The file the error concerns, when known."""
+    structure: Optional[str]
+    """The on-disk structure the error concerns ('L2 table', 'VHD footer', 'VHDX header 1',
+    'VDI header'), when the format's error names one (qcow2, vmdk, vhd, vhdx, vdi)."""
+    offset: Optional[int]
+    """The byte offset of that structure in the file, when known."""
 
 class InvalidArgumentError(Error):
     """The caller asked for something impossible (bad option, format, combination)."""
@@ -64,8 +69,9 @@ class Inspection:
 
 def info(path: _Path, backing_chain: bool = False) -> Any:
     """`vimg info --output=json PATH` as a dict; a list of dicts (top image first) with
-    backing_chain=True. The binary's `children` key is not included, and `image-service`
-    is Inspection.image_service's block."""
+    backing_chain=True: qemu-img's keys (`children`, the node tree qemu-img 10 prints,
+    included), then vimg's (`vimg-external-references`, `vimg-container`, `vimg-ova`,
+    `image-service`, the block Inspection.image_service gives)."""
 
 def inspect(path: _Path, format: Optional[str] = None) -> Inspection:
     """Open the image without following what it names and describe it."""

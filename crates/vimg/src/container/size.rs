@@ -283,11 +283,22 @@ struct FrameHeader {
     checksum: bool,
 }
 
+/// Why a zstd frame header is refused.
+#[derive(Debug, thiserror::Error)]
+enum FrameHeaderFault {
+    #[error("no frame header")]
+    Missing,
+    #[error("reserved bit set")]
+    Reserved,
+    #[error("frame header is cut short")]
+    Short,
+}
+
 /// Parses a frame header after the magic (RFC 8878 3.1.1.1).
-fn frame_header(b: &[u8]) -> std::result::Result<FrameHeader, String> {
-    let fhd = *b.first().ok_or("no frame header")?;
+fn frame_header(b: &[u8]) -> std::result::Result<FrameHeader, FrameHeaderFault> {
+    let fhd = *b.first().ok_or(FrameHeaderFault::Missing)?;
     if fhd & 0x08 != 0 {
-        return Err("reserved bit set".into());
+        return Err(FrameHeaderFault::Reserved);
     }
     let fcs_flag = fhd >> 6;
     let single = fhd & 0x20 != 0;
@@ -301,7 +312,7 @@ fn frame_header(b: &[u8]) -> std::result::Result<FrameHeader, String> {
         _ => 8,
     };
     let mut p = 1 + usize::from(!single) + did;
-    let field = b.get(p..p + fcs).ok_or("frame header is cut short")?;
+    let field = b.get(p..p + fcs).ok_or(FrameHeaderFault::Short)?;
     let mut v = 0u64;
     for (i, x) in field.iter().enumerate() {
         v |= u64::from(*x) << (8 * i);
@@ -350,7 +361,8 @@ pub fn zstd_decoded_size(s: &dyn Storage, name: &str) -> Result<Option<u64>> {
                 format!("magic {magic:#010x} is not a zstd frame"),
             ));
         }
-        let fh = frame_header(&hdr[4..n]).map_err(|d| bad(c, name, "frame header", pos, d))?;
+        let fh = frame_header(&hdr[4..n])
+            .map_err(|d| bad(c, name, "frame header", pos, d.to_string()))?;
         let Some(size) = fh.content_size else {
             return Ok(None);
         };

@@ -138,6 +138,38 @@ fn install() -> bool {
     READY.load(Ordering::Acquire)
 }
 
+/// Starts reading the source bytes of guest `[start, start + len)` into the page cache, in
+/// the background, when the range begins with a data extent of a file (as the jobs
+/// [`Mapped`] serves do). A mapping is populated without read-around (see [`Mapped::new`]),
+/// so a page that is not cached is read on its own, 4 KiB at a time, while the copy waits:
+/// a raw->vhd conversion of the issue 6 workload with its source out of the page cache took
+/// 66-91 s against qemu-img's 0.9-1.2 s (whose `pread`s get the kernel's readahead). Asking
+/// for the job's range ahead (`POSIX_FADV_WILLNEED`, exactly the range, so no hole is read)
+/// makes it large reads that run while earlier jobs are copied; for cached pages it is a
+/// lookup. The planner calls this as it emits each job, a few jobs before a worker maps it.
+/// A hint only: errors are ignored (the read reports them).
+pub fn prefetch(src: &crate::image::Image, start: u64, len: u64) {
+    let Ok((e, layer, _)) = src.map_flat(start, len) else {
+        return;
+    };
+    let crate::mapping::MapKind::Data { file, offset } = e.kind else {
+        return;
+    };
+    let Some(fd) = layer.reader().file(file).and_then(|s| s.raw_fd()) else {
+        return;
+    };
+    let (Ok(o), Ok(n)) = (
+        libc::off_t::try_from(offset.get()),
+        libc::off_t::try_from(e.len.min(len)),
+    ) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a descriptor the image keeps open; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(fd, o, n, libc::POSIX_FADV_WILLNEED);
+    }
+}
+
 /// `len` bytes of a file at `offset`, mapped read-only for as long as this lives.
 pub struct Mapped {
     ptr: *mut libc::c_void,

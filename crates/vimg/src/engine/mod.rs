@@ -15,6 +15,7 @@
 //!   scan and encode), and only the data writes themselves run in any order.
 
 mod mapped;
+mod sparse;
 pub mod zero;
 
 use std::collections::BTreeMap;
@@ -27,7 +28,7 @@ use crate::image::Image;
 use crate::mapping::{Extent, MapKind};
 use crate::writer::{EncodedUnit, ImageWriter};
 
-use zero::{split_runs, Run};
+use zero::Run;
 
 /// Which ranges of the source the engine copies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -272,13 +273,37 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         p(Progress { done: 0, total });
     }
 
-    // The buffer pool: its size bounds memory and the number of jobs in flight.
+    // The buffer pool: its size bounds memory. For ordered writers it also bounds the jobs
+    // in flight (the planner hands each job its buffer, in sequence order, so the sink can
+    // always be fed). Unordered writers take a buffer only while a worker reads into it
+    // (jobs served from a mapping of the source need none), and the jobs in flight are
+    // counted by tickets instead, several per worker: the planner then runs far enough
+    // ahead that a worker does not wait for it when it is slow to be scheduled on a busy
+    // machine (with one job queued per buffer, the two workers of a raw->vdi copy slept
+    // 75% of the run, waiting for a planner that waited for a CPU), and the source reads
+    // it starts (`mapped::prefetch`) run that much ahead of the copy.
     let pool_size = workers * 2 + 1;
+    let tickets = if caps.ordered {
+        pool_size
+    } else {
+        (workers * TICKETS_PER_WORKER).max(pool_size)
+    };
     let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(pool_size);
     for _ in 0..pool_size {
         let _ = free_tx.send(Vec::new());
     }
-    let (job_tx, job_rx) = mpsc::sync_channel::<(Job, Vec<u8>)>(pool_size);
+    let (ticket_tx, ticket_rx) = mpsc::sync_channel::<()>(tickets);
+    if !caps.ordered {
+        for _ in 0..tickets {
+            let _ = ticket_tx.send(());
+        }
+    }
+    let pool = Pool {
+        free_tx,
+        free_rx: Mutex::new(free_rx),
+        ticket_tx,
+    };
+    let (job_tx, job_rx) = mpsc::sync_channel::<(Job, Vec<u8>)>(tickets);
     let job_rx = Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::sync_channel::<Done>(pool_size);
 
@@ -286,31 +311,39 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         for _ in 0..workers {
             let shared = &shared;
             let job_rx = &job_rx;
-            let free_tx = free_tx.clone();
+            let pool = &pool;
             let done_tx = caps.ordered.then(|| done_tx.clone());
-            scope.spawn(move || worker(shared, job_rx, free_tx, done_tx));
+            scope.spawn(move || worker(shared, job_rx, pool, done_tx));
         }
         drop(done_tx);
         if caps.ordered {
             let shared = &shared;
-            let free_tx = free_tx.clone();
+            let free_tx = pool.free_tx.clone();
             scope.spawn(move || sink(shared, done_rx, free_tx));
         } else {
             drop(done_rx);
         }
-        drop(free_tx);
 
         let mut planner = Planner::new(&shared, opts, size, chunk);
+        let stopped = || Error::msg(ErrorKind::Io, "copy workers stopped");
         let result = planner.run(|job| {
-            let buf = free_rx
-                .recv()
-                .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))?;
+            if shared.mapped_reads {
+                // Before waiting for a ticket or buffer: the read of this job's source
+                // range is under way while the jobs ahead of it are processed.
+                if let Job::Data { start, len, .. } = job {
+                    mapped::prefetch(shared.src, start, len);
+                }
+            }
+            let buf = if caps.ordered {
+                pool.take().ok_or_else(stopped)?
+            } else {
+                ticket_rx.recv().map_err(|_| stopped())?;
+                Vec::new()
+            };
             if shared.failed.load(Ordering::SeqCst) {
                 return Err(Error::msg(ErrorKind::Io, "copy failed"));
             }
-            job_tx
-                .send((job, buf))
-                .map_err(|_| Error::msg(ErrorKind::Io, "copy workers stopped"))
+            job_tx.send((job, buf)).map_err(|_| stopped())
         });
         drop(job_tx);
         result
@@ -361,16 +394,7 @@ impl<'s, 'a> Planner<'s, 'a> {
         let max = self.size - pos;
         match self.mode {
             CopyMode::Flatten => Ok(src.map_flat(pos, max)?.0),
-            CopyMode::TopOnly => {
-                let e = src.reader().map(crate::mapping::GuestOffset(pos), max)?;
-                if e.start.get() != pos || e.len == 0 || e.len > max {
-                    return Err(Error::corrupt(format!(
-                        "{} mapping at {pos:#x} returned an invalid extent",
-                        src.format().name()
-                    )));
-                }
-                Ok(e)
-            }
+            CopyMode::TopOnly => crate::image::checked_map(src, pos, max),
         }
     }
 
@@ -477,10 +501,32 @@ impl<'s, 'a> Planner<'s, 'a> {
     }
 }
 
+/// Jobs in flight per worker for unordered writers (see [`copy`]).
+const TICKETS_PER_WORKER: usize = 8;
+
+/// The buffers of a copy, and the tickets of unordered writers' jobs.
+struct Pool {
+    free_tx: SyncSender<Vec<u8>>,
+    free_rx: Mutex<Receiver<Vec<u8>>>,
+    /// Given back when an unordered writer's job is done.
+    ticket_tx: SyncSender<()>,
+}
+
+impl Pool {
+    /// A free buffer (waits for one); `None` when the copy is being torn down.
+    fn take(&self) -> Option<Vec<u8>> {
+        self.free_rx.lock().ok()?.recv().ok()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let _ = self.free_tx.send(buf);
+    }
+}
+
 fn worker(
     shared: &Shared<'_>,
     jobs: &Mutex<Receiver<(Job, Vec<u8>)>>,
-    free: SyncSender<Vec<u8>>,
+    pool: &Pool,
     ordered: Option<SyncSender<Done>>,
 ) {
     let mut runs = Vec::new();
@@ -489,47 +535,80 @@ fn worker(
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((job, mut buf)) = next else { return };
-        if shared.failed.load(Ordering::Relaxed) {
-            let _ = free.send(buf);
-            continue;
-        }
-        if ordered.is_none() {
-            if let Some(r) = try_mapped(shared, job, &mut runs) {
-                if let Err(e) = r {
-                    shared.fail(e);
-                }
-                let _ = free.send(buf);
-                continue;
+        let Ok((job, buf)) = next else { return };
+        match &ordered {
+            Some(tx) => ordered_job(shared, job, buf, pool, tx, &mut runs),
+            None => {
+                unordered_job(shared, job, pool, &mut runs);
+                let _ = pool.ticket_tx.send(());
             }
         }
-        let mut encoded = Vec::new();
-        let r = process(shared, job, &mut buf, &mut runs, &mut encoded);
+    }
+}
+
+/// Reads, scans and encodes a job of an ordered writer into `buf` (its own, handed out by
+/// the planner) and passes it on to the sink.
+fn ordered_job(
+    shared: &Shared<'_>,
+    job: Job,
+    mut buf: Vec<u8>,
+    pool: &Pool,
+    tx: &SyncSender<Done>,
+    runs: &mut Vec<Run>,
+) {
+    if shared.failed.load(Ordering::Relaxed) {
+        pool.put(buf);
+        return;
+    }
+    let mut encoded = Vec::new();
+    if let Err(e) = process(shared, job, &mut buf, runs, &mut encoded) {
+        shared.fail(e);
+        pool.put(buf);
+        return;
+    }
+    let done = Done {
+        job,
+        buf,
+        runs: std::mem::take(runs),
+        encoded,
+    };
+    if let Err(mpsc::SendError(d)) = tx.send(done) {
+        pool.put(d.buf);
+    }
+}
+
+/// Does a job of an unordered writer: from a mapping of the source where it can, else
+/// read into a buffer taken from the pool for the job's duration (a worker holds at most
+/// one, and the pool has more buffers than there are workers, so this never waits for a
+/// buffer held by a job that waits for this one).
+fn unordered_job(shared: &Shared<'_>, job: Job, pool: &Pool, runs: &mut Vec<Run>) {
+    if shared.failed.load(Ordering::Relaxed) {
+        return;
+    }
+    if let Some(r) = try_mapped(shared, job, runs) {
         if let Err(e) = r {
             shared.fail(e);
-            let _ = free.send(buf);
-            continue;
         }
-        match &ordered {
-            Some(tx) => {
-                let done = Done {
-                    job,
-                    buf,
-                    runs: std::mem::take(&mut runs),
-                    encoded,
-                };
-                if let Err(mpsc::SendError(d)) = tx.send(done) {
-                    let _ = free.send(d.buf);
-                }
-            }
+        return;
+    }
+    let mut buf = match job {
+        Job::Data { .. } => match pool.take() {
+            Some(b) => b,
             None => {
-                let r = write_out(shared, job, &buf, &runs, &encoded, true);
-                if let Err(e) = r {
-                    shared.fail(e);
-                }
-                let _ = free.send(buf);
+                shared.fail(Error::msg(ErrorKind::Io, "copy buffers gone"));
+                return;
             }
-        }
+        },
+        Job::Zeroes { .. } => Vec::new(),
+    };
+    let mut encoded = Vec::new();
+    let r = process(shared, job, &mut buf, runs, &mut encoded)
+        .and_then(|()| write_out(shared, job, &buf, runs, &encoded, true));
+    if let Err(e) = r {
+        shared.fail(e);
+    }
+    if matches!(job, Job::Data { .. }) {
+        pool.put(buf);
     }
 }
 
@@ -567,9 +646,10 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
                 offset.get()
             ),
         )
+        .with_path(layer.filename())
     };
     shared.stats_read.fetch_add(len, Ordering::Relaxed);
-    split_runs(m.data(), shared.unit as usize, shared.sparse, runs);
+    split_runs(shared, start, m.data(), runs);
     if m.failed() {
         return Some(Err(failed()));
     }
@@ -578,6 +658,21 @@ fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Resu
         return Some(Err(failed()));
     }
     Some(r)
+}
+
+/// Splits a data job's bytes (`buf`, at image offset `start`) into the runs to write and the
+/// zero runs to skip, as qemu-img's `-S` does (see [`sparse`] for units smaller than `-S`).
+fn split_runs(shared: &Shared<'_>, start: u64, buf: &[u8], runs: &mut Vec<Run>) {
+    let unit = shared.unit as usize;
+    if shared.sparse > 0 && shared.dst.caps().encodes {
+        // Compressed units are written whole: qemu-img ignores -S (other than 0) for them
+        // and skips exactly the units that are all zero.
+        zero::split_runs(buf, unit, 1, runs);
+    } else if shared.sparse > unit && start.is_multiple_of(512) {
+        sparse::split_runs_qemu(buf, start, unit, shared.sparse, runs);
+    } else {
+        zero::split_runs(buf, unit, shared.sparse, runs);
+    }
 }
 
 /// Reads and scans a data job (and encodes it for writers that encode).
@@ -601,7 +696,7 @@ fn process(
     }
     shared.src.read_at(&mut buf[..len], start)?;
     shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
-    split_runs(&buf[..len], shared.unit as usize, shared.sparse, runs);
+    split_runs(shared, start, &buf[..len], runs);
     if shared.dst.caps().encodes {
         encoded.clear();
         for r in runs.iter().filter(|r| !r.zero) {

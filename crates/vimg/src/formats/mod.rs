@@ -20,6 +20,7 @@ use crate::writer::ImageWriter;
 pub(crate) mod block_table;
 pub mod bochs;
 pub mod cloop;
+pub(crate) mod cluster_tables;
 pub mod dmg;
 mod format;
 pub mod luks;
@@ -30,6 +31,7 @@ pub mod qed;
 pub mod raw;
 pub mod registry;
 pub mod unread;
+pub mod updater;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -150,6 +152,88 @@ pub const PROTOCOL_PRINTED: &[Printed] = &[
     printed("extent_size_hint", None),
 ];
 
+/// How qemu-img's driver words a value outside a [`Choice`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChoiceRefusal {
+    /// `Parameter 'NAME' does not accept value 'VALUE'` (a QAPI enum; NAME as qemu spells
+    /// it, which may differ from the `-o` key).
+    DoesNotAccept(&'static str),
+    /// `invalid parameter value: VALUE`.
+    InvalidValue,
+}
+
+/// A create option that takes one of a fixed set of values (subformats, preallocation
+/// modes...), declared by the driver: the driver reads it through
+/// [`Capabilities::choice`], and callers list the choices from here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Choice {
+    /// The `-o` key.
+    pub option: &'static str,
+    /// The values accepted, as qemu-img spells them.
+    pub values: &'static [&'static str],
+    /// The value used when the option is not given.
+    pub default: &'static str,
+    /// How a value outside `values` is refused.
+    pub refusal: ChoiceRefusal,
+}
+
+impl Choice {
+    /// The value `opts` gives (or the default), refused in qemu-img's words when it is not
+    /// one of the choices.
+    pub fn value<'a>(&self, opts: &'a CreateOptions) -> Result<&'a str> {
+        let v = opts.get_str(self.option).unwrap_or(self.default);
+        if self.values.contains(&v) {
+            return Ok(v);
+        }
+        Err(Error::invalid_argument(match self.refusal {
+            ChoiceRefusal::DoesNotAccept(name) => {
+                format!("Parameter '{name}' does not accept value '{v}'")
+            }
+            ChoiceRefusal::InvalidValue => format!("invalid parameter value: {v}"),
+        }))
+    }
+}
+
+/// Whether a driver writes its images in one forward pass, so they can go to a pipe,
+/// stdout or a FIFO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Streaming {
+    /// Always.
+    Yes,
+    /// Never: the reason (the format's tables precede its data, or the header is last).
+    No(&'static str),
+    /// Only when `option` takes one of `values`; otherwise refused with `otherwise`.
+    When {
+        /// The `-o` key.
+        option: &'static str,
+        /// The values that make the image streamable.
+        values: &'static [&'static str],
+        /// The reason given for any other value.
+        otherwise: &'static str,
+    },
+}
+
+impl Streaming {
+    /// Refuses, with the declared reason, an image `opts` describes that cannot be written
+    /// in one forward pass.
+    pub fn check(&self, opts: &CreateOptions) -> Result<()> {
+        match *self {
+            Streaming::Yes => Ok(()),
+            Streaming::No(why) => Err(Error::unsupported(why)),
+            Streaming::When {
+                option,
+                values,
+                otherwise,
+            } => match opts.get_str(option) {
+                Some(v) if values.contains(&v) => Ok(()),
+                _ => Err(Error::unsupported(otherwise)),
+            },
+        }
+    }
+}
+
 /// What a driver can do, declared once ([`Driver::capabilities`]). The library checks a
 /// request against it before it calls the driver ([`Capabilities::check`]); a command line
 /// asks it instead of keeping tables of its own.
@@ -169,6 +253,10 @@ pub struct Capabilities {
     /// (its driver's option list, measured on qemu-img 10.0.2), with the defaults it prints;
     /// options given and not listed follow in name order.
     pub printed: &'static [Printed],
+    /// The create options that take one of a fixed set of values.
+    pub choices: &'static [Choice],
+    /// Whether the image can be written in one forward pass (stdout, a pipe, a FIFO).
+    pub streaming: Streaming,
 }
 
 impl Capabilities {
@@ -180,6 +268,8 @@ impl Capabilities {
         backing_file: false,
         bitmaps: false,
         printed: PROTOCOL_PRINTED,
+        choices: &[],
+        streaming: Streaming::No("this format is not written by vimg"),
     };
 
     /// Refuses what `opts` (`-c`) and `mode` (`-n`) ask of a format that cannot do it,
@@ -210,7 +300,34 @@ impl Capabilities {
                 ),
             )?;
         }
+        if mode == OutputMode::Stdout {
+            self.check_stream(opts)?;
+        }
         Ok(())
+    }
+
+    /// The value `opts` gives the declared choice `option` (or its default), refused in
+    /// qemu-img's words when it is not one of the choices: how a driver reads such an option,
+    /// so the declaration is the one list of what it accepts.
+    pub fn choice<'a>(&self, option: &str, opts: &'a CreateOptions) -> Result<&'a str> {
+        match self.choices.iter().find(|c| c.option == option) {
+            Some(c) => c.value(opts),
+            None => Err(Error::invalid_argument(format!(
+                "'{option}' is not an option with declared choices"
+            ))),
+        }
+    }
+
+    /// Refuses an image `opts` describes that this format cannot write in one forward pass
+    /// (stdout, checked before create). A FIFO or character device is left to the writer,
+    /// which refuses after opening it, so a reader waiting on a FIFO sees its end instead of
+    /// waiting forever. A format that writes nothing is left to [`Driver::create`]'s own
+    /// refusal.
+    pub fn check_stream(&self, opts: &CreateOptions) -> Result<()> {
+        if !self.create {
+            return Ok(());
+        }
+        self.streaming.check(opts)
     }
 }
 

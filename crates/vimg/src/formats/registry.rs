@@ -103,9 +103,31 @@ pub fn create(
     d.create(out, size, opts)
 }
 
+/// Opens an existing image for changing in place (`check -r`, `resize`, `amend`, `rebase`,
+/// `commit`): the one entry the in-place commands use; formats without an updater are
+/// refused here. See [`super::updater`].
+pub fn open_update(
+    path: &std::path::Path,
+    format: Format,
+    policy: crate::gate::ExternalPolicy,
+) -> Result<super::updater::Updater> {
+    super::updater::open(path, format, policy)
+}
+
+/// Refuses an in-place `op` that `format`'s updater cannot do, worded here.
+pub fn require_update(format: Format, op: super::updater::UpdateOp) -> Result<()> {
+    super::updater::require(format, op)
+}
+
+/// What `format`'s updater can change in place.
+pub fn update_caps(format: Format) -> super::updater::UpdateCaps {
+    super::updater::caps(format)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::Streaming;
 
     /// A declared capability agrees with the options the driver takes, and every option
     /// printed on the `Formatting` line is one the format accepts.
@@ -121,6 +143,68 @@ mod tests {
                     assert!(has(p.name), "{f} prints {} but does not take it", p.name);
                 }
             }
+        }
+    }
+
+    /// Declared choices and streaming conditions name options the format takes; every
+    /// choice's default is one of its values, and every value is one the driver accepts
+    /// (`measure` reads the options as `create` does).
+    #[test]
+    fn choices_and_streaming_agree_with_options() {
+        for f in Format::ALL {
+            let caps = driver(f).capabilities();
+            if !caps.create {
+                continue;
+            }
+            let opts = all_options(f);
+            let has = |n: &str| opts.iter().any(|o| o.name == n);
+            for c in caps.choices {
+                assert!(has(c.option), "{f} declares choices for {}", c.option);
+                assert!(c.values.contains(&c.default), "{f} {}", c.option);
+                for v in c.values {
+                    let o = CreateOptions::new().with(c.option, *v);
+                    assert_eq!(caps.choice(c.option, &o).unwrap(), *v);
+                    if let Err(e) = driver(f).measure(1 << 20, &o, None) {
+                        // Some values need others (zstd: the cargo feature); none is
+                        // refused as a bad value.
+                        assert!(
+                            !e.to_string().contains("value"),
+                            "{f} {}={v}: {e}",
+                            c.option
+                        );
+                    }
+                }
+                let o = CreateOptions::new().with(c.option, "bogus");
+                assert!(caps.choice(c.option, &o).is_err(), "{f} {}", c.option);
+                if let Err(e) = driver(f).measure(1 << 20, &o, None) {
+                    assert!(e.to_string().contains("bogus"), "{f}: {e}");
+                }
+            }
+            if let Streaming::When { option, values, .. } = caps.streaming {
+                assert!(has(option), "{f} streams by {option}");
+                let o = CreateOptions::new().with(option, values[0]);
+                assert!(caps.check_stream(&o).is_ok(), "{f}");
+                assert!(caps.check_stream(&CreateOptions::new()).is_err(), "{f}");
+            }
+        }
+    }
+
+    /// A format that needs to seek is refused on stdout before anything is created.
+    #[test]
+    fn stdout_refused_before_create_for_formats_that_seek() {
+        let out = Output::with_mode("-", crate::OutputMode::Stdout);
+        for f in [
+            Format::Qcow2,
+            Format::Vhdx,
+            Format::Vpc,
+            Format::Vdi,
+            Format::Vmdk,
+        ] {
+            let e = create(f, &out, 1 << 20, &CreateOptions::new())
+                .err()
+                .expect("refused");
+            assert_eq!(e.kind(), crate::ErrorKind::Unsupported, "{f}: {e}");
+            assert!(e.to_string().contains("stream"), "{f}: {e}");
         }
     }
 

@@ -80,7 +80,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
     let pairs = if image_opts {
         parse_option_string(name)?
     } else if let Some(json) = name.strip_prefix("json:") {
-        let v: Value = serde_json::from_str(json).map_err(|e| {
+        let v: Value = serde_json::from_str(&super::qjson::to_standard(json)).map_err(|e| {
             Error::invalid_argument(format!("Could not parse the JSON options of '{name}': {e}"))
         })?;
         let Value::Object(map) = v else {

@@ -214,6 +214,11 @@ impl BochsReader {
 }
 
 impl ImageReader for BochsReader {
+    fn reports_allocation(&self) -> bool {
+        // qemu's driver has no block status: qemu-img maps everything as data.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Bochs
     }

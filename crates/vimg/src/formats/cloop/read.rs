@@ -126,6 +126,11 @@ impl CloopReader {
 }
 
 impl ImageReader for CloopReader {
+    fn reports_allocation(&self) -> bool {
+        // qemu's driver has no block status: qemu-img maps everything as data.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Cloop
     }

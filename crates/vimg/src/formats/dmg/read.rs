@@ -35,6 +35,11 @@ impl DmgReader {
 }
 
 impl ImageReader for DmgReader {
+    fn reports_allocation(&self) -> bool {
+        // qemu's driver has no block status: qemu-img maps everything as data.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Dmg
     }

@@ -222,6 +222,11 @@ impl LuksReader {
 }
 
 impl ImageReader for LuksReader {
+    fn reports_allocation(&self) -> bool {
+        // qemu's driver has no block status: qemu-img maps everything as data.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Luks
     }

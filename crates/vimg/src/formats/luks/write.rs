@@ -40,13 +40,17 @@ struct Choice {
     iter_time: u64,
 }
 
-fn parse_options(opts: &CreateOptions) -> Result<Choice> {
-    if opts.get_bool("detached-header", false)? {
+/// Reads the LUKS options from `opts`, each under `prefix` (`""` for a luks volume,
+/// `"encrypt."` for qcow2).
+fn parse_options(opts: &CreateOptions, prefix: &str) -> Result<Choice> {
+    let key = |k: &str| format!("{prefix}{k}");
+    let get = |k: &str| opts.get_str(&key(k));
+    if opts.get_bool(&key("detached-header"), false)? {
         return Err(Error::unsupported(
             "vimg does not create LUKS volumes with a detached header",
         ));
     }
-    let aes_key = match opts.get_str("cipher-alg").unwrap_or("aes-256") {
+    let aes_key = match get("cipher-alg").unwrap_or("aes-256") {
         "aes-128" => 16,
         "aes-192" => 24,
         "aes-256" => 32,
@@ -56,13 +60,13 @@ fn parse_options(opts: &CreateOptions) -> Result<Choice> {
             )))
         }
     };
-    let mode = Mode::from_name(opts.get_str("cipher-mode").unwrap_or("xts"))
+    let mode = Mode::from_name(get("cipher-mode").unwrap_or("xts"))
         .map_err(|e| Error::invalid_argument(e.to_string()))?;
-    let ivgen = match opts.get_str("ivgen-alg").unwrap_or("plain64") {
+    let ivgen = match get("ivgen-alg").unwrap_or("plain64") {
         "plain" => IvGen::Plain,
         "plain64" => IvGen::Plain64,
         "essiv" => IvGen::Essiv(
-            Hash::from_name(opts.get_str("ivgen-hash-alg").unwrap_or("sha256"))
+            Hash::from_name(get("ivgen-hash-alg").unwrap_or("sha256"))
                 .map_err(|e| Error::invalid_argument(e.to_string()))?,
         ),
         other => {
@@ -71,7 +75,7 @@ fn parse_options(opts: &CreateOptions) -> Result<Choice> {
             )))
         }
     };
-    let hash = Hash::from_name(opts.get_str("hash-alg").unwrap_or("sha256"))
+    let hash = Hash::from_name(get("hash-alg").unwrap_or("sha256"))
         .map_err(|e| Error::invalid_argument(e.to_string()))?;
     let key_bytes = if mode == Mode::Xts {
         aes_key * 2
@@ -90,7 +94,7 @@ fn parse_options(opts: &CreateOptions) -> Result<Choice> {
             key_bytes * STRIPES as usize
         )));
     }
-    let iter_time = opts.get_number("iter-time")?.unwrap_or(2000);
+    let iter_time = opts.get_number(&key("iter-time"))?.unwrap_or(2000);
     if iter_time == 0 {
         return Err(Error::invalid_argument("iter-time must be at least 1 ms"));
     }
@@ -112,10 +116,7 @@ fn slot_sectors(key_bytes: usize) -> u32 {
 /// key slot areas) plus the payload, all of it allocated (every sector is written
 /// encrypted).
 pub fn measure(size: u64, opts: &CreateOptions) -> Result<crate::formats::Measure> {
-    let c = parse_options(opts)?;
-    super::open::secret_passphrase(opts.get_str("key-secret"), "")?;
-    let header = u64::from(FIRST_SLOT_SECTOR + slot_sectors(c.spec.key_bytes) * SLOTS as u32)
-        * SECTOR as u64;
+    let header = header_area_len(opts, "")?;
     let total = header
         .checked_add(size)
         .ok_or_else(|| Error::invalid_argument("LUKS volume size too large"))?;
@@ -123,6 +124,99 @@ pub fn measure(size: u64, opts: &CreateOptions) -> Result<crate::formats::Measur
         required: total,
         fully_allocated: total,
         bitmaps: None,
+    })
+}
+
+/// Bytes of the header area (header and eight key slot areas) a volume made with `opts`
+/// (under `prefix`) has; checks the options and that the secret exists.
+pub(crate) fn header_area_len(opts: &CreateOptions, prefix: &'static str) -> Result<u64> {
+    let c = parse_options(opts, prefix)?;
+    super::open::secret_passphrase(opts.get_str(&format!("{prefix}key-secret")), prefix)?;
+    Ok(
+        u64::from(FIRST_SLOT_SECTOR + slot_sectors(c.spec.key_bytes) * SLOTS as u32)
+            * SECTOR as u64,
+    )
+}
+
+/// A new LUKS1 header area: what [`new_volume`] makes.
+pub(crate) struct NewVolume {
+    /// The header area (header, key slots, slot 0's key material), `payload` bytes.
+    pub head: Zeroizing<Vec<u8>>,
+    /// The ranges of `head` that hold anything (the rest is zeros).
+    pub used: [(usize, usize); 2],
+    /// Where the payload starts: the header area's length.
+    pub payload: u64,
+    /// The volume key's sector cipher.
+    pub cipher: SectorCipher,
+}
+
+/// Makes a LUKS1 header area as QEMU does (a random volume key, key slot 0 unlocked by the
+/// passphrase of the secret `{prefix}key-secret`), from the options under `prefix`.
+pub(crate) fn new_volume(opts: &CreateOptions, prefix: &'static str) -> Result<NewVolume> {
+    let c = parse_options(opts, prefix)?;
+    let (id, secret) =
+        super::open::secret_passphrase(opts.get_str(&format!("{prefix}key-secret")), prefix)?;
+    let password = super::open::passphrase(&id, &secret)?;
+    let kb = c.spec.key_bytes;
+
+    let mut master = Zeroizing::new(vec![0u8; kb]);
+    random(&mut master)?;
+    let mut mk_digest_salt = [0u8; SALT_LEN];
+    random(&mut mk_digest_salt)?;
+    let mk_iter = ((u64::from(iterations_for(c.hash, &master, DIGEST_LEN, c.iter_time))) / 8)
+        .max(MIN_ITERATIONS) as u32;
+    let mut mk_digest = [0u8; DIGEST_LEN];
+    c.hash
+        .pbkdf2(&master, &mk_digest_salt, mk_iter, &mut mk_digest);
+
+    let slot_sectors = slot_sectors(kb);
+    let mut salt = [0u8; SALT_LEN];
+    random(&mut salt)?;
+    let slot_iter = iterations_for(c.hash, password, kb, c.iter_time);
+    let slots: Vec<KeySlot> = (0..SLOTS as u32)
+        .map(|i| KeySlot {
+            active: if i == 0 { SLOT_ENABLED } else { SLOT_DISABLED },
+            iterations: if i == 0 { slot_iter } else { 0 },
+            salt: if i == 0 { salt } else { [0; SALT_LEN] },
+            key_offset: FIRST_SLOT_SECTOR + slot_sectors * i,
+            stripes: STRIPES,
+        })
+        .collect();
+    let payload_offset = FIRST_SLOT_SECTOR + slot_sectors * SLOTS as u32;
+    let header = Header {
+        version: 1,
+        cipher_name: "aes".into(),
+        cipher_mode: c.spec.mode_spec(),
+        hash_spec: c.hash.name().into(),
+        payload_offset,
+        key_bytes: kb as u32,
+        mk_digest,
+        mk_digest_salt,
+        mk_digest_iter: mk_iter,
+        uuid: {
+            let mut u = [0u8; super::header::UUID_LEN];
+            let t = uuid::Uuid::new_v4().hyphenated().to_string();
+            u[..t.len()].copy_from_slice(t.as_bytes());
+            u
+        },
+        slots,
+    };
+    let payload = header.payload_bytes();
+
+    // Header, key slots and slot 0's material, in one buffer.
+    let mut head = Zeroizing::new(vec![0u8; payload as usize]);
+    header.write_to(&mut head[..HEADER_LEN]);
+    let mut slot_key = Zeroizing::new(vec![0u8; kb]);
+    c.hash.pbkdf2(password, &salt, slot_iter, &mut slot_key);
+    let mut split = af_split(c.hash, &master, STRIPES as usize)?;
+    SectorCipher::new(c.spec, &slot_key).apply(0, &mut split, true);
+    let at = FIRST_SLOT_SECTOR as usize * SECTOR;
+    head[at..at + split.len()].copy_from_slice(&split);
+    Ok(NewVolume {
+        head,
+        used: [(0, HEADER_LEN), (at, at + split.len())],
+        payload,
+        cipher: SectorCipher::new(c.spec, &master),
     })
 }
 
@@ -176,65 +270,12 @@ impl LuksWriter {
                 "LUKS volume size {size} is not a multiple of 512 bytes (vimg writes whole encrypted sectors)"
             )));
         }
-        let c = parse_options(opts)?;
-        let (id, secret) = super::open::secret_passphrase(opts.get_str("key-secret"), "")?;
-        let password = super::open::passphrase(&id, &secret)?;
-        let kb = c.spec.key_bytes;
-
-        let mut master = Zeroizing::new(vec![0u8; kb]);
-        random(&mut master)?;
-        let mut mk_digest_salt = [0u8; SALT_LEN];
-        random(&mut mk_digest_salt)?;
-        let mk_iter = ((u64::from(iterations_for(c.hash, &master, DIGEST_LEN, c.iter_time))) / 8)
-            .max(MIN_ITERATIONS) as u32;
-        let mut mk_digest = [0u8; DIGEST_LEN];
-        c.hash
-            .pbkdf2(&master, &mk_digest_salt, mk_iter, &mut mk_digest);
-
-        let slot_sectors = slot_sectors(kb);
-        let mut salt = [0u8; SALT_LEN];
-        random(&mut salt)?;
-        let slot_iter = iterations_for(c.hash, password, kb, c.iter_time);
-        let slots: Vec<KeySlot> = (0..SLOTS as u32)
-            .map(|i| KeySlot {
-                active: if i == 0 { SLOT_ENABLED } else { SLOT_DISABLED },
-                iterations: if i == 0 { slot_iter } else { 0 },
-                salt: if i == 0 { salt } else { [0; SALT_LEN] },
-                key_offset: FIRST_SLOT_SECTOR + slot_sectors * i,
-                stripes: STRIPES,
-            })
-            .collect();
-        let payload_offset = FIRST_SLOT_SECTOR + slot_sectors * SLOTS as u32;
-        let header = Header {
-            version: 1,
-            cipher_name: "aes".into(),
-            cipher_mode: c.spec.mode_spec(),
-            hash_spec: c.hash.name().into(),
-            payload_offset,
-            key_bytes: kb as u32,
-            mk_digest,
-            mk_digest_salt,
-            mk_digest_iter: mk_iter,
-            uuid: {
-                let mut u = [0u8; super::header::UUID_LEN];
-                let t = uuid::Uuid::new_v4().hyphenated().to_string();
-                u[..t.len()].copy_from_slice(t.as_bytes());
-                u
-            },
-            slots,
-        };
-        let payload = header.payload_bytes();
-
-        // Header, key slots and slot 0's material, in one buffer written at 0.
-        let mut head = Zeroizing::new(vec![0u8; payload as usize]);
-        header.write_to(&mut head[..HEADER_LEN]);
-        let mut slot_key = Zeroizing::new(vec![0u8; kb]);
-        c.hash.pbkdf2(password, &salt, slot_iter, &mut slot_key);
-        let mut split = af_split(c.hash, &master, STRIPES as usize)?;
-        SectorCipher::new(c.spec, &slot_key).apply(0, &mut split, true);
-        let at = FIRST_SLOT_SECTOR as usize * SECTOR;
-        head[at..at + split.len()].copy_from_slice(&split);
-
+        let NewVolume {
+            head,
+            used,
+            payload,
+            cipher,
+        } = new_volume(opts, "")?;
         let file = out.create_main()?;
         let total = payload
             .checked_add(size)
@@ -246,14 +287,15 @@ impl LuksWriter {
             file.write_all_at(&head, 0)?;
         } else {
             // The gaps stay holes, as qemu-img leaves them.
-            file.write_all_at(&head[..HEADER_LEN], 0)?;
-            file.write_all_at(&head[at..at + split.len()], at as u64)?;
+            for (s, e) in used {
+                file.write_all_at(&head[s..e], s as u64)?;
+            }
         }
         Ok(LuksWriter {
             file,
             payload,
             size,
-            cipher: SectorCipher::new(c.spec, &master),
+            cipher,
             written: Mutex::new(BTreeMap::new()),
             next: Mutex::new(0),
         })

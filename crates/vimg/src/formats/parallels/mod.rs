@@ -25,11 +25,15 @@
 //! correctly is read as its BAT says (as qemu-img reads it), with a warning, and `check`
 //! reports it as qemu-img does. Clusters of any multiple of 512 bytes are read.
 //!
+//! A ploop directory opens through its `DiskDescriptor.xml` ([`descriptor`]): the image
+//! file it names goes through the gate.
+//!
 //! # Writing
 //! The "WithouFreSpacExt" image `qemu-img create -f parallels` writes, with its one option
 //! `cluster_size` (default 1 MiB; sizes rounded up to sectors, QEMU's limits and errors).
 //! qemu-img has no `preallocation` option for parallels, and neither has vimg.
 
+pub mod descriptor;
 pub mod error;
 pub mod header;
 mod open;
@@ -39,7 +43,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -74,6 +78,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("size", None),
         printed("cluster_size", Some("1048576")),
     ],
+    choices: &[],
+    streaming: Streaming::No(
+        "a Parallels image keeps its BAT in front of the data and cannot be written to a stream",
+    ),
 };
 
 impl crate::formats::Driver for Driver {
@@ -83,12 +91,21 @@ impl crate::formats::Driver for Driver {
 
     fn probe(&self, head: &[u8], _storage: &dyn Storage) -> bool {
         // As QEMU probes: a whole header, either signature, version 2.
-        head.len() >= header::HEADER_SIZE
+        let binary = head.len() >= header::HEADER_SIZE
             && (head.starts_with(&header::MAGIC_V1) || head.starts_with(&header::MAGIC_V2))
-            && head[16..20] == header::VERSION.to_le_bytes()
+            && head[16..20] == header::VERSION.to_le_bytes();
+        // A ploop directory's DiskDescriptor.xml (descriptor.rs).
+        binary || descriptor::looks_like(head)
     }
 
-    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+    fn open(&self, storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        let mut head = vec![0u8; storage.len().min(4096) as usize];
+        storage
+            .read_exact_at(&mut head, 0)
+            .map_err(|e| crate::Error::io("read the parallels header", e))?;
+        if descriptor::looks_like(&head) {
+            return Ok(Box::new(descriptor::DescriptorReader::open(storage, ctx)?));
+        }
         Ok(Box::new(ParallelsReader::open(storage)?))
     }
 

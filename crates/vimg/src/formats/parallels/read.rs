@@ -62,6 +62,11 @@ impl ParallelsReader {
 }
 
 impl ImageReader for ParallelsReader {
+    fn map_probes_host_holes(&self) -> bool {
+        // qemu's parallels block status sets no BDRV_BLOCK_RECURSE.
+        false
+    }
+
     fn format(&self) -> Format {
         Format::Parallels
     }

@@ -26,7 +26,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -89,6 +89,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("encrypt.format", None),
         printed("encrypt.key-secret", None),
     ],
+    choices: &[],
+    streaming: Streaming::No(
+        "a qcow image keeps its tables in front of the data and cannot be written to a stream",
+    ),
 };
 
 impl crate::formats::Driver for Driver {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::header::{Header, COMPRESSED};
 use crate::error::Result;
+use crate::formats::cluster_tables::ClusterTables;
 use crate::formats::Format;
 use crate::mapping::{
     BackingRef, Codec, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
@@ -28,20 +29,10 @@ impl QcowReader {
         &self.header
     }
 
-    /// True when L1 entry `i` has an L2 table.
-    fn has_table(&self, i: u64) -> bool {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.l2.get(i))
-            .is_some_and(Option::is_some)
-    }
-
-    fn entry(&self, cluster: u64) -> u64 {
-        let i = (cluster >> self.l2_bits) as usize;
-        let j = (cluster & ((1 << self.l2_bits) - 1)) as usize;
-        match self.l2.get(i) {
-            Some(Some(t)) => t.get(j).copied().unwrap_or(0),
-            _ => 0,
+    fn tables(&self) -> ClusterTables<'_> {
+        ClusterTables {
+            l2: &self.l2,
+            per: 1 << self.l2_bits,
         }
     }
 }
@@ -71,7 +62,8 @@ impl ImageReader for QcowReader {
         let (pos, end) = crate::mapping::map_range(offset, max_len, size)?;
         let cs = 1u64 << self.cluster_bits;
         let c0 = pos / cs;
-        let e0 = self.entry(c0);
+        let tables = self.tables();
+        let e0 = tables.entry(c0);
         if e0 & COMPRESSED != 0 {
             let (off, len) = compressed(e0, self.cluster_bits);
             let unit_start = c0 * cs;
@@ -88,32 +80,13 @@ impl ImageReader for QcowReader {
                 },
             });
         }
-        let per = 1u64 << self.l2_bits;
-        let mut c = c0;
-        let mut cur;
-        // A missing L2 table is skipped whole, so the work follows the tables, not the
-        // disk size.
-        loop {
-            let next = if self.has_table(c / per) {
-                c + 1
-            } else {
-                (c / per + 1) * per
-            };
-            cur = next.saturating_mul(cs).min(end);
-            if cur >= end {
-                break;
-            }
-            c = next;
-            let e = self.entry(c);
-            let same = if e0 == 0 {
+        let cur = tables.run_end(c0, cs, end, |c, e| {
+            if e0 == 0 {
                 e == 0
             } else {
                 e & COMPRESSED == 0 && e == e0 + (c - c0) * cs
-            };
-            if !same {
-                break;
             }
-        }
+        });
         let kind = if e0 == 0 {
             MapKind::Unallocated
         } else {
@@ -122,14 +95,18 @@ impl ImageReader for QcowReader {
                 offset: HostOffset(e0 + pos % cs),
             }
         };
-        crate::mapping::trim_at_holes(
-            &*self.storage,
-            Extent {
-                start: offset,
-                len: cur - pos,
-                kind,
-            },
-        )
+        // Not cut at holes of the host file: qemu's qcow block status reports a data
+        // cluster as data whatever the file holds under it (no BDRV_BLOCK_RECURSE), and
+        // `map` shows what qemu-img shows.
+        Ok(Extent {
+            start: offset,
+            len: cur - pos,
+            kind,
+        })
+    }
+
+    fn map_probes_host_holes(&self) -> bool {
+        false
     }
 
     fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {

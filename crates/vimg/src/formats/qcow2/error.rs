@@ -4,7 +4,7 @@
 use crate::error::{ErrorKind, FormatError};
 
 /// Something wrong with a qcow2 image (or a request to create one).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Qcow2Error {
     /// The file does not start with `QFI\xfb`.
     #[error("Image is not in qcow2 format (magic {0:#010x})")]

@@ -526,6 +526,92 @@ pub fn qemu_feature_table() -> Vec<FeatureName> {
     ]
 }
 
+/// Why a bitmaps header extension or a bitmap directory entry is refused (qcow2 spec,
+/// "Bitmaps extension" and "Bitmap directory"); the caller adds where it was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BitmapFault {
+    /// The extension data is not 24 bytes.
+    #[error("length {0} is not {len}", len = BitmapsExt::LEN)]
+    Length(usize),
+    /// The reserved field of the extension is not zero.
+    #[error("reserved field is not zero")]
+    Reserved,
+    /// nb_bitmaps outside 1..=65535.
+    #[error("{0} bitmaps (allowed 1..={max})", max = MAX_BITMAPS)]
+    Count(u32),
+    /// bitmap_directory_offset not a multiple of the cluster size.
+    #[error("bitmap directory offset {0:#x} is not cluster aligned")]
+    DirectoryAlign(u64),
+    /// bitmap_directory_size over the limit.
+    #[error("bitmap directory size {0} exceeds {max}", max = MAX_BITMAP_DIRECTORY)]
+    DirectorySize(u64),
+    /// Fewer than 24 bytes for a directory entry.
+    #[error("truncated")]
+    Truncated,
+    /// A bitmap type other than 1 (dirty tracking).
+    #[error("unknown bitmap type {0}")]
+    Type(u8),
+    /// granularity_bits outside 9..=31.
+    #[error("granularity 2^{0} is outside 2^9..2^31")]
+    Granularity(u8),
+    /// Reserved flag bits set.
+    #[error("reserved flags set ({0:#x})")]
+    Flags(u32),
+    /// name_size outside 1..=1023.
+    #[error("name length {0} is outside 1..=1023")]
+    NameSize(u16),
+    /// bitmap_table_offset not a multiple of the cluster size.
+    #[error("bitmap table offset {0:#x} is not cluster aligned")]
+    TableAlign(u64),
+    /// More than 1024 bytes of extra data.
+    #[error("{0} bytes of extra data")]
+    ExtraData(u32),
+}
+
+/// Why an L2 table entry (with its subcluster bitmap) is refused (qcow2 spec, "Cluster
+/// mapping"); the caller adds the table, index and raw value ([`Qcow2Error::L2Entry`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum L2Fault {
+    /// Compressed descriptor with bit 63 set.
+    #[error("compressed cluster with the copied flag (bit 63) set")]
+    CompressedCopied,
+    /// Compressed cluster while data lives in an external file.
+    #[error("compressed cluster in an image with an external data file")]
+    CompressedDataFile,
+    /// Compressed cluster with subcluster bits.
+    #[error("compressed cluster with a non-zero subcluster bitmap {0:#x}")]
+    CompressedBitmap(u64),
+    /// Compressed cluster offset using bits from 56 up.
+    #[error("compressed cluster offset {0:#x} beyond 2^56")]
+    CompressedOffset(u64),
+    /// Reserved bits of a standard entry set (the reserved bits found).
+    #[error("reserved bits set ({0:#x})")]
+    Reserved(u64),
+    /// Host offset 0 with the copied flag and no external data file.
+    #[error("host offset 0 (the header) with the copied flag set")]
+    HeaderOffset,
+    /// A host offset inside a cluster.
+    #[error("host offset {0:#x} is not cluster aligned")]
+    Unaligned(u64),
+    /// Bit 0 set in an extended L2 entry.
+    #[error("zero flag (bit 0) set in an extended L2 entry")]
+    ExtendedZeroFlag,
+    /// Subclusters marked both allocated and zero.
+    #[error("subclusters both allocated and zero (bitmap {0:#018x})")]
+    AllocatedAndZero(u64),
+    /// Allocated subclusters in a cluster with no host offset.
+    #[error("unallocated cluster with allocated subclusters (bitmap {0:#018x})")]
+    UnallocatedSubclusters(u64),
+    /// A subcluster bitmap in an image without extended L2 entries.
+    #[error("bitmap without extended L2 entries")]
+    StrayBitmap,
+    /// The zero flag in a version 2 image.
+    #[error("zero flag (bit 0) set in a version 2 image")]
+    ZeroFlagV2,
+}
+
 /// The bitmaps header extension (24 bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BitmapsExt {
@@ -542,9 +628,9 @@ impl BitmapsExt {
     pub const LEN: usize = 24;
 
     /// Parses and checks the extension data (`cluster_size` for the alignment rule).
-    pub fn parse(b: &[u8], cluster_size: u64) -> std::result::Result<BitmapsExt, String> {
+    pub fn parse(b: &[u8], cluster_size: u64) -> std::result::Result<BitmapsExt, BitmapFault> {
         if b.len() != Self::LEN {
-            return Err(format!("length {} is not {}", b.len(), Self::LEN));
+            return Err(BitmapFault::Length(b.len()));
         }
         let e = BitmapsExt {
             nb_bitmaps: BE::read_u32(&b[0..]),
@@ -552,25 +638,16 @@ impl BitmapsExt {
             directory_offset: BE::read_u64(&b[16..]),
         };
         if BE::read_u32(&b[4..]) != 0 {
-            return Err("reserved field is not zero".into());
+            return Err(BitmapFault::Reserved);
         }
         if e.nb_bitmaps == 0 || u64::from(e.nb_bitmaps) > MAX_BITMAPS {
-            return Err(format!(
-                "{} bitmaps (allowed 1..={MAX_BITMAPS})",
-                e.nb_bitmaps
-            ));
+            return Err(BitmapFault::Count(e.nb_bitmaps));
         }
         if !e.directory_offset.is_multiple_of(cluster_size) {
-            return Err(format!(
-                "bitmap directory offset {:#x} is not cluster aligned",
-                e.directory_offset
-            ));
+            return Err(BitmapFault::DirectoryAlign(e.directory_offset));
         }
         if e.directory_size > MAX_BITMAP_DIRECTORY {
-            return Err(format!(
-                "bitmap directory size {} exceeds {MAX_BITMAP_DIRECTORY}",
-                e.directory_size
-            ));
+            return Err(BitmapFault::DirectorySize(e.directory_size));
         }
         Ok(e)
     }
@@ -605,9 +682,9 @@ pub struct BitmapEntry {
 
 impl BitmapEntry {
     /// Parses and checks the fixed 24 bytes.
-    pub fn parse(b: &[u8], cluster_size: u64) -> std::result::Result<BitmapEntry, String> {
+    pub fn parse(b: &[u8], cluster_size: u64) -> std::result::Result<BitmapEntry, BitmapFault> {
         if b.len() < BITMAP_ENTRY_LEN {
-            return Err("truncated".into());
+            return Err(BitmapFault::Truncated);
         }
         let e = BitmapEntry {
             table_offset: BE::read_u64(&b[0..]),
@@ -619,28 +696,22 @@ impl BitmapEntry {
             extra_data_size: BE::read_u32(&b[20..]),
         };
         if e.kind != 1 {
-            return Err(format!("unknown bitmap type {}", e.kind));
+            return Err(BitmapFault::Type(e.kind));
         }
         if !(9..=31).contains(&e.granularity_bits) {
-            return Err(format!(
-                "granularity 2^{} is outside 2^9..2^31",
-                e.granularity_bits
-            ));
+            return Err(BitmapFault::Granularity(e.granularity_bits));
         }
         if e.flags & !(BME_FLAG_IN_USE | BME_FLAG_AUTO | BME_FLAG_EXTRA_COMPAT) != 0 {
-            return Err(format!("reserved flags set ({:#x})", e.flags));
+            return Err(BitmapFault::Flags(e.flags));
         }
         if e.name_size == 0 || e.name_size > 1023 {
-            return Err(format!("name length {} is outside 1..=1023", e.name_size));
+            return Err(BitmapFault::NameSize(e.name_size));
         }
         if !e.table_offset.is_multiple_of(cluster_size) {
-            return Err(format!(
-                "bitmap table offset {:#x} is not cluster aligned",
-                e.table_offset
-            ));
+            return Err(BitmapFault::TableAlign(e.table_offset));
         }
         if e.extra_data_size > 1024 {
-            return Err(format!("{} bytes of extra data", e.extra_data_size));
+            return Err(BitmapFault::ExtraData(e.extra_data_size));
         }
         Ok(e)
     }
@@ -672,8 +743,8 @@ pub struct Extensions {
     pub backing_format: Option<String>,
     /// Feature name table.
     pub feature_names: Vec<FeatureName>,
-    /// Bitmaps extension (raw; callers honour the autoclear bit).
-    pub bitmaps: Option<Result<BitmapsExt, String>>,
+    /// Bitmaps extension, or why it does not parse (callers honour the autoclear bit).
+    pub bitmaps: Option<Result<BitmapsExt, Qcow2Error>>,
     /// External data file name.
     pub data_file: Option<String>,
     /// Encryption header pointer (offset, length).
@@ -743,7 +814,15 @@ pub fn parse_extensions(
                     ext.feature_names.push(f);
                 }
             }
-            EXT_BITMAPS => ext.bitmaps = Some(BitmapsExt::parse(data, cluster_size)),
+            EXT_BITMAPS => {
+                ext.bitmaps = Some(BitmapsExt::parse(data, cluster_size).map_err(|why| {
+                    Qcow2Error::Extension {
+                        magic,
+                        offset: off as u64,
+                        why: why.to_string(),
+                    }
+                }))
+            }
             EXT_DATA_FILE => {
                 ext.data_file = Some(String::from_utf8_lossy(data).into_owned());
             }
@@ -915,38 +994,33 @@ pub fn decode_l2(
     g: &Geometry,
     version: u32,
     data_file: bool,
-) -> std::result::Result<Cluster, String> {
+) -> std::result::Result<Cluster, L2Fault> {
     if entry & OFLAG_COMPRESSED != 0 {
         if entry & OFLAG_COPIED != 0 {
-            return Err("compressed cluster with the copied flag (bit 63) set".into());
+            return Err(L2Fault::CompressedCopied);
         }
         if data_file {
-            return Err("compressed cluster in an image with an external data file".into());
+            return Err(L2Fault::CompressedDataFile);
         }
         if bitmap != 0 {
-            return Err(format!(
-                "compressed cluster with a non-zero subcluster bitmap {bitmap:#x}"
-            ));
+            return Err(L2Fault::CompressedBitmap(bitmap));
         }
         let offset = entry & g.coffset_mask;
         if offset >> 56 != 0 {
-            return Err(format!("compressed cluster offset {offset:#x} beyond 2^56"));
+            return Err(L2Fault::CompressedOffset(offset));
         }
         let sectors = ((entry >> g.csize_shift) & g.csize_mask) + 1;
         let len = sectors * 512 - (offset & 511);
         return Ok(Cluster::Compressed { offset, len });
     }
     if entry & L2E_STD_RESERVED_MASK != 0 {
-        return Err(format!(
-            "reserved bits set ({:#x})",
-            entry & L2E_STD_RESERVED_MASK
-        ));
+        return Err(L2Fault::Reserved(entry & L2E_STD_RESERVED_MASK));
     }
     let raw_off = entry & L2E_OFFSET_MASK;
     if raw_off == 0 && entry & OFLAG_COPIED != 0 && !data_file {
         // Offset 0 with bit 63 names guest data at the header; only an external data
         // file makes host offset 0 valid.
-        return Err("host offset 0 (the header) with the copied flag set".into());
+        return Err(L2Fault::HeaderOffset);
     }
     let host = if raw_off != 0 || (data_file && entry & OFLAG_COPIED != 0) {
         Some(raw_off)
@@ -955,33 +1029,29 @@ pub fn decode_l2(
     };
     if let Some(h) = host {
         if h & (g.cluster_size - 1) != 0 {
-            return Err(format!("host offset {h:#x} is not cluster aligned"));
+            return Err(L2Fault::Unaligned(h));
         }
     }
     if g.extended_l2 {
         if entry & OFLAG_ZERO != 0 {
-            return Err("zero flag (bit 0) set in an extended L2 entry".into());
+            return Err(L2Fault::ExtendedZeroFlag);
         }
         let alloc = bitmap as u32;
         let zero = (bitmap >> 32) as u32;
         if alloc & zero != 0 {
-            return Err(format!(
-                "subclusters both allocated and zero (bitmap {bitmap:#018x})"
-            ));
+            return Err(L2Fault::AllocatedAndZero(bitmap));
         }
         if host.is_none() && alloc != 0 {
-            return Err(format!(
-                "unallocated cluster with allocated subclusters (bitmap {bitmap:#018x})"
-            ));
+            return Err(L2Fault::UnallocatedSubclusters(bitmap));
         }
         return Ok(Cluster::Sub { host, alloc, zero });
     }
     if bitmap != 0 {
-        return Err("bitmap without extended L2 entries".into());
+        return Err(L2Fault::StrayBitmap);
     }
     if entry & OFLAG_ZERO != 0 {
         if version < 3 {
-            return Err("zero flag (bit 0) set in a version 2 image".into());
+            return Err(L2Fault::ZeroFlagV2);
         }
         return Ok(Cluster::Zero { host });
     }
@@ -1268,7 +1338,7 @@ mod tests {
         let bad = |patch: &dyn Fn(&mut [u8; 24])| {
             let mut r = raw;
             patch(&mut r);
-            BitmapsExt::parse(&r, 65536).unwrap_err()
+            BitmapsExt::parse(&r, 65536).unwrap_err().to_string()
         };
         assert!(bad(&|r| r[7] = 1).contains("reserved"));
         assert!(bad(&|r| r[3] = 0).contains("bitmaps"));
@@ -1295,7 +1365,7 @@ mod tests {
         let bad = |patch: &dyn Fn(&mut [u8; BITMAP_ENTRY_LEN])| {
             let mut r = raw;
             patch(&mut r);
-            BitmapEntry::parse(&r, 65536).unwrap_err()
+            BitmapEntry::parse(&r, 65536).unwrap_err().to_string()
         };
         assert!(bad(&|r| r[16] = 2).contains("type"));
         assert!(bad(&|r| r[17] = 8).contains("granularity"));
@@ -1371,37 +1441,44 @@ mod tests {
         // Without one, it would point at the header.
         assert!(decode_l2(OFLAG_COPIED, 0, &g, 3, false)
             .unwrap_err()
+            .to_string()
             .contains("header"));
     }
 
     #[test]
     fn l2_entry_rules() {
         let g = g64();
-        let d = |e: u64| decode_l2(e, 0, &g, 3, false).unwrap_err();
+        let d = |e: u64| decode_l2(e, 0, &g, 3, false).unwrap_err().to_string();
         assert!(d(0x50000 | 1 << 60).contains("reserved"));
         assert!(d(0x50000 | 1 << 3).contains("reserved"));
         assert!(d(0x50200).contains("aligned"));
         assert!(decode_l2(OFLAG_ZERO, 0, &g, 2, false)
             .unwrap_err()
+            .to_string()
             .contains("version 2"));
         assert!(decode_l2(0x50000, 1, &g, 3, false)
             .unwrap_err()
+            .to_string()
             .contains("bitmap"));
         let c = encode_compressed(&g, 0x12345, 1000);
         assert!(decode_l2(c | OFLAG_COPIED, 0, &g, 3, false)
             .unwrap_err()
+            .to_string()
             .contains("copied"));
         assert!(decode_l2(c, 0, &g, 3, true)
             .unwrap_err()
+            .to_string()
             .contains("data file"));
         let x = Geometry::new(14, true, 4);
         assert!(decode_l2(c, 1, &x, 3, false)
             .unwrap_err()
+            .to_string()
             .contains("bitmap"));
         // Small clusters: compressed offsets may not use bits past 55.
         let small = Geometry::new(9, false, 4);
         assert!(decode_l2(OFLAG_COMPRESSED | 1 << 57, 0, &small, 3, false)
             .unwrap_err()
+            .to_string()
             .contains("2^56"));
     }
 
@@ -1427,10 +1504,12 @@ mod tests {
         );
         assert!(d(0x70000, 0x0000_0001_0000_0001)
             .unwrap_err()
+            .to_string()
             .contains("both"));
-        assert!(d(0, 1).unwrap_err().contains("unallocated"));
+        assert!(d(0, 1).unwrap_err().to_string().contains("unallocated"));
         assert!(d(0x70000 | OFLAG_ZERO, 0)
             .unwrap_err()
+            .to_string()
             .contains("zero flag"));
     }
 

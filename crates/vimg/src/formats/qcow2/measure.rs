@@ -87,9 +87,13 @@ pub fn measure(size: u64, opts: &CreateOptions, data: Option<&dyn DataSummary>) 
         required = virtual_size;
     }
     let fully = prealloc_size(virtual_size, cs, o.refcount_order, o.extended_l2);
+    let luks = match o.encrypt {
+        true => super::encrypt_write::measure_extra(opts, cs)?,
+        false => 0,
+    };
     Ok(Measure {
-        required: fully - virtual_size + required,
-        fully_allocated: fully,
+        required: fully - virtual_size + required + luks,
+        fully_allocated: fully + luks,
         bitmaps,
     })
 }

@@ -8,8 +8,10 @@
 //! - `refcount.rs`: the refcount allocator of a file being written.
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
+//! - `encrypt_write.rs`: writing with `encrypt.format=luks`.
 //! - `update.rs`: changing an image in place (`check -r`, `resize`), crash-safe;
 //!   `update/snapshot.rs` (internal snapshots) and `update/bitmap.rs` (persistent bitmaps).
+//! - `update_data.rs`: guest-data writes into an image open for writing (`rebase`, `commit`).
 //!
 //! Strictness: every table size and offset is checked against the file and QEMU's limits;
 //! an L1 or L2 entry with reserved bits, an unaligned offset, an offset past the end of the
@@ -18,6 +20,7 @@
 //! several of these; vimg does not.
 
 mod check;
+mod encrypt_write;
 pub mod error;
 pub mod header;
 mod measure;
@@ -31,7 +34,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -41,7 +44,8 @@ use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
 pub use update::{
-    Amend, BitmapOp, Prealloc, Qcow2Update, Repair, RepairReport, SNAPSHOT_NOT_FOUND,
+    Amend, BitmapOp, ClusterOp, DataWriter, Prealloc, Qcow2Update, Repair, RepairReport,
+    SNAPSHOT_NOT_FOUND,
 };
 pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
@@ -154,6 +158,14 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: true,
     bitmaps: true,
     printed: &[
+        printed("encrypt.format", None),
+        printed("encrypt.key-secret", None),
+        printed("encrypt.cipher-alg", None),
+        printed("encrypt.cipher-mode", None),
+        printed("encrypt.ivgen-alg", None),
+        printed("encrypt.ivgen-hash-alg", None),
+        printed("encrypt.hash-alg", None),
+        printed("encrypt.iter-time", None),
         printed("cluster_size", Some("65536")),
         printed("extended_l2", Some("off")),
         printed("preallocation", None),
@@ -167,6 +179,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("lazy_refcounts", Some("off")),
         printed("refcount_bits", Some("16")),
     ],
+    choices: write::CHOICES,
+    streaming: Streaming::No(
+        "qcow2 images cannot be written to a stream (the header is written last)",
+    ),
 };
 
 impl crate::formats::Driver for Driver {
@@ -206,7 +222,13 @@ impl crate::formats::Driver for Driver {
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
         let w = WriteOptions::from_options(opts, size)?;
-        Ok(Box::new(Qcow2Writer::create(out, size, w)?))
+        let crypt = match w.encrypt {
+            true => Some(encrypt_write::Crypt::new(opts)?),
+            false => None,
+        };
+        Ok(Box::new(Qcow2Writer::create_encrypted(
+            out, size, w, crypt,
+        )?))
     }
 
     fn measure(

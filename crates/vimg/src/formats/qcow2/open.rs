@@ -289,11 +289,7 @@ impl Qcow2Reader {
                         .to_string(),
                 );
             } else {
-                let b = b.clone().map_err(|why| Qcow2Error::Extension {
-                    magic: EXT_BITMAPS,
-                    offset: 0,
-                    why,
-                })?;
+                let b = b.clone()?;
                 bitmaps = read_bitmaps(&*storage, &b, cs, header.size)?;
                 bitmap_directory = Some((b.directory_offset, b.directory_size));
             }
@@ -652,7 +648,8 @@ fn read_bitmaps(
         if at + BITMAP_ENTRY_LEN as u64 > end {
             return Err(bad("runs past the end of the bitmap directory".into()));
         }
-        let e = BitmapEntry::parse(&r.take(BITMAP_ENTRY_LEN)?, cs).map_err(bad)?;
+        let e = BitmapEntry::parse(&r.take(BITMAP_ENTRY_LEN)?, cs)
+            .map_err(|why| bad(why.to_string()))?;
         if at + e.entry_len() > end {
             return Err(bad("runs past the end of the bitmap directory".into()));
         }

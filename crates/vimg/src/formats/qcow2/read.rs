@@ -410,12 +410,12 @@ enum Use {
     Compressed { first: u64, last: u64, index: u64 },
 }
 
-fn l2_err(table: u64, index: u64, value: u64, why: String) -> Error {
+fn l2_err(table: u64, index: u64, value: u64, why: impl std::fmt::Display) -> Error {
     Qcow2Error::L2Entry {
         table,
         index,
         value,
-        why,
+        why: why.to_string(),
     }
     .into()
 }

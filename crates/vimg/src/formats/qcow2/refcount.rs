@@ -26,6 +26,9 @@ pub(super) struct Alloc {
     pub(super) reftable: Vec<u64>,
     /// Refcount blocks still in memory, by region.
     pub(super) blocks: BTreeMap<u64, Vec<u8>>,
+    /// The end of the last refcount block written (a block may be the file's last
+    /// cluster: it goes after the run that needed it).
+    pub(super) written_end: u64,
 }
 
 impl Alloc {
@@ -37,64 +40,61 @@ impl Alloc {
         self.reftable.get(r as usize).is_some_and(|&o| o != 0)
     }
 
-    /// Gives region `r` a refcount block (allocated at the frontier).
+    /// Gives region `r` a refcount block, allocated at the frontier. As in QEMU's
+    /// `alloc_refcount_block`, a block that lands in another region without a block of its
+    /// own is counted by a further block placed right after it (which describes itself).
     pub(super) fn ensure_region(&mut self, r: u64) -> Result<()> {
-        for _ in 0..4 {
-            if self.has_block(r) {
-                return Ok(());
-            }
-            let c = self.next;
-            let rc = self.region(c);
-            if rc != r && !self.has_block(rc) {
-                // The block must itself be counted by a block: give the frontier's region
-                // one first (it describes itself).
-                self.ensure_region(rc)?;
-                continue;
-            }
-            if r >= MAX_REFTABLE_BYTES / 8 {
-                return Err(Error::unsupported(
-                    "qcow2 image too large for its cluster size and refcount width (refcount table over 8 MiB)",
-                ));
-            }
-            if self.reftable.len() <= r as usize {
-                self.reftable.resize(r as usize + 1, 0);
-            }
-            self.reftable[r as usize] = c << self.cb;
-            self.blocks.insert(r, vec![0u8; self.cs as usize]);
-            self.next += 1;
-            self.bump(c)?;
-            return Ok(());
-        }
-        Err(Error::msg(
-            ErrorKind::Io,
-            "qcow2 refcount block allocation did not settle",
-        ))
+        self.ensure_region_depth(r, 0)
     }
 
-    /// Allocates `n` contiguous clusters; with `refcount`, each gets refcount 1.
-    pub(super) fn alloc(&mut self, file: &OutFile, n: u64, refcount: bool) -> Result<u64> {
-        loop {
-            let before = self.next;
-            let first = self.region(self.next);
-            let last = self.region(self.next + n - 1);
-            for r in first..=last {
-                self.ensure_region(r)?;
-                if self.next != before {
-                    break;
-                }
-            }
-            if self.next == before {
-                break;
-            }
+    fn ensure_region_depth(&mut self, r: u64, depth: u32) -> Result<()> {
+        if self.has_block(r) {
+            return Ok(());
         }
-        let first = self.next;
-        if (first + n)
-            .checked_shl(self.cb)
-            .is_none_or(|e| e > 1u64 << 56)
-        {
+        if depth > 4 {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                "qcow2 refcount block allocation did not settle",
+            ));
+        }
+        if r >= MAX_REFTABLE_BYTES / 8 {
+            return Err(Error::unsupported(
+                "qcow2 image too large for its cluster size and refcount width (refcount table over 8 MiB)",
+            ));
+        }
+        let c = self.next;
+        self.check_end(c + 1)?;
+        if self.reftable.len() <= r as usize {
+            self.reftable.resize(r as usize + 1, 0);
+        }
+        self.reftable[r as usize] = c << self.cb;
+        self.blocks.insert(r, vec![0u8; self.cs as usize]);
+        self.next += 1;
+        let rc = self.region(c);
+        if rc != r {
+            self.ensure_region_depth(rc, depth + 1)?;
+        }
+        self.bump(c)
+    }
+
+    /// Refuses a file that would grow past 2^56 bytes (clusters below `end`).
+    fn check_end(&self, end: u64) -> Result<()> {
+        if end.checked_shl(self.cb).is_none_or(|e| e > 1u64 << 56) {
             return Err(Error::unsupported("qcow2 image would grow past 2^56 bytes"));
         }
+        Ok(())
+    }
+
+    /// Allocates `n` contiguous clusters at the frontier; with `refcount`, each gets
+    /// refcount 1. A region the run enters without a refcount block gets one right after
+    /// the run, where QEMU's allocator puts it (the run stays contiguous).
+    pub(super) fn alloc(&mut self, file: &OutFile, n: u64, refcount: bool) -> Result<u64> {
+        let first = self.next;
+        self.check_end(first + n)?;
         self.next += n;
+        for r in self.region(first)..=self.region(first + n.max(1) - 1) {
+            self.ensure_region(r)?;
+        }
         if refcount {
             for c in first..first + n {
                 self.bump(c)?;
@@ -153,7 +153,9 @@ impl Alloc {
             .collect();
         for r in done {
             if let Some(b) = self.blocks.remove(&r) {
-                file.write_all_at(&b, self.reftable[r as usize])?;
+                let at = self.reftable[r as usize];
+                file.write_all_at(&b, at)?;
+                self.written_end = self.written_end.max(at + self.cs);
             }
         }
         Ok(())

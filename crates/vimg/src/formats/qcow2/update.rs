@@ -23,6 +23,10 @@
 //! process with SIGKILL just before its `N+1`-th write, flush or truncation of the image,
 //! so tests can stop an operation at every point. Nothing in an image can set it.
 
+#[path = "update_data.rs"]
+mod data;
+pub use data::{ClusterOp, DataWriter};
+
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -49,24 +53,32 @@ pub use snapshot::SNAPSHOT_NOT_FOUND;
 pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 
 /// Counts the image's writes, flushes and truncations; kills the process at the
-/// configured one (tests only set it).
+/// configured one (tests only set it). The count is the process's, shared by every image
+/// an operation changes (`commit` writes the base, then the top).
 #[derive(Debug)]
 pub(crate) struct CrashHook {
-    left: Option<u64>,
+    left: Option<&'static std::sync::Mutex<Option<u64>>>,
 }
 
 impl CrashHook {
     pub(crate) fn from_env() -> CrashHook {
-        CrashHook {
-            left: std::env::var(CRASH_HOOK_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok()),
-        }
+        static LEFT: std::sync::OnceLock<std::sync::Mutex<Option<u64>>> =
+            std::sync::OnceLock::new();
+        let left = LEFT.get_or_init(|| {
+            std::sync::Mutex::new(
+                std::env::var(CRASH_HOOK_ENV)
+                    .ok()
+                    .and_then(|v| v.trim().parse().ok()),
+            )
+        });
+        CrashHook { left: Some(left) }
     }
 
     /// Called before each write, flush or truncation.
     pub(crate) fn point(&mut self) {
-        if let Some(n) = self.left.as_mut() {
+        let Some(m) = self.left else { return };
+        let Ok(mut g) = m.lock() else { return };
+        if let Some(n) = g.as_mut() {
             if *n == 0 {
                 // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
                 unsafe {
@@ -204,7 +216,7 @@ impl Qcow2Update {
             .into());
         }
         let file_len = meta.len();
-        Ok(Qcow2Update {
+        let mut u = Qcow2Update {
             file,
             path: path.to_path_buf(),
             g: r.g,
@@ -218,7 +230,24 @@ impl Qcow2Update {
             free_hint: 0,
             block: None,
             hook: CrashHook::from_env(),
-        })
+        };
+        u.clear_unknown_autoclear()?;
+        Ok(u)
+    }
+
+    /// The spec: a program that opens an image for writing and does not know an autoclear
+    /// feature bit must clear it (its meaning may not survive the change). One 8-byte
+    /// field of the header, as QEMU clears them on every read-write open (iotest 036).
+    fn clear_unknown_autoclear(&mut self) -> Result<()> {
+        let known = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW;
+        let bits = self.header.autoclear_features;
+        if self.header.version < 3 || bits & !known == 0 {
+            return Ok(());
+        }
+        self.pwrite(&(bits & known).to_be_bytes(), 88)?;
+        self.sync()?;
+        self.header.autoclear_features = bits & known;
+        Ok(())
     }
 
     /// The header as it is now.

@@ -33,6 +33,7 @@ use super::refcount::Alloc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
+use crate::formats::{Choice, ChoiceRefusal};
 use crate::limits;
 use crate::mapping::Codec;
 use crate::options::{parse_bool, CreateOptions};
@@ -61,6 +62,25 @@ pub enum Prealloc {
     Full,
 }
 
+/// `preallocation`: qemu-img's qcow2 modes.
+const PREALLOCATION: Choice = Choice {
+    option: "preallocation",
+    values: &["off", "metadata", "falloc", "full"],
+    default: "off",
+    refusal: ChoiceRefusal::DoesNotAccept("preallocation"),
+};
+
+/// `compression_type`, which qemu-img names `compression-type` in its refusal.
+const COMPRESSION_TYPE: Choice = Choice {
+    option: "compression_type",
+    values: &["zlib", "zstd"],
+    default: "zlib",
+    refusal: ChoiceRefusal::DoesNotAccept("compression-type"),
+};
+
+/// The create options with fixed choices (the driver's declared capabilities).
+pub(super) const CHOICES: &[Choice] = &[PREALLOCATION, COMPRESSION_TYPE];
+
 /// Checked creation options for a qcow2 image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteOptions {
@@ -88,6 +108,8 @@ pub struct WriteOptions {
     pub data_file: Option<String>,
     /// The data file stays a valid raw image.
     pub data_file_raw: bool,
+    /// `encrypt.format=luks` (see `encrypt_write.rs`).
+    pub encrypt: bool,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -97,17 +119,7 @@ fn bad(msg: impl Into<String>) -> Error {
 impl WriteOptions {
     /// Checks `opts` as `qemu-img create -f qcow2` does, for a disk of `size` bytes.
     pub fn from_options(opts: &CreateOptions, size: u64) -> Result<WriteOptions> {
-        for k in opts.keys() {
-            if k == "encryption" && !opts.get_bool("encryption", false)? {
-                continue;
-            }
-            if k.starts_with("encrypt") {
-                return Err(Qcow2Error::Unsupported(
-                    "encrypted qcow2 images are not supported".into(),
-                )
-                .into());
-            }
-        }
+        let encrypt = super::encrypt_write::requested(opts)?;
         let version = match opts.get_str("compat").unwrap_or("1.1") {
             "0.10" | "v2" => 2,
             "1.1" | "v3" => 3,
@@ -144,33 +156,23 @@ impl WriteOptions {
                 ));
             }
         }
-        let compression_type = match opts.get_str("compression_type").unwrap_or("zlib") {
-            "zlib" => COMPRESSION_ZLIB,
+        let compression_type = match COMPRESSION_TYPE.value(opts)? {
             "zstd" if cfg!(feature = "zstd") => COMPRESSION_ZSTD,
             "zstd" => {
                 return Err(Error::unsupported(
                     "compression_type=zstd: vimg was built without the `zstd` cargo feature",
                 ))
             }
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'compression_type' does not accept value '{other}'"
-                )))
-            }
+            _ => COMPRESSION_ZLIB,
         };
         if version < 3 && compression_type != COMPRESSION_ZLIB {
             return Err(bad("Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)"));
         }
-        let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
-            "off" => Prealloc::Off,
+        let prealloc = match PREALLOCATION.value(opts)? {
             "metadata" => Prealloc::Metadata,
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
-            other => {
-                return Err(bad(format!(
-                    "Parameter 'preallocation' does not accept value '{other}'"
-                )))
-            }
+            _ => Prealloc::Off,
         };
         let backing_file = opts.get_str("backing_file").map(str::to_string);
         let backing_fmt = opts.get_str("backing_fmt").map(str::to_string);
@@ -248,7 +250,9 @@ impl WriteOptions {
             backing_fmt,
             data_file,
             data_file_raw,
+            encrypt,
         };
+        super::encrypt_write::check_combination(&o)?;
         let g = o.geometry();
         if g.l1_entries_for(size) * 8 > MAX_L1_BYTES || size > limits::MAX_VIRTUAL_SIZE {
             return Err(bad(
@@ -295,6 +299,8 @@ pub struct Qcow2Writer {
     state: Mutex<State>,
     /// Largest end offset of anything written to the image file.
     max_end: AtomicU64,
+    /// LUKS encryption and where its header area lies.
+    crypt: Option<(super::encrypt_write::Crypt, u64)>,
 }
 
 /// Where the bytes of one piece of a write come from.
@@ -317,6 +323,17 @@ struct Piece {
 impl Qcow2Writer {
     /// Creates the image (and its data file) in `out`.
     pub fn create(out: &Output, size: u64, o: WriteOptions) -> Result<Qcow2Writer> {
+        Self::create_encrypted(out, size, o, None)
+    }
+
+    /// [`Qcow2Writer::create`], encrypting with `crypt` (its LUKS area is stored in the
+    /// clusters after the L1 table).
+    pub fn create_encrypted(
+        out: &Output,
+        size: u64,
+        o: WriteOptions,
+        crypt: Option<super::encrypt_write::Crypt>,
+    ) -> Result<Qcow2Writer> {
         // QEMU counts disks in 512-byte sectors and reads a qcow2 size rounded down to one,
         // so a size that is not a multiple of 512 is rounded up, as qemu-img does.
         let size = size
@@ -349,6 +366,7 @@ impl Qcow2Writer {
             free_byte: 0,
             reftable: vec![2 << g.cluster_bits],
             blocks: BTreeMap::new(),
+            written_end: 0,
         };
         // QEMU's layout: header, refcount table, refcount block, then the L1 table.
         let mut block0 = vec![0u8; cs as usize];
@@ -361,6 +379,18 @@ impl Qcow2Writer {
             alloc.alloc(&file, l1_clusters, true)? << g.cluster_bits
         } else {
             0
+        };
+        let mut max_end = (l1_offset + l1_entries * 8).max(cs);
+        let crypt = match crypt {
+            Some(mut c) => {
+                let at = alloc.alloc(&file, c.clusters(cs), true)? << g.cluster_bits;
+                if let Some(area) = c.take_area(cs) {
+                    file.write_all_at(&area, at)?;
+                    max_end = max_end.max(at + area.len() as u64);
+                }
+                Some((c, at))
+            }
+            None => None,
         };
         let capacity = ((limits::TABLE_CACHE_BYTES >> g.cluster_bits) as usize).clamp(4, 1024);
         let w = Qcow2Writer {
@@ -378,8 +408,9 @@ impl Qcow2Writer {
                 alloc,
                 partial_zero: Vec::new(),
             }),
-            max_end: AtomicU64::new((l1_offset + l1_entries * 8).max(cs)),
+            max_end: AtomicU64::new(max_end),
             o,
+            crypt,
         };
         if w.o.prealloc != Prealloc::Off {
             w.preallocate()?;
@@ -507,6 +538,34 @@ impl Qcow2Writer {
         (l1i, if self.g.extended_l2 { 2 * i } else { i })
     }
 
+    /// How many of the write's units from `u` on (at most to `units`, within `u`'s L2
+    /// table, which is loaded) have no host cluster yet.
+    fn unallocated_run(&self, st: &mut State, offset: u64, u: u64, units: u64) -> Result<u64> {
+        let g = self.g;
+        let gc0 = (offset >> g.cluster_bits) + u;
+        let (l1i, _) = self.slot_index(gc0);
+        let Some(slot) = self.table(st, l1i, false)? else {
+            return Ok(1);
+        };
+        let mut k = 0;
+        for v in u..units {
+            let (l1v, idx) = self.slot_index(gc0 + (v - u));
+            if l1v != l1i {
+                break;
+            }
+            let bitmap = if g.extended_l2 {
+                slot.words[idx + 1]
+            } else {
+                0
+            };
+            if self.data_host(slot.words[idx], bitmap).is_some() {
+                break;
+            }
+            k += 1;
+        }
+        Ok(k.max(1))
+    }
+
     /// Standard host cluster of an entry, if it holds data (not compressed, not zero).
     fn data_host(&self, entry: u64, bitmap: u64) -> Option<u64> {
         if entry & OFLAG_COMPRESSED != 0 {
@@ -539,6 +598,8 @@ impl Qcow2Writer {
         {
             let mut st = self.lock()?;
             let units = len.div_ceil(cs);
+            // Clusters still to hand out from the last allocation, and the next one.
+            let mut run: (u64, u64) = (0, 0);
             for u in 0..units {
                 let guest = offset + u * cs;
                 let dstart = (u * cs) as usize;
@@ -585,7 +646,23 @@ impl Qcow2Writer {
                 let host = match self.data_host(entry, bitmap) {
                     Some(h) => h,
                     None if self.data.is_some() => guest,
-                    None => st.alloc.alloc(&self.file, 1, true)? << g.cluster_bits,
+                    None if run.0 > 0 => {
+                        run = (run.0 - 1, run.1 + cs);
+                        run.1 - cs
+                    }
+                    None => {
+                        // One allocation for the clusters of this write in this L2 table
+                        // that have none, as QEMU's allocator makes: a refcount block the
+                        // run needs goes after the run, not into it.
+                        let k = if encoded.is_empty() {
+                            self.unallocated_run(&mut st, offset, u, units)?
+                        } else {
+                            1
+                        };
+                        let h = st.alloc.alloc(&self.file, k, true)? << g.cluster_bits;
+                        run = (k - 1, h + cs);
+                        h
+                    }
                 };
                 let slot = self
                     .table(&mut st, l1i, true)?
@@ -623,16 +700,29 @@ impl Qcow2Writer {
             } else {
                 &self.file
             };
-            match p.src {
-                Src::Data(start) => {
+            match (&p.src, &self.crypt) {
+                (&Src::Data(start), Some((c, _))) => {
+                    let buf = c.encrypt(p.host, &data[start..start + p.len as usize])?;
+                    out.write_all_at(&buf, p.host)?;
+                }
+                (&Src::Zero, Some((c, _))) => {
+                    let mut pos = 0;
+                    while pos < p.len {
+                        let n = (p.len - pos).min(1 << 20);
+                        let buf = c.encrypt(p.host + pos, &vec![0u8; n as usize])?;
+                        out.write_all_at(&buf, p.host + pos)?;
+                        pos += n;
+                    }
+                }
+                (&Src::Data(start), None) => {
                     out.write_all_at(&data[start..start + p.len as usize], p.host)?;
                 }
-                Src::Enc(u) => {
+                (&Src::Enc(u), _) => {
                     if let Some(Some(bytes)) = encoded.get(u) {
                         out.write_all_at(bytes, p.host)?;
                     }
                 }
-                Src::Zero => write_zeros(out, p.host, p.len)?,
+                (&Src::Zero, None) => write_zeros(out, p.host, p.len)?,
             }
             if !p.to_data_file {
                 self.note_end(p.host + p.len);
@@ -964,6 +1054,7 @@ impl ImageWriter for Qcow2Writer {
         // compressed data it is rounded up to a sector.
         let mut end = max_end
             .load(Ordering::Relaxed)
+            .max(alloc.written_end)
             .max(((alloc.next - 1) << cb) + 1);
         if self.o.compress.is_some() {
             end = end.div_ceil(512) * 512;
@@ -986,7 +1077,8 @@ impl Qcow2Writer {
         let fmt = self.o.backing_fmt.as_deref();
         let df = self.o.data_file.as_deref();
         let ext_len = |d: usize| 8 + d.div_ceil(8) * 8;
-        let mut need = h.len() + 8 + name.len();
+        let crypt = self.crypt.as_ref().map(|(c, at)| c.extension(*at));
+        let mut need = h.len() + 8 + name.len() + crypt.map_or(0, |_| ext_len(16));
         need += fmt.map_or(0, |f| ext_len(f.len()));
         need += df.map_or(0, |d| ext_len(d.len()));
         if need > cs {
@@ -1005,6 +1097,10 @@ impl Qcow2Writer {
         }
         if let Some(d) = df {
             off = write_extension(&mut buf, off, EXT_DATA_FILE, d.as_bytes());
+        }
+        if let Some((magic, data)) = crypt {
+            h.crypt_method = super::encrypt_write::CRYPT_LUKS;
+            off = write_extension(&mut buf, off, magic, &data);
         }
         if with_features {
             let mut ft = vec![0u8; ft_len];

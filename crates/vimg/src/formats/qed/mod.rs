@@ -31,7 +31,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -86,6 +86,10 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("cluster_size", Some("65536")),
         printed("table_size", None),
     ],
+    choices: &[],
+    streaming: Streaming::No(
+        "a QED image keeps its tables in front of the data and cannot be written to a stream",
+    ),
 };
 
 impl crate::formats::Driver for Driver {

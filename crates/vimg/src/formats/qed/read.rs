@@ -5,6 +5,7 @@ use std::sync::Arc;
 use super::header::{Header, F_NEED_CHECK, ZERO_CLUSTER};
 use crate::check::CheckReport;
 use crate::error::Result;
+use crate::formats::cluster_tables::ClusterTables;
 use crate::formats::Format;
 use crate::mapping::{
     BackingRef, Extent, ExternalRef, FileId, GuestOffset, HostOffset, ImageReader, MapKind,
@@ -29,21 +30,10 @@ impl QedReader {
         &self.header
     }
 
-    /// True when L1 entry `i` has an L2 table.
-    fn has_table(&self, i: u64) -> bool {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.l2.get(i))
-            .is_some_and(Option::is_some)
-    }
-
-    /// The L2 entry for guest cluster `c` (0 when its table is unallocated).
-    fn entry(&self, c: u64) -> u64 {
-        let per = self.l2_span / self.cluster_size;
-        let (i, j) = ((c / per) as usize, (c % per) as usize);
-        match self.l2.get(i) {
-            Some(Some(t)) => t.get(j).copied().unwrap_or(0),
-            _ => 0,
+    fn tables(&self) -> ClusterTables<'_> {
+        ClusterTables {
+            l2: &self.l2,
+            per: self.l2_span / self.cluster_size,
         }
     }
 }
@@ -74,29 +64,11 @@ impl ImageReader for QedReader {
         let (pos, end) = crate::mapping::map_range(offset, max_len, size)?;
         let cs = self.cluster_size;
         let c0 = pos / cs;
-        let e0 = self.entry(c0);
-        let per = self.l2_span / cs;
-        let mut c = c0;
-        let mut cur;
-        // A missing L2 table is skipped whole, so the work follows the tables, not the
-        // disk size.
-        loop {
-            let next = if self.has_table(c / per) {
-                c + 1
-            } else {
-                (c / per + 1) * per
-            };
-            cur = next.saturating_mul(cs).min(end);
-            if cur >= end {
-                break;
-            }
-            c = next;
-            let e = self.entry(c);
-            let same = kind(e) == kind(e0) && (kind(e0) != 2 || e == e0 + (c - c0) * cs);
-            if !same {
-                break;
-            }
-        }
+        let tables = self.tables();
+        let e0 = tables.entry(c0);
+        let cur = tables.run_end(c0, cs, end, |c, e| {
+            kind(e) == kind(e0) && (kind(e0) != 2 || e == e0 + (c - c0) * cs)
+        });
         let kind = match e0 {
             0 => MapKind::Unallocated,
             ZERO_CLUSTER => MapKind::Zero,
@@ -105,14 +77,18 @@ impl ImageReader for QedReader {
                 offset: HostOffset(h + pos % cs),
             },
         };
-        crate::mapping::trim_at_holes(
-            &*self.storage,
-            Extent {
-                start: offset,
-                len: cur - pos,
-                kind,
-            },
-        )
+        // Not cut at holes of the host file: qemu's qed block status reports a data
+        // cluster as data whatever the file holds under it (no BDRV_BLOCK_RECURSE), and
+        // `map` shows what qemu-img shows.
+        Ok(Extent {
+            start: offset,
+            len: cur - pos,
+            kind,
+        })
+    }
+
+    fn map_probes_host_holes(&self) -> bool {
+        false
     }
 
     fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {

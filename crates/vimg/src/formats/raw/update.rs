@@ -78,3 +78,75 @@ fn zero_fill(
     }
     Ok(())
 }
+
+/// A raw image open for guest-data writes (`commit` into a raw backing file): bytes go
+/// in place, each write one pwrite(2), flushed at the end (raw has no metadata to order).
+#[derive(Debug)]
+pub struct RawUpdate {
+    file: File,
+    path: std::path::PathBuf,
+    hook: crate::formats::qcow2::update::CrashHook,
+}
+
+impl RawUpdate {
+    /// Opens the raw image at `path` read-write (regular files only).
+    pub fn open(path: &Path) -> Result<RawUpdate> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err(path, "open for writing", e))?;
+        let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::unsupported(format!(
+                "'{}' is not a regular file; vimg changes only regular files in place",
+                path.display()
+            )));
+        }
+        Ok(RawUpdate {
+            file,
+            path: path.to_path_buf(),
+            hook: crate::formats::qcow2::update::CrashHook::from_env(),
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The (device, inode) of the file open for writing.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// The virtual size (the file's length).
+    pub fn virtual_size(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?
+            .len())
+    }
+
+    /// Writes `data` at `off`.
+    pub fn write_at(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.hook.point();
+        self.file
+            .write_all_at(data, off)
+            .map_err(|e| io_err(&self.path, "write to", e))
+    }
+
+    /// Flushes the writes.
+    pub fn sync(&mut self) -> Result<()> {
+        self.hook.point();
+        self.file
+            .sync_all()
+            .map_err(|e| io_err(&self.path, "fsync", e))
+    }
+}

@@ -26,15 +26,10 @@ enum Prealloc {
 impl RawWriter {
     /// Creates the main file of `out` as a raw image of `size` bytes.
     pub fn create(out: &Output, size: u64, opts: &CreateOptions) -> Result<RawWriter> {
-        let prealloc = match opts.get_str("preallocation").unwrap_or("off") {
-            "off" => Prealloc::Off,
+        let prealloc = match super::CAPABILITIES.choice("preallocation", opts)? {
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "Invalid preallocation mode: '{other}'"
-                )))
-            }
+            _ => Prealloc::Off,
         };
         if let Some(name) = opts.get_str("compress") {
             let c = OutputCompression::parse(name, opts.get_number("compression_level")?)?;
@@ -105,7 +100,9 @@ impl ImageWriter for RawWriter {
     fn caps(&self) -> WriterCaps {
         WriterCaps {
             unit: 512,
-            ordered: self.file.is_stream() || self.compressed.is_some(),
+            // A hashed file written in order is hashed as it is written, on its own thread,
+            // instead of being read again once finished.
+            ordered: self.file.is_stream() || self.compressed.is_some() || self.file.is_hashed(),
             encodes: false,
         }
     }

@@ -45,7 +45,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -96,6 +96,12 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: false,
     bitmaps: false,
     printed: &[printed("size", None), printed("static", Some("off"))],
+    choices: &[],
+    streaming: Streaming::When {
+        option: "static",
+        values: &["on", "true", "yes"],
+        otherwise: "a dynamic VDI keeps its block map in front of the data and cannot be written to a stream; use static=on",
+    },
 };
 
 impl crate::formats::Driver for Driver {

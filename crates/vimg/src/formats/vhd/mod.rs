@@ -88,7 +88,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Choice, ChoiceRefusal, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -129,15 +129,7 @@ struct Settings {
 }
 
 fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
-    let fixed = match opts.get_str("subformat").unwrap_or("dynamic") {
-        "dynamic" => false,
-        "fixed" => true,
-        other => {
-            return Err(Error::invalid_argument(format!(
-                "Parameter 'subformat' does not accept value '{other}'"
-            )))
-        }
-    };
+    let fixed = CAPABILITIES.choice("subformat", opts)? == "fixed";
     let force_size = opts.get_bool("force_size", false)?;
     let (chs, size) = geometry::create_geometry(size, force_size).ok_or_else(|| {
         Error::invalid_argument(
@@ -166,6 +158,17 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("subformat", None),
         printed("force_size", None),
     ],
+    choices: &[Choice {
+        option: "subformat",
+        values: &["dynamic", "fixed"],
+        default: "dynamic",
+        refusal: ChoiceRefusal::DoesNotAccept("subformat"),
+    }],
+    streaming: Streaming::When {
+        option: "subformat",
+        values: &["fixed"],
+        otherwise: "a dynamic VHD keeps its block table in front of the data and cannot be written to a stream; use subformat=fixed",
+    },
 };
 
 impl crate::formats::Driver for Driver {

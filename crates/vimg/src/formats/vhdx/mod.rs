@@ -36,7 +36,7 @@ pub mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Choice, ChoiceRefusal, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -111,6 +111,23 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("subformat", None),
         printed("block_state_zero", None),
     ],
+    choices: &[
+        Choice {
+            option: "subformat",
+            values: &["dynamic", "fixed"],
+            default: "dynamic",
+            refusal: ChoiceRefusal::DoesNotAccept("subformat"),
+        },
+        Choice {
+            option: "preallocation",
+            values: &["off", "falloc", "full"],
+            default: "off",
+            refusal: ChoiceRefusal::InvalidValue,
+        },
+    ],
+    streaming: Streaming::No(
+        "vhdx writes its tables at the start of the file last and cannot be written to a stream",
+    ),
 };
 
 impl crate::formats::Driver for Driver {

@@ -76,15 +76,7 @@ impl Settings {
             .checked_next_multiple_of(512)
             .filter(|s| *s <= MAX_VIRTUAL_SIZE)
             .ok_or_else(|| Error::invalid_argument("Image size too large; max of 64TB"))?;
-        let fixed = match opts.get_str("subformat").unwrap_or("dynamic") {
-            "dynamic" => false,
-            "fixed" => true,
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "Parameter 'subformat' does not accept value '{other}'"
-                )))
-            }
-        };
+        let fixed = super::CAPABILITIES.choice("subformat", opts)? == "fixed";
         let log_size = match opts.get_size("log_size")? {
             None => DEFAULT_LOG_SIZE,
             Some(l) => l.checked_next_multiple_of(MIB).unwrap_or(u64::MAX),
@@ -110,13 +102,7 @@ impl Settings {
             return Err(Error::invalid_argument("Block size must be a power of two"));
         }
         let zero_blocks = opts.get_bool("block_state_zero", true)?;
-        if let Some(p) = opts.get_str("preallocation") {
-            if !matches!(p, "off" | "falloc" | "full") {
-                return Err(Error::invalid_argument(format!(
-                    "invalid parameter value: {p}"
-                )));
-            }
-        }
+        super::CAPABILITIES.choice("preallocation", opts)?;
         if let Some(v) = opts.get_str("nocow") {
             parse_bool(v).ok_or_else(|| {
                 Error::invalid_argument("Parameter 'nocow' expects 'on' or 'off'")

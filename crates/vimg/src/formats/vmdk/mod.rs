@@ -27,7 +27,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::{printed, Capabilities, Support};
+use crate::formats::{printed, Capabilities, Choice, ChoiceRefusal, Streaming, Support};
 use crate::formats::{DataSummary, Format, Measure, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -133,16 +133,10 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
             return Err(arg("backing_file must be a vmdk image".into()));
         }
     }
-    let subformat = match opts.get_str("subformat") {
-        None => Subformat::MonolithicSparse,
-        Some(s) => {
-            Subformat::parse(s).ok_or_else(|| arg(format!("invalid parameter value: {s}")))?
-        }
-    };
-    let adapter = opts.get_str("adapter_type").unwrap_or("ide");
-    if !matches!(adapter, "ide" | "lsilogic" | "buslogic" | "legacyESX") {
-        return Err(arg(format!("invalid parameter value: {adapter}")));
-    }
+    let s = CAPABILITIES.choice("subformat", opts)?;
+    let subformat =
+        Subformat::parse(s).ok_or_else(|| arg(format!("invalid parameter value: {s}")))?;
+    let adapter = CAPABILITIES.choice("adapter_type", opts)?;
     let compat6 = opts.get_bool("compat6", false)?;
     let hw = opts.get_str("hwversion").filter(|h| *h != "undefined");
     let hwversion = match (compat6, hw) {
@@ -281,6 +275,32 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("subformat", None),
         printed("zeroed_grain", None),
     ],
+    choices: &[
+        Choice {
+            option: "subformat",
+            values: &[
+                "monolithicSparse",
+                "monolithicFlat",
+                "twoGbMaxExtentSparse",
+                "twoGbMaxExtentFlat",
+                "streamOptimized",
+            ],
+            default: "monolithicSparse",
+            refusal: ChoiceRefusal::InvalidValue,
+        },
+        Choice {
+            option: "adapter_type",
+            values: &["ide", "lsilogic", "buslogic", "legacyESX"],
+            default: "ide",
+            refusal: ChoiceRefusal::InvalidValue,
+        },
+    ],
+    streaming: Streaming::When {
+        option: "subformat",
+        values: &["streamOptimized"],
+        otherwise:
+            "this vmdk subformat cannot be written to a stream; use subformat=streamOptimized",
+    },
 };
 
 impl crate::formats::Driver for Driver {

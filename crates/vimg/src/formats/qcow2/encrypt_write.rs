@@ -1,0 +1,176 @@
+//! Writing qcow2 with `encrypt.format=luks` as `qemu-img create/convert -O qcow2` does
+//! (QEMU's docs/interop/qcow2.txt: header `crypt_method` 2, the "Full disk encryption
+//! header pointer" extension 0x0537be77, "Data encryption"):
+//!
+//! - the LUKS1 header area (header, eight key slot areas, slot 0's key material) is made
+//!   by the luks writer ([`crate::formats::luks::write::new_volume`], options under
+//!   `encrypt.`, QEMU's defaults: aes-256, xts, plain64, sha256, 2000 ms) and stored in
+//!   whole clusters of its own, the ones right after the L1 table, zero-padded;
+//! - the header extension points at it (offset, length of the LUKS area unrounded), after
+//!   the backing format and data file extensions, before the feature table;
+//! - every data cluster is encrypted in 512-byte sectors whose IV is the sector number of
+//!   the *host* offset (QEMU sets `crypt_physical_offset` for LUKS; only the legacy AES
+//!   method counts guest sectors), in the data file when there is one;
+//! - zeros written over an allocated cluster are encrypted like data; zero clusters of v3
+//!   images stay zero flags (they read as zeros without decryption).
+//!
+//! Refused, as qemu-img refuses: `-c` with encryption ("Compression and encryption not
+//! supported at the same time"). Refused where qemu-img writes something wrong:
+//! `preallocation` with encryption (qemu-img leaves the preallocated clusters as plain
+//! zeros, which decrypt to noise, so the new image does not read back as zeros), and the
+//! legacy `encrypt.format=aes` / `encryption=on` (AES-CBC with the guest sector as IV and
+//! the passphrase as key; QEMU deprecates it and refuses it in its emulators).
+
+use zeroize::Zeroizing;
+
+use super::header::EXT_CRYPTO;
+use super::write::{Prealloc, WriteOptions};
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::luks::crypto::SectorCipher;
+use crate::formats::luks::write::{header_area_len, new_volume};
+use crate::options::CreateOptions;
+
+/// Header `crypt_method` of LUKS encryption.
+pub const CRYPT_LUKS: u32 = 2;
+
+/// Bytes of a sector: the unit of encryption and of the IV count.
+const SECTOR: u64 = 512;
+
+/// Which encryption `-o` asks for: `Ok(true)` for LUKS, `Ok(false)` for none; the legacy
+/// AES method and unknown formats are refused.
+pub fn requested(opts: &CreateOptions) -> Result<bool> {
+    if opts.get_bool("encryption", false)? {
+        return Err(refuse_aes());
+    }
+    match opts.get_str("encrypt.format") {
+        None => {
+            if let Some(k) = opts.keys().find(|k| k.starts_with("encrypt.")) {
+                return Err(Error::invalid_argument(format!(
+                    "Parameter '{k}' requires encrypt.format (vimg writes encrypt.format=luks)"
+                )));
+            }
+            Ok(false)
+        }
+        Some("luks") => Ok(true),
+        Some("aes") => Err(refuse_aes()),
+        Some(other) => Err(Error::invalid_argument(format!(
+            "Parameter 'format' does not accept value '{other}'"
+        ))),
+    }
+}
+
+fn refuse_aes() -> Error {
+    Error::unsupported(
+        "vimg does not create qcow2 images with the legacy AES encryption (encrypt.format=aes, encryption=on): \
+         it is insecure and deprecated, and QEMU refuses such images in its emulators; use encrypt.format=luks",
+    )
+}
+
+/// Refuses option combinations that cannot go with encryption (after the other checks).
+pub fn check_combination(o: &WriteOptions) -> Result<()> {
+    if !o.encrypt {
+        return Ok(());
+    }
+    if o.compress.is_some() {
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
+            "Compression and encryption not supported at the same time",
+        ));
+    }
+    if o.prealloc != Prealloc::Off {
+        return Err(Error::unsupported(
+            "vimg does not preallocate encrypted qcow2 images: preallocated clusters hold plain zeros, \
+             which decrypt to noise (qemu-img writes such images; they do not read back as zeros)",
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes `measure` adds for the LUKS area: its clusters (QEMU's `qcow2_measure`).
+pub fn measure_extra(opts: &CreateOptions, cluster_size: u64) -> Result<u64> {
+    let len = header_area_len(opts, "encrypt.")?;
+    Ok(len.div_ceil(cluster_size) * cluster_size)
+}
+
+/// The encryption of an image being written.
+pub struct Crypt {
+    /// The LUKS header area, until it is written.
+    head: Option<Zeroizing<Vec<u8>>>,
+    /// Its length (the extension's length field).
+    len: u64,
+    cipher: SectorCipher,
+}
+
+impl Crypt {
+    /// Makes the LUKS header area and volume key from the `encrypt.` options.
+    pub fn new(opts: &CreateOptions) -> Result<Crypt> {
+        let v = new_volume(opts, "encrypt.")?;
+        Ok(Crypt {
+            head: Some(v.head),
+            len: v.payload,
+            cipher: v.cipher,
+        })
+    }
+
+    /// Clusters the LUKS area takes.
+    pub fn clusters(&self, cluster_size: u64) -> u64 {
+        self.len.div_ceil(cluster_size)
+    }
+
+    /// The LUKS area, zero-padded to whole clusters, to write once; `None` afterwards.
+    pub fn take_area(&mut self, cluster_size: u64) -> Option<Zeroizing<Vec<u8>>> {
+        let mut h = self.head.take()?;
+        let n = (self.clusters(cluster_size) * cluster_size) as usize;
+        h.resize(n, 0);
+        Some(h)
+    }
+
+    /// The header extension's payload: the area's offset and length.
+    pub fn extension(&self, offset: u64) -> (u32, [u8; 16]) {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&offset.to_be_bytes());
+        b[8..].copy_from_slice(&self.len.to_be_bytes());
+        (EXT_CRYPTO, b)
+    }
+
+    /// `data`, to be stored at host offset `host`, encrypted (host is sector aligned: data
+    /// clusters are, and every write covers whole sectors).
+    pub fn encrypt(&self, host: u64, data: &[u8]) -> Result<Vec<u8>> {
+        if !host.is_multiple_of(SECTOR) || !(data.len() as u64).is_multiple_of(SECTOR) {
+            return Err(Error::invalid_argument(format!(
+                "encrypted qcow2 write of {} bytes at host offset {host:#x} is not whole sectors",
+                data.len()
+            )));
+        }
+        let mut buf = data.to_vec();
+        self.cipher.apply(host / SECTOR, &mut buf, true);
+        Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_aes_and_unknown_formats_are_refused() {
+        let o = CreateOptions::new().with("encrypt.format", "aes");
+        assert!(requested(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("legacy AES"));
+        let o = CreateOptions::new().with("encryption", "on");
+        assert!(requested(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("legacy AES"));
+        let o = CreateOptions::new().with("encrypt.format", "foo");
+        assert!(requested(&o).unwrap_err().to_string().contains("'foo'"));
+        let o = CreateOptions::new().with("encrypt.key-secret", "s");
+        assert!(requested(&o).is_err());
+        let o = CreateOptions::new().with("encryption", "off");
+        assert!(!requested(&o).unwrap());
+        let o = CreateOptions::new().with("encrypt.format", "luks");
+        assert!(requested(&o).unwrap());
+    }
+}

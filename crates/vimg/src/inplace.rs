@@ -1,0 +1,299 @@
+//! In-place operations over whole images that know no format: `rebase` in safe mode and
+//! `commit`. They read through the read layer ([`Image`]) and write through the registry's
+//! updaters ([`crate::formats::registry::open_update`]).
+//!
+//! Crash safety: both write guest data first and change a header last.
+//! - `rebase`: every cluster copied into the image holds what the old backing chain gave
+//!   it, so until the header names the new backing file (one sector, the last write) the
+//!   guest sees exactly what it saw before; after it, what the new chain plus the copies
+//!   give, which is the same.
+//! - `commit`: the backing image first receives the data (each cluster old or new), then
+//!   the top image's clusters are unmapped one L2 table at a time; a top cluster still
+//!   mapped holds what the base now holds.
+
+use std::path::Path;
+
+use crate::engine::Progress;
+use crate::error::{Error, ErrorKind, Result};
+use crate::formats::registry;
+use crate::formats::updater::UpdateOp;
+use crate::formats::Format;
+use crate::gate::ExternalPolicy;
+use crate::image::{Image, OpenOptions};
+use crate::mapping::{GuestOffset, MapKind};
+
+/// Bytes compared or copied per step.
+const STEP: u64 = 4 << 20;
+
+/// Reads `buf.len()` guest bytes of `img` (zeros without an image or past its end).
+fn read_or_zero(img: Option<&Image>, buf: &mut [u8], off: u64) -> Result<()> {
+    buf.fill(0);
+    let Some(img) = img else { return Ok(()) };
+    let n = img.virtual_size().saturating_sub(off).min(buf.len() as u64) as usize;
+    if n > 0 {
+        img.read_at(&mut buf[..n], off)?;
+    }
+    Ok(())
+}
+
+/// The new backing file of a safe-mode rebase: the name stored in the header, its format
+/// name, and the image opened by the caller (the user named it: trusted).
+pub struct NewBacking<'a> {
+    /// The name as the user gave it (stored as given).
+    pub name: &'a str,
+    /// Its format (stored in the header).
+    pub format: Format,
+    /// The opened image with its chain.
+    pub image: &'a Image,
+}
+
+/// `rebase` without `-u`: copies into the image at `path` every cluster it does not hold
+/// itself whose content differs between its old backing chain and `new` (`None`: no
+/// backing file, which copies everything the old chain supplies), then points the header
+/// at `new`. Returns the number of clusters copied.
+pub fn rebase(
+    path: &Path,
+    format: Format,
+    policy: ExternalPolicy,
+    new: Option<NewBacking<'_>>,
+    progress: &dyn Fn(Progress),
+) -> Result<u64> {
+    registry::require_update(format, UpdateOp::Backing)?;
+    let img = Image::open(path, &OpenOptions::with_format(Some(format)).policy(policy))?;
+    let size = img.virtual_size();
+    // The clusters the image does not hold, found before anything changes.
+    let mut holes: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let e = img.reader().map(GuestOffset(off), size - off)?;
+        if e.len == 0 || e.start.0 != off {
+            return Err(Error::corrupt("the mapping returned an invalid extent"));
+        }
+        if e.kind == MapKind::Unallocated {
+            match holes.last_mut() {
+                Some(h) if h.1 == off => h.1 = e.end(),
+                _ => holes.push((off, e.end())),
+            }
+        }
+        off = e.end();
+    }
+    let old = img.backing();
+    let new_img = new.as_ref().map(|n| n.image);
+    let mut up = registry::open_update(path, format, policy)?;
+    let mut copied = 0u64;
+    {
+        let mut w = up.data()?;
+        let cs = match &w {
+            crate::formats::updater::DataTarget::Qcow2(d) => d.cluster_size(),
+            crate::formats::updater::DataTarget::Raw(_) => 512,
+        };
+        let step = STEP.max(cs) / cs * cs;
+        progress(Progress {
+            done: 0,
+            total: size,
+        });
+        let mut a = vec![0u8; step as usize];
+        let mut b = vec![0u8; step as usize];
+        for &(start, end) in &holes {
+            // The map of a cluster-granular format gives cluster-aligned holes; the last one
+            // may end at an unaligned virtual size.
+            let mut pos = start / cs * cs;
+            while pos < end {
+                let n = (end - pos).min(step);
+                let whole = n.div_ceil(cs) * cs;
+                let (a, b) = (&mut a[..whole as usize], &mut b[..whole as usize]);
+                let valid = n as usize;
+                read_or_zero(old, &mut a[..valid], pos)?;
+                a[valid..].fill(0);
+                read_or_zero(new_img, &mut b[..valid], pos)?;
+                b[valid..].fill(0);
+                let mut i = 0usize;
+                let csz = cs as usize;
+                while i < whole as usize {
+                    if a[i..i + csz] == b[i..i + csz] {
+                        i += csz;
+                        continue;
+                    }
+                    let mut j = i + csz;
+                    while j < whole as usize && a[j..j + csz] != b[j..j + csz] {
+                        j += csz;
+                    }
+                    let at = pos + i as u64;
+                    let len = ((j - i) as u64).min(size - at) as usize;
+                    w.write_at(at, &a[i..i + len], old)?;
+                    copied += ((j - i) / csz) as u64;
+                    i = j;
+                }
+                pos += n;
+                progress(Progress {
+                    done: pos,
+                    total: size,
+                });
+            }
+        }
+        w.finish()?;
+        if holes.last().is_none_or(|h| h.1 < size) {
+            progress(Progress {
+                done: size,
+                total: size,
+            });
+        }
+    }
+    let name_fmt = new.as_ref().map(|n| (n.name, n.format.name()));
+    up.set_backing(name_fmt)?;
+    Ok(copied)
+}
+
+/// What `commit` was asked.
+#[derive(Clone, Copy, Debug)]
+pub struct CommitOptions<'a> {
+    /// `-b`: the backing image to commit into (a name in the chain); the direct backing
+    /// file when `None`. Implies `drop`.
+    pub base: Option<&'a str>,
+    /// `-d`: leave the top image as it is.
+    pub drop: bool,
+}
+
+/// `commit`: writes what the top image (and the images between it and the base) hold into
+/// the base image, growing the base when it is smaller; then, unless `drop` (or a base was
+/// named), unmaps every cluster of the top image.
+pub fn commit(
+    path: &Path,
+    format: Format,
+    policy: ExternalPolicy,
+    opts: CommitOptions<'_>,
+    progress: &dyn Fn(Progress),
+) -> Result<()> {
+    let top = Image::open(path, &OpenOptions::with_format(Some(format)).policy(policy))?;
+    let chain = top.chain();
+    if chain.len() < 2 {
+        return Err(Error::refusal(
+            ErrorKind::InvalidArgument,
+            "Image does not have a backing file",
+        ));
+    }
+    let depth = match opts.base {
+        None => 1,
+        Some(b) => {
+            let want = std::fs::canonicalize(b).ok();
+            chain
+                .iter()
+                .enumerate()
+                .skip(1)
+                .find(|(_, l)| {
+                    l.filename() == b
+                        || (want.is_some()
+                            && l.path().and_then(|p| std::fs::canonicalize(p).ok()) == want)
+                })
+                .map(|(i, _)| i)
+                .ok_or_else(|| {
+                    Error::refusal(
+                        ErrorKind::InvalidArgument,
+                        format!(
+                            "Did not find '{b}' in the backing chain of '{}'",
+                            path.display()
+                        ),
+                    )
+                })?
+        }
+    };
+    let empty_top = !opts.drop && opts.base.is_none();
+    let base = chain[depth];
+    let base_path = base
+        .path()
+        .ok_or_else(|| Error::unsupported("the backing image has no path"))?;
+    // Refuse before writing anything what cannot be done.
+    registry::require_update(base.format(), UpdateOp::Data)?;
+    let mut top_up = if empty_top {
+        let mut u = registry::open_update(path, format, policy)?;
+        // Checks now that the top can be emptied later.
+        u.data()?;
+        Some(u)
+    } else {
+        None
+    };
+    let size = top.virtual_size();
+    // What to copy, found before anything changes (the readers' caches of the base would
+    // not see the writes): runs held above the base, and whether they read as zeros.
+    let base_size = base.virtual_size();
+    if base_size < size && base.backing().is_some_and(|b| b.virtual_size() > base_size) {
+        // Growing the base would let its own backing file show through the new area.
+        return Err(Error::refusal(
+            ErrorKind::Unsupported,
+            format!(
+                "the base image '{}' is smaller than '{}' and its own backing file is longer; vimg does not grow it over that backing file",
+                base.filename(),
+                path.display()
+            ),
+        ));
+    }
+    let mut copies: Vec<(u64, u64, bool)> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let (e, _, d) = top.map_flat(off, (size - off).min(STEP))?;
+        // Unallocated above the base: a layer's backing file is shorter, so the top reads
+        // zeros there; the base must too where it has content of its own.
+        let cut_short = e.kind == MapKind::Unallocated && off < base_size;
+        if d < depth && (e.kind != MapKind::Unallocated || cut_short) {
+            let e = if cut_short {
+                e.truncate(base_size - off)
+            } else {
+                e
+            };
+            let zero = matches!(e.kind, MapKind::Zero | MapKind::Unallocated);
+            match copies.last_mut() {
+                Some(c) if c.0 + c.1 == off && c.2 == zero && c.1 < STEP => c.1 += e.len,
+                _ => copies.push((off, e.len, zero)),
+            }
+        }
+        off = e.end();
+    }
+    // The base was found through the gate (a name the image gives); it is reopened for
+    // writing by the path the gate resolved, and must still be the file the gate opened.
+    let mut bu = registry::open_update(base_path, base.format(), policy)?;
+    if base.storage().identity() != Some(bu.identity()?) {
+        return Err(Error::refusal(
+            ErrorKind::UnsafeReference,
+            format!(
+                "the backing file '{}' changed while it was being opened; nothing was written",
+                base.filename()
+            ),
+        ));
+    }
+    if bu.virtual_size()? < size {
+        bu.resize(size, crate::formats::qcow2::Prealloc::Off)?;
+    }
+    let below = base.backing();
+    let total: u64 = copies.iter().map(|c| c.1).sum();
+    progress(Progress { done: 0, total });
+    {
+        let mut w = bu.data()?;
+        let mut buf = Vec::new();
+        let mut done = 0;
+        for (off, len, zero) in copies {
+            if zero {
+                w.write_zeroes(off, len, below)?;
+            } else {
+                buf.resize(len as usize, 0);
+                top.read_at(&mut buf, off)?;
+                w.write_at(off, &buf, below)?;
+            }
+            done += len;
+            progress(Progress { done, total });
+        }
+        w.finish()?;
+    }
+    if total == 0 {
+        progress(Progress { done: 0, total });
+    }
+    if let Some(u) = top_up.as_mut() {
+        let mut w = u.data()?;
+        if let crate::formats::updater::DataTarget::Qcow2(d) = &mut w {
+            let cs = d.cluster_size();
+            d.unmap_clusters(0, size.div_ceil(cs))?;
+            d.trim_end()?;
+        }
+        w.finish()?;
+    }
+    Ok(())
+}
