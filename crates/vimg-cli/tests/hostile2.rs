@@ -591,6 +591,35 @@ fn polyglot_rule_holds_through_containers() {
             assert_eq!(r.code, Some(1), "{args:?}: {}", r.stdout);
             assert!(r.stderr.contains("ambiguous"), "{args:?}: {}", r.stderr);
         }
+        // Into a file, the copy starts before the end is decoded (the whole-image probe
+        // is settled before commit): still refused, nothing left behind, an existing file
+        // untouched.
+        let out = dir.path().join(format!("out-{ext}.raw"));
+        let args = [
+            "convert",
+            "-O",
+            "raw",
+            "--checksum",
+            "sha256",
+            s(&c),
+            s(&out),
+        ];
+        let r = bounded("convert polyglot to a new file", &args);
+        assert_eq!(r.code, Some(1), "{}", r.stdout);
+        assert!(r.stderr.contains("ambiguous"), "{}", r.stderr);
+        assert!(!out.exists());
+        fs::write(&out, b"old").unwrap();
+        let r = bounded("convert polyglot over a file", &args);
+        assert_eq!(r.code, Some(1), "{}", r.stdout);
+        assert!(r.stderr.contains("ambiguous"), "{}", r.stderr);
+        assert_eq!(fs::read(&out).unwrap(), b"old");
+        fs::remove_file(&out).unwrap();
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
         // -f says what the bytes are.
         let r = bounded("info -f qcow2", &["info", "-f", "qcow2", s(&c)]);
         assert_eq!(r.code, Some(0), "{}", r.stderr);

@@ -244,6 +244,14 @@ pub fn convert_report(
             "output file is smaller than input file",
         ));
     }
+    // Checks deferred at open (SourceOptions::defer_whole_probe) pass before anything is
+    // written: now for a destination written in place (a device, a stream, -n), at the end
+    // for a new file, which stays a temporary file until it is committed.
+    let mut settle_late = opts.output_mode == OutputMode::Atomic
+        && matches!(kind, DestKind::Missing | DestKind::Regular);
+    if !settle_late {
+        settle_sources(src)?;
+    }
     let mut out = Output::with_mode(dst, opts.output_mode)
         .with_checksum(opts.checksum)
         .with_sync(opts.sync)
@@ -267,6 +275,12 @@ pub fn convert_report(
             opts.format.name()
         )));
     }
+    if settle_late && !out.all_temporary() {
+        // Written in place after all (an unwritable folder, `/dev/stdout`): settle before
+        // any data goes out.
+        settle_late = false;
+        settle_sources(src)?;
+    }
     out.release_stream()?;
     let mut copy: CopyOptions = opts.copy.clone();
     // A new file (or a stream, whose gaps are sent as zeros) starts zero; a device or an
@@ -282,6 +296,9 @@ pub fn convert_report(
         ));
     }
     let stats = engine::copy(src, &*writer, &copy)?;
+    if settle_late {
+        settle_sources(src)?;
+    }
     writer.finish()?;
     let notes = out.notes();
     let checksum = out.commit_unless(copy.cancel.as_deref())?;
@@ -290,6 +307,18 @@ pub fn convert_report(
         checksum,
         notes,
     })
+}
+
+/// Runs the checks every source file deferred at open ([`crate::storage::Storage::settle`]).
+fn settle_sources(src: &Image) -> Result<()> {
+    for layer in src.chain() {
+        // The storage the image was opened on (a spool, before any driver wraps it).
+        layer.storage().settle()?;
+        for f in layer.reader().files() {
+            f.settle()?;
+        }
+    }
+    Ok(())
 }
 
 /// The checks qemu-img makes before writing to a block device: a raw image must fit (its

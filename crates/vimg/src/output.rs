@@ -1098,6 +1098,15 @@ impl Output {
         self
     }
 
+    /// True when every file created so far is a temporary file, renamed into place only at
+    /// commit (no in-place fallback, device or stream).
+    pub fn all_temporary(&self) -> bool {
+        self.entries
+            .lock()
+            .map(|v| v.iter().all(|e| e.temp_path.is_some()))
+            .unwrap_or(false)
+    }
+
     /// Notes on how the destination was written (an in-place fallback, hard links),
     /// for the user.
     pub fn notes(&self) -> Vec<String> {

@@ -83,6 +83,14 @@ pub struct SourceOptions {
     /// container does not record it (gzip; zstd past its frame walk); `None`: no limit.
     /// `info` sets one, so a decompression bomb costs bounded time.
     pub count_budget: Option<u64>,
+    /// Defer the whole-image probe of a container decoded into a temporary file (the
+    /// polyglot rule: a fixed-VHD footer or a dmg trailer at the end of the decoded image)
+    /// from open to [`crate::storage::Storage::settle`], so reading can start before the
+    /// whole container is decoded. Default `false`; [`crate::convert::convert_report`]
+    /// settles the storage of every layer of the image it is given before anything it wrote
+    /// becomes visible, so `convert` sets it for a single source (never for the parts of
+    /// [`crate::image::Image::concat`], which it would not reach).
+    pub defer_whole_probe: bool,
 }
 
 impl Default for SourceOptions {
@@ -94,6 +102,7 @@ impl Default for SourceOptions {
             spool: SpoolLimits::default(),
             threads: None,
             count_budget: None,
+            defer_whole_probe: false,
         }
     }
 }
@@ -419,25 +428,24 @@ fn open_container(
             ),
             Access::Stream,
         ),
-        _ => (
-            Arc::new(
-                SpoolStorage::new(dec, &head, size, &why, opts.source.spool.clone(), outer)
-                    .map_err(|e| decode_err(&name, e))?,
-            ),
-            Access::TemporaryFile,
-        ),
-    };
-    if opts.format.is_none() && access == Access::TemporaryFile {
-        // The polyglot rule holds through the container: the decoded image is probed whole
-        // (a fixed-VHD footer lives at its end), not only its first 64 KiB. The spool
-        // decodes as far as the end for this; a pipe or gzip file was decoded whole already.
-        let whole = crate::formats::registry::probe(&*storage)?;
-        if whole != format {
-            return Err(Error::invalid(format!(
-                "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"
-            )));
+        _ => {
+            let spool = SpoolStorage::new(dec, &head, size, &why, opts.source.spool.clone(), outer)
+                .map_err(|e| decode_err(&name, e))?;
+            if opts.format.is_none() {
+                // The polyglot rule holds through the container: the decoded image is probed
+                // whole (a fixed-VHD footer lives at its end), not only its first 64 KiB.
+                // The spool decodes as far as the end for this (a pipe or gzip file was
+                // decoded whole already): now, or at `settle` when the caller defers it.
+                let check = move |s: &dyn Storage| whole_probe(s, format);
+                if opts.source.defer_whole_probe {
+                    spool.defer(Box::new(check));
+                } else {
+                    check(&spool)?;
+                }
+            }
+            (Arc::new(spool), Access::TemporaryFile)
         }
-    }
+    };
     let origin = Origin {
         container: compression.map(|c| ContainerInfo {
             compression: c,
@@ -454,6 +462,17 @@ fn open_container(
         format: Some(format),
         origin,
     })
+}
+
+/// The whole decoded image must probe as its first [`HEAD_BYTES`] did.
+fn whole_probe(storage: &dyn Storage, format: Format) -> Result<()> {
+    let whole = crate::formats::registry::probe(storage)?;
+    if whole != format {
+        return Err(Error::invalid(format!(
+            "Image is ambiguous: its first {HEAD_BYTES} bytes parse as {format}, the whole decoded image as {whole}; specify the format with -f"
+        )));
+    }
+    Ok(())
 }
 
 /// Turns a decode `io::Error` into a crate error, keeping a container error's kind.

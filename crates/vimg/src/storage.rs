@@ -78,6 +78,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sequential_window(&self) -> Option<u64> {
         None
     }
+
+    /// Runs the checks on this source that were deferred at open (the whole-image probe of
+    /// a decoded container, see [`crate::source::SourceOptions::defer_whole_probe`]): it
+    /// decodes to the end if need be. A caller that opened with deferral calls it before
+    /// anything it wrote becomes visible; an error means the source must be refused.
+    fn settle(&self) -> crate::error::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads exactly `buf.len()` bytes, with an error that says what was being read.

@@ -250,6 +250,10 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let p = plan(&a)?;
     let mut open = open_options(p.src_format, &a.safety);
     apply_source_args(&mut open, &a.source)?;
+    // convert_report settles the source before anything becomes visible, so the copy can
+    // start while a container is still being decoded (one source: the parts of a
+    // concatenation are not reached through the combined image).
+    open.source.defer_whole_probe = p.srcs.len() == 1;
     let mut parts = Vec::with_capacity(p.srcs.len());
     for name in &p.srcs {
         let img = Image::open_source(&Source::from_arg(name), &open)

@@ -11,7 +11,10 @@
 //! - [`SpoolStorage`]: the decoded bytes go into a sparse, already unlinked temporary file in
 //!   `$TMPDIR` (zero runs of 4 KiB and more are left as holes) as far as the readers ask,
 //!   so formats that need random access (qcow2 inside xz) work, and `info` decodes only the
-//!   header it reads when the decoded size is known in advance.
+//!   header it reads when the decoded size is known in advance. The probe of the whole
+//!   decoded image (the polyglot rule) needs its end; `convert` defers it to
+//!   [`crate::storage::Storage::settle`] before its output becomes visible, so its copy
+//!   starts while the rest is still being decoded.
 //!
 //! The decoded size must be known before an image can be opened. It comes from the xz index
 //! (read from the end of a seekable file), from zstd frame headers, from the caller

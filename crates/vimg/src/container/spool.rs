@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::decode::Decoder;
+use super::error::ContainerError;
 use super::stream::OuterFile;
 use crate::storage::Storage;
 
@@ -47,6 +48,9 @@ struct State {
     since_check: u64,
 }
 
+/// A check of the whole decoded image, deferred from open to [`Storage::settle`].
+pub type DeferredCheck = Box<dyn Fn(&dyn Storage) -> crate::error::Result<()> + Send + Sync>;
+
 /// A decoded container backed by a sparse temporary file that is unlinked from the start,
 /// so nothing is left behind whatever happens to the process.
 pub struct SpoolStorage {
@@ -58,6 +62,8 @@ pub struct SpoolStorage {
     limits: SpoolLimits,
     outer: OuterFile,
     state: Mutex<State>,
+    /// A check deferred to [`Storage::settle`]; cleared once it has passed.
+    deferred: Mutex<Option<DeferredCheck>>,
 }
 
 impl fmt::Debug for SpoolStorage {
@@ -159,6 +165,7 @@ impl SpoolStorage {
                 data_bytes: 0,
                 since_check: 0,
             }),
+            deferred: Mutex::new(None),
         };
         {
             if let Some(l) = len {
@@ -194,6 +201,14 @@ impl SpoolStorage {
             }
         }
         Ok(s)
+    }
+
+    /// Defers `check` (of the whole decoded image) to [`Storage::settle`], so reads of the
+    /// start can be served before the rest is decoded.
+    pub fn defer(&self, check: DeferredCheck) {
+        if let Ok(mut d) = self.deferred.lock() {
+            *d = Some(check);
+        }
     }
 
     /// Writes `data` at `offset`, leaving aligned all-zero blocks as holes.
@@ -383,5 +398,24 @@ impl Storage for SpoolStorage {
 
     fn identity(&self) -> Option<(u64, u64)> {
         self.outer.identity
+    }
+
+    fn settle(&self) -> crate::error::Result<()> {
+        let mut d = self.deferred.lock().map_err(|_| {
+            crate::error::Error::io("settle", io::Error::other("spool lock poisoned"))
+        })?;
+        if let Some(check) = d.as_ref() {
+            // Decodes to the end, which also checks the stream's length and trailing bytes.
+            self.ensure(self.len).map_err(|e| {
+                let kind = match e.get_ref().and_then(|i| i.downcast_ref::<ContainerError>()) {
+                    Some(c) => crate::error::FormatError::kind(c),
+                    None => crate::error::ErrorKind::Io,
+                };
+                crate::error::Error::new(kind, e)
+            })?;
+            check(self)?;
+            *d = None;
+        }
+        Ok(())
     }
 }
