@@ -195,7 +195,8 @@ impl Qcow2Update {
                     ext.directory_offset + at as u64
                 ))
             };
-            let e = BitmapEntry::parse(raw.get(at..).unwrap_or(&[]), cs).map_err(|f| bad(f.to_string()))?;
+            let e = BitmapEntry::parse(raw.get(at..).unwrap_or(&[]), cs)
+                .map_err(|f| bad(f.to_string()))?;
             let len = e.entry_len() as usize;
             let x = at + BITMAP_ENTRY_LEN + e.extra_data_size as usize;
             let n = x + usize::from(e.name_size);
