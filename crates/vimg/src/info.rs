@@ -50,7 +50,7 @@ impl From<&SnapshotInfo> for SnapshotJson {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ImageInfo {
-    /// The block nodes under the image's, as qemu-img 10 lists them ([`children`]).
+    /// The block nodes under the image's, as qemu-img 10 lists them (`children`).
     pub children: Vec<ChildInfo>,
     /// Internal snapshots.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -1,6 +1,6 @@
 //! In-place operations over whole images that know no format: `rebase` in safe mode and
 //! `commit`. They read through the read layer ([`Image`]) and write through the registry's
-//! updaters ([`crate::formats::registry::open_update`]).
+//! updaters ([`crate::formats::updater::open`]).
 //!
 //! Crash safety: both write guest data first and change a header last.
 //! - `rebase`: every cluster copied into the image holds what the old backing chain gave
@@ -15,7 +15,7 @@ use std::path::Path;
 
 use crate::engine::Progress;
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::registry;
+use crate::formats::updater;
 use crate::formats::updater::UpdateOp;
 use crate::formats::Format;
 use crate::gate::ExternalPolicy;
@@ -58,7 +58,7 @@ pub fn rebase(
     new: Option<NewBacking<'_>>,
     progress: &dyn Fn(Progress),
 ) -> Result<u64> {
-    registry::require_update(format, UpdateOp::Backing)?;
+    updater::require(format, UpdateOp::Backing)?;
     let img = Image::open(path, &OpenOptions::with_format(Some(format)).policy(policy))?;
     let size = img.virtual_size();
     // The clusters the image does not hold, found before anything changes.
@@ -79,7 +79,7 @@ pub fn rebase(
     }
     let old = img.backing();
     let new_img = new.as_ref().map(|n| n.image);
-    let mut up = registry::open_update(path, format, policy)?;
+    let mut up = updater::open(path, format, policy)?;
     let mut copied = 0u64;
     {
         let mut w = up.data()?;
@@ -203,9 +203,9 @@ pub fn commit(
         .path()
         .ok_or_else(|| Error::unsupported("the backing image has no path"))?;
     // Refuse before writing anything what cannot be done.
-    registry::require_update(base.format(), UpdateOp::Data)?;
+    updater::require(base.format(), UpdateOp::Data)?;
     let mut top_up = if empty_top {
-        let mut u = registry::open_update(path, format, policy)?;
+        let mut u = updater::open(path, format, policy)?;
         // Checks now that the top can be emptied later.
         u.data()?;
         Some(u)
@@ -250,7 +250,7 @@ pub fn commit(
     }
     // The base was found through the gate (a name the image gives); it is reopened for
     // writing by the path the gate resolved, and must still be the file the gate opened.
-    let mut bu = registry::open_update(base_path, base.format(), policy)?;
+    let mut bu = updater::open(base_path, base.format(), policy)?;
     if base.storage().identity() != Some(bu.identity()?) {
         return Err(Error::refusal(
             ErrorKind::UnsafeReference,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use clap::Args;
 use vimg::formats::qcow2::Amend;
-use vimg::formats::registry;
+use vimg::formats::updater;
 use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
@@ -104,7 +104,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
             vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?
         }
     };
-    registry::require_update(format, UpdateOp::Amend).map_err(Failure::from)?;
+    updater::require(format, UpdateOp::Amend).map_err(Failure::from)?;
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
     for list in &a.options {
@@ -149,7 +149,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
         same_backing(path, &a, backing_file.as_deref(), backing_fmt.as_deref())?;
     }
     let mut img =
-        registry::open_update(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+        updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     img.amend(amend).map_err(Failure::from)?;
     Ok(0)
 }

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use clap::Args;
-use vimg::formats::registry;
+use vimg::formats::updater;
 use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
@@ -112,9 +112,8 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             1,
         )
     };
-    registry::require_update(format, UpdateOp::Backing).map_err(change_err)?;
-    let mut img =
-        registry::open_update(path, format, policy).map_err(|e| Failure::open(file, &e))?;
+    updater::require(format, UpdateOp::Backing).map_err(change_err)?;
+    let mut img = updater::open(path, format, policy).map_err(|e| Failure::open(file, &e))?;
     img.set_backing(new).map_err(change_err)?;
     Ok(0)
 }
@@ -146,8 +145,7 @@ fn safe(
             1,
         ));
     }
-    registry::require_update(format, UpdateOp::Backing)
-        .map_err(|e| change_err(e.message().to_string()))?;
+    updater::require(format, UpdateOp::Backing).map_err(|e| change_err(e.message().to_string()))?;
     if new_name.is_some() && backing_format.is_none() {
         return Err(change_err("backing format must be specified".into()));
     }

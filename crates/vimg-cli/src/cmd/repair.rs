@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use vimg::formats::qcow2::Repair;
-use vimg::formats::registry;
+use vimg::formats::updater;
 use vimg::{Format, Image};
 
 use super::check::report_and_exit;
@@ -41,13 +41,13 @@ pub fn run(a: CheckArgs) -> CmdResult {
             }
         }
     };
-    if !registry::update_caps(format).repair {
+    if !updater::caps(format).repair {
         // Nothing vimg repairs: a clean image passes, anything else is refused.
         return super::check::run(CheckArgs { repair: None, ..a });
     }
     let policy = crate::trust::policy(&a.safety);
     let path = Path::new(&a.filename);
-    let mut img = match registry::open_update(path, format, policy) {
+    let mut img = match updater::open(path, format, policy) {
         Ok(i) => i,
         Err(e) if e.kind() == vimg::ErrorKind::Corrupt => {
             // Refused at open for corrupt tables: vimg cannot repair those.

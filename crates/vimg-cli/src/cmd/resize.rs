@@ -6,7 +6,7 @@ use std::path::Path;
 
 use clap::Args;
 use vimg::formats::qcow2::Prealloc;
-use vimg::formats::registry;
+use vimg::formats::updater;
 use vimg::formats::updater::UpdateOp;
 use vimg::Format;
 
@@ -68,9 +68,9 @@ pub fn run(a: ResizeArgs) -> CmdResult {
     }
     let format = format.unwrap_or(Format::Raw);
     let policy = crate::trust::policy(&a.safety);
-    registry::require_update(format, UpdateOp::Resize).map_err(Failure::from)?;
+    updater::require(format, UpdateOp::Resize).map_err(Failure::from)?;
     let mut img =
-        registry::open_update(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+        updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     let cur = img.virtual_size().map_err(Failure::from)?;
     let total = target(cur, sign, n)?;
     check_shrink(cur, total, a.shrink)?;

@@ -103,27 +103,6 @@ pub fn create(
     d.create(out, size, opts)
 }
 
-/// Opens an existing image for changing in place (`check -r`, `resize`, `amend`, `rebase`,
-/// `commit`): the one entry the in-place commands use; formats without an updater are
-/// refused here. See [`super::updater`].
-pub fn open_update(
-    path: &std::path::Path,
-    format: Format,
-    policy: crate::gate::ExternalPolicy,
-) -> Result<super::updater::Updater> {
-    super::updater::open(path, format, policy)
-}
-
-/// Refuses an in-place `op` that `format`'s updater cannot do, worded here.
-pub fn require_update(format: Format, op: super::updater::UpdateOp) -> Result<()> {
-    super::updater::require(format, op)
-}
-
-/// What `format`'s updater can change in place.
-pub fn update_caps(format: Format) -> super::updater::UpdateCaps {
-    super::updater::caps(format)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,4 @@
-//! The one entry for changing an existing image in place ([`super::registry::open_update`]):
+//! The one entry for changing an existing image in place ([`open`]):
 //! an [`Updater`] per format that vimg changes in place, which declares what it can do
 //! ([`UpdateCaps`]) so that callers (the in-place subcommands, [`crate::inplace`]) never
 //! match formats themselves, and refusals are worded once, here.

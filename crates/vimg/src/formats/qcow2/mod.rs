@@ -43,10 +43,9 @@ use crate::storage::Storage;
 use crate::writer::ImageWriter;
 
 pub use read::{Bitmap, Qcow2Reader, Snapshot};
-pub use update::{
-    Amend, BitmapOp, ClusterOp, DataWriter, Prealloc, Qcow2Update, Repair, RepairReport,
-    SNAPSHOT_NOT_FOUND,
-};
+pub use update::bitmap::BitmapOp;
+pub use update::snapshot::SNAPSHOT_NOT_FOUND;
+pub use update::{Amend, ClusterOp, DataWriter, Prealloc, Qcow2Update, Repair, RepairReport};
 pub use write::{Qcow2Writer, WriteOptions, DEFLATE_LEVEL, ZSTD_LEVEL};
 
 /// The qcow2 driver.

@@ -43,11 +43,9 @@ use crate::gate::ExternalPolicy;
 use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
-mod bitmap;
+pub(super) mod bitmap;
 mod shadow;
-mod snapshot;
-pub use bitmap::BitmapOp;
-pub use snapshot::SNAPSHOT_NOT_FOUND;
+pub(super) mod snapshot;
 
 /// The environment variable of the crash hook (see the module documentation).
 pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
