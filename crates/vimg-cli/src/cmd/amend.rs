@@ -92,9 +92,6 @@ pub fn run(a: AmendArgs) -> CmdResult {
             1,
         ));
     }
-    if super::wants_help(&a.options) {
-        return super::print_option_help(Format::Qcow2, None).map(|()| 0);
-    }
     let path = Path::new(&a.filename);
     let format = match parse_format_opt(a.format.as_deref())? {
         Some(f) => f,
@@ -105,6 +102,10 @@ pub fn run(a: AmendArgs) -> CmdResult {
         }
     };
     updater::require(format, UpdateOp::Amend).map_err(Failure::from)?;
+    if super::wants_help(&a.options) {
+        // qemu-img: the options of the image's format (given or probed), once it amends.
+        return super::print_option_help(format, None).map(|()| 0);
+    }
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
     for list in &a.options {
@@ -146,7 +147,13 @@ pub fn run(a: AmendArgs) -> CmdResult {
     }
     let policy = crate::trust::policy(&a.safety);
     if backing_file.is_some() || backing_fmt.is_some() {
-        same_backing(path, &a, backing_file.as_deref(), backing_fmt.as_deref())?;
+        same_backing(
+            path,
+            format,
+            &a,
+            backing_file.as_deref(),
+            backing_fmt.as_deref(),
+        )?;
     }
     let mut img =
         updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
@@ -159,11 +166,12 @@ pub fn run(a: AmendArgs) -> CmdResult {
 /// as absent), and refuses any change, pointing to rebase.
 fn same_backing(
     path: &Path,
+    format: Format,
     a: &AmendArgs,
     file: Option<&str>,
     fmt: Option<&str>,
 ) -> Result<(), Failure> {
-    let opts = super::open_options(Some(Format::Qcow2), &a.safety).open_backing(false);
+    let opts = super::open_options(Some(format), &a.safety).open_backing(false);
     let img = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
     let current = img.reader().backing();
     let same = match (current, file, fmt) {

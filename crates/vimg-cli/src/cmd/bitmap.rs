@@ -6,8 +6,9 @@
 use std::path::Path;
 
 use clap::Args;
-use vimg::formats::qcow2::{BitmapOp, Qcow2Update};
-use vimg::{Format, Image};
+use vimg::formats::qcow2::BitmapOp;
+use vimg::formats::updater::{self, UpdateOp};
+use vimg::Image;
 
 use super::{open_options, parse_format_opt};
 use crate::args::SafetyArgs;
@@ -157,13 +158,15 @@ pub fn run(a: BitmapArgs) -> CmdResult {
             1,
         )
     };
-    if image.format() != Format::Qcow2 {
+    let format = image.format();
+    if let Err(e) = updater::require(format, UpdateOp::Bitmap) {
         let op = ops.first().map_or("add", |o| o.0);
         return Err(fail(
             op,
             format!(
-                "Can't store persistent bitmaps to '{}': Operation not supported",
-                a.filename
+                "Can't store persistent bitmaps to '{}': {}",
+                a.filename,
+                e.message()
             ),
         ));
     }
@@ -173,7 +176,9 @@ pub fn run(a: BitmapArgs) -> CmdResult {
         let same = std::fs::canonicalize(src).ok() == std::fs::canonicalize(&a.filename).ok();
         for (_, op) in ops.iter_mut() {
             let BitmapOp::Merge(name) = op else { continue };
-            if a.source_fmt.as_deref().is_some_and(|f| f != "qcow2") {
+            let no_bitmaps =
+                |f: &str| !vimg::Format::from_name(f).is_some_and(|f| updater::caps(f).bitmaps);
+            if a.source_fmt.as_deref().is_some_and(no_bitmaps) {
                 return Err(fail("merge", format!("Dirty bitmap '{name}' not found")));
             }
             if !same {
@@ -185,7 +190,7 @@ pub fn run(a: BitmapArgs) -> CmdResult {
         }
     }
     let policy = crate::trust::policy(&a.safety);
-    let mut img = Qcow2Update::open(Path::new(&a.filename), policy)
+    let mut img = updater::open(Path::new(&a.filename), format, policy)
         .map_err(|e| Failure::open(&a.filename, &e))?;
     for (name, op) in &ops {
         img.bitmap(&a.bitmap, op)

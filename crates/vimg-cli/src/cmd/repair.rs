@@ -6,7 +6,7 @@ use std::path::Path;
 
 use vimg::formats::qcow2::Repair;
 use vimg::formats::updater;
-use vimg::{Format, Image};
+use vimg::Image;
 
 use super::check::report_and_exit;
 use super::{open_options, parse_format_opt};
@@ -77,7 +77,7 @@ pub fn run(a: CheckArgs) -> CmdResult {
         return Err(Failure::new("Check failed: Input/output error", 1));
     }
     if rep.leaks_fixed == 0 && rep.corruptions_fixed == 0 {
-        return report_and_exit(&a, &rep.before, Format::Qcow2, true);
+        return report_and_exit(&a, &rep.before, format, true);
     }
     if a.output == OutputFormat::Human && !a.quiet {
         crate::print_out(&format!(
@@ -85,7 +85,7 @@ pub fn run(a: CheckArgs) -> CmdResult {
             rep.leaks_fixed, rep.corruptions_fixed
         ))?;
     }
-    let mut opts = open_options(Some(Format::Qcow2), &a.safety);
+    let mut opts = open_options(Some(format), &a.safety);
     opts.open_backing = false;
     let image = Image::open(&a.filename, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
     let mut after = image
@@ -94,5 +94,5 @@ pub fn run(a: CheckArgs) -> CmdResult {
         .map_err(|e| Failure::new(format!("Check of '{}' failed: {e}", a.filename), 1))?;
     after.leaks_fixed = rep.leaks_fixed;
     after.corruptions_fixed = rep.corruptions_fixed;
-    report_and_exit(&a, &after, Format::Qcow2, false)
+    report_and_exit(&a, &after, format, false)
 }

@@ -1,14 +1,15 @@
 //! `vimg snapshot`: qemu-img snapshot's command line. Listing (`-l`, or no action) works for
 //! every format (only qcow2 has internal snapshots); creating, applying and deleting
-//! (`-c`, `-a`, `-d`) change the image and are refused before anything is written, as vimg
-//! does not do them yet.
+//! (`-c`, `-a`, `-d`) change the image through `vimg::formats::updater`, which refuses
+//! formats without internal snapshots, before anything is written, with qemu-img's reasons.
 
 use std::path::Path;
 
 use clap::Args;
-use vimg::formats::qcow2::{Qcow2Update, SNAPSHOT_NOT_FOUND};
+use vimg::formats::qcow2::SNAPSHOT_NOT_FOUND;
+use vimg::formats::updater::{self, UpdateOp};
 use vimg::info::SnapshotJson;
-use vimg::{Format, Image, ImageInfo};
+use vimg::{Image, ImageInfo};
 
 use super::{open_options, parse_format_opt};
 use crate::args::SafetyArgs;
@@ -83,21 +84,16 @@ enum Action {
 
 /// `-c`, `-a`, `-d` (qcow2 only, as in qemu-img: other formats have no internal snapshots).
 fn change(a: &SnapshotArgs, image: &Image, name: &str, what: Action) -> CmdResult {
-    let verb = match what {
-        Action::Create => "create",
-        Action::Apply => "apply",
-        Action::Delete => "delete",
+    let (verb, op) = match what {
+        Action::Create => ("create", UpdateOp::SnapshotCreate),
+        Action::Apply => ("apply", UpdateOp::SnapshotApply),
+        Action::Delete => ("delete", UpdateOp::SnapshotDelete),
     };
     let fail = |msg: &str| Failure::new(format!("Could not {verb} snapshot '{name}': {msg}"), 1);
-    if image.format() != Format::Qcow2 {
-        return Err(fail(match what {
-            Action::Create => "Operation not supported",
-            Action::Apply => "Block driver does not support snapshots",
-            Action::Delete => "snapshot not found",
-        }));
-    }
+    let format = image.format();
+    updater::require(format, op).map_err(|e| fail(&e.message().to_string()))?;
     let policy = crate::trust::policy(&a.safety);
-    let mut img = Qcow2Update::open(Path::new(&a.filename), policy)
+    let mut img = updater::open(Path::new(&a.filename), format, policy)
         .map_err(|e| Failure::open(&a.filename, &e))?;
     let r = match what {
         Action::Create => {

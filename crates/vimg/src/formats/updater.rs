@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::qcow2::{DataWriter, Qcow2Update};
+use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::raw::update::RawUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
@@ -25,6 +25,10 @@ pub struct UpdateCaps {
     pub backing: bool,
     /// Guest data (`commit` into it, `rebase` copying into it).
     pub data: bool,
+    /// Internal snapshots (`snapshot -c/-a/-d`).
+    pub snapshots: bool,
+    /// Persistent dirty bitmaps (`bitmap`).
+    pub bitmaps: bool,
 }
 
 /// An in-place operation, for [`require`].
@@ -40,6 +44,14 @@ pub enum UpdateOp {
     Backing,
     /// Guest data.
     Data,
+    /// `snapshot -c`.
+    SnapshotCreate,
+    /// `snapshot -a`.
+    SnapshotApply,
+    /// `snapshot -d`.
+    SnapshotDelete,
+    /// `bitmap` (persistent dirty bitmaps).
+    Bitmap,
 }
 
 impl UpdateCaps {
@@ -51,21 +63,31 @@ impl UpdateCaps {
             UpdateOp::Amend => self.amend,
             UpdateOp::Backing => self.backing,
             UpdateOp::Data => self.data,
+            UpdateOp::SnapshotCreate | UpdateOp::SnapshotApply | UpdateOp::SnapshotDelete => {
+                self.snapshots
+            }
+            UpdateOp::Bitmap => self.bitmaps,
         }
     }
 }
 
+/// The formats whose updater can do `op`, in [`Format::ALL`]'s order.
+pub fn able(op: UpdateOp) -> Vec<Format> {
+    Format::ALL
+        .iter()
+        .copied()
+        .filter(|f| caps(*f).allows(op))
+        .collect()
+}
+
 /// Refuses `op` on `format` when its updater cannot do it, in one wording (qemu-img's
-/// where qemu-img refuses too).
+/// where qemu-img refuses too). For snapshots and bitmaps the message is qemu-img's reason
+/// alone; the caller puts it after qemu-img's context ("Could not create snapshot 'x': ").
 pub fn require(format: Format, op: UpdateOp) -> Result<()> {
     if caps(format).allows(op) {
         return Ok(());
     }
-    let able: Vec<&str> = Format::ALL
-        .iter()
-        .filter(|f| caps(**f).allows(op))
-        .map(|f| f.name())
-        .collect();
+    let able: Vec<&str> = able(op).iter().map(|f| f.name()).collect();
     let only = able.join(" and ");
     let name = format.name();
     let msg = match op {
@@ -78,6 +100,10 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
             format!("vimg changes the backing file of {only} images only, not {name}")
         }
         UpdateOp::Data => format!("vimg writes guest data into {only} images only, not {name}"),
+        // qemu-img's reasons for formats without internal snapshots or bitmaps.
+        UpdateOp::SnapshotCreate | UpdateOp::Bitmap => "Operation not supported".to_string(),
+        UpdateOp::SnapshotApply => "Block driver does not support snapshots".to_string(),
+        UpdateOp::SnapshotDelete => SNAPSHOT_NOT_FOUND.to_string(),
     };
     Err(Error::refusal(ErrorKind::Unsupported, msg))
 }
@@ -115,6 +141,8 @@ pub fn caps(format: Format) -> UpdateCaps {
             amend: true,
             backing: true,
             data: true,
+            snapshots: true,
+            bitmaps: true,
         },
         Format::Raw => UpdateCaps {
             repair: false,
@@ -122,6 +150,8 @@ pub fn caps(format: Format) -> UpdateCaps {
             amend: false,
             backing: false,
             data: true,
+            snapshots: false,
+            bitmaps: false,
         },
         _ => UpdateCaps {
             repair: false,
@@ -129,6 +159,8 @@ pub fn caps(format: Format) -> UpdateCaps {
             amend: false,
             backing: false,
             data: false,
+            snapshots: false,
+            bitmaps: false,
         },
     }
 }
@@ -209,6 +241,38 @@ impl Updater {
         }
     }
 
+    /// Creates internal snapshot `name`, dated `date_sec`.`date_nsec` (Unix time).
+    pub fn snapshot_create(&mut self, name: &str, date_sec: u32, date_nsec: u32) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.snapshot_create(name, date_sec, date_nsec),
+            _ => require(self.format(), UpdateOp::SnapshotCreate),
+        }
+    }
+
+    /// Reverts the image to internal snapshot `id_or_name`.
+    pub fn snapshot_apply(&mut self, id_or_name: &str) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.snapshot_apply(id_or_name),
+            _ => require(self.format(), UpdateOp::SnapshotApply),
+        }
+    }
+
+    /// Deletes internal snapshot `name`.
+    pub fn snapshot_delete(&mut self, name: &str) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.snapshot_delete(name),
+            _ => require(self.format(), UpdateOp::SnapshotDelete),
+        }
+    }
+
+    /// Applies `op` to persistent bitmap `name`.
+    pub fn bitmap(&mut self, name: &str, op: &BitmapOp) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.bitmap(name, op),
+            _ => require(self.format(), UpdateOp::Bitmap),
+        }
+    }
+
     /// Opens the image for guest-data writes.
     pub fn data(&mut self) -> Result<DataTarget<'_>> {
         match self {
@@ -282,4 +346,42 @@ fn write_zero_bytes(
         pos += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(format: Format, op: UpdateOp) -> String {
+        require(format, op).unwrap_err().message().to_string()
+    }
+
+    #[test]
+    fn snapshot_and_bitmap_refusals_are_qemu_img_reasons() {
+        for f in Format::ALL.iter().copied() {
+            let c = caps(f);
+            assert_eq!(c.snapshots, f == Format::Qcow2, "{f:?}");
+            assert_eq!(c.bitmaps, f == Format::Qcow2, "{f:?}");
+            if f == Format::Qcow2 {
+                assert!(require(f, UpdateOp::SnapshotCreate).is_ok());
+                assert!(require(f, UpdateOp::Bitmap).is_ok());
+                continue;
+            }
+            assert_eq!(
+                reason(f, UpdateOp::SnapshotCreate),
+                "Operation not supported"
+            );
+            assert_eq!(
+                reason(f, UpdateOp::SnapshotApply),
+                "Block driver does not support snapshots"
+            );
+            assert_eq!(reason(f, UpdateOp::SnapshotDelete), "snapshot not found");
+            assert_eq!(reason(f, UpdateOp::Bitmap), "Operation not supported");
+        }
+        assert_eq!(able(UpdateOp::Bitmap), vec![Format::Qcow2]);
+        assert_eq!(
+            reason(Format::Vmdk, UpdateOp::Amend),
+            "Format driver 'vmdk' does not support option amendment"
+        );
+    }
 }
