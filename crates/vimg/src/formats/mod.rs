@@ -152,6 +152,28 @@ pub const PROTOCOL_PRINTED: &[Printed] = &[
     printed("extent_size_hint", None),
 ];
 
+/// The `file` protocol's `preallocation`, for formats whose driver qemu-img leaves it to:
+/// accepted in its values, and the image comes out as without it (QEMU's vmdk and vdi
+/// drivers create and truncate the file themselves, so nothing stays preallocated).
+pub const FILE_PREALLOCATION: Choice = Choice {
+    option: "preallocation",
+    values: &["off", "falloc", "full"],
+    default: "off",
+    refusal: ChoiceRefusal::InvalidValue,
+};
+
+/// Checks `-o preallocation` against [`FILE_PREALLOCATION`] with qemu-img's words: a mode
+/// QEMU knows but the file protocol refuses (`metadata`) is "Unsupported", anything else
+/// outside the choices an invalid value.
+pub fn check_file_preallocation(opts: &CreateOptions) -> Result<()> {
+    if let Some(v @ "metadata") = opts.get_str(FILE_PREALLOCATION.option) {
+        return Err(Error::invalid_argument(format!(
+            "Unsupported preallocation mode: {v}"
+        )));
+    }
+    FILE_PREALLOCATION.value(opts).map(|_| ())
+}
+
 /// How qemu-img's driver words a value outside a [`Choice`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

@@ -61,11 +61,15 @@ pub use write::VdiWriter;
 /// The vdi driver.
 pub struct Driver;
 
-const OPTIONS: &[OptionSpec] = &[OptionSpec {
-    name: "static",
-    ty: OptionType::Bool,
-    help: "VDI static (pre-allocated) image",
-}];
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "static",
+        ty: OptionType::Bool,
+        help: "VDI static (pre-allocated) image",
+    },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
+];
 
 /// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
 struct Settings {
@@ -82,6 +86,7 @@ impl Settings {
             ))
             .into());
         }
+        crate::formats::check_file_preallocation(opts)?;
         Ok(Settings { fixed })
     }
 }
@@ -96,7 +101,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: false,
     bitmaps: false,
     printed: &[printed("size", None), printed("static", Some("off"))],
-    choices: &[],
+    choices: &[crate::formats::FILE_PREALLOCATION],
     streaming: Streaming::When {
         option: "static",
         values: &["on", "true", "yes"],

@@ -86,6 +86,8 @@ const OPTIONS: &[OptionSpec] = &[
         ty: OptionType::Bool,
         help: "Enable efficient zero writes using the zeroed-grain GTE feature",
     },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
 ];
 
 /// True when `head` looks like a descriptor file: qemu's rule (comment and blank lines,
@@ -146,6 +148,7 @@ pub fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
         (false, None) => "4".to_string(),
     };
     let zeroed_grain = opts.get_bool("zeroed_grain", false)?;
+    crate::formats::check_file_preallocation(opts)?;
     if subformat.flat() && zeroed_grain {
         return Err(arg("Flat image can't enable zeroed grain".into()));
     }
@@ -294,6 +297,7 @@ const CAPABILITIES: Capabilities = Capabilities {
             default: "ide",
             refusal: ChoiceRefusal::InvalidValue,
         },
+        crate::formats::FILE_PREALLOCATION,
     ],
     streaming: Streaming::When {
         option: "subformat",
