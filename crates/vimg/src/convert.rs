@@ -8,13 +8,16 @@ use std::sync::Arc;
 use crate::checksum::{Checksum, HashAlg};
 use crate::engine::{self, CopyMode, CopyOptions, CopyStats};
 use crate::error::{Error, ErrorKind, Result};
-use crate::formats::{registry, Format};
+use crate::formats::{registry, updater, Format};
+use crate::gate::ExternalPolicy;
 use crate::image::Image;
 use crate::options::CreateOptions;
 use crate::output::{
     check_destination, device_geometry, DestKind, Output, OutputMode, WriteCounter,
 };
 use crate::writer::ImageWriter;
+
+mod into_image;
 
 /// Settings for [`convert`]: [`ConvertOptions::new`] gives qemu-img's defaults for a
 /// format; set the fields that differ.
@@ -53,6 +56,9 @@ pub struct ConvertOptions {
     /// Counts what reaches a destination written in place, so the caller can say how far
     /// a failed or interrupted run got.
     pub counter: Option<Arc<WriteCounter>>,
+    /// How files named inside an existing target (`-n`: its backing chain) pass the gate.
+    /// Default: [`ExternalPolicy::default`].
+    pub target_policy: ExternalPolicy,
 }
 
 /// What [`convert_report`] did.
@@ -82,6 +88,7 @@ impl ConvertOptions {
             target_is_zero: false,
             direct: false,
             counter: None,
+            target_policy: ExternalPolicy::default(),
         }
     }
 }
@@ -243,6 +250,22 @@ pub fn convert_report(
             ErrorKind::InvalidArgument,
             "output file is smaller than input file",
         ));
+    }
+    if opts.output_mode == OutputMode::InPlace
+        && !opts.format.is_plain()
+        && updater::caps(opts.format).data
+    {
+        // `-n` into an existing image of a format vimg writes guest data into (devices and
+        // streams were refused above): through its updater. Zero ranges are written unless
+        // the caller says the target reads as zeros.
+        let mut copy = opts.copy.clone();
+        copy.target_is_zero = opts.target_is_zero;
+        let stats = into_image::convert_into(src, dst, opts, &copy)?;
+        return Ok(ConvertReport {
+            stats,
+            checksum: None,
+            notes: Vec::new(),
+        });
     }
     // Checks deferred at open (SourceOptions::defer_whole_probe) pass before anything is
     // written: now for a destination written in place (a device, a stream, -n), at the end

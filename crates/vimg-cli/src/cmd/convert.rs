@@ -113,6 +113,13 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             1,
         ));
     }
+    // qemu-img's order: after the offloading checks, before --target-is-zero's.
+    if a.no_create && !a.options.is_empty() {
+        return Err(Failure::new(
+            "-o has no effect when skipping image creation",
+            1,
+        ));
+    }
     if a.skip_broken_bitmaps && !a.bitmaps {
         return Err(Failure::new(
             "Use of --skip-broken-bitmaps requires --bitmaps",
@@ -146,7 +153,9 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         }
     }
     // After the concatenation checks, as qemu-img orders them (iotest 122).
-    if top_only && !create.has("backing_fmt") {
+    // With -n nothing is created: -B only says the target has a backing file (the ranges
+    // the source's top image does not hold are left as they are), and needs no format.
+    if top_only && !a.no_create && !create.has("backing_fmt") {
         return Err(Failure::new(
             "Use of backing file requires explicit backing format",
             1,
@@ -369,6 +378,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     let out_format = p.opts.format;
     let mut opts: ConvertOptions = p.opts;
     opts.counter = Some(counter.clone());
+    opts.target_policy = crate::trust::policy(&a.safety);
     opts.copy.progress = (printer.enabled() || rate > 0).then_some(progress_fn);
     opts.copy.cancel = Some(cancel.clone());
     let result = vimg::convert_report(&src, &p.dst, &opts);

@@ -322,6 +322,53 @@ impl DataTarget<'_> {
         write_zero_bytes(self, pos, end - pos, backing)
     }
 
+    /// The granularity of [`DataTarget::zeroes_whole_unit`]: the cluster size of formats
+    /// that can make a whole cluster read as zeros without writing data, 1 for the others
+    /// (their [`DataTarget::write_zeroes`] decides alone).
+    pub fn zero_unit(&self) -> u64 {
+        match self {
+            DataTarget::Qcow2(w) => w.cluster_size(),
+            _ => 1,
+        }
+    }
+
+    /// QEMU's rule for a zero write `[off, off + len)` that covers only part of one
+    /// [`DataTarget::zero_unit`] (block/qcow2.c, `qcow2_co_pwrite_zeroes`): `true` when the
+    /// whole unit is to be made zero (it holds no data of its own, and the rest of it
+    /// already reads as zeros by the metadata alone: a zero cluster, or unallocated over a
+    /// backing chain that has nothing there); `false` when the zeros are to be written as
+    /// data. Always `false` for formats without such units.
+    pub fn zeroes_whole_unit(&self, off: u64, len: u64, backing: Option<&Image>) -> Result<bool> {
+        let DataTarget::Qcow2(w) = self else {
+            return Ok(false);
+        };
+        use super::qcow2::header::{OFLAG_COMPRESSED, OFLAG_ZERO};
+        let cs = w.cluster_size();
+        let c = off / cs;
+        let e = w.entry(c)?;
+        if e != 0 {
+            return Ok(e & OFLAG_COMPRESSED == 0 && e & OFLAG_ZERO != 0);
+        }
+        let Some(b) = backing else {
+            return Ok(true);
+        };
+        // The rest of the cluster (up to the virtual size) through the backing chain.
+        let start = c * cs;
+        let end = (start + cs).min(w.virtual_size());
+        for (s, t) in [(start, off), (off.saturating_add(len), end)] {
+            let t = t.min(b.virtual_size());
+            let mut pos = s;
+            while pos < t {
+                let (x, _, _) = b.map_flat(pos, t - pos)?;
+                if x.kind.has_data() || x.len == 0 {
+                    return Ok(false);
+                }
+                pos = x.end();
+            }
+        }
+        Ok(true)
+    }
+
     /// Flushes.
     pub fn finish(self) -> Result<()> {
         match self {
