@@ -85,16 +85,31 @@ fn sources(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf)> {
     mixed_raw(&raw, 8 * MIB);
     // A 4 KiB piece of data inside an otherwise empty cluster, and written zeros next to
     // a hole inside one cluster (the partial-cluster zero writes).
-    write_sparse_raw_into(&raw, &[(3 * MIB + 8192, &pattern(4096, 3)), (5 * MIB, &[0u8; 8192])]);
+    write_sparse_raw_into(
+        &raw,
+        &[(3 * MIB + 8192, &pattern(4096, 3)), (5 * MIB, &[0u8; 8192])],
+    );
     let base = dir.join("src-base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
     qemu_io_w(
         &base,
-        &["write -P 0x11 0 3M", "write -P 0x12 5M 1M", "write -z 7M 64k"],
+        &[
+            "write -P 0x11 0 3M",
+            "write -P 0x12 5M 1M",
+            "write -z 7M 64k",
+        ],
     );
     let top = dir.join("src-top.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "src-base.qcow2", "-F", "qcow2", s(&top),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "src-base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
     ]);
     qemu_io_w(
         &top,
@@ -106,7 +121,16 @@ fn sources(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf)> {
         ],
     );
     let comp = dir.join("src-comp.qcow2");
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", s(&raw), s(&comp)]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&raw),
+        s(&comp),
+    ]);
     vec![
         ("raw", "raw", raw),
         ("backed", "qcow2", top),
@@ -147,7 +171,14 @@ fn make_target(kind: &str, p: &Path) {
             qemu_in(
                 dir,
                 &[
-                    "create", "-q", "-f", "qcow2", "-b", &format!("{name}.base"), "-F", "qcow2",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    &format!("{name}.base"),
+                    "-F",
+                    "qcow2",
                     s(p),
                 ],
             );
@@ -160,7 +191,16 @@ fn make_target(kind: &str, p: &Path) {
             qemu_io_w(p, &["write -P 0xbb 512k 1M"]);
         }
         "compat010" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", s(p), "9M"]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                s(p),
+                "9M",
+            ]);
             qemu_io_w(p, &old);
         }
         "compat010-backing" => {
@@ -170,17 +210,44 @@ fn make_target(kind: &str, p: &Path) {
             qemu_in(
                 dir,
                 &[
-                    "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b",
-                    &format!("{name}.base"), "-F", "qcow2", s(p),
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "compat=0.10",
+                    "-b",
+                    &format!("{name}.base"),
+                    "-F",
+                    "qcow2",
+                    s(p),
                 ],
             );
         }
         "c512" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", s(p), "9M"]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                s(p),
+                "9M",
+            ]);
             qemu_io_w(p, &old);
         }
         "c2m" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", s(p), "9M"]);
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=2M",
+                s(p),
+                "9M",
+            ]);
             qemu_io_w(p, &old);
         }
         other => panic!("unknown target {other}"),
@@ -275,7 +342,12 @@ fn options_with_n_like_qemu_img() {
         ("m1w", "old-data", vec!["-m", "1", "-W"], raw),
         ("m8", "c512", vec!["-m", "8"], raw),
         ("p", "old-data", vec!["-p"], raw),
-        ("bqcow2", "backing", vec!["-B", "x.base", "-F", "qcow2"], top),
+        (
+            "bqcow2",
+            "backing",
+            vec!["-B", "x.base", "-F", "qcow2"],
+            top,
+        ),
         ("bplain", "old-data", vec!["-B", "whatever"], top),
     ];
     for (tag, kind, extra, src) in cases {
@@ -307,7 +379,11 @@ fn refusals_leave_the_target_untouched() {
     let vmdk = d.join("t.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", s(&vmdk), "9M"]);
     let cases: [(Vec<&str>, &Path, &str); 5] = [
-        (vec!["-O", "qcow2"], &small, "output file is smaller than input file"),
+        (
+            vec!["-O", "qcow2"],
+            &small,
+            "output file is smaller than input file",
+        ),
         (
             vec!["-O", "qcow2", "-o", "cluster_size=4k"],
             &tgt,
@@ -354,21 +430,31 @@ fn killed_convert_n_leaves_a_consistent_image() {
     write_sparse_raw(
         &src,
         2 * MIB,
-        &[(0, &data[..]), (MIB + 4096, &data[..8192]), (1536 << 10, &[0u8; 64 << 10])],
+        &[
+            (0, &data[..]),
+            (MIB + 4096, &data[..8192]),
+            (1536 << 10, &[0u8; 64 << 10]),
+        ],
     );
     let pristine = d.join("pristine.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&pristine), "3M"]);
-    qemu_io_w(
-        &pristine,
-        &["write -P 0xaa 0 3M", "write -z 512k 128k"],
-    );
+    qemu_io_w(&pristine, &["write -P 0xaa 0 3M", "write -z 512k 128k"]);
     qemu_img(&["snapshot", "-c", "snap", s(&pristine)]);
     qemu_io_w(&pristine, &["write -P 0xbb 64k 64k"]);
     let old = guest(&pristine, "qcow2");
     let mut new = std::fs::read(&src).unwrap();
     new.extend_from_slice(&old[new.len()..]);
     let tgt = d.join("t.qcow2");
-    let args = ["convert", "-n", "-f", "raw", "-O", "qcow2", s(&src), s(&tgt)];
+    let args = [
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        s(&src),
+        s(&tgt),
+    ];
     let mut kills = 0;
     let mut n = 1;
     loop {

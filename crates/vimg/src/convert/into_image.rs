@@ -207,7 +207,8 @@ impl State<'_, '_> {
             if !pending_here && self.target.zeroes_whole_unit(pos, piece, self.backing)? {
                 self.flush(counter)?;
                 let stop = (ustart + u).min(self.size.next_multiple_of(u));
-                self.target.write_zeroes(ustart, stop - ustart, self.backing)?;
+                self.target
+                    .write_zeroes(ustart, stop - ustart, self.backing)?;
                 Self::count(counter, ustart, uend - ustart);
             } else {
                 self.data(pos, &vec![0u8; piece as usize], counter)?;
