@@ -21,6 +21,7 @@ pub(crate) mod block_table;
 pub mod bochs;
 pub mod cloop;
 pub(crate) mod cluster_tables;
+pub(crate) mod inplace_file;
 pub mod dmg;
 mod format;
 pub mod luks;
