@@ -27,7 +27,17 @@ fn setup(dir: &Path, fmt: &str) {
     );
     qemu_in(
         dir,
-        &["create", "-q", "-f", "qcow2", "-b", &base, "-F", fmt, "top.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &base,
+            "-F",
+            fmt,
+            "top.qcow2",
+        ],
     );
     qemu_io(
         "qcow2",
@@ -99,10 +109,18 @@ fn commit_matches_qemu_img() {
         vimg(&["convert", "-O", "raw", s(&base), s(&raw)]);
         assert_eq!(std::fs::read(&raw).unwrap(), want, "{fmt}: vimg reads");
         // A second commit of new data into the same base (blocks allocated by vimg).
-        qemu_io("qcow2", &top, &["write -P 0x99 3M 1500k", "write -P 0x98 0 4k"]);
+        qemu_io(
+            "qcow2",
+            &top,
+            &["write -P 0x99 3M 1500k", "write -P 0x98 0 4k"],
+        );
         let want2 = guest(&top, "qcow2");
         vimg(&["commit", "-q", s(&top)]);
-        assert_eq!(guest(&base, fmt), want2, "{fmt}: base after a second commit");
+        assert_eq!(
+            guest(&base, fmt),
+            want2,
+            "{fmt}: base after a second commit"
+        );
         assert_clean(&base, fmt);
     }
 }
@@ -121,7 +139,15 @@ fn commit_into_preallocated_bases() {
         qemu_io(fmt, &base, &["write -P 0x11 0 3M"]);
         let top = d.join("top.qcow2");
         qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", s(&base), "-F", fmt, s(&top),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            fmt,
+            s(&top),
         ]);
         qemu_io("qcow2", &top, &["write -P 0x44 1M 2M", "write -z 0 64k"]);
         let want = guest(&top, "qcow2");
@@ -171,8 +197,10 @@ fn commit_killed_at_every_point() {
                         text.lines().filter(|l| l.starts_with("ERROR")).collect();
                     assert!(
                         matches!(code, 0 | 2 | 3)
-                            && errors.iter().all(|l| *l == "ERROR image was not closed correctly"
-                                || l.starts_with("ERROR space leaked at the end")),
+                            && errors
+                                .iter()
+                                .all(|l| *l == "ERROR image was not closed correctly"
+                                    || l.starts_with("ERROR space leaked at the end")),
                         "{what}: qemu-img check exit {code}:\n{text}"
                     );
                     if code != 0 {
@@ -206,7 +234,12 @@ fn hostile_bases_refused_before_writing() {
     let cases: &[(&str, u64, &[u8], &str)] = &[
         ("vdi", 0x184, &[0, 0, 0, 0], "allocated blocks"),
         ("parallels", 0x2c, &[0x59, 0x6e, 0x6f, 0x74], "in-use flag"),
-        ("parallels", 0x40 + 4 * 15, &[0xff, 0xff, 0, 0], "past the end"),
+        (
+            "parallels",
+            0x40 + 4 * 15,
+            &[0xff, 0xff, 0, 0],
+            "past the end",
+        ),
     ];
     for &(fmt, at, bytes, words) in cases {
         let t = tempfile::tempdir().unwrap();
@@ -321,13 +354,23 @@ fn parallels_repair_matches_qemu_img() {
         let text = |o: &std::process::Output| {
             format!(
                 "{}{}",
-                String::from_utf8_lossy(&o.stderr).replace("qemu-img: ", "").replace("vimg: ", ""),
+                String::from_utf8_lossy(&o.stderr)
+                    .replace("qemu-img: ", "")
+                    .replace("vimg: ", ""),
                 String::from_utf8_lossy(&o.stdout)
             )
         };
         assert_eq!(text(&vo), text(&qo), "{what}");
         assert_eq!(vo.status.code(), qo.status.code(), "{what}");
-        qemu_img(&["compare", "-f", "parallels", "-F", "parallels", s(&q), s(&v)]);
+        qemu_img(&[
+            "compare",
+            "-f",
+            "parallels",
+            "-F",
+            "parallels",
+            s(&q),
+            s(&v),
+        ]);
         if mode == "all" {
             assert_clean(&v, "parallels");
         }

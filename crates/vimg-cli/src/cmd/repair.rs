@@ -48,7 +48,10 @@ pub fn run(a: CheckArgs) -> CmdResult {
     };
     if matches!(format, vimg::Format::Vdi | vimg::Format::Vpc) {
         // QEMU's vdi driver refuses a check with fixes, and vpc has no check at all.
-        return Err(Failure::new("This image format does not support checks", 63));
+        return Err(Failure::new(
+            "This image format does not support checks",
+            63,
+        ));
     }
     if !updater::caps(format).repair {
         // Nothing vimg repairs: a clean image passes, anything else is refused.

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::parallels::update::ParallelsUpdate;
+use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;
@@ -95,10 +95,17 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
     let name = format.name();
     let msg = match op {
         UpdateOp::Repair => format!("vimg repairs {only} images only, not {name}"),
+        // qemu-img's words for the drivers without truncate that vimg writes into.
+        UpdateOp::Resize if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+            "Image format driver does not support resize".to_string()
+        }
         UpdateOp::Resize => format!("vimg cannot resize {name} images (only {only})"),
         UpdateOp::Amend => format!("Format driver '{name}' does not support option amendment"),
         // qemu-img's words for formats that cannot have a backing file.
         UpdateOp::Backing if format == Format::Raw => "Operation not supported".to_string(),
+        UpdateOp::Backing if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+            "Operation not supported".to_string()
+        }
         UpdateOp::Backing => {
             format!("vimg changes the backing file of {only} images only, not {name}")
         }

@@ -85,8 +85,7 @@ impl ParallelsUpdate {
         }
         f.read_at(&mut hb, 0)?;
         let header = Header::parse(&hb)?;
-        if header.version != VERSION || (header.magic != MAGIC_V1 && header.magic != MAGIC_V2)
-        {
+        if header.version != VERSION || (header.magic != MAGIC_V1 && header.magic != MAGIC_V2) {
             return Err(Error::invalid_argument("Image not in Parallels format"));
         }
         if header.tracks == 0 || header.tracks > super::MAX_TRACKS {
@@ -122,7 +121,11 @@ impl ParallelsUpdate {
         // QEMU's data start: data_off when it is valid, else right after the BAT.
         let min = min_data_off(&header);
         let d = u64::from(header.data_off);
-        let data_start = if d == 0 || d < min || d > len / SECTOR { min } else { d } * SECTOR;
+        let data_start = if d == 0 || d < min || d > len / SECTOR {
+            min
+        } else {
+            d
+        } * SECTOR;
         let mut u = ParallelsUpdate {
             f,
             inuse_found: header.inuse,

@@ -234,7 +234,13 @@ impl VhdUpdate {
             let n = (bs - within).min(end - pos).min(step);
             let allocated = match &self.dynamic {
                 None => true,
-                Some(d) => d.bat.get((pos / bs) as usize).copied().unwrap_or(BAT_UNUSED) != BAT_UNUSED,
+                Some(d) => {
+                    d.bat
+                        .get((pos / bs) as usize)
+                        .copied()
+                        .unwrap_or(BAT_UNUSED)
+                        != BAT_UNUSED
+                }
             };
             if allocated {
                 self.write_at(pos, &zeros[..n as usize], None)?;
