@@ -221,14 +221,23 @@ impl ParallelsUpdate {
     }
 
     fn range(&self, off: u64, len: u64) -> Result<u64> {
-        off.checked_add(len)
+        let end = off
+            .checked_add(len)
             .filter(|e| *e <= self.virtual_size)
             .ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "write of {len} bytes at {off:#x} past the end of the parallels image ({:#x} bytes)",
                     self.virtual_size
                 ))
-            })
+            })?;
+        // A disk size larger than the BAT covers: refused before anything is written.
+        if end > self.bat.len() as u64 * self.cluster_size {
+            return Err(Error::unsupported(format!(
+                "write of {len} bytes at {off:#x} past what the parallels BAT covers ({} clusters)",
+                self.bat.len()
+            )));
+        }
+        Ok(end)
     }
 
     /// A new cluster at the end of the data; returns its host offset and BAT value.
@@ -425,7 +434,21 @@ impl ParallelsUpdate {
             if image_end % cs != 0 {
                 bsize += 1;
             }
-            let mut used = vec![false; bsize as usize];
+            // The entries that share a cluster with an earlier one (in BAT order), found
+            // by sorting: memory bounded by the BAT, not by the file.
+            let mut claims: Vec<(i64, usize)> = (0..self.bat.len())
+                .filter(|&i| self.bat[i] != 0)
+                .map(|i| (index(self.host(i), self.data_start), i))
+                .filter(|&(k, _)| k >= 0 && k < bsize)
+                .collect();
+            claims.sort_unstable();
+            let mut dups: Vec<usize> = claims
+                .windows(2)
+                .filter(|w| w[0].0 == w[1].0)
+                .map(|w| w[1].1)
+                .collect();
+            drop(claims);
+            dups.sort_unstable();
             self.data_end = image_end;
             // QEMU's check fails ("Device or resource busy") when the last allocated entry
             // it looks at is a duplicate it does not fix.
@@ -440,8 +463,7 @@ impl ParallelsUpdate {
                     continue;
                 }
                 busy = false;
-                if !used[k as usize] {
-                    used[k as usize] = true;
+                if dups.binary_search(&i).is_err() {
                     continue;
                 }
                 r.corruption(format!("{pe} duplicate offset in BAT entry {i}"));

@@ -179,7 +179,9 @@ impl VhdUpdate {
         let Some(d) = self.dynamic.as_mut() else {
             return Ok(());
         };
-        d.bat[block] = (at / SECTOR) as u32;
+        if let Some(e) = d.bat.get_mut(block) {
+            *e = (at / SECTOR) as u32;
+        }
         d.free = new_end;
         d.dirty = Some(match d.dirty {
             None => (block, block),
