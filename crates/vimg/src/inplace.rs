@@ -86,6 +86,9 @@ pub fn rebase(
         let cs = match &w {
             crate::formats::updater::DataTarget::Qcow2(d) => d.cluster_size(),
             crate::formats::updater::DataTarget::Raw(_) => 512,
+            crate::formats::updater::DataTarget::Vdi(v) => v.block_size(),
+            crate::formats::updater::DataTarget::Vpc(v) => v.block_size(),
+            crate::formats::updater::DataTarget::Parallels(p) => p.cluster_size(),
         };
         let step = STEP.max(cs) / cs * cs;
         progress(Progress {

@@ -36,11 +36,23 @@ pub fn run(a: CheckArgs) -> CmdResult {
             opts.open_backing = false;
             match Image::open(&a.filename, &opts) {
                 Ok(i) => i.format(),
-                // A corrupt image that does not open: report it as check does.
-                Err(_) => return super::check::run(CheckArgs { repair: None, ..a }),
+                // A corrupt image that does not open: repaired when its format is one vimg
+                // repairs from the header and tables alone (parallels), else reported as
+                // check does.
+                Err(_) => match probed_repairable(&a.filename) {
+                    Some(f) => f,
+                    None => return super::check::run(CheckArgs { repair: None, ..a }),
+                },
             }
         }
     };
+    if matches!(format, vimg::Format::Vdi | vimg::Format::Vpc) {
+        // QEMU's vdi driver refuses a check with fixes, and vpc has no check at all.
+        return Err(Failure::new(
+            "This image format does not support checks",
+            63,
+        ));
+    }
     if !updater::caps(format).repair {
         // Nothing vimg repairs: a clean image passes, anything else is refused.
         return super::check::run(CheckArgs { repair: None, ..a });
@@ -76,6 +88,10 @@ pub fn run(a: CheckArgs) -> CmdResult {
     if rep.needs_rebuild && mode == Repair::Leaks {
         return Err(Failure::new("Check failed: Input/output error", 1));
     }
+    if format == vimg::Format::Parallels && rep.before.check_errors > 0 {
+        // QEMU's parallels check fails when it leaves a duplicate BAT entry last.
+        return Err(Failure::new("Check failed: Device or resource busy", 1));
+    }
     if rep.leaks_fixed == 0 && rep.corruptions_fixed == 0 {
         return report_and_exit(&a, &rep.before, format, true);
     }
@@ -95,4 +111,11 @@ pub fn run(a: CheckArgs) -> CmdResult {
     after.leaks_fixed = rep.leaks_fixed;
     after.corruptions_fixed = rep.corruptions_fixed;
     report_and_exit(&a, &after, format, false)
+}
+
+/// The probed format of an image that failed to open, when vimg repairs that format.
+fn probed_repairable(filename: &str) -> Option<vimg::Format> {
+    let s = vimg::storage::FileStorage::open(filename).ok()?;
+    let f = vimg::formats::registry::probe(&s).ok()?;
+    updater::caps(f).repair.then_some(f)
 }

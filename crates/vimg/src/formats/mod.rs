@@ -23,6 +23,7 @@ pub mod cloop;
 pub(crate) mod cluster_tables;
 pub mod dmg;
 mod format;
+pub(crate) mod inplace_file;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;

@@ -5,8 +5,11 @@
 
 use std::path::Path;
 
+use super::parallels::update::ParallelsUpdate;
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::raw::update::RawUpdate;
+use super::vdi::update::VdiUpdate;
+use super::vhd::update::VhdUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gate::ExternalPolicy;
@@ -92,10 +95,17 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
     let name = format.name();
     let msg = match op {
         UpdateOp::Repair => format!("vimg repairs {only} images only, not {name}"),
+        // qemu-img's words for the drivers without truncate that vimg writes into.
+        UpdateOp::Resize if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+            "Image format driver does not support resize".to_string()
+        }
         UpdateOp::Resize => format!("vimg cannot resize {name} images (only {only})"),
         UpdateOp::Amend => format!("Format driver '{name}' does not support option amendment"),
         // qemu-img's words for formats that cannot have a backing file.
         UpdateOp::Backing if format == Format::Raw => "Operation not supported".to_string(),
+        UpdateOp::Backing if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+            "Operation not supported".to_string()
+        }
         UpdateOp::Backing => {
             format!("vimg changes the backing file of {only} images only, not {name}")
         }
@@ -116,6 +126,12 @@ pub enum Updater {
     Qcow2(Box<Qcow2Update>),
     /// raw ([`RawUpdate`]).
     Raw(RawUpdate),
+    /// vdi ([`VdiUpdate`]): guest data.
+    Vdi(VdiUpdate),
+    /// vpc ([`VhdUpdate`]): guest data.
+    Vpc(VhdUpdate),
+    /// parallels ([`ParallelsUpdate`]): guest data and `check -r`.
+    Parallels(ParallelsUpdate),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -125,6 +141,9 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
     match format {
         Format::Qcow2 => Ok(Updater::Qcow2(Box::new(Qcow2Update::open(path, policy)?))),
         Format::Raw => Ok(Updater::Raw(RawUpdate::open(path)?)),
+        Format::Vdi => Ok(Updater::Vdi(VdiUpdate::open(path)?)),
+        Format::Vpc => Ok(Updater::Vpc(VhdUpdate::open(path)?)),
+        Format::Parallels => Ok(Updater::Parallels(ParallelsUpdate::open(path)?)),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
@@ -153,6 +172,28 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's vdi and vpc drivers write guest data and nothing else in place: no
+        // truncate, no check with fix (vdi refuses it), no backing file.
+        Format::Vdi | Format::Vpc => UpdateCaps {
+            repair: false,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
+        // parallels: check with fix too; no truncate through qemu-img resize, no
+        // change_backing_file.
+        Format::Parallels => UpdateCaps {
+            repair: true,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -171,6 +212,9 @@ impl Updater {
         match self {
             Updater::Qcow2(_) => Format::Qcow2,
             Updater::Raw(_) => Format::Raw,
+            Updater::Vdi(_) => Format::Vdi,
+            Updater::Vpc(_) => Format::Vpc,
+            Updater::Parallels(_) => Format::Parallels,
         }
     }
 
@@ -184,6 +228,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Some(q),
             Updater::Raw(_) => None,
+            Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
         }
     }
 
@@ -192,6 +237,9 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => q.identity(),
             Updater::Raw(r) => r.identity(),
+            Updater::Vdi(v) => v.identity(),
+            Updater::Vpc(v) => v.identity(),
+            Updater::Parallels(p) => p.identity(),
         }
     }
 
@@ -200,6 +248,9 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Ok(q.header().size),
             Updater::Raw(r) => r.virtual_size(),
+            Updater::Vdi(v) => Ok(v.virtual_size()),
+            Updater::Vpc(v) => Ok(v.virtual_size()),
+            Updater::Parallels(p) => Ok(p.virtual_size()),
         }
     }
 
@@ -210,6 +261,9 @@ impl Updater {
             Updater::Raw(r) => {
                 let p = r.path().to_path_buf();
                 super::raw::update::resize(&p, size, prealloc)
+            }
+            Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => {
+                require(self.format(), UpdateOp::Resize)
             }
         }
     }
@@ -226,6 +280,7 @@ impl Updater {
     pub fn repair(&mut self, mode: super::qcow2::Repair) -> Result<super::qcow2::RepairReport> {
         match self {
             Updater::Qcow2(q) => q.repair(mode),
+            Updater::Parallels(p) => p.repair(mode),
             _ => Err(require(self.format(), UpdateOp::Repair)
                 .err()
                 .unwrap_or_else(|| Error::unsupported("repair"))),
@@ -238,6 +293,9 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => q.set_backing(backing),
             Updater::Raw(_) => require(Format::Raw, UpdateOp::Backing),
+            Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => {
+                require(self.format(), UpdateOp::Backing)
+            }
         }
     }
 
@@ -278,6 +336,15 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Ok(DataTarget::Qcow2(q.data_writer()?)),
             Updater::Raw(r) => Ok(DataTarget::Raw(r)),
+            Updater::Vdi(v) => {
+                v.check_writable()?;
+                Ok(DataTarget::Vdi(v))
+            }
+            Updater::Vpc(v) => Ok(DataTarget::Vpc(v)),
+            Updater::Parallels(p) => {
+                p.check_writable()?;
+                Ok(DataTarget::Parallels(p))
+            }
         }
     }
 }
@@ -289,6 +356,12 @@ pub enum DataTarget<'a> {
     Qcow2(DataWriter<'a>),
     /// raw: in place.
     Raw(&'a mut RawUpdate),
+    /// vdi: blocks appended, header and block map at finish.
+    Vdi(&'a mut VdiUpdate),
+    /// vpc: blocks appended behind a moved footer, BAT at finish.
+    Vpc(&'a mut VhdUpdate),
+    /// parallels: clusters appended under the in-use flag, BAT at finish.
+    Parallels(&'a mut ParallelsUpdate),
 }
 
 impl DataTarget<'_> {
@@ -298,12 +371,22 @@ impl DataTarget<'_> {
         match self {
             DataTarget::Qcow2(w) => w.write_at(off, data, backing),
             DataTarget::Raw(r) => r.write_at(off, data),
+            DataTarget::Vdi(v) => v.write_at(off, data, backing),
+            DataTarget::Vpc(v) => v.write_at(off, data, backing),
+            DataTarget::Parallels(p) => p.write_at(off, data, backing),
         }
     }
 
     /// Makes `[off, off + len)` read as zeros: zero clusters where whole qcow2 clusters
     /// are covered, written zeros elsewhere.
     pub fn write_zeroes(&mut self, off: u64, len: u64, backing: Option<&Image>) -> Result<()> {
+        // Block-table formats without a backing file: unallocated blocks read as zeros.
+        match self {
+            DataTarget::Vdi(v) if backing.is_none() => return v.write_zeroes(off, len),
+            DataTarget::Vpc(v) if backing.is_none() => return v.write_zeroes(off, len),
+            DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
+            _ => {}
+        }
         let end = off + len;
         let mut pos = off;
         if let DataTarget::Qcow2(w) = self {
@@ -374,6 +457,9 @@ impl DataTarget<'_> {
         match self {
             DataTarget::Qcow2(w) => w.finish(),
             DataTarget::Raw(r) => r.sync(),
+            DataTarget::Vdi(v) => v.finish(),
+            DataTarget::Vpc(v) => v.finish(),
+            DataTarget::Parallels(p) => p.finish(),
         }
     }
 }

@@ -38,6 +38,7 @@ pub mod error;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;

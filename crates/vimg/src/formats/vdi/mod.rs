@@ -40,6 +40,7 @@ mod error;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;

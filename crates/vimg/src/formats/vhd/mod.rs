@@ -83,6 +83,7 @@ pub mod geometry;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;

@@ -1,0 +1,135 @@
+//! The file of an image being changed in place by the block-table updaters (vdi, vpc,
+//! parallels): positional writes, flushes and truncations, each counted by the crash hook
+//! (`VIMG_TEST_CRASH_AFTER_WRITES`, see `qcow2::update`), so the kill tests can stop an
+//! operation before any one of them. Opening goes through the format's reader first (every
+//! table checked), on a duplicate of this descriptor, so the file checked is the file written.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::formats::qcow2::update::CrashHook;
+use crate::storage::{FileStorage, Storage};
+
+/// A regular file open read-write, with the crash hook.
+#[derive(Debug)]
+pub struct UpdateFile {
+    file: File,
+    path: PathBuf,
+    hook: CrashHook,
+}
+
+fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
+    Error::io(format_args!("{what} '{}'", path.display()), e)
+}
+
+impl UpdateFile {
+    /// Opens `path` read-write (regular files only) and returns it with a read-only
+    /// storage on the same open file, for the format's reader.
+    pub fn open(path: &Path) -> Result<(UpdateFile, Arc<dyn Storage>)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| io_err(path, "open for writing", e))?;
+        let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(Error::unsupported(format!(
+                "'{}' is not a regular file; vimg changes only regular files in place",
+                path.display()
+            )));
+        }
+        let ro = file.try_clone().map_err(|e| io_err(path, "dup", e))?;
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
+        Ok((
+            UpdateFile {
+                file,
+                path: path.to_path_buf(),
+                hook: CrashHook::from_env(),
+            },
+            storage,
+        ))
+    }
+
+    /// The (device, inode) of the file.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// The file's length now.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?
+            .len())
+    }
+
+    /// Writes `data` at `off` (one write: a killed process leaves all of it or none).
+    pub fn write_at(&mut self, data: &[u8], off: u64) -> Result<()> {
+        self.hook.point();
+        self.file
+            .write_all_at(data, off)
+            .map_err(|e| io_err(&self.path, "write to", e))
+    }
+
+    /// Reads `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        buf.fill(0);
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&self.path, "read from", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes everything written so far to stable storage.
+    pub fn sync(&mut self) -> Result<()> {
+        self.hook.point();
+        self.file
+            .sync_all()
+            .map_err(|e| io_err(&self.path, "fsync", e))
+    }
+
+    /// Sets the file's length.
+    pub fn set_len(&mut self, len: u64) -> Result<()> {
+        self.hook.point();
+        self.file
+            .set_len(len)
+            .map_err(|e| io_err(&self.path, "truncate", e))
+    }
+
+    /// Gives `[off, off + len)` back to the file system (it reads as zeros after); a file
+    /// system that cannot punch holes keeps the bytes, which nothing references any more.
+    pub fn punch_hole(&mut self, off: u64, len: u64) -> Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+            return Ok(());
+        };
+        self.hook.point();
+        // SAFETY: fallocate on a descriptor we own, with checked arguments.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            )
+        };
+        let _ = r;
+        Ok(())
+    }
+}
