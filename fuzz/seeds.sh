@@ -65,6 +65,50 @@ qemu-img bitmap --add snap.qcow2 bm
 qemu-img create -q -f qcow2 -o cluster_size=512,data_file=d.bin df.qcow2 256k
 put qcow2 ./*.qcow2 "$testdata/small.qcow2"
 put probe s1.qcow2 s5.qcow2 ext.qcow2
+# qcow2_update: each image behind an 8-byte program of in-place operations (low nibble: the
+# operation, high nibble: its parameter; see fuzz_targets/qcow2_update.rs), a few programs
+# per image; also an image over the raw file `b` the target puts next to it, and vimg's own.
+if wanted qcow2_update; then
+  qemu-img create -q -f qcow2 -u -o cluster_size=512 -b b -F raw overb.qcow2 256k
+  truncate -s 256k b && qemu-io -f qcow2 -c "write -P 8 0 2k" overb.qcow2 >/dev/null && rm b
+  qemu-img create -q -f qcow2 -o cluster_size=4k,lazy_refcounts=on lazy.qcow2 256k
+  qemu-io -f qcow2 -c "write -P 1 0 8k" -c "write -c -P 2 64k 4k" lazy.qcow2 >/dev/null
+  vimg=$(command -v vimg || echo "$fuzz/../target/debug/vimg")
+  if [ -x "$vimg" ]; then "$vimg" convert -O qcow2 -o cluster_size=1k ../src.raw vimg.qcow2; fi
+  mkdir -p "$fuzz/corpus/qcow2_update"
+  progs=("\x00\x01\x02\x03\x04\x05\x06\x0f" # repair, resize, snapshots, reopen
+         "\x07\x08\x09\x0a\x0b\x0c\x0d\x0f" # bitmaps, writes, backing, amend
+         "\x14\x15\x39\x12\x33\x16\x3e\x01" # snapshot s0, write, grow, shrink
+         "\x35\x19\x0f\x36\x28\x47\x0f\x00")  # apply bm/one, bitmap ops
+  i=0
+  for f in ./*.qcow2 "$testdata/small.qcow2"; do
+    [ -f "$f" ] || continue
+    for prog in "${progs[@]}"; do
+      i=$((i + 1))
+      { printf "$prog"; cat "$f"; } > "$fuzz/corpus/qcow2_update/u$i-$(basename "$f")"
+    done
+  done
+fi
+# qcow2_chain: tops over the raw file `b` the target writes next to them (256 KiB), the
+# first byte the operation (0 commit, 1 commit -d, 2 rebase onto nothing, 3 rebase onto c).
+if wanted qcow2_chain; then
+  truncate -s 256k b
+  mkdir -p "$fuzz/corpus/qcow2_chain"
+  i=0
+  for o in "cluster_size=512" "cluster_size=64k" "cluster_size=16k,extended_l2=on" "cluster_size=4k,compat=0.10"; do
+    i=$((i + 1))
+    qemu-img create -q -f qcow2 -o "$o" -b b -F raw "top$i.qcow2" 256k
+    qemu-io -f qcow2 -c "write -P 3 0 3k" -c "write -z 64k 8k" -c "write -P 4 200k 5k" "top$i.qcow2" >/dev/null
+  done
+  qemu-img create -q -f qcow2 -o cluster_size=1k -b b -F raw topc.qcow2 256k
+  qemu-io -f qcow2 -c "write -c -P 6 0 4k" topc.qcow2 >/dev/null
+  for f in top*.qcow2; do
+    for op in 0 1 2 3; do
+      { printf "\x0$op"; cat "$f"; } > "$fuzz/corpus/qcow2_chain/c$op-$f"
+    done
+  done
+  rm b
+fi
 cd ..
 
 # ---- vmdk: every subformat qemu-img writes; the descriptors alone for the descriptor

@@ -44,6 +44,8 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
+#[cfg(test)]
+mod fuzz_regressions;
 mod shadow;
 pub(super) mod snapshot;
 
@@ -397,6 +399,15 @@ impl Qcow2Update {
             let Some(off) = self.block_offset(rti) else {
                 return Err(Error::corrupt("refcount block vanished"));
             };
+            // The table entry is the image's word: a block past the end of the file is
+            // refused, never written there (a write would grow the file to that offset).
+            if off.checked_add(self.cs()).is_none_or(|e| e > self.file_len) {
+                return Err(Error::corrupt(format!(
+                    "'{}': refcount table entry {rti} points at {off:#x}, past the end of the file ({} bytes)",
+                    self.path.display(),
+                    self.file_len
+                )));
+            }
             let Some(b) = self.load_block(rti)? else {
                 return Err(Error::corrupt("refcount block vanished"));
             };
