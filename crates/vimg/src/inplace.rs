@@ -97,7 +97,17 @@ pub fn rebase(
         });
         let mut a = vec![0u8; step as usize];
         let mut b = vec![0u8; step as usize];
+        // Past the end of both backing files both sides read as zeros: nothing there can
+        // differ, so the scan stops at the longer one (work bounded by the files, not by
+        // the virtual size the header claims).
+        let backing_end = old
+            .map_or(0, |i| i.virtual_size())
+            .max(new_img.map_or(0, |i| i.virtual_size()))
+            .div_ceil(cs)
+            .saturating_mul(cs);
+        let mut done = 0;
         for &(start, end) in &holes {
+            let end = end.min(backing_end);
             // The map of a cluster-granular format gives cluster-aligned holes; the last one
             // may end at an unaligned virtual size.
             let mut pos = start / cs * cs;
@@ -128,14 +138,12 @@ pub fn rebase(
                     i = j;
                 }
                 pos += n;
-                progress(Progress {
-                    done: pos,
-                    total: size,
-                });
+                done = pos;
+                progress(Progress { done, total: size });
             }
         }
         w.finish()?;
-        if holes.last().is_none_or(|h| h.1 < size) {
+        if done < size {
             progress(Progress {
                 done: size,
                 total: size,
