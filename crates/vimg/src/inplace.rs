@@ -86,6 +86,7 @@ pub fn rebase(
         let cs = match &w {
             crate::formats::updater::DataTarget::Qcow2(d) => d.cluster_size(),
             crate::formats::updater::DataTarget::Raw(_) => 512,
+            crate::formats::updater::DataTarget::Qed(d) => d.cluster_size(),
         };
         let step = STEP.max(cs) / cs * cs;
         progress(Progress {

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
+use super::qed::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
@@ -116,6 +117,8 @@ pub enum Updater {
     Qcow2(Box<Qcow2Update>),
     /// raw ([`RawUpdate`]).
     Raw(RawUpdate),
+    /// qed ([`QedUpdate`]).
+    Qed(Box<QedUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -125,6 +128,7 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
     match format {
         Format::Qcow2 => Ok(Updater::Qcow2(Box::new(Qcow2Update::open(path, policy)?))),
         Format::Raw => Ok(Updater::Raw(RawUpdate::open(path)?)),
+        Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
@@ -153,6 +157,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's qed driver: truncate (grow only), change_backing_file, check with fix,
+        // writes; no amend, snapshots or bitmaps.
+        Format::Qed => UpdateCaps {
+            repair: true,
+            resize: true,
+            amend: false,
+            backing: true,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -171,6 +186,7 @@ impl Updater {
         match self {
             Updater::Qcow2(_) => Format::Qcow2,
             Updater::Raw(_) => Format::Raw,
+            Updater::Qed(_) => Format::Qed,
         }
     }
 
@@ -183,7 +199,7 @@ impl Updater {
     pub fn qcow2(&mut self) -> Option<&mut Qcow2Update> {
         match self {
             Updater::Qcow2(q) => Some(q),
-            Updater::Raw(_) => None,
+            Updater::Raw(_) | Updater::Qed(_) => None,
         }
     }
 
@@ -192,6 +208,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => q.identity(),
             Updater::Raw(r) => r.identity(),
+            Updater::Qed(q) => q.identity(),
         }
     }
 
@@ -200,6 +217,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Ok(q.header().size),
             Updater::Raw(r) => r.virtual_size(),
+            Updater::Qed(q) => Ok(q.header().image_size),
         }
     }
 
@@ -211,6 +229,7 @@ impl Updater {
                 let p = r.path().to_path_buf();
                 super::raw::update::resize(&p, size, prealloc)
             }
+            Updater::Qed(q) => q.resize(size, prealloc),
         }
     }
 
@@ -226,6 +245,7 @@ impl Updater {
     pub fn repair(&mut self, mode: super::qcow2::Repair) -> Result<super::qcow2::RepairReport> {
         match self {
             Updater::Qcow2(q) => q.repair(mode),
+            Updater::Qed(q) => q.repair(),
             _ => Err(require(self.format(), UpdateOp::Repair)
                 .err()
                 .unwrap_or_else(|| Error::unsupported("repair"))),
@@ -238,6 +258,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => q.set_backing(backing),
             Updater::Raw(_) => require(Format::Raw, UpdateOp::Backing),
+            Updater::Qed(q) => q.set_backing(backing),
         }
     }
 
@@ -278,6 +299,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Ok(DataTarget::Qcow2(q.data_writer()?)),
             Updater::Raw(r) => Ok(DataTarget::Raw(r)),
+            Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),
         }
     }
 }
@@ -289,6 +311,8 @@ pub enum DataTarget<'a> {
     Qcow2(DataWriter<'a>),
     /// raw: in place.
     Raw(&'a mut RawUpdate),
+    /// qed: allocation at the end of the file in QEMU's order.
+    Qed(QedDataWriter<'a>),
 }
 
 impl DataTarget<'_> {
@@ -298,6 +322,7 @@ impl DataTarget<'_> {
         match self {
             DataTarget::Qcow2(w) => w.write_at(off, data, backing),
             DataTarget::Raw(r) => r.write_at(off, data),
+            DataTarget::Qed(w) => w.write_at(off, data, backing),
         }
     }
 
@@ -327,6 +352,7 @@ impl DataTarget<'_> {
         match self {
             DataTarget::Qcow2(w) => w.finish(),
             DataTarget::Raw(r) => r.sync(),
+            DataTarget::Qed(w) => w.finish(),
         }
     }
 }

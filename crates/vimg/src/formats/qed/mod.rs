@@ -22,10 +22,12 @@
 //! The image `qemu-img create -f qed` and `convert -O qed` write (`cluster_size`,
 //! `table_size`, `backing_file`, `backing_fmt`; QEMU's limits and messages), see [`write`].
 
+mod check;
 pub mod error;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;
@@ -42,6 +44,7 @@ use crate::writer::ImageWriter;
 pub use error::QedError;
 pub use open::MAX_BACKING_NAME;
 pub use read::QedReader;
+pub use update::{QedDataWriter, QedUpdate};
 pub use write::{new_header, QedWriter};
 
 const OPTIONS: &[OptionSpec] = &[
