@@ -344,6 +344,19 @@ impl DataTarget<'_> {
                 pos = last * cs;
             }
         }
+        if let DataTarget::Qed(w) = self {
+            let cs = w.cluster_size();
+            let first = pos.div_ceil(cs);
+            let last = end / cs;
+            if last > first {
+                let head = first * cs - pos;
+                write_zero_bytes(self, pos, head, backing)?;
+                if let DataTarget::Qed(w) = self {
+                    w.zero_clusters(first, last - first)?;
+                }
+                pos = last * cs;
+            }
+        }
         write_zero_bytes(self, pos, end - pos, backing)
     }
 

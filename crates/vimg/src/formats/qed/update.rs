@@ -410,34 +410,82 @@ impl QedDataWriter<'_> {
         Ok(())
     }
 
-    /// Allocates `n` clusters at the end of the file for guest clusters `c..c + n` (one L2
-    /// table), writes `buf` there and points the tables at them, in QEMU's order.
-    fn allocate(&mut self, c: u64, n: u64, buf: &[u8]) -> Result<()> {
+    /// QEMU's need-check flag before the first allocation of an image without a backing
+    /// file (qed_should_set_need_check).
+    fn mark_need_check(&mut self) -> Result<()> {
         let u = &mut *self.u;
-        let cs = u.cs;
-        let has_backing = u.header.features & F_BACKING_FILE != 0;
-        if !has_backing && u.header.features & F_NEED_CHECK == 0 {
+        if u.header.features & (F_BACKING_FILE | F_NEED_CHECK) == 0 {
             let mut h = u.header.clone();
             h.features |= F_NEED_CHECK;
             u.write_header(&h)?;
             u.sync()?;
             self.set_check = true;
         }
+        Ok(())
+    }
+
+    /// Allocates `n` clusters at the end of the file for guest clusters `c..c + n` (one L2
+    /// table), writes `buf` there and points the tables at them, in QEMU's order.
+    fn allocate(&mut self, c: u64, n: u64, buf: &[u8]) -> Result<()> {
+        self.mark_need_check()?;
+        let u = &mut *self.u;
+        let cs = u.cs;
         // QEMU's qed_alloc_clusters: the end of the file rounded down to whole clusters
         // (a partial last cluster is never in use: open refuses a table naming it).
         let at = u.alloc_end;
         u.alloc_end += n * cs;
         u.pwrite(buf, at)?;
         u.sync()?;
+        self.point(c, n, |k| at + k * cs)
+    }
+
+    /// Makes whole guest clusters `first..first + count` read as zeros, as QEMU's
+    /// qed_co_pwrite_zeroes: clusters with data are zeroed in place, the others become
+    /// zero clusters (L2 entry 1).
+    pub fn zero_clusters(&mut self, first: u64, count: u64) -> Result<()> {
+        let cs = self.u.cs;
+        let per = self.u.per;
+        let end = first
+            .checked_add(count)
+            .filter(|e| *e <= self.u.header.image_size.div_ceil(cs))
+            .ok_or_else(|| Error::invalid_argument("zero clusters past the end of the QED image"))?;
+        let zeros = vec![0u8; cs as usize];
+        let mut c = first;
+        while c < end {
+            let e = self.entry(c);
+            if e == ZERO_CLUSTER {
+                c += 1;
+            } else if e > ZERO_CLUSTER {
+                self.u.pwrite(&zeros, e)?;
+                c += 1;
+            } else {
+                let table_end = (c / per + 1) * per;
+                let mut last = c + 1;
+                while last < end.min(table_end) && self.entry(last) == 0 {
+                    last += 1;
+                }
+                self.mark_need_check()?;
+                self.point(c, last - c, |_| ZERO_CLUSTER)?;
+                c = last;
+            }
+        }
+        Ok(())
+    }
+
+    /// Points the L2 entries of guest clusters `c..c + n` (one L2 table) at `value(k)`:
+    /// the sectors holding them when the table exists; else a new table at the end of the
+    /// file, written whole and flushed, then the sector of the L1 entry.
+    fn point(&mut self, c: u64, n: u64, value: impl Fn(u64) -> u64) -> Result<()> {
+        let u = &mut *self.u;
+        let cs = u.cs;
         let (i, j) = ((c / u.per) as usize, (c % u.per) as usize);
         let table_bytes = u64::from(u.header.table_size) * cs;
-        let entries = (0..n).map(|k| at + k * cs);
+        let entries = (0..n).map(value);
         match u.l2.get_mut(i) {
             Some(Some(t)) => {
                 for (k, v) in entries.enumerate() {
                     t[j + k] = v;
                 }
-                // The sectors holding the changed entries.
                 let first = (j * 8) / 512 * 512;
                 let last = ((j + n as usize) * 8).div_ceil(512) * 512;
                 let mut b = vec![0u8; table_bytes as usize];
