@@ -258,7 +258,7 @@ impl QedUpdate {
         if total as u64 > room || name.len() > super::MAX_BACKING_NAME as usize {
             return Err(Error::refusal(
                 ErrorKind::Unsupported,
-                "No space left on device",
+                "No space left in the file header",
             ));
         }
         let mut buf = vec![0u8; total.max(HEADER_SECTOR)];
@@ -400,10 +400,7 @@ impl QedDataWriter<'_> {
             return Ok(());
         }
         let Some(b) = backing else { return Ok(()) };
-        let n = b
-            .virtual_size()
-            .saturating_sub(off)
-            .min(buf.len() as u64) as usize;
+        let n = b.virtual_size().saturating_sub(off).min(buf.len() as u64) as usize;
         if n > 0 {
             b.read_at(&mut buf[..n], off)?;
         }
@@ -448,7 +445,9 @@ impl QedDataWriter<'_> {
         let end = first
             .checked_add(count)
             .filter(|e| *e <= self.u.header.image_size.div_ceil(cs))
-            .ok_or_else(|| Error::invalid_argument("zero clusters past the end of the QED image"))?;
+            .ok_or_else(|| {
+                Error::invalid_argument("zero clusters past the end of the QED image")
+            })?;
         let zeros = vec![0u8; cs as usize];
         let mut c = first;
         while c < end {
