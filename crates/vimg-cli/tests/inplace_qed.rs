@@ -191,6 +191,16 @@ fn resize_like_qemu() {
     clean(&v.join("img.qed"));
 }
 
+/// A backing file longer than the image would show through the grown area; QEMU's qed
+/// cannot zero it and qemu-img refuses.
+#[test]
+fn resize_over_longer_backing_like_qemu() {
+    let Some((v, q)) = pair(true) else { return };
+    let (v, q) = (v.path(), q.path());
+    assert_eq!(both(v, q, &["resize", "img.qed", "12M"]), 1);
+    assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+}
+
 #[test]
 fn rebase_unsafe_like_qemu() {
     let Some((v, q)) = pair(true) else { return };
