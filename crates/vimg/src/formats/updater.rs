@@ -136,6 +136,15 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
     }
 }
 
+/// [`open`] for `check -r`: where a format can repair tables its reader refuses (qed, as
+/// QEMU's qed-check.c clears invalid offsets), the image opens for that alone.
+pub fn open_for_repair(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updater> {
+    match format {
+        Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open_for_repair(path)?))),
+        f => open(path, f, policy),
+    }
+}
+
 /// The capabilities of `format`'s updater (none for formats without one).
 pub fn caps(format: Format) -> UpdateCaps {
     match format {

@@ -58,7 +58,8 @@ pub struct QedUpdate {
     /// Where the next cluster is allocated (QEMU's `file_size`).
     alloc_end: u64,
     leaks: u64,
-    report: CheckReport,
+    /// Opened for `check -r` only, its tables not checked (the reader refused them).
+    damaged: bool,
     hook: CrashHook,
 }
 
@@ -84,6 +85,7 @@ impl QedUpdate {
         let r = QedReader::open(storage)?;
         let report = r.check()?;
         let mut u = QedUpdate {
+            damaged: false,
             file,
             path: path.to_path_buf(),
             cs: r.cluster_size,
@@ -92,17 +94,62 @@ impl QedUpdate {
             l2: r.l2.clone(),
             alloc_end: meta.len() / r.cluster_size * r.cluster_size,
             leaks: report.leaks,
-            report,
             header: r.header.clone(),
             hook: CrashHook::from_env(),
         };
-        if u.header.autoclear_features != 0 {
+        // QEMU on a read-write open: unknown autoclear bits cleared; an image not closed
+        // cleanly is checked and fixed (qed_check), and loses the need-check flag at close.
+        // Here the reader has checked every table (an image it accepts is one qed_check
+        // finds nothing to fix in), so the flag goes now, before anything builds on it.
+        if u.header.autoclear_features != 0 || u.header.features & F_NEED_CHECK != 0 {
+            u.sync()?;
             let mut h = u.header.clone();
             h.autoclear_features = 0;
+            h.features &= !F_NEED_CHECK;
             u.write_header(&h)?;
             u.sync()?;
         }
         Ok(u)
+    }
+
+    /// Opens `path` read-write for `check -r`: as [`QedUpdate::open`], or, when the
+    /// reader refuses the tables as corrupt, with the header alone (its fields checked by
+    /// the reader before the tables), for QEMU's repair to clear what it can. Such an
+    /// image can only be repaired.
+    pub fn open_for_repair(path: &Path) -> Result<QedUpdate> {
+        let err = match QedUpdate::open(path) {
+            Ok(u) => return Ok(u),
+            Err(e) if e.kind() == ErrorKind::Corrupt => e,
+            Err(e) => return Err(e),
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(format_args!("open '{}' for writing", path.display()), e))?;
+        let mut hb = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut hb, 0)
+            .map_err(|e| io_err(path, "read the header", e))?;
+        let header = Header::parse(&hb)?;
+        let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
+        let cs = u64::from(header.cluster_size);
+        // The fields the reader checked before it met the tables; once more, cheaply.
+        if !cs.is_power_of_two() || cs < 4096 || header.table_size == 0 {
+            return Err(err);
+        }
+        Ok(QedUpdate {
+            file,
+            path: path.to_path_buf(),
+            cs,
+            per: header.table_entries(),
+            l1: Vec::new(),
+            l2: Vec::new(),
+            alloc_end: len / cs * cs,
+            leaks: 0,
+            damaged: true,
+            header,
+            hook: CrashHook::from_env(),
+        })
     }
 
     /// The header as it is now.
@@ -125,17 +172,13 @@ impl QedUpdate {
         Ok((m.dev(), m.ino()))
     }
 
-    /// Refuses to build on an image that was not closed cleanly: its tables may point at
-    /// clusters never written. `check -r` clears the flag when the image is consistent.
+    /// Refuses to build on an image opened for repair only.
     fn require_clean(&self) -> Result<()> {
-        if self.header.features & F_NEED_CHECK != 0 {
-            return Err(Error::refusal(
-                ErrorKind::Corrupt,
-                format!(
-                    "'{}' has the QED need-check flag set (not closed cleanly); check it with 'check -r all' first",
-                    self.path.display()
-                ),
-            ));
+        if self.damaged {
+            return Err(Error::corrupt(format!(
+                "'{}' has corrupt QED tables; only 'check -r' changes it",
+                self.path.display()
+            )));
         }
         Ok(())
     }
@@ -281,22 +324,47 @@ impl QedUpdate {
 
     // ---- check -r ----
 
-    /// `check -r`: QEMU's qed_check with fix. Leaks are counted, not freed (QED never
-    /// reuses space, and QEMU leaves them); corruptions are refused at open, so a check
-    /// that reaches here finds none, and the need-check flag is cleared as QEMU clears it
-    /// for a consistent image.
+    fn file_len(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| io_err(&self.path, "stat", e))?
+            .len())
+    }
+
+    /// `check -r` (leaks or all: QEMU's qed repairs the same for both): QEMU's qed_check
+    /// with fix. Invalid L1 and L2 entries are cleared (whole L2 tables rewritten, then
+    /// the L1 table: a crash between leaves entries still invalid, never a new wrong
+    /// one); clusters named twice stay corruptions; leaks are counted, not freed (QED
+    /// never reuses space, and QEMU leaves them); a consistent image loses its need-check
+    /// flag, after a flush (QEMU's close clears it even when corruptions remain).
     pub fn repair(&mut self) -> Result<RepairReport> {
+        let len = self.file_len()?;
+        let scan = super::check::scan(&self.file, &self.path, &self.header, len, true)?;
+        for (off, b) in &scan.fixes {
+            self.pwrite(b, *off)?;
+        }
+        let r = scan.report;
+        // qed_check_mark_clean wants no corruption left, but QEMU's close clears the flag
+        // whatever the check found; qemu-img check -r leaves the image without it.
         if self.header.features & F_NEED_CHECK != 0 {
             self.sync()?;
             let mut h = self.header.clone();
             h.features &= !F_NEED_CHECK;
             self.write_header(&h)?;
-            self.sync()?;
         }
+        self.sync()?;
         Ok(RepairReport {
-            before: self.report.clone(),
+            corruptions_fixed: r.corruptions_fixed,
+            before: r,
             ..RepairReport::default()
         })
+    }
+
+    /// QEMU's qed_check without fix, over the tables on disk (`check -r`'s second check).
+    pub fn check_report(&self) -> Result<CheckReport> {
+        let len = self.file_len()?;
+        Ok(super::check::scan(&self.file, &self.path, &self.header, len, false)?.report)
     }
 
     /// Leaked clusters found at open.
