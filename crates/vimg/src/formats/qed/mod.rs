@@ -21,6 +21,11 @@
 //! # Writing
 //! The image `qemu-img create -f qed` and `convert -O qed` write (`cluster_size`,
 //! `table_size`, `backing_file`, `backing_fmt`; QEMU's limits and messages), see [`write`].
+//!
+//! # Changing in place
+//! `resize` (grow only), the backing file (`rebase`), guest data (`commit`, safe `rebase`)
+//! and `check -r`, as QEMU's qed driver does them and in its order of writes, see
+//! [`update`]; the consistency check of qed-check.c is in `check.rs`.
 
 mod check;
 pub mod error;
