@@ -89,6 +89,7 @@ pub fn rebase(
             crate::formats::updater::DataTarget::Vdi(v) => v.block_size(),
             crate::formats::updater::DataTarget::Vpc(v) => v.block_size(),
             crate::formats::updater::DataTarget::Parallels(p) => p.cluster_size(),
+            crate::formats::updater::DataTarget::Qed(d) => d.cluster_size(),
         };
         let step = STEP.max(cs) / cs * cs;
         progress(Progress {

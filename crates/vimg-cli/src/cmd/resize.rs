@@ -88,6 +88,13 @@ pub fn run(a: ResizeArgs) -> CmdResult {
             let image =
                 vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
             if image.backing().is_some_and(|b| b.virtual_size() > cur) {
+                if format == Format::Qed {
+                    // QEMU's qed cannot zero the new area: qemu-img refuses in these words.
+                    return Err(Failure::new(
+                        "Block driver does not support requested flags",
+                        1,
+                    ));
+                }
                 return Err(Failure::new(
                     format!(
                         "'{}' has a backing file longer than its virtual size, whose data would show through the new area; vimg does not zero it as qemu-img does, so it refuses",

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use super::parallels::update::ParallelsUpdate;
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
+use super::qed::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;
@@ -132,6 +133,8 @@ pub enum Updater {
     Vpc(VhdUpdate),
     /// parallels ([`ParallelsUpdate`]): guest data and `check -r`.
     Parallels(ParallelsUpdate),
+    /// qed ([`QedUpdate`]).
+    Qed(Box<QedUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -144,10 +147,20 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
         Format::Vdi => Ok(Updater::Vdi(VdiUpdate::open(path)?)),
         Format::Vpc => Ok(Updater::Vpc(VhdUpdate::open(path)?)),
         Format::Parallels => Ok(Updater::Parallels(ParallelsUpdate::open(path)?)),
+        Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
         )),
+    }
+}
+
+/// [`open`] for `check -r`: where a format can repair tables its reader refuses (qed, as
+/// QEMU's qed-check.c clears invalid offsets), the image opens for that alone.
+pub fn open_for_repair(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updater> {
+    match format {
+        Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open_for_repair(path)?))),
+        f => open(path, f, policy),
     }
 }
 
@@ -194,6 +207,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's qed driver: truncate (grow only), change_backing_file, check with fix,
+        // writes; no amend, snapshots or bitmaps.
+        Format::Qed => UpdateCaps {
+            repair: true,
+            resize: true,
+            amend: false,
+            backing: true,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -215,6 +239,7 @@ impl Updater {
             Updater::Vdi(_) => Format::Vdi,
             Updater::Vpc(_) => Format::Vpc,
             Updater::Parallels(_) => Format::Parallels,
+            Updater::Qed(_) => Format::Qed,
         }
     }
 
@@ -227,7 +252,7 @@ impl Updater {
     pub fn qcow2(&mut self) -> Option<&mut Qcow2Update> {
         match self {
             Updater::Qcow2(q) => Some(q),
-            Updater::Raw(_) => None,
+            Updater::Raw(_) | Updater::Qed(_) => None,
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
         }
     }
@@ -240,6 +265,7 @@ impl Updater {
             Updater::Vdi(v) => v.identity(),
             Updater::Vpc(v) => v.identity(),
             Updater::Parallels(p) => p.identity(),
+            Updater::Qed(q) => q.identity(),
         }
     }
 
@@ -251,6 +277,7 @@ impl Updater {
             Updater::Vdi(v) => Ok(v.virtual_size()),
             Updater::Vpc(v) => Ok(v.virtual_size()),
             Updater::Parallels(p) => Ok(p.virtual_size()),
+            Updater::Qed(q) => Ok(q.header().image_size),
         }
     }
 
@@ -265,6 +292,7 @@ impl Updater {
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => {
                 require(self.format(), UpdateOp::Resize)
             }
+            Updater::Qed(q) => q.resize(size, prealloc),
         }
     }
 
@@ -281,6 +309,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => q.repair(mode),
             Updater::Parallels(p) => p.repair(mode),
+            Updater::Qed(q) => q.repair(),
             _ => Err(require(self.format(), UpdateOp::Repair)
                 .err()
                 .unwrap_or_else(|| Error::unsupported("repair"))),
@@ -296,6 +325,7 @@ impl Updater {
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => {
                 require(self.format(), UpdateOp::Backing)
             }
+            Updater::Qed(q) => q.set_backing(backing),
         }
     }
 
@@ -345,6 +375,7 @@ impl Updater {
                 p.check_writable()?;
                 Ok(DataTarget::Parallels(p))
             }
+            Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),
         }
     }
 }
@@ -362,6 +393,8 @@ pub enum DataTarget<'a> {
     Vpc(&'a mut VhdUpdate),
     /// parallels: clusters appended under the in-use flag, BAT at finish.
     Parallels(&'a mut ParallelsUpdate),
+    /// qed: allocation at the end of the file in QEMU's order.
+    Qed(QedDataWriter<'a>),
 }
 
 impl DataTarget<'_> {
@@ -374,6 +407,7 @@ impl DataTarget<'_> {
             DataTarget::Vdi(v) => v.write_at(off, data, backing),
             DataTarget::Vpc(v) => v.write_at(off, data, backing),
             DataTarget::Parallels(p) => p.write_at(off, data, backing),
+            DataTarget::Qed(w) => w.write_at(off, data, backing),
         }
     }
 
@@ -397,6 +431,19 @@ impl DataTarget<'_> {
                 let head = first * cs - off;
                 write_zero_bytes(self, off, head, backing)?;
                 if let DataTarget::Qcow2(w) = self {
+                    w.zero_clusters(first, last - first)?;
+                }
+                pos = last * cs;
+            }
+        }
+        if let DataTarget::Qed(w) = self {
+            let cs = w.cluster_size();
+            let first = pos.div_ceil(cs);
+            let last = end / cs;
+            if last > first {
+                let head = first * cs - pos;
+                write_zero_bytes(self, pos, head, backing)?;
+                if let DataTarget::Qed(w) = self {
                     w.zero_clusters(first, last - first)?;
                 }
                 pos = last * cs;
@@ -460,6 +507,7 @@ impl DataTarget<'_> {
             DataTarget::Vdi(v) => v.finish(),
             DataTarget::Vpc(v) => v.finish(),
             DataTarget::Parallels(p) => p.finish(),
+            DataTarget::Qed(w) => w.finish(),
         }
     }
 }

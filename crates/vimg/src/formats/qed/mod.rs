@@ -21,11 +21,18 @@
 //! # Writing
 //! The image `qemu-img create -f qed` and `convert -O qed` write (`cluster_size`,
 //! `table_size`, `backing_file`, `backing_fmt`; QEMU's limits and messages), see [`write`].
+//!
+//! # Changing in place
+//! `resize` (grow only), the backing file (`rebase`), guest data (`commit`, safe `rebase`)
+//! and `check -r`, as QEMU's qed driver does them and in its order of writes, see
+//! [`update`]; the consistency check of qed-check.c is in `check.rs`.
 
+mod check;
 pub mod error;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;
@@ -42,6 +49,7 @@ use crate::writer::ImageWriter;
 pub use error::QedError;
 pub use open::MAX_BACKING_NAME;
 pub use read::QedReader;
+pub use update::{QedDataWriter, QedUpdate};
 pub use write::{new_header, QedWriter};
 
 const OPTIONS: &[OptionSpec] = &[

@@ -221,6 +221,7 @@ impl QedReader {
             header: h,
             cluster_size: cs,
             l2_span,
+            l1,
             l2,
             backing,
         })

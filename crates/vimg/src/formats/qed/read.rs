@@ -19,6 +19,8 @@ pub struct QedReader {
     pub(super) cluster_size: u64,
     /// Guest bytes one L2 table covers.
     pub(super) l2_span: u64,
+    /// The whole L1 table as read (entries past the disk included, unchecked).
+    pub(super) l1: Vec<u64>,
     /// Per L1 entry: the L2 table's entries, or `None` when unallocated.
     pub(super) l2: Vec<Option<Vec<u64>>>,
     pub(super) backing: Option<BackingRef>,
@@ -143,6 +145,7 @@ impl ImageReader for QedReader {
         r.total_clusters = some(total);
         r.allocated_clusters = some(allocated);
         r.fragmented_clusters = some(fragmented);
+        r.leaks = super::check::leaks(self, self.storage.len());
         Ok(r)
     }
 }
