@@ -209,10 +209,10 @@ mod tests {
             .to_string()
             .contains("vimg does not write compressed qcow"));
         let inplace = Output::with_mode(dir.path().join("y"), crate::OutputMode::InPlace);
-        let e = err(Format::Vpc, &inplace, &CreateOptions::new());
+        let e = err(Format::Vhdx, &inplace, &CreateOptions::new());
         assert_eq!(
             e.to_string(),
-            "writing into an existing vpc image (convert -n) is not supported"
+            "vhdx cannot be written into an existing image (convert -n); convert to a new file"
         );
         assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
     }

@@ -3,10 +3,12 @@
 //!
 //! # Guest writes
 //! In QEMU's order (`parallels_co_writev`, `allocate_clusters`), made crash-safe:
-//! - the header's in-use flag is set (one sector, flushed) before the first write, as QEMU
-//!   sets it for as long as it has the image open read-write, and restored at
-//!   [`ParallelsUpdate::finish`]; an image whose flag is already set (in use, or not closed
-//!   correctly) is refused: `check -r all` repairs it first;
+//! - the header's in-use flag is left alone: QEMU sets it while it has the image open
+//!   read-write, but vimg's writes are crash-ordered (data flushed before the BAT entry that
+//!   points at it), so the flag would protect nothing and a kill would only leave
+//!   `qemu-img check` reporting "image was not closed correctly". An image whose flag is
+//!   already set (in use, or not closed correctly) is refused: `check -r all` repairs it
+//!   first (QEMU repairs it at a read-write open; vimg does not change what it was not asked to);
 //! - a write into an allocated cluster goes in place;
 //! - a new cluster goes at the end of the data (past every cluster the BAT references),
 //!   written whole (the rest zeros: a Parallels image vimg writes into has no backing);
@@ -14,11 +16,10 @@
 //!   which discards them); other zero writes leave unallocated clusters alone;
 //! - at finish: the data is flushed, the changed BAT entries are written (one write) and
 //!   flushed, the clusters unmapped are given back (hole punched), the file is cut at the
-//!   end of the last cluster in use (as QEMU's close truncates it), and the flag restored.
+//!   end of the last cluster in use (as QEMU's close truncates it).
 //!
 //! A killed process leaves every cluster old or new, and at worst space past the last
-//! cluster in use (`check -r leaks`) and the in-use flag (`check -r all`), which QEMU
-//! repairs when it next opens the image read-write.
+//! cluster in use (`check -r leaks`; `qemu-img check` exits 3, leaks only).
 //!
 //! Refused before writing: what the reader refuses, and images with a Format Extension
 //! (its dirty bitmaps would miss the writes).
@@ -60,7 +61,7 @@ pub struct ParallelsUpdate {
     data_start: u64,
     /// The in-use value found at open, restored at finish.
     inuse_found: u32,
-    /// The in-use flag is set on disk by this updater.
+    /// A guest write has started (finish has work to do).
     marked: bool,
     /// BAT entries changed and not yet written (first, last).
     dirty: Option<(usize, usize)>,
@@ -203,11 +204,7 @@ impl ParallelsUpdate {
         if self.marked {
             return Ok(());
         }
-        self.header.inuse = INUSE_OPEN;
-        let mut hb = [0u8; HEADER_SIZE];
-        self.header.write_to(&mut hb);
-        self.f.write_at(&hb, 0)?;
-        self.f.sync()?;
+        // No in-use flag on disk (module documentation): the writes are crash-ordered.
         self.marked = true;
         Ok(())
     }
@@ -331,7 +328,7 @@ impl ParallelsUpdate {
     }
 
     /// Flushes the data, writes the changed BAT entries, flushes, gives back unmapped
-    /// clusters, cuts the file after the last cluster in use and clears the in-use flag.
+    /// clusters and cuts the file after the last cluster in use.
     pub fn finish(&mut self) -> Result<()> {
         if !self.marked {
             return self.f.sync();
@@ -349,10 +346,6 @@ impl ParallelsUpdate {
             self.f.set_len(end)?;
         }
         self.data_end = end;
-        self.header.inuse = self.inuse_found;
-        let mut hb = [0u8; HEADER_SIZE];
-        self.header.write_to(&mut hb);
-        self.f.write_at(&hb, 0)?;
         self.f.sync()?;
         self.marked = false;
         Ok(())

@@ -96,9 +96,8 @@ impl Settings {
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::No,
-    in_place: Support::NotInVimg(
-        "writing into an existing vdi image (convert -n) is not supported",
-    ),
+    // `convert -n` writes guest data through the updater (update.rs).
+    in_place: Support::Yes,
     backing_file: false,
     bitmaps: false,
     printed: &[printed("size", None), printed("static", Some("off"))],
@@ -138,6 +137,13 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
+        // `convert -n` writes into the existing image through its updater
+        // (crate::convert routes it there); a new image's writer never overwrites one.
+        if out.mode() == crate::OutputMode::InPlace {
+            return Err(crate::Error::unsupported(
+                "an existing vdi image is written through its updater, not re-created (convert -n)",
+            ));
+        }
         let s = Settings::from_options(size, opts)?;
         let file = out.create_main()?;
         Ok(Box::new(VdiWriter::new(file, size, s.fixed)?))

@@ -332,7 +332,8 @@ fn options_and_limits() {
     assert!(e.to_string().starts_with("Unsupported VDI image size"));
     let mut c = CreateOptions::new();
     c.compress = true;
-    // -c and -n are refused by the declared capabilities, once, in the registry.
+    // -c is refused by the declared capabilities, once, in the registry; -n goes through
+    // the updater and is refused by the writer if it ever gets there.
     let create = |out: &Output, c: &CreateOptions| {
         crate::formats::registry::create(crate::Format::Vdi, out, MIB, c)
     };

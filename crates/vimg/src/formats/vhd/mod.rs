@@ -149,9 +149,8 @@ fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::No,
-    in_place: Support::NotInVimg(
-        "writing into an existing vpc image (convert -n) is not supported",
-    ),
+    // `convert -n` writes guest data through the updater (update.rs).
+    in_place: Support::Yes,
     backing_file: false,
     bitmaps: false,
     printed: &[
@@ -199,6 +198,13 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
+        // `convert -n` writes into the existing image through its updater
+        // (crate::convert routes it there); a new image's writer never overwrites one.
+        if out.mode() == crate::OutputMode::InPlace {
+            return Err(crate::Error::unsupported(
+                "an existing vpc image is written through its updater, not re-created (convert -n)",
+            ));
+        }
         let p = settings(size, opts)?;
         let file = out.create_main()?;
         Ok(if p.fixed {

@@ -727,7 +727,8 @@ fn create_options_are_checked() {
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     let mut c = CreateOptions::new();
     c.compress = true;
-    // -c and -n are refused by the declared capabilities, once, in the registry.
+    // -c is refused by the declared capabilities, once, in the registry; -n goes through
+    // the updater and is refused by the writer if it ever gets there.
     let create = |out: &Output, c: &CreateOptions| {
         crate::formats::registry::create(crate::Format::Vpc, out, MIB, c)
     };
