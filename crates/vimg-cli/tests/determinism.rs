@@ -36,7 +36,12 @@ fn scattered_raw(path: &Path) -> u64 {
 
 fn convert(fmt: &[&str], extra: &[&str], src: &Path, out: &Path) -> Vec<u8> {
     let _ = fs::remove_file(out);
-    let mut args = vec!["convert", "-f", "raw", "-O"];
+    let src_fmt = if s(src).ends_with(".qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let mut args = vec!["convert", "-f", src_fmt, "-O"];
     args.extend_from_slice(fmt);
     args.extend_from_slice(extra);
     args.push(s(src));
@@ -90,6 +95,19 @@ const CASES: &[(&[&str], bool, bool)] = &[
     (&["vpc"], true, true),
 ];
 
+/// The thread counts and `-W` settings every output is compared across (`-m 1` without
+/// `-W` is the reference).
+const RUNS: &[&[&str]] = &[
+    &["-m", "1", "-W"],
+    &["-m", "2"],
+    &["-m", "2", "-W"],
+    &["-m", "8"],
+    &["-m", "8", "-W"],
+    &["-m", "8", "-W"],
+    &["-W"],
+    &[],
+];
+
 #[test]
 fn output_bytes_do_not_depend_on_threads_or_write_order() {
     let dir = tempfile::tempdir().unwrap();
@@ -97,7 +115,31 @@ fn output_bytes_do_not_depend_on_threads_or_write_order() {
     scattered_raw(&src);
     let out = dir.path().join("out.img");
     let qemu = qemu_available("output_bytes_do_not_depend_on_threads_or_write_order");
-    for (fmt, identity, vs_qemu) in CASES {
+    check_cases(&src, &out, CASES, qemu);
+}
+
+/// The same from a qcow2 source, whose data the copy reads through the planner's mapping
+/// (and a mapping of the file) rather than a raw file's: qcow2, vmdk and vhdx outputs.
+#[test]
+fn output_bytes_from_qcow2_do_not_depend_on_threads_or_write_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    scattered_raw(&raw);
+    let src = dir.path().join("src.qcow2");
+    vimg(&["convert", "-f", "raw", "-O", "qcow2", s(&raw), s(&src)]);
+    let out = dir.path().join("out.img");
+    let cases: &[(&[&str], bool, bool)] = &[
+        (&["qcow2"], false, false),
+        (&["vmdk"], true, false),
+        (&["vhdx"], true, false),
+    ];
+    check_cases(&src, &out, cases, false);
+}
+
+fn check_cases(src: &Path, out: &Path, cases: &[(&[&str], bool, bool)], qemu: bool) {
+    let dir = out.parent().unwrap();
+    let (src, out) = (src.to_path_buf(), out.to_path_buf());
+    for (fmt, identity, vs_qemu) in cases {
         let a = convert(fmt, &["-m", "1"], &src, &out);
         // Identity bytes: those that differ between runs with the same options, widened by
         // a few bytes each way (a random digit can repeat by chance in one run).
@@ -121,15 +163,7 @@ fn output_bytes_do_not_depend_on_threads_or_write_order() {
         } else {
             assert!(ident.is_empty(), "{fmt:?}: two -m 1 runs differ");
         }
-        for extra in [
-            &["-m", "2"][..],
-            &["-m", "2", "-W"],
-            &["-m", "8"],
-            &["-m", "8", "-W"],
-            &["-m", "8", "-W"],
-            &["-W"],
-            &[],
-        ] {
+        for extra in RUNS {
             let c = convert(fmt, extra, &src, &out);
             let d = diff_offsets(&a, &c);
             let stray: Vec<_> = d.iter().filter(|o| !ident.contains(o)).take(8).collect();
@@ -140,8 +174,8 @@ fn output_bytes_do_not_depend_on_threads_or_write_order() {
         }
         if qemu && *vs_qemu {
             // The same file name: a vmdk descriptor names its extent file.
-            fs::create_dir_all(dir.path().join("q")).unwrap();
-            let q = dir.path().join("q").join("out.img");
+            fs::create_dir_all(dir.join("q")).unwrap();
+            let q = dir.join("q").join("out.img");
             let mut args = vec!["convert", "-f", "raw", "-O"];
             args.extend_from_slice(fmt);
             args.push(s(&src));

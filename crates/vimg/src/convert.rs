@@ -280,7 +280,8 @@ pub fn convert_report(
         .with_sync(opts.sync)
         .with_direct(opts.direct)
         .with_zeroed_device(kind == DestKind::BlockDevice && !opts.format.is_plain())
-        .with_protected(source_files(src));
+        .with_protected(source_files(src))
+        .with_before_in_place(settle_check(src));
     if let Some(c) = &opts.counter {
         out = out.with_counter(c.clone());
     }
@@ -330,6 +331,18 @@ pub fn convert_report(
         checksum,
         notes,
     })
+}
+
+/// [`settle_sources`] for [`Output::with_before_in_place`]: a destination written in place
+/// after all (the in-place fallback of an existing file, `/dev/stdout` redirected to a file)
+/// is opened and truncated only after the source passed its deferred checks.
+fn settle_check(src: &Image) -> crate::output::BeforeInPlace {
+    let mut files = Vec::new();
+    for layer in src.chain() {
+        files.push(layer.storage().clone());
+        files.extend(layer.reader().files());
+    }
+    Box::new(move || files.iter().try_for_each(|f| f.settle()))
 }
 
 /// Runs the checks every source file deferred at open ([`crate::storage::Storage::settle`]).

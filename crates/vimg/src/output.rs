@@ -1047,7 +1047,13 @@ pub struct Output {
     counter: Option<Arc<WriteCounter>>,
     /// Things the user should know about how the destination was written.
     notes: Mutex<Vec<String>>,
+    /// Runs before a file is opened to be written in place (see
+    /// [`Output::with_before_in_place`]).
+    before_in_place: Option<BeforeInPlace>,
 }
+
+/// A check run before anything is opened to be written in place; an error stops the output.
+pub type BeforeInPlace = Box<dyn Fn() -> Result<()> + Send + Sync>;
 
 impl Output {
     /// An atomic output whose main file will be `dst`.
@@ -1071,6 +1077,24 @@ impl Output {
             zero_device: false,
             counter: None,
             notes: Mutex::new(Vec::new()),
+            before_in_place: None,
+        }
+    }
+
+    /// Runs `check` before any file of this output is opened to be written in place (a
+    /// device, a FIFO, `-n`, `/dev/stdout` redirected to a file, the in-place fallback of a
+    /// file whose folder is not writable), before it is truncated or a byte reaches it: an
+    /// error leaves that file as it was. Temporary files are not checked; their caller
+    /// checks before it commits. Convert settles a source's deferred checks here.
+    pub fn with_before_in_place(mut self, check: BeforeInPlace) -> Output {
+        self.before_in_place = Some(check);
+        self
+    }
+
+    fn check_before_in_place(&self) -> Result<()> {
+        match &self.before_in_place {
+            Some(check) => check(),
+            None => Ok(()),
         }
     }
 
@@ -1272,6 +1296,7 @@ impl Output {
                     "this output format writes several files and cannot be written to stdout",
                 ));
             }
+            self.check_before_in_place()?;
             let (w, shown): (Box<dyn Write + Send>, String) = if self.mode == OutputMode::Stdout {
                 let w: Box<dyn Write + Send> = match &self.stdout {
                     Some(slot) => slot
@@ -1314,6 +1339,12 @@ impl Output {
             return Ok(out);
         }
         let mut in_place = self.mode == OutputMode::InPlace;
+        if in_place
+            || kind == DestKind::BlockDevice
+            || (kind == DestKind::Regular && is_fd_path(&final_path))
+        {
+            self.check_before_in_place()?;
+        }
         let (file, temp_path) = if kind == DestKind::BlockDevice {
             let mut o = OpenOptions::new();
             o.write(true).read(true);
@@ -1417,6 +1448,7 @@ impl Output {
             None
         };
         let fallback = |why: String| -> Result<std::result::Result<(File, PathBuf), File>> {
+            self.check_before_in_place()?;
             let f = OpenOptions::new()
                 .write(true)
                 .read(true)

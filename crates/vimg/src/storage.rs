@@ -386,6 +386,12 @@ impl Storage for SectorPadded {
     fn identity(&self) -> Option<(u64, u64)> {
         self.inner.identity()
     }
+
+    /// The file's own descriptor: the padding is less than a sector past its end, so inside
+    /// the file's last page, which a mapping of the file reads as zeros, as `read_at` does.
+    fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.raw_fd()
+    }
 }
 
 #[cfg(test)]

@@ -146,22 +146,18 @@ fn install() -> bool {
 /// 66-91 s against qemu-img's 0.9-1.2 s (whose `pread`s get the kernel's readahead). Asking
 /// for the job's range ahead (`POSIX_FADV_WILLNEED`, exactly the range, so no hole is read)
 /// makes it large reads that run while earlier jobs are copied; for cached pages it is a
-/// lookup. The planner calls this as it emits each job, a few jobs before a worker maps it.
-/// A hint only: errors are ignored (the read reports them).
-pub fn prefetch(src: &crate::image::Image, start: u64, len: u64) {
-    let Ok((e, layer, _)) = src.map_flat(start, len) else {
+/// lookup. The planner calls this as it emits each job, a few jobs before a worker maps it,
+/// with where its own mapping put the job (`at`, the job's `len` bytes in one data extent),
+/// so the source's mapping is not asked again. A hint only: errors are ignored (the read
+/// reports them).
+pub(super) fn prefetch(shared: &super::Shared<'_>, at: super::HostRange, len: u64) {
+    let Some(layer) = shared.layers.get(at.layer) else {
         return;
     };
-    let crate::mapping::MapKind::Data { file, offset } = e.kind else {
+    let Some(fd) = layer.reader().file(at.file).and_then(|s| s.raw_fd()) else {
         return;
     };
-    let Some(fd) = layer.reader().file(file).and_then(|s| s.raw_fd()) else {
-        return;
-    };
-    let (Ok(o), Ok(n)) = (
-        libc::off_t::try_from(offset.get()),
-        libc::off_t::try_from(e.len.min(len)),
-    ) else {
+    let (Ok(o), Ok(n)) = (libc::off_t::try_from(at.offset), libc::off_t::try_from(len)) else {
         return;
     };
     // SAFETY: a plain syscall on a descriptor the image keeps open; no memory is passed.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::Image;
-use crate::mapping::{Extent, MapKind};
+use crate::mapping::{Extent, FileId, MapKind};
 use crate::writer::{EncodedUnit, ImageWriter};
 
 use zero::Run;
@@ -119,8 +119,14 @@ pub struct CopyStats {
 /// A piece of work in guest order.
 #[derive(Clone, Copy, Debug)]
 enum Job {
-    /// Read, scan and write `[start, start + len)`.
-    Data { seq: u64, start: u64, len: u64 },
+    /// Read, scan and write `[start, start + len)`. `at`: where the planner's mapping put
+    /// the whole range, when it is one data extent of a file.
+    Data {
+        seq: u64,
+        start: u64,
+        len: u64,
+        at: Option<HostRange>,
+    },
     /// Make `[start, start + len)` zero in the target.
     Zeroes { seq: u64, start: u64, len: u64 },
 }
@@ -133,6 +139,17 @@ impl Job {
     }
 }
 
+/// Where a data job's bytes are: `len` bytes at `offset` of file `file` of chain layer
+/// `layer` (0 = the top image), as the planner mapped them. The prefetch and the mapped read
+/// use it instead of asking the source's mapping again (for a raw or qcow2 source on a
+/// sparse file, a `SEEK_DATA`/`SEEK_HOLE` pair per question).
+#[derive(Clone, Copy, Debug)]
+struct HostRange {
+    layer: usize,
+    file: FileId,
+    offset: u64,
+}
+
 /// A finished job on its way to the ordered sink.
 struct Done {
     job: Job,
@@ -143,6 +160,8 @@ struct Done {
 
 struct Shared<'a> {
     src: &'a Image,
+    /// `src`'s chain, top first ([`HostRange::layer`] indexes it).
+    layers: Vec<&'a Image>,
     progress: Option<&'a (dyn Fn(Progress) + Send + Sync)>,
     /// Data bytes in all, for progress.
     total: AtomicU64,
@@ -236,6 +255,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
     };
     let shared = Shared {
         src,
+        layers: src.chain(),
         progress: opts.progress.as_deref(),
         total: AtomicU64::new(0),
         dst,
@@ -330,8 +350,11 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
             if shared.mapped_reads {
                 // Before waiting for a ticket or buffer: the read of this job's source
                 // range is under way while the jobs ahead of it are processed.
-                if let Job::Data { start, len, .. } = job {
-                    mapped::prefetch(shared.src, start, len);
+                if let Job::Data {
+                    len, at: Some(at), ..
+                } = job
+                {
+                    mapped::prefetch(&shared, at, len);
                 }
             }
             let buf = if caps.ordered {
@@ -373,6 +396,10 @@ struct Planner<'s, 'a> {
     unit: u64,
     cancel: Option<&'s AtomicBool>,
     seq: u64,
+    /// The last two data extents mapped, newest first, with their chain layers: a job
+    /// inside one of them gets its [`HostRange`] (the pending region can end with the tail
+    /// of the one before the newest).
+    last_data: [Option<(Extent, usize)>; 2],
 }
 
 impl<'s, 'a> Planner<'s, 'a> {
@@ -386,16 +413,36 @@ impl<'s, 'a> Planner<'s, 'a> {
             unit: shared.unit,
             cancel: opts.cancel.as_deref(),
             seq: 0,
+            last_data: [None, None],
         }
     }
 
-    fn map(&self, pos: u64) -> Result<Extent> {
+    /// The extent at `pos` and the chain layer it was found in.
+    fn map(&self, pos: u64) -> Result<(Extent, usize)> {
         let src = self.shared.src;
         let max = self.size - pos;
         match self.mode {
-            CopyMode::Flatten => Ok(src.map_flat(pos, max)?.0),
-            CopyMode::TopOnly => crate::image::checked_map(src, pos, max),
+            CopyMode::Flatten => src.map_flat(pos, max).map(|(e, _, depth)| (e, depth)),
+            CopyMode::TopOnly => Ok((crate::image::checked_map(src, pos, max)?, 0)),
         }
+    }
+
+    /// Where `[start, start + len)` is, when it lies inside the last data extent mapped.
+    fn host_range(&self, start: u64, len: u64) -> Option<HostRange> {
+        let end = start.checked_add(len)?;
+        let (e, layer) = self
+            .last_data
+            .iter()
+            .flatten()
+            .find(|(e, _)| e.start.get() <= start && end <= e.end())?;
+        let MapKind::Data { file, offset } = e.kind else {
+            return None;
+        };
+        Some(HostRange {
+            layer: *layer,
+            file,
+            offset: offset.get().checked_add(start - e.start.get())?,
+        })
     }
 
     fn run(&mut self, mut emit: impl FnMut(Job) -> Result<()>) -> Result<()> {
@@ -414,7 +461,7 @@ impl<'s, 'a> Planner<'s, 'a> {
             if self.shared.failed.load(Ordering::Relaxed) {
                 return Err(Error::msg(ErrorKind::Io, "copy failed"));
             }
-            let e = self.map(pos)?;
+            let (e, layer) = self.map(pos)?;
             pos = e.end();
             let wanted = self.write_everything || e.kind.has_data();
             if wanted {
@@ -428,6 +475,7 @@ impl<'s, 'a> Planner<'s, 'a> {
                     }
                     None => Some((s, t)),
                 };
+                self.last_data = [Some((e, layer)), self.last_data[0]];
                 // Emit whole chunks eagerly so the pending region stays small.
                 while let Some((ps, pe)) = pending {
                     if pe - ps > self.chunk {
@@ -483,7 +531,13 @@ impl<'s, 'a> Planner<'s, 'a> {
         emit: &mut impl FnMut(Job) -> Result<()>,
     ) -> Result<()> {
         let seq = self.next_seq();
-        emit(Job::Data { seq, start, len })
+        let at = self.host_range(start, len);
+        emit(Job::Data {
+            seq,
+            start,
+            len,
+            at,
+        })
     }
 
     fn flush_data(
@@ -617,20 +671,21 @@ fn unordered_job(shared: &Shared<'_>, job: Job, pool: &Pool, runs: &mut Vec<Run>
 /// the data is copied once instead of twice. `None` when the job does not qualify; it is then
 /// read into a pool buffer.
 fn try_mapped(shared: &Shared<'_>, job: Job, runs: &mut Vec<Run>) -> Option<Result<()>> {
-    let Job::Data { start, len, .. } = job else {
+    let Job::Data {
+        start,
+        len,
+        at: Some(at),
+        ..
+    } = job
+    else {
         return None;
     };
     if !shared.mapped_reads {
         return None;
     }
-    let (e, layer, _) = shared.src.map_flat(start, len).ok()?;
-    let MapKind::Data { file, offset } = e.kind else {
-        return None;
-    };
-    if e.len != len {
-        return None;
-    }
-    let storage = layer.reader().file(file)?;
+    let layer = *shared.layers.get(at.layer)?;
+    let storage = layer.reader().file(at.file)?;
+    let offset = crate::mapping::HostOffset(at.offset);
     let end = offset.get().checked_add(len)?;
     if end > storage.len() {
         // Data past the end of the file reads as zeros through `read_at`; leave it to that.
