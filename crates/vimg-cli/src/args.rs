@@ -30,11 +30,21 @@ pub fn parse() -> Cli {
         Ok(cli) => return cli,
         Err(e) => e,
     };
+    if crate::trust::qemu_mode() {
+        let argv: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let Some(msg) = crate::qemu_usage::message(&e, &argv) {
+            eprintln!("{msg}");
+            std::process::exit(1)
+        }
+    }
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
             eprintln!(
-                "{}: Not enough arguments\nTry 'vimg --help' for more info",
+                "{}: Not enough arguments\nTry '{} --help' for more info",
+                crate::trust::prefix(),
                 crate::trust::prefix()
             );
         }
@@ -44,7 +54,8 @@ pub fn parse() -> Cli {
                 .map(|v| v.to_string())
                 .unwrap_or_default();
             eprintln!(
-                "{}: Command not found: {name}\nTry 'vimg --help' for more info",
+                "{}: Command not found: {name}\nTry '{} --help' for more info",
+                crate::trust::prefix(),
                 crate::trust::prefix()
             );
         }

@@ -7,6 +7,7 @@ mod cmd;
 mod human;
 mod objects;
 mod progress;
+mod qemu_usage;
 mod qemu_words;
 mod signals;
 mod trust;
