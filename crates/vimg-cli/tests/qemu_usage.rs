@@ -103,3 +103,99 @@ fn rebase_without_backing_or_unsafe_is_refused() {
     assert_eq!(own.status.code(), Some(1));
     assert_eq!(std::fs::read(dir.path().join("c.qcow2")).unwrap(), before);
 }
+
+/// iotest 084: VDI headers qemu-img refuses (size past the limit, too few or too many
+/// blocks, a block size other than 1 MiB, unaligned offsets, a sector size other than
+/// 512, a link or parent UUID) are refused in qemu-img's words and qemu-img's order; under
+/// its own name vimg adds where it found the value.
+#[test]
+fn vdi_hostile_headers_in_qemu_img_words() {
+    if !qemu_available("vdi_hostile_headers_in_qemu_img_words") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    let img = dir.path().join("t.vdi");
+    let cases: &[&[(u64, &[u8])]] = &[
+        // disk size past qemu's limit
+        &[(0x170, &0x1_ffff_f801_0000u64.to_le_bytes())],
+        // 64 MiB but 63 blocks
+        &[(0x180, &63u32.to_le_bytes())],
+        // 64 MiB, blocks past qemu's limit
+        &[(0x180, &0x1fff_ff81u32.to_le_bytes())],
+        // block size 1 MiB - 1 and 1 MiB + 64 KiB
+        &[(0x178, &0xf_ffffu32.to_le_bytes())],
+        &[(0x178, &0x11_0000u32.to_le_bytes())],
+        // unaligned block map and data offsets, sector size 4096
+        &[(0x154, &0x201u32.to_le_bytes())],
+        &[(0x158, &0x401u32.to_le_bytes())],
+        &[(0x168, &4096u32.to_le_bytes())],
+        // a link UUID, a parent UUID
+        &[(0x1a8, &[1u8; 16])],
+        &[(0x1b8, &[2u8; 16])],
+        // two at once: qemu's order decides which is reported
+        &[
+            (0x178, &0xf_ffffu32.to_le_bytes()),
+            (0x180, &63u32.to_le_bytes()),
+        ],
+        &[
+            (0x180, &0x1fff_ff81u32.to_le_bytes()),
+            (0x1a8, &[1u8; 16]),
+        ],
+    ];
+    for (i, pokes) in cases.iter().enumerate() {
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-f", "vdi", s(&img), "64M"]);
+        for (off, bytes) in pokes.iter() {
+            patch(&img, *off, bytes);
+        }
+        let q = run_cmd("qemu-img", &["info", s(&img)]);
+        assert!(!q.status.success(), "case {i}: qemu-img opened it");
+        let v = run_cmd(&link, &["info", s(&img)]);
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr),
+            "case {i}"
+        );
+        assert_eq!(v.status.code(), q.status.code(), "case {i}");
+        // Under its own name: the same words, then a parenthesised detail.
+        let own = vimg_raw(&["info", s(&img)]);
+        let own = String::from_utf8_lossy(&own.stderr).into_owned();
+        let words = String::from_utf8_lossy(&q.stderr)
+            .trim_end()
+            .replacen("qemu-img: ", "vimg: ", 1);
+        assert!(own.starts_with(&format!("{words} (")), "case {i}: {own}");
+    }
+}
+
+/// iotest 135 (afl5.img): a VHD whose dynamic header runs past the end of the file and
+/// whose max table entries is past qemu's limit. qemu reads the header zero-padded and
+/// refuses "Max Table Entries too large (N)"; vimg checks the fields qemu checks first,
+/// in the same order, and says the same.
+#[test]
+fn vpc_table_entries_too_large_in_qemu_img_words() {
+    if !qemu_available("vpc_table_entries_too_large_in_qemu_img_words") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    let img = dir.path().join("t.vpc");
+    for truncate in [false, true] {
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-f", "vpc", s(&img), "1M"]);
+        // The footer copy at 0 names the dynamic header at 0x200; its max table entries.
+        assert_eq!(rd64be(&img, 16), 0x200);
+        patch(&img, 0x200 + 0x1c, &0x4000_0001u32.to_be_bytes());
+        if truncate {
+            // Keep the footer copy at 0 and 0x204 bytes of the header, as afl5.img.
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            f.set_len(0x404).unwrap();
+        }
+        let q = run_cmd("qemu-img", &["info", s(&img)]);
+        let v = run_cmd(&link, &["info", s(&img)]);
+        let qerr = String::from_utf8_lossy(&q.stderr);
+        assert!(qerr.contains("Max Table Entries too large (1073741825)"), "{qerr}");
+        assert_eq!(String::from_utf8_lossy(&v.stderr), qerr, "truncate={truncate}");
+        assert_eq!(v.status.code(), q.status.code());
+    }
+}
