@@ -63,6 +63,9 @@ pub enum VdiError {
         words: String,
         /// Where vimg found the value.
         detail: String,
+        /// Unsupported (a value vimg does not read) or invalid (fields that contradict
+        /// each other).
+        kind: ErrorKind,
     },
     /// The block map cannot cover the disk.
     #[error("VDI disk size {disk_size:#x} needs {needed} blocks of {block_size:#x} bytes, but the header has {blocks} (blocks in image at 0x180)")]
@@ -138,9 +141,8 @@ impl FormatError for VdiError {
             | EntryOutOfRange { .. }
             | EntryPastEof { .. }
             | EntryDuplicate { .. } => ErrorKind::Corrupt,
-            Version { .. } | Differencing(_) | Unsupported { .. } | Qemu { .. } => {
-                ErrorKind::Unsupported
-            },
+            Qemu { kind, .. } => *kind,
+            Version { .. } | Differencing(_) | Unsupported { .. } => ErrorKind::Unsupported,
             Option(_) => ErrorKind::InvalidArgument,
             // A file too short for the header is not a VDI at all, as in every format; a
             // complete header whose tables run past the end is corrupt.

@@ -10,7 +10,7 @@ use super::header::{
     VERSION_1_1,
 };
 use super::read::VdiReader;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::limits;
 use crate::storage::{read_exact, Storage};
 
@@ -24,6 +24,7 @@ fn qemu(words: impl Into<String>, detail: impl Into<String>) -> VdiError {
     VdiError::Qemu {
         words: words.into(),
         detail: detail.into(),
+        kind: ErrorKind::Unsupported,
     }
 }
 
@@ -122,16 +123,17 @@ fn validate_header(h: &Header, len: u64) -> Result<u64, VdiError> {
     }
     let room = u64::from(h.blocks_in_image) * u64::from(BLOCK_SIZE);
     if disk_size > room {
-        return Err(qemu(
-            format!(
+        return Err(VdiError::Qemu {
+            words: format!(
                 "unsupported VDI image (disk size {disk_size}, image bitmap has room for {room})"
             ),
-            format!(
+            detail: format!(
                 "disk size at 0x170 needs {} blocks of 1 MiB, blocks in image at 0x180 is {}",
                 disk_size.div_ceil(u64::from(BLOCK_SIZE)),
                 h.blocks_in_image
             ),
-        ));
+            kind: ErrorKind::Invalid,
+        });
     }
     if h.uuid_link != [0; 16] {
         return Err(qemu(
