@@ -202,6 +202,8 @@ impl FormatError for VhdError {
         match self {
             FixedTruncated { .. }
             | TablePastEof { .. }
+            // qemu's limit: a BAT of 2 GiB, which a file of that image would also hold.
+            | TableTooLarge { .. }
             | EntryPastEof { .. }
             | EntryOverlapsMetadata { .. }
             | EntriesOverlap { .. }
@@ -219,7 +221,6 @@ impl FormatError for VhdError {
             | Layout(_)
             | BlockSize { .. }
             | TableTooSmall { .. }
-            | TableTooLarge { .. }
             | Locator { .. }
             | NoParent => ErrorKind::Invalid,
         }
