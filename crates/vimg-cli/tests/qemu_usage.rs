@@ -199,3 +199,40 @@ fn vpc_table_entries_too_large_in_qemu_img_words() {
         assert_eq!(v.status.code(), q.status.code());
     }
 }
+
+/// iotest 126: `file:image:top.qcow2` names the file `image:top.qcow2`, which without the
+/// prefix would read as protocol `image`; qemu-img then calls it `./image:top.qcow2` and its
+/// relative backing file `./base.qcow2` ("actual path"), and so does vimg. Without a colon
+/// (`file:a.qcow2`) the name stays as given.
+#[test]
+fn file_prefix_names_with_a_colon_like_qemu_img() {
+    if !qemu_available("file_prefix_names_with_a_colon_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    qemu_in(dir.path(), &["create", "-f", "qcow2", "base.qcow2", "1M"]);
+    qemu_in(
+        dir.path(),
+        &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2"],
+    );
+    qemu_in(dir.path(), &["create", "-f", "qcow2", "a.qcow2", "1M"]);
+    for args in [
+        &["info", "--output=json", "file:image:top.qcow2"][..],
+        &["info", "--output=json", "file:a.qcow2"],
+        &["info", "--output=json", "--backing-chain", "file:image:top.qcow2"],
+    ] {
+        assert_same_words(dir.path(), &link, args);
+    }
+    // The human form: the same first lines (vimg adds its own after qemu-img's).
+    let q = qemu_in(dir.path(), &["info", "file:image:top.qcow2"]);
+    let v = std::process::Command::new(&link)
+        .args(["info", "file:image:top.qcow2"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&v.stdout);
+    assert!(q.starts_with("image: ./image:top.qcow2\n"), "{q}");
+    assert!(q.contains("(actual path: ./base.qcow2)"), "{q}");
+    assert!(v.starts_with(&q), "qemu-img:\n{q}\nvimg:\n{v}");
+}
