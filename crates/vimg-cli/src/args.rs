@@ -247,6 +247,10 @@ pub struct ConvertArgs {
     /// Write into an existing target instead of creating one (in place: not atomic).
     #[arg(short = 'n')]
     pub no_create: bool,
+    /// The output name is an option string (`driver=qcow2,file.filename=out.qcow2`), as
+    /// qemu-img's --target-image-opts; needs -n.
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. As in
     /// qemu-img the default is `unsafe`: the output is renamed into place when complete but
     /// not flushed. Every other mode makes it durable (fsync) before renaming it into place.

@@ -236,3 +236,58 @@ fn file_prefix_names_with_a_colon_like_qemu_img() {
     assert!(q.contains("(actual path: ./base.qcow2)"), "{q}");
     assert!(v.starts_with(&q), "qemu-img:\n{q}\nvimg:\n{v}");
 }
+
+/// `convert -n --target-image-opts SRC driver=raw,file.filename=OUT`: the target named by an
+/// option string (libvirt's and Cinder's encrypted-volume flows use the form). The output
+/// is qemu-img's, with or without `driver` (probed then); without -n, or with -O, refused
+/// in qemu-img's words.
+#[test]
+fn convert_target_image_opts_like_qemu_img() {
+    if !qemu_available("convert_target_image_opts_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    qemu_in(dir.path(), &["create", "-f", "qcow2", "a.qcow2", "4M"]);
+    qemu_io(
+        "qcow2",
+        &dir.path().join("a.qcow2"),
+        &["write -P 7 0 64k", "write -P 9 3M 100k"],
+    );
+    for opts in ["driver=raw,file.filename=", "file.filename="] {
+        for name in ["q.raw", "v.raw"] {
+            let _ = std::fs::remove_file(dir.path().join(name));
+            qemu_in(dir.path(), &["create", "-f", "raw", name, "4M"]);
+        }
+        qemu_in(
+            dir.path(),
+            &["convert", "-n", "--target-image-opts", "a.qcow2", &format!("{opts}q.raw")],
+        );
+        let v = std::process::Command::new(&link)
+            .args(["convert", "-n", "--target-image-opts", "a.qcow2"])
+            .arg(format!("{opts}v.raw"))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+        assert_eq!(
+            std::fs::read(dir.path().join("v.raw")).unwrap(),
+            std::fs::read(dir.path().join("q.raw")).unwrap(),
+            "{opts}"
+        );
+    }
+    for args in [
+        &["convert", "--target-image-opts", "a.qcow2", "driver=raw,file.filename=v.raw"][..],
+        &[
+            "convert",
+            "-n",
+            "--target-image-opts",
+            "-O",
+            "raw",
+            "a.qcow2",
+            "driver=raw,file.filename=v.raw",
+        ],
+    ] {
+        assert_same_words(dir.path(), &link, args);
+    }
+}
