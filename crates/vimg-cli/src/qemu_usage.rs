@@ -64,9 +64,7 @@ pub fn message(e: &Error, argv: &[String]) -> Option<String> {
         }
         _ => return None,
     };
-    Some(format!(
-        "{body}\nTry 'qemu-img {sub} --help' for more info"
-    ))
+    Some(format!("{body}\nTry 'qemu-img {sub} --help' for more info"))
 }
 
 /// qemu-img's message when a subcommand gets too few or too many operands (`extra`: the

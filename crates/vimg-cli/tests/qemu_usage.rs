@@ -94,7 +94,9 @@ fn rebase_without_backing_or_unsafe_is_refused() {
     qemu_in(dir.path(), &["create", "-f", "qcow2", "b.qcow2", "1M"]);
     qemu_in(
         dir.path(),
-        &["create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "c.qcow2"],
+        &[
+            "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", "c.qcow2",
+        ],
     );
     let before = std::fs::read(dir.path().join("c.qcow2")).unwrap();
     assert_same_words(dir.path(), &link, &["rebase", "c.qcow2"]);
@@ -138,10 +140,7 @@ fn vdi_hostile_headers_in_qemu_img_words() {
             (0x178, &0xf_ffffu32.to_le_bytes()),
             (0x180, &63u32.to_le_bytes()),
         ],
-        &[
-            (0x180, &0x1fff_ff81u32.to_le_bytes()),
-            (0x1a8, &[1u8; 16]),
-        ],
+        &[(0x180, &0x1fff_ff81u32.to_le_bytes()), (0x1a8, &[1u8; 16])],
     ];
     for (i, pokes) in cases.iter().enumerate() {
         let _ = std::fs::remove_file(&img);
@@ -161,9 +160,10 @@ fn vdi_hostile_headers_in_qemu_img_words() {
         // Under its own name: the same words, then a parenthesised detail.
         let own = vimg_raw(&["info", s(&img)]);
         let own = String::from_utf8_lossy(&own.stderr).into_owned();
-        let words = String::from_utf8_lossy(&q.stderr)
-            .trim_end()
-            .replacen("qemu-img: ", "vimg: ", 1);
+        let words =
+            String::from_utf8_lossy(&q.stderr)
+                .trim_end()
+                .replacen("qemu-img: ", "vimg: ", 1);
         assert!(own.starts_with(&format!("{words} (")), "case {i}: {own}");
     }
 }
@@ -194,8 +194,15 @@ fn vpc_table_entries_too_large_in_qemu_img_words() {
         let q = run_cmd("qemu-img", &["info", s(&img)]);
         let v = run_cmd(&link, &["info", s(&img)]);
         let qerr = String::from_utf8_lossy(&q.stderr);
-        assert!(qerr.contains("Max Table Entries too large (1073741825)"), "{qerr}");
-        assert_eq!(String::from_utf8_lossy(&v.stderr), qerr, "truncate={truncate}");
+        assert!(
+            qerr.contains("Max Table Entries too large (1073741825)"),
+            "{qerr}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            qerr,
+            "truncate={truncate}"
+        );
         assert_eq!(v.status.code(), q.status.code());
     }
 }
@@ -214,13 +221,27 @@ fn file_prefix_names_with_a_colon_like_qemu_img() {
     qemu_in(dir.path(), &["create", "-f", "qcow2", "base.qcow2", "1M"]);
     qemu_in(
         dir.path(),
-        &["create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "file:image:top.qcow2"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "file:image:top.qcow2",
+        ],
     );
     qemu_in(dir.path(), &["create", "-f", "qcow2", "a.qcow2", "1M"]);
     for args in [
         &["info", "--output=json", "file:image:top.qcow2"][..],
         &["info", "--output=json", "file:a.qcow2"],
-        &["info", "--output=json", "--backing-chain", "file:image:top.qcow2"],
+        &[
+            "info",
+            "--output=json",
+            "--backing-chain",
+            "file:image:top.qcow2",
+        ],
     ] {
         assert_same_words(dir.path(), &link, args);
     }
@@ -261,7 +282,13 @@ fn convert_target_image_opts_like_qemu_img() {
         }
         qemu_in(
             dir.path(),
-            &["convert", "-n", "--target-image-opts", "a.qcow2", &format!("{opts}q.raw")],
+            &[
+                "convert",
+                "-n",
+                "--target-image-opts",
+                "a.qcow2",
+                &format!("{opts}q.raw"),
+            ],
         );
         let v = std::process::Command::new(&link)
             .args(["convert", "-n", "--target-image-opts", "a.qcow2"])
@@ -277,7 +304,12 @@ fn convert_target_image_opts_like_qemu_img() {
         );
     }
     for args in [
-        &["convert", "--target-image-opts", "a.qcow2", "driver=raw,file.filename=v.raw"][..],
+        &[
+            "convert",
+            "--target-image-opts",
+            "a.qcow2",
+            "driver=raw,file.filename=v.raw",
+        ][..],
         &[
             "convert",
             "-n",

@@ -127,7 +127,8 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
 /// True when `name` starts with what qemu reads as a protocol prefix: a colon before any
 /// slash.
 fn path_has_protocol(name: &str) -> bool {
-    name.find([':', '/']).is_some_and(|i| name.as_bytes()[i] == b':')
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
 /// `key=value,key=value`, with `,,` standing for a literal comma (QEMU's option syntax).
