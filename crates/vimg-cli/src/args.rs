@@ -30,11 +30,21 @@ pub fn parse() -> Cli {
         Ok(cli) => return cli,
         Err(e) => e,
     };
+    if crate::trust::qemu_mode() {
+        let argv: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        if let Some(msg) = crate::qemu_usage::message(&e, &argv) {
+            eprintln!("{msg}");
+            std::process::exit(1)
+        }
+    }
     match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => e.exit(),
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand | ErrorKind::MissingSubcommand => {
             eprintln!(
-                "{}: Not enough arguments\nTry 'vimg --help' for more info",
+                "{}: Not enough arguments\nTry '{} --help' for more info",
+                crate::trust::prefix(),
                 crate::trust::prefix()
             );
         }
@@ -44,7 +54,8 @@ pub fn parse() -> Cli {
                 .map(|v| v.to_string())
                 .unwrap_or_default();
             eprintln!(
-                "{}: Command not found: {name}\nTry 'vimg --help' for more info",
+                "{}: Command not found: {name}\nTry '{} --help' for more info",
+                crate::trust::prefix(),
                 crate::trust::prefix()
             );
         }
@@ -236,6 +247,10 @@ pub struct ConvertArgs {
     /// Write into an existing target instead of creating one (in place: not atomic).
     #[arg(short = 'n')]
     pub no_create: bool,
+    /// The output name is an option string (`driver=qcow2,file.filename=out.qcow2`), as
+    /// qemu-img's --target-image-opts; needs -n.
+    #[arg(long = "target-image-opts")]
+    pub target_image_opts: bool,
     /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. As in
     /// qemu-img the default is `unsafe`: the output is renamed into place when complete but
     /// not flushed. Every other mode makes it durable (fsync) before renaming it into place.

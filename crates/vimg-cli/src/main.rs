@@ -7,6 +7,7 @@ mod cmd;
 mod human;
 mod objects;
 mod progress;
+mod qemu_usage;
 mod qemu_words;
 mod signals;
 mod trust;
@@ -74,7 +75,7 @@ fn main() -> ExitCode {
         return ExitCode::from(f.code);
     }
     let result = match cli.cmd {
-        Command::Convert(a) => cmd::convert::run(a),
+        Command::Convert(a) => cmd::target_opts::resolve(a).and_then(cmd::convert::run),
         Command::Info(a) => cmd::info::run(a),
         Command::Create(a) => cmd::create::run(a),
         Command::Check(a) => cmd::check::run(a),

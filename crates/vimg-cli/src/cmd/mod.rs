@@ -18,6 +18,7 @@ pub mod rebase;
 pub mod repair;
 pub mod resize;
 pub mod snapshot;
+pub mod target_opts;
 
 use vimg::{Format, OpenOptions};
 

@@ -62,6 +62,17 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             1,
         ));
     }
+    // qemu-img's usage check: a safe rebase needs the new backing file named (`-b ""`
+    // removes it); without -b it is refused, not read as "remove the backing file".
+    if !a.unsafe_mode && a.backing.is_none() {
+        return Err(Failure::new(
+            format!(
+                "Must specify backing file (-b) or use unsafe mode (-u)\nTry '{} rebase --help' for more info",
+                crate::trust::prefix()
+            ),
+            1,
+        ));
+    }
     let file = &a.files[0];
     let backing_format = match a.backing_format.as_deref() {
         None => None,

@@ -97,8 +97,16 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
         if path.is_empty() {
             return Err(Error::invalid_argument("'file:' names no file"));
         }
+        // With the prefix gone, a colon before any slash would read as a protocol prefix
+        // again ("file:image:top.qcow2"); qemu then names the file "./image:top.qcow2", and
+        // so does vimg (info prints it, backing names resolve against it).
+        let path = if path_has_protocol(path) {
+            PathBuf::from(format!("./{path}"))
+        } else {
+            PathBuf::from(path)
+        };
         return Ok(UserName {
-            path: PathBuf::from(path),
+            path,
             format: None,
             open_backing: true,
             window: None,
@@ -114,6 +122,13 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
         });
     };
     from_pairs(name, &pairs)
+}
+
+/// True when `name` starts with what qemu reads as a protocol prefix: a colon before any
+/// slash.
+fn path_has_protocol(name: &str) -> bool {
+    name.find([':', '/'])
+        .is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
 /// `key=value,key=value`, with `,,` standing for a literal comma (QEMU's option syntax).

@@ -55,6 +55,18 @@ pub enum VdiError {
         /// What is supported.
         expected: String,
     },
+    /// A header value qemu-img refuses, in qemu-img's words, then where vimg found it (the
+    /// CLI's qemu-img compatibility mode prints qemu-img's words alone).
+    #[error("{words} ({detail})")]
+    Qemu {
+        /// qemu-img's message.
+        words: String,
+        /// Where vimg found the value.
+        detail: String,
+        /// Unsupported (a value vimg does not read) or invalid (fields that contradict
+        /// each other).
+        kind: ErrorKind,
+    },
     /// The block map cannot cover the disk.
     #[error("VDI disk size {disk_size:#x} needs {needed} blocks of {block_size:#x} bytes, but the header has {blocks} (blocks in image at 0x180)")]
     BlockCount {
@@ -129,6 +141,7 @@ impl FormatError for VdiError {
             | EntryOutOfRange { .. }
             | EntryPastEof { .. }
             | EntryDuplicate { .. } => ErrorKind::Corrupt,
+            Qemu { kind, .. } => *kind,
             Version { .. } | Differencing(_) | Unsupported { .. } => ErrorKind::Unsupported,
             Option(_) => ErrorKind::InvalidArgument,
             // A file too short for the header is not a VDI at all, as in every format; a

@@ -10,7 +10,7 @@ use super::header::{
     VERSION_1_1,
 };
 use super::read::VdiReader;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::limits;
 use crate::storage::{read_exact, Storage};
 
@@ -18,6 +18,15 @@ use crate::storage::{read_exact, Storage};
 pub const MAX_BLOCKS: u32 = (0x8000_0000u32 - 512) / 4;
 /// qemu's limit on the disk size ([`MAX_BLOCKS`] blocks of 1 MiB).
 pub const MAX_DISK_SIZE: u64 = MAX_BLOCKS as u64 * BLOCK_SIZE as u64;
+
+/// A condition qemu-img has words for: its message, then where vimg found it.
+fn qemu(words: impl Into<String>, detail: impl Into<String>) -> VdiError {
+    VdiError::Qemu {
+        words: words.into(),
+        detail: detail.into(),
+        kind: ErrorKind::Unsupported,
+    }
+}
 
 fn unsupported(field: &'static str, at: u64, value: u64, expected: impl Into<String>) -> VdiError {
     VdiError::Unsupported {
@@ -60,85 +69,106 @@ fn validate_header(h: &Header, len: u64) -> Result<u64, VdiError> {
         }
         value => return Err(VdiError::ImageType { value }),
     }
-    if h.uuid_link != [0; 16] {
-        return Err(VdiError::Differencing(format!(
-            "non-NULL link UUID {} at 0x1a8",
-            uuid::Uuid::from_bytes_le(h.uuid_link)
-        )));
-    }
-    if h.uuid_parent != [0; 16] {
-        return Err(VdiError::Differencing(format!(
-            "non-NULL parent UUID {} at 0x1b8",
-            uuid::Uuid::from_bytes_le(h.uuid_parent)
-        )));
-    }
+    // From here qemu's order and qemu's words (block/vdi.c, vdi_open), each followed by
+    // where vimg found the value; in qemu-img compatibility mode only qemu's words are
+    // printed.
     let sector = u64::from(SECTOR_SIZE);
     if h.disk_size > MAX_DISK_SIZE {
-        return Err(unsupported(
-            "disk size",
-            0x170,
-            h.disk_size,
-            format!("the largest supported is {MAX_DISK_SIZE:#x}"),
+        return Err(qemu(
+            format!(
+                "Unsupported VDI image size (size is {:#x}, max supported is {MAX_DISK_SIZE:#x})",
+                h.disk_size
+            ),
+            "disk size at 0x170",
         ));
     }
     // VBoxManage convertfromraw writes disk sizes that are not whole sectors; qemu reads them
     // rounded up, and so does vimg (the rest of the last sector is in the last block).
     let disk_size = h.disk_size.div_ceil(sector) * sector;
     if !u64::from(h.offset_bmap).is_multiple_of(sector) {
-        return Err(unsupported(
-            "block map offset",
-            0x154,
-            h.offset_bmap.into(),
-            "it must be a multiple of 512",
+        return Err(qemu(
+            format!(
+                "unsupported VDI image (unaligned block map offset {:#x})",
+                h.offset_bmap
+            ),
+            "block map offset at 0x154, it must be a multiple of 512",
         ));
     }
     if !u64::from(h.offset_data).is_multiple_of(sector) {
-        return Err(unsupported(
-            "data offset",
-            0x158,
-            h.offset_data.into(),
-            "it must be a multiple of 512",
+        return Err(qemu(
+            format!(
+                "unsupported VDI image (unaligned data offset {:#x})",
+                h.offset_data
+            ),
+            "data offset at 0x158, it must be a multiple of 512",
         ));
     }
     if h.sector_size != SECTOR_SIZE {
-        return Err(unsupported(
-            "sector size",
-            0x168,
-            h.sector_size.into(),
-            "it must be 512",
+        return Err(qemu(
+            format!(
+                "unsupported VDI image (sector size {} is not {SECTOR_SIZE})",
+                h.sector_size
+            ),
+            "sector size at 0x168",
         ));
     }
     if h.block_size != BLOCK_SIZE {
-        return Err(unsupported(
-            "block size",
-            0x178,
-            h.block_size.into(),
-            "it must be 1 MiB (0x100000)",
+        return Err(qemu(
+            format!(
+                "unsupported VDI image (block size {} is not {BLOCK_SIZE})",
+                h.block_size
+            ),
+            "block size at 0x178",
         ));
     }
+    let room = u64::from(h.blocks_in_image) * u64::from(BLOCK_SIZE);
+    if disk_size > room {
+        return Err(VdiError::Qemu {
+            words: format!(
+                "unsupported VDI image (disk size {disk_size}, image bitmap has room for {room})"
+            ),
+            detail: format!(
+                "disk size at 0x170 needs {} blocks of 1 MiB, blocks in image at 0x180 is {}",
+                disk_size.div_ceil(u64::from(BLOCK_SIZE)),
+                h.blocks_in_image
+            ),
+            kind: ErrorKind::Invalid,
+        });
+    }
+    if h.uuid_link != [0; 16] {
+        return Err(qemu(
+            "unsupported VDI image (non-NULL link UUID)",
+            format!(
+                "{} at 0x1a8; differencing VDIs are not supported",
+                uuid::Uuid::from_bytes_le(h.uuid_link)
+            ),
+        ));
+    }
+    if h.uuid_parent != [0; 16] {
+        return Err(qemu(
+            "unsupported VDI image (non-NULL parent UUID)",
+            format!(
+                "{} at 0x1b8; differencing VDIs are not supported",
+                uuid::Uuid::from_bytes_le(h.uuid_parent)
+            ),
+        ));
+    }
+    if h.blocks_in_image > MAX_BLOCKS {
+        return Err(qemu(
+            format!(
+                "unsupported VDI image (too many blocks {}, max is {MAX_BLOCKS})",
+                h.blocks_in_image
+            ),
+            "blocks in image at 0x180",
+        ));
+    }
+    // vimg's own check after qemu's (qemu ignores the field).
     if h.block_extra != 0 {
         return Err(unsupported(
             "extra bytes per block",
             0x17c,
             h.block_extra.into(),
             "it must be 0",
-        ));
-    }
-    let needed = disk_size.div_ceil(u64::from(BLOCK_SIZE));
-    if needed > u64::from(h.blocks_in_image) {
-        return Err(VdiError::BlockCount {
-            disk_size,
-            block_size: BLOCK_SIZE.into(),
-            needed,
-            blocks: h.blocks_in_image,
-        });
-    }
-    if h.blocks_in_image > MAX_BLOCKS {
-        return Err(unsupported(
-            "blocks in image",
-            0x180,
-            h.blocks_in_image.into(),
-            format!("at most {MAX_BLOCKS} are supported"),
         ));
     }
     let header_end = HEADER_AT + u64::from(h.header_size);

@@ -108,6 +108,14 @@ pub enum VhdError {
         /// Virtual size.
         size: u64,
     },
+    /// Max table entries past qemu's limit (a BAT of 2 GiB), in qemu-img's words.
+    #[error("Max Table Entries too large ({entries}) (dynamic disk header at {offset:#x}; at most 536870911 are supported)")]
+    TableTooLarge {
+        /// Where the header was read.
+        offset: u64,
+        /// Max table entries.
+        entries: u32,
+    },
     /// The BAT does not fit in the file.
     #[error("BAT at {offset:#x} with {entries} ({entries:#x}) max table entries needs {bytes:#x} bytes, past the end of the file ({len:#x} bytes)")]
     TablePastEof {
@@ -194,6 +202,8 @@ impl FormatError for VhdError {
         match self {
             FixedTruncated { .. }
             | TablePastEof { .. }
+            // qemu's limit: a BAT of 2 GiB, which a file of that image would also hold.
+            | TableTooLarge { .. }
             | EntryPastEof { .. }
             | EntryOverlapsMetadata { .. }
             | EntriesOverlap { .. }

@@ -248,15 +248,16 @@ impl VhdReader {
         let len = storage.len();
         let hoff = self.footer.data_offset;
         let head_end = if has_head { FOOTER_SIZE as u64 } else { 0 };
-        if hoff < head_end
-            || hoff
-                .checked_add(DYN_HEADER_SIZE as u64)
-                .is_none_or(|e| e > len)
-        {
+        if hoff < head_end || hoff >= len {
             return Err(VhdError::HeaderOffset { offset: hoff, len }.into());
         }
+        // qemu reads the header zero-padded where it runs past the end of the file and
+        // checks its fields first (block/vpc.c, vpc_open); vimg reads the same 1024 bytes at
+        // most and checks the fields qemu checks in qemu's order, then refuses the header
+        // that does not fit, then its own checks (checksum, version).
         let mut hb = [0u8; DYN_HEADER_SIZE];
-        read_exact(&*storage, &mut hb, hoff, "VHD dynamic disk header")?;
+        let have = (len - hoff).min(DYN_HEADER_SIZE as u64) as usize;
+        read_exact(&*storage, &mut hb[..have], hoff, "VHD dynamic disk header")?;
         let header = DynHeader::parse(&hb).map_err(|e| match e {
             VhdError::BadCookie {
                 structure,
@@ -271,26 +272,6 @@ impl VhdReader {
             },
             e => e,
         })?;
-        // qemu does not check this checksum; the specification says a header whose checksum
-        // fails is corrupt, and Hyper-V refuses such files, so vimg does too.
-        let computed = header.computed_checksum();
-        if !crate::checksum::checksum_matches(header.checksum, computed) {
-            return Err(VhdError::Checksum {
-                structure: "dynamic disk header",
-                offset: hoff,
-                stored: header.checksum,
-                computed,
-            }
-            .into());
-        }
-        if header.version >> 16 != 1 {
-            return Err(VhdError::Version {
-                structure: "dynamic disk header",
-                offset: hoff,
-                version: header.version,
-            }
-            .into());
-        }
         let bs = header.block_size;
         if !bs.is_power_of_two() || bs < SECTOR as u32 {
             return Err(VhdError::BlockSize {
@@ -309,6 +290,39 @@ impl VhdReader {
                 block_size,
                 covers,
                 size: self.virtual_size,
+            }
+            .into());
+        }
+        if entries > i32::MAX as u32 / 4 {
+            return Err(VhdError::TableTooLarge {
+                offset: hoff,
+                entries,
+            }
+            .into());
+        }
+        if hoff
+            .checked_add(DYN_HEADER_SIZE as u64)
+            .is_none_or(|e| e > len)
+        {
+            return Err(VhdError::HeaderOffset { offset: hoff, len }.into());
+        }
+        // qemu does not check this checksum; the specification says a header whose checksum
+        // fails is corrupt, and Hyper-V refuses such files, so vimg does too.
+        let computed = header.computed_checksum();
+        if !crate::checksum::checksum_matches(header.checksum, computed) {
+            return Err(VhdError::Checksum {
+                structure: "dynamic disk header",
+                offset: hoff,
+                stored: header.checksum,
+                computed,
+            }
+            .into());
+        }
+        if header.version >> 16 != 1 {
+            return Err(VhdError::Version {
+                structure: "dynamic disk header",
+                offset: hoff,
+                version: header.version,
             }
             .into());
         }
