@@ -1,5 +1,5 @@
 //! `vimg amend`: qemu-img amend's command line for qcow2, for the options vimg changes
-//! in place (`compat`, `lazy_refcounts`); the other amendable options are refused before
+//! in place (`compat`, `lazy_refcounts`, `refcount_bits`, `data_file_raw`); the other amendable options are refused before
 //! anything is written, creation-only and unknown options with qemu-img's words.
 
 use std::path::Path;
@@ -19,7 +19,8 @@ pub struct AmendArgs {
     /// Image format (probed from the content when absent).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Options to change, key=value[,key=value...]: compat=0.10|1.1, lazy_refcounts=on|off.
+    /// Options to change, key=value[,key=value...]: compat=0.10|1.1, lazy_refcounts=on|off,
+    /// refcount_bits=1..64, data_file_raw=on|off.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Accepted for qemu-img compatibility (vimg refuses what --force would allow).
@@ -44,8 +45,6 @@ pub struct AmendArgs {
 /// and `backing_fmt` are handled as qemu-img handles them: see [`same_backing`]).
 const NOT_YET: &[&str] = &[
     "data_file",
-    "data_file_raw",
-    "refcount_bits",
     "size",
     "encrypt.format",
     "encrypt.key-secret",
@@ -80,6 +79,27 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, Failure> {
             1,
         )),
     }
+}
+
+/// A number option as QEMU's option parser reads it (`strtoull` with base 0 after leading
+/// blanks: decimal, `0x` hex, `0` octal; a leading `-` wraps around as strtoull does).
+fn parse_number(key: &str, v: &str) -> Result<u64, Failure> {
+    let bad = || Failure::new(format!("Parameter '{key}' expects a number"), 1);
+    let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u64>()
+    };
+    let n = parsed.map_err(|_| bad())?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }
 
 pub fn run(a: AmendArgs) -> CmdResult {
@@ -122,6 +142,8 @@ pub fn run(a: AmendArgs) -> CmdResult {
                     })
                 }
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
+                "refcount_bits" => amend.refcount_bits = Some(parse_number(k, v)?),
+                "data_file_raw" => amend.data_file_raw = Some(parse_bool(k, v)?),
                 "backing_file" => backing_file = Some(v.to_string()),
                 "backing_fmt" => backing_fmt = Some(v.to_string()),
                 k if CREATE_ONLY.contains(&k) => {

@@ -72,6 +72,16 @@ impl Qcow2Update {
         Ok(out)
     }
 
+    /// The snapshot table's bytes as stored (each entry padded to 8), for a switch that
+    /// keeps it.
+    pub(super) fn raw_snapshot_table(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .read_snapshot_table()?
+            .into_iter()
+            .flat_map(|e| e.raw)
+            .collect())
+    }
+
     /// Reads an L1 table of `n` entries at `off`.
     fn read_l1_at(&self, off: u64, n: u32) -> Result<Vec<u64>> {
         let bytes = u64::from(n) * 8;
