@@ -45,7 +45,6 @@ pub struct AmendArgs {
 /// and `backing_fmt` are handled as qemu-img handles them: see [`same_backing`]).
 const NOT_YET: &[&str] = &[
     "data_file",
-    "size",
     "encrypt.format",
     "encrypt.key-secret",
     "encrypt.new-secret",
@@ -128,6 +127,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
     }
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
+    let mut size: Option<u64> = None;
     for list in &a.options {
         for kv in list.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -144,6 +144,14 @@ pub fn run(a: AmendArgs) -> CmdResult {
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
                 "refcount_bits" => amend.refcount_bits = Some(parse_number(k, v)?),
                 "data_file_raw" => amend.data_file_raw = Some(parse_bool(k, v)?),
+                "size" => {
+                    size = Some(vimg::options::parse_size(v).map_err(|_| {
+                        Failure::new(
+                            "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+                            1,
+                        )
+                    })?)
+                }
                 "backing_file" => backing_file = Some(v.to_string()),
                 "backing_fmt" => backing_fmt = Some(v.to_string()),
                 k if CREATE_ONLY.contains(&k) => {
@@ -179,8 +187,80 @@ pub fn run(a: AmendArgs) -> CmdResult {
     }
     let mut img =
         updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
-    img.amend(amend).map_err(Failure::from)?;
+    if repair_if_dirty(&mut img, &a)? {
+        img = updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+    }
+    let Some(size) = size else {
+        img.amend(amend).map_err(Failure::from)?;
+        return Ok(0);
+    };
+    // qemu-img's order: upgrade and the other options, then the size, then a downgrade.
+    let downgrade = match (&img, amend.version) {
+        (updater::Updater::Qcow2(q), Some(v)) => v < q.header().version,
+        _ => false,
+    };
+    let mut first = amend;
+    if downgrade {
+        first.version = None;
+    }
+    img.amend(first).map_err(Failure::from)?;
+    resize_for_amend(&mut img, path, format, &a, size)?;
+    if downgrade {
+        img.amend(Amend {
+            version: amend.version,
+            ..Amend::default()
+        })
+        .map_err(Failure::from)?;
+    }
     Ok(0)
+}
+
+/// qemu-img repairs a dirty qcow2 image (lazy refcounts not written back) when it opens
+/// it for writing, printing the repair's lines; amend does the same before it changes
+/// anything. True when it repaired.
+fn repair_if_dirty(img: &mut updater::Updater, a: &AmendArgs) -> Result<bool, Failure> {
+    let dirty = matches!(img, updater::Updater::Qcow2(q)
+        if q.header().incompatible_features & vimg::formats::qcow2::header::INCOMPAT_DIRTY != 0);
+    if !dirty {
+        return Ok(false);
+    }
+    let rep = img
+        .repair(vimg::formats::qcow2::Repair::All)
+        .map_err(|e| Failure::new(format!("Repair of '{}' failed: {e}", a.filename), 1))?;
+    if !a.quiet {
+        for m in rep
+            .before_messages()
+            .chain(&rep.messages)
+            .chain(&rep.copied_messages)
+        {
+            eprintln!("{m}");
+        }
+    }
+    Ok(true)
+}
+
+/// amend's `size`: a resize (shrinking allowed, as qemu-img's amend truncates), with the
+/// new area zeroed where a longer backing file would show through.
+fn resize_for_amend(
+    img: &mut updater::Updater,
+    path: &Path,
+    format: Format,
+    a: &AmendArgs,
+    size: u64,
+) -> Result<(), Failure> {
+    let cur = img.virtual_size().map_err(Failure::from)?;
+    if size == cur {
+        return Ok(());
+    }
+    if size > cur {
+        let opts = super::open_options(Some(format), &a.safety);
+        let image = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+        if image.backing().is_some_and(|b| b.virtual_size() > cur) {
+            return img.resize_zeroing(size).map_err(Failure::from);
+        }
+    }
+    img.resize(size, vimg::formats::qcow2::Prealloc::Off)
+        .map_err(Failure::from)
 }
 
 /// qemu-img amend takes `backing_file`/`backing_fmt` only when they name the backing file

@@ -801,13 +801,14 @@ impl Qcow2Update {
         }
         self.require_consistent()?;
         let old = self.header.size;
-        if size < old && self.nb_snapshots > 0 {
-            return Err(Error::unsupported("Can't shrink an image with snapshots"));
-        }
         if self.nb_snapshots > 0 && self.header.version < 3 {
             return Err(Error::unsupported(
                 "Can't resize a v2 image which has snapshots",
             ));
+        }
+        if size < old && self.nb_snapshots > 0 {
+            // Tables shared with snapshots: shrunk through copies (`update/rebuild.rs`).
+            return self.shrink_shadowed(size);
         }
         if size >= old {
             self.grow(size)
@@ -1006,6 +1007,12 @@ impl Qcow2Update {
                         "compat=0.10 requires refcount_bits=16",
                     ));
                 }
+                if self.has_data_file {
+                    return Err(Error::unsupported(
+                        "Cannot downgrade an image with a data file",
+                    ));
+                }
+                self.refuse_snapshot_downgrade()?;
                 if old.incompatible_features != 0 {
                     return Err(Error::unsupported(format!(
                         "Cannot downgrade an image with incompatible features {:#x} set",

@@ -239,3 +239,42 @@ impl Qcow2Update {
         })
     }
 }
+
+impl Qcow2Update {
+    /// Shrinks a version 3 image that has internal snapshots (qemu-img allows it: each
+    /// snapshot keeps its own size). The L2 tables may be shared with snapshots, so they are
+    /// never written in place: one shadow switch with copies of the active L2 tables whose
+    /// entries past the new end are cleared, the L1 entries of tables wholly past it
+    /// dropped, the new size, and refcounts counted from that (the clusters only the
+    /// active state used are free, the snapshots' stay).
+    pub(super) fn shrink_shadowed(&mut self, size: u64) -> Result<()> {
+        let cs = self.cs();
+        let per = self.g.l2_entries();
+        let width = self.l2_width() as u64;
+        let keep = size.div_ceil(cs);
+        let mut l1 = self.l1.clone();
+        for (i, e) in l1.iter_mut().enumerate() {
+            if i as u64 * per >= keep {
+                *e = 0;
+            }
+        }
+        let mut h = self.header.clone();
+        h.size = size;
+        let table = self.raw_snapshot_table()?;
+        let nb = self.nb_snapshots;
+        self.shadow(|s, sh| {
+            sh.base = Some(h);
+            let (new_l1, l2s) = s.shadow_copy_l2s(sh, &l1)?;
+            let i = keep / per;
+            if let Some(&at) = new_l1.get(i as usize) {
+                let from = keep - i * per;
+                if at != 0 && from > 0 {
+                    let mut raw = s.read_cluster(at)?;
+                    raw[(from * width) as usize..].fill(0);
+                    s.pwrite(&raw, at)?;
+                }
+            }
+            s.shadow_commit(sh, new_l1, &l2s, &table, nb, size)
+        })
+    }
+}
