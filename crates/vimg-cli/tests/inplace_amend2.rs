@@ -485,3 +485,168 @@ fn check_repair_rebuild_like_qemu_and_killed() {
     }
     assert!(kills > 3, "only {kills} kill points");
 }
+
+/// Shrinking an image with internal snapshots (qemu-img allows it for version 3): the
+/// snapshots keep their content, the tables they share are never written.
+#[test]
+fn shrink_with_snapshots_like_qemu_and_killed() {
+    if !qemu_available("shrink_with_snapshots_like_qemu_and_killed") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let pristine = d.join("pristine.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&pristine),
+        "8M",
+    ]);
+    qemu_io(
+        "qcow2",
+        &pristine,
+        &["write -P 1 0 1M", "write -P 2 5M 2M", "write -P 3 7M 64k"],
+    );
+    qemu_img(&["snapshot", "-c", "s1", s(&pristine)]);
+    qemu_io(
+        "qcow2",
+        &pristine,
+        &["write -P 4 5M 64k", "write -P 5 6M 4k"],
+    );
+    let args = ["resize", "--shrink", "{}", "5250k"];
+    let (q, v) = both(d, &pristine, &args);
+    assert_eq!(qemu_check(&v, false, "vimg's"), Verdict::Clean);
+    qemu_img(&["compare", s(&q), s(&v)]);
+    let snap = |img: &Path| {
+        let out = d.join("snap.raw");
+        let _ = std::fs::remove_file(&out);
+        qemu_img(&[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-O",
+            "raw",
+            s(img),
+            s(&out),
+        ]);
+        std::fs::read(&out).expect("read")
+    };
+    // convert -l reads the snapshot at the image's current size: compared with
+    // qemu-img's result, and (below) with the old or the new.
+    let s1 = snap(&pristine);
+    let s1_new = snap(&q);
+    assert!(
+        snap(&v) == s1_new,
+        "the snapshot reads otherwise than after qemu-img"
+    );
+    // Applying the larger snapshot gives its size and content back, as with qemu-img.
+    let (qa, va) = {
+        let qa = d.join("qa.qcow2");
+        std::fs::copy(&q, &qa).expect("copy");
+        qemu_img(&["snapshot", "-a", "s1", s(&qa)]);
+        vimg(&["snapshot", "-a", "s1", s(&v)]);
+        (qa, v.clone())
+    };
+    assert_eq!(qemu_check(&va, false, "applied"), Verdict::Clean);
+    qemu_img(&["compare", s(&qa), s(&va)]);
+    let old = guest(&pristine, "qcow2");
+    let new = guest(&q, "qcow2");
+    kill_everywhere(d, &pristine, &args, "shrink with a snapshot", &|img, w| {
+        let g = guest(img, "qcow2");
+        assert!(
+            g == old || g == new,
+            "{w}: neither the old guest nor the new"
+        );
+        let sn = snap(img);
+        assert!(sn == s1 || sn == s1_new, "{w}: the snapshot changed");
+    });
+}
+
+/// `amend -o size=` (with an upgrade first, or a downgrade after), and amend of a dirty
+/// image, which qemu-img repairs first, printing the repair.
+#[test]
+fn amend_size_and_dirty_like_qemu() {
+    if !qemu_available("amend_size_and_dirty_like_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let v2 = d.join("v2.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&v2),
+        "64M",
+    ]);
+    qemu_io("qcow2", &v2, &["write -P 0x2a 42M 64k"]);
+    let (q, v) = both(
+        d,
+        &v2,
+        &[
+            "amend",
+            "-o",
+            "compat=1.1,lazy_refcounts=on,size=128M",
+            "{}",
+        ],
+    );
+    assert_eq!(info(&v)["virtual-size"], info(&q)["virtual-size"]);
+    assert_eq!(compat(&v), "1.1");
+    assert_eq!(qemu_check(&v, false, "upgraded"), Verdict::Clean);
+    qemu_img(&["compare", s(&q), s(&v)]);
+    let v3 = d.join("v3.qcow2");
+    std::fs::copy(&v, &v3).expect("copy");
+    let (q, v) = both(d, &v3, &["amend", "-o", "compat=0.10,size=48M", "{}"]);
+    assert_eq!(info(&v)["virtual-size"], info(&q)["virtual-size"]);
+    assert_eq!(compat(&v), "0.10");
+    qemu_img(&["compare", s(&q), s(&v)]);
+    // Dirty: a killed writer with lazy refcounts.
+    let dirty = d.join("dirty.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        s(&dirty),
+        "64M",
+    ]);
+    let _ = run_cmd(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 512",
+            "-c",
+            "sigraise 9",
+            s(&dirty),
+        ],
+    );
+    let qd = d.join("qd.qcow2");
+    let vd = d.join("vd.qcow2");
+    std::fs::copy(&dirty, &qd).expect("copy");
+    std::fs::copy(&dirty, &vd).expect("copy");
+    let qo = run_cmd("qemu-img", &["amend", "-o", "lazy_refcounts=off", s(&qd)]);
+    let vo = vimg_raw(&["amend", "-o", "lazy_refcounts=off", s(&vd)]);
+    assert_eq!(vo.status.code(), qo.status.code());
+    assert_eq!(
+        String::from_utf8_lossy(&vo.stderr),
+        String::from_utf8_lossy(&qo.stderr)
+    );
+    assert_eq!(qemu_check(&vd, false, "amended dirty"), Verdict::Clean);
+    assert_eq!(info(&vd)["dirty-flag"], serde_json::Value::Bool(false));
+    assert_eq!(
+        info(&vd)["format-specific"]["data"]["lazy-refcounts"],
+        serde_json::Value::Bool(false)
+    );
+    qemu_img(&["compare", s(&qd), s(&vd)]);
+}
