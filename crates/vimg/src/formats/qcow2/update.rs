@@ -107,6 +107,9 @@ pub struct Qcow2Update {
     /// The last refcount block read, by refcount table index.
     block: Option<(u64, Vec<u8>)>,
     hook: CrashHook,
+    /// Guest byte ranges written since the enabled bitmaps were marked in use (Some while
+    /// a data writer tracks them: `update/bitmap_writes.rs`).
+    written: Option<Vec<(u64, u64)>>,
     /// The policy the image was opened under (the check's reopen opens the data file
     /// through it: the data clusters are then counted as the data file's, not this file's).
     policy: ExternalPolicy,
@@ -232,6 +235,7 @@ impl Qcow2Update {
             free_hint: 0,
             block: None,
             hook: CrashHook::from_env(),
+            written: None,
             policy,
         };
         u.clear_unknown_autoclear()?;
