@@ -650,3 +650,102 @@ fn amend_size_and_dirty_like_qemu() {
     );
     qemu_img(&["compare", s(&qd), s(&vd)]);
 }
+
+/// Guest writes into an image with persistent bitmaps (`commit` into a base that has
+/// them): the enabled bitmaps get the written ranges as with qemu-img commit (compared
+/// through `qemu-img convert --bitmaps` of both results, byte for byte); killed anywhere,
+/// a bitmap not marked in use is the old one with the old base, or the new one.
+#[test]
+fn writes_set_bitmap_bits_like_qemu_and_killed() {
+    if !qemu_available("writes_set_bitmap_bits_like_qemu_and_killed") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_io("qcow2", &base, &["write -P 1 0 1M"]);
+    qemu_img(&["bitmap", "--add", s(&base), "b1"]);
+    qemu_img(&["bitmap", "--add", "-g", "512k", s(&base), "b2"]);
+    qemu_img(&["bitmap", "--add", s(&base), "b3"]);
+    qemu_img(&["bitmap", "--disable", s(&base), "b3"]);
+    let make = |tag: &str| -> (PathBuf, PathBuf) {
+        let b = d.join(format!("base-{tag}.qcow2"));
+        let t = d.join(format!("top-{tag}.qcow2"));
+        std::fs::copy(&base, &b).expect("copy");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&b),
+            "-F",
+            "qcow2",
+            s(&t),
+        ]);
+        qemu_io(
+            "qcow2",
+            &t,
+            &["write -P 2 100k 3k", "write -P 3 3M 1M", "write -z 6M 64k"],
+        );
+        (b, t)
+    };
+    let exported = |b: &Path, name: &str| -> Vec<u8> {
+        let out = d.join(name);
+        let _ = std::fs::remove_file(&out);
+        qemu_img(&["convert", "--bitmaps", "-O", "qcow2", s(b), s(&out)]);
+        std::fs::read(&out).expect("read")
+    };
+    let (qb, qt) = make("q");
+    qemu_img(&["commit", "-q", s(&qt)]);
+    let (vb, vt) = make("v");
+    vimg(&["commit", s(&vt)]);
+    assert_eq!(qemu_check(&vb, false, "vimg's base"), Verdict::Clean);
+    qemu_img(&["compare", s(&qb), s(&vb)]);
+    let want = exported(&qb, "q.export");
+    assert!(
+        exported(&vb, "v.export") == want,
+        "bitmaps differ from qemu-img's"
+    );
+    let orig = exported(&base, "o.export");
+    assert!(orig != want, "the commit set no bit");
+    let old_guest = guest(&base, "qcow2");
+    let (pb, pt) = make("p");
+    let work_b = d.join("base-w.qcow2");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 5_000, "no end in sight");
+        std::fs::copy(&pb, &work_b).expect("copy");
+        let work_t = d.join("top-w.qcow2");
+        std::fs::copy(&pt, &work_t).expect("copy");
+        qemu_img(&["rebase", "-u", "-b", s(&work_b), "-F", "qcow2", s(&work_t)]);
+        let killed = run_killed(&["commit", s(&work_t)], n);
+        let w = format!("commit into a base with bitmaps killed before point {n}");
+        check_then_repair(&work_b, "qcow2", &w);
+        let v = info(&work_b);
+        let in_use = v["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .expect("bitmaps")
+            .iter()
+            .any(|b| {
+                b["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == "in-use"))
+            });
+        if !in_use {
+            let e = exported(&work_b, "w.export");
+            let g = guest(&work_b, "qcow2");
+            assert!(
+                (e == orig && g == old_guest) || e == want,
+                "{w}: bitmaps not in use, yet neither old nor new"
+            );
+        }
+        if !killed {
+            assert!(!in_use, "{w}: finished with bitmaps in use");
+            break;
+        }
+        kills += 1;
+    }
+    assert!(kills > 3, "only {kills} kill points");
+}
