@@ -60,8 +60,8 @@ impl Qcow2Update {
         let (ext, mut dir) = self.read_bitmap_dir()?;
         let mut garbage = Vec::new();
         let mut changed = false;
-        for i in 0..dir.len() {
-            let d = dir[i].clone();
+        for slot in dir.iter_mut() {
+            let d = slot.clone();
             if d.e.flags & BME_FLAG_IN_USE == 0 || d.e.flags & BME_FLAG_AUTO == 0 {
                 continue;
             }
@@ -82,9 +82,9 @@ impl Qcow2Update {
             let entries = self.bitmap_table_entries(g);
             let table = self.write_bitmap_table(entries, Some(&bits))?;
             garbage.extend(self.bitmap_clusters(&d)?);
-            dir[i].e.table_offset = table;
-            dir[i].e.table_size = entries as u32;
-            dir[i].e.flags &= !BME_FLAG_IN_USE;
+            slot.e.table_offset = table;
+            slot.e.table_size = entries as u32;
+            slot.e.flags &= !BME_FLAG_IN_USE;
             changed = true;
         }
         if changed {
