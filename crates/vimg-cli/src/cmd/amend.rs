@@ -1,5 +1,5 @@
 //! `vimg amend`: qemu-img amend's command line for qcow2, for the options vimg changes
-//! in place (`compat`, `lazy_refcounts`); the other amendable options are refused before
+//! in place (`compat`, `lazy_refcounts`, `refcount_bits`, `data_file_raw`); the other amendable options are refused before
 //! anything is written, creation-only and unknown options with qemu-img's words.
 
 use std::path::Path;
@@ -19,7 +19,8 @@ pub struct AmendArgs {
     /// Image format (probed from the content when absent).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Options to change, key=value[,key=value...]: compat=0.10|1.1, lazy_refcounts=on|off.
+    /// Options to change, key=value[,key=value...]: compat=0.10|1.1, lazy_refcounts=on|off,
+    /// refcount_bits=1..64, data_file_raw=on|off.
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// Accepted for qemu-img compatibility (vimg refuses what --force would allow).
@@ -44,9 +45,6 @@ pub struct AmendArgs {
 /// and `backing_fmt` are handled as qemu-img handles them: see [`same_backing`]).
 const NOT_YET: &[&str] = &[
     "data_file",
-    "data_file_raw",
-    "refcount_bits",
-    "size",
     "encrypt.format",
     "encrypt.key-secret",
     "encrypt.new-secret",
@@ -82,6 +80,27 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, Failure> {
     }
 }
 
+/// A number option as QEMU's option parser reads it (`strtoull` with base 0 after leading
+/// blanks: decimal, `0x` hex, `0` octal; a leading `-` wraps around as strtoull does).
+fn parse_number(key: &str, v: &str) -> Result<u64, Failure> {
+    let bad = || Failure::new(format!("Parameter '{key}' expects a number"), 1);
+    let t = v.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        u64::from_str_radix(h, 16)
+    } else if t.len() > 1 && t.starts_with('0') {
+        u64::from_str_radix(&t[1..], 8)
+    } else {
+        t.parse::<u64>()
+    };
+    let n = parsed.map_err(|_| bad())?;
+    Ok(if neg { n.wrapping_neg() } else { n })
+}
+
 pub fn run(a: AmendArgs) -> CmdResult {
     if a.options.is_empty() {
         return Err(Failure::new(
@@ -108,6 +127,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
     }
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
+    let mut size: Option<u64> = None;
     for list in &a.options {
         for kv in list.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -122,6 +142,16 @@ pub fn run(a: AmendArgs) -> CmdResult {
                     })
                 }
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
+                "refcount_bits" => amend.refcount_bits = Some(parse_number(k, v)?),
+                "data_file_raw" => amend.data_file_raw = Some(parse_bool(k, v)?),
+                "size" => {
+                    size = Some(vimg::options::parse_size(v).map_err(|_| {
+                        Failure::new(
+                            "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+                            1,
+                        )
+                    })?)
+                }
                 "backing_file" => backing_file = Some(v.to_string()),
                 "backing_fmt" => backing_fmt = Some(v.to_string()),
                 k if CREATE_ONLY.contains(&k) => {
@@ -157,8 +187,80 @@ pub fn run(a: AmendArgs) -> CmdResult {
     }
     let mut img =
         updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
-    img.amend(amend).map_err(Failure::from)?;
+    if repair_if_dirty(&mut img, &a)? {
+        img = updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
+    }
+    let Some(size) = size else {
+        img.amend(amend).map_err(Failure::from)?;
+        return Ok(0);
+    };
+    // qemu-img's order: upgrade and the other options, then the size, then a downgrade.
+    let downgrade = match (&img, amend.version) {
+        (updater::Updater::Qcow2(q), Some(v)) => v < q.header().version,
+        _ => false,
+    };
+    let mut first = amend;
+    if downgrade {
+        first.version = None;
+    }
+    img.amend(first).map_err(Failure::from)?;
+    resize_for_amend(&mut img, path, format, &a, size)?;
+    if downgrade {
+        img.amend(Amend {
+            version: amend.version,
+            ..Amend::default()
+        })
+        .map_err(Failure::from)?;
+    }
     Ok(0)
+}
+
+/// qemu-img repairs a dirty qcow2 image (lazy refcounts not written back) when it opens
+/// it for writing, printing the repair's lines; amend does the same before it changes
+/// anything. True when it repaired.
+fn repair_if_dirty(img: &mut updater::Updater, a: &AmendArgs) -> Result<bool, Failure> {
+    let dirty = matches!(img, updater::Updater::Qcow2(q)
+        if q.header().incompatible_features & vimg::formats::qcow2::header::INCOMPAT_DIRTY != 0);
+    if !dirty {
+        return Ok(false);
+    }
+    let rep = img
+        .repair(vimg::formats::qcow2::Repair::All)
+        .map_err(|e| Failure::new(format!("Repair of '{}' failed: {e}", a.filename), 1))?;
+    if !a.quiet {
+        for m in rep
+            .before_messages()
+            .chain(&rep.messages)
+            .chain(&rep.copied_messages)
+        {
+            eprintln!("{m}");
+        }
+    }
+    Ok(true)
+}
+
+/// amend's `size`: a resize (shrinking allowed, as qemu-img's amend truncates), with the
+/// new area zeroed where a longer backing file would show through.
+fn resize_for_amend(
+    img: &mut updater::Updater,
+    path: &Path,
+    format: Format,
+    a: &AmendArgs,
+    size: u64,
+) -> Result<(), Failure> {
+    let cur = img.virtual_size().map_err(Failure::from)?;
+    if size == cur {
+        return Ok(());
+    }
+    if size > cur {
+        let opts = super::open_options(Some(format), &a.safety);
+        let image = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+        if image.backing().is_some_and(|b| b.virtual_size() > cur) {
+            return img.resize_zeroing(size).map_err(Failure::from);
+        }
+    }
+    img.resize(size, vimg::formats::qcow2::Prealloc::Off)
+        .map_err(Failure::from)
 }
 
 /// qemu-img amend takes `backing_file`/`backing_fmt` only when they name the backing file

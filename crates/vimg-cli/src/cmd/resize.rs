@@ -83,7 +83,7 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         }
         if total > cur {
             // Where a longer backing file would show through the new area, qemu-img
-            // writes zeros; vimg does not write zero clusters yet, so it refuses.
+            // writes zeros over it (zero clusters, switched in with the new size).
             let opts = super::open_options(Some(format), &a.safety);
             let image =
                 vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
@@ -95,13 +95,21 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                         1,
                     ));
                 }
-                return Err(Failure::new(
-                    format!(
-                        "'{}' has a backing file longer than its virtual size, whose data would show through the new area; vimg does not zero it as qemu-img does, so it refuses",
-                        a.filename
-                    ),
-                    1,
-                ));
+                drop(image);
+                if prealloc != Prealloc::Off {
+                    return Err(Failure::new(
+                        format!(
+                            "vimg cannot preallocate the new area of '{}' over a longer backing file",
+                            a.filename
+                        ),
+                        1,
+                    ));
+                }
+                img.resize_zeroing(total).map_err(Failure::from)?;
+                if !a.quiet {
+                    crate::print_out("Image resized.\n")?;
+                }
+                return Ok(0);
             }
         }
     } else if total < cur && prealloc != Prealloc::Off {

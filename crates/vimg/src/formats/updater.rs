@@ -296,6 +296,18 @@ impl Updater {
         }
     }
 
+    /// Grows the virtual size so that the new area reads as zeros even where a longer
+    /// backing file would show through (qemu-img's resize over a longer backing file).
+    pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.resize_zeroing(size),
+            _ => Err(Error::unsupported(format!(
+                "vimg does not zero the new area of a {} image over a longer backing file",
+                self.format().name()
+            ))),
+        }
+    }
+
     /// `amend -o` (qcow2's options).
     pub fn amend(&mut self, a: super::qcow2::Amend) -> Result<()> {
         match self {

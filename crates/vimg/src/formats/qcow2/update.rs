@@ -46,6 +46,7 @@ use crate::storage::{FileStorage, Storage};
 pub(super) mod bitmap;
 #[cfg(test)]
 mod fuzz_regressions;
+mod rebuild;
 mod shadow;
 pub(super) mod snapshot;
 
@@ -108,6 +109,12 @@ pub struct Qcow2Update {
     /// The last refcount block read, by refcount table index.
     block: Option<(u64, Vec<u8>)>,
     hook: CrashHook,
+    /// Guest byte ranges written since the enabled bitmaps were marked in use (Some while
+    /// a data writer tracks them: `update/bitmap_writes.rs`).
+    written: Option<Vec<(u64, u64)>>,
+    /// The policy the image was opened under (the check's reopen opens the data file
+    /// through it: the data clusters are then counted as the data file's, not this file's).
+    policy: ExternalPolicy,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -230,6 +237,8 @@ impl Qcow2Update {
             free_hint: 0,
             block: None,
             hook: CrashHook::from_env(),
+            written: None,
+            policy,
         };
         u.clear_unknown_autoclear()?;
         Ok(u)
@@ -284,8 +293,14 @@ impl Qcow2Update {
         let storage: Arc<dyn Storage> = Arc::new(
             FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?,
         );
-        // The data file is not read by the check; it need not be opened again.
-        let ctx = OpenContext::new(Some(&self.path), ExternalPolicy::Deny);
+        // The data file is not read by the check, but opened, so that its clusters are
+        // known not to be this file's (the gate judged it at the first open already).
+        let policy = if self.has_data_file {
+            self.policy
+        } else {
+            ExternalPolicy::Deny
+        };
+        let ctx = OpenContext::new(Some(&self.path), policy);
         let r = Qcow2Reader::open(storage, &ctx)?;
         check_findings(&r)
     }
@@ -705,6 +720,10 @@ impl Qcow2Update {
         if out.needs_rebuild && mode == Repair::Leaks {
             return Ok(out);
         }
+        if out.needs_rebuild {
+            self.repair_by_rebuild(&found, &mut out)?;
+            return Ok(out);
+        }
         // Leaks first (never a risk), then refcounts that are too low.
         for &(c, stored, counted) in &found.refcounts {
             let fix = if stored > counted {
@@ -797,13 +816,14 @@ impl Qcow2Update {
         }
         self.require_consistent()?;
         let old = self.header.size;
-        if size < old && self.nb_snapshots > 0 {
-            return Err(Error::unsupported("Can't shrink an image with snapshots"));
-        }
         if self.nb_snapshots > 0 && self.header.version < 3 {
             return Err(Error::unsupported(
                 "Can't resize a v2 image which has snapshots",
             ));
+        }
+        if size < old && self.nb_snapshots > 0 {
+            // Tables shared with snapshots: shrunk through copies (`update/rebuild.rs`).
+            return self.shrink_shadowed(size);
         }
         if size >= old {
             self.grow(size)
@@ -943,22 +963,53 @@ pub struct Amend {
     pub version: Option<u32>,
     /// `lazy_refcounts`.
     pub lazy_refcounts: Option<bool>,
+    /// `refcount_bits`: the new refcount width (checked here: a power of two, 1 to 64).
+    pub refcount_bits: Option<u64>,
+    /// `data_file_raw`: may be switched off; on only where it already is (qemu-img's rule).
+    pub data_file_raw: Option<bool>,
 }
 
 impl Qcow2Update {
-    /// `amend`: changes the compatibility level and the lazy-refcounts bit. The new header,
-    /// its extensions and the backing file name are written as one sector at offset 0,
-    /// so a crash leaves the old header or the new one; an image whose header would not
-    /// fit one sector is refused. A downgrade to 0.10 refuses what version 2 cannot hold
-    /// (feature bits, bitmaps, other refcount widths, zero clusters, which qemu-img
-    /// expands and vimg does not).
+    /// `amend`: changes the compatibility level, the lazy-refcounts bit, the refcount
+    /// width and the raw-data-file bit, with qemu-img's checks and in qemu-img's order
+    /// (upgrade, refcount width, features, downgrade). Header-only changes are one write
+    /// inside the first sector (the header, its extensions and the backing file name as
+    /// one sector at offset 0; an image whose header would not fit one sector is refused).
+    /// A new refcount width, and a downgrade to 0.10 of an image with zero clusters (which
+    /// are expanded as qemu-img expands them), are one shadow switch (`update/rebuild.rs`).
+    /// A downgrade refuses what version 2 cannot hold (feature bits, bitmaps, other
+    /// refcount widths, zero clusters in internal snapshots).
     pub fn amend(&mut self, a: Amend) -> Result<()> {
-        self.require_consistent()?;
         let old = self.header.clone();
         let mut h = old.clone();
         if let Some(v) = a.version {
             h.version = v;
         }
+        let mut order = old.refcount_order;
+        if let Some(bits) = a.refcount_bits {
+            if bits == 0 || bits > 64 || !bits.is_power_of_two() {
+                return Err(Error::invalid_argument(
+                    "Refcount width must be a power of two and may not exceed 64 bits",
+                ));
+            }
+            let o = bits.trailing_zeros();
+            if o != order {
+                if h.version < 3 && bits != 16 {
+                    return Err(Error::invalid_argument(
+                        "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+                    ));
+                }
+                order = o;
+            }
+        }
+        let raw_now = old.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0;
+        if a.data_file_raw == Some(true) && !raw_now {
+            return Err(Error::invalid_argument(
+                "data-file-raw cannot be set on existing images",
+            ));
+        }
+        self.require_consistent()?;
+        let mut expand = false;
         if h.version < 3 {
             if a.lazy_refcounts == Some(true) {
                 return Err(Error::invalid_argument(
@@ -966,11 +1017,17 @@ impl Qcow2Update {
                 ));
             }
             if old.version >= 3 {
-                if old.refcount_order != 4 {
+                if order != 4 {
                     return Err(Error::invalid_argument(
                         "compat=0.10 requires refcount_bits=16",
                     ));
                 }
+                if self.has_data_file {
+                    return Err(Error::unsupported(
+                        "Cannot downgrade an image with a data file",
+                    ));
+                }
+                self.refuse_snapshot_downgrade()?;
                 if old.incompatible_features != 0 {
                     return Err(Error::unsupported(format!(
                         "Cannot downgrade an image with incompatible features {:#x} set",
@@ -983,9 +1040,12 @@ impl Qcow2Update {
                     ));
                 }
                 if self.has_zero_clusters()? {
-                    return Err(Error::unsupported(
-                        "vimg cannot downgrade an image with zero clusters (qemu-img expands them; vimg does not yet)",
-                    ));
+                    if self.snapshots_have_zero_clusters()? {
+                        return Err(Error::unsupported(
+                            "vimg cannot downgrade an image whose internal snapshots have zero clusters (qemu-img expands them; vimg expands the active ones only)",
+                        ));
+                    }
+                    expand = true;
                 }
             }
             h.incompatible_features = 0;
@@ -999,18 +1059,40 @@ impl Qcow2Update {
                 h.header_length = V3_HEADER_LEN as u32;
                 h.refcount_order = 4;
             }
+            h.refcount_order = order;
             match a.lazy_refcounts {
                 Some(true) => h.compatible_features |= COMPAT_LAZY_REFCOUNTS,
                 Some(false) => h.compatible_features &= !COMPAT_LAZY_REFCOUNTS,
                 None => {}
             }
+            if a.data_file_raw == Some(false) {
+                h.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
+            }
         }
         if h == old {
             return Ok(());
         }
+        if h.refcount_order != old.refcount_order || expand {
+            return self.rebuild_switch(
+                h,
+                if expand {
+                    rebuild::L2Change::ExpandZeros
+                } else {
+                    rebuild::L2Change::Keep
+                },
+            );
+        }
         if h.version == old.version {
-            // Only the compatible features change: one field.
-            self.pwrite(&h.compatible_features.to_be_bytes(), 80)?;
+            // Only feature bits change: one field, or the two adjacent ones in one write
+            // (compatible at 80..88, autoclear at 88..96).
+            let mut f = [0u8; 16];
+            f[..8].copy_from_slice(&h.compatible_features.to_be_bytes());
+            f[8..].copy_from_slice(&h.autoclear_features.to_be_bytes());
+            if h.autoclear_features == old.autoclear_features {
+                self.pwrite(&f[..8], 80)?;
+            } else {
+                self.pwrite(&f, 80)?;
+            }
             self.sync()?;
             self.header = h;
             return Ok(());
@@ -1147,9 +1229,17 @@ impl Qcow2Update {
 
     /// True when an active or snapshot L2 table has a zero-flagged entry.
     fn has_zero_clusters(&self) -> Result<bool> {
+        self.zero_clusters_in(false)
+    }
+
+    /// True when an L2 table named by a snapshot's L1 table (and, unless
+    /// `snapshots_only`, by the active one) has a zero-flagged entry.
+    fn zero_clusters_in(&self, snapshots_only: bool) -> Result<bool> {
         let cs = self.cs() as usize;
-        let mut l1s: Vec<(u64, u64)> =
-            vec![(self.header.l1_table_offset, u64::from(self.header.l1_size))];
+        let mut l1s: Vec<(u64, u64)> = Vec::new();
+        if !snapshots_only {
+            l1s.push((self.header.l1_table_offset, u64::from(self.header.l1_size)));
+        }
         let mut raw = vec![0u8; 16];
         // Snapshot L1 tables, from the snapshot table.
         let mut at = self.header.snapshots_offset;

@@ -84,12 +84,9 @@ impl Qcow2Update {
                 "vimg does not write guest data into qcow2 images with extended L2 entries",
             ));
         }
-        if self.has_bitmaps {
-            return Err(Error::unsupported(
-                "vimg does not write guest data into qcow2 images with persistent bitmaps (they would miss the writes)",
-            ));
-        }
         self.require_consistent()?;
+        // Enabled persistent bitmaps get the writes' bits (update/bitmap_writes.rs).
+        self.bitmaps_begin_writes()?;
         Ok(DataWriter { up: self })
     }
 }
@@ -171,6 +168,24 @@ impl DataWriter<'_> {
             .filter(|&e| e <= self.virtual_size())
             .ok_or_else(|| Error::invalid_argument("write past the virtual size"))?;
         let cs = self.cluster_size();
+        // The bitmaps get the bytes written, not the whole clusters rewritten.
+        self.up.note_written(off, end - off);
+        let tracking = self.up.written.take();
+        let r = self.write_at_inner(off, end, data, backing, cs);
+        if tracking.is_some() {
+            self.up.written = tracking;
+        }
+        r
+    }
+
+    fn write_at_inner(
+        &mut self,
+        off: u64,
+        end: u64,
+        data: &[u8],
+        backing: Option<&Image>,
+        cs: u64,
+    ) -> Result<()> {
         let mut pos = off;
         while pos < end {
             let c = pos / cs;
@@ -234,6 +249,13 @@ impl DataWriter<'_> {
     fn apply(&mut self, first: u64, ops: &[ClusterOp<'_>]) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
+        }
+        {
+            let cs = self.up.cs();
+            let size = self.up.header.size;
+            let start = first * cs;
+            let end = ((first + ops.len() as u64) * cs).min(size);
+            self.up.note_written(start, end.saturating_sub(start));
         }
         let up = &mut *self.up;
         let cs = up.cs();
@@ -399,7 +421,8 @@ impl DataWriter<'_> {
     /// Flushes what was written (every step already flushes; this is the caller's
     /// explicit end).
     pub fn finish(self) -> Result<()> {
-        self.up.sync()
+        self.up.sync()?;
+        self.up.bitmaps_end_writes()
     }
 }
 

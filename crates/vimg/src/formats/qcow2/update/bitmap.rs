@@ -8,6 +8,9 @@
 //! and the autoclear bit with it), flushes, and only then frees what the old directory
 //! used. A crash leaves the old directory or the new one, with at worst leaked clusters.
 
+#[path = "bitmap_writes.rs"]
+mod writes;
+
 use super::*;
 
 /// Bitmap table entry: offset of the data cluster.

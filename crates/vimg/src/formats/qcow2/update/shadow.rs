@@ -23,10 +23,24 @@ use crate::formats::qcow2::check::reference_counts;
 
 /// Where the next fresh cluster goes, and the file length to go back to on failure.
 pub(super) struct Shadow {
-    next: u64,
+    pub(super) next: u64,
     old_len: u64,
     /// Set just before the header write: from then on the tail may be referenced.
     switched: bool,
+    /// The header to switch to (its fields other than the tables' places and sizes), when
+    /// it differs from the current one: a new `refcount_order` (the new refcount structure
+    /// is built with that width), version, feature bits (see `update/rebuild.rs`).
+    pub(super) base: Option<Header>,
+}
+
+impl Shadow {
+    /// Takes `n` fresh clusters without writing them (they read as zeros: a hole of the
+    /// file, which the caller extends over them); returns the first one's index.
+    pub(super) fn reserve(&mut self, n: u64) -> u64 {
+        let c = self.next;
+        self.next += n;
+        c
+    }
 }
 
 /// The file with its first sector replaced: the reader sees the image as the new header
@@ -85,6 +99,7 @@ impl Qcow2Update {
             next: self.file_len.div_ceil(cs),
             old_len: self.file_len,
             switched: false,
+            base: None,
         };
         let r = f(self, &mut sh);
         if r.is_err() && !sh.switched {
@@ -166,7 +181,11 @@ impl Qcow2Update {
         }
         let l1_off = self.shadow_write(sh, &be_words(&l1))?;
         let snap_off = self.shadow_write(sh, table)?;
-        let mut h = self.header.clone();
+        let mut h = sh.base.clone().unwrap_or_else(|| self.header.clone());
+        // The refcounts are counted under the old width (the overlay's refcount structure
+        // is still the old one); the new structure is built with the new width.
+        let order = h.refcount_order;
+        h.refcount_order = self.header.refcount_order;
         h.l1_table_offset = l1_off;
         h.l1_size = l1.len() as u32;
         h.nb_snapshots = nb;
@@ -223,24 +242,33 @@ impl Qcow2Update {
         }
         // The refcount blocks and table after everything else: enough blocks to cover
         // every cluster including themselves.
-        let per_block = self.g.refblock_entries();
+        let ng = Geometry::new(cb, self.g.extended_l2, order);
+        let per_block = ng.refblock_entries();
         let end = sh.next.max(counts.len());
         let (nblocks, nt) = refcount_layout(end, per_block, cs);
         let blocks_at = end;
         let table_at = end + nblocks;
         let structures = blocks_at..table_at + nt;
-        let max = self.g.refcount_max();
+        let max = ng.refcount_max();
         let value = |c: u64| counts.get(c) + u64::from(structures.contains(&c));
         for c in 0..counts.len() {
             let v = value(c);
             if v > max {
+                if order < self.header.refcount_order {
+                    // qemu-img amend's words for a narrower width.
+                    return Err(Qcow2Error::Unsupported(format!(
+                        "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {v}",
+                        1u32 << order,
+                        c << cb
+                    ))
+                    .into());
+                }
                 return Err(Qcow2Error::Unsupported(format!(
                     "refcount of host cluster {c} would be {v}, more than {max} (refcount_bits too small)"
                 ))
                 .into());
             }
         }
-        let order = self.g.refcount_order;
         let mut reftable = vec![0u64; (nt * cs / 8) as usize];
         for (i, slot) in reftable.iter_mut().enumerate().take(nblocks as usize) {
             let first = i as u64 * per_block;
@@ -256,11 +284,13 @@ impl Qcow2Update {
         self.sync()?;
         h.refcount_table_offset = table_at << cb;
         h.refcount_table_clusters = nt as u32;
+        h.refcount_order = order;
         let first = self.first_sector_with(&mut h, None, None)?;
         sh.switched = true;
         self.pwrite(&first, 0)?;
         self.sync()?;
         self.header = h;
+        self.g = ng;
         self.l1 = l1;
         self.reftable = reftable;
         self.nb_snapshots = nb;

@@ -72,6 +72,33 @@ impl Qcow2Update {
         Ok(out)
     }
 
+    /// qemu-img's rule for a downgrade to version 2: every internal snapshot has the
+    /// image's current virtual size (version 2 cannot say otherwise; an entry without the
+    /// size field has it).
+    pub(super) fn refuse_snapshot_downgrade(&self) -> Result<()> {
+        let size = self.header.size;
+        if self
+            .read_snapshot_table()?
+            .iter()
+            .any(|e| e.disk_size.is_some_and(|d| d != size))
+        {
+            return Err(Error::unsupported(
+                "Internal snapshots prevent downgrade of image",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The snapshot table's bytes as stored (each entry padded to 8), for a switch that
+    /// keeps it.
+    pub(super) fn raw_snapshot_table(&self) -> Result<Vec<u8>> {
+        Ok(self
+            .read_snapshot_table()?
+            .into_iter()
+            .flat_map(|e| e.raw)
+            .collect())
+    }
+
     /// Reads an L1 table of `n` entries at `off`.
     fn read_l1_at(&self, off: u64, n: u32) -> Result<Vec<u64>> {
         let bytes = u64::from(n) * 8;
@@ -202,16 +229,13 @@ impl Qcow2Update {
         else {
             return Err(Error::invalid_argument(SNAPSHOT_NOT_FOUND));
         };
-        // qemu-img gives the image the snapshot's size back (the image grew after the
-        // snapshot was taken; shrinking an image with snapshots is refused, so it cannot
-        // be the other way round). vimg does that in the header write that switches the
-        // L1 table; what qemu-img cannot resize (v2 with snapshots, persistent bitmaps) is
-        // refused, and a larger snapshot too.
+        // qemu-img gives the image the snapshot's size back (the image grew or shrank
+        // after the snapshot was taken). vimg does that in the header write that switches
+        // the L1 table; what qemu-img cannot resize (v2 with snapshots, persistent
+        // bitmaps) is refused.
         let size = sn.disk_size.unwrap_or(self.header.size);
         if size != self.header.size {
-            let why = if size > self.header.size {
-                Some("the snapshot is larger than the image")
-            } else if self.header.version < 3 {
+            let why = if self.header.version < 3 {
                 Some("Can't resize a v2 image which has snapshots")
             } else if self.has_bitmaps {
                 Some("Cannot resize qcow2 with persistent bitmaps")
@@ -227,7 +251,17 @@ impl Qcow2Update {
         }
         let snl1 = self.read_l1_at(sn.l1_offset, sn.l1_size)?;
         // The new active L1 table is at least as long as the old one.
-        let n_entries = snl1.len().max(self.l1.len());
+        if size > limits::MAX_VIRTUAL_SIZE
+            || self.g.l1_entries_for(size).saturating_mul(8) > MAX_L1_BYTES
+        {
+            return Err(Error::unsupported(format!(
+                "the snapshot's virtual size ({size} bytes) is past vimg's limit"
+            )));
+        }
+        let n_entries = snl1
+            .len()
+            .max(self.l1.len())
+            .max(self.g.l1_entries_for(size) as usize);
         let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
         self.shadow(|s, sh| {
             // Fresh copies of the snapshot's L2 tables for the active image (the data is

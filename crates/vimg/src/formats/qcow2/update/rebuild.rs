@@ -1,0 +1,280 @@
+//! Whole-structure changes made through one shadow switch (`shadow.rs`; spec: "Header",
+//! "Reference counts", "Cluster mapping" on zero clusters, "Host cluster management"):
+//!
+//! - `amend -o refcount_bits=N`: a complete new refcount structure of the new width is
+//!   what every shadow switch writes; here it is written with the new `refcount_order`,
+//!   which the same first-sector write switches with the refcount table;
+//! - `amend -o compat=0.10` of an image with zero clusters: version 2 has no zero flag, so
+//!   (as QEMU's downgrade expands them) an allocated zero cluster becomes a data cluster of
+//!   zeros, an unallocated one an allocated cluster of zeros when a backing file could
+//!   show through, otherwise unallocated. The copies of the L2 tables carry the expanded
+//!   entries; each cluster of zeros is a fresh cluster past the old end of the file, never
+//!   written (the file's hole reads as zeros), so the old image's clusters are untouched;
+//! - `check -r all` when used clusters have refcount 0 (QEMU rebuilds the refcount
+//!   structures then): the shadow switch's count from the references, with the dirty bit
+//!   cleared in the same write;
+//! - `resize` over a longer backing file: the new area reads as zeros (zero-flagged entries
+//!   in copies of the last L2 table and in new L2 tables) in the same switch that raises
+//!   the virtual size, so no moment shows the backing file's data.
+//!
+//! Killed before the header write, the image is the old one; after it, the new one with
+//! exact refcounts.
+
+use super::*;
+
+/// How the L2 copies change on the way (besides their copied flags, which follow the
+/// counts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum L2Change {
+    /// Not copied: the active L1 table keeps naming them (the references, so the counts
+    /// and the copied flags, do not change; only the refcounts' width does).
+    Keep,
+    /// Copied as they are (their copied flags then follow the new counts).
+    Copy,
+    /// Zero clusters expanded for version 2.
+    ExpandZeros,
+}
+
+impl Qcow2Update {
+    /// Switches to header `h` (its version, features and `refcount_order`; the tables'
+    /// places are the switch's) with copies of every active L2 table changed by `change`,
+    /// the active L1 table, the snapshot table as it is, and a new refcount structure.
+    pub(super) fn rebuild_switch(&mut self, h: Header, change: L2Change) -> Result<()> {
+        let table = self.raw_snapshot_table()?;
+        let nb = self.nb_snapshots;
+        let size = h.size;
+        let l1 = self.l1.clone();
+        let backing = self.header.backing_file_offset != 0;
+        self.shadow(|s, sh| {
+            sh.base = Some(h);
+            let (new_l1, l2s) = if change == L2Change::Keep {
+                (l1.clone(), Vec::new())
+            } else {
+                s.shadow_copy_l2s(sh, &l1)?
+            };
+            if change == L2Change::ExpandZeros {
+                for &l2 in &l2s {
+                    s.expand_zeros_in(sh, l2, backing)?;
+                }
+            }
+            // Clusters of zeros are holes below the shadow's next cluster: the file covers
+            // them before anything is counted.
+            let end = sh.next << s.cb();
+            if end > s.file_len {
+                s.set_len(end)?;
+            }
+            s.shadow_commit(sh, new_l1, &l2s, &table, nb, size)
+        })
+    }
+
+    /// Rewrites the zero-flagged entries of the fresh L2 copy at `l2` as version 2 can
+    /// hold them (see the module documentation).
+    fn expand_zeros_in(&mut self, sh: &mut shadow::Shadow, l2: u64, backing: bool) -> Result<()> {
+        let cb = self.cb();
+        let mut raw = self.read_cluster(l2)?;
+        let mut changed = false;
+        for ent in raw.chunks_exact_mut(8) {
+            let v = u64::from_be_bytes(ent.try_into().unwrap_or([0; 8]));
+            if v & OFLAG_COMPRESSED != 0 || v & OFLAG_ZERO == 0 {
+                continue;
+            }
+            let host = v & L2E_OFFSET_MASK;
+            let nv = if host != 0 || backing {
+                // A fresh cluster of zeros (never written: a hole of the file).
+                let c = sh.reserve(1);
+                c << cb
+            } else {
+                0
+            };
+            ent.copy_from_slice(&nv.to_be_bytes());
+            changed = true;
+        }
+        if changed {
+            self.pwrite(&raw, l2)?;
+        }
+        Ok(())
+    }
+
+    /// True when a snapshot's L1 table names an L2 table with a zero-flagged entry.
+    pub(super) fn snapshots_have_zero_clusters(&self) -> Result<bool> {
+        Ok(self.nb_snapshots > 0 && self.zero_clusters_in(true)?)
+    }
+
+    /// `check -r all` for an image whose used clusters have refcount 0: a new refcount
+    /// structure from the references, the copied flags from it, the dirty bit cleared.
+    /// Reported as QEMU reports its rebuild: `Rebuilding refcount structure`, then the old
+    /// structure's clusters, which no longer have a reference (`Repairing cluster C
+    /// refcount=1 reference=0`: QEMU's new structure counts them once, then frees them; the
+    /// shadow switch's counts them 0 at once), every first-check finding fixed.
+    pub(super) fn repair_by_rebuild(
+        &mut self,
+        found: &crate::formats::qcow2::check::Findings,
+        out: &mut RepairReport,
+    ) -> Result<()> {
+        let cb = self.cb();
+        let mut old: Vec<u64> = self
+            .reftable
+            .iter()
+            .map(|e| e & REFT_OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .map(|o| o >> cb)
+            .collect();
+        let t = self.header.refcount_table_offset >> cb;
+        old.extend(t..t + u64::from(self.header.refcount_table_clusters));
+        old.sort_unstable();
+        old.dedup();
+        let mut h = self.header.clone();
+        h.incompatible_features &= !INCOMPAT_DIRTY;
+        self.rebuild_switch(h, L2Change::Copy)?;
+        out.messages.push("Rebuilding refcount structure".into());
+        for c in old {
+            out.messages
+                .push(format!("Repairing cluster {c} refcount=1 reference=0"));
+        }
+        for &(_, stored, counted) in &found.refcounts {
+            if stored > counted {
+                out.leaks_fixed += 1;
+            } else {
+                out.corruptions_fixed += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Qcow2Update {
+    /// `resize` to a larger `size` of an image whose backing file is longer than its
+    /// virtual size: the new area reads as zeros, not as the backing file's data, as
+    /// qemu-img makes it (zero clusters over the whole new area). One shadow switch: copies
+    /// of the L2 tables, the entries of the new area zero-flagged in the copy of the last
+    /// one and in new tables, a longer L1 table; the header's size, L1 table and refcount
+    /// table change in the one write, so no moment shows the backing data. Version 2 has
+    /// no zero clusters: refused with qemu-img's words; so is an old size that ends inside
+    /// a cluster (qemu-img writes a partial cluster of data there), and extended L2 entries.
+    pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
+        let old = self.header.size;
+        if size <= old {
+            return self.resize(size, Prealloc::Off);
+        }
+        if self.header.version < 3 {
+            return Err(Error::unsupported(
+                "Failed to zero out new clusters: Operation not supported",
+            ));
+        }
+        if !size.is_multiple_of(512) {
+            return Err(Error::invalid_argument(
+                "The new size must be a multiple of 512",
+            ));
+        }
+        if size > limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::unsupported(format!(
+                "Image is too big (virtual size {size} exceeds vimg's limit of {} bytes)",
+                limits::MAX_VIRTUAL_SIZE
+            )));
+        }
+        let cs = self.cs();
+        if self.g.extended_l2 || !old.is_multiple_of(cs) {
+            return Err(Error::unsupported(format!(
+                "vimg zeroes the new area over a longer backing file only for images whose old size is a multiple of the cluster size ({cs}) and without extended L2 entries"
+            )));
+        }
+        if self.has_data_file || self.has_bitmaps {
+            return Err(Error::unsupported(
+                "vimg does not resize qcow2 images with an external data file or persistent bitmaps",
+            ));
+        }
+        if self.nb_snapshots > 0 {
+            return Err(Error::unsupported(
+                "vimg zeroes the new area over a longer backing file only in images without internal snapshots",
+            ));
+        }
+        self.require_consistent()?;
+        let need = self.g.l1_entries_for(size);
+        if need * 8 > MAX_L1_BYTES {
+            return Err(Error::unsupported(format!(
+                "Image is too big: its L1 table would need {} bytes (limit {MAX_L1_BYTES})",
+                need * 8
+            )));
+        }
+        let per = self.g.l2_entries();
+        let first = old / cs;
+        let last = size.div_ceil(cs);
+        let l1 = self.l1.clone();
+        let mut h = self.header.clone();
+        h.size = size;
+        let table = self.raw_snapshot_table()?;
+        let nb = self.nb_snapshots;
+        self.shadow(|s, sh| {
+            sh.base = Some(h);
+            let (mut new_l1, mut l2s) = s.shadow_copy_l2s(sh, &l1)?;
+            new_l1.resize(need as usize, 0);
+            for i in first / per..last.div_ceil(per) {
+                let lo = first.max(i * per) - i * per;
+                let hi = last.min((i + 1) * per) - i * per;
+                let at = new_l1[i as usize];
+                let mut raw = if at != 0 {
+                    s.read_cluster(at)?
+                } else {
+                    vec![0u8; cs as usize]
+                };
+                for j in lo..hi {
+                    let ent = &mut raw[(j * 8) as usize..(j * 8 + 8) as usize];
+                    let v = u64::from_be_bytes((&*ent).try_into().unwrap_or([0; 8]));
+                    if v & OFLAG_COMPRESSED != 0 {
+                        return Err(Error::unsupported(
+                            "a compressed cluster lies past the old end of the image; vimg does not zero it",
+                        ));
+                    }
+                    ent.copy_from_slice(&((v & L2E_OFFSET_MASK) | OFLAG_ZERO).to_be_bytes());
+                }
+                if at != 0 {
+                    s.pwrite(&raw, at)?;
+                } else {
+                    let to = s.shadow_write(sh, &raw)?;
+                    new_l1[i as usize] = to;
+                    l2s.push(to);
+                }
+            }
+            s.shadow_commit(sh, new_l1, &l2s, &table, nb, size)
+        })
+    }
+}
+
+impl Qcow2Update {
+    /// Shrinks a version 3 image that has internal snapshots (qemu-img allows it: each
+    /// snapshot keeps its own size). The L2 tables may be shared with snapshots, so they are
+    /// never written in place: one shadow switch with copies of the active L2 tables whose
+    /// entries past the new end are cleared, the L1 entries of tables wholly past it
+    /// dropped, the new size, and refcounts counted from that (the clusters only the
+    /// active state used are free, the snapshots' stay).
+    pub(super) fn shrink_shadowed(&mut self, size: u64) -> Result<()> {
+        let cs = self.cs();
+        let per = self.g.l2_entries();
+        let width = self.l2_width() as u64;
+        let keep = size.div_ceil(cs);
+        let mut l1 = self.l1.clone();
+        for (i, e) in l1.iter_mut().enumerate() {
+            if i as u64 * per >= keep {
+                *e = 0;
+            }
+        }
+        let mut h = self.header.clone();
+        h.size = size;
+        let table = self.raw_snapshot_table()?;
+        let nb = self.nb_snapshots;
+        self.shadow(|s, sh| {
+            sh.base = Some(h);
+            let (new_l1, l2s) = s.shadow_copy_l2s(sh, &l1)?;
+            let i = keep / per;
+            if let Some(&at) = new_l1.get(i as usize) {
+                let from = keep - i * per;
+                if at != 0 && from > 0 {
+                    let mut raw = s.read_cluster(at)?;
+                    raw[(from * width) as usize..].fill(0);
+                    s.pwrite(&raw, at)?;
+                }
+            }
+            s.shadow_commit(sh, new_l1, &l2s, &table, nb, size)
+        })
+    }
+}
