@@ -83,14 +83,7 @@ pub fn rebase(
     let mut copied = 0u64;
     {
         let mut w = up.data()?;
-        let cs = match &w {
-            crate::formats::updater::DataTarget::Qcow2(d) => d.cluster_size(),
-            crate::formats::updater::DataTarget::Raw(_) => 512,
-            crate::formats::updater::DataTarget::Vdi(v) => v.block_size(),
-            crate::formats::updater::DataTarget::Vpc(v) => v.block_size(),
-            crate::formats::updater::DataTarget::Parallels(p) => p.cluster_size(),
-            crate::formats::updater::DataTarget::Qed(d) => d.cluster_size(),
-        };
+        let cs = w.unit();
         let step = STEP.max(cs) / cs * cs;
         progress(Progress {
             done: 0,

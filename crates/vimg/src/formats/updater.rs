@@ -464,6 +464,19 @@ impl DataTarget<'_> {
         write_zero_bytes(self, pos, end - pos, backing)
     }
 
+    /// The unit the format allocates in (cluster, block; 512 for raw): what safe `rebase`
+    /// compares and copies whole.
+    pub fn unit(&self) -> u64 {
+        match self {
+            DataTarget::Qcow2(d) => d.cluster_size(),
+            DataTarget::Raw(_) => 512,
+            DataTarget::Vdi(v) => v.block_size(),
+            DataTarget::Vpc(v) => v.block_size(),
+            DataTarget::Parallels(p) => p.cluster_size(),
+            DataTarget::Qed(d) => d.cluster_size(),
+        }
+    }
+
     /// The granularity of [`DataTarget::zeroes_whole_unit`]: the cluster size of formats
     /// that can make a whole cluster read as zeros without writing data, 1 for the others
     /// (their [`DataTarget::write_zeroes`] decides alone).

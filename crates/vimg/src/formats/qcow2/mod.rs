@@ -151,9 +151,8 @@ const OPTIONS: &[OptionSpec] = &[
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::Yes,
-    in_place: Support::NotInVimg(
-        "writing into an existing qcow2 image (convert -n) is not supported",
-    ),
+    // `convert -n` writes guest data through the updater (crate::convert routes it there).
+    in_place: Support::Yes,
     backing_file: true,
     bitmaps: true,
     printed: &[
@@ -220,6 +219,13 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
+        // A new image's writer never overwrites an existing image (`convert -n` goes
+        // through the updater).
+        if out.mode() == crate::OutputMode::InPlace {
+            return Err(crate::Error::unsupported(
+                "an existing qcow2 image is written through its updater, not re-created (convert -n)",
+            ));
+        }
         let w = WriteOptions::from_options(opts, size)?;
         let crypt = match w.encrypt {
             true => Some(encrypt_write::Crypt::new(opts)?),

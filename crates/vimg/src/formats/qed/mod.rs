@@ -82,9 +82,8 @@ pub struct Driver;
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::No,
-    in_place: Support::NotInVimg(
-        "writing into an existing qed image (convert -n) is not supported",
-    ),
+    // `convert -n` writes guest data through the updater (crate::convert routes it there).
+    in_place: Support::Yes,
     backing_file: true,
     bitmaps: false,
     printed: &[
@@ -127,6 +126,13 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
+        // A new image's writer never overwrites an existing image (`convert -n` goes
+        // through the updater).
+        if out.mode() == crate::OutputMode::InPlace {
+            return Err(crate::Error::unsupported(
+                "an existing qed image is written through its updater, not re-created (convert -n)",
+            ));
+        }
         let cs = opts
             .get_size("cluster_size")?
             .unwrap_or(header::DEFAULT_CLUSTER_SIZE.into());
