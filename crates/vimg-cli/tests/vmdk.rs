@@ -673,16 +673,7 @@ fn hostile_extent_names_are_refused() {
     let secret = d.join("secret");
     fs::write(&secret, vec![0x5eu8; 1 << 20]).unwrap();
     let img = d.join("img/disk.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&img),
-        "1M",
-    ]);
+    qemu_create(&img, "vmdk", "subformat=monolithicFlat", "1M");
     let original = fs::read_to_string(&img).unwrap();
     for (name, kind) in [
         ("/etc/passwd", ErrorKind::UnsafeReference),
@@ -705,16 +696,7 @@ fn hostile_extent_names_are_refused() {
     }
     // One sparse file named by many extent lines (cost amplification) is refused.
     let split = d.join("img/split.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=twoGbMaxExtentSparse",
-        s(&split),
-        "1M",
-    ]);
+    qemu_create(&split, "vmdk", "subformat=twoGbMaxExtentSparse", "1M");
     let text = fs::read_to_string(&split).unwrap();
     let line = "RW 2048 SPARSE \"split-s001.vmdk\"\n";
     assert!(text.contains(line), "{text}");
