@@ -47,7 +47,7 @@ fn measure_refuses_what_qemu_img_refuses() {
                 assert!(ve.starts_with(&format!("vimg: Could not open '{}'", s(&missing))));
                 assert!(qe.starts_with(&format!("qemu-img: Could not open '{}'", s(&missing))));
             } else {
-                assert_eq!(ve.replacen("vimg:", "qemu-img:", 1), qe, "{args:?}");
+                assert_eq!(ve.replace("vimg:", "qemu-img:"), qe, "{args:?}");
             }
         }
     }
