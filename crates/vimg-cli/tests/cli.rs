@@ -286,17 +286,7 @@ fn qcow2_scene(d: &std::path::Path) {
         &d.join("a.qcow2"),
         &["write -P 1 0 1M", "write -z 4M 1M", "write -P 2 10M 64k"],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        s(&d.join("b.qcow2")),
-    ]);
+    qcow2_overlay(&d.join("b.qcow2"), "a.qcow2", "", None);
     qemu_io(
         "qcow2",
         &d.join("b.qcow2"),
@@ -311,14 +301,7 @@ fn qcow2_scene(d: &std::path::Path) {
         s(&d.join("b.qcow2")),
         s(&d.join("c.qcow2")),
     ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        s(&d.join("snap.qcow2")),
-        "16M",
-    ]);
+    qemu_create(&d.join("snap.qcow2"), "qcow2", "", "16M");
     qemu_io("qcow2", &d.join("snap.qcow2"), &["write -P 9 0 64k"]);
     run_ok(
         "qemu-img",

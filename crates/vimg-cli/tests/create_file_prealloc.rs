@@ -1,4 +1,4 @@
-//! `create -o preallocation=` for vmdk and vdi: qemu-img takes the file protocol's option
+//! `create -o preallocation=` for vmdk, vdi and raw: qemu-img takes the file protocol's option
 //! (off, falloc, full), and its vmdk and vdi drivers write the same image as without it;
 //! vimg accepts the same values, writes the image it writes without the option (both tools
 //! put random ids in these formats, so compared by size, allocation and map), and refuses
@@ -99,14 +99,22 @@ fn vmdk_and_vdi_take_file_preallocation_like_qemu_img() {
                     qemu_img(&["map", "--output=json", s(&qp)]),
                     "{fmt} {o}: qemu-img's map with and without the option"
                 );
-                // Across the tools, the maps match except for a flat extent, whose first
-                // 4 KiB qemu-img's file protocol allocates (with or without the option).
-                if !extra.contains("Flat") {
-                    assert_eq!(
-                        qemu_img(&["map", "--output=json", s(&v)]),
-                        qemu_img(&["map", "--output=json", s(&q)]),
-                        "{fmt} {o}: map"
-                    );
+                // Across the tools, the maps match, a flat extent's included: qemu's file
+                // protocol allocates its first 4 KiB (with or without the option), vimg too.
+                assert_eq!(
+                    qemu_img(&["map", "--output=json", s(&v)]),
+                    qemu_img(&["map", "--output=json", s(&q)]),
+                    "{fmt} {o}: map"
+                );
+                if extra.contains("Flat") {
+                    let flat = |p: &str| {
+                        let p = dir.path().join(format!("{p}-flat.{fmt}"));
+                        (
+                            std::fs::metadata(&p).unwrap().blocks(),
+                            qemu_img(&["map", "--output=json", "-f", "raw", s(&p)]),
+                        )
+                    };
+                    assert_eq!(flat("v"), flat("q"), "{fmt} {o}: flat extent allocation");
                 }
                 qemu_img(&["compare", "-q", s(&v), s(&q)]);
                 qemu_img(&["check", "-q", s(&v)]);
@@ -115,5 +123,30 @@ fn vmdk_and_vdi_take_file_preallocation_like_qemu_img() {
                 std::fs::remove_file(e.unwrap().path()).unwrap();
             }
         }
+    }
+}
+
+/// raw takes the file protocol's modes itself; `metadata`, which the protocol knows but
+/// refuses, is refused in qemu-img's words ("Unsupported preallocation mode"), a mode it
+/// does not know as "invalid parameter value", with qemu-img's exit code and Formatting
+/// line. qemu-img leaves an empty file behind; vimg leaves nothing.
+#[test]
+fn raw_refuses_preallocation_metadata_like_qemu_img() {
+    if !qemu_available("raw_refuses_preallocation_metadata_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["metadata", "bogus"] {
+        let o = format!("preallocation={mode}");
+        let v = dir.path().join("v.raw");
+        let q = dir.path().join("q.raw");
+        let vo = vimg_raw(&["create", "-f", "raw", "-o", &o, s(&v), "1M"]);
+        let qo = run_cmd("qemu-img", &["create", "-f", "raw", "-o", &o, s(&q), "1M"]);
+        let (vt, qt) = (text(&vo), text(&qo));
+        assert_eq!(vt.0, qt.0, "{o}: exit code");
+        assert_ne!(vt.0, Some(0), "{o}");
+        assert_eq!(vt.1.replace("v.", "q."), qt.1, "{o}: Formatting line");
+        assert_eq!(vt.2.replace("v.", "q."), qt.2, "{o}: message");
+        assert!(!v.exists(), "{o}: vimg left a file");
     }
 }

@@ -9,10 +9,6 @@ use std::path::Path;
 
 use common::*;
 
-fn qemu_io_ok(fmt: &str, img: &Path, cmds: &[&str]) {
-    qemu_io(fmt, img, cmds);
-}
-
 /// iotest 019: `-o backing_file=...,backing_fmt=...` gives the same minimal image as `-B`.
 #[test]
 fn issue14_backing_file_option_is_dash_b() {
@@ -23,21 +19,11 @@ fn issue14_backing_file_option_is_dash_b() {
     let base = d.path().join("base.qcow2");
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    qemu_io_ok("qcow2", &base, &["write -P 1 0 4M"]);
+    qemu_io("qcow2", &base, &["write -P 1 0 4M"]);
     // Relative backing names (resolved next to the image), so the test does not depend on
     // how absolute names read from an image are gated.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    qemu_io_ok("qcow2", &top, &["write -P 2 1M 64k", "write -z 2M 64k"]);
+    qcow2_overlay(&top, "base.qcow2", "", None);
+    qemu_io("qcow2", &top, &["write -P 2 1M 64k", "write -z 2M 64k"]);
     let with_o = d.path().join("o.qcow2");
     let with_b = d.path().join("b.qcow2");
     let by_qemu = d.path().join("q.qcow2");
@@ -85,7 +71,7 @@ fn issue14_map_reports_zero_clusters_with_offset() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("z.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
-    qemu_io_ok(
+    qemu_io(
         "qcow2",
         &img,
         &[
@@ -102,17 +88,8 @@ fn issue14_map_reports_zero_clusters_with_offset() {
     assert_map_like_qemu(&img);
     // Extended L2: zero subclusters of an allocated cluster.
     let ext = d.path().join("x.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        s(&ext),
-        "4M",
-    ]);
-    qemu_io_ok("qcow2", &ext, &["write -P 1 0 256k", "write -z 8k 8k"]);
+    qemu_create(&ext, "qcow2", "extended_l2=on", "4M");
+    qemu_io("qcow2", &ext, &["write -P 1 0 256k", "write -z 8k 8k"]);
     assert_map_like_qemu(&ext);
 }
 
@@ -124,17 +101,8 @@ fn issue14_map_data_over_host_holes_is_zero() {
     }
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("p.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        s(&img),
-        "4M",
-    ]);
-    qemu_io_ok("qcow2", &img, &["write -P 1 1M 64k"]);
+    qemu_create(&img, "qcow2", "preallocation=metadata", "4M");
+    qemu_io("qcow2", &img, &["write -P 1 1M 64k"]);
     assert_map_like_qemu(&img);
     let v = vimg(&["map", "--output=json", s(&img)]);
     assert!(v.contains("\"zero\": true, \"data\": true"), "{v}");
@@ -149,7 +117,7 @@ fn issue14_progress_lines_as_iotest_086() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("t.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "128M"]);
-    qemu_io_ok(
+    qemu_io(
         "qcow2",
         &img,
         &["write 0 1M", "write 2M 1M", "write 4M 1M", "write 32M 1M"],
@@ -220,11 +188,11 @@ fn issue14_convert_from_internal_snapshot() {
     let d = tempfile::tempdir().unwrap();
     let img = d.path().join("sn.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
-    qemu_io_ok("qcow2", &img, &["write -P 1 0 1M"]);
+    qemu_io("qcow2", &img, &["write -P 1 0 1M"]);
     qemu_img(&["snapshot", "-c", "snap1", s(&img)]);
-    qemu_io_ok("qcow2", &img, &["write -P 2 0 512k", "write -P 3 2M 64k"]);
+    qemu_io("qcow2", &img, &["write -P 2 0 512k", "write -P 3 2M 64k"]);
     qemu_img(&["snapshot", "-c", "snap2", s(&img)]);
-    qemu_io_ok("qcow2", &img, &["write -P 4 3M 64k"]);
+    qemu_io("qcow2", &img, &["write -P 4 3M 64k"]);
     let v = d.path().join("v.raw");
     let q = d.path().join("q.raw");
     for l in [
@@ -264,21 +232,11 @@ fn issue14_convert_concatenates_sources() {
     let d = tempfile::tempdir().unwrap();
     let p = |n: &str| d.path().join(n);
     qemu_img(&["create", "-q", "-f", "qcow2", s(&p("b.qcow2")), "3M"]);
-    qemu_io_ok("qcow2", &p("b.qcow2"), &["write -P 7 0 3M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        s(&p("c1.qcow2")),
-    ]);
-    qemu_io_ok("qcow2", &p("c1.qcow2"), &["write -P 1 1M 64k"]);
+    qemu_io("qcow2", &p("b.qcow2"), &["write -P 7 0 3M"]);
+    qcow2_overlay(&p("c1.qcow2"), "b.qcow2", "", None);
+    qemu_io("qcow2", &p("c1.qcow2"), &["write -P 1 1M 64k"]);
     qemu_img(&["create", "-q", "-f", "qcow2", s(&p("c2.qcow2")), "2M"]);
-    qemu_io_ok(
+    qemu_io(
         "qcow2",
         &p("c2.qcow2"),
         &["write -c -P 2 0 64k", "write -z 1M 64k"],

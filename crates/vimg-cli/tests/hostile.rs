@@ -694,16 +694,7 @@ impl Env {
     /// A monolithicFlat vmdk whose extent line names `extent`.
     fn vmdk_flat(&self, name: &str, extent: &str) -> PathBuf {
         let p = self.img().join(format!("{name}.vmdk"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            s(&p),
-            "4M",
-        ]);
+        qemu_create(&p, "vmdk", "subformat=monolithicFlat", "4M");
         let own = format!("{name}-flat.vmdk");
         let text = fs::read_to_string(&p).unwrap();
         assert!(text.contains(&own), "{text}");
@@ -719,16 +710,7 @@ impl Env {
     /// A twoGbMaxExtentSparse vmdk whose one extent line is repeated 1000 times.
     fn vmdk_split_repeated(&self, name: &str) -> PathBuf {
         let p = self.img().join(format!("{name}.vmdk"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=twoGbMaxExtentSparse",
-            s(&p),
-            "1M",
-        ]);
+        qemu_create(&p, "vmdk", "subformat=twoGbMaxExtentSparse", "1M");
         let text = fs::read_to_string(&p).unwrap();
         let line = format!("RW 2048 SPARSE \"{name}-s001.vmdk\"\n");
         assert!(text.contains(&line), "{text}");
@@ -779,16 +761,7 @@ impl Env {
     /// A differencing VHD (block 0 its own, the rest its parent's) with `locators`.
     fn vhd_child(&self, name: &str, locators: &[(&[u8; 4], Vec<u8>)]) -> PathBuf {
         let p = self.img().join(format!("{name}.vhd"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vpc",
-            "-o",
-            "force_size=on",
-            s(&p),
-            "4M",
-        ]);
+        qemu_create(&p, "vpc", "force_size=on", "4M");
         qemu_io("vpc", &p, &["write -P 0x11 0 1M"]);
         let mut d = fs::read(&p).unwrap();
         let footer = d.split_off(d.len() - 512);

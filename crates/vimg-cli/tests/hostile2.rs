@@ -71,16 +71,7 @@ fn entries(p: &Path) -> Vec<String> {
 /// all name the data cluster: 67 million references to one cluster.
 fn amplified_snapshot(dir: &Path, refcount_bits: u32) -> PathBuf {
     let p = dir.join(format!("amp{refcount_bits}.qcow2"));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("refcount_bits={refcount_bits}"),
-        s(&p),
-        "4T",
-    ]);
+    qemu_create(&p, "qcow2", &format!("refcount_bits={refcount_bits}"), "4T");
     qemu_io("qcow2", &p, &["write -P 0x5a 0 64k"]);
     qemu_img(&["snapshot", "-c", "s1", s(&p)]);
     let h = header(&p);
@@ -175,16 +166,7 @@ fn writers_refuse_sizes_they_cannot_describe() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("big.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=2M",
-        s(&src),
-        &(1u64 << 54).to_string(),
-    ]);
+    qemu_create(&src, "qcow2", "cluster_size=2M", &(1u64 << 54).to_string());
     let out = dir.path().join("out");
     fs::create_dir(&out).unwrap();
     let cases: &[(&str, &[&str], &str)] = &[
@@ -475,16 +457,7 @@ fn qemu_rejects_its_own(dir: &Path, fmt: &str, opts: &[&str], size: u64) -> bool
 /// A monolithicFlat VMDK whose descriptor names its extent `name`.
 fn vmdk_naming(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join("k.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=monolithicFlat",
-        s(&p),
-        "1M",
-    ]);
+    qemu_create(&p, "vmdk", "subformat=monolithicFlat", "1M");
     let text = fs::read_to_string(&p).unwrap();
     assert!(text.contains("\"k-flat.vmdk\""));
     fs::write(&p, text.replace("\"k-flat.vmdk\"", &format!("\"{name}\""))).unwrap();
@@ -551,16 +524,7 @@ fn polyglot_rule_holds_through_containers() {
     }
     let dir = tempfile::tempdir().unwrap();
     let vhd = dir.path().join("f.vpc");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=fixed",
-        s(&vhd),
-        "1M",
-    ]);
+    qemu_create(&vhd, "vpc", "subformat=fixed", "1M");
     let v = fs::read(&vhd).unwrap();
     let mut footer = Footer::parse(&v[v.len() - 512..]).unwrap();
     let p = dir.path().join("p.qcow2");

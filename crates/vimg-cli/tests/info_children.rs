@@ -34,16 +34,7 @@ fn images(dir: &Path) -> Vec<String> {
         ("flat2.vmdk", "twoGbMaxExtentFlat", "3G"),
     ] {
         let p = dir.join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            &format!("subformat={sub}"),
-            s(&p),
-            size,
-        ]);
+        qemu_create(&p, "vmdk", &format!("subformat={sub}"), size);
         out.push(s(&p).to_string());
     }
     let dd = dir.join("dd.qcow2");
@@ -62,17 +53,7 @@ fn images(dir: &Path) -> Vec<String> {
     let base = dir.join("base.qcow2");
     let top = dir.join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qcow2_overlay(&top, s(&base), "", None);
     out.push(s(&top).to_string());
     out
 }
@@ -112,16 +93,7 @@ fn vmdk_extents_are_listed_newest_first() {
     }
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("e.vmdk");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "subformat=twoGbMaxExtentFlat",
-        s(&p),
-        "5G",
-    ]);
+    qemu_create(&p, "vmdk", "subformat=twoGbMaxExtentFlat", "5G");
     let v = json(&vimg(&["info", "--output=json", s(&p)]));
     let names: Vec<&str> = v["children"]
         .as_array()

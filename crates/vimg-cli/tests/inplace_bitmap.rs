@@ -67,16 +67,7 @@ fn run(prog: &str, args: &[&str], img: &Path) {
 /// bm3 enabled at 1M), 512-byte or 64 KiB clusters.
 fn with_bitmaps(dir: &Path, cluster: &str) -> PathBuf {
     let img = dir.join("pristine.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("cluster_size={cluster}"),
-        s(&img),
-        "4M",
-    ]);
+    qemu_create(&img, "qcow2", &format!("cluster_size={cluster}"), "4M");
     qemu_img(&["bitmap", "--add", s(&img), "bm1"]);
     qemu_img(&["bitmap", "--add", "-g", "8k", "--disable", s(&img), "bm2"]);
     qemu_img(&["bitmap", "--add", "-g", "1M", s(&img), "bm3"]);
@@ -256,17 +247,7 @@ fn bitmap_sequence_like_qemu() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     for prog in ["vimg", "qemu-img"] {
         let img = d.join(format!("{prog}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            s(&img),
-        ]);
+        qcow2_overlay(&img, "base.qcow2", "", None);
         let steps: &[&[&str]] = &[
             &["bitmap", "--add", "{}", "a"],
             &["bitmap", "--remove", "{}", "a"],
@@ -315,16 +296,7 @@ fn bitmap_errors_like_qemu() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "2M"]);
     qemu_img(&["bitmap", "--add", s(&src), "big"]);
     let v2 = d.join("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        s(&v2),
-        "1M",
-    ]);
+    qemu_create(&v2, "qcow2", "compat=0.10", "1M");
     let tail = |o: &std::process::Output| {
         let e = String::from_utf8_lossy(&o.stderr).into_owned();
         let line = e.lines().last().unwrap_or("").to_string();

@@ -133,17 +133,7 @@ fn amend_like_qemu() {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "64M"]);
     qemu_io("qcow2", &base, &["write -P 1 0 2M"]);
     let img = dir.path().join("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&img),
-    ]);
+    qcow2_overlay(&img, "base.qcow2", "", None);
     qemu_io("qcow2", &img, &["write -P 2 64k 64k"]);
     let steps: &[&[&str]] = &[
         &["amend", "{}"],
@@ -166,16 +156,7 @@ fn amend_refusals_leave_the_image_alone() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=8",
-        s(&img),
-        "8M",
-    ]);
+    qemu_create(&img, "qcow2", "refcount_bits=8", "8M");
     let before = std::fs::read(&img).expect("read");
     let out = vimg_raw(&["amend", "-o", "compat=0.10", s(&img)]);
     assert_eq!(out.status.code(), Some(1));

@@ -19,28 +19,9 @@ fn io(dir: &Path, img: &str, cmds: &[&str]) {
 /// internal snapshot) <- top.qcow2 (3 MiB; data, zeros, partial clusters).
 fn setup(dir: &Path, compat: &str, snapshot: bool) {
     let o = format!("compat={compat}");
-    qemu_in(
-        dir,
-        &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "1M"],
-    );
+    qemu_create(&dir.join("base.qcow2"), "qcow2", &o, "1M");
     io(dir, "base.qcow2", &["write -P 5 0 1M"]);
-    qemu_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-            "2M",
-        ],
-    );
+    qcow2_overlay(&dir.join("mid.qcow2"), "base.qcow2", &o, Some("2M"));
     io(
         dir,
         "mid.qcow2",
@@ -54,23 +35,7 @@ fn setup(dir: &Path, compat: &str, snapshot: bool) {
     if snapshot {
         qemu_in(dir, &["snapshot", "-c", "s1", "mid.qcow2"]);
     }
-    qemu_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "3M",
-        ],
-    );
+    qcow2_overlay(&dir.join("top.qcow2"), "mid.qcow2", &o, Some("3M"));
     io(
         dir,
         "top.qcow2",
@@ -316,36 +281,8 @@ fn shorter_intermediate_like_qemu() {
     for d in [tv.path(), tq.path()] {
         qemu_in(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "3M"]);
         io(d, "base.qcow2", &["write -P 5 0 3M"]);
-        qemu_in(
-            d,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "mid.qcow2",
-                "1M",
-            ],
-        );
-        qemu_in(
-            d,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "mid.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-                "3M",
-            ],
-        );
+        qcow2_overlay(&d.join("mid.qcow2"), "base.qcow2", "", Some("1M"));
+        qcow2_overlay(&d.join("top.qcow2"), "mid.qcow2", "", Some("3M"));
         io(d, "top.qcow2", &["write -P 1 64k 64k", "write -P 2 2M 4k"]);
     }
     let (v, q) = (tv.path(), tq.path());

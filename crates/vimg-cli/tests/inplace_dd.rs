@@ -33,20 +33,7 @@ fn inputs(dir: &Path) {
     qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "1M"]);
     qemu_io("qcow2", &base, &["write -P 0x5a 0 1M"]);
     let q = dir.join("in.qcow2");
-    qemu_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "in.qcow2",
-        ],
-    );
+    qcow2_overlay(&dir.join("in.qcow2"), "base.qcow2", "", None);
     qemu_io(
         "qcow2",
         &q,

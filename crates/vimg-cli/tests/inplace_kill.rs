@@ -386,21 +386,11 @@ fn top_over_base(dir: &Path) -> PathBuf {
     let new = dir.join("new.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", s(&new), "1M"]);
     qemu_io("qcow2", &new, &["write -P 8 256k 512k"]);
-    qemu_in(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "pristine.qcow2",
-        ],
+    qcow2_overlay(
+        &dir.join("pristine.qcow2"),
+        "base.qcow2",
+        "cluster_size=512",
+        None,
     );
     let img = dir.join("pristine.qcow2");
     qemu_io("qcow2", &img, &["write -P 1 0 100k", "write -P 2 900k 64k"]);

@@ -48,21 +48,11 @@ fn setup(d: &Path, compat: &str) {
     qemu_in(d, &["create", "-q", "-f", "qcow2", "new.qcow2", "1M"]);
     qemu_io("qcow2", &d.join("new.qcow2"), &["write -P 8 0 512k"]);
     qemu_in(d, &["create", "-q", "-f", "raw", "new.raw", "1M"]);
-    qemu_in(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("compat={compat}"),
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
+    qcow2_overlay(
+        &d.join("top.qcow2"),
+        "base.qcow2",
+        &format!("compat={compat}"),
+        None,
     );
     qemu_io("qcow2", &d.join("top.qcow2"), &["write -P 1 64k 64k"]);
 }

@@ -10,10 +10,6 @@ use std::path::{Path, PathBuf};
 use common::kill::*;
 use common::*;
 
-fn qi(dir: &Path, args: &[&str]) {
-    qemu_in(dir, args);
-}
-
 fn io(dir: &Path, img: &str, cmds: &[&str]) {
     qemu_io("qcow2", &dir.join(img), cmds);
 }
@@ -23,50 +19,24 @@ fn io(dir: &Path, img: &str, cmds: &[&str]) {
 /// (compressed too) and, with `snapshot`, an internal snapshot.
 fn setup(dir: &Path, compat: &str, snapshot: bool) -> PathBuf {
     let o = format!("compat={compat}");
-    qi(
-        dir,
-        &["create", "-q", "-f", "qcow2", "-o", &o, "base.qcow2", "2M"],
-    );
+    qemu_create(&dir.join("base.qcow2"), "qcow2", &o, "2M");
     io(
         dir,
         "base.qcow2",
         &["write -P 5 0 1M", "write -P 9 1536k 100k"],
     );
-    qi(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("{o},cluster_size=4096"),
-            "base2.qcow2",
-            "1536k",
-        ],
+    qemu_create(
+        &dir.join("base2.qcow2"),
+        "qcow2",
+        &format!("{o},cluster_size=4096"),
+        "1536k",
     );
     io(
         dir,
         "base2.qcow2",
         &["write -P 5 0 256k", "write -P 6 512k 8k"],
     );
-    qi(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "2M",
-        ],
-    );
+    qcow2_overlay(&dir.join("top.qcow2"), "base.qcow2", &o, Some("2M"));
     io(
         dir,
         "top.qcow2",
@@ -77,7 +47,7 @@ fn setup(dir: &Path, compat: &str, snapshot: bool) -> PathBuf {
         ],
     );
     if snapshot {
-        qi(dir, &["snapshot", "-c", "s1", "top.qcow2"]);
+        qemu_in(dir, &["snapshot", "-c", "s1", "top.qcow2"]);
         io(dir, "top.qcow2", &["write -P 4 1100k 64k"]);
     }
     dir.join("top.qcow2")

@@ -114,16 +114,7 @@ fn resize_qcow2_small_clusters_like_qemu() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let img = dir.path().join("a.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&img),
-        "1M",
-    ]);
+    qemu_create(&img, "qcow2", "cluster_size=512", "1M");
     qemu_io(
         "qcow2",
         &img,

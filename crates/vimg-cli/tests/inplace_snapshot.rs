@@ -104,16 +104,7 @@ fn base(dir: &Path) -> PathBuf {
 /// 512-byte clusters: many L2 tables and refcount blocks; no snapshot yet.
 fn small512(dir: &Path) -> PathBuf {
     let img = dir.join("pristine.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=512",
-        s(&img),
-        "1M",
-    ]);
+    qemu_create(&img, "qcow2", "cluster_size=512", "1M");
     qemu_io(
         "qcow2",
         &img,
@@ -451,16 +442,7 @@ fn snapshot_errors_like_qemu() {
     // refcount_bits=1 cannot hold a second reference: refused, nothing written (qemu-img
     // refuses too, with leaks left behind).
     let one = d.join("one.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=1",
-        s(&one),
-        "1M",
-    ]);
+    qemu_create(&one, "qcow2", "refcount_bits=1", "1M");
     qemu_io("qcow2", &one, &["write -P 1 0 64k"]);
     let before = std::fs::read(&one).expect("read");
     let vo = vimg_raw(&["snapshot", "-c", "x", s(&one)]);

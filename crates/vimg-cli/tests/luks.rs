@@ -66,10 +66,6 @@ fn qemu_decrypt(img: &Path, out: &Path) {
     ]);
 }
 
-fn json(out: &str) -> serde_json::Value {
-    serde_json::from_str(out).unwrap()
-}
-
 const SETUPS: &[&str] = &[
     "",
     ",cipher-alg=aes-128",

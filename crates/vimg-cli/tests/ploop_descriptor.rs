@@ -62,16 +62,7 @@ fn ploop_dir(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let d = dir.join(name);
     fs::create_dir_all(&d).unwrap();
     let root = d.join("root.hds");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "parallels",
-        "-o",
-        "cluster_size=256k",
-        s(&root),
-        "6M",
-    ]);
+    qemu_create(&root, "parallels", "cluster_size=256k", "6M");
     qemu_io(
         "parallels",
         &root,

@@ -370,18 +370,7 @@ fn reads_three_level_chain_of_mixed_formats() {
         &["write -P 0x61 512k 1M", "write -P 0x62 4M 512k"],
     );
     let top = d.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-        "8M",
-    ]);
+    qcow2_overlay(&top, "mid.qcow2", "", Some("8M"));
     qemu_io(
         "qcow2",
         &top,
@@ -864,17 +853,7 @@ fn info_matches_qemu() {
     }
     // A backing file, snapshots, bitmaps, the dirty and corrupt bits.
     let ov = d.path().join("ov.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "q-v3.qcow2",
-        "-F",
-        "qcow2",
-        s(&ov),
-    ]);
+    qcow2_overlay(&ov, "q-v3.qcow2", "", None);
     imgs.push(ov);
     let sn = d.path().join("snap.qcow2");
     qemu_qcow2(&src, &sn, &[]);

@@ -27,17 +27,7 @@ fn images(dir: &Path) -> Vec<(PathBuf, &'static str)> {
         ],
     );
     let top = dir.join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qcow2_overlay(&top, "base.qcow2", "", None);
     qemu_io(
         "qcow2",
         &top,

@@ -89,18 +89,7 @@ fn backing_chains_of_mixed_formats() {
         &d.join("mid.qcow2"),
         &["write -P 3 1M 1M", "write -z 20M 512k"],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        s(&d.join("top.qcow2")),
-        "40M",
-    ]);
+    qcow2_overlay(&d.join("top.qcow2"), "mid.qcow2", "", Some("40M"));
     qemu_io(
         "qcow2",
         &d.join("top.qcow2"),

@@ -579,16 +579,7 @@ fn virtual_pc_images_are_sized_by_chs_as_qemu_does() {
 /// (block 0, first MiB), and `locators` (code, data).
 fn make_differencing(dir: &Path, name: &str, locators: &[(&[u8; 4], Vec<u8>)]) -> PathBuf {
     let img = dir.join(name);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "force_size=on",
-        s(&img),
-        "4M",
-    ]);
+    qemu_create(&img, "vpc", "force_size=on", "4M");
     qemu_io("vpc", &img, &["write -P 0x11 0 1M"]);
     let mut d = fs::read(&img).unwrap();
     let footer = d.split_off(d.len() - 512);

@@ -191,16 +191,7 @@ fn qemu_written_images_read_like_qemu() {
     }
     // An image qemu-io wrote in pieces: partial blocks, rewrites, a zero write.
     let img = dir.path().join("io.vhdx");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&img),
-        "16M",
-    ]);
+    qemu_create(&img, "vhdx", "block_size=1M", "16M");
     qemu_io(
         "vhdx",
         &img,

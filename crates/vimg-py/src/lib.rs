@@ -351,7 +351,7 @@ fn convert(
     let src_format = parse_format_opt(py, src_format)?;
     let mut create = create_options(py, options)?;
     create.compress = compress;
-    vimg::convert::check_create_options(out, &create).map_err(|e| to_py(py, &e, None))?;
+    create.check_for(out).map_err(|e| to_py(py, &e, None))?;
     let alg = checksum
         .map(|a| a.parse::<HashAlg>())
         .transpose()

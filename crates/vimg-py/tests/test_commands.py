@@ -68,7 +68,7 @@ def test_measure_matches_the_binary(vimg_bin, raw_image):
     for args, kw in [
         (["-O", "qcow2", str(raw_image)], dict(filename=raw_image)),
         (["-O", "qcow2", "-o", "cluster_size=4k", str(raw_image)], dict(filename=raw_image, options={"cluster_size": "4k"})),
-        (["-O", "vmdk", "--size", "1G"], dict(size=1 << 30)),
+        (["-O", "vhdx", "--size", "1G"], dict(size=1 << 30)),
         (["-O", "raw", "--size", "1G"], dict(size=1 << 30)),
     ]:
         fmt = args[1]

@@ -94,9 +94,23 @@ impl ConvertOptions {
 }
 
 /// Checks `opts` against `format`'s option list, and that no option asks for what the
-/// format cannot do.
+/// format cannot do; options [`CreateOptions::check_for`] checked for `format` pass.
 pub fn check_create_options(format: Format, opts: &CreateOptions) -> Result<()> {
+    if opts.checked_for == Some(format) {
+        return Ok(());
+    }
     opts.check(&registry::all_options(format))
+}
+
+impl CreateOptions {
+    /// Checks these options for a new `format` image (qemu-img's messages) once: `create`,
+    /// `convert` and `measure` do not check them again unless they change. A command line
+    /// calls it where qemu-img reports a bad option, before its own later checks.
+    pub fn check_for(&mut self, format: Format) -> Result<()> {
+        check_create_options(format, self)?;
+        self.checked_for = Some(format);
+        Ok(())
+    }
 }
 
 /// Creates a writer for a new image at `out`'s main path.

@@ -1,6 +1,7 @@
 //! `vimg measure`: the bytes a new image needs, for an empty image of a given size or for
 //! the content of an existing image. Each format computes its own figures
-//! ([`crate::formats::Driver::measure`]); this module only gathers the inputs.
+//! ([`crate::formats::Driver::measure`]; qcow2, raw and luks, as in qemu-img, and vhd and
+//! vhdx); this module only gathers the inputs.
 
 use crate::convert::check_create_options;
 use crate::engine::ImageData;
@@ -26,8 +27,16 @@ pub fn measure(
     size: Option<u64>,
     source: Option<&Image>,
 ) -> Result<Measure> {
-    check_create_options(format, opts)?;
     let driver = registry::driver(format);
+    // A format with no create options is one vimg only reads (luks creates without
+    // declaring the capability).
+    if driver.create_options().is_empty() {
+        return Err(Error::unsupported(format!(
+            "Format driver '{}' does not support image creation",
+            format.name()
+        )));
+    }
+    check_create_options(format, opts)?;
     match (size, source) {
         (Some(size), None) => driver.measure(size, opts, None),
         (None, Some(img)) => {

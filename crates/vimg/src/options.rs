@@ -118,6 +118,9 @@ pub struct CreateOptions {
     /// How a driver opens a file these options name (set by the library before it calls a
     /// driver's `create`).
     open_named: Option<crate::formats::OpenNamed>,
+    /// The format these options were checked for ([`CreateOptions::check_for`]); cleared by
+    /// any change.
+    pub(crate) checked_for: Option<crate::formats::Format>,
 }
 
 impl CreateOptions {
@@ -129,6 +132,7 @@ impl CreateOptions {
     /// Parses `key=value,key2=value2` (qemu's syntax: `,,` is a literal comma) and appends
     /// to these options. Later keys win.
     pub fn parse_into(&mut self, spec: &str) -> Result<()> {
+        self.checked_for = None;
         for item in split_commas(spec) {
             if item.is_empty() {
                 continue;
@@ -145,6 +149,7 @@ impl CreateOptions {
 
     /// Sets one option.
     pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut Self {
+        self.checked_for = None;
         self.values.insert(key.to_string(), value.into());
         self
     }

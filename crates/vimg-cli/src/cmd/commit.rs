@@ -6,7 +6,6 @@
 use std::path::Path;
 
 use clap::Args;
-use vimg::Format;
 
 use crate::args::SafetyArgs;
 use crate::{CmdResult, Failure};
@@ -42,30 +41,9 @@ pub struct CommitArgs {
 }
 
 pub fn run(a: CommitArgs) -> CmdResult {
-    if a.files.len() != 1 {
-        return Err(Failure::new(
-            format!(
-                "Expecting one image file name\nTry '{} commit --help' for more info",
-                crate::trust::prefix()
-            ),
-            1,
-        ));
-    }
-    let file = &a.files[0];
+    let file = super::one_image("commit", &a.files)?;
     let path = Path::new(file);
-    let format = match a.format.as_deref() {
-        Some(name) => Format::from_name(name).ok_or_else(|| {
-            Failure::new(
-                format!("Could not open '{file}': Unknown driver '{name}'"),
-                1,
-            )
-        })?,
-        None => {
-            let st = vimg::storage::FileStorage::open(path)
-                .map_err(|e| Failure::open(file, &vimg::Error::io("open", e)))?;
-            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))?
-        }
-    };
+    let format = super::image_format(file, a.format.as_deref())?;
     let rate = match &a.rate {
         Some(r) => vimg::options::parse_size(r)
             .map_err(|_| Failure::new(format!("Invalid rate limit specified: '{r}'."), 1))?,

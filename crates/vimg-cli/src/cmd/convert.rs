@@ -91,7 +91,7 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     } else if a.backing_format.is_some() {
         return Err(Failure::new("-F requires -B", 1));
     }
-    vimg::convert::check_create_options(out_format, &create).map_err(Failure::from)?;
+    create.check_for(out_format).map_err(Failure::from)?;
     // `-o backing_file=` is `-B` spelled another way (qemu-img treats them alike): the
     // target gets only what the top image stores.
     let top_only = a.backing.is_some() || create.has("backing_file");

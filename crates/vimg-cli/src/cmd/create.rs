@@ -53,7 +53,8 @@ pub fn run(a: CreateArgs) -> CmdResult {
         ),
         None => None,
     };
-    vimg::convert::check_create_options(format, &opts).map_err(|e| named(Failure::from(e)))?;
+    opts.check_for(format)
+        .map_err(|e| named(Failure::from(e)))?;
     if let Some(b) = opts.get_str("backing_file") {
         if b == filename {
             return Err(named(Failure::new(
@@ -80,12 +81,6 @@ pub fn run(a: CreateArgs) -> CmdResult {
                     1,
                 )));
             }
-        }
-        if b == filename {
-            return Err(named(Failure::new(
-                "Error: Trying to create an image with the same filename as the backing file",
-                1,
-            )));
         }
         if !opts.has("backing_fmt") {
             // qemu-img probes the backing file to say what it found (unless -u).

@@ -217,7 +217,6 @@ pub fn run(a: DdArgs) -> CmdResult {
         )
     })?;
     let mut opts = ConvertOptions::new(out_format);
-    vimg::convert::check_create_options(out_format, &opts.create).map_err(Failure::from)?;
     opts.output_mode = OutputMode::Atomic;
     opts.copy.mapped_reads = true;
     opts.copy.cancel = Some(crate::signals::install_cancel_flag());

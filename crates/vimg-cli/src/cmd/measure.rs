@@ -1,4 +1,4 @@
-//! `vimg measure`: qemu-img measure's output; every format vimg writes can be measured.
+//! `vimg measure`: qemu-img measure's output and refusals (vimg also measures vpc and vhdx).
 
 use serde_json::{Map, Value};
 use vimg::Image;
@@ -8,13 +8,14 @@ use crate::args::{MeasureArgs, OutputFormat};
 use crate::human::qemu_json;
 use crate::{CmdResult, Failure};
 
+/// In qemu-img's order: the size, the source image, the output format, whether it is
+/// created at all, its options, whether it is measured.
 pub fn run(a: MeasureArgs) -> CmdResult {
-    let out_format = parse_format(&a.out_format)?;
     if super::wants_help(&a.options) {
-        super::print_option_help(out_format, None)?;
+        super::print_option_help(parse_format(&a.out_format)?, None)?;
         return Ok(0);
     }
-    let opts = parse_create_options(&a.options)?;
+    let mut opts = parse_create_options(&a.options)?;
     let size = match &a.size {
         Some(s) => Some(
             vimg::options::parse_size(s)
@@ -35,6 +36,18 @@ pub fn run(a: MeasureArgs) -> CmdResult {
         }
         None => None,
     };
+    let out_format = parse_format(&a.out_format)?;
+    if !out_format.driver().create_options().is_empty() {
+        opts.check_for(out_format).map_err(|e| {
+            let name = out_format.name();
+            let again = crate::trust::prefix();
+            let msg = format!(
+                "{}\n{again}: Invalid options for file format '{name}'",
+                e.message()
+            );
+            Failure::new(msg, 1)
+        })?;
+    }
     let m = vimg::measure(out_format, &opts, size, image.as_ref())?;
     let text = match a.output {
         OutputFormat::Json => {

@@ -35,6 +35,39 @@ pub fn parse_format_opt(name: Option<&str>) -> Result<Option<Format>, Failure> {
     name.map(parse_format).transpose()
 }
 
+/// The one image `commit` or `rebase` names, with qemu-img's message when there is not
+/// exactly one.
+pub fn one_image<'a>(cmd: &str, files: &'a [String]) -> Result<&'a str, Failure> {
+    match files {
+        [file] => Ok(file),
+        _ => Err(Failure::new(
+            format!(
+                "Expecting one image file name\nTry '{} {cmd} --help' for more info",
+                crate::trust::prefix()
+            ),
+            1,
+        )),
+    }
+}
+
+/// The format of the image `commit` or `rebase` changes: `-f` (an unknown name worded as
+/// qemu-img words it when it opens the image), else probed from the content.
+pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure> {
+    match format {
+        Some(name) => Format::from_name(name).ok_or_else(|| {
+            Failure::new(
+                format!("Could not open '{file}': Unknown driver '{name}'"),
+                1,
+            )
+        }),
+        None => {
+            let st = vimg::storage::FileStorage::open(std::path::Path::new(file))
+                .map_err(|e| Failure::open(file, &vimg::Error::io("open", e)))?;
+            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))
+        }
+    }
+}
+
 /// Open options from `-f` and the safety flags.
 pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions {
     OpenOptions::with_format(format)

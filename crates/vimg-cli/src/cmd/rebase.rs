@@ -53,15 +53,7 @@ pub struct RebaseArgs {
 }
 
 pub fn run(a: RebaseArgs) -> CmdResult {
-    if a.files.len() != 1 {
-        return Err(Failure::new(
-            format!(
-                "Expecting one image file name\nTry '{} rebase --help' for more info",
-                crate::trust::prefix()
-            ),
-            1,
-        ));
-    }
+    let file = super::one_image("rebase", &a.files)?;
     // qemu-img's usage check: a safe rebase needs the new backing file named (`-b ""`
     // removes it); without -b it is refused, not read as "remove the backing file".
     if !a.unsafe_mode && a.backing.is_none() {
@@ -73,7 +65,6 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             1,
         ));
     }
-    let file = &a.files[0];
     let backing_format = match a.backing_format.as_deref() {
         None => None,
         Some(name) => Some(
@@ -83,19 +74,7 @@ pub fn run(a: RebaseArgs) -> CmdResult {
         ),
     };
     let path = Path::new(file);
-    let format = match a.format.as_deref() {
-        Some(name) => Format::from_name(name).ok_or_else(|| {
-            Failure::new(
-                format!("Could not open '{file}': Unknown driver '{name}'"),
-                1,
-            )
-        })?,
-        None => {
-            let st = vimg::storage::FileStorage::open(path)
-                .map_err(|e| Failure::open(file, &vimg::Error::io("open", e)))?;
-            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))?
-        }
-    };
+    let format = super::image_format(file, a.format.as_deref())?;
     let new_name = a.backing.as_deref().filter(|b| !b.is_empty());
     let policy = crate::trust::policy(&a.safety);
     if !a.unsafe_mode {

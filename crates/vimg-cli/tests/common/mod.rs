@@ -359,3 +359,25 @@ pub fn set_refcount(img: &Path, c: u64, v: u16) {
     let len = f.metadata().expect("stat").len();
     f.set_len(len.max((c + 1) << cb)).expect("grow");
 }
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] -b BACKING -F qcow2 IMG [SIZE]`: a qcow2 overlay
+/// storing `backing` as given (a relative name resolves next to `img`).
+pub fn qcow2_overlay(img: &Path, backing: &str, opts: &str, size: Option<&str>) {
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.push(s(img));
+    args.extend(size);
+    qemu_img(&args);
+}
+
+/// `qemu-img create -q -f FMT [-o OPTS] IMG SIZE`.
+pub fn qemu_create(img: &Path, fmt: &str, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(img), size]);
+    qemu_img(&args);
+}

@@ -366,8 +366,11 @@ pub trait Driver: Sync {
     /// Opens a reader over `storage`.
     fn open(&self, storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn ImageReader>>;
 
-    /// The options `create` accepts (besides `size`, which every format takes).
-    fn create_options(&self) -> &'static [OptionSpec];
+    /// The options `create` accepts (besides `size`, which every format takes). The
+    /// default: none (a format vimg only reads).
+    fn create_options(&self) -> &'static [OptionSpec] {
+        &[]
+    }
 
     /// What the driver can do. The default: a format vimg only reads.
     fn capabilities(&self) -> Capabilities {

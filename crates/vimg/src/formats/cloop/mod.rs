@@ -16,13 +16,10 @@ mod read;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
-use crate::options::{CreateOptions, OptionSpec};
-use crate::output::Output;
 use crate::storage::Storage;
-use crate::writer::ImageWriter;
 
 pub use error::CloopError;
 pub use read::{CloopReader, MAX_BLOCK_SIZE};
@@ -41,21 +38,6 @@ impl crate::formats::Driver for Driver {
 
     fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
         Ok(Box::new(CloopReader::open(storage)?))
-    }
-
-    fn create_options(&self) -> &'static [OptionSpec] {
-        &[]
-    }
-
-    fn create(
-        &self,
-        _out: &Output,
-        _size: u64,
-        _opts: &CreateOptions,
-    ) -> Result<Box<dyn ImageWriter>> {
-        Err(Error::unsupported(
-            "Format driver 'cloop' does not support image creation",
-        ))
     }
 }
 

@@ -13,7 +13,7 @@ mod write;
 use std::sync::Arc;
 
 use crate::error::Result;
-use crate::formats::{Capabilities, Choice, ChoiceRefusal, Streaming, Support, PROTOCOL_PRINTED};
+use crate::formats::{Capabilities, Streaming, Support, FILE_PREALLOCATION, PROTOCOL_PRINTED};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
@@ -53,12 +53,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: false,
     bitmaps: false,
     printed: PROTOCOL_PRINTED,
-    choices: &[Choice {
-        option: "preallocation",
-        values: &["off", "falloc", "full"],
-        default: "off",
-        refusal: ChoiceRefusal::InvalidValue,
-    }],
+    choices: &[FILE_PREALLOCATION],
     streaming: Streaming::Yes,
 };
 

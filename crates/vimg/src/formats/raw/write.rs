@@ -26,6 +26,8 @@ enum Prealloc {
 impl RawWriter {
     /// Creates the main file of `out` as a raw image of `size` bytes.
     pub fn create(out: &Output, size: u64, opts: &CreateOptions) -> Result<RawWriter> {
+        // qemu's file protocol: "metadata" is a mode it knows but refuses.
+        crate::formats::check_file_preallocation(opts)?;
         let prealloc = match super::CAPABILITIES.choice("preallocation", opts)? {
             "falloc" => Prealloc::Falloc,
             "full" => Prealloc::Full,

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
-use crate::options::{CreateOptions, OptionSpec};
+use crate::options::CreateOptions;
 use crate::output::Output;
 use crate::storage::Storage;
 use crate::writer::ImageWriter;
@@ -153,10 +153,6 @@ impl crate::formats::Driver for Unread {
             self.what(&*storage)
         );
         Err(Error::unsupported(msg))
-    }
-
-    fn create_options(&self) -> &'static [OptionSpec] {
-        &[]
     }
 
     fn create(

@@ -47,7 +47,7 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::formats::{printed, Capabilities, Streaming, Support};
-use crate::formats::{DataSummary, Format, Measure, OpenContext};
+use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
 use crate::output::Output;
@@ -72,7 +72,7 @@ const OPTIONS: &[OptionSpec] = &[
     crate::options::PROTOCOL_OPTIONS[2],
 ];
 
-/// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
+/// A new image's `-o` options, parsed and checked once.
 struct Settings {
     /// `static=on`: every block allocated up front.
     fixed: bool,
@@ -147,29 +147,6 @@ impl crate::formats::Driver for Driver {
         let s = Settings::from_options(size, opts)?;
         let file = out.create_main()?;
         Ok(Box::new(VdiWriter::new(file, size, s.fixed)?))
-    }
-
-    fn measure(
-        &self,
-        size: u64,
-        opts: &CreateOptions,
-        data: Option<&dyn DataSummary>,
-    ) -> Result<Measure> {
-        let fixed = Settings::from_options(size, opts)?.fixed;
-        let bs = u64::from(header::BLOCK_SIZE);
-        let blocks = size.div_ceil(bs);
-        let meta = write::BMAP_OFFSET + write::bmap_bytes(blocks);
-        let full = meta + blocks * bs;
-        let used = match data {
-            _ if fixed => blocks,
-            Some(d) => d.data_units(bs)?.min(blocks),
-            None => 0,
-        };
-        Ok(Measure {
-            required: meta + used * bs,
-            fully_allocated: full,
-            bitmaps: None,
-        })
     }
 }
 

@@ -1,5 +1,5 @@
 //! Reader and writer tests: one failing image per validation rule, the block map kinds, the
-//! writers' layout and `measure` against what they produce.
+//! writers' layout against what they produce.
 
 use std::sync::Arc;
 
@@ -95,10 +95,6 @@ fn dynamic_writer_layout_and_round_trip() {
     assert_eq!(r.cluster_size(), Some(MIB));
     assert!(r.format_specific().is_none());
     assert_eq!(r.check().unwrap().corruptions, 0);
-    let m = Driver
-        .measure(4 * MIB, &CreateOptions::new(), None)
-        .unwrap();
-    assert_eq!((m.required, m.fully_allocated), (0x400, 0x400 + 4 * MIB));
 }
 
 #[test]
@@ -118,11 +114,6 @@ fn static_writer_and_stream() {
     let odd = write_image(&CreateOptions::new(), 1000, &[]);
     assert_eq!(open(&odd).unwrap().header().disk_size, 1024);
     assert!(matches!(e.kind, MapKind::Data { offset, .. } if offset.get() == 0x400));
-    let m = Driver.measure(3 * MIB + 512, &opts, None).unwrap();
-    assert_eq!(
-        (m.required, m.fully_allocated),
-        (img.len() as u64, img.len() as u64)
-    );
     // The same through a stream.
     #[derive(Clone, Default)]
     struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);

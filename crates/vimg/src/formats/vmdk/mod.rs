@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{printed, Capabilities, Choice, ChoiceRefusal, Streaming, Support};
-use crate::formats::{DataSummary, Format, Measure, OpenContext};
+use crate::formats::{Format, OpenContext};
 use crate::mapping::ImageReader;
 use crate::options::{CreateOptions, OptionSpec, OptionType};
 use crate::output::Output;
@@ -40,7 +40,7 @@ pub use read::VmdkReader;
 pub use write::{Settings, Subformat, DEFLATE_LEVEL};
 
 use header::SECTOR;
-use write::{SparseLayout, GRAIN, GTES, SPLIT_SIZE};
+use write::{SparseLayout, SPLIT_SIZE};
 
 /// The vmdk driver.
 pub struct Driver;
@@ -255,11 +255,6 @@ fn parent_cid(out: &Output, opts: &CreateOptions, name: &str) -> Result<u32> {
         .ok_or_else(|| Error::invalid("Failed to read parent CID"))
 }
 
-/// Bytes of a descriptor file naming `extents` extents (an upper bound).
-fn descriptor_bytes(extents: u64) -> u64 {
-    512 + extents * 64
-}
-
 /// What the driver does ([`crate::formats::Capabilities`]).
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
@@ -346,71 +341,6 @@ impl crate::formats::Driver for Driver {
                 Box::new(write::FlatWriter::create(out, &s)?)
             }
             Subformat::StreamOptimized => Box::new(write::StreamWriter::create(out, &s)?),
-        })
-    }
-
-    fn measure(
-        &self,
-        size: u64,
-        opts: &CreateOptions,
-        data: Option<&dyn DataSummary>,
-    ) -> Result<Measure> {
-        let s = settings(size, opts)?;
-        let size = s.size;
-        let grains_total = size.div_ceil(GRAIN);
-        let data_grains = match data {
-            Some(d) => d.data_units(GRAIN)?,
-            None => 0,
-        };
-        let sparse_overhead = |bytes: u64| SparseLayout::new(bytes).grain_offset * SECTOR;
-        let (required, full) = match s.subformat {
-            Subformat::MonolithicSparse => {
-                let o = sparse_overhead(size);
-                (o + data_grains * GRAIN, o + grains_total * GRAIN)
-            }
-            Subformat::TwoGbSparse => {
-                let n = size.div_ceil(SPLIT_SIZE).max(1);
-                let mut o = descriptor_bytes(n);
-                let mut left = size;
-                while left > 0 {
-                    let e = left.min(SPLIT_SIZE);
-                    o += sparse_overhead(e);
-                    left -= e;
-                }
-                (o + data_grains * GRAIN, o + grains_total * GRAIN)
-            }
-            Subformat::MonolithicFlat | Subformat::TwoGbFlat => {
-                let n = if s.subformat.split() {
-                    size.div_ceil(SPLIT_SIZE).max(1)
-                } else {
-                    1
-                };
-                let d = descriptor_bytes(n);
-                let data_bytes = match data {
-                    Some(x) => x.data_units(SECTOR)? * SECTOR,
-                    None => 0,
-                };
-                (d + data_bytes, d + size)
-            }
-            Subformat::StreamOptimized => {
-                // Worst case per grain: marker + stored (incompressible) deflate blocks,
-                // rounded to sectors; tables only for grain tables that hold grains.
-                let per_grain =
-                    (12 + GRAIN + 5 * GRAIN.div_ceil(16384) + 6).div_ceil(SECTOR) * SECTOR;
-                let l = SparseLayout::new(size);
-                let fixed = 128 * SECTOR + (1 + l.gd_sectors) * SECTOR + 3 * SECTOR;
-                let gt = (1 + GTES * 4 / SECTOR) * SECTOR;
-                let req_gts = data_grains.min(l.gt_count);
-                (
-                    fixed + data_grains * per_grain + req_gts * gt,
-                    fixed + grains_total * per_grain + l.gt_count * gt,
-                )
-            }
-        };
-        Ok(Measure {
-            required,
-            fully_allocated: full,
-            bitmaps: None,
         })
     }
 }

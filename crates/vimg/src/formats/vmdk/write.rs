@@ -574,6 +574,8 @@ impl FlatWriter {
             };
             let f = out.create_sibling(&name)?;
             f.set_len(n)?;
+            // As qemu's file protocol creates a file: its first 4 KiB written (allocated).
+            f.write_all_at(&[0; 4096][..n.min(4096) as usize], 0)?;
             files.push(f);
             lines.push_str(&format!("RW {} FLAT \"{name}\" 0\n", n.div_ceil(SECTOR)));
             done += n;
