@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::parallels::update::ParallelsUpdate;
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
-use super::qed::{QedDataWriter, QedUpdate};
+use super::qed::update::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;

@@ -49,7 +49,6 @@ use crate::writer::ImageWriter;
 pub use error::QedError;
 pub use open::MAX_BACKING_NAME;
 pub use read::QedReader;
-pub use update::{QedDataWriter, QedUpdate};
 pub use write::{new_header, QedWriter};
 
 const OPTIONS: &[OptionSpec] = &[
