@@ -44,8 +44,6 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
-#[cfg(test)]
-mod fuzz_regressions;
 mod rebuild;
 mod shadow;
 pub(super) mod snapshot;
@@ -1273,3 +1271,6 @@ impl Qcow2Update {
         Ok(false)
     }
 }
+
+#[cfg(test)]
+mod fuzz_tests;
