@@ -293,11 +293,7 @@ pub fn commit(
     }
     if let Some(u) = top_up.as_mut() {
         let mut w = u.data()?;
-        if let crate::formats::updater::DataTarget::Qcow2(d) = &mut w {
-            let cs = d.cluster_size();
-            d.unmap_clusters(0, size.div_ceil(cs))?;
-            d.trim_end()?;
-        }
+        w.make_empty(size)?;
         w.finish()?;
     }
     Ok(())

@@ -477,6 +477,18 @@ impl DataTarget<'_> {
         }
     }
 
+    /// Empties the image after `commit` (every guest cluster unallocated, the file cut
+    /// after its last used cluster) where QEMU's driver can (`bdrv_make_empty`: qcow2);
+    /// other formats keep their data, as qemu-img leaves them.
+    pub fn make_empty(&mut self, size: u64) -> Result<()> {
+        if let DataTarget::Qcow2(d) = self {
+            let cs = d.cluster_size();
+            d.unmap_clusters(0, size.div_ceil(cs))?;
+            d.trim_end()?;
+        }
+        Ok(())
+    }
+
     /// The granularity of [`DataTarget::zeroes_whole_unit`]: the cluster size of formats
     /// that can make a whole cluster read as zeros without writing data, 1 for the others
     /// (their [`DataTarget::write_zeroes`] decides alone).
