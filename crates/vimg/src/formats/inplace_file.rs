@@ -54,6 +54,11 @@ impl UpdateFile {
         ))
     }
 
+    /// The path the file was opened by.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The (device, inode) of the file.
     pub fn identity(&self) -> Result<(u64, u64)> {
         use std::os::unix::fs::MetadataExt;

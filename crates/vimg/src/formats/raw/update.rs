@@ -9,6 +9,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::formats::inplace_file::UpdateFile;
 use crate::formats::qcow2::update::Prealloc;
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
@@ -83,70 +84,39 @@ fn zero_fill(
 /// in place, each write one pwrite(2), flushed at the end (raw has no metadata to order).
 #[derive(Debug)]
 pub struct RawUpdate {
-    file: File,
-    path: std::path::PathBuf,
-    hook: crate::formats::qcow2::update::CrashHook,
+    f: UpdateFile,
 }
 
 impl RawUpdate {
     /// Opens the raw image at `path` read-write (regular files only).
     pub fn open(path: &Path) -> Result<RawUpdate> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| io_err(path, "open for writing", e))?;
-        let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
-        if !meta.file_type().is_file() {
-            return Err(Error::unsupported(format!(
-                "'{}' is not a regular file; vimg changes only regular files in place",
-                path.display()
-            )));
-        }
         Ok(RawUpdate {
-            file,
-            path: path.to_path_buf(),
-            hook: crate::formats::qcow2::update::CrashHook::from_env(),
+            f: UpdateFile::open(path)?.0,
         })
     }
 
     /// The path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.f.path()
     }
 
     /// The (device, inode) of the file open for writing.
     pub fn identity(&self) -> Result<(u64, u64)> {
-        use std::os::unix::fs::MetadataExt;
-        let m = self
-            .file
-            .metadata()
-            .map_err(|e| io_err(&self.path, "stat", e))?;
-        Ok((m.dev(), m.ino()))
+        self.f.identity()
     }
 
     /// The virtual size (the file's length).
     pub fn virtual_size(&self) -> Result<u64> {
-        Ok(self
-            .file
-            .metadata()
-            .map_err(|e| io_err(&self.path, "stat", e))?
-            .len())
+        self.f.len()
     }
 
     /// Writes `data` at `off`.
     pub fn write_at(&mut self, off: u64, data: &[u8]) -> Result<()> {
-        self.hook.point();
-        self.file
-            .write_all_at(data, off)
-            .map_err(|e| io_err(&self.path, "write to", e))
+        self.f.write_at(data, off)
     }
 
     /// Flushes the writes.
     pub fn sync(&mut self) -> Result<()> {
-        self.hook.point();
-        self.file
-            .sync_all()
-            .map_err(|e| io_err(&self.path, "fsync", e))
+        self.f.sync()
     }
 }
