@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-use common::kill::{assert_old_or_new, guest, HOOK};
+use common::kill::{assert_old_or_new, guest, run_killed_in};
 use common::*;
 
 const NEED_CHECK: u64 = 2;
@@ -457,28 +456,6 @@ fn hostile_case(d: &Path, img: &Path, what: &str, needles: &[&str]) {
 
 // ---- kill at every point ----
 
-/// Runs vimg in `dir` with the crash hook at `n`: true when it was killed.
-fn killed_in(dir: &Path, args: &[&str], n: u64) -> bool {
-    let out = Command::new(vimg_bin())
-        .args(args)
-        .current_dir(dir)
-        .env(HOOK, n.to_string())
-        .output()
-        .expect("run vimg");
-    match out.status.signal() {
-        Some(9) => true,
-        Some(sig) => panic!("vimg {args:?} died of signal {sig}"),
-        None => {
-            assert!(
-                out.status.success(),
-                "vimg {args:?} with {HOOK}={n}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            false
-        }
-    }
-}
-
 /// `qemu-img check` finds no corruption (leaks allowed: QED never reuses space); for a
 /// qed image, `vimg check -r all` then clears the need-check flag a kill left.
 fn no_corruption(img: &Path, fmt: &str, what: &str) {
@@ -531,7 +508,7 @@ fn kill_case(backed: bool, args: &[&str], judged: &[(&str, &str, bool)], others:
         for f in files {
             std::fs::copy(pristine.join(f), work.join(f)).unwrap();
         }
-        let killed = killed_in(&work, args, n);
+        let killed = run_killed_in(Some(&work), args, n);
         let what = format!("{args:?} killed before point {n}");
         for (f, fmt, exact) in judged {
             no_corruption(&work.join(f), fmt, &what);

@@ -14,11 +14,17 @@ pub const HOOK: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 /// Runs vimg with the hook at `n`; true when it was killed, false when it finished (then
 /// it must have succeeded).
 pub fn run_killed(args: &[&str], n: u64) -> bool {
-    let out = Command::new(vimg_bin())
-        .args(args)
-        .env(HOOK, n.to_string())
-        .output()
-        .expect("run vimg");
+    run_killed_in(None, args, n)
+}
+
+/// [`run_killed`] with the working folder `dir` (relative names in `args` from there).
+pub fn run_killed_in(dir: Option<&Path>, args: &[&str], n: u64) -> bool {
+    let mut cmd = Command::new(vimg_bin());
+    cmd.args(args).env(HOOK, n.to_string());
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().expect("run vimg");
     match out.status.signal() {
         Some(9) => true,
         Some(sig) => panic!("vimg {args:?} died of signal {sig}"),
