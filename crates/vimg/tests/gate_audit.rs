@@ -35,22 +35,10 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "Qcow2Update: wraps a duplicate of the user's own image file for the reader and the check",
     ),
     (
-        "formats/qed/update.rs",
-        "OpenOptions::new()",
-        2,
-        "QedUpdate::open and open_for_repair: the image the user named on the command line, opened read-write, or a commit base the gate resolved, checked by inode against the gate's file (inplace::commit)",
-    ),
-    (
-        "formats/qed/update.rs",
-        "FileStorage::from_file(",
-        1,
-        "QedUpdate::open: wraps a duplicate of the user's own image file for the reader",
-    ),
-    (
         "formats/inplace_file.rs",
         "OpenOptions::new()",
         1,
-        "UpdateFile::open (raw, vdi, vpc, parallels updaters): the image the user named on the command line, opened read-write, or a commit base the gate resolved, checked by inode against the gate's file (inplace::commit)",
+        "UpdateFile::open (raw, qed, vdi, vpc, parallels updaters): the image the user named on the command line, opened read-write, or a commit base the gate resolved, checked by inode against the gate's file (inplace::commit)",
     ),
     (
         "formats/inplace_file.rs",

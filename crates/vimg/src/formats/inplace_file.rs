@@ -54,6 +54,11 @@ impl UpdateFile {
         ))
     }
 
+    /// The open file, for an updater that orders its writes with its own crash hook (qed).
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// The path the file was opened by.
     pub fn path(&self) -> &Path {
         &self.path

@@ -21,7 +21,6 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::error::QedError;
 use super::header::{
@@ -31,10 +30,10 @@ use super::header::{
 use super::read::QedReader;
 use crate::check::CheckReport;
 use crate::error::{Error, ErrorKind, Result};
+use crate::formats::inplace_file::UpdateFile;
 use crate::formats::qcow2::update::{CrashHook, Prealloc, RepairReport};
 use crate::image::Image;
 use crate::mapping::ImageReader;
-use crate::storage::{FileStorage, Storage};
 
 /// Bytes of the header QEMU rewrites (the sector holding the header fields).
 const HEADER_SECTOR: usize = 512;
@@ -67,21 +66,9 @@ impl QedUpdate {
     /// Opens `path` read-write; the image is first opened and checked by [`QedReader`].
     /// Unknown autoclear feature bits are cleared, as QEMU clears them on a read-write open.
     pub fn open(path: &Path) -> Result<QedUpdate> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format_args!("open '{}' for writing", path.display()), e))?;
+        let (f, storage) = UpdateFile::open(path)?;
+        let file = f.into_file();
         let meta = file.metadata().map_err(|e| io_err(path, "stat", e))?;
-        if !meta.file_type().is_file() {
-            return Err(Error::unsupported(format!(
-                "'{}' is not a regular file; vimg changes only regular files in place",
-                path.display()
-            )));
-        }
-        let ro = file.try_clone().map_err(|e| io_err(path, "dup", e))?;
-        let storage: Arc<dyn Storage> =
-            Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
         let r = QedReader::open(storage)?;
         let report = r.check()?;
         let mut u = QedUpdate {
@@ -122,11 +109,7 @@ impl QedUpdate {
             Err(e) if e.kind() == ErrorKind::Corrupt => e,
             Err(e) => return Err(e),
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(format_args!("open '{}' for writing", path.display()), e))?;
+        let file = UpdateFile::open(path)?.0.into_file();
         let mut hb = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut hb, 0)
             .map_err(|e| io_err(path, "read the header", e))?;
