@@ -384,7 +384,7 @@ impl Updater {
             }
             Updater::Vpc(v) => Ok(DataTarget::Vpc(v)),
             Updater::Parallels(p) => {
-                p.check_writable()?;
+                p.prepare_writes()?;
                 Ok(DataTarget::Parallels(p))
             }
             Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),

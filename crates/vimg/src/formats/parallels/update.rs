@@ -3,12 +3,19 @@
 //!
 //! # Guest writes
 //! In QEMU's order (`parallels_co_writev`, `allocate_clusters`), made crash-safe:
-//! - the header's in-use flag is left alone: QEMU sets it while it has the image open
+//! - the header's in-use flag is not set: QEMU sets it while it has the image open
 //!   read-write, but vimg's writes are crash-ordered (data flushed before the BAT entry that
 //!   points at it), so the flag would protect nothing and a kill would only leave
-//!   `qemu-img check` reporting "image was not closed correctly". An image whose flag is
-//!   already set (in use, or not closed correctly) is refused: `check -r all` repairs it
-//!   first (QEMU repairs it at a read-write open; vimg does not change what it was not asked to);
+//!   `qemu-img check` reporting "image was not closed correctly";
+//! - an image found unclean (in-use flag set, a wrong `data_off`) is first repaired as QEMU's read-write open repairs it (`parallels_open` runs
+//!   its check with both fix flags when the flag is set, `data_off` is wrong, or the BAT
+//!   reaches past the file): the repair of `check -r all` below, before the first guest
+//!   write. Only when everything else about the image is writable (the reader accepts it,
+//!   no Format Extension): what vimg would refuse anyway is refused before anything
+//!   changes. Unlike QEMU 10.0, whose open forgets after the repair which clusters are in
+//!   use and so may place a new cluster over an existing one (a `convert -n` into an
+//!   unclean image leaves a BAT entry duplicated and guest data lost), new clusters go
+//!   past every cluster the repaired BAT references. A read-only open changes nothing;
 //! - a write into an allocated cluster goes in place;
 //! - a new cluster goes at the end of the data (past every cluster the BAT references),
 //!   written whole (the rest zeros: a Parallels image vimg writes into has no backing);
@@ -192,12 +199,43 @@ impl ParallelsUpdate {
                 "vimg does not write guest data into parallels images with a Format Extension (its dirty bitmaps would miss the writes)",
             ));
         }
+        Ok(())
+    }
+
+    /// Whether QEMU's read-write open would repair the image first: the in-use flag set, a
+    /// `data_off` outside the file or before the end of the BAT, or a BAT cluster past the
+    /// end of the file (space leaked past the last cluster alone is not a reason; the
+    /// repair, once it runs, gives that back too).
+    fn needs_open_repair(&self) -> Result<bool> {
         if self.inuse_found == INUSE_OPEN {
-            return Err(Error::unsupported(
-                "the parallels image is in use or was not closed correctly (in-use flag set); repair it with 'check -r all' first",
+            return Ok(true);
+        }
+        let size = self.f.len()?.div_ceil(SECTOR) * SECTOR;
+        let d = u64::from(self.header.data_off);
+        let min = min_data_off(&self.header);
+        if !(d == 0 && self.header.magic == MAGIC_V1) && (d < min || d > size / SECTOR) {
+            return Ok(true);
+        }
+        Ok(self.bat_end() > size)
+    }
+
+    /// Refuses what vimg cannot write correctly, then repairs an unclean image as QEMU's
+    /// read-write open does (module documentation); returns the repair's report when one
+    /// ran. Called before the first guest write.
+    pub fn prepare_writes(&mut self) -> Result<Option<RepairReport>> {
+        self.check_writable()?;
+        if !self.needs_open_repair()? {
+            return Ok(None);
+        }
+        let rep = self.repair(Repair::All)?;
+        self.inuse_found = self.header.inuse;
+        self.data_end = self.bat_end();
+        if self.inuse_found == INUSE_OPEN || rep.before.check_errors != 0 {
+            return Err(Error::corrupt(
+                "Could not repair corrupted image: the parallels image is still unclean after its repair",
             ));
         }
-        Ok(())
+        Ok(Some(rep))
     }
 
     fn mark(&mut self) -> Result<()> {
