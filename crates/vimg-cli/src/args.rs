@@ -271,7 +271,7 @@ pub struct ConvertArgs {
     /// flag but never salvages: a read error still fails the conversion, leaving no output.
     #[arg(long = "salvage")]
     pub salvage: bool,
-    /// Copy persistent bitmaps (qcow2 to qcow2). vimg refuses when the source has any.
+    /// Copy persistent bitmaps into a new qcow2 output (from a qcow2 source).
     #[arg(long = "bitmaps")]
     pub bitmaps: bool,
     /// With --bitmaps: skip bitmaps marked inconsistent.

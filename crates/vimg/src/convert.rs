@@ -17,6 +17,7 @@ use crate::output::{
 };
 use crate::writer::ImageWriter;
 
+pub mod bitmaps;
 mod into_image;
 
 /// Settings for [`convert`]: [`ConvertOptions::new`] gives qemu-img's defaults for a
@@ -59,6 +60,12 @@ pub struct ConvertOptions {
     /// How files named inside an existing target (`-n`: its backing chain) pass the gate.
     /// Default: [`ExternalPolicy::default`].
     pub target_policy: ExternalPolicy,
+    /// Copy the source's persistent bitmaps into the output (qemu-img's `--bitmaps`; see
+    /// [`bitmaps`]). Default `false`.
+    pub bitmaps: bool,
+    /// With [`ConvertOptions::bitmaps`]: skip inconsistent bitmaps with a warning instead of
+    /// refusing (`--skip-broken-bitmaps`). Default `false`.
+    pub skip_broken_bitmaps: bool,
 }
 
 /// What [`convert_report`] did.
@@ -89,6 +96,8 @@ impl ConvertOptions {
             direct: false,
             counter: None,
             target_policy: ExternalPolicy::default(),
+            bitmaps: false,
+            skip_broken_bitmaps: false,
         }
     }
 }
@@ -244,6 +253,11 @@ pub fn convert_report(
 ) -> Result<ConvertReport> {
     let dst = dst.as_ref();
     check_create_options(opts.format, &opts.create)?;
+    let bitmap_plan = if opts.bitmaps {
+        Some(bitmaps::plan(src, opts)?)
+    } else {
+        None
+    };
     let kind = if opts.output_mode != OutputMode::Stdout {
         let kind = check_destination(dst)?;
         check_not_source(src, dst)?;
@@ -251,6 +265,14 @@ pub fn convert_report(
     } else {
         DestKind::Missing
     };
+    if bitmap_plan.as_ref().is_some_and(|p| !p.bitmaps.is_empty())
+        && !matches!(kind, DestKind::Missing | DestKind::Regular)
+    {
+        return Err(Error::refusal(
+            ErrorKind::Unsupported,
+            "vimg copies persistent bitmaps (--bitmaps) into a regular output file only",
+        ));
+    }
     let size = match opts.create.get_size("size")? {
         Some(s) => s,
         None => src.virtual_size(),
@@ -339,6 +361,12 @@ pub fn convert_report(
     }
     writer.finish()?;
     let notes = out.notes();
+    if let Some(plan) = &bitmap_plan {
+        // Into the temporary file (or the file written in place after all), before the
+        // rename. (The plan's warnings are the caller's to print.)
+        let target = out.main_temp_path().unwrap_or_else(|| dst.to_path_buf());
+        bitmaps::copy(plan, &target, opts.target_policy)?;
+    }
     let checksum = out.commit_unless(copy.cancel.as_deref())?;
     Ok(ConvertReport {
         stats,

@@ -1202,6 +1202,15 @@ impl Output {
         &self.main
     }
 
+    /// The temporary file the main file is written as until commit (None once committed,
+    /// or when it is written in place).
+    pub fn main_temp_path(&self) -> Option<PathBuf> {
+        let v = self.entries.lock().ok()?;
+        v.iter()
+            .find(|e| e.final_path == self.main)
+            .and_then(|e| e.temp_path.clone())
+    }
+
     /// The mode.
     pub fn mode(&self) -> OutputMode {
         self.mode

@@ -65,6 +65,12 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "bitmap --merge -b SOURCE_FILE: the source image the user named on the command line, opened read-only with external names denied",
     ),
     (
+        "convert/bitmaps.rs",
+        "FileStorage::open(",
+        1,
+        "convert --bitmaps: the qcow2 source the user named on the command line (the opened image's own path), reopened read-only with external names denied to list its bitmaps",
+    ),
+    (
         "formats/qcow2/update/shadow.rs",
         "FileStorage::from_file(",
         1,

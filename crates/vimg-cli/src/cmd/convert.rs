@@ -284,26 +284,24 @@ pub fn run(a: ConvertArgs) -> CmdResult {
         Image::concat(parts).map_err(Failure::from)?
     };
     load_snapshot(&mut src, &a)?;
+    let mut bitmap_warnings = Vec::new();
     if a.bitmaps {
-        match src.reader().persistent_bitmaps() {
-            None => return Err(Failure::new("Source lacks bitmap support", 1)),
-            Some(b) if !b.is_empty() => {
-                return Err(Failure::new(
-                    "copying persistent bitmaps (--bitmaps) is not supported by vimg",
-                    1,
-                ))
-            }
-            Some(_) => {}
-        }
-        if !p.opts.format.driver().capabilities().bitmaps {
+        if p.srcs.len() > 1 {
             return Err(Failure::new(
-                format!(
-                    "Format driver '{}' does not support bitmaps",
-                    p.opts.format.name()
-                ),
+                "Copying bitmaps only possible with single source",
                 1,
             ));
         }
+        // qemu-img's checks and messages, before anything is written; the library checks
+        // again and copies the bitmaps into the output before its rename.
+        let mut o = ConvertOptions::new(p.opts.format);
+        o.create = p.opts.create.clone();
+        o.output_mode = p.opts.output_mode;
+        o.checksum = p.opts.checksum;
+        o.skip_broken_bitmaps = a.skip_broken_bitmaps;
+        let plan = vimg::convert::bitmaps::plan(&src, &o)
+            .map_err(|e| Failure::new(e.message().to_string(), 1))?;
+        bitmap_warnings = plan.warnings;
     }
     let rate = match &a.rate_limit {
         Some(r) => vimg::options::parse_size(r)
@@ -381,6 +379,11 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.target_policy = crate::trust::policy(&a.safety);
     opts.copy.progress = (printer.enabled() || rate > 0).then_some(progress_fn);
     opts.copy.cancel = Some(cancel.clone());
+    opts.bitmaps = a.bitmaps;
+    opts.skip_broken_bitmaps = a.skip_broken_bitmaps;
+    for w in &bitmap_warnings {
+        eprintln!("vimg: warning: {w}");
+    }
     let result = vimg::convert_report(&src, &p.dst, &opts);
     printer.finish(result.is_ok());
     if result.is_err() && cancel.load(Ordering::SeqCst) {
