@@ -13,7 +13,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::kill::{assert_old_or_new, guest, run_killed};
+use common::kill::{assert_bat_check_after_kill, assert_old_or_new, guest, run_killed};
+use common::qemu_check_output as check_code;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -60,18 +61,6 @@ fn target(path: &Path, fmt: &str, opts: &str, size: &str) {
         &["write -P 0xaa 0 3M"]
     };
     qemu_io(fmt, path, writes);
-}
-
-fn check_code(img: &Path, fmt: &str) -> (i32, String) {
-    let out = run_cmd("qemu-img", &["check", "-f", fmt, s(img)]);
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// `qemu-img check` of vimg's result: clean (vpc: qemu-img has no check for it).
@@ -188,29 +177,7 @@ fn killed_convert_n_into_vdi_vpc_parallels() {
                     assert_old_or_new(&got[r.clone()], o, &new[r], bs, &what);
                 }
             }
-            let (code, text) = check_code(&tgt, fmt);
-            match fmt {
-                "vpc" => assert_eq!(code, 63, "{what}:\n{text}"),
-                "vdi" => assert_eq!(code, 0, "{what}:\n{text}"),
-                _ => {
-                    let errors: Vec<&str> =
-                        text.lines().filter(|l| l.starts_with("ERROR")).collect();
-                    assert!(
-                        matches!(code, 0 | 3)
-                            && errors
-                                .iter()
-                                .all(|l| l.starts_with("ERROR space leaked at the end")),
-                        "{what}: qemu-img check exit {code}:\n{text}"
-                    );
-                    if code == 3 {
-                        let out = vimg_raw(&["check", "-r", "leaks", s(&tgt)]);
-                        assert_eq!(out.status.code(), Some(0), "{what}: vimg check -r leaks");
-                        assert_eq!(check_code(&tgt, fmt).0, 0, "{what}: after repair");
-                        assert_eq!(guest(&tgt, fmt), got, "{what}: the repair kept the data");
-                    }
-                }
-            }
-            vimg(&["info", s(&tgt)]);
+            assert_bat_check_after_kill(&tgt, fmt, &got, "leaks", &what);
             if !killed {
                 assert!(got == new, "{what}: finished run");
                 break;

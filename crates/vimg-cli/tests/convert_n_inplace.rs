@@ -90,7 +90,7 @@ fn sources(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf)> {
         &[(3 * MIB + 8192, &pattern(4096, 3)), (5 * MIB, &[0u8; 8192])],
     );
     let base = dir.join("src-base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_create(&base, "qcow2", "", "8M");
     qemu_io_w(
         &base,
         &[
@@ -100,17 +100,7 @@ fn sources(dir: &Path) -> Vec<(&'static str, &'static str, PathBuf)> {
         ],
     );
     let top = dir.join("src-top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "src-base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
+    qcow2_overlay(&top, "src-base.qcow2", "", None);
     qemu_io_w(
         &top,
         &[
@@ -158,96 +148,41 @@ fn make_target(kind: &str, p: &Path) {
     ];
     match kind {
         "empty" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", s(p), "9M"]);
+            qemu_create(p, "qcow2", "", "9M");
         }
         "old-data" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", s(p), "9M"]);
+            qemu_create(p, "qcow2", "", "9M");
             qemu_io_w(p, &old);
         }
         "backing" => {
             let b = dir.join(format!("{name}.base"));
-            qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "9M"]);
+            qemu_create(&b, "qcow2", "", "9M");
             qemu_io_w(&b, &["write -P 0x55 0 9M"]);
-            qemu_in(
-                dir,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-b",
-                    &format!("{name}.base"),
-                    "-F",
-                    "qcow2",
-                    s(p),
-                ],
-            );
+            qcow2_overlay(p, &format!("{name}.base"), "", None);
             qemu_io_w(p, &["write -P 0x66 1M 64k", "write -z 3M 64k"]);
         }
         "snapshot" => {
-            qemu_img(&["create", "-q", "-f", "qcow2", s(p), "9M"]);
+            qemu_create(p, "qcow2", "", "9M");
             qemu_io_w(p, &old);
             qemu_img(&["snapshot", "-c", "before", s(p)]);
             qemu_io_w(p, &["write -P 0xbb 512k 1M"]);
         }
         "compat010" => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "compat=0.10",
-                s(p),
-                "9M",
-            ]);
+            qemu_create(p, "qcow2", "compat=0.10", "9M");
             qemu_io_w(p, &old);
         }
         "compat010-backing" => {
             let b = dir.join(format!("{name}.base"));
-            qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "9M"]);
+            qemu_create(&b, "qcow2", "", "9M");
             qemu_io_w(&b, &["write -P 0x55 0 9M"]);
-            qemu_in(
-                dir,
-                &[
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-o",
-                    "compat=0.10",
-                    "-b",
-                    &format!("{name}.base"),
-                    "-F",
-                    "qcow2",
-                    s(p),
-                ],
-            );
+            qcow2_overlay(p, &format!("{name}.base"), "compat=0.10", None);
         }
         "c512" => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=512",
-                s(p),
-                "9M",
-            ]);
+            qemu_create(p, "qcow2", "cluster_size=512", "9M");
             qemu_io_w(p, &old);
         }
         "c2m" => {
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=2M",
-                s(p),
-                "9M",
-            ]);
+            qemu_create(p, "qcow2", "cluster_size=2M", "9M");
             qemu_io_w(p, &old);
         }
         other => panic!("unknown target {other}"),
@@ -371,13 +306,13 @@ fn refusals_leave_the_target_untouched() {
     let src = d.join("s.raw");
     mixed_raw(&src, 8 * MIB);
     let small = d.join("small.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&small), "4M"]);
+    qemu_create(&small, "qcow2", "", "4M");
     let tgt = d.join("t.qcow2");
     make_target("old-data", &tgt);
     let plain = d.join("plain.raw");
     std::fs::write(&plain, vec![7u8; 9 << 20]).unwrap();
     let vmdk = d.join("t.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", s(&vmdk), "9M"]);
+    qemu_create(&vmdk, "vmdk", "", "9M");
     let cases: [(Vec<&str>, &Path, &str); 5] = [
         (
             vec!["-O", "qcow2"],
@@ -437,7 +372,7 @@ fn killed_convert_n_leaves_a_consistent_image() {
         ],
     );
     let pristine = d.join("pristine.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&pristine), "3M"]);
+    qemu_create(&pristine, "qcow2", "", "3M");
     qemu_io_w(&pristine, &["write -P 0xaa 0 3M", "write -z 512k 128k"]);
     qemu_img(&["snapshot", "-c", "snap", s(&pristine)]);
     qemu_io_w(&pristine, &["write -P 0xbb 64k 64k"]);

@@ -85,7 +85,7 @@ fn kill_everywhere(
 /// refcount 2: too much for refcount_bits=1).
 fn data_image(d: &Path, opts: &str, compressed: bool) -> PathBuf {
     let img = d.join("pristine.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "8M"]);
+    qemu_create(&img, "qcow2", opts, "8M");
     let c = if compressed {
         "write -c -P 7 2M 128k"
     } else {
@@ -177,16 +177,7 @@ fn refcount_bits_refusals_like_qemu() {
     }
     // Changing the width and downgrading in one amend: the width first, as qemu-img does.
     let img = d.join("narrow.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "refcount_bits=1",
-        s(&img),
-        "4M",
-    ]);
+    qemu_create(&img, "qcow2", "refcount_bits=1", "4M");
     qemu_io("qcow2", &img, &["write -P 5 0 512k"]);
     let out = vimg_raw(&["amend", "-f", "qcow2", "-o", "compat=0.10", s(&img)]);
     assert_eq!(out.status.code(), Some(1));
@@ -216,22 +207,11 @@ fn downgrade_expands_zero_clusters_like_qemu_and_killed() {
         let pristine = d.join("pristine.qcow2");
         if with_backing {
             let b = d.join("backing.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "4M"]);
+            qemu_create(&b, "qcow2", "", "4M");
             qemu_io("qcow2", &b, &["write -P 7 0 4M"]);
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                s(&b),
-                "-F",
-                "qcow2",
-                s(&pristine),
-                "4M",
-            ]);
+            qcow2_overlay(&pristine, s(&b), "", Some("4M"));
         } else {
-            qemu_img(&["create", "-q", "-f", "qcow2", s(&pristine), "4M"]);
+            qemu_create(&pristine, "qcow2", "", "4M");
         }
         qemu_io(
             "qcow2",
@@ -288,7 +268,7 @@ fn data_file_raw_like_qemu() {
     let img = d.join("img.qcow2");
     let data = d.join("img.raw");
     let opts = format!("data_file={},data_file_raw=on", s(&data));
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, s(&img), "4M"]);
+    qemu_create(&img, "qcow2", &opts, "4M");
     qemu_io("qcow2", &img, &["write -P 4 0 1M"]);
     let q = d.join("q.qcow2");
     std::fs::copy(&img, &q).expect("copy");
@@ -299,11 +279,10 @@ fn data_file_raw_like_qemu() {
     vimg(&["amend", "-o", "data_file_raw=off", s(&img)]);
     assert_same_file(&img, &q);
     assert_eq!(qemu_check(&img, false, "raw off"), Verdict::Clean);
-    let out = vimg_raw(&["amend", "-o", "data_file_raw=on", s(&img)]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "vimg: data-file-raw cannot be set on existing images"
+    assert_vimg_fails_with(
+        &["amend", "-o", "data_file_raw=on", s(&img)],
+        1,
+        "vimg: data-file-raw cannot be set on existing images",
     );
     assert_same_file(&img, &q);
 }
@@ -323,24 +302,11 @@ fn resize_over_longer_backing_like_qemu_and_killed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let b = d.join("backing.qcow2");
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "4M"]);
+        qemu_create(&b, "qcow2", "", "4M");
         qemu_io("qcow2", &b, &["write -P 7 0 4M"]);
         let pristine = d.join("pristine.qcow2");
         let o = format!("cluster_size={cluster}");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            "-b",
-            s(&b),
-            "-F",
-            "qcow2",
-            s(&pristine),
-            size,
-        ]);
+        qcow2_overlay(&pristine, s(&b), &o, Some(size));
         qemu_io("qcow2", &pristine, &["write -P 3 0 16k"]);
         let args = ["resize", "{}", to];
         let (q, v) = both(d, &pristine, &args);
@@ -364,29 +330,15 @@ fn resize_over_longer_backing_like_qemu_and_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let b = d.join("backing.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "4M"]);
+    qemu_create(&b, "qcow2", "", "4M");
     let img = d.join("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        "-b",
-        s(&b),
-        "-F",
-        "qcow2",
-        s(&img),
-        "1M",
-    ]);
+    qcow2_overlay(&img, s(&b), "compat=0.10", Some("1M"));
     let copy = d.join("copy.qcow2");
     std::fs::copy(&img, &copy).expect("copy");
-    let out = vimg_raw(&["resize", s(&img), "8M"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "vimg: Failed to zero out new clusters: Operation not supported"
+    assert_vimg_fails_with(
+        &["resize", s(&img), "8M"],
+        1,
+        "vimg: Failed to zero out new clusters: Operation not supported",
     );
     assert_same_file(&img, &copy);
 }
@@ -402,16 +354,7 @@ fn check_repair_rebuild_like_qemu_and_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let pristine = d.join("pristine.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        s(&pristine),
-        "64M",
-    ]);
+    qemu_create(&pristine, "qcow2", "lazy_refcounts=on", "64M");
     // qemu-io killed right after a write: the dirty bit stays, the refcount is not written.
     let _ = run_cmd(
         "qemu-io",
@@ -496,16 +439,7 @@ fn shrink_with_snapshots_like_qemu_and_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let pristine = d.join("pristine.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        s(&pristine),
-        "8M",
-    ]);
+    qemu_create(&pristine, "qcow2", "cluster_size=4096", "8M");
     qemu_io(
         "qcow2",
         &pristine,
@@ -576,16 +510,7 @@ fn amend_size_and_dirty_like_qemu() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let v2 = d.join("v2.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        s(&v2),
-        "64M",
-    ]);
+    qemu_create(&v2, "qcow2", "compat=0.10", "64M");
     qemu_io("qcow2", &v2, &["write -P 0x2a 42M 64k"]);
     let (q, v) = both(
         d,
@@ -609,16 +534,7 @@ fn amend_size_and_dirty_like_qemu() {
     qemu_img(&["compare", s(&q), s(&v)]);
     // Dirty: a killed writer with lazy refcounts.
     let dirty = d.join("dirty.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        s(&dirty),
-        "64M",
-    ]);
+    qemu_create(&dirty, "qcow2", "lazy_refcounts=on", "64M");
     let _ = run_cmd(
         "qemu-io",
         &[
@@ -663,7 +579,7 @@ fn writes_set_bitmap_bits_like_qemu_and_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_create(&base, "qcow2", "", "8M");
     qemu_io("qcow2", &base, &["write -P 1 0 1M"]);
     qemu_img(&["bitmap", "--add", s(&base), "b1"]);
     qemu_img(&["bitmap", "--add", "-g", "512k", s(&base), "b2"]);
@@ -673,17 +589,7 @@ fn writes_set_bitmap_bits_like_qemu_and_killed() {
         let b = d.join(format!("base-{tag}.qcow2"));
         let t = d.join(format!("top-{tag}.qcow2"));
         std::fs::copy(&base, &b).expect("copy");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&b),
-            "-F",
-            "qcow2",
-            s(&t),
-        ]);
+        qcow2_overlay(&t, s(&b), "", None);
         qemu_io(
             "qcow2",
             &t,

@@ -49,6 +49,19 @@ fn features(img: &Path) -> u64 {
     u64::from_le_bytes(read_bytes::<8>(img, 0x10))
 }
 
+/// Sets the need-check feature bit, as a writer killed mid-update leaves it.
+fn set_need_check(img: &Path) {
+    let f = features(img) | NEED_CHECK;
+    patch(img, 0x10, &f.to_le_bytes());
+}
+
+/// Runs `args` in `v` (vimg) and `q` (qemu-img), checks they exit alike (with `code`) and
+/// leave `img.qed` byte-identical.
+fn both_same(v: &Path, q: &Path, args: &[&str], code: i32, what: &str) {
+    assert_eq!(both(v, q, args), code, "{what}");
+    assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+}
+
 fn clean(img: &Path) {
     let out = run_cmd("qemu-img", &["check", "-f", "qed", s(img)]);
     assert_eq!(
@@ -325,27 +338,22 @@ fn check_repair_like_qemu() {
             .unwrap()
             .set_len(len + 3 * 4096)
             .unwrap();
-        let f = features(&img) | NEED_CHECK;
-        patch(&img, 0x10, &f.to_le_bytes());
+        set_need_check(&img);
     }
     assert_eq!(both(v, q, &["check", "img.qed"]), 3);
     assert_eq!(both(v, q, &["check", "--output=json", "img.qed"]), 3);
     assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
     for mode in ["leaks", "all"] {
-        assert_eq!(both(v, q, &["check", "-r", mode, "img.qed"]), 3, "{mode}");
-        assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+        both_same(v, q, &["check", "-r", mode, "img.qed"], 3, mode);
         assert_eq!(features(&v.join("img.qed")) & NEED_CHECK, 0);
     }
-    assert_eq!(both(v, q, &["resize", "img.qed", "20M"]), 0);
-    assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+    both_same(v, q, &["resize", "img.qed", "20M"], 0, "resize");
     // A need-check image changed in place: QEMU checks it at open and clears the flag.
     for d in [v, q] {
         let img = d.join("img.qed");
-        let f = features(&img) | NEED_CHECK;
-        patch(&img, 0x10, &f.to_le_bytes());
+        set_need_check(&img);
     }
-    assert_eq!(both(v, q, &["resize", "img.qed", "24M"]), 0);
-    assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+    both_same(v, q, &["resize", "img.qed", "24M"], 0, "resize need-check");
 }
 
 /// Invalid L1 and L2 entries (past the end of the file) are cleared by `check -r` as QEMU
@@ -362,8 +370,7 @@ fn check_repair_corrupt_like_qemu() {
         patch(&img, l1 + 8, &0x1_0000_0000u64.to_le_bytes());
         patch(&img, l2 + 16, &0x700_0000u64.to_le_bytes());
         patch(&img, l2 + 24, &first.to_le_bytes());
-        let f = features(&img) | NEED_CHECK;
-        patch(&img, 0x10, &f.to_le_bytes());
+        set_need_check(&img);
     }
     std::fs::copy(v.join("img.qed"), v.join("pristine.qed")).unwrap();
     std::fs::copy(q.join("img.qed"), q.join("pristine.qed")).unwrap();
@@ -373,12 +380,7 @@ fn check_repair_corrupt_like_qemu() {
                 std::fs::copy(d.join("pristine.qed"), d.join("img.qed")).unwrap();
             }
             let o = format!("--output={out}");
-            assert_eq!(
-                both(v, q, &["check", "-r", mode, &o, "img.qed"]),
-                2,
-                "{mode}"
-            );
-            assert_same_file(&v.join("img.qed"), &q.join("img.qed"));
+            both_same(v, q, &["check", "-r", mode, &o, "img.qed"], 2, mode);
         }
     }
     // What is left (the cluster named twice) still refuses every change.

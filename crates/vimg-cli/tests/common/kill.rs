@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
-use super::{qemu_img, run_cmd, s, vimg_bin, vimg_raw};
+use super::{qemu_check_output, qemu_img, run_cmd, s, vimg, vimg_bin, vimg_raw};
 
 pub const HOOK: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 
@@ -131,4 +131,33 @@ pub fn assert_old_or_new(got: &[u8], old: &[u8], new: &[u8], cs: usize, what: &s
         );
         i += n;
     }
+}
+
+/// The verdict after a kill of a write into a vdi, vpc or parallels image `img` whose guest
+/// content is now `got`: vpc has no check in qemu-img (exit 63), vdi is clean, parallels is
+/// clean or has space leaked past its last cluster (exit 3, no other error), which
+/// `vimg check -r REPAIR` repairs keeping the content; then vimg opens it.
+pub fn assert_bat_check_after_kill(img: &Path, fmt: &str, got: &[u8], repair: &str, what: &str) {
+    let (code, text) = qemu_check_output(img, fmt);
+    match fmt {
+        "vpc" => assert_eq!(code, 63, "{what}:\n{text}"),
+        "vdi" => assert_eq!(code, 0, "{what}:\n{text}"),
+        _ => {
+            let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR")).collect();
+            assert!(
+                matches!(code, 0 | 3)
+                    && errors
+                        .iter()
+                        .all(|l| l.starts_with("ERROR space leaked at the end")),
+                "{what}: qemu-img check exit {code}:\n{text}"
+            );
+            if code != 0 {
+                let out = vimg_raw(&["check", "-r", repair, s(img)]);
+                assert_eq!(out.status.code(), Some(0), "{what}: vimg check -r {repair}");
+                assert_eq!(qemu_check_output(img, fmt).0, 0, "{what}: after repair");
+                assert_eq!(guest(img, fmt), got, "{what}: the repair kept the data");
+            }
+        }
+    }
+    vimg(&["info", s(img)]);
 }

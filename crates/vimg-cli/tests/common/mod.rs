@@ -381,3 +381,27 @@ pub fn qemu_create(img: &Path, fmt: &str, opts: &str, size: &str) {
     args.extend([s(img), size]);
     qemu_img(&args);
 }
+
+/// `qemu-img check -f FMT IMG`: its exit code and its stdout and stderr together.
+pub fn qemu_check_output(img: &Path, fmt: &str) -> (i32, String) {
+    let out = run_cmd("qemu-img", &["check", "-f", fmt, s(img)]);
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// vimg with `args` exits with `code` and prints exactly `stderr` (trimmed).
+pub fn assert_vimg_fails_with(args: &[&str], code: i32, stderr: &str) {
+    let out = vimg_raw(args);
+    assert_eq!(out.status.code(), Some(code), "vimg {args:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        stderr,
+        "vimg {args:?}"
+    );
+}
