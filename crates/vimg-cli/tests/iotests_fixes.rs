@@ -425,3 +425,112 @@ fn qcow2_large_l1_refcount_blocks_after_it_like_qemu_img() {
         assert!(out.contains("No errors were found"), "{out}");
     }
 }
+
+/// Disk usage of `p` in bytes.
+fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// luks iotests (009 creates 6 GiB): `create -f luks` leaves the payload as qemu-img leaves
+/// it: unwritten in a new file (reading, in qemu-img and vimg alike, as the decryption of
+/// zeros), reserved with `preallocation=falloc`, plain zeros with `full`; `metadata` is
+/// taken as `off`; a bad mode is refused in qemu-img's words, before any file exists.
+#[test]
+fn luks_create_leaves_the_payload_unwritten_like_qemu_img() {
+    if !qemu_available("luks_create_leaves_the_payload_unwritten_like_qemu_img") {
+        return;
+    }
+    const OBJ: &str = "secret,id=sec0,data=pw";
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 4 << 20;
+    let decrypt = |tool: &str, img: &Path, out: &Path| {
+        let o = format!("driver=luks,key-secret=sec0,file.filename={}", s(img));
+        let args = [
+            "convert",
+            "--object",
+            OBJ,
+            "--image-opts",
+            &o,
+            "-O",
+            "raw",
+            s(out),
+        ];
+        match tool {
+            "qemu-img" => qemu_img(&args),
+            _ => vimg(&args),
+        };
+    };
+    for mode in [
+        "",
+        ",preallocation=off",
+        ",preallocation=metadata",
+        ",preallocation=falloc",
+        ",preallocation=full",
+    ] {
+        let o = format!("key-secret=sec0,iter-time=10{mode}");
+        let q = dir.path().join("q.luks");
+        let v = dir.path().join("v.luks");
+        for (tool, img) in [("qemu-img", &q), ("vimg", &v)] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                OBJ,
+                "-o",
+                &o,
+                s(img),
+                "4M",
+            ];
+            match tool {
+                "qemu-img" => qemu_img(&args),
+                _ => vimg(&args),
+            };
+        }
+        assert_eq!(size_of(&q), size_of(&v), "{mode}");
+        let info = json(&qemu_img(&["info", "--output=json", s(&v)]));
+        let payload = info["format-specific"]["data"]["payload-offset"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(payload + size, size_of(&v), "{mode}");
+        // The payload on disk: zeros (a hole, reserved space or written zeros).
+        let bytes = std::fs::read(&v).unwrap();
+        assert!(bytes[payload as usize..].iter().all(|b| *b == 0), "{mode}");
+        // Allocated as qemu-img allocates it.
+        let preallocated = mode.contains("falloc") || mode.contains("full");
+        for img in [&q, &v] {
+            assert_eq!(disk_usage(img) >= size, preallocated, "{mode} {}", s(img));
+        }
+        // qemu-img and vimg decrypt vimg's volume alike: the decryption of zeros, not zeros.
+        let qr = dir.path().join("q.raw");
+        let vr = dir.path().join("v.raw");
+        decrypt("qemu-img", &v, &qr);
+        decrypt("vimg", &v, &vr);
+        assert_same_file(&qr, &vr);
+        assert!(
+            std::fs::read(&qr).unwrap().iter().any(|b| *b != 0),
+            "{mode}"
+        );
+    }
+    // A mode neither knows: qemu-img's words, and no file.
+    let bad = dir.path().join("bad.luks");
+    let args = [
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        OBJ,
+        "-o",
+        "key-secret=sec0,iter-time=10,preallocation=foo",
+        s(&bad),
+        "1M",
+    ];
+    for out in [run_cmd("qemu-img", &args), vimg_raw(&args)] {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid parameter value: foo"), "{err}");
+        assert!(!bad.exists());
+    }
+}
