@@ -534,3 +534,38 @@ fn luks_create_leaves_the_payload_unwritten_like_qemu_img() {
         assert!(!bad.exists());
     }
 }
+
+/// iotest 253 (raw): QEMU's file protocol writes the first 4 KiB of every new raw file, so
+/// `map` shows it as data; vimg's `create` and `convert -O raw` leave the same map.
+#[test]
+fn new_raw_file_maps_its_first_block_like_qemu_img() {
+    if !qemu_available("new_raw_file_maps_its_first_block_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.raw");
+    let v = dir.path().join("v.raw");
+    for size in ["0", "512", "5000", "1048575", "1M"] {
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&v);
+        qemu_img(&["create", "-q", "-f", "raw", s(&q), size]);
+        vimg(&["create", "-q", "-f", "raw", s(&v), size]);
+        assert_eq!(size_of(&q), size_of(&v), "{size}");
+        assert_eq!(map_json(&v), map_json(&q), "create {size}");
+        // convert of an all-zero source, and of one with data past the first block
+        let c = dir.path().join("c.raw");
+        let qc = dir.path().join("qc.raw");
+        let _ = std::fs::remove_file(&c);
+        let _ = std::fs::remove_file(&qc);
+        vimg(&["convert", "-O", "raw", s(&q), s(&c)]);
+        qemu_img(&["convert", "-O", "raw", s(&q), s(&qc)]);
+        assert_eq!(map_json(&c), map_json(&qc), "convert {size}");
+    }
+    qemu_io("raw", &q, &["write -P 7 960k 64k"]);
+    let c = dir.path().join("d.raw");
+    let qc = dir.path().join("qd.raw");
+    vimg(&["convert", "-O", "raw", s(&q), s(&c)]);
+    qemu_img(&["convert", "-O", "raw", s(&q), s(&qc)]);
+    assert_eq!(map_json(&c), map_json(&qc));
+    assert_same_file(&c, &qc);
+}
