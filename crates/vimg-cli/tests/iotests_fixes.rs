@@ -425,3 +425,147 @@ fn qcow2_large_l1_refcount_blocks_after_it_like_qemu_img() {
         assert!(out.contains("No errors were found"), "{out}");
     }
 }
+
+/// Disk usage of `p` in bytes.
+fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+/// luks iotests (009 creates 6 GiB): `create -f luks` leaves the payload as qemu-img leaves
+/// it: unwritten in a new file (reading, in qemu-img and vimg alike, as the decryption of
+/// zeros), reserved with `preallocation=falloc`, plain zeros with `full`; `metadata` is
+/// taken as `off`; a bad mode is refused in qemu-img's words, before any file exists.
+#[test]
+fn luks_create_leaves_the_payload_unwritten_like_qemu_img() {
+    if !qemu_available("luks_create_leaves_the_payload_unwritten_like_qemu_img") {
+        return;
+    }
+    const OBJ: &str = "secret,id=sec0,data=pw";
+    let dir = tempfile::tempdir().unwrap();
+    let size: u64 = 4 << 20;
+    let decrypt = |tool: &str, img: &Path, out: &Path| {
+        let o = format!("driver=luks,key-secret=sec0,file.filename={}", s(img));
+        let args = [
+            "convert",
+            "--object",
+            OBJ,
+            "--image-opts",
+            &o,
+            "-O",
+            "raw",
+            s(out),
+        ];
+        match tool {
+            "qemu-img" => qemu_img(&args),
+            _ => vimg(&args),
+        };
+    };
+    for mode in [
+        "",
+        ",preallocation=off",
+        ",preallocation=metadata",
+        ",preallocation=falloc",
+        ",preallocation=full",
+    ] {
+        let o = format!("key-secret=sec0,iter-time=10{mode}");
+        let q = dir.path().join("q.luks");
+        let v = dir.path().join("v.luks");
+        for (tool, img) in [("qemu-img", &q), ("vimg", &v)] {
+            let args = [
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                OBJ,
+                "-o",
+                &o,
+                s(img),
+                "4M",
+            ];
+            match tool {
+                "qemu-img" => qemu_img(&args),
+                _ => vimg(&args),
+            };
+        }
+        assert_eq!(size_of(&q), size_of(&v), "{mode}");
+        let info = json(&qemu_img(&["info", "--output=json", s(&v)]));
+        let payload = info["format-specific"]["data"]["payload-offset"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(payload + size, size_of(&v), "{mode}");
+        // The payload on disk: zeros (a hole, reserved space or written zeros).
+        let bytes = std::fs::read(&v).unwrap();
+        assert!(bytes[payload as usize..].iter().all(|b| *b == 0), "{mode}");
+        // Allocated as qemu-img allocates it.
+        let preallocated = mode.contains("falloc") || mode.contains("full");
+        for img in [&q, &v] {
+            assert_eq!(disk_usage(img) >= size, preallocated, "{mode} {}", s(img));
+        }
+        // qemu-img and vimg decrypt vimg's volume alike: the decryption of zeros, not zeros.
+        let qr = dir.path().join("q.raw");
+        let vr = dir.path().join("v.raw");
+        decrypt("qemu-img", &v, &qr);
+        decrypt("vimg", &v, &vr);
+        assert_same_file(&qr, &vr);
+        assert!(
+            std::fs::read(&qr).unwrap().iter().any(|b| *b != 0),
+            "{mode}"
+        );
+    }
+    // A mode neither knows: qemu-img's words, and no file.
+    let bad = dir.path().join("bad.luks");
+    let args = [
+        "create",
+        "-f",
+        "luks",
+        "--object",
+        OBJ,
+        "-o",
+        "key-secret=sec0,iter-time=10,preallocation=foo",
+        s(&bad),
+        "1M",
+    ];
+    for out in [run_cmd("qemu-img", &args), vimg_raw(&args)] {
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid parameter value: foo"), "{err}");
+        assert!(!bad.exists());
+    }
+}
+
+/// iotest 253 (raw): QEMU's file protocol writes the first 4 KiB of every new raw file, so
+/// `map` shows it as data; vimg's `create` and `convert -O raw` leave the same map.
+#[test]
+fn new_raw_file_maps_its_first_block_like_qemu_img() {
+    if !qemu_available("new_raw_file_maps_its_first_block_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("q.raw");
+    let v = dir.path().join("v.raw");
+    for size in ["0", "512", "5000", "1048575", "1M"] {
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&v);
+        qemu_img(&["create", "-q", "-f", "raw", s(&q), size]);
+        vimg(&["create", "-q", "-f", "raw", s(&v), size]);
+        assert_eq!(size_of(&q), size_of(&v), "{size}");
+        assert_eq!(map_json(&v), map_json(&q), "create {size}");
+        // convert of an all-zero source, and of one with data past the first block
+        let c = dir.path().join("c.raw");
+        let qc = dir.path().join("qc.raw");
+        let _ = std::fs::remove_file(&c);
+        let _ = std::fs::remove_file(&qc);
+        vimg(&["convert", "-O", "raw", s(&q), s(&c)]);
+        qemu_img(&["convert", "-O", "raw", s(&q), s(&qc)]);
+        assert_eq!(map_json(&c), map_json(&qc), "convert {size}");
+    }
+    qemu_io("raw", &q, &["write -P 7 960k 64k"]);
+    let c = dir.path().join("d.raw");
+    let qc = dir.path().join("qd.raw");
+    vimg(&["convert", "-O", "raw", s(&q), s(&c)]);
+    qemu_img(&["convert", "-O", "raw", s(&q), s(&qc)]);
+    assert_eq!(map_json(&c), map_json(&qc));
+    assert_same_file(&c, &qc);
+}

@@ -323,3 +323,99 @@ fn convert_target_image_opts_like_qemu_img() {
         assert_same_words(dir.path(), &link, args);
     }
 }
+
+/// iotest 059: hostile sparse VMDK headers and descriptor lines refused in qemu-img's words
+/// and order ("L2 table size too big", "L1 size too big", "Invalid granularity, image may
+/// be corrupt", "File truncated, expecting at least N bytes", "Invalid extent line: LINE"),
+/// vimg's detail after them under its own name.
+#[test]
+fn vmdk_hostile_headers_in_qemu_img_words() {
+    if !qemu_available("vmdk_hostile_headers_in_qemu_img_words") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    let img = dir.path().join("t.vmdk");
+    let same = |i: &str| {
+        let q = run_cmd("qemu-img", &["info", s(&img)]);
+        assert!(!q.status.success(), "case {i}: qemu-img opened it");
+        let v = run_cmd(&link, &["info", s(&img)]);
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr),
+            "case {i}"
+        );
+        assert_eq!(v.status.code(), q.status.code(), "case {i}");
+        let own = vimg_raw(&["info", s(&img)]);
+        let own = String::from_utf8_lossy(&own.stderr).into_owned();
+        let words =
+            String::from_utf8_lossy(&q.stderr)
+                .trim_end()
+                .replacen("qemu-img: ", "vimg: ", 1);
+        assert!(own.starts_with(&format!("{words} (")), "case {i}: {own}");
+    };
+    // numGTEsPerGT at 0x2c, capacity at 0x0c, grainSize at 0x14.
+    let cases: &[&[(u64, &[u8])]] = &[
+        &[(0x2c, &0xffff_ffffu32.to_le_bytes())],
+        &[(0x2c, &513u32.to_le_bytes())],
+        &[
+            (0x10, &0xffff_ffffu32.to_le_bytes()),
+            (0x2c, &1u32.to_le_bytes()),
+        ],
+        &[(0x0c, &0x1eff_fffc_1b00_0001u64.to_le_bytes())],
+        &[(0x14, &0x40_0000u64.to_le_bytes())],
+        &[(0x2c, &0u32.to_le_bytes())],
+        // 512 entries of 2^23 sectors: 2^32, which qemu keeps in 32 bits (0).
+        &[(0x14, &0x80_0000u64.to_le_bytes())],
+        // two at once: qemu's order decides
+        &[
+            (0x2c, &0xffff_ffffu32.to_le_bytes()),
+            (0x14, &0x40_0000u64.to_le_bytes()),
+        ],
+    ];
+    for (i, pokes) in cases.iter().enumerate() {
+        let _ = std::fs::remove_file(&img);
+        qemu_img(&["create", "-q", "-f", "vmdk", s(&img), "64M"]);
+        for (off, bytes) in pokes.iter() {
+            patch(&img, *off, bytes);
+        }
+        same(&i.to_string());
+    }
+    // A sparse image cut short.
+    let _ = std::fs::remove_file(&img);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=monolithicSparse",
+        s(&img),
+        "100G",
+    ]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(10 << 20)
+        .unwrap();
+    same("truncated");
+    // A VMFS extent line with an offset qemu refuses (VMware writes 0, which vimg reads).
+    let flat = dir.path().join("dummy.vmdk");
+    std::fs::write(&flat, vec![0u8; 1 << 20]).unwrap();
+    for (offset, refused) in [(" 1", true), (" 0", false)] {
+        std::fs::write(
+            &img,
+            format!(
+                "# Disk DescriptorFile\nversion=1\nCID=58ab4847\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\n# Extent description\nRW 2048 VMFS \"dummy.vmdk\"{offset}\n"
+            ),
+        )
+        .unwrap();
+        if refused {
+            same("vmfs");
+        } else {
+            let v = run_cmd(&link, &["info", s(&img)]);
+            assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+        }
+    }
+}

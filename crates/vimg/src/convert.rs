@@ -164,7 +164,7 @@ pub fn create(
         size,
         &opts.with_open_named(crate::image::open_named),
     )?;
-    w.finish()?;
+    w.finish_new()?;
     out.commit()
 }
 

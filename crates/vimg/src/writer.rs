@@ -79,4 +79,11 @@ pub trait ImageWriter: Send + Sync {
     /// Writes metadata and leaves a valid image. The [`crate::Output`] commit makes it
     /// durable and visible.
     fn finish(self: Box<Self>) -> Result<()>;
+
+    /// Finishes an image `create` made (no data written): as [`ImageWriter::finish`],
+    /// except for a format whose new image qemu-img leaves unwritten where `finish` writes
+    /// (a LUKS payload).
+    fn finish_new(self: Box<Self>) -> Result<()> {
+        self.finish()
+    }
 }

@@ -93,6 +93,11 @@ pub const CREATE_OPTIONS: &[OptionSpec] = &[
         ty: OptionType::Str,
         help: "ID of the secret that provides the keyslot passphrase",
     },
+    OptionSpec {
+        name: "preallocation",
+        ty: OptionType::Str,
+        help: "Preallocation mode (allowed values: off, falloc, full)",
+    },
 ];
 
 /// The luks driver.

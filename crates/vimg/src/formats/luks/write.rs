@@ -3,8 +3,12 @@
 //! iteration count of one eighth of `iter-time`; key slot 0 active with the passphrase's
 //! PBKDF2 over `iter-time`, the other seven disabled; each slot's 4000-stripe key material
 //! in its own 4 KiB-aligned area after the 4 KiB header sector; the payload after the
-//! eighth area. Every payload sector is written encrypted, zeros included, so the volume
-//! reads back as the source on any reader (a hole would decrypt to noise).
+//! eighth area. A converted volume has every payload sector written encrypted, zeros
+//! included, so it reads back as the source on any reader (a hole would decrypt to noise).
+//! A volume `create` makes is left as qemu-img leaves it: the payload unwritten (a hole in
+//! a new file, reading as the decryption of zeros; no old data can show through, the file
+//! is new or a zeroed device), `preallocation=falloc` reserves it, `full` writes plain
+//! zeros over it (`metadata` is accepted and means `off`: a LUKS volume has none).
 //!
 //! Options (`-o`), with qemu-img's defaults: `cipher-alg` (aes-256; aes-128, aes-192),
 //! `cipher-mode` (xts; cbc, ecb), `ivgen-alg` (plain64; plain, essiv), `ivgen-hash-alg`
@@ -32,6 +36,26 @@ const MIN_ITERATIONS: u64 = 1000;
 const FIRST_SLOT_SECTOR: u32 = 8;
 /// Key material areas are aligned to this many sectors (4 KiB).
 const SLOT_ALIGN_SECTORS: u32 = 8;
+
+/// `-o preallocation` of a LUKS volume: QEMU's file-protocol modes, and `metadata`,
+/// which QEMU's crypto driver takes as `off`.
+const PREALLOCATION: crate::formats::Choice = crate::formats::Choice {
+    option: "preallocation",
+    values: &["off", "metadata", "falloc", "full"],
+    default: "off",
+    refusal: crate::formats::ChoiceRefusal::InvalidValue,
+};
+
+/// What `create` does with a new volume's payload (`-o preallocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prealloc {
+    /// Left unwritten.
+    Off,
+    /// Reserved (`fallocate`).
+    Falloc,
+    /// Plain zeros written.
+    Full,
+}
 
 /// What `-o` asked for.
 struct Choice {
@@ -250,6 +274,8 @@ pub struct LuksWriter {
     written: Mutex<BTreeMap<u64, u64>>,
     /// Streams: the next guest offset expected (gaps are filled in order).
     next: Mutex<u64>,
+    /// `-o preallocation`, for [`ImageWriter::finish_new`].
+    prealloc: Prealloc,
 }
 
 impl LuksWriter {
@@ -270,6 +296,11 @@ impl LuksWriter {
                 "LUKS volume size {size} is not a multiple of 512 bytes (vimg writes whole encrypted sectors)"
             )));
         }
+        let prealloc = match PREALLOCATION.value(opts)? {
+            "falloc" => Prealloc::Falloc,
+            "full" => Prealloc::Full,
+            _ => Prealloc::Off,
+        };
         let NewVolume {
             head,
             used,
@@ -298,6 +329,7 @@ impl LuksWriter {
             cipher,
             written: Mutex::new(BTreeMap::new()),
             next: Mutex::new(0),
+            prealloc,
         })
     }
 
@@ -402,5 +434,32 @@ impl ImageWriter for LuksWriter {
             pos = pos.max(e);
         }
         self.put_zeros(pos, self.size)
+    }
+
+    fn finish_new(self: Box<Self>) -> Result<()> {
+        let written = !self
+            .written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if self.file.is_stream() || written {
+            return self.finish();
+        }
+        // The payload stays as the new file (or zeroed device) has it, as qemu-img leaves it.
+        match self.prealloc {
+            Prealloc::Off => Ok(()),
+            Prealloc::Falloc if self.size > 0 => self.file.allocate(self.payload, self.size),
+            Prealloc::Falloc => Ok(()),
+            Prealloc::Full => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut pos = 0;
+                while pos < self.size {
+                    let n = (self.size - pos).min(zeros.len() as u64) as usize;
+                    self.file.write_all_at(&zeros[..n], self.payload + pos)?;
+                    pos += n as u64;
+                }
+                Ok(())
+            }
+        }
     }
 }

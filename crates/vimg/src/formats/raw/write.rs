@@ -15,6 +15,10 @@ pub struct RawWriter {
     compressed: Option<CompressedSink>,
 }
 
+/// The block QEMU's file protocol writes at the start of every new file (its
+/// `allocate_first_block`: 4 KiB on the page size here).
+const FIRST_BLOCK: u64 = 4096;
+
 /// Preallocation modes of raw images.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Prealloc {
@@ -71,8 +75,19 @@ impl RawWriter {
                 )));
             }
         } else {
-            file.set_len(size)?;
+            // QEMU's file protocol makes a new file a whole number of 512-byte sectors.
+            let padded = if file.is_stream() {
+                size
+            } else {
+                size.div_ceil(512).saturating_mul(512)
+            };
+            file.set_len(padded)?;
             match prealloc {
+                // As QEMU's file protocol leaves every new file: its first block written
+                // (zeros), so `map` shows it as data (iotest 253).
+                Prealloc::Off if !file.is_stream() && size > 0 => {
+                    file.write_all_at(&vec![0u8; size.min(FIRST_BLOCK) as usize], 0)?;
+                }
                 Prealloc::Off => {}
                 Prealloc::Falloc => {
                     if size > 0 {

@@ -194,6 +194,10 @@ fn parse_extent(line_no: usize, line: &str) -> Result<ExtentLine, VmdkError> {
             format!("unexpected '{extra}' after the extent"),
         ));
     }
+    if kind == ExtentType::Vmfs && offset.is_some_and(|o| o != 0) {
+        // VMware writes 0 there (vimg reads that); qemu takes no offset at all.
+        return Err(bad(line_no, "a VMFS extent takes no offset other than 0"));
+    }
     if file.is_none() && kind != ExtentType::Zero {
         return Err(bad(line_no, "extent line without file name"));
     }
@@ -394,6 +398,7 @@ mod tests {
             "RW 10 FLAT",
             "RW 10 FLAT \"a\"b",
             "RW 99999999999999999999999 FLAT \"a\"",
+            "RW 12582912 VMFS \"dummy.vmdk\" 1",
         ] {
             let e = Descriptor::parse(&format!("version=1\n{line}\n")).unwrap_err();
             assert!(e.to_string().contains("line 2"), "{line}: {e}");

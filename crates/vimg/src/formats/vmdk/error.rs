@@ -32,6 +32,16 @@ pub enum VmdkError {
     /// A valid feature vimg does not implement.
     #[error("unsupported VMDK feature: {0}")]
     Unsupported(String),
+    /// A condition qemu-img words its own way: its words, then vimg's detail.
+    #[error("{words} ({detail})")]
+    QemuWords {
+        /// qemu-img's message.
+        words: String,
+        /// Which file, structure, field and value.
+        detail: String,
+        /// Invalid (a bad field) or corrupt (a file cut short).
+        kind: ErrorKind,
+    },
     /// An extent line is malformed (qemu's "Invalid extent line" first).
     #[error("Invalid extent line: {text} (descriptor line {line}: {why})")]
     ExtentLine {
@@ -99,6 +109,7 @@ impl FormatError for VmdkError {
         match self {
             VmdkError::BadField { .. } | VmdkError::BadMagic { .. } => ErrorKind::Invalid,
             VmdkError::Descriptor { .. } | VmdkError::ExtentLine { .. } => ErrorKind::Invalid,
+            VmdkError::QemuWords { kind, .. } => *kind,
             VmdkError::Unsupported(_) => ErrorKind::Unsupported,
             VmdkError::PastEof { .. } | VmdkError::BadEntry { .. } => ErrorKind::Corrupt,
             VmdkError::FooterMismatch { .. } => ErrorKind::Corrupt,

@@ -10,7 +10,7 @@ use super::error::VmdkError;
 use super::header::*;
 use super::read::{cid_text, Kind, VExtent, VmdkReader};
 use super::sparse::{read_directory, Flavor, SparseExtent, SparseParams};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::formats::{Format, OpenContext};
 use crate::limits;
 use crate::mapping::{BackingRef, ChildNode, ExternalRef, FileId, ParentLink, RefRole};
@@ -157,6 +157,74 @@ fn read_sparse_header(storage: &dyn Storage) -> Result<SparseHeader> {
     Ok(footer)
 }
 
+/// QEMU's checks of a hosted sparse header (`vmdk_open_vmdk4`, `vmdk_add_extent`), in its
+/// order and with its words, vimg's detail after them; vimg's own checks follow.
+pub(super) fn check_like_qemu(label: &str, h: &SparseHeader, file_len: u64) -> Result<()> {
+    let refuse_as = |kind: ErrorKind, words: &str, detail: String| -> Result<()> {
+        Err(VmdkError::QemuWords {
+            words: words.into(),
+            detail: format!("{label}: {detail}"),
+            kind,
+        }
+        .into())
+    };
+    let refuse = |words: &str, detail: String| refuse_as(ErrorKind::Invalid, words, detail);
+    if h.num_gtes_per_gt > MAX_GTES_PER_GT {
+        return refuse(
+            "L2 table size too big",
+            format!(
+                "numGTEsPerGT = {} at byte 0x2c, at most {MAX_GTES_PER_GT}",
+                h.num_gtes_per_gt
+            ),
+        );
+    }
+    // QEMU keeps the sectors one directory entry covers in 32 bits.
+    let span = u64::from((u64::from(h.num_gtes_per_gt).wrapping_mul(h.grain_size)) as u32);
+    if span == 0 {
+        return refuse(
+            "L1 entry size is invalid",
+            format!(
+                "numGTEsPerGT = {} at byte 0x2c, grainSize = {} at byte 0x14",
+                h.num_gtes_per_gt, h.grain_size
+            ),
+        );
+    }
+    if file_len.div_ceil(SECTOR) < h.overhead {
+        return refuse_as(
+            ErrorKind::Corrupt,
+            &format!(
+                "File truncated, expecting at least {} bytes",
+                h.overhead.saturating_mul(SECTOR)
+            ),
+            format!(
+                "the metadata (overHead {:#x} sectors at byte 0x40) runs past the end of the file ({file_len:#x} bytes)",
+                h.overhead
+            ),
+        );
+    }
+    if h.grain_size > MAX_GRAIN_SECTORS {
+        return refuse(
+            "Invalid granularity, image may be corrupt",
+            format!(
+                "grainSize = {:#x} sectors at byte 0x14, at most {MAX_GRAIN_SECTORS:#x}",
+                h.grain_size
+            ),
+        );
+    }
+    let entries = h.capacity.div_ceil(span);
+    if entries > super::QEMU_MAX_GD_ENTRIES {
+        return refuse(
+            "L1 size too big",
+            format!(
+                "capacity = {:#x} sectors at byte 0x0c needs {entries} grain directory entries, at most {}",
+                h.capacity,
+                super::QEMU_MAX_GD_ENTRIES
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Checks a hosted header and opens its tables as extent `label`.
 fn open_hosted(
     label: &str,
@@ -180,6 +248,7 @@ fn open_hosted(
         ))
         .into());
     }
+    check_like_qemu(label, h, storage.len())?;
     let compressed = match h.compress_algorithm {
         COMPRESSION_NONE => false,
         COMPRESSION_DEFLATE => true,
@@ -600,6 +669,7 @@ impl VmdkReader {
         ctx: &OpenContext,
         h: SparseHeader,
     ) -> Result<VmdkReader> {
+        check_like_qemu("extent 1", &h, storage.len())?;
         let len = h
             .capacity
             .checked_mul(SECTOR)
