@@ -27,7 +27,7 @@
 //! - the descriptor's `CID` gets a new random value before the first write (QEMU changes
 //!   it on the first write of every open; children's `parentCID` are not changed), in
 //!   QEMU's bytes (`vmdk_write_cid`: the line rewritten, the 10 KiB descriptor buffer
-//!   written back); vimg writes it first, so that a killed run never leaves changed data
+//!   written back, no further than the end of a descriptor file); vimg writes it first, so that a killed run never leaves changed data
 //!   under the old CID.
 //!
 //! Grain table entries are gathered in memory and written in batches ([`BATCH`]), each
@@ -82,8 +82,8 @@ struct CidRewrite {
     at: u64,
     /// The new buffer (QEMU's bytes).
     buf: Vec<u8>,
-    /// Bytes of `buf` to write: all of it for a descriptor file (QEMU writes 10 KiB), the
-    /// embedded descriptor's area for a sparse file.
+    /// Bytes of `buf` to write: up to 10 KiB of a descriptor file (QEMU's write, cut at
+    /// the end of a shorter file), the embedded descriptor's area of a sparse file.
     len: usize,
 }
 
@@ -303,11 +303,11 @@ impl USparse {
 }
 
 /// QEMU's `vmdk_write_cid` on the descriptor buffer `desc` (NUL-terminated text, at most
-/// [`DESC_SIZE`] bytes): the first `CID` names the value, everything from `parentCID` on
-/// follows it. `None` where that rewrite would not be the plain change of the `CID=`
+/// [`DESC_SIZE`] bytes) with a new CID from the random `seed`: the first `CID` names the
+/// value, everything from `parentCID` on follows it. `None` where that rewrite would not be the plain change of the `CID=`
 /// line (no `parentCID`, or the first `CID` is not the start of the `CID=` line right
 /// before `parentCID`).
-fn rewrite_cid(desc: &[u8], cid: u32) -> Option<Vec<u8>> {
+fn rewrite_cid(desc: &[u8], seed: u32) -> Option<Vec<u8>> {
     let mut buf = desc.to_vec();
     buf.resize(DESC_SIZE, 0);
     buf[DESC_SIZE - 1] = 0;
@@ -324,8 +324,24 @@ fn rewrite_cid(desc: &[u8], cid: u32) -> Option<Vec<u8>> {
     let value = &text[c + 4..parent];
     let hex = value.strip_suffix(b"\n").unwrap_or(value);
     let hex = hex.strip_suffix(b"\r").unwrap_or(hex);
-    if hex.is_empty() || !hex.iter().all(u8::is_ascii_hexdigit) {
+    if hex.is_empty() || hex.len() > 8 || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
+    }
+    // A new value as long as the old one (the text keeps its length, so it always fits
+    // where it was), never the old value.
+    let old = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+    let bits = 4 * hex.len() as u32;
+    let mask = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let top = 1u32 << (bits - 4);
+    let mut cid = seed & mask;
+    if hex.len() > 1 && cid < top {
+        cid |= top;
+    }
+    if cid == old {
+        cid ^= 1;
+        if cid == 0 {
+            cid = 2;
+        }
     }
     let tail = text[parent..].to_vec();
     let head = format!("{cid:x}\n");
@@ -407,7 +423,9 @@ impl VmdkUpdate {
             }
             (SECTOR, (h.descriptor_size * SECTOR).min(DESC_SIZE as u64) as usize)
         } else {
-            (0, DESC_SIZE)
+            // QEMU's 10 KiB write stops at the end of a shorter descriptor file (which
+            // keeps its length).
+            (0, (storage.len() as usize).min(DESC_SIZE))
         };
         let mut desc = vec![0u8; DESC_SIZE];
         f0.read_at(&mut desc, desc_at)?;
@@ -418,7 +436,8 @@ impl VmdkUpdate {
             )
         })?;
         let text_len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        if text_len >= desc_limit {
+        // The new text must fit the area (a descriptor file may end without a NUL).
+        if text_len > desc_limit || (sparse_file && text_len == desc_limit) {
             return Err(unsupported(
                 "the descriptor with a new CID does not fit its area; vimg does not write into this image",
             ));
@@ -504,8 +523,18 @@ impl VmdkUpdate {
                             p.label
                         )));
                     };
+                    // The header as QEMU reads it for writing: a directory at the end is
+                    // in the footer, which QEMU's appended grains would bury.
+                    let mut first = [0u8; SparseHeader::LEN];
+                    crate::storage::read_exact(
+                        &*p.storage,
+                        &mut first,
+                        0,
+                        format_args!("{} header", p.label),
+                    )?;
+                    let raw = SparseHeader::parse(&first, 0)?;
                     let h = read_sparse_header(&*p.storage)?;
-                    if h.gd_offset == GD_AT_END || h.rgd_offset == GD_AT_END {
+                    if raw.gd_offset == GD_AT_END || raw.rgd_offset == GD_AT_END {
                         return Err(unsupported(format!(
                             "{}: a stream-optimized extent with its grain directory at the end (footer); qemu-img's writes into it are lost, so vimg refuses them",
                             p.label
@@ -545,15 +574,10 @@ impl VmdkUpdate {
                         npending: 0,
                         fresh: BTreeMap::new(),
                     };
-                    if let Some(rgd) = &u.rgd {
-                        if let Some(i) = (0..u.gd.len()).find(|&i| (u.gd[i] == 0) != (rgd[i] == 0))
-                        {
-                            return Err(unsupported(format!(
-                                "{}: grain directory entry {i} is {:#x}, its redundant entry {:#x}; vimg does not write into an image whose directories disagree",
-                                u.label, u.gd[i], rgd[i]
-                            )));
-                        }
-                    }
+                    // Directories that disagree (a run killed between the two entries of a
+                    // new table) are written as they are: the main directory decides, a
+                    // redundant table is updated only where the redundant directory has
+                    // one, and a table the main directory lacks is appended anew.
                     if compressed {
                         // QEMU fails a write into a compressed grain half-way through an
                         // operation; vimg refuses the image before writing.
@@ -902,10 +926,15 @@ mod tests {
         let d = b"# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n";
         let out = rewrite_cid(d, 0xab).unwrap();
         let text_end = out.iter().position(|&b| b == 0).unwrap();
+        // As long as the old value (the top digit set), never the old value.
         assert_eq!(
             &out[..text_end],
-            b"# Disk DescriptorFile\nversion=1\nCID=ab\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n"
+            b"# Disk DescriptorFile\nversion=1\nCID=100000ab\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n"
         );
+        let same = rewrite_cid(d, 0x1234_5678).unwrap();
+        assert_eq!(&same[36..44], b"12345679");
+        let short = rewrite_cid(b"CID=a\nparentCID=ffffffff\n", 0x1234_567a).unwrap();
+        assert_eq!(&short[..7], b"CID=b\np");
         assert_eq!(out.len(), DESC_SIZE);
         // The old text's tail stays after the new NUL, as QEMU leaves it.
         assert_eq!(&out[text_end + 1..d.len()], &d[text_end + 1..]);
