@@ -936,8 +936,12 @@ mod tests {
         let short = rewrite_cid(b"CID=a\nparentCID=ffffffff\n", 0x1234_567a).unwrap();
         assert_eq!(&short[..7], b"CID=b\np");
         assert_eq!(out.len(), DESC_SIZE);
-        // The old text's tail stays after the new NUL, as QEMU leaves it.
-        assert_eq!(&out[text_end + 1..d.len()], &d[text_end + 1..]);
+        // The text keeps its length; what followed it stays.
+        assert_eq!(text_end, d.len());
+        let mut padded = b"CID=1234\nparentCID=ffffffff\n\0\n\0".to_vec();
+        padded.resize(64, 7);
+        let p = rewrite_cid(&padded, 5).unwrap();
+        assert_eq!(&p[28..64], &padded[28..64]);
         // parentCID before CID, no parentCID, CID in a comment first: refused.
         assert!(rewrite_cid(b"parentCID=1\nCID=2\n", 1).is_none());
         assert!(rewrite_cid(b"CID=2\n", 1).is_none());
