@@ -119,7 +119,10 @@ fn check(img: &Path) -> (i32, String) {
 fn cids(img: &Path) -> (u64, u64) {
     let j = json(&qemu_img(&["info", "--output=json", "-f", "vmdk", s(img)]));
     let d = &j["format-specific"]["data"];
-    (d["cid"].as_u64().unwrap(), d["parent-cid"].as_u64().unwrap())
+    (
+        d["cid"].as_u64().unwrap(),
+        d["parent-cid"].as_u64().unwrap(),
+    )
 }
 
 fn map(img: &Path) -> String {
@@ -200,7 +203,11 @@ fn convert_n_into_stream_optimized_from_qcow2() {
     qemu_io(
         "qcow2",
         &src,
-        &["write -P 1 0 64k", "write -P 2 192k 100k", "write -z 1M 64k"],
+        &[
+            "write -P 1 0 64k",
+            "write -P 2 192k 100k",
+            "write -z 1M 64k",
+        ],
     );
     for zg in ["off", "on"] {
         let p = d.join(format!("p{zg}"));
@@ -227,7 +234,15 @@ fn commit_qcow2_top_into_vmdk_base_like_qemu_img() {
         target(&p, sf, "off", sf != "streamOptimized");
         let top = p.join("top.qcow2");
         qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", "t.vmdk", "-F", "vmdk", s(&top),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "t.vmdk",
+            "-F",
+            "vmdk",
+            s(&top),
         ]);
         qemu_io(
             "qcow2",
@@ -318,18 +333,44 @@ fn what_qemu_img_gets_wrong_is_refused_untouched() {
     }
     let top = r.join("top.vmdk");
     qemu_img(&[
-        "create", "-q", "-f", "vmdk", "-b", "b1.vmdk", "-F", "vmdk", s(&top),
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "b1.vmdk",
+        "-F",
+        "vmdk",
+        s(&top),
     ]);
     qemu_io("vmdk", &top, &["write -P 3 2M 64k"]);
     refused_untouched(
         &r,
-        &["rebase", "-f", "vmdk", "-b", "b2.vmdk", "-F", "vmdk", s(&top)],
+        &[
+            "rebase",
+            "-f",
+            "vmdk",
+            "-b",
+            "b2.vmdk",
+            "-F",
+            "vmdk",
+            s(&top),
+        ],
         "Could not change the backing file to 'b2.vmdk': Operation not supported",
         "rebase",
     );
     let out = run_cmd(
         "qemu-img",
-        &["rebase", "-f", "vmdk", "-b", "b2.vmdk", "-F", "vmdk", s(&top)],
+        &[
+            "rebase",
+            "-f",
+            "vmdk",
+            "-b",
+            "b2.vmdk",
+            "-F",
+            "vmdk",
+            s(&top),
+        ],
     );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr)
@@ -371,11 +412,9 @@ fn what_qemu_img_gets_wrong_is_refused_untouched() {
     let pc = d.join("pcid");
     let t = target(&pc, "monolithicFlat", "off", false);
     let text = std::fs::read_to_string(&t).unwrap();
-    let swapped = text.replacen("CID=", "XCID=", 1).replacen(
-        "parentCID=ffffffff\n",
-        "",
-        1,
-    );
+    let swapped = text
+        .replacen("CID=", "XCID=", 1)
+        .replacen("parentCID=ffffffff\n", "", 1);
     let cid_line = text
         .lines()
         .find(|l| l.starts_with("CID="))
@@ -425,16 +464,7 @@ fn what_qemu_img_gets_wrong_is_refused_untouched() {
     patch(&t, 0x0c, &(1u64 << 40).to_le_bytes());
     let before = digests(&big);
     let run = run_limited(
-        &[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            s(&src),
-            s(&t),
-        ],
+        &["convert", "-n", "-f", "raw", "-O", "vmdk", s(&src), s(&t)],
         2 << 30,
     );
     assert_eq!(run.code, Some(1), "hostile capacity");
@@ -464,10 +494,7 @@ fn killed_convert_n_into_vmdk() {
             (33 * MIB + 512, &b[..]),
         ],
     );
-    for (sf, zg) in [
-        ("monolithicSparse", "on"),
-        ("twoGbMaxExtentSparse", "on"),
-    ] {
+    for (sf, zg) in [("monolithicSparse", "on"), ("twoGbMaxExtentSparse", "on")] {
         let p = d.join(format!("p-{sf}-{zg}"));
         std::fs::create_dir_all(&p).unwrap();
         let t = p.join("t.vmdk");

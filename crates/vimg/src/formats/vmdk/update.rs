@@ -331,7 +331,11 @@ fn rewrite_cid(desc: &[u8], seed: u32) -> Option<Vec<u8>> {
     // where it was), never the old value.
     let old = u32::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
     let bits = 4 * hex.len() as u32;
-    let mask = if bits >= 32 { u32::MAX } else { (1u32 << bits) - 1 };
+    let mask = if bits >= 32 {
+        u32::MAX
+    } else {
+        (1u32 << bits) - 1
+    };
     let top = 1u32 << (bits - 4);
     let mut cid = seed & mask;
     if hex.len() > 1 && cid < top {
@@ -421,7 +425,10 @@ impl VmdkUpdate {
                     h.descriptor_offset, h.descriptor_size
                 )));
             }
-            (SECTOR, (h.descriptor_size * SECTOR).min(DESC_SIZE as u64) as usize)
+            (
+                SECTOR,
+                (h.descriptor_size * SECTOR).min(DESC_SIZE as u64) as usize,
+            )
         } else {
             // QEMU's 10 KiB write stops at the end of a shorter descriptor file (which
             // keeps its length).
