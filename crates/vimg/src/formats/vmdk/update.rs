@@ -588,9 +588,21 @@ impl VmdkUpdate {
                     if compressed {
                         // QEMU fails a write into a compressed grain half-way through an
                         // operation; vimg refuses the image before writing.
+                        // One read per grain table the directory names (each inside the
+                        // file, checked by the reader): work bounded by the file.
                         let f = &files[fi];
-                        for g in 0..u.len.div_ceil(u.grain) {
-                            if let Gte::At(_) = u.entry(f, g)? {
+                        let mut buf = vec![0u8; (u.gtes * 4) as usize];
+                        for (t, &gt) in u.gd.iter().enumerate() {
+                            if gt == 0 {
+                                continue;
+                            }
+                            f.read_at(&mut buf, u64::from(gt) * SECTOR)?;
+                            let used = buf
+                                .chunks_exact(4)
+                                .map(LE::read_u32)
+                                .position(|v| !matches!(u.decode(v), Gte::Free | Gte::Zeroed));
+                            if let Some(i) = used {
+                                let g = t as u64 * u.gtes + i as u64;
                                 return Err(unsupported(format!(
                                     "{}: grain {g} of this streamOptimized image is allocated; qemu-img cannot write over a compressed grain (\"Could not write to allocated cluster for streamOptimized\"), so vimg writes only into stream-optimized images without grains",
                                     u.label
