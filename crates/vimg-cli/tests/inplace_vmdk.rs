@@ -446,6 +446,24 @@ fn what_qemu_img_gets_wrong_is_refused_untouched() {
         "RDONLY extent",
     );
 
+    // Two flat extents on one file (a write to one would change the other).
+    let al = d.join("alias");
+    let t = target(&al, "monolithicFlat", "off", false);
+    let text = std::fs::read_to_string(&t).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RW "))
+        .unwrap()
+        .to_string();
+    std::fs::write(&t, text.replacen(&line, &format!("{line}\n{line}"), 1)).unwrap();
+    vimg(&["info", s(&t)]);
+    refused_untouched(
+        &al,
+        &["convert", "-n", "-f", "raw", "-O", "vmdk", s(&src), s(&t)],
+        "are one file",
+        "aliased extents",
+    );
+
     // A grain table entry past the end of the file: the reader refuses it.
     let bad = d.join("bad");
     let t = target(&bad, "monolithicSparse", "off", true);
