@@ -312,7 +312,18 @@ fn refusals_leave_the_target_untouched() {
     let plain = d.join("plain.raw");
     std::fs::write(&plain, vec![7u8; 9 << 20]).unwrap();
     let vmdk = d.join("t.vmdk");
-    qemu_create(&vmdk, "vmdk", "", "9M");
+    // A stream-optimized vmdk with its directory at the end (vimg's own layout): qemu-img
+    // loses writes into it, vimg refuses them.
+    vimg(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&vmdk),
+        "9M",
+    ]);
     let cases: [(Vec<&str>, &Path, &str); 5] = [
         (
             vec!["-O", "qcow2"],
@@ -326,7 +337,7 @@ fn refusals_leave_the_target_untouched() {
         ),
         (vec!["-O", "qcow2"], &plain, "Image is not in qcow2 format"),
         (vec!["-O", "qcow2", "-c"], &tgt, "compressed"),
-        (vec!["-O", "vmdk"], &vmdk, "vmdk"),
+        (vec!["-O", "vmdk"], &vmdk, "grain directory at the end"),
     ];
     for (extra, target, words) in cases {
         let before = sha256_file(target);

@@ -47,6 +47,12 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "UpdateFile::open: wraps a duplicate of the user's own image file for the format's reader",
     ),
     (
+        "formats/vmdk/update.rs",
+        "OpenOptions::new()",
+        1,
+        "VmdkUpdate: an extent file the gate resolved (OpenContext::resolve), opened read-write with O_NOFOLLOW and checked by inode against the file the gate let the reader open",
+    ),
+    (
         "formats/raw/update.rs",
         "OpenOptions::new()",
         1,

@@ -54,6 +54,16 @@ impl UpdateFile {
         ))
     }
 
+    /// Wraps `file`, already open read-write at `path` (a vmdk extent the gate resolved
+    /// and the caller checked by inode against the file its reader opened).
+    pub fn from_file(file: File, path: &Path) -> UpdateFile {
+        UpdateFile {
+            file,
+            path: path.to_path_buf(),
+            hook: CrashHook::from_env(),
+        }
+    }
+
     /// The open file, for an updater that orders its writes with its own crash hook (qed).
     pub fn into_file(self) -> File {
         self.file

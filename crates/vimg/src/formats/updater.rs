@@ -11,6 +11,7 @@ use super::qed::update::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;
+use super::vmdk::update::VmdkUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gate::ExternalPolicy;
@@ -107,6 +108,8 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
         UpdateOp::Backing if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
             "Operation not supported".to_string()
         }
+        // qemu-img's words: QEMU's vmdk driver cannot change the backing file.
+        UpdateOp::Backing if format == Format::Vmdk => "Operation not supported".to_string(),
         UpdateOp::Backing => {
             format!("vimg changes the backing file of {only} images only, not {name}")
         }
@@ -135,6 +138,8 @@ pub enum Updater {
     Parallels(ParallelsUpdate),
     /// qed ([`QedUpdate`]).
     Qed(Box<QedUpdate>),
+    /// vmdk ([`VmdkUpdate`]): guest data.
+    Vmdk(Box<VmdkUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -148,6 +153,7 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
         Format::Vpc => Ok(Updater::Vpc(VhdUpdate::open(path)?)),
         Format::Parallels => Ok(Updater::Parallels(ParallelsUpdate::open(path)?)),
         Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
+        Format::Vmdk => Ok(Updater::Vmdk(Box::new(VmdkUpdate::open(path, policy)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
@@ -218,6 +224,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's vmdk driver: writes (and a check without fix); no truncate, no
+        // change_backing_file, no amend.
+        Format::Vmdk => UpdateCaps {
+            repair: false,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -240,6 +257,7 @@ impl Updater {
             Updater::Vpc(_) => Format::Vpc,
             Updater::Parallels(_) => Format::Parallels,
             Updater::Qed(_) => Format::Qed,
+            Updater::Vmdk(_) => Format::Vmdk,
         }
     }
 
@@ -253,6 +271,7 @@ impl Updater {
         match self {
             Updater::Qcow2(q) => Some(q),
             Updater::Raw(_) | Updater::Qed(_) => None,
+            Updater::Vmdk(_) => None,
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
         }
     }
@@ -266,6 +285,7 @@ impl Updater {
             Updater::Vpc(v) => v.identity(),
             Updater::Parallels(p) => p.identity(),
             Updater::Qed(q) => q.identity(),
+            Updater::Vmdk(v) => v.identity(),
         }
     }
 
@@ -278,6 +298,7 @@ impl Updater {
             Updater::Vpc(v) => Ok(v.virtual_size()),
             Updater::Parallels(p) => Ok(p.virtual_size()),
             Updater::Qed(q) => Ok(q.header().image_size),
+            Updater::Vmdk(v) => Ok(v.virtual_size()),
         }
     }
 
@@ -293,6 +314,7 @@ impl Updater {
                 require(self.format(), UpdateOp::Resize)
             }
             Updater::Qed(q) => q.resize(size, prealloc),
+            Updater::Vmdk(_) => require(self.format(), UpdateOp::Resize),
         }
     }
 
@@ -338,6 +360,7 @@ impl Updater {
                 require(self.format(), UpdateOp::Backing)
             }
             Updater::Qed(q) => q.set_backing(backing),
+            Updater::Vmdk(_) => require(self.format(), UpdateOp::Backing),
         }
     }
 
@@ -388,6 +411,7 @@ impl Updater {
                 Ok(DataTarget::Parallels(p))
             }
             Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),
+            Updater::Vmdk(v) => Ok(DataTarget::Vmdk(v)),
         }
     }
 }
@@ -407,6 +431,8 @@ pub enum DataTarget<'a> {
     Parallels(&'a mut ParallelsUpdate),
     /// qed: allocation at the end of the file in QEMU's order.
     Qed(QedDataWriter<'a>),
+    /// vmdk: grains appended, grain table entries after their data.
+    Vmdk(&'a mut VmdkUpdate),
 }
 
 impl DataTarget<'_> {
@@ -420,6 +446,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.write_at(off, data, backing),
             DataTarget::Parallels(p) => p.write_at(off, data, backing),
             DataTarget::Qed(w) => w.write_at(off, data, backing),
+            DataTarget::Vmdk(v) => v.write_at(off, data, backing),
         }
     }
 
@@ -431,6 +458,7 @@ impl DataTarget<'_> {
             DataTarget::Vdi(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Vpc(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
+            DataTarget::Vmdk(v) => return v.write_zeroes(off, len, backing),
             _ => {}
         }
         let end = off + len;
@@ -474,6 +502,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.block_size(),
             DataTarget::Parallels(p) => p.cluster_size(),
             DataTarget::Qed(d) => d.cluster_size(),
+            DataTarget::Vmdk(v) => v.unit(),
         }
     }
 
@@ -545,6 +574,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.finish(),
             DataTarget::Parallels(p) => p.finish(),
             DataTarget::Qed(w) => w.finish(),
+            DataTarget::Vmdk(v) => v.finish(),
         }
     }
 }

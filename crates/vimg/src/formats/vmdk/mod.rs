@@ -22,6 +22,7 @@ pub mod header;
 mod open;
 mod read;
 mod sparse;
+pub mod update;
 mod write;
 
 use std::sync::Arc;
@@ -259,7 +260,7 @@ fn parent_cid(out: &Output, opts: &CreateOptions, name: &str) -> Result<u32> {
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::Yes,
-    in_place: Support::NotInVimg("vmdk output cannot be written into an existing image (-n)"),
+    in_place: Support::Yes,
     backing_file: true,
     bitmaps: false,
     printed: &[

@@ -75,7 +75,7 @@ fn bad_field(
 }
 
 /// Reads the hosted sparse header, resolving `GD_AT_END` through the footer.
-fn read_sparse_header(storage: &dyn Storage) -> Result<SparseHeader> {
+pub(super) fn read_sparse_header(storage: &dyn Storage) -> Result<SparseHeader> {
     let mut buf = [0u8; 512];
     read_exact(storage, &mut buf, 0, "sparse extent header")?;
     let header = SparseHeader::parse(&buf, 0)?;

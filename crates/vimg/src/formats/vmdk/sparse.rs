@@ -573,6 +573,11 @@ impl SparseExtent {
         self.cache_cap = (self.cache_cap / n.max(1)).max(4);
     }
 
+    /// What `open` was given (the updater's view of the extent's tables).
+    pub(super) fn params(&self) -> &SparseParams {
+        &self.p
+    }
+
     /// Grain size in bytes.
     pub fn grain_bytes(&self) -> u64 {
         self.grain

@@ -176,7 +176,7 @@ pub fn descriptor_text(s: &Settings, cid: u32, extent_lines: &str) -> String {
     )
 }
 
-fn random_cid() -> u32 {
+pub(super) fn random_cid() -> u32 {
     let b = *uuid::Uuid::new_v4().as_bytes();
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
