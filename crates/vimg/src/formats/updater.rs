@@ -482,8 +482,7 @@ impl DataTarget<'_> {
     /// other formats keep their data, as qemu-img leaves them.
     pub fn make_empty(&mut self, size: u64) -> Result<()> {
         if let DataTarget::Qcow2(d) = self {
-            let cs = d.cluster_size();
-            d.unmap_clusters(0, size.div_ceil(cs))?;
+            d.unmap_mapped(size)?;
             d.trim_end()?;
         }
         Ok(())
