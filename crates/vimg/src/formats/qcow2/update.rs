@@ -976,7 +976,7 @@ impl Qcow2Update {
     /// A new refcount width, and a downgrade to 0.10 of an image with zero clusters (which
     /// are expanded as qemu-img expands them), are one shadow switch (`update/rebuild.rs`).
     /// A downgrade refuses what version 2 cannot hold (feature bits, bitmaps, other
-    /// refcount widths, zero clusters in internal snapshots).
+    /// refcount widths); zero clusters, also those of internal snapshots, are expanded.
     pub fn amend(&mut self, a: Amend) -> Result<()> {
         let old = self.header.clone();
         let mut h = old.clone();
@@ -1038,11 +1038,7 @@ impl Qcow2Update {
                     ));
                 }
                 if self.has_zero_clusters()? {
-                    if self.snapshots_have_zero_clusters()? {
-                        return Err(Error::unsupported(
-                            "vimg cannot downgrade an image whose internal snapshots have zero clusters (qemu-img expands them; vimg expands the active ones only)",
-                        ));
-                    }
+                    // Those of the active L1 table and of every snapshot's.
                     expand = true;
                 }
             }

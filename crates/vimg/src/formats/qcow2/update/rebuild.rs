@@ -10,6 +10,8 @@
 //!   show through, otherwise unallocated. The copies of the L2 tables carry the expanded
 //!   entries; each cluster of zeros is a fresh cluster past the old end of the file, never
 //!   written (the file's hole reads as zeros), so the old image's clusters are untouched;
+//!   the internal snapshots' zero clusters are expanded the same way, in copies of their
+//!   L2 and L1 tables that the new snapshot table names;
 //! - `check -r all` when used clusters have refcount 0 (QEMU rebuilds the refcount
 //!   structures then): the shadow switch's count from the references, with the dirty bit
 //!   cleared in the same write;
@@ -40,7 +42,7 @@ impl Qcow2Update {
     /// places are the switch's) with copies of every active L2 table changed by `change`,
     /// the active L1 table, the snapshot table as it is, and a new refcount structure.
     pub(super) fn rebuild_switch(&mut self, h: Header, change: L2Change) -> Result<()> {
-        let table = self.raw_snapshot_table()?;
+        let mut table = self.raw_snapshot_table()?;
         let nb = self.nb_snapshots;
         let size = h.size;
         let l1 = self.l1.clone();
@@ -55,6 +57,9 @@ impl Qcow2Update {
             if change == L2Change::ExpandZeros {
                 for &l2 in &l2s {
                     s.expand_zeros_in(sh, l2, backing)?;
+                }
+                if nb > 0 {
+                    table = s.expand_snapshot_zeros(sh, &l1, &new_l1, backing)?;
                 }
             }
             // Clusters of zeros are holes below the shadow's next cluster: the file covers
@@ -95,9 +100,70 @@ impl Qcow2Update {
         Ok(())
     }
 
-    /// True when a snapshot's L1 table names an L2 table with a zero-flagged entry.
-    pub(super) fn snapshots_have_zero_clusters(&self) -> Result<bool> {
-        Ok(self.nb_snapshots > 0 && self.zero_clusters_in(true)?)
+    /// The zero clusters of the internal snapshots, expanded as the active ones are (QEMU's
+    /// downgrade expands those of every L1 table, block/qcow2-cluster.c,
+    /// `qcow2_expand_zero_clusters`): an L2 table a snapshot names that has a zero-flagged
+    /// entry becomes a fresh expanded copy (the active table's copy when the active L1
+    /// names the same table), and a snapshot whose L1 table changes gets a fresh copy of
+    /// it. Returns the snapshot table with the new L1 offsets; nothing of the old image
+    /// is written. `l1`/`new_l1` are the active L1 before and after its tables were copied.
+    fn expand_snapshot_zeros(
+        &mut self,
+        sh: &mut shadow::Shadow,
+        l1: &[u64],
+        new_l1: &[u64],
+        backing: bool,
+    ) -> Result<Vec<u8>> {
+        let mut moved: std::collections::HashMap<u64, u64> = l1
+            .iter()
+            .zip(new_l1)
+            .map(|(o, n)| (o & L1E_OFFSET_MASK, *n))
+            .filter(|(o, _)| *o != 0)
+            .collect();
+        let mut offsets = Vec::new();
+        let snaps = self.snapshot_l1_tables()?;
+        let old_offsets = self.snapshot_l1_offsets()?;
+        for (sl1, old_off) in snaps.into_iter().zip(old_offsets) {
+            let mut out = sl1.clone();
+            let mut changed = false;
+            for e in out.iter_mut() {
+                let l2 = *e & L1E_OFFSET_MASK;
+                if l2 == 0 {
+                    continue;
+                }
+                let to = match moved.get(&l2) {
+                    Some(&to) => Some(to),
+                    None if self.table_has_zero(l2)? => {
+                        let raw = self.read_cluster(l2)?;
+                        let to = self.shadow_write(sh, &raw)?;
+                        self.expand_zeros_in(sh, to, backing)?;
+                        moved.insert(l2, to);
+                        Some(to)
+                    }
+                    None => None,
+                };
+                if let Some(to) = to {
+                    // A snapshot's tables are never written in place: no copied flag.
+                    *e = to;
+                    changed = true;
+                }
+            }
+            offsets.push(if changed {
+                let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_be_bytes()).collect();
+                self.shadow_write(sh, &bytes)?
+            } else {
+                old_off
+            });
+        }
+        self.raw_snapshot_table_moved(&offsets)
+    }
+
+    /// True when the L2 table at `l2` has a zero-flagged (not compressed) entry.
+    fn table_has_zero(&self, l2: u64) -> Result<bool> {
+        Ok(self.read_cluster(l2)?.chunks_exact(8).any(|w| {
+            let v = u64::from_be_bytes(w.try_into().unwrap_or([0; 8]));
+            v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0
+        }))
     }
 
     /// `check -r all` for an image whose used clusters have refcount 0: a new refcount
