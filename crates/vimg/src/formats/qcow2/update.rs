@@ -330,6 +330,45 @@ impl Qcow2Update {
         Ok(())
     }
 
+    /// Punches holes over the clusters of `runs` whose refcount is 0 (after the drop was
+    /// flushed: nothing references them, so a crash at any point leaves the same image).
+    /// Where the filesystem cannot punch, the clusters stay as they are (free either way).
+    fn punch_free(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let cb = self.cb();
+        for &(first, n) in runs {
+            let end = first.saturating_add(n);
+            let mut c = first;
+            while c < end {
+                if self.refcount(c)? != 0 {
+                    c += 1;
+                    continue;
+                }
+                let s = c;
+                while c < end && self.refcount(c)? == 0 {
+                    c += 1;
+                }
+                let off = s << cb;
+                if off >= self.file_len {
+                    continue;
+                }
+                let len = ((c - s) << cb).min(self.file_len - off);
+                self.hook.point();
+                // SAFETY: a plain syscall on a descriptor this updater owns; no memory is
+                // passed. A failure (no hole punching here) leaves the free blocks in place.
+                let _ = unsafe {
+                    libc::fallocate(
+                        self.file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as i64,
+                        len as i64,
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
+
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
         buf.fill(0);
         if off >= self.file_len {
@@ -916,10 +955,13 @@ impl Qcow2Update {
                 self.pwrite(&zeros, l2 + lo as u64)?;
                 self.sync()?;
             }
-            for (c, n) in freed {
+            for &(c, n) in &freed {
                 self.free(c, n)?;
             }
             self.sync()?;
+            // As QEMU discards what a shrink frees (block/qcow2-cluster.c, the clusters
+            // freed with QCOW2_DISCARD_ALWAYS): the blocks go back to the filesystem.
+            self.punch_free(&freed)?;
         }
         // Trim the file after the last cluster still in use.
         let clusters = self.file_len.div_ceil(cs);
