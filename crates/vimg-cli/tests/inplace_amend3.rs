@@ -254,3 +254,63 @@ fn downgrade_expands_snapshot_zero_clusters_like_qemu_and_killed() {
         assert!(killed > 2, "{what}: {killed} kill points");
     }
 }
+
+/// `resize` of an image with internal snapshots over a longer backing file: the new area
+/// reads as zeros (not the backing file's data), as qemu-img makes it; the snapshots keep
+/// their content and size; `qemu-img check` clean; a kill at every write leaves the old
+/// image or the new one.
+#[test]
+fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = d.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "8M"]);
+    qemu_io("qcow2", &b, &["write -P 7 0 8M"]);
+    let img = d.join("i.qcow2");
+    qcow2_overlay(&img, s(&b), "", Some("4M"));
+    qemu_io("qcow2", &img, &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 3M 1M"]);
+    qemu_img(&["snapshot", "-c", "s1", s(&img)]);
+    qemu_io("qcow2", &img, &["write -P 3 64k 64k", "write -P 4 3M 64k"]);
+    let s1 = snapshot_content(&img, "s1");
+    let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+    std::fs::copy(&img, &q).unwrap();
+    std::fs::copy(&img, &v).unwrap();
+    qemu_img(&["resize", "-q", "-f", "qcow2", s(&q), "8M"]);
+    vimg(&["resize", "-q", "-f", "qcow2", s(&v), "8M"]);
+    qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
+    let new = common::kill::guest(&v, "qcow2");
+    assert_eq!(new.len(), 8 << 20);
+    assert!(new[4 << 20..].iter().all(|&x| x == 0), "the new area is not zeros");
+    // convert -l reads a snapshot at the image's current size: its first 4 MiB are the
+    // snapshot's, and qemu-img reads the same from both.
+    let vs = snapshot_content(&v, "s1");
+    assert!(vs[..4 << 20] == s1[..], "the snapshot changed");
+    assert!(vs == snapshot_content(&q, "s1"), "the snapshot reads otherwise than qemu-img's");
+    vimg(&["snapshot", "-a", "s1", s(&v)]);
+    qemu_img(&["snapshot", "-a", "s1", s(&q)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
+    qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
+    let old = common::kill::guest(&img, "qcow2");
+    let k = d.join("k.qcow2");
+    let mut killed = 0;
+    for n in 0.. {
+        std::fs::copy(&img, &k).unwrap();
+        let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+        common::kill::check_then_repair(&k, "qcow2", &format!("killed at {n}"));
+        let g = common::kill::guest(&k, "qcow2");
+        assert!(g == old || g == new, "killed at {n}: neither old nor new");
+        let ks = snapshot_content(&k, "s1");
+        assert!(ks[..4 << 20] == s1[..], "killed at {n}: the snapshot changed");
+        if done {
+            assert!(g == new);
+            break;
+        }
+        killed += 1;
+        assert!(n < 1000);
+    }
+    assert!(killed > 2);
+}

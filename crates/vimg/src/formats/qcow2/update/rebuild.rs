@@ -214,7 +214,9 @@ impl Qcow2Update {
     /// qemu-img makes it (zero clusters over the whole new area). One shadow switch: copies
     /// of the L2 tables, the entries of the new area zero-flagged in the copy of the last
     /// one and in new tables, a longer L1 table; the header's size, L1 table and refcount
-    /// table change in the one write, so no moment shows the backing data. Version 2 has
+    /// table change in the one write, so no moment shows the backing data; internal
+    /// snapshots keep their tables (those they share with the active state are copied,
+    /// never written). Version 2 has
     /// no zero clusters: refused with qemu-img's words; so is an old size that ends inside
     /// a cluster (qemu-img writes a partial cluster of data there), and extended L2 entries.
     pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
@@ -249,11 +251,8 @@ impl Qcow2Update {
                 "vimg does not resize qcow2 images with an external data file or persistent bitmaps",
             ));
         }
-        if self.nb_snapshots > 0 {
-            return Err(Error::unsupported(
-                "vimg zeroes the new area over a longer backing file only in images without internal snapshots",
-            ));
-        }
+        // Internal snapshots keep their own tables and sizes: the switch copies the active
+        // tables only, keeps the snapshot table, and counts the references of both.
         self.require_consistent()?;
         let need = self.g.l1_entries_for(size);
         if need * 8 > MAX_L1_BYTES {
