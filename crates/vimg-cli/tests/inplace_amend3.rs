@@ -314,3 +314,64 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
     }
     assert!(killed > 2);
 }
+
+/// `resize` of an image with extended L2 entries over a longer backing file: the new
+/// area's subclusters read as zeros, as qemu-img makes them: the same map (data, zero,
+/// depth) and content as qemu-img's, check clean, a kill at every write leaves the old
+/// image or the new one.
+#[test]
+fn resize_over_longer_backing_with_extended_l2_like_qemu_and_killed() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = d.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "8M"]);
+    qemu_io("qcow2", &b, &["write -P 7 0 8M"]);
+    let img = d.join("i.qcow2");
+    qcow2_overlay(&img, s(&b), "extended_l2=on", Some("4M"));
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 1 0 128k", "write -P 2 4032k 64k", "write -z 2M 4k"],
+    );
+    let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+    std::fs::copy(&img, &q).unwrap();
+    std::fs::copy(&img, &v).unwrap();
+    qemu_img(&["resize", "-q", "-f", "qcow2", s(&q), "8M"]);
+    vimg(&["resize", "-q", "-f", "qcow2", s(&v), "8M"]);
+    qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
+    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
+    let new = common::kill::guest(&v, "qcow2");
+    assert!(new[4 << 20..].iter().all(|&x| x == 0), "the new area is not zeros");
+    let flags = |p: &Path| -> Vec<serde_json::Value> {
+        json(&qemu_img(&["map", "--output=json", "-f", "qcow2", s(p)]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.as_object_mut().unwrap().remove("offset");
+                e
+            })
+            .collect()
+    };
+    assert_eq!(flags(&v), flags(&q));
+    let old = common::kill::guest(&img, "qcow2");
+    let k = d.join("k.qcow2");
+    let mut killed = 0;
+    for n in 0.. {
+        std::fs::copy(&img, &k).unwrap();
+        let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+        common::kill::check_then_repair(&k, "qcow2", &format!("killed at {n}"));
+        let g = common::kill::guest(&k, "qcow2");
+        assert!(g == old || g == new, "killed at {n}: neither old nor new");
+        if done {
+            break;
+        }
+        killed += 1;
+        assert!(n < 1000);
+    }
+    assert!(killed > 2);
+}

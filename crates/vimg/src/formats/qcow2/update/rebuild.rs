@@ -218,7 +218,8 @@ impl Qcow2Update {
     /// snapshots keep their tables (those they share with the active state are copied,
     /// never written). Version 2 has
     /// no zero clusters: refused with qemu-img's words; so is an old size that ends inside
-    /// a cluster (qemu-img writes a partial cluster of data there), and extended L2 entries.
+    /// a cluster (qemu-img writes a partial cluster of data there). With extended L2
+    /// entries the new area's subclusters are zero-flagged in the bitmaps.
     pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
         let old = self.header.size;
         if size <= old {
@@ -241,11 +242,13 @@ impl Qcow2Update {
             )));
         }
         let cs = self.cs();
-        if self.g.extended_l2 || !old.is_multiple_of(cs) {
+        if !old.is_multiple_of(cs) {
             return Err(Error::unsupported(format!(
-                "vimg zeroes the new area over a longer backing file only for images whose old size is a multiple of the cluster size ({cs}) and without extended L2 entries"
+                "vimg zeroes the new area over a longer backing file only for images whose old size is a multiple of the cluster size ({cs})"
             )));
         }
+        let extended = self.g.extended_l2;
+        let width = self.l2_width() as u64;
         if self.has_data_file || self.has_bitmaps {
             return Err(Error::unsupported(
                 "vimg does not resize qcow2 images with an external data file or persistent bitmaps",
@@ -283,14 +286,24 @@ impl Qcow2Update {
                     vec![0u8; cs as usize]
                 };
                 for j in lo..hi {
-                    let ent = &mut raw[(j * 8) as usize..(j * 8 + 8) as usize];
+                    let at = (j * width) as usize;
+                    let ent = &mut raw[at..at + 8];
                     let v = u64::from_be_bytes((&*ent).try_into().unwrap_or([0; 8]));
                     if v & OFLAG_COMPRESSED != 0 {
                         return Err(Error::unsupported(
                             "a compressed cluster lies past the old end of the image; vimg does not zero it",
                         ));
                     }
-                    ent.copy_from_slice(&((v & L2E_OFFSET_MASK) | OFLAG_ZERO).to_be_bytes());
+                    if extended {
+                        // Spec "Extended L2 Entries": every subcluster reads as zeros (the
+                        // upper 32 bits of the bitmap), none allocated; the standard part
+                        // keeps its host cluster, as QEMU's zeroing keeps it.
+                        ent.copy_from_slice(&(v & L2E_OFFSET_MASK).to_be_bytes());
+                        let bitmap = &mut raw[at + 8..at + 16];
+                        bitmap.copy_from_slice(&0xFFFF_FFFF_0000_0000u64.to_be_bytes());
+                    } else {
+                        ent.copy_from_slice(&((v & L2E_OFFSET_MASK) | OFLAG_ZERO).to_be_bytes());
+                    }
                 }
                 if at != 0 {
                     s.pwrite(&raw, at)?;
