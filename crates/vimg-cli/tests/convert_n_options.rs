@@ -53,7 +53,11 @@ fn dash_o_with_dash_n_is_refused_as_qemu_img_refuses_it() {
         let v = vimg_raw(&args);
         let qerr = String::from_utf8_lossy(&q.stderr).into_owned();
         let verr = String::from_utf8_lossy(&v.stderr).replacen("vimg:", "qemu-img:", 1);
-        assert_eq!(v.status.code(), q.status.code(), "{args:?}: {verr} / {qerr}");
+        assert_eq!(
+            v.status.code(),
+            q.status.code(),
+            "{args:?}: {verr} / {qerr}"
+        );
         assert_eq!(verr, qerr, "{args:?}");
         assert_eq!(
             String::from_utf8_lossy(&v.stdout),

@@ -38,8 +38,15 @@ fn image(d: &Path, raw: bool) -> std::path::PathBuf {
         s(&d.join("d.raw")),
         if raw { "on" } else { "off" }
     );
-    qemu_in(d, &["create", "-q", "-f", "qcow2", "-o", &opts, "i.qcow2", "1M"]);
-    qemu_io("qcow2", &img, &["write -P 0x3c 0 64k", "write -P 0x4d 512k 64k"]);
+    qemu_in(
+        d,
+        &["create", "-q", "-f", "qcow2", "-o", &opts, "i.qcow2", "1M"],
+    );
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x3c 0 64k", "write -P 0x4d 512k 64k"],
+    );
     img
 }
 
@@ -79,19 +86,36 @@ fn data_file_like_qemu() {
             assert_eq!(data_file_of(&v), Some(d2.clone()), "{opts}");
             assert_eq!(data_file_of(&v), data_file_of(&q), "{opts}");
             let info = |p: &Path| {
-                json(&qemu_img(&["info", "--output=json", "-f", "qcow2", s(p)]))
-                    ["format-specific"]
+                json(&qemu_img(&["info", "--output=json", "-f", "qcow2", s(p)]))["format-specific"]
                     .clone()
             };
             assert_eq!(info(&v), info(&q), "{opts}");
             qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
-            qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&img)]);
+            qemu_img(&[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                s(&v),
+                s(&img),
+            ]);
             // vimg reads it too (the new name resolves inside the image's folder).
             assert_eq!(
                 sha256_file(&d.join("d2.raw")),
                 sha256_file(&d.join("d.raw"))
             );
-            vimg(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&img)]);
+            vimg(&[
+                "compare",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                s(&v),
+                s(&img),
+            ]);
         }
         // No name: the image then needs its data file named when it is opened.
         let (q, v) = both(d, &img, "data_file=");
@@ -99,7 +123,10 @@ fn data_file_like_qemu() {
         assert!(info_err(&v).contains("'data-file' is required"));
         // A name of a file that does not exist is stored as given, as qemu-img does.
         let (q, v) = both(d, &img, "data_file=gone.raw");
-        assert_eq!(data_file_of_err(&v), data_file_of_err(&q).replace(s(&q), s(&v)));
+        assert_eq!(
+            data_file_of_err(&v),
+            data_file_of_err(&q).replace(s(&q), s(&v))
+        );
     }
     // An image without an external data file: refused, untouched.
     let plain = d.join("plain.qcow2");
@@ -131,7 +158,10 @@ fn data_file_killed_at_every_write() {
     let mut killed = 0;
     for n in 0.. {
         std::fs::copy(&img0c, &img).unwrap();
-        let (d1, d2) = (s(&d.join("d.raw")).to_string(), s(&d.join("d2.raw")).to_string());
+        let (d1, d2) = (
+            s(&d.join("d.raw")).to_string(),
+            s(&d.join("d2.raw")).to_string(),
+        );
         let opt = format!("data_file={d2}");
         let args = ["amend", "-f", "qcow2", "-o", &opt, s(&img)];
         let k = run_killed(&args, n);
@@ -141,7 +171,16 @@ fn data_file_killed_at_every_write() {
             "killed at {n}: {name:?}"
         );
         qemu_img(&["check", "-q", "-f", "qcow2", s(&img)]);
-        qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&img), s(&img0c)]);
+        qemu_img(&[
+            "compare",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            s(&img),
+            s(&img0c),
+        ]);
         if !k {
             assert_eq!(name.as_deref(), Some(d2.as_str()));
             break;
@@ -157,7 +196,17 @@ fn snapshot_content(img: &Path, name: &str) -> Vec<u8> {
     let raw = img.with_extension("snap.raw");
     let _ = std::fs::remove_file(&raw);
     let l = format!("snapshot.name={name}");
-    qemu_img(&["convert", "-f", "qcow2", "-l", &l, "-O", "raw", s(img), s(&raw)]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-l",
+        &l,
+        "-O",
+        "raw",
+        s(img),
+        s(&raw),
+    ]);
     let v = std::fs::read(&raw).unwrap();
     let _ = std::fs::remove_file(&raw);
     v
@@ -229,7 +278,10 @@ fn downgrade_expands_snapshot_zero_clusters_like_qemu_and_killed() {
         }
         // Applying a snapshot of the downgraded image gives its content back.
         vimg(&["snapshot", "-a", "s1", s(&v)]);
-        assert!(common::kill::guest(&v, "qcow2") == snaps[0], "{what}: applied s1");
+        assert!(
+            common::kill::guest(&v, "qcow2") == snaps[0],
+            "{what}: applied s1"
+        );
         qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
         // Killed at every write: the old image or the new one, never anything else.
         let k = d.join("k.qcow2");
@@ -238,11 +290,20 @@ fn downgrade_expands_snapshot_zero_clusters_like_qemu_and_killed() {
             std::fs::copy(&img, &k).unwrap();
             let done = !run_killed(&["amend", "-f", "qcow2", "-o", "compat=0.10", s(&k)], n);
             let c = compat(&k);
-            assert!(c == "1.1" || c == "0.10", "{what}, killed at {n}: compat {c}");
+            assert!(
+                c == "1.1" || c == "0.10",
+                "{what}, killed at {n}: compat {c}"
+            );
             common::kill::check_then_repair(&k, "qcow2", &format!("{what}, killed at {n}"));
-            assert!(common::kill::guest(&k, "qcow2") == active, "{what}, killed at {n}");
+            assert!(
+                common::kill::guest(&k, "qcow2") == active,
+                "{what}, killed at {n}"
+            );
             for (name, want) in ["s1", "s2"].iter().zip(&snaps) {
-                assert!(snapshot_content(&k, name) == *want, "{what}, killed at {n}: {name}");
+                assert!(
+                    snapshot_content(&k, name) == *want,
+                    "{what}, killed at {n}: {name}"
+                );
             }
             if done {
                 assert_eq!(c, "0.10");
@@ -271,7 +332,11 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
     qemu_io("qcow2", &b, &["write -P 7 0 8M"]);
     let img = d.join("i.qcow2");
     qcow2_overlay(&img, s(&b), "", Some("4M"));
-    qemu_io("qcow2", &img, &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 3M 1M"]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 1 0 128k", "write -z 1M 64k", "write -P 2 3M 1M"],
+    );
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
     qemu_io("qcow2", &img, &["write -P 3 64k 64k", "write -P 4 3M 64k"]);
     let s1 = snapshot_content(&img, "s1");
@@ -284,12 +349,18 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
     qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
     let new = common::kill::guest(&v, "qcow2");
     assert_eq!(new.len(), 8 << 20);
-    assert!(new[4 << 20..].iter().all(|&x| x == 0), "the new area is not zeros");
+    assert!(
+        new[4 << 20..].iter().all(|&x| x == 0),
+        "the new area is not zeros"
+    );
     // convert -l reads a snapshot at the image's current size: its first 4 MiB are the
     // snapshot's, and qemu-img reads the same from both.
     let vs = snapshot_content(&v, "s1");
     assert!(vs[..4 << 20] == s1[..], "the snapshot changed");
-    assert!(vs == snapshot_content(&q, "s1"), "the snapshot reads otherwise than qemu-img's");
+    assert!(
+        vs == snapshot_content(&q, "s1"),
+        "the snapshot reads otherwise than qemu-img's"
+    );
     vimg(&["snapshot", "-a", "s1", s(&v)]);
     qemu_img(&["snapshot", "-a", "s1", s(&q)]);
     qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
@@ -304,7 +375,10 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
         let g = common::kill::guest(&k, "qcow2");
         assert!(g == old || g == new, "killed at {n}: neither old nor new");
         let ks = snapshot_content(&k, "s1");
-        assert!(ks[..4 << 20] == s1[..], "killed at {n}: the snapshot changed");
+        assert!(
+            ks[..4 << 20] == s1[..],
+            "killed at {n}: the snapshot changed"
+        );
         if done {
             assert!(g == new);
             break;
@@ -334,7 +408,11 @@ fn resize_over_longer_backing_with_extended_l2_like_qemu_and_killed() {
     qemu_io(
         "qcow2",
         &img,
-        &["write -P 1 0 128k", "write -P 2 4032k 64k", "write -z 2M 4k"],
+        &[
+            "write -P 1 0 128k",
+            "write -P 2 4032k 64k",
+            "write -z 2M 4k",
+        ],
     );
     let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
     std::fs::copy(&img, &q).unwrap();
@@ -344,7 +422,10 @@ fn resize_over_longer_backing_with_extended_l2_like_qemu_and_killed() {
     qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
     qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
     let new = common::kill::guest(&v, "qcow2");
-    assert!(new[4 << 20..].iter().all(|&x| x == 0), "the new area is not zeros");
+    assert!(
+        new[4 << 20..].iter().all(|&x| x == 0),
+        "the new area is not zeros"
+    );
     let flags = |p: &Path| -> Vec<serde_json::Value> {
         json(&qemu_img(&["map", "--output=json", "-f", "qcow2", s(p)]))
             .as_array()
@@ -374,4 +455,83 @@ fn resize_over_longer_backing_with_extended_l2_like_qemu_and_killed() {
         assert!(n < 1000);
     }
     assert!(killed > 2);
+}
+
+/// `resize` (and `amend -o size=`) over a longer backing file when the old size ends
+/// inside a cluster: that cluster keeps its content up to the old end (the backing file's
+/// where the image has nothing) and reads zeros after it, as qemu-img makes it (it
+/// allocates the cluster); then zero clusters. Same content and map flags as qemu-img's,
+/// check clean, killed at every write: old or new.
+#[test]
+fn resize_over_longer_backing_from_unaligned_size_like_qemu_and_killed() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let b = d.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&b), "8M"]);
+    qemu_io("qcow2", &b, &["write -P 7 0 8M"]);
+    let flags = |p: &Path| -> Vec<serde_json::Value> {
+        json(&qemu_img(&["map", "--output=json", "-f", "qcow2", s(p)]))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e.as_object_mut().unwrap().remove("offset");
+                e
+            })
+            .collect()
+    };
+    // The last cluster (from 2944k) unallocated in the image, or holding data.
+    for (opts, writes) in [
+        ("", vec!["write -P 1 0 64k"]),
+        ("", vec!["write -P 1 0 64k", "write -P 2 2950k 8k"]),
+        ("extended_l2=on", vec!["write -P 2 2950k 8k"]),
+    ] {
+        let img = d.join("i.qcow2");
+        let _ = std::fs::remove_file(&img);
+        qcow2_overlay(&img, s(&b), opts, Some("3000k"));
+        qemu_io("qcow2", &img, &writes);
+        let what = format!("{opts} {writes:?}");
+        for cmd in [
+            vec!["resize", "-q", "-f", "qcow2", "{}", "8M"],
+            vec!["amend", "-f", "qcow2", "-o", "size=8M", "{}"],
+        ] {
+            let with = |p: &Path| -> Vec<String> {
+                cmd.iter()
+                    .map(|a| if *a == "{}" { s(p).to_string() } else { a.to_string() })
+                    .collect()
+            };
+            let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+            std::fs::copy(&img, &q).unwrap();
+            std::fs::copy(&img, &v).unwrap();
+            let qa = with(&q);
+            qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+            let va = with(&v);
+            vimg(&va.iter().map(String::as_str).collect::<Vec<_>>());
+            qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
+            qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&v), s(&q)]);
+            assert_eq!(flags(&v), flags(&q), "{what} {cmd:?}");
+        }
+        let old = common::kill::guest(&img, "qcow2");
+        let new = common::kill::guest(&d.join("v.qcow2"), "qcow2");
+        assert!(new[3000 << 10..].iter().all(|&x| x == 0), "{what}");
+        let k = d.join("k.qcow2");
+        let mut killed = 0;
+        for n in 0.. {
+            std::fs::copy(&img, &k).unwrap();
+            let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+            common::kill::check_then_repair(&k, "qcow2", &format!("{what}: killed at {n}"));
+            let g = common::kill::guest(&k, "qcow2");
+            assert!(g == old || g == new, "{what}: killed at {n}: neither old nor new");
+            if done {
+                break;
+            }
+            killed += 1;
+            assert!(n < 1000);
+        }
+        assert!(killed > 2);
+    }
 }

@@ -65,7 +65,16 @@ fn convert_n_places_l2_tables_as_qemu_does() {
     }
     // A target whose tables exist for part of the disk.
     let t = d.join("part.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&t), "16M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&t),
+        "16M",
+    ]);
     qemu_io("qcow2", &t, &["write -P 0x6b 4M 64k"]);
     same_layout_as_qemu(d, &src, "raw", &t, &[]);
     // A qcow2 source over a backing file into a target over the same backing file (-B):
@@ -75,7 +84,11 @@ fn convert_n_places_l2_tables_as_qemu_does() {
     qemu_io("qcow2", &base, &["write -P 0x11 0 16M"]);
     let top = d.join("top.qcow2");
     qcow2_overlay(&top, s(&base), "", None);
-    qemu_io("qcow2", &top, &["write -P 0x22 1M 3M", "write -P 0x33 9M 64k"]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &["write -P 0x22 1M 3M", "write -P 0x33 9M 64k"],
+    );
     let t = d.join("over.qcow2");
     qcow2_overlay(&t, s(&base), "", None);
     same_layout_as_qemu(d, &top, "qcow2", &t, &["-B", s(&base)]);
@@ -91,7 +104,16 @@ fn convert_n_new_tables_killed_at_every_write() {
     let src = d.join("s.raw");
     mixed_raw(&src, 8 * MIB);
     let t0 = d.join("t0.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&t0), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        s(&t0),
+        "8M",
+    ]);
     qemu_io("qcow2", &t0, &["write -P 0x6b 2M 64k"]);
     let old = guest(&t0, "qcow2");
     let new = std::fs::read(&src).unwrap();
@@ -104,7 +126,13 @@ fn convert_n_new_tables_killed_at_every_write() {
             break;
         }
         killed += 1;
-        assert_old_or_new(&guest(&t, "qcow2"), &old, &new, 4096, &format!("killed at {n}"));
+        assert_old_or_new(
+            &guest(&t, "qcow2"),
+            &old,
+            &new,
+            4096,
+            &format!("killed at {n}"),
+        );
         check_then_repair(&t, "qcow2", &format!("killed at {n}"));
         assert!(n < 10_000, "no end to the writes");
     }
@@ -139,8 +167,21 @@ fn commit_of_a_huge_sparse_top_is_bounded_by_its_file() {
     let d = dir.path();
     // 1 PiB over 2 MiB clusters: an L1 table of 2048 entries, files of a few MiB.
     let base = d.join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", s(&base), "1P"]);
-    qemu_io("qcow2", &base, &["write -P 0x11 0 1M", "write -P 0x22 512T 3M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        s(&base),
+        "1P",
+    ]);
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -P 0x11 0 1M", "write -P 0x22 512T 3M"],
+    );
     let top = d.join("top.qcow2");
     qcow2_overlay(&top, "base.qcow2", "cluster_size=2M", None);
     qemu_io(
@@ -176,8 +217,26 @@ fn commit_of_a_huge_sparse_top_is_bounded_by_its_file() {
     eprintln!("vimg commit of a 1 PiB top: {took:?}");
     qemu_img(&["check", "-q", "-f", "qcow2", s(&vb)]);
     qemu_img(&["check", "-q", "-f", "qcow2", s(&vt)]);
-    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&vb), s(&qb)]);
-    qemu_img(&["compare", "-q", "-f", "qcow2", "-F", "qcow2", s(&vt), s(&qt)]);
+    qemu_img(&[
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        s(&vb),
+        s(&qb),
+    ]);
+    qemu_img(&[
+        "compare",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        s(&vt),
+        s(&qt),
+    ]);
     // The top is empty: everything reads through to the base.
     let map = json(&qemu_img(&["map", "--output=json", "-f", "qcow2", s(&vt)]));
     for e in map.as_array().unwrap() {

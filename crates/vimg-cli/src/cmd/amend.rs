@@ -281,7 +281,11 @@ fn resize_for_amend(
         let opts = super::open_options(Some(format), &a.safety);
         let image = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
         if image.backing().is_some_and(|b| b.virtual_size() > cur) {
-            return img.resize_zeroing(size).map_err(Failure::from);
+            let head = super::resize::resize_head(&image, cur, &a.filename)?;
+            drop(image);
+            return img
+                .resize_zeroing_with(size, head.as_deref())
+                .map_err(Failure::from);
         }
     }
     img.resize(size, vimg::formats::qcow2::Prealloc::Off)

@@ -574,7 +574,14 @@ mod tests {
 
     #[test]
     fn option_lists_as_qemu_img_reads_them() {
-        for ok in ["a", "a,b", "a,,", "a,,b", "a=1,,b=2", "backing_file=x,backing_fmt=raw"] {
+        for ok in [
+            "a",
+            "a,b",
+            "a,,",
+            "a,,b",
+            "a=1,,b=2",
+            "backing_file=x,backing_fmt=raw",
+        ] {
             assert!(valid_option_list(ok), "{ok}");
         }
         for bad in ["", ",", "a,", ",a", "a,,,", "a,,b,", "a,,,,,"] {

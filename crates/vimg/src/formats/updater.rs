@@ -308,6 +308,16 @@ impl Updater {
         }
     }
 
+    /// [`Updater::resize_zeroing`], with the guest content of the cluster the old size ends
+    /// in (up to the old size) when it ends inside one (qcow2: see
+    /// `Qcow2Update::resize_zeroing_with`).
+    pub fn resize_zeroing_with(&mut self, size: u64, head: Option<&[u8]>) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.resize_zeroing_with(size, head),
+            _ => self.resize_zeroing(size),
+        }
+    }
+
     /// `amend -o` (qcow2's options).
     pub fn amend(&mut self, a: super::qcow2::Amend) -> Result<()> {
         match self {

@@ -217,10 +217,19 @@ impl Qcow2Update {
     /// table change in the one write, so no moment shows the backing data; internal
     /// snapshots keep their tables (those they share with the active state are copied,
     /// never written). Version 2 has
-    /// no zero clusters: refused with qemu-img's words; so is an old size that ends inside
-    /// a cluster (qemu-img writes a partial cluster of data there). With extended L2
-    /// entries the new area's subclusters are zero-flagged in the bitmaps.
+    /// no zero clusters: refused with qemu-img's words. With extended L2 entries the new
+    /// area's subclusters are zero-flagged in the bitmaps. An old size that ends inside a
+    /// cluster needs [`Self::resize_zeroing_with`].
     pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
+        self.resize_zeroing_with(size, None)
+    }
+
+    /// [`Self::resize_zeroing`]; when the old size ends inside a cluster, `head` is the
+    /// guest content of that cluster up to the old size as it reads now (through the
+    /// backing chain; the caller reads it). QEMU zeroes the rest of that cluster with a
+    /// write, which allocates it (the backing file's part copied); here a fresh cluster
+    /// holding `head` and zeros takes its place in the same switch.
+    pub fn resize_zeroing_with(&mut self, size: u64, head: Option<&[u8]>) -> Result<()> {
         let old = self.header.size;
         if size <= old {
             return self.resize(size, Prealloc::Off);
@@ -242,11 +251,15 @@ impl Qcow2Update {
             )));
         }
         let cs = self.cs();
-        if !old.is_multiple_of(cs) {
-            return Err(Error::unsupported(format!(
-                "vimg zeroes the new area over a longer backing file only for images whose old size is a multiple of the cluster size ({cs})"
-            )));
-        }
+        let partial = match head {
+            _ if old.is_multiple_of(cs) => None,
+            Some(h) if h.len() as u64 == old % cs => Some((old / cs, h.to_vec())),
+            _ => {
+                return Err(Error::unsupported(format!(
+                    "vimg zeroes the new area over a longer backing file of an image whose old size is not a multiple of the cluster size ({cs}) only with the old last cluster's content"
+                )))
+            }
+        };
         let extended = self.g.extended_l2;
         let width = self.l2_width() as u64;
         if self.has_data_file || self.has_bitmaps {
@@ -265,8 +278,10 @@ impl Qcow2Update {
             )));
         }
         let per = self.g.l2_entries();
-        let first = old / cs;
+        // Zero clusters from the first whole cluster past the old end.
+        let first = old.div_ceil(cs);
         let last = size.div_ceil(cs);
+        let start = partial.as_ref().map_or(first, |p| p.0);
         let l1 = self.l1.clone();
         let mut h = self.header.clone();
         h.size = size;
@@ -276,7 +291,7 @@ impl Qcow2Update {
             sh.base = Some(h);
             let (mut new_l1, mut l2s) = s.shadow_copy_l2s(sh, &l1)?;
             new_l1.resize(need as usize, 0);
-            for i in first / per..last.div_ceil(per) {
+            for i in start / per..last.div_ceil(per) {
                 let lo = first.max(i * per) - i * per;
                 let hi = last.min((i + 1) * per) - i * per;
                 let at = new_l1[i as usize];
@@ -285,6 +300,19 @@ impl Qcow2Update {
                 } else {
                     vec![0u8; cs as usize]
                 };
+                if let Some((c, head)) = partial.as_ref().filter(|p| p.0 / per == i) {
+                    // The old last cluster: its content up to the old end, then zeros, in
+                    // a fresh cluster (the old one, if any, loses this reference).
+                    let mut data = head.clone();
+                    data.resize(cs as usize, 0);
+                    let host = s.shadow_write(sh, &data)?;
+                    let at = ((c % per) * width) as usize;
+                    raw[at..at + 8].copy_from_slice(&host.to_be_bytes());
+                    if extended {
+                        // Every subcluster allocated.
+                        raw[at + 8..at + 16].copy_from_slice(&0xFFFF_FFFFu64.to_be_bytes());
+                    }
+                }
                 for j in lo..hi {
                     let at = (j * width) as usize;
                     let ent = &mut raw[at..at + 8];
