@@ -501,7 +501,13 @@ fn resize_over_longer_backing_from_unaligned_size_like_qemu_and_killed() {
         ] {
             let with = |p: &Path| -> Vec<String> {
                 cmd.iter()
-                    .map(|a| if *a == "{}" { s(p).to_string() } else { a.to_string() })
+                    .map(|a| {
+                        if *a == "{}" {
+                            s(p).to_string()
+                        } else {
+                            a.to_string()
+                        }
+                    })
                     .collect()
             };
             let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
@@ -525,7 +531,10 @@ fn resize_over_longer_backing_from_unaligned_size_like_qemu_and_killed() {
             let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
             common::kill::check_then_repair(&k, "qcow2", &format!("{what}: killed at {n}"));
             let g = common::kill::guest(&k, "qcow2");
-            assert!(g == old || g == new, "{what}: killed at {n}: neither old nor new");
+            assert!(
+                g == old || g == new,
+                "{what}: killed at {n}: neither old nor new"
+            );
             if done {
                 break;
             }

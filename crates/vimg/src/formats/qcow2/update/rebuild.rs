@@ -300,7 +300,28 @@ impl Qcow2Update {
                 } else {
                     vec![0u8; cs as usize]
                 };
-                if let Some((c, head)) = partial.as_ref().filter(|p| p.0 / per == i) {
+                let sub = cs / 32;
+                // A compressed last cluster (no subclusters) is replaced whole.
+                let compressed = partial.as_ref().filter(|p| p.0 / per == i).is_some_and(|p| {
+                    let at = ((p.0 % per) * width) as usize;
+                    let mut e = [0u8; 8];
+                    e.copy_from_slice(&raw[at..at + 8]);
+                    u64::from_be_bytes(e) & OFLAG_COMPRESSED != 0
+                });
+                let sub_aligned = extended && old.is_multiple_of(sub) && !compressed;
+                if let Some((c, _)) = partial.as_ref().filter(|p| p.0 / per == i && sub_aligned) {
+                    // Extended L2, the old end on a subcluster boundary: the subclusters from
+                    // it on read as zeros, the others stay as they are (QEMU's zero write
+                    // there changes only those subclusters).
+                    let at = ((c % per) * width) as usize;
+                    let mut bm = [0u8; 8];
+                    bm.copy_from_slice(&raw[at + 8..at + 16]);
+                    let bm = u64::from_be_bytes(bm);
+                    let from = (old % cs) / sub;
+                    let mask = (0xFFFF_FFFFu64 >> from) << from;
+                    let nb = (bm & !mask) | (mask << 32);
+                    raw[at + 8..at + 16].copy_from_slice(&nb.to_be_bytes());
+                } else if let Some((c, head)) = partial.as_ref().filter(|p| p.0 / per == i) {
                     // The old last cluster: its content up to the old end, then zeros, in
                     // a fresh cluster (the old one, if any, loses this reference).
                     let mut data = head.clone();
