@@ -232,10 +232,13 @@ pub fn commit(
             ),
         ));
     }
+    // One extent per step, as long as the layers' maps allow (an unallocated range with no
+    // L2 table is one extent): the walk is bounded by the tables the files hold, not by
+    // the virtual size the top's header claims.
     let mut copies: Vec<(u64, u64, bool)> = Vec::new();
     let mut off = 0;
     while off < size {
-        let (e, _, d) = top.map_flat(off, (size - off).min(STEP))?;
+        let (e, _, d) = top.map_flat(off, size - off)?;
         // Unallocated above the base: a layer's backing file is shorter, so the top reads
         // zeros there; the base must too where it has content of its own.
         let cut_short = e.kind == MapKind::Unallocated && off < base_size;
@@ -247,7 +250,7 @@ pub fn commit(
             };
             let zero = matches!(e.kind, MapKind::Zero | MapKind::Unallocated);
             match copies.last_mut() {
-                Some(c) if c.0 + c.1 == off && c.2 == zero && c.1 < STEP => c.1 += e.len,
+                Some(c) if c.0 + c.1 == off && c.2 == zero => c.1 += e.len,
                 _ => copies.push((off, e.len, zero)),
             }
         }
@@ -275,16 +278,25 @@ pub fn commit(
         let mut w = bu.data()?;
         let mut buf = Vec::new();
         let mut done = 0;
-        for (off, len, zero) in copies {
+        for (start, len, zero) in copies {
             if zero {
-                w.write_zeroes(off, len, below)?;
-            } else {
-                buf.resize(len as usize, 0);
+                w.write_zeroes(start, len, below)?;
+                done += len;
+                progress(Progress { done, total });
+                continue;
+            }
+            // Data goes through a buffer of at most STEP bytes.
+            let end = start + len;
+            let mut off = start;
+            while off < end {
+                let n = (end - off).min(STEP);
+                buf.resize(n as usize, 0);
                 top.read_at(&mut buf, off)?;
                 w.write_at(off, &buf, below)?;
+                off += n;
+                done += n;
+                progress(Progress { done, total });
             }
-            done += len;
-            progress(Progress { done, total });
         }
         w.finish()?;
     }

@@ -1,5 +1,5 @@
 //! `vimg amend`: qemu-img amend's command line for qcow2, for the options vimg changes
-//! in place (`compat`, `lazy_refcounts`, `refcount_bits`, `data_file_raw`); the other amendable options are refused before
+//! in place (`compat`, `lazy_refcounts`, `refcount_bits`, `data_file_raw`, `data_file`); the other amendable options are refused before
 //! anything is written, creation-only and unknown options with qemu-img's words.
 
 use std::path::Path;
@@ -44,7 +44,6 @@ pub struct AmendArgs {
 /// Options `qemu-img amend` accepts for qcow2 that vimg does not change yet (`backing_file`
 /// and `backing_fmt` are handled as qemu-img handles them: see [`same_backing`]).
 const NOT_YET: &[&str] = &[
-    "data_file",
     "encrypt.format",
     "encrypt.key-secret",
     "encrypt.new-secret",
@@ -128,6 +127,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
     let mut amend = Amend::default();
     let (mut backing_file, mut backing_fmt) = (None, None);
     let mut size: Option<u64> = None;
+    let mut data_file: Option<String> = None;
     for list in &a.options {
         for kv in list.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -144,6 +144,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
                 "lazy_refcounts" => amend.lazy_refcounts = Some(parse_bool(k, v)?),
                 "refcount_bits" => amend.refcount_bits = Some(parse_number(k, v)?),
                 "data_file_raw" => amend.data_file_raw = Some(parse_bool(k, v)?),
+                "data_file" => data_file = Some(v.to_string()),
                 "size" => {
                     size = Some(vimg::options::parse_size(v).map_err(|_| {
                         Failure::new(
@@ -190,8 +191,31 @@ pub fn run(a: AmendArgs) -> CmdResult {
     if repair_if_dirty(&mut img, &a)? {
         img = updater::open(path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     }
+    // `data_file=`: refused on an image without an external data file before anything
+    // changes (qemu-img checks it while reading the options); stored last.
+    if data_file.is_some() {
+        match &img {
+            updater::Updater::Qcow2(q) => q.check_data_file_amend().map_err(Failure::from)?,
+            _ => {
+                return Err(Failure::new(
+                    format!(
+                        "vimg cannot amend 'data_file' of this format ('{}' is unchanged)",
+                        a.filename
+                    ),
+                    1,
+                ))
+            }
+        }
+    }
+    let set_data_file = |img: &mut updater::Updater| -> Result<(), Failure> {
+        if let (Some(name), updater::Updater::Qcow2(q)) = (&data_file, img) {
+            q.set_data_file(name).map_err(Failure::from)?;
+        }
+        Ok(())
+    };
     let Some(size) = size else {
         img.amend(amend).map_err(Failure::from)?;
+        set_data_file(&mut img)?;
         return Ok(0);
     };
     // qemu-img's order: upgrade and the other options, then the size, then a downgrade.
@@ -212,6 +236,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
         })
         .map_err(Failure::from)?;
     }
+    set_data_file(&mut img)?;
     Ok(0)
 }
 
@@ -256,7 +281,11 @@ fn resize_for_amend(
         let opts = super::open_options(Some(format), &a.safety);
         let image = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
         if image.backing().is_some_and(|b| b.virtual_size() > cur) {
-            return img.resize_zeroing(size).map_err(Failure::from);
+            let head = super::resize::resize_head(&image, cur, &a.filename)?;
+            drop(image);
+            return img
+                .resize_zeroing_with(size, head.as_deref())
+                .map_err(Failure::from);
         }
     }
     img.resize(size, vimg::formats::qcow2::Prealloc::Off)

@@ -248,7 +248,78 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     })
 }
 
+/// True when `s` is a well-formed `-o` list as qemu-img's option parser takes it: not
+/// empty, and no empty item between unescaped commas (`,,` is a literal comma).
+fn valid_option_list(s: &str) -> bool {
+    if s.is_empty() {
+        return false;
+    }
+    let b = s.as_bytes();
+    let mut item_len = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b',' {
+            if b.get(i + 1) == Some(&b',') {
+                item_len += 1;
+                i += 2;
+                continue;
+            }
+            if item_len == 0 {
+                return false;
+            }
+            item_len = 0;
+        } else {
+            item_len += 1;
+        }
+        i += 1;
+    }
+    item_len > 0
+}
+
+/// The checks qemu-img makes while reading its command line, before any option is
+/// interpreted, in its order: a malformed `-o` list, then the flag combinations it
+/// refuses outright. With `-n` nothing is created, so any `-o` is refused (qemu-img 5.1
+/// on: "-o has no effect when skipping image creation"), before `-o help` or the
+/// options themselves are looked at.
+fn command_line_checks(a: &ConvertArgs) -> Result<(), Failure> {
+    if let Some(bad) = a.options.iter().find(|s| !valid_option_list(s)) {
+        return Err(Failure::new(format!("Invalid option list: {bad}"), 1));
+    }
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(Failure::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+            1,
+        ));
+    }
+    if a.copy_offload && a.compress {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -c is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.sparse_size.is_some() {
+        return Err(Failure::new(
+            "Cannot enable copy offloading when -S is used",
+            1,
+        ));
+    }
+    if a.copy_offload && a.salvage {
+        return Err(Failure::new(
+            "Cannot use copy offloading in salvaging mode",
+            1,
+        ));
+    }
+    if a.no_create && !a.options.is_empty() {
+        return Err(Failure::new(
+            "-o has no effect when skipping image creation",
+            1,
+        ));
+    }
+    Ok(())
+}
+
 pub fn run(a: ConvertArgs) -> CmdResult {
+    command_line_checks(&a)?;
     if super::wants_help(&a.options) {
         super::print_option_help(
             parse_format(&a.out_format)?,
@@ -498,4 +569,26 @@ fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
             .or_else(|_| src.load_snapshot(None, Some(param)))
     };
     r.map_err(|e| Failure::new(format!("Failed to load snapshot: {}", e.message()), 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_option_list;
+
+    #[test]
+    fn option_lists_as_qemu_img_reads_them() {
+        for ok in [
+            "a",
+            "a,b",
+            "a,,",
+            "a,,b",
+            "a=1,,b=2",
+            "backing_file=x,backing_fmt=raw",
+        ] {
+            assert!(valid_option_list(ok), "{ok}");
+        }
+        for bad in ["", ",", "a,", ",a", "a,,,", "a,,b,", "a,,,,,"] {
+            assert!(!valid_option_list(bad), "{bad}");
+        }
+    }
 }

@@ -95,6 +95,7 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                         1,
                     ));
                 }
+                let head = resize_head(&image, cur, &a.filename)?;
                 drop(image);
                 if prealloc != Prealloc::Off {
                     return Err(Failure::new(
@@ -105,7 +106,8 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                         1,
                     ));
                 }
-                img.resize_zeroing(total).map_err(Failure::from)?;
+                img.resize_zeroing_with(total, head.as_deref())
+                    .map_err(Failure::from)?;
                 if !a.quiet {
                     crate::print_out("Image resized.\n")?;
                 }
@@ -150,4 +152,26 @@ fn check_shrink(cur: u64, total: u64, shrink: bool) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+/// The guest content of the cluster the virtual size `cur` ends in, up to `cur`, when it
+/// ends inside one (`None` when it ends on a cluster boundary or the format has no
+/// clusters): what a resize over a longer backing file keeps of that cluster.
+pub(super) fn resize_head(
+    image: &vimg::Image,
+    cur: u64,
+    name: &str,
+) -> Result<Option<Vec<u8>>, Failure> {
+    let Some(cs) = image.reader().cluster_size().filter(|&c| c > 0) else {
+        return Ok(None);
+    };
+    if cur.is_multiple_of(cs) {
+        return Ok(None);
+    }
+    let start = cur / cs * cs;
+    let mut buf = vec![0u8; (cur - start) as usize];
+    image
+        .read_at(&mut buf, start)
+        .map_err(|e| Failure::open(name, &e))?;
+    Ok(Some(buf))
 }

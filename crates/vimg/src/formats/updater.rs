@@ -330,6 +330,16 @@ impl Updater {
         }
     }
 
+    /// [`Updater::resize_zeroing`], with the guest content of the cluster the old size ends
+    /// in (up to the old size) when it ends inside one (qcow2: see
+    /// `Qcow2Update::resize_zeroing_with`).
+    pub fn resize_zeroing_with(&mut self, size: u64, head: Option<&[u8]>) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.resize_zeroing_with(size, head),
+            _ => self.resize_zeroing(size),
+        }
+    }
+
     /// `amend -o` (qcow2's options).
     pub fn amend(&mut self, a: super::qcow2::Amend) -> Result<()> {
         match self {
@@ -511,8 +521,7 @@ impl DataTarget<'_> {
     /// other formats keep their data, as qemu-img leaves them.
     pub fn make_empty(&mut self, size: u64) -> Result<()> {
         if let DataTarget::Qcow2(d) = self {
-            let cs = d.cluster_size();
-            d.unmap_clusters(0, size.div_ceil(cs))?;
+            d.unmap_mapped(size)?;
             d.trim_end()?;
         }
         Ok(())

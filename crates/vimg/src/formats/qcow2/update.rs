@@ -330,6 +330,45 @@ impl Qcow2Update {
         Ok(())
     }
 
+    /// Punches holes over the clusters of `runs` whose refcount is 0 (after the drop was
+    /// flushed: nothing references them, so a crash at any point leaves the same image).
+    /// Where the filesystem cannot punch, the clusters stay as they are (free either way).
+    fn punch_free(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let cb = self.cb();
+        for &(first, n) in runs {
+            let end = first.saturating_add(n);
+            let mut c = first;
+            while c < end {
+                if self.refcount(c)? != 0 {
+                    c += 1;
+                    continue;
+                }
+                let s = c;
+                while c < end && self.refcount(c)? == 0 {
+                    c += 1;
+                }
+                let off = s << cb;
+                if off >= self.file_len {
+                    continue;
+                }
+                let len = ((c - s) << cb).min(self.file_len - off);
+                self.hook.point();
+                // SAFETY: a plain syscall on a descriptor this updater owns; no memory is
+                // passed. A failure (no hole punching here) leaves the free blocks in place.
+                let _ = unsafe {
+                    libc::fallocate(
+                        self.file.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        off as i64,
+                        len as i64,
+                    )
+                };
+            }
+        }
+        Ok(())
+    }
+
     fn pread(&self, buf: &mut [u8], off: u64) -> Result<()> {
         buf.fill(0);
         if off >= self.file_len {
@@ -916,10 +955,13 @@ impl Qcow2Update {
                 self.pwrite(&zeros, l2 + lo as u64)?;
                 self.sync()?;
             }
-            for (c, n) in freed {
+            for &(c, n) in &freed {
                 self.free(c, n)?;
             }
             self.sync()?;
+            // As QEMU discards what a shrink frees (block/qcow2-cluster.c, the clusters
+            // freed with QCOW2_DISCARD_ALWAYS): the blocks go back to the filesystem.
+            self.punch_free(&freed)?;
         }
         // Trim the file after the last cluster still in use.
         let clusters = self.file_len.div_ceil(cs);
@@ -976,7 +1018,7 @@ impl Qcow2Update {
     /// A new refcount width, and a downgrade to 0.10 of an image with zero clusters (which
     /// are expanded as qemu-img expands them), are one shadow switch (`update/rebuild.rs`).
     /// A downgrade refuses what version 2 cannot hold (feature bits, bitmaps, other
-    /// refcount widths, zero clusters in internal snapshots).
+    /// refcount widths); zero clusters, also those of internal snapshots, are expanded.
     pub fn amend(&mut self, a: Amend) -> Result<()> {
         let old = self.header.clone();
         let mut h = old.clone();
@@ -1038,11 +1080,7 @@ impl Qcow2Update {
                     ));
                 }
                 if self.has_zero_clusters()? {
-                    if self.snapshots_have_zero_clusters()? {
-                        return Err(Error::unsupported(
-                            "vimg cannot downgrade an image whose internal snapshots have zero clusters (qemu-img expands them; vimg expands the active ones only)",
-                        ));
-                    }
+                    // Those of the active L1 table and of every snapshot's.
                     expand = true;
                 }
             }
@@ -1130,17 +1168,19 @@ impl Qcow2Update {
         h: &mut Header,
         replace: Option<Option<(&str, &str)>>,
     ) -> Result<Vec<u8>> {
-        self.first_sector_with(h, replace, None)
+        self.first_sector_with(h, replace, None, None)
     }
 
     /// [`Self::first_sector`], with the bitmaps extension replaced when `bitmaps` is
     /// `Some` (`Some(None)`: none). Otherwise the bitmaps extension is kept when the
-    /// autoclear bit says it is valid.
+    /// autoclear bit says it is valid. The external data file name is kept, or replaced
+    /// when `data_file` is `Some` (`Some(None)`: the extension removed).
     fn first_sector_with(
         &self,
         h: &mut Header,
         replace: Option<Option<(&str, &str)>>,
         bitmaps: Option<Option<BitmapsExt>>,
+        data_file: Option<Option<&str>>,
     ) -> Result<Vec<u8>> {
         let cs = self.cs();
         let head_len = self.file_len.min(cs) as usize;
@@ -1157,11 +1197,24 @@ impl Qcow2Update {
             (ext_end as usize).min(first.len()),
             cs,
         )?;
-        if !exts.unknown.is_empty() || exts.data_file.is_some() || exts.crypto.is_some() {
+        if !exts.unknown.is_empty() || exts.crypto.is_some() {
             return Err(Error::unsupported(
-                "vimg cannot rewrite a header with unknown, data-file or encryption extensions",
+                "vimg cannot rewrite a header with unknown or encryption extensions",
             ));
         }
+        let data_file_name: Option<Vec<u8>> = match data_file {
+            Some(new) => new.map(|n| n.as_bytes().to_vec()),
+            // Kept byte for byte (the parsed name is lossy).
+            None => match &exts.data_file {
+                Some(n) if n.contains('\u{FFFD}') => {
+                    return Err(Error::unsupported(
+                        "vimg cannot rewrite a header whose data file name is not UTF-8",
+                    ))
+                }
+                Some(n) => Some(n.as_bytes().to_vec()),
+                None => None,
+            },
+        };
         let backing_name = if self.header.backing_file_offset != 0 {
             let off = self.header.backing_file_offset as usize;
             let len = self.header.backing_file_size as usize;
@@ -1193,6 +1246,16 @@ impl Qcow2Update {
             }
             off = write_extension(&mut buf, off, EXT_BACKING_FORMAT, f.as_bytes());
         }
+        // QEMU's order (qcow2_update_header): backing format, data file, bitmaps.
+        if let Some(n) = &data_file_name {
+            if n.len() > 1023 {
+                return Err(Error::invalid_argument(format!(
+                    "the data file name is {} bytes long; vimg writes names of up to 1023",
+                    n.len()
+                )));
+            }
+            off = write_extension(&mut buf, off, EXT_DATA_FILE, n);
+        }
         let bitmaps = match bitmaps {
             Some(b) => b,
             None if self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0 => {
@@ -1223,6 +1286,35 @@ impl Qcow2Update {
         h.write_to(&mut buf);
         buf.truncate(512);
         Ok(buf)
+    }
+
+    /// `amend -o data_file=NAME`: stores another external data file name (as given; the
+    /// user typed it), or with an empty `NAME` removes the name, leaving the image to be
+    /// opened with the data file named on the command line, as qemu-img does
+    /// (block/qcow2.c, `qcow2_amend_options`). Only images that already have an external
+    /// data file take it. One write of the first sector: a crash leaves the old name or
+    /// the new one.
+    pub fn set_data_file(&mut self, name: &str) -> Result<()> {
+        self.check_data_file_amend()?;
+        self.require_consistent()?;
+        let mut h = self.header.clone();
+        let new = (!name.is_empty()).then_some(name);
+        let sector = self.first_sector_with(&mut h, None, None, Some(new))?;
+        self.pwrite(&sector, 0)?;
+        self.sync()?;
+        self.header = h;
+        Ok(())
+    }
+
+    /// qemu-img's rule for `amend -o data_file=`: refused (before anything changes) on an
+    /// image without an external data file.
+    pub fn check_data_file_amend(&self) -> Result<()> {
+        if !self.has_data_file {
+            return Err(Error::invalid_argument(
+                "data-file can only be set for images that use an external data file",
+            ));
+        }
+        Ok(())
     }
 
     /// True when an active or snapshot L2 table has a zero-flagged entry.

@@ -147,6 +147,26 @@ impl DataWriter<'_> {
         self.repeat(first, n, ClusterOp::Unmap)
     }
 
+    /// Makes every guest cluster below `size` unallocated, visiting only the L2 tables the
+    /// L1 table points at: the work is bounded by the tables the file holds, not by the
+    /// virtual size its header claims (clusters without a table are unallocated already).
+    pub fn unmap_mapped(&mut self, size: u64) -> Result<()> {
+        let per = self.up.g.l2_entries();
+        let clusters = size.div_ceil(self.cluster_size());
+        for i in 0..self.up.l1.len() as u64 {
+            let first = i.saturating_mul(per);
+            if first >= clusters {
+                break;
+            }
+            if self.up.l1[i as usize] & L1E_OFFSET_MASK == 0 {
+                continue;
+            }
+            let n = per.min(clusters - first);
+            self.apply(first, &vec![ClusterOp::Unmap; n as usize])?;
+        }
+        Ok(())
+    }
+
     fn repeat(&mut self, first: u64, n: u64, op: ClusterOp<'_>) -> Result<()> {
         let per = self.up.g.l2_entries();
         let mut c = first;
@@ -338,6 +358,17 @@ impl DataWriter<'_> {
                 }
             }
         }
+        // A new L2 table (none yet, or a copy of one shared with a snapshot) gets its
+        // cluster before the data clusters, as QEMU allocates it (block/qcow2-cluster.c:
+        // the table is found or made before the data is allocated), so the file's layout
+        // is QEMU's. Only the refcount is written now; a crash before the L1 entry points
+        // at the table leaks that one cluster.
+        let new_table = match state {
+            Table::Own(_) => None,
+            Table::New if fresh.is_empty() && changed.iter().all(|c| c.1 == 0) => None,
+            Table::Shared(_) if fresh.is_empty() && changed.is_empty() => None,
+            Table::New | Table::Shared(_) => Some(up.alloc(1)?),
+        };
         // 1-2: data, into new clusters (refcounts raised and flushed by alloc) and into
         // clusters this image alone owns, then flushed.
         if !fresh.is_empty() {
@@ -371,10 +402,9 @@ impl DataWriter<'_> {
                 up.sync()?;
             }
             Table::New | Table::Shared(_) => {
-                if state == Table::New && table.iter().all(|&v| v == 0) {
+                let Some(t) = new_table else {
                     return Ok(());
-                }
-                let t = up.alloc(1)?;
+                };
                 up.pwrite(&encode(&table), t << cb)?;
                 up.sync()?;
                 let e = (t << cb) | OFLAG_COPIED;

@@ -256,7 +256,7 @@ impl Qcow2Update {
         } else {
             h.autoclear_features &= !AUTOCLEAR_BITMAPS;
         }
-        let sector = self.first_sector_with(&mut h, None, Some(new_ext))?;
+        let sector = self.first_sector_with(&mut h, None, Some(new_ext), None)?;
         self.pwrite(&sector, 0)?;
         self.sync()?;
         self.header = h;

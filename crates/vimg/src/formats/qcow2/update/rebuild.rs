@@ -10,6 +10,8 @@
 //!   show through, otherwise unallocated. The copies of the L2 tables carry the expanded
 //!   entries; each cluster of zeros is a fresh cluster past the old end of the file, never
 //!   written (the file's hole reads as zeros), so the old image's clusters are untouched;
+//!   the internal snapshots' zero clusters are expanded the same way, in copies of their
+//!   L2 and L1 tables that the new snapshot table names;
 //! - `check -r all` when used clusters have refcount 0 (QEMU rebuilds the refcount
 //!   structures then): the shadow switch's count from the references, with the dirty bit
 //!   cleared in the same write;
@@ -40,7 +42,7 @@ impl Qcow2Update {
     /// places are the switch's) with copies of every active L2 table changed by `change`,
     /// the active L1 table, the snapshot table as it is, and a new refcount structure.
     pub(super) fn rebuild_switch(&mut self, h: Header, change: L2Change) -> Result<()> {
-        let table = self.raw_snapshot_table()?;
+        let mut table = self.raw_snapshot_table()?;
         let nb = self.nb_snapshots;
         let size = h.size;
         let l1 = self.l1.clone();
@@ -55,6 +57,9 @@ impl Qcow2Update {
             if change == L2Change::ExpandZeros {
                 for &l2 in &l2s {
                     s.expand_zeros_in(sh, l2, backing)?;
+                }
+                if nb > 0 {
+                    table = s.expand_snapshot_zeros(sh, &l1, &new_l1, backing)?;
                 }
             }
             // Clusters of zeros are holes below the shadow's next cluster: the file covers
@@ -95,9 +100,70 @@ impl Qcow2Update {
         Ok(())
     }
 
-    /// True when a snapshot's L1 table names an L2 table with a zero-flagged entry.
-    pub(super) fn snapshots_have_zero_clusters(&self) -> Result<bool> {
-        Ok(self.nb_snapshots > 0 && self.zero_clusters_in(true)?)
+    /// The zero clusters of the internal snapshots, expanded as the active ones are (QEMU's
+    /// downgrade expands those of every L1 table, block/qcow2-cluster.c,
+    /// `qcow2_expand_zero_clusters`): an L2 table a snapshot names that has a zero-flagged
+    /// entry becomes a fresh expanded copy (the active table's copy when the active L1
+    /// names the same table), and a snapshot whose L1 table changes gets a fresh copy of
+    /// it. Returns the snapshot table with the new L1 offsets; nothing of the old image
+    /// is written. `l1`/`new_l1` are the active L1 before and after its tables were copied.
+    fn expand_snapshot_zeros(
+        &mut self,
+        sh: &mut shadow::Shadow,
+        l1: &[u64],
+        new_l1: &[u64],
+        backing: bool,
+    ) -> Result<Vec<u8>> {
+        let mut moved: std::collections::HashMap<u64, u64> = l1
+            .iter()
+            .zip(new_l1)
+            .map(|(o, n)| (o & L1E_OFFSET_MASK, *n))
+            .filter(|(o, _)| *o != 0)
+            .collect();
+        let mut offsets = Vec::new();
+        let snaps = self.snapshot_l1_tables()?;
+        let old_offsets = self.snapshot_l1_offsets()?;
+        for (sl1, old_off) in snaps.into_iter().zip(old_offsets) {
+            let mut out = sl1.clone();
+            let mut changed = false;
+            for e in out.iter_mut() {
+                let l2 = *e & L1E_OFFSET_MASK;
+                if l2 == 0 {
+                    continue;
+                }
+                let to = match moved.get(&l2) {
+                    Some(&to) => Some(to),
+                    None if self.table_has_zero(l2)? => {
+                        let raw = self.read_cluster(l2)?;
+                        let to = self.shadow_write(sh, &raw)?;
+                        self.expand_zeros_in(sh, to, backing)?;
+                        moved.insert(l2, to);
+                        Some(to)
+                    }
+                    None => None,
+                };
+                if let Some(to) = to {
+                    // A snapshot's tables are never written in place: no copied flag.
+                    *e = to;
+                    changed = true;
+                }
+            }
+            offsets.push(if changed {
+                let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_be_bytes()).collect();
+                self.shadow_write(sh, &bytes)?
+            } else {
+                old_off
+            });
+        }
+        self.raw_snapshot_table_moved(&offsets)
+    }
+
+    /// True when the L2 table at `l2` has a zero-flagged (not compressed) entry.
+    fn table_has_zero(&self, l2: u64) -> Result<bool> {
+        Ok(self.read_cluster(l2)?.chunks_exact(8).any(|w| {
+            let v = u64::from_be_bytes(w.try_into().unwrap_or([0; 8]));
+            v & OFLAG_COMPRESSED == 0 && v & OFLAG_ZERO != 0
+        }))
     }
 
     /// `check -r all` for an image whose used clusters have refcount 0: a new refcount
@@ -148,10 +214,22 @@ impl Qcow2Update {
     /// qemu-img makes it (zero clusters over the whole new area). One shadow switch: copies
     /// of the L2 tables, the entries of the new area zero-flagged in the copy of the last
     /// one and in new tables, a longer L1 table; the header's size, L1 table and refcount
-    /// table change in the one write, so no moment shows the backing data. Version 2 has
-    /// no zero clusters: refused with qemu-img's words; so is an old size that ends inside
-    /// a cluster (qemu-img writes a partial cluster of data there), and extended L2 entries.
+    /// table change in the one write, so no moment shows the backing data; internal
+    /// snapshots keep their tables (those they share with the active state are copied,
+    /// never written). Version 2 has
+    /// no zero clusters: refused with qemu-img's words. With extended L2 entries the new
+    /// area's subclusters are zero-flagged in the bitmaps. An old size that ends inside a
+    /// cluster needs [`Self::resize_zeroing_with`].
     pub fn resize_zeroing(&mut self, size: u64) -> Result<()> {
+        self.resize_zeroing_with(size, None)
+    }
+
+    /// [`Self::resize_zeroing`]; when the old size ends inside a cluster, `head` is the
+    /// guest content of that cluster up to the old size as it reads now (through the
+    /// backing chain; the caller reads it). QEMU zeroes the rest of that cluster with a
+    /// write, which allocates it (the backing file's part copied); here a fresh cluster
+    /// holding `head` and zeros takes its place in the same switch.
+    pub fn resize_zeroing_with(&mut self, size: u64, head: Option<&[u8]>) -> Result<()> {
         let old = self.header.size;
         if size <= old {
             return self.resize(size, Prealloc::Off);
@@ -173,21 +251,24 @@ impl Qcow2Update {
             )));
         }
         let cs = self.cs();
-        if self.g.extended_l2 || !old.is_multiple_of(cs) {
-            return Err(Error::unsupported(format!(
-                "vimg zeroes the new area over a longer backing file only for images whose old size is a multiple of the cluster size ({cs}) and without extended L2 entries"
-            )));
-        }
+        let partial = match head {
+            _ if old.is_multiple_of(cs) => None,
+            Some(h) if h.len() as u64 == old % cs => Some((old / cs, h.to_vec())),
+            _ => {
+                return Err(Error::unsupported(format!(
+                    "vimg zeroes the new area over a longer backing file of an image whose old size is not a multiple of the cluster size ({cs}) only with the old last cluster's content"
+                )))
+            }
+        };
+        let extended = self.g.extended_l2;
+        let width = self.l2_width() as u64;
         if self.has_data_file || self.has_bitmaps {
             return Err(Error::unsupported(
                 "vimg does not resize qcow2 images with an external data file or persistent bitmaps",
             ));
         }
-        if self.nb_snapshots > 0 {
-            return Err(Error::unsupported(
-                "vimg zeroes the new area over a longer backing file only in images without internal snapshots",
-            ));
-        }
+        // Internal snapshots keep their own tables and sizes: the switch copies the active
+        // tables only, keeps the snapshot table, and counts the references of both.
         self.require_consistent()?;
         let need = self.g.l1_entries_for(size);
         if need * 8 > MAX_L1_BYTES {
@@ -197,8 +278,10 @@ impl Qcow2Update {
             )));
         }
         let per = self.g.l2_entries();
-        let first = old / cs;
+        // Zero clusters from the first whole cluster past the old end.
+        let first = old.div_ceil(cs);
         let last = size.div_ceil(cs);
+        let start = partial.as_ref().map_or(first, |p| p.0);
         let l1 = self.l1.clone();
         let mut h = self.header.clone();
         h.size = size;
@@ -208,7 +291,7 @@ impl Qcow2Update {
             sh.base = Some(h);
             let (mut new_l1, mut l2s) = s.shadow_copy_l2s(sh, &l1)?;
             new_l1.resize(need as usize, 0);
-            for i in first / per..last.div_ceil(per) {
+            for i in start / per..last.div_ceil(per) {
                 let lo = first.max(i * per) - i * per;
                 let hi = last.min((i + 1) * per) - i * per;
                 let at = new_l1[i as usize];
@@ -217,15 +300,59 @@ impl Qcow2Update {
                 } else {
                     vec![0u8; cs as usize]
                 };
+                let sub = cs / 32;
+                // A compressed last cluster (no subclusters) is replaced whole.
+                let compressed = partial.as_ref().filter(|p| p.0 / per == i).is_some_and(|p| {
+                    let at = ((p.0 % per) * width) as usize;
+                    let mut e = [0u8; 8];
+                    e.copy_from_slice(&raw[at..at + 8]);
+                    u64::from_be_bytes(e) & OFLAG_COMPRESSED != 0
+                });
+                let sub_aligned = extended && old.is_multiple_of(sub) && !compressed;
+                if let Some((c, _)) = partial.as_ref().filter(|p| p.0 / per == i && sub_aligned) {
+                    // Extended L2, the old end on a subcluster boundary: the subclusters from
+                    // it on read as zeros, the others stay as they are (QEMU's zero write
+                    // there changes only those subclusters).
+                    let at = ((c % per) * width) as usize;
+                    let mut bm = [0u8; 8];
+                    bm.copy_from_slice(&raw[at + 8..at + 16]);
+                    let bm = u64::from_be_bytes(bm);
+                    let from = (old % cs) / sub;
+                    let mask = (0xFFFF_FFFFu64 >> from) << from;
+                    let nb = (bm & !mask) | (mask << 32);
+                    raw[at + 8..at + 16].copy_from_slice(&nb.to_be_bytes());
+                } else if let Some((c, head)) = partial.as_ref().filter(|p| p.0 / per == i) {
+                    // The old last cluster: its content up to the old end, then zeros, in
+                    // a fresh cluster (the old one, if any, loses this reference).
+                    let mut data = head.clone();
+                    data.resize(cs as usize, 0);
+                    let host = s.shadow_write(sh, &data)?;
+                    let at = ((c % per) * width) as usize;
+                    raw[at..at + 8].copy_from_slice(&host.to_be_bytes());
+                    if extended {
+                        // Every subcluster allocated.
+                        raw[at + 8..at + 16].copy_from_slice(&0xFFFF_FFFFu64.to_be_bytes());
+                    }
+                }
                 for j in lo..hi {
-                    let ent = &mut raw[(j * 8) as usize..(j * 8 + 8) as usize];
+                    let at = (j * width) as usize;
+                    let ent = &mut raw[at..at + 8];
                     let v = u64::from_be_bytes((&*ent).try_into().unwrap_or([0; 8]));
                     if v & OFLAG_COMPRESSED != 0 {
                         return Err(Error::unsupported(
                             "a compressed cluster lies past the old end of the image; vimg does not zero it",
                         ));
                     }
-                    ent.copy_from_slice(&((v & L2E_OFFSET_MASK) | OFLAG_ZERO).to_be_bytes());
+                    if extended {
+                        // Spec "Extended L2 Entries": every subcluster reads as zeros (the
+                        // upper 32 bits of the bitmap), none allocated; the standard part
+                        // keeps its host cluster, as QEMU's zeroing keeps it.
+                        ent.copy_from_slice(&(v & L2E_OFFSET_MASK).to_be_bytes());
+                        let bitmap = &mut raw[at + 8..at + 16];
+                        bitmap.copy_from_slice(&0xFFFF_FFFF_0000_0000u64.to_be_bytes());
+                    } else {
+                        ent.copy_from_slice(&((v & L2E_OFFSET_MASK) | OFLAG_ZERO).to_be_bytes());
+                    }
                 }
                 if at != 0 {
                     s.pwrite(&raw, at)?;

@@ -193,7 +193,7 @@ impl Qcow2Update {
         h.snapshots_offset = snap_off;
         // The image as the new header will make it, still with the old refcounts (the
         // count leaves them out), read and counted.
-        let head = self.first_sector_with(&mut h.clone(), None, None)?;
+        let head = self.first_sector_with(&mut h.clone(), None, None, None)?;
         let ro = self
             .file
             .try_clone()
@@ -285,7 +285,7 @@ impl Qcow2Update {
         h.refcount_table_offset = table_at << cb;
         h.refcount_table_clusters = nt as u32;
         h.refcount_order = order;
-        let first = self.first_sector_with(&mut h, None, None)?;
+        let first = self.first_sector_with(&mut h, None, None, None)?;
         sh.switched = true;
         self.pwrite(&first, 0)?;
         self.sync()?;

@@ -99,6 +99,40 @@ impl Qcow2Update {
             .collect())
     }
 
+    /// Every snapshot's L1 table (its entries), in the snapshot table's order.
+    pub(super) fn snapshot_l1_tables(&self) -> Result<Vec<Vec<u64>>> {
+        self.read_snapshot_table()?
+            .iter()
+            .map(|e| self.read_l1_at(e.l1_offset, e.l1_size))
+            .collect()
+    }
+
+    /// Every snapshot's L1 table offset, in the snapshot table's order.
+    pub(super) fn snapshot_l1_offsets(&self) -> Result<Vec<u64>> {
+        Ok(self
+            .read_snapshot_table()?
+            .iter()
+            .map(|e| e.l1_offset)
+            .collect())
+    }
+
+    /// [`Self::raw_snapshot_table`] with the snapshots' L1 table offsets replaced by
+    /// `l1_offsets` (one per snapshot, in order; the field is the entry's first 8 bytes).
+    pub(super) fn raw_snapshot_table_moved(&self, l1_offsets: &[u64]) -> Result<Vec<u8>> {
+        let entries = self.read_snapshot_table()?;
+        if entries.len() != l1_offsets.len() {
+            return Err(Error::invalid_argument(
+                "one L1 table offset per snapshot is needed",
+            ));
+        }
+        let mut out = Vec::new();
+        for (mut e, off) in entries.into_iter().zip(l1_offsets) {
+            e.raw[..8].copy_from_slice(&off.to_be_bytes());
+            out.extend_from_slice(&e.raw);
+        }
+        Ok(out)
+    }
+
     /// Reads an L1 table of `n` entries at `off`.
     fn read_l1_at(&self, off: u64, n: u32) -> Result<Vec<u64>> {
         let bytes = u64::from(n) * 8;
