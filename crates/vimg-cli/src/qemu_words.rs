@@ -14,6 +14,7 @@ const WORDS: &[(&str, usize)] = &[
     ("unsupported VDI image", 1),
     ("Unsupported VDI image size", 1),
     ("Max Table Entries too large", 1),
+    ("Missing CRYPTO header for crypt method 2", 0),
 ];
 
 /// `msg` with the detail after each of qemu-img's messages removed.
