@@ -426,3 +426,61 @@ fn rebase_writes_zero_clusters_past_the_old_backing_end() {
 fn map_json(img: &Path) -> String {
     qemu_img(&["map", "--output=json", s(img)])
 }
+
+/// iotest 020 (qcow2 and qed): `commit -b NAME` finds NAME in the backing chain as qemu-img
+/// does: a relative name relative to the folder of the image whose backing file it is (not
+/// to the working folder), an absolute one as given.
+#[test]
+fn commit_base_name_is_relative_to_the_image_folder() {
+    if !qemu_available("commit_base_name_is_relative_to_the_image_folder") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    let abs_mid = format!("{}/sub/m.img", s(dir.path()));
+    for fmt in ["qcow2", "qed"] {
+        for b in ["m.img", "sub/m.img", abs_mid.as_str(), "../sub/m.img"] {
+            let sub = dir.path().join("sub");
+            let _ = std::fs::remove_dir_all(&sub);
+            std::fs::create_dir(&sub).unwrap();
+            qemu_in(dir.path(), &["create", "-q", "-f", fmt, "sub/b.img", "1M"]);
+            let mk = |name: &str, backing: &str| {
+                qemu_in(
+                    dir.path(),
+                    &["create", "-q", "-f", fmt, "-b", backing, "-F", fmt, name],
+                );
+            };
+            mk("sub/m.img", "b.img");
+            mk("sub/t.img", "m.img");
+            qemu_io(fmt, &sub.join("t.img"), &["write -P 5 0 64k"]);
+            for f in ["b.img", "m.img", "t.img"] {
+                std::fs::copy(sub.join(f), sub.join(format!("{f}.orig"))).unwrap();
+            }
+            let args = ["commit", "-b", b, "sub/t.img"];
+            let q = run_in(dir.path(), Path::new("qemu-img"), &args);
+            std::fs::copy(sub.join("m.img"), sub.join("m.img.q")).unwrap();
+            for f in ["b.img", "m.img", "t.img"] {
+                std::fs::copy(sub.join(format!("{f}.orig")), sub.join(f)).unwrap();
+            }
+            let v = run_in(dir.path(), &link, &args);
+            assert_eq!(
+                v.status.code(),
+                q.status.code(),
+                "{fmt} -b {b}: {v:?} {q:?}"
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&v.stderr),
+                String::from_utf8_lossy(&q.stderr),
+                "{fmt} -b {b}"
+            );
+            // What the middle image holds afterwards, read without its backing file.
+            let raw = |f: &str| {
+                let out = sub.join(format!("{f}.raw"));
+                let opts = format!("json:{{\"driver\":\"{fmt}\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}},\"backing\":null}}", s(&sub.join(f)));
+                qemu_img(&["convert", "-O", "raw", &opts, s(&out)]);
+                sha256_file(&out)
+            };
+            assert_eq!(raw("m.img"), raw("m.img.q"), "{fmt} -b {b}");
+        }
+    }
+}

@@ -212,15 +212,29 @@ pub fn commit(
     let depth = match opts.base {
         None => 1,
         Some(b) => {
-            let want = std::fs::canonicalize(b).ok();
+            // As qemu-img finds it (bdrv_find_backing_image): a relative name is taken
+            // relative to the folder of the image whose backing file is examined, not to
+            // the working folder; an absolute one as it is; both compared after resolving
+            // links. Other names (`json:`) are compared as spelled.
+            let canon = |p: &Path| std::fs::canonicalize(p).ok();
+            let plain_name = !crate::source::cmdline::is_special(b);
             chain
                 .iter()
                 .enumerate()
                 .skip(1)
-                .find(|(_, l)| {
-                    l.filename() == b
-                        || (want.is_some()
-                            && l.path().and_then(|p| std::fs::canonicalize(p).ok()) == want)
+                .find(|(i, l)| {
+                    if !plain_name {
+                        return l.filename() == b;
+                    }
+                    let want = if Path::new(b).is_absolute() {
+                        Some(Path::new(b).to_path_buf())
+                    } else {
+                        chain[i - 1]
+                            .path()
+                            .map(|p| p.parent().unwrap_or(Path::new("")).join(b))
+                    };
+                    let want = want.as_deref().and_then(canon);
+                    want.is_some() && l.path().and_then(canon) == want
                 })
                 .map(|(i, _)| i)
                 .ok_or_else(|| {
