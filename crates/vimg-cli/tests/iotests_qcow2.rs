@@ -484,3 +484,54 @@ fn commit_base_name_is_relative_to_the_image_folder() {
         }
     }
 }
+
+/// iotest 190: `bitmap` takes qemu-img's long option names (`--granularity`,
+/// `--source-file`, `--source-format`) as well as the short ones.
+#[test]
+fn bitmap_long_options() {
+    if !qemu_available("bitmap_long_options") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    let bitmaps = |f: &str| {
+        let v = json(&qemu_in(dir.path(), &["info", "--output=json", f]));
+        v["format-specific"]["data"]["bitmaps"].clone()
+    };
+    for (n, tool) in [("q", Path::new("qemu-img")), ("v", link.as_path())] {
+        let img = format!("{n}.qcow2");
+        let src = format!("{n}s.qcow2");
+        qemu_in(dir.path(), &["create", "-q", "-f", "qcow2", &img, "64M"]);
+        qemu_in(dir.path(), &["create", "-q", "-f", "qcow2", &src, "64M"]);
+        for args in [
+            vec![
+                "bitmap",
+                "--add",
+                "--granularity",
+                "512",
+                "-f",
+                "qcow2",
+                &img,
+                "b1",
+            ],
+            vec!["bitmap", "--add", "--granularity=1M", &src, "s"],
+            vec!["bitmap", "--add", "-g", "2M", &img, "b2"],
+            vec![
+                "bitmap",
+                "--merge",
+                "s",
+                "--source-file",
+                &src,
+                "--source-format",
+                "qcow2",
+                &img,
+                "b2",
+            ],
+        ] {
+            let o = run_in(dir.path(), tool, &args);
+            assert!(o.status.success(), "{tool:?} {args:?}: {o:?}");
+        }
+    }
+    assert_eq!(bitmaps("v.qcow2"), bitmaps("q.qcow2"));
+    assert_eq!(bitmaps("vs.qcow2"), bitmaps("qs.qcow2"));
+}
