@@ -577,3 +577,74 @@ fn data_file_preallocation_like_qemu_img() {
         }
     }
 }
+
+/// qemu-img-close-errors (its set-up): `create -b 'json:{...}'` opens the backing file the
+/// options name (vimg joined the name to the image's folder as a path), and "Formatting"
+/// prints string options with their commas doubled, as qemu-img prints them.
+#[test]
+fn create_with_json_backing_and_commas_in_names() {
+    if !qemu_available("create_with_json_backing_and_commas_in_names") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = as_qemu_img(dir.path());
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    qemu_in(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+    );
+    let json = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}}}}"#,
+        s(&dir.path().join("b.qcow2"))
+    );
+    for (n, tool) in [("q", Path::new("qemu-img")), ("v", link.as_path())] {
+        let out = |f: &str| format!("sub/{n}{f}");
+        let a = run_in(
+            dir.path(),
+            tool,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                &json,
+                "-F",
+                "qcow2",
+                &out("1.qcow2"),
+            ],
+        );
+        let b = run_in(
+            dir.path(),
+            tool,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=x,,y.data",
+                "-u",
+                "-b",
+                "a,b.qcow2",
+                "-F",
+                "qcow2",
+                &out("2.qcow2"),
+                "1M",
+            ],
+        );
+        for o in [a, b] {
+            assert!(o.status.success(), "{tool:?}: {o:?}");
+            let text = String::from_utf8_lossy(&o.stdout).replace(&format!("sub/{n}"), "sub/N");
+            std::fs::write(dir.path().join(format!("{n}.out")), text.as_bytes()).unwrap();
+            let prev =
+                std::fs::read_to_string(dir.path().join(format!("{n}.all"))).unwrap_or_default();
+            std::fs::write(dir.path().join(format!("{n}.all")), prev + &text).unwrap();
+        }
+    }
+    let all = |n: &str| std::fs::read_to_string(dir.path().join(format!("{n}.all"))).unwrap();
+    assert_eq!(all("v"), all("q"));
+    assert!(all("q").contains(",,"));
+    assert_eq!(
+        qemu_in(dir.path(), &["info", "sub/v1.qcow2"]).replace("v1", "N"),
+        qemu_in(dir.path(), &["info", "sub/q1.qcow2"]).replace("q1", "N")
+    );
+}

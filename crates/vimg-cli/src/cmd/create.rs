@@ -149,6 +149,10 @@ fn file_path(filename: &str) -> &str {
 
 /// Where a backing name given for a new image points: next to the image unless absolute.
 fn backing_path(filename: &str, backing: &str) -> std::path::PathBuf {
+    // A `json:` name is options, not a path (qemu-img opens it as it is).
+    if backing.starts_with("json:") {
+        return backing.into();
+    }
     std::path::Path::new(file_path(filename))
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -187,7 +191,9 @@ fn formatting_line(
                 .map_err(Failure::from)?
                 .map(|n| (n as i64).to_string()))
         } else {
-            Ok(opts.get_str(k).map(str::to_string))
+            // QEMU prints a string option with its commas doubled (as an option string
+            // spells them): `backing_file=json:{"a":1,,"b":2}`.
+            Ok(opts.get_str(k).map(|v| v.replace(',', ",,")))
         }
     };
     let order = format.driver().capabilities().printed;
