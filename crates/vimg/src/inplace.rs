@@ -129,7 +129,7 @@ pub fn rebase(
                 let mut i = 0usize;
                 let mut eof = false;
                 while i < whole as usize {
-                    if i % QEMU_CHUNK as usize == 0 {
+                    if i.is_multiple_of(QEMU_CHUNK as usize) {
                         eof = pos + i as u64 >= old_end;
                     }
                     let chunk_end = (i / QEMU_CHUNK as usize + 1) * QEMU_CHUNK as usize;

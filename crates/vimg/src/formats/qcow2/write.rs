@@ -446,7 +446,7 @@ impl Qcow2Writer {
                 // reserves it, full writes zeros. (A size that is not a whole number of
                 // clusters: see after the loop.)
                 let h = first_guest << g.cluster_bits;
-                if self.size % cs == 0 {
+                if self.size.is_multiple_of(cs) {
                     match self.o.prealloc {
                         Prealloc::Falloc => d.allocate(h, n * cs)?,
                         Prealloc::Full => write_zeros(d, h, n * cs)?,
@@ -477,7 +477,7 @@ impl Qcow2Writer {
         // (zeros; the file then ends on a cluster boundary) and reserves nothing else,
         // whatever the preallocation mode.
         if let Some(d) = &self.data {
-            if self.size % cs != 0 {
+            if !self.size.is_multiple_of(cs) {
                 write_zeros(d, self.size / cs * cs, cs)?;
             }
         }
