@@ -20,6 +20,7 @@ const WORDS: &[(&str, usize)] = &[
     ("L1 entry size is invalid", 0),
     ("Invalid granularity, image may be corrupt", 0),
     ("File truncated, expecting at least # bytes", 0),
+    ("Missing CRYPTO header for crypt method 2", 0),
 ];
 
 /// qemu-img's message that quotes a line of the image, and the start of the detail vimg

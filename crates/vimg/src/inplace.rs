@@ -25,6 +25,9 @@ use crate::mapping::{GuestOffset, MapKind};
 /// Bytes compared or copied per step.
 const STEP: u64 = 4 << 20;
 
+/// qemu-img's I/O buffer (`IO_BUF_SIZE`): the chunk a safe rebase compares at a time.
+const QEMU_CHUNK: u64 = 2 << 20;
+
 /// Reads `buf.len()` guest bytes of `img` (zeros without an image or past its end).
 fn read_or_zero(img: Option<&Image>, buf: &mut [u8], off: u64) -> Result<()> {
     buf.fill(0);
@@ -79,6 +82,10 @@ pub fn rebase(
     }
     let old = img.backing();
     let new_img = new.as_ref().map(|n| n.image);
+    let old_end = old.map_or(0, |i| i.virtual_size());
+    // Zero clusters read as zeros whatever the backing file (qcow2 version 3); elsewhere a
+    // zero write could leave clusters unallocated, which would read the new backing file.
+    let zero_flag = format == Format::Qcow2 && qcow2_version(&img)? >= 3;
     let mut up = updater::open(path, format, policy)?;
     let mut copied = 0u64;
     {
@@ -114,20 +121,36 @@ pub fn rebase(
                 a[valid..].fill(0);
                 read_or_zero(new_img, &mut b[..valid], pos)?;
                 b[valid..].fill(0);
-                let mut i = 0usize;
                 let csz = cs as usize;
+                // qemu-img compares in chunks of at most 2 MiB from the start of each hole;
+                // in a chunk, once the old backing file has ended (a chunk starting past it,
+                // or a run reaching it), what differs is written as a zero write, which
+                // qcow2 v3 keeps as zero clusters (iotest 252); before that, as data.
+                let mut i = 0usize;
+                let mut eof = false;
                 while i < whole as usize {
+                    if i.is_multiple_of(QEMU_CHUNK as usize) {
+                        eof = pos + i as u64 >= old_end;
+                    }
+                    let chunk_end = (i / QEMU_CHUNK as usize + 1) * QEMU_CHUNK as usize;
+                    let chunk_end = chunk_end.min(whole as usize);
                     if a[i..i + csz] == b[i..i + csz] {
                         i += csz;
+                        eof |= pos + i as u64 >= old_end;
                         continue;
                     }
                     let mut j = i + csz;
-                    while j < whole as usize && a[j..j + csz] != b[j..j + csz] {
+                    while j < chunk_end && a[j..j + csz] != b[j..j + csz] {
                         j += csz;
                     }
                     let at = pos + i as u64;
                     let len = ((j - i) as u64).min(size - at) as usize;
-                    w.write_at(at, &a[i..i + len], old)?;
+                    if eof && zero_flag {
+                        w.write_zeroes(at, len as u64, old)?;
+                    } else {
+                        w.write_at(at, &a[i..i + len], old)?;
+                    }
+                    eof |= pos + j as u64 >= old_end;
                     copied += ((j - i) / csz) as u64;
                     i = j;
                 }
@@ -147,6 +170,15 @@ pub fn rebase(
     let name_fmt = new.as_ref().map(|n| (n.name, n.format.name()));
     up.set_backing(name_fmt)?;
     Ok(copied)
+}
+
+/// The version field of a qcow2 image's header.
+fn qcow2_version(img: &Image) -> Result<u32> {
+    let mut v = [0u8; 4];
+    img.storage()
+        .read_exact_at(&mut v, 4)
+        .map_err(|e| Error::io("read the qcow2 header version", e))?;
+    Ok(u32::from_be_bytes(v))
 }
 
 /// What `commit` was asked.
@@ -180,15 +212,29 @@ pub fn commit(
     let depth = match opts.base {
         None => 1,
         Some(b) => {
-            let want = std::fs::canonicalize(b).ok();
+            // As qemu-img finds it (bdrv_find_backing_image): a relative name is taken
+            // relative to the folder of the image whose backing file is examined, not to
+            // the working folder; an absolute one as it is; both compared after resolving
+            // links. Other names (`json:`) are compared as spelled.
+            let canon = |p: &Path| std::fs::canonicalize(p).ok();
+            let plain_name = !crate::source::cmdline::is_special(b);
             chain
                 .iter()
                 .enumerate()
                 .skip(1)
-                .find(|(_, l)| {
-                    l.filename() == b
-                        || (want.is_some()
-                            && l.path().and_then(|p| std::fs::canonicalize(p).ok()) == want)
+                .find(|(i, l)| {
+                    if !plain_name {
+                        return l.filename() == b;
+                    }
+                    let want = if Path::new(b).is_absolute() {
+                        Some(Path::new(b).to_path_buf())
+                    } else {
+                        chain[i - 1]
+                            .path()
+                            .map(|p| p.parent().unwrap_or(Path::new("")).join(b))
+                    };
+                    let want = want.as_deref().and_then(canon);
+                    want.is_some() && l.path().and_then(canon) == want
                 })
                 .map(|(i, _)| i)
                 .ok_or_else(|| {

@@ -110,8 +110,9 @@ pub fn run(a: AmendArgs) -> CmdResult {
             1,
         ));
     }
-    let path = Path::new(&a.filename);
-    let format = match parse_format_opt(a.format.as_deref())? {
+    let (path, driver) = super::in_place_file(&a.filename)?;
+    let path = path.as_path();
+    let format = match parse_format_opt(a.format.as_deref())?.or(driver) {
         Some(f) => f,
         None => {
             let st = vimg::storage::FileStorage::open(path)

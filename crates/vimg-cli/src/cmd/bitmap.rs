@@ -35,13 +35,13 @@ pub struct BitmapArgs {
     #[arg(long = "merge", value_name = "SOURCE")]
     pub merge: Vec<String>,
     /// The qcow2 image holding --merge's source (opened read-only).
-    #[arg(short = 'b', value_name = "SOURCE_FILE")]
+    #[arg(short = 'b', long = "source-file", value_name = "SOURCE_FILE")]
     pub source_file: Option<String>,
     /// Format of -b's image.
-    #[arg(short = 'F', value_name = "SOURCE_FMT")]
+    #[arg(short = 'F', long = "source-format", value_name = "SOURCE_FMT")]
     pub source_fmt: Option<String>,
     /// Bytes per bit of a new bitmap (--add): a power of two from 512 to 2G.
-    #[arg(short = 'g', value_name = "GRANULARITY")]
+    #[arg(short = 'g', long = "granularity", value_name = "GRANULARITY")]
     pub granularity: Option<String>,
     /// Image format (probed from the content when absent).
     #[arg(short = 'f', value_name = "FMT")]

@@ -3,8 +3,6 @@
 //! ([`vimg::inplace::commit`]); then, unless `-d` or `-b`, the top image is emptied (its
 //! clusters unmapped, so it reads through to the base).
 
-use std::path::Path;
-
 use clap::Args;
 
 use crate::args::SafetyArgs;
@@ -42,8 +40,12 @@ pub struct CommitArgs {
 
 pub fn run(a: CommitArgs) -> CmdResult {
     let file = super::one_image("commit", &a.files)?;
-    let path = Path::new(file);
-    let format = super::image_format(file, a.format.as_deref())?;
+    let (path, driver) = super::in_place_file(file)?;
+    let path = path.as_path();
+    let format = match (a.format.as_deref(), driver) {
+        (None, Some(d)) => d,
+        (f, _) => super::image_format(path.to_str().unwrap_or(file), f)?,
+    };
     let rate = match &a.rate {
         Some(r) => vimg::options::parse_size(r)
             .map_err(|_| Failure::new(format!("Invalid rate limit specified: '{r}'."), 1))?,

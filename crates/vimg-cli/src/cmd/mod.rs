@@ -68,6 +68,26 @@ pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure>
     }
 }
 
+/// The file an in-place command (`check -r`, `commit`, `amend`) writes, and the format its
+/// name gives: the name as given, or, for `--image-opts` and `json:`/`file:` names, the
+/// file the options name and their `driver` (qemu-img opens those names for writing as it
+/// opens them for reading). A raw `offset`/`size` window is refused: vimg's updaters write
+/// whole files.
+pub fn in_place_file(name: &str) -> Result<(std::path::PathBuf, Option<Format>), Failure> {
+    let image_opts = crate::trust::image_opts();
+    if !image_opts && !vimg::source::cmdline::is_special(name) {
+        return Ok((std::path::PathBuf::from(name), None));
+    }
+    let u = vimg::source::cmdline::parse(name, image_opts).map_err(|e| Failure::open(name, &e))?;
+    if u.window.is_some() {
+        return Err(Failure::new(
+            format!("Could not open '{name}': vimg cannot write through the raw driver's offset/size window"),
+            1,
+        ));
+    }
+    Ok((u.path, u.format))
+}
+
 /// Open options from `-f` and the safety flags.
 pub fn open_options(format: Option<Format>, safety: &SafetyArgs) -> OpenOptions {
     OpenOptions::with_format(format)

@@ -75,6 +75,14 @@ pub fn run(a: RebaseArgs) -> CmdResult {
     };
     let path = Path::new(file);
     let format = super::image_format(file, a.format.as_deref())?;
+    // qemu-img refuses -c, in either mode, for a format whose driver writes no compressed
+    // clusters (qcow2, qcow and vmdk do), before it opens any backing file.
+    if a.compress && !matches!(format, Format::Qcow2 | Format::Qcow | Format::Vmdk) {
+        return Err(Failure::new(
+            "Compression not supported for this file format",
+            1,
+        ));
+    }
     let new_name = a.backing.as_deref().filter(|b| !b.is_empty());
     let policy = crate::trust::policy(&a.safety);
     if !a.unsafe_mode {

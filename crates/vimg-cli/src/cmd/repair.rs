@@ -2,8 +2,6 @@
 //! repaired in place (crash-safe: see `vimg::formats::qcow2::update`), and checked again;
 //! the output and exit code are those of the second check, as qemu-img prints them.
 
-use std::path::Path;
-
 use vimg::formats::qcow2::Repair;
 use vimg::formats::updater;
 use vimg::Image;
@@ -58,8 +56,8 @@ pub fn run(a: CheckArgs) -> CmdResult {
         return super::check::run(CheckArgs { repair: None, ..a });
     }
     let policy = crate::trust::policy(&a.safety);
-    let path = Path::new(&a.filename);
-    let mut img = match updater::open_for_repair(path, format, policy) {
+    let (path, _) = super::in_place_file(&a.filename)?;
+    let mut img = match updater::open_for_repair(&path, format, policy) {
         Ok(i) => i,
         Err(e) if e.kind() == vimg::ErrorKind::Corrupt => {
             // Refused at open for corrupt tables: vimg cannot repair those.

@@ -57,7 +57,7 @@ pub fn luks_header_location(storage: &dyn Storage) -> Result<Option<(u64, u64)>>
     match exts.crypto {
         Some(loc) => Ok(Some(loc)),
         None => Err(Error::invalid(
-            "Missing crypto header for crypt method 2 (header crypt_method is 2, LUKS, but there is no full disk encryption header extension 0x0537be77)",
+            "Missing CRYPTO header for crypt method 2 (header crypt_method is 2, LUKS, but there is no full disk encryption header extension 0x0537be77)",
         )),
     }
 }

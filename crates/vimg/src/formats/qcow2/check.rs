@@ -600,6 +600,10 @@ pub(super) fn check_findings(r: &Qcow2Reader) -> Result<(CheckReport, Findings)>
     }
     c.check_snapshot_l1s()?;
     c.inc(h.snapshots_offset, r.snapshots_len)?;
+    // The LUKS header of an encrypted image (qemu counts it too).
+    if let Some((off, len)) = r.crypto {
+        c.inc(off, len)?;
+    }
     c.inc(
         h.refcount_table_offset,
         u64::from(h.refcount_table_clusters) * cs,
@@ -665,6 +669,10 @@ pub(super) fn reference_counts(r: &Qcow2Reader) -> Result<RefCounts> {
     c.check_l1(h.l1_table_offset, h.l1_size, true)?;
     c.check_snapshot_l1s()?;
     c.inc(h.snapshots_offset, r.snapshots_len)?;
+    // The LUKS header of an encrypted image (qemu counts it too).
+    if let Some((off, len)) = r.crypto {
+        c.inc(off, len)?;
+    }
     c.check_bitmaps()?;
     if c.rep.corruptions > 0 || c.rep.check_errors > 0 {
         let first = c.rep.messages.first().cloned().unwrap_or_default();

@@ -431,6 +431,7 @@ impl Qcow2Reader {
             snapshots_len,
             bitmaps,
             bitmap_directory,
+            crypto: exts.crypto,
             backing,
             meta,
             cache: Mutex::new(Cache {

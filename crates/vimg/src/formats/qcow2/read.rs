@@ -73,6 +73,8 @@ pub struct Qcow2Reader {
     pub(super) snapshots_len: u64,
     pub(super) bitmaps: Vec<Bitmap>,
     pub(super) bitmap_directory: Option<(u64, u64)>,
+    /// The LUKS header's `(offset, length)` from the full disk encryption extension.
+    pub(super) crypto: Option<(u64, u64)>,
     pub(super) backing: Option<BackingRef>,
     pub(super) meta: MetaMap,
     pub(super) cache: Mutex<Cache>,

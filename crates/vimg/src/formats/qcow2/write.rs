@@ -441,8 +441,19 @@ impl Qcow2Writer {
             st.l1[l1i as usize] = l2c << g.cluster_bits;
             let first_guest = l1i << g.l2_bits;
             let n = (total - first_guest).min(g.l2_entries());
-            let host0 = if self.data.is_some() {
-                first_guest << g.cluster_bits
+            let host0 = if let Some(d) = &self.data {
+                // The data file gets the space as qemu-img gives it (iotest 243): falloc
+                // reserves it, full writes zeros. (A size that is not a whole number of
+                // clusters: see after the loop.)
+                let h = first_guest << g.cluster_bits;
+                if self.size.is_multiple_of(cs) {
+                    match self.o.prealloc {
+                        Prealloc::Falloc => d.allocate(h, n * cs)?,
+                        Prealloc::Full => write_zeros(d, h, n * cs)?,
+                        _ => {}
+                    }
+                }
+                h
             } else {
                 let h = st.alloc.alloc(&self.file, n, true)? << g.cluster_bits;
                 match self.o.prealloc {
@@ -461,6 +472,14 @@ impl Qcow2Writer {
             let off = l2c << g.cluster_bits;
             self.file.write_all_at(&words_to_bytes(&words), off)?;
             self.note_end(off + cs);
+        }
+        // With a partial last cluster, qemu-img writes that whole cluster of the data file
+        // (zeros; the file then ends on a cluster boundary) and reserves nothing else,
+        // whatever the preallocation mode.
+        if let Some(d) = &self.data {
+            if !self.size.is_multiple_of(cs) {
+                write_zeros(d, self.size / cs * cs, cs)?;
+            }
         }
         Ok(())
     }
