@@ -11,6 +11,7 @@ use super::qed::update::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;
+use super::vhdx::update::VhdxUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gate::ExternalPolicy;
@@ -97,14 +98,24 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
     let msg = match op {
         UpdateOp::Repair => format!("vimg repairs {only} images only, not {name}"),
         // qemu-img's words for the drivers without truncate that vimg writes into.
-        UpdateOp::Resize if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+        UpdateOp::Resize
+            if matches!(
+                format,
+                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx
+            ) =>
+        {
             "Image format driver does not support resize".to_string()
         }
         UpdateOp::Resize => format!("vimg cannot resize {name} images (only {only})"),
         UpdateOp::Amend => format!("Format driver '{name}' does not support option amendment"),
         // qemu-img's words for formats that cannot have a backing file.
         UpdateOp::Backing if format == Format::Raw => "Operation not supported".to_string(),
-        UpdateOp::Backing if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+        UpdateOp::Backing
+            if matches!(
+                format,
+                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx
+            ) =>
+        {
             "Operation not supported".to_string()
         }
         UpdateOp::Backing => {
@@ -135,6 +146,8 @@ pub enum Updater {
     Parallels(ParallelsUpdate),
     /// qed ([`QedUpdate`]).
     Qed(Box<QedUpdate>),
+    /// vhdx ([`VhdxUpdate`]): guest data, BAT through the log, `check -r` (log replay).
+    Vhdx(Box<VhdxUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -148,6 +161,7 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
         Format::Vpc => Ok(Updater::Vpc(VhdUpdate::open(path)?)),
         Format::Parallels => Ok(Updater::Parallels(ParallelsUpdate::open(path)?)),
         Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
+        Format::Vhdx => Ok(Updater::Vhdx(Box::new(VhdxUpdate::open(path, policy)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
@@ -218,6 +232,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's vhdx driver: writes and check (the log replayed on a read-write open); no
+        // truncate, no backing file.
+        Format::Vhdx => UpdateCaps {
+            repair: true,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -240,6 +265,7 @@ impl Updater {
             Updater::Vpc(_) => Format::Vpc,
             Updater::Parallels(_) => Format::Parallels,
             Updater::Qed(_) => Format::Qed,
+            Updater::Vhdx(_) => Format::Vhdx,
         }
     }
 
@@ -254,6 +280,7 @@ impl Updater {
             Updater::Qcow2(q) => Some(q),
             Updater::Raw(_) | Updater::Qed(_) => None,
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
+            Updater::Vhdx(_) => None,
         }
     }
 
@@ -266,6 +293,7 @@ impl Updater {
             Updater::Vpc(v) => v.identity(),
             Updater::Parallels(p) => p.identity(),
             Updater::Qed(q) => q.identity(),
+            Updater::Vhdx(v) => v.identity(),
         }
     }
 
@@ -278,6 +306,7 @@ impl Updater {
             Updater::Vpc(v) => Ok(v.virtual_size()),
             Updater::Parallels(p) => Ok(p.virtual_size()),
             Updater::Qed(q) => Ok(q.header().image_size),
+            Updater::Vhdx(v) => Ok(v.virtual_size()),
         }
     }
 
@@ -293,6 +322,7 @@ impl Updater {
                 require(self.format(), UpdateOp::Resize)
             }
             Updater::Qed(q) => q.resize(size, prealloc),
+            Updater::Vhdx(_) => require(self.format(), UpdateOp::Resize),
         }
     }
 
@@ -322,6 +352,7 @@ impl Updater {
             Updater::Qcow2(q) => q.repair(mode),
             Updater::Parallels(p) => p.repair(mode),
             Updater::Qed(q) => q.repair(),
+            Updater::Vhdx(v) => v.repair(),
             _ => Err(require(self.format(), UpdateOp::Repair)
                 .err()
                 .unwrap_or_else(|| Error::unsupported("repair"))),
@@ -338,6 +369,7 @@ impl Updater {
                 require(self.format(), UpdateOp::Backing)
             }
             Updater::Qed(q) => q.set_backing(backing),
+            Updater::Vhdx(_) => require(self.format(), UpdateOp::Backing),
         }
     }
 
@@ -388,6 +420,10 @@ impl Updater {
                 Ok(DataTarget::Parallels(p))
             }
             Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),
+            Updater::Vhdx(v) => {
+                v.check_writable()?;
+                Ok(DataTarget::Vhdx(v))
+            }
         }
     }
 }
@@ -407,6 +443,8 @@ pub enum DataTarget<'a> {
     Parallels(&'a mut ParallelsUpdate),
     /// qed: allocation at the end of the file in QEMU's order.
     Qed(QedDataWriter<'a>),
+    /// vhdx: blocks appended, BAT entries through the log in batches and at finish.
+    Vhdx(&'a mut VhdxUpdate),
 }
 
 impl DataTarget<'_> {
@@ -420,6 +458,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.write_at(off, data, backing),
             DataTarget::Parallels(p) => p.write_at(off, data, backing),
             DataTarget::Qed(w) => w.write_at(off, data, backing),
+            DataTarget::Vhdx(v) => v.write_at(off, data, backing),
         }
     }
 
@@ -431,6 +470,7 @@ impl DataTarget<'_> {
             DataTarget::Vdi(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Vpc(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
+            DataTarget::Vhdx(v) if backing.is_none() => return v.write_zeroes(off, len),
             _ => {}
         }
         let end = off + len;
@@ -474,6 +514,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.block_size(),
             DataTarget::Parallels(p) => p.cluster_size(),
             DataTarget::Qed(d) => d.cluster_size(),
+            DataTarget::Vhdx(v) => v.block_size(),
         }
     }
 
@@ -545,6 +586,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) => v.finish(),
             DataTarget::Parallels(p) => p.finish(),
             DataTarget::Qed(w) => w.finish(),
+            DataTarget::Vhdx(v) => v.finish(),
         }
     }
 }
