@@ -369,6 +369,13 @@ fn dirty_log_replayed_like_qemu_img() {
     // qemu-img refuses to check it read-only; vimg check -r all replays it as qemu-img does.
     let (code, text) = check_out(&ours, &["-f", "vhdx"]);
     assert_eq!(code, 1, "{text}");
+    let v = vimg_raw(&["check", "-f", "vhdx", s(&ours)]);
+    assert_eq!(v.status.code(), Some(1));
+    let vt = String::from_utf8_lossy(&v.stderr);
+    assert!(
+        vt.contains("contains a log that needs to be replayed") && vt.contains("check -r all"),
+        "{vt}"
+    );
     let v = vimg_raw(&["check", "-r", "all", s(&ours)]);
     let (qc, qt) = check_out(&theirs, &["-r", "all"]);
     assert_eq!(v.status.code(), Some(qc), "exit codes");

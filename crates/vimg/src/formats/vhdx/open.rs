@@ -406,6 +406,7 @@ impl VhdxReader {
 
         let mut warnings = Vec::new();
         let mut log_note = None;
+        let mut log_pending = false;
         let view: Arc<dyn Storage> = match log::replay(&storage, &header)? {
             LogState::Empty => storage.clone(),
             LogState::NoValidSequence { reason } => {
@@ -429,6 +430,7 @@ impl VhdxReader {
                 );
                 log_note = Some(w.clone());
                 warnings.push(w);
+                log_pending = true;
                 Arc::new(overlay)
             }
         };
@@ -677,6 +679,7 @@ impl VhdxReader {
             refs,
             warnings,
             log_note,
+            log_pending,
             bitmaps: Mutex::new(VecDeque::new()),
         })
     }
