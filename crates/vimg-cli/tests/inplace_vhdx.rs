@@ -564,3 +564,42 @@ fn refusals_are_qemu_img_s() {
     // Guest writes into a differencing image are refused before anything is written.
     assert!(q.status.code() != Some(0));
 }
+
+/// Every write point of the replay (`check -r all` of QEMU's dirty sample): a killed replay
+/// leaves the log in place, so qemu-img and vimg replay it again to the same image.
+#[test]
+fn killed_replay_is_replayed_again() {
+    if !qemu_available("killed_replay_is_replayed_again") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(pristine) = dirty_sample(dir.path(), "pristine.vhdx") else {
+        return;
+    };
+    let Some(want) = dirty_sample(dir.path(), "want.vhdx") else {
+        return;
+    };
+    qemu_img(&["check", "-q", "-r", "all", s(&want)]);
+    let img = dir.path().join("img.vhdx");
+    let copy = dir.path().join("copy.vhdx");
+    let mut n = 0;
+    loop {
+        std::fs::copy(&pristine, &img).unwrap();
+        let killed = run_killed(&["check", "-q", "-r", "all", s(&img)], n);
+        let what = format!("killed at {n}");
+        std::fs::copy(&img, &copy).unwrap();
+        let (code, text) = check_out(&copy, &["-r", "all", "-f", "vhdx"]);
+        assert_eq!(code, 0, "{what}: qemu-img check -r all:\n{text}");
+        assert_clean(&copy, &what);
+        assert_same_guest(&copy, &want, &what);
+        let out = vimg_raw(&["check", "-q", "-r", "all", s(&img)]);
+        assert_eq!(out.status.code(), Some(0), "{what}: vimg check -r all");
+        assert_clean(&img, &what);
+        assert_same_guest(&img, &want, &what);
+        if !killed {
+            break;
+        }
+        n += 1;
+    }
+    assert!(n > 5, "only {n} write points");
+}

@@ -359,6 +359,11 @@ impl VhdxUpdate {
                 self.path.display()
             )));
         }
+        // A full batch is committed before the next block is taken, so every committed
+        // entry maps blocks whose data is already written.
+        if self.dirty.len() as u64 >= self.batch_limit() {
+            self.commit()?;
+        }
         let bs = self.geometry.block_size;
         let at = self.len.div_ceil(MIB) * MIB;
         let new_len = at
@@ -382,9 +387,6 @@ impl VhdxUpdate {
             *e = BatEntry::new(PAYLOAD_FULLY_PRESENT, at).0;
         }
         self.dirty.insert(idx as u64 * 8 / LOG_SECTOR);
-        if self.dirty.len() as u64 >= self.batch_limit() {
-            self.commit()?;
-        }
         Ok(at)
     }
 
