@@ -603,3 +603,39 @@ fn killed_replay_is_replayed_again() {
     }
     assert!(n > 5, "only {n} write points");
 }
+
+/// More changed BAT sectors than one log entry holds (a 1 MiB log holds 253): the BAT goes
+/// through the log in several entries, and qemu-io reads every piece back.
+#[test]
+fn bat_changes_span_several_log_entries() {
+    if !qemu_available("bat_changes_span_several_log_entries") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 1 MiB blocks: one BAT sector per 512 blocks; 300 pieces, each in its own BAT sector.
+    let size: u64 = 300 * 512 << 20;
+    let src = dir.path().join("src.raw");
+    let data = vec![0x5au8; 4096];
+    let offs: Vec<u64> = (0..300u64).map(|i| (i * 512 + i % 7) << 20).collect();
+    let refs: Vec<(u64, &[u8])> = offs.iter().map(|o| (*o, &data[..])).collect();
+    write_sparse_raw(&src, size, &refs);
+    let img = dir.path().join("img.vhdx");
+    qemu_create(&img, "vhdx", "block_size=1M", &size.to_string());
+    vimg(&["convert", "-n", "-f", "raw", "-O", "vhdx", s(&src), s(&img)]);
+    assert_clean(&img, "several entries");
+    assert!(current_header(&img).log_guid.is_zero());
+    let mut args: Vec<String> = vec!["-r".into(), "-f".into(), "vhdx".into()];
+    for o in &offs {
+        args.push("-c".into());
+        args.push(format!("read -P 0x5a {o} 4k"));
+        args.push("-c".into());
+        args.push(format!("read -P 0 {} 4k", o + 4096));
+    }
+    args.push(s(&img).to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ok("qemu-io", &a);
+    assert!(!out.contains("failed"), "{out}");
+    assert_eq!(out.matches("read 4096/4096").count(), 600, "{out}");
+    // 300 new 1 MiB blocks, nothing more.
+    assert!(size_of(&img) < (400 << 20), "{}", size_of(&img));
+}
