@@ -613,7 +613,7 @@ fn bat_changes_span_several_log_entries() {
     }
     let dir = tempfile::tempdir().unwrap();
     // 1 MiB blocks: one BAT sector per 512 blocks; 300 pieces, each in its own BAT sector.
-    let size: u64 = 300 * 512 << 20;
+    let size: u64 = (300 * 512) << 20;
     let src = dir.path().join("src.raw");
     let data = vec![0x5au8; 4096];
     let offs: Vec<u64> = (0..300u64).map(|i| (i * 512 + i % 7) << 20).collect();
