@@ -38,7 +38,7 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "formats/inplace_file.rs",
         "OpenOptions::new()",
         1,
-        "UpdateFile::open (raw, qed, vdi, vpc, parallels updaters): the image the user named on the command line, opened read-write, or a commit base the gate resolved, checked by inode against the gate's file (inplace::commit)",
+        "UpdateFile::open (raw, qed, vdi, vpc, parallels, vhdx updaters): the image the user named on the command line, opened read-write, or a commit base the gate resolved, checked by inode against the gate's file (inplace::commit)",
     ),
     (
         "formats/inplace_file.rs",

@@ -214,10 +214,10 @@ mod tests {
             .to_string()
             .contains("vimg does not write compressed qcow"));
         let inplace = Output::with_mode(dir.path().join("y"), crate::OutputMode::InPlace);
-        let e = err(Format::Vhdx, &inplace, &CreateOptions::new());
+        let e = err(Format::Qcow, &inplace, &CreateOptions::new());
         assert_eq!(
             e.to_string(),
-            "vhdx cannot be written into an existing image (convert -n); convert to a new file"
+            "writing into an existing qcow image (convert -n) is not supported"
         );
         assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
     }

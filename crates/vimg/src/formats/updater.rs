@@ -12,6 +12,7 @@ use super::raw::update::RawUpdate;
 use super::vdi::update::VdiUpdate;
 use super::vhd::update::VhdUpdate;
 use super::vmdk::update::VmdkUpdate;
+use super::vhdx::update::VhdxUpdate;
 use super::Format;
 use crate::error::{Error, ErrorKind, Result};
 use crate::gate::ExternalPolicy;
@@ -98,14 +99,24 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
     let msg = match op {
         UpdateOp::Repair => format!("vimg repairs {only} images only, not {name}"),
         // qemu-img's words for the drivers without truncate that vimg writes into.
-        UpdateOp::Resize if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+        UpdateOp::Resize
+            if matches!(
+                format,
+                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx
+            ) =>
+        {
             "Image format driver does not support resize".to_string()
         }
         UpdateOp::Resize => format!("vimg cannot resize {name} images (only {only})"),
         UpdateOp::Amend => format!("Format driver '{name}' does not support option amendment"),
         // qemu-img's words for formats that cannot have a backing file.
         UpdateOp::Backing if format == Format::Raw => "Operation not supported".to_string(),
-        UpdateOp::Backing if matches!(format, Format::Vdi | Format::Vpc | Format::Parallels) => {
+        UpdateOp::Backing
+            if matches!(
+                format,
+                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx
+            ) =>
+        {
             "Operation not supported".to_string()
         }
         // qemu-img's words: QEMU's vmdk driver cannot change the backing file.
@@ -140,6 +151,8 @@ pub enum Updater {
     Qed(Box<QedUpdate>),
     /// vmdk ([`VmdkUpdate`]): guest data.
     Vmdk(Box<VmdkUpdate>),
+    /// vhdx ([`VhdxUpdate`]): guest data, BAT through the log, `check -r` (log replay).
+    Vhdx(Box<VhdxUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -154,6 +167,7 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
         Format::Parallels => Ok(Updater::Parallels(ParallelsUpdate::open(path)?)),
         Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
         Format::Vmdk => Ok(Updater::Vmdk(Box::new(VmdkUpdate::open(path, policy)?))),
+        Format::Vhdx => Ok(Updater::Vhdx(Box::new(VhdxUpdate::open(path, policy)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
@@ -235,6 +249,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's vhdx driver: writes and check (the log replayed on a read-write open); no
+        // truncate, no backing file.
+        Format::Vhdx => UpdateCaps {
+            repair: true,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -258,6 +283,7 @@ impl Updater {
             Updater::Parallels(_) => Format::Parallels,
             Updater::Qed(_) => Format::Qed,
             Updater::Vmdk(_) => Format::Vmdk,
+            Updater::Vhdx(_) => Format::Vhdx,
         }
     }
 
@@ -273,6 +299,7 @@ impl Updater {
             Updater::Raw(_) | Updater::Qed(_) => None,
             Updater::Vmdk(_) => None,
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
+            Updater::Vhdx(_) => None,
         }
     }
 
@@ -286,6 +313,7 @@ impl Updater {
             Updater::Parallels(p) => p.identity(),
             Updater::Qed(q) => q.identity(),
             Updater::Vmdk(v) => v.identity(),
+            Updater::Vhdx(v) => v.identity(),
         }
     }
 
@@ -299,6 +327,7 @@ impl Updater {
             Updater::Parallels(p) => Ok(p.virtual_size()),
             Updater::Qed(q) => Ok(q.header().image_size),
             Updater::Vmdk(v) => Ok(v.virtual_size()),
+            Updater::Vhdx(v) => Ok(v.virtual_size()),
         }
     }
 
@@ -315,6 +344,7 @@ impl Updater {
             }
             Updater::Qed(q) => q.resize(size, prealloc),
             Updater::Vmdk(_) => require(self.format(), UpdateOp::Resize),
+            Updater::Vhdx(_) => require(self.format(), UpdateOp::Resize),
         }
     }
 
@@ -354,6 +384,7 @@ impl Updater {
             Updater::Qcow2(q) => q.repair(mode),
             Updater::Parallels(p) => p.repair(mode),
             Updater::Qed(q) => q.repair(),
+            Updater::Vhdx(v) => v.repair(),
             _ => Err(require(self.format(), UpdateOp::Repair)
                 .err()
                 .unwrap_or_else(|| Error::unsupported("repair"))),
@@ -371,6 +402,7 @@ impl Updater {
             }
             Updater::Qed(q) => q.set_backing(backing),
             Updater::Vmdk(_) => require(self.format(), UpdateOp::Backing),
+            Updater::Vhdx(_) => require(self.format(), UpdateOp::Backing),
         }
     }
 
@@ -422,6 +454,10 @@ impl Updater {
             }
             Updater::Qed(q) => Ok(DataTarget::Qed(q.data_writer()?)),
             Updater::Vmdk(v) => Ok(DataTarget::Vmdk(v)),
+            Updater::Vhdx(v) => {
+                v.check_writable()?;
+                Ok(DataTarget::Vhdx(v))
+            }
         }
     }
 }
@@ -443,6 +479,8 @@ pub enum DataTarget<'a> {
     Qed(QedDataWriter<'a>),
     /// vmdk: grains appended, grain table entries after their data.
     Vmdk(&'a mut VmdkUpdate),
+    /// vhdx: blocks appended, BAT entries through the log in batches and at finish.
+    Vhdx(&'a mut VhdxUpdate),
 }
 
 impl DataTarget<'_> {
@@ -457,6 +495,7 @@ impl DataTarget<'_> {
             DataTarget::Parallels(p) => p.write_at(off, data, backing),
             DataTarget::Qed(w) => w.write_at(off, data, backing),
             DataTarget::Vmdk(v) => v.write_at(off, data, backing),
+            DataTarget::Vhdx(v) => v.write_at(off, data, backing),
         }
     }
 
@@ -469,6 +508,7 @@ impl DataTarget<'_> {
             DataTarget::Vpc(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
             DataTarget::Vmdk(v) => return v.write_zeroes(off, len, backing),
+            DataTarget::Vhdx(v) if backing.is_none() => return v.write_zeroes(off, len),
             _ => {}
         }
         let end = off + len;
@@ -513,6 +553,7 @@ impl DataTarget<'_> {
             DataTarget::Parallels(p) => p.cluster_size(),
             DataTarget::Qed(d) => d.cluster_size(),
             DataTarget::Vmdk(v) => v.unit(),
+            DataTarget::Vhdx(v) => v.block_size(),
         }
     }
 
@@ -584,6 +625,7 @@ impl DataTarget<'_> {
             DataTarget::Parallels(p) => p.finish(),
             DataTarget::Qed(w) => w.finish(),
             DataTarget::Vmdk(v) => v.finish(),
+            DataTarget::Vhdx(v) => v.finish(),
         }
     }
 }

@@ -13,6 +13,8 @@
 //! - [`log`] and [`overlay`]: an image whose log was never applied is read with the log
 //!   replayed in memory (§2.3.3); the file is never written.
 //! - [`write`]: dynamic and fixed images with qemu-img's options.
+//! - [`update`]: guest writes into existing images with BAT updates through the log, the
+//!   log replayed to the file on every read-write open, and `check -r`.
 //!
 //! Differences from qemu-img, all deliberate:
 //! - vimg reads images whose log needs replay (qemu refuses them read-only) and
@@ -31,6 +33,7 @@ pub mod log;
 mod open;
 pub mod overlay;
 pub mod read;
+pub mod update;
 pub mod write;
 
 use std::sync::Arc;
@@ -99,9 +102,7 @@ const OPTIONS: &[OptionSpec] = &[
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
     compressed: Support::No,
-    in_place: Support::NotInVimg(
-        "vhdx cannot be written into an existing image (convert -n); convert to a new file",
-    ),
+    in_place: Support::Yes,
     backing_file: false,
     bitmaps: false,
     printed: &[

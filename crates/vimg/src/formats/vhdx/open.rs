@@ -23,7 +23,7 @@ use crate::storage::{read_exact, Storage};
 const PATH_KEYS: [&str; 3] = ["relative_path", "volume_path", "absolute_win32_path"];
 
 /// Reads the two headers and returns the current one with its number.
-fn read_headers(storage: &dyn Storage) -> Result<(Header, u8)> {
+pub(super) fn read_headers(storage: &dyn Storage) -> Result<(Header, u8)> {
     let mut b1 = vec![0u8; HEADER_SIZE];
     let mut b2 = vec![0u8; HEADER_SIZE];
     let r1 = read_exact(storage, &mut b1, HEADER1_OFFSET, "VHDX header 1")
@@ -55,7 +55,7 @@ fn read_headers(storage: &dyn Storage) -> Result<(Header, u8)> {
 }
 
 /// Checks the current header's log fields (qemu refuses the same values).
-fn check_log_fields(h: &Header, index: u8) -> Result<()> {
+pub(super) fn check_log_fields(h: &Header, index: u8) -> Result<()> {
     let offset = if index == 1 {
         HEADER1_OFFSET
     } else {
@@ -406,6 +406,7 @@ impl VhdxReader {
 
         let mut warnings = Vec::new();
         let mut log_note = None;
+        let mut log_pending = false;
         let view: Arc<dyn Storage> = match log::replay(&storage, &header)? {
             LogState::Empty => storage.clone(),
             LogState::NoValidSequence { reason } => {
@@ -429,6 +430,7 @@ impl VhdxReader {
                 );
                 log_note = Some(w.clone());
                 warnings.push(w);
+                log_pending = true;
                 Arc::new(overlay)
             }
         };
@@ -677,6 +679,7 @@ impl VhdxReader {
             refs,
             warnings,
             log_note,
+            log_pending,
             bitmaps: Mutex::new(VecDeque::new()),
         })
     }

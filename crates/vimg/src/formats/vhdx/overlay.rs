@@ -118,6 +118,16 @@ impl LogOverlay {
         self.len = self.len.max(end);
     }
 
+    /// The replayed pieces in file order: `(offset, Some(sector))` for a 4 KiB sector a data
+    /// descriptor wrote, `(offset, None)` with a length for a zeroed range (for writing the
+    /// replay to the file, `update.rs`).
+    pub fn replayed(&self) -> impl Iterator<Item = (u64, u64, Option<&[u8]>)> {
+        self.pieces.iter().map(|(off, p)| match p {
+            Piece::Sector(s) => (*off, s.len() as u64, Some(&s[..])),
+            Piece::Zero(n) => (*off, *n, None),
+        })
+    }
+
     /// Reads from the file itself, zeros past its end.
     fn read_inner(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let ilen = self.inner.len();

@@ -79,6 +79,8 @@ pub struct VhdxReader {
     pub(super) refs: Vec<ExternalRef>,
     pub(super) warnings: Vec<String>,
     pub(super) log_note: Option<String>,
+    /// The log holds an active sequence (replayed in memory only).
+    pub(super) log_pending: bool,
     pub(super) bitmaps: Mutex<VecDeque<(u64, Arc<[u8]>)>>,
 }
 
@@ -285,6 +287,18 @@ impl ImageReader for VhdxReader {
         // table, which open uses only when table 1 is damaged. The two are written together
         // (§2.2.3) and must agree; a damaged or different copy is a corruption, as a
         // disagreeing VHD footer copy or VMDK redundant grain directory is.
+        if self.log_pending {
+            // qemu-img check opens the image read-only and refuses it with these words;
+            // `check -r` replays the log to the file first (update.rs).
+            let name = self
+                .storage
+                .path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            return Err(crate::error::Error::corrupt(format!(
+                "VHDX image file '{name}' opened read-only, but contains a log that needs to be replayed\nTo replay the log, run:\nqemu-img check -r all '{name}'"
+            )));
+        }
         let mut r = CheckReport::default();
         if let Some(n) = &self.log_note {
             r.message(n.clone());
