@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::ConvertOptions;
+use super::options::ConvertOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::qcow2::header::{BME_FLAG_AUTO, BME_FLAG_IN_USE};
 use crate::formats::qcow2::{BitmapOp, Qcow2Reader, Qcow2Update};

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use super::ConvertOptions;
+use super::options::ConvertOptions;
 use crate::engine::{self, CopyOptions, CopyStats};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::updater::{self, DataTarget, UpdateOp};
