@@ -713,7 +713,7 @@ impl Qcow2Writer {
                     // rest as zeros (QEMU's copy-on-write fills it so).
                     let cs = self.g.cluster_size;
                     let end = p.host + p.len;
-                    let pad = match p.guest + p.len == self.size && !p.to_data_file {
+                    let pad = match p.guest + p.len == self.size {
                         true => end.next_multiple_of(cs) - end,
                         false => 0,
                     };
