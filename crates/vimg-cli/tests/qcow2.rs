@@ -756,7 +756,10 @@ fn bad_create_options_are_refused_before_anything_is_written() {
             "encrypt.format=luks",
             "Parameter 'encrypt.key-secret' is required for cipher",
         ),
-        ("encrypt.format=aes", "legacy AES"),
+        (
+            "encrypt.format=aes",
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
         ("backing_fmt=raw", "without backing file"),
         // qemu-img opens the backing file first (it does not exist here).
         ("backing_file=x.raw", "Could not open backing image"),

@@ -300,10 +300,14 @@ fn refusals() {
         ),
         (
             "encrypt.format=aes,encrypt.key-secret=sec0",
-            false,
-            "legacy AES",
+            true,
+            "Compression and encryption not supported at the same time",
         ),
-        ("encryption=on,encrypt.key-secret=sec0", false, "legacy AES"),
+        (
+            "encryption=on",
+            false,
+            "Parameter 'encrypt.key-secret' is required for cipher",
+        ),
         (
             "encrypt.format=luks",
             false,

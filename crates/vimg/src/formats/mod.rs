@@ -56,6 +56,9 @@ pub struct OpenContext {
     /// Set by the LUKS wrapper: the qcow2 reader may open a LUKS-encrypted image (the
     /// wrapper decrypts its data clusters).
     pub(crate) qcow2_luks: bool,
+    /// Set by the legacy AES wrapper (formats/qcow2/aes.rs): the qcow2 reader may open an
+    /// AES-encrypted image.
+    pub(crate) legacy_aes: bool,
 }
 
 impl OpenContext {
@@ -67,6 +70,7 @@ impl OpenContext {
             key_secret: None,
             metadata_only: false,
             qcow2_luks: false,
+            legacy_aes: false,
         }
     }
 

@@ -17,6 +17,7 @@
 //! The uncompressed, unencrypted image qemu-img creates and converts into, with its
 //! `backing_file` (see [`write`]); compressed (`-c`) and encrypted output is refused.
 
+pub mod aes;
 pub mod error;
 pub mod header;
 mod open;
@@ -104,8 +105,13 @@ impl crate::formats::Driver for Driver {
         crate::formats::unread::probe_qcow(head, storage)
     }
 
-    fn open(&self, storage: Arc<dyn Storage>, _ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
-        Ok(Box::new(QcowReader::open(storage)?))
+    fn open(&self, storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
+        let r = QcowReader::open_with(storage, true)?;
+        if r.header().crypt_method == aes::CRYPT_AES {
+            let r = aes::AesReader::new(Box::new(r), ctx.key_secret.as_deref(), ctx.metadata_only)?;
+            return Ok(Box::new(r));
+        }
+        Ok(Box::new(r))
     }
 
     fn create_options(&self) -> &'static [OptionSpec] {
@@ -122,11 +128,7 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
-        if opts.get_bool("encryption", false)? || opts.get_str("encrypt.format").is_some() {
-            return Err(Error::unsupported(
-                "vimg does not write encrypted qcow images (QEMU's qcow AES encryption is deprecated and insecure)",
-            ));
-        }
+        let key = aes::create_key(opts)?;
         if let Some(f) = opts.get_str("backing_fmt") {
             if Format::from_name(f).is_none() {
                 return Err(Error::invalid_argument(format!(
@@ -137,12 +139,11 @@ impl crate::formats::Driver for Driver {
         let backing = opts.get_str("backing_file");
         let (h, l1_size) = new_header(size, backing)?;
         let file = out.create_main()?;
-        Ok(Box::new(QcowWriter::new(
-            file,
-            h,
-            l1_size,
-            backing.map(str::to_string),
-        )?))
+        let w = QcowWriter::new(file, h, l1_size, backing.map(str::to_string))?;
+        Ok(Box::new(match key {
+            Some(k) => w.with_key(k),
+            None => w,
+        }))
     }
 }
 

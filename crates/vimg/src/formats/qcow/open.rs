@@ -50,6 +50,12 @@ impl fmt::Display for Who {
 impl QcowReader {
     /// Opens the qcow image in `storage`.
     pub fn open(storage: Arc<dyn Storage>) -> Result<QcowReader> {
+        Self::open_with(storage, false)
+    }
+
+    /// [`QcowReader::open`]; with `aes`, an AES-encrypted image opens too (mapped as a
+    /// plain one: [`super::aes::AesReader`] decrypts).
+    pub fn open_with(storage: Arc<dyn Storage>, aes: bool) -> Result<QcowReader> {
         let len = storage.len();
         if len < HEADER_SIZE as u64 {
             return Err(QcowError::TooShort { len }.into());
@@ -93,6 +99,7 @@ impl QcowReader {
         }
         match h.crypt_method {
             CRYPT_NONE => {}
+            CRYPT_AES if aes => {}
             CRYPT_AES => return Err(QcowError::Encrypted(h.crypt_method).into()),
             m => {
                 return Err(field(

@@ -5,12 +5,19 @@
 //! clusters and 512-entry L2 tables, or 512-byte clusters and 4096-entry tables with a
 //! backing file, as QEMU chooses them.
 //!
+//! With `encryption=on` / `encrypt.format=aes` (header `crypt_method` 1), every sector of
+//! a data cluster is AES-encrypted with its guest sector as IV ([`super::aes`]); a cluster
+//! that a write does not fill when it is allocated gets encrypted zeros in the rest, as
+//! QEMU's `get_cluster_offset` writes them, so the file is the same however the data
+//! arrives.
+//!
 //! Data arrives in ascending guest order (the writer asks for it), so the file is the same
 //! for any thread count; each L2 table is final once writing moves past it and only the
 //! current one is held in memory.
 
 use std::sync::Mutex;
 
+use super::aes::AesKey;
 use super::header::{Header, CRYPT_NONE, HEADER_SIZE, MAGIC, VERSION};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits;
@@ -80,6 +87,8 @@ pub struct QcowWriter {
     header: Header,
     backing_name: Option<String>,
     state: Mutex<State>,
+    /// The legacy AES key of an encrypted image.
+    key: Option<AesKey>,
 }
 
 impl QcowWriter {
@@ -106,7 +115,15 @@ impl QcowWriter {
                 end,
             }),
             header,
+            key: None,
         })
+    }
+
+    /// Encrypts the data with `key` (the header's `crypt_method` becomes AES).
+    pub fn with_key(mut self, key: AesKey) -> QcowWriter {
+        self.header.crypt_method = super::aes::CRYPT_AES;
+        self.key = Some(key);
+        self
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
@@ -126,7 +143,8 @@ impl QcowWriter {
         Ok(())
     }
 
-    fn cluster(&self, s: &mut State, c: u64) -> Result<u64> {
+    /// The host offset of guest cluster `c`, allocated if need be (then `true`).
+    fn cluster(&self, s: &mut State, c: u64) -> Result<(u64, bool)> {
         let cs = 1u64 << self.header.cluster_bits;
         let l2_bits = u32::from(self.header.l2_bits);
         let (i, j) = ((c >> l2_bits) as usize, (c & ((1 << l2_bits) - 1)) as usize);
@@ -151,8 +169,9 @@ impl QcowWriter {
             let at = s.end.next_multiple_of(cs);
             t[j] = at;
             s.end = at + cs;
+            return Ok((at, true));
         }
-        Ok(t[j])
+        Ok((t[j], false))
     }
 }
 
@@ -175,10 +194,23 @@ impl ImageWriter for QcowWriter {
         let mut pos = offset;
         while pos < end {
             let n = (cs - pos % cs).min(end - pos);
-            let host = self.cluster(&mut s, pos / cs)?;
+            let (host, new) = self.cluster(&mut s, pos / cs)?;
             let from = (pos - offset) as usize;
-            self.file
-                .write_all_at(&data[from..from + n as usize], host + pos % cs)?;
+            let part = &data[from..from + n as usize];
+            match &self.key {
+                None => self.file.write_all_at(part, host + pos % cs)?,
+                Some(k) => {
+                    let cstart = pos - pos % cs;
+                    if new && n < cs {
+                        let mut z = vec![0u8; cs as usize];
+                        k.apply(cstart, &mut z, true)?;
+                        self.file.write_all_at(&z, host)?;
+                    }
+                    let mut buf = part.to_vec();
+                    k.apply(pos, &mut buf, true)?;
+                    self.file.write_all_at(&buf, host + pos % cs)?;
+                }
+            }
             pos += n;
         }
         Ok(())

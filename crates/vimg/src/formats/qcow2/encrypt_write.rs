@@ -14,12 +14,16 @@
 //! - zeros written over an allocated cluster are encrypted like data; zero clusters of v3
 //!   images stay zero flags (they read as zeros without decryption).
 //!
+//! The legacy `encrypt.format=aes` / `encryption=on` (header `crypt_method` 1, no header
+//! extension, no key area) is written as qemu-img writes it: AES-128-CBC with the secret's
+//! text as key and the **guest** sector as IV ([`crate::formats::qcow::aes`]).
+//!
 //! Refused, as qemu-img refuses: `-c` with encryption ("Compression and encryption not
-//! supported at the same time"). Refused where qemu-img writes something wrong:
-//! `preallocation` with encryption (qemu-img leaves the preallocated clusters as plain
-//! zeros, which decrypt to noise, so the new image does not read back as zeros), and the
-//! legacy `encrypt.format=aes` / `encryption=on` (AES-CBC with the guest sector as IV and
-//! the passphrase as key; QEMU deprecates it and refuses it in its emulators).
+//! supported at the same time"), `encryption` together with `encrypt.format` ("'encrypt.format'
+//! and its alias 'encryption' can't be used at the same time"), LUKS options with AES.
+//! Refused where qemu-img writes something wrong: `preallocation` with encryption
+//! (qemu-img leaves the preallocated clusters as plain zeros, which decrypt to noise, so the
+//! new image does not read back as zeros).
 
 use zeroize::Zeroizing;
 
@@ -28,6 +32,7 @@ use super::write::{Prealloc, WriteOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::luks::crypto::SectorCipher;
 use crate::formats::luks::write::{header_area_len, new_volume};
+use crate::formats::qcow::aes::{AesKey, CRYPT_AES};
 use crate::options::CreateOptions;
 
 /// Header `crypt_method` of LUKS encryption.
@@ -36,34 +41,52 @@ pub const CRYPT_LUKS: u32 = 2;
 /// Bytes of a sector: the unit of encryption and of the IV count.
 const SECTOR: u64 = 512;
 
-/// Which encryption `-o` asks for: `Ok(true)` for LUKS, `Ok(false)` for none; the legacy
-/// AES method and unknown formats are refused.
+/// Which encryption `-o` asks for: `Ok(true)` for LUKS or the legacy AES, `Ok(false)` for
+/// none; unknown formats are refused.
 pub fn requested(opts: &CreateOptions) -> Result<bool> {
-    if opts.get_bool("encryption", false)? {
-        return Err(refuse_aes());
+    if is_aes(opts)? {
+        return Ok(true);
     }
+    requested_luks(opts)
+}
+
+/// True when `-o` asks for the legacy AES encryption (`encryption=on` or
+/// `encrypt.format=aes`), checked as qemu-img checks it.
+pub fn is_aes(opts: &CreateOptions) -> Result<bool> {
+    let on = opts.get_bool("encryption", false)?;
+    if on && opts.get_str("encrypt.format").is_some() {
+        return Err(Error::invalid_argument(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time",
+        ));
+    }
+    let aes = on || opts.get_str("encrypt.format") == Some("aes");
+    if aes {
+        if let Some(k) = opts.keys().find(|k| {
+            k.starts_with("encrypt.") && !matches!(*k, "encrypt.format" | "encrypt.key-secret")
+        }) {
+            return Err(Error::invalid_argument(format!(
+                "Parameter '{k}' is unexpected"
+            )));
+        }
+    }
+    Ok(aes)
+}
+
+fn requested_luks(opts: &CreateOptions) -> Result<bool> {
     match opts.get_str("encrypt.format") {
         None => {
-            if let Some(k) = opts.keys().find(|k| k.starts_with("encrypt.")) {
-                return Err(Error::invalid_argument(format!(
-                    "Parameter '{k}' requires encrypt.format (vimg writes encrypt.format=luks)"
-                )));
+            if opts.keys().any(|k| k.starts_with("encrypt.")) {
+                return Err(Error::invalid_argument(
+                    "Parameter 'encrypt.format' is missing",
+                ));
             }
             Ok(false)
         }
         Some("luks") => Ok(true),
-        Some("aes") => Err(refuse_aes()),
         Some(other) => Err(Error::invalid_argument(format!(
             "Parameter 'format' does not accept value '{other}'"
         ))),
     }
-}
-
-fn refuse_aes() -> Error {
-    Error::unsupported(
-        "vimg does not create qcow2 images with the legacy AES encryption (encrypt.format=aes, encryption=on): \
-         it is insecure and deprecated, and QEMU refuses such images in its emulators; use encrypt.format=luks",
-    )
 }
 
 /// Refuses option combinations that cannot go with encryption (after the other checks).
@@ -88,6 +111,9 @@ pub fn check_combination(o: &WriteOptions) -> Result<()> {
 
 /// Bytes `measure` adds for the LUKS area: its clusters (QEMU's `qcow2_measure`).
 pub fn measure_extra(opts: &CreateOptions, cluster_size: u64) -> Result<u64> {
+    if is_aes(opts)? {
+        return Ok(0);
+    }
     let len = header_area_len(opts, "encrypt.")?;
     Ok(len.div_ceil(cluster_size) * cluster_size)
 }
@@ -98,18 +124,39 @@ pub struct Crypt {
     head: Option<Zeroizing<Vec<u8>>>,
     /// Its length (the extension's length field).
     len: u64,
-    cipher: SectorCipher,
+    cipher: Cipher,
+}
+
+/// LUKS's volume key (host sectors as IV) or the legacy AES key (guest sectors).
+enum Cipher {
+    Luks(SectorCipher),
+    Aes(AesKey),
 }
 
 impl Crypt {
     /// Makes the LUKS header area and volume key from the `encrypt.` options.
     pub fn new(opts: &CreateOptions) -> Result<Crypt> {
+        if is_aes(opts)? {
+            return Ok(Crypt {
+                head: None,
+                len: 0,
+                cipher: Cipher::Aes(AesKey::from_secret(opts.get_str("encrypt.key-secret"))?),
+            });
+        }
         let v = new_volume(opts, "encrypt.")?;
         Ok(Crypt {
             head: Some(v.head),
             len: v.payload,
-            cipher: v.cipher,
+            cipher: Cipher::Luks(v.cipher),
         })
+    }
+
+    /// The header's `crypt_method`.
+    pub fn method(&self) -> u32 {
+        match self.cipher {
+            Cipher::Luks(_) => CRYPT_LUKS,
+            Cipher::Aes(_) => CRYPT_AES,
+        }
     }
 
     /// Clusters the LUKS area takes.
@@ -126,16 +173,29 @@ impl Crypt {
     }
 
     /// The header extension's payload: the area's offset and length.
-    pub fn extension(&self, offset: u64) -> (u32, [u8; 16]) {
+    /// `None` for the legacy AES, which has no extension.
+    pub fn extension(&self, offset: u64) -> Option<(u32, [u8; 16])> {
+        if let Cipher::Aes(_) = self.cipher {
+            return None;
+        }
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&offset.to_be_bytes());
         b[8..].copy_from_slice(&self.len.to_be_bytes());
-        (EXT_CRYPTO, b)
+        Some((EXT_CRYPTO, b))
     }
 
-    /// `data`, to be stored at host offset `host`, encrypted (host is sector aligned: data
-    /// clusters are, and every write covers whole sectors).
-    pub fn encrypt(&self, host: u64, data: &[u8]) -> Result<Vec<u8>> {
+    /// `data`, guest bytes from guest offset `guest` to be stored at host offset `host`,
+    /// encrypted (both sector aligned: data clusters are, and every write covers whole
+    /// sectors). LUKS counts host sectors, the legacy AES guest sectors.
+    pub fn encrypt(&self, host: u64, guest: u64, data: &[u8]) -> Result<Vec<u8>> {
+        let c = match &self.cipher {
+            Cipher::Luks(c) => c,
+            Cipher::Aes(k) => {
+                let mut buf = data.to_vec();
+                k.apply(guest, &mut buf, true)?;
+                return Ok(buf);
+            }
+        };
         if !host.is_multiple_of(SECTOR) || !(data.len() as u64).is_multiple_of(SECTOR) {
             return Err(Error::invalid_argument(format!(
                 "encrypted qcow2 write of {} bytes at host offset {host:#x} is not whole sectors",
@@ -143,7 +203,7 @@ impl Crypt {
             )));
         }
         let mut buf = data.to_vec();
-        self.cipher.apply(host / SECTOR, &mut buf, true);
+        c.apply(host / SECTOR, &mut buf, true);
         Ok(buf)
     }
 }
@@ -153,17 +213,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn legacy_aes_and_unknown_formats_are_refused() {
+    fn legacy_aes_is_requested_and_unknown_formats_are_refused() {
         let o = CreateOptions::new().with("encrypt.format", "aes");
-        assert!(requested(&o)
-            .unwrap_err()
-            .to_string()
-            .contains("legacy AES"));
+        assert!(requested(&o).unwrap());
+        assert!(is_aes(&o).unwrap());
         let o = CreateOptions::new().with("encryption", "on");
+        assert!(requested(&o).unwrap());
+        let o = CreateOptions::new()
+            .with("encryption", "on")
+            .with("encrypt.format", "aes");
+        assert!(requested(&o).unwrap_err().to_string().contains("alias"));
+        let o = CreateOptions::new()
+            .with("encrypt.format", "aes")
+            .with("encrypt.cipher-alg", "aes-128");
         assert!(requested(&o)
             .unwrap_err()
             .to_string()
-            .contains("legacy AES"));
+            .contains("unexpected"));
         let o = CreateOptions::new().with("encrypt.format", "foo");
         assert!(requested(&o).unwrap_err().to_string().contains("'foo'"));
         let o = CreateOptions::new().with("encrypt.key-secret", "s");

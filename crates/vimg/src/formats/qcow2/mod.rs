@@ -19,6 +19,7 @@
 //! already uses, is an error that names the table, the index and the value. QEMU accepts
 //! several of these; vimg does not.
 
+mod aes;
 mod check;
 mod encrypt_write;
 pub mod error;
@@ -156,6 +157,7 @@ const CAPABILITIES: Capabilities = Capabilities {
     backing_file: true,
     bitmaps: true,
     printed: &[
+        printed("encryption", None),
         printed("encrypt.format", None),
         printed("encrypt.key-secret", None),
         printed("encrypt.cipher-alg", None),
@@ -201,6 +203,9 @@ impl crate::formats::Driver for Driver {
         if let Some(loc) = crate::formats::luks::qcow2::luks_header_location(&*storage)? {
             let r = crate::formats::luks::qcow2::EncryptedQcow2::open(storage, ctx, loc)?;
             return Ok(Box::new(r));
+        }
+        if aes::is_aes(&*storage)? {
+            return aes::open(storage, ctx);
         }
         Ok(Box::new(Qcow2Reader::open(storage, ctx)?))
     }

@@ -127,7 +127,16 @@ impl Qcow2Reader {
         }
         let exts = exts?;
         // LUKS (2) is read through formats::luks::qcow2, which sets `qcow2_luks`.
-        if header.crypt_method != 0 && !(header.crypt_method == 2 && ctx.qcow2_luks) {
+        // Legacy AES (1) is read through formats::qcow2::aes, which sets `legacy_aes`.
+        let aes_ok = header.crypt_method == 1 && ctx.legacy_aes;
+        if header.crypt_method != 0 && !(header.crypt_method == 2 && ctx.qcow2_luks) && !aes_ok {
+            if header.crypt_method == 1 {
+                // Only the in-place paths get here (reads go through formats::qcow2::aes).
+                return Err(Qcow2Error::Unsupported(
+                    "vimg does not change qcow2 images with the legacy AES encryption (crypt_method 1) in place; convert them to a new image".into(),
+                )
+                .into());
+            }
             let m = if header.crypt_method == 1 {
                 "AES"
             } else {

@@ -315,6 +315,8 @@ enum Src {
 
 struct Piece {
     host: u64,
+    /// Guest offset of the first byte (the legacy AES counts guest sectors).
+    guest: u64,
     len: u64,
     src: Src,
     to_data_file: bool,
@@ -383,7 +385,10 @@ impl Qcow2Writer {
         let mut max_end = (l1_offset + l1_entries * 8).max(cs);
         let crypt = match crypt {
             Some(mut c) => {
-                let at = alloc.alloc(&file, c.clusters(cs), true)? << g.cluster_bits;
+                let at = match c.clusters(cs) {
+                    0 => 0,
+                    n => alloc.alloc(&file, n, true)? << g.cluster_bits,
+                };
                 if let Some(area) = c.take_area(cs) {
                     file.write_all_at(&area, at)?;
                     max_end = max_end.max(at + area.len() as u64);
@@ -656,6 +661,7 @@ impl Qcow2Writer {
                     slot.dirty = true;
                     pieces.push(Piece {
                         host,
+                        guest,
                         len: n,
                         src: Src::Enc(u as usize),
                         to_data_file: false,
@@ -702,6 +708,7 @@ impl Qcow2Writer {
                     }
                     _ => pieces.push(Piece {
                         host,
+                        guest,
                         len: dlen,
                         src: Src::Data(dstart),
                         to_data_file,
@@ -721,14 +728,27 @@ impl Qcow2Writer {
             };
             match (&p.src, &self.crypt) {
                 (&Src::Data(start), Some((c, _))) => {
-                    let buf = c.encrypt(p.host, &data[start..start + p.len as usize])?;
+                    // The last cluster of a disk that ends inside it is encrypted whole, the
+                    // rest as zeros (QEMU's copy-on-write fills it so).
+                    let cs = self.g.cluster_size;
+                    let end = p.host + p.len;
+                    let pad = match p.guest + p.len == self.size {
+                        true => end.next_multiple_of(cs) - end,
+                        false => 0,
+                    };
+                    let mut plain = data[start..start + p.len as usize].to_vec();
+                    plain.resize((p.len + pad) as usize, 0);
+                    let buf = c.encrypt(p.host, p.guest, &plain)?;
                     out.write_all_at(&buf, p.host)?;
+                    if !p.to_data_file {
+                        self.note_end(p.host + p.len + pad);
+                    }
                 }
                 (&Src::Zero, Some((c, _))) => {
                     let mut pos = 0;
                     while pos < p.len {
                         let n = (p.len - pos).min(1 << 20);
-                        let buf = c.encrypt(p.host + pos, &vec![0u8; n as usize])?;
+                        let buf = c.encrypt(p.host + pos, p.guest + pos, &vec![0u8; n as usize])?;
                         out.write_all_at(&buf, p.host + pos)?;
                         pos += n;
                     }
@@ -886,6 +906,7 @@ impl ImageWriter for Qcow2Writer {
                 if let Some(h) = self.data_host(entry, bitmap) {
                     pieces.push(Piece {
                         host: h + (pos - cstart),
+                        guest: pos,
                         len: ze - pos,
                         src: Src::Zero,
                         to_data_file: self.data.is_some(),
@@ -930,6 +951,7 @@ impl ImageWriter for Qcow2Writer {
                         slot.dirty = true;
                         pieces.push(Piece {
                             host,
+                            guest: cstart,
                             len: cs,
                             src: Src::Zero,
                             to_data_file: self.data.is_some(),
@@ -1096,7 +1118,10 @@ impl Qcow2Writer {
         let fmt = self.o.backing_fmt.as_deref();
         let df = self.o.data_file.as_deref();
         let ext_len = |d: usize| 8 + d.div_ceil(8) * 8;
-        let crypt = self.crypt.as_ref().map(|(c, at)| c.extension(*at));
+        let crypt = self.crypt.as_ref().and_then(|(c, at)| c.extension(*at));
+        if let Some((c, _)) = &self.crypt {
+            h.crypt_method = c.method();
+        }
         let mut need = h.len() + 8 + name.len() + crypt.map_or(0, |_| ext_len(16));
         need += fmt.map_or(0, |f| ext_len(f.len()));
         need += df.map_or(0, |d| ext_len(d.len()));
@@ -1118,7 +1143,6 @@ impl Qcow2Writer {
             off = write_extension(&mut buf, off, EXT_DATA_FILE, d.as_bytes());
         }
         if let Some((magic, data)) = crypt {
-            h.crypt_method = super::encrypt_write::CRYPT_LUKS;
             off = write_extension(&mut buf, off, magic, &data);
         }
         if with_features {
