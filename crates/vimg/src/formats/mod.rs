@@ -24,6 +24,8 @@ pub(crate) mod cluster_tables;
 pub mod dmg;
 mod format;
 pub(crate) mod inplace_file;
+#[cfg(test)]
+mod inplace_fuzz_tests;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;
