@@ -1,5 +1,6 @@
-//! Regression tests for what fuzzing the in-place code of the block-table formats found
-//! (fuzz targets `bat_update`, `qed_update`, `repair`; fuzz/README.md). Images are built
+//! Regression tests for what hunting the in-place code of the block-table formats found
+//! (the fuzz targets `bat_update`, `qed_update` and `repair`, and by hand while they were
+//! written: headers claiming huge units over tiny files; fuzz/README.md). Images are built
 //! here by hand.
 
 use std::os::unix::fs::MetadataExt;
@@ -31,7 +32,7 @@ fn write_stays_small(path: &Path, format: Format, off: u64, data: &[u8]) {
     assert_eq!(crate::image::check(&img).unwrap().corruptions, 0);
 }
 
-/// Found by `bat_update` (and by hand: `vimg convert -n` of 64 KiB wrote 2 GB in 23 s): a
+/// Found by hand while writing `bat_update` (`vimg convert -n` of 64 KiB wrote 2 GB in 23 s): a
 /// 1 KiB Parallels file whose header claims 2 GB clusters (4 000 000 sectors, under QEMU's
 /// limit) made a write of a few bytes allocate and write a whole zeroed cluster. Now only
 /// the bytes written are written; the new cluster past the old end of the file is a hole.
@@ -50,7 +51,7 @@ fn parallels_write_into_a_huge_cluster_writes_only_the_data() {
     write_stays_small(&path, Format::Parallels, 1000, &[7u8; 3000]);
 }
 
-/// Found by `bat_update` (and by hand: `vimg convert -n` of 64 KiB wrote 2 GB in 19 s): a
+/// Found by hand while writing `bat_update` (`vimg convert -n` of 64 KiB wrote 2 GB in 19 s): a
 /// dynamic VHD whose header claims 2 GiB blocks made a write of a few bytes allocate and
 /// write a whole zeroed block (and size a 2 GiB buffer). Now the bitmap and the bytes
 /// written are written; the rest of the new block past the old end of the file is a hole.
@@ -75,4 +76,35 @@ fn vhd_write_into_a_huge_block_writes_only_the_data() {
     let mut t = up.data().unwrap();
     t.write_zeroes(0, 4096, None).unwrap();
     t.finish().unwrap();
+}
+
+/// Found by hand while writing `bat_update` (`vimg convert -n` of 64 KiB made a 1 KiB VDI
+/// 4 GiB long): a header whose data offset (0x158) or allocated-block count (0x184) puts
+/// the next data block far past the end of the file made the first write grow the file
+/// by what the header claims. Now refused before anything is written.
+#[test]
+fn vdi_next_block_past_the_end_of_the_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("far.vdi");
+    crate::convert::create(&path, Format::Vdi, Some(4 << 20), &Default::default()).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let offset_data = u32::from_le_bytes(good[0x158..0x15c].try_into().unwrap());
+    assert_eq!(
+        offset_data as usize,
+        good.len(),
+        "an empty VDI ends at its data area"
+    );
+    for (at, value) in [(0x158, 0xfff0_0000u32), (0x184, 3u32)] {
+        let mut b = good.clone();
+        b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&path, &b).unwrap();
+        let mut up = updater::open(&path, Format::Vdi, ExternalPolicy::SameFolder).unwrap();
+        let e = up.data().unwrap_err();
+        assert!(e.to_string().contains("past the end of the file"), "{e}");
+        drop(up);
+        assert_eq!(std::fs::read(&path).unwrap(), b, "nothing written");
+    }
+    // The image as created takes writes.
+    std::fs::write(&path, &good).unwrap();
+    write_stays_small(&path, Format::Vdi, 100, &[5u8; 1000]);
 }
