@@ -24,8 +24,6 @@ pub(crate) mod cluster_tables;
 pub mod dmg;
 mod format;
 pub(crate) mod inplace_file;
-#[cfg(test)]
-mod inplace_fuzz_tests;
 pub mod luks;
 pub mod parallels;
 pub mod qcow;
@@ -439,3 +437,6 @@ pub struct Measure {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<u64>,
 }
+
+#[cfg(test)]
+mod inplace_fuzz_tests;
