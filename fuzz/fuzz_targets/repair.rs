@@ -76,10 +76,18 @@ fuzz_target!(|data: &[u8]| {
         // qcow2 with -r leaks leaves corruptions (and what needs a rebuild) alone.
         let leaks_only = mode == Repair::Leaks && format == Format::Qcow2;
         let settled = !leaks_only || (rep.before.corruptions == 0 && !rep.needs_rebuild);
+        // Parallels, as QEMU's parallels_co_check: clearing a BAT entry outside the image
+        // does not move the end of the data QEMU found at open, so the space it frees is
+        // a leak only the next check sees (found by this target in its first seconds;
+        // QEMU's behaviour, kept).
+        let leaks_may_follow = format == Format::Parallels && rep.corruptions_fixed > 0;
         match &second {
             Ok(r2) if settled => {
                 assert_eq!(
-                    (r2.corruptions_fixed, r2.leaks_fixed),
+                    (
+                        r2.corruptions_fixed,
+                        if leaks_may_follow { 0 } else { r2.leaks_fixed }
+                    ),
                     (0, 0),
                     "a second repair fixed more: first {rep:?}, second {r2:?}"
                 );
