@@ -205,6 +205,64 @@ else
   echo "seeds.sh: no shared corpus at $corpus; bochs, cloop and dmg start empty" >&2
 fi
 
+# ---- the in-place targets: each image behind programs of in-place operations (8 bytes,
+# low nibble the operation, high nibble its parameter; see fuzz_targets/inplace_common.rs).
+inplace_progs=("\x00\x11\x02\x03\x14\x0f\x06\x07"  # writes, zeros, across a unit, grow, reopen, repair
+               "\x09\x0a\x0c\x08\x18\x0b\x05\x0f"  # convert -n, commit, several, rebase -u, safe rebase, shrink
+               "\x21\x1a\x39\x4c\x30\x12\x0f\x07"  # commit growing the base, convert -n, writes
+               "\x3c\x2a\x01\x0e\x19\x22\x13\x06")
+inplace_seeds() { # inplace_seeds TARGET PREFIX FILE...
+  local t=$1 pre=$2; shift 2
+  wanted "$t" || return 0
+  mkdir -p "$fuzz/corpus/$t"
+  local f prog i=0
+  for f in "$@"; do
+    for prog in "${inplace_progs[@]}"; do
+      i=$((i + 1))
+      { printf "$pre$prog"; cat "$f"; } > "$fuzz/corpus/$t/$(basename "$f")-$i"
+    done
+  done
+}
+if wanted qed_update || wanted bat_update || wanted repair; then
+  mkdir ip && cd ip
+  truncate -s 256k b
+  head -c $((192 << 10)) ../src.raw > src192.raw
+  qemu-img convert -q -O qed -o cluster_size=4k,table_size=2 src192.raw small.qed
+  qemu-img create -q -f qed -o cluster_size=4k,table_size=2 -b b -F raw overb.qed 256k
+  qemu-io -f qed -c "write -P 3 0 3k" -c "write -z 64k 8k" -c "write -P 4 200k 5k" overb.qed >/dev/null
+  qemu-img create -q -f qed -o cluster_size=4k,table_size=2 empty.qed 128k
+  inplace_seeds qed_update "" small.qed overb.qed empty.qed
+  qemu-img convert -q -O vdi src192.raw dyn.vdi
+  qemu-img create -q -f vdi e.vdi 1M
+  qemu-img convert -q -O vpc -o force_size=on src192.raw dyn.vhd
+  qemu-img create -q -f vpc -o subformat=fixed,force_size=on fixed.vhd 64k
+  qemu-img convert -q -O parallels -o cluster_size=4k src192.raw c4k.hds
+  qemu-img create -q -f parallels -o cluster_size=1000 e1k.hds 64k
+  head -c $((64 << 10)) ../src.raw > r.raw
+  inplace_seeds bat_update "\x00" dyn.vdi e.vdi
+  inplace_seeds bat_update "\x01" dyn.vhd fixed.vhd
+  inplace_seeds bat_update "\x02" c4k.hds e1k.hds
+  inplace_seeds bat_update "\x03" r.raw
+  # repair: leaks (a cluster appended), the in-use flag, as leaks and all.
+  if wanted repair; then
+    mkdir -p "$fuzz/corpus/repair"
+    cp c4k.hds leak.hds && head -c 4096 ../src.raw >> leak.hds
+    cp c4k.hds inuse.hds && printf '\x59\x6e\x6f\x74' | dd of=inuse.hds bs=1 seek=44 conv=notrunc status=none
+    cp small.qed leak.qed && head -c 4096 ../src.raw >> leak.qed
+    qemu-img convert -q -O qcow2 -o cluster_size=512 src192.raw q.qcow2
+    cp q.qcow2 leak.qcow2 && head -c 1024 ../src.raw >> leak.qcow2
+    qemu-img create -q -f qcow2 -o cluster_size=512 -b b -F raw overb.qcow2 256k
+    qemu-io -f qcow2 -c "write -P 8 0 2k" overb.qcow2 >/dev/null
+    i=0
+    for sel in 0 4; do
+      for f in small.qed leak.qed overb.qed; do i=$((i + 1)); { printf "\x0$sel"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
+      for f in c4k.hds leak.hds inuse.hds e1k.hds; do i=$((i + 1)); { printf "\x0$((sel + 1))"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
+      for f in q.qcow2 leak.qcow2 overb.qcow2; do i=$((i + 1)); { printf "\x0$((sel + 2))"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
+    done
+  fi
+  cd ..
+fi
+
 # ---- probe: also a raw file and an empty one.
 head -c 4096 src.raw > raw.img
 : > empty.img

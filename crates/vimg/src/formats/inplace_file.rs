@@ -116,6 +116,47 @@ impl UpdateFile {
         Ok(())
     }
 
+    /// Writes a newly allocated unit of `unit` bytes at `at`, to read as zeros but for
+    /// `piece` at `within`: zeros are written only below `zero_from` (where the file held
+    /// bytes before the allocation; past it the file reads as zeros already), and the file
+    /// is extended to the unit's end. Work and memory are bounded by the file and the
+    /// piece, never by a unit size a header claims (a 2 GiB cluster over a 1 KiB file).
+    pub fn write_new_unit(
+        &mut self,
+        at: u64,
+        unit: u64,
+        within: u64,
+        piece: &[u8],
+        zero_from: u64,
+    ) -> Result<()> {
+        const STEP: u64 = 1 << 20;
+        let (p0, end) = match (at.checked_add(within), at.checked_add(unit)) {
+            (Some(p0), Some(end)) if within + piece.len() as u64 <= unit => (p0, end),
+            _ => {
+                return Err(Error::invalid_argument(format!(
+                    "a write of {} bytes at {within:#x} of a {unit}-byte unit at {at:#x}",
+                    piece.len()
+                )))
+            }
+        };
+        let p1 = p0 + piece.len() as u64;
+        let zeros = vec![0u8; STEP.min(unit) as usize];
+        for (from, to) in [(at, p0), (p1, end)] {
+            let to = to.min(zero_from);
+            let mut pos = from;
+            while pos < to {
+                let n = (to - pos).min(STEP);
+                self.write_at(&zeros[..n as usize], pos)?;
+                pos += n;
+            }
+        }
+        self.write_at(piece, p0)?;
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
+
     /// Flushes everything written so far to stable storage.
     pub fn sync(&mut self) -> Result<()> {
         self.hook.point();

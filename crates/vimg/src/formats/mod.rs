@@ -441,3 +441,6 @@ pub struct Measure {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps: Option<u64>,
 }
+
+#[cfg(test)]
+mod inplace_fuzz_tests;

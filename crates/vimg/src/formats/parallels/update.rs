@@ -304,6 +304,13 @@ impl ParallelsUpdate {
             if c < self.bat.len() && self.bat[c] != 0 {
                 let at = self.host(c) + within;
                 self.f.write_at(piece, at)?;
+            } else if c < self.bat.len() && backing.is_none() {
+                // Zeros written only where the file has bytes: a header's huge cluster
+                // size does not size the work.
+                let zero_from = self.f.len()?;
+                let (at, v) = self.new_cluster()?;
+                self.f.write_new_unit(at, cs, within, piece, zero_from)?;
+                self.set_entry(c, v);
             } else if c < self.bat.len() {
                 let mut buf = vec![0u8; cs as usize];
                 if let Some(b) = backing {
@@ -334,7 +341,7 @@ impl ParallelsUpdate {
         let end = self.range(off, len)?;
         self.mark()?;
         let cs = self.cluster_size;
-        let zeros = vec![0u8; cs as usize];
+        let zeros = vec![0u8; cs.min(len) as usize];
         let mut pos = off;
         while pos < end {
             let c = (pos / cs) as usize;

@@ -81,6 +81,16 @@ impl VdiUpdate {
                 "the VDI header counts {count} allocated blocks (at 0x184), but block map entry {i} uses data block {v}; vimg does not write into it (a new block would reuse one in use)"
             )));
         }
+        // The next block goes at the end of those counted: past the end of the file, the
+        // header would make a small write grow the file by what it claims.
+        let next = self.data_at(count);
+        let len = self.f.len()?;
+        if next > len {
+            return Err(Error::unsupported(format!(
+                "the next VDI data block would start at {next:#x} (data offset {:#x} at 0x158, {count} blocks allocated at 0x184), past the end of the file ({len:#x} bytes); vimg does not write into it",
+                self.header.offset_data
+            )));
+        }
         Ok(())
     }
 

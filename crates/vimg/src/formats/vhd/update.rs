@@ -161,6 +161,47 @@ impl VhdUpdate {
             .ok_or_else(|| {
                 Error::unsupported("the VHD would grow past what its BAT can address")
             })?;
+        if backing.is_none() {
+            // The footer moves first, so the file keeps ending with one; zeros are written
+            // only where the file had bytes (a header's huge block size does not size the
+            // work).
+            let zero_from = self.f.len()?;
+            let footer = self.footer;
+            self.f.write_at(&footer, new_end)?;
+            self.f.write_at(&vec![0xff; bmp as usize], at)?;
+            self.f
+                .write_new_unit(at + bmp, bs, within, piece, zero_from)?;
+        } else {
+            self.write_new_block(at, new_end, within, piece, backing, block)?;
+        }
+        let Some(d) = self.dynamic.as_mut() else {
+            return Ok(());
+        };
+        if let Some(e) = d.bat.get_mut(block) {
+            *e = (at / SECTOR) as u32;
+        }
+        d.free = new_end;
+        d.dirty = Some(match d.dirty {
+            None => (block, block),
+            Some((a, z)) => (a.min(block), z.max(block)),
+        });
+        Ok(())
+    }
+
+    /// A new block written whole from one buffer, with `backing`'s bytes around `piece`.
+    fn write_new_block(
+        &mut self,
+        at: u64,
+        new_end: u64,
+        within: u64,
+        piece: &[u8],
+        backing: Option<&Image>,
+        block: usize,
+    ) -> Result<()> {
+        let (bs, bmp) = self
+            .dynamic
+            .as_ref()
+            .map_or((SECTOR, 0), |d| (d.block_size, d.bitmap_size));
         let mut buf = vec![0u8; (bmp + bs) as usize];
         buf[..bmp as usize].fill(0xff);
         if let Some(b) = backing {
@@ -175,19 +216,7 @@ impl VhdUpdate {
         // The footer moves first, so the file keeps ending with one.
         let footer = self.footer;
         self.f.write_at(&footer, new_end)?;
-        self.f.write_at(&buf, at)?;
-        let Some(d) = self.dynamic.as_mut() else {
-            return Ok(());
-        };
-        if let Some(e) = d.bat.get_mut(block) {
-            *e = (at / SECTOR) as u32;
-        }
-        d.free = new_end;
-        d.dirty = Some(match d.dirty {
-            None => (block, block),
-            Some((a, z)) => (a.min(block), z.max(block)),
-        });
-        Ok(())
+        self.f.write_at(&buf, at)
     }
 
     /// Writes `piece` at `within` of the allocated block at `start` (its bitmap first).
@@ -228,8 +257,8 @@ impl VhdUpdate {
     pub fn write_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
         let end = self.range(off, len)?;
         let bs = self.block_size().max(SECTOR);
-        let step = bs.max(1 << 20);
-        let zeros = vec![0u8; step as usize];
+        let step = 1u64 << 20;
+        let zeros = vec![0u8; step.min(len) as usize];
         let mut pos = off;
         while pos < end {
             let within = pos % bs;
