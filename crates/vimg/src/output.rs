@@ -204,6 +204,11 @@ impl OutFile {
         matches!(*self.sink, Sink::Stream(_))
     }
 
+    /// True for a block device written in place.
+    pub fn is_device(&self) -> bool {
+        self.dev.is_some()
+    }
+
     /// The final name of this file (for messages).
     pub fn name(&self) -> &str {
         &self.name

@@ -76,7 +76,7 @@ impl RawWriter {
             }
         } else {
             // QEMU's file protocol makes a new file a whole number of 512-byte sectors.
-            let padded = if file.is_stream() {
+            let padded = if file.is_stream() || file.is_device() {
                 size
             } else {
                 size.div_ceil(512).saturating_mul(512)
@@ -84,8 +84,9 @@ impl RawWriter {
             file.set_len(padded)?;
             match prealloc {
                 // As QEMU's file protocol leaves every new file: its first block written
-                // (zeros), so `map` shows it as data (iotest 253).
-                Prealloc::Off if !file.is_stream() && size > 0 => {
+                // (zeros), so `map` shows it as data (iotest 253). A device is not a new
+                // file: qemu-img's create writes nothing to it, and neither does vimg.
+                Prealloc::Off if !file.is_stream() && !file.is_device() && size > 0 => {
                     file.write_all_at(&vec![0u8; size.min(FIRST_BLOCK) as usize], 0)?;
                 }
                 Prealloc::Off => {}
