@@ -14,7 +14,7 @@
 //! - nothing in the image checks the key: a wrong key reads as noise, as with qemu-img.
 //!
 //! The format's readers map the image as for a plain one; [`AesReader`] wraps them and
-//! hands out data extents in a view ([`GuestView`]) that reads a guest range through the
+//! hands out data extents in a view (`GuestView`) that reads a guest range through the
 //! inner reader's map and decrypts it. Compressed extents pass through unchanged.
 //!
 //! QEMU keeps this method only to get data out of old images ("broken by design"); vimg

@@ -30,7 +30,7 @@
 //!   written back, no further than the end of a descriptor file); vimg writes it first, so that a killed run never leaves changed data
 //!   under the old CID.
 //!
-//! Grain table entries are gathered in memory and written in batches ([`BATCH`]), each
+//! Grain table entries are gathered in memory and written in batches (`BATCH`), each
 //! after the data it points at is flushed, and flushed before any directory entry that
 //! points at a new table: a kill at any point leaves every grain old or new and at worst
 //! leaked grains or tables.
