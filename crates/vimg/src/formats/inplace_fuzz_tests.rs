@@ -108,3 +108,95 @@ fn vdi_next_block_past_the_end_of_the_file_is_refused() {
     std::fs::write(&path, &good).unwrap();
     write_stays_small(&path, Format::Vdi, 100, &[5u8; 1000]);
 }
+
+/// A "WithouFreSpacExt" header: 2-sector clusters unless `tracks` says otherwise.
+fn parallels_ext_header(
+    tracks: u32,
+    bat_entries: u32,
+    nb_sectors: u64,
+    inuse: u32,
+    data_off: u32,
+) -> Vec<u8> {
+    let mut h = vec![0u8; 64];
+    h[..16].copy_from_slice(b"WithouFreSpacExt");
+    h[16..20].copy_from_slice(&2u32.to_le_bytes());
+    h[28..32].copy_from_slice(&tracks.to_le_bytes());
+    h[32..36].copy_from_slice(&bat_entries.to_le_bytes());
+    h[36..44].copy_from_slice(&nb_sectors.to_le_bytes());
+    h[44..48].copy_from_slice(&inuse.to_le_bytes());
+    h[48..52].copy_from_slice(&data_off.to_le_bytes());
+    h
+}
+
+/// Found by the `repair` target: a 924-byte Parallels file (not whole sectors) with
+/// data_off 2 and BAT entries past the end. `check -r all` clears the entries; the reader
+/// then refused the image ("data_off lies past the end of the file") where QEMU, which
+/// rounds the file up to whole sectors (qemu-img info shows "file length: 1 KiB"), opens
+/// it. Now the reader rounds as QEMU does, and a cluster ending in the partial last sector
+/// reads its missing tail as zeros, as QEMU reads it.
+#[test]
+fn parallels_file_not_in_whole_sectors_opens_after_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    let mut f = parallels_ext_header(2, 64, 128, 0, 2);
+    f.resize(924, 0);
+    f[64 + 4 * 43..64 + 4 * 44].copy_from_slice(&0xf7u32.to_le_bytes());
+    std::fs::write(&p, &f).unwrap();
+    let fmt = Format::Parallels;
+    let rep = updater::open_for_repair(&p, fmt, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+        .unwrap();
+    assert_eq!(rep.corruptions_fixed, 1);
+    let img = Image::open(&p, &OpenOptions::with_format(Some(fmt))).unwrap();
+    assert_eq!(crate::image::check(&img).unwrap().corruptions, 0);
+
+    // A cluster (sector 2, 1 KiB) ending 100 bytes past the end of the file.
+    let q = dir.path().join("b.hds");
+    let mut g = parallels_ext_header(2, 4, 8, 0, 2);
+    g[..16].copy_from_slice(b"WithoutFreeSpace");
+    g.resize(1024, 0);
+    g[64..68].copy_from_slice(&2u32.to_le_bytes());
+    g.extend_from_slice(&[0x5au8; 924]);
+    std::fs::write(&q, &g).unwrap();
+    let img = Image::open(&q, &OpenOptions::with_format(Some(fmt))).unwrap();
+    let mut buf = vec![1u8; 1024];
+    img.read_at(&mut buf, 0).unwrap();
+    assert!(buf[..924].iter().all(|b| *b == 0x5a));
+    assert!(buf[924..].iter().all(|b| *b == 0));
+}
+
+/// Found by the `repair` target: a 624-byte "WithouFreSpacExt" image with 4 KiB clusters,
+/// the in-use flag set, data_off 0 and 48 BAT entries past the end. The repair set
+/// data_off to the first cluster after the BAT (sector 8), past the end of the file, so
+/// every later check found data_off wrong again (and the reader refused the image). QEMU's
+/// repair leaves the file grown past that offset; now vimg's grows the file to the data
+/// offset it sets, and one repair leaves nothing for a second.
+#[test]
+fn parallels_data_off_fixed_past_the_end_grows_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    let mut f = parallels_ext_header(8, 48, 384, 0x746f_6e59, 0);
+    f.resize(624, 0);
+    for i in 0..48u32 {
+        let at = 64 + 4 * i as usize;
+        f[at..at + 4].copy_from_slice(&(i + 1).to_le_bytes());
+    }
+    std::fs::write(&p, &f).unwrap();
+    let fmt = Format::Parallels;
+    let repair = || {
+        updater::open_for_repair(&p, fmt, ExternalPolicy::SameFolder)
+            .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+            .unwrap()
+    };
+    let first = repair();
+    assert_eq!(first.corruptions_fixed, 50, "{first:?}");
+    let second = repair();
+    assert_eq!(
+        (second.corruptions_fixed, second.leaks_fixed),
+        (0, 0),
+        "{second:?}"
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
+    let img = Image::open(&p, &OpenOptions::with_format(Some(fmt))).unwrap();
+    assert_eq!(crate::image::check(&img).unwrap().corruptions, 0);
+}

@@ -57,6 +57,10 @@ struct Claim {
 impl ParallelsReader {
     /// Opens the Parallels image in `storage`.
     pub fn open(storage: Arc<dyn Storage>) -> Result<ParallelsReader> {
+        // QEMU sees the file in whole sectors (its length rounded up, the tail reading as
+        // zeros): a data offset or a cluster ending inside the last partial sector is
+        // inside the image, as `check -r` (update.rs) judges it.
+        let storage: Arc<dyn Storage> = Arc::new(crate::storage::SectorPadded::new(storage));
         let len = storage.len();
         if len < HEADER_SIZE as u64 {
             return Err(ParallelsError::TooShort { len }.into());

@@ -408,6 +408,7 @@ impl ParallelsUpdate {
         let size = self.f.len()?.div_ceil(SECTOR) * SECTOR;
         let cs = self.cluster_size;
         let mut header_changed = false;
+        let mut data_off_fixed = false;
         // Where QEMU's open puts the end of the data: past every BAT cluster, inside the
         // file or not.
         let mut data_end_open = self.data_start;
@@ -432,6 +433,7 @@ impl ParallelsUpdate {
                 self.header.data_off = min_off as u32;
                 self.data_start = min_off * SECTOR;
                 header_changed = true;
+                data_off_fixed = true;
                 rep.corruptions_fixed += 1;
             }
         }
@@ -552,6 +554,13 @@ impl ParallelsUpdate {
             write_bat(&self.bat, &mut all[HEADER_SIZE..]);
             self.f.write_at(&all, 0)?;
             self.dirty = None;
+            self.f.sync()?;
+        }
+        // A data offset set past the end of the file (a short file whose BAT ends before
+        // the cluster the data area must start on): the file grows to it, so the header
+        // the repair wrote is valid and a second check finds nothing to fix.
+        if data_off_fixed && self.f.len()? < self.data_start {
+            self.f.set_len(self.data_start)?;
             self.f.sync()?;
         }
         if let Some(c) = cut {
