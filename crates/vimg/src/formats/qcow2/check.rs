@@ -590,6 +590,16 @@ pub(super) fn check_findings(r: &Qcow2Reader) -> Result<(CheckReport, Findings)>
         block: None,
         found: Findings::default(),
     };
+    // Version 3 wants the disk size in every snapshot entry (QEMU reports these first,
+    // as it reads the snapshot table; `check -r all` completes them).
+    if h.version >= 3 {
+        for (i, s) in r.snapshots.iter().enumerate() {
+            if s.extra_data_size < 16 {
+                c.rep
+                    .corruption(super::update::snapshot_table_incomplete_message(i));
+            }
+        }
+    }
     c.inc(0, cs)?;
     c.check_l1(h.l1_table_offset, h.l1_size, true)?;
     if r.data_file.is_some() && !r.snapshots.is_empty() {

@@ -623,6 +623,7 @@ fn read_snapshots(
             },
             l1_table_offset: sh.l1_table_offset,
             l1_size: sh.l1_size,
+            extra_data_size: sh.extra_data_size,
         });
     }
     check_in_file("snapshot table", h.snapshots_offset, total, file_len)?;

@@ -47,6 +47,8 @@ pub struct Snapshot {
     pub l1_table_offset: u64,
     /// The snapshot's L1 entries.
     pub l1_size: u32,
+    /// Bytes of extra data the entry has (version 3 requires 16).
+    pub extra_data_size: u32,
 }
 
 /// Reads a qcow2 image.

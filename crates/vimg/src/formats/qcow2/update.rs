@@ -47,6 +47,8 @@ pub(super) mod bitmap;
 mod rebuild;
 mod shadow;
 pub(super) mod snapshot;
+mod snapshot_table;
+pub(super) use snapshot_table::incomplete_message as snapshot_table_incomplete_message;
 
 /// The environment variable of the crash hook (see the module documentation).
 pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
@@ -761,7 +763,8 @@ impl Qcow2Update {
             self.repair_by_rebuild(&found, &mut out)?;
             return Ok(out);
         }
-        // Leaks first (never a risk), then refcounts that are too low.
+        // Leaks first (never a risk), then refcounts that are too low; the snapshot
+        // table after them (it needs allocation), as QEMU orders it.
         for &(c, stored, counted) in &found.refcounts {
             let fix = if stored > counted {
                 out.leaks_fixed += 1;
@@ -809,6 +812,7 @@ impl Qcow2Update {
                 out.corruptions_fixed += 1;
             }
             self.sync()?;
+            out.corruptions_fixed += self.repair_snapshot_table(&mut out.before)?;
             if self.header.incompatible_features & INCOMPAT_DIRTY != 0 {
                 let f = self.header.incompatible_features & !INCOMPAT_DIRTY;
                 self.pwrite(&f.to_be_bytes(), 72)?;
@@ -1104,6 +1108,11 @@ impl Qcow2Update {
             if a.data_file_raw == Some(false) {
                 h.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
             }
+        }
+        if old.version < 3 && h.version >= 3 {
+            // QEMU completes version-2 snapshot entries first (`update/snapshot_table.rs`).
+            self.upgrade_snapshot_table()?;
+            h.snapshots_offset = self.header.snapshots_offset;
         }
         if h == old {
             return Ok(());

@@ -99,6 +99,32 @@ impl Qcow2Update {
             .collect())
     }
 
+    /// Every entry's bytes as stored (each padded to 8), in the table's order.
+    pub(super) fn snapshot_entries_raw(&self) -> Result<Vec<Vec<u8>>> {
+        Ok(self
+            .read_snapshot_table()?
+            .into_iter()
+            .map(|e| e.raw)
+            .collect())
+    }
+
+    /// Bytes of the table as stored, without the last entry's padding (what QEMU counts
+    /// and frees).
+    pub(super) fn snapshot_table_len(&self) -> Result<u64> {
+        let mut len = 0u64;
+        let mut end = 0u64;
+        for e in self.read_snapshot_table()? {
+            let h = SnapshotHeader::parse(&e.raw)?;
+            end = len
+                + SNAPSHOT_HEADER_LEN as u64
+                + u64::from(h.extra_data_size)
+                + u64::from(h.id_str_size)
+                + u64::from(h.name_size);
+            len += e.raw.len() as u64;
+        }
+        Ok(end)
+    }
+
     /// Every snapshot's L1 table (its entries), in the snapshot table's order.
     pub(super) fn snapshot_l1_tables(&self) -> Result<Vec<Vec<u64>>> {
         self.read_snapshot_table()?
@@ -223,7 +249,8 @@ impl Qcow2Update {
                 l1_size: l1.len() as u32,
                 disk_size: Some(size),
             });
-            let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
+            // Every entry as QEMU writes the table (`snapshot_table.rs`).
+            let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
         })
     }
@@ -243,7 +270,7 @@ impl Qcow2Update {
             // Fresh copies of the active L2 tables, whose copied flags then follow the
             // counts without the snapshot.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &active)?;
-            let table: Vec<u8> = entries.iter().flat_map(|e| e.raw.clone()).collect();
+            let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
         })
     }
@@ -305,6 +332,16 @@ impl Qcow2Update {
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
         })
     }
+}
+
+/// The entries as one table, each as QEMU writes it (`disk_size`: the image's virtual
+/// size, for entries without their own).
+fn normalized_table(entries: &[Entry], disk_size: u64) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    for e in entries {
+        out.extend(super::snapshot_table::normalized_entry(&e.raw, disk_size)?);
+    }
+    Ok(out)
 }
 
 /// The number an ID starts with (`strtoul` as QEMU reads IDs: 0 when none).
