@@ -674,6 +674,13 @@ impl Qcow2Update {
     /// Allocates `n` contiguous free clusters: raises their refcounts to 1 and flushes.
     /// Returns the first one's index. The caller writes them, flushes, then points at them.
     pub(crate) fn alloc(&mut self, n: u64) -> Result<u64> {
+        self.alloc_with(n, true)
+    }
+
+    /// [`Self::alloc`]; the file is extended over the clusters only when `extend` (else
+    /// the caller's writes extend it, as QEMU's do: a table written last may end the file
+    /// inside its cluster).
+    pub(crate) fn alloc_with(&mut self, n: u64, extend: bool) -> Result<u64> {
         let limit = limits::MAX_VIRTUAL_SIZE >> self.cb();
         let bits = self.g.refblock_bits;
         let start = 'search: loop {
@@ -716,7 +723,9 @@ impl Qcow2Update {
                 break 'search start;
             }
         };
-        self.extend_to((start + n) << self.cb())?;
+        if extend {
+            self.extend_to((start + n) << self.cb())?;
+        }
         self.set_refcounts(start, n, |old| {
             if old == 0 {
                 Ok(1)

@@ -11,6 +11,10 @@
 #[path = "bitmap_writes.rs"]
 mod writes;
 
+#[path = "bitmap_store.rs"]
+mod store;
+use store::Content;
+
 use super::*;
 
 /// Bitmap table entry: offset of the data cluster.
@@ -407,10 +411,9 @@ impl Qcow2Update {
                 }
                 let bits = g.trailing_zeros() as u8;
                 let entries = self.bitmap_table_entries(bits);
-                let table = self.write_bitmap_table(entries, None)?;
                 dir.push(Dirent {
                     e: BitmapEntry {
-                        table_offset: table,
+                        table_offset: 0,
                         table_size: entries as u32,
                         flags: BME_FLAG_AUTO,
                         kind: 1,
@@ -421,13 +424,25 @@ impl Qcow2Update {
                     extra: Vec::new(),
                     name: name.to_string(),
                 });
-                self.replace_bitmap_dir(ext, &dir, Vec::new())
+                let mut contents = stored(&dir);
+                if let Some(c) = contents.last_mut() {
+                    *c = Content::Zero;
+                }
+                self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Remove => {
+                // QEMU's removal: a directory without it, its clusters freed; then, on
+                // closing, every other (consistent) bitmap stored anew.
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
                 let garbage = self.bitmap_clusters(&dir[i])?;
                 dir.remove(i);
-                self.replace_bitmap_dir(ext, &dir, garbage)
+                self.switch_bitmap_dir(ext, &dir, garbage)?;
+                if dir.iter().all(|d| d.e.flags & BME_FLAG_IN_USE != 0) {
+                    return Ok(());
+                }
+                let (ext, dir) = self.read_bitmap_dir()?;
+                let contents = stored(&dir);
+                self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Enable | BitmapOp::Disable => {
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
@@ -438,18 +453,16 @@ impl Qcow2Update {
                 } else {
                     f & !BME_FLAG_AUTO
                 };
-                if dir[i].e.flags == f {
-                    return Ok(());
-                }
-                self.replace_bitmap_dir(ext, &dir, Vec::new())
+                // Stored anew even when the flag was already so, as qemu-img does.
+                let contents = stored(&dir);
+                self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Clear => {
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
                 usable(&dir[i])?;
-                let garbage = self.bitmap_clusters(&dir[i])?;
-                let entries = u64::from(dir[i].e.table_size);
-                dir[i].e.table_offset = self.write_bitmap_table(entries, None)?;
-                self.replace_bitmap_dir(ext, &dir, garbage)
+                let mut contents = stored(&dir);
+                contents[i] = Content::Zero;
+                self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Merge(_) | BitmapOp::MergeFrom { .. } => {
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
@@ -475,13 +488,17 @@ impl Qcow2Update {
                     gs,
                     size,
                 );
-                let garbage = self.bitmap_clusters(&dir[i])?;
-                let entries = u64::from(dir[i].e.table_size);
-                dir[i].e.table_offset = self.write_bitmap_table(entries, Some(&bits))?;
-                self.replace_bitmap_dir(ext, &dir, garbage)
+                let mut contents = stored(&dir);
+                contents[i] = Content::Bits(bits);
+                self.store_bitmaps(ext, dir, contents, Vec::new())
             }
         }
     }
+}
+
+/// Every bitmap of `dir` kept as its table says.
+fn stored(dir: &[Dirent]) -> Vec<Content> {
+    dir.iter().map(|_| Content::Stored).collect()
 }
 
 fn not_found(name: &str) -> Error {
