@@ -296,3 +296,165 @@ fn check_repair_killed_at_every_write() {
         }
     }
 }
+
+/// The bitmaps extension's directory (offset, size, count) and each entry's table offset,
+/// flags and name: the layout `qemu-img bitmap` leaves.
+fn bitmap_layout(img: &Path) -> (u64, u64, u32, Vec<(u64, u32, String)>) {
+    let data = std::fs::read(img).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(data[o..o + 4].try_into().unwrap());
+    let be64 = |o: usize| u64::from_be_bytes(data[o..o + 8].try_into().unwrap());
+    let mut off = be32(100) as usize;
+    loop {
+        let (magic, len) = (be32(off), be32(off + 4) as usize);
+        if magic == 0 {
+            return (0, 0, 0, Vec::new());
+        }
+        if magic == 0x2385_2875 {
+            let nb = be32(off + 8);
+            let (size, at) = (be64(off + 16), be64(off + 24));
+            let mut p = at as usize;
+            let mut entries = Vec::new();
+            for _ in 0..nb {
+                let ns = u16::from_be_bytes(data[p + 18..p + 20].try_into().unwrap()) as usize;
+                let es = be32(p + 20) as usize;
+                let name = String::from_utf8_lossy(&data[p + 24 + es..p + 24 + es + ns]);
+                entries.push((be64(p), be32(p + 12), name.into_owned()));
+                p += (24 + es + ns).div_ceil(8) * 8;
+            }
+            return (at, size, nb, entries);
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// Each `qemu-img bitmap` command, run by both on copies one after another, leaves the
+/// same layout: directory, tables, file length (iotest 190's `measure -f raw` of it).
+#[test]
+fn bitmap_layout_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for cluster in ["64k", "2M"] {
+        let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cluster}"), s(&q), "4G"]);
+        qemu_io("qcow2", &q, &["write -P 0x5a 0 1M"]);
+        std::fs::copy(&q, &v).unwrap();
+        let steps: &[&[&str]] = &[
+            &["--add", "--granularity", "512", "b1"],
+            &["--add", "-g", "64k", "b2"],
+            &["--add", "b3"],
+            &["--disable", "b3"],
+            &["--merge", "b2", "b1"],
+            &["--clear", "b2"],
+            &["--enable", "b3"],
+            &["--remove", "b1"],
+            &["--remove", "b2"],
+            // Two actions in one run: qemu-img stores once, vimg after each (same
+            // content, another layout; checked for consistency only).
+            &["--add", "--disable", "b4"],
+        ];
+        for step in steps {
+            let (name, ops) = step.split_last().unwrap();
+            let run = |prog: &str, img: &Path| {
+                let mut a = vec!["bitmap", "-f", "qcow2"];
+                a.extend_from_slice(ops);
+                a.extend([s(img), *name]);
+                let out = run_cmd(prog, &a);
+                assert!(out.status.success(), "{prog} {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            // Bits set in the enabled bitmaps before the merge (qemu-io stores them on
+            // both copies alike): their data clusters are then stored anew too.
+            if step[0] == "--merge" {
+                for img in [&q, &v] {
+                    qemu_io("qcow2", img, &["write -P 1 2M 64k", "write -P 2 3G 4k"]);
+                }
+            }
+            run("qemu-img", &q);
+            run(s(&vimg_bin()), &v);
+            let what = format!("cluster {cluster}, bitmap {step:?}");
+            if step.len() == 2 || step[1] != "--disable" {
+                assert_eq!(bitmap_layout(&v), bitmap_layout(&q), "{what}");
+                assert_eq!(size_of(&v), size_of(&q), "{what}: file length");
+            }
+            assert_eq!(qemu_check_output(&v, "qcow2").0, 0, "{what}");
+        }
+    }
+}
+
+/// A bitmap's stored bits (its data clusters in table order; zeros for empty entries).
+fn bitmap_bits(img: &Path, name: &str) -> Vec<u8> {
+    let cs = 1usize << rd32(img, 20);
+    let (.., entries) = bitmap_layout(img);
+    let data = std::fs::read(img).unwrap();
+    let mut p = {
+        let (at, ..) = bitmap_layout(img);
+        at as usize
+    };
+    for (_, _, n) in &entries {
+        let ns = u16::from_be_bytes(data[p + 18..p + 20].try_into().unwrap()) as usize;
+        let es = rd32(img, p as u64 + 20) as usize;
+        if n == name {
+            let (t, size) = (rd64be(img, p as u64), rd32(img, p as u64 + 8) as usize);
+            let mut out = Vec::new();
+            for i in 0..size {
+                let off = (rd64be(img, t + 8 * i as u64) & 0x00ff_ffff_ffff_fe00) as usize;
+                if off == 0 {
+                    out.extend(std::iter::repeat_n(0u8, cs));
+                } else {
+                    out.extend(&data[off..off + cs]);
+                }
+            }
+            return out;
+        }
+        p += (24 + es + ns).div_ceil(8) * 8;
+    }
+    panic!("no bitmap {name}");
+}
+
+/// `bitmap --add` and `--remove` (every other bitmap stored anew) killed at every write:
+/// qemu-img finds no corruption, the bitmaps are the old set or the new one, and the
+/// stored bits of the others are unchanged.
+#[test]
+fn bitmap_store_killed_at_every_write() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("b.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", s(&img), "64M"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", "-f", "qcow2", s(&img), "b1"]);
+    qemu_img(&["bitmap", "--add", "-f", "qcow2", s(&img), "b2"]);
+    qemu_io("qcow2", &img, &["write -P 1 0 64k", "write -P 2 40M 4k"]);
+    let b1 = bitmap_bits(&img, "b1");
+    let b2 = bitmap_bits(&img, "b2");
+    assert!(b1.iter().any(|b| *b != 0));
+    let t = d.join("t.qcow2");
+    for (args, new) in [
+        (&["--add", "b3"][..], &["b1", "b2", "b3"][..]),
+        (&["--remove", "b1"][..], &["b2"][..]),
+    ] {
+        for n in 0.. {
+            std::fs::copy(&img, &t).unwrap();
+            let mut a = vec!["bitmap", "-f", "qcow2"];
+            a.extend(&args[..args.len() - 1]);
+            a.extend([s(&t), args[args.len() - 1]]);
+            let killed = run_killed(&a, n);
+            let what = format!("bitmap {args:?} killed after {n} writes");
+            let names: Vec<String> = bitmap_layout(&t).3.into_iter().map(|e| e.2).collect();
+            assert!(names == ["b1", "b2"] || names == new, "{what}: {names:?}");
+            for (name, bits) in [("b1", &b1), ("b2", &b2)] {
+                if names.iter().any(|x| x == name) {
+                    assert_eq!(&bitmap_bits(&t, name), bits, "{what}: {name}");
+                }
+            }
+            check_then_repair(&t, "qcow2", &what);
+            if !killed {
+                assert!(n > 3, "{what}: too few writes");
+                break;
+            }
+        }
+    }
+}
