@@ -56,6 +56,15 @@ pub enum Qcow2Error {
         /// What is wrong.
         why: &'static str,
     },
+    /// The active L1 table has fewer entries than the virtual size needs (QEMU's words:
+    /// iotest 080 expects them alone on the line).
+    #[error("L1 table is too small")]
+    L1TooSmall {
+        /// Entries it has.
+        entries: u64,
+        /// Entries the virtual size needs.
+        needed: u64,
+    },
     /// A table that ends past the end of the file.
     #[error(
         "{table} at {offset:#x} ({len} bytes) extends past the end of the file ({file_len} bytes)"
@@ -102,6 +111,10 @@ pub enum Qcow2Error {
         /// What is wrong.
         why: String,
     },
+    /// A snapshot table QEMU refuses at open, in QEMU's words (iotest 261): too many
+    /// entries, more than 64 MiB, an entry with more than 1024 bytes of extra data.
+    #[error("{0}")]
+    SnapshotTable(String),
     /// A bitmap directory entry that cannot be used.
     #[error("bitmap directory entry {index} at {offset:#x}: {why}")]
     Bitmap {
@@ -126,7 +139,9 @@ impl FormatError for Qcow2Error {
             | Qcow2Error::HeaderField { .. }
             | Qcow2Error::Extension { .. }
             | Qcow2Error::Table { .. }
+            | Qcow2Error::L1TooSmall { .. }
             | Qcow2Error::Snapshot { .. }
+            | Qcow2Error::SnapshotTable(_)
             | Qcow2Error::Bitmap { .. }
             // A file too short for the fixed header is not a qcow2 image, as in every
             // format; tables past the end of a complete header are corrupt.

@@ -225,12 +225,11 @@ impl Qcow2Reader {
         }
         let needed = g.l1_entries_for(header.size);
         if u64::from(header.l1_size) < needed {
-            return Err(table_err(
-                "active L1 table",
-                header.l1_table_offset,
-                header.l1_size.into(),
-                "too small for the virtual size",
-            ));
+            return Err(Qcow2Error::L1TooSmall {
+                entries: header.l1_size.into(),
+                needed,
+            }
+            .into());
         }
         if header.l1_size > 0 {
             if header.l1_table_offset % cs != 0 {
@@ -549,7 +548,7 @@ fn read_snapshots(
         .into()
     };
     if n > MAX_SNAPSHOTS {
-        return Err(table("more than 65536 snapshots"));
+        return Err(Qcow2Error::SnapshotTable("Snapshot table too large".into()).into());
     }
     if !h.snapshots_offset.is_multiple_of(cs) {
         return Err(table("offset is not cluster aligned"));
@@ -568,15 +567,16 @@ fn read_snapshots(
             .into()
         };
         let sh = SnapshotHeader::parse(&r.take(SNAPSHOT_HEADER_LEN)?)?;
+        // QEMU's order and words: the entry's extra data first, then the table's size.
+        if u64::from(sh.extra_data_size) > MAX_SNAPSHOT_EXTRA {
+            return Err(Qcow2Error::SnapshotTable(format!(
+                "Too much extra metadata in snapshot table entry {index}"
+            ))
+            .into());
+        }
         total += sh.entry_len();
         if total > MAX_SNAPSHOTS_BYTES {
-            return Err(table("larger than 64 MiB"));
-        }
-        if u64::from(sh.extra_data_size) > MAX_SNAPSHOT_EXTRA {
-            return Err(bad(format!(
-                "{} bytes of extra data (limit {MAX_SNAPSHOT_EXTRA})",
-                sh.extra_data_size
-            )));
+            return Err(Qcow2Error::SnapshotTable("Snapshot table is too big".into()).into());
         }
         if sh.l1_table_offset % cs != 0 {
             return Err(bad(format!(
