@@ -28,7 +28,8 @@ fn table(img: &Path) -> Vec<u8> {
     data.resize(data.len() + 8, 0);
     let start = at as usize;
     for _ in 0..n {
-        let len = 40 + rd32(img, at + 36) as u64 + rd16(img, at + 12) as u64 + rd16(img, at + 14) as u64;
+        let len =
+            40 + rd32(img, at + 36) as u64 + rd16(img, at + 12) as u64 + rd16(img, at + 14) as u64;
         at += len.div_ceil(8) * 8;
     }
     data[start..at as usize].to_vec()
@@ -53,8 +54,21 @@ fn extra_sizes(img: &Path) -> Vec<u32> {
 /// plus padding, so the table fits its cluster).
 fn v2_template(d: &Path) -> PathBuf {
     let img = d.join("v2.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", s(&img), "64M"]);
-    qemu_io("qcow2", &img, &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&img),
+        "64M",
+    ]);
+    qemu_io(
+        "qcow2",
+        &img,
+        &["write -P 0x11 0 64k", "write -P 0x22 1M 64k"],
+    );
     for sn in ["sn0", "sn1", "sn2"] {
         qemu_img(&["snapshot", "-c", sn, s(&img)]);
     }
@@ -209,13 +223,15 @@ fn check_reports_and_repairs_incomplete_v3_entries_like_qemu() {
         let (qc, qt) = output(&run_cmd("qemu-img", &qa));
         let (vc, vt) = output(&vimg_raw(&va));
         assert_eq!(vc, qc, "{args:?}: {vt}");
-        assert_eq!(vt.replace(s(&v), "IMG"), qt.replace(s(&q), "IMG"), "{args:?}");
+        assert_eq!(
+            vt.replace(s(&v), "IMG"),
+            qt.replace(s(&q), "IMG"),
+            "{args:?}"
+        );
     }
-    assert!(
-        run_cmd("qemu-img", &["check", "-f", "qcow2", s(&img)])
-            .stderr
-            .starts_with(b"ERROR snapshot table entry 0 is incomplete\n"),
-    );
+    assert!(run_cmd("qemu-img", &["check", "-f", "qcow2", s(&img)])
+        .stderr
+        .starts_with(b"ERROR snapshot table entry 0 is incomplete\n"),);
     assert_eq!(extra_sizes(&v), [24, 50, 24]);
     assert_eq!(table(&v), table(&q));
     assert_eq!(read_bytes::<104>(&v, 0), read_bytes::<104>(&q, 0));
@@ -287,7 +303,10 @@ fn check_repair_killed_at_every_write() {
         let killed = run_killed(&["check", "-r", "all", "-f", "qcow2", s(&t)], n);
         let what = format!("check -r all killed after {n} writes");
         let sizes = extra_sizes(&t);
-        assert!(sizes == [0, 50, 8] || sizes == [24, 50, 24], "{what}: {sizes:?}");
+        assert!(
+            sizes == [0, 50, 8] || sizes == [24, 50, 24],
+            "{what}: {sizes:?}"
+        );
         judge_killed(&t, &snapshots, &what);
         assert_eq!(guest(&t), old, "{what}");
         if !killed {
@@ -338,7 +357,16 @@ fn bitmap_layout_like_qemu() {
     let d = dir.path();
     for cluster in ["64k", "2M"] {
         let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("cluster_size={cluster}"), s(&q), "4G"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cluster}"),
+            s(&q),
+            "4G",
+        ]);
         qemu_io("qcow2", &q, &["write -P 0x5a 0 1M"]);
         std::fs::copy(&q, &v).unwrap();
         let steps: &[&[&str]] = &[
@@ -362,7 +390,11 @@ fn bitmap_layout_like_qemu() {
                 a.extend_from_slice(ops);
                 a.extend([s(img), *name]);
                 let out = run_cmd(prog, &a);
-                assert!(out.status.success(), "{prog} {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+                assert!(
+                    out.status.success(),
+                    "{prog} {a:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
             };
             // Bits set in the enabled bitmaps before the merge (qemu-io stores them on
             // both copies alike): their data clusters are then stored anew too.
@@ -424,7 +456,16 @@ fn bitmap_store_killed_at_every_write() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let img = d.join("b.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", s(&img), "64M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        s(&img),
+        "64M",
+    ]);
     qemu_img(&["bitmap", "--add", "-g", "512", "-f", "qcow2", s(&img), "b1"]);
     qemu_img(&["bitmap", "--add", "-f", "qcow2", s(&img), "b2"]);
     qemu_io("qcow2", &img, &["write -P 1 0 64k", "write -P 2 40M 4k"]);

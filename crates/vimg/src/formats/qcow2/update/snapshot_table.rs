@@ -37,10 +37,14 @@ pub(super) fn normalized_entry(raw: &[u8], disk_size: u64) -> Result<Vec<u8>> {
     let extra_len = h.extra_data_size as usize;
     let names_len = usize::from(h.id_str_size) + usize::from(h.name_size);
     let Some(extra) = raw.get(x..x + extra_len) else {
-        return Err(Error::corrupt("snapshot table entry shorter than its extra data"));
+        return Err(Error::corrupt(
+            "snapshot table entry shorter than its extra data",
+        ));
     };
     let Some(names) = raw.get(x + extra_len..x + extra_len + names_len) else {
-        return Err(Error::corrupt("snapshot table entry shorter than its names"));
+        return Err(Error::corrupt(
+            "snapshot table entry shorter than its names",
+        ));
     };
     let word = |i: usize| {
         extra
