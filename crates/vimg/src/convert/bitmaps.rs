@@ -178,6 +178,7 @@ pub fn copy(plan: &BitmapPlan, target: &Path, policy: ExternalPolicy) -> Result<
         return Ok(());
     }
     let mut up = Qcow2Update::open(target, policy)?;
+    up.keep_other_bitmaps();
     for b in &plan.bitmaps {
         let add = BitmapOp::Add {
             granularity: Some(b.granularity),

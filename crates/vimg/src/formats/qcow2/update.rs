@@ -112,6 +112,9 @@ pub struct Qcow2Update {
     /// Guest byte ranges written since the enabled bitmaps were marked in use (Some while
     /// a data writer tracks them: `update/bitmap_writes.rs`).
     written: Option<Vec<(u64, u64)>>,
+    /// `bitmap` stores every other bitmap anew too, as qemu-img does on closing (true
+    /// unless [`Qcow2Update::keep_other_bitmaps`]).
+    store_all_bitmaps: bool,
     /// The policy the image was opened under (the check's reopen opens the data file
     /// through it: the data clusters are then counted as the data file's, not this file's).
     policy: ExternalPolicy,
@@ -238,6 +241,7 @@ impl Qcow2Update {
             block: None,
             hook: CrashHook::from_env(),
             written: None,
+            store_all_bitmaps: true,
             policy,
         };
         u.clear_unknown_autoclear()?;

@@ -424,7 +424,7 @@ impl Qcow2Update {
                     extra: Vec::new(),
                     name: name.to_string(),
                 });
-                let mut contents = stored(&dir);
+                let mut contents = self.others(&dir);
                 if let Some(c) = contents.last_mut() {
                     *c = Content::Zero;
                 }
@@ -437,11 +437,11 @@ impl Qcow2Update {
                 let garbage = self.bitmap_clusters(&dir[i])?;
                 dir.remove(i);
                 self.switch_bitmap_dir(ext, &dir, garbage)?;
-                if dir.iter().all(|d| d.e.flags & BME_FLAG_IN_USE != 0) {
+                if !self.store_all_bitmaps || dir.iter().all(|d| d.e.flags & BME_FLAG_IN_USE != 0) {
                     return Ok(());
                 }
                 let (ext, dir) = self.read_bitmap_dir()?;
-                let contents = stored(&dir);
+                let contents = self.others(&dir);
                 self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Enable | BitmapOp::Disable => {
@@ -454,13 +454,13 @@ impl Qcow2Update {
                     f & !BME_FLAG_AUTO
                 };
                 // Stored anew even when the flag was already so, as qemu-img does.
-                let contents = stored(&dir);
+                let contents = self.others(&dir);
                 self.store_bitmaps(ext, dir, contents, Vec::new())
             }
             BitmapOp::Clear => {
                 let i = find(&dir, name).ok_or_else(|| not_found(name))?;
                 usable(&dir[i])?;
-                let mut contents = stored(&dir);
+                let mut contents = self.others(&dir);
                 contents[i] = Content::Zero;
                 self.store_bitmaps(ext, dir, contents, Vec::new())
             }
@@ -488,17 +488,12 @@ impl Qcow2Update {
                     gs,
                     size,
                 );
-                let mut contents = stored(&dir);
+                let mut contents = self.others(&dir);
                 contents[i] = Content::Bits(bits);
                 self.store_bitmaps(ext, dir, contents, Vec::new())
             }
         }
     }
-}
-
-/// Every bitmap of `dir` kept as its table says.
-fn stored(dir: &[Dirent]) -> Vec<Content> {
-    dir.iter().map(|_| Content::Stored).collect()
 }
 
 fn not_found(name: &str) -> Error {

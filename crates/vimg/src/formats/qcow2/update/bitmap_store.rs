@@ -24,6 +24,30 @@ pub(super) enum Content {
     Zero,
     /// These bits (bit `i` of byte `i / 8`).
     Bits(Vec<u8>),
+    /// Left where it is (not stored anew).
+    Keep,
+}
+
+impl Qcow2Update {
+    /// `bitmap` then changes only the bitmap it names, leaving the others' tables and data
+    /// where they are (`convert --bitmaps` adds many bitmaps one action at a time; storing
+    /// all of them at each would copy them over and over).
+    pub fn keep_other_bitmaps(&mut self) {
+        self.store_all_bitmaps = false;
+    }
+
+    /// What the bitmaps of `dir` an action does not change hold when stored.
+    pub(super) fn others(&self, dir: &[Dirent]) -> Vec<Content> {
+        dir.iter()
+            .map(|_| {
+                if self.store_all_bitmaps {
+                    Content::Stored
+                } else {
+                    Content::Keep
+                }
+            })
+            .collect()
+    }
 }
 
 impl Qcow2Update {
@@ -38,7 +62,7 @@ impl Qcow2Update {
         mut garbage: Vec<(u64, u64)>,
     ) -> Result<()> {
         for (d, content) in dir.iter_mut().zip(contents) {
-            if d.e.flags & BME_FLAG_IN_USE != 0 {
+            if d.e.flags & BME_FLAG_IN_USE != 0 || matches!(content, Content::Keep) {
                 continue;
             }
             let old_table = if d.e.table_offset != 0 {
@@ -77,7 +101,7 @@ impl Qcow2Update {
             let valid = (total - lo).min(cs) as usize;
             let mut buf = vec![0u8; cs as usize];
             match content {
-                Content::Zero => continue,
+                Content::Zero | Content::Keep => continue,
                 Content::Bits(bits) => {
                     let hi = (lo as usize + valid).min(bits.len());
                     if let Some(src) = bits.get(lo as usize..hi) {
