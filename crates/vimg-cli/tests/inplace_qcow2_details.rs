@@ -238,6 +238,27 @@ fn check_reports_and_repairs_incomplete_v3_entries_like_qemu() {
     assert_eq!(qemu_check_output(&v, "qcow2").0, 0);
 }
 
+/// `snapshot -c` and `-d` on a version-3 image with incomplete entries: qemu-img writes
+/// on (completing every entry), and so does vimg.
+#[test]
+fn snapshot_on_incomplete_v3_entries_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = botched_v3(d, "b.qcow2");
+    let (q, v) = copies(d, &img);
+    both_ok(&q, &v, &["snapshot", "-d", "sn1"]);
+    assert_eq!(extra_sizes(&v), [24, 24]);
+    assert_eq!(table(&v), table(&q));
+    assert_eq!(qemu_check_output(&v, "qcow2").0, 0);
+    let (q, v) = copies(d, &img);
+    both_ok(&q, &v, &["snapshot", "-c", "sn3"]);
+    assert_eq!(extra_sizes(&v), extra_sizes(&q));
+    assert_eq!(qemu_check_output(&v, "qcow2").0, 0);
+}
+
 /// The image after a kill: no corruption but the incomplete entries (leaks allowed);
 /// `vimg check -r all` then leaves it clean with every entry complete.
 fn judge_killed(img: &Path, snapshots: &str, what: &str) {
