@@ -242,6 +242,14 @@ const STEPS: &[(&str, &str, bool)] = &[
         "state=active,new-secret=sec2,iter-time=10,keyslot=9",
         false,
     ),
+    ("sec0", "state=active,new-secret=sec2,keyslot=-1", false),
+    (
+        "sec0",
+        "state=active,new-secret=sec2,keyslot=4294967296",
+        false,
+    ),
+    ("sec0", "state=inactive,keyslot=-3", false),
+    ("sec0", "state=inactive,keyslot=99999999999", false),
     ("sec0", "state=active,iter-time=10", false),
     (
         "sec0",
@@ -386,6 +394,38 @@ fn qcow2_without_luks_refused_as_qemu() {
     let o = "encrypt.state=active,encrypt.new-secret=sec1";
     let q = amend("qemu-img", &name, o, false);
     let v = amend("vimg", &name, o, false);
+    assert_eq!(v.status.code(), q.status.code());
+    assert_eq!(stderr_of(&v), stderr_of(&q));
+    assert_eq!(fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn luks_option_refusals_as_qemu() {
+    if !qemu_available("luks_option_refusals_as_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_luks(dir.path(), "o.luks");
+    let before = fs::read(&img).unwrap();
+    for o in [
+        "cipher-alg=aes-128",
+        "size=8M",
+        "state=active,new-secret=sec1,bogus=1",
+        "state=sideways",
+        "state=active,new-secret=sec1,iter-time=ten",
+    ] {
+        let q = amend("qemu-img", &luks_opts(&img, "sec0"), o, false);
+        let v = amend("vimg", &luks_opts(&img, "sec0"), o, false);
+        assert_eq!(v.status.code(), q.status.code(), "{o}");
+        assert_eq!(stderr_of(&v), stderr_of(&q), "{o}");
+    }
+    // Without a key-secret the volume does not open, as in qemu-img.
+    let mut a = vec!["amend".to_string()];
+    a.extend(objects());
+    a.extend(["-f", "luks", s(&img), "-o", "state=active,new-secret=sec1"].map(String::from));
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let q = run_cmd("qemu-img", &a);
+    let v = vimg_raw(&a);
     assert_eq!(v.status.code(), q.status.code());
     assert_eq!(stderr_of(&v), stderr_of(&q));
     assert_eq!(fs::read(&img).unwrap(), before);

@@ -60,7 +60,16 @@ pub fn amend(a: &AmendArgs, path: &Path, format: Format) -> Result<Option<u8>, F
                     .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
                     .find(|k| !AMEND_OPTIONS.contains(k))
                     .unwrap_or_default();
-                return Err(Failure::new(format!("Invalid parameter '{bad}'"), 1));
+                // qemu-img's words: the luks create options (and `size`) are creation-only.
+                let create_only = bad == "size"
+                    || vimg::formats::luks::CREATE_OPTIONS
+                        .iter()
+                        .any(|o| o.name == bad);
+                let more = match create_only {
+                    true => "\nThis option is only supported for image creation",
+                    false => "",
+                };
+                return Err(Failure::new(format!("Invalid parameter '{bad}'{more}"), 1));
             };
             let mut ed = editor(&|s| KeyslotEditor::open(path, 0, None, s, ""))?;
             ed.amend(&opts, a.force).map_err(Failure::from)?;

@@ -72,9 +72,15 @@ pub struct KeyslotAmend {
 /// The option names [`KeyslotAmend::set`] takes (without prefix).
 pub const AMEND_OPTIONS: &[&str] = &["state", "new-secret", "old-secret", "keyslot", "iter-time"];
 
-/// A number as QEMU's option parser reads it (decimal, `0x` hex, leading `0` octal).
+/// A number as QEMU's option parser reads it (`strtoull` after blanks: decimal, `0x` hex,
+/// leading `0` octal; a leading `-` wraps around as strtoull does).
 fn number(prefix: &str, key: &str, v: &str) -> Result<u64> {
-    let t = v.trim();
+    let t = v.trim_start();
+    let (neg, t) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
     let parsed = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         u64::from_str_radix(h, 16)
     } else if t.len() > 1 && t.starts_with('0') {
@@ -82,8 +88,10 @@ fn number(prefix: &str, key: &str, v: &str) -> Result<u64> {
     } else {
         t.parse::<u64>()
     };
-    parsed
-        .map_err(|_| Error::invalid_argument(format!("Parameter '{prefix}{key}' expects a number")))
+    let n = parsed.map_err(|_| {
+        Error::invalid_argument(format!("Parameter '{prefix}{key}' expects a number"))
+    })?;
+    Ok(if neg { n.wrapping_neg() } else { n })
 }
 
 impl KeyslotAmend {
@@ -105,7 +113,8 @@ impl KeyslotAmend {
             "new-secret" => self.new_secret = Some(value.to_string()),
             "old-secret" => self.old_secret = Some(value.to_string()),
             "keyslot" => {
-                self.keyslot = Some(number(prefix, key, value)?.min(i64::MAX as u64) as i64)
+                // QAPI's int: the 64 bits as a signed number (`-1` stays -1).
+                self.keyslot = Some(number(prefix, key, value)? as i64)
             }
             "iter-time" => self.iter_time = Some(number(prefix, key, value)?),
             _ => return Ok(false),
@@ -217,10 +226,13 @@ impl KeyslotEditor {
                 "'old-secret' must not be given when activating keyslots",
             ));
         }
-        let slot = match a.keyslot {
-            Some(k) if !(0..SLOTS as i64).contains(&k) => {
+        // QEMU keeps the slot in a C int (the 64-bit option truncated).
+        let slot = match a.keyslot.map(|k| k as i32) {
+            // QEMU prints the slot as an unsigned int here.
+            Some(k) if !(0..SLOTS as i32).contains(&k) => {
                 return Err(refuse(format!(
-                    "Invalid keyslot {k} specified, must be between 0 and {}",
+                    "Invalid keyslot {} specified, must be between 0 and {}",
+                    k as u32,
                     SLOTS - 1
                 )))
             }
@@ -269,10 +281,12 @@ impl KeyslotEditor {
             Ok(try_slot(&p.header, p.spec, p.hash, &*ed.window, i, pw)?.is_some())
         };
         let active = self.active_slots().len();
-        if let Some(k) = a.keyslot {
-            if !(0..SLOTS as i64).contains(&k) {
+        if let Some(k) = a.keyslot.map(|k| k as i32) {
+            if !(0..SLOTS as i32).contains(&k) {
+                // ... and as a signed int here.
                 return Err(refuse(format!(
-                    "Invalid keyslot {k} specified, must be between 0 and {}",
+                    "Invalid keyslot {} specified, must be between 0 and {}",
+                    k,
                     SLOTS - 1
                 )));
             }
