@@ -468,6 +468,94 @@ pub fn qcow2_header_area(path: &Path) -> Result<(u64, u64)> {
 mod tests {
     use super::*;
 
+    /// A 1 MiB volume as vimg creates it (key slot 0: secret `t0`), written with std::fs.
+    fn volume(dir: &Path, t0: &str) -> std::path::PathBuf {
+        let mut o = crate::options::CreateOptions::new();
+        o.parse_into(&format!("key-secret={t0},iter-time=1")).unwrap();
+        let v = super::super::write::new_volume(&o, "").unwrap();
+        let path = dir.join("v.luks");
+        let mut bytes = v.head.to_vec();
+        bytes.resize(v.payload as usize + (1 << 20), 0);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn opens(path: &Path, id: &str) -> bool {
+        KeyslotEditor::open(path, 0, None, Some(id), "").is_ok()
+    }
+
+    #[test]
+    fn add_write_erase_round_trip() {
+        crate::secret::define("amend-t0", b"pass zero");
+        crate::secret::define("amend-t1", b"pass one");
+        crate::secret::define("amend-t2", b"pass two");
+        let dir = tempfile::tempdir().unwrap();
+        let path = volume(dir.path(), "amend-t0");
+        let add = |slot: Option<i64>, new: &str| KeyslotAmend {
+            state: Some(KeyslotState::Active),
+            new_secret: Some(new.into()),
+            iter_time: Some(1),
+            keyslot: slot,
+            ..KeyslotAmend::default()
+        };
+        let mut ed = KeyslotEditor::open(&path, 0, None, Some("amend-t0"), "").unwrap();
+        ed.amend(&add(None, "amend-t1"), false).unwrap();
+        ed.amend(&add(Some(5), "amend-t2"), false).unwrap();
+        assert_eq!(ed.active_slots(), [0, 1, 5]);
+        let e = ed.amend(&add(Some(5), "amend-t1"), false).unwrap_err();
+        assert!(e.to_string().contains("Refusing to overwrite active keyslot 5"));
+        drop(ed);
+        assert!(opens(&path, "amend-t1") && opens(&path, "amend-t2"));
+
+        // Data written with the volume key reads back through the reader with any key.
+        let up = super::super::update::LuksUpdate::open(&path, Some("amend-t2")).unwrap();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        up.write_at(8192, &data).unwrap();
+        up.flush().unwrap();
+        drop(up);
+        let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&path).unwrap());
+        let r = super::super::read::LuksReader::open(st, Some(b"pass one")).unwrap();
+        let mut back = vec![0u8; 4096];
+        crate::mapping::ImageReader::file(&r, crate::mapping::FileId(1))
+            .unwrap()
+            .read_exact_at(&mut back, 8192)
+            .unwrap();
+        assert_eq!(back, data);
+
+        // Erasing by passphrase wipes the material; the last slot needs force.
+        let slot0_at = {
+            let p = Parsed::read(&FileStorage::open(&path).unwrap()).unwrap();
+            u64::from(p.header.slots[0].key_offset) * SECTOR as u64
+        };
+        let before = std::fs::read(&path).unwrap();
+        let mut ed = KeyslotEditor::open(&path, 0, None, Some("amend-t1"), "").unwrap();
+        let erase = |old: Option<&str>, slot: Option<i64>| KeyslotAmend {
+            state: Some(KeyslotState::Inactive),
+            old_secret: old.map(String::from),
+            keyslot: slot,
+            ..KeyslotAmend::default()
+        };
+        ed.amend(&erase(Some("amend-t0"), None), false).unwrap();
+        ed.amend(&erase(None, Some(5)), false).unwrap();
+        assert_eq!(ed.active_slots(), [1]);
+        let e = ed.amend(&erase(Some("amend-t1"), None), false).unwrap_err();
+        assert!(e.to_string().contains("All the active keyslots match"));
+        let e = ed.amend(&erase(None, Some(1)), false).unwrap_err();
+        assert!(e.to_string().contains("only active keyslot 1"));
+        drop(ed);
+        let after = std::fs::read(&path).unwrap();
+        let a = slot0_at as usize;
+        assert_ne!(before[a..a + 4096], after[a..a + 4096]);
+        assert!(!opens(&path, "amend-t0") && !opens(&path, "amend-t2"));
+        assert!(opens(&path, "amend-t1"));
+
+        let mut up = super::super::update::LuksUpdate::open(&path, Some("amend-t1")).unwrap();
+        up.resize(2 << 20, crate::formats::qcow2::Prealloc::Off)
+            .unwrap();
+        assert!(up.resize(1000, crate::formats::qcow2::Prealloc::Off).is_err());
+        assert_eq!(up.virtual_size(), 2 << 20);
+    }
+
     #[test]
     fn options_parse() {
         let mut a = KeyslotAmend::default();
