@@ -343,6 +343,19 @@ mod tests {
     }
 
     #[test]
+    fn repeated_filename_takes_the_last() {
+        // iotests 293/294 wrap an --image-opts name in another: QEMU's option list keeps
+        // the last file.filename and key-secret.
+        let u = p(
+            "driver=luks,file.filename=driver=luks,key-secret=k0,file.filename=/x/t.luks,key-secret=sec1",
+            true,
+        );
+        assert_eq!(u.path, PathBuf::from("/x/t.luks"));
+        assert_eq!(u.key_secret.as_deref(), Some("sec1"));
+        assert!(parse("driver=raw,file=/x/a,file.filename=/x/b", true).is_err());
+    }
+
+    #[test]
     fn image_opts() {
         let u = p(
             "driver=qcow2,file.filename=/x/a,,b.qcow2,file.aio=threads",

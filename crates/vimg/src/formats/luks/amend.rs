@@ -471,7 +471,8 @@ mod tests {
     /// A 1 MiB volume as vimg creates it (key slot 0: secret `t0`), written with std::fs.
     fn volume(dir: &Path, t0: &str) -> std::path::PathBuf {
         let mut o = crate::options::CreateOptions::new();
-        o.parse_into(&format!("key-secret={t0},iter-time=1")).unwrap();
+        o.parse_into(&format!("key-secret={t0},iter-time=1"))
+            .unwrap();
         let v = super::super::write::new_volume(&o, "").unwrap();
         let path = dir.join("v.luks");
         let mut bytes = v.head.to_vec();
@@ -503,7 +504,9 @@ mod tests {
         ed.amend(&add(Some(5), "amend-t2"), false).unwrap();
         assert_eq!(ed.active_slots(), [0, 1, 5]);
         let e = ed.amend(&add(Some(5), "amend-t1"), false).unwrap_err();
-        assert!(e.to_string().contains("Refusing to overwrite active keyslot 5"));
+        assert!(e
+            .to_string()
+            .contains("Refusing to overwrite active keyslot 5"));
         drop(ed);
         assert!(opens(&path, "amend-t1") && opens(&path, "amend-t2"));
 
@@ -552,7 +555,9 @@ mod tests {
         let mut up = super::super::update::LuksUpdate::open(&path, Some("amend-t1")).unwrap();
         up.resize(2 << 20, crate::formats::qcow2::Prealloc::Off)
             .unwrap();
-        assert!(up.resize(1000, crate::formats::qcow2::Prealloc::Off).is_err());
+        assert!(up
+            .resize(1000, crate::formats::qcow2::Prealloc::Off)
+            .is_err());
         assert_eq!(up.virtual_size(), 2 << 20);
     }
 
