@@ -120,6 +120,9 @@ pub fn run(a: AmendArgs) -> CmdResult {
             vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?
         }
     };
+    if let Some(code) = super::luks_inplace::amend(&a, path, format)? {
+        return Ok(code);
+    }
     updater::require(format, UpdateOp::Amend).map_err(Failure::from)?;
     if super::wants_help(&a.options) {
         // qemu-img: the options of the image's format (given or probed), once it amends.

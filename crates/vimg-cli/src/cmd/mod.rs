@@ -12,6 +12,7 @@ pub mod create;
 pub mod dd;
 pub mod extras;
 pub mod info;
+pub mod luks_inplace;
 pub mod map;
 pub mod measure;
 pub mod rebase;

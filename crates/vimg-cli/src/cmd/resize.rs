@@ -2,8 +2,6 @@
 //! raw. The size is the last argument and may start with `+` or `-` (relative), as
 //! qemu-img takes it before parsing flags.
 
-use std::path::Path;
-
 use clap::Args;
 use vimg::formats::qcow2::Prealloc;
 use vimg::formats::updater;
@@ -51,8 +49,10 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         _ => (0i8, a.size.as_str()),
     };
     let n = vimg::options::parse_size(body).map_err(|_| Failure::new(SIZE_HELP, 1))?;
-    let path = Path::new(&a.filename);
-    let mut format = parse_format_opt(a.format.as_deref())?;
+    // `--image-opts`/`json:` names: the file and driver they give.
+    let (path_buf, driver) = super::in_place_file(&a.filename)?;
+    let path = path_buf.as_path();
+    let mut format = parse_format_opt(a.format.as_deref())?.or(driver);
     let storage = vimg::storage::FileStorage::open(path)
         .map_err(|e| Failure::open(&a.filename, &vimg::Error::io("open", e)))?;
     if format.is_none() {
@@ -67,6 +67,17 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         format = Some(probed);
     }
     let format = format.unwrap_or(Format::Raw);
+    if format == Format::Luks {
+        return super::luks_inplace::resize(
+            &a.filename,
+            path,
+            sign,
+            n,
+            a.shrink,
+            prealloc,
+            a.quiet,
+        );
+    }
     let policy = crate::trust::policy(&a.safety);
     updater::require(format, UpdateOp::Resize).map_err(Failure::from)?;
     let mut img =
@@ -128,7 +139,7 @@ pub fn run(a: ResizeArgs) -> CmdResult {
     Ok(0)
 }
 
-fn target(cur: u64, sign: i8, n: u64) -> Result<u64, Failure> {
+pub(super) fn target(cur: u64, sign: i8, n: u64) -> Result<u64, Failure> {
     let total = match sign {
         1 => cur.checked_add(n),
         -1 => cur.checked_sub(n),
@@ -140,7 +151,7 @@ fn target(cur: u64, sign: i8, n: u64) -> Result<u64, Failure> {
     }
 }
 
-fn check_shrink(cur: u64, total: u64, shrink: bool) -> Result<(), Failure> {
+pub(super) fn check_shrink(cur: u64, total: u64, shrink: bool) -> Result<(), Failure> {
     if total < cur && !shrink {
         eprintln!(
             "{}: Use the --shrink option to perform a shrink operation.",

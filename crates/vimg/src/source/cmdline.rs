@@ -195,6 +195,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut driver: Option<String> = None;
     let mut file_driver: Option<String> = None;
     let mut filename: Option<String> = None;
+    let mut filename_key: Option<String> = None;
     let mut open_backing = true;
     let mut key_secret: Option<String> = None;
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
@@ -220,8 +221,11 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
             "file.driver" => file_driver = Some(val()?),
             // `"file": "name"` (a file name instead of a node), `file.filename`, and the
             // protocol-level `filename` when the driver is the file itself.
+            // The same key again takes the last value, as QEMU's option lists do (iotests
+            // 293/294 wrap an --image-opts name inside another); two spellings conflict.
             "file" | "file.filename" | "filename" => {
-                if filename.replace(val()?).is_some() {
+                let again = filename_key.replace(k.clone()).is_some_and(|p| p == *k);
+                if filename.replace(val()?).is_some() && !again {
                     return Err(Error::invalid_argument(format!(
                         "'{name}' names the file more than once"
                     )));
@@ -336,6 +340,19 @@ mod tests {
         ] {
             assert!(parse(bad, false).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn repeated_filename_takes_the_last() {
+        // iotests 293/294 wrap an --image-opts name in another: QEMU's option list keeps
+        // the last file.filename and key-secret.
+        let u = p(
+            "driver=luks,file.filename=driver=luks,key-secret=k0,file.filename=/x/t.luks,key-secret=sec1",
+            true,
+        );
+        assert_eq!(u.path, PathBuf::from("/x/t.luks"));
+        assert_eq!(u.key_secret.as_deref(), Some("sec1"));
+        assert!(parse("driver=raw,file=/x/a,file.filename=/x/b", true).is_err());
     }
 
     #[test]

@@ -35,9 +35,9 @@ pub const HEADER_LEN: usize = 592;
 /// Key slots in a LUKS1 header.
 pub const SLOTS: usize = 8;
 /// Offset of the first key slot.
-const SLOT_AT: usize = 0xd0;
+pub(crate) const SLOT_AT: usize = 0xd0;
 /// Bytes of one key slot.
-const SLOT_LEN: usize = 48;
+pub(crate) const SLOT_LEN: usize = 48;
 /// Key slot `active` value of an enabled slot.
 pub const SLOT_ENABLED: u32 = 0x00ac_71f3;
 /// Key slot `active` value of a disabled slot.

@@ -28,12 +28,14 @@
 //!
 //! LUKS2 headers are recognised and refused by name: QEMU does not read them either.
 
+pub mod amend;
 pub mod crypto;
 pub mod error;
 pub mod header;
 pub mod open;
 pub mod qcow2;
 pub mod read;
+pub mod update;
 pub mod write;
 
 use std::sync::Arc;

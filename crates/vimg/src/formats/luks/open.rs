@@ -32,34 +32,50 @@ pub fn unlock(
     storage: &dyn Storage,
     password: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>> {
-    let kb = spec.key_bytes;
-    let mut material = Zeroizing::new(vec![0u8; h.material_len() as usize]);
-    for (i, slot) in h.slots.iter().enumerate().filter(|(_, s)| s.is_active()) {
-        let mut slot_key = Zeroizing::new(vec![0u8; kb]);
-        hash.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
-        let at = u64::from(slot.key_offset) * SECTOR;
-        storage.read_exact_at(&mut material, at).map_err(|e| {
-            Error::io(
-                format_args!("read key slot {i}'s key material at {at:#x}"),
-                e,
-            )
-        })?;
-        // The area is whole sectors (cryptsetup pads the split key to a sector); the
-        // stripes are its first key-bytes * 4000 bytes.
-        SectorCipher::new(spec, &slot_key).apply(0, &mut material, false);
-        let key = af_merge(
-            hash,
-            &material[..kb * STRIPES as usize],
-            kb,
-            STRIPES as usize,
-        );
-        let mut digest = [0u8; DIGEST_LEN];
-        hash.pbkdf2(&key, &h.mk_digest_salt, h.mk_digest_iter, &mut digest);
-        if digest == h.mk_digest {
+    for i in 0..h.slots.len() {
+        if let Some(key) = try_slot(h, spec, hash, storage, i, password)? {
             return Ok(key);
         }
     }
     Err(LuksError::BadPassword.into())
+}
+
+/// The volume key when key slot `i` is active and `password` opens it (QEMU's
+/// `qcrypto_block_luks_load_key`); `None` for an inactive slot or another passphrase.
+pub fn try_slot(
+    h: &Header,
+    spec: CipherSpec,
+    hash: Hash,
+    storage: &dyn Storage,
+    i: usize,
+    password: &[u8],
+) -> Result<Option<Zeroizing<Vec<u8>>>> {
+    let Some(slot) = h.slots.get(i).filter(|s| s.is_active()) else {
+        return Ok(None);
+    };
+    let kb = spec.key_bytes;
+    let mut material = Zeroizing::new(vec![0u8; h.material_len() as usize]);
+    let mut slot_key = Zeroizing::new(vec![0u8; kb]);
+    hash.pbkdf2(password, &slot.salt, slot.iterations, &mut slot_key);
+    let at = u64::from(slot.key_offset) * SECTOR;
+    storage.read_exact_at(&mut material, at).map_err(|e| {
+        Error::io(
+            format_args!("read key slot {i}'s key material at {at:#x}"),
+            e,
+        )
+    })?;
+    // The area is whole sectors (cryptsetup pads the split key to a sector); the
+    // stripes are its first key-bytes * 4000 bytes.
+    SectorCipher::new(spec, &slot_key).apply(0, &mut material, false);
+    let key = af_merge(
+        hash,
+        &material[..kb * STRIPES as usize],
+        kb,
+        STRIPES as usize,
+    );
+    let mut digest = [0u8; DIGEST_LEN];
+    hash.pbkdf2(&key, &h.mk_digest_salt, h.mk_digest_iter, &mut digest);
+    Ok((digest == h.mk_digest).then_some(key))
 }
 
 /// The passphrase of secret `id`, or the error qemu-img gives. `prefix` is the option

@@ -131,7 +131,7 @@ fn parse_options(opts: &CreateOptions, prefix: &str) -> Result<Choice> {
 
 /// Sectors of one key slot's material area for a `key_bytes` key: 4000 stripes, rounded
 /// up to 4 KiB.
-fn slot_sectors(key_bytes: usize) -> u32 {
+pub(crate) fn slot_sectors(key_bytes: usize) -> u32 {
     let split_len = key_bytes * STRIPES as usize;
     (split_len.div_ceil(SECTOR) as u32).div_ceil(SLOT_ALIGN_SECTORS) * SLOT_ALIGN_SECTORS
 }
@@ -247,7 +247,7 @@ pub(crate) fn new_volume(opts: &CreateOptions, prefix: &'static str) -> Result<N
 /// PBKDF2 iterations `hash` runs in `ms` milliseconds here (QEMU's
 /// `qcrypto_pbkdf2_count_iters`, with a shorter measurement for short `iter-time`s), at
 /// least [`MIN_ITERATIONS`] and at most the bound vimg reads ([`super::header::MAX_ITERATIONS`]).
-fn iterations_for(hash: Hash, key: &[u8], out_len: usize, ms: u64) -> u32 {
+pub(crate) fn iterations_for(hash: Hash, key: &[u8], out_len: usize, ms: u64) -> u32 {
     let probe = Duration::from_millis((ms / 4).clamp(5, 250));
     let salt = [0u8; SALT_LEN];
     let mut out = Zeroizing::new(vec![0u8; out_len]);

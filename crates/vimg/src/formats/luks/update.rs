@@ -1,0 +1,120 @@
+//! A LUKS1 volume open for changing in place: `resize` (the payload grows or shrinks, as
+//! QEMU's crypto driver truncates the file to payload offset + new size) and guest writes
+//! (`convert -n`: each sector encrypted with the volume key at its own IV, as the reader
+//! decrypts it).
+//!
+//! The volume is unlocked with the user's `key-secret` first, as qemu-img opens it: a wrong
+//! or missing passphrase changes nothing.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::crypto::{SectorCipher, SECTOR};
+use super::open::{passphrase, secret_passphrase, unlock};
+use super::read::Parsed;
+use crate::error::{Error, Result};
+use crate::formats::qcow2::Prealloc;
+use crate::storage::{FileStorage, Storage};
+
+/// An unlocked LUKS1 volume open for writing.
+pub struct LuksUpdate {
+    path: PathBuf,
+    file: File,
+    payload: u64,
+    size: u64,
+    cipher: SectorCipher,
+}
+
+impl std::fmt::Debug for LuksUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("LuksUpdate")
+            .field("path", &self.path)
+            .field("payload", &self.payload)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl LuksUpdate {
+    /// Opens `path` and unlocks it with the secret `key_secret`.
+    pub fn open(path: &Path, key_secret: Option<&str>) -> Result<LuksUpdate> {
+        let (id, secret) = secret_passphrase(key_secret, "")?;
+        let pw = passphrase(&id, &secret)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open for writing", e))?;
+        let st = FileStorage::from_file(
+            file.try_clone()
+                .map_err(|e| Error::io("open for writing", e))?,
+            path,
+        )
+        .map_err(|e| Error::io("open", e))?;
+        let storage: Arc<dyn Storage> = Arc::new(st);
+        let parsed = Parsed::read(&*storage)?;
+        let key = unlock(&parsed.header, parsed.spec, parsed.hash, &*storage, pw)?;
+        let payload = parsed.header.payload_bytes();
+        Ok(LuksUpdate {
+            path: path.to_path_buf(),
+            size: storage.len() - payload,
+            payload,
+            cipher: SectorCipher::new(parsed.spec, &key),
+            file,
+        })
+    }
+
+    /// The payload size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.size
+    }
+
+    /// Resizes the payload to `size` bytes; `prealloc` applies to the new area of the file
+    /// (QEMU passes it to the file layer). The new area is not written through the cipher:
+    /// as with qemu-img, it reads as whatever its ciphertext (zeros) decrypts to.
+    pub fn resize(&mut self, size: u64, prealloc: Prealloc) -> Result<()> {
+        if !size.is_multiple_of(SECTOR as u64) {
+            return Err(Error::invalid_argument(format!(
+                "LUKS volume size {size} is not a multiple of 512 bytes (vimg writes whole encrypted sectors)"
+            )));
+        }
+        let total = self
+            .payload
+            .checked_add(size)
+            .filter(|t| *t <= i64::MAX as u64)
+            .ok_or_else(|| Error::invalid_argument("The requested file size is too large"))?;
+        crate::formats::raw::update::resize(&self.path, total, prealloc)?;
+        self.size = size;
+        Ok(())
+    }
+
+    /// Writes guest `data` at `offset`, both whole sectors inside the volume, encrypted.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let ok = offset.is_multiple_of(SECTOR as u64)
+            && data.len().is_multiple_of(SECTOR)
+            && offset
+                .checked_add(data.len() as u64)
+                .is_some_and(|e| e <= self.size);
+        if !ok {
+            return Err(Error::invalid_argument(format!(
+                "write of {} bytes at {offset:#x} is not whole sectors inside the LUKS volume",
+                data.len()
+            )));
+        }
+        let mut buf = zeroize::Zeroizing::new(data.to_vec());
+        self.cipher.apply(offset / SECTOR as u64, &mut buf, true);
+        self.file
+            .write_all_at(&buf, self.payload + offset)
+            .map_err(|e| Error::io(format_args!("write at {:#x}", self.payload + offset), e))
+    }
+
+    /// Flushes what was written.
+    pub fn flush(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io("flush the LUKS volume", e))
+    }
+}
