@@ -148,9 +148,9 @@ fn safe(
             1,
         )
     };
-    if a.compress {
+    if a.compress && format != Format::Qcow2 {
         return Err(Failure::new(
-            format!("vimg cannot compress the clusters rebase copies; '{file}' is unchanged"),
+            format!("vimg cannot compress the clusters rebase copies into {} images; '{file}' is unchanged", format.name()),
             1,
         ));
     }
@@ -191,7 +191,9 @@ fn safe(
             format: *f,
             image: img,
         });
-    let r = vimg::inplace::rebase(path, format, policy, new, &|p| reporter.update(p));
+    let r = vimg::inplace::rebase_with(path, format, policy, new, a.compress, &|p| {
+        reporter.update(p)
+    });
     reporter.finish(r.is_ok());
     match r {
         Ok(_) => Ok(0),

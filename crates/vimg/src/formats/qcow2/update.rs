@@ -44,6 +44,7 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
+mod compress;
 mod header_ext;
 mod rebuild;
 mod shadow;
@@ -105,6 +106,9 @@ pub struct Qcow2Update {
     has_bitmaps: bool,
     /// No free cluster lies below this index.
     free_hint: u64,
+    /// Where the next compressed cluster's bytes go (0: a fresh cluster), as QEMU's
+    /// `free_byte_offset` (update/compress.rs).
+    compressed_tail: u64,
     /// The last refcount block read, by refcount table index.
     block: Option<(u64, Vec<u8>)>,
     hook: CrashHook,
@@ -234,6 +238,7 @@ impl Qcow2Update {
             has_bitmaps: !r.bitmaps.is_empty(),
             header: h,
             free_hint: 0,
+            compressed_tail: 0,
             block: None,
             hook: CrashHook::from_env(),
             written: None,
