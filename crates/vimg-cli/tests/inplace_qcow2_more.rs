@@ -1,0 +1,416 @@
+//! qcow2 in place, the forms the sixth stop added (issue 15, iotests 314 and 031), each
+//! against qemu-img doing the same on a copy: `rebase -c` (the copied clusters written
+//! compressed, byte-packed as QEMU packs them) and header rewrites that keep unknown header
+//! extensions; a SIGKILL at every write point of each leaves an image qemu-img checks
+//! clean (leaks repairable) that reads as before.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::kill::*;
+use common::*;
+
+fn io(dir: &Path, img: &str, cmds: &[&str]) {
+    qemu_io("qcow2", &dir.join(img), cmds);
+}
+
+/// base (compressible patterns, a compressed run, a partial cluster), mid over
+/// base, top over mid with its own data; `size` the virtual size of all three.
+fn chain(dir: &Path, size: &str) -> PathBuf {
+    qemu_create(&dir.join("base.qcow2"), "qcow2", "", size);
+    io(
+        dir,
+        "base.qcow2",
+        &[
+            "write -P 0xaa 0 256k",
+            "write -c -P 0x11 512k 128k",
+            "write -P 0x22 900k 3k",
+        ],
+    );
+    qcow2_overlay(&dir.join("mid.qcow2"), "base.qcow2", "", Some(size));
+    io(dir, "mid.qcow2", &["write -P 0xbb 1M 192k"]);
+    qcow2_overlay(&dir.join("top.qcow2"), "mid.qcow2", "", Some(size));
+    io(
+        dir,
+        "top.qcow2",
+        &["write -P 0xcc 64k 64k", "write -c -P 0xdd 1536k 64k"],
+    );
+    dir.join("top.qcow2")
+}
+
+/// Writes pseudo-random (incompressible) data into `img` at `off` through qemu-io.
+fn random_into(dir: &Path, img: &str, off: u64, len: usize) {
+    let raw = dir.join("rnd.raw");
+    std::fs::write(&raw, pattern(len, off)).unwrap();
+    qemu_io(
+        "qcow2",
+        &dir.join(img),
+        &[&format!("write -s {} {off} {len}", s(&raw))],
+    );
+    let _ = std::fs::remove_file(&raw);
+}
+
+/// `qemu-img check`'s output with the path filtered.
+fn check_text(img: &Path) -> String {
+    let (code, text) = qemu_check_output(img, "qcow2");
+    assert_eq!(code, 0, "qemu-img check of {}:\n{text}", img.display());
+    text
+}
+
+/// qemu-img's map, per 64 KiB cluster: (depth, present, data, compressed, host cluster).
+/// The `zero` flag of data clusters is left out: it reports holes of the host file, which
+/// the file system (unwritten extents) reports differently from one moment to the next.
+fn map(img: &Path) -> Vec<(u64, bool, bool, bool, Option<u64>)> {
+    let cs = 65536u64;
+    let m = json(&qemu_img(&["map", "--output=json", "-f", "qcow2", s(img)]));
+    let mut out = Vec::new();
+    let mut last = None;
+    for e in m.as_array().unwrap() {
+        let start = e["start"].as_u64().unwrap();
+        let len = e["length"].as_u64().unwrap();
+        let mut at = start;
+        while at < start + len {
+            if last == Some(at / cs) {
+                at = (at / cs + 1) * cs;
+                continue;
+            }
+            last = Some(at / cs);
+            let off = e["offset"].as_u64().map(|o| (o + (at - start)) / cs);
+            out.push((
+                e["depth"].as_u64().unwrap(),
+                e["present"].as_bool().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["compressed"].as_bool().unwrap(),
+                off,
+            ));
+            at = (at / cs + 1) * cs;
+        }
+    }
+    out
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(vimg_bin())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// vimg and qemu-img run the same `rebase` command line on copies of the same chain:
+/// same guest content, same check statistics (compressed share, image end), same map
+/// (host offsets included).
+fn rebase_like_qemu(size: &str, args: &[&str], random: bool) {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let tv = tempfile::tempdir().unwrap();
+    let tq = tempfile::tempdir().unwrap();
+    let (v, q) = (tv.path(), tq.path());
+    let top_v = chain(v, size);
+    let top_q = chain(q, size);
+    if random {
+        random_into(v, "base.qcow2", 1792 << 10, 128 << 10);
+        random_into(q, "base.qcow2", 1792 << 10, 128 << 10);
+    }
+    let before = guest(&top_v, "qcow2");
+    let mut a: Vec<&str> = args.to_vec();
+    a.push("top.qcow2");
+    let out = run_in(v, &a);
+    assert!(
+        out.status.success(),
+        "vimg {a:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu_in(q, &a);
+    assert_eq!(
+        guest(&top_v, "qcow2"),
+        before,
+        "vimg changed the guest content"
+    );
+    assert_eq!(guest(&top_q, "qcow2"), before);
+    if random {
+        // QEMU compresses the clusters of one request in parallel and writes the ones
+        // that do not shrink as they finish: their order in the file is its threads'.
+        // vimg writes them in guest order; the same clusters, the same space.
+        let stats = |t: String| -> Vec<String> {
+            t.lines()
+                .map(|l| {
+                    l.split(", ")
+                        .filter(|p| !p.ends_with("fragmented"))
+                        .collect()
+                })
+                .collect()
+        };
+        assert_eq!(stats(check_text(&top_v)), stats(check_text(&top_q)));
+        let strip = |m: Vec<(u64, bool, bool, bool, Option<u64>)>| -> Vec<_> {
+            m.into_iter()
+                .map(|e| (e.0, e.1, e.2, e.3, e.4.is_some()))
+                .collect()
+        };
+        assert_eq!(strip(map(&top_v)), strip(map(&top_q)), "map");
+        return;
+    }
+    assert_eq!(check_text(&top_v), check_text(&top_q), "check statistics");
+    assert_eq!(map(&top_v), map(&top_q), "map");
+    let iv = json(&qemu_img(&["info", "--output=json", s(&top_v)]));
+    let iq = json(&qemu_img(&["info", "--output=json", s(&top_q)]));
+    assert_eq!(iv["backing-filename"], iq["backing-filename"]);
+}
+
+#[test]
+fn rebase_c_flattening_like_qemu() {
+    rebase_like_qemu("2M", &["rebase", "-c", "-b", ""], false);
+}
+
+#[test]
+fn rebase_c_with_incompressible_clusters_like_qemu() {
+    rebase_like_qemu("2M", &["rebase", "-c", "-b", ""], true);
+}
+
+#[test]
+fn rebase_c_removing_a_chain_member_like_qemu() {
+    rebase_like_qemu(
+        "2M",
+        &["rebase", "-c", "-b", "base.qcow2", "-F", "qcow2"],
+        false,
+    );
+}
+
+#[test]
+fn rebase_c_unaligned_size_like_qemu() {
+    // The last cluster is partial: compressed zero-padded.
+    rebase_like_qemu("1999k", &["rebase", "-c", "-b", ""], false);
+}
+
+#[test]
+fn rebase_c_refusals_before_writing() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let top = chain(t.path(), "2M");
+    qemu_in(t.path(), &["snapshot", "-c", "s1", "top.qcow2"]);
+    let before = std::fs::read(&top).unwrap();
+    let out = run_in(t.path(), &["rebase", "-c", "-b", "", "top.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("internal snapshots"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&top).unwrap(), before, "nothing written");
+    // raw: qemu-img's words.
+    let raw = t.path().join("r.raw");
+    std::fs::write(&raw, vec![0u8; 65536]).unwrap();
+    let out = run_in(t.path(), &["rebase", "-c", "-f", "raw", "-b", "", "r.raw"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("Compression not supported for this file format"));
+}
+
+#[test]
+fn rebase_c_killed_at_every_point() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    std::fs::create_dir(&pristine).unwrap();
+    chain(&pristine, "2M");
+    let old = guest(&pristine.join("top.qcow2"), "qcow2");
+    let work = t.path().join("work");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 10_000, "no end in sight");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
+        for f in ["base.qcow2", "mid.qcow2", "top.qcow2"] {
+            std::fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let top = work.join("top.qcow2");
+        let killed = run_killed_in(
+            Some(&work),
+            &[
+                "rebase",
+                "-c",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            n,
+        );
+        let what = format!("rebase -c killed before point {n}");
+        check_then_repair(&top, "qcow2", &what);
+        assert_eq!(guest(&top, "qcow2"), old, "{what}: guest content changed");
+        if !killed {
+            break;
+        }
+        kills += 1;
+    }
+    assert!(kills > 5, "only {kills} kill points");
+}
+
+// ---- header rewrites with an unknown header extension (iotest 031) ----
+
+/// A qemu-img-made image with an unknown header extension added after QEMU's own ones
+/// (before the end marker), as iotest 031 adds one with qcow2.py.
+fn with_unknown_ext(dir: &Path, compat: &str) -> PathBuf {
+    let img = dir.join("u.qcow2");
+    qemu_create(&img, "qcow2", &format!("compat={compat}"), "64M");
+    let bytes = std::fs::read(&img).unwrap();
+    let be32 = |o: usize| u32::from_be_bytes(bytes[o..o + 4].try_into().unwrap());
+    let version = be32(4);
+    let mut off = if version >= 3 { be32(100) as usize } else { 72 };
+    // Walk to the end marker.
+    loop {
+        let magic = be32(off);
+        let len = be32(off + 4) as usize;
+        if magic == 0 {
+            break;
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+    let data = b"This is a test header extension";
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    ext.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    ext.extend_from_slice(data);
+    ext.resize(8 + data.len().div_ceil(8) * 8, 0);
+    ext.extend_from_slice(&[0u8; 8]);
+    patch(&img, off as u64, &ext);
+    img
+}
+
+fn header_area(img: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(img).unwrap();
+    b.truncate(4096);
+    b
+}
+
+fn rebase_u_like_qemu(compat: &str, args: &[&str]) {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let v = with_unknown_ext(tv.path(), compat);
+    let q = with_unknown_ext(tq.path(), compat);
+    for d in [tv.path(), tq.path()] {
+        qemu_create(&d.join("b.raw"), "raw", "", "64M");
+    }
+    let mut a: Vec<&str> = args.to_vec();
+    a.push("u.qcow2");
+    let out = run_in(tv.path(), &a);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu_in(tq.path(), &a);
+    assert_eq!(
+        header_area(&v),
+        header_area(&q),
+        "{compat} {args:?}: header cluster"
+    );
+    if !args.contains(&"host_device") {
+        check_text(&v);
+    }
+}
+
+#[test]
+fn rebase_u_keeps_unknown_extension_like_qemu() {
+    for compat in ["0.10", "1.1"] {
+        rebase_u_like_qemu(compat, &["rebase", "-u", "-b", ""]);
+        rebase_u_like_qemu(
+            compat,
+            &[
+                "rebase",
+                "-u",
+                "-b",
+                "/some/backing/file/path",
+                "-F",
+                "host_device",
+            ],
+        );
+        rebase_u_like_qemu(compat, &["rebase", "-u", "-b", "b.raw", "-F", "raw"]);
+    }
+}
+
+#[test]
+fn amend_keeps_unknown_extension_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let v = with_unknown_ext(tv.path(), "1.1");
+    let q = with_unknown_ext(tq.path(), "1.1");
+    vimg(&["amend", "-o", "lazy_refcounts=on", s(&v)]);
+    qemu_img(&["amend", "-o", "lazy_refcounts=on", s(&q)]);
+    assert_eq!(header_area(&v), header_area(&q));
+    check_text(&v);
+}
+
+#[test]
+fn header_too_big_for_the_cluster_is_refused_before_writing() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("s.qcow2");
+    qemu_create(&img, "qcow2", "cluster_size=512,compat=0.10", "1M");
+    // An unknown extension that fills the 512-byte header cluster to 8 bytes from its end.
+    let mut ext = Vec::new();
+    let len = 512 - 72 - 8 - 8 - 8;
+    ext.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    ext.extend_from_slice(&(len as u32).to_be_bytes());
+    ext.extend(std::iter::repeat_n(b'x', len));
+    ext.extend_from_slice(&[0u8; 8]);
+    patch(&img, 72, &ext);
+    check_text(&img);
+    let before = std::fs::read(&img).unwrap();
+    let out = vimg_raw(&["rebase", "-u", "-b", "base.raw", "-F", "raw", s(&img)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    let q = run_cmd(
+        "qemu-img",
+        &["rebase", "-u", "-b", "base.raw", "-F", "raw", s(&img)],
+    );
+    assert_eq!(q.status.code(), Some(1), "qemu-img refuses it too");
+}
+
+#[test]
+fn unknown_extension_rewrite_killed_at_every_point() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pristine = with_unknown_ext(t.path(), "1.1");
+    let old = header_area(&pristine);
+    qemu_create(&t.path().join("b.raw"), "raw", "", "64M");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 100, "no end in sight");
+        let img = t.path().join("w.qcow2");
+        std::fs::copy(&pristine, &img).unwrap();
+        let killed = run_killed(&["rebase", "-u", "-b", "b.raw", "-F", "raw", s(&img)], n);
+        check_text(&img);
+        let h = header_area(&img);
+        let info = json(&qemu_img(&["info", "--output=json", s(&img)]));
+        if killed {
+            kills += 1;
+            assert!(
+                h == old || info["backing-filename"] == "b.raw",
+                "killed before point {n}: neither old nor new header"
+            );
+        } else {
+            assert_eq!(info["backing-filename"], "b.raw");
+            break;
+        }
+    }
+    assert!(kills >= 1);
+}
