@@ -414,3 +414,75 @@ fn unknown_extension_rewrite_killed_at_every_point() {
     }
     assert!(kills >= 1);
 }
+
+// ---- resize over a longer backing file from an unaligned size (iotest 292) ----
+
+/// base 1M of 0x11, top over it with 0x22 everywhere, shrunk by qemu-img to 520k (inside
+/// a cluster): the state iotest 292 grows from.
+fn shrunk_top(dir: &Path) -> PathBuf {
+    qemu_create(&dir.join("base.qcow2"), "qcow2", "", "1M");
+    io(dir, "base.qcow2", &["write -P 0x11 0 1M"]);
+    qcow2_overlay(&dir.join("top.qcow2"), "base.qcow2", "", None);
+    io(dir, "top.qcow2", &["write -P 0x22 0 1M"]);
+    qemu_in(dir, &["resize", "-q", "--shrink", "top.qcow2", "520k"]);
+    dir.join("top.qcow2")
+}
+
+#[test]
+fn resize_from_inside_a_cluster_over_longer_backing_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let v = shrunk_top(tv.path());
+    let q = shrunk_top(tq.path());
+    vimg(&["resize", s(&v), "567k"]);
+    qemu_img(&["resize", s(&q), "567k"]);
+    assert_eq!(guest(&v, "qcow2"), guest(&q, "qcow2"));
+    // Clean; the image end differs: vimg's size switch writes new tables past the end of
+    // the file (update/shadow.rs), qemu-img changes its tables in place.
+    check_text(&v);
+    // The old last cluster is zeroed where it is: the same host offsets as qemu-img's.
+    assert_eq!(map(&v), map(&q));
+    let plain = |p: &Path| qemu_img(&["map", "-f", "qcow2", s(p)]).replace(s(p), "IMG");
+    assert_eq!(plain(&v), plain(&q));
+}
+
+#[test]
+fn resize_from_inside_a_cluster_killed_at_every_point() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    std::fs::create_dir(&pristine).unwrap();
+    shrunk_top(&pristine);
+    let old = guest(&pristine.join("top.qcow2"), "qcow2");
+    let mut new = old.clone();
+    new.resize(567 << 10, 0);
+    let work = t.path().join("work");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 10_000, "no end in sight");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
+        for f in ["base.qcow2", "top.qcow2"] {
+            std::fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let top = work.join("top.qcow2");
+        let killed = run_killed(&["resize", s(&top), "567k"], n);
+        let what = format!("resize killed before point {n}");
+        check_then_repair(&top, "qcow2", &what);
+        let got = guest(&top, "qcow2");
+        assert!(
+            got == old || got == new,
+            "{what}: neither the old nor the new image"
+        );
+        if !killed {
+            assert_eq!(got, new);
+            break;
+        }
+        kills += 1;
+    }
+    assert!(kills > 3, "only {kills} kill points");
+}

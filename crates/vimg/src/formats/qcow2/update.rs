@@ -47,6 +47,7 @@ pub(super) mod bitmap;
 mod compress;
 mod header_ext;
 mod rebuild;
+mod resize_tail;
 mod shadow;
 pub(super) mod snapshot;
 
