@@ -486,3 +486,105 @@ fn resize_from_inside_a_cluster_killed_at_every_point() {
     }
     assert!(kills > 3, "only {kills} kill points");
 }
+
+// ---- commit empties the top image completely, as qemu-img's qcow2 driver does ----
+
+/// base (4M, 1M of data) and top over it with data (and a zero cluster), `compat` given.
+fn commit_chain(dir: &Path, compat: &str, size: &str) -> PathBuf {
+    let o = format!("compat={compat}");
+    qemu_create(&dir.join("base.qcow2"), "qcow2", &o, size);
+    io(dir, "base.qcow2", &["write -P 1 0 1M"]);
+    qcow2_overlay(&dir.join("top.qcow2"), "base.qcow2", &o, None);
+    io(dir, "top.qcow2", &["write -P 2 512k 2M", "write -z 3M 64k"]);
+    dir.join("top.qcow2")
+}
+
+fn commit_like_qemu(compat: &str, size: &str, identical: bool) {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let (tv, tq) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let v = commit_chain(tv.path(), compat, size);
+    let q = commit_chain(tq.path(), compat, size);
+    // The guest content is compared where it fits in memory.
+    let small = size_of(&tv.path().join("base.qcow2")) < (64 << 20) && size.ends_with('M');
+    let before = small.then(|| guest(&v, "qcow2"));
+    vimg(&["commit", s(&v)]);
+    qemu_img(&["commit", s(&q)]);
+    if let Some(before) = before {
+        assert_eq!(guest(&v, "qcow2"), before);
+        assert_eq!(guest(&tv.path().join("base.qcow2"), "qcow2"), before);
+    }
+    assert_eq!(check_text(&v), check_text(&q));
+    assert_eq!(size_of(&v), size_of(&q), "file size");
+    // The top image is the same file as qemu-img's (its map then reads the base, whose
+    // layout is the commit's: qemu's commit job writes its chunks in parallel).
+    if identical {
+        assert_same_file(&v, &q);
+    }
+}
+
+#[test]
+fn commit_empties_a_v3_top_completely_like_qemu() {
+    commit_like_qemu("1.1", "4M", true);
+}
+
+#[test]
+fn commit_empties_a_big_v3_top_completely_like_qemu() {
+    // An L1 table of 128 entries (64 GiB virtual).
+    commit_like_qemu("1.1", "64G", true);
+}
+
+#[test]
+fn commit_into_v3_top_with_a_snapshot_keeps_the_fallback() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let top = commit_chain(t.path(), "1.1", "4M");
+    qemu_in(t.path(), &["snapshot", "-c", "s1", "top.qcow2"]);
+    let before = guest(&top, "qcow2");
+    vimg(&["commit", s(&top)]);
+    assert_eq!(guest(&top, "qcow2"), before);
+    check_text(&top);
+    let snaps = qemu_img(&["snapshot", "-l", s(&top)]);
+    assert!(snaps.contains("s1"), "{snaps}");
+}
+
+#[test]
+fn commit_empty_killed_at_every_point() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let pristine = t.path().join("pristine");
+    std::fs::create_dir(&pristine).unwrap();
+    commit_chain(&pristine, "1.1", "4M");
+    let old = guest(&pristine.join("top.qcow2"), "qcow2");
+    let work = t.path().join("work");
+    let mut kills = 0;
+    for n in 0.. {
+        assert!(n < 10_000, "no end in sight");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir(&work).unwrap();
+        for f in ["base.qcow2", "top.qcow2"] {
+            std::fs::copy(pristine.join(f), work.join(f)).unwrap();
+        }
+        let top = work.join("top.qcow2");
+        let killed = run_killed(&["commit", s(&top)], n);
+        let what = format!("commit killed before point {n}");
+        check_then_repair(&work.join("base.qcow2"), "qcow2", &what);
+        check_then_repair(&top, "qcow2", &what);
+        assert_eq!(
+            guest(&top, "qcow2"),
+            old,
+            "{what}: the top's guest content changed"
+        );
+        if !killed {
+            assert_eq!(size_of(&top), 4 * 65536, "emptied completely");
+            break;
+        }
+        kills += 1;
+    }
+    assert!(kills > 5, "only {kills} kill points");
+}

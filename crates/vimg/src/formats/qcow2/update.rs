@@ -46,6 +46,7 @@ use crate::storage::{FileStorage, Storage};
 pub(super) mod bitmap;
 mod compress;
 mod header_ext;
+mod make_empty;
 mod rebuild;
 mod resize_tail;
 mod shadow;
