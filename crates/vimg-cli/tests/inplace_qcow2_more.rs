@@ -588,3 +588,44 @@ fn commit_empty_killed_at_every_point() {
     }
     assert!(kills > 5, "only {kills} kill points");
 }
+
+/// iotest 271's last measure: past the largest L1 table, `measure` and `create` word the
+/// refusal differently, each as qemu-img does.
+#[test]
+fn measure_too_large_in_qemu_words() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let args = [
+        "measure",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "--size",
+        "1025T",
+    ];
+    let v = vimg_raw(&args);
+    let q = run_cmd("qemu-img", &args);
+    assert_eq!(v.status.code(), q.status.code());
+    let tail = |o: &std::process::Output| {
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        e.split_once(": ").map(|x| x.1.to_string()).unwrap_or(e)
+    };
+    assert_eq!(tail(&v), tail(&q));
+    assert_eq!(
+        tail(&v).trim(),
+        "The image size is too large (try using a larger cluster size)"
+    );
+    // 1024T fits, as in qemu-img.
+    let ok = [
+        "measure",
+        "-O",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "--size",
+        "1024T",
+    ];
+    assert_eq!(vimg(&ok), qemu_img(&ok));
+}
