@@ -61,7 +61,29 @@ pub fn rebase(
     new: Option<NewBacking<'_>>,
     progress: &dyn Fn(Progress),
 ) -> Result<u64> {
+    rebase_with(path, format, policy, new, false, progress)
+}
+
+/// [`rebase`], with `compress` (`rebase -c`): the clusters copied as data are written
+/// compressed (qcow2 only; whole clusters, the last one of an unaligned disk zero-padded,
+/// each stored uncompressed when compression does not shrink it), as qemu-img writes them
+/// with `BDRV_REQ_WRITE_COMPRESSED`. Zero writes stay zero clusters. Images with internal
+/// snapshots are refused before anything is written.
+pub fn rebase_with(
+    path: &Path,
+    format: Format,
+    policy: ExternalPolicy,
+    new: Option<NewBacking<'_>>,
+    compress: bool,
+    progress: &dyn Fn(Progress),
+) -> Result<u64> {
     updater::require(format, UpdateOp::Backing)?;
+    if compress && format != Format::Qcow2 {
+        return Err(Error::unsupported(format!(
+            "vimg writes compressed clusters in place only into qcow2 images, not {}",
+            format.name()
+        )));
+    }
     let img = Image::open(path, &OpenOptions::with_format(Some(format)).policy(policy))?;
     let size = img.virtual_size();
     // The clusters the image does not hold, found before anything changes.
@@ -87,6 +109,11 @@ pub fn rebase(
     // zero write could leave clusters unallocated, which would read the new backing file.
     let zero_flag = format == Format::Qcow2 && qcow2_version(&img)? >= 3;
     let mut up = updater::open(path, format, policy)?;
+    if compress && up.qcow2().is_some_and(|q| q.header().nb_snapshots > 0) {
+        return Err(Error::unsupported(
+            "vimg does not compress the clusters rebase copies into an image with internal snapshots",
+        ));
+    }
     let mut copied = 0u64;
     {
         let mut w = up.data()?;
@@ -147,6 +174,12 @@ pub fn rebase(
                     let len = ((j - i) as u64).min(size - at) as usize;
                     if eof && zero_flag {
                         w.write_zeroes(at, len as u64, old)?;
+                    } else if compress {
+                        // Whole clusters (the tail past the virtual size is zeros).
+                        let updater::DataTarget::Qcow2(d) = &mut w else {
+                            return Err(Error::unsupported("compressed writes need qcow2"));
+                        };
+                        d.write_compressed(at / cs, &a[i..j])?;
                     } else {
                         w.write_at(at, &a[i..i + len], old)?;
                     }

@@ -52,6 +52,9 @@ pub struct RebaseArgs {
     pub files: Vec<String>,
 }
 
+/// qemu's protocol drivers, accepted by `rebase -u -F` as backing format names.
+const PROTOCOL_DRIVERS: &[&str] = &["file", "host_device", "host_cdrom"];
+
 pub fn run(a: RebaseArgs) -> CmdResult {
     let file = super::one_image("rebase", &a.files)?;
     // qemu-img's usage check: a safe rebase needs the new backing file named (`-b ""`
@@ -65,8 +68,15 @@ pub fn run(a: RebaseArgs) -> CmdResult {
             1,
         ));
     }
+    // qemu-img takes any of its block drivers' names there, protocol drivers included
+    // (iotest 031 stores `host_device`); unsafe mode only stores the name.
+    let protocol_fmt = a
+        .backing_format
+        .as_deref()
+        .filter(|n| a.unsafe_mode && PROTOCOL_DRIVERS.contains(n));
     let backing_format = match a.backing_format.as_deref() {
         None => None,
+        Some(_) if protocol_fmt.is_some() => None,
         Some(name) => Some(
             Format::from_name(name)
                 .filter(|f| f.name() == name)
@@ -91,6 +101,7 @@ pub fn run(a: RebaseArgs) -> CmdResult {
     let new = match (new_name, backing_format) {
         (None, _) => None,
         (Some(b), Some(f)) => Some((b, f.name())),
+        (Some(b), None) if protocol_fmt.is_some() => Some((b, protocol_fmt.unwrap_or(""))),
         (Some(b), None) => {
             return Err(Failure::new(
                 format!(
@@ -137,9 +148,9 @@ fn safe(
             1,
         )
     };
-    if a.compress {
+    if a.compress && format != Format::Qcow2 {
         return Err(Failure::new(
-            format!("vimg cannot compress the clusters rebase copies; '{file}' is unchanged"),
+            format!("vimg cannot compress the clusters rebase copies into {} images; '{file}' is unchanged", format.name()),
             1,
         ));
     }
@@ -180,7 +191,9 @@ fn safe(
             format: *f,
             image: img,
         });
-    let r = vimg::inplace::rebase(path, format, policy, new, &|p| reporter.update(p));
+    let r = vimg::inplace::rebase_with(path, format, policy, new, a.compress, &|p| {
+        reporter.update(p)
+    });
     reporter.finish(r.is_ok());
     match r {
         Ok(_) => Ok(0),

@@ -562,8 +562,11 @@ impl DataTarget<'_> {
     /// other formats keep their data, as qemu-img leaves them.
     pub fn make_empty(&mut self, size: u64) -> Result<()> {
         if let DataTarget::Qcow2(d) = self {
-            d.unmap_mapped(size)?;
-            d.trim_end()?;
+            // QEMU's make_completely_empty where the image allows it (update/make_empty.rs).
+            if !d.make_completely_empty()? {
+                d.unmap_mapped(size)?;
+                d.trim_end()?;
+            }
         }
         Ok(())
     }

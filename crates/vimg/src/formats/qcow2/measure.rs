@@ -56,6 +56,17 @@ pub fn prealloc_size(
 pub fn measure(size: u64, opts: &CreateOptions, data: Option<&dyn DataSummary>) -> Result<Measure> {
     let mut plain = opts.clone();
     plain.compress = false;
+    // The options first, then the size in qcow2_measure's words (iotest 271), which are
+    // not create's.
+    let g = WriteOptions::from_options(&plain, 0)?.geometry();
+    if g.l1_entries_for(size) * 8 > super::header::MAX_L1_BYTES
+        || size > crate::limits::MAX_VIRTUAL_SIZE
+    {
+        return Err(super::error::Qcow2Error::BadOption(
+            "The image size is too large (try using a larger cluster size)".into(),
+        )
+        .into());
+    }
     let o = WriteOptions::from_options(&plain, size)?;
     let cs = 1u64 << o.cluster_bits;
     let mut virtual_size = size.div_ceil(cs) * cs;

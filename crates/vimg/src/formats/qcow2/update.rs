@@ -44,7 +44,11 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
+mod compress;
+mod header_ext;
+mod make_empty;
 mod rebuild;
+mod resize_tail;
 mod shadow;
 pub(super) mod snapshot;
 mod snapshot_table;
@@ -106,6 +110,9 @@ pub struct Qcow2Update {
     has_bitmaps: bool,
     /// No free cluster lies below this index.
     free_hint: u64,
+    /// Where the next compressed cluster's bytes go (0: a fresh cluster), as QEMU's
+    /// `free_byte_offset` (update/compress.rs).
+    compressed_tail: u64,
     /// The last refcount block read, by refcount table index.
     block: Option<(u64, Vec<u8>)>,
     hook: CrashHook,
@@ -238,6 +245,7 @@ impl Qcow2Update {
             has_bitmaps: !r.bitmaps.is_empty(),
             header: h,
             free_hint: 0,
+            compressed_tail: 0,
             block: None,
             hook: CrashHook::from_env(),
             written: None,
@@ -1228,11 +1236,17 @@ impl Qcow2Update {
             (ext_end as usize).min(first.len()),
             cs,
         )?;
-        if !exts.unknown.is_empty() || exts.crypto.is_some() {
+        if exts.crypto.is_some() {
             return Err(Error::unsupported(
-                "vimg cannot rewrite a header with unknown or encryption extensions",
+                "vimg cannot rewrite a header with an encryption extension",
             ));
         }
+        // Kept as QEMU keeps them (update/header_ext.rs).
+        let unknown = header_ext::unknown_extensions(
+            &first,
+            self.header.len(),
+            (ext_end as usize).min(first.len()),
+        );
         let data_file_name: Option<Vec<u8>> = match data_file {
             Some(new) => new.map(|n| n.as_bytes().to_vec()),
             // Kept byte for byte (the parsed name is lossy).
@@ -1261,7 +1275,8 @@ impl Qcow2Update {
             Some(None) => (Vec::new(), None),
             Some(Some((name, format))) => (name.as_bytes().to_vec(), Some(format.to_string())),
         };
-        let mut buf = vec![0u8; 4096];
+        // Room for everything the first cluster can hold plus the names checked below.
+        let mut buf = vec![0u8; 4096 + 2 * cs as usize];
         let mut off = h.len();
         if backing_name.len() > 1023 {
             return Err(Error::invalid_argument(format!(
@@ -1294,10 +1309,24 @@ impl Qcow2Update {
             }
             None => None,
         };
+        if !unknown.is_empty() && h.version >= 3 {
+            off = write_extension(
+                &mut buf,
+                off,
+                EXT_FEATURE_TABLE,
+                &header_ext::feature_table_data(),
+            );
+        }
         if let Some(b) = bitmaps {
             let mut data = [0u8; BitmapsExt::LEN];
             b.write_to(&mut data);
             off = write_extension(&mut buf, off, EXT_BITMAPS, &data);
+        }
+        for u in &unknown {
+            if off + 8 + u.data.len() + 8 > cs as usize + 4096 {
+                return Err(Error::unsupported("No space left on device"));
+            }
+            off = write_extension(&mut buf, off, u.magic, &u.data);
         }
         off = write_extension(&mut buf, off, EXT_END, &[]);
         if !backing_name.is_empty() {
@@ -1308,6 +1337,16 @@ impl Qcow2Update {
         } else {
             h.backing_file_offset = 0;
             h.backing_file_size = 0;
+        }
+        if !unknown.is_empty() {
+            // QEMU's layout: the header cluster holds it all, or the rewrite fails with
+            // ENOSPC (qcow2_update_header); one write of the sectors it needs.
+            if off > cs as usize {
+                return Err(Error::unsupported("No space left on device"));
+            }
+            h.write_to(&mut buf);
+            buf.truncate(off.div_ceil(512) * 512);
+            return Ok(buf);
         }
         if off > 512 {
             return Err(Error::unsupported(format!(

@@ -39,7 +39,7 @@ pub enum ClusterOp<'a> {
 /// [`Qcow2Update::data_writer`], which refuses images whose data vimg cannot write.
 #[derive(Debug)]
 pub struct DataWriter<'u> {
-    up: &'u mut Qcow2Update,
+    pub(super) up: &'u mut Qcow2Update,
 }
 
 /// The state of the L2 table a batch of writes goes to.

@@ -771,6 +771,19 @@ impl Qcow2Writer {
     }
 }
 
+/// One whole cluster compressed as QEMU compresses it (zlib: raw deflate with a 4 KiB
+/// window; zstd), or `None` when the result would not be shorter than the cluster (QEMU
+/// then stores it uncompressed). Shared by `convert -c` and the updater's compressed
+/// writes (`rebase -c`, update/compress.rs).
+pub(crate) fn compress_cluster(c: Codec, input: &[u8]) -> Option<Vec<u8>> {
+    let cs = input.len();
+    match c {
+        Codec::Zstd => codec::zstd_compress(input, ZSTD_LEVEL, cs),
+        _ if looks_incompressible(input) => None,
+        _ => codec::deflate(input, DEFLATE_LEVEL, 12, false, cs),
+    }
+}
+
 /// True when `data` is so close to uniformly random that deflate with a 4 KiB window cannot
 /// shrink it below its size: its byte entropy is within three expected sampling deficits of
 /// 8 bits. Any repetition deflate could use (a period under 4 KiB) lowers the entropy far
@@ -859,11 +872,7 @@ impl ImageWriter for Qcow2Writer {
             } else {
                 unit
             };
-            out.push(match c {
-                Codec::Zstd => codec::zstd_compress(input, ZSTD_LEVEL, cs),
-                _ if looks_incompressible(input) => None,
-                _ => codec::deflate(input, DEFLATE_LEVEL, 12, false, cs),
-            });
+            out.push(compress_cluster(c, input));
         }
         Ok(out)
     }

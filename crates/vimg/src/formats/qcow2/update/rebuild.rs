@@ -309,6 +309,10 @@ impl Qcow2Update {
                     u64::from_be_bytes(e) & OFLAG_COMPRESSED != 0
                 });
                 let sub_aligned = extended && old.is_multiple_of(sub) && !compressed;
+                let in_place = match partial.as_ref().filter(|p| p.0 / per == i && !extended) {
+                    Some(p) => s.zero_tail_in_place(&raw, (p.0 % per) as usize, old)?,
+                    None => false,
+                };
                 if let Some((c, _)) = partial.as_ref().filter(|p| p.0 / per == i && sub_aligned) {
                     // Extended L2, the old end on a subcluster boundary: the subclusters from
                     // it on read as zeros, the others stay as they are (QEMU's zero write
@@ -321,6 +325,10 @@ impl Qcow2Update {
                     let mask = (0xFFFF_FFFFu64 >> from) << from;
                     let nb = (bm & !mask) | (mask << 32);
                     raw[at + 8..at + 16].copy_from_slice(&nb.to_be_bytes());
+                } else if in_place {
+                    // The old last cluster is this image's own data cluster: its tail past
+                    // the old end was zeroed where it is (update/resize_tail.rs), as QEMU's
+                    // zero write does; the entry stays.
                 } else if let Some((c, head)) = partial.as_ref().filter(|p| p.0 / per == i) {
                     // The old last cluster: its content up to the old end, then zeros, in
                     // a fresh cluster (the old one, if any, loses this reference).
