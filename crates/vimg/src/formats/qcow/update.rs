@@ -354,3 +354,7 @@ fn table_bytes(t: &[u64]) -> Vec<u8> {
     }
     b
 }
+
+#[cfg(test)]
+#[path = "update_tests.rs"]
+mod tests;
