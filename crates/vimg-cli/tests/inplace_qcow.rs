@@ -524,3 +524,96 @@ fn killed_convert_n_and_commit_into_qcow() {
         assert!(kills >= 5, "{op}: only {kills} kill points");
     }
 }
+
+#[test]
+fn convert_n_into_aes_qcow_through_its_secret_like_qemu_img() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let obj = "secret,id=sec0,data=123456";
+    let e = d.join("e.qcow");
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        obj,
+        "-f",
+        "qcow",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        s(&e),
+        "4M",
+    ]);
+    let opts = |p: &Path| format!("driver=qcow,file.filename={},encrypt.key-secret=sec0", s(p));
+    // Old data (encrypted by qemu-io), overwritten in part and kept in part.
+    let out = run_cmd(
+        "qemu-io",
+        &[
+            "--object",
+            obj,
+            "--image-opts",
+            "-c",
+            "write -P 0x33 8k 12k",
+            "-c",
+            "write -P 0x44 3M 8k",
+            &opts(&e),
+        ],
+    );
+    assert!(out.status.success());
+    let src = d.join("s.raw");
+    write_sparse_raw(
+        &src,
+        3 * MIB,
+        &[
+            (0, &pattern(10240, 1)[..]),
+            (MIB + 512, &pattern(5000 + 120, 2)[..]),
+        ],
+    );
+    let (q, v) = (d.join("q.qcow"), d.join("v.qcow"));
+    std::fs::copy(&e, &q).unwrap();
+    std::fs::copy(&e, &v).unwrap();
+    for (tool, t) in [("qemu-img", &q), ("vimg", &v)] {
+        let args = [
+            "convert",
+            "-n",
+            "--object",
+            obj,
+            "--target-image-opts",
+            s(&src),
+            &opts(t),
+        ];
+        let out = if tool == "vimg" {
+            vimg_raw(&args)
+        } else {
+            run_cmd(tool, &args)
+        };
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run_cmd(
+        "qemu-img",
+        &[
+            "compare",
+            "--object",
+            obj,
+            "--image-opts",
+            &opts(&q),
+            &opts(&v),
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The data is encrypted on disk; without the key the guest reads as noise.
+    let raw = std::fs::read(&v).unwrap();
+    let p = pattern(10240, 1);
+    assert!(!raw.windows(512).any(|w| w == &p[..512]));
+}

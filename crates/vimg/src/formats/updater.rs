@@ -182,6 +182,21 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
     }
 }
 
+/// [`open`] for an image whose key is the secret `key_secret` (`encrypt.key-secret`):
+/// an AES-encrypted qcow (version 1) image is written through it; other formats open as
+/// with [`open`] (and refuse encrypted images there).
+pub fn open_with_secret(
+    path: &Path,
+    format: Format,
+    policy: ExternalPolicy,
+    key_secret: Option<&str>,
+) -> Result<Updater> {
+    match format {
+        Format::Qcow => Ok(Updater::Qcow(Box::new(QcowUpdate::open(path, key_secret)?))),
+        f => open(path, f, policy),
+    }
+}
+
 /// [`open`] for `check -r`: where a format can repair tables its reader refuses (qed, as
 /// QEMU's qed-check.c clears invalid offsets), the image opens for that alone.
 pub fn open_for_repair(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updater> {
