@@ -243,6 +243,11 @@ if wanted qed_update || wanted bat_update || wanted repair; then
   inplace_seeds bat_update "\x01" dyn.vhd fixed.vhd
   inplace_seeds bat_update "\x02" c4k.hds e1k.hds
   inplace_seeds bat_update "\x03" r.raw
+  qemu-img convert -q -O qcow src192.raw plain.qcow
+  qemu-img convert -q -c -O qcow src192.raw comp.qcow 2>/dev/null || true
+  qemu-img create -q -f qcow -b b -F raw overb.qcow 256k
+  qemu-io -f qcow -c "write -P 5 0 3k" -c "write -P 6 100k 2k" overb.qcow >/dev/null
+  inplace_seeds bat_update "\x04" plain.qcow comp.qcow overb.qcow
   # repair: leaks (a cluster appended), the in-use flag, as leaks and all.
   if wanted repair; then
     mkdir -p "$fuzz/corpus/repair"

@@ -1,5 +1,6 @@
-//! Untrusted bytes changed in place as VDI, VHD (vpc), Parallels or raw: the first byte
-//! picks the format (0 vdi, 1 vpc, 2 parallels, 3 raw), the next 8 are a program of
+//! Untrusted bytes changed in place as VDI, VHD (vpc), Parallels, raw or qcow (version 1):
+//! the first byte picks the format (modulo 5: 0 vdi, 1 vpc, 2 parallels, 3 raw, 4 qcow),
+//! the next 8 are a program of
 //! in-place operations, the rest is the image, written to a file in a private folder. The
 //! program runs as in `qed_update` (`inplace_common.rs`): guest writes, zero writes,
 //! writes across a block boundary, several writes in one session, `resize` (raw; refused
@@ -16,11 +17,12 @@ mod common;
 use libfuzzer_sys::fuzz_target;
 use vimg::Format;
 
-const FORMATS: [(Format, &str); 4] = [
+const FORMATS: [(Format, &str); 5] = [
     (Format::Vdi, "img.vdi"),
     (Format::Vpc, "img.vhd"),
     (Format::Parallels, "img.hds"),
     (Format::Raw, "img.raw"),
+    (Format::Qcow, "img.qcow"),
 ];
 
 fuzz_target!(|data: &[u8]| {
@@ -30,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     if rest.len() < common::PROGRAM {
         return;
     }
-    let (format, name) = FORMATS[(sel & 3) as usize];
+    let (format, name) = FORMATS[sel as usize % FORMATS.len()];
     let (program, image) = rest.split_at(common::PROGRAM);
     let dir = common::folder("bat-update");
     common::reset(dir);

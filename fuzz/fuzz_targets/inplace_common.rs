@@ -164,10 +164,12 @@ fn policy() -> ExternalPolicy {
     ExternalPolicy::SameFolder
 }
 
-/// The table bytes one allocation may add (a QED L2 table), else 0.
+/// The table bytes one allocation may add (a QED L2 table; for qcow, two L2 tables a
+/// write may straddle and their alignment), else 0.
 fn table_bytes(up: &Updater) -> u64 {
     match up {
         Updater::Qed(q) => u64::from(q.header().table_size) * q.cluster_size(),
+        Updater::Qcow(q) => 2 * (8u64 << q.header().l2_bits) + 2 * q.cluster_size(),
         _ => 0,
     }
 }

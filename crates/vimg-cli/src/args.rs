@@ -251,6 +251,10 @@ pub struct ConvertArgs {
     /// qemu-img's --target-image-opts; needs -n.
     #[arg(long = "target-image-opts")]
     pub target_image_opts: bool,
+    /// The `encrypt.key-secret` a `--target-image-opts` string gives (set by
+    /// `target_opts::resolve`, not a flag).
+    #[arg(skip)]
+    pub target_key_secret: Option<String>,
     /// Cache mode of the target: none, writeback, writethrough, directsync or unsafe. As in
     /// qemu-img the default is `unsafe`: the output is renamed into place when complete but
     /// not flushed. Every other mode makes it durable (fsync) before renaming it into place.

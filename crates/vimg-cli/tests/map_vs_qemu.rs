@@ -164,8 +164,7 @@ fn qcow_maps_like_qemu() {
         &["write -P 1 0 64k", "write -P 2 1M 512", "write -P 3 5M 1M"],
     );
     assert_map_like_qemu(&[s(&img)], "qcow");
-    // Over a backing file: depth and merging across layers (neither qemu-img nor vimg
-    // writes compressed qcow v1 clusters).
+    // Over a backing file: depth and merging across layers.
     let top = dir.path().join("top.qcow");
     qemu_img(&[
         "create",
@@ -181,6 +180,10 @@ fn qcow_maps_like_qemu() {
     qemu_io("qcow", &top, &["write -P 9 4k 8k", "write -P 8 5M 4k"]);
     assert_map_like_qemu(&[s(&top)], "qcow overlay");
     vimg_written("qcow", dir.path());
+    // Compressed clusters as vimg writes them (`convert -c`).
+    let c = dir.path().join("c.qcow");
+    vimg(&["convert", "-c", "-f", "qcow", "-O", "qcow", s(&img), s(&c)]);
+    assert_map_like_qemu(&[s(&c)], "vimg-written compressed qcow");
 }
 
 #[test]

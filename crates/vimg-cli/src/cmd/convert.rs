@@ -452,6 +452,7 @@ pub fn run(a: ConvertArgs) -> CmdResult {
     opts.copy.cancel = Some(cancel.clone());
     opts.bitmaps = a.bitmaps;
     opts.skip_broken_bitmaps = a.skip_broken_bitmaps;
+    opts.target_key_secret = a.target_key_secret.clone();
     for w in &bitmap_warnings {
         eprintln!("vimg: warning: {w}");
     }

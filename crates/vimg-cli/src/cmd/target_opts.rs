@@ -40,14 +40,17 @@ pub fn resolve(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
         return Ok(a);
     }
     let name = cmdline::parse(&target, true).map_err(|e| Failure::open(&target, &e))?;
-    if name.window.is_some() || name.key_secret.is_some() {
+    if name.window.is_some() {
         return Err(Failure::new(
             format!(
-                "Could not open '{target}': vimg does not write through raw offset/size windows or encrypted targets named by --target-image-opts"
+                "Could not open '{target}': vimg does not write through raw offset/size windows named by --target-image-opts"
             ),
             1,
         ));
     }
+    // The secret of an encrypted target goes to the updater (qcow v1 with AES writes
+    // through it; the other formats refuse encrypted targets themselves).
+    a.target_key_secret = name.key_secret.clone();
     let path = name.path.to_string_lossy().into_owned();
     let format = match name.format {
         Some(f) => f,

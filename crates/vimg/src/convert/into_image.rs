@@ -67,7 +67,8 @@ pub(super) fn convert_into(
     // The target as an image of the given format (qemu-img opens it with -O's driver): its
     // virtual size, and its backing chain, which supplies the rest of clusters written in
     // part.
-    let open = OpenOptions::with_format(Some(format)).policy(opts.target_policy);
+    let mut open = OpenOptions::with_format(Some(format)).policy(opts.target_policy);
+    open.key_secret = opts.target_key_secret.clone();
     let target = Image::open(dst, &open).map_err(|e| {
         Error::refusal(
             e.kind(),
@@ -80,7 +81,12 @@ pub(super) fn convert_into(
             "output file is smaller than input file",
         ));
     }
-    let mut up = updater::open(dst, format, opts.target_policy)?;
+    let mut up = updater::open_with_secret(
+        dst,
+        format,
+        opts.target_policy,
+        opts.target_key_secret.as_deref(),
+    )?;
     if target.storage().identity() != Some(up.identity()?) {
         return Err(Error::refusal(
             ErrorKind::UnsafeReference,

@@ -57,6 +57,10 @@ pub struct ConvertOptions {
     /// With [`ConvertOptions::bitmaps`]: skip inconsistent bitmaps with a warning instead of
     /// refusing (`--skip-broken-bitmaps`). Default `false`.
     pub skip_broken_bitmaps: bool,
+    /// The secret id (`encrypt.key-secret`) of an existing encrypted target written in
+    /// place (`-n`; qemu-img's `--target-image-opts ...,encrypt.key-secret=ID`). Default
+    /// `None`.
+    pub target_key_secret: Option<String>,
 }
 
 impl ConvertOptions {
@@ -75,6 +79,7 @@ impl ConvertOptions {
             target_policy: ExternalPolicy::default(),
             bitmaps: false,
             skip_broken_bitmaps: false,
+            target_key_secret: None,
         }
     }
 }

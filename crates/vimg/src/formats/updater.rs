@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use super::parallels::update::ParallelsUpdate;
+use super::qcow::QcowUpdate;
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::qed::update::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;
@@ -102,7 +103,7 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
         UpdateOp::Resize
             if matches!(
                 format,
-                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx
+                Format::Vdi | Format::Vpc | Format::Parallels | Format::Vhdx | Format::Qcow
             ) =>
         {
             "Image format driver does not support resize".to_string()
@@ -121,6 +122,8 @@ pub fn require(format: Format, op: UpdateOp) -> Result<()> {
         }
         // qemu-img's words: QEMU's vmdk driver cannot change the backing file.
         UpdateOp::Backing if format == Format::Vmdk => "Operation not supported".to_string(),
+        // QEMU's qcow driver has no change_backing_file either.
+        UpdateOp::Backing if format == Format::Qcow => "Operation not supported".to_string(),
         UpdateOp::Backing => {
             format!("vimg changes the backing file of {only} images only, not {name}")
         }
@@ -153,6 +156,8 @@ pub enum Updater {
     Vmdk(Box<VmdkUpdate>),
     /// vhdx ([`VhdxUpdate`]): guest data, BAT through the log, `check -r` (log replay).
     Vhdx(Box<VhdxUpdate>),
+    /// qcow version 1 ([`QcowUpdate`]): guest data, emptied after `commit`.
+    Qcow(Box<QcowUpdate>),
 }
 
 /// Opens `path` (of `format`, already known) for changing in place; files the image names
@@ -168,10 +173,27 @@ pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updat
         Format::Qed => Ok(Updater::Qed(Box::new(QedUpdate::open(path)?))),
         Format::Vmdk => Ok(Updater::Vmdk(Box::new(VmdkUpdate::open(path, policy)?))),
         Format::Vhdx => Ok(Updater::Vhdx(Box::new(VhdxUpdate::open(path, policy)?))),
+        // An AES-encrypted image is refused here without its key, in qemu-img's words.
+        Format::Qcow => Ok(Updater::Qcow(Box::new(QcowUpdate::open(path, None)?))),
         f => Err(Error::refusal(
             ErrorKind::Unsupported,
             format!("vimg does not change {} images in place", f.name()),
         )),
+    }
+}
+
+/// [`open`] for an image whose key is the secret `key_secret` (`encrypt.key-secret`):
+/// an AES-encrypted qcow (version 1) image is written through it; other formats open as
+/// with [`open`] (and refuse encrypted images there).
+pub fn open_with_secret(
+    path: &Path,
+    format: Format,
+    policy: ExternalPolicy,
+    key_secret: Option<&str>,
+) -> Result<Updater> {
+    match format {
+        Format::Qcow => Ok(Updater::Qcow(Box::new(QcowUpdate::open(path, key_secret)?))),
+        f => open(path, f, policy),
     }
 }
 
@@ -260,6 +282,17 @@ pub fn caps(format: Format) -> UpdateCaps {
             snapshots: false,
             bitmaps: false,
         },
+        // QEMU's qcow driver: writes and make_empty; no truncate, no change_backing_file,
+        // no check, no amend.
+        Format::Qcow => UpdateCaps {
+            repair: false,
+            resize: false,
+            amend: false,
+            backing: false,
+            data: true,
+            snapshots: false,
+            bitmaps: false,
+        },
         _ => UpdateCaps {
             repair: false,
             resize: false,
@@ -284,6 +317,7 @@ impl Updater {
             Updater::Qed(_) => Format::Qed,
             Updater::Vmdk(_) => Format::Vmdk,
             Updater::Vhdx(_) => Format::Vhdx,
+            Updater::Qcow(_) => Format::Qcow,
         }
     }
 
@@ -300,6 +334,7 @@ impl Updater {
             Updater::Vmdk(_) => None,
             Updater::Vdi(_) | Updater::Vpc(_) | Updater::Parallels(_) => None,
             Updater::Vhdx(_) => None,
+            Updater::Qcow(_) => None,
         }
     }
 
@@ -314,6 +349,7 @@ impl Updater {
             Updater::Qed(q) => q.identity(),
             Updater::Vmdk(v) => v.identity(),
             Updater::Vhdx(v) => v.identity(),
+            Updater::Qcow(q) => q.identity(),
         }
     }
 
@@ -328,6 +364,7 @@ impl Updater {
             Updater::Qed(q) => Ok(q.header().image_size),
             Updater::Vmdk(v) => Ok(v.virtual_size()),
             Updater::Vhdx(v) => Ok(v.virtual_size()),
+            Updater::Qcow(q) => Ok(q.virtual_size()),
         }
     }
 
@@ -345,6 +382,7 @@ impl Updater {
             Updater::Qed(q) => q.resize(size, prealloc),
             Updater::Vmdk(_) => require(self.format(), UpdateOp::Resize),
             Updater::Vhdx(_) => require(self.format(), UpdateOp::Resize),
+            Updater::Qcow(_) => require(self.format(), UpdateOp::Resize),
         }
     }
 
@@ -403,6 +441,7 @@ impl Updater {
             Updater::Qed(q) => q.set_backing(backing),
             Updater::Vmdk(_) => require(self.format(), UpdateOp::Backing),
             Updater::Vhdx(_) => require(self.format(), UpdateOp::Backing),
+            Updater::Qcow(_) => require(self.format(), UpdateOp::Backing),
         }
     }
 
@@ -458,6 +497,7 @@ impl Updater {
                 v.check_writable()?;
                 Ok(DataTarget::Vhdx(v))
             }
+            Updater::Qcow(q) => Ok(DataTarget::Qcow(q)),
         }
     }
 }
@@ -481,6 +521,8 @@ pub enum DataTarget<'a> {
     Vmdk(&'a mut VmdkUpdate),
     /// vhdx: blocks appended, BAT entries through the log in batches and at finish.
     Vhdx(&'a mut VhdxUpdate),
+    /// qcow version 1: clusters and L2 tables appended, entries after their data.
+    Qcow(&'a mut QcowUpdate),
 }
 
 impl DataTarget<'_> {
@@ -496,6 +538,7 @@ impl DataTarget<'_> {
             DataTarget::Qed(w) => w.write_at(off, data, backing),
             DataTarget::Vmdk(v) => v.write_at(off, data, backing),
             DataTarget::Vhdx(v) => v.write_at(off, data, backing),
+            DataTarget::Qcow(q) => q.write_at(off, data, backing),
         }
     }
 
@@ -509,6 +552,7 @@ impl DataTarget<'_> {
             DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
             DataTarget::Vmdk(v) => return v.write_zeroes(off, len, backing),
             DataTarget::Vhdx(v) if backing.is_none() => return v.write_zeroes(off, len),
+            DataTarget::Qcow(q) => return q.write_zeroes(off, len, backing),
             _ => {}
         }
         let end = off + len;
@@ -554,11 +598,12 @@ impl DataTarget<'_> {
             DataTarget::Qed(d) => d.cluster_size(),
             DataTarget::Vmdk(v) => v.unit(),
             DataTarget::Vhdx(v) => v.block_size(),
+            DataTarget::Qcow(q) => q.cluster_size(),
         }
     }
 
     /// Empties the image after `commit` (every guest cluster unallocated, the file cut
-    /// after its last used cluster) where QEMU's driver can (`bdrv_make_empty`: qcow2);
+    /// after its last used cluster) where QEMU's driver can (`bdrv_make_empty`: qcow2, qcow);
     /// other formats keep their data, as qemu-img leaves them.
     pub fn make_empty(&mut self, size: u64) -> Result<()> {
         if let DataTarget::Qcow2(d) = self {
@@ -567,6 +612,10 @@ impl DataTarget<'_> {
                 d.unmap_mapped(size)?;
                 d.trim_end()?;
             }
+        }
+        // QEMU's qcow driver has bdrv_make_empty too.
+        if let DataTarget::Qcow(q) = self {
+            q.make_empty()?;
         }
         Ok(())
     }
@@ -629,6 +678,7 @@ impl DataTarget<'_> {
             DataTarget::Qed(w) => w.finish(),
             DataTarget::Vmdk(v) => v.finish(),
             DataTarget::Vhdx(v) => v.finish(),
+            DataTarget::Qcow(q) => q.finish(),
         }
     }
 }

@@ -14,14 +14,16 @@
 //! size in whole sectors, as QEMU counts it.
 //!
 //! # Writing
-//! The uncompressed, unencrypted image qemu-img creates and converts into, with its
-//! `backing_file` (see [`write`]); compressed (`-c`) and encrypted output is refused.
+//! The image qemu-img creates and converts into, with its `backing_file`, AES encryption,
+//! and compressed clusters (`-c`, not with encryption) (see [`write`]). Existing images
+//! take guest writes in place (`convert -n`, `commit`) through [`update`].
 
 pub mod aes;
 pub mod error;
 pub mod header;
 mod open;
 mod read;
+pub mod update;
 mod write;
 
 use std::sync::Arc;
@@ -38,6 +40,7 @@ use crate::writer::ImageWriter;
 pub use error::QcowError;
 pub use open::MAX_BACKING_NAME;
 pub use read::QcowReader;
+pub use update::QcowUpdate;
 pub use write::{new_header, QcowWriter};
 
 const OPTIONS: &[OptionSpec] = &[
@@ -74,12 +77,8 @@ pub struct Driver;
 /// What the driver does ([`crate::formats::Capabilities`]).
 const CAPABILITIES: Capabilities = Capabilities {
     create: true,
-    compressed: Support::NotInVimg(
-        "vimg does not write compressed qcow (version 1) images; use qcow2",
-    ),
-    in_place: Support::NotInVimg(
-        "writing into an existing qcow image (convert -n) is not supported",
-    ),
+    compressed: Support::Yes,
+    in_place: Support::Yes,
     backing_file: true,
     bitmaps: false,
     printed: &[
@@ -140,10 +139,11 @@ impl crate::formats::Driver for Driver {
         let (h, l1_size) = new_header(size, backing)?;
         let file = out.create_main()?;
         let w = QcowWriter::new(file, h, l1_size, backing.map(str::to_string))?;
-        Ok(Box::new(match key {
+        let w = match key {
             Some(k) => w.with_key(k),
             None => w,
-        }))
+        };
+        Ok(Box::new(if opts.compress { w.compressed()? } else { w }))
     }
 }
 

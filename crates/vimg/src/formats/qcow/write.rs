@@ -11,6 +11,15 @@
 //! QEMU's `get_cluster_offset` writes them, so the file is the same however the data
 //! arrives.
 //!
+//! With `-c`, every cluster is compressed as QEMU's `qcow_co_pwritev_compressed` does it:
+//! raw deflate (no zlib header) with a 4 KiB window (window bits 12) at zlib's default
+//! level, the last cluster of a disk that does not end on a cluster boundary padded with
+//! zeros; a cluster that does not shrink below the cluster size is written uncompressed.
+//! A compressed cluster goes at the end of the file as it is (not cluster aligned), its L2
+//! entry holding [`COMPRESSED`], its length above bit `63 - cluster_bits` and its offset.
+//! Compressed clusters are never encrypted in QEMU; vimg refuses `-c` with encryption
+//! rather than store them in clear.
+//!
 //! Data arrives in ascending guest order (the writer asks for it), so the file is the same
 //! for any thread count; each L2 table is final once writing moves past it and only the
 //! current one is held in memory.
@@ -18,7 +27,7 @@
 use std::sync::Mutex;
 
 use super::aes::AesKey;
-use super::header::{Header, CRYPT_NONE, HEADER_SIZE, MAGIC, VERSION};
+use super::header::{Header, COMPRESSED, CRYPT_NONE, HEADER_SIZE, MAGIC, VERSION};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits;
 use crate::output::OutFile;
@@ -89,7 +98,15 @@ pub struct QcowWriter {
     state: Mutex<State>,
     /// The legacy AES key of an encrypted image.
     key: Option<AesKey>,
+    /// `-c`: clusters compressed.
+    compress: bool,
 }
+
+/// zlib's default compression level (`Z_DEFAULT_COMPRESSION`), which QEMU's qcow driver
+/// uses.
+pub const DEFLATE_LEVEL: u32 = 6;
+/// The deflate window QEMU's qcow driver uses (raw deflate, window bits 12).
+pub const WINDOW_BITS: u8 = 12;
 
 impl QcowWriter {
     /// A qcow image with `header` and `l1_size` L1 entries (from [`new_header`]) into `file`.
@@ -116,7 +133,19 @@ impl QcowWriter {
             }),
             header,
             key: None,
+            compress: false,
         })
+    }
+
+    /// Compresses the clusters (`-c`); refused for an encrypted image.
+    pub fn compressed(mut self) -> Result<QcowWriter> {
+        if self.key.is_some() {
+            return Err(Error::unsupported(
+                "vimg does not write compressed clusters into an encrypted qcow image (QEMU would store them unencrypted)",
+            ));
+        }
+        self.compress = true;
+        Ok(self)
     }
 
     /// Encrypts the data with `key` (the header's `crypt_method` becomes AES).
@@ -143,8 +172,9 @@ impl QcowWriter {
         Ok(())
     }
 
-    /// The host offset of guest cluster `c`, allocated if need be (then `true`).
-    fn cluster(&self, s: &mut State, c: u64) -> Result<(u64, bool)> {
+    /// The L2 table of guest cluster `c` made current (allocated if need be), and the
+    /// index of `c`'s entry in it.
+    fn slot(&self, s: &mut State, c: u64) -> Result<usize> {
         let cs = 1u64 << self.header.cluster_bits;
         let l2_bits = u32::from(self.header.l2_bits);
         let (i, j) = ((c >> l2_bits) as usize, (c & ((1 << l2_bits) - 1)) as usize);
@@ -162,9 +192,48 @@ impl QcowWriter {
             s.end = at + (8u64 << l2_bits);
             s.l2 = Some((i, vec![0; 1 << l2_bits]));
         }
+        Ok(j)
+    }
+
+    /// Stores compressed cluster `c` (`bytes`) at the end of the file, as it is.
+    fn write_compressed(&self, s: &mut State, c: u64, bytes: &[u8]) -> Result<()> {
+        let cb = u32::from(self.header.cluster_bits);
+        let j = self.slot(s, c)?;
+        let at = s.end;
+        let len = bytes.len() as u64;
+        if len >= 1 << cb || at >= 1 << (63 - cb) {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                format!("qcow writer: compressed cluster {c} ({len} bytes at {at:#x}) does not fit an L2 entry"),
+            ));
+        }
         let Some((_, t)) = s.l2.as_mut() else {
             return Err(Error::msg(ErrorKind::Io, "qcow writer lost its L2 table"));
         };
+        if t[j] != 0 {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                format!("qcow writer: guest cluster {c} written twice"),
+            ));
+        }
+        t[j] = at | COMPRESSED | (len << (63 - cb));
+        s.end = at + len;
+        self.file.write_all_at(bytes, at)
+    }
+
+    /// The host offset of guest cluster `c`, allocated if need be (then `true`).
+    fn cluster(&self, s: &mut State, c: u64) -> Result<(u64, bool)> {
+        let cs = 1u64 << self.header.cluster_bits;
+        let j = self.slot(s, c)?;
+        let Some((_, t)) = s.l2.as_mut() else {
+            return Err(Error::msg(ErrorKind::Io, "qcow writer lost its L2 table"));
+        };
+        if t[j] & COMPRESSED != 0 {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                format!("qcow writer: guest cluster {c} written twice"),
+            ));
+        }
         if t[j] == 0 {
             let at = s.end.next_multiple_of(cs);
             t[j] = at;
@@ -178,13 +247,73 @@ impl QcowWriter {
 impl ImageWriter for QcowWriter {
     fn caps(&self) -> WriterCaps {
         WriterCaps {
-            unit: 512,
+            unit: if self.compress {
+                1 << self.header.cluster_bits
+            } else {
+                512
+            },
             ordered: true,
-            encodes: false,
+            encodes: self.compress,
         }
     }
 
-    fn write(&self, offset: u64, data: &[u8], _encoded: &[EncodedUnit]) -> Result<()> {
+    fn encode(&self, _offset: u64, data: &[u8]) -> Result<Vec<EncodedUnit>> {
+        if !self.compress {
+            return Ok(Vec::new());
+        }
+        let cs = 1usize << self.header.cluster_bits;
+        let mut padded = Vec::new();
+        Ok(data
+            .chunks(cs)
+            .map(|unit| {
+                // The last cluster of a disk that is not cluster aligned is compressed
+                // padded with zeros, as QEMU does.
+                let input = if unit.len() < cs {
+                    padded.clear();
+                    padded.extend_from_slice(unit);
+                    padded.resize(cs, 0);
+                    &padded[..]
+                } else {
+                    unit
+                };
+                crate::codec::deflate(input, DEFLATE_LEVEL, WINDOW_BITS, false, cs)
+            })
+            .collect())
+    }
+
+    fn write(&self, offset: u64, data: &[u8], encoded: &[EncodedUnit]) -> Result<()> {
+        if self.compress && !encoded.is_empty() {
+            let cs = 1u64 << self.header.cluster_bits;
+            if !offset.is_multiple_of(cs)
+                || encoded.len() as u64 != (data.len() as u64).div_ceil(cs)
+            {
+                return Err(Error::msg(
+                    ErrorKind::Io,
+                    format!("qcow writer: compressed write at {offset:#x} is not whole clusters"),
+                ));
+            }
+            for (k, (unit, enc)) in data.chunks(cs as usize).zip(encoded).enumerate() {
+                let at = offset + k as u64 * cs;
+                match enc {
+                    Some(bytes) => {
+                        let mut s = self.lock()?;
+                        self.write_compressed(&mut s, at / cs, bytes)?;
+                    }
+                    None => self.write_plain(at, unit)?,
+                }
+            }
+            return Ok(());
+        }
+        self.write_plain(offset, data)
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        (*self).finish_file()
+    }
+}
+
+impl QcowWriter {
+    fn write_plain(&self, offset: u64, data: &[u8]) -> Result<()> {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|e| *e <= self.header.size)
@@ -216,7 +345,7 @@ impl ImageWriter for QcowWriter {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish_file(self) -> Result<()> {
         let mut s = self.lock()?;
         self.flush_l2(&mut s)?;
         let l1_at = self.header.l1_table_offset;
