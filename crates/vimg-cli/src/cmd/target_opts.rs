@@ -40,14 +40,16 @@ pub fn resolve(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
         return Ok(a);
     }
     let name = cmdline::parse(&target, true).map_err(|e| Failure::open(&target, &e))?;
-    if name.window.is_some() || name.key_secret.is_some() {
+    if name.window.is_some() {
         return Err(Failure::new(
             format!(
-                "Could not open '{target}': vimg does not write through raw offset/size windows or encrypted targets named by --target-image-opts"
+                "Could not open '{target}': vimg does not write through raw offset/size windows named by --target-image-opts"
             ),
             1,
         ));
     }
+    // An encrypted target's key: the updater opens the file with it.
+    cmdline::bind_keys(&name);
     let path = name.path.to_string_lossy().into_owned();
     let format = match name.format {
         Some(f) => f,

@@ -31,6 +31,10 @@ pub struct UserName {
     pub window: Option<(u64, Option<u64>)>,
     /// The secret id of `key-secret` (driver=luks) or `encrypt.key-secret` (qcow2).
     pub key_secret: Option<String>,
+    /// The `backing.*` options: the backing image's file, driver and secret (qemu-img's
+    /// way of giving an encrypted backing file its key, iotest 198). vimg opens the
+    /// backing file the image names; these must name that same file.
+    pub backing: Option<Box<UserName>>,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -111,6 +115,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             open_backing: true,
             window: None,
             key_secret: None,
+            backing: None,
         });
     } else {
         return Ok(UserName {
@@ -119,6 +124,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             open_backing: true,
             window: None,
             key_secret: None,
+            backing: None,
         });
     };
     from_pairs(name, &pairs)
@@ -197,6 +203,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut filename: Option<String> = None;
     let mut open_backing = true;
     let mut key_secret: Option<String> = None;
+    let mut backing: Vec<(String, Option<String>)> = Vec::new();
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
     let number = |k: &str, v: &Option<String>| -> Result<u64> {
         let v = v
@@ -228,6 +235,10 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 }
             }
             "backing" if v.is_none() => open_backing = false,
+            // The backing node's own options, read as a name of their own.
+            k if k.starts_with("backing.") => {
+                backing.push((k["backing.".len()..].to_string(), v.clone()));
+            }
             // The passphrase of an encrypted image: luks names it `key-secret`, qcow2
             // `encrypt.key-secret`; the format checks which one it takes.
             "key-secret" | "encrypt.key-secret" => key_secret = Some(val()?),
@@ -274,13 +285,34 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
             "'{name}' does not name a file (file.filename)"
         )));
     };
+    let backing = match backing.is_empty() {
+        true => None,
+        false if !open_backing => {
+            return Err(Error::invalid_argument(format!(
+                "'{name}' gives both 'backing: null' and backing options"
+            )))
+        }
+        false => Some(Box::new(from_pairs(name, &backing)?)),
+    };
     Ok(UserName {
         path: PathBuf::from(filename),
         format,
         open_backing,
         window,
         key_secret,
+        backing,
     })
+}
+
+/// Binds the secrets `u` names to the files it names ([`crate::secret::bind_file`]): the
+/// image's `encrypt.key-secret` / `key-secret`, and its backing files' through `backing.`.
+pub fn bind_keys(u: &UserName) {
+    if let Some(id) = &u.key_secret {
+        crate::secret::bind_file(&u.path, id);
+    }
+    if let Some(b) = &u.backing {
+        bind_keys(b);
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,7 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
+mod crypt;
 mod rebuild;
 mod shadow;
 pub(super) mod snapshot;
@@ -113,6 +114,9 @@ pub struct Qcow2Update {
     /// The policy the image was opened under (the check's reopen opens the data file
     /// through it: the data clusters are then counted as the data file's, not this file's).
     policy: ExternalPolicy,
+    /// The data cipher of an encrypted image (LUKS or the legacy AES), unlocked at open
+    /// with the secret the user bound to the file (`update/crypt.rs`).
+    cipher: Option<Arc<crate::formats::cluster_crypt::ClusterCipher>>,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -211,7 +215,9 @@ impl Qcow2Update {
         let ro = file.try_clone().map_err(|e| io_err(path, "dup", e))?;
         let storage: Arc<dyn Storage> =
             Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
-        let ctx = OpenContext::new(Some(path), policy);
+        let mut ctx = OpenContext::new(Some(path), policy);
+        // Encrypted images open with their key (update/crypt.rs), or not at all.
+        let cipher = crypt::unlock(&storage, &mut ctx)?;
         let r = Qcow2Reader::open(storage, &ctx)?;
         let h = r.header.clone();
         if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
@@ -237,6 +243,7 @@ impl Qcow2Update {
             hook: CrashHook::from_env(),
             written: None,
             policy,
+            cipher,
         };
         u.clear_unknown_autoclear()?;
         Ok(u)
@@ -298,7 +305,7 @@ impl Qcow2Update {
         } else {
             ExternalPolicy::Deny
         };
-        let ctx = OpenContext::new(Some(&self.path), policy);
+        let ctx = self.reader_ctx(policy);
         let r = Qcow2Reader::open(storage, &ctx)?;
         check_findings(&r)
     }
@@ -1082,6 +1089,7 @@ impl Qcow2Update {
                 if self.has_zero_clusters()? {
                     // Those of the active L1 table and of every snapshot's.
                     expand = true;
+                    crypt::refuse_expand(self.cipher.is_some())?;
                 }
             }
             h.incompatible_features = 0;
@@ -1197,7 +1205,7 @@ impl Qcow2Update {
             (ext_end as usize).min(first.len()),
             cs,
         )?;
-        if !exts.unknown.is_empty() || exts.crypto.is_some() {
+        if !exts.unknown.is_empty() {
             return Err(Error::unsupported(
                 "vimg cannot rewrite a header with unknown or encryption extensions",
             ));
@@ -1255,6 +1263,10 @@ impl Qcow2Update {
                 )));
             }
             off = write_extension(&mut buf, off, EXT_DATA_FILE, n);
+        }
+        // Then the LUKS header pointer, kept as it is (QEMU's order).
+        if let Some(ext) = crypt::extension(exts.crypto) {
+            off = write_extension(&mut buf, off, EXT_CRYPTO, &ext);
         }
         let bitmaps = match bitmaps {
             Some(b) => b,
