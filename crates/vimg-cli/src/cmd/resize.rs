@@ -2,7 +2,6 @@
 //! raw. The size is the last argument and may start with `+` or `-` (relative), as
 //! qemu-img takes it before parsing flags.
 
-use std::path::Path;
 
 use clap::Args;
 use vimg::formats::qcow2::Prealloc;
@@ -51,8 +50,10 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         _ => (0i8, a.size.as_str()),
     };
     let n = vimg::options::parse_size(body).map_err(|_| Failure::new(SIZE_HELP, 1))?;
-    let path = Path::new(&a.filename);
-    let mut format = parse_format_opt(a.format.as_deref())?;
+    // `--image-opts`/`json:` names (an encrypted image's key among their options).
+    let (path_buf, driver) = super::in_place_file(&a.filename)?;
+    let path = path_buf.as_path();
+    let mut format = parse_format_opt(a.format.as_deref())?.or(driver);
     let storage = vimg::storage::FileStorage::open(path)
         .map_err(|e| Failure::open(&a.filename, &vimg::Error::io("open", e)))?;
     if format.is_none() {
