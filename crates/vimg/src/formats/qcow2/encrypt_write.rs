@@ -21,9 +21,13 @@
 //! Refused, as qemu-img refuses: `-c` with encryption ("Compression and encryption not
 //! supported at the same time"), `encryption` together with `encrypt.format` ("'encrypt.format'
 //! and its alias 'encryption' can't be used at the same time"), LUKS options with AES.
-//! Refused where qemu-img writes something wrong: `preallocation` with encryption
-//! (qemu-img leaves the preallocated clusters as plain zeros, which decrypt to noise, so the
-//! new image does not read back as zeros).
+//! Refused: `preallocation` with encryption. qemu-img's `create` leaves the preallocated
+//! clusters as plain zeros, which decrypt to noise (the new image does not read back as
+//! zeros: a wrong result). Its `convert` gets it right only because a preallocated
+//! encrypted image does not start out reading zeros (no "zero init"), so convert then
+//! zeroes every cluster the source leaves unwritten (zero flags; the preallocated data
+//! clusters freed, iotest 188): vimg's writer does not do that second pass, so it refuses
+//! both.
 
 use zeroize::Zeroizing;
 
@@ -100,7 +104,8 @@ pub fn check_combination(o: &WriteOptions) -> Result<()> {
     if o.prealloc != Prealloc::Off {
         return Err(Error::unsupported(
             "vimg does not preallocate encrypted qcow2 images: preallocated clusters hold plain zeros, \
-             which decrypt to noise (qemu-img writes such images; they do not read back as zeros)",
+             which decrypt to noise (qemu-img's create leaves them so; its convert then zeroes \
+             every cluster the source leaves unwritten, which vimg does not implement)",
         ));
     }
     Ok(())
