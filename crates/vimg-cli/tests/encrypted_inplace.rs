@@ -18,7 +18,10 @@ const SECRET1: &str = "secret,id=sec1,data=furby";
 
 /// `--image-opts` spelling of an encrypted qcow2 image keyed with `sec`.
 fn spec(img: &Path, sec: &str) -> String {
-    format!("driver=qcow2,file.filename={},encrypt.key-secret={sec}", s(img))
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret={sec}",
+        s(img)
+    )
 }
 
 /// A new encrypted qcow2 image made by qemu-img: `format` is `luks` or `aes`.
@@ -32,7 +35,18 @@ fn create(img: &Path, format: &str, sec: &str, extra: &str, size: &str) {
         o.push(',');
         o.push_str(extra);
     }
-    qemu_img(&["create", "-q", "-f", "qcow2", "--object", obj, "-o", &o, s(img), size]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        obj,
+        "-o",
+        &o,
+        s(img),
+        size,
+    ]);
 }
 
 /// qemu-io commands on an encrypted image (both secrets defined).
@@ -80,7 +94,15 @@ fn check(img: &Path, sec: &str) -> i32 {
     let sp = spec(img, sec);
     let out = run_cmd(
         "qemu-img",
-        &["check", "--object", SECRET, "--object", SECRET1, "--image-opts", &sp],
+        &[
+            "check",
+            "--object",
+            SECRET,
+            "--object",
+            SECRET1,
+            "--image-opts",
+            &sp,
+        ],
     );
     let code = out.status.code().unwrap_or(-1);
     assert!(
@@ -97,7 +119,11 @@ fn check(img: &Path, sec: &str) -> i32 {
 fn source(p: &Path, size: u64) -> Vec<u8> {
     let a = pattern(100_000, 3);
     let b = pattern(70_001, 9);
-    write_sparse_raw(p, size, &[(4_096, &a), (1_500_000, &b), (size - 512, &[7u8; 512])]);
+    write_sparse_raw(
+        p,
+        size,
+        &[(4_096, &a), (1_500_000, &b), (size - 512, &[7u8; 512])],
+    );
     std::fs::read(p).expect("read source")
 }
 
@@ -125,7 +151,10 @@ fn convert_n_into(format: &str, compat: &str) {
         s(&src),
         &sp,
     ]);
-    assert!(guest_of(&sp, dir.path()) == want, "{test}: qemu-img reads other content");
+    assert!(
+        guest_of(&sp, dir.path()) == want,
+        "{test}: qemu-img reads other content"
+    );
     assert_eq!(check(&img, "sec0"), 0, "{test}");
     // qemu-img doing the same gives the same guest content and map.
     let q = dir.path().join("q.qcow2");
@@ -133,7 +162,15 @@ fn convert_n_into(format: &str, compat: &str) {
     qio(&q, "sec0", &["write -P 0xee 0 4M"]);
     let qs = spec(&q, "sec0");
     qemu_img(&[
-        "convert", "-n", "--object", SECRET, "-f", "raw", "--target-image-opts", s(&src), &qs,
+        "convert",
+        "-n",
+        "--object",
+        SECRET,
+        "-f",
+        "raw",
+        "--target-image-opts",
+        s(&src),
+        &qs,
     ]);
     let map = |sp: &str| {
         qemu_img(&[
@@ -175,7 +212,10 @@ fn chain(dir: &Path, base_fmt: &str) -> (std::path::PathBuf, std::path::PathBuf,
         &top,
         "luks",
         "sec1",
-        &format!("cluster_size=4096,backing_file={},backing_fmt=qcow2", s(&base)),
+        &format!(
+            "cluster_size=4096,backing_file={},backing_fmt=qcow2",
+            s(&base)
+        ),
         "2M",
     );
     let sp = format!(
@@ -203,18 +243,43 @@ fn commit_into(base_fmt: &str) {
     let dir = tempfile::tempdir().unwrap();
     let (base, _top, sp) = chain(dir.path(), base_fmt);
     let want = guest_of(&sp, dir.path());
-    let out = vimg(&["commit", "--object", SECRET, "--object", SECRET1, "--image-opts", &sp]);
+    let out = vimg(&[
+        "commit",
+        "--object",
+        SECRET,
+        "--object",
+        SECRET1,
+        "--image-opts",
+        &sp,
+    ]);
     assert_eq!(out, "Image committed.\n");
     let bs = spec(&base, "sec0");
-    assert!(guest_of(&bs, dir.path()) == want, "{test}: base does not hold the top's data");
-    assert!(guest_of(&sp, dir.path()) == want, "{test}: the chain reads other content");
+    assert!(
+        guest_of(&bs, dir.path()) == want,
+        "{test}: base does not hold the top's data"
+    );
+    assert!(
+        guest_of(&sp, dir.path()) == want,
+        "{test}: the chain reads other content"
+    );
     assert_eq!(check(&base, "sec0"), 0, "{test}");
     // The same commit by qemu-img on a copy of the chain: same guest content of the base.
     let d2 = dir.path().join("q");
     std::fs::create_dir(&d2).unwrap();
     let (qbase, _qtop, qsp) = chain(&d2, base_fmt);
-    qemu_img(&["commit", "--object", SECRET, "--object", SECRET1, "--image-opts", &qsp]);
-    assert!(guest_of(&spec(&qbase, "sec0"), &d2) == want, "{test}: qemu-img's base differs");
+    qemu_img(&[
+        "commit",
+        "--object",
+        SECRET,
+        "--object",
+        SECRET1,
+        "--image-opts",
+        &qsp,
+    ]);
+    assert!(
+        guest_of(&spec(&qbase, "sec0"), &d2) == want,
+        "{test}: qemu-img's base differs"
+    );
 }
 
 #[test]
@@ -258,7 +323,14 @@ fn backing_options_naming_another_file_are_refused() {
         s(&other)
     );
     let out = vimg_raw(&[
-        "compare", "--object", SECRET, "--object", SECRET1, "--image-opts", &sp, &sp,
+        "compare",
+        "--object",
+        SECRET,
+        "--object",
+        SECRET1,
+        "--image-opts",
+        &sp,
+        &sp,
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("backing file"));
@@ -320,7 +392,15 @@ fn commit_into_luks_base_killed_at_every_write() {
     let pristine_top = dir.path().join("t.pristine");
     std::fs::copy(&base, &pristine_base).unwrap();
     std::fs::copy(dir.path().join("t.qcow2"), &pristine_top).unwrap();
-    let args = ["commit", "--object", SECRET, "--object", SECRET1, "--image-opts", &sp];
+    let args = [
+        "commit",
+        "--object",
+        SECRET,
+        "--object",
+        SECRET1,
+        "--image-opts",
+        &sp,
+    ];
     let mut n = 0;
     while run_killed(&args, n) {
         let what = format!("killed before write {n}");
@@ -328,10 +408,16 @@ fn commit_into_luks_base_killed_at_every_write() {
         let got = guest_of(&bs, dir.path());
         assert_old_or_new(&got, &old, &new, 65536, &what);
         // The chain still reads as before the commit (the top still holds its data).
-        assert!(guest_of(&sp, dir.path()) == new, "{what}: the chain changed");
+        assert!(
+            guest_of(&sp, dir.path()) == new,
+            "{what}: the chain changed"
+        );
         // Run again to the end: the base holds the new data.
         vimg(&args);
-        assert!(guest_of(&bs, dir.path()) == new, "{what}: the rerun's base differs");
+        assert!(
+            guest_of(&bs, dir.path()) == new,
+            "{what}: the rerun's base differs"
+        );
         std::fs::copy(&pristine_base, &base).unwrap();
         std::fs::copy(&pristine_top, dir.path().join("t.qcow2")).unwrap();
         n += 1;

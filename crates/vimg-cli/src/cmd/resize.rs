@@ -2,7 +2,6 @@
 //! raw. The size is the last argument and may start with `+` or `-` (relative), as
 //! qemu-img takes it before parsing flags.
 
-
 use clap::Args;
 use vimg::formats::qcow2::Prealloc;
 use vimg::formats::updater;

@@ -136,7 +136,9 @@ impl Crypt {
             return Ok(Crypt {
                 head: None,
                 len: 0,
-                cipher: ClusterCipher::Guest(AesKey::from_secret(opts.get_str("encrypt.key-secret"))?),
+                cipher: ClusterCipher::Guest(AesKey::from_secret(
+                    opts.get_str("encrypt.key-secret"),
+                )?),
             });
         }
         let v = new_volume(opts, "encrypt.")?;
