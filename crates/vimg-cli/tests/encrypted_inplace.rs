@@ -135,43 +135,35 @@ fn convert_n_into(format: &str, compat: &str) {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.raw");
     let want = source(&src, 4 << 20);
-    let img = dir.path().join("t.qcow2");
-    create(&img, format, "sec0", &format!("compat={compat}"), "4M");
-    // Old content everywhere the new one must replace (and must not show through).
-    qio(&img, "sec0", &["write -P 0xee 0 4M"]);
-    let sp = spec(&img, "sec0");
-    vimg(&[
-        "convert",
-        "-n",
-        "--object",
-        SECRET,
-        "-f",
-        "raw",
-        "--target-image-opts",
-        s(&src),
-        &sp,
-    ]);
+    // `prog` (vimg or qemu-img) converts into a filled image: old content everywhere the
+    // new one must replace (and must not show through).
+    let convert_n = |prog: &Path, name: &str| -> (std::path::PathBuf, String) {
+        let img = dir.path().join(name);
+        create(&img, format, "sec0", &format!("compat={compat}"), "4M");
+        qio(&img, "sec0", &["write -P 0xee 0 4M"]);
+        let sp = spec(&img, "sec0");
+        let args = [
+            "convert",
+            "-n",
+            "--object",
+            SECRET,
+            "-f",
+            "raw",
+            "--target-image-opts",
+            s(&src),
+            &sp,
+        ];
+        run_ok(prog, &args);
+        (img, sp)
+    };
+    let (img, sp) = convert_n(&vimg_bin(), "t.qcow2");
     assert!(
         guest_of(&sp, dir.path()) == want,
         "{test}: qemu-img reads other content"
     );
     assert_eq!(check(&img, "sec0"), 0, "{test}");
     // qemu-img doing the same gives the same guest content and map.
-    let q = dir.path().join("q.qcow2");
-    create(&q, format, "sec0", &format!("compat={compat}"), "4M");
-    qio(&q, "sec0", &["write -P 0xee 0 4M"]);
-    let qs = spec(&q, "sec0");
-    qemu_img(&[
-        "convert",
-        "-n",
-        "--object",
-        SECRET,
-        "-f",
-        "raw",
-        "--target-image-opts",
-        s(&src),
-        &qs,
-    ]);
+    let (_q, qs) = convert_n(Path::new("qemu-img"), "q.qcow2");
     let map = |sp: &str| {
         qemu_img(&[
             "map",
