@@ -271,7 +271,10 @@ impl Image {
                 source::cmdline::bind_keys(&u);
                 // Shown, as qemu-img shows it, by the file name the options give.
                 let mut img = Image::open_source(&Source::Path(u.path.clone()), &inner)?;
-                check_backing_options(&img, u.backing.as_deref()).map_err(|e| e.with_path(p))?;
+                if inner.open_backing {
+                    check_backing_options(&img, u.backing.as_deref())
+                        .map_err(|e| e.with_path(p))?;
+                }
                 if let Some(name) = keyed_name(&u, img.format()) {
                     img.filename = name;
                 }

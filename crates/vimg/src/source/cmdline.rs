@@ -371,6 +371,33 @@ mod tests {
     }
 
     #[test]
+    fn backing_options_name_the_backing_file_and_its_key() {
+        let u = p(
+            "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=sec1,backing.driver=qcow2,\
+             backing.file.filename=b.qcow2,backing.encrypt.key-secret=sec0",
+            true,
+        );
+        assert_eq!(u.key_secret.as_deref(), Some("sec1"));
+        let b = u.backing.as_deref().expect("backing options");
+        assert_eq!(b.path, PathBuf::from("b.qcow2"));
+        assert_eq!(b.format, Some(Format::Qcow2));
+        assert_eq!(b.key_secret.as_deref(), Some("sec0"));
+        let j = p(
+            r#"json:{"driver":"qcow2","file":"t","backing":{"file":{"filename":"b"},"encrypt":{"key-secret":"s"}}}"#,
+            false,
+        );
+        let b = j.backing.as_deref().expect("json backing options");
+        assert_eq!(b.key_secret.as_deref(), Some("s"));
+        // Options the backing node does not take are refused, not ignored.
+        assert!(parse(
+            "driver=qcow2,file.filename=t,backing.file.filename=b,backing.x=1",
+            true
+        )
+        .is_err());
+        assert!(parse("driver=qcow2,file.filename=t,backing.driver=qcow2", true).is_err());
+    }
+
+    #[test]
     fn image_opts() {
         let u = p(
             "driver=qcow2,file.filename=/x/a,,b.qcow2,file.aio=threads",
