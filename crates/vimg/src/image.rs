@@ -151,6 +151,71 @@ pub(crate) fn open_named(path: &Path) -> Result<Box<dyn ImageReader>> {
     Ok(Image::open(path, &opts)?.reader)
 }
 
+/// The name qemu-img gives an image opened with a secret: the secret option is one of the
+/// driver's "strong" runtime options (QEMU's block.c `bdrv_refresh_filename`; qcow2's
+/// `encrypt.key-secret`, luks's `key-secret`), so the plain file name no longer says how
+/// to open it and the name is the options as `json:{...}` (iotest 198), in qemu's order
+/// and spacing.
+fn keyed_name(u: &source::cmdline::UserName, format: Format) -> Option<String> {
+    let id = u.key_secret.as_deref()?;
+    let key = match format {
+        Format::Qcow2 => "encrypt.key-secret",
+        Format::Luks => "key-secret",
+        _ => return None,
+    };
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    if format == Format::Luks {
+        // qemu's dictionary order differs by key: the secret last here.
+        return Some(format!(
+            "json:{{\"driver\": \"luks\", \"file\": {{\"driver\": \"file\", \"filename\": {}}}, {}: {}}}",
+            q(&u.path.to_string_lossy()),
+            q(key),
+            q(id)
+        ));
+    }
+    Some(format!(
+        "json:{{{}: {}, \"driver\": {}, \"file\": {{\"driver\": \"file\", \"filename\": {}}}}}",
+        q(key),
+        q(id),
+        q(format.name()),
+        q(&u.path.to_string_lossy())
+    ))
+}
+
+/// The user's `backing.` options against the chain opened: each names the file (and, with
+/// `driver`, the format) of the backing image at its depth. vimg opens the backing file the
+/// image names; options naming another file are refused rather than ignored.
+fn check_backing_options(img: &Image, mut opts: Option<&source::cmdline::UserName>) -> Result<()> {
+    let mut layer = img;
+    while let Some(o) = opts {
+        let Some(b) = layer.backing.as_deref() else {
+            return Err(Error::unsupported(format!(
+                "the image options name a backing file ('{}') where the image has none",
+                o.path.display()
+            )));
+        };
+        let named = FileStorage::open(&o.path)
+            .map_err(|e| Error::io(format_args!("open '{}'", o.path.display()), e))?;
+        if named.identity().is_none() || named.identity() != b.storage.identity() {
+            return Err(Error::unsupported(format!(
+                "the image options name '{}' as the backing file, but the image's backing file is '{}'; vimg opens the backing file the image names",
+                o.path.display(),
+                b.filename
+            )));
+        }
+        if let Some(f) = o.format.filter(|f| *f != b.format()) {
+            return Err(Error::invalid_argument(format!(
+                "the image options name the backing file's driver '{}', but it is {}",
+                f.name(),
+                b.format().name()
+            )));
+        }
+        layer = b;
+        opts = o.backing.as_deref();
+    }
+    Ok(())
+}
+
 /// qemu-img's `full-backing-filename`: the stored name joined to the image's folder (no
 /// symlink resolution), or the name itself when absolute or when the image has no path.
 pub fn full_backing_name(image_path: Option<&Path>, name: &str) -> String {
@@ -201,8 +266,19 @@ impl Image {
                     key_secret: u.key_secret.clone().or(opts.key_secret.clone()),
                     ..opts.clone()
                 };
+                // The secrets the options give, bound to their files; the backing files
+                // the options name must be the ones the chain opens.
+                source::cmdline::bind_keys(&u);
                 // Shown, as qemu-img shows it, by the file name the options give.
-                return Image::open_source(&Source::Path(u.path), &inner);
+                let mut img = Image::open_source(&Source::Path(u.path.clone()), &inner)?;
+                if inner.open_backing {
+                    check_backing_options(&img, u.backing.as_deref())
+                        .map_err(|e| e.with_path(p))?;
+                }
+                if let Some(name) = keyed_name(&u, img.format()) {
+                    img.filename = name;
+                }
+                return Ok(img);
             }
         }
         let with_src = |e: Error| match src {
@@ -325,6 +401,10 @@ impl Image {
         let mut ctx = OpenContext::new(path, opts.policy);
         if depth == 0 {
             ctx.key_secret = opts.key_secret.clone();
+        }
+        // A key the user's options bound to this file (`backing.encrypt.key-secret`).
+        if ctx.key_secret.is_none() {
+            ctx.key_secret = storage.identity().and_then(crate::secret::file_key);
         }
         ctx.metadata_only = opts.metadata_only;
         let reader = registry::driver(format)

@@ -35,3 +35,33 @@ pub fn lookup(id: &str) -> Option<Arc<Zeroizing<Vec<u8>>>> {
         .find(|(k, _)| k == id)
         .map(|(_, v)| v.clone())
 }
+
+/// Files the user's command line opens with a key: (device, inode) and the secret id
+/// (`encrypt.key-secret`, `key-secret`, `backing.encrypt.key-secret` in `--image-opts`
+/// or `json:` names). Bound by file identity, so that every open of the same file in the
+/// same command (the image read, its backing chain, the updater that writes it) finds the
+/// key the user gave for it, however its name is spelled.
+static FILE_KEYS: RwLock<Vec<((u64, u64), String)>> = RwLock::new(Vec::new());
+
+/// Binds secret `id` to the file at `path` (the user named both); a file that cannot be
+/// read is left alone (its open reports it).
+pub fn bind_file(path: &std::path::Path, id: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(path) else {
+        return;
+    };
+    let key = (m.dev(), m.ino());
+    let mut s = FILE_KEYS.write().unwrap_or_else(|e| e.into_inner());
+    s.retain(|(k, _)| *k != key);
+    s.push((key, id.to_string()));
+}
+
+/// The secret id the user bound to the file with this (device, inode).
+pub fn file_key(identity: (u64, u64)) -> Option<String> {
+    FILE_KEYS
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .find(|(k, _)| *k == identity)
+        .map(|(_, v)| v.clone())
+}

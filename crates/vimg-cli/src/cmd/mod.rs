@@ -80,6 +80,9 @@ pub fn in_place_file(name: &str) -> Result<(std::path::PathBuf, Option<Format>),
         return Ok((std::path::PathBuf::from(name), None));
     }
     let u = vimg::source::cmdline::parse(name, image_opts).map_err(|e| Failure::open(name, &e))?;
+    // `encrypt.key-secret` (and `backing.encrypt.key-secret`): the keys the updater and
+    // the chain open the files with.
+    vimg::source::cmdline::bind_keys(&u);
     if u.window.is_some() {
         return Err(Failure::new(
             format!("Could not open '{name}': vimg cannot write through the raw driver's offset/size window"),

@@ -49,7 +49,7 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         _ => (0i8, a.size.as_str()),
     };
     let n = vimg::options::parse_size(body).map_err(|_| Failure::new(SIZE_HELP, 1))?;
-    // `--image-opts`/`json:` names: the file and driver they give.
+    // `--image-opts`/`json:` names (an encrypted image's key among their options).
     let (path_buf, driver) = super::in_place_file(&a.filename)?;
     let path = path_buf.as_path();
     let mut format = parse_format_opt(a.format.as_deref())?.or(driver);

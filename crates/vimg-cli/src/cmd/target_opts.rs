@@ -51,6 +51,8 @@ pub fn resolve(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
     // The secret of an encrypted target goes to the updater (qcow v1 with AES writes
     // through it; the other formats refuse encrypted targets themselves).
     a.target_key_secret = name.key_secret.clone();
+    // An encrypted target's key: the updater opens the file with it.
+    cmdline::bind_keys(&name);
     let path = name.path.to_string_lossy().into_owned();
     let format = match name.format {
         Some(f) => f,

@@ -20,6 +20,7 @@ use crate::writer::ImageWriter;
 pub(crate) mod block_table;
 pub mod bochs;
 pub mod cloop;
+pub mod cluster_crypt;
 pub(crate) mod cluster_tables;
 pub mod dmg;
 mod format;

@@ -31,6 +31,10 @@ pub struct UserName {
     pub window: Option<(u64, Option<u64>)>,
     /// The secret id of `key-secret` (driver=luks) or `encrypt.key-secret` (qcow2).
     pub key_secret: Option<String>,
+    /// The `backing.*` options: the backing image's file, driver and secret (qemu-img's
+    /// way of giving an encrypted backing file its key, iotest 198). vimg opens the
+    /// backing file the image names; these must name that same file.
+    pub backing: Option<Box<UserName>>,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -111,6 +115,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             open_backing: true,
             window: None,
             key_secret: None,
+            backing: None,
         });
     } else {
         return Ok(UserName {
@@ -119,6 +124,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             open_backing: true,
             window: None,
             key_secret: None,
+            backing: None,
         });
     };
     from_pairs(name, &pairs)
@@ -198,6 +204,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut filename_key: Option<String> = None;
     let mut open_backing = true;
     let mut key_secret: Option<String> = None;
+    let mut backing: Vec<(String, Option<String>)> = Vec::new();
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
     let number = |k: &str, v: &Option<String>| -> Result<u64> {
         let v = v
@@ -232,6 +239,10 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 }
             }
             "backing" if v.is_none() => open_backing = false,
+            // The backing node's own options, read as a name of their own.
+            k if k.starts_with("backing.") => {
+                backing.push((k["backing.".len()..].to_string(), v.clone()));
+            }
             // The passphrase of an encrypted image: luks names it `key-secret`, qcow2
             // `encrypt.key-secret`; the format checks which one it takes.
             "key-secret" | "encrypt.key-secret" => key_secret = Some(val()?),
@@ -278,13 +289,34 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
             "'{name}' does not name a file (file.filename)"
         )));
     };
+    let backing = match backing.is_empty() {
+        true => None,
+        false if !open_backing => {
+            return Err(Error::invalid_argument(format!(
+                "'{name}' gives both 'backing: null' and backing options"
+            )))
+        }
+        false => Some(Box::new(from_pairs(name, &backing)?)),
+    };
     Ok(UserName {
         path: PathBuf::from(filename),
         format,
         open_backing,
         window,
         key_secret,
+        backing,
     })
+}
+
+/// Binds the secrets `u` names to the files it names ([`crate::secret::bind_file`]): the
+/// image's `encrypt.key-secret` / `key-secret`, and its backing files' through `backing.`.
+pub fn bind_keys(u: &UserName) {
+    if let Some(id) = &u.key_secret {
+        crate::secret::bind_file(&u.path, id);
+    }
+    if let Some(b) = &u.backing {
+        bind_keys(b);
+    }
 }
 
 #[cfg(test)]
@@ -353,6 +385,33 @@ mod tests {
         assert_eq!(u.path, PathBuf::from("/x/t.luks"));
         assert_eq!(u.key_secret.as_deref(), Some("sec1"));
         assert!(parse("driver=raw,file=/x/a,file.filename=/x/b", true).is_err());
+    }
+
+    #[test]
+    fn backing_options_name_the_backing_file_and_its_key() {
+        let u = p(
+            "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=sec1,backing.driver=qcow2,\
+             backing.file.filename=b.qcow2,backing.encrypt.key-secret=sec0",
+            true,
+        );
+        assert_eq!(u.key_secret.as_deref(), Some("sec1"));
+        let b = u.backing.as_deref().expect("backing options");
+        assert_eq!(b.path, PathBuf::from("b.qcow2"));
+        assert_eq!(b.format, Some(Format::Qcow2));
+        assert_eq!(b.key_secret.as_deref(), Some("sec0"));
+        let j = p(
+            r#"json:{"driver":"qcow2","file":"t","backing":{"file":{"filename":"b"},"encrypt":{"key-secret":"s"}}}"#,
+            false,
+        );
+        let b = j.backing.as_deref().expect("json backing options");
+        assert_eq!(b.key_secret.as_deref(), Some("s"));
+        // Options the backing node does not take are refused, not ignored.
+        assert!(parse(
+            "driver=qcow2,file.filename=t,backing.file.filename=b,backing.x=1",
+            true
+        )
+        .is_err());
+        assert!(parse("driver=qcow2,file.filename=t,backing.driver=qcow2", true).is_err());
     }
 
     #[test]

@@ -13,36 +13,25 @@
 //!   reads a compressed cluster without decrypting it);
 //! - nothing in the image checks the key: a wrong key reads as noise, as with qemu-img.
 //!
-//! The format's readers map the image as for a plain one; [`AesReader`] wraps them and
-//! hands out data extents in a view (`GuestView`) that reads a guest range through the
-//! inner reader's map and decrypts it. Compressed extents pass through unchanged.
+//! The format's readers map the image as for a plain one; [`reader`] puts them behind the
+//! one decrypting reader ([`crate::formats::cluster_crypt::DecryptingReader`]), with guest
+//! sectors as IVs. Compressed extents pass through unchanged.
 //!
 //! QEMU keeps this method only to get data out of old images ("broken by design"); vimg
 //! reads and writes it for compatibility with qemu-img, which still does.
 
-use std::io;
-use std::sync::{Arc, OnceLock};
-
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
+use crate::formats::cluster_crypt::{ClusterCipher, DecryptingReader};
 use crate::formats::luks::crypto::{CipherSpec, IvGen, Mode, SectorCipher, SECTOR};
-use crate::formats::luks::error::LuksError;
-use crate::formats::Format;
-use crate::mapping::{
-    BackingRef, ChildNode, Extent, ExternalRef, FileId, FormatSpecific, GuestOffset, HostOffset,
-    ImageReader, MapKind, SnapshotInfo,
-};
-use crate::storage::Storage;
+use crate::mapping::ImageReader;
 
 /// Header `crypt_method` of the legacy AES encryption (qcow and qcow2).
 pub const CRYPT_AES: u32 = 1;
 
 /// Bytes of a sector (the unit of encryption and of the IV count), as u64.
 const SECTOR64: u64 = SECTOR as u64;
-
-/// The file id under which [`AesReader`] hands out its decrypting view.
-const VIEW: FileId = FileId(u16::MAX);
 
 /// The keyed AES-128-CBC cipher of a legacy encrypted image.
 pub struct AesKey {
@@ -123,242 +112,21 @@ pub fn create_key(opts: &crate::options::CreateOptions) -> Result<Option<AesKey>
     AesKey::from_secret(opts.get_str("encrypt.key-secret")).map(Some)
 }
 
-/// A legacy AES-encrypted qcow or qcow2 image: the format's reader, decrypting.
-pub struct AesReader {
-    inner: Arc<dyn ImageReader>,
-    /// `None` when opened for metadata only (`info` needs no key, as with qemu-img).
-    key: Option<Arc<AesKey>>,
-    view: OnceLock<Arc<dyn Storage>>,
-}
-
-impl AesReader {
-    /// Wraps `inner` (a reader that maps the encrypted image as a plain one). Without
-    /// `metadata_only`, the key is required now, as qemu-img requires it at open.
-    pub fn new(
-        inner: Box<dyn ImageReader>,
-        key_secret: Option<&str>,
-        metadata_only: bool,
-    ) -> Result<AesReader> {
-        let key = match metadata_only {
-            true => None,
-            false => Some(Arc::new(AesKey::from_secret(key_secret)?)),
-        };
-        Ok(AesReader {
-            inner: Arc::from(inner),
-            key,
-            view: OnceLock::new(),
-        })
-    }
-
-    fn view(&self) -> Option<&Arc<dyn Storage>> {
-        let key = self.key.as_ref()?;
-        Some(self.view.get_or_init(|| {
-            Arc::new(GuestView {
-                inner: self.inner.clone(),
-                key: key.clone(),
-            })
-        }))
-    }
-}
-
-impl ImageReader for AesReader {
-    fn format(&self) -> Format {
-        self.inner.format()
-    }
-    fn virtual_size(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-    fn cluster_size(&self) -> Option<u64> {
-        self.inner.cluster_size()
-    }
-    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        if self.key.is_none() {
-            return Err(LuksError::NoSecret { prefix: "encrypt." }.into());
-        }
-        let e = self.inner.map(offset, max_len)?;
-        Ok(match e.kind {
-            // The view addresses guest bytes: guest start + i is view offset start + i.
-            MapKind::Data { .. } => Extent {
-                kind: MapKind::Data {
-                    file: VIEW,
-                    offset: HostOffset(e.start.0),
-                },
-                ..e
-            },
-            _ => e,
-        })
-    }
-    fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {
-        match id {
-            VIEW => self.view(),
-            _ => self.inner.file(id),
-        }
-    }
-    fn files(&self) -> Vec<Arc<dyn Storage>> {
-        self.inner.files()
-    }
-    fn allocated_size(&self) -> Option<u64> {
-        self.inner.allocated_size()
-    }
-    fn backing(&self) -> Option<&BackingRef> {
-        self.inner.backing()
-    }
-    fn link_identity(&self, what: &str) -> Option<String> {
-        self.inner.link_identity(what)
-    }
-    fn external_refs(&self) -> Vec<ExternalRef> {
-        self.inner.external_refs()
-    }
-    fn encrypted(&self) -> bool {
-        true
-    }
-    fn dirty(&self) -> bool {
-        self.inner.dirty()
-    }
-    fn snapshots(&self) -> Vec<SnapshotInfo> {
-        self.inner.snapshots()
-    }
-    fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
-        // The view shares the inner reader once it exists; snapshots are loaded before.
-        self.view = OnceLock::new();
-        match Arc::get_mut(&mut self.inner) {
-            Some(r) => r.load_snapshot(id, name),
-            None => Err(Error::unsupported(
-                "cannot load a snapshot of an AES-encrypted image that is being read",
-            )),
-        }
-    }
-    fn format_specific(&self) -> Option<FormatSpecific> {
-        let mut fs = self.inner.format_specific()?;
-        if fs.kind != "qcow2" {
-            return Some(fs);
-        }
-        // qemu-img's place for the block: after `refcount-bits`.
-        let mut enc = serde_json::Map::new();
-        enc.insert("format".into(), serde_json::json!("aes"));
-        let mut data = serde_json::Map::new();
-        let mut placed = false;
-        for (k, v) in std::mem::take(&mut fs.data) {
-            let after = k == "refcount-bits";
-            data.insert(k, v);
-            if after {
-                data.insert("encrypt".into(), serde_json::Value::Object(enc.clone()));
-                placed = true;
-            }
-        }
-        if !placed {
-            data.insert("encrypt".into(), serde_json::Value::Object(enc));
-        }
-        fs.data = data;
-        Some(fs)
-    }
-    fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
-        self.inner.zero_location(e)
-    }
-    fn persistent_bitmaps(&self) -> Option<Vec<(String, u64)>> {
-        self.inner.persistent_bitmaps()
-    }
-    fn child_nodes(&self) -> Vec<ChildNode> {
-        self.inner.child_nodes()
-    }
-    fn reports_allocation(&self) -> bool {
-        self.inner.reports_allocation()
-    }
-    fn map_probes_host_holes(&self) -> bool {
-        // Block status of an encrypted image carries no host offset, so qemu never looks
-        // at the host file under it.
-        false
-    }
-    fn warnings(&self) -> Vec<String> {
-        self.inner.warnings()
-    }
-    fn check(&self) -> Result<crate::check::CheckReport> {
-        self.inner.check()
-    }
-}
-
-/// The decrypted data clusters of an AES image, addressed by guest offset: a read maps
-/// its range through the inner reader, reads the ciphertext where the map says and
-/// decrypts it with the guest sector numbers. Asked only for ranges [`AesReader::map`]
-/// reported as data.
-struct GuestView {
-    inner: Arc<dyn ImageReader>,
-    key: Arc<AesKey>,
-}
-
-impl std::fmt::Debug for GuestView {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AES-decrypted guest view")
-    }
-}
-
-fn io_err(e: Error) -> io::Error {
-    io::Error::other(e.to_string())
-}
-
-impl GuestView {
-    /// Reads and decrypts the whole sectors `[first, first + tmp.len())` (guest offsets).
-    fn read_sectors(&self, tmp: &mut [u8], first: u64) -> io::Result<()> {
-        let mut pos = 0usize;
-        while pos < tmp.len() {
-            let g = first + pos as u64;
-            let e = self
-                .inner
-                .map(GuestOffset(g), (tmp.len() - pos) as u64)
-                .map_err(io_err)?;
-            // Whole sectors of this extent (the image ends on a sector; extents of the
-            // cluster formats start and end on sectors).
-            let n = (e.len.div_ceil(SECTOR64) * SECTOR64).min((tmp.len() - pos) as u64) as usize;
-            let part = &mut tmp[pos..pos + n];
-            match e.kind {
-                MapKind::Data { file, offset } => {
-                    let f = self.inner.file(file).ok_or_else(|| {
-                        io::Error::other(format!("AES image: no file {} for guest {g:#x}", file.0))
-                    })?;
-                    // A cluster that runs past the end of the file reads as zeros there,
-                    // as qemu's file layer pads.
-                    let mut got = 0;
-                    while got < n {
-                        let k = f.read_at(&mut part[got..], offset.0 + got as u64)?;
-                        if k == 0 {
-                            break;
-                        }
-                        got += k;
-                    }
-                    part[got..].fill(0);
-                    self.key.apply(g, part, false).map_err(io_err)?;
-                }
-                _ => {
-                    return Err(io::Error::other(format!(
-                        "AES image: guest offset {g:#x} is not a data cluster"
-                    )))
-                }
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-}
-
-impl Storage for GuestView {
-    fn len(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let len = self.len();
-        if offset >= len || buf.is_empty() {
-            return Ok(0);
-        }
-        let want = (buf.len() as u64).min(len - offset) as usize;
-        let first = offset / SECTOR64 * SECTOR64;
-        let skip = (offset - first) as usize;
-        let span = (skip + want).div_ceil(SECTOR) * SECTOR;
-        let mut tmp = Zeroizing::new(vec![0u8; span]);
-        self.read_sectors(&mut tmp, first)?;
-        buf[..want].copy_from_slice(&tmp[skip..skip + want]);
-        Ok(want)
-    }
+/// A legacy AES-encrypted qcow or qcow2 image: `inner` (a reader that maps the image as a
+/// plain one) behind the one decrypting reader, with guest sectors as IVs. Without
+/// `metadata_only`, the key is required now, as qemu-img requires it at open. `info` is
+/// the `encrypt` block qcow2's format-specific information shows.
+pub fn reader(
+    inner: Box<dyn ImageReader>,
+    key_secret: Option<&str>,
+    metadata_only: bool,
+    info: Option<serde_json::Map<String, serde_json::Value>>,
+) -> Result<DecryptingReader> {
+    let cipher = match metadata_only {
+        true => None,
+        false => Some(ClusterCipher::Guest(AesKey::from_secret(key_secret)?)),
+    };
+    Ok(DecryptingReader::new(inner, cipher, info))
 }
 
 #[cfg(test)]

@@ -107,7 +107,12 @@ impl crate::formats::Driver for Driver {
     fn open(&self, storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
         let r = QcowReader::open_with(storage, true)?;
         if r.header().crypt_method == aes::CRYPT_AES {
-            let r = aes::AesReader::new(Box::new(r), ctx.key_secret.as_deref(), ctx.metadata_only)?;
+            let r = aes::reader(
+                Box::new(r),
+                ctx.key_secret.as_deref(),
+                ctx.metadata_only,
+                None,
+            )?;
             return Ok(Box::new(r));
         }
         Ok(Box::new(r))

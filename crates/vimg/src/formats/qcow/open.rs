@@ -54,7 +54,7 @@ impl QcowReader {
     }
 
     /// [`QcowReader::open`]; with `aes`, an AES-encrypted image opens too (mapped as a
-    /// plain one: [`super::aes::AesReader`] decrypts).
+    /// plain one: [`super::aes::reader`] decrypts).
     pub fn open_with(storage: Arc<dyn Storage>, aes: bool) -> Result<QcowReader> {
         let len = storage.len();
         if len < HEADER_SIZE as u64 {

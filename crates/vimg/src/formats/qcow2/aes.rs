@@ -1,15 +1,15 @@
 //! qcow2 with the legacy AES encryption (header `crypt_method` 1, `encrypt.format=aes`;
-//! QEMU's docs/interop/qcow2.txt "crypt_method"): read through the qcow2 reader and
-//! [`crate::formats::qcow::aes::AesReader`], which decrypts data clusters with the guest
-//! sector as IV. Written by the qcow2 writer with [`super::encrypt_write::Crypt`]'s AES
-//! variant; the in-place updater refuses these images (see `open.rs`).
+//! QEMU's docs/interop/qcow2.txt "crypt_method"): read through the qcow2 reader behind the
+//! one decrypting reader ([`crate::formats::cluster_crypt::DecryptingReader`]), with the
+//! guest sector as IV. Written by the qcow2 writer with [`super::encrypt_write::Crypt`]'s
+//! AES cipher, and in place by the updater with the same cipher.
 
 use std::sync::Arc;
 
 use super::header::Header;
 use super::Qcow2Reader;
 use crate::error::{Error, Result};
-use crate::formats::qcow::aes::{AesReader, CRYPT_AES};
+use crate::formats::qcow::aes::{reader, CRYPT_AES};
 use crate::formats::OpenContext;
 use crate::mapping::ImageReader;
 use crate::storage::Storage;
@@ -29,9 +29,12 @@ pub fn open(storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn Imag
     let mut inner_ctx = ctx.clone();
     inner_ctx.legacy_aes = true;
     let inner = Qcow2Reader::open(storage, &inner_ctx)?;
-    Ok(Box::new(AesReader::new(
+    let mut info = serde_json::Map::new();
+    info.insert("format".into(), serde_json::json!("aes"));
+    Ok(Box::new(reader(
         Box::new(inner),
         ctx.key_secret.as_deref(),
         ctx.metadata_only,
+        Some(info),
     )?))
 }

@@ -201,7 +201,7 @@ impl crate::formats::Driver for Driver {
     fn open(&self, storage: Arc<dyn Storage>, ctx: &OpenContext) -> Result<Box<dyn ImageReader>> {
         // encrypt.format=luks: the LUKS wrapper unlocks and decrypts (formats/luks/qcow2.rs).
         if let Some(loc) = crate::formats::luks::qcow2::luks_header_location(&*storage)? {
-            let r = crate::formats::luks::qcow2::EncryptedQcow2::open(storage, ctx, loc)?;
+            let r = crate::formats::luks::qcow2::open(storage, ctx, loc)?;
             return Ok(Box::new(r));
         }
         if aes::is_aes(&*storage)? {

@@ -45,6 +45,7 @@ use crate::storage::{FileStorage, Storage};
 
 pub(super) mod bitmap;
 mod compress;
+mod crypt;
 mod header_ext;
 mod make_empty;
 mod rebuild;
@@ -125,6 +126,9 @@ pub struct Qcow2Update {
     /// The policy the image was opened under (the check's reopen opens the data file
     /// through it: the data clusters are then counted as the data file's, not this file's).
     policy: ExternalPolicy,
+    /// The data cipher of an encrypted image (LUKS or the legacy AES), unlocked at open
+    /// with the secret the user bound to the file (`update/crypt.rs`).
+    cipher: Option<Arc<crate::formats::cluster_crypt::ClusterCipher>>,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -223,7 +227,9 @@ impl Qcow2Update {
         let ro = file.try_clone().map_err(|e| io_err(path, "dup", e))?;
         let storage: Arc<dyn Storage> =
             Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
-        let ctx = OpenContext::new(Some(path), policy);
+        let mut ctx = OpenContext::new(Some(path), policy);
+        // Encrypted images open with their key (update/crypt.rs), or not at all.
+        let cipher = crypt::unlock(&storage, &mut ctx)?;
         let r = Qcow2Reader::open(storage, &ctx)?;
         let h = r.header.clone();
         if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
@@ -251,6 +257,7 @@ impl Qcow2Update {
             written: None,
             store_all_bitmaps: true,
             policy,
+            cipher,
         };
         u.clear_unknown_autoclear()?;
         Ok(u)
@@ -321,7 +328,7 @@ impl Qcow2Update {
         } else {
             ExternalPolicy::Deny
         };
-        let ctx = OpenContext::new(Some(&self.path), policy);
+        let ctx = self.reader_ctx(policy);
         let r = Qcow2Reader::open(storage, &ctx)?;
         check_findings(&r)
     }
@@ -1116,6 +1123,7 @@ impl Qcow2Update {
                 if self.has_zero_clusters()? {
                     // Those of the active L1 table and of every snapshot's.
                     expand = true;
+                    crypt::refuse_expand(self.cipher.is_some())?;
                 }
             }
             h.incompatible_features = 0;
@@ -1236,11 +1244,6 @@ impl Qcow2Update {
             (ext_end as usize).min(first.len()),
             cs,
         )?;
-        if exts.crypto.is_some() {
-            return Err(Error::unsupported(
-                "vimg cannot rewrite a header with an encryption extension",
-            ));
-        }
         // Kept as QEMU keeps them (update/header_ext.rs).
         let unknown = header_ext::unknown_extensions(
             &first,
@@ -1301,6 +1304,10 @@ impl Qcow2Update {
                 )));
             }
             off = write_extension(&mut buf, off, EXT_DATA_FILE, n);
+        }
+        // Then the LUKS header pointer, kept as it is (QEMU's order).
+        if let Some(ext) = crypt::extension(exts.crypto) {
+            off = write_extension(&mut buf, off, EXT_CRYPTO, &ext);
         }
         let bitmaps = match bitmaps {
             Some(b) => b,

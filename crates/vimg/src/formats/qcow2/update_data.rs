@@ -74,9 +74,9 @@ impl Qcow2Update {
                 "vimg does not write guest data into qcow2 images with an external data file",
             ));
         }
-        if self.header.crypt_method != 0 {
+        if self.header.crypt_method != 0 && self.cipher.is_none() {
             return Err(Error::unsupported(
-                "vimg does not write guest data into encrypted qcow2 images",
+                "vimg does not write guest data into encrypted qcow2 images without their key",
             ));
         }
         if self.g.extended_l2 {
@@ -257,9 +257,9 @@ impl DataWriter<'_> {
                 FileStorage::from_file(ro, &self.up.path)
                     .map_err(|e| io_err(&self.up.path, "stat", e))?,
             );
-            let ctx = OpenContext::new(Some(&self.up.path), ExternalPolicy::Deny);
-            let r = Qcow2Reader::open(storage.clone(), &ctx)?;
-            let img = Image::from_reader(Box::new(r), self.up.path.display().to_string(), storage);
+            // Decrypting, for an encrypted image (update/crypt.rs).
+            let r = self.up.reader_over(storage.clone())?;
+            let img = Image::from_reader(r, self.up.path.display().to_string(), storage);
             img.read_at(&mut buf[..len], start)?;
         }
         Ok(buf)
@@ -314,7 +314,7 @@ impl DataWriter<'_> {
         let zeros = vec![0u8; cs as usize];
         // Decide each cluster's new entry.
         let mut changed: Vec<(usize, u64)> = Vec::new();
-        let mut in_place: Vec<(u64, &[u8])> = Vec::new();
+        let mut in_place: Vec<(u64, usize, &[u8])> = Vec::new();
         let mut fresh: Vec<(usize, &[u8])> = Vec::new();
         let mut drop_refs: Vec<(u64, u64)> = Vec::new();
         for (i, op) in ops.iter().enumerate() {
@@ -336,7 +336,7 @@ impl DataWriter<'_> {
                         && !matches!(state, Table::Shared(_))
                         && up.refcount(host >> cb)? == 1;
                     if own {
-                        in_place.push((host, d));
+                        in_place.push((host, j, d));
                         if old != host | OFLAG_COPIED {
                             changed.push((j, host | OFLAG_COPIED));
                         }
@@ -375,13 +375,16 @@ impl DataWriter<'_> {
             let at = up.alloc(fresh.len() as u64)?;
             let mut buf = Vec::with_capacity(fresh.len() * cs as usize);
             for (k, (j, d)) in fresh.iter().enumerate() {
-                buf.extend_from_slice(d);
-                changed.push((*j, ((at + k as u64) << cb) | OFLAG_COPIED));
+                // Encrypted where the image is, for the cluster it lands in.
+                let host = (at + k as u64) << cb;
+                buf.extend_from_slice(&up.stored(host, (l1i * per + *j as u64) * cs, d)?);
+                changed.push((*j, host | OFLAG_COPIED));
             }
             up.pwrite(&buf, at << cb)?;
         }
-        for (host, d) in &in_place {
-            up.pwrite(d, *host)?;
+        for (host, j, d) in &in_place {
+            let d = up.stored(*host, (l1i * per + *j as u64) * cs, d)?;
+            up.pwrite(&d, *host)?;
         }
         if !fresh.is_empty() || !in_place.is_empty() {
             up.sync()?;

@@ -251,6 +251,9 @@ impl Qcow2Update {
             )));
         }
         let cs = self.cs();
+        if !old.is_multiple_of(cs) {
+            super::crypt::refuse_partial_zeroing(self.cipher.is_some())?;
+        }
         let partial = match head {
             _ if old.is_multiple_of(cs) => None,
             Some(h) if h.len() as u64 == old % cs => Some((old / cs, h.to_vec())),

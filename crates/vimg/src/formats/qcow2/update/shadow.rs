@@ -201,7 +201,7 @@ impl Qcow2Update {
         let inner =
             FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?;
         let storage: Arc<dyn Storage> = Arc::new(HeadOverlay { inner, head });
-        let ctx = OpenContext::new(Some(&self.path), ExternalPolicy::Deny);
+        let ctx = self.reader_ctx(ExternalPolicy::Deny);
         let r = Qcow2Reader::open(storage, &ctx)?;
         let counts = reference_counts(&r)?;
         drop(r);

@@ -1,0 +1,127 @@
+//! Encrypted qcow2 images open for writing (docs/interop/qcow2.txt, "Data encryption";
+//! QEMU's block/qcow2.c and qcow2-threads.c `qcow2_co_encdec`): the updater unlocks the
+//! image's key at open and every data cluster it writes is encrypted with it, 512-byte
+//! sectors with IVs counting host sectors (LUKS, QEMU's `crypt_physical_offset`) or guest
+//! sectors (the legacy AES). Zero clusters stay zero flags, as QEMU writes them (they read
+//! as zeros without decryption); a partly written cluster is read decrypted, merged and
+//! written whole, encrypted for where it lands.
+//!
+//! The key: the secret the user's command line bound to this file
+//! ([`crate::secret::file_key`]: `encrypt.key-secret` in `--image-opts` or `json:` names,
+//! `backing.encrypt.key-secret` for a backing file). Without it an encrypted image is
+//! refused with qemu-img's words, before anything is written.
+
+use std::sync::Arc;
+
+use super::Qcow2Update;
+use crate::error::Result;
+use crate::formats::cluster_crypt::{ClusterCipher, DecryptingReader};
+use crate::formats::luks::qcow2::{luks_header_location, unlock_cipher};
+use crate::formats::qcow::aes::AesKey;
+use crate::formats::qcow2::aes::is_aes;
+use crate::formats::qcow2::Qcow2Reader;
+use crate::formats::OpenContext;
+use crate::gate::ExternalPolicy;
+use crate::mapping::ImageReader;
+use crate::storage::Storage;
+
+/// The cipher of the image in `storage` (`None` when it is not encrypted), unlocked with
+/// the key the user bound to the file; sets `ctx` so that the qcow2 reader opens it.
+pub(super) fn unlock(
+    storage: &Arc<dyn Storage>,
+    ctx: &mut OpenContext,
+) -> Result<Option<Arc<ClusterCipher>>> {
+    let key = ctx
+        .key_secret
+        .clone()
+        .or_else(|| storage.identity().and_then(crate::secret::file_key));
+    if let Some(loc) = luks_header_location(&**storage)? {
+        ctx.qcow2_luks = true;
+        let c = unlock_cipher(storage, loc, key.as_deref())?;
+        return Ok(Some(Arc::new(c)));
+    }
+    if is_aes(&**storage)? {
+        ctx.legacy_aes = true;
+        let c = ClusterCipher::Guest(AesKey::from_secret(key.as_deref())?);
+        return Ok(Some(Arc::new(c)));
+    }
+    Ok(None)
+}
+
+/// The payload of the LUKS header pointer extension kept in a rewritten header.
+pub(super) fn extension(crypto: Option<(u64, u64)>) -> Option<[u8; 16]> {
+    let (off, len) = crypto?;
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&off.to_be_bytes());
+    b[8..].copy_from_slice(&len.to_be_bytes());
+    Some(b)
+}
+
+impl Qcow2Update {
+    /// A context in which the qcow2 reader opens this image (its tables; data reads of an
+    /// encrypted image go through [`Self::reader_over`]).
+    pub(super) fn reader_ctx(&self, policy: ExternalPolicy) -> OpenContext {
+        let mut ctx = OpenContext::new(Some(&self.path), policy);
+        ctx.qcow2_luks = self.header.crypt_method == 2;
+        ctx.legacy_aes = self.header.crypt_method == 1;
+        ctx
+    }
+
+    /// A reader of the image in `storage` (this file) that decrypts with this image's key.
+    pub(super) fn reader_over(&self, storage: Arc<dyn Storage>) -> Result<Box<dyn ImageReader>> {
+        let ctx = self.reader_ctx(ExternalPolicy::Deny);
+        let r = Qcow2Reader::open(storage, &ctx)?;
+        Ok(match &self.cipher {
+            Some(c) => Box::new(DecryptingReader::shared(Box::new(r), c.clone())),
+            None => Box::new(r),
+        })
+    }
+
+    /// `data` (whole clusters) as stored at host offset `host` for guest offset `guest`:
+    /// encrypted for an encrypted image, as it is otherwise.
+    pub(super) fn stored<'a>(
+        &self,
+        host: u64,
+        guest: u64,
+        data: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        match &self.cipher {
+            None => Ok(std::borrow::Cow::Borrowed(data)),
+            Some(c) => {
+                let mut buf = data.to_vec();
+                c.apply(host, guest, &mut buf, true)?;
+                Ok(std::borrow::Cow::Owned(buf))
+            }
+        }
+    }
+
+    /// True when the image is encrypted (its key unlocked).
+    pub fn encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+}
+
+/// `amend -o compat=0.10` over zero clusters of an encrypted image: QEMU expands them into
+/// clusters of plain zeros, which decrypt to noise; vimg refuses (a wrong result is worse
+/// than a refusal).
+pub(super) fn refuse_expand(encrypted: bool) -> Result<()> {
+    if encrypted {
+        return Err(crate::error::Error::unsupported(
+            "vimg does not downgrade an encrypted qcow2 image with zero clusters: version 2 \
+             has none, and clusters of plain zeros would decrypt to noise",
+        ));
+    }
+    Ok(())
+}
+
+/// `resize` over a longer backing file with an old size inside a cluster: the fresh last
+/// cluster is written by the table switch, unencrypted; refused for encrypted images.
+pub(super) fn refuse_partial_zeroing(encrypted: bool) -> Result<()> {
+    if encrypted {
+        return Err(crate::error::Error::unsupported(
+            "vimg does not grow an encrypted qcow2 image over a longer backing file when its \
+             old size ends inside a cluster",
+        ));
+    }
+    Ok(())
+}
