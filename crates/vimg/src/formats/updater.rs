@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::parallels::update::ParallelsUpdate;
-use super::qcow::QcowUpdate;
+use super::qcow::update::QcowUpdate;
 use super::qcow2::{BitmapOp, DataWriter, Qcow2Update, SNAPSHOT_NOT_FOUND};
 use super::qed::update::{QedDataWriter, QedUpdate};
 use super::raw::update::RawUpdate;

@@ -40,7 +40,6 @@ use crate::writer::ImageWriter;
 pub use error::QcowError;
 pub use open::MAX_BACKING_NAME;
 pub use read::QcowReader;
-pub use update::QcowUpdate;
 pub use write::{new_header, QcowWriter};
 
 const OPTIONS: &[OptionSpec] = &[

@@ -46,6 +46,7 @@ use crate::storage::{FileStorage, Storage};
 pub(super) mod bitmap;
 mod compress;
 mod crypt;
+mod crypt_rules;
 mod header_ext;
 mod make_empty;
 mod rebuild;
@@ -53,7 +54,6 @@ mod resize_tail;
 mod shadow;
 pub(super) mod snapshot;
 mod snapshot_table;
-pub(super) use snapshot_table::incomplete_message as snapshot_table_incomplete_message;
 
 /// The environment variable of the crash hook (see the module documentation).
 pub const CRASH_HOOK_ENV: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
@@ -229,7 +229,7 @@ impl Qcow2Update {
             Arc::new(FileStorage::from_file(ro, path).map_err(|e| io_err(path, "stat", e))?);
         let mut ctx = OpenContext::new(Some(path), policy);
         // Encrypted images open with their key (update/crypt.rs), or not at all.
-        let cipher = crypt::unlock(&storage, &mut ctx)?;
+        let cipher = crypt_rules::unlock(&storage, &mut ctx)?;
         let r = Qcow2Reader::open(storage, &ctx)?;
         let h = r.header.clone();
         if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
@@ -1123,7 +1123,7 @@ impl Qcow2Update {
                 if self.has_zero_clusters()? {
                     // Those of the active L1 table and of every snapshot's.
                     expand = true;
-                    crypt::refuse_expand(self.cipher.is_some())?;
+                    crypt_rules::refuse_expand(self.cipher.is_some())?;
                 }
             }
             h.incompatible_features = 0;
@@ -1306,7 +1306,7 @@ impl Qcow2Update {
             off = write_extension(&mut buf, off, EXT_DATA_FILE, n);
         }
         // Then the LUKS header pointer, kept as it is (QEMU's order).
-        if let Some(ext) = crypt::extension(exts.crypto) {
+        if let Some(ext) = crypt_rules::extension(exts.crypto) {
             off = write_extension(&mut buf, off, EXT_CRYPTO, &ext);
         }
         let bitmaps = match bitmaps {

@@ -6,7 +6,8 @@
 //! as zeros without decryption); a partly written cluster is read decrypted, merged and
 //! written whole, encrypted for where it lands.
 //!
-//! The key: the secret the user's command line bound to this file
+//! The key (unlocked in `crypt_rules.rs`, with what vimg refuses on encrypted images):
+//! the secret the user's command line bound to this file
 //! ([`crate::secret::file_key`]: `encrypt.key-secret` in `--image-opts` or `json:` names,
 //! `backing.encrypt.key-secret` for a backing file). Without it an encrypted image is
 //! refused with qemu-img's words, before anything is written.
@@ -15,47 +16,12 @@ use std::sync::Arc;
 
 use super::Qcow2Update;
 use crate::error::Result;
-use crate::formats::cluster_crypt::{ClusterCipher, DecryptingReader};
-use crate::formats::luks::qcow2::{luks_header_location, unlock_cipher};
-use crate::formats::qcow::aes::AesKey;
-use crate::formats::qcow2::aes::is_aes;
+use crate::formats::cluster_crypt::DecryptingReader;
 use crate::formats::qcow2::Qcow2Reader;
 use crate::formats::OpenContext;
 use crate::gate::ExternalPolicy;
 use crate::mapping::ImageReader;
 use crate::storage::Storage;
-
-/// The cipher of the image in `storage` (`None` when it is not encrypted), unlocked with
-/// the key the user bound to the file; sets `ctx` so that the qcow2 reader opens it.
-pub(super) fn unlock(
-    storage: &Arc<dyn Storage>,
-    ctx: &mut OpenContext,
-) -> Result<Option<Arc<ClusterCipher>>> {
-    let key = ctx
-        .key_secret
-        .clone()
-        .or_else(|| storage.identity().and_then(crate::secret::file_key));
-    if let Some(loc) = luks_header_location(&**storage)? {
-        ctx.qcow2_luks = true;
-        let c = unlock_cipher(storage, loc, key.as_deref())?;
-        return Ok(Some(Arc::new(c)));
-    }
-    if is_aes(&**storage)? {
-        ctx.legacy_aes = true;
-        let c = ClusterCipher::Guest(AesKey::from_secret(key.as_deref())?);
-        return Ok(Some(Arc::new(c)));
-    }
-    Ok(None)
-}
-
-/// The payload of the LUKS header pointer extension kept in a rewritten header.
-pub(super) fn extension(crypto: Option<(u64, u64)>) -> Option<[u8; 16]> {
-    let (off, len) = crypto?;
-    let mut b = [0u8; 16];
-    b[..8].copy_from_slice(&off.to_be_bytes());
-    b[8..].copy_from_slice(&len.to_be_bytes());
-    Some(b)
-}
 
 impl Qcow2Update {
     /// A context in which the qcow2 reader opens this image (its tables; data reads of an
@@ -99,29 +65,4 @@ impl Qcow2Update {
     pub fn encrypted(&self) -> bool {
         self.cipher.is_some()
     }
-}
-
-/// `amend -o compat=0.10` over zero clusters of an encrypted image: QEMU expands them into
-/// clusters of plain zeros, which decrypt to noise; vimg refuses (a wrong result is worse
-/// than a refusal).
-pub(super) fn refuse_expand(encrypted: bool) -> Result<()> {
-    if encrypted {
-        return Err(crate::error::Error::unsupported(
-            "vimg does not downgrade an encrypted qcow2 image with zero clusters: version 2 \
-             has none, and clusters of plain zeros would decrypt to noise",
-        ));
-    }
-    Ok(())
-}
-
-/// `resize` over a longer backing file with an old size inside a cluster: the fresh last
-/// cluster is written by the table switch, unencrypted; refused for encrypted images.
-pub(super) fn refuse_partial_zeroing(encrypted: bool) -> Result<()> {
-    if encrypted {
-        return Err(crate::error::Error::unsupported(
-            "vimg does not grow an encrypted qcow2 image over a longer backing file when its \
-             old size ends inside a cluster",
-        ));
-    }
-    Ok(())
 }

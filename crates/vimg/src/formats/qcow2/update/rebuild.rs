@@ -252,7 +252,7 @@ impl Qcow2Update {
         }
         let cs = self.cs();
         if !old.is_multiple_of(cs) {
-            super::crypt::refuse_partial_zeroing(self.cipher.is_some())?;
+            super::crypt_rules::refuse_partial_zeroing(self.cipher.is_some())?;
         }
         let partial = match head {
             _ if old.is_multiple_of(cs) => None,

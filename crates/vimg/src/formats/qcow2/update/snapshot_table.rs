@@ -78,12 +78,6 @@ fn incomplete(raw: &[u8]) -> bool {
     SnapshotHeader::parse(raw).is_ok_and(|h| h.extra_data_size < V3_MIN_EXTRA)
 }
 
-/// The message QEMU's check prints for entry `i` (`ERROR` when checking, `Repairing`
-/// when repairing).
-pub(in crate::formats::qcow2) fn incomplete_message(i: usize) -> String {
-    format!("ERROR snapshot table entry {i} is incomplete")
-}
-
 impl Qcow2Update {
     /// The snapshot table with every entry as QEMU writes it.
     pub(super) fn normalized_snapshot_table(&self) -> Result<Vec<u8>> {
@@ -131,7 +125,7 @@ impl Qcow2Update {
         let table = self.normalized_snapshot_table()?;
         self.replace_snapshot_table(&table)?;
         for &i in &bad {
-            let err = incomplete_message(i);
+            let err = crate::formats::qcow2::check::snapshot_incomplete_message(i);
             for m in before.messages.iter_mut().filter(|m| **m == err) {
                 *m = format!("Repairing{}", &err["ERROR".len()..]);
             }
