@@ -103,8 +103,40 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
     (
         "image.rs",
         "FileStorage::open(",
+        2,
+        "the top image of a raw window (the user's driver=raw,offset=,size=), named by the caller; \
+         the file a user's backing.file.filename option names, opened only to compare its \
+         identity with the backing file the image names (never read)",
+    ),
+    (
+        "formats/luks/amend.rs",
+        "OpenOptions::new()",
         1,
-        "the top image of a raw window (the user's driver=raw,offset=,size=), named by the caller",
+        "amend of LUKS keyslots: the volume (or qcow2 image) the user named, opened for writing",
+    ),
+    (
+        "formats/luks/amend.rs",
+        "FileStorage::from_file(",
+        1,
+        "amend of LUKS keyslots: wraps the user's file opened above",
+    ),
+    (
+        "formats/luks/amend.rs",
+        "FileStorage::open(",
+        1,
+        "amend of a LUKS-encrypted qcow2: the user's image, for the header extension locating its LUKS header",
+    ),
+    (
+        "formats/luks/update.rs",
+        "OpenOptions::new()",
+        1,
+        "writes into and resize of a LUKS volume: the volume the user named, opened for writing",
+    ),
+    (
+        "formats/luks/update.rs",
+        "FileStorage::from_file(",
+        1,
+        "writes into and resize of a LUKS volume: wraps the user's file opened above",
     ),
     (
         "source.rs",
