@@ -170,7 +170,10 @@ fn parallels_file_not_in_whole_sectors_opens_after_repair() {
 /// data_off to the first cluster after the BAT (sector 8), past the end of the file, so
 /// every later check found data_off wrong again (and the reader refused the image). QEMU's
 /// repair leaves the file grown past that offset; now vimg's grows the file to the data
-/// offset it sets, and one repair leaves nothing for a second.
+/// offset it sets. Issue 15: and further, as QEMU's close does, to the end of the data its
+/// open found (the 48 clusters that were outside the image): the first repair reports 50
+/// corruptions and leaves 200704 bytes, the second gives back 48 leaked clusters, a third
+/// finds nothing (qemu-img check -r all, run three times, says the same).
 #[test]
 fn parallels_data_off_fixed_past_the_end_grows_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,14 +192,61 @@ fn parallels_data_off_fixed_past_the_end_grows_the_file() {
             .unwrap()
     };
     let first = repair();
-    assert_eq!(first.corruptions_fixed, 50, "{first:?}");
-    let second = repair();
+    assert_eq!(
+        (first.corruptions_fixed, first.leaks_fixed),
+        (50, 0),
+        "{first:?}"
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 49 * 4096);
+    let mut again = updater::open_for_repair(&p, fmt, ExternalPolicy::SameFolder).unwrap();
+    let second = again.repair(crate::formats::qcow2::Repair::All).unwrap();
     assert_eq!(
         (second.corruptions_fixed, second.leaks_fixed),
-        (0, 0),
+        (0, 48),
         "{second:?}"
+    );
+    drop(again);
+    let third = repair();
+    assert_eq!(
+        (third.corruptions_fixed, third.leaks_fixed),
+        (0, 0),
+        "{third:?}"
     );
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
     let img = Image::open(&p, &OpenOptions::with_format(Some(fmt))).unwrap();
     assert_eq!(crate::image::check(&img).unwrap().corruptions, 0);
+}
+
+/// Found by the `repair` target (issue 15's run): a QED image whose L2 table holds a
+/// valid cluster followed by an entry near 2^64. The fragmentation count added the
+/// cluster size to the previous entry before judging the entry (as QEMU's qed_check does,
+/// in wrapping arithmetic) and overflowed; now it wraps as QEMU's does, the entry is a
+/// corruption, and `-r leaks` and `-r all` both finish.
+#[test]
+fn qed_l2_entry_near_the_top_of_u64_is_a_corruption() {
+    let cs = 4096usize;
+    let mut f = vec![0u8; 6 * cs];
+    f[..4].copy_from_slice(b"QED\0");
+    f[4..8].copy_from_slice(&(cs as u32).to_le_bytes());
+    f[8..12].copy_from_slice(&2u32.to_le_bytes()); // table_size: two clusters
+    f[12..16].copy_from_slice(&1u32.to_le_bytes()); // header_size: one cluster
+    f[40..48].copy_from_slice(&(cs as u64).to_le_bytes()); // L1 at cluster 1
+    f[48..56].copy_from_slice(&(64u64 << 20).to_le_bytes()); // image_size
+    f[cs..cs + 8].copy_from_slice(&(3 * cs as u64).to_le_bytes()); // L1[0] -> L2
+    let l2 = 3 * cs;
+    f[l2..l2 + 8].copy_from_slice(&(5 * cs as u64).to_le_bytes());
+    f[l2 + 8..l2 + 16].copy_from_slice(&(u64::MAX - 0xfff).to_le_bytes());
+    f[l2 + 16..l2 + 24].copy_from_slice(&(5 * cs as u64).to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qed");
+    for mode in [
+        crate::formats::qcow2::Repair::Leaks,
+        crate::formats::qcow2::Repair::All,
+    ] {
+        std::fs::write(&p, &f).unwrap();
+        let rep = updater::open_for_repair(&p, Format::Qed, ExternalPolicy::SameFolder)
+            .and_then(|mut u| u.repair(mode))
+            .unwrap();
+        assert!(rep.before.corruptions >= 1, "{mode:?}: {rep:?}");
+    }
 }
