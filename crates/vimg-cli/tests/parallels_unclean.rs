@@ -37,13 +37,7 @@ fn source(path: &Path) {
 }
 
 fn check(img: &Path) -> (i32, String) {
-    let out = run_cmd("qemu-img", &["check", "-f", "parallels", s(img)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    qemu_check_output(img, "parallels")
 }
 
 fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
@@ -293,17 +287,6 @@ fn killed_convert_n_into_unclean_parallels() {
         kills += 1;
     }
     assert!(kills > 3, "only {kills} write points");
-}
-
-/// stdout and stderr of a run, tool prefixes removed.
-fn said(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stderr)
-            .replace("qemu-img: ", "")
-            .replace("vimg: ", ""),
-        String::from_utf8_lossy(&o.stdout)
-    )
 }
 
 /// The read-write open of an unclean image prints the repair's lines as QEMU's does
