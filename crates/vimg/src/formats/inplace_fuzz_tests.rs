@@ -250,3 +250,23 @@ fn qed_l2_entry_near_the_top_of_u64_is_a_corruption() {
         assert!(rep.before.corruptions >= 1, "{mode:?}: {rep:?}");
     }
 }
+
+/// Found by the `repair` target (issue 15's run): a Parallels file of 845 bytes whose
+/// header claims huge clusters and a wrong data_off. The fixed data offset is the first
+/// cluster after the BAT, and the repair grew the file to it (872 MB). Now a repair whose
+/// data area would start past twice the file's length plus 1 MiB is refused before
+/// anything is written.
+#[test]
+fn parallels_repair_refuses_a_data_area_far_past_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    // 1 GiB clusters (2^21 sectors), 4 BAT entries, data_off 1 (inside the BAT).
+    let mut f = parallels_ext_header(1 << 21, 4, 1 << 23, 0, 1);
+    f.resize(845, 0);
+    std::fs::write(&p, &f).unwrap();
+    let e = updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+        .unwrap_err();
+    assert!(e.to_string().contains("data area would start"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
+}

@@ -458,6 +458,15 @@ impl ParallelsUpdate {
         let d = u64::from(self.header.data_off);
         let old_magic = self.header.magic == MAGIC_V1;
         if !(d == 0 && old_magic) && (d < min_off || d > size / SECTOR) {
+            // The fixed data area must start inside the file, which then grows to it (as
+            // QEMU's close grows it): refused before anything is written when a header's
+            // huge cluster would make that far more than the file is.
+            if fix_errors && min_off * SECTOR > grow_limit(len_found) {
+                return Err(Error::unsupported(format!(
+                    "vimg does not repair this parallels image: its data area would start at {:#x}, past twice the file's length ({len_found} bytes) plus 1 MiB",
+                    min_off * SECTOR
+                )));
+            }
             r.corruption(format!("{pe} data_off field has incorrect value"));
             if fix_errors {
                 self.header.data_off = min_off as u32;
