@@ -270,3 +270,33 @@ fn parallels_repair_refuses_a_data_area_far_past_the_file() {
     assert!(e.to_string().contains("data area would start"), "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
 }
+
+/// Found by the `repair` target (issue 15's run): a QED image with a corrupt table entry
+/// and a backing file name size of 0x4f0001 (the backing-file feature set). The reader
+/// refused the tables first (corrupt), so `check -r` opened it with the header alone and
+/// cleared the entry; the next open then refused the backing file name, so the repaired
+/// image could not be opened again. Now the repair-only open checks that field too and
+/// refuses, before anything is written.
+#[test]
+fn qed_repair_refuses_a_bad_backing_name_before_writing() {
+    let cs = 4096usize;
+    let mut f = vec![0u8; 6 * cs];
+    f[..4].copy_from_slice(b"QED\0");
+    f[4..8].copy_from_slice(&(cs as u32).to_le_bytes());
+    f[8..12].copy_from_slice(&2u32.to_le_bytes());
+    f[12..16].copy_from_slice(&1u32.to_le_bytes());
+    f[16..24].copy_from_slice(&1u64.to_le_bytes()); // backing file
+    f[40..48].copy_from_slice(&(cs as u64).to_le_bytes());
+    f[48..56].copy_from_slice(&(64u64 << 20).to_le_bytes());
+    f[56..60].copy_from_slice(&0x40u32.to_le_bytes());
+    f[60..64].copy_from_slice(&0x004f_0001u32.to_le_bytes());
+    f[cs..cs + 8].copy_from_slice(&0x1234u64.to_le_bytes()); // misaligned L1 entry
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qed");
+    std::fs::write(&p, &f).unwrap();
+    let e = updater::open_for_repair(&p, Format::Qed, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+        .unwrap_err();
+    assert!(e.to_string().contains("backing file name size"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
+}
