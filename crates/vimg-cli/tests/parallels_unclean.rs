@@ -146,6 +146,28 @@ fn unclean_target_qemu_img_itself_loses_data() {
     assert!(text.contains("duplicate offset"), "{text}");
 }
 
+/// In `dir`: an unclean parallels `base.parallels` (as [`unclean`]) under an empty qcow2
+/// `top.qcow2` that names it; returns (base, top).
+fn unclean_base_under_top(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.parallels");
+    unclean(&base);
+    qemu_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.parallels",
+            "-F",
+            "parallels",
+            "top.qcow2",
+        ],
+    );
+    (base, dir.join("top.qcow2"))
+}
+
 /// `commit` into an unclean parallels base: repaired, then written; the base then reads as
 /// the top did, as `commit` into a repaired copy gives, and `qemu-img check` is clean.
 #[test]
@@ -159,23 +181,7 @@ fn commit_into_unclean_parallels_base() {
     for repaired_first in [false, true] {
         let sub = d.join(format!("r{repaired_first}"));
         std::fs::create_dir(&sub).unwrap();
-        let base = sub.join("base.parallels");
-        let top = sub.join("top.qcow2");
-        unclean(&base);
-        qemu_in(
-            &sub,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.parallels",
-                "-F",
-                "parallels",
-                "top.qcow2",
-            ],
-        );
+        let (base, top) = unclean_base_under_top(&sub);
         qemu_io(
             "qcow2",
             &top,
@@ -330,22 +336,7 @@ fn read_write_open_prints_the_repair_like_qemu() {
     // support reopening files"): the same line.
     let sub = d.join("commit");
     std::fs::create_dir(&sub).unwrap();
-    unclean(&sub.join("base.parallels"));
-    qemu_in(
-        &sub,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.parallels",
-            "-F",
-            "parallels",
-            "top.qcow2",
-        ],
-    );
-    let top = sub.join("top.qcow2");
+    let (_, top) = unclean_base_under_top(&sub);
     qemu_io("qcow2", &top, &["write -P 0x44 512k 1M"]);
     let o = vimg_raw(&["commit", "-q", s(&top)]);
     assert_eq!(o.status.code(), Some(0), "commit: {}", said(&o));
