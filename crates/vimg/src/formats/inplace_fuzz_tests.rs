@@ -300,3 +300,22 @@ fn qed_repair_refuses_a_bad_backing_name_before_writing() {
     assert!(e.to_string().contains("backing file name size"), "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
 }
+
+/// Found by the `repair` target (issue 15's run): a Parallels image whose BAT (832
+/// entries, ending at 0xd40) has an entry pointing inside the BAT itself: the "last
+/// cluster" then ends inside the BAT, and the leak repair cut the file there, leaving a
+/// BAT past the end of the file that no open accepts. The cut never goes below the BAT.
+#[test]
+fn parallels_leak_cut_never_cuts_into_the_bat() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    let mut f = parallels_ext_header(1, 832, 832, 0, 0);
+    f[..16].copy_from_slice(b"WithoutFreeSpace");
+    f.resize(0x1000, 0);
+    f[64..68].copy_from_slice(&4u32.to_le_bytes()); // cluster 0 at sector 4, in the BAT
+    std::fs::write(&p, &f).unwrap();
+    let _ = updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All));
+    assert!(std::fs::metadata(&p).unwrap().len() >= 0xd40);
+    updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder).unwrap();
+}

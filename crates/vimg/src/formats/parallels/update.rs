@@ -615,8 +615,11 @@ impl ParallelsUpdate {
             self.f.sync()?;
         }
         if let Some(c) = cut {
-            // Copies went past the old end: keep them.
-            let c = c.max(image_end);
+            // Copies went past the old end: keep them; and never into the header and BAT
+            // (a BAT entry pointing inside them puts the "last cluster" there).
+            let c = c
+                .max(image_end)
+                .max(HEADER_SIZE as u64 + 4 * self.bat.len() as u64);
             if self.f.len()? > c {
                 self.f.set_len(c)?;
                 self.f.sync()?;
