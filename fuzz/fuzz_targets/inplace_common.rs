@@ -158,6 +158,10 @@ pub struct Run<'a> {
     pub model: Model,
     pub bound: Bound,
     trace: bool,
+    /// The image opened (with its backing file) before the program: one that did not,
+    /// e.g. naming a backing file that is not there, need not open after it (the writes
+    /// here pass no backing image; `convert -n` and `commit` open the image first).
+    opened_before: bool,
 }
 
 fn policy() -> ExternalPolicy {
@@ -183,6 +187,11 @@ impl<'a> Run<'a> {
             model: Model::default(),
             bound: Bound::new(path),
             trace: std::env::var_os("VIMG_FUZZ_TRACE").is_some(),
+            opened_before: Image::open(
+                path,
+                &OpenOptions::with_format(Some(format)).policy(policy()),
+            )
+            .is_ok(),
         }
     }
 
@@ -342,7 +351,11 @@ impl<'a> Run<'a> {
     fn commit(&mut self, up: &mut Updater, p: u64, size: u64, seed: u8) -> Option<()> {
         let top = self.dir.join("t.qcow2");
         let _ = std::fs::remove_file(&top);
-        let tsize = (size + if p & 1 == 1 { GROW } else { 0 }).min(MAX_SIZE.max(size)) / 512 * 512;
+        let tsize = size
+            .saturating_add(if p & 1 == 1 { GROW } else { 0 })
+            .min(MAX_SIZE.max(size))
+            / 512
+            * 512;
         let name = self.path.file_name()?.to_str()?;
         let mut o = CreateOptions::new();
         o.set("backing_file", name);
@@ -405,7 +418,7 @@ impl<'a> Run<'a> {
 
     /// Every byte the model knows reads back as written.
     fn verify(&self) {
-        if !self.model.known() {
+        if !self.model.known() || !self.opened_before {
             return;
         }
         let opts = OpenOptions::with_format(Some(self.format)).policy(policy());

@@ -68,6 +68,8 @@ fn main() -> ExitCode {
         }
     }
     let cli = args::parse();
+    // Lines format drivers print as they work go to stderr, as qemu-img's do.
+    vimg::notice::set_sink(|l| eprintln!("{l}"));
     trust::set_image_opts(cli.image_opts);
     if let Err(f) = trust::init_policy(cli.cmd.safety()).and_then(|()| objects::init(&cli.objects))
     {

@@ -7,7 +7,6 @@ mod common;
 
 use std::path::Path;
 
-use common::kill::run_killed;
 use common::*;
 
 fn data_file_of(img: &Path) -> Option<String> {
@@ -155,16 +154,13 @@ fn data_file_killed_at_every_write() {
     std::fs::copy(&img0, &img0c).unwrap();
     std::fs::copy(d.join("d.raw"), d.join("d2.raw")).unwrap();
     let img = d.join("k.qcow2");
-    let mut killed = 0;
-    for n in 0.. {
-        std::fs::copy(&img0c, &img).unwrap();
-        let (d1, d2) = (
-            s(&d.join("d.raw")).to_string(),
-            s(&d.join("d2.raw")).to_string(),
-        );
-        let opt = format!("data_file={d2}");
-        let args = ["amend", "-f", "qcow2", "-o", &opt, s(&img)];
-        let k = run_killed(&args, n);
+    let (d1, d2) = (
+        s(&d.join("d.raw")).to_string(),
+        s(&d.join("d2.raw")).to_string(),
+    );
+    let opt = format!("data_file={d2}");
+    let args = ["amend", "-f", "qcow2", "-o", &opt, s(&img)];
+    let killed = common::kill::each_kill_point(&img0c, &img, &args, 100, |n, done| {
         let name = data_file_of(&img);
         assert!(
             name.as_deref() == Some(d1.as_str()) || name.as_deref() == Some(d2.as_str()),
@@ -181,13 +177,10 @@ fn data_file_killed_at_every_write() {
             s(&img),
             s(&img0c),
         ]);
-        if !k {
+        if done {
             assert_eq!(name.as_deref(), Some(d2.as_str()));
-            break;
         }
-        killed += 1;
-        assert!(n < 100);
-    }
+    });
     assert!(killed >= 1);
 }
 
@@ -285,10 +278,8 @@ fn downgrade_expands_snapshot_zero_clusters_like_qemu_and_killed() {
         qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
         // Killed at every write: the old image or the new one, never anything else.
         let k = d.join("k.qcow2");
-        let mut killed = 0;
-        for n in 0.. {
-            std::fs::copy(&img, &k).unwrap();
-            let done = !run_killed(&["amend", "-f", "qcow2", "-o", "compat=0.10", s(&k)], n);
+        let args = ["amend", "-f", "qcow2", "-o", "compat=0.10", s(&k)];
+        let killed = common::kill::each_kill_point(&img, &k, &args, 1000, |n, done| {
             let c = compat(&k);
             assert!(
                 c == "1.1" || c == "0.10",
@@ -307,11 +298,8 @@ fn downgrade_expands_snapshot_zero_clusters_like_qemu_and_killed() {
             }
             if done {
                 assert_eq!(c, "0.10");
-                break;
             }
-            killed += 1;
-            assert!(n < 1000);
-        }
+        });
         assert!(killed > 2, "{what}: {killed} kill points");
     }
 }
@@ -367,10 +355,8 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
     qemu_img(&["check", "-q", "-f", "qcow2", s(&v)]);
     let old = common::kill::guest(&img, "qcow2");
     let k = d.join("k.qcow2");
-    let mut killed = 0;
-    for n in 0.. {
-        std::fs::copy(&img, &k).unwrap();
-        let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+    let args = ["resize", "-q", "-f", "qcow2", s(&k), "8M"];
+    let killed = common::kill::each_kill_point(&img, &k, &args, 1000, |n, done| {
         common::kill::check_then_repair(&k, "qcow2", &format!("killed at {n}"));
         let g = common::kill::guest(&k, "qcow2");
         assert!(g == old || g == new, "killed at {n}: neither old nor new");
@@ -381,11 +367,8 @@ fn resize_over_longer_backing_with_snapshots_like_qemu_and_killed() {
         );
         if done {
             assert!(g == new);
-            break;
         }
-        killed += 1;
-        assert!(n < 1000);
-    }
+    });
     assert!(killed > 2);
 }
 
@@ -441,19 +424,12 @@ fn resize_over_longer_backing_with_extended_l2_like_qemu_and_killed() {
     assert_eq!(flags(&v), flags(&q));
     let old = common::kill::guest(&img, "qcow2");
     let k = d.join("k.qcow2");
-    let mut killed = 0;
-    for n in 0.. {
-        std::fs::copy(&img, &k).unwrap();
-        let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+    let args = ["resize", "-q", "-f", "qcow2", s(&k), "8M"];
+    let killed = common::kill::each_kill_point(&img, &k, &args, 1000, |n, _| {
         common::kill::check_then_repair(&k, "qcow2", &format!("killed at {n}"));
         let g = common::kill::guest(&k, "qcow2");
         assert!(g == old || g == new, "killed at {n}: neither old nor new");
-        if done {
-            break;
-        }
-        killed += 1;
-        assert!(n < 1000);
-    }
+    });
     assert!(killed > 2);
 }
 
@@ -525,22 +501,15 @@ fn resize_over_longer_backing_from_unaligned_size_like_qemu_and_killed() {
         let new = common::kill::guest(&d.join("v.qcow2"), "qcow2");
         assert!(new[3000 << 10..].iter().all(|&x| x == 0), "{what}");
         let k = d.join("k.qcow2");
-        let mut killed = 0;
-        for n in 0.. {
-            std::fs::copy(&img, &k).unwrap();
-            let done = !run_killed(&["resize", "-q", "-f", "qcow2", s(&k), "8M"], n);
+        let args = ["resize", "-q", "-f", "qcow2", s(&k), "8M"];
+        let killed = common::kill::each_kill_point(&img, &k, &args, 1000, |n, _| {
             common::kill::check_then_repair(&k, "qcow2", &format!("{what}: killed at {n}"));
             let g = common::kill::guest(&k, "qcow2");
             assert!(
                 g == old || g == new,
                 "{what}: killed at {n}: neither old nor new"
             );
-            if done {
-                break;
-            }
-            killed += 1;
-            assert!(n < 1000);
-        }
+        });
         assert!(killed > 2);
     }
 }

@@ -639,3 +639,51 @@ fn bat_changes_span_several_log_entries() {
     // 300 new 1 MiB blocks, nothing more.
     assert!(size_of(&img) < (400 << 20), "{}", size_of(&img));
 }
+
+/// A log GUID set in the headers with no valid entry in the log (issue 15). QEMU 10.0.2
+/// opens such an image read-write and reads it without replay, but refuses every write
+/// that needs a BAT change through the log ("Operation not supported": its log writer
+/// requires a flushed log, a zero log GUID); qemu-img's `convert -n` of data into a new
+/// block exits 1 so. vimg refuses the same with the same words, before writing anything
+/// (QEMU has then already bumped both headers); the image still checks clean and reads
+/// as before. QEMU's own convert -n has written into allocated blocks by the time it
+/// fails; vimg's refusal comes first.
+#[test]
+fn log_guid_without_entries_refuses_writes_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let v = with_log(d, "v.vhdx", Guid::random(), &[]);
+    let q = d.join("q.vhdx");
+    std::fs::copy(&v, &q).unwrap();
+    let src = d.join("s.raw");
+    qemu_create(&src, "raw", "", "8M");
+    qemu_io("raw", &src, &["write -P 0x5a 3M 64k"]);
+    let before = sha256_file(&v);
+    let old = vimg_guest(&v, d);
+    let args = |img: &Path| {
+        ["convert", "-n", "-f", "raw", "-O", "vhdx", s(&src), s(img)].map(String::from)
+    };
+    let vo = vimg_raw(&args(&v).each_ref().map(String::as_str));
+    let qo = run_cmd("qemu-img", &args(&q).each_ref().map(String::as_str));
+    assert_eq!(qo.status.code(), Some(1), "qemu-img: {}", said(&qo));
+    assert_eq!(vo.status.code(), qo.status.code(), "vimg: {}", said(&vo));
+    assert!(
+        said(&qo).contains("Operation not supported"),
+        "{}",
+        said(&qo)
+    );
+    assert!(
+        said(&vo).contains("Operation not supported"),
+        "{}",
+        said(&vo)
+    );
+    assert_eq!(sha256_file(&v), before, "vimg wrote into the image");
+    assert_eq!(vimg_guest(&v, d), old);
+    // It checks clean, and QEMU reads it as vimg does. (qemu-img's failed convert -n has
+    // already changed its copy: zeros written into the allocated first block.)
+    assert_eq!(check_out(&v, &[]).0, 0);
+    assert!(guest(&v, "vhdx") == old, "qemu-img reads otherwise");
+}

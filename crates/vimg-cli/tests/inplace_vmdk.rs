@@ -105,15 +105,7 @@ fn digests(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn check(img: &Path) -> (i32, String) {
-    let out = run_cmd("qemu-img", &["check", "-f", "vmdk", s(img)]);
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    qemu_check_output(img, "vmdk")
 }
 
 fn cids(img: &Path) -> (u64, u64) {

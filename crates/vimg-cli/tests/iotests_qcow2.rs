@@ -29,17 +29,7 @@ fn run_in(dir: &Path, prog: &Path, args: &[&str]) -> Output {
 fn assert_same(dir: &Path, link: &Path, args: &[&str]) -> String {
     let q = run_in(dir, Path::new("qemu-img"), args);
     let v = run_in(dir, link, args);
-    assert_eq!(
-        String::from_utf8_lossy(&v.stderr),
-        String::from_utf8_lossy(&q.stderr),
-        "stderr of {args:?}"
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&v.stdout),
-        String::from_utf8_lossy(&q.stdout),
-        "stdout of {args:?}"
-    );
-    assert_eq!(v.status.code(), q.status.code(), "exit status of {args:?}");
+    assert_same_output(&v, &q, &format!("{args:?}"));
     String::from_utf8_lossy(&v.stdout).into_owned()
 }
 

@@ -37,13 +37,7 @@ fn source(path: &Path) {
 }
 
 fn check(img: &Path) -> (i32, String) {
-    let out = run_cmd("qemu-img", &["check", "-f", "parallels", s(img)]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    qemu_check_output(img, "parallels")
 }
 
 fn compare(a: &Path, fa: &str, b: &Path, fb: &str) {
@@ -152,6 +146,28 @@ fn unclean_target_qemu_img_itself_loses_data() {
     assert!(text.contains("duplicate offset"), "{text}");
 }
 
+/// In `dir`: an unclean parallels `base.parallels` (as [`unclean`]) under an empty qcow2
+/// `top.qcow2` that names it; returns (base, top).
+fn unclean_base_under_top(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = dir.join("base.parallels");
+    unclean(&base);
+    qemu_in(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.parallels",
+            "-F",
+            "parallels",
+            "top.qcow2",
+        ],
+    );
+    (base, dir.join("top.qcow2"))
+}
+
 /// `commit` into an unclean parallels base: repaired, then written; the base then reads as
 /// the top did, as `commit` into a repaired copy gives, and `qemu-img check` is clean.
 #[test]
@@ -165,23 +181,7 @@ fn commit_into_unclean_parallels_base() {
     for repaired_first in [false, true] {
         let sub = d.join(format!("r{repaired_first}"));
         std::fs::create_dir(&sub).unwrap();
-        let base = sub.join("base.parallels");
-        let top = sub.join("top.qcow2");
-        unclean(&base);
-        qemu_in(
-            &sub,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.parallels",
-                "-F",
-                "parallels",
-                "top.qcow2",
-            ],
-        );
+        let (base, top) = unclean_base_under_top(&sub);
         qemu_io(
             "qcow2",
             &top,
@@ -293,4 +293,98 @@ fn killed_convert_n_into_unclean_parallels() {
         kills += 1;
     }
     assert!(kills > 3, "only {kills} write points");
+}
+
+/// The read-write open of an unclean image prints the repair's lines as QEMU's does
+/// ("Repairing image was not closed correctly"), with `convert -n` (as qemu-img's) and
+/// with `commit` into an unclean base; `-q` does not silence them (QEMU's driver prints
+/// them itself).
+#[test]
+fn read_write_open_prints_the_repair_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let src = d.join("s.raw");
+    source(&src);
+    for quiet in [false, true] {
+        let (v, q) = (d.join("v.prl"), d.join("q.prl"));
+        unclean(&v);
+        unclean(&q);
+        let args = |img: &Path| {
+            let mut a = vec!["convert", "-n", "-f", "raw", "-O", "parallels"];
+            if quiet {
+                a.insert(1, "-q");
+            }
+            a.push(s(&src));
+            a.push(s(img));
+            a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
+        };
+        let va = args(&v);
+        let qa = args(&q);
+        let vo = vimg_raw(&va.iter().map(String::as_str).collect::<Vec<_>>());
+        let qo = run_cmd(
+            "qemu-img",
+            &qa.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        assert_eq!(said(&vo), said(&qo), "convert -n, quiet {quiet}");
+        assert!(said(&vo).contains("Repairing image was not closed correctly"));
+        assert_eq!(vo.status.code(), qo.status.code());
+    }
+    // commit into an unclean base (qemu-img 10.0 cannot commit into parallels: "does not
+    // support reopening files"): the same line.
+    let sub = d.join("commit");
+    std::fs::create_dir(&sub).unwrap();
+    let (_, top) = unclean_base_under_top(&sub);
+    qemu_io("qcow2", &top, &["write -P 0x44 512k 1M"]);
+    let o = vimg_raw(&["commit", "-q", s(&top)]);
+    assert_eq!(o.status.code(), Some(0), "commit: {}", said(&o));
+    assert_eq!(said(&o), "Repairing image was not closed correctly\n");
+}
+
+/// A 624-byte "WithouFreSpacExt" image (4 KiB clusters) with the in-use flag set,
+/// data_off 0 and 48 BAT entries past the end of the file (found by the `repair` fuzz
+/// target). `check -r all` run twice: the same lines, counts, image end offset, exit code
+/// and file length as qemu-img's each time. QEMU's first repair clears the 48 entries
+/// but keeps the end of data its open found, so its close grows the file to 200704 bytes;
+/// the second repair finds that space leaked (48 clusters) and cuts it.
+#[test]
+fn clusters_outside_the_image_repaired_in_two_passes_like_qemu() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mut f = vec![0u8; 624];
+    f[..16].copy_from_slice(b"WithouFreSpacExt");
+    f[16..20].copy_from_slice(&2u32.to_le_bytes());
+    f[28..32].copy_from_slice(&8u32.to_le_bytes());
+    f[32..36].copy_from_slice(&48u32.to_le_bytes());
+    f[36..44].copy_from_slice(&384u64.to_le_bytes());
+    f[44..48].copy_from_slice(&INUSE.to_le_bytes());
+    for i in 0..48u32 {
+        let at = 64 + 4 * i as usize;
+        f[at..at + 4].copy_from_slice(&(i + 1).to_le_bytes());
+    }
+    let (v, q) = (t.path().join("v.hds"), t.path().join("q.hds"));
+    std::fs::write(&v, &f).unwrap();
+    std::fs::write(&q, &f).unwrap();
+    for pass in 1..=3 {
+        let vo = vimg_raw(&["check", "-r", "all", "-f", "parallels", s(&v)]);
+        let qo = run_cmd(
+            "qemu-img",
+            &["check", "-r", "all", "-f", "parallels", s(&q)],
+        );
+        assert_eq!(said(&vo), said(&qo), "pass {pass}");
+        assert_eq!(vo.status.code(), qo.status.code(), "pass {pass}");
+        let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+        assert_eq!(len(&v), len(&q), "pass {pass}: file length");
+        if pass == 1 {
+            assert!(said(&vo).contains("50 corruptions"), "{}", said(&vo));
+        }
+        if pass == 2 {
+            assert!(said(&vo).contains("48 leaked clusters"), "{}", said(&vo));
+        }
+    }
+    assert_eq!(check(&v).0, 0);
 }

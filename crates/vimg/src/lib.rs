@@ -157,6 +157,8 @@ pub(crate) mod map;
 #[doc(hidden)]
 pub mod mapping;
 pub(crate) mod measure;
+/// Lines format drivers print as they work (QEMU's stderr lines), for a sink the program installs.
+pub mod notice;
 #[doc(hidden)]
 pub mod options;
 #[doc(hidden)]

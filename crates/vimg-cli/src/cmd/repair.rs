@@ -70,8 +70,11 @@ pub fn run(a: CheckArgs) -> CmdResult {
         .map_err(|e| Failure::new(format!("Repair of '{}' failed: {e}", a.filename), 1))?;
     // QED's second check is QEMU's scan of the tables on disk (the reader refuses what
     // the repair could not fix).
-    let qed_after = match &img {
+    // Parallels' is QEMU's check again on the same open image (the end of the data the
+    // repair left in memory).
+    let qed_after = match &mut img {
         updater::Updater::Qed(q) if rep.corruptions_fixed > 0 => Some(q.check_report()),
+        updater::Updater::Parallels(p) => Some(p.check_after_repair()),
         _ => None,
     };
     drop(img);

@@ -17,6 +17,31 @@ pub fn run_killed(args: &[&str], n: u64) -> bool {
     run_killed_in(None, args, n)
 }
 
+/// SIGKILL before every write: for n = 0, 1, ... copies `pristine` over `work`, runs vimg
+/// `args` killed before its n-th write ([`run_killed`]) and calls `after(n, finished)` to
+/// judge what it left; stops after the first run that finished. Returns how many runs were
+/// killed; more than `max` killed runs fail the test.
+pub fn each_kill_point(
+    pristine: &Path,
+    work: &Path,
+    args: &[&str],
+    max: u64,
+    mut after: impl FnMut(u64, bool),
+) -> u64 {
+    let mut killed = 0;
+    for n in 0.. {
+        std::fs::copy(pristine, work).unwrap();
+        let done = !run_killed(args, n);
+        after(n, done);
+        if done {
+            break;
+        }
+        killed += 1;
+        assert!(n < max, "vimg {args:?} still killed after {n} runs");
+    }
+    killed
+}
+
 /// [`run_killed`] with the working folder `dir` (relative names in `args` from there).
 pub fn run_killed_in(dir: Option<&Path>, args: &[&str], n: u64) -> bool {
     let mut cmd = Command::new(vimg_bin());

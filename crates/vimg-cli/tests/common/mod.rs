@@ -395,6 +395,34 @@ pub fn qemu_check_output(img: &Path, fmt: &str) -> (i32, String) {
     )
 }
 
+/// What a run said: its stderr then its stdout, with the tools' `qemu-img: ` and `vimg: `
+/// prefixes removed, for comparing vimg's words with qemu-img's.
+pub fn said(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stderr)
+            .replace("qemu-img: ", "")
+            .replace("vimg: ", ""),
+        String::from_utf8_lossy(&o.stdout)
+    )
+}
+
+/// `v` and `q` (vimg's and qemu-img's runs of `what`) have the same stderr, stdout and
+/// exit status.
+pub fn assert_same_output(v: &Output, q: &Output, what: &str) {
+    assert_eq!(
+        String::from_utf8_lossy(&v.stderr),
+        String::from_utf8_lossy(&q.stderr),
+        "stderr of {what}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&q.stdout),
+        "stdout of {what}"
+    );
+    assert_eq!(v.status.code(), q.status.code(), "exit status of {what}");
+}
+
 /// vimg with `args` exits with `code` and prints exactly `stderr` (trimmed).
 pub fn assert_vimg_fails_with(args: &[&str], code: i32, stderr: &str) {
     let out = vimg_raw(args);

@@ -170,7 +170,10 @@ fn parallels_file_not_in_whole_sectors_opens_after_repair() {
 /// data_off to the first cluster after the BAT (sector 8), past the end of the file, so
 /// every later check found data_off wrong again (and the reader refused the image). QEMU's
 /// repair leaves the file grown past that offset; now vimg's grows the file to the data
-/// offset it sets, and one repair leaves nothing for a second.
+/// offset it sets. Issue 15: and further, as QEMU's close does, to the end of the data its
+/// open found (the 48 clusters that were outside the image): the first repair reports 50
+/// corruptions and leaves 200704 bytes, the second gives back 48 leaked clusters, a third
+/// finds nothing (qemu-img check -r all, run three times, says the same).
 #[test]
 fn parallels_data_off_fixed_past_the_end_grows_the_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,14 +192,130 @@ fn parallels_data_off_fixed_past_the_end_grows_the_file() {
             .unwrap()
     };
     let first = repair();
-    assert_eq!(first.corruptions_fixed, 50, "{first:?}");
-    let second = repair();
+    assert_eq!(
+        (first.corruptions_fixed, first.leaks_fixed),
+        (50, 0),
+        "{first:?}"
+    );
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), 49 * 4096);
+    let mut again = updater::open_for_repair(&p, fmt, ExternalPolicy::SameFolder).unwrap();
+    let second = again.repair(crate::formats::qcow2::Repair::All).unwrap();
     assert_eq!(
         (second.corruptions_fixed, second.leaks_fixed),
-        (0, 0),
+        (0, 48),
         "{second:?}"
+    );
+    drop(again);
+    let third = repair();
+    assert_eq!(
+        (third.corruptions_fixed, third.leaks_fixed),
+        (0, 0),
+        "{third:?}"
     );
     assert_eq!(std::fs::metadata(&p).unwrap().len(), 4096);
     let img = Image::open(&p, &OpenOptions::with_format(Some(fmt))).unwrap();
     assert_eq!(crate::image::check(&img).unwrap().corruptions, 0);
+}
+
+/// Found by the `repair` target (issue 15's run): a QED image whose L2 table holds a
+/// valid cluster followed by an entry near 2^64. The fragmentation count added the
+/// cluster size to the previous entry before judging the entry (as QEMU's qed_check does,
+/// in wrapping arithmetic) and overflowed; now it wraps as QEMU's does, the entry is a
+/// corruption, and `-r leaks` and `-r all` both finish.
+#[test]
+fn qed_l2_entry_near_the_top_of_u64_is_a_corruption() {
+    let cs = 4096usize;
+    let mut f = vec![0u8; 6 * cs];
+    f[..4].copy_from_slice(b"QED\0");
+    f[4..8].copy_from_slice(&(cs as u32).to_le_bytes());
+    f[8..12].copy_from_slice(&2u32.to_le_bytes()); // table_size: two clusters
+    f[12..16].copy_from_slice(&1u32.to_le_bytes()); // header_size: one cluster
+    f[40..48].copy_from_slice(&(cs as u64).to_le_bytes()); // L1 at cluster 1
+    f[48..56].copy_from_slice(&(64u64 << 20).to_le_bytes()); // image_size
+    f[cs..cs + 8].copy_from_slice(&(3 * cs as u64).to_le_bytes()); // L1[0] -> L2
+    let l2 = 3 * cs;
+    f[l2..l2 + 8].copy_from_slice(&(5 * cs as u64).to_le_bytes());
+    f[l2 + 8..l2 + 16].copy_from_slice(&(u64::MAX - 0xfff).to_le_bytes());
+    f[l2 + 16..l2 + 24].copy_from_slice(&(5 * cs as u64).to_le_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qed");
+    for mode in [
+        crate::formats::qcow2::Repair::Leaks,
+        crate::formats::qcow2::Repair::All,
+    ] {
+        std::fs::write(&p, &f).unwrap();
+        let rep = updater::open_for_repair(&p, Format::Qed, ExternalPolicy::SameFolder)
+            .and_then(|mut u| u.repair(mode))
+            .unwrap();
+        assert!(rep.before.corruptions >= 1, "{mode:?}: {rep:?}");
+    }
+}
+
+/// Found by the `repair` target (issue 15's run): a Parallels file of 845 bytes whose
+/// header claims huge clusters and a wrong data_off. The fixed data offset is the first
+/// cluster after the BAT, and the repair grew the file to it (872 MB). Now a repair whose
+/// data area would start past twice the file's length plus 1 MiB is refused before
+/// anything is written.
+#[test]
+fn parallels_repair_refuses_a_data_area_far_past_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    // 1 GiB clusters (2^21 sectors), 4 BAT entries, data_off 1 (inside the BAT).
+    let mut f = parallels_ext_header(1 << 21, 4, 1 << 23, 0, 1);
+    f.resize(845, 0);
+    std::fs::write(&p, &f).unwrap();
+    let e = updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+        .unwrap_err();
+    assert!(e.to_string().contains("data area would start"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
+}
+
+/// Found by the `repair` target (issue 15's run): a QED image with a corrupt table entry
+/// and a backing file name size of 0x4f0001 (the backing-file feature set). The reader
+/// refused the tables first (corrupt), so `check -r` opened it with the header alone and
+/// cleared the entry; the next open then refused the backing file name, so the repaired
+/// image could not be opened again. Now the repair-only open checks that field too and
+/// refuses, before anything is written.
+#[test]
+fn qed_repair_refuses_a_bad_backing_name_before_writing() {
+    let cs = 4096usize;
+    let mut f = vec![0u8; 6 * cs];
+    f[..4].copy_from_slice(b"QED\0");
+    f[4..8].copy_from_slice(&(cs as u32).to_le_bytes());
+    f[8..12].copy_from_slice(&2u32.to_le_bytes());
+    f[12..16].copy_from_slice(&1u32.to_le_bytes());
+    f[16..24].copy_from_slice(&1u64.to_le_bytes()); // backing file
+    f[40..48].copy_from_slice(&(cs as u64).to_le_bytes());
+    f[48..56].copy_from_slice(&(64u64 << 20).to_le_bytes());
+    f[56..60].copy_from_slice(&0x40u32.to_le_bytes());
+    f[60..64].copy_from_slice(&0x004f_0001u32.to_le_bytes());
+    f[cs..cs + 8].copy_from_slice(&0x1234u64.to_le_bytes()); // misaligned L1 entry
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.qed");
+    std::fs::write(&p, &f).unwrap();
+    let e = updater::open_for_repair(&p, Format::Qed, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All))
+        .unwrap_err();
+    assert!(e.to_string().contains("backing file name size"), "{e}");
+    assert_eq!(std::fs::read(&p).unwrap(), f, "nothing written");
+}
+
+/// Found by the `repair` target (issue 15's run): a Parallels image whose BAT (832
+/// entries, ending at 0xd40) has an entry pointing inside the BAT itself: the "last
+/// cluster" then ends inside the BAT, and the leak repair cut the file there, leaving a
+/// BAT past the end of the file that no open accepts. The cut never goes below the BAT.
+#[test]
+fn parallels_leak_cut_never_cuts_into_the_bat() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("a.hds");
+    let mut f = parallels_ext_header(1, 832, 832, 0, 0);
+    f[..16].copy_from_slice(b"WithoutFreeSpace");
+    f.resize(0x1000, 0);
+    f[64..68].copy_from_slice(&4u32.to_le_bytes()); // cluster 0 at sector 4, in the BAT
+    std::fs::write(&p, &f).unwrap();
+    let _ = updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder)
+        .and_then(|mut u| u.repair(crate::formats::qcow2::Repair::All));
+    assert!(std::fs::metadata(&p).unwrap().len() >= 0xd40);
+    updater::open_for_repair(&p, Format::Parallels, ExternalPolicy::SameFolder).unwrap();
 }

@@ -37,7 +37,12 @@
 //! space leaked past the last cluster, and BAT entries that share a cluster (the cluster is
 //! copied to a new one for every entry but the first), with QEMU's lines and counts. The
 //! copies are written and flushed before the BAT points at them; the header and BAT are
-//! one write; the file is cut last.
+//! one write; the file is cut last. The file is left at QEMU's end of data, as QEMU's close
+//! truncates it: entries outside the image cleared, the end stays where the open found it
+//! (the file grows back there, within twice its length plus 1 MiB), and the next check
+//! finds that space leaked. qemu-img's "Double checking" is [`ParallelsUpdate::check_after_repair`].
+//! The repair a read-write open runs prints its lines through [`crate::notice`], as QEMU's
+//! open prints them.
 
 use std::path::Path;
 
@@ -76,6 +81,10 @@ pub struct ParallelsUpdate {
     freed: Vec<u64>,
     /// End of the data: where the next new cluster goes.
     data_end: u64,
+    /// QEMU's end of data (`s->data_end`): past every cluster the BAT referenced at open,
+    /// inside the file or not, moved by a repair as QEMU's check moves it; a repair leaves
+    /// the file this long, as QEMU's close truncates it (within [`grow_limit`]).
+    qemu_data_end: u64,
 }
 
 impl ParallelsUpdate {
@@ -148,8 +157,13 @@ impl ParallelsUpdate {
             dirty: None,
             freed: Vec::new(),
             data_end: 0,
+            qemu_data_end: 0,
         };
         u.data_end = u.bat_end();
+        u.qemu_data_end = u.data_start;
+        for i in 0..u.bat.len() {
+            u.qemu_data_end = u.qemu_data_end.max(u.host(i) + cluster_size);
+        }
         Ok(u)
     }
 
@@ -228,6 +242,15 @@ impl ParallelsUpdate {
             return Ok(None);
         }
         let rep = self.repair(Repair::All)?;
+        // QEMU's read-write open prints its repair's lines.
+        for m in rep
+            .before
+            .messages
+            .iter()
+            .chain(rep.before.omitted_line().iter())
+        {
+            crate::notice::emit(m);
+        }
         self.inuse_found = self.header.inuse;
         self.data_end = self.bat_end();
         if self.inuse_found == INUSE_OPEN || rep.before.check_errors != 0 {
@@ -398,8 +421,20 @@ impl ParallelsUpdate {
 
     /// `check -r`: QEMU's checks and fixes (see the module documentation).
     pub fn repair(&mut self, mode: Repair) -> Result<RepairReport> {
-        let fix_errors = mode == Repair::All;
-        let fix_leaks = true;
+        self.scan(Some(mode))
+    }
+
+    /// The check qemu-img runs after a repair ("Double checking the fixed image now..."):
+    /// QEMU's check again on the same open image, without fixes, so it sees the end of
+    /// the data the repair left in memory (a BAT cleared of clusters outside the image
+    /// still ends where they ended). Writes nothing.
+    pub fn check_after_repair(&mut self) -> Result<CheckReport> {
+        Ok(self.scan(None)?.before)
+    }
+
+    fn scan(&mut self, mode: Option<Repair>) -> Result<RepairReport> {
+        let fix_errors = mode == Some(Repair::All);
+        let fix_leaks = mode.is_some();
         let pe = if fix_errors { "Repairing" } else { "ERROR" };
         let pl = if fix_leaks { "Repairing" } else { "ERROR" };
         let mut r = CheckReport::default();
@@ -409,13 +444,8 @@ impl ParallelsUpdate {
         let cs = self.cluster_size;
         let mut header_changed = false;
         let mut data_off_fixed = false;
-        // Where QEMU's open puts the end of the data: past every BAT cluster, inside the
-        // file or not.
-        let mut data_end_open = self.data_start;
-        for i in 0..self.bat.len() {
-            data_end_open = data_end_open.max(self.host(i) + cs);
-        }
-        if self.inuse_found == INUSE_OPEN {
+        let len_found = self.f.len()?;
+        if self.header.inuse == INUSE_OPEN {
             r.corruption(format!("{pe} image was not closed correctly"));
             if fix_errors {
                 rep.corruptions_fixed += 1;
@@ -428,6 +458,15 @@ impl ParallelsUpdate {
         let d = u64::from(self.header.data_off);
         let old_magic = self.header.magic == MAGIC_V1;
         if !(d == 0 && old_magic) && (d < min_off || d > size / SECTOR) {
+            // The fixed data area must start inside the file, which then grows to it (as
+            // QEMU's close grows it): refused before anything is written when a header's
+            // huge cluster would make that far more than the file is.
+            if fix_errors && min_off * SECTOR > grow_limit(len_found) {
+                return Err(Error::unsupported(format!(
+                    "vimg does not repair this parallels image: its data area would start at {:#x}, past twice the file's length ({len_found} bytes) plus 1 MiB",
+                    min_off * SECTOR
+                )));
+            }
             r.corruption(format!("{pe} data_off field has incorrect value"));
             if fix_errors {
                 self.header.data_off = min_off as u32;
@@ -451,7 +490,14 @@ impl ParallelsUpdate {
             }
             high = high.max(off);
         }
-        let mut image_end = if high == 0 { data_end_open } else { high + cs };
+        // QEMU's end of data moves to the last cluster inside the image; with none, it
+        // stays where the open found it.
+        let mut image_end = if high == 0 {
+            self.qemu_data_end
+        } else {
+            high + cs
+        };
+        self.qemu_data_end = image_end;
         // Leaks past the last cluster.
         let mut cut = None;
         if size > image_end {
@@ -518,6 +564,7 @@ impl ParallelsUpdate {
                 self.f.write_at(&buf, at)?;
                 self.set_entry(i, v);
                 image_end = image_end.max(at + cs);
+                self.qemu_data_end = self.qemu_data_end.max(at + cs);
                 rep.corruptions_fixed += 1;
             }
             if busy {
@@ -547,6 +594,10 @@ impl ParallelsUpdate {
         r.image_end_offset = Some(image_end);
         // Write: copies (done above) flushed, then header and BAT in one write, flushed,
         // then the file cut.
+        if mode.is_none() {
+            rep.before = r;
+            return Ok(rep);
+        }
         if !copies.is_empty() || self.dirty.is_some() || header_changed {
             self.f.sync()?;
             let mut all = vec![0u8; HEADER_SIZE + self.bat.len() * 4];
@@ -564,16 +615,37 @@ impl ParallelsUpdate {
             self.f.sync()?;
         }
         if let Some(c) = cut {
-            // Copies went past the old end: keep them.
-            let c = c.max(image_end);
+            // Copies went past the old end: keep them; and never into the header and BAT
+            // (a BAT entry pointing inside them puts the "last cluster" there).
+            let c = c
+                .max(image_end)
+                .max(HEADER_SIZE as u64 + 4 * self.bat.len() as u64);
             if self.f.len()? > c {
                 self.f.set_len(c)?;
                 self.f.sync()?;
             }
         }
+        // QEMU's close leaves the file at its end of data: a BAT whose clusters outside
+        // the image were cleared grows the file back to where they ended (the next check
+        // finds that space leaked and gives it back), within a bound so a header cannot
+        // make the repair create a file far larger than it found.
+        let end = self.qemu_data_end;
+        let len = self.f.len()?;
+        if end > len && end <= grow_limit(len_found) {
+            self.f.set_len(end)?;
+            self.f.sync()?;
+        }
         rep.before = r;
         Ok(rep)
     }
+}
+
+/// How long a repair may leave a file of `len` bytes when QEMU's end of data lies past
+/// it: twice its length plus 1 MiB (the `repair` fuzz target's bound is three times
+/// plus 1 MiB). Past that the file keeps its length, and a second check finds no leak
+/// where QEMU's would.
+fn grow_limit(len: u64) -> u64 {
+    len.saturating_mul(2).saturating_add(1 << 20)
 }
 
 /// QEMU's smallest data offset in sectors: right after the BAT, on a cluster in

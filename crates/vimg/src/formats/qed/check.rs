@@ -144,7 +144,8 @@ pub(super) fn scan(file: &File, path: &Path, h: &Header, file_len: u64, fix: boo
                 continue;
             }
             allocated += 1;
-            if last != 0 && last + cs != o {
+            // QEMU's unsigned arithmetic: an entry near 2^64 wraps, never panics.
+            if last != 0 && last.wrapping_add(cs) != o {
                 fragmented += 1;
             }
             last = o;

@@ -194,16 +194,8 @@ impl QedReader {
             l2.push(Some(t));
         }
         let backing = if h.features & F_BACKING_FILE != 0 {
+            check_backing_name_field(&h, header_bytes)?;
             let (o, s) = (h.backing_filename_offset, h.backing_filename_size);
-            if s == 0 || s > MAX_BACKING_NAME || u64::from(o) + u64::from(s) > header_bytes {
-                return Err(field(
-                    "backing file name size",
-                    0x3c,
-                    s.into(),
-                    format!("with offset {o:#x}, the name must lie inside the header ({header_bytes:#x} bytes) and be 1 to {MAX_BACKING_NAME} bytes"),
-                )
-                .into());
-            }
             let mut name = vec![0u8; s as usize];
             read_exact(&*storage, &mut name, o.into(), "QED backing file name")?;
             Some(BackingRef {
@@ -226,4 +218,21 @@ impl QedReader {
             backing,
         })
     }
+}
+
+/// The backing file name's place: inside the header, 1 to [`MAX_BACKING_NAME`] bytes
+/// (checked by the reader after the tables, and by the repair-only open, which skips
+/// them).
+pub(super) fn check_backing_name_field(h: &Header, header_bytes: u64) -> Result<()> {
+    let (o, s) = (h.backing_filename_offset, h.backing_filename_size);
+    if s == 0 || s > MAX_BACKING_NAME || u64::from(o) + u64::from(s) > header_bytes {
+        return Err(field(
+            "backing file name size",
+            0x3c,
+            s.into(),
+            format!("with offset {o:#x}, the name must lie inside the header ({header_bytes:#x} bytes) and be 1 to {MAX_BACKING_NAME} bytes"),
+        )
+        .into());
+    }
+    Ok(())
 }

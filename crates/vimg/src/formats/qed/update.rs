@@ -120,6 +120,12 @@ impl QedUpdate {
         if !cs.is_power_of_two() || cs < 4096 || header.table_size == 0 {
             return Err(err);
         }
+        // And the backing file name, which the reader checks after the tables: a repair
+        // that fixed them must leave an image that opens (found by the repair target).
+        if header.features & super::header::F_BACKING_FILE != 0 {
+            let hb = u64::from(header.header_size).saturating_mul(cs);
+            super::open::check_backing_name_field(&header, hb)?;
+        }
         Ok(QedUpdate {
             file,
             path: path.to_path_buf(),

@@ -20,12 +20,15 @@
 //!   the data written into it; its BAT entry changes in memory only.
 //! - **BAT updates through the log**: changed BAT sectors are committed in batches (when a
 //!   log entry would be full, and at [`VhdxUpdate::finish`]): the data is flushed; both
-//!   headers get a new log GUID; one log entry holding the changed 4 KiB BAT sectors is
-//!   written at the start of the log and flushed; the sectors are written in place and
-//!   flushed; both headers get a zero log GUID. QEMU does the same per BAT entry. A kill
-//!   before the entry is complete leaves a log that fails its checksum (old content, the
-//!   new blocks unreferenced past the old data); after it, a log that QEMU (`qemu-img check
-//!   -r all`, any read-write open) and vimg replay to the new content.
+//!   one log entry holding the changed 4 KiB BAT sectors, under a new log GUID, is written
+//!   at the start of the log and flushed; both headers get that GUID; the sectors are
+//!   written in place and flushed; both headers get a zero log GUID. QEMU does the same per
+//!   BAT entry, but names the GUID in the headers before writing the entry. A kill before
+//!   the headers name it leaves the log unnamed (old content, the new blocks unreferenced
+//!   past the old data); after, a log that QEMU (`qemu-img check -r all`, any read-write
+//!   open) and vimg replay to the new content. Never a named log without a valid entry:
+//!   QEMU refuses BAT changes into such an image ("Operation not supported", its log
+//!   writer needs a zero log GUID), and so does vimg, before writing anything.
 //! - **Zero writes** leave blocks that are not fully present alone (they read as zeros) and
 //!   write zeros into present ones.
 //! - **Differencing images** are refused for guest writes: QEMU cannot open them, and a
@@ -264,6 +267,16 @@ impl VhdxUpdate {
                 "vimg does not write guest data into differencing VHDX images",
             ));
         }
+        // A log GUID left set over a log with no valid entry (a valid one was replayed at
+        // open, which clears it): QEMU 10.0 opens the image read-write but its log writer
+        // refuses every BAT change (-ENOTSUP: it requires a flushed log); vimg refuses the
+        // same before writing anything.
+        if !self.header.log_guid.is_zero() {
+            return Err(Error::unsupported(format!(
+                "Operation not supported (the VHDX headers name log GUID {} but the log holds no valid entry; QEMU writes no BAT change into such an image)",
+                self.header.log_guid
+            )));
+        }
         Ok(())
     }
 
@@ -416,7 +429,6 @@ impl VhdxUpdate {
         }
         self.f.sync()?;
         let guid = Guid::random();
-        self.update_headers(None, Some(guid))?;
         let per = (LOG_SECTOR / 8) as usize;
         let mut sectors: Vec<(u64, Vec<u8>)> = Vec::with_capacity(self.dirty.len());
         for &s in &self.dirty {
@@ -437,8 +449,12 @@ impl VhdxUpdate {
                 "the VHDX log entry does not fit the log",
             ));
         }
+        // The entry first, then the headers naming its GUID: a kill before they do leaves
+        // the log unnamed (the old BAT, the new blocks unreferenced), never a log GUID
+        // without a valid entry, into which QEMU (and so vimg) writes no BAT change.
         self.f.write_at(&entry, self.header.log_offset)?;
         self.f.sync()?;
+        self.update_headers(None, Some(guid))?;
         for (target, buf) in &sectors {
             self.f.write_at(buf, *target)?;
         }

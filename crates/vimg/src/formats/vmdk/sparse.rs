@@ -587,53 +587,6 @@ impl SparseExtent {
     pub fn is_compressed(&self) -> bool {
         self.compressed()
     }
-
-    /// Compares the grain tables the redundant directory names with those of the main
-    /// directory; returns one message per difference.
-    pub fn compare_redundant(&self) -> Result<Vec<String>> {
-        let Some(rgd) = &self.p.rgd else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::new();
-        let n = self.p.gtes_per_gt * self.p.entry_size;
-        let mut a = vec![0u8; n as usize];
-        let mut b = vec![0u8; n as usize];
-        let file_len = self.p.storage.len();
-        for (i, (&g, &r)) in self.p.gd.iter().zip(rgd.iter()).enumerate() {
-            if g == 0 && r == 0 {
-                continue;
-            }
-            if (g == 0) != (r == 0) {
-                out.push(format!(
-                    "ERROR {}: grain directory entry {i} is {g:#x}, redundant entry is {r:#x}",
-                    self.p.label
-                ));
-                continue;
-            }
-            let rs = u64::from(r) * SECTOR;
-            if rs + n > file_len {
-                out.push(format!(
-                    "ERROR {}: redundant grain table {i} at {rs:#x} is past the end of the file",
-                    self.p.label
-                ));
-                continue;
-            }
-            read_exact(
-                &*self.p.storage,
-                &mut a,
-                u64::from(g) * SECTOR,
-                "grain table",
-            )?;
-            read_exact(&*self.p.storage, &mut b, rs, "redundant grain table")?;
-            if a != b {
-                out.push(format!(
-                    "ERROR {}: grain table {i} differs from its redundant copy",
-                    self.p.label
-                ));
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// True when `[sector, sector + sectors)` overlaps one of the grain tables starting at the
