@@ -219,6 +219,16 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
     opts.copy.mapped_reads = true;
+    if a.salvage {
+        // qemu-img's warnings; `-q` silences them, not the salvaging.
+        let quiet = a.quiet;
+        let warn: vimg::WarnFn = std::sync::Arc::new(move |m: &str| {
+            if !quiet {
+                eprintln!("{}: warning: {m}", crate::trust::prefix());
+            }
+        });
+        opts.copy.salvage = Some(warn);
+    }
     opts.output_mode = match (a.no_create, a.files[a.files.len() - 1] == "-") {
         (true, true) => {
             return Err(Failure::new(
