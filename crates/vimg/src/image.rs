@@ -288,10 +288,12 @@ impl Image {
         opts: &OpenOptions,
     ) -> Result<Image> {
         let shown = PathBuf::from(&filename);
+        // Backing names resolve against the file (QEMU's `bdrv_dirname` through the
+        // layer), however the user spelled the name of the whole.
         let mut image = Image::open_chain(
             storage,
             Some(path),
-            filename.clone(),
+            path.display().to_string(),
             opts,
             opts.format,
             0,

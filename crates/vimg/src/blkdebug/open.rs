@@ -483,6 +483,10 @@ impl ImageReader for BlkdebugReader {
         self.files.get(usize::from(id.0))
     }
 
+    fn filtered(&self) -> Option<&Image> {
+        Some(&self.inner)
+    }
+
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         let mut v = self.files.clone();
         for layer in self.inner.chain() {
