@@ -58,7 +58,7 @@ impl Salvage {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => return,
         };
-        list.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        list.sort_by_key(|w| (w.0, w.1));
         for (_, _, m) in list {
             (self.warn)(&m);
         }
