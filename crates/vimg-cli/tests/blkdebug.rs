@@ -439,3 +439,42 @@ fn salvage_a_device_with_unreadable_sectors() {
     assert_eq!(std::fs::read(&v).unwrap(), std::fs::read(&q).unwrap());
     assert!(!plain.status.success());
 }
+
+#[test]
+fn in_place_commands_write_through_a_layer_without_rules_and_refuse_rules() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    let top = d.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io("qcow2", &top, &["write -P 3 64k 64k"]);
+    let conf = d.join("c.conf");
+    std::fs::write(&conf, "[inject-error]\nevent = \"l1_update\"\n").unwrap();
+    let before = std::fs::read(&top).unwrap();
+    let o = vimg_raw(&["commit", &format!("blkdebug:{}:{}", s(&conf), s(&top))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_text(&o).contains("blkdebug"), "{}", err_text(&o));
+    assert_eq!(std::fs::read(&top).unwrap(), before, "nothing written");
+    vimg(&["commit", &format!("blkdebug::{}", s(&top))]);
+    qemu_img(&["check", s(&base)]);
+    let o = run_cmd(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 3 64k 64k", s(&base)],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("read 65536/65536"));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+}

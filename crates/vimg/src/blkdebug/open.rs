@@ -232,6 +232,13 @@ pub fn parse_name(name: &str, image_opts: bool) -> Result<Option<BlkdebugName>> 
     }))
 }
 
+impl BlkdebugName {
+    /// True when the name gives any rule (from a config file or the options).
+    pub fn has_rules(&self) -> bool {
+        !self.rules.is_empty()
+    }
+}
+
 fn unsupported(k: &str, name: &str) -> Error {
     Error::unsupported(format!(
         "image option '{k}' is not supported by vimg (in '{name}')"
