@@ -478,3 +478,47 @@ fn in_place_commands_write_through_a_layer_without_rules_and_refuse_rules() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("read 65536/65536"));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
 }
+
+#[test]
+fn salvage_of_host_sectors_under_a_format_warns_at_guest_offsets() {
+    if !qemu_available(&test_name()) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("g.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_io("qcow2", &img, &["write -P 9 0 4M"]);
+    // Host sectors 650 and 2000 hold guest data (the data clusters start at host 0x50000).
+    let name = format!(
+        "json:{{'driver':'qcow2','file':{{'driver':'blkdebug','image':{{'driver':'file','filename':'{}'}},\
+         'inject-error':[{{'event':'none','iotype':'read','sector':650}},{{'event':'none','iotype':'read','sector':2000}}]}}}}",
+        s(&img)
+    );
+    let (q, v) = (d.join("q.raw"), d.join("v.raw"));
+    let qo = run_cmd(
+        "qemu-img",
+        &["convert", "--salvage", "-O", "raw", &name, s(&q)],
+    );
+    let vo = vimg_raw(&["convert", "--salvage", "-O", "raw", &name, s(&v)]);
+    assert!(
+        qo.status.success() && vo.status.success(),
+        "{}",
+        err_text(&vo)
+    );
+    assert_eq!(err_text(&vo), err_text(&qo));
+    assert_eq!(err_text(&vo).lines().count(), 2);
+    assert_eq!(std::fs::read(&v).unwrap(), std::fs::read(&q).unwrap());
+    // info says what it cannot describe instead of calling a layer above an image raw.
+    let above = format!(
+        "json:{{'driver':'blkdebug','image':{{'driver':'qcow2','file':{{'driver':'file','filename':'{}'}}}}}}",
+        s(&img)
+    );
+    let o = vimg_raw(&["info", &above]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err_text(&o).contains("blkdebug"));
+    // measure and map go through it as qemu-img does.
+    let qm = run_cmd("qemu-img", &["map", "--output=json", &above]);
+    let vm = vimg_raw(&["map", "--output=json", &above]);
+    assert_eq!(vm.stdout, qm.stdout);
+}
