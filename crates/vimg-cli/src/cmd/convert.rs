@@ -207,6 +207,16 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         Some(n) => opts.copy.workers = n.min(64),
         None => {}
     }
+    // Through blkdebug, which request meets a rule first (a `once` rule, a state a read
+    // moves on) must not depend on thread timing: one reader.
+    if a.files[..a.files.len() - 1].iter().any(|f| {
+        vimg::blkdebug::parse_name(f, crate::trust::image_opts())
+            .ok()
+            .flatten()
+            .is_some()
+    }) {
+        opts.copy.workers = 1;
+    }
     opts.create = create;
     opts.direct = matches!(a.cache.as_deref(), Some("none" | "off" | "directsync"));
     // qemu-img's convert opens its target with cache=unsafe unless -t says otherwise,
