@@ -255,9 +255,14 @@ impl Blkdebug {
                 event.ok_or_else(|| Error::invalid_argument("Missing event name for rule"))?;
             let action = match section {
                 Section::InjectError => Action::Inject {
-                    errno: i32::try_from(errno).map_err(|_| {
-                        Error::invalid_argument(format!("blkdebug errno {errno} is out of range"))
-                    })?,
+                    errno: i32::try_from(errno)
+                        .ok()
+                        .filter(|e| *e >= 0)
+                        .ok_or_else(|| {
+                            Error::invalid_argument(format!(
+                                "blkdebug errno {errno} is out of range"
+                            ))
+                        })?,
                     once,
                     offset: match sector {
                         None | Some(-1) => None,
