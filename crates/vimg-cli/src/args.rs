@@ -271,8 +271,8 @@ pub struct ConvertArgs {
     /// Rate limit of the copy, bytes per second (k, M, G suffixes; 0 = none).
     #[arg(short = 'r', value_name = "RATE_LIMIT")]
     pub rate_limit: Option<String>,
-    /// qemu-img writes zeros where the source cannot be read and goes on; vimg accepts the
-    /// flag but never salvages: a read error still fails the conversion, leaving no output.
+    /// Salvaging: a sector of the source that cannot be read is written as zeros with a
+    /// warning, and the conversion goes on (as qemu-img's `--salvage`).
     #[arg(long = "salvage")]
     pub salvage: bool,
     /// Copy persistent bitmaps into a new qcow2 output (from a qcow2 source).

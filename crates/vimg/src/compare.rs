@@ -26,6 +26,46 @@ pub enum Comparison {
     StatusMismatch(u64),
 }
 
+/// A read that failed during [`compare`] (the source of the returned [`crate::Error`]):
+/// qemu-img reports the offset of the chunk it was reading and the file's name.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ReadError {
+    /// Guest offset of the chunk being read.
+    pub offset: u64,
+    /// The image's name, as the user gave it.
+    pub filename: String,
+    /// The errno's text (`Input/output error`), or the error's own text.
+    pub reason: String,
+    /// True when the failure came while checking the longer image's tail, after qemu-img
+    /// would have printed its size-mismatch warning.
+    pub size_warning: bool,
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Error while reading offset {} of {}: {}",
+            self.offset, self.filename, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+fn read_error(img: &Image, offset: u64, size_warning: bool, e: crate::Error) -> crate::Error {
+    crate::Error::new(
+        e.kind(),
+        ReadError {
+            offset,
+            filename: img.filename().to_string(),
+            reason: crate::blkdebug::error_text(&e),
+            size_warning,
+        },
+    )
+}
+
 /// What [`compare`] reports besides the outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CompareReport {
@@ -86,12 +126,15 @@ pub fn compare(
         }
         let len = ea.len.min(eb.len).min(STEP);
         let (da, db) = (ea.kind.has_data(), eb.kind.has_data());
-        let found = match (da, db) {
-            (false, false) => None,
-            (true, false) => first_nonzero(a, pos, len, &mut bufa)?,
-            (false, true) => first_nonzero(b, pos, len, &mut bufb)?,
-            (true, true) => first_difference(a, b, pos, len, &mut bufa, &mut bufb)?,
-        };
+        let found =
+            match (da, db) {
+                (false, false) => None,
+                (true, false) => first_nonzero(a, pos, len, &mut bufa)
+                    .map_err(|e| read_error(a, pos, false, e))?,
+                (false, true) => first_nonzero(b, pos, len, &mut bufb)
+                    .map_err(|e| read_error(b, pos, false, e))?,
+                (true, true) => first_difference(a, b, pos, len, &mut bufa, &mut bufb)?,
+            };
         if let Some(off) = found {
             return Ok(CompareReport {
                 result: Comparison::Mismatch(off / SECTOR * SECTOR),
@@ -107,7 +150,9 @@ pub fn compare(
         let (e, _, _) = longer.map_flat(pos, total - pos)?;
         let len = e.len.min(STEP);
         if e.kind.has_data() {
-            if let Some(off) = first_nonzero(longer, pos, len, &mut bufa)? {
+            if let Some(off) = first_nonzero(longer, pos, len, &mut bufa)
+                .map_err(|e| read_error(longer, pos, size_warning, e))?
+            {
                 return Ok(CompareReport {
                     result: Comparison::Mismatch(off / SECTOR * SECTOR),
                     size_warning,
@@ -148,8 +193,10 @@ fn first_difference(
 ) -> Result<Option<u64>> {
     ba.resize(len as usize, 0);
     bb.resize(len as usize, 0);
-    a.read_at(ba, pos)?;
-    b.read_at(bb, pos)?;
+    a.read_at(ba, pos)
+        .map_err(|e| read_error(a, pos, false, e))?;
+    b.read_at(bb, pos)
+        .map_err(|e| read_error(b, pos, false, e))?;
     if ba == bb {
         return Ok(None);
     }

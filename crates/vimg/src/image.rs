@@ -242,6 +242,12 @@ impl Image {
         // them (the command line is trusted), then opened as the file they name.
         if let Source::Path(p) = src {
             let name = p.to_string_lossy();
+            // blkdebug (error injection), which the user names: see `crate::blkdebug`.
+            if let Some(b) =
+                crate::blkdebug::parse_name(&name, opts.image_opts).map_err(|e| e.with_path(p))?
+            {
+                return crate::blkdebug::open::open(&b, opts);
+            }
             if opts.image_opts || source::cmdline::is_special(&name) {
                 let u =
                     source::cmdline::parse(&name, opts.image_opts).map_err(|e| e.with_path(p))?;
@@ -347,6 +353,31 @@ impl Image {
             ..opts.clone()
         };
         Image::open_storage(Arc::new(slice), Some(path), &raw)
+    }
+
+    /// Opens an image held in `storage` (a [`crate::blkdebug`] layer over the file at `path`,
+    /// which locates the files it names), shown as `filename`.
+    pub(crate) fn open_shown(
+        storage: Arc<dyn Storage>,
+        path: &Path,
+        filename: String,
+        opts: &OpenOptions,
+    ) -> Result<Image> {
+        let shown = PathBuf::from(&filename);
+        // Backing names resolve against the file (QEMU's `bdrv_dirname` through the
+        // layer), however the user spelled the name of the whole.
+        let mut image = Image::open_chain(
+            storage,
+            Some(path),
+            path.display().to_string(),
+            opts,
+            opts.format,
+            0,
+            &mut Vec::new(),
+        )
+        .map_err(|e| e.with_path(&shown))?;
+        image.filename = filename;
+        Ok(image)
     }
 
     /// Opens an image held in `storage`; `path` locates the files it names.
@@ -602,6 +633,8 @@ impl Image {
                     self.virtual_size()
                 ))
             })?;
+        // Mapping to read is no block-status request of a blkdebug layer's rules.
+        let _reading = crate::blkdebug::Reading::enter();
         let mut pos = offset;
         while pos < end {
             let (e, layer, _) = self.map_flat(pos, end - pos)?;
@@ -629,6 +662,7 @@ impl Image {
             }
             MapKind::Data { file, offset } => {
                 let f = self.file_of(file)?;
+                f.debug_event(crate::blkdebug::Event::ReadAio);
                 f.read_exact_at(dst, offset.get()).map_err(|err| {
                     Error::io(
                         format_args!(
@@ -652,6 +686,7 @@ impl Image {
                 unit_len,
             } => {
                 let f = self.file_of(file)?;
+                f.debug_event(crate::blkdebug::Event::ReadCompressed);
                 // Wrapping: a window (`Image::window`) may place a unit's start below 0;
                 // a reader's bad unit wraps to a huge skip, refused just below.
                 let skip = e.start.get().wrapping_sub(unit_start.get());

@@ -124,10 +124,15 @@ impl ImageInfo {
             format: r.format().name().to_string(),
             actual_size,
             full_backing_filename: backing.map(|b| {
-                crate::image::full_backing_name(
-                    Some(std::path::Path::new(image.filename())),
-                    &b.name,
-                )
+                // Shown as a blkdebug name (`blkdebug:...`, `json:{...}`), the image's folder
+                // is its file's, as QEMU's `bdrv_dirname` finds it through the layer.
+                let shown = image.filename();
+                let base = if shown.starts_with("json:") || shown.starts_with("blkdebug:") {
+                    image.path()
+                } else {
+                    Some(std::path::Path::new(shown))
+                };
+                crate::image::full_backing_name(base, &b.name)
             }),
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),

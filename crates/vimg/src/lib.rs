@@ -125,8 +125,10 @@ pub mod glance;
 
 // Internals. The `#[doc(hidden)]` ones are public only for vimg's own binary, fuzz targets,
 // benches and tests; they are not part of the API and may change in any release.
-pub(crate) mod check;
 #[doc(hidden)]
+pub mod blkdebug;
+pub(crate) mod check;
+
 pub mod checksum;
 #[doc(hidden)]
 pub mod codec;
@@ -177,9 +179,9 @@ pub mod writer;
 
 pub use check::CheckReport;
 pub use checksum::{Checksum, HashAlg};
-pub use compare::{compare, CompareReport, Comparison};
+pub use compare::{compare, CompareReport, Comparison, ReadError as CompareReadError};
 pub use convert::{convert, convert_report, create, ConvertOptions, ConvertReport};
-pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn};
+pub use engine::{CopyMode, CopyOptions, CopyStats, Progress, ProgressFn, WarnFn};
 pub use error::{Error, ErrorKind, Result};
 pub use formats::{Format, Measure};
 pub use gate::ExternalPolicy;

@@ -15,7 +15,7 @@
 //! | another format | no | [`SpoolStorage`], decoded whole first |
 
 pub mod cmdline;
-mod qjson;
+pub(crate) mod qjson;
 
 use std::fs::File;
 use std::io::{self, IsTerminal, Read};

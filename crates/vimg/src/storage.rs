@@ -86,6 +86,11 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn settle(&self) -> crate::error::Result<()> {
         Ok(())
     }
+
+    /// A driver reached a point QEMU's blkdebug rules can wait for (`read_aio`,
+    /// `l1_update`, ...). Only a [`crate::blkdebug`] layer acts on it; layers that wrap
+    /// another source pass it on.
+    fn debug_event(&self, _event: crate::blkdebug::Event) {}
 }
 
 /// Reads exactly `buf.len()` bytes, with an error that says what was being read.
@@ -332,6 +337,10 @@ impl Storage for SliceStorage {
     fn sequential_window(&self) -> Option<u64> {
         self.inner.sequential_window()
     }
+
+    fn debug_event(&self, event: crate::blkdebug::Event) {
+        self.inner.debug_event(event)
+    }
 }
 
 /// Another source seen as QEMU's file layer sees every file: as whole 512-byte sectors, the
@@ -391,6 +400,10 @@ impl Storage for SectorPadded {
     /// the file's last page, which a mapping of the file reads as zeros, as `read_at` does.
     fn raw_fd(&self) -> Option<RawFd> {
         self.inner.raw_fd()
+    }
+
+    fn debug_event(&self, event: crate::blkdebug::Event) {
+        self.inner.debug_event(event)
     }
 }
 

@@ -36,8 +36,26 @@ pub fn run(a: CompareArgs) -> CmdResult {
             }
         }
     };
-    let report = compare(&ia, &ib, a.strict, &mut on_progress)
-        .map_err(|e| Failure::new(format!("Error while reading: {}", e.message()), 4))?;
+    let report = match compare(&ia, &ib, a.strict, &mut on_progress) {
+        Ok(r) => r,
+        Err(e) => match e.message().downcast_ref::<vimg::CompareReadError>() {
+            // qemu-img's words; its size warning goes to stdout, which it flushes at exit,
+            // after the error on stderr.
+            Some(r) => {
+                eprintln!("{}: {}", crate::trust::prefix(), r);
+                if r.size_warning && !a.quiet {
+                    crate::print_out("Warning: Image size mismatch!\n")?;
+                }
+                return Ok(4);
+            }
+            None => {
+                return Err(Failure::new(
+                    format!("Error while reading: {}", e.message()),
+                    4,
+                ))
+            }
+        },
+    };
     let mut text = String::new();
     if progress {
         text.push_str("    (100.00/100%)\r\n");

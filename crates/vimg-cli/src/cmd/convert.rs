@@ -207,6 +207,16 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
         Some(n) => opts.copy.workers = n.min(64),
         None => {}
     }
+    // Through blkdebug, which request meets a rule first (a `once` rule, a state a read
+    // moves on) must not depend on thread timing: one reader.
+    if a.files[..a.files.len() - 1].iter().any(|f| {
+        vimg::blkdebug::parse_name(f, crate::trust::image_opts())
+            .ok()
+            .flatten()
+            .is_some()
+    }) {
+        opts.copy.workers = 1;
+    }
     opts.create = create;
     opts.direct = matches!(a.cache.as_deref(), Some("none" | "off" | "directsync"));
     // qemu-img's convert opens its target with cache=unsafe unless -t says otherwise,
@@ -219,6 +229,16 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
     }
     // The binary owns the process, so the SIGBUS handler mapped reads need is its call.
     opts.copy.mapped_reads = true;
+    if a.salvage {
+        // qemu-img's warnings; `-q` silences them, not the salvaging.
+        let quiet = a.quiet;
+        let warn: vimg::WarnFn = std::sync::Arc::new(move |m: &str| {
+            if !quiet {
+                eprintln!("{}: warning: {m}", crate::trust::prefix());
+            }
+        });
+        opts.copy.salvage = Some(warn);
+    }
     opts.output_mode = match (a.no_create, a.files[a.files.len() - 1] == "-") {
         (true, true) => {
             return Err(Failure::new(

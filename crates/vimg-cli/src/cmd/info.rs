@@ -32,6 +32,18 @@ pub fn run(a: InfoArgs) -> CmdResult {
         ));
     }
     let image = Image::open_source(&src, &opts).map_err(|e| open_failure(&a.filename, &e))?;
+    if image.reader().filtered().is_some() {
+        // qemu-img describes the filter node and its children; vimg has no words for a
+        // blkdebug layer above an image and says so rather than call it raw.
+        return Err(Failure::new(
+            format!(
+                "'{}': vimg's info does not describe a blkdebug layer above an image; name \
+                 the image itself (or put blkdebug between the format and its file)",
+                a.filename
+            ),
+            1,
+        ));
+    }
     let checksum = match alg {
         Some(alg) => Some(
             vimg::checksum::hash_file(&a.filename, alg)

@@ -76,6 +76,22 @@ pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure>
 /// whole files.
 pub fn in_place_file(name: &str) -> Result<(std::path::PathBuf, Option<Format>), Failure> {
     let image_opts = crate::trust::image_opts();
+    // A blkdebug layer without rules passes every request through: the file is written as
+    // it is. Rules inject errors into reads only; writing past them would drop them.
+    if let Some(b) =
+        vimg::blkdebug::parse_name(name, image_opts).map_err(|e| Failure::open(name, &e))?
+    {
+        if b.level == vimg::blkdebug::Level::File && !b.has_rules() {
+            return Ok((std::path::PathBuf::from(&b.inner), b.format));
+        }
+        return Err(Failure::new(
+            format!(
+                "Could not open '{name}': vimg does not write through blkdebug rules (it \
+                 injects errors into reads only)"
+            ),
+            1,
+        ));
+    }
     if !image_opts && !vimg::source::cmdline::is_special(name) {
         return Ok((std::path::PathBuf::from(name), None));
     }

@@ -15,6 +15,7 @@
 //!   scan and encode), and only the data writes themselves run in any order.
 
 mod mapped;
+mod salvage;
 mod sparse;
 pub mod zero;
 
@@ -28,6 +29,7 @@ use crate::image::Image;
 use crate::mapping::{Extent, FileId, MapKind};
 use crate::writer::{EncodedUnit, ImageWriter};
 
+pub use salvage::WarnFn;
 use zero::Run;
 
 /// Which ranges of the source the engine copies.
@@ -86,6 +88,9 @@ pub struct CopyOptions {
     /// error. The `vimg` binary turns it on. Without it, or when a mapping cannot be made,
     /// data is read with `pread`.
     pub mapped_reads: bool,
+    /// `convert --salvage`: source read errors become zeros and warnings passed here,
+    /// in guest order (see `engine/salvage.rs`). `None`: a read error fails the copy.
+    pub salvage: Option<WarnFn>,
 }
 
 impl Default for CopyOptions {
@@ -101,6 +106,7 @@ impl Default for CopyOptions {
             progress: None,
             cancel: None,
             mapped_reads: false,
+            salvage: None,
         }
     }
 }
@@ -181,6 +187,7 @@ struct Shared<'a> {
     stats_read: AtomicU64,
     stats_written: AtomicU64,
     stats_zero: AtomicU64,
+    salvage: Option<salvage::Salvage>,
 }
 
 impl Shared<'_> {
@@ -263,6 +270,7 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         sparse,
         zero_writes: !opts.target_is_zero || opts.mode == CopyMode::TopOnly,
         mapped_reads: opts.mapped_reads
+            && opts.salvage.is_none()
             && !caps.ordered
             && !caps.encodes
             && opts.mode == CopyMode::Flatten,
@@ -274,8 +282,11 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         stats_read: AtomicU64::new(0),
         stats_written: AtomicU64::new(0),
         stats_zero: AtomicU64::new(0),
+        salvage: opts.salvage.clone().map(salvage::Salvage::new),
     };
-    let total = if opts.progress.is_some() {
+    // Salvaging, qemu-img walks the source's status once before the copy, whatever the
+    // progress display: its status warnings come out then, too.
+    let total = if opts.progress.is_some() || shared.salvage.is_some() {
         let mut planner = Planner::new(&shared, opts, size, chunk);
         let mut total = 0;
         planner.run(|job| {
@@ -289,6 +300,9 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         0
     };
     shared.total.store(total, Ordering::Relaxed);
+    if let Some(s) = &shared.salvage {
+        s.collect();
+    }
     if let Some(p) = &opts.progress {
         p(Progress { done: 0, total });
     }
@@ -372,6 +386,9 @@ pub fn copy(src: &Image, dst: &dyn ImageWriter, opts: &CopyOptions) -> Result<Co
         result
     });
 
+    if let Some(s) = &shared.salvage {
+        s.flush();
+    }
     if let Some(e) = shared.error.lock().ok().and_then(|mut s| s.take()) {
         return Err(e);
     }
@@ -419,8 +436,12 @@ impl<'s, 'a> Planner<'s, 'a> {
 
     /// The extent at `pos` and the chain layer it was found in.
     fn map(&self, pos: u64) -> Result<(Extent, usize)> {
+        self.map_len(pos, self.size - pos)
+    }
+
+    /// The extent at `pos`, at most `max` bytes long, and its chain layer.
+    fn map_len(&self, pos: u64, max: u64) -> Result<(Extent, usize)> {
         let src = self.shared.src;
-        let max = self.size - pos;
         match self.mode {
             CopyMode::Flatten => src.map_flat(pos, max).map(|(e, _, depth)| (e, depth)),
             CopyMode::TopOnly => Ok((crate::image::checked_map(src, pos, max)?, 0)),
@@ -461,9 +482,16 @@ impl<'s, 'a> Planner<'s, 'a> {
             if self.shared.failed.load(Ordering::Relaxed) {
                 return Err(Error::msg(ErrorKind::Io, "copy failed"));
             }
-            let (e, layer) = self.map(pos)?;
+            // `unknown`: salvaging, a sector whose status could not be read; read as data.
+            let (e, layer, unknown) = match &self.shared.salvage {
+                None => {
+                    let (e, layer) = self.map(pos)?;
+                    (e, layer, false)
+                }
+                Some(s) => salvage::map(|p, l| self.map_len(p, l), pos, self.size - pos, s)?,
+            };
             pos = e.end();
-            let wanted = self.write_everything || e.kind.has_data();
+            let wanted = unknown || self.write_everything || e.kind.has_data();
             if wanted {
                 let s = e.start.get() / unit * unit;
                 let t = e.end().div_ceil(unit).saturating_mul(unit).min(size);
@@ -475,7 +503,9 @@ impl<'s, 'a> Planner<'s, 'a> {
                     }
                     None => Some((s, t)),
                 };
-                self.last_data = [Some((e, layer)), self.last_data[0]];
+                if !unknown {
+                    self.last_data = [Some((e, layer)), self.last_data[0]];
+                }
                 // Emit whole chunks eagerly so the pending region stays small.
                 while let Some((ps, pe)) = pending {
                     if pe - ps > self.chunk {
@@ -749,7 +779,10 @@ fn process(
         buf.reserve_exact(len - buf.len());
         buf.resize(len, 0);
     }
-    shared.src.read_at(&mut buf[..len], start)?;
+    match &shared.salvage {
+        None => shared.src.read_at(&mut buf[..len], start)?,
+        Some(s) => salvage::read(shared.src, &mut buf[..len], start, s)?,
+    }
     shared.stats_read.fetch_add(len as u64, Ordering::Relaxed);
     split_runs(shared, start, &buf[..len], runs);
     if shared.dst.caps().encodes {

@@ -137,6 +137,11 @@ fn path_has_protocol(name: &str) -> bool {
         .is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
+/// An `--image-opts` option string as `(key, value)` pairs (for [`crate::blkdebug`]).
+pub(crate) fn option_pairs(s: &str) -> Result<Vec<(String, Option<String>)>> {
+    parse_option_string(s)
+}
+
 /// `key=value,key=value`, with `,,` standing for a literal comma (QEMU's option syntax).
 fn parse_option_string(s: &str) -> Result<Vec<(String, Option<String>)>> {
     let mut items = Vec::new();
