@@ -14,6 +14,8 @@ use crate::mapping::{Extent, GuestOffset, ImageReader, MapKind, ParentLink};
 use crate::source::{self, Origin, Source, SourceOptions};
 use crate::storage::{FileStorage, Storage};
 
+mod filter;
+
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
@@ -127,6 +129,8 @@ pub struct Image {
     path: Option<PathBuf>,
     storage: Arc<dyn Storage>,
     origin: Origin,
+    /// The image below a blkdebug layer above an image (`image/filter.rs`).
+    filtered: Option<Arc<Image>>,
 }
 
 impl std::fmt::Debug for Image {
@@ -246,7 +250,7 @@ impl Image {
             if let Some(b) =
                 crate::blkdebug::parse_name(&name, opts.image_opts).map_err(|e| e.with_path(p))?
             {
-                return crate::blkdebug::open::open(&b, opts);
+                return filter::open(&b, opts);
             }
             if opts.image_opts || source::cmdline::is_special(&name) {
                 let u =
@@ -448,6 +452,7 @@ impl Image {
             path: path.map(Path::to_path_buf),
             storage,
             origin: Origin::default(),
+            filtered: None,
         };
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
@@ -542,7 +547,14 @@ impl Image {
             path: None,
             storage,
             origin: Origin::default(),
+            filtered: None,
         }
+    }
+
+    /// The image below when this one is a filter (a [`crate::blkdebug`] layer the user put
+    /// above an image): `map` reports its allocation, as qemu-img looks through filters.
+    pub fn filtered(&self) -> Option<&Image> {
+        self.filtered.as_deref()
     }
 
     /// Reads the top image as it was when an internal snapshot was taken (`convert -l`);

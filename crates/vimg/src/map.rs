@@ -60,7 +60,7 @@ impl Extent {
 
 /// The map entry of the run that starts at `pos`, at most `end - pos` long (not merged).
 pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
-    if let Some(inner) = image.reader().filtered() {
+    if let Some(inner) = image.filtered() {
         // The filter's own status query first (a blkdebug rule may fail it).
         image.map_flat(pos, end - pos)?;
         return entry_at(inner, pos, end);

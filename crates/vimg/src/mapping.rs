@@ -370,12 +370,6 @@ pub trait ImageReader: Send + Sync {
         true
     }
 
-    /// A filter's image (a [`crate::blkdebug`] layer above an image): `map` reports the
-    /// allocation of the image below, as qemu-img looks through filters.
-    fn filtered(&self) -> Option<&crate::image::Image> {
-        None
-    }
-
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()

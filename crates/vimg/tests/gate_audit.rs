@@ -23,10 +23,10 @@ const OPENERS: &[&str] = &[
 /// `(file under src/, opener, count, why it is not an image's say-so)`.
 const ALLOWED: &[(&str, &str, usize, &str)] = &[
     (
-        "blkdebug/open.rs",
+        "image/filter.rs",
         "FileStorage::open(",
         1,
-        "blkdebug::open: the file of a blkdebug name the user typed (Image::open_source parses only the top image's name; backing names go through the gate, which refuses protocol names)",
+        "image::filter::open: the file of a blkdebug name the user typed (Image::open_source parses only the top image's name; backing names go through the gate, which refuses protocol names)",
     ),
     (
         "blkdebug/open.rs",

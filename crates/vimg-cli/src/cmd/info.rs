@@ -32,7 +32,7 @@ pub fn run(a: InfoArgs) -> CmdResult {
         ));
     }
     let image = Image::open_source(&src, &opts).map_err(|e| open_failure(&a.filename, &e))?;
-    if image.reader().filtered().is_some() {
+    if image.filtered().is_some() {
         // qemu-img describes the filter node and its children; vimg has no words for a
         // blkdebug layer above an image and says so rather than call it raw.
         return Err(Failure::new(

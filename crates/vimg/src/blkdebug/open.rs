@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::unix::io::RawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -14,10 +14,7 @@ use serde_json::{Map, Value};
 use super::rules::{parse_config, Blkdebug, Event, IoType, RawRule, Section};
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
-use crate::image::{Image, OpenOptions};
-use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
-use crate::source::Source;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::Storage;
 
 /// Where the layer sits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,8 +39,8 @@ pub struct BlkdebugName {
     pub open_backing: bool,
     /// The name as the user gave it, for messages.
     pub shown: String,
-    rules: Vec<RawRule>,
-    align: u64,
+    pub(crate) rules: Vec<RawRule>,
+    pub(crate) align: u64,
 }
 
 /// Options of any node that only tune QEMU's I/O: accepted, no effect.
@@ -309,55 +306,19 @@ fn insert_dotted(obj: &mut Value, k: &str, v: Option<String>) {
     }
 }
 
-/// Opens what a blkdebug name describes.
-pub(crate) fn open(n: &BlkdebugName, opts: &OpenOptions) -> Result<Image> {
-    let dbg = Arc::new(Blkdebug::new(n.rules.clone(), n.align).map_err(|e| e.with_path(&n.shown))?);
-    match n.level {
-        Level::File => {
-            let path = PathBuf::from(&n.inner);
-            let file = FileStorage::open(&path)
-                .map_err(|e| Error::new(ErrorKind::Io, e).with_path(&n.shown))?;
-            let storage: Arc<dyn Storage> = Arc::new(BlkdebugStorage {
-                inner: Arc::new(file),
-                dbg,
-            });
-            let inner = OpenOptions {
-                format: opts.format.or(n.format),
-                open_backing: opts.open_backing && n.open_backing,
-                image_opts: false,
-                ..opts.clone()
-            };
-            Image::open_shown(storage, &path, n.shown.clone(), &inner)
-        }
-        Level::Guest => {
-            let inner_opts = OpenOptions {
-                format: None,
-                image_opts: false,
-                ..opts.clone()
-            };
-            let inner = Image::open_source(&Source::Path(PathBuf::from(&n.inner)), &inner_opts)?;
-            let inner = Arc::new(inner);
-            let guest: Arc<dyn Storage> = Arc::new(GuestStorage {
-                inner: inner.clone(),
-                dbg: dbg.clone(),
-                name: PathBuf::from(&n.shown),
-            });
-            let reader = BlkdebugReader {
-                inner,
-                dbg,
-                files: vec![guest.clone()],
-            };
-            Ok(Image::from_reader(Box::new(reader), n.shown.clone(), guest))
-        }
-    }
-}
-
 /// A file read through blkdebug's rules: reads are `read` requests, hole queries are
 /// `block-status` requests, and the events a format fires reach the rules.
 #[derive(Debug)]
 pub struct BlkdebugStorage {
     inner: Arc<dyn Storage>,
     dbg: Arc<Blkdebug>,
+}
+
+impl BlkdebugStorage {
+    /// `inner` read through the rules of `dbg`.
+    pub(crate) fn new(inner: Arc<dyn Storage>, dbg: Arc<Blkdebug>) -> BlkdebugStorage {
+        BlkdebugStorage { inner, dbg }
+    }
 }
 
 impl Storage for BlkdebugStorage {
@@ -397,109 +358,6 @@ impl Storage for BlkdebugStorage {
 
     fn debug_event(&self, event: Event) {
         self.dbg.event(event);
-    }
-}
-
-/// The guest disk of an image, read through blkdebug's rules (`read` requests).
-#[derive(Debug)]
-struct GuestStorage {
-    inner: Arc<Image>,
-    dbg: Arc<Blkdebug>,
-    name: PathBuf,
-}
-
-impl Storage for GuestStorage {
-    fn len(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let size = self.len();
-        if offset >= size {
-            return Ok(0);
-        }
-        let n = (size - offset).min(buf.len() as u64) as usize;
-        self.dbg.check(offset, n as u64, IoType::Read)?;
-        self.inner
-            .read_at(&mut buf[..n], offset)
-            .map_err(|e| match super::os_error(&e) {
-                Some(errno) => io::Error::from_raw_os_error(errno),
-                None => io::Error::other(e),
-            })?;
-        Ok(n)
-    }
-
-    fn path(&self) -> Option<&Path> {
-        Some(&self.name)
-    }
-
-    fn identity(&self) -> Option<(u64, u64)> {
-        self.inner.storage().identity()
-    }
-
-    fn debug_event(&self, event: Event) {
-        self.dbg.event(event);
-    }
-}
-
-/// blkdebug above an image: block-status queries pass the rules, then ask the image; data
-/// is read from the image through [`GuestStorage`].
-struct BlkdebugReader {
-    inner: Arc<Image>,
-    dbg: Arc<Blkdebug>,
-    files: Vec<Arc<dyn Storage>>,
-}
-
-impl ImageReader for BlkdebugReader {
-    fn format(&self) -> Format {
-        Format::Raw
-    }
-
-    fn virtual_size(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-
-    fn cluster_size(&self) -> Option<u64> {
-        self.inner.reader().cluster_size()
-    }
-
-    fn map(&self, offset: GuestOffset, max_len: u64) -> Result<Extent> {
-        let pos = offset.get();
-        if !super::Reading::active() {
-            self.dbg
-                .check(pos, max_len, IoType::BlockStatus)
-                .map_err(|e| Error::io(format_args!("read block status at {pos}"), e))?;
-        }
-        let (e, _, _) = self.inner.map_flat(pos, max_len)?;
-        let kind = if e.kind.has_data() {
-            MapKind::Data {
-                file: FileId(0),
-                offset: HostOffset(pos),
-            }
-        } else {
-            MapKind::Zero
-        };
-        Ok(Extent {
-            start: offset,
-            len: e.len,
-            kind,
-        })
-    }
-
-    fn file(&self, id: FileId) -> Option<&Arc<dyn Storage>> {
-        self.files.get(usize::from(id.0))
-    }
-
-    fn filtered(&self) -> Option<&Image> {
-        Some(&self.inner)
-    }
-
-    fn files(&self) -> Vec<Arc<dyn Storage>> {
-        let mut v = self.files.clone();
-        for layer in self.inner.chain() {
-            v.extend(layer.reader().files());
-        }
-        v
     }
 }
 
