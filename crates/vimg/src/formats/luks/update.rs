@@ -111,6 +111,72 @@ impl LuksUpdate {
             .map_err(|e| Error::io(format_args!("write at {:#x}", self.payload + offset), e))
     }
 
+    /// The (device, inode) of the file open for writing.
+    pub fn identity(&self) -> Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("stat the LUKS volume", e))?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Writes guest `data` at `offset` inside the volume, at any alignment: sectors written
+    /// in part are read, decrypted, patched and encrypted again (QEMU's block layer does the
+    /// same read-modify-write for the crypto driver's 512-byte alignment). Each sector is
+    /// written whole, so an interrupted write leaves every sector old or new.
+    pub fn write_guest(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let sec = SECTOR as u64;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= self.size)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "write of {} bytes at {offset:#x} ends past the LUKS volume ({} bytes)",
+                    data.len(),
+                    self.size
+                ))
+            })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let first = offset / sec * sec;
+        let last = end.div_ceil(sec) * sec;
+        if first == offset && last == end {
+            return self.write_at(offset, data);
+        }
+        // The unaligned head and tail sectors, patched; the aligned middle as given.
+        let mut pos = offset;
+        let mut rest = data;
+        if offset != first || end - first < sec {
+            let take = ((first + sec).min(end) - offset) as usize;
+            self.patch_sector(first, (offset - first) as usize, &rest[..take])?;
+            pos += take as u64;
+            rest = &rest[take..];
+        }
+        let mid = (rest.len() as u64 / sec * sec) as usize;
+        if mid > 0 {
+            self.write_at(pos, &rest[..mid])?;
+            pos += mid as u64;
+            rest = &rest[mid..];
+        }
+        if !rest.is_empty() {
+            self.patch_sector(pos, 0, rest)?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the sector at guest offset `at` with `bytes` at `within` it.
+    fn patch_sector(&self, at: u64, within: usize, bytes: &[u8]) -> Result<()> {
+        let mut buf = zeroize::Zeroizing::new(vec![0u8; SECTOR]);
+        self.file
+            .read_exact_at(&mut buf, self.payload + at)
+            .map_err(|e| Error::io(format_args!("read at {:#x}", self.payload + at), e))?;
+        self.cipher.apply(at / SECTOR as u64, &mut buf, false);
+        buf[within..within + bytes.len()].copy_from_slice(bytes);
+        self.write_at(at, &buf)
+    }
+
     /// Flushes what was written.
     pub fn flush(&self) -> Result<()> {
         self.file
