@@ -15,6 +15,7 @@ use super::crypto::{SectorCipher, SECTOR};
 use super::open::{passphrase, secret_passphrase, unlock};
 use super::read::Parsed;
 use crate::error::{Error, Result};
+use crate::formats::qcow2::update::CrashHook;
 use crate::formats::qcow2::Prealloc;
 use crate::storage::{FileStorage, Storage};
 
@@ -25,6 +26,8 @@ pub struct LuksUpdate {
     payload: u64,
     size: u64,
     cipher: SectorCipher,
+    /// The kill tests' hook, before each write and flush.
+    hook: std::sync::Mutex<CrashHook>,
 }
 
 impl std::fmt::Debug for LuksUpdate {
@@ -64,6 +67,7 @@ impl LuksUpdate {
             payload,
             cipher: SectorCipher::new(parsed.spec, &key),
             file,
+            hook: std::sync::Mutex::new(CrashHook::from_env()),
         })
     }
 
@@ -106,6 +110,7 @@ impl LuksUpdate {
         }
         let mut buf = zeroize::Zeroizing::new(data.to_vec());
         self.cipher.apply(offset / SECTOR as u64, &mut buf, true);
+        self.point();
         self.file
             .write_all_at(&buf, self.payload + offset)
             .map_err(|e| Error::io(format_args!("write at {:#x}", self.payload + offset), e))
@@ -177,8 +182,15 @@ impl LuksUpdate {
         self.write_at(at, &buf)
     }
 
+    fn point(&self) {
+        if let Ok(mut h) = self.hook.lock() {
+            h.point();
+        }
+    }
+
     /// Flushes what was written.
     pub fn flush(&self) -> Result<()> {
+        self.point();
         self.file
             .sync_data()
             .map_err(|e| Error::io("flush the LUKS volume", e))
