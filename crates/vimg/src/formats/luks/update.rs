@@ -196,3 +196,48 @@ impl LuksUpdate {
             .map_err(|e| Error::io("flush the LUKS volume", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 1 MiB volume as vimg creates it (key slot 0: secret `id`).
+    fn volume(dir: &Path, id: &str) -> PathBuf {
+        let mut o = crate::options::CreateOptions::new();
+        o.parse_into(&format!("key-secret={id},iter-time=1"))
+            .unwrap();
+        let v = super::super::write::new_volume(&o, "").unwrap();
+        let path = dir.join("v.luks");
+        let mut bytes = v.head.to_vec();
+        bytes.resize(v.payload as usize + (1 << 20), 0);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn plain(up: &LuksUpdate, off: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        up.file.read_exact_at(&mut b, up.payload + off).unwrap();
+        up.cipher.apply(off / SECTOR as u64, &mut b, false);
+        b
+    }
+
+    #[test]
+    fn write_guest_patches_partial_sectors() {
+        crate::secret::define("upd-t0", b"pass zero");
+        let dir = tempfile::tempdir().unwrap();
+        let path = volume(dir.path(), "upd-t0");
+        let up = LuksUpdate::open(&path, Some("upd-t0")).unwrap();
+        let mut model = plain(&up, 0, 1 << 20);
+        let cases: [(u64, usize); 5] = [(100, 10), (1000, 3000), (4096, 700), (8191, 2), (0, 512)];
+        for (i, (off, len)) in cases.into_iter().enumerate() {
+            let data: Vec<u8> = (0..len).map(|j| (j + i * 31) as u8 | 1).collect();
+            up.write_guest(off, &data).unwrap();
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+            assert_eq!(plain(&up, 0, 1 << 20), model, "write {i}");
+        }
+        // Past the end: refused, nothing written.
+        let before = std::fs::read(&path).unwrap();
+        assert!(up.write_guest((1 << 20) - 10, &[1; 11]).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+}
