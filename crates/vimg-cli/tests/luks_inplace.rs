@@ -580,3 +580,249 @@ fn killed_amend_leaves_openable_slots() {
         n += 1;
     }
 }
+
+/// A 4 MiB qcow2 source: data, a zero run, data ending inside a sector, data at the end.
+fn convert_source(dir: &Path) -> PathBuf {
+    let src = dir.join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&src), "4M"]);
+    let io = |c: &str| {
+        let o = run_cmd("qemu-io", &["-f", "qcow2", "-c", c, s(&src)]);
+        assert!(o.status.success());
+    };
+    io("write -P 0x11 0 1M");
+    io("write -z 1M 1M");
+    io("write -P 0x22 2200k 300");
+    io("write -P 0x33 3M 1M");
+    src
+}
+
+/// `PROG convert -n` of `src` into the volume `img` named by `--target-image-opts` with
+/// key `key`.
+fn convert_n(prog: &str, src: &Path, img: &Path, key: &str) -> Output {
+    let mut args = vec!["convert".to_string(), "-n".into()];
+    args.extend(objects());
+    args.extend([
+        "--target-image-opts".into(),
+        s(src).into(),
+        luks_opts(img, key),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    match prog {
+        "vimg" => vimg_raw(&a),
+        _ => run_cmd("qemu-img", &a),
+    }
+}
+
+/// `qemu-img compare` of `src` with the volume `img` opened with `key`: its exit code.
+fn compare_with_key(src: &Path, img: &Path, key: &str) -> i32 {
+    let mut args = vec!["compare".to_string()];
+    args.extend(objects());
+    args.extend([
+        "--image-opts".into(),
+        format!("driver=qcow2,file.filename={}", s(src)),
+        luks_opts(img, key),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    run_cmd("qemu-img", &a).status.code().unwrap_or(-1)
+}
+
+/// The decrypted payload of `img` (key sec0), by qemu-img.
+fn payload(img: &Path) -> Vec<u8> {
+    let raw = img.with_extension("payload.raw");
+    let _ = fs::remove_file(&raw);
+    let mut args = vec!["convert".to_string()];
+    args.extend(objects());
+    args.extend([
+        "--image-opts".into(),
+        luks_opts(img, "sec0"),
+        "-O".into(),
+        "raw".into(),
+        s(&raw).into(),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    assert!(run_cmd("qemu-img", &a).status.success());
+    let v = fs::read(&raw).unwrap();
+    let _ = fs::remove_file(&raw);
+    v
+}
+
+#[test]
+fn convert_n_into_luks_matches_qemu() {
+    if !qemu_available("convert_n_into_luks_matches_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = convert_source(dir.path());
+    let base = qemu_luks(dir.path(), "base.luks");
+    let mine = dir.path().join("mine.luks");
+    let theirs = dir.path().join("theirs.luks");
+    fs::copy(&base, &mine).unwrap();
+    fs::copy(&base, &theirs).unwrap();
+    let o = convert_n("vimg", &src, &mine, "sec0");
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(convert_n("qemu-img", &src, &theirs, "sec0")
+        .status
+        .success());
+    // Same key, same IVs: the same ciphertext, byte for byte, zero runs included.
+    assert!(fs::read(&mine).unwrap() == fs::read(&theirs).unwrap());
+    assert_eq!(compare_with_key(&src, &mine, "sec0"), 0);
+    // A json: target with -O luks, as qemu-img accepts it.
+    fs::copy(&base, &mine).unwrap();
+    let json = format!(
+        "json:{{\"driver\":\"luks\",\"key-secret\":\"sec0\",\"file\":{{\"filename\":\"{}\"}}}}",
+        s(&mine)
+    );
+    let mut args = vec!["convert".to_string(), "-n".into()];
+    args.extend(objects());
+    args.extend(["-O".into(), "luks".into(), s(&src).into(), json]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let o = vimg_raw(&a);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert!(fs::read(&mine).unwrap() == fs::read(&theirs).unwrap());
+    // A source smaller than the volume, of a size that ends inside a sector: the sector is
+    // read, patched and rewritten; the rest of the volume is left as it was.
+    let odd = dir.path().join("odd.raw");
+    let data: Vec<u8> = (0..(1 << 20) + 100).map(|i| (i % 251) as u8 + 1).collect();
+    fs::write(&odd, &data).unwrap();
+    fs::copy(&base, &mine).unwrap();
+    fs::copy(&base, &theirs).unwrap();
+    for (prog, img) in [("vimg", &mine), ("qemu-img", &theirs)] {
+        let mut args = vec!["convert".to_string(), "-n".into()];
+        args.extend(objects());
+        args.extend([
+            "--target-image-opts".into(),
+            s(&odd).into(),
+            luks_opts(img, "sec0"),
+        ]);
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let o = match prog {
+            "vimg" => vimg_raw(&a),
+            _ => run_cmd("qemu-img", &a),
+        };
+        assert!(o.status.success(), "{prog}: {}", stderr_of(&o));
+    }
+    assert!(fs::read(&mine).unwrap() == fs::read(&theirs).unwrap());
+    let (old, new) = (payload(&base), payload(&mine));
+    assert_eq!(&new[..data.len()], &data[..]);
+    assert_eq!(&new[2 << 20..], &old[2 << 20..]);
+}
+
+#[test]
+fn convert_n_into_luks_refusals_as_qemu() {
+    if !qemu_available("convert_n_into_luks_refusals_as_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = convert_source(dir.path());
+    let base = qemu_luks(dir.path(), "base.luks");
+    let img = dir.path().join("mine.luks");
+    fs::copy(&base, &img).unwrap();
+    let before = fs::read(&img).unwrap();
+    let big = dir.path().join("big.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&big), "5M"]);
+    let objs = objects();
+    let o: Vec<&str> = objs.iter().map(|s| s.as_str()).collect();
+    let opts_nokey = format!("driver=luks,file.filename={}", s(&img));
+    let opts = luks_opts(&img, "sec0");
+    let wrong = luks_opts(&img, "sec1");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["convert", "-n", "-O", "luks", s(&src), s(&img)],
+            "Parameter 'key-secret' is required for cipher",
+        ),
+        (
+            [
+                &["convert", "-n"][..],
+                &o,
+                &["--target-image-opts", s(&src), &opts_nokey],
+            ]
+            .concat(),
+            "Parameter 'key-secret' is required for cipher",
+        ),
+        (
+            [
+                &["convert", "-n"][..],
+                &o,
+                &["--target-image-opts", s(&src), &wrong],
+            ]
+            .concat(),
+            "Invalid password, cannot unlock any keyslot",
+        ),
+        (
+            [
+                &["convert", "-n"][..],
+                &o,
+                &["--target-image-opts", s(&big), &opts],
+            ]
+            .concat(),
+            "output file is smaller than input file",
+        ),
+        (
+            [
+                &["convert", "-n"][..],
+                &o,
+                &["-O", "luks", "-o", "key-secret=sec0", s(&src), s(&img)],
+            ]
+            .concat(),
+            "-o has no effect when skipping image creation",
+        ),
+    ];
+    for (args, reason) in cases {
+        for prog in ["vimg", "qemu-img"] {
+            let out = match prog {
+                "vimg" => vimg_raw(&args),
+                _ => run_cmd("qemu-img", &args),
+            };
+            assert_eq!(out.status.code(), Some(1), "{prog} {args:?}");
+            let e = stderr_of(&out);
+            assert!(e.contains(reason), "{prog} {args:?}: {e}");
+            assert!(fs::read(&img).unwrap() == before, "{prog} {args:?} wrote");
+        }
+    }
+}
+
+#[test]
+fn killed_convert_n_into_luks_leaves_old_or_new_sectors() {
+    if !qemu_available("killed_convert_n_into_luks_leaves_old_or_new_sectors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = convert_source(dir.path());
+    let base = qemu_luks(dir.path(), "base.luks");
+    let old = payload(&base);
+    let new = common::kill::guest(&src, "qcow2");
+    let img = dir.path().join("kill.luks");
+    let mut args = vec!["convert".to_string(), "-n".into()];
+    args.extend(objects());
+    args.extend([
+        "--target-image-opts".into(),
+        s(&src).into(),
+        luks_opts(&img, "sec0"),
+    ]);
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let mut n = 0;
+    loop {
+        fs::copy(&base, &img).unwrap();
+        let killed = common::kill::run_killed(&a, n);
+        let got = payload(&img);
+        common::kill::assert_old_or_new(&got, &old, &new, 512, &format!("kill {n}"));
+        if !killed {
+            assert_eq!(compare_with_key(&src, &img, "sec0"), 0);
+            break;
+        }
+        // A rerun completes.
+        let o = vimg_raw(&a);
+        assert!(
+            o.status.success(),
+            "rerun after kill {n}: {}",
+            stderr_of(&o)
+        );
+        assert_eq!(
+            compare_with_key(&src, &img, "sec0"),
+            0,
+            "rerun after kill {n}"
+        );
+        n += 1;
+    }
+    assert!(n >= 4, "the convert made {n} writes and flushes");
+}

@@ -15,7 +15,7 @@ use crate::Failure;
 /// `a` with an option-string target replaced by its file and format.
 pub fn resolve(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
     if !a.target_image_opts {
-        return Ok(a);
+        return json_target(a);
     }
     if !a.no_create {
         return Err(Failure::new(
@@ -74,5 +74,36 @@ pub fn resolve(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
         *last = path;
     }
     a.target_image_opts = false;
+    Ok(a)
+}
+
+/// `-n` into a `json:` target name (`-O FMT ... 'json:{"driver":"luks","key-secret":"sec0",
+/// "file":{"filename":"out"}}'`), which qemu-img accepts: the file it names is written,
+/// with `-O`'s format, and an encrypted target's secret goes to the updater as with
+/// `--target-image-opts`.
+fn json_target(mut a: ConvertArgs) -> Result<ConvertArgs, Failure> {
+    if !a.no_create || a.files.len() < 2 {
+        return Ok(a);
+    }
+    let Some(target) = a.files.last().cloned() else {
+        return Ok(a);
+    };
+    if !target.starts_with("json:") {
+        return Ok(a);
+    }
+    let name = cmdline::parse(&target, false).map_err(|e| Failure::open(&target, &e))?;
+    if name.window.is_some() {
+        return Err(Failure::new(
+            format!(
+                "Could not open '{target}': vimg does not write through raw offset/size windows named by a json: target"
+            ),
+            1,
+        ));
+    }
+    a.target_key_secret = name.key_secret.clone();
+    cmdline::bind_keys(&name);
+    if let Some(last) = a.files.last_mut() {
+        *last = name.path.to_string_lossy().into_owned();
+    }
     Ok(a)
 }
