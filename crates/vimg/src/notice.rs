@@ -3,7 +3,7 @@
 //! read-write open repairs an unclean image first).
 //!
 //! The library prints nothing itself: a program that wants these lines installs a sink
-//! with [`set_sink`] (the `vimg` binary writes them to stderr, as qemu-img does); without
+//! with [`set_sink`](crate::notice::set_sink) (the `vimg` binary writes them to stderr, as qemu-img does); without
 //! one they are dropped.
 
 use std::sync::RwLock;
