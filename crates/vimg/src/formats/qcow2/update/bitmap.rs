@@ -220,6 +220,41 @@ impl Qcow2Update {
         Ok((Some(ext), out))
     }
 
+    /// The header switched to the directory `new_ext` (written and flushed; `None`: no
+    /// bitmaps), in one sector, flushed; then the old directory and the clusters in
+    /// `garbage` freed. The crash-safe last step of every directory change.
+    pub(super) fn point_header_at_bitmap_dir(
+        &mut self,
+        new_ext: Option<BitmapsExt>,
+        old: Option<BitmapsExt>,
+        garbage: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let cb = self.cb();
+        let present = new_ext.is_some();
+        let mut h = self.header.clone();
+        if present {
+            h.autoclear_features |= AUTOCLEAR_BITMAPS;
+        } else {
+            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
+        }
+        let sector = self.first_sector_with(&mut h, None, Some(new_ext), None)?;
+        self.pwrite(&sector, 0)?;
+        self.sync()?;
+        self.header = h;
+        self.has_bitmaps = present;
+        if let Some(o) = old {
+            let n = o.directory_size.div_ceil(cs);
+            if n > 0 {
+                self.free(o.directory_offset >> cb, n)?;
+            }
+        }
+        for (c, n) in garbage {
+            self.free(c, n)?;
+        }
+        self.sync()
+    }
+
     /// Writes `dir` as the new directory, switches the header to it, frees the old
     /// directory and then the clusters in `garbage` (runs of clusters no longer used).
     fn replace_bitmap_dir(
@@ -254,27 +289,7 @@ impl Qcow2Update {
                 directory_offset: at << cb,
             })
         };
-        let mut h = self.header.clone();
-        if new_ext.is_some() {
-            h.autoclear_features |= AUTOCLEAR_BITMAPS;
-        } else {
-            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
-        }
-        let sector = self.first_sector_with(&mut h, None, Some(new_ext), None)?;
-        self.pwrite(&sector, 0)?;
-        self.sync()?;
-        self.header = h;
-        self.has_bitmaps = !dir.is_empty();
-        if let Some(o) = old {
-            let n = o.directory_size.div_ceil(cs);
-            if n > 0 {
-                self.free(o.directory_offset >> cb, n)?;
-            }
-        }
-        for (c, n) in garbage {
-            self.free(c, n)?;
-        }
-        self.sync()
+        self.point_header_at_bitmap_dir(new_ext, old, garbage)
     }
 
     /// The bitmap table of `d` as entries.

@@ -171,26 +171,6 @@ impl Qcow2Update {
                 directory_offset: at,
             })
         };
-        let mut h = self.header.clone();
-        if new_ext.is_some() {
-            h.autoclear_features |= AUTOCLEAR_BITMAPS;
-        } else {
-            h.autoclear_features &= !AUTOCLEAR_BITMAPS;
-        }
-        let sector = self.first_sector_with(&mut h, None, Some(new_ext), None)?;
-        self.pwrite(&sector, 0)?;
-        self.sync()?;
-        self.header = h;
-        self.has_bitmaps = !dir.is_empty();
-        if let Some(o) = old {
-            let n = o.directory_size.div_ceil(cs);
-            if n > 0 {
-                self.free(o.directory_offset >> cb, n)?;
-            }
-        }
-        for (c, n) in garbage {
-            self.free(c, n)?;
-        }
-        self.sync()
+        self.point_header_at_bitmap_dir(new_ext, old, garbage)
     }
 }
