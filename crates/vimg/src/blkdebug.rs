@@ -16,6 +16,7 @@
 
 pub(crate) mod open;
 mod rules;
+pub mod writes;
 
 pub use open::{parse_name, BlkdebugName, BlkdebugStorage, Level};
 pub use rules::{Blkdebug, Event, IoType};

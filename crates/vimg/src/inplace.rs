@@ -383,9 +383,31 @@ pub fn commit(
         progress(Progress { done: 0, total });
     }
     if let Some(u) = top_up.as_mut() {
-        let mut w = u.data()?;
-        w.make_empty(size)?;
-        w.finish()?;
+        let emptied = u.data().and_then(|mut w| {
+            w.make_empty(size)?;
+            w.finish()
+        });
+        emptied.map_err(|e| match crate::blkdebug::os_error(&e) {
+            Some(_) => Error::new(e.kind(), EmptyFailed(e)),
+            None => e,
+        })?;
     }
     Ok(())
+}
+
+/// An I/O error while `commit` empties the top image (qemu-img: "Failed to empty ...");
+/// the base holds what was committed by then.
+#[derive(Debug)]
+pub struct EmptyFailed(pub Error);
+
+impl std::fmt::Display for EmptyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "emptying the image: {}", self.0)
+    }
+}
+
+impl std::error::Error for EmptyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
 }

@@ -74,6 +74,10 @@ pub fn run(a: CommitArgs) -> CmdResult {
             Ok(0)
         }
         Err(e) if e.is_refusal() => Err(Failure::new(e.message().to_string(), 1)),
+        Err(e) if e.message().is::<vimg::inplace::EmptyFailed>() => Err(Failure::new(
+            format!("Failed to empty {file}: {}", vimg::blkdebug::error_text(&e)),
+            1,
+        )),
         Err(e) if e.kind() == vimg::ErrorKind::Io && e.path().is_none() => {
             Err(Failure::open(file, &e))
         }

@@ -77,17 +77,35 @@ pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure>
 pub fn in_place_file(name: &str) -> Result<(std::path::PathBuf, Option<Format>), Failure> {
     let image_opts = crate::trust::image_opts();
     // A blkdebug layer without rules passes every request through: the file is written as
-    // it is. Rules inject errors into reads only; writing past them would drop them.
+    // it is. Rules between a qcow2 image and its file are bound to the file for the qcow2
+    // updater (vimg::blkdebug::writes); other formats' updaters would write past them.
     if let Some(b) =
         vimg::blkdebug::parse_name(name, image_opts).map_err(|e| Failure::open(name, &e))?
     {
-        if b.level == vimg::blkdebug::Level::File && !b.has_rules() {
+        if b.level == vimg::blkdebug::Level::File {
+            if b.has_rules() {
+                let format = match b.format {
+                    Some(f) => f,
+                    None => image_format(&b.inner, None)?,
+                };
+                if format != Format::Qcow2 {
+                    return Err(Failure::new(
+                        format!(
+                            "Could not open '{name}': vimg writes through blkdebug rules only \
+                             into qcow2 images, not {}",
+                            format.name()
+                        ),
+                        1,
+                    ));
+                }
+                vimg::blkdebug::writes::bind(&b).map_err(|e| Failure::open(name, &e))?;
+            }
             return Ok((std::path::PathBuf::from(&b.inner), b.format));
         }
         return Err(Failure::new(
             format!(
-                "Could not open '{name}': vimg does not write through blkdebug rules (it \
-                 injects errors into reads only)"
+                "Could not open '{name}': vimg does not write through blkdebug rules above an \
+                 image (it injects errors there into reads only)"
             ),
             1,
         ));

@@ -302,6 +302,11 @@ impl Blkdebug {
     }
 
     /// The `align` option (0 when not given).
+    /// The events the rules wait for.
+    pub(crate) fn events(&self) -> impl Iterator<Item = Event> + '_ {
+        self.rules.iter().map(|r| r.event)
+    }
+
     pub fn align(&self) -> u64 {
         self.align
     }

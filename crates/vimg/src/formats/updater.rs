@@ -167,6 +167,16 @@ pub enum Updater {
 /// go through the gate under `policy`. Formats vimg does not change in place are refused
 /// here, in one wording.
 pub fn open(path: &Path, format: Format, policy: ExternalPolicy) -> Result<Updater> {
+    // blkdebug rules bound to the file are honoured by the qcow2 updater alone.
+    if format != Format::Qcow2 && crate::blkdebug::writes::bound_to(path) {
+        return Err(Error::refusal(
+            ErrorKind::Unsupported,
+            format!(
+                "vimg writes through blkdebug rules only into qcow2 images, not {}",
+                format.name()
+            ),
+        ));
+    }
     match format {
         Format::Qcow2 => Ok(Updater::Qcow2(Box::new(Qcow2Update::open(path, policy)?))),
         Format::Raw => Ok(Updater::Raw(RawUpdate::open(path)?)),

@@ -129,6 +129,9 @@ pub struct Qcow2Update {
     /// The data cipher of an encrypted image (LUKS or the legacy AES), unlocked at open
     /// with the secret the user bound to the file (`update/crypt.rs`).
     cipher: Option<Arc<crate::formats::cluster_crypt::ClusterCipher>>,
+    /// blkdebug rules the user put over this file (`blkdebug::writes`): every read, write
+    /// and flush passes them, and [`Qcow2Update::debug_event`] drives them.
+    dbg: Option<Arc<crate::blkdebug::Blkdebug>>,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -239,6 +242,10 @@ impl Qcow2Update {
             .into());
         }
         let file_len = meta.len();
+        let dbg = {
+            use std::os::unix::fs::MetadataExt;
+            crate::blkdebug::writes::bound((meta.dev(), meta.ino()))
+        };
         let mut u = Qcow2Update {
             file,
             path: path.to_path_buf(),
@@ -258,6 +265,7 @@ impl Qcow2Update {
             store_all_bitmaps: true,
             policy,
             cipher,
+            dbg,
         };
         u.clear_unknown_autoclear()?;
         Ok(u)
@@ -335,7 +343,36 @@ impl Qcow2Update {
 
     // ---- raw I/O with the crash hook ----
 
+    /// Fires a blkdebug event (nothing without rules).
+    pub(crate) fn debug_event(&self, ev: crate::blkdebug::Event) {
+        if let Some(d) = &self.dbg {
+            d.event(ev);
+        }
+    }
+
+    /// A request checked against the blkdebug rules, if any.
+    fn debug_check(
+        &self,
+        off: u64,
+        len: u64,
+        io: crate::blkdebug::IoType,
+        what: std::fmt::Arguments<'_>,
+    ) -> Result<()> {
+        match &self.dbg {
+            Some(d) => d
+                .check(off, len, io)
+                .map_err(|e| io_err(&self.path, what, e)),
+            None => Ok(()),
+        }
+    }
+
     fn pwrite(&mut self, buf: &[u8], off: u64) -> Result<()> {
+        self.debug_check(
+            off,
+            buf.len() as u64,
+            crate::blkdebug::IoType::Write,
+            format_args!("write at {off:#x}"),
+        )?;
         self.hook.point();
         self.file
             .write_all_at(buf, off)
@@ -344,7 +381,23 @@ impl Qcow2Update {
         Ok(())
     }
 
+    /// Writes `len` zero bytes at `off` as one request that blkdebug rules see as a
+    /// `write-zeroes` (QEMU's `bdrv_pwrite_zeroes`).
+    fn pwrite_zeroes(&mut self, off: u64, len: u64) -> Result<()> {
+        self.debug_check(
+            off,
+            len,
+            crate::blkdebug::IoType::WriteZeroes,
+            format_args!("write zeroes at {off:#x}"),
+        )?;
+        let dbg = self.dbg.take();
+        let r = self.pwrite(&vec![0u8; len as usize], off);
+        self.dbg = dbg;
+        r
+    }
+
     fn sync(&mut self) -> Result<()> {
+        self.debug_check(0, 0, crate::blkdebug::IoType::Flush, format_args!("fsync"))?;
         self.hook.point();
         self.file
             .sync_data()
@@ -405,6 +458,12 @@ impl Qcow2Update {
             return Ok(());
         }
         let n = (self.file_len - off).min(buf.len() as u64) as usize;
+        self.debug_check(
+            off,
+            n as u64,
+            crate::blkdebug::IoType::Read,
+            format_args!("read at {off:#x}"),
+        )?;
         self.file
             .read_exact_at(&mut buf[..n], off)
             .map_err(|e| io_err(&self.path, format_args!("read at {off:#x}"), e))
@@ -490,6 +549,7 @@ impl Qcow2Update {
                     self.file_len
                 )));
             }
+            self.debug_event(crate::blkdebug::Event::RefblockAlloc);
             let Some(b) = self.load_block(rti)? else {
                 return Err(Error::corrupt("refcount block vanished"));
             };
@@ -769,6 +829,7 @@ impl Qcow2Update {
     /// Drops one reference from each of clusters `[first, first + n)`. The caller has
     /// already removed (and flushed) the pointers. Not flushed.
     pub(crate) fn free(&mut self, first: u64, n: u64) -> Result<()> {
+        self.debug_event(crate::blkdebug::Event::ClusterFree);
         self.set_refcounts(first, n, |old| {
             old.checked_sub(1)
                 .ok_or_else(|| Error::corrupt("refcount would drop below zero"))
@@ -986,6 +1047,7 @@ impl Qcow2Update {
             }
             if from == 0 {
                 // The whole table goes: drop the L1 entry, then the table and its clusters.
+                self.debug_event(crate::blkdebug::Event::L1Update);
                 self.pwrite(&0u64.to_be_bytes(), self.header.l1_table_offset + 8 * l1i)?;
                 self.sync()?;
                 self.l1[l1i as usize] = 0;

@@ -22,6 +22,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::blkdebug::Event;
 use crate::image::Image;
 
 /// What one guest cluster becomes.
@@ -380,9 +381,11 @@ impl DataWriter<'_> {
                 buf.extend_from_slice(&up.stored(host, (l1i * per + *j as u64) * cs, d)?);
                 changed.push((*j, host | OFLAG_COPIED));
             }
+            up.debug_event(Event::WriteAio);
             up.pwrite(&buf, at << cb)?;
         }
         for (host, j, d) in &in_place {
+            up.debug_event(Event::WriteAio);
             let d = up.stored(*host, (l1i * per + *j as u64) * cs, d)?;
             up.pwrite(&d, *host)?;
         }
@@ -401,6 +404,7 @@ impl DataWriter<'_> {
             Table::Own(l2) => {
                 let lo = changed.iter().map(|c| c.0).min().unwrap_or(0);
                 let hi = changed.iter().map(|c| c.0).max().unwrap_or(0);
+                up.debug_event(Event::L2Update);
                 up.pwrite(&encode(&table[lo..=hi]), l2 + 8 * lo as u64)?;
                 up.sync()?;
             }
@@ -408,9 +412,11 @@ impl DataWriter<'_> {
                 let Some(t) = new_table else {
                     return Ok(());
                 };
+                up.debug_event(Event::L2AllocWrite);
                 up.pwrite(&encode(&table), t << cb)?;
                 up.sync()?;
                 let e = (t << cb) | OFLAG_COPIED;
+                up.debug_event(Event::L1Update);
                 up.pwrite(&e.to_be_bytes(), up.header.l1_table_offset + 8 * l1i)?;
                 up.sync()?;
                 up.l1[l1i as usize] = e;

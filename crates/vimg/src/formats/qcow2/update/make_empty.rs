@@ -17,11 +17,23 @@
 //! 3. the first block's refcounts past the kept clusters are zeroed (flushed);
 //! 4. the file is cut after the kept clusters (all of the rest have refcount 0).
 //!
+//! As QEMU does, the image is marked dirty before step 1 and clean after step 4. vimg's
+//! order does not need the mark (no step breaks the refcounts), but an image left half
+//! emptied by an error (or a crash) then carries it as one QEMU left would: QEMU drops its
+//! leaks the next time it opens it for writing, and vimg's updaters ask for `check -r`.
+//!
+//! blkdebug events (`blkdebug::writes`): `l1_update` before step 1; `empty_image_prepare`
+//! after it; `reftable_update` before step 2; `refblock_alloc` (in the refcount code)
+//! before step 3. QEMU fires the last two after it has overwritten the refcount
+//! structures, so an error there leaves QEMU an image whose refcounts must be rebuilt;
+//! vimg's image then only leaks (a deliberate difference: vimg never breaks them).
+//!
 //! Any other layout keeps QEMU's fallback behaviour (every cluster discarded, the L2
 //! tables kept): [`super::DataWriter::unmap_mapped`].
 
 use super::data::DataWriter;
 use super::*;
+use crate::blkdebug::Event;
 
 impl DataWriter<'_> {
     /// Empties the image completely (see the module documentation); false when the image
@@ -32,6 +44,20 @@ impl DataWriter<'_> {
 }
 
 impl Qcow2Update {
+    /// Sets or clears the dirty bit (incompatible feature bit 0, one 8-byte header field),
+    /// flushed.
+    fn set_dirty(&mut self, dirty: bool) -> Result<()> {
+        let f = if dirty {
+            self.header.incompatible_features | INCOMPAT_DIRTY
+        } else {
+            self.header.incompatible_features & !INCOMPAT_DIRTY
+        };
+        self.pwrite(&f.to_be_bytes(), 72)?;
+        self.sync()?;
+        self.header.incompatible_features = f;
+        Ok(())
+    }
+
     fn make_completely_empty(&mut self) -> Result<bool> {
         let cs = self.cs();
         let h = &self.header;
@@ -60,13 +86,17 @@ impl Qcow2Update {
                 return Ok(false);
             }
         }
+        self.set_dirty(true)?;
         // 1. The L1 table.
-        self.pwrite(&vec![0u8; (l1_clusters * cs) as usize], 3 * cs)?;
+        self.debug_event(Event::L1Update);
+        self.pwrite_zeroes(3 * cs, l1_clusters * cs)?;
         self.sync()?;
         self.l1.iter_mut().for_each(|e| *e = 0);
+        self.debug_event(Event::EmptyImagePrepare);
         // 2. The refcount table after its first entry.
+        self.debug_event(Event::ReftableUpdate);
         if self.reftable.iter().skip(1).any(|&e| e != 0) {
-            self.pwrite(&vec![0u8; (cs - 8) as usize], cs + 8)?;
+            self.pwrite_zeroes(cs + 8, cs - 8)?;
             self.sync()?;
             self.reftable.iter_mut().skip(1).for_each(|e| *e = 0);
             self.block = None;
@@ -78,6 +108,7 @@ impl Qcow2Update {
         // 4. The file.
         self.set_len(keep * cs)?;
         self.sync()?;
+        self.set_dirty(false)?;
         self.free_hint = keep;
         self.compressed_tail = 0;
         Ok(true)
