@@ -3,8 +3,6 @@
 //! (`-c`, `-a`, `-d`) change the image through `vimg::formats::updater`, which refuses
 //! formats without internal snapshots, before anything is written, with qemu-img's reasons.
 
-use std::path::Path;
-
 use clap::Args;
 use vimg::formats::qcow2::SNAPSHOT_NOT_FOUND;
 use vimg::formats::updater::{self, UpdateOp};
@@ -93,8 +91,26 @@ fn change(a: &SnapshotArgs, image: &Image, name: &str, what: Action) -> CmdResul
     let format = image.format();
     updater::require(format, op).map_err(|e| fail(&e.message().to_string()))?;
     let policy = crate::trust::policy(&a.safety);
-    let mut img = updater::open(Path::new(&a.filename), format, policy)
+    // Through a blkdebug layer: the file below it when the layer has no rules. vimg
+    // changes snapshots by writing whole new tables and switching the header once (no
+    // cluster is freed, no entry updated in place), so the events QEMU's rules wait for
+    // (`cluster_free`, `l1_update`, ...) have no counterpart: rules are refused.
+    let bd = vimg::blkdebug::parse_name(&a.filename, crate::trust::image_opts())
         .map_err(|e| Failure::open(&a.filename, &e))?;
+    let path = match bd {
+        Some(b) if b.level == vimg::blkdebug::Level::File && !b.has_rules() => {
+            std::path::PathBuf::from(&b.inner)
+        }
+        Some(_) => {
+            return Err(fail(
+                "vimg does not change snapshots through blkdebug rules (it switches whole \
+                 new tables in one header write, so the events the rules wait for do not occur)",
+            ))
+        }
+        None => std::path::PathBuf::from(&a.filename),
+    };
+    let mut img =
+        updater::open(&path, format, policy).map_err(|e| Failure::open(&a.filename, &e))?;
     let r = match what {
         Action::Create => {
             let now = std::time::SystemTime::now()
