@@ -9,7 +9,8 @@
 //! any other event would never become active, and the command would succeed where
 //! qemu-img fails, so such rules are refused before anything is written. `none` is
 //! refused too: its rules are active from the open on, and the updater's first reads (the
-//! reader's check of every table) do not go through the layer.
+//! reader's check of every table) do not go through the layer; so is `align` (QEMU then
+//! splits and aligns the requests the rules see).
 
 use std::sync::{Arc, RwLock};
 
@@ -59,6 +60,13 @@ pub fn bind(n: &BlkdebugName) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         )));
+    }
+    // QEMU aligns (read-modify-writes) requests to `align`; vimg's updater writes as it
+    // always does, so the rules would see other requests.
+    if dbg.align() > 1 {
+        return Err(Error::unsupported(
+            "vimg does not write through a blkdebug layer with 'align'",
+        ));
     }
     let Ok(m) = std::fs::metadata(&n.inner) else {
         return Ok(());
