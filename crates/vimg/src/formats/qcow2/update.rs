@@ -51,6 +51,7 @@ mod header_ext;
 mod make_empty;
 mod rebuild;
 mod resize_tail;
+mod resize_zero;
 mod shadow;
 pub(super) mod snapshot;
 mod snapshot_table;
