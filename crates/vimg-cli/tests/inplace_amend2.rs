@@ -331,7 +331,10 @@ fn resize_over_longer_backing_like_qemu_and_killed() {
             let w = format!("{what} killed before point {n}");
             check_then_repair(&work, "qcow2", &w);
             let g = guest(&work, "qcow2");
-            assert!(g == old || g == new, "{w}: neither the old guest nor the new");
+            assert!(
+                g == old || g == new,
+                "{w}: neither the old guest nor the new"
+            );
             if !killed {
                 break;
             }

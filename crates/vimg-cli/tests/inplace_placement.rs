@@ -27,7 +27,18 @@ fn shrunk_over_backing(d: &Path, name: &str, opts: &str) -> std::path::PathBuf {
     }
     let img = d.join(name);
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", s(&img), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        s(&img),
+        "1M",
     ]);
     qemu_io("qcow2", &img, &["write -q -P 1 0 128k"]);
     qemu_img(&["resize", "-q", "--shrink", s(&img), "64k"]);
@@ -60,7 +71,10 @@ fn grow_over_backing_zeroes_in_place_as_qemu() {
     qemu_img(&["resize", "-q", s(&q), "3M"]);
     vimg(&["resize", "-q", s(&v), "3M"]);
     let (qb, vb) = (std::fs::read(&q).unwrap(), std::fs::read(&v).unwrap());
-    assert!(vb.len() >= qb.len() && vb[..qb.len()] == qb[..], "4 KiB clusters: layout");
+    assert!(
+        vb.len() >= qb.len() && vb[..qb.len()] == qb[..],
+        "4 KiB clusters: layout"
+    );
     assert!(vb[qb.len()..].iter().all(|&b| b == 0));
     qemu_img(&["compare", "-q", s(&q), s(&v)]);
     qemu_img(&["check", "-q", s(&v)]);
@@ -106,17 +120,40 @@ fn zero_clusters_image(dir: &Path, backing: bool) -> std::path::PathBuf {
         qemu_io(
             "qcow2",
             &base,
-            &["write -q -P 9 0 1M", "write -q -P 9 20M 1M", "write -q -P 9 63M 1M"],
+            &[
+                "write -q -P 9 0 1M",
+                "write -q -P 9 20M 1M",
+                "write -q -P 9 63M 1M",
+            ],
         );
         qemu_in(
             dir,
             &[
-                "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F",
-                "qcow2", "t.qcow2", "64M",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "t.qcow2",
+                "64M",
             ],
         );
     } else {
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&img), "64M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&img),
+            "64M",
+        ]);
     }
     qemu_io(
         "qcow2",
@@ -146,7 +183,10 @@ fn downgrade_expands_zero_clusters_in_place_as_qemu() {
         qemu_img(&["amend", "-o", "compat=0.10", s(&q)]);
         vimg(&["amend", "-o", "compat=0.10", s(&v)]);
         let (qb, vb) = (std::fs::read(&q).unwrap(), std::fs::read(&v).unwrap());
-        assert!(qb == vb, "backing {backing}: vimg's file differs from qemu-img's");
+        assert!(
+            qb == vb,
+            "backing {backing}: vimg's file differs from qemu-img's"
+        );
         qemu_img(&["check", "-q", s(&v)]);
     }
 }
@@ -188,7 +228,16 @@ fn upgrade_writes_qemus_feature_table() {
     let d = dir.path();
     let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
     for p in [&q, &v] {
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", s(p), "64M"]);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            s(p),
+            "64M",
+        ]);
         qemu_io("qcow2", p, &["write -q -P 5 1M 64k"]);
     }
     qemu_img(&["amend", "-o", "compat=1.1,size=128M", s(&q)]);

@@ -1333,7 +1333,9 @@ impl Qcow2Update {
         // the header still fits in the one sector it writes atomically (or when the
         // unknown extensions make it a multi-sector write anyway).
         let table_len = 8 + header_ext::feature_table_data().len();
-        let rest = bitmaps.as_ref().map_or(0, |_| 8 + BitmapsExt::LEN.div_ceil(8) * 8)
+        let rest = bitmaps
+            .as_ref()
+            .map_or(0, |_| 8 + BitmapsExt::LEN.div_ceil(8) * 8)
             + 8
             + backing_name.len();
         let table_fits = off + table_len + rest <= 512;

@@ -43,8 +43,7 @@ impl Qcow2Update {
                     continue;
                 }
                 let host = v & L2E_OFFSET_MASK;
-                if host != 0 && (self.refcount(host >> cb)? != 1 || !host.is_multiple_of(cs))
-                {
+                if host != 0 && (self.refcount(host >> cb)? != 1 || !host.is_multiple_of(cs)) {
                     return Ok(false);
                 }
                 zeros.push((j, host));

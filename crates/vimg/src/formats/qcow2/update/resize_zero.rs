@@ -45,7 +45,10 @@ impl Qcow2Update {
         for i in first / per..last.div_ceil(per) {
             let e = self.l1.get(i as usize).copied().unwrap_or(0);
             let l2 = e & L1E_OFFSET_MASK;
-            let (lo, hi) = (first.max(i * per) - i * per, last.min((i + 1) * per) - i * per);
+            let (lo, hi) = (
+                first.max(i * per) - i * per,
+                last.min((i + 1) * per) - i * per,
+            );
             if l2 == 0 {
                 plan.push((i, None, lo, hi));
                 continue;
