@@ -47,10 +47,12 @@ pub(super) mod bitmap;
 mod compress;
 mod crypt;
 mod crypt_rules;
+mod expand_zeros;
 mod header_ext;
 mod make_empty;
 mod rebuild;
 mod resize_tail;
+mod resize_zero;
 mod shadow;
 pub(super) mod snapshot;
 mod snapshot_table;
@@ -1217,6 +1219,17 @@ impl Qcow2Update {
         if h == old {
             return Ok(());
         }
+        if expand && h.refcount_order == old.refcount_order {
+            // Without snapshots, in place as QEMU does it (update/expand_zeros.rs); the new
+            // header is built first so that a refusal comes before any write.
+            self.build_first_sector(&mut h.clone())?;
+            if self.expand_zeros_in_place(old.backing_file_offset != 0)? {
+                expand = false;
+                // An allocation may have moved the refcount table.
+                h.refcount_table_offset = self.header.refcount_table_offset;
+                h.refcount_table_clusters = self.header.refcount_table_clusters;
+            }
+        }
         if h.refcount_order != old.refcount_order || expand {
             return self.rebuild_switch(
                 h,
@@ -1378,7 +1391,17 @@ impl Qcow2Update {
             }
             None => None,
         };
-        if !unknown.is_empty() && h.version >= 3 {
+        // QEMU writes its feature-name table into every version 3 header; vimg does so when
+        // the header still fits in the one sector it writes atomically (or when the
+        // unknown extensions make it a multi-sector write anyway).
+        let table_len = 8 + header_ext::feature_table_data().len();
+        let rest = bitmaps
+            .as_ref()
+            .map_or(0, |_| 8 + BitmapsExt::LEN.div_ceil(8) * 8)
+            + 8
+            + backing_name.len();
+        let table_fits = off + table_len + rest <= 512;
+        if h.version >= 3 && (!unknown.is_empty() || table_fits) {
             off = write_extension(
                 &mut buf,
                 off,

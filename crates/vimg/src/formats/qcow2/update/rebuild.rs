@@ -280,6 +280,11 @@ impl Qcow2Update {
                 need * 8
             )));
         }
+        // Without snapshots and from a cluster boundary, in place as QEMU does it
+        // (update/resize_zero.rs).
+        if partial.is_none() && self.resize_zeroing_in_place(size)? {
+            return Ok(());
+        }
         let per = self.g.l2_entries();
         // Zero clusters from the first whole cluster past the old end.
         let first = old.div_ceil(cs);
