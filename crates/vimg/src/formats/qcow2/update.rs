@@ -49,6 +49,7 @@ mod crypt;
 mod crypt_rules;
 mod header_ext;
 mod make_empty;
+mod prealloc;
 mod rebuild;
 mod resize_tail;
 mod shadow;
