@@ -97,13 +97,26 @@ impl Qcow2Update {
                 "internal: the old last cluster's content was not given",
             ));
         }
+        // What would be refused is found before anything is written.
+        let (first, end) = (old / cs, size.div_ceil(cs));
+        let per = self.g.l2_entries();
+        for t in first / per..end.div_ceil(per).min(self.l1.len() as u64) {
+            if self.l1[t as usize] & L1E_OFFSET_MASK == 0 {
+                continue;
+            }
+            let (raw, _) = self.l2_table(t)?;
+            for c in (t * per).max(first)..((t + 1) * per).min(end) {
+                let e = self.entry_at(&raw, c - t * per);
+                if prealloc == Prealloc::Metadata || (self.g.extended_l2 && c == first) {
+                    self.classify(e)?;
+                }
+            }
+        }
         let mut touched = Vec::new();
         let need = self.g.l1_entries_for(size);
         if need > self.l1.len() as u64 {
             self.switch_l1(need, &mut touched)?;
         }
-        let first = old / cs;
-        let end = size.div_ceil(cs);
         match prealloc {
             Prealloc::Metadata => {
                 self.prealloc_metadata(first, end, (old, size), head, &mut touched)?
@@ -177,9 +190,9 @@ impl Qcow2Update {
             .map_or(0, u64::from_be_bytes)
     }
 
-    /// What `metadata` preallocation does with entry `e` (`head`: the cluster the old size
-    /// ends in, whose content before the old size must survive).
-    fn classify(&self, e: u64, head: bool) -> Result<Keep> {
+    /// What `metadata` preallocation does with entry `e`; what QEMU would get wrong is
+    /// refused.
+    fn classify(&self, e: u64) -> Result<Keep> {
         let name = self.path.display();
         let off = e & L2E_OFFSET_MASK;
         if e & OFLAG_COMPRESSED != 0 {
@@ -205,7 +218,6 @@ impl Qcow2Update {
                 "vimg cannot preallocate '{name}': a cluster of the new area is shared"
             )));
         }
-        let _ = head;
         Ok(Keep::Kept)
     }
 
@@ -282,8 +294,8 @@ impl Qcow2Update {
             let mut i = c;
             while i < stop {
                 let e = self.entry_at(&raw, i - t * per);
-                let is_head = i == first && old % self.cs() != 0;
-                if self.classify(e, is_head)? == Keep::Kept {
+                let is_head = i == first && !old.is_multiple_of(self.cs());
+                if self.classify(e)? == Keep::Kept {
                     i += 1;
                     continue;
                 }
@@ -291,7 +303,7 @@ impl Qcow2Update {
                 let mut j = i + 1;
                 while j < stop {
                     let e2 = self.entry_at(&raw, j - t * per);
-                    if self.classify(e2, false)? == Keep::Kept {
+                    if self.classify(e2)? == Keep::Kept {
                         break;
                     }
                     j += 1;
@@ -425,14 +437,6 @@ impl Qcow2Update {
         let cb = self.cb();
         let per = self.g.l2_entries();
         let n = end - first;
-        // Refused before anything is written: what classify refuses for the head cluster.
-        if old % cs != 0 {
-            let (raw, _) = self.l2_table(first / per)?;
-            let e = self.entry_at(&raw, first % per);
-            if self.g.extended_l2 && e & OFLAG_COMPRESSED != 0 {
-                self.classify(e, true)?;
-            }
-        }
         // The end of the used area (QEMU's qcow2_get_last_cluster over the file).
         let mut used_end = 0u64;
         for c in (0..self.file_len.div_ceil(cs)).rev() {
@@ -489,7 +493,7 @@ impl Qcow2Update {
             }
         })?;
         self.sync()?;
-        if old % cs != 0 {
+        if !old.is_multiple_of(cs) {
             self.copy_head(data << cb, head)?;
         }
         let mut c = first;
