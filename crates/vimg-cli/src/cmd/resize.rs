@@ -17,7 +17,7 @@ pub struct ResizeArgs {
     /// Image format (probed from the content when absent).
     #[arg(short = 'f', value_name = "FMT")]
     pub format: Option<String>,
-    /// Preallocation of the new area: off, metadata, falloc, full (raw: all; qcow2: off).
+    /// Preallocation of the new area: off, metadata, falloc, full.
     #[arg(long = "preallocation", value_name = "PREALLOC")]
     pub preallocation: Option<String>,
     /// Allow shrinking (the data past the new end is dropped).
@@ -132,7 +132,18 @@ pub fn run(a: ResizeArgs) -> CmdResult {
             1,
         ));
     }
-    img.resize(total, prealloc).map_err(Failure::from)?;
+    if format == Format::Qcow2 && prealloc != Prealloc::Off && total > cur {
+        // The cluster the old size ends in may move (falloc, full, or an unallocated one):
+        // its guest content up to the old size goes with it.
+        let opts = super::open_options(Some(format), &a.safety);
+        let image = vimg::Image::open(path, &opts).map_err(|e| Failure::open(&a.filename, &e))?;
+        let head = resize_head(&image, cur, &a.filename)?;
+        drop(image);
+        img.resize_preallocated(total, prealloc, head.as_deref())
+            .map_err(Failure::from)?;
+    } else {
+        img.resize(total, prealloc).map_err(Failure::from)?;
+    }
     if !a.quiet {
         crate::print_out("Image resized.\n")?;
     }

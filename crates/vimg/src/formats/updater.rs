@@ -400,6 +400,20 @@ impl Updater {
         }
     }
 
+    /// Grows to `size` with `prealloc`; `head` is the guest content of the cluster the
+    /// current size ends in, up to that size (qcow2 copies it when it moves that cluster).
+    pub fn resize_preallocated(
+        &mut self,
+        size: u64,
+        prealloc: super::qcow2::Prealloc,
+        head: Option<&[u8]>,
+    ) -> Result<()> {
+        match self {
+            Updater::Qcow2(q) => q.resize_preallocated(size, prealloc, head),
+            _ => self.resize(size, prealloc),
+        }
+    }
+
     /// Grows or shrinks the virtual size.
     pub fn resize(&mut self, size: u64, prealloc: super::qcow2::Prealloc) -> Result<()> {
         match self {

@@ -50,6 +50,7 @@ mod crypt_rules;
 mod expand_zeros;
 mod header_ext;
 mod make_empty;
+mod prealloc;
 mod rebuild;
 mod resize_tail;
 mod resize_zero;
