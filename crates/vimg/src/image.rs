@@ -288,6 +288,12 @@ impl Image {
                 if let Some(name) = keyed_name(&u, img.format()) {
                     img.filename = name;
                 }
+                if u.direct && img.format() == Format::Raw && img.backing.is_none() {
+                    // O_DIRECT changes what raw's block status reports (iotest 253).
+                    img.reader = Box::new(crate::formats::raw::RawReader::direct(
+                        img.storage.clone(),
+                    ));
+                }
                 return Ok(img);
             }
         }
