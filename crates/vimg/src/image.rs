@@ -15,6 +15,7 @@ use crate::source::{self, Origin, Source, SourceOptions};
 use crate::storage::{FileStorage, Storage};
 
 mod filter;
+mod quorum;
 
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -252,6 +253,12 @@ impl Image {
             {
                 return filter::open(&b, opts);
             }
+            // quorum (votes over copies), which the user names: see `crate::quorum`.
+            if let Some(q) =
+                crate::quorum::parse_name(&name, opts.image_opts).map_err(|e| e.with_path(p))?
+            {
+                return quorum::open(&q, opts).map_err(|e| e.with_path(p));
+            }
             if opts.image_opts || source::cmdline::is_special(&name) {
                 let u =
                     source::cmdline::parse(&name, opts.image_opts).map_err(|e| e.with_path(p))?;
@@ -448,9 +455,11 @@ impl Image {
             ctx.key_secret = storage.identity().and_then(crate::secret::file_key);
         }
         ctx.metadata_only = opts.metadata_only;
+        ctx.quorum_node = storage.quorum().map(|q| q.name().to_string());
         let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;
+        let storage_is_quorum = storage.quorum().is_some();
         let mut image = Image {
             reader,
             backing: None,
@@ -462,6 +471,9 @@ impl Image {
         };
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
+                if storage_is_quorum && crate::quorum::needs_dirname(&b.name) {
+                    return Err(Error::invalid(crate::quorum::NO_DIRNAME));
+                }
                 let names = std::iter::once(&b.name).chain(b.alternatives.iter());
                 // The first name is the one the image prefers (a VHD's relative parent
                 // locator); its error is the one worth reporting.

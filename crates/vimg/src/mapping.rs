@@ -384,6 +384,12 @@ pub trait ImageReader: Send + Sync {
         true
     }
 
+    /// The driver name `info` prints (`file format`): the format's, or another node's
+    /// (`quorum`).
+    fn driver_name(&self) -> &'static str {
+        self.format().name()
+    }
+
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()

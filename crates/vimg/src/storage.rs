@@ -56,6 +56,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The quorum node this source is (a [`crate::quorum`] node the user named): it has no
+    /// folder to resolve relative names against, and `info` describes it as a node.
+    fn quorum(&self) -> Option<&crate::quorum::Quorum> {
+        None
+    }
+
     /// Bytes the source occupies on disk (`st_blocks * 512`), for `info`'s `actual-size`.
     fn disk_usage(&self) -> Option<u64> {
         None
