@@ -297,9 +297,8 @@ impl Image {
                 }
                 if u.direct && img.format() == Format::Raw && img.backing.is_none() {
                     // O_DIRECT changes what raw's block status reports (iotest 253).
-                    img.reader = Box::new(crate::formats::raw::RawReader::direct(
-                        img.storage.clone(),
-                    ));
+                    img.reader =
+                        Box::new(crate::formats::raw::RawReader::direct(img.storage.clone()));
                 }
                 return Ok(img);
             }

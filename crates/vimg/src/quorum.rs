@@ -134,7 +134,8 @@ pub fn parse_name(name: &str, image_opts: bool) -> Result<Option<QuorumName>> {
     let Value::Object(root) = root else {
         return Ok(None);
     };
-    let is_quorum = |m: &Map<String, Value>| m.get("driver").and_then(Value::as_str) == Some("quorum");
+    let is_quorum =
+        |m: &Map<String, Value>| m.get("driver").and_then(Value::as_str) == Some("quorum");
     if is_quorum(&root) {
         return parse_node(&root, Level::Top, true).map(Some);
     }
@@ -180,11 +181,17 @@ fn parse_node(m: &Map<String, Value>, level: Level, open_backing: bool) -> Resul
                 v.push(c);
             }
             if v.len() != o.len() {
-                return Err(Error::invalid_argument("Option children is not a valid array"));
+                return Err(Error::invalid_argument(
+                    "Option children is not a valid array",
+                ));
             }
             v
         }
-        Some(_) => return Err(Error::invalid_argument("Option children is not a valid array")),
+        Some(_) => {
+            return Err(Error::invalid_argument(
+                "Option children is not a valid array",
+            ))
+        }
     };
     if list.is_empty() {
         return Err(Error::invalid_argument(
@@ -272,10 +279,9 @@ fn parse_node(m: &Map<String, Value>, level: Level, open_backing: bool) -> Resul
         let filename = o.get("filename").map(text);
         let child = match (driver.as_deref(), filename) {
             (Some("file" | "host_device"), Some(f)) | (None, Some(f)) => {
-                if let Some(k) = o
-                    .keys()
-                    .find(|k| !matches!(k.as_str(), "driver" | "filename") && !IGNORED.contains(&k.as_str()))
-                {
+                if let Some(k) = o.keys().find(|k| {
+                    !matches!(k.as_str(), "driver" | "filename") && !IGNORED.contains(&k.as_str())
+                }) {
                     return Err(Error::unsupported(format!(
                         "quorum child option '{k}' is not supported by vimg"
                     )));
@@ -481,8 +487,11 @@ impl Quorum {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let mut ci =
-                    crate::info::children::protocol_child(format!("children.{i}"), c.filename().to_string(), c.storage());
+                let mut ci = crate::info::children::protocol_child(
+                    format!("children.{i}"),
+                    c.filename().to_string(),
+                    c.storage(),
+                );
                 if !self.is_file[i] {
                     // Not a protocol node; `info` refuses such quorums before it gets here.
                     ci.info.format = "unknown";
@@ -546,7 +555,11 @@ impl Quorum {
         let first = ok[0];
         if let Some(other) = ok[1..].iter().find(|v| **v != first) {
             if self.blkverify {
-                let at = first.iter().zip(other.iter()).position(|(a, b)| a != b).unwrap_or(0);
+                let at = first
+                    .iter()
+                    .zip(other.iter())
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
                 return Err(io::Error::other(format!(
                     "quorum: offset={offset} bytes={} contents mismatch at offset {}",
                     buf.len(),
@@ -746,11 +759,23 @@ mod tests {
     #[test]
     fn qdict_order_is_qemus() {
         // The order qemu-img 10 prints these keys in.
-        let mut keys = vec!["vote-threshold", "blkverify", "driver", "children", "read-pattern"];
+        let mut keys = vec![
+            "vote-threshold",
+            "blkverify",
+            "driver",
+            "children",
+            "read-pattern",
+        ];
         keys.sort_by_key(|k| qdict_bucket(k));
         assert_eq!(
             keys,
-            ["read-pattern", "children", "driver", "blkverify", "vote-threshold"]
+            [
+                "read-pattern",
+                "children",
+                "driver",
+                "blkverify",
+                "vote-threshold"
+            ]
         );
         assert!(qdict_bucket("driver") < qdict_bucket("file"));
         assert!(qdict_bucket("driver") < qdict_bucket("filename"));
@@ -759,16 +784,21 @@ mod tests {
     #[test]
     fn names() {
         assert!(parse_name("x.qcow2", false).unwrap().is_none());
-        assert!(parse_name("json:{\"driver\":\"qcow2\",\"file\":\"x\"}", false)
-            .unwrap()
-            .is_none());
+        assert!(
+            parse_name("json:{\"driver\":\"qcow2\",\"file\":\"x\"}", false)
+                .unwrap()
+                .is_none()
+        );
         let q = parse_name(
             "json:{'driver':'quorum','vote-threshold':2,'children':[{'driver':'file','filename':'a'},{'driver':'file','filename':'b'}]}",
             false,
         )
         .unwrap()
         .unwrap();
-        assert_eq!((q.level.clone(), q.threshold, q.children.len()), (Level::Top, 2, 2));
+        assert_eq!(
+            (q.level.clone(), q.threshold, q.children.len()),
+            (Level::Top, 2, 2)
+        );
         assert_eq!(
             q.node_name(),
             r#"json:{"children": [{"driver": "file", "filename": "a"}, {"driver": "file", "filename": "b"}], "driver": "quorum", "vote-threshold": 2}"#
@@ -790,16 +820,20 @@ mod tests {
     fn option_errors_in_qemus_words() {
         let e = |s: &str| parse_name(s, false).unwrap_err().to_string();
         assert!(e("json:{'driver':'quorum','children':[]}").contains("1 or more"));
-        assert!(e("json:{'driver':'quorum','children':[{'driver':'file','filename':'a'}]}")
-            .contains("expects a value >= 1"));
+        assert!(
+            e("json:{'driver':'quorum','children':[{'driver':'file','filename':'a'}]}")
+                .contains("expects a value >= 1")
+        );
         assert!(e("json:{'driver':'quorum','vote-threshold':2,'children':[{'driver':'file','filename':'a'}]}")
             .contains("threshold may not exceed children count"));
         assert!(e("json:{'driver':'quorum','vote-threshold':1,'read-pattern':'x','children':[{'driver':'file','filename':'a'}]}")
             .contains("read-pattern as fifo or quorum"));
         assert!(e("json:{'driver':'quorum','vote-threshold':1,'blkverify':true,'children':[{'driver':'file','filename':'a'}]}")
             .contains("exactly two files"));
-        assert!(e("json:{'driver':'quorum','vote-threshold':1,'children':['a']}")
-            .contains("Cannot find device='a' nor node-name='a'"));
+        assert!(
+            e("json:{'driver':'quorum','vote-threshold':1,'children':['a']}")
+                .contains("Cannot find device='a' nor node-name='a'")
+        );
         let gap = parse_name("driver=quorum,vote-threshold=1,children.1.filename=a", true);
         assert!(gap.unwrap_err().to_string().contains("not a valid array"));
     }

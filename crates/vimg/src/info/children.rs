@@ -113,7 +113,11 @@ pub fn children(image: &Image) -> Vec<ChildInfo> {
     v
 }
 
-pub(crate) fn protocol_child(name: String, filename: String, storage: &Arc<dyn Storage>) -> ChildInfo {
+pub(crate) fn protocol_child(
+    name: String,
+    filename: String,
+    storage: &Arc<dyn Storage>,
+) -> ChildInfo {
     ChildInfo {
         name,
         info: NodeInfo {
