@@ -15,7 +15,6 @@ use crate::source::{self, Origin, Source, SourceOptions};
 use crate::storage::{FileStorage, Storage};
 
 mod filter;
-mod quorum;
 
 /// Backing chains longer than this are refused (a loop, or a hostile chain).
 pub const MAX_CHAIN_DEPTH: usize = 64;
@@ -257,7 +256,7 @@ impl Image {
             if let Some(q) =
                 crate::quorum::parse_name(&name, opts.image_opts).map_err(|e| e.with_path(p))?
             {
-                return quorum::open(&q, opts).map_err(|e| e.with_path(p));
+                return filter::open_quorum(&q, opts).map_err(|e| e.with_path(p));
             }
             if opts.image_opts || source::cmdline::is_special(&name) {
                 let u =
@@ -454,11 +453,11 @@ impl Image {
             ctx.key_secret = storage.identity().and_then(crate::secret::file_key);
         }
         ctx.metadata_only = opts.metadata_only;
-        ctx.quorum_node = storage.quorum().map(|q| q.name().to_string());
+        ctx.quorum_node = storage.quorum_node().map(str::to_string);
         let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;
-        let storage_is_quorum = storage.quorum().is_some();
+        let storage_is_quorum = storage.quorum_node().is_some();
         let mut image = Image {
             reader,
             backing: None,
@@ -470,8 +469,8 @@ impl Image {
         };
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
-                if storage_is_quorum && crate::quorum::needs_dirname(&b.name) {
-                    return Err(Error::invalid(crate::quorum::NO_DIRNAME));
+                if storage_is_quorum && crate::quorum::dirname::needs_dirname(&b.name) {
+                    return Err(Error::invalid(crate::quorum::dirname::NO_DIRNAME));
                 }
                 let names = std::iter::once(&b.name).chain(b.alternatives.iter());
                 // The first name is the one the image prefers (a VHD's relative parent

@@ -126,7 +126,9 @@ impl ImageInfo {
             full_backing_filename: backing.and_then(|b| {
                 // Over a quorum node a relative name has no folder to resolve against
                 // (qemu-img: "cannot determine actual path").
-                if image.storage().quorum().is_some() && crate::quorum::needs_dirname(&b.name) {
+                if image.storage().quorum_node().is_some()
+                    && crate::quorum::dirname::needs_dirname(&b.name)
+                {
                     return None;
                 }
                 // Shown as a blkdebug name (`blkdebug:...`, `json:{...}`), the image's folder

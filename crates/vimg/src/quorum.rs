@@ -31,18 +31,30 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::formats::Format;
-use crate::image::Image;
-use crate::info::{ChildInfo, NodeInfo};
 use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
 use crate::storage::Storage;
 
-/// QEMU's words for a relative name that must be resolved against a quorum node.
-pub const NO_DIRNAME: &str = "Cannot generate a base directory for quorum nodes";
+pub mod dirname;
 
-/// True when `name`, read from an image, must be resolved against its image's folder (not
-/// absolute, no protocol prefix): over a quorum node that fails with [`NO_DIRNAME`].
-pub fn needs_dirname(name: &str) -> bool {
-    !name.starts_with('/') && !crate::gate::is_protocol_path(name)
+pub use dirname::{needs_dirname, NO_DIRNAME};
+
+/// A child node as the quorum reads it (an opened image: `image/quorum.rs` implements it
+/// for [`crate::Image`]), so this module needs nothing of the image layer.
+pub trait QuorumChild: Send + Sync + std::fmt::Debug {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Block status at `pos`: (reads as zero, length of the run), at most `len` long.
+    fn status(&self, pos: u64, len: u64) -> Result<(bool, u64)>;
+    /// Its name as the user gave it.
+    fn name(&self) -> &str;
+    /// The file it stands on.
+    fn storage(&self) -> &Arc<dyn Storage>;
+    /// Bytes its files occupy on disk.
+    fn allocated(&self) -> u64;
+    /// Every file it reads.
+    fn all_files(&self) -> Vec<Arc<dyn Storage>>;
 }
 
 /// Where the quorum node sits.
@@ -435,7 +447,7 @@ impl QuorumName {
 /// An opened quorum node: its children and how they vote.
 #[derive(Debug)]
 pub struct Quorum {
-    children: Vec<Arc<Image>>,
+    children: Vec<Arc<dyn QuorumChild>>,
     /// True for children that are file nodes (their bytes).
     is_file: Vec<bool>,
     threshold: usize,
@@ -449,11 +461,11 @@ impl Quorum {
     /// A quorum of `children` (opened; file children as raw images of their bytes).
     pub(crate) fn new(
         q: &QuorumName,
-        children: Vec<Arc<Image>>,
+        children: Vec<Arc<dyn QuorumChild>>,
         is_file: Vec<bool>,
     ) -> Result<Quorum> {
-        let len = children.first().map(|c| c.virtual_size()).unwrap_or(0);
-        if children.iter().any(|c| c.virtual_size() != len) {
+        let len = children.first().map(|c| c.size()).unwrap_or(0);
+        if children.iter().any(|c| c.size() != len) {
             // QEMU's getlength fails with EIO when the children's lengths differ.
             return Err(Error::invalid(
                 "Could not refresh total sector count: Input/output error",
@@ -479,48 +491,35 @@ impl Quorum {
         &self.name
     }
 
-    /// The node as `info` describes it: a `quorum` node whose children are listed newest
-    /// first, as qemu keeps them.
-    pub fn node_info(&self) -> NodeInfo {
-        let mut children: Vec<ChildInfo> = self
-            .children
+    /// The size of the node in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when the node holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The children, in order, each with whether it is a file node.
+    pub fn children(&self) -> impl Iterator<Item = (&dyn QuorumChild, bool)> {
+        self.children
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mut ci = crate::info::children::protocol_child(
-                    format!("children.{i}"),
-                    c.filename().to_string(),
-                    c.storage(),
-                );
-                if !self.is_file[i] {
-                    // Not a protocol node; `info` refuses such quorums before it gets here.
-                    ci.info.format = "unknown";
-                }
-                ci
-            })
-            .collect();
-        children.reverse();
-        NodeInfo {
-            children,
-            virtual_size: self.len,
-            filename: self.name.clone(),
-            format: "quorum",
-            actual_size: self.disk_usage(),
-            format_specific: None,
-            dirty_flag: None,
-        }
+            .map(|c| &**c)
+            .zip(self.is_file.iter().copied())
+    }
+
+    /// Bytes the children occupy on disk (qemu sums its children's).
+    pub fn disk_usage(&self) -> u64 {
+        self.children
+            .iter()
+            .map(|c| c.allocated())
+            .fold(0u64, u64::saturating_add)
     }
 
     /// True when every child is a file node (what `info` can describe).
     pub fn children_are_files(&self) -> bool {
         self.is_file.iter().all(|f| *f)
-    }
-
-    fn disk_usage(&self) -> u64 {
-        self.children
-            .iter()
-            .map(|c| c.reader().allocated_size().unwrap_or(0))
-            .fold(0u64, u64::saturating_add)
     }
 
     /// Reads `buf.len()` bytes at `offset` (inside the node) by the read pattern.
@@ -529,7 +528,7 @@ impl Quorum {
         if self.pattern == ReadPattern::Fifo {
             let mut last = libc::EIO;
             for c in &self.children {
-                match c.read_at(buf, offset) {
+                match c.read(buf, offset) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = errno(&e),
                 }
@@ -539,7 +538,7 @@ impl Quorum {
         let mut versions: Vec<Result<Vec<u8>>> = Vec::with_capacity(self.children.len());
         for c in &self.children {
             let mut v = vec![0u8; buf.len()];
-            versions.push(c.read_at(&mut v, offset).map(|()| v));
+            versions.push(c.read(&mut v, offset).map(|()| v));
         }
         let ok: Vec<&Vec<u8>> = versions.iter().filter_map(|v| v.as_ref().ok()).collect();
         if ok.len() < self.threshold {
@@ -585,12 +584,11 @@ impl Quorum {
     /// Block status at `pos`: zero where every child says zero (the shortest run), else
     /// data (the longest data run), as QEMU's quorum answers.
     fn status(&self, pos: u64, max_len: u64) -> (bool, u64) {
-        let end = pos.saturating_add(max_len);
         let (mut zero_len, mut data_len) = (max_len, 0u64);
         for c in &self.children {
-            match crate::map::entry_at(c, pos, end) {
-                Ok(e) if e.zero => zero_len = zero_len.min(e.length),
-                Ok(e) => data_len = data_len.max(e.length),
+            match c.status(pos, max_len) {
+                Ok((true, n)) => zero_len = zero_len.min(n),
+                Ok((false, n)) => data_len = data_len.max(n),
                 Err(_) => {
                     data_len = max_len;
                     break;
@@ -681,8 +679,12 @@ impl Storage for QuorumStorage {
         Some(self.q.disk_usage())
     }
 
-    fn quorum(&self) -> Option<&Quorum> {
-        Some(&self.q)
+    fn quorum_node(&self) -> Option<&str> {
+        Some(&self.q.name)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 }
 
@@ -728,9 +730,7 @@ impl ImageReader for QuorumReader {
     fn files(&self) -> Vec<Arc<dyn Storage>> {
         let mut v = vec![self.file.clone()];
         for c in &self.q.children {
-            for layer in c.chain() {
-                v.extend(layer.reader().files());
-            }
+            v.extend(c.all_files());
         }
         v
     }

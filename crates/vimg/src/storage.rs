@@ -56,9 +56,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
         None
     }
 
-    /// The quorum node this source is (a [`crate::quorum`] node the user named): it has no
-    /// folder to resolve relative names against, and `info` describes it as a node.
-    fn quorum(&self) -> Option<&crate::quorum::Quorum> {
+    /// The name of the quorum node this source is (a `quorum` node the user named): it
+    /// has no folder to resolve relative names against.
+    fn quorum_node(&self) -> Option<&str> {
+        None
+    }
+
+    /// The source as `Any`, for the few that `info` describes as nodes of their own (a
+    /// quorum node).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
 

@@ -81,8 +81,8 @@ impl OpenContext {
 
     /// Resolves `name` (found in `field`) through the gate and opens it read-only.
     pub fn open_external(&self, field: &str, name: &str) -> Result<Arc<dyn Storage>> {
-        if self.quorum_node.is_some() && crate::quorum::needs_dirname(name) {
-            return Err(Error::invalid(crate::quorum::NO_DIRNAME));
+        if self.quorum_node.is_some() && crate::quorum::dirname::needs_dirname(name) {
+            return Err(Error::invalid(crate::quorum::dirname::NO_DIRNAME));
         }
         self.refuse_backslash_dotdot(field, name)?;
         let (path, file) = gate::open(self.path.as_deref(), field, name, self.policy)?;

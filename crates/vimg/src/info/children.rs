@@ -62,9 +62,13 @@ pub struct NodeInfo {
 /// format's own files last to first (`extents.2`, `extents.1`, `extents.0`), then `file`.
 pub fn children(image: &Image) -> Vec<ChildInfo> {
     let r = image.reader();
-    if let Some(q) = image.storage().quorum() {
+    let quorum = image
+        .storage()
+        .as_any()
+        .and_then(|a| a.downcast_ref::<crate::quorum::QuorumStorage>());
+    if let Some(q) = quorum {
         // A quorum node is the disk (its children), or the file of the format above it.
-        let node = q.node_info();
+        let node = quorum_node(q.quorum());
         if r.driver_name() == "quorum" {
             return node.children;
         }
@@ -111,6 +115,28 @@ pub fn children(image: &Image) -> Vec<ChildInfo> {
     }
     v.push(file);
     v
+}
+
+/// A quorum node as `info` describes it: a `quorum` node whose children are listed newest
+/// first, as qemu keeps them. (`info` refuses quorums with other than file children.)
+fn quorum_node(q: &crate::quorum::Quorum) -> NodeInfo {
+    let mut children: Vec<ChildInfo> = q
+        .children()
+        .enumerate()
+        .map(|(i, (c, _))| {
+            protocol_child(format!("children.{i}"), c.name().to_string(), c.storage())
+        })
+        .collect();
+    children.reverse();
+    NodeInfo {
+        children,
+        virtual_size: q.len(),
+        filename: q.name().to_string(),
+        format: "quorum",
+        actual_size: q.disk_usage(),
+        format_specific: None,
+        dirty_flag: None,
+    }
 }
 
 pub(crate) fn protocol_child(

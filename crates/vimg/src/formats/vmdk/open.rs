@@ -758,11 +758,11 @@ impl VmdkReader {
                 if let Some(node) = ctx
                     .quorum_node
                     .as_ref()
-                    .filter(|_| crate::quorum::needs_dirname(&name))
+                    .filter(|_| crate::quorum::dirname::needs_dirname(&name))
                 {
                     return Err(Error::invalid(format!(
                         "Cannot use relative paths with VMDK descriptor file '{node}': {}",
-                        crate::quorum::NO_DIRNAME
+                        crate::quorum::dirname::NO_DIRNAME
                     )));
                 }
                 let f = ctx.open_external(&label, &name)?;
