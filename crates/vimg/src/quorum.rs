@@ -587,8 +587,8 @@ impl Quorum {
         let (mut zero_len, mut data_len) = (max_len, 0u64);
         for c in &self.children {
             match c.status(pos, max_len) {
-                Ok((true, n)) => zero_len = zero_len.min(n),
-                Ok((false, n)) => data_len = data_len.max(n),
+                Ok((true, n)) => zero_len = zero_len.min(n.max(1)),
+                Ok((false, n)) => data_len = data_len.max(n.max(1)),
                 Err(_) => {
                     data_len = max_len;
                     break;
@@ -598,7 +598,7 @@ impl Quorum {
         if data_len > 0 {
             (false, data_len.min(max_len))
         } else {
-            (true, zero_len.clamp(1, max_len))
+            (true, zero_len.min(max_len).max(1))
         }
     }
 }
