@@ -252,6 +252,12 @@ impl Image {
             {
                 return filter::open(&b, opts);
             }
+            // quorum (votes over copies), which the user names: see `crate::quorum`.
+            if let Some(q) =
+                crate::quorum::parse_name(&name, opts.image_opts).map_err(|e| e.with_path(p))?
+            {
+                return filter::open_quorum(&q, opts).map_err(|e| e.with_path(p));
+            }
             if opts.image_opts || source::cmdline::is_special(&name) {
                 let u =
                     source::cmdline::parse(&name, opts.image_opts).map_err(|e| e.with_path(p))?;
@@ -287,6 +293,11 @@ impl Image {
                 }
                 if let Some(name) = keyed_name(&u, img.format()) {
                     img.filename = name;
+                }
+                if u.direct && img.format() == Format::Raw && img.backing.is_none() {
+                    // O_DIRECT changes what raw's block status reports (iotest 253).
+                    img.reader =
+                        Box::new(crate::formats::raw::RawReader::direct(img.storage.clone()));
                 }
                 return Ok(img);
             }
@@ -442,9 +453,11 @@ impl Image {
             ctx.key_secret = storage.identity().and_then(crate::secret::file_key);
         }
         ctx.metadata_only = opts.metadata_only;
+        ctx.quorum_node = storage.quorum_node().map(str::to_string);
         let reader = registry::driver(format)
             .open(storage.clone(), &ctx)
             .map_err(with_path)?;
+        let storage_is_quorum = storage.quorum_node().is_some();
         let mut image = Image {
             reader,
             backing: None,
@@ -456,6 +469,9 @@ impl Image {
         };
         if opts.open_backing {
             if let Some(b) = image.reader.backing().cloned() {
+                if storage_is_quorum && crate::quorum::dirname::needs_dirname(&b.name) {
+                    return Err(Error::invalid(crate::quorum::dirname::NO_DIRNAME));
+                }
                 let names = std::iter::once(&b.name).chain(b.alternatives.iter());
                 // The first name is the one the image prefers (a VHD's relative parent
                 // locator); its error is the one worth reporting.

@@ -6,7 +6,7 @@ use serde::Serialize;
 use crate::image::Image;
 use crate::mapping::{ExternalRef, FormatSpecific, SnapshotInfo};
 
-mod children;
+pub(crate) mod children;
 pub use children::{children, ChildInfo, NodeInfo, ProtocolSpecific};
 
 /// One snapshot in qemu-img's JSON shape.
@@ -121,9 +121,16 @@ impl ImageInfo {
             virtual_size: r.virtual_size(),
             filename: image.filename().to_string(),
             cluster_size: r.cluster_size(),
-            format: r.format().name().to_string(),
+            format: r.driver_name().to_string(),
             actual_size,
-            full_backing_filename: backing.map(|b| {
+            full_backing_filename: backing.and_then(|b| {
+                // Over a quorum node a relative name has no folder to resolve against
+                // (qemu-img: "cannot determine actual path").
+                if image.storage().quorum_node().is_some()
+                    && crate::quorum::dirname::needs_dirname(&b.name)
+                {
+                    return None;
+                }
                 // Shown as a blkdebug name (`blkdebug:...`, `json:{...}`), the image's folder
                 // is its file's, as QEMU's `bdrv_dirname` finds it through the layer.
                 let shown = image.filename();
@@ -132,13 +139,15 @@ impl ImageInfo {
                 } else {
                     Some(std::path::Path::new(shown))
                 };
-                crate::image::full_backing_name(base, &b.name)
+                Some(crate::image::full_backing_name(base, &b.name))
             }),
             backing_filename: backing.map(|b| b.name.clone()),
             snapshots: r.snapshots().iter().map(SnapshotJson::from).collect(),
             format_specific: r.format_specific(),
             encrypted: r.encrypted().then_some(true),
-            dirty_flag: r.format().reports_dirty_flag().then(|| r.dirty()),
+            // A quorum node has no dirty flag to report.
+            dirty_flag: (r.format().reports_dirty_flag() && r.driver_name() != "quorum")
+                .then(|| r.dirty()),
             external_references: r.external_refs(),
             children: children(image),
         }

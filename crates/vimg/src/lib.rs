@@ -166,6 +166,8 @@ pub mod options;
 #[doc(hidden)]
 pub mod output;
 pub(crate) mod ova;
+/// QEMU's `quorum` driver, read-only, for names the user types.
+pub mod quorum;
 mod read_seek;
 #[doc(hidden)]
 pub mod secret;

@@ -111,9 +111,19 @@ pub fn entry_at(image: &Image, pos: u64, end: u64) -> Result<Extent> {
                     _ => {}
                 }
             }
+            // Under O_DIRECT qemu's file driver rounds a data run that ends in a partial
+            // sector at the end of the file up to the sector's end.
+            let align = r.status_alignment();
+            if let Some(st) = r.file(file).filter(|_| align > 1 && !zero) {
+                let flen = st.len();
+                if offset.get().checked_add(length) == Some(flen) && flen % align != 0 {
+                    let to = flen.div_ceil(align).saturating_mul(align) - offset.get();
+                    length = to.min(end - pos);
+                }
+            }
             // Encrypted data has no host offset qemu would print (its bytes are not the
-            // guest's).
-            let offset = (!r.encrypted()).then(|| offset.get());
+            // guest's); nor has a quorum node's.
+            let offset = (!r.encrypted() && r.host_offsets()).then(|| offset.get());
             (true, zero, true, false, offset, file_path(file))
         }
         MapKind::Compressed { file, .. } => (true, false, true, true, None, file_path(file)),

@@ -370,6 +370,26 @@ pub trait ImageReader: Send + Sync {
         true
     }
 
+    /// QEMU's request alignment of the file under this reader: 512 when the user opened it
+    /// with `cache.direct=on` (`O_DIRECT`), else 1. `map` then reports a data run ending in
+    /// a partial sector at the end of the file as data to the sector's end, as qemu's file
+    /// driver rounds it (iotest 253).
+    fn status_alignment(&self) -> u64 {
+        1
+    }
+
+    /// False when qemu's block status for this node carries no host offset (a `quorum`
+    /// node: its data is in every child at once); `map` then prints none.
+    fn host_offsets(&self) -> bool {
+        true
+    }
+
+    /// The driver name `info` prints (`file format`): the format's, or another node's
+    /// (`quorum`).
+    fn driver_name(&self) -> &'static str {
+        self.format().name()
+    }
+
     /// Non-fatal problems found while opening (e.g. the qcow2 corrupt bit), for the CLI to print.
     fn warnings(&self) -> Vec<String> {
         Vec::new()

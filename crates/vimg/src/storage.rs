@@ -56,6 +56,18 @@ pub trait Storage: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The name of the quorum node this source is (a `quorum` node the user named): it
+    /// has no folder to resolve relative names against.
+    fn quorum_node(&self) -> Option<&str> {
+        None
+    }
+
+    /// The source as `Any`, for the few that `info` describes as nodes of their own (a
+    /// quorum node).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+
     /// Bytes the source occupies on disk (`st_blocks * 512`), for `info`'s `actual-size`.
     fn disk_usage(&self) -> Option<u64> {
         None

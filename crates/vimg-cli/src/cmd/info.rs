@@ -242,7 +242,9 @@ fn info_human(image: &Image) -> String {
         s.push_str(&format!("backing file: {}", esc(b)));
         match &info.full_backing_filename {
             Some(full) if full != b => s.push_str(&format!(" (actual path: {})\n", esc(full))),
-            _ => s.push('\n'),
+            Some(_) => s.push('\n'),
+            // No folder to resolve the name against (an image over a quorum node).
+            None => s.push_str(" (cannot determine actual path)\n"),
         }
         if let Some(f) = &info.backing_filename_format {
             s.push_str(&format!("backing file format: {f}\n"));
@@ -258,22 +260,39 @@ fn info_human(image: &Image) -> String {
         s.push_str("Format specific information:\n");
         dump_value(&Value::Object(fs.data.clone()), 1, &mut s);
     }
-    for c in &info.children {
-        s.push_str(&format!("Child node '/{}':\n", c.name));
-        s.push_str(&format!("    filename: {}\n", esc(&c.info.filename)));
-        s.push_str(&format!("    protocol type: {}\n", c.info.format));
+    child_nodes(&info.children, "", 1, &mut s);
+    s
+}
+
+/// qemu-img's "Child node" blocks: a node without children of its own is a protocol node
+/// (filename, protocol type, file length); one with children (a quorum) is shown as an
+/// image, its children below it, one level deeper.
+fn child_nodes(children: &[vimg::info::ChildInfo], path: &str, depth: usize, s: &mut String) {
+    let ind = "    ".repeat(depth);
+    for c in children {
+        let child_path = format!("{path}/{}", c.name);
+        s.push_str(&format!(
+            "{}Child node '{child_path}':\n",
+            "    ".repeat(depth - 1)
+        ));
+        let i = &c.info;
+        let protocol = i.children.is_empty();
+        let [name, kind, size] = if protocol {
+            ["filename", "protocol type", "file length"]
+        } else {
+            ["image", "file format", "virtual size"]
+        };
+        s.push_str(&format!("{ind}{name}: {}\n", esc(&i.filename)));
+        s.push_str(&format!("{ind}{kind}: {}\n", i.format));
         // qemu's file driver counts whole sectors.
         s.push_str(&format!(
-            "    file length: {} ({} bytes)\n",
-            size_to_str(c.info.virtual_size),
-            c.info.virtual_size
+            "{ind}{size}: {} ({} bytes)\n",
+            size_to_str(i.virtual_size),
+            i.virtual_size
         ));
-        s.push_str(&format!(
-            "    disk size: {}\n",
-            size_to_str(c.info.actual_size)
-        ));
+        s.push_str(&format!("{ind}disk size: {}\n", size_to_str(i.actual_size)));
+        child_nodes(&i.children, &child_path, depth + 1, s);
     }
-    s
 }
 
 /// Local date and time as qemu prints snapshot dates (`2026-11-25 20:18:21`).

@@ -283,7 +283,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, Option<String>)>) {
 }
 
 /// Puts `v` at the dotted key `k` of a JSON object tree (`""`: the tree is `v`).
-fn insert_dotted(obj: &mut Value, k: &str, v: Option<String>) {
+pub(crate) fn insert_dotted(obj: &mut Value, k: &str, v: Option<String>) {
     let leaf = v.map(Value::String).unwrap_or(Value::Null);
     if k.is_empty() {
         *obj = leaf;

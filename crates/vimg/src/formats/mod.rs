@@ -60,6 +60,9 @@ pub struct OpenContext {
     /// Set by the legacy AES wrapper (formats/qcow2/aes.rs): the qcow2 reader may open an
     /// AES-encrypted image.
     pub(crate) legacy_aes: bool,
+    /// The name of the quorum node the image stands on ([`crate::quorum`]), which has no
+    /// folder: relative names inside the image cannot be resolved.
+    pub(crate) quorum_node: Option<String>,
 }
 
 impl OpenContext {
@@ -72,11 +75,15 @@ impl OpenContext {
             metadata_only: false,
             qcow2_luks: false,
             legacy_aes: false,
+            quorum_node: None,
         }
     }
 
     /// Resolves `name` (found in `field`) through the gate and opens it read-only.
     pub fn open_external(&self, field: &str, name: &str) -> Result<Arc<dyn Storage>> {
+        if self.quorum_node.is_some() && crate::quorum::dirname::needs_dirname(name) {
+            return Err(Error::invalid(crate::quorum::dirname::NO_DIRNAME));
+        }
         self.refuse_backslash_dotdot(field, name)?;
         let (path, file) = gate::open(self.path.as_deref(), field, name, self.policy)?;
         let s = FileStorage::from_file(file, &path).map_err(|e| {

@@ -2,6 +2,9 @@
 //! names and rules): between a format and its file, the file read through the rules; above
 //! an image, the image's guest disk read through them, its block status asked of the image
 //! below (`map` looks through it, as qemu-img looks through filters).
+//!
+//! And a quorum node the user names (see [`crate::quorum`] for the names and the voting):
+//! the node itself as the disk, or as the file of a format above it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,9 @@ use crate::blkdebug::{Blkdebug, BlkdebugName, BlkdebugStorage, Event, IoType, Le
 use crate::error::{Error, ErrorKind, Result};
 use crate::formats::Format;
 use crate::mapping::{Extent, FileId, GuestOffset, HostOffset, ImageReader, MapKind};
+use crate::quorum::{
+    ChildName, Level as QuorumLevel, Quorum, QuorumChild, QuorumName, QuorumReader, QuorumStorage,
+};
 use crate::source::Source;
 use crate::storage::{FileStorage, Storage};
 
@@ -153,5 +159,141 @@ impl ImageReader for BlkdebugReader {
             v.extend(layer.reader().files());
         }
         v
+    }
+}
+
+/// Opens what a quorum name describes.
+pub(crate) fn open_quorum(q: &QuorumName, opts: &OpenOptions) -> Result<Image> {
+    let mut children = Vec::with_capacity(q.children.len());
+    let mut is_file = Vec::with_capacity(q.children.len());
+    for c in &q.children {
+        let child = match c {
+            ChildName::File(path) => {
+                is_file.push(true);
+                let raw = OpenOptions {
+                    format: Some(Format::Raw),
+                    open_backing: false,
+                    image_opts: false,
+                    key_secret: None,
+                    ..opts.clone()
+                };
+                open_file(path, &raw)?
+            }
+            ChildName::Probe(path) => {
+                is_file.push(false);
+                let probe = OpenOptions {
+                    format: None,
+                    image_opts: false,
+                    key_secret: None,
+                    ..opts.clone()
+                };
+                open_file(path, &probe)?
+            }
+            ChildName::Node(name) => {
+                is_file.push(false);
+                let inner = OpenOptions {
+                    format: None,
+                    image_opts: false,
+                    key_secret: None,
+                    ..opts.clone()
+                };
+                Image::open_source(&Source::Path(name.into()), &inner)?
+            }
+        };
+        children.push(Arc::new(child) as Arc<dyn QuorumChild>);
+    }
+    if opts.metadata_only {
+        if let Some(i) = is_file.iter().position(|f| !f) {
+            // qemu-img's info describes each child as a whole node (format, size, its own
+            // children); vimg describes file children only and says so rather than half.
+            return Err(Error::unsupported(format!(
+                "vimg describes a quorum node whose children are files; child {i} is an \
+                 image ('{}')",
+                children[i].name()
+            )));
+        }
+    }
+    let quorum = Arc::new(Quorum::new(q, children, is_file)?);
+    let storage: Arc<dyn Storage> = Arc::new(QuorumStorage::new(quorum.clone()));
+    match q.level {
+        QuorumLevel::Top => {
+            let reader = QuorumReader {
+                q: quorum,
+                file: storage.clone(),
+            };
+            Ok(Image::from_reader(
+                Box::new(reader),
+                q.shown(Format::Raw),
+                storage,
+            ))
+        }
+        QuorumLevel::File(format) => {
+            let inner = OpenOptions {
+                format: opts.format.or(format),
+                open_backing: opts.open_backing && q.open_backing,
+                image_opts: false,
+                ..opts.clone()
+            };
+            let mut image = Image::open_chain(
+                storage,
+                None,
+                quorum.name().to_string(),
+                &inner,
+                inner.format,
+                0,
+                &mut Vec::new(),
+            )?;
+            image.filename = q.shown(image.format());
+            Ok(image)
+        }
+    }
+}
+
+/// A child the user named by its file name: opened as given (the user's name, no gate).
+fn open_file(path: &Path, opts: &OpenOptions) -> Result<Image> {
+    let file = FileStorage::open(path).map_err(|e| {
+        Error::msg(
+            ErrorKind::Io,
+            format!(
+                "Could not open '{}': {}",
+                path.display(),
+                crate::blkdebug::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+            ),
+        )
+    })?;
+    Image::open_storage(Arc::new(file), Some(path), opts)
+}
+
+impl QuorumChild for Image {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at(buf, offset)
+    }
+
+    fn status(&self, pos: u64, len: u64) -> Result<(bool, u64)> {
+        let (e, _, _) = self.map_flat(pos, len)?;
+        Ok((!e.kind.has_data(), e.len))
+    }
+
+    fn name(&self) -> &str {
+        self.filename()
+    }
+
+    fn storage(&self) -> &Arc<dyn Storage> {
+        Image::storage(self)
+    }
+
+    fn allocated(&self) -> u64 {
+        self.reader().allocated_size().unwrap_or(0)
+    }
+
+    fn all_files(&self) -> Vec<Arc<dyn Storage>> {
+        self.chain()
+            .iter()
+            .flat_map(|l| l.reader().files())
+            .collect()
     }
 }

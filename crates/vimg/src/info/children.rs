@@ -49,10 +49,12 @@ pub struct NodeInfo {
     pub format: &'static str,
     /// Bytes the file occupies on disk (0 when unknown).
     pub actual_size: u64,
-    /// Always the empty `file` block.
-    pub format_specific: ProtocolSpecific,
-    /// Always false: a protocol node has no dirty flag.
-    pub dirty_flag: bool,
+    /// The empty `file` block for a protocol node; none for a quorum node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<ProtocolSpecific>,
+    /// False for a protocol node (it has no dirty flag); none for a quorum node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_flag: Option<bool>,
 }
 
 /// The `children` qemu-img 10 prints for `image`'s top layer. qemu keeps a node's children
@@ -60,6 +62,21 @@ pub struct NodeInfo {
 /// format's own files last to first (`extents.2`, `extents.1`, `extents.0`), then `file`.
 pub fn children(image: &Image) -> Vec<ChildInfo> {
     let r = image.reader();
+    let quorum = image
+        .storage()
+        .as_any()
+        .and_then(|a| a.downcast_ref::<crate::quorum::QuorumStorage>());
+    if let Some(q) = quorum {
+        // A quorum node is the disk (its children), or the file of the format above it.
+        let node = quorum_node(q.quorum());
+        if r.driver_name() == "quorum" {
+            return node.children;
+        }
+        return vec![ChildInfo {
+            name: "file".into(),
+            info: node,
+        }];
+    }
     let folder_of = Some(Path::new(image.filename()));
     let mut v: Vec<ChildInfo> = r
         .child_nodes()
@@ -100,7 +117,33 @@ pub fn children(image: &Image) -> Vec<ChildInfo> {
     v
 }
 
-fn protocol_child(name: String, filename: String, storage: &Arc<dyn Storage>) -> ChildInfo {
+/// A quorum node as `info` describes it: a `quorum` node whose children are listed newest
+/// first, as qemu keeps them. (`info` refuses quorums with other than file children.)
+fn quorum_node(q: &crate::quorum::Quorum) -> NodeInfo {
+    let mut children: Vec<ChildInfo> = q
+        .children()
+        .enumerate()
+        .map(|(i, (c, _))| {
+            protocol_child(format!("children.{i}"), c.name().to_string(), c.storage())
+        })
+        .collect();
+    children.reverse();
+    NodeInfo {
+        children,
+        virtual_size: q.len(),
+        filename: q.name().to_string(),
+        format: "quorum",
+        actual_size: q.disk_usage(),
+        format_specific: None,
+        dirty_flag: None,
+    }
+}
+
+pub(crate) fn protocol_child(
+    name: String,
+    filename: String,
+    storage: &Arc<dyn Storage>,
+) -> ChildInfo {
     ChildInfo {
         name,
         info: NodeInfo {
@@ -109,11 +152,11 @@ fn protocol_child(name: String, filename: String, storage: &Arc<dyn Storage>) ->
             format: protocol_of(&filename),
             filename,
             actual_size: storage.disk_usage().unwrap_or(0),
-            format_specific: ProtocolSpecific {
+            format_specific: Some(ProtocolSpecific {
                 kind: "file",
                 data: serde_json::Map::new(),
-            },
-            dirty_flag: false,
+            }),
+            dirty_flag: Some(false),
         },
     }
 }

@@ -35,6 +35,9 @@ pub struct UserName {
     /// way of giving an encrypted backing file its key, iotest 198). vimg opens the
     /// backing file the image names; these must name that same file.
     pub backing: Option<Box<UserName>>,
+    /// `cache.direct=on` (or `file.cache.direct`): QEMU opens the file with `O_DIRECT`,
+    /// which aligns block status to whole sectors ([`crate::formats::raw::RawReader`]).
+    pub direct: bool,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -116,6 +119,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             window: None,
             key_secret: None,
             backing: None,
+            direct: false,
         });
     } else {
         return Ok(UserName {
@@ -125,6 +129,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             window: None,
             key_secret: None,
             backing: None,
+            direct: false,
         });
     };
     from_pairs(name, &pairs)
@@ -209,6 +214,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut filename_key: Option<String> = None;
     let mut open_backing = true;
     let mut key_secret: Option<String> = None;
+    let mut direct = false;
     let mut backing: Vec<(String, Option<String>)> = Vec::new();
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
     let number = |k: &str, v: &Option<String>| -> Result<u64> {
@@ -253,6 +259,17 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
             "key-secret" | "encrypt.key-secret" => key_secret = Some(val()?),
             "offset" => offset = Some(number(k, v)?),
             "size" => size = Some(number(k, v)?),
+            "cache.direct" | "file.cache.direct" => {
+                direct = match v.as_deref() {
+                    Some("on" | "true" | "yes") => true,
+                    Some("off" | "false" | "no") => false,
+                    _ => {
+                        return Err(Error::invalid_argument(format!(
+                            "Parameter '{k}' expects 'on' or 'off'"
+                        )))
+                    }
+                }
+            }
             k if ignored(k) => {}
             k => return Err(unsupported(k)),
         }
@@ -310,6 +327,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
         window,
         key_secret,
         backing,
+        direct,
     })
 }
 

@@ -10,13 +10,24 @@ use crate::storage::Storage;
 /// Reads a raw image.
 pub struct RawReader {
     storage: Arc<dyn Storage>,
+    /// See [`ImageReader::status_alignment`].
+    align: u64,
 }
 
 impl RawReader {
     /// A reader over `storage`; the virtual size is the file length rounded up to a whole
     /// sector, as qemu counts it (the bytes past the end read as zeros).
     pub fn new(storage: Arc<dyn Storage>) -> RawReader {
-        RawReader { storage }
+        RawReader { storage, align: 1 }
+    }
+
+    /// A reader over a file the user opened with `cache.direct=on`: block status is
+    /// reported in whole sectors, as qemu's file driver reports it under `O_DIRECT`.
+    pub fn direct(storage: Arc<dyn Storage>) -> RawReader {
+        RawReader {
+            storage,
+            align: 512,
+        }
     }
 }
 
@@ -65,6 +76,10 @@ impl ImageReader for RawReader {
 
     fn zero_location(&self, e: &Extent) -> Option<(FileId, HostOffset)> {
         Some((FileId(0), HostOffset(e.start.get())))
+    }
+
+    fn status_alignment(&self) -> u64 {
+        self.align
     }
 }
 

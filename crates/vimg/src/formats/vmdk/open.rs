@@ -755,6 +755,16 @@ impl VmdkReader {
                     name: name.clone(),
                     role: RefRole::Data,
                 });
+                if let Some(node) = ctx
+                    .quorum_node
+                    .as_ref()
+                    .filter(|_| crate::quorum::dirname::needs_dirname(&name))
+                {
+                    return Err(Error::invalid(format!(
+                        "Cannot use relative paths with VMDK descriptor file '{node}': {}",
+                        crate::quorum::dirname::NO_DIRNAME
+                    )));
+                }
                 let f = ctx.open_external(&label, &name)?;
                 let id = u16::try_from(files.len())
                     .map_err(|_| Error::unsupported("too many extent files"))?;
