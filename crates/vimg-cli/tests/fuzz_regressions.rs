@@ -59,7 +59,10 @@ fn vhdx_log_guid_without_entries_checks_silently_like_qemu() {
         patch(&img, off, &buf);
     }
     let compat = as_qemu_img(d);
-    for args in [&["check", "-f", "vhdx"][..], &["check", "-r", "all", "-f", "vhdx"]] {
+    for args in [
+        &["check", "-f", "vhdx"][..],
+        &["check", "-r", "all", "-f", "vhdx"],
+    ] {
         let q_img = d.join("q.vhdx");
         let v_img = d.join("v.vhdx");
         let c_img = d.join("c.vhdx");
@@ -71,9 +74,15 @@ fn vhdx_log_guid_without_entries_checks_silently_like_qemu() {
             a.push(s(i));
             a.iter().map(|x| x.to_string()).collect::<Vec<_>>()
         };
-        let q = run_cmd("qemu-img", &with(&q_img).iter().map(String::as_str).collect::<Vec<_>>());
+        let q = run_cmd(
+            "qemu-img",
+            &with(&q_img).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         let v = vimg_raw(&with(&v_img).iter().map(String::as_str).collect::<Vec<_>>());
-        let c = run(&compat, &with(&c_img).iter().map(String::as_str).collect::<Vec<_>>());
+        let c = run(
+            &compat,
+            &with(&c_img).iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         assert_eq!(q.status.code(), Some(0), "qemu-img {args:?}: {}", said(&q));
         assert_eq!(said(&v), said(&q), "vimg {args:?}");
         assert_eq!(v.status.code(), q.status.code(), "vimg {args:?}");
@@ -83,5 +92,9 @@ fn vhdx_log_guid_without_entries_checks_silently_like_qemu() {
     // The open still says it where qemu-img reads without a word: a warning of vimg's own.
     let out = vimg_raw(&["convert", "-O", "raw", s(&img), s(&d.join("o.raw"))]);
     assert!(out.status.success(), "{}", said(&out));
-    assert!(said(&out).contains("no valid entry sequence"), "{}", said(&out));
+    assert!(
+        said(&out).contains("no valid entry sequence"),
+        "{}",
+        said(&out)
+    );
 }
