@@ -1,5 +1,6 @@
 //! Untrusted bytes repaired in place (`check -r`): the first byte picks the format (low
-//! two bits: 0 qed, 1 parallels, 2 or 3 qcow2) and the mode (bit 2: `all`, else `leaks`),
+//! two bits: 0 qed, 1 parallels, 2 qcow2, 3 vhdx, whose repair replays its log) and the
+//! mode (bit 2: `all`, else `leaks`),
 //! the rest is the image, written to a file in a private folder (next to a 256 KiB raw
 //! file `b`, the backing file the seeds name). The image is opened as `vimg check -r`
 //! opens it (`updater::open_for_repair`) and repaired. Errors are fine; panics, aborts,
@@ -29,7 +30,7 @@ const FORMATS: [(Format, &str); 4] = [
     (Format::Qed, "img.qed"),
     (Format::Parallels, "img.hds"),
     (Format::Qcow2, "img.qcow2"),
-    (Format::Qcow2, "img.qcow2"),
+    (Format::Vhdx, "img.vhdx"),
 ];
 
 fn sizes(p: &std::path::Path) -> (u64, u64) {
