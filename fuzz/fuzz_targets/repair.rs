@@ -88,9 +88,24 @@ fuzz_target!(|data: &[u8]| {
         let leaks_may_follow = format == Format::Parallels && rep.corruptions_fixed > 0;
         match &second {
             Ok(r2) if settled => {
+                // Parallels again, as QEMU 10.0.2: a repair that cuts leaked space off
+                // the end may leave a data_off that was inside the old file past the new
+                // end, which only the next repair fixes (found by this target in issue
+                // 18's run; qemu-img check -r all does the same, twice, to that input).
+                let data_off_may_follow = format == Format::Parallels
+                    && rep.leaks_fixed > 0
+                    && r2
+                        .before
+                        .messages
+                        .iter()
+                        .all(|m| m.contains("data_off field"));
                 assert_eq!(
                     (
-                        r2.corruptions_fixed,
+                        if data_off_may_follow {
+                            0
+                        } else {
+                            r2.corruptions_fixed
+                        },
                         if leaks_may_follow { 0 } else { r2.leaks_fixed }
                     ),
                     (0, 0),
