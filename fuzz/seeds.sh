@@ -258,11 +258,15 @@ if wanted qed_update || wanted bat_update || wanted repair; then
     cp q.qcow2 leak.qcow2 && head -c 1024 ../src.raw >> leak.qcow2
     qemu-img create -q -f qcow2 -o cluster_size=512 -b b -F raw overb.qcow2 256k
     qemu-io -f qcow2 -c "write -P 8 0 2k" overb.qcow2 >/dev/null
+    # vhdx (8-9 MiB files: run with -max_len=10485760): empty, and a block written.
+    qemu-img create -q -f vhdx -o block_size=1M e.vhdx 1M
+    cp e.vhdx w.vhdx && qemu-io -f vhdx -c "write -P 3 0 4k" w.vhdx >/dev/null
     i=0
     for sel in 0 4; do
       for f in small.qed leak.qed overb.qed; do i=$((i + 1)); { printf "\x0$sel"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
       for f in c4k.hds leak.hds inuse.hds e1k.hds; do i=$((i + 1)); { printf "\x0$((sel + 1))"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
       for f in q.qcow2 leak.qcow2 overb.qcow2; do i=$((i + 1)); { printf "\x0$((sel + 2))"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
+      for f in e.vhdx w.vhdx; do i=$((i + 1)); { printf "\x0$((sel + 3))"; cat $f; } > "$fuzz/corpus/repair/r$i-$f"; done
     done
   fi
   cd ..

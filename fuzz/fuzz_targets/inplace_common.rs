@@ -180,12 +180,20 @@ fn table_bytes(up: &Updater) -> u64 {
 
 impl<'a> Run<'a> {
     pub fn new(path: &'a Path, dir: &'a Path, format: Format) -> Run<'a> {
+        let mut bound = Bound::new(path);
+        if format == Format::Parallels {
+            // The first write into an unclean Parallels image repairs it first, as
+            // QEMU's read-write open does, and that repair may leave the file at QEMU's
+            // end of data past its length (sparse, within twice the length plus 1 MiB:
+            // `grow_limit` in parallels/update.rs).
+            bound.len += bound.len + (1 << 20);
+        }
         Run {
             path,
             dir,
             format,
             model: Model::default(),
-            bound: Bound::new(path),
+            bound,
             trace: std::env::var_os("VIMG_FUZZ_TRACE").is_some(),
             opened_before: Image::open(
                 path,
@@ -276,8 +284,11 @@ impl<'a> Run<'a> {
                     Repair::All
                 };
                 let before = file_len(self.path);
-                // A repair copies at most every cluster of the file once.
-                self.bound.len += before;
+                // A repair copies at most every cluster of the file once; a Parallels
+                // repair also leaves the file at QEMU's end of data, which may lie past
+                // it (sparse, within twice the length plus 1 MiB: `grow_limit` in
+                // parallels/update.rs), so the length may grow by 1 MiB more.
+                self.bound.len += before + (1 << 20);
                 self.bound.used += before;
                 let _ = up.repair(mode);
                 Some(())

@@ -1,5 +1,6 @@
 //! Untrusted bytes repaired in place (`check -r`): the first byte picks the format (low
-//! two bits: 0 qed, 1 parallels, 2 or 3 qcow2) and the mode (bit 2: `all`, else `leaks`),
+//! two bits: 0 qed, 1 parallels, 2 qcow2, 3 vhdx, whose repair replays its log) and the
+//! mode (bit 2: `all`, else `leaks`),
 //! the rest is the image, written to a file in a private folder (next to a 256 KiB raw
 //! file `b`, the backing file the seeds name). The image is opened as `vimg check -r`
 //! opens it (`updater::open_for_repair`) and repaired. Errors are fine; panics, aborts,
@@ -29,7 +30,7 @@ const FORMATS: [(Format, &str); 4] = [
     (Format::Qed, "img.qed"),
     (Format::Parallels, "img.hds"),
     (Format::Qcow2, "img.qcow2"),
-    (Format::Qcow2, "img.qcow2"),
+    (Format::Vhdx, "img.vhdx"),
 ];
 
 fn sizes(p: &std::path::Path) -> (u64, u64) {
@@ -87,9 +88,24 @@ fuzz_target!(|data: &[u8]| {
         let leaks_may_follow = format == Format::Parallels && rep.corruptions_fixed > 0;
         match &second {
             Ok(r2) if settled => {
+                // Parallels again, as QEMU 10.0.2: a repair that cuts leaked space off
+                // the end may leave a data_off that was inside the old file past the new
+                // end, which only the next repair fixes (found by this target in issue
+                // 18's run; qemu-img check -r all does the same, twice, to that input).
+                let data_off_may_follow = format == Format::Parallels
+                    && rep.leaks_fixed > 0
+                    && r2
+                        .before
+                        .messages
+                        .iter()
+                        .all(|m| m.contains("data_off field"));
                 assert_eq!(
                     (
-                        r2.corruptions_fixed,
+                        if data_off_may_follow {
+                            0
+                        } else {
+                            r2.corruptions_fixed
+                        },
                         if leaks_may_follow { 0 } else { r2.leaks_fixed }
                     ),
                     (0, 0),

@@ -405,7 +405,6 @@ impl VhdxReader {
         check_log_fields(&header, header_index)?;
 
         let mut warnings = Vec::new();
-        let mut log_note = None;
         let mut log_pending = false;
         let view: Arc<dyn Storage> = match log::replay(&storage, &header)? {
             LogState::Empty => storage.clone(),
@@ -414,7 +413,6 @@ impl VhdxReader {
                     "VHDX log GUID {} is set but the log holds no valid entry sequence ({reason}); reading the image without replay, as qemu does",
                     header.log_guid
                 );
-                log_note = Some(w.clone());
                 warnings.push(w);
                 storage.clone()
             }
@@ -428,7 +426,6 @@ impl VhdxReader {
                     if entries == 1 { "y" } else { "ies" },
                     if entries == 1 { "it" } else { "them" }
                 );
-                log_note = Some(w.clone());
                 warnings.push(w);
                 log_pending = true;
                 Arc::new(overlay)
@@ -678,7 +675,6 @@ impl VhdxReader {
             backing,
             refs,
             warnings,
-            log_note,
             log_pending,
             bitmaps: Mutex::new(VecDeque::new()),
         })
