@@ -60,6 +60,10 @@ pub struct OpenContext {
     /// Set by the legacy AES wrapper (formats/qcow2/aes.rs): the qcow2 reader may open an
     /// AES-encrypted image.
     pub(crate) legacy_aes: bool,
+    /// Set by `check -r all` (formats/qcow2/check_snapshots.rs): the qcow2 reader takes
+    /// snapshot table entries with more extra data than QEMU's limit (it reads only the
+    /// first 1024 bytes of it, as the repair keeps them) instead of refusing the image.
+    pub(crate) qcow2_snapshot_repair: bool,
 }
 
 impl OpenContext {
@@ -72,6 +76,7 @@ impl OpenContext {
             metadata_only: false,
             qcow2_luks: false,
             legacy_aes: false,
+            qcow2_snapshot_repair: false,
         }
     }
 
