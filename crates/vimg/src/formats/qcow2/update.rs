@@ -49,6 +49,7 @@ mod crypt;
 mod crypt_rules;
 mod header_ext;
 mod make_empty;
+mod misaligned;
 mod rebuild;
 mod resize_tail;
 mod shadow;
@@ -804,9 +805,17 @@ impl Qcow2Update {
                 "vimg does not repair qcow2 images with an external data file",
             ));
         }
-        let (before, found) = self.reader_check()?;
+        // Misaligned preallocated L2 entries are fixed while QEMU counts the references
+        // (update/misaligned.rs): before the check the rest of the repair works from.
+        let (aligned, n_aligned) = match mode {
+            Repair::All => self.repair_misaligned_prealloc()?,
+            Repair::Leaks => (Vec::new(), 0),
+        };
+        let (mut before, found) = self.reader_check()?;
+        before.messages.splice(0..0, aligned);
         let mut out = RepairReport {
             before,
+            corruptions_fixed: n_aligned,
             ..RepairReport::default()
         };
         self.report_snapshot_scan(&mut out);
