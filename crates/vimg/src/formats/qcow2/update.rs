@@ -244,7 +244,7 @@ impl Qcow2Update {
         let mut ctx = OpenContext::new(Some(path), policy);
         // Encrypted images open with their key (update/crypt.rs), or not at all.
         let cipher = crypt_rules::unlock(&storage, &mut ctx)?;
-        let (storage, scan) = snapshot_repair::prepare(storage, repair)?;
+        let (storage, scan) = Qcow2Update::prepare_snapshot_repair(storage, repair)?;
         ctx.qcow2_snapshot_repair = scan.as_ref().is_some_and(|s| s.dropped > 0);
         let r = Qcow2Reader::open(storage, &ctx)?;
         let h = r.header.clone();

@@ -12,34 +12,34 @@
 use super::super::check_snapshots::{scan, CountPatched, Failed, Scan, NB_SNAPSHOTS_AT};
 use super::*;
 
-/// The storage the reader is to open (the count patched in, when a repair lowers it),
-/// and what the scan found. Without `repair`, `storage` as it is.
-pub(super) fn prepare(
-    storage: Arc<dyn Storage>,
-    repair: bool,
-) -> Result<(Arc<dyn Storage>, Option<Scan>)> {
-    if !repair {
-        return Ok((storage, None));
-    }
-    let padded = crate::storage::SectorPadded::new(storage.clone());
-    let found = match scan(&padded, true)? {
-        Ok(s) => s,
-        Err(Failed(lines)) => {
-            return Err(Qcow2Error::SnapshotTable(lines.join("\n")).into());
-        }
-    };
-    if found.reduced == 0 {
-        let any = found.dropped > 0;
-        return Ok((storage, any.then_some(found)));
-    }
-    let patched: Arc<dyn Storage> = Arc::new(CountPatched {
-        inner: storage,
-        count: found.count,
-    });
-    Ok((patched, Some(found)))
-}
-
 impl Qcow2Update {
+    /// The storage the reader is to open (the count patched in, when a repair lowers it),
+    /// and what the scan found. Without `repair`, `storage` as it is.
+    pub(super) fn prepare_snapshot_repair(
+        storage: Arc<dyn Storage>,
+        repair: bool,
+    ) -> Result<(Arc<dyn Storage>, Option<Scan>)> {
+        if !repair {
+            return Ok((storage, None));
+        }
+        let padded = crate::storage::SectorPadded::new(storage.clone());
+        let found = match scan(&padded, true)? {
+            Ok(s) => s,
+            Err(Failed(lines)) => {
+                return Err(Qcow2Error::SnapshotTable(lines.join("\n")).into());
+            }
+        };
+        if found.reduced == 0 {
+            let any = found.dropped > 0;
+            return Ok((storage, any.then_some(found)));
+        }
+        let patched: Arc<dyn Storage> = Arc::new(CountPatched {
+            inner: storage,
+            count: found.count,
+        });
+        Ok((patched, Some(found)))
+    }
+
     /// Entries whose extra data `check -r all` cuts to 1024 bytes (the table rewrite of
     /// update/snapshot_table.rs does it).
     pub(super) fn snapshots_cut(&self) -> u64 {
