@@ -37,11 +37,37 @@ pub fn run(a: CheckArgs) -> CmdResult {
         // Refused at open for corrupt tables: that is the check's finding.
         Err(e) => match CheckReport::from_open_error(&e) {
             Some(r) => (r, format.unwrap_or_else(|| probed_format(&a.filename))),
+            // A snapshot table past QEMU's limits: qemu-img's check says why it cannot
+            // read it (and how to repair it) and fails.
+            None if format.is_none_or(|f| f == Format::Qcow2) => {
+                return match snapshot_table_failure(&a.filename) {
+                    Some(f) => Err(f),
+                    None => Err(Failure::open(&a.filename, &e)),
+                }
+            }
             // Too broken to open otherwise: qemu-img reports it and exits 1.
             None => return Err(Failure::open(&a.filename, &e)),
         },
     };
     report_and_exit(&a, &report, format, false)
+}
+
+/// qemu-img check's lines for a qcow2 image whose snapshot table it cannot read (the
+/// first one prefixed as an error, its hint as is), and its failure.
+pub(crate) fn snapshot_table_failure(filename: &str) -> Option<Failure> {
+    if probed_format(filename) != Format::Qcow2 {
+        return None;
+    }
+    let lines =
+        vimg::formats::qcow2::check_snapshots::check_failure(std::path::Path::new(filename))?;
+    for (i, l) in lines.iter().enumerate() {
+        if i == 0 {
+            eprintln!("{}: {l}", crate::trust::prefix());
+        } else {
+            eprintln!("{l}");
+        }
+    }
+    Some(Failure::new("Check failed: File too large", 1))
 }
 
 /// The format of an image that failed to open, for the report: what its content probes as.

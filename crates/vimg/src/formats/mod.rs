@@ -63,6 +63,10 @@ pub struct OpenContext {
     /// The name of the quorum node the image stands on ([`crate::quorum`]), which has no
     /// folder: relative names inside the image cannot be resolved.
     pub(crate) quorum_node: Option<String>,
+    /// Set by `check -r all` (formats/qcow2/check_snapshots.rs): the qcow2 reader takes
+    /// snapshot table entries with more extra data than QEMU's limit (it reads only the
+    /// first 1024 bytes of it, as the repair keeps them) instead of refusing the image.
+    pub(crate) qcow2_snapshot_repair: bool,
 }
 
 impl OpenContext {
@@ -76,6 +80,7 @@ impl OpenContext {
             qcow2_luks: false,
             legacy_aes: false,
             quorum_node: None,
+            qcow2_snapshot_repair: false,
         }
     }
 

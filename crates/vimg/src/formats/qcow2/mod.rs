@@ -5,6 +5,7 @@
 //! - `open.rs`: opening (header, extensions, L1, refcount, snapshot and bitmap tables, checked).
 //! - `read.rs`: the reader (L1/L2 walk with a bounded, checked L2 cache).
 //! - `check.rs`: `vimg check` (refcount verification as `qemu-img check` counts it).
+//! - `check_snapshots.rs`: the snapshot table as `qemu-img check` reads and repairs it.
 //! - `refcount.rs`: the refcount allocator of a file being written.
 //! - `write.rs`: the writer (parallel uncompressed writes, ordered compressed writes).
 //! - `measure.rs`: `vimg measure` (QEMU's `qcow2_measure` arithmetic).
@@ -21,6 +22,7 @@
 
 mod aes;
 mod check;
+pub mod check_snapshots;
 mod encrypt_write;
 pub mod error;
 pub mod header;

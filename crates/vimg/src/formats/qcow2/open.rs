@@ -285,7 +285,8 @@ impl Qcow2Reader {
             "refcount table",
         )?;
 
-        let (snapshots, snapshots_len) = read_snapshots(&*storage, &header, file_len)?;
+        let (snapshots, snapshots_len) =
+            read_snapshots(&*storage, &header, file_len, ctx.qcow2_snapshot_repair)?;
 
         // Bitmaps: only when the autoclear bit says the extension is consistent.
         let mut bitmaps = Vec::new();
@@ -527,11 +528,14 @@ fn read_table(storage: &dyn Storage, offset: u64, entries: u64, what: &str) -> R
 }
 
 /// Reads the snapshot table (spec "Snapshots"), within QEMU's limits.
-/// Returns the entries and the table's length in bytes.
+/// Returns the entries and the table's length in bytes. With `repair` (`check -r all`),
+/// an entry with too much extra data is taken with the first 1024 bytes of it (the table's
+/// length is still what the file holds; QEMU's limit on it counts 1024).
 fn read_snapshots(
     storage: &dyn Storage,
     h: &Header,
     file_len: u64,
+    repair: bool,
 ) -> Result<(Vec<Snapshot>, u64)> {
     let n = u64::from(h.nb_snapshots);
     if n == 0 {
@@ -556,6 +560,9 @@ fn read_snapshots(
     let mut r = SeqReader::new(storage, h.snapshots_offset, "snapshot table");
     let mut out = Vec::new();
     let mut total = 0u64;
+    // The length QEMU holds to its limit: without the last entry's padding, and without
+    // the extra data a repair leaves out.
+    let mut limited = 0u64;
     for index in 0..n {
         let at = r.pos;
         let bad = |why: String| -> Error {
@@ -567,16 +574,34 @@ fn read_snapshots(
             .into()
         };
         let sh = SnapshotHeader::parse(&r.take(SNAPSHOT_HEADER_LEN)?)?;
-        // QEMU's order and words: the entry's extra data first, then the table's size.
-        if u64::from(sh.extra_data_size) > MAX_SNAPSHOT_EXTRA {
+        // QEMU's order and words (and hints): the entry's extra data first, then the
+        // table's size.
+        let cut = if repair {
+            u64::from(sh.extra_data_size).saturating_sub(MAX_SNAPSHOT_EXTRA)
+        } else {
+            0
+        };
+        if u64::from(sh.extra_data_size) > MAX_SNAPSHOT_EXTRA && cut == 0 {
             return Err(Qcow2Error::SnapshotTable(format!(
-                "Too much extra metadata in snapshot table entry {index}"
+                "Too much extra metadata in snapshot table entry {index}\n\
+                 You can force-remove this extra metadata with qemu-img check -r all"
             ))
             .into());
         }
         total += sh.entry_len();
-        if total > MAX_SNAPSHOTS_BYTES {
-            return Err(Qcow2Error::SnapshotTable("Snapshot table is too big".into()).into());
+        limited = limited.div_ceil(8) * 8
+            + SNAPSHOT_HEADER_LEN as u64
+            + u64::from(sh.extra_data_size)
+            + u64::from(sh.id_str_size)
+            + u64::from(sh.name_size)
+            - cut;
+        if limited > MAX_SNAPSHOTS_BYTES || total > i32::MAX as u64 {
+            return Err(Qcow2Error::SnapshotTable(format!(
+                "Snapshot table is too big\n\
+                 You can force-remove all {} overhanging snapshots with qemu-img check -r all",
+                n - index
+            ))
+            .into());
         }
         if sh.l1_table_offset % cs != 0 {
             return Err(bad(format!(
@@ -601,9 +626,10 @@ fn read_snapshots(
                 sh.l1_table_offset
             )));
         }
-        let extra = SnapshotExtra::parse(&r.take(sh.extra_data_size as usize)?);
-        let id = String::from_utf8_lossy(&r.take(sh.id_str_size as usize)?).into_owned();
-        let name = String::from_utf8_lossy(&r.take(sh.name_size as usize)?).into_owned();
+        let extra = SnapshotExtra::parse(&r.take((u64::from(sh.extra_data_size) - cut) as usize)?);
+        r.pos += cut;
+        let id = super::check_snapshots::snapshot_string(&r.take(sh.id_str_size as usize)?);
+        let name = super::check_snapshots::snapshot_string(&r.take(sh.name_size as usize)?);
         let used = SNAPSHOT_HEADER_LEN as u64
             + u64::from(sh.extra_data_size)
             + u64::from(sh.id_str_size)

@@ -51,11 +51,13 @@ mod expand_zeros;
 mod header_ext;
 mod make_empty;
 mod prealloc;
+mod misaligned;
 mod rebuild;
 mod resize_tail;
 mod resize_zero;
 mod shadow;
 pub(super) mod snapshot;
+mod snapshot_repair;
 mod snapshot_table;
 
 /// The environment variable of the crash hook (see the module documentation).
@@ -135,6 +137,8 @@ pub struct Qcow2Update {
     /// blkdebug rules the user put over this file (`blkdebug::writes`): every read, write
     /// and flush passes them, and [`Qcow2Update::debug_event`] drives them.
     dbg: Option<Arc<crate::blkdebug::Blkdebug>>,
+    /// What `check -r all` did to the snapshot table at open (update/snapshot_repair.rs).
+    snapshot_scan: Option<super::check_snapshots::Scan>,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -218,6 +222,16 @@ impl Qcow2Update {
     /// checked, files it names through the gate under `policy`); images vimg cannot change
     /// safely are refused before anything is written.
     pub fn open(path: &Path, policy: ExternalPolicy) -> Result<Qcow2Update> {
+        Qcow2Update::open_inner(path, policy, false)
+    }
+
+    /// Opens `path` for `check -r all`: a snapshot table past QEMU's limits is cut to
+    /// them first, as QEMU's check does (update/snapshot_repair.rs).
+    pub fn open_for_repair_all(path: &Path, policy: ExternalPolicy) -> Result<Qcow2Update> {
+        Qcow2Update::open_inner(path, policy, true)
+    }
+
+    fn open_inner(path: &Path, policy: ExternalPolicy, repair: bool) -> Result<Qcow2Update> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -236,6 +250,8 @@ impl Qcow2Update {
         let mut ctx = OpenContext::new(Some(path), policy);
         // Encrypted images open with their key (update/crypt.rs), or not at all.
         let cipher = crypt_rules::unlock(&storage, &mut ctx)?;
+        let (storage, scan) = Qcow2Update::prepare_snapshot_repair(storage, repair)?;
+        ctx.qcow2_snapshot_repair = scan.as_ref().is_some_and(|s| s.dropped > 0);
         let r = Qcow2Reader::open(storage, &ctx)?;
         let h = r.header.clone();
         if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
@@ -269,8 +285,10 @@ impl Qcow2Update {
             policy,
             cipher,
             dbg,
+            snapshot_scan: None,
         };
         u.clear_unknown_autoclear()?;
+        u.apply_snapshot_scan(scan)?;
         Ok(u)
     }
 
@@ -851,17 +869,28 @@ impl Qcow2Update {
                 "vimg does not repair qcow2 images with an external data file",
             ));
         }
-        let (before, found) = self.reader_check()?;
+        // Misaligned preallocated L2 entries are fixed while QEMU counts the references
+        // (update/misaligned.rs): before the check the rest of the repair works from.
+        let (aligned, n_aligned) = match mode {
+            Repair::All => self.repair_misaligned_prealloc()?,
+            Repair::Leaks => (Vec::new(), 0),
+        };
+        let (mut before, found) = self.reader_check()?;
+        before.messages.splice(0..0, aligned);
         let mut out = RepairReport {
             before,
+            corruptions_fixed: n_aligned,
             ..RepairReport::default()
         };
+        self.report_snapshot_scan(&mut out);
         out.needs_rebuild = found.refcounts.iter().any(|&(_, s, c)| s == 0 && c > 0);
         if out.needs_rebuild && mode == Repair::Leaks {
             return Ok(out);
         }
         if out.needs_rebuild {
             self.repair_by_rebuild(&found, &mut out)?;
+            // The snapshot table's own fixes need the new refcounts.
+            out.corruptions_fixed += self.repair_snapshot_table(&mut out.before)?;
             return Ok(out);
         }
         // Leaks first (never a risk), then refcounts that are too low; the snapshot

@@ -30,6 +30,7 @@ impl Qcow2Update {
         let mut ctx = OpenContext::new(Some(&self.path), policy);
         ctx.qcow2_luks = self.header.crypt_method == 2;
         ctx.legacy_aes = self.header.crypt_method == 1;
+        ctx.qcow2_snapshot_repair = self.snapshot_scan.as_ref().is_some_and(|s| s.dropped > 0);
         ctx
     }
 

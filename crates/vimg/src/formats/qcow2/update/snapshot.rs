@@ -12,6 +12,7 @@
 //! before the switch, and the unreferenced tail is cut off again.
 
 use super::*;
+use crate::formats::qcow2::check_snapshots::snapshot_string;
 
 /// A snapshot table entry: its bytes as stored (padded to 8) and the fields vimg uses.
 #[derive(Clone, Debug)]
@@ -22,6 +23,9 @@ struct Entry {
     l1_offset: u64,
     l1_size: u32,
     disk_size: Option<u64>,
+    /// Bytes of the entry in the file, without padding (more than `raw` holds when a
+    /// repair cuts its extra data).
+    stored: u64,
 }
 
 /// What `snapshot -a`/`-d` could not find (the CLI words it as qemu-img does).
@@ -45,29 +49,49 @@ impl Qcow2Update {
         for _ in 0..self.nb_snapshots {
             let mut sh = vec![0u8; SNAPSHOT_HEADER_LEN];
             self.pread(&mut sh, at)?;
-            let h = SnapshotHeader::parse(&sh)?;
-            if u64::from(h.extra_data_size) > MAX_SNAPSHOT_EXTRA {
+            let mut h = SnapshotHeader::parse(&sh)?;
+            // What the file holds of this entry (without its padding).
+            let stored = SNAPSHOT_HEADER_LEN as u64
+                + u64::from(h.extra_data_size)
+                + u64::from(h.id_str_size)
+                + u64::from(h.name_size);
+            let cut = u64::from(h.extra_data_size).saturating_sub(MAX_SNAPSHOT_EXTRA);
+            if cut > 0 && self.snapshots_cut() == 0 {
                 return Err(Error::corrupt(format!(
                     "snapshot table entry at {at:#x}: {} bytes of extra data",
                     h.extra_data_size
                 )));
             }
-            let len = h.entry_len();
-            let mut raw = vec![0u8; len as usize];
-            self.pread(&mut raw, at)?;
+            let raw = if cut == 0 {
+                let mut raw = vec![0u8; h.entry_len() as usize];
+                self.pread(&mut raw, at)?;
+                raw
+            } else {
+                // `check -r all`: the first 1024 bytes of the extra data, as QEMU keeps.
+                let keep = SNAPSHOT_HEADER_LEN + MAX_SNAPSHOT_EXTRA as usize;
+                let names = usize::from(h.id_str_size) + usize::from(h.name_size);
+                let mut raw = vec![0u8; keep + names];
+                self.pread(&mut raw[..keep], at)?;
+                self.pread(&mut raw[keep..], at + keep as u64 + cut)?;
+                h.extra_data_size = MAX_SNAPSHOT_EXTRA as u32;
+                h.write_to(&mut raw);
+                raw.resize(h.entry_len() as usize, 0);
+                raw
+            };
             let x = SNAPSHOT_HEADER_LEN + h.extra_data_size as usize;
             let extra = SnapshotExtra::parse(&raw[SNAPSHOT_HEADER_LEN..x]);
             let id_end = x + usize::from(h.id_str_size);
             let name_end = id_end + usize::from(h.name_size);
             out.push(Entry {
-                id: String::from_utf8_lossy(&raw[x..id_end]).into_owned(),
-                name: String::from_utf8_lossy(&raw[id_end..name_end]).into_owned(),
+                id: snapshot_string(&raw[x..id_end]),
+                name: snapshot_string(&raw[id_end..name_end]),
                 l1_offset: h.l1_table_offset,
                 l1_size: h.l1_size,
                 disk_size: extra.disk_size,
                 raw,
+                stored,
             });
-            at += len;
+            at += stored.div_ceil(8) * 8;
         }
         Ok(out)
     }
@@ -114,13 +138,8 @@ impl Qcow2Update {
         let mut len = 0u64;
         let mut end = 0u64;
         for e in self.read_snapshot_table()? {
-            let h = SnapshotHeader::parse(&e.raw)?;
-            end = len
-                + SNAPSHOT_HEADER_LEN as u64
-                + u64::from(h.extra_data_size)
-                + u64::from(h.id_str_size)
-                + u64::from(h.name_size);
-            len += e.raw.len() as u64;
+            end = len + e.stored;
+            len += e.stored.div_ceil(8) * 8;
         }
         Ok(end)
     }
@@ -240,9 +259,11 @@ impl Qcow2Update {
             raw[x + 8..x + 16].copy_from_slice(&size.to_be_bytes());
             raw[x + extra_len..x + extra_len + id.len()].copy_from_slice(id.as_bytes());
             raw[x + extra_len + id.len()..].copy_from_slice(&name);
+            let stored = raw.len() as u64;
             raw.resize(raw.len().div_ceil(8) * 8, 0);
             entries.push(Entry {
                 raw,
+                stored,
                 id: id.clone(),
                 name: String::from_utf8_lossy(&name).into_owned(),
                 l1_offset: l1_off,

@@ -111,15 +111,21 @@ impl Qcow2Update {
         self.replace_snapshot_table(&table)
     }
 
-    /// `check -r all` of a version-3 image: incomplete entries are completed by rewriting
-    /// the table; the first check's lines about them become "Repairing" lines. Returns the
-    /// number of entries fixed.
+    /// `check -r all`: incomplete entries (of a version-3 image) are completed, and
+    /// entries with too much extra data (update/snapshot_repair.rs) keep 1024 bytes of it,
+    /// by rewriting the table; the first check's lines about incomplete entries become
+    /// "Repairing" lines. Returns the number of entries fixed.
     pub(super) fn repair_snapshot_table(&mut self, before: &mut CheckReport) -> Result<u64> {
-        if self.header.version < 3 || self.nb_snapshots == 0 || self.has_data_file {
+        let cut = self.snapshots_cut();
+        if self.nb_snapshots == 0 || self.has_data_file {
             return Ok(0);
         }
-        let bad = self.incomplete_entries()?;
-        if bad.is_empty() {
+        let bad = if self.header.version >= 3 {
+            self.incomplete_entries()?
+        } else {
+            Vec::new()
+        };
+        if bad.is_empty() && cut == 0 {
             return Ok(0);
         }
         let table = self.normalized_snapshot_table()?;
@@ -130,7 +136,7 @@ impl Qcow2Update {
                 *m = format!("Repairing{}", &err["ERROR".len()..]);
             }
         }
-        Ok(bad.len() as u64)
+        Ok(bad.len() as u64 + cut)
     }
 
     /// Writes `table` (the whole snapshot table, same number of entries) into freshly
