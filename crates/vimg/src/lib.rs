@@ -175,6 +175,8 @@ pub mod secret;
 pub mod source;
 #[doc(hidden)]
 pub mod storage;
+/// External data files named on the command line (`data-file.filename`).
+pub mod user_data_file;
 pub(crate) mod window;
 #[doc(hidden)]
 pub mod writer;

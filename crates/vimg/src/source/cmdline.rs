@@ -38,6 +38,9 @@ pub struct UserName {
     /// `cache.direct=on` (or `file.cache.direct`): QEMU opens the file with `O_DIRECT`,
     /// which aligns block status to whole sectors ([`crate::formats::raw::RawReader`]).
     pub direct: bool,
+    /// qcow2's `data-file.filename`: the external data file to open instead of the one the
+    /// image names ([`crate::user_data_file`]).
+    pub data_file: Option<PathBuf>,
 }
 
 /// Options that only tune QEMU's I/O or locking: accepted, no effect on what is read.
@@ -120,6 +123,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             key_secret: None,
             backing: None,
             direct: false,
+            data_file: None,
         });
     } else {
         return Ok(UserName {
@@ -130,6 +134,7 @@ pub fn parse(name: &str, image_opts: bool) -> Result<UserName> {
             key_secret: None,
             backing: None,
             direct: false,
+            data_file: None,
         });
     };
     from_pairs(name, &pairs)
@@ -216,6 +221,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
     let mut key_secret: Option<String> = None;
     let mut direct = false;
     let mut backing: Vec<(String, Option<String>)> = Vec::new();
+    let mut data_file: Option<String> = None;
     let (mut offset, mut size): (Option<u64>, Option<u64>) = (None, None);
     let number = |k: &str, v: &Option<String>| -> Result<u64> {
         let v = v
@@ -257,6 +263,12 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
             // The passphrase of an encrypted image: luks names it `key-secret`, qcow2
             // `encrypt.key-secret`; the format checks which one it takes.
             "key-secret" | "encrypt.key-secret" => key_secret = Some(val()?),
+            // qcow2's external data file as a file node of its own (iotest 061).
+            "data-file.filename" => data_file = Some(val()?),
+            "data-file.driver" => match v.as_deref() {
+                Some("file" | "host_device") => {}
+                _ => return Err(unsupported(k)),
+            },
             "offset" => offset = Some(number(k, v)?),
             "size" => size = Some(number(k, v)?),
             "cache.direct" | "file.cache.direct" => {
@@ -290,6 +302,14 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
                 Error::unsupported(format!("driver '{d}' is not supported by vimg"))
             })?),
         };
+    // Only qcow2 has a data file (qemu's words for the other drivers).
+    if let (Some(_), Some(d)) = (&data_file, driver.as_deref()) {
+        if format != Some(Format::Qcow2) {
+            return Err(Error::invalid_argument(format!(
+                "Block format '{d}' does not support the option 'data-file.filename'"
+            )));
+        }
+    }
     let window = match (offset, size) {
         (None, None) => None,
         _ if !format.is_some_and(Format::is_plain) || driver.as_deref() != Some("raw") => {
@@ -328,6 +348,7 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
         key_secret,
         backing,
         direct,
+        data_file: data_file.map(PathBuf::from),
     })
 }
 
@@ -336,6 +357,9 @@ fn from_pairs(name: &str, pairs: &[(String, Option<String>)]) -> Result<UserName
 pub fn bind_keys(u: &UserName) {
     if let Some(id) = &u.key_secret {
         crate::secret::bind_file(&u.path, id);
+    }
+    if let Some(d) = &u.data_file {
+        crate::user_data_file::bind(&u.path, d);
     }
     if let Some(b) = &u.backing {
         bind_keys(b);

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::formats::{Format, OpenContext};
 use crate::limits;
 use crate::mapping::{BackingRef, SnapshotInfo};
-use crate::storage::{read_exact, Storage};
+use crate::storage::{read_exact, FileStorage, Storage};
 
 /// Sequential reads of a table whose entries have variable length (snapshots, bitmaps),
 /// through a 64 KiB buffer.
@@ -176,31 +176,47 @@ impl Qcow2Reader {
             ));
         }
         let mut data_file_err = None;
-        let (data_file, data_file_name) = if has_data_file {
-            let Some(name) = exts.data_file.clone() else {
-                return Err(Qcow2Error::Unsupported(
-                    "image uses an external data file but does not name it".into(),
-                )
-                .into());
-            };
-            if header.nb_snapshots != 0 {
-                return Err(field_err_value(
-                    "nb_snapshots",
-                    header.nb_snapshots.into(),
-                    "internal snapshots are not allowed with an external data file",
-                ));
+        if has_data_file && header.nb_snapshots != 0 {
+            return Err(field_err_value(
+                "nb_snapshots",
+                header.nb_snapshots.into(),
+                "internal snapshots are not allowed with an external data file",
+            ));
+        }
+        // The data file the user named on the command line (`data-file.filename`) is
+        // opened as given, in place of the one the image names, which `info` still shows.
+        let user_data_file = storage
+            .identity()
+            .and_then(crate::user_data_file::lookup)
+            .filter(|_| has_data_file);
+        // qemu-img's words when the image names none and the user gave none; `info`
+        // (metadata only) still shows the image, and reads fail.
+        const REQUIRED: &str = "'data-file' is required for this image";
+        let (data_file, data_file_name) = match (user_data_file, exts.data_file.clone()) {
+            _ if !has_data_file => (None, None),
+            (Some(path), name) => {
+                let f = FileStorage::open(&path).map_err(|e| {
+                    Error::io(
+                        format_args!("open data file '{}'", crate::escape::escape_path(&path)),
+                        e,
+                    )
+                })?;
+                (Some(Arc::new(f) as Arc<dyn Storage>), name)
             }
+            (None, None) if ctx.metadata_only => {
+                data_file_err = Some((crate::error::ErrorKind::Unsupported, REQUIRED.into()));
+                (None, None)
+            }
+            (None, None) => return Err(Qcow2Error::Unsupported(REQUIRED.into()).into()),
             // A data file the gate refuses still lets `info` show what the image names;
             // reading the image then fails with the gate's error.
-            match ctx.open_external("data_file", &name) {
+            (None, Some(name)) => match ctx.open_external("data_file", &name) {
                 Ok(f) => (Some(f), Some(name)),
                 Err(e) => {
                     data_file_err = Some((e.kind(), e.to_string()));
                     (None, Some(name))
                 }
-            }
-        } else {
-            (None, None)
+            },
         };
         let data_len = data_file.as_ref().map_or(file_len, |d| d.len());
 

@@ -778,8 +778,12 @@ impl ImageReader for Qcow2Reader {
             m.insert("bitmaps".into(), Value::Array(list));
         }
         m.insert("refcount-bits".into(), json!(1u64 << h.refcount_order));
-        if let Some(d) = &self.data_file_name {
-            m.insert("data-file".into(), json!(d));
+        // An image with a data file the user named (`data-file.filename`) may store no
+        // name; qemu-img then shows `data-file-raw` alone.
+        if h.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            if let Some(d) = &self.data_file_name {
+                m.insert("data-file".into(), json!(d));
+            }
             m.insert(
                 "data-file-raw".into(),
                 json!(h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0),

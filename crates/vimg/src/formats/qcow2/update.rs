@@ -273,7 +273,7 @@ impl Qcow2Update {
             reftable: r.reftable.to_vec(),
             file_len,
             nb_snapshots: h.nb_snapshots,
-            has_data_file: r.data_file_name.is_some(),
+            has_data_file: h.incompatible_features & INCOMPAT_DATA_FILE != 0,
             has_bitmaps: !r.bitmaps.is_empty(),
             header: h,
             free_hint: 0,
