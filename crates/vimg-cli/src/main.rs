@@ -22,6 +22,9 @@ use args::Command;
 pub struct Failure {
     pub message: String,
     pub code: u8,
+    /// Printed to stdout after the message: the end of a progress display that qemu-img
+    /// closes only after its error (`amend -p`).
+    pub then_stdout: Option<&'static str>,
 }
 
 impl Failure {
@@ -29,6 +32,7 @@ impl Failure {
         Failure {
             message: without_os_error(message.into()),
             code,
+            then_stdout: None,
         }
     }
 
@@ -104,6 +108,9 @@ fn main() -> ExitCode {
                 f.message
             };
             eprintln!("{}: {}", trust::prefix(), human::esc_message(&message));
+            if let Some(t) = f.then_stdout {
+                let _ = print_out(t);
+            }
             ExitCode::from(f.code)
         }
     }

@@ -64,6 +64,11 @@ impl Reporter {
         !matches!(self.sink, Sink::Off)
     }
 
+    /// True for qemu-img's `(NN.NN/100%)` lines, which end with a newline.
+    pub fn plain(&self) -> bool {
+        matches!(self.sink, Sink::Plain { .. })
+    }
+
     /// Reports bytes done out of total.
     pub fn update(&self, p: Progress) {
         match &self.sink {

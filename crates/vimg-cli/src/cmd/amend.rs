@@ -211,19 +211,76 @@ pub fn run(a: AmendArgs) -> CmdResult {
             }
         }
     }
+    // `-p`: qemu-img's lines at 0, at the steps QEMU counts (update/amend_progress.rs) and
+    // at 100, whether the change succeeds or not.
+    let reporter = std::sync::Arc::new(crate::progress::Reporter::new(
+        (a.progress && !a.quiet).then_some(crate::args::ProgressMode::Auto),
+        false,
+    ));
+    let percent = |pct: f64| vimg::Progress {
+        done: (pct * 100.0).round() as u64,
+        total: 10_000,
+    };
+    if reporter.enabled() {
+        reporter.update(percent(0.0));
+        if let updater::Updater::Qcow2(q) = &mut img {
+            let r = reporter.clone();
+            q.set_amend_progress(Box::new(move |pct| r.update(percent(pct))));
+        }
+    }
+    let r = change(
+        &mut img,
+        amend,
+        size,
+        data_file.as_deref(),
+        path,
+        format,
+        &a,
+    );
+    if !reporter.enabled() {
+        return r;
+    }
+    reporter.update(percent(100.0));
+    match r {
+        Ok(code) => {
+            reporter.finish(true);
+            Ok(code)
+        }
+        // qemu-img ends the progress line after its error message.
+        Err(mut f) => {
+            if reporter.plain() {
+                f.then_stdout = Some("\n");
+            } else {
+                reporter.finish(false);
+            }
+            Err(f)
+        }
+    }
+}
+
+/// The changes of `amend` once the image is open: qemu-img's order.
+fn change(
+    img: &mut updater::Updater,
+    amend: Amend,
+    size: Option<u64>,
+    data_file: Option<&str>,
+    path: &Path,
+    format: Format,
+    a: &AmendArgs,
+) -> CmdResult {
     let set_data_file = |img: &mut updater::Updater| -> Result<(), Failure> {
-        if let (Some(name), updater::Updater::Qcow2(q)) = (&data_file, img) {
+        if let (Some(name), updater::Updater::Qcow2(q)) = (data_file, img) {
             q.set_data_file(name).map_err(Failure::from)?;
         }
         Ok(())
     };
     let Some(size) = size else {
         img.amend(amend).map_err(Failure::from)?;
-        set_data_file(&mut img)?;
+        set_data_file(img)?;
         return Ok(0);
     };
     // qemu-img's order: upgrade and the other options, then the size, then a downgrade.
-    let downgrade = match (&img, amend.version) {
+    let downgrade = match (&*img, amend.version) {
         (updater::Updater::Qcow2(q), Some(v)) => v < q.header().version,
         _ => false,
     };
@@ -232,7 +289,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
         first.version = None;
     }
     img.amend(first).map_err(Failure::from)?;
-    resize_for_amend(&mut img, path, format, &a, size)?;
+    resize_for_amend(img, path, format, a, size)?;
     if downgrade {
         img.amend(Amend {
             version: amend.version,
@@ -240,7 +297,7 @@ pub fn run(a: AmendArgs) -> CmdResult {
         })
         .map_err(Failure::from)?;
     }
-    set_data_file(&mut img)?;
+    set_data_file(img)?;
     Ok(0)
 }
 

@@ -43,6 +43,7 @@ use crate::gate::ExternalPolicy;
 use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
+mod amend_progress;
 pub(super) mod bitmap;
 mod compress;
 mod crypt;
@@ -139,6 +140,8 @@ pub struct Qcow2Update {
     dbg: Option<Arc<crate::blkdebug::Blkdebug>>,
     /// What `check -r all` did to the snapshot table at open (update/snapshot_repair.rs).
     snapshot_scan: Option<super::check_snapshots::Scan>,
+    /// Where `amend -p` reports (update/amend_progress.rs).
+    amend_progress: Option<amend_progress::AmendProgress>,
 }
 
 fn io_err(path: &Path, what: impl std::fmt::Display, e: std::io::Error) -> Error {
@@ -286,6 +289,7 @@ impl Qcow2Update {
             cipher,
             dbg,
             snapshot_scan: None,
+            amend_progress: None,
         };
         u.clear_unknown_autoclear()?;
         u.apply_snapshot_scan(scan)?;
@@ -1155,6 +1159,15 @@ impl Qcow2Update {
     /// A downgrade refuses what version 2 cannot hold (feature bits, bitmaps, other
     /// refcount widths); zero clusters, also those of internal snapshots, are expanded.
     pub fn amend(&mut self, a: Amend) -> Result<()> {
+        let upgrade = a.version.is_some_and(|v| v > self.header.version);
+        self.amend_inner(a)?;
+        if upgrade {
+            self.progress(amend_progress::AmendOp::Upgrade, 2, 2);
+        }
+        Ok(())
+    }
+
+    fn amend_inner(&mut self, a: Amend) -> Result<()> {
         let old = self.header.clone();
         let mut h = old.clone();
         if let Some(v) = a.version {
@@ -1186,7 +1199,10 @@ impl Qcow2Update {
         self.require_consistent()?;
         let mut expand = false;
         if h.version < 3 {
-            if a.lazy_refcounts == Some(true) {
+            // As qemu-img: only a change of the lazy-refcounts bit is checked (asking for
+            // the state the image is in changes nothing).
+            let lazy_now = old.compatible_features & COMPAT_LAZY_REFCOUNTS != 0;
+            if a.lazy_refcounts == Some(true) && !lazy_now {
                 return Err(Error::invalid_argument(
                     "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
                 ));
@@ -1241,10 +1257,23 @@ impl Qcow2Update {
                 h.autoclear_features &= !AUTOCLEAR_DATA_FILE_RAW;
             }
         }
+        // amend -p: QEMU's operations (a version change, a refcount width change).
+        self.progress_ops(
+            u64::from(h.version != old.version) + u64::from(h.refcount_order != old.refcount_order),
+        );
         if old.version < 3 && h.version >= 3 {
+            self.progress(amend_progress::AmendOp::Upgrade, 0, 2);
             // QEMU completes version-2 snapshot entries first (`update/snapshot_table.rs`).
             self.upgrade_snapshot_table()?;
             h.snapshots_offset = self.header.snapshots_offset;
+            self.progress(amend_progress::AmendOp::Upgrade, 1, 2);
+        }
+        if old.version >= 3 && h.version < 3 && !expand {
+            // Nothing to expand: every L1 entry was visited by the scan for zero clusters.
+            let steps = self.downgrade_steps()?;
+            for i in 1..=steps {
+                self.progress(amend_progress::AmendOp::Downgrade, i, steps);
+            }
         }
         if h == old {
             return Ok(());

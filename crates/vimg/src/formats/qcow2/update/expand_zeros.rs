@@ -16,6 +16,7 @@
 //! whose entry was not yet written). An L2 table or a zero-flagged cluster whose refcount is
 //! not 1 (shared) is left to the shadow switch (`rebuild.rs`), which writes copies.
 
+use super::amend_progress::AmendOp;
 use super::*;
 
 impl Qcow2Update {
@@ -30,7 +31,7 @@ impl Qcow2Update {
         let cs = self.cs();
         // Pass 1, nothing written: the tables with zero entries, each this image's own.
         let mut work = Vec::new();
-        for e in self.l1.clone() {
+        for (i, e) in self.l1.clone().into_iter().enumerate() {
             let l2 = e & L1E_OFFSET_MASK;
             if l2 == 0 {
                 continue;
@@ -54,10 +55,17 @@ impl Qcow2Update {
             if e & OFLAG_COPIED == 0 || self.refcount(l2 >> cb)? != 1 {
                 return Ok(false);
             }
-            work.push((l2, raw, zeros));
+            work.push((i, l2, raw, zeros));
         }
         let zero_cluster = vec![0u8; cs as usize];
-        for (l2, mut raw, zeros) in work {
+        // One progress step per L1 entry, as QEMU counts them (amend -p).
+        let steps = self.l1.len() as u64;
+        let mut next = 0;
+        for (i, l2, mut raw, zeros) in work {
+            for j in next..i {
+                self.progress(AmendOp::Downgrade, j as u64 + 1, steps);
+            }
+            next = i + 1;
             let mut news = Vec::with_capacity(zeros.len());
             for (j, host) in zeros {
                 let nv = if host != 0 {
@@ -80,6 +88,10 @@ impl Qcow2Update {
             }
             self.pwrite(&raw[lo * 8..hi * 8 + 8], l2 + lo as u64 * 8)?;
             self.sync()?;
+            self.progress(AmendOp::Downgrade, i as u64 + 1, steps);
+        }
+        for j in next..self.l1.len() {
+            self.progress(AmendOp::Downgrade, j as u64 + 1, steps);
         }
         Ok(true)
     }

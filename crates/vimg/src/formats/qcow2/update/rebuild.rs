@@ -22,6 +22,7 @@
 //! Killed before the header write, the image is the old one; after it, the new one with
 //! exact refcounts.
 
+use super::amend_progress::AmendOp;
 use super::*;
 
 /// How the L2 copies change on the way (besides their copied flags, which follow the
@@ -55,9 +56,16 @@ impl Qcow2Update {
                 s.shadow_copy_l2s(sh, &l1)?
             };
             if change == L2Change::ExpandZeros {
-                for &l2 in &l2s {
-                    s.expand_zeros_in(sh, l2, backing)?;
+                // In the active L1 table's order, one progress step per entry (amend -p).
+                let steps = s.downgrade_steps()?;
+                let mut done = std::collections::HashSet::new();
+                for (i, &l2) in new_l1.iter().enumerate() {
+                    if l2 != 0 && done.insert(l2) {
+                        s.expand_zeros_in(sh, l2, backing)?;
+                    }
+                    s.progress(AmendOp::Downgrade, i as u64 + 1, steps);
                 }
+                debug_assert_eq!(done.len(), l2s.len());
                 if nb > 0 {
                     table = s.expand_snapshot_zeros(sh, &l1, &new_l1, backing)?;
                 }
@@ -123,10 +131,14 @@ impl Qcow2Update {
         let mut offsets = Vec::new();
         let snaps = self.snapshot_l1_tables()?;
         let old_offsets = self.snapshot_l1_offsets()?;
+        let steps = self.downgrade_steps()?;
+        let mut step = l1.len() as u64;
         for (sl1, old_off) in snaps.into_iter().zip(old_offsets) {
             let mut out = sl1.clone();
             let mut changed = false;
             for e in out.iter_mut() {
+                step += 1;
+                self.progress(AmendOp::Downgrade, step, steps);
                 let l2 = *e & L1E_OFFSET_MASK;
                 if l2 == 0 {
                     continue;
