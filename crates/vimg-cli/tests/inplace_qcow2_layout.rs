@@ -300,5 +300,11 @@ fn shrink_frees_disk_space_as_qemu_does() {
     let (fq, fv) = (before - allocated(&q), before - allocated(&v));
     eprintln!("freed: qemu-img {fq}, vimg {fv}");
     assert!(fq >= 10 << 20, "qemu-img freed only {fq}");
-    assert_eq!(fv, fq, "bytes freed by the shrink");
+    // Cluster for cluster (1 MiB each); the filesystem may count a block of its own
+    // metadata (an extent tree block) differently between the two files, so a difference
+    // below one cluster is the filesystem's, not the shrink's.
+    assert!(
+        fv.abs_diff(fq) < 64 << 10,
+        "bytes freed by the shrink: vimg {fv}, qemu-img {fq}"
+    );
 }
