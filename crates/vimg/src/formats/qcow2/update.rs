@@ -57,6 +57,7 @@ mod resize_tail;
 mod resize_zero;
 mod shadow;
 pub(super) mod snapshot;
+mod snapshot_place;
 mod snapshot_repair;
 mod snapshot_table;
 

@@ -242,7 +242,16 @@ impl Qcow2Update {
         // An overflow (refcount_bits=1, say) is refused by the shadow switch, from the
         // exact final counts, before the header changes; the tail written is cut off.
         let size = self.header.size;
+        // QEMU's places for the L1 copy and the table (`snapshot_place.rs`): the table is
+        // every entry padded to 8 bytes but the last.
+        let table_len = normalized_table(&entries, size)?.len() as u64
+            + (SNAPSHOT_HEADER_LEN + extra_len + id.len() + name.len()) as u64;
+        let plan = self.plan_snapshot_placement(table_len)?;
         self.shadow(|s, sh| {
+            if let Some(p) = &plan {
+                // The first step's tail goes past QEMU's clusters (they stay free in it).
+                sh.next = sh.next.max(s.placement_end(p));
+            }
             // Copies of the active L2 tables, which the snapshot and the active image then
             // share; the snapshot's own L1 table points at them too.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &l1)?;
@@ -273,7 +282,11 @@ impl Qcow2Update {
             // Every entry as QEMU writes the table (`snapshot_table.rs`).
             let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
-        })
+        })?;
+        match plan {
+            Some(p) => self.place_snapshot_as_qemu(p),
+            None => Ok(()),
+        }
     }
 
     /// `snapshot -d NAME`: deletes the first snapshot with that name (qemu-img looks
