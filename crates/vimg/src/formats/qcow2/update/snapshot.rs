@@ -246,7 +246,7 @@ impl Qcow2Update {
         // every entry padded to 8 bytes but the last.
         let table_len = normalized_table(&entries, size)?.len() as u64
             + (SNAPSHOT_HEADER_LEN + extra_len + id.len() + name.len()) as u64;
-        let plan = self.plan_snapshot_placement(table_len)?;
+        let plan = self.plan_snapshot_placement(true, table_len, &[])?;
         self.shadow(|s, sh| {
             if let Some(p) = &plan {
                 // The first step's tail goes past QEMU's clusters (they stay free in it).
@@ -297,16 +297,40 @@ impl Qcow2Update {
         let Some(i) = entries.iter().position(|e| e.name == name) else {
             return Err(Error::invalid_argument(SNAPSHOT_NOT_FOUND));
         };
-        entries.remove(i);
+        let gone = entries.remove(i);
         let active = self.l1.clone();
         let size = self.header.size;
+        // QEMU's place for the table (`snapshot_place.rs`); it walks the deleted
+        // snapshot's tables too.
+        let table = normalized_table(&entries, size)?;
+        let table_len = match entries.last() {
+            Some(e) => {
+                let last = super::snapshot_table::normalized_entry(&e.raw, size)?;
+                let h = SnapshotHeader::parse(&last)?;
+                let pad = h.entry_len()
+                    - (SNAPSHOT_HEADER_LEN as u64
+                        + u64::from(h.extra_data_size)
+                        + u64::from(h.id_str_size)
+                        + u64::from(h.name_size));
+                table.len() as u64 - pad
+            }
+            None => 0,
+        };
+        let gone_l1 = self.read_l1_at(gone.l1_offset, gone.l1_size)?;
+        let plan = self.plan_snapshot_placement(false, table_len, &[gone_l1])?;
         self.shadow(|s, sh| {
+            if let Some(p) = &plan {
+                sh.next = sh.next.max(s.placement_end(p));
+            }
             // Fresh copies of the active L2 tables, whose copied flags then follow the
             // counts without the snapshot.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &active)?;
-            let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
-        })
+        })?;
+        match plan {
+            Some(p) => self.place_snapshot_as_qemu(p),
+            None => Ok(()),
+        }
     }
 
     /// `snapshot -a ID_OR_NAME`: makes the snapshot's state the active one (the ID is

@@ -25,27 +25,26 @@ use std::io;
 
 /// What the second step needs, gathered from the image before the first step.
 pub(super) struct Placement {
-    /// First cluster of the snapshot's L1 copy and of the new snapshot table.
-    l1_copy: u64,
-    table: u64,
-    /// Bytes QEMU writes there (no padding to clusters).
-    l1_bytes: u64,
+    /// `snapshot -c`: the first cluster of the snapshot's L1 copy and its bytes (the
+    /// active L1 table as it was, flags and all: QEMU copies it as it is).
+    l1_copy: Option<(u64, Vec<u8>)>,
+    /// The first cluster of the new snapshot table (none when it is empty) and the bytes
+    /// QEMU writes there (no padding to clusters).
+    table: Option<u64>,
     table_len: u64,
-    /// The active L1 table as it was, with its flags (QEMU copies it as it is).
+    /// The active L1 table as it was.
     l1: Vec<u64>,
     l1_offset: u64,
-    /// The L2 tables the active L1 table names, with their contents; `true` for those
-    /// rewritten in place (referenced once), `false` for shared ones, left as they are.
-    l2s: Vec<(u64, Vec<u8>, bool)>,
+    /// The L2 tables QEMU walks (the active ones, and the deleted snapshot's), as they were.
+    l2s: Vec<(u64, Vec<u8>)>,
     reftable: Vec<u64>,
     reftable_offset: u64,
     reftable_clusters: u32,
-    /// Stored refcounts minus references, before the change (leaks stay leaks, as in QEMU).
+    /// The stored refcounts and the references, before the change (QEMU's refcounts after
+    /// it are these plus the references gained, minus those lost: leaks stay leaks).
     refcounts: Vec<u64>,
     refs: RefCounts,
     file_len: u64,
-    /// The old snapshot table (offset, bytes), freed and discarded after the switch.
-    old_table: (u64, u64),
     /// The header cluster as it was (QEMU changes only the snapshot fields in it).
     head: Vec<u8>,
 }
@@ -116,72 +115,81 @@ impl Qcow2Update {
         Ok(start)
     }
 
-    /// QEMU's places for a new snapshot (`table_len` bytes of snapshot table) and what the
-    /// second step needs, or `None` where QEMU's layout cannot be reproduced.
-    pub(super) fn plan_snapshot_placement(&mut self, table_len: u64) -> Result<Option<Placement>> {
+    /// QEMU's places for a change of the snapshot table to `table_len` bytes (after an L1
+    /// copy for `snapshot -c`, `copy_l1`), and what the second step needs, or `None` where
+    /// QEMU's layout cannot be reproduced. `more_l1s`: the L1 tables QEMU walks besides
+    /// the active one (the deleted snapshot's).
+    pub(super) fn plan_snapshot_placement(
+        &mut self,
+        copy_l1: bool,
+        table_len: u64,
+        more_l1s: &[Vec<u64>],
+    ) -> Result<Option<Placement>> {
         let cs = self.cs();
-        let cb = self.cb();
         let l1_bytes = self.l1.len() as u64 * 8;
-        if l1_bytes == 0 || table_len == 0 {
+        if copy_l1 && l1_bytes == 0 {
             return Ok(None);
         }
-        let n_l1 = l1_bytes.div_ceil(cs);
-        let n_table = table_len.div_ceil(cs);
-        let l1_copy = self.first_free_run(0, n_l1)?;
-        let table = self.first_free_run(l1_copy + n_l1, n_table)?;
+        let mut taken = Vec::new();
+        let mut from = 0;
+        let l1_copy = if copy_l1 {
+            let n = l1_bytes.div_ceil(cs);
+            let c = self.first_free_run(0, n)?;
+            taken.push((c, n));
+            from = c + n;
+            Some((c, be_words(&self.l1)))
+        } else {
+            None
+        };
+        let table = if table_len > 0 {
+            let n = table_len.div_ceil(cs);
+            let c = self.first_free_run(from, n)?;
+            taken.push((c, n));
+            Some(c)
+        } else {
+            None
+        };
         // QEMU would create a refcount block for a cluster without one: another layout.
         let bits = self.g.refblock_bits;
-        let covered = |u: &Self, c: u64| u.block_offset(c >> bits).is_some();
-        if (l1_copy..l1_copy + n_l1)
-            .chain(table..table + n_table)
-            .any(|c| !covered(self, c))
+        if taken
+            .iter()
+            .flat_map(|&(c, n)| c..c + n)
+            .any(|c| self.block_offset(c >> bits).is_none())
         {
             return Ok(None);
         }
-        // Every active L2 table: referenced once (rewritten in place), or shared (QEMU
-        // leaves it as it is when no entry carries the copied flag).
-        let mut l2s: Vec<(u64, Vec<u8>, bool)> = Vec::new();
-        let w = self.l2_width();
-        for e in self.l1.clone() {
+        let mut l2s: Vec<(u64, Vec<u8>)> = Vec::new();
+        for e in self.l1.clone().iter().chain(more_l1s.iter().flatten()) {
             let off = e & L1E_OFFSET_MASK;
-            if off == 0 || l2s.iter().any(|(o, _, _)| *o == off) {
+            if off == 0 || l2s.iter().any(|(o, _)| *o == off) {
                 continue;
             }
-            let raw = self.read_cluster(off)?;
-            let own = self.refcount(off >> cb)? == 1;
-            if !own && raw.chunks_exact(w).any(|x| x[0] & 0x80 != 0) {
-                return Ok(None);
-            }
-            l2s.push((off, raw, own));
+            l2s.push((off, self.read_cluster(off)?));
         }
         let refs = self.references(None)?;
         // The stored refcounts of every cluster a refcount block covers.
-        let n_blocks = self.reftable.len() as u64;
         let mut refcounts = Vec::new();
-        for rti in 0..n_blocks {
+        let upto = refs.len().max(self.file_len.div_ceil(cs));
+        for rti in 0..self.reftable.len() as u64 {
             if self.block_offset(rti).is_none() {
                 continue;
             }
             let first = rti << bits;
-            let last = (first + (1u64 << bits)).min(refs.len().max(self.file_len.div_ceil(cs)));
-            for c in first..last {
-                let rc = self.refcount(c)?;
-                if rc < refs.get(c) {
-                    return Ok(None);
-                }
+            for c in first..(first + (1u64 << bits)).min(upto) {
                 if refcounts.len() as u64 <= c {
                     refcounts.resize(c as usize + 1, 0);
                 }
-                refcounts[c as usize] = rc;
+                refcounts[c as usize] = self.refcount(c)?;
             }
         }
         if (0..refs.len()).any(|c| refs.get(c) > refcounts.get(c as usize).copied().unwrap_or(0)) {
             return Ok(None);
         }
+        let mut head = vec![0u8; self.file_len.min(cs) as usize];
+        self.pread(&mut head, 0)?;
         Ok(Some(Placement {
             l1_copy,
             table,
-            l1_bytes,
             table_len,
             l1: self.l1.clone(),
             l1_offset: self.header.l1_table_offset,
@@ -192,56 +200,78 @@ impl Qcow2Update {
             refcounts,
             refs,
             file_len: self.file_len,
-            old_table: (self.header.snapshots_offset, self.snapshot_table_len()?),
-            head: {
-                let mut head = vec![0u8; self.file_len.min(cs) as usize];
-                self.pread(&mut head, 0)?;
-                head
-            },
+            head,
         }))
     }
 
     /// The first cluster past everything `p` places (where the first step's tail starts).
     pub(super) fn placement_end(&self, p: &Placement) -> u64 {
-        let cs = self.cs();
-        let a = (p.l1_copy << self.cb()) + p.l1_bytes;
-        let b = (p.table << self.cb()) + p.table_len;
-        a.max(b).div_ceil(cs)
+        self.placement_end_bytes(p).div_ceil(self.cs())
     }
 
-    /// The second step (see the module documentation): the image, just switched to the
-    /// new snapshot by the first step, is given QEMU's layout of the same state.
+    /// The end of the last byte QEMU writes in the clusters it takes.
+    fn placement_end_bytes(&self, p: &Placement) -> u64 {
+        let cb = self.cb();
+        let a = p
+            .l1_copy
+            .as_ref()
+            .map_or(0, |(c, b)| (c << cb) + b.len() as u64);
+        let b = p.table.map_or(0, |c| (c << cb) + p.table_len);
+        a.max(b)
+    }
+
+    /// Writes `data` at `off` for the second step, where the committed state (the first
+    /// step's) leaves it free or it holds these bytes already; `false` otherwise.
+    fn place_write(&mut self, data: &[u8], off: u64) -> Result<bool> {
+        let mut now = vec![0u8; data.len()];
+        self.pread(&mut now, off)?;
+        if now == data {
+            return Ok(true);
+        }
+        let cb = self.cb();
+        let last = (off + data.len() as u64).div_ceil(self.cs());
+        for c in off >> cb..last {
+            if self.refcount(c)? != 0 {
+                return Ok(false);
+            }
+        }
+        self.pwrite(data, off)?;
+        Ok(true)
+    }
+
+    /// The second step (see the module documentation): the image, just switched by the
+    /// first step, is given QEMU's layout of the same state. Where some cluster QEMU
+    /// changes is still in use after the first step, the first step's image stays.
     pub(super) fn place_snapshot_as_qemu(&mut self, p: Placement) -> Result<()> {
         let cs = self.cs();
         let cb = self.cb();
-        // The table as the first step wrote it, the new entry's L1 offset set to QEMU's.
+        // The table as the first step wrote it, a new entry's L1 offset set to QEMU's.
         let mut entries = self.snapshot_entries_raw()?;
-        let Some(last) = entries.last_mut() else {
-            return Ok(());
-        };
-        let l1_copy_off = p.l1_copy << cb;
-        last[..8].copy_from_slice(&l1_copy_off.to_be_bytes());
+        if let (Some((c, _)), Some(last)) = (&p.l1_copy, entries.last_mut()) {
+            last[..8].copy_from_slice(&(c << cb).to_be_bytes());
+        }
         let mut table: Vec<u8> = entries.concat();
         if (table.len() as u64) < p.table_len {
             return Ok(());
         }
         table.truncate(p.table_len as usize);
-        // Everything goes into clusters the committed state (the first step's) does not
-        // use: QEMU's two, and the old places of the tables the first step moved.
-        self.pwrite(&be_words(&p.l1), l1_copy_off)?;
-        self.pwrite(&table, p.table << cb)?;
-        let mut l1: Vec<u64> = p.l1.iter().map(|e| e & !OFLAG_COPIED).collect();
-        self.pwrite(&be_words(&l1), p.l1_offset)?;
-        for (off, raw, own) in &p.l2s {
-            if *own {
-                self.pwrite(raw, *off)?;
+        // QEMU's two new places are free after the first step (its tail starts past them).
+        if let Some((c, bytes)) = &p.l1_copy {
+            if !self.place_write(bytes, c << cb)? {
+                return Ok(());
             }
+        }
+        let table_off = p.table.map_or(0, |c| c << cb);
+        if p.table.is_some() && !self.place_write(&table, table_off)? {
+            return Ok(());
         }
         let mut h = self.header.clone();
         h.l1_table_offset = p.l1_offset;
         h.refcount_table_offset = p.reftable_offset;
         h.refcount_table_clusters = p.reftable_clusters;
-        h.snapshots_offset = p.table << cb;
+        h.snapshots_offset = table_off;
+        // The final image references what the old one did, through the old active tables
+        // (their places still hold them: the first step wrote copies) and the new table.
         let head = self.first_sector_with(&mut h.clone(), None, None, None)?;
         let refs = self.references(Some(head))?;
         // QEMU's refcounts: the old ones plus the references gained, minus those lost.
@@ -263,15 +293,15 @@ impl Qcow2Update {
                 .get(c >> bits)
                 .is_some_and(|e| e & REFT_OFFSET_MASK != 0);
             if v > max || (v != 0 && !blocked) {
-                // Not QEMU's layout after all; the first step's image stays (exact).
                 return Ok(());
             }
         }
         let count = |c: u64| counts.get(c as usize).copied().unwrap_or(0);
-        // Copied flags as QEMU sets them: where the cluster has exactly one reference.
+        // Copied flags as QEMU sets them in the tables it walks: where the cluster has
+        // exactly one reference (never for compressed or unallocated entries).
         let w = self.l2_width();
-        for (off, raw, own) in &p.l2s {
-            if !*own {
+        for (off, raw) in &p.l2s {
+            if count(off >> cb) == 0 {
                 continue;
             }
             let mut raw = raw.clone();
@@ -284,14 +314,24 @@ impl Qcow2Update {
                 }
                 ent[..8].copy_from_slice(&nv.to_be_bytes());
             }
-            self.pwrite(&raw, *off)?;
-        }
-        for e in l1.iter_mut() {
-            if *e != 0 && count(*e >> cb) == 1 {
-                *e |= OFLAG_COPIED;
+            if !self.place_write(&raw, *off)? {
+                return Ok(());
             }
         }
-        self.pwrite(&be_words(&l1), p.l1_offset)?;
+        let l1: Vec<u64> =
+            p.l1.iter()
+                .map(|&e| {
+                    let e = e & !OFLAG_COPIED;
+                    if e != 0 && count((e & L1E_OFFSET_MASK) >> cb) == 1 {
+                        e | OFLAG_COPIED
+                    } else {
+                        e
+                    }
+                })
+                .collect();
+        if !self.place_write(&be_words(&l1), p.l1_offset)? {
+            return Ok(());
+        }
         let order = self.g.refcount_order;
         let per_block = 1u64 << bits;
         for (rti, e) in p.reftable.iter().enumerate() {
@@ -304,11 +344,15 @@ impl Qcow2Update {
             for k in 0..per_block {
                 refcount_set(&mut b, order, k as usize, count(first + k));
             }
-            self.pwrite(&b, off)?;
+            if !self.place_write(&b, off)? {
+                return Ok(());
+            }
         }
         let mut rt = be_words(&p.reftable);
         rt.resize((u64::from(p.reftable_clusters) * cs) as usize, 0);
-        self.pwrite(&rt, p.reftable_offset)?;
+        if !self.place_write(&rt, p.reftable_offset)? {
+            return Ok(());
+        }
         self.sync()?;
         // The old header with QEMU's two changes, where the first step left the bytes past
         // the first sector as they were (then one sector switches); otherwise the header
@@ -327,22 +371,17 @@ impl Qcow2Update {
         self.sync()?;
         self.header = h;
         self.l1 = l1;
-        self.reftable = p.reftable;
+        self.reftable = p.reftable.clone();
         self.block = None;
         self.free_hint = 0;
         // The first step's tail is referenced by nothing now.
-        let end = p
-            .file_len
-            .max(l1_copy_off + p.l1_bytes)
-            .max((p.table << cb) + p.table_len);
+        let end = p.file_len.max(self.placement_end_bytes(&p));
         self.set_len(end)?;
-        // QEMU discards the clusters of the old table it frees (they read as zeros).
-        let (off, len) = p.old_table;
-        if len > 0 {
-            let first = off >> cb;
-            let last = (off + len).div_ceil(cs);
-            self.punch_free(&[(first, last - first)])?;
-        }
-        Ok(())
+        // QEMU discards the clusters it frees (they read as zeros).
+        let freed: Vec<(u64, u64)> = (0..n)
+            .filter(|&c| count(c) == 0 && p.refcounts.get(c as usize).is_some_and(|&v| v > 0))
+            .map(|c| (c, 1))
+            .collect();
+        self.punch_free(&freed)
     }
 }
