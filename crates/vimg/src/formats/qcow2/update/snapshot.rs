@@ -10,6 +10,10 @@
 //! new one, never a mix: no copied-flag window (QEMU has one), no leaks. A refcount that
 //! would overflow (`refcount_bits` too small) is refused from the exact final counts
 //! before the switch, and the unreferenced tail is cut off again.
+//!
+//! Create and delete then take QEMU's layout of the same state in a second switch
+//! (`snapshot_place.rs`): the L1 copy and the table in the clusters QEMU's allocator
+//! picks, the tables and refcounts back in their places with QEMU's values.
 
 use super::*;
 use crate::formats::qcow2::check_snapshots::snapshot_string;
