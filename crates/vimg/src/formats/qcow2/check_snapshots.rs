@@ -43,6 +43,9 @@ pub(crate) struct Scan {
     pub dropped: u64,
     /// The snapshot count after the repair.
     pub count: u32,
+    /// Where the last entry kept ends in the file (QEMU reads any part of it past the end
+    /// of the file as zeros).
+    pub end: u64,
 }
 
 /// A check that cannot go on: the lines QEMU prints (its "ERROR" line and hint).
@@ -154,6 +157,7 @@ pub(crate) fn scan(
             break;
         }
         offset += on_disk;
+        out.end = offset;
     }
     // `kept` <= MAX_SNAPSHOTS, which fits in the header's 32 bits.
     out.count = kept as u32;

@@ -10,6 +10,10 @@
 //! new one, never a mix: no copied-flag window (QEMU has one), no leaks. A refcount that
 //! would overflow (`refcount_bits` too small) is refused from the exact final counts
 //! before the switch, and the unreferenced tail is cut off again.
+//!
+//! Create and delete then take QEMU's layout of the same state in a second switch
+//! (`snapshot_place.rs`): the L1 copy and the table in the clusters QEMU's allocator
+//! picks, the tables and refcounts back in their places with QEMU's values.
 
 use super::*;
 use crate::formats::qcow2::check_snapshots::snapshot_string;
@@ -242,7 +246,16 @@ impl Qcow2Update {
         // An overflow (refcount_bits=1, say) is refused by the shadow switch, from the
         // exact final counts, before the header changes; the tail written is cut off.
         let size = self.header.size;
+        // QEMU's places for the L1 copy and the table (`snapshot_place.rs`): the table is
+        // every entry padded to 8 bytes but the last.
+        let table_len = normalized_table(&entries, size)?.len() as u64
+            + (SNAPSHOT_HEADER_LEN + extra_len + id.len() + name.len()) as u64;
+        let plan = self.plan_snapshot_placement(true, table_len, &[])?;
         self.shadow(|s, sh| {
+            if let Some(p) = &plan {
+                // The first step's tail goes past QEMU's clusters (they stay free in it).
+                sh.next = sh.next.max(s.placement_end(p));
+            }
             // Copies of the active L2 tables, which the snapshot and the active image then
             // share; the snapshot's own L1 table points at them too.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &l1)?;
@@ -273,7 +286,11 @@ impl Qcow2Update {
             // Every entry as QEMU writes the table (`snapshot_table.rs`).
             let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
-        })
+        })?;
+        match plan {
+            Some(p) => self.place_snapshot_as_qemu(p),
+            None => Ok(()),
+        }
     }
 
     /// `snapshot -d NAME`: deletes the first snapshot with that name (qemu-img looks
@@ -284,16 +301,40 @@ impl Qcow2Update {
         let Some(i) = entries.iter().position(|e| e.name == name) else {
             return Err(Error::invalid_argument(SNAPSHOT_NOT_FOUND));
         };
-        entries.remove(i);
+        let gone = entries.remove(i);
         let active = self.l1.clone();
         let size = self.header.size;
+        // QEMU's place for the table (`snapshot_place.rs`); it walks the deleted
+        // snapshot's tables too.
+        let table = normalized_table(&entries, size)?;
+        let table_len = match entries.last() {
+            Some(e) => {
+                let last = super::snapshot_table::normalized_entry(&e.raw, size)?;
+                let h = SnapshotHeader::parse(&last)?;
+                let pad = h.entry_len()
+                    - (SNAPSHOT_HEADER_LEN as u64
+                        + u64::from(h.extra_data_size)
+                        + u64::from(h.id_str_size)
+                        + u64::from(h.name_size));
+                table.len() as u64 - pad
+            }
+            None => 0,
+        };
+        let gone_l1 = self.read_l1_at(gone.l1_offset, gone.l1_size)?;
+        let plan = self.plan_snapshot_placement(false, table_len, &[gone_l1])?;
         self.shadow(|s, sh| {
+            if let Some(p) = &plan {
+                sh.next = sh.next.max(s.placement_end(p));
+            }
             // Fresh copies of the active L2 tables, whose copied flags then follow the
             // counts without the snapshot.
             let (new_l1, l2s) = s.shadow_copy_l2s(sh, &active)?;
-            let table = normalized_table(&entries, size)?;
             s.shadow_commit(sh, new_l1, &l2s, &table, entries.len() as u32, size)
-        })
+        })?;
+        match plan {
+            Some(p) => self.place_snapshot_as_qemu(p),
+            None => Ok(()),
+        }
     }
 
     /// `snapshot -a ID_OR_NAME`: makes the snapshot's state the active one (the ID is
