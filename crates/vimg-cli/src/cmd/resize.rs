@@ -109,16 +109,23 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                 let head = resize_head(&image, cur, &a.filename)?;
                 drop(image);
                 if prealloc != Prealloc::Off {
-                    return Err(Failure::new(
-                        format!(
-                            "vimg cannot preallocate the new area of '{}' over a longer backing file",
-                            a.filename
-                        ),
-                        1,
-                    ));
+                    // qcow2 preallocates as without a backing file, the new area reading
+                    // as zeros (update/prealloc_zero.rs); other formats refuse.
+                    let Some(q) = img.qcow2() else {
+                        return Err(Failure::new(
+                            format!(
+                                "vimg cannot preallocate the new area of '{}' over a longer backing file",
+                                a.filename
+                            ),
+                            1,
+                        ));
+                    };
+                    q.resize_preallocated_over_backing(total, prealloc, head.as_deref())
+                        .map_err(Failure::from)?;
+                } else {
+                    img.resize_zeroing_with(total, head.as_deref())
+                        .map_err(Failure::from)?;
                 }
-                img.resize_zeroing_with(total, head.as_deref())
-                    .map_err(Failure::from)?;
                 if !a.quiet {
                     crate::print_out("Image resized.\n")?;
                 }

@@ -52,6 +52,7 @@ mod header_ext;
 mod make_empty;
 mod misaligned;
 mod prealloc;
+mod prealloc_zero;
 mod rebuild;
 mod resize_tail;
 mod resize_zero;
