@@ -48,6 +48,7 @@ mod compress;
 mod crypt;
 mod crypt_rules;
 mod expand_zeros;
+mod extl2_write;
 mod header_ext;
 mod make_empty;
 mod misaligned;
