@@ -186,7 +186,7 @@ impl DataWriter<'_> {
     pub fn write_at(&mut self, off: u64, data: &[u8], backing: Option<&Image>) -> Result<()> {
         if self.up.g.extended_l2 {
             // Only safe rebase's writes (update/extl2_write.rs).
-            return self.write_subclusters(off, data);
+            return self.write_subclusters_over(off, data, backing);
         }
         let end = off
             .checked_add(data.len() as u64)

@@ -222,9 +222,40 @@ impl DataWriter<'_> {
     /// Writes `data` at `off` into subclusters this image does not hold (see the module
     /// documentation). `data` may end inside the last subcluster only at the virtual size.
     pub fn write_subclusters(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.write_subclusters_over(off, data, None)
+    }
+
+    /// [`Self::write_subclusters`]; a write that ends at a virtual size inside a
+    /// subcluster fills the rest of it as QEMU's copy-on-write tail does, with what
+    /// `backing` (the image's backing chain) holds there (zeros past its end).
+    pub fn write_subclusters_over(
+        &mut self,
+        off: u64,
+        data: &[u8],
+        backing: Option<&crate::image::Image>,
+    ) -> Result<()> {
         let parts = self.parts(off, data.len() as u64)?;
+        let len = data.len() as u64;
+        let end = off + len;
+        let sc = self.up.g.subcluster_size;
+        let padded;
+        let data = if end.is_multiple_of(sc) {
+            data
+        } else {
+            let mut v = data.to_vec();
+            let mut tail = vec![0u8; (end.next_multiple_of(sc) - end) as usize];
+            if let Some(b) = backing {
+                let n = b.virtual_size().saturating_sub(end).min(tail.len() as u64) as usize;
+                if n > 0 {
+                    b.read_at(&mut tail[..n], end)?;
+                }
+            }
+            v.extend_from_slice(&tail);
+            padded = v;
+            &padded[..]
+        };
         self.check_unallocated(&parts)?;
-        self.up.note_written(off, data.len() as u64);
+        self.up.note_written(off, len);
         let per = self.up.g.l2_entries();
         let mut i = 0;
         while i < parts.len() {
@@ -256,6 +287,7 @@ impl DataWriter<'_> {
             let end = (p.c * cs + p.hi * sc).min(off + data.len() as u64);
             ((start - off) as usize, (end - off) as usize)
         };
+        debug_assert!(parts.iter().all(|p| bytes_of(p).1 <= data.len()));
         // Clusters without a host cluster, in runs of consecutive guest clusters, get
         // consecutive new ones.
         let mut hosts: Vec<u64> = Vec::with_capacity(parts.len());

@@ -44,17 +44,18 @@ impl Qcow2Update {
         prealloc: Prealloc,
         head: Option<&[u8]>,
     ) -> Result<()> {
-        self.resize_preallocated_mode(size, prealloc, head, false)
+        self.resize_preallocated_mode(size, prealloc, head, None)
     }
 
     /// [`Self::resize_preallocated`]; `over_backing` when a backing file longer than the
-    /// current size would show through the new area (update/prealloc_zero.rs).
+    /// current size would show through the new area: what it holds from the new size to
+    /// the end of the cluster that size ends in (update/prealloc_zero.rs).
     pub(super) fn resize_preallocated_mode(
         &mut self,
         size: u64,
         prealloc: Prealloc,
         head: Option<&[u8]>,
-        over_backing: bool,
+        over_backing: Option<&[u8]>,
     ) -> Result<()> {
         let name = self.path.display().to_string();
         if prealloc == Prealloc::Off {
@@ -131,13 +132,20 @@ impl Qcow2Update {
         }
         match prealloc {
             Prealloc::Metadata => {
+                let from_backing = match over_backing {
+                    Some(_) => self.tail_reads_backing(size)?,
+                    None => false,
+                };
                 self.prealloc_metadata(first, end, (old, size), head, &mut touched)?;
-                if over_backing {
+                if let Some(tail) = over_backing {
                     self.zero_preallocated_area(old, size, head)?;
+                    if from_backing {
+                        self.write_cow_tail(size, tail)?;
+                    }
                 }
             }
             _ => {
-                let all = over_backing && self.g.extended_l2;
+                let all = over_backing.is_some() && self.g.extended_l2;
                 self.prealloc_data(first, end, old, head, (prealloc, all), &mut touched)?
             }
         }

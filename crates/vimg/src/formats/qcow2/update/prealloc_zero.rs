@@ -36,13 +36,65 @@ impl Qcow2Update {
     /// [`Self::resize_preallocated`] does, with the new area reading as zeros (see the
     /// module documentation). `head` is the guest content of the cluster the current size
     /// ends in, up to that size (through the backing file where this image has none).
+    ///
+    /// `tail` is what the backing file holds from `size` to the end of the cluster `size`
+    /// ends in (zeros past its end; may be shorter): with `metadata`, QEMU's
+    /// copy-on-write of a new last cluster leaves it past the new size, and so does vimg,
+    /// so the files match byte for byte (never read: it lies past the virtual size).
     pub fn resize_preallocated_over_backing(
         &mut self,
         size: u64,
         prealloc: Prealloc,
         head: Option<&[u8]>,
+        tail: &[u8],
     ) -> Result<()> {
-        self.resize_preallocated_mode(size, prealloc, head, true)
+        self.resize_preallocated_mode(size, prealloc, head, Some(tail))
+    }
+
+    /// True when the image reads the bytes after `size` in its subcluster from the backing
+    /// file now (no host cluster, not compressed, not zero) and `size` ends inside a
+    /// subcluster: then preallocation's new last cluster gets them (QEMU's copy-on-write).
+    pub(super) fn tail_reads_backing(&self, size: u64) -> Result<bool> {
+        let cs = self.cs();
+        let sc = self.g.subcluster_size;
+        if size.is_multiple_of(sc) {
+            return Ok(false);
+        }
+        let c = size / cs;
+        let per = self.g.l2_entries();
+        let t = c / per;
+        if t >= self.l1.len() as u64 || self.l1[t as usize] & L1E_OFFSET_MASK == 0 {
+            return Ok(true);
+        }
+        let (raw, _) = self.l2_table(t)?;
+        let i = c % per;
+        let e = self.entry_at(&raw, i);
+        if e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) != 0 {
+            return Ok(false);
+        }
+        if !self.g.extended_l2 {
+            return Ok(e & OFLAG_ZERO == 0);
+        }
+        let bm = word(&raw, (i * 16 + 8) as usize);
+        let s = (size - c * cs) / sc;
+        Ok(bm & (1u64 << (32 + s)) == 0 && bm & (1u64 << s) == 0)
+    }
+
+    /// Writes `tail` (the backing file's bytes from `size` on) over the rest of the
+    /// subcluster `size` ends in, in its new host cluster: past the virtual size.
+    pub(super) fn write_cow_tail(&mut self, size: u64, tail: &[u8]) -> Result<()> {
+        let cs = self.cs();
+        let sc = self.g.subcluster_size;
+        let c = size / cs;
+        let per = self.g.l2_entries();
+        let (raw, _) = self.l2_table(c / per)?;
+        let host = self.entry_at(&raw, c % per) & L2E_OFFSET_MASK;
+        let n = ((size.next_multiple_of(sc) - size) as usize).min(tail.len());
+        if host == 0 || n == 0 || tail[..n].iter().all(|&b| b == 0) {
+            return Ok(());
+        }
+        self.pwrite(&tail[..n], host + (size - c * cs))?;
+        self.sync()
     }
 
     /// After `metadata` preallocation of `[old, size)`: makes that area read as zeros
@@ -98,8 +150,18 @@ impl Qcow2Update {
                 let bitmap = if lo == 0 {
                     ALL_ZERO_BITMAP
                 } else {
+                    // Up to the subcluster the new size ends in (QEMU's head of the
+                    // zeroed range), not to the cluster's end.
+                    let hi = (size - k * cs).div_ceil(sc).min(32);
                     let old_b = word(&raw, at + 8);
-                    let range = (u32::MAX as u64) & !((1u64 << lo) - 1);
+                    let upto = |n: u64| {
+                        if n >= 32 {
+                            0xFFFF_FFFF
+                        } else {
+                            (1u64 << n) - 1
+                        }
+                    };
+                    let range = upto(hi) & !upto(lo);
                     (old_b | (range << 32)) & !range
                 };
                 raw[at + 8..at + 16].copy_from_slice(&bitmap.to_be_bytes());
