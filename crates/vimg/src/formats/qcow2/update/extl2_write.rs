@@ -78,6 +78,9 @@ impl Qcow2Update {
     }
 }
 
+/// An L2 table as (entry, bitmap) pairs.
+type ExtTable = Vec<(u64, u64)>;
+
 /// One cluster's part of a request: guest cluster, first and end subcluster.
 #[derive(Clone, Copy)]
 struct Part {
@@ -152,7 +155,7 @@ impl DataWriter<'_> {
     }
 
     /// Reads the L2 table of L1 index `t` as (entry, bitmap) pairs, and its state.
-    fn ext_table(&mut self, t: u64) -> Result<(Vec<(u64, u64)>, Option<u64>)> {
+    fn ext_table(&mut self, t: u64) -> Result<(ExtTable, Option<u64>)> {
         let cs = self.up.cs();
         let cb = self.up.cb();
         let per = self.up.g.l2_entries() as usize;
