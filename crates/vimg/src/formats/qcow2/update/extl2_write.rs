@@ -425,3 +425,106 @@ impl DataWriter<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Image;
+
+    /// A new qcow2 image with extended L2 entries (64 KiB clusters, 2 KiB subclusters).
+    fn ext_qcow2(dir: &std::path::Path, size: u64) -> std::path::PathBuf {
+        let p = dir.join("t.qcow2");
+        let opts = crate::options::CreateOptions::new().with("extended_l2", "on");
+        let out = crate::output::Output::new(p.clone());
+        let w = crate::formats::registry::create(crate::Format::Qcow2, &out, size, &opts)
+            .expect("create");
+        w.finish().expect("finish");
+        out.commit().expect("commit");
+        p
+    }
+
+    fn read_all(p: &std::path::Path) -> Vec<u8> {
+        let img = Image::open(p, &crate::OpenOptions::default()).expect("open");
+        let mut v = vec![0u8; img.virtual_size() as usize];
+        img.read_at(&mut v, 0).expect("read");
+        v
+    }
+
+    #[test]
+    fn alloc_bits_cover_the_range() {
+        assert_eq!(alloc_bits(0, 32), 0xFFFF_FFFF);
+        assert_eq!(alloc_bits(1, 2), 0b10);
+        assert_eq!(alloc_bits(30, 32), 0xC000_0000);
+        assert_eq!(alloc_bits(5, 5), 0);
+    }
+
+    #[test]
+    fn writes_and_zeroes_subclusters_and_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = (1 << 20) + 3 * 512;
+        let p = ext_qcow2(dir.path(), size);
+        let mut want = vec![0u8; size as usize];
+        {
+            let mut up = Qcow2Update::open(&p, ExternalPolicy::Deny).unwrap();
+            let mut w = up.subcluster_writer().unwrap();
+            assert_eq!(w.write_unit(), 2048);
+            // Two subclusters of cluster 0, then in place into the same host cluster.
+            w.write_subclusters(2048, &[1u8; 4096]).unwrap();
+            w.write_subclusters(60 << 10, &[2u8; 2048]).unwrap();
+            // Across a cluster boundary, into two new clusters.
+            w.write_subclusters(126 << 10, &[3u8; 6144]).unwrap();
+            // Zeros, partly and wholly covered clusters.
+            w.zero_subclusters(200 << 10, 184 << 10).unwrap();
+            // The last subcluster ends at the (unaligned) disk end.
+            w.write_subclusters(size - 1536, &[4u8; 1536]).unwrap();
+            w.finish().unwrap();
+        }
+        want[2048..6144].fill(1);
+        want[60 << 10..62 << 10].fill(2);
+        want[126 << 10..132 << 10].fill(3);
+        want[size as usize - 1536..].fill(4);
+        assert_eq!(read_all(&p), want);
+        let img = Image::open(&p, &crate::OpenOptions::default().open_backing(false)).unwrap();
+        let rep = crate::image::check(&img).unwrap();
+        assert_eq!(rep.corruptions + rep.leaks, 0, "{:?}", rep.messages);
+        // One host cluster for cluster 0, one table, two clusters for 1 and 2.
+        let mut up = Qcow2Update::open(&p, ExternalPolicy::Deny).unwrap();
+        let w = up.subcluster_writer().unwrap();
+        let (e0, b0) = w.ext_entry(0).unwrap();
+        assert_ne!(e0 & L2E_OFFSET_MASK, 0);
+        assert_eq!(b0, 0b110 | (1 << 30));
+        let (_, b3) = w.ext_entry(3).unwrap();
+        assert_eq!(b3 >> 32, 0xFFFF_FFFF & !0xF, "cluster 3: zero from 200k on");
+        let (e4, b4) = w.ext_entry(4).unwrap();
+        assert_eq!(
+            (e4, b4),
+            (0, ALL_ZERO),
+            "cluster 4: wholly zero, no host cluster"
+        );
+    }
+
+    #[test]
+    fn refuses_held_subclusters_and_unaligned_requests_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ext_qcow2(dir.path(), 1 << 20);
+        let mut up = Qcow2Update::open(&p, ExternalPolicy::Deny).unwrap();
+        let mut w = up.subcluster_writer().unwrap();
+        w.write_subclusters(4096, &[1u8; 2048]).unwrap();
+        w.zero_subclusters(8192, 2048).unwrap();
+        drop(w);
+        drop(up);
+        let before = std::fs::read(&p).unwrap();
+        let mut up = Qcow2Update::open(&p, ExternalPolicy::Deny).unwrap();
+        let mut w = up.subcluster_writer().unwrap();
+        // Allocated, zero, unaligned start, unaligned end inside the disk.
+        assert!(w.write_subclusters(2048, &[9u8; 4096]).is_err());
+        assert!(w.write_subclusters(8192, &[9u8; 2048]).is_err());
+        assert!(w.zero_subclusters(0, 6144).is_err());
+        assert!(w.write_subclusters(512, &[9u8; 2048]).is_err());
+        assert!(w.write_subclusters(16384, &[9u8; 1000]).is_err());
+        assert!(w.write_subclusters(1 << 20, &[9u8; 2048]).is_err());
+        drop(w);
+        drop(up);
+        assert_eq!(std::fs::read(&p).unwrap(), before, "a refused write wrote");
+    }
+}
