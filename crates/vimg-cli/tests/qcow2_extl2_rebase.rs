@@ -444,3 +444,19 @@ impl TapMkdir for PathBuf {
         self
     }
 }
+
+/// `rebase -u` of an image with extended L2 entries (a header change only) gives
+/// qemu-img's backing reference and leaves the L2 tables as they are.
+#[test]
+fn unsafe_rebase_with_extended_l2_like_qemu_img() {
+    if !qemu_available("unsafe_rebase_with_extended_l2_like_qemu_img") {
+        return;
+    }
+    let args: &[&str] = &["rebase", "-u", "-b", "base.qcow2", "-F", "qcow2"];
+    let (dq, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (qt, vt, _) = both(mixed, args, dq.path(), dv.path());
+    assert_eq!(qemu_check_output(&vt, "qcow2").0, 0, "check");
+    assert_eq!(map(&vt), map(&qt), "map");
+    assert_same_past_header(&qt, &vt, "rebase -u");
+    assert_eq!(guest(&vt, "qcow2"), guest(&qt, "qcow2"), "guest content");
+}
