@@ -69,6 +69,9 @@ pub fn rebase(
 /// each stored uncompressed when compression does not shrink it), as qemu-img writes them
 /// with `BDRV_REQ_WRITE_COMPRESSED`. Zero writes stay zero clusters. Images with internal
 /// snapshots are refused before anything is written.
+///
+/// qcow2 images with extended L2 entries are compared and written per subcluster (per
+/// cluster with `compress`), as qemu-img aligns its writes (qcow2/update/extl2_write.rs).
 pub fn rebase_with(
     path: &Path,
     format: Format,

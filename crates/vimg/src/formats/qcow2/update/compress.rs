@@ -8,9 +8,12 @@
 //! offset that starts afresh with each open; one that does not fit the rest of the
 //! current host cluster continues into the next free cluster when that one is adjacent,
 //! else starts at the new cluster. Every host cluster a compressed cluster touches counts
-//! one reference for it. A cluster that does not compress below the cluster size is
-//! written uncompressed, as QEMU does; the last cluster of a disk that is not cluster
-//! aligned is compressed zero-padded.
+//! one reference for it; the file grows by the bytes written, not to the end of the
+//! cluster they start (QEMU's file length). A cluster that does not compress below the
+//! cluster size is written uncompressed, as QEMU does; the last cluster of a disk that is
+//! not cluster aligned is compressed zero-padded. With extended L2 entries a compressed
+//! entry's bitmap is 0, and only clusters with no host cluster and an empty bitmap take
+//! one (update/extl2_write.rs writes the uncompressed ones).
 //!
 //! Crash safety, per L2 table (the order of update_data.rs): the L2 table's cluster (when
 //! the table is new) and the host clusters the compressed bytes take get their references
