@@ -511,7 +511,7 @@ mod tests {
         let mut w = up.subcluster_writer().unwrap();
         w.write_subclusters(4096, &[1u8; 2048]).unwrap();
         w.zero_subclusters(8192, 2048).unwrap();
-        drop(w);
+        w.finish().unwrap();
         drop(up);
         let before = std::fs::read(&p).unwrap();
         let mut up = Qcow2Update::open(&p, ExternalPolicy::Deny).unwrap();
@@ -523,7 +523,6 @@ mod tests {
         assert!(w.write_subclusters(512, &[9u8; 2048]).is_err());
         assert!(w.write_subclusters(16384, &[9u8; 1000]).is_err());
         assert!(w.write_subclusters(1 << 20, &[9u8; 2048]).is_err());
-        drop(w);
         drop(up);
         assert_eq!(std::fs::read(&p).unwrap(), before, "a refused write wrote");
     }
