@@ -69,6 +69,9 @@ pub fn rebase(
 /// each stored uncompressed when compression does not shrink it), as qemu-img writes them
 /// with `BDRV_REQ_WRITE_COMPRESSED`. Zero writes stay zero clusters. Images with internal
 /// snapshots are refused before anything is written.
+///
+/// qcow2 images with extended L2 entries are compared and written per subcluster (per
+/// cluster with `compress`), as qemu-img aligns its writes (qcow2/update/extl2_write.rs).
 pub fn rebase_with(
     path: &Path,
     format: Format,
@@ -116,8 +119,17 @@ pub fn rebase_with(
     }
     let mut copied = 0u64;
     {
-        let mut w = up.data()?;
-        let cs = w.unit();
+        let mut w = up.rebase_data()?;
+        // qemu-img writes aligned to the subcluster size, or with -c to the cluster size.
+        let cs = match &w {
+            updater::DataTarget::Qcow2(d) if compress => d.cluster_size(),
+            _ => w.unit(),
+        };
+        if compress {
+            if let updater::DataTarget::Qcow2(d) = &w {
+                refuse_partial_compress(d, &holes, cs, size)?;
+            }
+        }
         let step = STEP.max(cs) / cs * cs;
         progress(Progress {
             done: 0,
@@ -203,6 +215,38 @@ pub fn rebase_with(
     let name_fmt = new.as_ref().map(|n| (n.name, n.format.name()));
     up.set_backing(name_fmt)?;
     Ok(copied)
+}
+
+/// `rebase -c` of a qcow2 image with extended L2 entries writes whole clusters: every
+/// cluster a hole touches must be wholly unallocated (no host cluster, no subcluster
+/// allocated or zero), or qemu-img fails (an assertion, or an I/O error for a host
+/// cluster). Refused before anything is written.
+fn refuse_partial_compress(
+    d: &crate::formats::qcow2::DataWriter<'_>,
+    holes: &[(u64, u64)],
+    cs: u64,
+    size: u64,
+) -> Result<()> {
+    if !d.extended() {
+        return Ok(());
+    }
+    for &(start, end) in holes {
+        let whole = start.is_multiple_of(cs) && (end.is_multiple_of(cs) || end == size);
+        let mut c = start / cs;
+        while whole && c * cs < end {
+            if !d.ext_cluster_empty(c)? {
+                break;
+            }
+            c += 1;
+        }
+        if !whole || c * cs < end {
+            return Err(Error::unsupported(format!(
+                "vimg does not compress the clusters rebase copies into an image with extended L2 entries where a cluster is partly allocated (guest offset {:#x})",
+                start.max(c * cs)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The version field of a qcow2 image's header.

@@ -107,18 +107,30 @@ pub fn run(a: ResizeArgs) -> CmdResult {
                     ));
                 }
                 let head = resize_head(&image, cur, &a.filename)?;
+                let tail = if prealloc != Prealloc::Off {
+                    backing_tail(&image, total, &a.filename)?
+                } else {
+                    Vec::new()
+                };
                 drop(image);
                 if prealloc != Prealloc::Off {
-                    return Err(Failure::new(
-                        format!(
-                            "vimg cannot preallocate the new area of '{}' over a longer backing file",
-                            a.filename
-                        ),
-                        1,
-                    ));
+                    // qcow2 preallocates as without a backing file, the new area reading
+                    // as zeros (update/prealloc_zero.rs); other formats refuse.
+                    let Some(q) = img.qcow2() else {
+                        return Err(Failure::new(
+                            format!(
+                                "vimg cannot preallocate the new area of '{}' over a longer backing file",
+                                a.filename
+                            ),
+                            1,
+                        ));
+                    };
+                    q.resize_preallocated_over_backing(total, prealloc, head.as_deref(), &tail)
+                        .map_err(Failure::from)?;
+                } else {
+                    img.resize_zeroing_with(total, head.as_deref())
+                        .map_err(Failure::from)?;
                 }
-                img.resize_zeroing_with(total, head.as_deref())
-                    .map_err(Failure::from)?;
                 if !a.quiet {
                     crate::print_out("Image resized.\n")?;
                 }
@@ -196,4 +208,22 @@ pub(super) fn resize_head(
         .read_at(&mut buf, start)
         .map_err(|e| Failure::open(name, &e))?;
     Ok(Some(buf))
+}
+
+/// What the backing file of `image` holds from `size` to the end of the cluster `size`
+/// ends in (zeros past its end): the bytes QEMU's preallocation copies past the new size.
+fn backing_tail(image: &vimg::Image, size: u64, name: &str) -> Result<Vec<u8>, Failure> {
+    let Some(cs) = image.reader().cluster_size().filter(|&c| c > 0) else {
+        return Ok(Vec::new());
+    };
+    let Some(b) = image.backing() else {
+        return Ok(Vec::new());
+    };
+    let mut buf = vec![0u8; (size.next_multiple_of(cs) - size) as usize];
+    let n = b.virtual_size().saturating_sub(size).min(buf.len() as u64) as usize;
+    if n > 0 {
+        b.read_at(&mut buf[..n], size)
+            .map_err(|e| Failure::open(name, &e))?;
+    }
+    Ok(buf)
 }

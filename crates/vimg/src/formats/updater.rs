@@ -525,6 +525,16 @@ impl Updater {
         }
     }
 
+    /// [`Self::data`] for safe `rebase`, whose writes fill only what the image does not
+    /// hold: qcow2 images with extended L2 entries are written in subclusters
+    /// (`qcow2/update/extl2_write.rs`).
+    pub fn rebase_data(&mut self) -> Result<DataTarget<'_>> {
+        match self {
+            Updater::Qcow2(q) => Ok(DataTarget::Qcow2(q.subcluster_writer()?)),
+            _ => self.data(),
+        }
+    }
+
     /// Opens the image for guest-data writes.
     pub fn data(&mut self) -> Result<DataTarget<'_>> {
         match self {
@@ -599,6 +609,7 @@ impl DataTarget<'_> {
     pub fn write_zeroes(&mut self, off: u64, len: u64, backing: Option<&Image>) -> Result<()> {
         // Block-table formats without a backing file: unallocated blocks read as zeros.
         match self {
+            DataTarget::Qcow2(w) if w.extended() => return w.zero_subclusters(off, len),
             DataTarget::Vdi(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Vpc(v) if backing.is_none() => return v.write_zeroes(off, len),
             DataTarget::Parallels(p) if backing.is_none() => return p.write_zeroes(off, len),
@@ -642,7 +653,7 @@ impl DataTarget<'_> {
     /// compares and copies whole.
     pub fn unit(&self) -> u64 {
         match self {
-            DataTarget::Qcow2(d) => d.cluster_size(),
+            DataTarget::Qcow2(d) => d.write_unit(),
             DataTarget::Raw(_) => 512,
             DataTarget::Vdi(v) => v.block_size(),
             DataTarget::Vpc(v) => v.block_size(),

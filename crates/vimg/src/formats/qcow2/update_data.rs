@@ -184,6 +184,10 @@ impl DataWriter<'_> {
     /// their content: read from this image (through vimg's read layer) when allocated here,
     /// else from `backing` (this image's backing chain, opened by the caller), else zeros.
     pub fn write_at(&mut self, off: u64, data: &[u8], backing: Option<&Image>) -> Result<()> {
+        if self.up.g.extended_l2 {
+            // Only safe rebase's writes (update/extl2_write.rs).
+            return self.write_subclusters_over(off, data, backing);
+        }
         let end = off
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.virtual_size())
@@ -270,6 +274,12 @@ impl DataWriter<'_> {
     fn apply(&mut self, first: u64, ops: &[ClusterOp<'_>]) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
+        }
+        if self.up.g.extended_l2 {
+            // Whole-cluster entries would drop the subcluster bitmaps.
+            return Err(Error::unsupported(
+                "vimg does not write whole clusters into qcow2 images with extended L2 entries",
+            ));
         }
         {
             let cs = self.up.cs();

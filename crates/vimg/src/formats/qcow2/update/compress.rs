@@ -8,9 +8,12 @@
 //! offset that starts afresh with each open; one that does not fit the rest of the
 //! current host cluster continues into the next free cluster when that one is adjacent,
 //! else starts at the new cluster. Every host cluster a compressed cluster touches counts
-//! one reference for it. A cluster that does not compress below the cluster size is
-//! written uncompressed, as QEMU does; the last cluster of a disk that is not cluster
-//! aligned is compressed zero-padded.
+//! one reference for it; the file grows by the bytes written, not to the end of the
+//! cluster they start (QEMU's file length). A cluster that does not compress below the
+//! cluster size is written uncompressed, as QEMU does; the last cluster of a disk that is
+//! not cluster aligned is compressed zero-padded. With extended L2 entries a compressed
+//! entry's bitmap is 0, and only clusters with no host cluster and an empty bitmap take
+//! one (update/extl2_write.rs writes the uncompressed ones).
 //!
 //! Crash safety, per L2 table (the order of update_data.rs): the L2 table's cluster (when
 //! the table is new) and the host clusters the compressed bytes take get their references
@@ -58,7 +61,13 @@ impl DataWriter<'_> {
             }
             if run.is_empty() {
                 // QEMU writes a cluster that does not shrink as a normal one.
-                self.write_clusters(c, units[i])?;
+                if self.extended() {
+                    let start = c * cs as u64;
+                    let n = (self.virtual_size() - start).min(cs as u64) as usize;
+                    self.write_subclusters(start, &units[i][..n])?;
+                } else {
+                    self.write_clusters(c, units[i])?;
+                }
                 i += 1;
                 continue;
             }
@@ -87,7 +96,8 @@ impl Qcow2Update {
         let free_in = if off == 0 { 0 } else { cs - off % cs };
         if off == 0 || free_in < n {
             // `alloc` gives the new cluster its reference (and flushes).
-            let newc = self.alloc(1)? << cb;
+            // The file grows by the bytes written, not to the cluster's end (QEMU's layout).
+            let newc = self.alloc_with(1, false)? << cb;
             let continues = off != 0 && off.next_multiple_of(cs) == newc;
             if continues {
                 // The bytes start in the current cluster and run into the new one.
@@ -120,9 +130,12 @@ impl Qcow2Update {
             )));
         }
         let l2 = self.l1[l1i as usize] & L1E_OFFSET_MASK;
+        // Words per entry: an extended entry's bitmap follows it (0 for a compressed one,
+        // as QEMU writes it).
+        let stride = if self.g.extended_l2 { 2usize } else { 1 };
         // The table is found or made before the data bytes, as QEMU allocates them.
         let (mut table, new_table) = if l2 == 0 {
-            (vec![0u64; per as usize], Some(self.alloc(1)?))
+            (vec![0u64; per as usize * stride], Some(self.alloc(1)?))
         } else {
             if self.refcount(l2 >> cb)? != 1 {
                 return Err(Error::unsupported(
@@ -138,8 +151,14 @@ impl Qcow2Update {
             (t, None)
         };
         for (k, _) in encoded.iter().enumerate() {
-            let e = table[j0 + k];
-            if e != 0 && e != OFLAG_ZERO {
+            let e = table[(j0 + k) * stride];
+            let held = if stride == 2 {
+                // QEMU fails on a host cluster; rebase writes only where nothing is held.
+                e != 0 || table[(j0 + k) * 2 + 1] != 0
+            } else {
+                e != 0 && e != OFLAG_ZERO
+            };
+            if held {
                 return Err(Error::unsupported(format!(
                     "guest cluster {} is allocated; vimg writes compressed clusters only where none is",
                     first + k as u64
@@ -165,13 +184,16 @@ impl Qcow2Update {
         self.sync()?;
         // The L2 entries.
         for (k, &(host, n)) in placed.iter().enumerate() {
-            table[j0 + k] = encode_compressed(&self.g, host, n);
+            table[(j0 + k) * stride] = encode_compressed(&self.g, host, n);
+            if stride == 2 {
+                table[(j0 + k) * 2 + 1] = 0;
+            }
         }
         let encode = |t: &[u64]| -> Vec<u8> { t.iter().flat_map(|v| v.to_be_bytes()).collect() };
         match new_table {
             None => {
-                let hi = j0 + encoded.len();
-                self.pwrite(&encode(&table[j0..hi]), l2 + 8 * j0 as u64)?;
+                let (lo, hi) = (j0 * stride, (j0 + encoded.len()) * stride);
+                self.pwrite(&encode(&table[lo..hi]), l2 + 8 * lo as u64)?;
                 self.sync()?;
             }
             Some(t) => {

@@ -44,6 +44,19 @@ impl Qcow2Update {
         prealloc: Prealloc,
         head: Option<&[u8]>,
     ) -> Result<()> {
+        self.resize_preallocated_mode(size, prealloc, head, None)
+    }
+
+    /// [`Self::resize_preallocated`]; `over_backing` when a backing file longer than the
+    /// current size would show through the new area: what it holds from the new size to
+    /// the end of the cluster that size ends in (update/prealloc_zero.rs).
+    pub(super) fn resize_preallocated_mode(
+        &mut self,
+        size: u64,
+        prealloc: Prealloc,
+        head: Option<&[u8]>,
+        over_backing: Option<&[u8]>,
+    ) -> Result<()> {
         let name = self.path.display().to_string();
         if prealloc == Prealloc::Off {
             return self.resize(size, prealloc);
@@ -119,9 +132,22 @@ impl Qcow2Update {
         }
         match prealloc {
             Prealloc::Metadata => {
-                self.prealloc_metadata(first, end, (old, size), head, &mut touched)?
+                let from_backing = match over_backing {
+                    Some(_) => self.tail_reads_backing(size)?,
+                    None => false,
+                };
+                self.prealloc_metadata(first, end, (old, size), head, &mut touched)?;
+                if let Some(tail) = over_backing {
+                    self.zero_preallocated_area(old, size, head)?;
+                    if from_backing {
+                        self.write_cow_tail(size, tail)?;
+                    }
+                }
             }
-            _ => self.prealloc_data(first, end, old, head, prealloc, &mut touched)?,
+            _ => {
+                let all = over_backing.is_some() && self.g.extended_l2;
+                self.prealloc_data(first, end, old, head, (prealloc, all), &mut touched)?
+            }
         }
         self.rewrite_blocks(&touched)?;
         self.pwrite(&size.to_be_bytes(), 24)?;
@@ -167,7 +193,7 @@ impl Qcow2Update {
     }
 
     /// The L2 table of L1 index `t` (raw bytes; zeros when there is none) and its offset.
-    fn l2_table(&self, t: u64) -> Result<(Vec<u8>, u64)> {
+    pub(super) fn l2_table(&self, t: u64) -> Result<(Vec<u8>, u64)> {
         let cs = self.cs();
         let off = self.l1[t as usize] & L1E_OFFSET_MASK;
         let mut raw = vec![0u8; cs as usize];
@@ -183,7 +209,7 @@ impl Qcow2Update {
         Ok((raw, off))
     }
 
-    fn entry_at(&self, raw: &[u8], i: u64) -> u64 {
+    pub(super) fn entry_at(&self, raw: &[u8], i: u64) -> u64 {
         let at = (i * (self.l2_width() as u64)) as usize;
         raw.get(at..at + 8)
             .and_then(|b| b.try_into().ok())
@@ -430,7 +456,7 @@ impl Qcow2Update {
         end: u64,
         old: u64,
         head: Option<&[u8]>,
-        mode: Prealloc,
+        (mode, alloc_all): (Prealloc, bool),
         touched: &mut Vec<u64>,
     ) -> Result<()> {
         let cs = self.cs();
@@ -500,7 +526,7 @@ impl Qcow2Update {
         while c < end {
             let t = c / per;
             let stop = ((t + 1) * per).min(end);
-            let (raw, l2off) = self.l2_table(t)?;
+            let (mut raw, l2off) = self.l2_table(t)?;
             let new_table = if l2off == 0 {
                 let c = self.alloc(1)?;
                 touched.push(c);
@@ -514,6 +540,14 @@ impl Qcow2Update {
                 let old_e = self.entry_at(&raw, k - t * per);
                 freed.extend(self.entry_clusters(old_e));
                 entries.push((k - t * per, ((data + k - first) << cb) | OFLAG_COPIED));
+                if alloc_all {
+                    // Over a longer backing file QEMU's new clusters have every
+                    // subcluster allocated (the file reads zeros there), so the backing
+                    // file does not show through; the first one holds the old head.
+                    let at = ((k - t * per) * 16 + 8) as usize;
+                    raw[at..at + 8]
+                        .copy_from_slice(&super::prealloc_zero::ALL_ALLOC_BITMAP.to_be_bytes());
+                }
             }
             self.link_l2(t, raw, new_table, &entries)?;
             for &(f, k) in &freed {
