@@ -53,6 +53,7 @@ mod make_empty;
 mod misaligned;
 mod prealloc;
 mod rebuild;
+mod rebuild_dirty;
 mod resize_tail;
 mod resize_zero;
 mod shadow;

@@ -189,11 +189,18 @@ impl Qcow2Update {
         old.extend(t..t + u64::from(self.header.refcount_table_clusters));
         old.sort_unstable();
         old.dedup();
-        let mut h = self.header.clone();
-        h.incompatible_features &= !INCOMPAT_DIRTY;
-        self.rebuild_switch(h, L2Change::Copy)?;
+        let dirty = self.header.incompatible_features & INCOMPAT_DIRTY != 0;
+        let freed = if dirty {
+            // In place, where QEMU puts it (update/rebuild_dirty.rs).
+            self.rebuild_dirty_in_place(&old)?
+        } else {
+            let mut h = self.header.clone();
+            h.incompatible_features &= !INCOMPAT_DIRTY;
+            self.rebuild_switch(h, L2Change::Copy)?;
+            old
+        };
         out.messages.push("Rebuilding refcount structure".into());
-        for c in old {
+        for c in freed {
             out.messages
                 .push(format!("Repairing cluster {c} refcount=1 reference=0"));
         }
@@ -203,6 +210,9 @@ impl Qcow2Update {
             } else {
                 out.corruptions_fixed += 1;
             }
+        }
+        if dirty {
+            self.finish_dirty_rebuild(out)?;
         }
         Ok(())
     }
