@@ -39,6 +39,9 @@
 //!    image killed before that is still dirty, and every opener (QEMU's and vimg's)
 //!    rebuilds its refcounts again rather than trust them.
 //!
+//! After the switch the clusters of the old structure are punched out (QEMU's leak fix
+//! discards them): nothing names them any more.
+//!
 //! Killed before the switch, the image is the dirty image it was (a longer file perhaps,
 //! whose tail nothing names); after it and before the dirty bit is cleared, a dirty image
 //! with exact refcounts; after, a clean one. The L1 and L2 tables and the data are never
@@ -290,6 +293,10 @@ impl Qcow2Update {
         freed.retain(|&c| value(c) == 0);
         freed.sort_unstable();
         freed.dedup();
+        // QEMU's leak fix discards what it frees: the old structure reads as zeros after
+        // it. Nothing names those clusters once the switch is flushed.
+        let runs: Vec<(u64, u64)> = freed.iter().map(|&c| (c, 1)).collect();
+        self.punch_free(&runs)?;
         Ok(freed)
     }
 }
