@@ -64,70 +64,75 @@ pub(super) struct Placement {
     pub(super) left_over: Vec<(u64, u64)>,
 }
 
-/// QEMU's in-memory allocation: `used[c]` for the clusters below `used.len()`, everything
-/// past it free; allocations mark what they take, growing `used`. `skip[c]` of a used
-/// cluster points at or before the first free cluster after it (path-compressed), so a
-/// search for one free cluster costs no full scan: QEMU's plain scan from each block's
-/// range is quadratic in the file's clusters, which a large file of small clusters would
-/// turn into a hang.
+/// QEMU's in-memory allocation, first fit. `skip[c]` is 0 for a free cluster; for a used
+/// one, a distance forward over used clusters only (path-compressed, capped at
+/// `u32::MAX`), so a search for one free cluster costs no full scan: QEMU's plain scan
+/// from each block's range is quadratic in the file's clusters, which a large file of
+/// small clusters would turn into a hang. Everything past `skip.len()` is free;
+/// allocations mark what they take, growing `skip`. Four bytes a cluster, bounded by
+/// `limits::MAX_METADATA_BYTES`.
 struct Imrt {
-    used: Vec<bool>,
-    skip: Vec<u64>,
+    skip: Vec<u32>,
 }
 
 impl Imrt {
-    fn new(used: Vec<bool>) -> Imrt {
-        let skip = (1..=used.len() as u64).collect();
-        Imrt { used, skip }
+    fn new(nb: u64, used: impl Fn(u64) -> bool) -> Result<Imrt> {
+        let mut skip = Vec::new();
+        Self::reserve(&mut skip, nb)?;
+        skip.extend((0..nb).map(|c| u32::from(used(c))));
+        Ok(Imrt { skip })
+    }
+
+    fn reserve(skip: &mut Vec<u32>, to: u64) -> Result<()> {
+        if to.saturating_mul(4) > limits::MAX_METADATA_BYTES {
+            return Err(Error::unsupported(format!(
+                "rebuilding the refcounts of {to} host clusters needs more memory than vimg's metadata limit"
+            )));
+        }
+        skip.try_reserve_exact((to as usize).saturating_sub(skip.len()))
+            .map_err(|_| Error::unsupported("out of memory for the refcount rebuild"))
     }
 
     fn is_used(&self, c: u64) -> bool {
-        self.used.get(c as usize).copied().unwrap_or(false)
+        self.skip.get(c as usize).is_some_and(|&d| d != 0)
     }
 
     /// The first free cluster at or after `c`.
     fn next_free(&mut self, c: u64) -> u64 {
         let mut at = c;
         while self.is_used(at) {
-            at = self.skip[at as usize];
+            at += u64::from(self.skip[at as usize]);
         }
-        // Path compression: every used cluster passed now points at `at`.
+        // Path compression: every used cluster passed now jumps nearer to `at`.
         let mut k = c;
-        while k < at && self.is_used(k) {
-            let nx = self.skip[k as usize];
-            self.skip[k as usize] = at;
-            k = nx;
+        while k < at {
+            let d = self.skip[k as usize];
+            self.skip[k as usize] = u32::try_from(at - k).unwrap_or(u32::MAX);
+            k += u64::from(d);
         }
         at
     }
 
     fn mark(&mut self, start: u64, n: u64) -> Result<()> {
         let end = start + n;
-        if end > self.used.len() as u64 {
-            let e = usize::try_from(end)
-                .map_err(|_| Error::unsupported("refcount structure beyond addressable memory"))?;
-            let from = self.used.len() as u64;
-            self.used.resize(e, false);
-            self.skip.extend(from + 1..=end);
+        if end > self.skip.len() as u64 {
+            Self::reserve(&mut self.skip, end)?;
+            self.skip.resize(end as usize, 0);
         }
         for k in start..end {
-            self.used[k as usize] = true;
-            self.skip[k as usize] = k + 1;
+            self.skip[k as usize] = 1;
         }
         Ok(())
     }
 
     /// `n` free clusters in a row at or after `*first_free`, which moves to the first gap
-    /// seen (QEMU's `alloc_clusters_imrt`: first fit).
+    /// seen (QEMU's `alloc_clusters_imrt`).
     fn alloc(&mut self, n: u64, first_free: &mut u64) -> Result<u64> {
         let mut start = self.next_free(*first_free);
         *first_free = start;
-        loop {
-            // The run from `start`: free up to the first used cluster below start + n.
-            match (start..start + n).find(|&k| self.is_used(k)) {
-                None => break,
-                Some(k) => start = self.next_free(k),
-            }
+        // The run from `start`: free up to the first used cluster below start + n.
+        while let Some(k) = (start..start + n).find(|&k| self.is_used(k)) {
+            start = self.next_free(k);
         }
         self.mark(start, n)?;
         Ok(start)
@@ -174,10 +179,14 @@ fn place_blocks(
 
 /// Places the new structure for `used` (every used cluster, the old refcount structure
 /// included), as QEMU does (see the module documentation).
-pub(super) fn place(used: Vec<bool>, block_bits: u32, cluster_bits: u32) -> Result<Placement> {
+pub(super) fn place(
+    nb: u64,
+    used: impl Fn(u64) -> bool,
+    block_bits: u32,
+    cluster_bits: u32,
+) -> Result<Placement> {
     let per_table_cluster = 1u64 << (cluster_bits - 3);
-    let nb = used.len() as u64;
-    let mut m = Imrt::new(used);
+    let mut m = Imrt::new(nb, used)?;
     let mut blocks = Vec::new();
     place_blocks(&mut m, nb, 0, block_bits, per_table_cluster, &mut blocks)?;
     let mut left_over = Vec::new();
@@ -225,19 +234,15 @@ impl Qcow2Update {
             reference_counts(&r)?
         };
         let nb = counts.len().max(self.file_len.div_ceil(cs));
-        let mut used = Vec::new();
-        used.try_reserve_exact(nb as usize).map_err(|_| {
-            Error::unsupported("refcount table for the rebuild does not fit in memory")
-        })?;
-        used.extend((0..nb).map(|c| counts.get(c) != 0));
-        for &c in old {
-            // An old block past the end of the file is left out (nothing is written there:
-            // allocations past the end come after the used clusters, below it or not).
-            if let Some(u) = used.get_mut(c as usize) {
-                *u = true;
-            }
-        }
-        let p = place(used, self.g.refblock_bits, cb)?;
+        // An old block past the end of the file is not marked (QEMU's check grows the
+        // file over it first); the image is dirty, so no reader trusts what it holds.
+        let old_set: std::collections::HashSet<u64> = old.iter().copied().collect();
+        let p = place(
+            nb,
+            |c| counts.get(c) != 0 || old_set.contains(&c),
+            self.g.refblock_bits,
+            cb,
+        )?;
         let (t0, tn) = p.table;
         let is_block: std::collections::HashSet<u64> =
             p.blocks.iter().copied().filter(|&b| b != 0).collect();
@@ -328,7 +333,6 @@ impl Qcow2Update {
 
 #[cfg(test)]
 mod tests {
-    use super::place;
 
     fn used(n: usize, set: &[usize]) -> Vec<bool> {
         let mut v = vec![false; n];
@@ -338,11 +342,15 @@ mod tests {
         v
     }
 
+    fn place(u: Vec<bool>, bb: u32, cb: u32) -> super::Placement {
+        super::place(u.len() as u64, |c| u[c as usize], bb, cb).unwrap()
+    }
+
     #[test]
     fn dirty_061_layout() {
         // 64 KiB clusters, 16-bit refcounts: header, old table, old block, L1, L2, two data
         // clusters. QEMU: the block at 0x70000, the table at 0x80000.
-        let p = place(used(7, &[0, 1, 2, 3, 4, 5, 6]), 15, 16).unwrap();
+        let p = place(used(7, &[0, 1, 2, 3, 4, 5, 6]), 15, 16);
         assert_eq!(p.blocks[0], 7);
         assert_eq!(p.table, (8, 1));
         assert!(p.left_over.is_empty());
@@ -351,7 +359,7 @@ mod tests {
     #[test]
     fn first_fit_uses_holes() {
         // Free clusters 2 and 5 inside the file: the block takes 2, the table 5.
-        let p = place(used(7, &[0, 1, 3, 4, 6]), 15, 16).unwrap();
+        let p = place(used(7, &[0, 1, 3, 4, 6]), 15, 16);
         assert_eq!(p.blocks[0], 2);
         assert_eq!(p.table, (5, 1));
     }
@@ -362,10 +370,8 @@ mod tests {
         // second range only; cluster 1 is free, but the second range's block goes into it
         // (searched from the range's start, 256).
         let mut u = used(300, &[0]);
-        for c in 256..300 {
-            u[c] = true;
-        }
-        let p = place(u, 8, 9).unwrap();
+        u[256..300].fill(true);
+        let p = place(u, 8, 9);
         assert_eq!(p.blocks[0], 1);
         assert_eq!(p.blocks[1], 300);
         assert_eq!(p.table, (2, 1));
@@ -377,7 +383,7 @@ mod tests {
         // cluster. 64 full ranges: the first table cluster is full; the block that covers the
         // blocks past the end needs entry 64, so the table grows and is placed again.
         let n = 64 * 256;
-        let p = place(vec![true; n], 8, 9).unwrap();
+        let p = place(vec![true; n], 8, 9);
         let entries = p.blocks.iter().filter(|&&b| b != 0).count() as u64;
         assert!(p.table.1 * 64 >= entries);
         // The table and every block are themselves in a range that has a block.
@@ -385,6 +391,55 @@ mod tests {
             (p.table.0..p.table.0 + p.table.1).chain(p.blocks.iter().copied().filter(|&b| b != 0))
         {
             assert_ne!(p.blocks[(c >> 8) as usize], 0, "cluster {c} uncovered");
+        }
+    }
+
+    /// The skipping allocator picks what QEMU's plain first-fit scan picks.
+    #[test]
+    fn alloc_is_plain_first_fit() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let n = (rnd() % 300) as usize;
+            let mut plain: Vec<bool> = (0..n).map(|_| rnd() % 4 != 0).collect();
+            let mut m = super::Imrt::new(n as u64, |c| plain[c as usize]).unwrap();
+            let mut ff_m = 0u64;
+            let mut ff_p = 0u64;
+            for _ in 0..20 {
+                let want = 1 + rnd() % 3;
+                if rnd() % 3 == 0 {
+                    let from = rnd() % (n as u64 + 5);
+                    ff_m = from;
+                    ff_p = from;
+                }
+                // Plain: the first run of `want` free clusters from ff_p (past the end free).
+                let mut c = ff_p;
+                let mut first_gap = None;
+                let start = loop {
+                    let free = |k: u64| !plain.get(k as usize).copied().unwrap_or(false);
+                    if free(c) {
+                        first_gap.get_or_insert(c);
+                        if (c..c + want).all(free) {
+                            break c;
+                        }
+                    }
+                    c += 1;
+                };
+                ff_p = first_gap.unwrap_or(start);
+                if plain.len() < (start + want) as usize {
+                    plain.resize((start + want) as usize, false);
+                }
+                for k in start..start + want {
+                    plain[k as usize] = true;
+                }
+                assert_eq!(m.alloc(want, &mut ff_m).unwrap(), start);
+                assert_eq!(ff_m, ff_p);
+            }
         }
     }
 }
