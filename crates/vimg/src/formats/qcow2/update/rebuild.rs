@@ -13,8 +13,9 @@
 //!   the internal snapshots' zero clusters are expanded the same way, in copies of their
 //!   L2 and L1 tables that the new snapshot table names;
 //! - `check -r all` when used clusters have refcount 0 (QEMU rebuilds the refcount
-//!   structures then): the shadow switch's count from the references, with the dirty bit
-//!   cleared in the same write;
+//!   structures then) of an image that is not dirty: the shadow switch's count from the
+//!   references (a dirty image's refcounts are rebuilt in place, where QEMU puts them:
+//!   `update/rebuild_dirty.rs`);
 //! - `resize` over a longer backing file: the new area reads as zeros (zero-flagged entries
 //!   in copies of the last L2 table and in new L2 tables) in the same switch that raises
 //!   the virtual size, so no moment shows the backing file's data.

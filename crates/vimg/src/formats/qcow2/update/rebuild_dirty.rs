@@ -22,7 +22,10 @@
 //! The counts written are the references plus the new blocks and the final table: the
 //! old refcount table and blocks and any table place left over count 0 (QEMU counts them
 //! 1, then frees them in the same check as leaks: the same end state, and the same
-//! `Repairing cluster C refcount=1 reference=0` lines).
+//! `Repairing cluster C refcount=1 reference=0` lines). QEMU does not reuse the old
+//! structure's clusters for the new one: they are in use while it allocates. Nor does
+//! this; overwriting them would be safe only because the image is dirty, and is not needed
+//! to land where QEMU lands.
 //!
 //! # Why a kill at any moment is safe
 //!
@@ -37,15 +40,18 @@
 //! 3. The dirty bit stays set through the switch and the copied-flag fixes after it, and
 //!    is cleared (one write, flushed) only when the refcounts and the flags are right. An
 //!    image killed before that is still dirty, and every opener (QEMU's and vimg's)
-//!    rebuilds its refcounts again rather than trust them.
+//!    checks and repairs its refcounts and flags again rather than trust them.
 //!
 //! After the switch the clusters of the old structure are punched out (QEMU's leak fix
 //! discards them): nothing names them any more.
 //!
 //! Killed before the switch, the image is the dirty image it was (a longer file perhaps,
 //! whose tail nothing names); after it and before the dirty bit is cleared, a dirty image
-//! with exact refcounts; after, a clean one. The L1 and L2 tables and the data are never
-//! written, so the guest content is the same at every point.
+//! with exact refcounts; after, a clean one. Data clusters are never written, and of the
+//! L1 and L2 tables only copied flags (after the switch, entry by entry), so the guest
+//! content is the same at every point. An old refcount block past the end of the file is
+//! not kept clear of the new structure (QEMU first grows the file over it): in a dirty
+//! image nothing trusts what it holds.
 //!
 //! An image that is not dirty keeps the copy-based rebuild (`update/rebuild.rs`): its
 //! refcounts are trusted by readers between the steps, and point 3 has no counterpart.
