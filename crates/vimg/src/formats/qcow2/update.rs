@@ -56,6 +56,7 @@ mod misaligned;
 mod prealloc;
 mod prealloc_zero;
 mod rebuild;
+mod rebuild_dirty;
 mod resize_tail;
 mod resize_zero;
 mod shadow;

@@ -13,8 +13,9 @@
 //!   the internal snapshots' zero clusters are expanded the same way, in copies of their
 //!   L2 and L1 tables that the new snapshot table names;
 //! - `check -r all` when used clusters have refcount 0 (QEMU rebuilds the refcount
-//!   structures then): the shadow switch's count from the references, with the dirty bit
-//!   cleared in the same write;
+//!   structures then) of an image that is not dirty: the shadow switch's count from the
+//!   references (a dirty image's refcounts are rebuilt in place, where QEMU puts them:
+//!   `update/rebuild_dirty.rs`);
 //! - `resize` over a longer backing file: the new area reads as zeros (zero-flagged entries
 //!   in copies of the last L2 table and in new L2 tables) in the same switch that raises
 //!   the virtual size, so no moment shows the backing file's data.
@@ -201,11 +202,18 @@ impl Qcow2Update {
         old.extend(t..t + u64::from(self.header.refcount_table_clusters));
         old.sort_unstable();
         old.dedup();
-        let mut h = self.header.clone();
-        h.incompatible_features &= !INCOMPAT_DIRTY;
-        self.rebuild_switch(h, L2Change::Copy)?;
+        let dirty = self.header.incompatible_features & INCOMPAT_DIRTY != 0;
+        let freed = if dirty {
+            // In place, where QEMU puts it (update/rebuild_dirty.rs).
+            self.rebuild_dirty_in_place(&old)?
+        } else {
+            let mut h = self.header.clone();
+            h.incompatible_features &= !INCOMPAT_DIRTY;
+            self.rebuild_switch(h, L2Change::Copy)?;
+            old
+        };
         out.messages.push("Rebuilding refcount structure".into());
-        for c in old {
+        for c in freed {
             out.messages
                 .push(format!("Repairing cluster {c} refcount=1 reference=0"));
         }
@@ -215,6 +223,9 @@ impl Qcow2Update {
             } else {
                 out.corruptions_fixed += 1;
             }
+        }
+        if dirty {
+            self.finish_dirty_rebuild(out)?;
         }
         Ok(())
     }
