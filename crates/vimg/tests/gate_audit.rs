@@ -105,6 +105,8 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "FileStorage::from_file(",
         1,
         "snapshot -c/-d in QEMU's layout: wraps a duplicate of the user's own image file to count the references before and after",
+    ),
+    (
         "formats/qcow2/update/rebuild_dirty.rs",
         "FileStorage::from_file(",
         1,
