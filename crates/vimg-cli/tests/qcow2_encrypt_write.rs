@@ -289,14 +289,14 @@ fn refusals() {
             "Compression and encryption not supported at the same time",
         ),
         (
-            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata",
+            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata,extended_l2=on",
             false,
-            "does not preallocate encrypted",
+            "does not preallocate encrypted qcow2 images with extended L2",
         ),
         (
-            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=full",
+            "encrypt.format=luks,encrypt.key-secret=sec0,data_file=x.data,data_file_raw=on",
             false,
-            "does not preallocate encrypted",
+            "over a raw data file",
         ),
         (
             "encrypt.format=aes,encrypt.key-secret=sec0",
