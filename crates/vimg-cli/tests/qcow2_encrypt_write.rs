@@ -2,7 +2,7 @@
 //! qemu-img reads back identically with the secret (`qemu-img compare`), `qemu-img check`
 //! finds clean, with qemu-img's layout (LUKS area after the L1 table, the extension in
 //! qemu's order, the same file size); vimg reads qemu-img's; `info`, `measure` and the
-//! "Formatting" line match qemu-img; compression, preallocation and the legacy AES method
+//! "Formatting" line match qemu-img; compression and the option forms vimg does not write
 //! are refused before anything is written.
 
 mod common;

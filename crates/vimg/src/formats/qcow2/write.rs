@@ -27,9 +27,9 @@ use std::sync::Mutex;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
+use super::crypt_prealloc::{split_gap, Coverage, GapPiece};
 use super::error::Qcow2Error;
 use super::header::*;
-use super::crypt_prealloc::{split_gap, Coverage, GapPiece};
 use super::refcount::Alloc;
 use crate::codec;
 use crate::error::{Error, ErrorKind, Result};
