@@ -2,7 +2,7 @@
 //! qemu-img reads back identically with the secret (`qemu-img compare`), `qemu-img check`
 //! finds clean, with qemu-img's layout (LUKS area after the L1 table, the extension in
 //! qemu's order, the same file size); vimg reads qemu-img's; `info`, `measure` and the
-//! "Formatting" line match qemu-img; compression, preallocation and the legacy AES method
+//! "Formatting" line match qemu-img; compression and the option forms vimg does not write
 //! are refused before anything is written.
 
 mod common;
@@ -289,14 +289,14 @@ fn refusals() {
             "Compression and encryption not supported at the same time",
         ),
         (
-            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata",
+            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=metadata,extended_l2=on",
             false,
-            "does not preallocate encrypted",
+            "does not preallocate encrypted qcow2 images with extended L2",
         ),
         (
-            "encrypt.format=luks,encrypt.key-secret=sec0,preallocation=full",
+            "encrypt.format=luks,encrypt.key-secret=sec0,data_file=x.data,data_file_raw=on",
             false,
-            "does not preallocate encrypted",
+            "over a raw data file",
         ),
         (
             "encrypt.format=aes,encrypt.key-secret=sec0",

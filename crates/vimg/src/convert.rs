@@ -280,7 +280,7 @@ pub fn convert_report(
     // image is then zeroed on it.
     let fresh = opts.output_mode != OutputMode::InPlace
         && (kind != DestKind::BlockDevice || !opts.format.is_plain());
-    copy.target_is_zero = fresh || opts.target_is_zero;
+    copy.target_is_zero = (fresh && writer.starts_zero()) || opts.target_is_zero;
     if copy.mode == CopyMode::TopOnly && !opts.create.has("backing_file") {
         return Err(Error::invalid_argument(
             "copying only the top image needs a backing file for the target",

@@ -54,6 +54,13 @@ pub trait ImageWriter: Send + Sync {
         Ok(false)
     }
 
+    /// Whether the new image reads as zeros where nothing is written (QEMU's
+    /// `has_zero_init`). When it does not (a preallocated encrypted qcow2), `convert`
+    /// writes every zero range of the source with [`ImageWriter::write_zeroes`] too.
+    fn starts_zero(&self) -> bool {
+        true
+    }
+
     /// Makes `[offset, offset + len)` read as zeros. Only needed when the target did not
     /// start out zero (`convert -n`) or when zeros must hide a backing image (`convert -B`);
     /// the default writes zero-filled data.

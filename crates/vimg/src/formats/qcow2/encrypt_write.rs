@@ -21,13 +21,13 @@
 //! Refused, as qemu-img refuses: `-c` with encryption ("Compression and encryption not
 //! supported at the same time"), `encryption` together with `encrypt.format` ("'encrypt.format'
 //! and its alias 'encryption' can't be used at the same time"), LUKS options with AES.
-//! Refused: `preallocation` with encryption. qemu-img's `create` leaves the preallocated
-//! clusters as plain zeros, which decrypt to noise (the new image does not read back as
-//! zeros: a wrong result). Its `convert` gets it right only because a preallocated
-//! encrypted image does not start out reading zeros (no "zero init"), so convert then
-//! zeroes every cluster the source leaves unwritten (zero flags; the preallocated data
-//! clusters freed, iotest 188): vimg's writer does not do that second pass, so it refuses
-//! both.
+//! `preallocation` with encryption: a preallocated cluster decrypts to noise until written,
+//! so such an image does not start out reading zeros (QEMU's `qcow2_has_zero_init`).
+//! `convert` then zeroes every range the source leaves unwritten as qemu-img's convert
+//! does (zero flags, the preallocated clusters freed; iotest 188), and `finish` gives what
+//! stays unwritten (all of it after `create`, where qemu-img leaves noise) the zero flag
+//! over its allocation, or encrypted zeros in version 2 (`crypt_prealloc.rs`). Refused:
+//! that with extended L2 entries, and `data_file_raw` with encryption.
 
 use zeroize::Zeroizing;
 
@@ -101,11 +101,18 @@ pub fn check_combination(o: &WriteOptions) -> Result<()> {
             "Compression and encryption not supported at the same time",
         ));
     }
-    if o.prealloc != Prealloc::Off {
+    if o.data_file_raw {
         return Err(Error::unsupported(
-            "vimg does not preallocate encrypted qcow2 images: preallocated clusters hold plain zeros, \
-             which decrypt to noise (qemu-img's create leaves them so; its convert then zeroes \
-             every cluster the source leaves unwritten, which vimg does not implement)",
+            "vimg does not write an encrypted qcow2 image over a raw data file (data_file_raw: \
+             the data file would not hold the guest's bytes, and its preallocated clusters \
+             would read as noise)",
+        ));
+    }
+    if o.prealloc != Prealloc::Off && o.extended_l2 {
+        return Err(Error::unsupported(
+            "vimg does not preallocate encrypted qcow2 images with extended L2 entries \
+             (qemu-img's convert zeroes their subclusters one by one, which vimg's writer \
+             does not)",
         ));
     }
     Ok(())

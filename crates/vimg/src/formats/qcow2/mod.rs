@@ -23,6 +23,7 @@
 mod aes;
 mod check;
 pub mod check_snapshots;
+mod crypt_prealloc;
 mod encrypt_write;
 pub mod error;
 pub mod header;

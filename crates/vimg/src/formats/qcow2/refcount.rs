@@ -4,6 +4,7 @@
 //! written once the frontier has passed its range.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
 
 use super::header::*;
 use crate::error::{Error, ErrorKind, Result};
@@ -135,6 +136,39 @@ impl Alloc {
             ));
         }
         self.set(c, v + 1)
+    }
+
+    /// Drops one reference to cluster `c` (a preallocated cluster that a zero write
+    /// freed), reading its refcount block back when it was written already.
+    pub(super) fn release(&mut self, file: &OutFile, c: u64) -> Result<()> {
+        let r = self.region(c);
+        if !self.blocks.contains_key(&r) {
+            let at = self
+                .reftable
+                .get(r as usize)
+                .copied()
+                .filter(|&o| o != 0)
+                .ok_or_else(|| {
+                    Error::msg(
+                        ErrorKind::Io,
+                        format!("qcow2 cluster {c} has no refcount block to free it in"),
+                    )
+                })?;
+            let f = file
+                .file()
+                .ok_or_else(|| Error::unsupported("qcow2 output must be a regular file"))?;
+            let mut b = vec![0u8; self.cs as usize];
+            f.read_exact_at(&mut b, at)
+                .map_err(|e| Error::io(format_args!("read back refcount block at {at:#x}"), e))?;
+            self.blocks.insert(r, b);
+        }
+        match self.get(c) {
+            0 => Err(Error::msg(
+                ErrorKind::Io,
+                format!("qcow2 cluster {c} would be freed twice"),
+            )),
+            v => self.set(c, v - 1),
+        }
     }
 
     /// Writes and drops the refcount blocks the allocation has passed (block 0 stays until

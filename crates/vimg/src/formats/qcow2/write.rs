@@ -27,6 +27,7 @@ use std::sync::Mutex;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
+use super::crypt_prealloc::{split_gap, Coverage, GapPiece};
 use super::error::Qcow2Error;
 use super::header::*;
 use super::refcount::Alloc;
@@ -285,6 +286,9 @@ struct State {
     /// Guest clusters zeroed in part over a backing file: they must be written as data
     /// before `finish`.
     partial_zero: Vec<u64>,
+    /// What has been written, when the image is encrypted and preallocated (its clusters
+    /// do not start out reading zeros; see `crypt_prealloc.rs`).
+    cover: Option<Coverage>,
 }
 
 /// Writes a qcow2 image.
@@ -383,19 +387,16 @@ impl Qcow2Writer {
             0
         };
         let mut max_end = (l1_offset + l1_entries * 8).max(cs);
-        let crypt = match crypt {
-            Some(mut c) => {
-                let at = match c.clusters(cs) {
-                    0 => 0,
-                    n => alloc.alloc(&file, n, true)? << g.cluster_bits,
-                };
-                if let Some(area) = c.take_area(cs) {
-                    file.write_all_at(&area, at)?;
-                    max_end = max_end.max(at + area.len() as u64);
-                }
-                Some((c, at))
+        // The LUKS area takes the clusters after the L1 table, or after the preallocated
+        // ones: QEMU sets encryption up after the size (and preallocation) is in place.
+        let preallocated_crypt = crypt.is_some() && o.prealloc != Prealloc::Off;
+        let (crypt, later) = match crypt {
+            Some(c) if !preallocated_crypt => {
+                let (c, at, end) = Self::store_area(&file, &mut alloc, c, cs)?;
+                max_end = max_end.max(end);
+                (Some((c, at)), None)
             }
-            None => None,
+            later => (None, later),
         };
         let capacity = ((limits::TABLE_CACHE_BYTES >> g.cluster_bits) as usize).clamp(4, 1024);
         let w = Qcow2Writer {
@@ -412,6 +413,7 @@ impl Qcow2Writer {
                 capacity,
                 alloc,
                 partial_zero: Vec::new(),
+                cover: preallocated_crypt.then(Coverage::default),
             }),
             max_end: AtomicU64::new(max_end),
             o,
@@ -420,7 +422,35 @@ impl Qcow2Writer {
         if w.o.prealloc != Prealloc::Off {
             w.preallocate()?;
         }
+        let mut w = w;
+        if let Some(c) = later {
+            let (c, at, end) = {
+                let mut st = w.lock()?;
+                Self::store_area(&w.file, &mut st.alloc, c, cs)?
+            };
+            w.note_end(end);
+            w.crypt = Some((c, at));
+        }
         Ok(w)
+    }
+
+    /// Allocates the LUKS area's clusters at the frontier and writes the area there.
+    fn store_area(
+        file: &OutFile,
+        alloc: &mut Alloc,
+        mut c: super::encrypt_write::Crypt,
+        cs: u64,
+    ) -> Result<(super::encrypt_write::Crypt, u64, u64)> {
+        let at = match c.clusters(cs) {
+            0 => 0,
+            n => alloc.alloc(file, n, true)? << alloc.cb,
+        };
+        let mut end = 0;
+        if let Some(area) = c.take_area(cs) {
+            file.write_all_at(&area, at)?;
+            end = at + area.len() as u64;
+        }
+        Ok((c, at, end))
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>> {
@@ -621,6 +651,9 @@ impl Qcow2Writer {
         let mut pieces: Vec<Piece> = Vec::new();
         {
             let mut st = self.lock()?;
+            if let Some(c) = st.cover.as_mut() {
+                c.add(offset, offset + len);
+            }
             let units = len.div_ceil(cs);
             // Clusters still to hand out from the last allocation, and the next one.
             let mut run: (u64, u64) = (0, 0);
@@ -889,7 +922,15 @@ impl ImageWriter for Qcow2Writer {
         self.write_pieces(&pieces, data, encoded)
     }
 
+    fn starts_zero(&self) -> bool {
+        // QEMU's qcow2_has_zero_init: a preallocated encrypted image does not.
+        self.crypt.is_none() || self.o.prealloc == Prealloc::Off
+    }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        if !self.starts_zero() {
+            return self.zero_preallocated(offset, len);
+        }
         let g = self.g;
         let cs = g.cluster_size;
         let end = offset.saturating_add(len).min(self.size);
@@ -978,6 +1019,7 @@ impl ImageWriter for Qcow2Writer {
         let cs = g.cluster_size;
         let cb = g.cluster_bits;
         let mut guard = self.lock()?;
+        self.settle_preallocated(&mut guard)?;
         let State {
             l1,
             tables,
@@ -1118,6 +1160,111 @@ impl ImageWriter for Qcow2Writer {
 }
 
 impl Qcow2Writer {
+    /// Zeroes `[offset, offset + len)` of a preallocated encrypted image as QEMU's
+    /// `qcow2_co_pwrite_zeroes` with `BDRV_REQ_MAY_UNMAP` does (what qemu-img's convert
+    /// asks for, such an image not reading zeros from the start): a whole cluster (or the
+    /// disk's last cluster to the disk's end) becomes a zero flag in version 3, unallocated
+    /// in version 2 (QEMU's discard), and its host cluster is freed and punched out of the
+    /// file; the rest of a cluster is written as encrypted zeros in place.
+    fn zero_preallocated(&self, offset: u64, len: u64) -> Result<()> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        let end = offset.saturating_add(len).min(self.size);
+        let mut pieces = Vec::new();
+        let mut punch = Vec::new();
+        {
+            let mut st = self.lock()?;
+            if let Some(c) = st.cover.as_mut() {
+                c.add(offset, end);
+            }
+            let mut pos = offset;
+            while pos < end {
+                let cstart = pos & !(cs - 1);
+                let cend = (cstart + cs).min(self.size);
+                let ze = end.min(cend);
+                let (l1i, idx) = self.slot_index(cstart >> g.cluster_bits);
+                let Some(slot) = self.table(&mut st, l1i, false)? else {
+                    pos = ze;
+                    continue;
+                };
+                // Extended L2 entries are refused with this mode (encrypt_write.rs).
+                let Some(host) = self.data_host(slot.words[idx], 0) else {
+                    // Already zero (a zero flag, or unallocated without a backing file).
+                    pos = ze;
+                    continue;
+                };
+                if pos == cstart && ze == cend {
+                    slot.words[idx] = if self.o.version >= 3 { OFLAG_ZERO } else { 0 };
+                    slot.dirty = true;
+                    if self.data.is_none() {
+                        st.alloc.release(&self.file, host >> g.cluster_bits)?;
+                    }
+                    punch.push(host);
+                } else {
+                    pieces.push(Piece {
+                        host: host + (pos - cstart),
+                        guest: pos,
+                        len: ze - pos,
+                        src: Src::Zero,
+                        to_data_file: self.data.is_some(),
+                    });
+                }
+                pos = ze;
+            }
+        }
+        self.write_pieces(&pieces, &[], &[])?;
+        // The freed clusters give their space back, as QEMU's discard does.
+        let out = self.data.as_ref().unwrap_or(&self.file);
+        for host in punch {
+            out.zero_range(host, cs)?;
+        }
+        Ok(())
+    }
+
+    /// At `finish`, makes what no write defined in a preallocated encrypted image read as
+    /// zeros (the whole image after `create`): a whole cluster gets the zero flag over its
+    /// allocation in version 3 (it stays preallocated), encrypted zeros otherwise.
+    fn settle_preallocated(&self, st: &mut State) -> Result<()> {
+        let Some(cover) = st.cover.take() else {
+            return Ok(());
+        };
+        let g = self.g;
+        let cs = g.cluster_size;
+        for (start, end) in cover.gaps(self.size) {
+            for piece in split_gap(start, end, cs, self.size) {
+                let (gstart, gend, whole) = match piece {
+                    GapPiece::Whole(gc) => {
+                        let s = gc << g.cluster_bits;
+                        (s, (s + cs).min(self.size), true)
+                    }
+                    GapPiece::Part(s, e) => (s, e, false),
+                };
+                let cstart = gstart & !(cs - 1);
+                let (l1i, idx) = self.slot_index(cstart >> g.cluster_bits);
+                let Some(slot) = self.table(st, l1i, false)? else {
+                    continue;
+                };
+                let Some(host) = self.data_host(slot.words[idx], 0) else {
+                    continue;
+                };
+                if whole && self.o.version >= 3 {
+                    slot.words[idx] |= OFLAG_ZERO;
+                    slot.dirty = true;
+                    continue;
+                }
+                let piece = Piece {
+                    host: host + (gstart - cstart),
+                    guest: gstart,
+                    len: gend - gstart,
+                    src: Src::Zero,
+                    to_data_file: self.data.is_some(),
+                };
+                self.write_pieces(std::slice::from_ref(&piece), &[], &[])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Header, extensions (backing format, data file, feature names when they fit, end),
     /// and the backing file name, in QEMU's order.
     fn header_cluster(&self, h: &mut Header) -> Result<Vec<u8>> {
