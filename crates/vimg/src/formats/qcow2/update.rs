@@ -44,6 +44,7 @@ use crate::limits;
 use crate::storage::{FileStorage, Storage};
 
 mod amend_progress;
+use amend_progress::AmendOp;
 pub(super) mod bitmap;
 mod compress;
 mod crypt;
@@ -1184,7 +1185,7 @@ impl Qcow2Update {
         let upgrade = a.version.is_some_and(|v| v > self.header.version);
         self.amend_inner(a)?;
         if upgrade {
-            self.progress(amend_progress::AmendOp::Upgrade, 2, 2);
+            self.progress(AmendOp::Upgrade, 2, 2);
         }
         Ok(())
     }
@@ -1284,17 +1285,17 @@ impl Qcow2Update {
             u64::from(h.version != old.version) + u64::from(h.refcount_order != old.refcount_order),
         );
         if old.version < 3 && h.version >= 3 {
-            self.progress(amend_progress::AmendOp::Upgrade, 0, 2);
+            self.progress(AmendOp::Upgrade, 0, 2);
             // QEMU completes version-2 snapshot entries first (`update/snapshot_table.rs`).
             self.upgrade_snapshot_table()?;
             h.snapshots_offset = self.header.snapshots_offset;
-            self.progress(amend_progress::AmendOp::Upgrade, 1, 2);
+            self.progress(AmendOp::Upgrade, 1, 2);
         }
         if old.version >= 3 && h.version < 3 && !expand {
             // Nothing to expand: every L1 entry was visited by the scan for zero clusters.
             let steps = self.downgrade_steps()?;
             for i in 1..=steps {
-                self.progress(amend_progress::AmendOp::Downgrade, i, steps);
+                self.progress(AmendOp::Downgrade, i, steps);
             }
         }
         if h == old {
@@ -1604,6 +1605,40 @@ impl Qcow2Update {
             }
         }
         Ok(false)
+    }
+}
+
+/// `amend -p` (update/amend_progress.rs counts in QEMU's units).
+impl Qcow2Update {
+    /// Reports `amend`'s progress to `sink` (percent, in QEMU's units: see the module
+    /// documentation) from the next [`Qcow2Update::amend`] on.
+    pub fn set_amend_progress(&mut self, sink: Box<dyn FnMut(f64) + Send>) {
+        self.amend_progress = Some(amend_progress::AmendProgress::new(sink));
+    }
+
+    /// Tells the progress how many operations the `amend` under way reports.
+    pub(super) fn progress_ops(&mut self, ops: u64) {
+        if let Some(p) = &mut self.amend_progress {
+            p.total_ops = ops;
+        }
+    }
+
+    /// Operation `op` is at step `offset` of `work`.
+    pub(super) fn progress(&mut self, op: AmendOp, offset: u64, work: u64) {
+        if let Some(p) = &mut self.amend_progress {
+            p.report(op, offset, work);
+        }
+    }
+
+    /// The steps of a downgrade: the active L1 table's entries and every snapshot's.
+    pub(super) fn downgrade_steps(&self) -> Result<u64> {
+        let mut n = self.l1.len() as u64;
+        if self.nb_snapshots > 0 {
+            for t in self.snapshot_l1_tables()? {
+                n += t.len() as u64;
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -10,20 +10,18 @@
 //! Counting is all this module does: it reports where the update is, never decides what
 //! it writes.
 
-use super::*;
-
 /// The operations `amend` reports, in the order it runs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum AmendOp {
+pub(crate) enum AmendOp {
     Upgrade,
     Downgrade,
 }
 
 /// Where an `amend` is, in QEMU's units, and the sink that hears about it.
-pub(super) struct AmendProgress {
+pub(crate) struct AmendProgress {
     sink: Box<dyn FnMut(f64) + Send>,
     /// How many operations report (set by `amend` once it knows what it changes).
-    total_ops: u64,
+    pub(super) total_ops: u64,
     done_ops: u64,
     offset_done: u64,
     last_work: u64,
@@ -40,7 +38,7 @@ impl std::fmt::Debug for AmendProgress {
 }
 
 impl AmendProgress {
-    fn new(sink: Box<dyn FnMut(f64) + Send>) -> AmendProgress {
+    pub(super) fn new(sink: Box<dyn FnMut(f64) + Send>) -> AmendProgress {
         AmendProgress {
             sink,
             total_ops: 0,
@@ -52,7 +50,7 @@ impl AmendProgress {
     }
 
     /// Operation `op` is at `offset` of `work` steps: one report, in percent of the whole.
-    fn report(&mut self, op: AmendOp, offset: u64, work: u64) {
+    pub(super) fn report(&mut self, op: AmendOp, offset: u64, work: u64) {
         if self.last_op != Some(op) {
             if self.last_op.is_some() {
                 self.offset_done += self.last_work;
@@ -70,39 +68,6 @@ impl AmendProgress {
         if total > 0 {
             (self.sink)(100.0 * (self.offset_done + offset) as f64 / total as f64);
         }
-    }
-}
-
-impl Qcow2Update {
-    /// Reports `amend`'s progress to `sink` (percent, in QEMU's units: see the module
-    /// documentation) from the next [`Qcow2Update::amend`] on.
-    pub fn set_amend_progress(&mut self, sink: Box<dyn FnMut(f64) + Send>) {
-        self.amend_progress = Some(AmendProgress::new(sink));
-    }
-
-    /// Tells the progress how many operations the `amend` under way reports.
-    pub(super) fn progress_ops(&mut self, ops: u64) {
-        if let Some(p) = &mut self.amend_progress {
-            p.total_ops = ops;
-        }
-    }
-
-    /// Operation `op` is at step `offset` of `work`.
-    pub(super) fn progress(&mut self, op: AmendOp, offset: u64, work: u64) {
-        if let Some(p) = &mut self.amend_progress {
-            p.report(op, offset, work);
-        }
-    }
-
-    /// The steps of a downgrade: the active L1 table's entries and every snapshot's.
-    pub(super) fn downgrade_steps(&self) -> Result<u64> {
-        let mut n = self.l1.len() as u64;
-        if self.nb_snapshots > 0 {
-            for t in self.snapshot_l1_tables()? {
-                n += t.len() as u64;
-            }
-        }
-        Ok(n)
     }
 }
 

@@ -16,7 +16,6 @@
 //! whose entry was not yet written). An L2 table or a zero-flagged cluster whose refcount is
 //! not 1 (shared) is left to the shadow switch (`rebuild.rs`), which writes copies.
 
-use super::amend_progress::AmendOp;
 use super::*;
 
 impl Qcow2Update {

@@ -23,7 +23,6 @@
 //! Killed before the header write, the image is the old one; after it, the new one with
 //! exact refcounts.
 
-use super::amend_progress::AmendOp;
 use super::*;
 
 /// How the L2 copies change on the way (besides their copied flags, which follow the
