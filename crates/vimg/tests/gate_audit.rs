@@ -98,19 +98,7 @@ const ALLOWED: &[(&str, &str, usize, &str)] = &[
         "formats/qcow2/update/shadow.rs",
         "FileStorage::from_file(",
         1,
-        "the snapshot shadow switch: wraps a duplicate of the user's own image file to count the new state's references",
-    ),
-    (
-        "formats/qcow2/update/snapshot_place.rs",
-        "FileStorage::from_file(",
-        1,
-        "snapshot -c/-d in QEMU's layout: wraps a duplicate of the user's own image file to count the references before and after",
-    ),
-    (
-        "formats/qcow2/update/rebuild_dirty.rs",
-        "FileStorage::from_file(",
-        1,
-        "the in-place refcount rebuild of a dirty qcow2 image: wraps a duplicate of the user's own image file (external names denied) to count its references",
+        "Qcow2Update::references (the shadow switch, snapshot -c/-d in QEMU's layout, the dirty refcount rebuild): wraps a duplicate of the user's own image file to count its references, external names denied",
     ),
     (
         "gate.rs",

@@ -57,7 +57,6 @@
 //! refcounts are trusted by readers between the steps, and point 3 has no counterpart.
 
 use super::*;
-use crate::formats::qcow2::check::reference_counts;
 
 /// Where QEMU's rebuild puts the new refcount structure, in cluster indices.
 #[derive(Debug, PartialEq, Eq)]
@@ -227,18 +226,7 @@ impl Qcow2Update {
         let cb = self.cb();
         let cs = self.cs();
         let order = self.header.refcount_order;
-        let counts = {
-            let ro = self
-                .file
-                .try_clone()
-                .map_err(|e| io_err(&self.path, "dup", e))?;
-            let storage: Arc<dyn Storage> = Arc::new(
-                FileStorage::from_file(ro, &self.path)
-                    .map_err(|e| io_err(&self.path, "stat", e))?,
-            );
-            let r = Qcow2Reader::open(storage, &self.reader_ctx(ExternalPolicy::Deny))?;
-            reference_counts(&r)?
-        };
+        let counts = self.references(None)?;
         let nb = counts.len().max(self.file_len.div_ceil(cs));
         // An old block past the end of the file is not marked (QEMU's check grows the
         // file over it first); the image is dirty, so no reader trusts what it holds.

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io;
 
 use super::*;
-use crate::formats::qcow2::check::reference_counts;
+use crate::formats::qcow2::check::{reference_counts, RefCounts};
 
 /// Where the next fresh cluster goes, and the file length to go back to on failure.
 pub(super) struct Shadow {
@@ -68,7 +68,7 @@ impl Storage for HeadOverlay {
     }
 }
 
-fn be_words(v: &[u64]) -> Vec<u8> {
+pub(super) fn be_words(v: &[u64]) -> Vec<u8> {
     v.iter().flat_map(|e| e.to_be_bytes()).collect()
 }
 
@@ -88,6 +88,24 @@ fn refcount_layout(end: u64, per_block: u64, cs: u64) -> (u64, u64) {
 }
 
 impl Qcow2Update {
+    /// The references the image makes (counted from its tables, external names denied),
+    /// as `head` (a first sector) would make it, or as it is. Read through a duplicate of
+    /// the user's own image file.
+    pub(super) fn references(&self, head: Option<Vec<u8>>) -> Result<RefCounts> {
+        let ro = self
+            .file
+            .try_clone()
+            .map_err(|e| io_err(&self.path, "dup", e))?;
+        let inner =
+            FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?;
+        let storage: Arc<dyn Storage> = match head {
+            Some(head) => Arc::new(HeadOverlay { inner, head }),
+            None => Arc::new(inner),
+        };
+        let r = Qcow2Reader::open(storage, &self.reader_ctx(ExternalPolicy::Deny))?;
+        reference_counts(&r)
+    }
+
     /// Runs `f` on a fresh shadow; on failure the file is cut back to its old length
     /// (nothing in the tail was referenced), so a refusal leaves the image as it was.
     pub(super) fn shadow<F>(&mut self, f: F) -> Result<()>
@@ -194,17 +212,7 @@ impl Qcow2Update {
         // The image as the new header will make it, still with the old refcounts (the
         // count leaves them out), read and counted.
         let head = self.first_sector_with(&mut h.clone(), None, None, None)?;
-        let ro = self
-            .file
-            .try_clone()
-            .map_err(|e| io_err(&self.path, "dup", e))?;
-        let inner =
-            FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?;
-        let storage: Arc<dyn Storage> = Arc::new(HeadOverlay { inner, head });
-        let ctx = self.reader_ctx(ExternalPolicy::Deny);
-        let r = Qcow2Reader::open(storage, &ctx)?;
-        let counts = reference_counts(&r)?;
-        drop(r);
+        let counts = self.references(Some(head))?;
         // Copied flags from the counts: set where the cluster has exactly one reference.
         let w = self.l2_width();
         for &l2 in l2s {

@@ -19,9 +19,9 @@
 //! would rewrite in a shared table), the first step alone is done: the right snapshot, with
 //! vimg's layout.
 
+use super::shadow::be_words;
 use super::*;
-use crate::formats::qcow2::check::{reference_counts, RefCounts};
-use std::io;
+use crate::formats::qcow2::check::RefCounts;
 
 /// What the second step needs, gathered from the image before the first step.
 pub(super) struct Placement {
@@ -49,56 +49,10 @@ pub(super) struct Placement {
     head: Vec<u8>,
 }
 
-/// The file with its first sector replaced (the reader sees the image the new header
-/// makes, before that header is written).
-#[derive(Debug)]
-struct Overlay {
-    inner: FileStorage,
-    head: Vec<u8>,
-}
-
-impl Storage for Overlay {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let n = self.inner.read_at(buf, offset)?;
-        let hl = self.head.len() as u64;
-        if offset < hl {
-            let end = hl.min(offset + n as u64);
-            let (s, e) = (offset as usize, end as usize);
-            buf[..e - s].copy_from_slice(&self.head[s..e]);
-        }
-        Ok(n)
-    }
-}
-
 /// The unit a write is assumed to change whole (the header switch is one).
 const SECTOR: usize = 512;
 
-fn be_words(v: &[u64]) -> Vec<u8> {
-    v.iter().flat_map(|e| e.to_be_bytes()).collect()
-}
-
 impl Qcow2Update {
-    /// References the image makes, as `head` (a first sector) would make it, or as it is.
-    fn references(&self, head: Option<Vec<u8>>) -> Result<RefCounts> {
-        let ro = self
-            .file
-            .try_clone()
-            .map_err(|e| io_err(&self.path, "dup", e))?;
-        let inner =
-            FileStorage::from_file(ro, &self.path).map_err(|e| io_err(&self.path, "stat", e))?;
-        let storage: Arc<dyn Storage> = match head {
-            Some(head) => Arc::new(Overlay { inner, head }),
-            None => Arc::new(inner),
-        };
-        let ctx = self.reader_ctx(ExternalPolicy::Deny);
-        let r = Qcow2Reader::open(storage, &ctx)?;
-        reference_counts(&r)
-    }
-
     /// The first run of `n` clusters from cluster `from` whose stored refcount is 0, as
     /// QEMU's allocator scans (clusters past the refcount table count as free).
     fn first_free_run(&mut self, from: u64, n: u64) -> Result<u64> {
