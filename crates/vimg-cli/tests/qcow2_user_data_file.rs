@@ -160,6 +160,40 @@ fn data_file_named_by_the_user_reads_like_qemu() {
     }
 }
 
+/// An image without an external data file takes none: `info` ignores the option, reading
+/// refuses it, both in qemu-img's words.
+#[test]
+fn data_file_option_on_an_image_without_one() {
+    let t = "data_file_option_on_an_image_without_one";
+    if !qemu_available(t) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("plain.qcow2");
+    qemu_create(&img, "qcow2", "", "1M");
+    fs::write(dir.path().join("plain.qcow2.data"), vec![0u8; 1 << 20]).unwrap();
+    let io = format!(
+        "data-file.filename={}.data,file.filename={}",
+        s(&img),
+        s(&img)
+    );
+    let out = dir.path().join("o.raw");
+    for tool in ["qemu-img", "vimg"] {
+        let o = both(tool, &["info", "--image-opts", &io]);
+        assert!(o.status.success(), "{tool}: {}", said(&o));
+        let o = both(
+            tool,
+            &["convert", "-O", "raw", "--image-opts", &io, s(&out)],
+        );
+        assert_eq!(o.status.code(), Some(1), "{tool}");
+        assert!(
+            said(&o).contains("'data-file' can only be set for images with an external data file"),
+            "{tool}: {}",
+            said(&o)
+        );
+    }
+}
+
 #[test]
 fn data_file_option_is_refused_for_other_formats() {
     let dir = tempfile::tempdir().unwrap();

@@ -185,10 +185,15 @@ impl Qcow2Reader {
         }
         // The data file the user named on the command line (`data-file.filename`) is
         // opened as given, in place of the one the image names, which `info` still shows.
-        let user_data_file = storage
-            .identity()
-            .and_then(crate::user_data_file::lookup)
-            .filter(|_| has_data_file);
+        let user_data_file = storage.identity().and_then(crate::user_data_file::lookup);
+        // qemu-img's rule: an image without one takes no data file, except for `info`.
+        if user_data_file.is_some() && !has_data_file && !ctx.metadata_only {
+            return Err(Qcow2Error::Unsupported(
+                "'data-file' can only be set for images with an external data file".into(),
+            )
+            .into());
+        }
+        let user_data_file = user_data_file.filter(|_| has_data_file);
         // qemu-img's words when the image names none and the user gave none; `info`
         // (metadata only) still shows the image, and reads fail.
         const REQUIRED: &str = "'data-file' is required for this image";
