@@ -64,7 +64,7 @@ fn kill_everywhere(
 ) -> u64 {
     let work = d.join("work.qcow2");
     let mut kills = 0;
-    for n in 0.. {
+    for n in common::kill::points() {
         assert!(n < 5_000, "{what}: no end in sight");
         std::fs::copy(pristine, &work).expect("copy");
         let a = sub(args, &work);
@@ -92,7 +92,7 @@ fn kill_everywhere_leaks_ok(
 ) -> u64 {
     let work = d.join("work.qcow2");
     let mut kills = 0;
-    for n in 0.. {
+    for n in common::kill::points() {
         assert!(n < 5_000, "{what}: no end in sight");
         std::fs::copy(pristine, &work).expect("copy");
         let a = sub(args, &work);

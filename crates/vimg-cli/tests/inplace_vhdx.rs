@@ -335,7 +335,7 @@ fn kill_at_every_write_point() {
             assert_eq!(got, new, "completed");
             break;
         }
-        n += 1;
+        n = common::kill::next_point(n);
     }
     assert!(n > 10, "only {n} write points");
     assert!(logs > 0, "no kill left a log to replay");
@@ -599,7 +599,7 @@ fn killed_replay_is_replayed_again() {
         if !killed {
             break;
         }
-        n += 1;
+        n = common::kill::next_point(n);
     }
     assert!(n > 5, "only {n} write points");
 }

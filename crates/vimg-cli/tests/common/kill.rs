@@ -11,6 +11,31 @@ use super::{qemu_check_output, qemu_img, run_cmd, s, vimg, vimg_bin, vimg_raw};
 
 pub const HOOK: &str = "VIMG_TEST_CRASH_AFTER_WRITES";
 
+/// Kill points a loop visits by default: every point below this one...
+pub const EVERY_BELOW: u64 = 48;
+/// ...then every `STRIDE`-th (a prime, so that it falls on every phase of a periodic write
+/// pattern, e.g. data, L2, refcount). `VIMG_KILL_EVERY_POINT=1` visits every point: run so
+/// before changing an in-place operation's write order.
+pub const STRIDE: u64 = 7;
+
+/// Whether a kill loop visits point `n` (see [`EVERY_BELOW`]). The loops still end with a
+/// run that finishes, so the complete operation is always judged too.
+pub fn sampled(n: u64) -> bool {
+    n < EVERY_BELOW
+        || (n - EVERY_BELOW).is_multiple_of(STRIDE)
+        || std::env::var_os("VIMG_KILL_EVERY_POINT").is_some()
+}
+
+/// The kill points of a loop: `0..` filtered by [`sampled`].
+pub fn points() -> impl Iterator<Item = u64> {
+    (0u64..).filter(|&n| sampled(n))
+}
+
+/// The kill point after `n` ([`sampled`]).
+pub fn next_point(n: u64) -> u64 {
+    (n + 1..).find(|&m| sampled(m)).expect("u64 range")
+}
+
 /// Runs vimg with the hook at `n`; true when it was killed, false when it finished (then
 /// it must have succeeded).
 pub fn run_killed(args: &[&str], n: u64) -> bool {
@@ -29,7 +54,7 @@ pub fn each_kill_point(
     mut after: impl FnMut(u64, bool),
 ) -> u64 {
     let mut killed = 0;
-    for n in 0.. {
+    for n in points() {
         std::fs::copy(pristine, work).unwrap();
         let done = !run_killed(args, n);
         after(n, done);
