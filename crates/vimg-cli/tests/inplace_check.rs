@@ -165,3 +165,83 @@ fn amend_refusals_leave_the_image_alone() {
     // (tests/inplace_amend3.rs).
     assert_eq!(std::fs::read(&img).expect("read"), before);
 }
+
+/// `check -r` on formats whose QEMU driver has no repair (vmdk and vdi refuse fixes, vpc,
+/// raw and qcow have no check at all): the same refusal, exit code 63 and untouched file,
+/// as qemu-img. Without `-r` vimg checks VHDs, where qemu-img has no check (on purpose,
+/// README "check"; hostile.rs lists the exit codes).
+#[test]
+fn check_repair_refused_like_qemu_where_qemu_has_no_repair() {
+    if !qemu_available("check_repair_refused_like_qemu_where_qemu_has_no_repair") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (fmt, opts) in [
+        ("vmdk", ""),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vmdk", "subformat=monolithicFlat"),
+        ("vdi", ""),
+        ("vpc", ""),
+        ("raw", ""),
+        ("qcow", ""),
+    ] {
+        let img = dir.path().join(format!("a.{fmt}"));
+        let _ = std::fs::remove_file(&img);
+        let mut args = vec!["create", "-q", "-f", fmt];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        args.extend([s(&img), "16M"]);
+        qemu_img(&args);
+        if opts != "subformat=streamOptimized" {
+            qemu_io(fmt, &img, &["write -P 5 0 64k"]);
+        }
+        let before = std::fs::read(&img).expect("read");
+        let plain: &[&str] = &["check", "-f", fmt, "{}"];
+        let steps = [
+            plain,
+            &["check", "-r", "leaks", "-f", fmt, "{}"],
+            &["check", "-r", "all", "{}"],
+        ];
+        for step in steps.into_iter().filter(|st| fmt != "vpc" || *st != plain) {
+            let rq = run(Path::new("qemu-img"), step, &img);
+            let rv = run(&vimg_bin(), step, &img);
+            assert_eq!(
+                rv, rq,
+                "{fmt} {opts} {step:?}: vimg (left) vs qemu-img (right)"
+            );
+            assert!(
+                std::fs::read(&img).expect("read") == before,
+                "{fmt} {step:?} wrote"
+            );
+        }
+    }
+}
+
+/// Every in-place command warns, as qemu-img does, when it opens for writing an image whose
+/// format it probed as raw, before its own error; read-only commands do not.
+#[test]
+fn probed_raw_warned_by_in_place_commands_like_qemu() {
+    if !qemu_available("probed_raw_warned_by_in_place_commands_like_qemu") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("r.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).expect("write");
+    for step in [
+        &["amend", "-o", "size=2M", "{}"][..],
+        &["snapshot", "-c", "s", "{}"],
+        &["snapshot", "-l", "{}"],
+        &["commit", "{}"],
+        &["rebase", "-u", "-b", "x", "{}"],
+        &["check", "-r", "leaks", "{}"],
+        &["check", "{}"],
+        &["resize", "{}", "2M"],
+        &["amend", "-f", "raw", "-o", "size=2M", "{}"],
+    ] {
+        let rq = run(Path::new("qemu-img"), step, &img);
+        let rv = run(&vimg_bin(), step, &img);
+        assert_eq!(rv, rq, "{step:?}: vimg (left) vs qemu-img (right)");
+        std::fs::write(&img, vec![0u8; 1 << 20]).expect("write");
+    }
+}

@@ -117,7 +117,12 @@ pub fn run(a: AmendArgs) -> CmdResult {
         None => {
             let st = vimg::storage::FileStorage::open(path)
                 .map_err(|e| Failure::open(&a.filename, &vimg::Error::io("open", e)))?;
-            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?
+            let probed =
+                vimg::formats::registry::probe(&st).map_err(|e| Failure::open(&a.filename, &e))?;
+            if probed == vimg::Format::Raw {
+                super::warn_probed_raw(&a.filename);
+            }
+            probed
         }
     };
     if let Some(code) = super::luks_inplace::amend(&a, path, format)? {

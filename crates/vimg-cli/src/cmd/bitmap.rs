@@ -159,6 +159,9 @@ pub fn run(a: BitmapArgs) -> CmdResult {
         )
     };
     let format = image.format();
+    if a.format.is_none() {
+        super::warn_if_probed_raw(&a.filename, format);
+    }
     if let Err(e) = updater::require(format, UpdateOp::Bitmap) {
         let op = ops.first().map_or("add", |o| o.0);
         return Err(fail(

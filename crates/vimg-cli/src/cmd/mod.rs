@@ -51,8 +51,25 @@ pub fn one_image<'a>(cmd: &str, files: &'a [String]) -> Result<&'a str, Failure>
     }
 }
 
+/// qemu-img's warning when it opens an image for writing whose format it probed as raw
+/// (printed by every in-place command, before the command's own errors).
+pub fn warn_probed_raw(file: &str) {
+    eprintln!(
+        "WARNING: Image format was not specified for '{file}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+    );
+}
+
+/// [`warn_probed_raw`] when `format`, found by opening `file` without `-f`, is raw and the
+/// name does not give the driver itself (`json:`, `--image-opts`).
+pub fn warn_if_probed_raw(file: &str, format: Format) {
+    if format == Format::Raw && matches!(in_place_file(file), Ok((_, None))) {
+        warn_probed_raw(file);
+    }
+}
+
 /// The format of the image `commit` or `rebase` changes: `-f` (an unknown name worded as
-/// qemu-img words it when it opens the image), else probed from the content.
+/// qemu-img words it when it opens the image), else probed from the content (a probed raw
+/// warned about as qemu-img warns).
 pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure> {
     match format {
         Some(name) => Format::from_name(name).ok_or_else(|| {
@@ -64,7 +81,12 @@ pub fn image_format(file: &str, format: Option<&str>) -> Result<Format, Failure>
         None => {
             let st = vimg::storage::FileStorage::open(std::path::Path::new(file))
                 .map_err(|e| Failure::open(file, &vimg::Error::io("open", e)))?;
-            vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))
+            let probed =
+                vimg::formats::registry::probe(&st).map_err(|e| Failure::open(file, &e))?;
+            if probed == Format::Raw {
+                warn_probed_raw(file);
+            }
+            Ok(probed)
         }
     }
 }

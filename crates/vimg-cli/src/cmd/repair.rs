@@ -33,7 +33,10 @@ pub fn run(a: CheckArgs) -> CmdResult {
             let mut opts = open_options(None, &a.safety);
             opts.open_backing = false;
             match Image::open(&a.filename, &opts) {
-                Ok(i) => i.format(),
+                Ok(i) => {
+                    super::warn_if_probed_raw(&a.filename, i.format());
+                    i.format()
+                }
                 // A corrupt image that does not open: repaired when its format is one vimg
                 // repairs from the header and tables alone (parallels), else reported as
                 // check does.
@@ -44,8 +47,11 @@ pub fn run(a: CheckArgs) -> CmdResult {
             }
         }
     };
-    if matches!(format, vimg::Format::Vdi | vimg::Format::Vpc) {
-        // QEMU's vdi driver refuses a check with fixes, and vpc has no check at all.
+    if matches!(
+        format,
+        vimg::Format::Vdi | vimg::Format::Vmdk | vimg::Format::Vpc
+    ) {
+        // QEMU's vdi and vmdk drivers refuse a check with fixes, and vpc has no check at all.
         return Err(Failure::new(
             "This image format does not support checks",
             63,

@@ -59,10 +59,7 @@ pub fn run(a: ResizeArgs) -> CmdResult {
         let probed =
             vimg::formats::registry::probe(&storage).map_err(|e| Failure::open(&a.filename, &e))?;
         if probed == Format::Raw {
-            eprintln!(
-                "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions.",
-                a.filename
-            );
+            super::warn_probed_raw(&a.filename);
         }
         format = Some(probed);
     }

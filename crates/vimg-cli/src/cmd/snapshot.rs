@@ -89,6 +89,9 @@ fn change(a: &SnapshotArgs, image: &Image, name: &str, what: Action) -> CmdResul
     };
     let fail = |msg: &str| Failure::new(format!("Could not {verb} snapshot '{name}': {msg}"), 1);
     let format = image.format();
+    if a.format.is_none() {
+        super::warn_if_probed_raw(&a.filename, format);
+    }
     updater::require(format, op).map_err(|e| fail(&e.message().to_string()))?;
     let policy = crate::trust::policy(&a.safety);
     // Through a blkdebug layer: the file below it when the layer has no rules. vimg
