@@ -3,7 +3,7 @@
 //! table and blocks that count them (spec: "Host cluster management"). A refcount block is
 //! written once the frontier has passed its range.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 
 use super::header::*;
@@ -30,6 +30,14 @@ pub(super) struct Alloc {
     /// The end of the last refcount block written (a block may be the file's last
     /// cluster: it goes after the run that needed it).
     pub(super) written_end: u64,
+    /// Regions whose refcount block has its place (made by [`Alloc::refcount_area`]) but
+    /// holds only zeros so far: brought into memory when a refcount in it is set, written
+    /// as zeros at `finish` otherwise (QEMU writes them).
+    pub(super) unborn: BTreeSet<u64>,
+    /// The refcount table: its first cluster and its length in clusters (cluster 1, one
+    /// cluster, unless [`Alloc::refcount_area`] moved it).
+    pub(super) table_at: u64,
+    pub(super) table_clusters: u64,
 }
 
 impl Alloc {
@@ -115,6 +123,7 @@ impl Alloc {
 
     pub(super) fn set(&mut self, c: u64, v: u64) -> Result<()> {
         let r = self.region(c);
+        self.born(r);
         let idx = (c & ((1u64 << self.region_bits) - 1)) as usize;
         let order = self.order;
         let b = self.blocks.get_mut(&r).ok_or_else(|| {
@@ -125,6 +134,69 @@ impl Alloc {
         })?;
         refcount_set(b, order, idx, v);
         Ok(())
+    }
+
+    /// Brings an unborn block of `r` ([`Alloc::unborn`]) into memory, as zeros.
+    fn born(&mut self, r: u64) {
+        if self.unborn.remove(&r) {
+            self.blocks.insert(r, vec![0u8; self.cs as usize]);
+        }
+    }
+
+    /// QEMU's `qcow2_refcount_area` (exact size) on the image being written, as its
+    /// `falloc`/`full` preallocation calls it: at cluster `start` (the frontier) new
+    /// refcount blocks for every region up to `start + additional` clusters and the
+    /// refcount structures themselves that has none, then a new refcount table after them,
+    /// every cluster of both counted; the old table's clusters freed. Returns the first
+    /// cluster after the new table, the new frontier.
+    pub(super) fn refcount_area(
+        &mut self,
+        file: &OutFile,
+        start: u64,
+        additional: u64,
+    ) -> Result<u64> {
+        if start != self.next {
+            return Err(Error::msg(
+                ErrorKind::Io,
+                "qcow2 refcount area placed off the frontier",
+            ));
+        }
+        let clusters = start
+            .checked_add(additional)
+            .ok_or_else(|| Error::unsupported("qcow2 image too large"))?;
+        let (blocks, _) = super::measure::refcount_structure(clusters, self.cs, self.order);
+        let per_cluster = self.cs / 8;
+        let t = blocks.div_ceil(per_cluster).max(1);
+        if t * self.cs > MAX_REFTABLE_BYTES {
+            return Err(Error::unsupported(
+                "qcow2 image too large for its cluster size and refcount width (refcount table over 8 MiB)",
+            ));
+        }
+        let area = self.region(start);
+        let missing: Vec<u64> = (area..blocks).filter(|&r| !self.has_block(r)).collect();
+        let table_at = start + missing.len() as u64;
+        let end = table_at + t;
+        self.check_end(end)?;
+        if self.reftable.len() < blocks as usize {
+            self.reftable.resize(blocks as usize, 0);
+        }
+        for (j, &r) in missing.iter().enumerate() {
+            self.reftable[r as usize] = (start + j as u64) << self.cb;
+            self.unborn.insert(r);
+        }
+        for c in start..end {
+            self.born(self.region(c));
+            self.bump(c)?;
+        }
+        let (old_at, old_n) = (self.table_at, self.table_clusters);
+        self.next = end;
+        self.table_at = table_at;
+        self.table_clusters = t;
+        for c in old_at..old_at + old_n {
+            self.release(file, c)?;
+        }
+        self.flush_done(file)?;
+        Ok(end)
     }
 
     pub(super) fn bump(&mut self, c: u64) -> Result<()> {
@@ -142,6 +214,7 @@ impl Alloc {
     /// freed), reading its refcount block back when it was written already.
     pub(super) fn release(&mut self, file: &OutFile, c: u64) -> Result<()> {
         let r = self.region(c);
+        self.born(r);
         if !self.blocks.contains_key(&r) {
             let at = self
                 .reftable

@@ -299,7 +299,6 @@ pub struct Qcow2Writer {
     g: Geometry,
     size: u64,
     l1_offset: u64,
-    reftable_offset: u64,
     state: Mutex<State>,
     /// Largest end offset of anything written to the image file.
     max_end: AtomicU64,
@@ -373,6 +372,9 @@ impl Qcow2Writer {
             reftable: vec![2 << g.cluster_bits],
             blocks: BTreeMap::new(),
             written_end: 0,
+            unborn: Default::default(),
+            table_at: 1,
+            table_clusters: 1,
         };
         // QEMU's layout: header, refcount table, refcount block, then the L1 table.
         let mut block0 = vec![0u8; cs as usize];
@@ -405,7 +407,6 @@ impl Qcow2Writer {
             g,
             size,
             l1_offset,
-            reftable_offset: cs,
             state: Mutex::new(State {
                 l1: vec![0u64; l1_entries as usize],
                 tables: HashMap::new(),
@@ -463,12 +464,19 @@ impl Qcow2Writer {
         self.max_end.fetch_max(end, Ordering::Relaxed);
     }
 
-    /// Allocates every L2 table and data cluster, in QEMU's order (each L2 table, then the
-    /// clusters it maps).
+    /// Allocates every L2 table and data cluster, in QEMU's order: for `metadata` (and any
+    /// mode with a data file) each L2 table, then the clusters it maps; for `falloc` and
+    /// `full` as QEMU's truncate does it ([`Self::preallocate_area`]).
     fn preallocate(&self) -> Result<()> {
         let g = self.g;
         let cs = g.cluster_size;
         let total = self.size.div_ceil(cs);
+        if self.data.is_none()
+            && total > 0
+            && matches!(self.o.prealloc, Prealloc::Falloc | Prealloc::Full)
+        {
+            return self.preallocate_area(total);
+        }
         let mut st = self.lock()?;
         let l1_len = st.l1.len() as u64;
         for l1i in 0..l1_len {
@@ -515,6 +523,64 @@ impl Qcow2Writer {
             if !self.size.is_multiple_of(cs) {
                 write_zeros(d, self.size / cs * cs, cs)?;
             }
+        }
+        Ok(())
+    }
+
+    /// `falloc`/`full` without a data file, laid out as QEMU's `qcow2_co_truncate` lays it
+    /// out: a refcount area at the frontier (new blocks as needed and a new refcount table,
+    /// the old one in cluster 1 freed) sized for the data and one L2 table more than they
+    /// need, then the data clusters in one contiguous run (reserved or written as zeros),
+    /// then the L2 tables, the first in the freed cluster 1 and the others after the data.
+    fn preallocate_area(&self, total: u64) -> Result<()> {
+        let g = self.g;
+        let cs = g.cluster_size;
+        let cb = g.cluster_bits;
+        let per = g.l2_entries();
+        let mut st = self.lock()?;
+        let l1_len = st.l1.len() as u64;
+        let start = st.alloc.next;
+        let data = st
+            .alloc
+            .refcount_area(&self.file, start, total + total.div_ceil(per) + 1)?;
+        // The data run, a table's worth at a time (so that passed refcount blocks are
+        // written and dropped as the run goes).
+        let mut done = 0;
+        while done < total {
+            let k = (total - done).min(per);
+            let at = st.alloc.alloc(&self.file, k, true)?;
+            if at != data + done {
+                return Err(Error::msg(
+                    ErrorKind::Io,
+                    "qcow2 preallocated data run is not contiguous",
+                ));
+            }
+            done += k;
+        }
+        let (h, len) = (data << cb, total << cb);
+        match self.o.prealloc {
+            Prealloc::Falloc => self.file.allocate(h, len)?,
+            _ => write_zeros(&self.file, h, len)?,
+        }
+        self.note_end(h + len);
+        let step = if g.extended_l2 { 2 } else { 1 };
+        for l1i in 0..l1_len {
+            let l2c = if l1i == 0 && st.alloc.get(1) == 0 {
+                st.alloc.bump(1)?;
+                1
+            } else {
+                st.alloc.alloc(&self.file, 1, true)?
+            };
+            st.l1[l1i as usize] = l2c << cb;
+            let first = l1i * per;
+            let n = (total - first).min(per);
+            let mut words = vec![0u64; (per * step) as usize];
+            for i in 0..n {
+                words[(i * step) as usize] = ((data + first + i) << cb) | OFLAG_COPIED;
+            }
+            let off = l2c << cb;
+            self.file.write_all_at(&words_to_bytes(&words), off)?;
+            self.note_end(off + cs);
         }
         Ok(())
     }
@@ -612,12 +678,23 @@ impl Qcow2Writer {
             } else {
                 0
             };
-            if self.data_host(slot.words[idx], bitmap).is_some() {
+            if self.write_host(slot.words[idx], bitmap).is_some() {
                 break;
             }
             k += 1;
         }
         Ok(k.max(1))
+    }
+
+    /// The host cluster a write of a whole cluster goes to: the entry's data cluster, or, in
+    /// an extended L2 entry, the standard cluster it has even when no subcluster is marked
+    /// allocated yet (a preallocated one), as QEMU writes into it. Allocating another would
+    /// leak it.
+    fn write_host(&self, entry: u64, bitmap: u64) -> Option<u64> {
+        self.data_host(entry, bitmap).or_else(|| {
+            let off = entry & L2E_OFFSET_MASK;
+            (self.g.extended_l2 && entry & OFLAG_COMPRESSED == 0 && off != 0).then_some(off)
+        })
     }
 
     /// Standard host cluster of an entry, if it holds data (not compressed, not zero).
@@ -701,7 +778,7 @@ impl Qcow2Writer {
                     });
                     continue;
                 }
-                let host = match self.data_host(entry, bitmap) {
+                let host = match self.write_host(entry, bitmap) {
                     Some(h) => h,
                     None if self.data.is_some() => guest,
                     None if run.0 > 0 => {
@@ -1065,26 +1142,36 @@ impl ImageWriter for Qcow2Writer {
             }
         }
 
-        // The refcount table: the reserved cluster 1 unless the file outgrew it.
+        // The refcount table: the reserved cluster 1 (or where preallocation put it)
+        // unless the file outgrew it.
         let per_cluster = cs / 8;
         let entries = g.refblock_entries();
-        let mut t = 1u64;
-        loop {
-            let extra = if t > 1 { t } else { 0 };
-            let regions = (alloc.next + extra + 2).div_ceil(entries) + 1;
-            let need = regions.div_ceil(per_cluster);
-            if need <= t {
-                break;
+        let (table_at, table_clusters) = (alloc.table_at, alloc.table_clusters);
+        let mut t = table_clusters;
+        // A table a refcount area sized (preallocation) stays while its entries suffice.
+        let moved = table_at != 1 && alloc.reftable.len() as u64 > t * per_cluster;
+        if table_at == 1 || moved {
+            loop {
+                let extra = if t > table_clusters { t } else { 0 };
+                let regions = (alloc.next + extra + 2).div_ceil(entries) + 1;
+                let need = regions
+                    .div_ceil(per_cluster)
+                    .max((alloc.reftable.len() as u64).div_ceil(per_cluster));
+                if need <= t && !(moved && t == table_clusters) {
+                    break;
+                }
+                t = need.max(t + 1);
             }
-            t = need;
         }
-        let reftable_offset = if t > 1 {
-            alloc.set(1, 0)?;
+        let reftable_offset = if t > table_clusters {
+            for c in table_at..table_at + table_clusters {
+                alloc.release(file, c)?;
+            }
             let at = alloc.alloc(file, t, true)? << cb;
             note(at + t * cs);
             at
         } else {
-            self.reftable_offset
+            table_at << cb
         };
         if alloc.reftable.len() as u64 > t * per_cluster {
             return Err(Error::msg(
@@ -1097,6 +1184,13 @@ impl ImageWriter for Qcow2Writer {
         for (r, b) in &blocks {
             let at = alloc.reftable[*r as usize];
             file.write_all_at(b, at)?;
+            note(at + cs);
+        }
+        // Blocks a refcount area placed that count nothing: zeros, as QEMU writes them.
+        let zeros = vec![0u8; cs as usize];
+        for r in std::mem::take(&mut alloc.unborn) {
+            let at = alloc.reftable[r as usize];
+            file.write_all_at(&zeros, at)?;
             note(at + cs);
         }
         let mut rt = alloc.reftable.clone();

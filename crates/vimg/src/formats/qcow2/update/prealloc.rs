@@ -571,21 +571,11 @@ impl Qcow2Update {
         let bits = self.g.refblock_bits;
         let order = self.g.refcount_order;
         let per_cluster = cs / 8;
-        let per_block = self.g.refblock_entries();
         let clusters = start
             .checked_add(additional)
             .ok_or_else(|| Error::unsupported("image too large"))?;
         // The refcount blocks needed for `clusters` and the refcount structures themselves.
-        let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
-        loop {
-            let last = n;
-            blocks = (clusters + table + blocks).div_ceil(per_block);
-            table = blocks.div_ceil(per_cluster);
-            n = clusters + blocks + table;
-            if n == last {
-                break;
-            }
-        }
+        let (blocks, _) = crate::formats::qcow2::measure::refcount_structure(clusters, cs, order);
         let entries = blocks
             .div_ceil(per_cluster)
             .max(1)
