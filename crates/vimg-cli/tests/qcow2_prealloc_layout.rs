@@ -173,3 +173,110 @@ fn extended_l2_preallocated_clusters_are_written_in_place() {
         same_file(&q, &v, &o);
     }
 }
+
+/// A backing file with preallocation needs extended L2 entries (a preallocated cluster would
+/// hide the backing file's data otherwise): refused by `create` and `convert -B` with
+/// qemu-img's words and exit code, and nothing left behind; with extended L2 the same file.
+#[test]
+fn backing_with_preallocation_needs_extended_l2_like_qemu_img() {
+    if !qemu_available("backing_with_preallocation_needs_extended_l2_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    let src = d.join("s.raw");
+    write_sparse_raw(&src, 8 << 20, &[(0, &pattern(1 << 20, 3)[..])]);
+    let out = d.join("o.qcow2");
+    let runs: [&[&str]; 3] = [
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            "o.qcow2",
+            "8M",
+        ],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            "o.qcow2",
+        ],
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "-o",
+            "preallocation=full",
+            "s.raw",
+            "o.qcow2",
+        ],
+    ];
+    for args in runs {
+        let mut res = Vec::new();
+        for tool in [std::path::PathBuf::from("qemu-img"), vimg_bin()] {
+            let o = std::process::Command::new(&tool)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("run");
+            assert!(!out.exists(), "{tool:?} {args:?} left the output");
+            res.push((
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).to_string(),
+                String::from_utf8_lossy(&o.stderr).replace("qemu-img:", "vimg:"),
+            ));
+        }
+        assert_eq!(res[1], res[0], "{args:?}: vimg (left) vs qemu-img (right)");
+        assert_eq!(res[0].0, Some(1), "{args:?}");
+    }
+    let o = "preallocation=falloc,extended_l2=on";
+    let (q, v) = (d.join("q.qcow2"), d.join("v.qcow2"));
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        "-o",
+        o,
+        s(&q),
+        "8M",
+    ]);
+    vimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        "-o",
+        o,
+        s(&v),
+        "8M",
+    ]);
+    same_file(&q, &v, o);
+}

@@ -182,6 +182,13 @@ impl WriteOptions {
             // attacks start.
             return Err(bad("Backing file specified without backing format"));
         }
+        // QEMU's order: before the backing format's own check. Without subclusters a
+        // preallocated cluster would hide the backing file's data.
+        if backing_file.is_some() && prealloc != Prealloc::Off && !extended_l2 {
+            return Err(bad(
+                "Backing file and preallocation can only be used at the same time if extended_l2 is on",
+            ));
+        }
         if backing_fmt.is_some() && backing_file.is_none() {
             return Err(bad("Backing format cannot be used without backing file"));
         }
