@@ -60,11 +60,15 @@ pub use write::{layout, Layout, ParallelsWriter};
 /// The parallels driver.
 pub struct Driver;
 
-const OPTIONS: &[OptionSpec] = &[OptionSpec {
-    name: "cluster_size",
-    ty: OptionType::Size,
-    help: "Parallels image cluster size",
-}];
+const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        name: "cluster_size",
+        ty: OptionType::Size,
+        help: "Parallels image cluster size",
+    },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
+];
 
 /// What the driver does ([`crate::formats::Capabilities`]).
 const CAPABILITIES: Capabilities = Capabilities {
@@ -78,7 +82,7 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("size", None),
         printed("cluster_size", Some("1048576")),
     ],
-    choices: &[],
+    choices: &[crate::formats::FILE_PREALLOCATION],
     streaming: Streaming::No(
         "a Parallels image keeps its BAT in front of the data and cannot be written to a stream",
     ),
@@ -130,6 +134,7 @@ impl crate::formats::Driver for Driver {
                 "an existing parallels image is written through its updater, not re-created (convert -n)",
             ));
         }
+        crate::formats::check_file_preallocation(opts)?;
         let cs = opts
             .get_size("cluster_size")?
             .unwrap_or(header::DEFAULT_CLUSTER_SIZE);

@@ -68,6 +68,8 @@ const OPTIONS: &[OptionSpec] = &[
         ty: OptionType::Bool,
         help: "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
     },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
 ];
 
 /// The qcow driver.
@@ -88,7 +90,7 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("encrypt.format", None),
         printed("encrypt.key-secret", None),
     ],
-    choices: &[],
+    choices: &[crate::formats::FILE_PREALLOCATION],
     streaming: Streaming::No(
         "a qcow image keeps its tables in front of the data and cannot be written to a stream",
     ),
@@ -131,6 +133,7 @@ impl crate::formats::Driver for Driver {
         size: u64,
         opts: &CreateOptions,
     ) -> Result<Box<dyn ImageWriter>> {
+        crate::formats::check_file_preallocation(opts)?;
         let key = aes::create_key(opts)?;
         if let Some(f) = opts.get_str("backing_fmt") {
             if Format::from_name(f).is_none() {

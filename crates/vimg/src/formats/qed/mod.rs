@@ -72,6 +72,8 @@ const OPTIONS: &[OptionSpec] = &[
         ty: OptionType::Size,
         help: "L1/L2 table size (in clusters)",
     },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
 ];
 
 /// The qed driver.
@@ -92,7 +94,7 @@ const CAPABILITIES: Capabilities = Capabilities {
         printed("cluster_size", Some("65536")),
         printed("table_size", None),
     ],
-    choices: &[],
+    choices: &[crate::formats::FILE_PREALLOCATION],
     streaming: Streaming::No(
         "a QED image keeps its tables in front of the data and cannot be written to a stream",
     ),
@@ -132,6 +134,7 @@ impl crate::formats::Driver for Driver {
                 "an existing qed image is written through its updater, not re-created (convert -n)",
             ));
         }
+        crate::formats::check_file_preallocation(opts)?;
         let cs = opts
             .get_size("cluster_size")?
             .unwrap_or(header::DEFAULT_CLUSTER_SIZE.into());

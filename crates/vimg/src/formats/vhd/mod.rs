@@ -119,6 +119,8 @@ const OPTIONS: &[OptionSpec] = &[
         ty: OptionType::Bool,
         help: "Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation",
     },
+    // The file protocol's (qemu-img accepts it; the image is the same as without it).
+    crate::options::PROTOCOL_OPTIONS[2],
 ];
 
 /// A new image's `-o` options, parsed and checked once (for `create` and `measure`).
@@ -132,6 +134,7 @@ struct Settings {
 fn settings(size: u64, opts: &CreateOptions) -> Result<Settings> {
     let fixed = CAPABILITIES.choice("subformat", opts)? == "fixed";
     let force_size = opts.get_bool("force_size", false)?;
+    crate::formats::check_file_preallocation(opts)?;
     let (chs, size) = geometry::create_geometry(size, force_size).ok_or_else(|| {
         Error::invalid_argument(
             "The image size is too large for file format 'vpc' (the VHD maximum is 2040 GiB)",
@@ -163,7 +166,9 @@ const CAPABILITIES: Capabilities = Capabilities {
         values: &["dynamic", "fixed"],
         default: "dynamic",
         refusal: ChoiceRefusal::DoesNotAccept("subformat"),
-    }],
+    },
+    crate::formats::FILE_PREALLOCATION,
+    ],
     streaming: Streaming::When {
         option: "subformat",
         values: &["fixed"],
