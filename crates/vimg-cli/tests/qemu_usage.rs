@@ -419,3 +419,42 @@ fn vmdk_hostile_headers_in_qemu_img_words() {
         }
     }
 }
+
+/// `create -o size=N FILE SIZE`: qemu-img refuses the size given twice, before it prints
+/// "Formatting" or creates anything; `-o size=` alone sets it.
+#[test]
+fn create_size_given_twice_refused_like_qemu_img() {
+    if !qemu_available("create_size_given_twice_refused_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fmt in ["raw", "qcow2", "vmdk"] {
+        let mut got = Vec::new();
+        for tool in [std::path::PathBuf::from("qemu-img"), vimg_bin()] {
+            let o = dir.path().join("o.img");
+            let _ = std::fs::remove_file(&o);
+            let twice = std::process::Command::new(&tool)
+                .args(["create", "-f", fmt, "-o", "size=1M", s(&o), "8M"])
+                .output()
+                .expect("run");
+            let exists = o.exists();
+            let once = std::process::Command::new(&tool)
+                .args(["create", "-q", "-f", fmt, "-o", "size=1M", s(&o)])
+                .output()
+                .expect("run");
+            got.push((
+                twice.status.code(),
+                String::from_utf8_lossy(&twice.stdout).to_string(),
+                String::from_utf8_lossy(&twice.stderr).replace("qemu-img:", "vimg:"),
+                exists,
+                once.status.code(),
+                qemu_img(&["info", "--output=json", "-f", fmt, s(&o)])
+                    .lines()
+                    .find(|l| l.contains("\"virtual-size\""))
+                    .map(str::to_string),
+            ));
+        }
+        assert_eq!(got[1], got[0], "{fmt}: vimg (left) vs qemu-img (right)");
+        assert_eq!(got[0].0, Some(1), "{fmt}");
+    }
+}

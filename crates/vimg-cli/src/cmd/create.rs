@@ -55,6 +55,13 @@ pub fn run(a: CreateArgs) -> CmdResult {
     };
     opts.check_for(format)
         .map_err(|e| named(Failure::from(e)))?;
+    // QEMU's bdrv_img_create: right after the -o options, before the backing file.
+    if size.is_some() && opts.has("size") {
+        return Err(named(Failure::new(
+            "The image size must be specified only once",
+            1,
+        )));
+    }
     if let Some(b) = opts.get_str("backing_file") {
         if b == filename {
             return Err(named(Failure::new(
