@@ -458,3 +458,31 @@ fn create_size_given_twice_refused_like_qemu_img() {
         assert_eq!(got[0].0, Some(1), "{fmt}");
     }
 }
+
+/// `convert -o size=N`: qemu-img accepts the option and sets the size to the source's over
+/// it; vimg honoured it, cutting (or padding) the copy.
+#[test]
+fn convert_ignores_size_option_like_qemu_img() {
+    if !qemu_available("convert_ignores_size_option_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("s.raw");
+    write_sparse_raw(&src, 4 << 20, &[(3 << 20, &pattern(65536, 5)[..])]);
+    for (fmt, size) in [("raw", "1M"), ("qcow2", "8M"), ("vmdk", "1M")] {
+        let o = format!("size={size}");
+        let (q, v) = (dir.path().join("q.img"), dir.path().join("v.img"));
+        let _ = std::fs::remove_file(&q);
+        let _ = std::fs::remove_file(&v);
+        qemu_img(&["convert", "-f", "raw", "-O", fmt, "-o", &o, s(&src), s(&q)]);
+        vimg(&["convert", "-f", "raw", "-O", fmt, "-o", &o, s(&src), s(&v)]);
+        let vsize = |f: &std::path::Path| {
+            qemu_img(&["info", "--output=json", "-f", fmt, s(f)])
+                .lines()
+                .find(|l| l.contains("\"virtual-size\""))
+                .map(str::to_string)
+        };
+        assert_eq!(vsize(&v), vsize(&q), "{fmt} -o {o}");
+        qemu_img(&["compare", "-q", "-f", "raw", "-F", fmt, s(&src), s(&v)]);
+    }
+}

@@ -204,10 +204,9 @@ pub fn convert_report(
             "vimg copies persistent bitmaps (--bitmaps) into a regular output file only",
         ));
     }
-    let size = match opts.create.get_size("size")? {
-        Some(s) => s,
-        None => src.virtual_size(),
-    };
+    // The source's size, as qemu-img sets it over any `-o size=` (which it accepts and
+    // ignores: honouring it cut or padded the copy).
+    let size = src.virtual_size();
     if kind == DestKind::BlockDevice {
         check_device(dst, opts, size)?;
     }
