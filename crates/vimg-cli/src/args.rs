@@ -238,9 +238,9 @@ pub struct ConvertArgs {
     /// Zero runs shorter than this are written as data; 0 writes everything. Default 4k.
     #[arg(short = 'S', value_name = "SPARSE_SIZE")]
     pub sparse_size: Option<String>,
-    /// Parallel workers (default: available cores).
-    #[arg(short = 'm', value_name = "NUM")]
-    pub workers: Option<usize>,
+    /// Parallel workers, 1 to 16 as qemu-img's coroutines (default: available cores).
+    #[arg(short = 'm', value_name = "NUM", allow_hyphen_values = true)]
+    pub workers: Option<String>,
     /// Allow out-of-order writes (vimg always does where the format allows).
     #[arg(short = 'W')]
     pub out_of_order: bool,

@@ -486,3 +486,58 @@ fn convert_ignores_size_option_like_qemu_img() {
         qemu_img(&["compare", "-q", "-f", "raw", "-F", fmt, s(&src), s(&v)]);
     }
 }
+
+/// `convert -m N` as qemu-img 10.0.2 reads it: a whole number (C's base 0, leading white
+/// space and a sign allowed) from 1 to 16, refused otherwise in its words.
+#[test]
+fn convert_coroutines_read_like_qemu_img() {
+    if !qemu_available("convert_coroutines_read_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("s.raw");
+    write_sparse_raw(&src, 1 << 20, &[(0, &pattern(4096, 1)[..])]);
+    let out = dir.path().join("o.qcow2");
+    for m in [
+        "0", "17", "abc", "1k", "4", "16", "-1", "1.5", "0x10", "010", "+3", " 3", "",
+    ] {
+        let mut got = Vec::new();
+        for tool in [std::path::PathBuf::from("qemu-img"), vimg_bin()] {
+            let _ = std::fs::remove_file(&out);
+            let o = std::process::Command::new(&tool)
+                .args(["convert", "-m", m, "-O", "qcow2", s(&src), s(&out)])
+                .output()
+                .expect("run");
+            got.push((
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).replace("qemu-img:", "vimg:"),
+            ));
+        }
+        assert_eq!(got[1], got[0], "-m {m:?}: vimg (left) vs qemu-img (right)");
+    }
+}
+
+/// `convert -l` from a format without internal snapshots: qemu-img's words.
+#[test]
+fn convert_snapshot_from_format_without_snapshots_like_qemu_img() {
+    if !qemu_available("convert_snapshot_from_format_without_snapshots_like_qemu_img") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    for fmt in ["raw", "vmdk", "qed"] {
+        let img = dir.path().join(format!("x.{fmt}"));
+        qemu_img(&["create", "-q", "-f", fmt, s(&img), "1M"]);
+        let out = dir.path().join("o.raw");
+        let q = run_cmd(
+            "qemu-img",
+            &["convert", "-l", "foo", "-O", "raw", s(&img), s(&out)],
+        );
+        let v = vimg_raw(&["convert", "-l", "foo", "-O", "raw", s(&img), s(&out)]);
+        assert_eq!(v.status.code(), q.status.code(), "{fmt}");
+        assert_eq!(
+            String::from_utf8_lossy(&v.stderr),
+            String::from_utf8_lossy(&q.stderr).replace("qemu-img:", "vimg:"),
+            "{fmt}"
+        );
+    }
+}

@@ -326,7 +326,7 @@ pub trait ImageReader: Send + Sync {
     fn load_snapshot(&mut self, id: Option<&str>, name: Option<&str>) -> Result<()> {
         let _ = (id, name);
         Err(crate::Error::unsupported(format!(
-            "Block format '{}' does not support internal snapshots",
+            "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
             self.format().name()
         )))
     }

@@ -197,15 +197,23 @@ fn plan(a: &ConvertArgs) -> Result<Plan, Failure> {
             1,
         ));
     }
-    match a.workers {
-        Some(0) => {
-            return Err(Failure::new(
-                "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
-                1,
-            ))
+    if let Some(m) = &a.workers {
+        // As qemu-img 10.0.2 reads -m: a whole number (C's base 0), between 1 and 16.
+        match c_integer(m) {
+            Some(n @ 1..=16) => opts.copy.workers = n as usize,
+            Some(_) => {
+                return Err(Failure::new(
+                    "Invalid number of coroutines specified. Must be between 1 and 16.",
+                    1,
+                ))
+            }
+            None => {
+                return Err(Failure::new(
+                    format!("Invalid number of coroutines specified: '{m}'."),
+                    1,
+                ))
+            }
         }
-        Some(n) => opts.copy.workers = n.min(64),
-        None => {}
     }
     // Through blkdebug, which request meets a rule first (a `once` rule, a state a read
     // moves on) must not depend on thread timing: one reader.
@@ -590,6 +598,27 @@ fn load_snapshot(src: &mut Image, a: &ConvertArgs) -> Result<(), Failure> {
             .or_else(|_| src.load_snapshot(None, Some(param)))
     };
     r.map_err(|e| Failure::new(format!("Failed to load snapshot: {}", e.message()), 1))
+}
+
+/// A whole number as C's `strtol` with base 0 reads all of `s`: leading white space, an
+/// optional sign, then
+/// `0x` hexadecimal, `0` octal or decimal digits.
+fn c_integer(s: &str) -> Option<i64> {
+    let s = s.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    let (neg, body) = match s.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    let v = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        i64::from_str_radix(h, 16).ok()?
+    } else if body.len() > 1 && body.starts_with('0') {
+        i64::from_str_radix(&body[1..], 8).ok()?
+    } else if !body.is_empty() && body.bytes().all(|b| b.is_ascii_digit()) {
+        body.parse().ok()?
+    } else {
+        return None;
+    };
+    Some(if neg { -v } else { v })
 }
 
 #[cfg(test)]
