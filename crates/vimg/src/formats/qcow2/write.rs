@@ -478,10 +478,8 @@ impl Qcow2Writer {
         let g = self.g;
         let cs = g.cluster_size;
         let total = self.size.div_ceil(cs);
-        if self.data.is_none()
-            && total > 0
-            && matches!(self.o.prealloc, Prealloc::Falloc | Prealloc::Full)
-        {
+        // (Size 0 too: QEMU still places its refcount area then.)
+        if self.data.is_none() && matches!(self.o.prealloc, Prealloc::Falloc | Prealloc::Full) {
             return self.preallocate_area(total);
         }
         let mut st = self.lock()?;
@@ -547,6 +545,12 @@ impl Qcow2Writer {
         let mut st = self.lock()?;
         let l1_len = st.l1.len() as u64;
         let start = st.alloc.next;
+        // QEMU wrote the first refcount table at create; the area frees its cluster, and
+        // only an L2 table placed there later overwrites it (none for an empty disk).
+        let mut old_table = st.alloc.reftable.clone();
+        old_table.resize((st.alloc.table_clusters * cs / 8) as usize, 0);
+        self.file
+            .write_all_at(&words_to_bytes(&old_table), st.alloc.table_at << cb)?;
         let data = st
             .alloc
             .refcount_area(&self.file, start, total + total.div_ceil(per) + 1)?;
@@ -566,6 +570,7 @@ impl Qcow2Writer {
         }
         let (h, len) = (data << cb, total << cb);
         match self.o.prealloc {
+            _ if len == 0 => {}
             Prealloc::Falloc => self.file.allocate(h, len)?,
             _ => write_zeros(&self.file, h, len)?,
         }
