@@ -11,32 +11,9 @@ use crate::options::CreateOptions;
 /// Refcount blocks plus refcount table clusters needed to count `clusters` clusters and
 /// themselves (QEMU's `qcow2_refcount_metadata_size`, without the generous increase).
 pub fn refcount_metadata_size(clusters: u64, cluster_size: u64, refcount_order: u32) -> u64 {
-    let (blocks, table) = refcount_structure(clusters, cluster_size, refcount_order);
+    let (blocks, table) =
+        super::refcount::refcount_structure(clusters, cluster_size, refcount_order);
     (blocks + table) * cluster_size
-}
-
-/// The refcount blocks and refcount table clusters of [`refcount_metadata_size`]: the fixed
-/// point where they count `clusters` clusters and themselves.
-pub(crate) fn refcount_structure(
-    clusters: u64,
-    cluster_size: u64,
-    refcount_order: u32,
-) -> (u64, u64) {
-    let blocks_per_table_cluster = cluster_size / 8;
-    let refcounts_per_block = cluster_size * 8 / (1u64 << refcount_order);
-    let mut table = 0u64;
-    let mut blocks = 0u64;
-    let mut n = 0u64;
-    loop {
-        let last = n;
-        blocks = (clusters + table + blocks).div_ceil(refcounts_per_block);
-        table = blocks.div_ceil(blocks_per_table_cluster);
-        n = clusters + blocks + table;
-        if n == last {
-            break;
-        }
-    }
-    (blocks, table)
 }
 
 /// Bytes of a fully allocated image of `total_size` guest bytes (QEMU's

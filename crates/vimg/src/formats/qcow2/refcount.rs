@@ -10,6 +10,31 @@ use super::header::*;
 use crate::error::{Error, ErrorKind, Result};
 use crate::output::OutFile;
 
+/// The refcount blocks and refcount table clusters that count `clusters` clusters and
+/// themselves: the fixed point of QEMU's `qcow2_refcount_metadata_size` (without its
+/// generous increase).
+pub(crate) fn refcount_structure(
+    clusters: u64,
+    cluster_size: u64,
+    refcount_order: u32,
+) -> (u64, u64) {
+    let blocks_per_table_cluster = cluster_size / 8;
+    let refcounts_per_block = cluster_size * 8 / (1u64 << refcount_order);
+    let mut table = 0u64;
+    let mut blocks = 0u64;
+    let mut n = 0u64;
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(refcounts_per_block);
+        table = blocks.div_ceil(blocks_per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            break;
+        }
+    }
+    (blocks, table)
+}
+
 /// Host cluster allocation and the refcounts that go with it. Allocation only moves
 /// forward, so a refcount block is final once the allocation has passed its range; it is
 /// written then and dropped from memory.
@@ -164,7 +189,7 @@ impl Alloc {
         let clusters = start
             .checked_add(additional)
             .ok_or_else(|| Error::unsupported("qcow2 image too large"))?;
-        let (blocks, _) = super::measure::refcount_structure(clusters, self.cs, self.order);
+        let (blocks, _) = refcount_structure(clusters, self.cs, self.order);
         let per_cluster = self.cs / 8;
         let t = blocks.div_ceil(per_cluster).max(1);
         if t * self.cs > MAX_REFTABLE_BYTES {

@@ -575,7 +575,7 @@ impl Qcow2Update {
             .checked_add(additional)
             .ok_or_else(|| Error::unsupported("image too large"))?;
         // The refcount blocks needed for `clusters` and the refcount structures themselves.
-        let (blocks, _) = crate::formats::qcow2::measure::refcount_structure(clusters, cs, order);
+        let (blocks, _) = crate::formats::qcow2::refcount::refcount_structure(clusters, cs, order);
         let entries = blocks
             .div_ceil(per_cluster)
             .max(1)
